@@ -1,0 +1,15 @@
+module github.com/kvrecall/kvrecall
+
+go 1.26.8
+
+require (
+	github.com/gen2brain/malgo v0.11.24
+	github.com/ollama/ollama v0.17.4
+)
+
+require (
+	github.com/dlclark/regexp2 v1.11.4 // indirect
+	github.com/emirpasic/gods/v2 v2.0.0-alpha // indirect
+	golang.org/x/image v0.22.0 // indirect
+	golang.org/x/sync v0.17.0 // indirect
+)

@@ -1,0 +1,257 @@
+// Package arch holds kvrecall's own forward passes for the llama family
+// (architectures "llama" and "qwen2"), written with ollama's ml ops and
+// registered with ollama's model registry. ollama's model/models is never
+// imported: it registers the same names.
+//
+// Attention goes through a cache seam: each layer hands its roped q, k and v
+// to a kvcache.Cache, which stores k and v and decides which keys, values and
+// mask attention sees. A cache that also implements QueryObserver sees the
+// layer's queries first, so it can pick pages for them.
+package arch
+
+import (
+	"fmt"
+	"slices"
+	"strings"
+
+	"github.com/kvrecall/kvrecall/gguf"
+)
+
+// Supported lists the architectures this package implements.
+var Supported = []string{"llama", "qwen2"}
+
+// Config holds the hyperparameters of a llama-family model.
+type Config struct {
+	Arch          string
+	Layers        int
+	Hidden        int
+	Heads         int
+	KVHeads       int
+	HeadDim       int
+	RopeDim       int
+	FFN           int
+	Vocab         int
+	ContextLength int // trained context (0 if unknown)
+	Eps           float32
+	RopeBase      float32
+	RopeScale     float32 // multiplies positions (1 / linear scaling factor)
+	RopeNeoX      bool    // qwen2 rotates the two halves of a head, llama adjacent pairs
+	QKVBias       bool
+	RopeFreqs     bool // a rope_freqs.weight tensor scales the frequencies (Llama 3)
+	TiedOutput    bool // no output.weight: the embedding doubles as the output matrix
+}
+
+// KVBytesPerToken is the KV cache size of one token at the given element size.
+func (c Config) KVBytesPerToken(elemBytes int) int {
+	return 2 * c.Layers * c.KVHeads * c.HeadDim * elemBytes
+}
+
+// UnsupportedError reports an architecture this package does not implement.
+type UnsupportedError struct{ Arch string }
+
+func (e *UnsupportedError) Error() string {
+	return fmt.Sprintf("architecture %q is not supported (supported: %s)", e.Arch, strings.Join(Supported, ", "))
+}
+
+// Getter looks up a metadata value by its full key.
+type Getter func(key string) (any, bool)
+
+// ParseConfig reads and checks the hyperparameters and tensors of f.
+// Every error names the problem; callers add the file name.
+func ParseConfig(f *gguf.File) (Config, error) {
+	c, err := parseHParams(f.Get)
+	if err != nil {
+		return c, err
+	}
+	return c, c.checkTensors(f)
+}
+
+func uintOf(get Getter, key string) (uint64, bool) {
+	v, ok := get(key)
+	if !ok {
+		return 0, false
+	}
+	switch x := v.(type) {
+	case uint8:
+		return uint64(x), true
+	case uint16:
+		return uint64(x), true
+	case uint32:
+		return uint64(x), true
+	case uint64:
+		return x, true
+	case int32:
+		return uint64(x), x >= 0
+	case int64:
+		return uint64(x), x >= 0
+	}
+	return 0, false
+}
+
+func stringOf(get Getter, key string) string {
+	v, _ := get(key)
+	s, _ := v.(string)
+	return s
+}
+
+// parseHParams reads the scalar hyperparameters; it needs no tensor data, so
+// the registered constructor can use it on ollama's metadata too.
+func parseHParams(get Getter) (Config, error) {
+	a := stringOf(get, "general.architecture")
+	if a == "" {
+		return Config{}, fmt.Errorf("general.architecture is missing")
+	}
+	if !slices.Contains(Supported, a) {
+		return Config{}, &UnsupportedError{Arch: a}
+	}
+	c := Config{Arch: a, RopeNeoX: a == "qwen2", QKVBias: a == "qwen2"}
+	need := func(key string) (int, error) {
+		v, ok := uintOf(get, a+"."+key)
+		if !ok || v == 0 || v > 1<<24 {
+			return 0, fmt.Errorf("metadata %s.%s is missing or invalid", a, key)
+		}
+		return int(v), nil
+	}
+	var err error
+	if c.Layers, err = need("block_count"); err != nil {
+		return c, err
+	}
+	if c.Hidden, err = need("embedding_length"); err != nil {
+		return c, err
+	}
+	if c.Heads, err = need("attention.head_count"); err != nil {
+		return c, err
+	}
+	if c.FFN, err = need("feed_forward_length"); err != nil {
+		return c, err
+	}
+	c.KVHeads = c.Heads
+	if v, ok := uintOf(get, a+".attention.head_count_kv"); ok {
+		c.KVHeads = int(v)
+	}
+	if c.KVHeads == 0 || c.Heads%c.KVHeads != 0 {
+		return c, fmt.Errorf("attention.head_count %d is not a multiple of head_count_kv %d", c.Heads, c.KVHeads)
+	}
+	c.HeadDim = c.Hidden / c.Heads
+	if v, ok := uintOf(get, a+".attention.key_length"); ok {
+		c.HeadDim = int(v)
+	}
+	if v, ok := uintOf(get, a+".attention.value_length"); ok && int(v) != c.HeadDim {
+		return c, fmt.Errorf("attention.value_length %d differs from key_length %d, which is not supported", v, c.HeadDim)
+	}
+	c.RopeDim = c.HeadDim
+	if v, ok := uintOf(get, a+".rope.dimension_count"); ok {
+		c.RopeDim = int(v)
+	}
+	if c.RopeDim > c.HeadDim || c.RopeDim%2 != 0 || c.RopeDim == 0 {
+		return c, fmt.Errorf("rope.dimension_count %d is invalid for head dimension %d", c.RopeDim, c.HeadDim)
+	}
+	if v, ok := uintOf(get, a+".context_length"); ok {
+		c.ContextLength = int(v)
+	}
+	if v, ok := get("tokenizer.ggml.tokens"); ok {
+		if s, ok := v.([]string); ok {
+			c.Vocab = len(s)
+		}
+	}
+	c.Eps = float32Of(get, a+".attention.layer_norm_rms_epsilon", 1e-5)
+	c.RopeBase = float32Of(get, a+".rope.freq_base", 10000)
+	c.RopeScale = 1
+	switch t := stringOf(get, a+".rope.scaling.type"); t {
+	case "", "none":
+	case "linear":
+		if s := float32Of(get, a+".rope.scaling.factor", 1); s > 0 {
+			c.RopeScale = 1 / s
+		}
+	default:
+		return c, fmt.Errorf("rope scaling type %q is not supported (none, linear)", t)
+	}
+	if s := float32Of(get, a+".rope.scale_linear", 0); s > 0 {
+		c.RopeScale = 1 / s
+	}
+	if v, ok := uintOf(get, a+".expert_count"); ok && v > 0 {
+		return c, fmt.Errorf("mixture-of-experts models (expert_count %d) are not supported", v)
+	}
+	return c, nil
+}
+
+func float32Of(get Getter, key string, def float32) float32 {
+	v, ok := get(key)
+	if !ok {
+		return def
+	}
+	switch x := v.(type) {
+	case float32:
+		return x
+	case float64:
+		return float32(x)
+	}
+	return def
+}
+
+// checkTensors verifies that every tensor the forward pass reads exists with
+// the shape the hyperparameters imply (ggml order: input dimension first).
+func (c *Config) checkTensors(f *gguf.File) error {
+	emb, ok := f.Tensor("token_embd.weight")
+	if !ok {
+		return fmt.Errorf("missing tensor token_embd.weight")
+	}
+	if len(emb.Shape) != 2 || int(emb.Shape[0]) != c.Hidden {
+		return fmt.Errorf("tensor token_embd.weight has shape %v, want [%d, vocab]", emb.Shape, c.Hidden)
+	}
+	c.Vocab = int(emb.Shape[1])
+	if toks, ok := f.Get("tokenizer.ggml.tokens"); ok {
+		if s, ok := toks.([]string); ok && len(s) != c.Vocab {
+			return fmt.Errorf("tokenizer has %d tokens but token_embd.weight has %d rows", len(s), c.Vocab)
+		}
+	} else {
+		return fmt.Errorf("metadata tokenizer.ggml.tokens is missing")
+	}
+	q, kv := c.Heads*c.HeadDim, c.KVHeads*c.HeadDim
+	want := map[string][]uint64{
+		"output_norm.weight": {uint64(c.Hidden)},
+	}
+	if _, ok := f.Tensor("output.weight"); ok {
+		want["output.weight"] = []uint64{uint64(c.Hidden), uint64(c.Vocab)}
+	} else {
+		c.TiedOutput = true
+	}
+	if t, ok := f.Tensor("rope_freqs.weight"); ok {
+		c.RopeFreqs = true
+		if len(t.Shape) != 1 || int(t.Shape[0]) != c.RopeDim/2 {
+			return fmt.Errorf("tensor rope_freqs.weight has shape %v, want [%d]", t.Shape, c.RopeDim/2)
+		}
+	}
+	for i := 0; i < c.Layers; i++ {
+		p := fmt.Sprintf("blk.%d.", i)
+		want[p+"attn_norm.weight"] = []uint64{uint64(c.Hidden)}
+		want[p+"attn_q.weight"] = []uint64{uint64(c.Hidden), uint64(q)}
+		want[p+"attn_k.weight"] = []uint64{uint64(c.Hidden), uint64(kv)}
+		want[p+"attn_v.weight"] = []uint64{uint64(c.Hidden), uint64(kv)}
+		want[p+"attn_output.weight"] = []uint64{uint64(q), uint64(c.Hidden)}
+		want[p+"ffn_norm.weight"] = []uint64{uint64(c.Hidden)}
+		want[p+"ffn_gate.weight"] = []uint64{uint64(c.Hidden), uint64(c.FFN)}
+		want[p+"ffn_up.weight"] = []uint64{uint64(c.Hidden), uint64(c.FFN)}
+		want[p+"ffn_down.weight"] = []uint64{uint64(c.FFN), uint64(c.Hidden)}
+		if c.QKVBias {
+			want[p+"attn_q.bias"] = []uint64{uint64(q)}
+			want[p+"attn_k.bias"] = []uint64{uint64(kv)}
+			want[p+"attn_v.bias"] = []uint64{uint64(kv)}
+		}
+	}
+	names := make([]string, 0, len(want))
+	for n := range want {
+		names = append(names, n)
+	}
+	slices.Sort(names)
+	for _, n := range names {
+		t, ok := f.Tensor(n)
+		if !ok {
+			return fmt.Errorf("missing tensor %s", n)
+		}
+		if !slices.Equal(t.Shape, want[n]) {
+			return fmt.Errorf("tensor %s has shape %v, want %v", n, t.Shape, want[n])
+		}
+	}
+	return nil
+}

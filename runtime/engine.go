@@ -1,0 +1,235 @@
+// Package runtime loads GGUF models and runs kvrecall's own llama-family
+// forward pass on llama.cpp's ggml through ollama's Go engine: tokenization,
+// chunked prefill with progress, sampling and streamed generation with stop
+// strings and cancellation.
+//
+// A Model holds the weights and is safe for concurrent use; each Session is
+// one sequence with its own KV cache and is used by one goroutine at a time.
+package runtime
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	goruntime "runtime"
+
+	"github.com/ollama/ollama/kvcache"
+	"github.com/ollama/ollama/ml"
+	_ "github.com/ollama/ollama/ml/backend/ggml" // registers the ggml backend
+	"github.com/ollama/ollama/model"
+
+	"github.com/kvrecall/kvrecall/gguf"
+	"github.com/kvrecall/kvrecall/runtime/arch"
+)
+
+// Options configure Open. Zero values pick the documented defaults.
+type Options struct {
+	// Threads for ggml's CPU backend. 0 means one per CPU. (ggml itself has
+	// no "auto": the value goes straight to its thread pool.)
+	Threads int
+	// ContextLength is the most tokens a session holds. 0 means the model's
+	// trained context, capped at DefaultContextLength.
+	ContextLength int
+	// KVType is the element type of cached keys and values: "f16" (default) or "f32".
+	KVType string
+	// BatchSize is the number of tokens per forward pass during prefill (default 512).
+	BatchSize int
+	// FlashAttention uses ggml's fused attention kernel (slower on CPU).
+	FlashAttention bool
+	// NewCache builds the KV cache of each session; nil means a dense cache.
+	NewCache CacheFactory
+	// LoadProgress, if set, is called with the fraction of weights loaded.
+	LoadProgress func(float32)
+	// CacheDir is where GGUF v1 files are upgraded to v3 before loading;
+	// default is the user cache directory.
+	CacheDir string
+}
+
+// DefaultContextLength caps the default context so that dense caches of
+// large models fit in memory; set Options.ContextLength for more.
+const DefaultContextLength = 8192
+
+// CacheFactory builds the KV cache of one session. The returned cache has
+// been Init-ed for one sequence.
+type CacheFactory func(m *Model) (kvcache.Cache, error)
+
+// Model is a loaded GGUF model.
+type Model struct {
+	path    string
+	file    *gguf.File
+	cfg     arch.Config
+	net     *arch.Model
+	backend ml.Backend
+	tok     *Tokenizer
+	opts    Options
+	kvType  ml.DType
+}
+
+// OpenError names the file and what is wrong with it.
+type OpenError struct {
+	Path string
+	Err  error
+}
+
+func (e *OpenError) Error() string { return fmt.Sprintf("open model %s: %v", e.Path, e.Err) }
+func (e *OpenError) Unwrap() error { return e.Err }
+
+// Open checks and loads the GGUF model at path. Any problem with the file
+// (truncated, not GGUF, unsupported architecture, missing tensor, wrong
+// shape) is returned as an *OpenError naming the file; it never panics.
+func Open(ctx context.Context, path string, opts Options) (m *Model, err error) {
+	fail := func(err error) (*Model, error) { return nil, &OpenError{Path: path, Err: err} }
+	f, err := gguf.Open(path)
+	if err != nil {
+		var ge *gguf.Error
+		if errors.As(err, &ge) {
+			return fail(errors.New(ge.Problem))
+		}
+		return fail(err)
+	}
+	cfg, err := arch.ParseConfig(f)
+	if err != nil {
+		return fail(err)
+	}
+	loadPath := path
+	if f.Version < 2 {
+		// ollama's reader cannot parse v1; run on a v3 copy made once.
+		if loadPath, err = upgradedCopy(path, opts.CacheDir); err != nil {
+			return fail(err)
+		}
+	}
+	if opts.Threads <= 0 {
+		opts.Threads = goruntime.NumCPU()
+	}
+	if opts.BatchSize <= 0 {
+		opts.BatchSize = 512
+	}
+	if opts.ContextLength <= 0 {
+		opts.ContextLength = DefaultContextLength
+		if cfg.ContextLength > 0 {
+			opts.ContextLength = min(cfg.ContextLength, DefaultContextLength)
+		}
+	}
+	kv := ml.DTypeF16
+	switch opts.KVType {
+	case "", "f16":
+		opts.KVType = "f16"
+	case "f32":
+		kv = ml.DTypeF32
+	default:
+		return fail(fmt.Errorf("KV type %q is not supported (f16, f32)", opts.KVType))
+	}
+	if opts.NewCache == nil {
+		opts.NewCache = DenseCache
+	}
+
+	// ollama's loader panics on some failures (allocation); turn that into an error.
+	defer func() {
+		if r := recover(); r != nil {
+			m, err = nil, &OpenError{Path: path, Err: fmt.Errorf("engine: %v", r)}
+		}
+	}()
+	fa := ml.FlashAttentionDisabled
+	if opts.FlashAttention {
+		fa = ml.FlashAttentionEnabled
+	}
+	mm, err := model.New(loadPath, ml.BackendParams{AllocMemory: true, NumThreads: opts.Threads, FlashAttention: fa})
+	if err != nil {
+		return fail(err)
+	}
+	net, ok := mm.(*arch.Model)
+	if !ok {
+		mm.Backend().Close()
+		return fail(fmt.Errorf("architecture %q is registered by another package", cfg.Arch))
+	}
+	if err := mm.Backend().Load(ctx, opts.LoadProgress); err != nil {
+		mm.Backend().Close()
+		return fail(fmt.Errorf("load weights: %w", err))
+	}
+	tok, err := newTokenizer(mm.Backend().Config())
+	if err != nil {
+		mm.Backend().Close()
+		return fail(err)
+	}
+	net.Params.Vocab = cfg.Vocab
+	net.Params.TiedOutput = cfg.TiedOutput
+	net.Params.RopeFreqs = cfg.RopeFreqs
+	return &Model{path: path, file: f, cfg: cfg, net: net, backend: mm.Backend(), tok: tok, opts: opts, kvType: kv}, nil
+}
+
+// Close frees the weights. Sessions must be closed first.
+func (m *Model) Close() {
+	if m != nil && m.backend != nil {
+		m.backend.Close()
+		m.backend = nil
+	}
+}
+
+// Path is the file the model was opened from.
+func (m *Model) Path() string { return m.path }
+
+// Config returns the model's hyperparameters.
+func (m *Model) Config() arch.Config { return m.cfg }
+
+// Options returns the options in effect (defaults filled in).
+func (m *Model) Options() Options { return m.opts }
+
+// Tokenizer returns the model's tokenizer.
+func (m *Model) Tokenizer() *Tokenizer { return m.tok }
+
+// Backend returns ollama's ml backend holding the weights.
+func (m *Model) Backend() ml.Backend { return m.backend }
+
+// Arch returns the forward pass.
+func (m *Model) Arch() *arch.Model { return m.net }
+
+// KVType returns the element type of cached keys and values.
+func (m *Model) KVType() ml.DType { return m.kvType }
+
+// File returns the parsed GGUF header.
+func (m *Model) File() *gguf.File { return m.file }
+
+// DenseCache is the default cache: ollama's causal cache over the whole
+// context, every key visible to every query.
+func DenseCache(m *Model) (kvcache.Cache, error) {
+	c := kvcache.NewCausalCache(m.net.Shift)
+	c.Init(m.backend, m.kvType, 1, m.opts.ContextLength, m.opts.BatchSize)
+	return c, nil
+}
+
+// upgradedCopy returns a GGUF v3 copy of a v1 file, made once per content.
+func upgradedCopy(path, dir string) (string, error) {
+	if dir == "" {
+		d, err := os.UserCacheDir()
+		if err != nil {
+			d = os.TempDir()
+		}
+		dir = filepath.Join(d, "kvrecall", "upgraded")
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return "", err
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		return "", err
+	}
+	h := sha256.New()
+	_, err = io.Copy(h, f)
+	f.Close()
+	if err != nil {
+		return "", err
+	}
+	out := filepath.Join(dir, hex.EncodeToString(h.Sum(nil))[:16]+".gguf")
+	if _, err := os.Stat(out); err == nil {
+		return out, nil
+	}
+	if err := gguf.Upgrade(path, out); err != nil {
+		return "", fmt.Errorf("upgrade GGUF v1 to v3: %w", err)
+	}
+	return out, nil
+}

@@ -1,0 +1,172 @@
+package runtime
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math"
+
+	"github.com/ollama/ollama/kvcache"
+	"github.com/ollama/ollama/model/input"
+)
+
+// ErrContextFull is returned when a session cannot hold more tokens.
+var ErrContextFull = errors.New("context is full")
+
+// Session is one sequence: the tokens evaluated so far and their KV cache.
+// It is not safe for concurrent use.
+type Session struct {
+	m      *Model
+	cache  kvcache.Cache
+	tokens []int32
+	// scratch for the batch description, reused between forward passes
+	positions []int32
+	seqs      []int
+	outputs   []int32
+}
+
+// NewSession starts an empty sequence with a fresh cache from the model's
+// cache factory.
+func (m *Model) NewSession() (*Session, error) {
+	return m.NewSessionWith(m.opts.NewCache)
+}
+
+// NewSessionWith starts an empty sequence with a cache from f.
+func (m *Model) NewSessionWith(f CacheFactory) (*Session, error) {
+	c, err := f(m)
+	if err != nil {
+		return nil, err
+	}
+	return &Session{m: m, cache: c}, nil
+}
+
+// Close frees the session's cache.
+func (s *Session) Close() {
+	if s.cache != nil {
+		s.cache.Close()
+		s.cache = nil
+	}
+}
+
+// Len is the number of tokens in the session.
+func (s *Session) Len() int { return len(s.tokens) }
+
+// Tokens returns the tokens in the session (do not modify).
+func (s *Session) Tokens() []int32 { return s.tokens }
+
+// Cache returns the session's KV cache.
+func (s *Session) Cache() kvcache.Cache { return s.cache }
+
+// Model returns the model the session runs.
+func (s *Session) Model() *Model { return s.m }
+
+// Truncate drops every token after the first n.
+func (s *Session) Truncate(n int) error {
+	if n < 0 || n > len(s.tokens) {
+		return fmt.Errorf("truncate to %d of %d tokens", n, len(s.tokens))
+	}
+	if n == len(s.tokens) {
+		return nil
+	}
+	if err := s.cache.Remove(0, int32(n), math.MaxInt32); err != nil {
+		return err
+	}
+	s.tokens = s.tokens[:n]
+	return nil
+}
+
+// Progress reports prefill progress: done of total tokens.
+type Progress func(done, total int)
+
+// Eval appends tokens to the session in batches of the model's batch size and
+// returns logits: one row per appended token when all is set, otherwise only
+// the last token's row. ctx is checked between batches.
+func (s *Session) Eval(ctx context.Context, tokens []int32, all bool, progress Progress) ([][]float32, error) {
+	if len(tokens) == 0 {
+		return nil, errors.New("no tokens to evaluate")
+	}
+	if n := len(s.tokens) + len(tokens); n > s.m.opts.ContextLength {
+		return nil, fmt.Errorf("%w: %d tokens exceed the context length of %d", ErrContextFull, n, s.m.opts.ContextLength)
+	}
+	vocab := s.m.tok.Size()
+	for _, t := range tokens {
+		if t < 0 || int(t) >= vocab {
+			return nil, fmt.Errorf("token %d is outside the vocabulary of %d", t, vocab)
+		}
+	}
+	bs := s.m.opts.BatchSize
+	var out [][]float32
+	for start := 0; start < len(tokens); start += bs {
+		if err := ctx.Err(); err != nil {
+			return out, err
+		}
+		end := min(start+bs, len(tokens))
+		wantAll := all
+		rows, err := s.forward(tokens[start:end], wantAll || end == len(tokens), wantAll)
+		if err != nil {
+			return out, err
+		}
+		out = append(out, rows...)
+		if progress != nil {
+			progress(end, len(tokens))
+		}
+	}
+	return out, nil
+}
+
+// forward runs one batch. If any is false no logits are computed; if every
+// is false only the last position's logits are.
+func (s *Session) forward(tokens []int32, any, every bool) (rows [][]float32, err error) {
+	m := s.m
+	n := len(tokens)
+	base := int32(len(s.tokens))
+	s.positions = s.positions[:0]
+	s.seqs = s.seqs[:0]
+	for i := range n {
+		s.positions = append(s.positions, base+int32(i))
+		s.seqs = append(s.seqs, 0)
+	}
+	s.outputs = s.outputs[:0]
+	switch {
+	case every:
+		for i := range n {
+			s.outputs = append(s.outputs, int32(i))
+		}
+	default:
+		// The graph always needs one output row; it is dropped when !any.
+		s.outputs = append(s.outputs, int32(n-1))
+	}
+
+	ctx := m.backend.NewContext()
+	defer ctx.Close()
+	defer func() {
+		if r := recover(); r != nil {
+			err = fmt.Errorf("forward pass: %v", r)
+		}
+	}()
+	batch := input.Batch{
+		Inputs:    ctx.Input().FromInts(tokens, n),
+		Outputs:   ctx.Input().FromInts(s.outputs, len(s.outputs)),
+		Positions: s.positions,
+		Sequences: s.seqs,
+	}
+	if err := s.cache.StartForward(ctx, batch, false); err != nil {
+		return nil, err
+	}
+	logits, err := m.net.ForwardCache(ctx, batch, s.cache)
+	if err != nil {
+		return nil, err
+	}
+	ctx.Forward(logits).Compute(logits)
+	s.tokens = append(s.tokens, tokens...)
+	if !any {
+		return nil, nil
+	}
+	flat := logits.Floats() // [vocab, outputs]; read before ctx.Close frees it
+	vocab := logits.Dim(0)
+	rows = make([][]float32, len(s.outputs))
+	for i := range rows {
+		rows[i] = flat[i*vocab : (i+1)*vocab : (i+1)*vocab]
+	}
+	return rows, nil
+}
