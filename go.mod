@@ -10,6 +10,7 @@ require (
 require (
 	github.com/dlclark/regexp2 v1.11.4 // indirect
 	github.com/emirpasic/gods/v2 v2.0.0-alpha // indirect
+	github.com/x448/float16 v0.8.4 // indirect
 	golang.org/x/image v0.22.0 // indirect
 	golang.org/x/sync v0.17.0 // indirect
 )

@@ -139,9 +139,14 @@ func (s *Session) forward(tokens []int32, any, every bool) (rows [][]float32, er
 
 	ctx := m.backend.NewContext()
 	defer ctx.Close()
+	started := false
 	defer func() {
 		if r := recover(); r != nil {
 			err = fmt.Errorf("forward pass: %v", r)
+		}
+		if err != nil && started {
+			// Forget the cells this batch claimed so the session stays consistent.
+			s.cache.Remove(0, base, math.MaxInt32)
 		}
 	}()
 	batch := input.Batch{
@@ -153,6 +158,7 @@ func (s *Session) forward(tokens []int32, any, every bool) (rows [][]float32, er
 	if err := s.cache.StartForward(ctx, batch, false); err != nil {
 		return nil, err
 	}
+	started = true
 	logits, err := m.net.ForwardCache(ctx, batch, s.cache)
 	if err != nil {
 		return nil, err

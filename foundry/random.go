@@ -1,0 +1,172 @@
+package foundry
+
+import (
+	"fmt"
+	"hash/fnv"
+	"math"
+	"math/rand/v2"
+
+	fsggml "github.com/ollama/ollama/fs/ggml"
+)
+
+// Shape is the architecture of a random model.
+type Shape struct {
+	Hidden, Layers, Heads, KVHeads, HeadDim, FFN, Vocab int
+	Context                                             int
+	RopeBase                                            float32
+}
+
+// Presets are the shapes mkmodel knows by name.
+var Presets = map[string]Shape{
+	// A small model for tests and quick benchmarks.
+	"tiny": {Hidden: 256, Layers: 4, Heads: 8, KVHeads: 2, HeadDim: 32, FFN: 512, Vocab: 512, Context: 131072, RopeBase: 10000},
+	// Shaped like Llama-3.2-1B (with a 32k vocabulary).
+	"1b": {Hidden: 2048, Layers: 16, Heads: 32, KVHeads: 8, HeadDim: 64, FFN: 8192, Vocab: 32000, Context: 131072, RopeBase: 500000},
+}
+
+// RandomOptions select a random model.
+type RandomOptions struct {
+	Arch      string // "llama" or "qwen2"
+	Shape     Shape
+	DType     DType
+	Seed      uint64
+	RopeFreqs bool // llama only: add a Llama-3-style rope_freqs.weight tensor
+}
+
+// WriteRandom writes a model with random weights to path. The same options
+// give the same bytes. Weights are scaled so that attention is not uniform
+// and logits are spread over several units, which keeps greedy decoding away
+// from near-ties in parity tests.
+func WriteRandom(path string, o RandomOptions) error {
+	s := o.Shape
+	switch {
+	case o.Arch != "llama" && o.Arch != "qwen2":
+		return fmt.Errorf("random models: architecture %q is not supported (llama, qwen2)", o.Arch)
+	case s.Hidden <= 0 || s.Layers <= 0 || s.Heads <= 0 || s.KVHeads <= 0 || s.HeadDim <= 0 || s.FFN <= 0:
+		return fmt.Errorf("random models: invalid shape %+v", s)
+	case s.Heads%s.KVHeads != 0:
+		return fmt.Errorf("random models: %d heads are not a multiple of %d KV heads", s.Heads, s.KVHeads)
+	case o.RopeFreqs && o.Arch != "llama":
+		return fmt.Errorf("random models: rope_freqs is only used by llama")
+	}
+	if o.DType == "" {
+		o.DType = F32
+	}
+	kv := fsggml.KV{
+		"general.architecture":             o.Arch,
+		"general.name":                     fmt.Sprintf("kvrecall-random-%s-%d", o.Arch, o.Seed),
+		"general.file_type":                o.DType.fileType(),
+		"block_count":                      uint32(s.Layers),
+		"context_length":                   uint32(s.Context),
+		"embedding_length":                 uint32(s.Hidden),
+		"feed_forward_length":              uint32(s.FFN),
+		"attention.head_count":             uint32(s.Heads),
+		"attention.head_count_kv":          uint32(s.KVHeads),
+		"attention.key_length":             uint32(s.HeadDim),
+		"attention.value_length":           uint32(s.HeadDim),
+		"attention.layer_norm_rms_epsilon": float32(1e-5),
+		"rope.dimension_count":             uint32(s.HeadDim),
+		"rope.freq_base":                   s.RopeBase,
+		"tokenizer.ggml.add_bos_token":     o.Arch == "llama",
+		"tokenizer.ggml.add_eos_token":     false,
+		"tokenizer.ggml.padding_token_id":  uint32(0),
+		"general.quantization_version":     uint32(2),
+		"tokenizer.ggml.add_space_prefix":  true,
+		"general.kvrecall.foundry":         "random",
+	}
+	if o.Arch == "llama" {
+		v, err := spmVocab(s.Vocab)
+		if err != nil {
+			return err
+		}
+		kv["tokenizer.ggml.model"] = "llama"
+		kv["tokenizer.ggml.tokens"] = v.tokens
+		kv["tokenizer.ggml.scores"] = v.scores
+		kv["tokenizer.ggml.token_type"] = v.types
+		kv["tokenizer.ggml.bos_token_id"] = uint32(1)
+		kv["tokenizer.ggml.eos_token_id"] = uint32(2)
+	} else {
+		toks, types, merges, eos, err := bpeVocab(s.Vocab)
+		if err != nil {
+			return err
+		}
+		delete(kv, "tokenizer.ggml.add_space_prefix")
+		kv["tokenizer.ggml.model"] = "gpt2"
+		kv["tokenizer.ggml.pre"] = "qwen2"
+		kv["tokenizer.ggml.tokens"] = toks
+		kv["tokenizer.ggml.token_type"] = types
+		kv["tokenizer.ggml.merges"] = merges
+		kv["tokenizer.ggml.bos_token_id"] = uint32(eos)
+		kv["tokenizer.ggml.eos_token_id"] = uint32(eos)
+		kv["tokenizer.ggml.padding_token_id"] = uint32(eos)
+	}
+
+	h, q, kvd := s.Hidden, s.Heads*s.HeadDim, s.KVHeads*s.HeadDim
+	var ts []*tensor
+	mat := func(name string, in, out int, std float64) {
+		ts = append(ts, &tensor{name: name, shape: []uint64{uint64(in), uint64(out)}, dtype: o.DType, gen: gaussian(o.Seed, name, 0, std)})
+	}
+	vec := func(name string, n int, mean, std float64) {
+		ts = append(ts, &tensor{name: name, shape: []uint64{uint64(n)}, dtype: F32, gen: gaussian(o.Seed, name, mean, std)})
+	}
+	mat("token_embd.weight", h, s.Vocab, 1)
+	mat("output.weight", h, s.Vocab, 4/math.Sqrt(float64(h)))
+	vec("output_norm.weight", h, 1, 0.05)
+	if o.RopeFreqs {
+		ts = append(ts, &tensor{name: "rope_freqs.weight", shape: []uint64{uint64(s.HeadDim / 2)}, dtype: F32,
+			gen: func(dst []float32) { llama3RopeFactors(dst, float64(s.RopeBase), s.HeadDim) }})
+	}
+	for l := 0; l < s.Layers; l++ {
+		p := fmt.Sprintf("blk.%d.", l)
+		in := 1 / math.Sqrt(float64(h))
+		vec(p+"attn_norm.weight", h, 1, 0.05)
+		mat(p+"attn_q.weight", h, q, 1.5*in)
+		mat(p+"attn_k.weight", h, kvd, 1.5*in)
+		mat(p+"attn_v.weight", h, kvd, in)
+		mat(p+"attn_output.weight", q, h, 1/math.Sqrt(float64(q)))
+		vec(p+"ffn_norm.weight", h, 1, 0.05)
+		mat(p+"ffn_gate.weight", h, s.FFN, in)
+		mat(p+"ffn_up.weight", h, s.FFN, in)
+		mat(p+"ffn_down.weight", s.FFN, h, 1/math.Sqrt(float64(s.FFN)))
+		if o.Arch == "qwen2" {
+			vec(p+"attn_q.bias", q, 0, 0.5)
+			vec(p+"attn_k.bias", kvd, 0, 0.5)
+			vec(p+"attn_v.bias", kvd, 0, 0.1)
+		}
+	}
+	return write(path, kv, ts)
+}
+
+// gaussian fills with N(mean, std) from a stream seeded by (seed, name), so a
+// tensor's values do not depend on the order tensors are generated in.
+func gaussian(seed uint64, name string, mean, std float64) func([]float32) {
+	return func(dst []float32) {
+		h := fnv.New64a()
+		h.Write([]byte(name))
+		r := rand.New(rand.NewPCG(seed, h.Sum64()))
+		for i := range dst {
+			dst[i] = float32(mean + std*r.NormFloat64())
+		}
+	}
+}
+
+// llama3RopeFactors writes Llama 3.1's frequency factors (factor 8, low/high
+// frequency factors 1 and 4, original context 8192): long wavelengths are
+// stretched, short ones kept.
+func llama3RopeFactors(dst []float32, base float64, headDim int) {
+	const factor, lowFreq, highFreq, orig = 8.0, 1.0, 4.0, 8192.0
+	lowWave, highWave := orig/lowFreq, orig/highFreq
+	for i := range dst {
+		freq := math.Pow(base, -float64(2*i)/float64(headDim))
+		wave := 2 * math.Pi / freq
+		switch {
+		case wave < highWave:
+			dst[i] = 1
+		case wave > lowWave:
+			dst[i] = factor
+		default:
+			smooth := (orig/wave - lowFreq) / (highFreq - lowFreq)
+			dst[i] = float32(1 / ((1-smooth)/factor + smooth))
+		}
+	}
+}

@@ -1,0 +1,480 @@
+package foundry
+
+import (
+	"fmt"
+	"math"
+	"math/rand/v2"
+	"slices"
+	"sync"
+
+	fsggml "github.com/ollama/ollama/fs/ggml"
+)
+
+// The recall model (../shared/research/recall-model.md, variant B): a
+// llama-architecture model whose weights are constructed, not trained, so
+// that it does associative recall over long contexts. A needle "K V1 V2 V3"
+// hidden in filler is retrieved by the question "q1 q2 q3 K": a
+// previous-token head copies each token's predecessor into the residual
+// stream, and the retrieval (induction) heads match the query token against
+// those copies, attending to the token after K's earlier occurrence and
+// copying it to the output. Full rotary with base 1e16 leaves head dims
+// 48..127 practically unrotated, so they carry content; llama.cpp loads it
+// because rope.dimension_count equals the head dimension.
+//
+// Residual channels (hidden 512, code dim D = 80):
+//
+//	C0 = 0          constant 2 in every embedding (makes positional heads possible)
+//	ID = [1, 81)    the token's own code u_t
+//	PREV = [81,161) the previous token's code, written by the previous-token head
+//	ANS = [161,241) the retrieved code, written by the retrieval heads
+//	JUNK = rest     where distractor heads write
+const (
+	recallHidden  = 512
+	recallHeads   = 4
+	recallKVHeads = 2
+	recallHeadDim = 128
+	recallFFN     = 256
+	recallBase    = 1e16
+	recallCodeDim = 80
+	recallContent = 48 // first head dim of the unrotated content pairs
+
+	chC0   = 0
+	chID   = 1
+	chPrev = chID + recallCodeDim
+	chAns  = chPrev + recallCodeDim
+	chJunk = chAns + recallCodeDim
+
+	embC = 2.0 // C0 value
+	embA = 1.0 // code scale in ID
+
+	prevLam      = 64.0 // previous-token head sharpness (nats of score range)
+	retrievalBet = 40.0 // retrieval head score of a perfect match
+	outGamma     = 30.0 // logit of a perfect copy
+	junkScale    = 0.3
+	maxOffset    = 131072 // the positional profile is optimised up to here
+)
+
+// RecallOptions configure the recall model.
+type RecallOptions struct {
+	Layers         int    // total layers, at least 2 (default 2)
+	PrevLayer      int    // layer of the previous-token head (default 0)
+	RetrievalLayer int    // layer of the retrieval heads (default Layers-1); after PrevLayer
+	DType          DType  // f32 (default) or f16
+	Seed           uint64 // vocabulary roles and token codes
+	ContextLength  int    // context_length written to the file (default 131072)
+}
+
+// Head names a query head of a layer.
+type Head struct{ Layer, Head int }
+
+// Recall is a constructed recall model.
+type Recall struct {
+	Opts           RecallOptions
+	Vocab          *RecallVocab
+	RetrievalHeads []Head // heads 0 and 1 of RetrievalLayer (they share KV head 0)
+	PrevHeads      []Head
+	model          *denseModel
+	codes          [][]float64 // [token][D]
+}
+
+// Metadata keys written into the GGUF (the writer prefixes them with the
+// architecture, so on disk they read llama.kvrecall.*).
+const (
+	MetaRetrievalHeads = "kvrecall.retrieval_heads"      // []int32 pairs: layer, head, layer, head...
+	MetaPrevHeads      = "kvrecall.previous_token_heads" // []int32 pairs
+	MetaKeys           = "kvrecall.recall.keys"          // []int32 token ids
+	MetaValues         = "kvrecall.recall.values"
+	MetaQuestions      = "kvrecall.recall.questions"
+	MetaFiller         = "kvrecall.recall.filler"
+	MetaAnswerLength   = "kvrecall.recall.answer_length" // uint32: values per needle
+)
+
+// AnswerLength is the number of value tokens in each needle.
+const AnswerLength = 3
+
+func (o *RecallOptions) fill() error {
+	if o.Layers == 0 {
+		o.Layers = 2
+	}
+	if o.RetrievalLayer == 0 {
+		o.RetrievalLayer = o.Layers - 1
+	}
+	if o.DType == "" {
+		o.DType = F32
+	}
+	if o.ContextLength == 0 {
+		o.ContextLength = maxOffset
+	}
+	switch {
+	case o.Layers < 2:
+		return fmt.Errorf("recall model: needs at least 2 layers, got %d", o.Layers)
+	case o.PrevLayer < 0 || o.RetrievalLayer >= o.Layers || o.PrevLayer >= o.RetrievalLayer:
+		return fmt.Errorf("recall model: need 0 <= previous-token layer (%d) < retrieval layer (%d) < layers (%d)", o.PrevLayer, o.RetrievalLayer, o.Layers)
+	case o.DType == Q8_0:
+		return fmt.Errorf("recall model: q8_0 is not supported (its codes need f16 or f32)")
+	}
+	return nil
+}
+
+// BuildRecall constructs the model in memory and checks it on a calibration
+// prompt with the float64 reference forward pass.
+func BuildRecall(o RecallOptions) (*Recall, error) {
+	if err := o.fill(); err != nil {
+		return nil, err
+	}
+	rv, err := NewRecallVocab(o.Seed, 256, 1024, 16, 2304)
+	if err != nil {
+		return nil, err
+	}
+	n := len(rv.tokens)
+	r := &Recall{Opts: o, Vocab: rv,
+		RetrievalHeads: []Head{{o.RetrievalLayer, 0}, {o.RetrievalLayer, 1}},
+		PrevHeads:      []Head{{o.PrevLayer, 0}},
+	}
+	rng := rand.New(rand.NewPCG(o.Seed, 0xc0de5))
+	r.codes = make([][]float64, n)
+	for t := range r.codes {
+		u := make([]float64, recallCodeDim)
+		s := 0.0
+		for j := range u {
+			u[j] = rng.NormFloat64()
+			s += u[j] * u[j]
+		}
+		for j := range u {
+			u[j] /= math.Sqrt(s)
+		}
+		r.codes[t] = u
+	}
+	m := &denseModel{hidden: recallHidden, heads: recallHeads, kvHeads: recallKVHeads, headDim: recallHeadDim,
+		ffn: recallFFN, vocab: n, ropeBase: recallBase, eps: 1e-5}
+	m.embd = NewMatrix(recallHidden, n)
+	for t := 0; t < n; t++ {
+		m.embd.Set(t, chC0, embC)
+		for j, x := range r.codes[t] {
+			m.embd.Set(t, chID+j, embA*x)
+		}
+	}
+	m.outNorm = ones(recallHidden)
+	m.out = NewMatrix(recallHidden, n)
+	r.model = m
+
+	theta := make([]float64, recallHeadDim/2)
+	var active []int
+	for i := range theta {
+		theta[i] = math.Pow(recallBase, -float64(2*i)/recallHeadDim)
+		if theta[i]*maxOffset >= 0.5 {
+			active = append(active, i)
+		}
+	}
+	at := make([]float64, len(active))
+	for k, i := range active {
+		at[k] = theta[i]
+	}
+	w := prevProfile(at)
+	prof := positional{theta: theta, active: active, w: w}
+
+	calib, want := r.calibration()
+	for l := 0; l < o.Layers; l++ {
+		mean, _ := r.measure(calib)
+		rms := mean[len(m.layers)] // rms of the residual stream entering layer l
+		var layer denseLayer
+		switch l {
+		case o.PrevLayer:
+			layer = prevLayer(prof, rms)
+		case o.RetrievalLayer:
+			layer = retrievalLayer(prof, rms)
+		default:
+			layer = distractorLayer(prof, rms)
+		}
+		m.layers = append(m.layers, layer)
+	}
+	// Output: logit_t = gamma <u_t, ANS / r_tot> at the answer position.
+	_, last := r.measure(calib)
+	rmsF := last[len(m.layers)] // the final norm matters at the answer position
+	const rTot = 1.5
+	for _, t := range rv.Words {
+		for j, x := range r.codes[t] {
+			m.out.Set(int(t), chAns+j, outGamma*x*rmsF/rTot)
+		}
+	}
+	got := r.greedy(calib, AnswerLength)
+	if !slices.Equal(got, want) {
+		return nil, fmt.Errorf("recall model: construction check failed: answered %v, want %v", got, want)
+	}
+	return r, nil
+}
+
+func ones(n int) []float32 {
+	v := make([]float32, n)
+	for i := range v {
+		v[i] = 1
+	}
+	return v
+}
+
+// calibration returns a short prompt with one needle and its answer.
+func (r *Recall) calibration() ([]int32, []int32) {
+	rv := r.Vocab
+	rng := rand.New(rand.NewPCG(r.Opts.Seed, 0xca1))
+	var p []int32
+	p = append(p, 1) // BOS
+	filler := func(k int) {
+		for range k {
+			p = append(p, rv.Filler[rng.IntN(len(rv.Filler))])
+		}
+	}
+	filler(160)
+	key := rv.Keys[rng.IntN(len(rv.Keys))]
+	want := make([]int32, AnswerLength)
+	for i := range want {
+		want[i] = rv.Values[rng.IntN(len(rv.Values))]
+	}
+	p = append(p, key)
+	p = append(p, want...)
+	filler(60)
+	p = append(p, rv.Questions[0], rv.Questions[1], rv.Questions[2], key)
+	return p, want
+}
+
+// measure runs the reference over prompt and returns, per layer input (and
+// the final norm), the mean RMS over positions after the first, and the RMS
+// at the last position.
+func (r *Recall) measure(prompt []int32) (mean, last []float64) {
+	st := newRefState(r.model)
+	for _, t := range prompt {
+		st.step(t, false)
+	}
+	mean = make([]float64, len(st.rms))
+	last = make([]float64, len(st.rms))
+	for i, rs := range st.rms {
+		s := 0.0
+		for _, x := range rs[1:] {
+			s += x
+		}
+		mean[i] = s / float64(len(rs)-1)
+		last[i] = rs[len(rs)-1]
+	}
+	return mean, last
+}
+
+// greedy evaluates prompt with the reference and decodes n tokens.
+func (r *Recall) greedy(prompt []int32, n int) []int32 {
+	st := newRefState(r.model)
+	for _, t := range prompt[:len(prompt)-1] {
+		st.step(t, false)
+	}
+	logits := st.step(prompt[len(prompt)-1], true)
+	var out []int32
+	for len(out) < n {
+		next := argmax64(logits)
+		out = append(out, next)
+		logits = st.step(next, true)
+	}
+	return out
+}
+
+var (
+	profileOnce sync.Once
+	profileW    []float64
+)
+
+// prevProfile is the previous-token profile; it depends only on constants,
+// so it is solved once per process.
+func prevProfile(theta []float64) []float64 {
+	profileOnce.Do(func() { profileW, _ = positionalProfile(theta, prevLam, 1, maxOffset, 300) })
+	return profileW
+}
+
+// positional describes the rotary pairs a positional head can use.
+type positional struct {
+	theta  []float64 // all pairs
+	active []int     // pairs that turn by at least 0.5 rad over maxOffset
+	w      []float64 // profile weights over active pairs
+}
+
+// setPositional makes query head qh (on KV head kh, whose key it also writes
+// when writeKey is set) score lam * Σ w_i cos((Δ - offset) θ_i), reading only
+// C0. rms is the residual RMS at the layer's input.
+func setPositional(l *denseLayer, p positional, qh, kh, offset int, lam, rms float64, writeKey bool) {
+	c := rms / embC // C0 of the normed input is embC/rms
+	for k, i := range p.active {
+		s := math.Sqrt(prevLam * p.w[k] * math.Sqrt(recallHeadDim)) // key scale, shared by all heads on kh
+		if writeKey {
+			l.wk.Set(kh*recallHeadDim+2*i, chC0, s*c)
+		}
+		f := lam / prevLam
+		a := float64(offset) * p.theta[i]
+		l.wq.Set(qh*recallHeadDim+2*i, chC0, f*s*math.Cos(a)*c)
+		l.wq.Set(qh*recallHeadDim+2*i+1, chC0, -f*s*math.Sin(a)*c)
+	}
+}
+
+// setRecency gives KV head kh a broad positional key over slow pairs and
+// query head qh a matching query: a diffuse preference for recent tokens.
+func setRecency(l *denseLayer, p positional, qh, kh int, lam, rms float64, writeKey bool) {
+	c := rms / embC
+	slow := p.active[len(p.active)/3:]
+	t := math.Sqrt(lam * math.Sqrt(recallHeadDim) / float64(len(slow)))
+	for _, i := range slow {
+		if writeKey {
+			l.wk.Set(kh*recallHeadDim+2*i+1, chC0, t*c)
+		}
+		l.wq.Set(qh*recallHeadDim+2*i+1, chC0, t*c)
+	}
+}
+
+// copyID makes KV head kh's value the token's own code.
+func copyID(l *denseLayer, kh int, rms float64) {
+	for j := 0; j < recallCodeDim; j++ {
+		l.wv.Set(kh*recallHeadDim+j, chID+j, rms/embA)
+	}
+}
+
+// writeOut adds scale x head qh's output (its first D dims) to channels at ch.
+func writeOut(l *denseLayer, qh, ch int, scale float64) {
+	for j := 0; j < recallCodeDim && ch+j < recallHidden; j++ {
+		l.wo.Set(ch+j, qh*recallHeadDim+j, scale)
+	}
+}
+
+func newLayer() denseLayer {
+	q, kv := recallHeads*recallHeadDim, recallKVHeads*recallHeadDim
+	return denseLayer{
+		attnNorm: ones(recallHidden), ffnNorm: ones(recallHidden),
+		wq: NewMatrix(recallHidden, q), wk: NewMatrix(recallHidden, kv), wv: NewMatrix(recallHidden, kv),
+		wo:   NewMatrix(q, recallHidden),
+		gate: NewMatrix(recallHidden, recallFFN), up: NewMatrix(recallHidden, recallFFN), down: NewMatrix(recallFFN, recallHidden),
+		ffnZero: true,
+	}
+}
+
+// prevLayer: head 0 copies the previous token's code into PREV; head 1
+// (offset 2), head 2 (recency) and head 3 (uniform) are distractors.
+func prevLayer(p positional, rms float64) denseLayer {
+	l := newLayer()
+	setPositional(&l, p, 0, 0, 1, prevLam, rms, true)
+	setPositional(&l, p, 1, 0, 2, 16, rms, false)
+	setRecency(&l, p, 2, 1, 4, rms, true)
+	copyID(&l, 0, rms)
+	copyID(&l, 1, rms)
+	writeOut(&l, 0, chPrev, 1)
+	writeOut(&l, 1, chJunk, junkScale)
+	writeOut(&l, 2, chJunk+80, junkScale)
+	writeOut(&l, 3, chJunk+160, junkScale)
+	return l
+}
+
+// retrievalLayer: heads 0 and 1 (KV head 0) match the query token's code
+// against PREV and copy the matched position's own code into ANS; heads 2
+// (previous-token-like) and 3 (uniform) on KV head 1 are distractors.
+func retrievalLayer(p positional, rms float64) denseLayer {
+	l := newLayer()
+	sq := math.Sqrt(retrievalBet * math.Sqrt(recallHeadDim))
+	for j := 0; j < recallCodeDim; j++ {
+		d := recallContent + j
+		l.wk.Set(0*recallHeadDim+d, chPrev+j, sq*rms)
+		l.wq.Set(0*recallHeadDim+d, chID+j, sq*rms/embA)
+		l.wq.Set(1*recallHeadDim+d, chID+j, 0.8*sq*rms/embA)
+	}
+	copyID(&l, 0, rms)
+	writeOut(&l, 0, chAns, 1)
+	writeOut(&l, 1, chAns, 0.5)
+	// KV head 1: a previous-token key at lam 16 and a uniform head.
+	setPositional(&l, p, 2, 1, 1, 16, rms, true)
+	copyID(&l, 1, rms)
+	writeOut(&l, 2, chJunk, junkScale)
+	writeOut(&l, 3, chJunk+80, junkScale)
+	return l
+}
+
+// distractorLayer: four positional or diffuse heads that write only to JUNK.
+func distractorLayer(p positional, rms float64) denseLayer {
+	l := newLayer()
+	setPositional(&l, p, 0, 0, 3, 16, rms, true)
+	setPositional(&l, p, 1, 0, 1, 8, rms, false)
+	setRecency(&l, p, 2, 1, 4, rms, true)
+	copyID(&l, 0, rms)
+	copyID(&l, 1, rms)
+	writeOut(&l, 0, chJunk, junkScale)
+	writeOut(&l, 1, chJunk+80, junkScale)
+	writeOut(&l, 2, chJunk+160, junkScale)
+	writeOut(&l, 3, chJunk, junkScale)
+	return l
+}
+
+// WriteRecall builds the recall model and writes it as GGUF v3.
+func WriteRecall(path string, o RecallOptions) (*Recall, error) {
+	r, err := BuildRecall(o)
+	if err != nil {
+		return nil, err
+	}
+	return r, r.Write(path)
+}
+
+// Write stores the model as GGUF v3.
+func (r *Recall) Write(path string) error {
+	o, m, rv := r.Opts, r.model, r.Vocab
+	heads := func(hs []Head) []int32 {
+		var out []int32
+		for _, h := range hs {
+			out = append(out, int32(h.Layer), int32(h.Head))
+		}
+		return out
+	}
+	kv := fsggml.KV{
+		"general.architecture":             "llama",
+		"general.name":                     "kvrecall-recall",
+		"general.description":              "constructed associative-recall model (kvrecall foundry); needles 'K V1 V2 V3', questions 'q1 q2 q3 K'",
+		"general.file_type":                o.DType.fileType(),
+		"general.quantization_version":     uint32(2),
+		"general.kvrecall.foundry":         "recall",
+		"block_count":                      uint32(o.Layers),
+		"context_length":                   uint32(o.ContextLength),
+		"embedding_length":                 uint32(recallHidden),
+		"feed_forward_length":              uint32(recallFFN),
+		"attention.head_count":             uint32(recallHeads),
+		"attention.head_count_kv":          uint32(recallKVHeads),
+		"attention.key_length":             uint32(recallHeadDim),
+		"attention.value_length":           uint32(recallHeadDim),
+		"attention.layer_norm_rms_epsilon": float32(m.eps),
+		"rope.dimension_count":             uint32(recallHeadDim),
+		"rope.freq_base":                   float32(recallBase),
+		"tokenizer.ggml.model":             "llama",
+		"tokenizer.ggml.tokens":            rv.tokens,
+		"tokenizer.ggml.scores":            rv.scores,
+		"tokenizer.ggml.token_type":        rv.types,
+		"tokenizer.ggml.bos_token_id":      uint32(1),
+		"tokenizer.ggml.eos_token_id":      uint32(2),
+		"tokenizer.ggml.unknown_token_id":  uint32(0),
+		"tokenizer.ggml.add_bos_token":     true,
+		"tokenizer.ggml.add_eos_token":     false,
+		"tokenizer.ggml.add_space_prefix":  true,
+		MetaRetrievalHeads:                 heads(r.RetrievalHeads),
+		MetaPrevHeads:                      heads(r.PrevHeads),
+		MetaKeys:                           rv.Keys,
+		MetaValues:                         rv.Values,
+		MetaQuestions:                      rv.Questions,
+		MetaFiller:                         rv.Filler,
+		MetaAnswerLength:                   uint32(AnswerLength),
+	}
+	ts := []*tensor{
+		fromMatrix("token_embd.weight", m.embd, o.DType),
+		fromMatrix("output.weight", m.out, o.DType),
+		fromVector("output_norm.weight", m.outNorm),
+	}
+	for i, l := range m.layers {
+		p := fmt.Sprintf("blk.%d.", i)
+		ts = append(ts,
+			fromVector(p+"attn_norm.weight", l.attnNorm),
+			fromVector(p+"ffn_norm.weight", l.ffnNorm),
+			fromMatrix(p+"attn_q.weight", l.wq, o.DType),
+			fromMatrix(p+"attn_k.weight", l.wk, o.DType),
+			fromMatrix(p+"attn_v.weight", l.wv, o.DType),
+			fromMatrix(p+"attn_output.weight", l.wo, o.DType),
+			fromMatrix(p+"ffn_gate.weight", l.gate, o.DType),
+			fromMatrix(p+"ffn_up.weight", l.up, o.DType),
+			fromMatrix(p+"ffn_down.weight", l.down, o.DType),
+		)
+	}
+	return write(path, kv, ts)
+}

@@ -1,0 +1,36 @@
+package foundry
+
+import (
+	"math/rand/v2"
+	"slices"
+	"testing"
+)
+
+func TestRecallAnswersWithReference(t *testing.T) {
+	for _, o := range []RecallOptions{{}, {Layers: 4, PrevLayer: 1, RetrievalLayer: 2}} {
+		r, err := BuildRecall(o)
+		if err != nil {
+			t.Fatal(err)
+		}
+		rng := rand.New(rand.NewPCG(7, 7))
+		rv := r.Vocab
+		for depth := 0; depth <= 100; depth += 50 {
+			const n = 600
+			var p []int32
+			p = append(p, 1)
+			for len(p) < n {
+				p = append(p, rv.Filler[rng.IntN(len(rv.Filler))])
+			}
+			key := rv.Keys[rng.IntN(len(rv.Keys))]
+			want := []int32{rv.Values[rng.IntN(len(rv.Values))], rv.Values[rng.IntN(len(rv.Values))], rv.Values[rng.IntN(len(rv.Values))]}
+			at := 1 + (n-1)*depth/100
+			needle := append([]int32{key}, want...)
+			p = slices.Insert(p, at, needle...)
+			p = append(p, rv.Questions[3], rv.Questions[4], rv.Questions[5], key)
+			got := r.greedy(p, 3)
+			if !slices.Equal(got, want) {
+				t.Errorf("layers %d depth %d: got %v want %v", r.Opts.Layers, depth, got, want)
+			}
+		}
+	}
+}
