@@ -13,7 +13,14 @@ import (
 // Upgrade re-encodes the GGUF file in (any version) as GGUF v3 at out, with
 // the same metadata and tensor bytes. llama.cpp and ollama's reader refuse v1
 // files; the v3 copy loads in both. The output appears atomically.
-func Upgrade(in, out string) error {
+func Upgrade(in, out string) error { return Copy(in, out, nil) }
+
+// Edit may change the metadata and the tensor list of a Copy.
+type Edit func(kv fsggml.KV, ts []*fsggml.Tensor) ([]*fsggml.Tensor, error)
+
+// Copy writes in as GGUF v3 at out, after edit (if not nil) has changed its
+// metadata or tensors.
+func Copy(in, out string, edit Edit) error {
 	f, err := Open(in)
 	if err != nil {
 		return err
@@ -41,6 +48,11 @@ func Upgrade(in, out string) error {
 			Kind:     t.Kind,
 			Shape:    append([]uint64(nil), t.Shape...),
 			WriterTo: section{src, f.DataOffset + int64(t.Offset), int64(t.Bytes())},
+		}
+	}
+	if edit != nil {
+		if ts, err = edit(kv, ts); err != nil {
+			return err
 		}
 	}
 	return atomicfile.Write(out, 0o644, func(w *os.File) error {

@@ -279,12 +279,16 @@ type textOut struct {
 // and whether a stop string was found (the text then ends before it).
 func (o *textOut) add(piece string) (string, bool) {
 	o.pending += o.dec.add(piece)
+	first := -1
 	for _, st := range o.stop {
-		if i := strings.Index(o.pending, st); i >= 0 {
-			out := o.pending[:i]
-			o.pending = ""
-			return out, true
+		if i := strings.Index(o.pending, st); i >= 0 && (first < 0 || i < first) {
+			first = i
 		}
+	}
+	if first >= 0 {
+		out := o.pending[:first]
+		o.pending = ""
+		return out, true
 	}
 	hold := 0
 	for _, st := range o.stop {

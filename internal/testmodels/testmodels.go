@@ -1,0 +1,117 @@
+// Package testmodels gives tests the GGUF files they need: foundry models
+// built once and shared between test processes (written atomically, so
+// concurrent builders are harmless), and the pretrained stories260k model
+// from ../shared, which must be present (CI has it; a missing file fails).
+package testmodels
+
+import (
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+
+	"github.com/kvrecall/kvrecall/foundry"
+	"github.com/kvrecall/kvrecall/gguf"
+)
+
+// version changes whenever the foundry's output changes, so that stale
+// cached models are not reused.
+const version = "v1"
+
+var mu sync.Mutex
+
+// Quiet sets the default logger to warnings only: ggml and llama.cpp log
+// every load at info level.
+func Quiet() {
+	slog.SetDefault(slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelError})))
+}
+
+// Dir is where generated models are kept ($KVRECALL_TEST_MODELS or a
+// directory under the system temp dir).
+func Dir(t testing.TB) string {
+	d := os.Getenv("KVRECALL_TEST_MODELS")
+	if d == "" {
+		d = filepath.Join(os.TempDir(), "kvrecall-test-models-"+version)
+	}
+	if err := os.MkdirAll(d, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return d
+}
+
+func cached(t testing.TB, name string, build func(path string) error) string {
+	t.Helper()
+	mu.Lock()
+	defer mu.Unlock()
+	p := filepath.Join(Dir(t), name)
+	if _, err := gguf.Open(p); err == nil {
+		return p
+	}
+	if err := build(p); err != nil {
+		t.Fatalf("build %s: %v", name, err)
+	}
+	return p
+}
+
+// Recall returns the default recall model (2 layers, f32).
+func Recall(t testing.TB) string {
+	return RecallWith(t, foundry.RecallOptions{})
+}
+
+// RecallWith returns a recall model with the given options.
+func RecallWith(t testing.TB, o foundry.RecallOptions) string {
+	name := fmt.Sprintf("recall-l%d-p%d-r%d-%s-s%d.gguf", o.Layers, o.PrevLayer, o.RetrievalLayer, o.DType, o.Seed)
+	return cached(t, name, func(p string) error {
+		_, err := foundry.WriteRecall(p, o)
+		return err
+	})
+}
+
+// Random returns a random model of a preset.
+func Random(t testing.TB, arch, preset string, dtype foundry.DType, seed uint64, ropeFreqs bool) string {
+	name := fmt.Sprintf("random-%s-%s-%s-s%d-rf%v.gguf", arch, preset, dtype, seed, ropeFreqs)
+	return cached(t, name, func(p string) error {
+		return foundry.WriteRandom(p, foundry.RandomOptions{Arch: arch, Shape: foundry.Presets[preset], DType: dtype, Seed: seed, RopeFreqs: ropeFreqs})
+	})
+}
+
+// Stories returns ../shared/models/stories260k-f32.gguf (GGUF v1). A test
+// that needs it fails when it is missing.
+func Stories(t testing.TB) string {
+	t.Helper()
+	root, err := RepoRoot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := filepath.Join(root, "..", "shared", "models", "stories260k-f32.gguf")
+	if _, err := os.Stat(p); err != nil {
+		t.Fatalf("the pretrained test model is missing: %v (tests need ../shared beside the repository)", err)
+	}
+	return p
+}
+
+// StoriesV3 returns stories260k re-encoded as GGUF v3 (llama.cpp refuses v1).
+func StoriesV3(t testing.TB) string {
+	src := Stories(t)
+	return cached(t, "stories260k-f32-v3.gguf", func(p string) error { return gguf.Upgrade(src, p) })
+}
+
+// RepoRoot walks up from the working directory to the directory with go.mod.
+func RepoRoot() (string, error) {
+	d, err := os.Getwd()
+	if err != nil {
+		return "", err
+	}
+	for {
+		if _, err := os.Stat(filepath.Join(d, "go.mod")); err == nil {
+			return d, nil
+		}
+		parent := filepath.Dir(d)
+		if parent == d {
+			return "", fmt.Errorf("go.mod not found above the working directory")
+		}
+		d = parent
+	}
+}
