@@ -105,7 +105,9 @@ func TestReadRejects(t *testing.T) {
 		}, "claims"},
 		{"unknown value type", func() []byte { return header(3, 0, 1).str("a").u32(77).u32(0).b.Bytes() }, "unknown value type"},
 		{"unknown element type", func() []byte { return header(3, 0, 1).str("a").u32(gguf.TypeArray).u32(77).u64(1).b.Bytes() }, "unknown element type"},
-		{"nested array", func() []byte { return header(3, 0, 1).str("a").u32(gguf.TypeArray).u32(gguf.TypeArray).u64(1).b.Bytes() }, "arrays"},
+		{"nested array", func() []byte {
+			return header(3, 0, 1).str("a").u32(gguf.TypeArray).u32(gguf.TypeArray).u64(1).b.Bytes()
+		}, "arrays"},
 		{"duplicate key", func() []byte { return header(3, 0, 2).kvU32("a", 1).kvU32("a", 2).b.Bytes() }, "duplicate metadata key"},
 		{"empty key", func() []byte { return header(3, 0, 1).kvU32("", 1).b.Bytes() }, "empty metadata key"},
 		{"five dims", func() []byte { return header(3, 1, 0).tensor("t", 0, 0, 1, 1, 1, 1, 1).align().zeros(32).b.Bytes() }, "5 dimensions"},

@@ -16,7 +16,6 @@ import (
 	"github.com/kvrecall/kvrecall/runtime"
 )
 
-
 // zeroData writes n zero bytes.
 type zeroData struct{ n int64 }
 
