@@ -17,13 +17,15 @@ import (
 	"os"
 	"path/filepath"
 	goruntime "runtime"
+	"sync"
 
-	"github.com/ollama/ollama/kvcache"
+	ollamakv "github.com/ollama/ollama/kvcache"
 	"github.com/ollama/ollama/ml"
 	_ "github.com/ollama/ollama/ml/backend/ggml" // registers the ggml backend
 	"github.com/ollama/ollama/model"
 
 	"github.com/kvrecall/kvrecall/gguf"
+	"github.com/kvrecall/kvrecall/kvcache"
 	"github.com/kvrecall/kvrecall/runtime/arch"
 )
 
@@ -48,6 +50,11 @@ type Options struct {
 	// CacheDir is where GGUF v1 files are upgraded to v3 before loading;
 	// default is the user cache directory.
 	CacheDir string
+	// PageSize is the tokens per page of paged caches and documents (16..256, default 64).
+	PageSize int
+	// DataDir holds ingested documents (default: kvrecall/documents/<model
+	// fingerprint> under the user cache directory).
+	DataDir string
 }
 
 // DefaultContextLength caps the default context so that dense caches of
@@ -56,7 +63,7 @@ const DefaultContextLength = 8192
 
 // CacheFactory builds the KV cache of one session. The returned cache has
 // been Init-ed for one sequence.
-type CacheFactory func(m *Model) (kvcache.Cache, error)
+type CacheFactory func(m *Model) (ollamakv.Cache, error)
 
 // Model is a loaded GGUF model.
 type Model struct {
@@ -68,6 +75,10 @@ type Model struct {
 	tok     *Tokenizer
 	opts    Options
 	kvType  ml.DType
+	fp      kvcache.Fingerprint
+
+	docMu sync.Mutex
+	docs  map[string]*Document
 }
 
 // OpenError names the file and what is wrong with it.
@@ -127,6 +138,23 @@ func Open(ctx context.Context, path string, opts Options) (m *Model, err error) 
 	if opts.NewCache == nil {
 		opts.NewCache = DenseCache
 	}
+	if opts.PageSize == 0 {
+		opts.PageSize = DefaultPageSize
+	}
+	if opts.PageSize < 16 || opts.PageSize > 256 {
+		return fail(fmt.Errorf("page size %d is outside 16..256", opts.PageSize))
+	}
+	fp, err := fingerprint(path, f)
+	if err != nil {
+		return fail(err)
+	}
+	if opts.DataDir == "" {
+		d, err := os.UserCacheDir()
+		if err != nil {
+			d = os.TempDir()
+		}
+		opts.DataDir = filepath.Join(d, "kvrecall", "documents", hex.EncodeToString(fp[:8]))
+	}
 
 	// ollama's loader panics on some failures (allocation); turn that into an error.
 	defer func() {
@@ -159,7 +187,34 @@ func Open(ctx context.Context, path string, opts Options) (m *Model, err error) 
 	net.Params.Vocab = cfg.Vocab
 	net.Params.TiedOutput = cfg.TiedOutput
 	net.Params.RopeFreqs = cfg.RopeFreqs
-	return &Model{path: path, file: f, cfg: cfg, net: net, backend: mm.Backend(), tok: tok, opts: opts, kvType: kv}, nil
+	return &Model{path: path, file: f, cfg: cfg, net: net, backend: mm.Backend(), tok: tok, opts: opts, kvType: kv,
+		fp: fp, docs: map[string]*Document{}}, nil
+}
+
+// fingerprint identifies a model file for its documents: the GGUF header, the
+// file size and samples of the tensor data.
+func fingerprint(path string, f *gguf.File) (kvcache.Fingerprint, error) {
+	var fp kvcache.Fingerprint
+	r, err := os.Open(path)
+	if err != nil {
+		return fp, err
+	}
+	defer r.Close()
+	h := sha256.New()
+	fmt.Fprintf(h, "%d\n", f.Size)
+	if _, err := io.Copy(h, io.NewSectionReader(r, 0, f.DataOffset)); err != nil {
+		return fp, err
+	}
+	data := f.Size - f.DataOffset
+	const sample = 1 << 20
+	for _, at := range []int64{0, data / 2, data - sample} {
+		at = max(0, min(at, data-sample))
+		if _, err := io.Copy(h, io.NewSectionReader(r, f.DataOffset+at, min(sample, data))); err != nil {
+			return fp, err
+		}
+	}
+	copy(fp[:], h.Sum(nil))
+	return fp, nil
 }
 
 // Close frees the weights. Sessions must be closed first.
@@ -196,8 +251,8 @@ func (m *Model) File() *gguf.File { return m.file }
 
 // DenseCache is the default cache: ollama's causal cache over the whole
 // context, every key visible to every query.
-func DenseCache(m *Model) (kvcache.Cache, error) {
-	c := kvcache.NewCausalCache(m.net.Shift)
+func DenseCache(m *Model) (ollamakv.Cache, error) {
+	c := ollamakv.NewCausalCache(m.net.Shift)
 	c.Init(m.backend, m.kvType, 1, m.opts.ContextLength, m.opts.BatchSize)
 	return c, nil
 }

@@ -197,7 +197,7 @@ func (s *Session) Generate(ctx context.Context, prompt []int32, opts GenerateOpt
 			res.StopReason = StopLength
 			break
 		}
-		if len(s.tokens) >= s.m.opts.ContextLength {
+		if len(s.tokens) >= s.capacity {
 			res.StopReason = StopContext
 			break
 		}

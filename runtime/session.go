@@ -7,7 +7,8 @@ import (
 	"math"
 
 	"github.com/ollama/ollama/kvcache"
-	"github.com/ollama/ollama/model/input"
+
+	"github.com/kvrecall/kvrecall/runtime/arch"
 )
 
 // ErrContextFull is returned when a session cannot hold more tokens.
@@ -16,12 +17,12 @@ var ErrContextFull = errors.New("context is full")
 // Session is one sequence: the tokens evaluated so far and their KV cache.
 // It is not safe for concurrent use.
 type Session struct {
-	m      *Model
-	cache  kvcache.Cache
-	tokens []int32
+	m        *Model
+	cache    kvcache.Cache
+	tokens   []int32
+	capacity int
 	// scratch for the batch description, reused between forward passes
 	positions []int32
-	seqs      []int
 	outputs   []int32
 }
 
@@ -37,7 +38,7 @@ func (m *Model) NewSessionWith(f CacheFactory) (*Session, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Session{m: m, cache: c}, nil
+	return &Session{m: m, cache: c, capacity: m.opts.ContextLength}, nil
 }
 
 // Close frees the session's cache.
@@ -85,8 +86,8 @@ func (s *Session) Eval(ctx context.Context, tokens []int32, all bool, progress P
 	if len(tokens) == 0 {
 		return nil, errors.New("no tokens to evaluate")
 	}
-	if n := len(s.tokens) + len(tokens); n > s.m.opts.ContextLength {
-		return nil, fmt.Errorf("%w: %d tokens exceed the context length of %d", ErrContextFull, n, s.m.opts.ContextLength)
+	if n := len(s.tokens) + len(tokens); n > s.capacity {
+		return nil, fmt.Errorf("%w: %d tokens exceed the context length of %d", ErrContextFull, n, s.capacity)
 	}
 	vocab := s.m.tok.Size()
 	for _, t := range tokens {
@@ -121,10 +122,8 @@ func (s *Session) forward(tokens []int32, any, every bool) (rows [][]float32, er
 	n := len(tokens)
 	base := int32(len(s.tokens))
 	s.positions = s.positions[:0]
-	s.seqs = s.seqs[:0]
 	for i := range n {
 		s.positions = append(s.positions, base+int32(i))
-		s.seqs = append(s.seqs, 0)
 	}
 	s.outputs = s.outputs[:0]
 	switch {
@@ -137,39 +136,23 @@ func (s *Session) forward(tokens []int32, any, every bool) (rows [][]float32, er
 		s.outputs = append(s.outputs, int32(n-1))
 	}
 
-	ctx := m.backend.NewContext()
-	defer ctx.Close()
-	started := false
 	defer func() {
 		if r := recover(); r != nil {
 			err = fmt.Errorf("forward pass: %v", r)
 		}
-		if err != nil && started {
-			// Forget the cells this batch claimed so the session stays consistent.
+		if err != nil {
+			// Forget whatever this batch put in the cache so the session stays consistent.
 			s.cache.Remove(0, base, math.MaxInt32)
 		}
 	}()
-	batch := input.Batch{
-		Inputs:    ctx.Input().FromInts(tokens, n),
-		Outputs:   ctx.Input().FromInts(s.outputs, len(s.outputs)),
-		Positions: s.positions,
-		Sequences: s.seqs,
-	}
-	if err := s.cache.StartForward(ctx, batch, false); err != nil {
-		return nil, err
-	}
-	started = true
-	logits, err := m.net.ForwardCache(ctx, batch, s.cache)
+	flat, vocab, err := m.net.Run(m.backend, arch.Step{Tokens: tokens, Positions: s.positions, Outputs: s.outputs}, s.cache)
 	if err != nil {
 		return nil, err
 	}
-	ctx.Forward(logits).Compute(logits)
 	s.tokens = append(s.tokens, tokens...)
 	if !any {
 		return nil, nil
 	}
-	flat := logits.Floats() // [vocab, outputs]; read before ctx.Close frees it
-	vocab := logits.Dim(0)
 	rows = make([][]float32, len(s.outputs))
 	for i := range rows {
 		rows[i] = flat[i*vocab : (i+1)*vocab : (i+1)*vocab]

@@ -18,7 +18,7 @@ import (
 
 // version changes whenever the foundry's output changes, so that stale
 // cached models are not reused.
-const version = "v1"
+const version = "v2"
 
 var mu sync.Mutex
 

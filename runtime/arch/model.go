@@ -20,10 +20,22 @@ func init() {
 	}
 }
 
-// QueryObserver is implemented by caches that choose keys per query: the
-// layer hands them its roped queries, [headDim, heads, batch], before Put/Get.
-type QueryObserver interface {
-	ObserveQuery(ctx ml.Context, q ml.Tensor)
+// Hooks is implemented by caches that work across graph boundaries: a paged
+// cache that chooses pages from a layer's queries must see those queries on
+// the host before that layer's attention is built. Run then computes the
+// forward pass in several graphs, split after the q/k/v projections of the
+// layers that ask for it.
+type Hooks interface {
+	// NeedQueries reports whether layer's queries must reach the host
+	// before its attention (asked after StartForward, once per layer).
+	NeedQueries(layer int) bool
+	// SetQueries hands over layer's roped queries, q[token][head*headDim+d].
+	SetQueries(layer int, q [][]float32) error
+	// Outputs lists tensors of ctx that must be computed with its graph
+	// (copies of new keys and values for host memory, say).
+	Outputs(ctx ml.Context) []ml.Tensor
+	// Computed runs after ctx's graph has been computed, before ctx closes.
+	Computed(ctx ml.Context) error
 }
 
 // Model is a llama-family decoder. Tensor fields are filled from the GGUF by
@@ -146,11 +158,28 @@ func (m *Model) ForwardCache(ctx ml.Context, batch input.Batch, cache kvcache.Ca
 
 func (m *Model) layer(ctx ml.Context, i int, h, positions, outputs ml.Tensor, cache kvcache.Cache) ml.Tensor {
 	l := &m.Layers[i]
-	residual := h
-	h = l.AttentionNorm.Forward(ctx, h, m.Params.Eps)
-	h = m.attention(ctx, l.Attention, h, positions, cache)
+	q, k, v := m.qkv(ctx, l.Attention, l.AttentionNorm.Forward(ctx, h, m.Params.Eps), positions)
+	attn := nn.Attention(ctx, q, k, v, 1/math.Sqrt(float64(m.Params.HeadDim)), cache) // [headDim, heads, batch]
+	// In the last layer (outputs set) only the rows that want logits go on.
+	return m.finish(ctx, l, attn, h, outputs)
+}
+
+// qkv returns the layer's roped queries [headDim, heads, batch] and keys and
+// values [headDim, kvHeads, batch] for the normed input h.
+func (m *Model) qkv(ctx ml.Context, a *Attention, h, positions ml.Tensor) (q, k, v ml.Tensor) {
+	n := h.Dim(1)
+	q = a.Query.Forward(ctx, h).Reshape(ctx, m.Params.HeadDim, m.Params.Heads, n)
+	k = a.Key.Forward(ctx, h).Reshape(ctx, m.Params.HeadDim, m.Params.KVHeads, n)
+	v = a.Value.Forward(ctx, h).Reshape(ctx, m.Params.HeadDim, m.Params.KVHeads, n)
+	return m.rope(ctx, q, positions, a.RopeFactors), m.rope(ctx, k, positions, a.RopeFactors), v
+}
+
+// finish applies the output projection, the residual and the MLP to a
+// layer's attention result [headDim, heads, batch].
+func (m *Model) finish(ctx ml.Context, l *Layer, attn, residual, outputs ml.Tensor) ml.Tensor {
+	n := attn.Dim(2)
+	h := l.Attention.Output.Forward(ctx, attn.Reshape(ctx, m.Params.HeadDim*m.Params.Heads, n))
 	if outputs != nil {
-		// Last layer: only the rows that want logits go on.
 		h = h.Rows(ctx, outputs)
 		residual = residual.Rows(ctx, outputs)
 	}
@@ -161,16 +190,98 @@ func (m *Model) layer(ctx ml.Context, i int, h, positions, outputs ml.Tensor, ca
 	return h.Add(ctx, residual)
 }
 
-func (m *Model) attention(ctx ml.Context, a *Attention, h, positions ml.Tensor, cache kvcache.Cache) ml.Tensor {
-	n := h.Dim(1)
-	q := a.Query.Forward(ctx, h).Reshape(ctx, m.Params.HeadDim, m.Params.Heads, n)   // [headDim, heads, batch]
-	k := a.Key.Forward(ctx, h).Reshape(ctx, m.Params.HeadDim, m.Params.KVHeads, n)   // [headDim, kvHeads, batch]
-	v := a.Value.Forward(ctx, h).Reshape(ctx, m.Params.HeadDim, m.Params.KVHeads, n) // [headDim, kvHeads, batch]
-	q = m.rope(ctx, q, positions, a.RopeFactors)
-	k = m.rope(ctx, k, positions, a.RopeFactors)
-	if qo, ok := cache.(QueryObserver); ok {
-		qo.ObserveQuery(ctx, q)
+// Step is one forward pass: tokens at positions, logits wanted for the batch
+// indices in Outputs.
+type Step struct {
+	Tokens    []int32
+	Positions []int32
+	Outputs   []int32
+}
+
+// Run computes a forward pass with cache and returns the logits, row-major
+// [len(Outputs)][vocab]. Caches implementing Hooks may split it into several
+// graphs; the result is the same computation.
+func (m *Model) Run(b ml.Backend, st Step, cache kvcache.Cache) (logits []float32, vocab int, err error) {
+	n := len(st.Tokens)
+	hooks, _ := cache.(Hooks)
+	seqs := make([]int, n)
+	ctx := b.NewContext()
+	defer func() { ctx.Close() }()
+	batch := input.Batch{
+		Inputs:    ctx.Input().FromInts(st.Tokens, n),
+		Outputs:   ctx.Input().FromInts(st.Outputs, len(st.Outputs)),
+		Positions: st.Positions,
+		Sequences: seqs,
 	}
-	out := nn.Attention(ctx, q, k, v, 1/math.Sqrt(float64(m.Params.HeadDim)), cache) // [headDim, heads, batch]
-	return a.Output.Forward(ctx, out.Reshape(ctx, m.Params.HeadDim*m.Params.Heads, n))
+	if err := cache.StartForward(ctx, batch, false); err != nil {
+		return nil, 0, err
+	}
+	compute := func(ts ...ml.Tensor) error {
+		if hooks != nil {
+			outs := hooks.Outputs(ctx)
+			ctx.Forward(outs...)
+			ts = append(ts, outs...)
+		}
+		ctx.Forward(ts...).Compute(ts...)
+		if hooks != nil {
+			return hooks.Computed(ctx)
+		}
+		return nil
+	}
+	positions := ctx.Input().FromInts(st.Positions, n)
+	h := m.TokenEmbedding.Forward(ctx, batch.Inputs) // [hidden, batch]
+	scale := 1 / math.Sqrt(float64(m.Params.HeadDim))
+	for i := range m.Layers {
+		l := &m.Layers[i]
+		cache.SetLayer(i)
+		var outputs ml.Tensor
+		if i == len(m.Layers)-1 {
+			outputs = ctx.Input().FromInts(st.Outputs, len(st.Outputs))
+		}
+		if hooks == nil || !hooks.NeedQueries(i) {
+			h = m.layer(ctx, i, h, positions, outputs, cache)
+			continue
+		}
+		// Graph A: projections; k and v go into the cache, q and h to the host.
+		q, k, v := m.qkv(ctx, l.Attention, l.AttentionNorm.Forward(ctx, h, m.Params.Eps), positions)
+		cache.Put(ctx, k, v)
+		qOut := ctx.Input().Empty(ml.DTypeF32, m.Params.HeadDim, m.Params.Heads, n)
+		hOut := ctx.Input().Empty(ml.DTypeF32, m.Params.Hidden, n)
+		ctx.Forward(q.Copy(ctx, qOut), h.Copy(ctx, hOut))
+		if err := compute(qOut, hOut); err != nil {
+			return nil, 0, err
+		}
+		qHost, hHost := qOut.Floats(), hOut.Floats()
+		ctx.Close()
+		rows := make([][]float32, n)
+		w := m.Params.HeadDim * m.Params.Heads
+		for t := range rows {
+			rows[t] = qHost[t*w : (t+1)*w]
+		}
+		if err := hooks.SetQueries(i, rows); err != nil {
+			ctx = b.NewContext()
+			return nil, 0, err
+		}
+		// Graph B: attention over what the cache chose, then the rest.
+		ctx = b.NewContext()
+		positions = ctx.Input().FromInts(st.Positions, n)
+		if outputs != nil {
+			outputs = ctx.Input().FromInts(st.Outputs, len(st.Outputs))
+		}
+		h = ctx.Input().FromFloats(hHost, m.Params.Hidden, n)
+		q = ctx.Input().FromFloats(qHost, m.Params.HeadDim, m.Params.Heads, n)
+		attn := nn.Attention(ctx, q, nil, nil, scale, cache)
+		h = m.finish(ctx, l, attn, h, outputs)
+	}
+	h = m.OutputNorm.Forward(ctx, h, m.Params.Eps)
+	out := m.Output.Forward(ctx, h) // [vocab, outputs]
+	// Graph results live in the backend's shared compute buffer, which the
+	// next graph (another session's) overwrites: copy the logits into a
+	// tensor of this context before computing.
+	logitsOut := ctx.Input().Empty(ml.DTypeF32, out.Dim(0), out.Dim(1))
+	ctx.Forward(out.Copy(ctx, logitsOut))
+	if err := compute(logitsOut); err != nil {
+		return nil, 0, err
+	}
+	return logitsOut.Floats(), out.Dim(0), nil
 }

@@ -1,0 +1,247 @@
+// Command bench runs kvrecall's benchmarks. Results are ratios against
+// baselines measured in the same run; docs/performance.md records them with
+// the commands that produced them.
+//
+//	bench speed [--preset tiny,1b | --model FILE] [--contexts 2048,8192] [--threads 1,2]
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/schollz/progressbar/v3"
+
+	"github.com/kvrecall/kvrecall/bench/niah"
+	"github.com/kvrecall/kvrecall/bench/speed"
+	"github.com/kvrecall/kvrecall/foundry"
+	"github.com/kvrecall/kvrecall/gguf"
+	"github.com/kvrecall/kvrecall/haystack"
+	"github.com/kvrecall/kvrecall/paging"
+	"github.com/kvrecall/kvrecall/runtime"
+)
+
+const usage = `usage:
+  bench speed [--preset tiny,1b | --model FILE] [--contexts 2048,8192] [--threads 1,2] [--decode 32] [--json FILE]
+  bench niah  [--model FILE] [--method dense,window,quest,retro] [--budget 1024,2048]
+              [--lengths 16384,32768] [--depths 0,25,50,75,100] [--needles 1] [--json FILE]
+`
+
+func main() {
+	slog.SetDefault(slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelError})))
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
+	defer stop()
+	if err := run(ctx, os.Args[1:]); err != nil {
+		fmt.Fprintln(os.Stderr, "bench:", err)
+		os.Exit(1)
+	}
+}
+
+func floats(s string) ([]float64, error) {
+	var out []float64
+	for _, f := range strings.Split(s, ",") {
+		x, err := strconv.ParseFloat(strings.TrimSpace(f), 64)
+		if err != nil {
+			return nil, fmt.Errorf("bad number %q in %q", f, s)
+		}
+		out = append(out, x)
+	}
+	return out, nil
+}
+
+func ints(s string) ([]int, error) {
+	var out []int
+	for _, f := range strings.Split(s, ",") {
+		n, err := strconv.Atoi(strings.TrimSpace(f))
+		if err != nil || n <= 0 {
+			return nil, fmt.Errorf("bad number %q in %q", f, s)
+		}
+		out = append(out, n)
+	}
+	return out, nil
+}
+
+func run(ctx context.Context, args []string) error {
+	if len(args) == 0 {
+		fmt.Fprint(os.Stderr, usage)
+		return fmt.Errorf("missing benchmark name")
+	}
+	switch args[0] {
+	case "speed":
+		return runSpeed(ctx, args[1:])
+	case "niah":
+		return runNIAH(ctx, args[1:])
+	case "-h", "--help", "help":
+		fmt.Print(usage)
+		return nil
+	}
+	fmt.Fprint(os.Stderr, usage)
+	return fmt.Errorf("unknown benchmark %q", args[0])
+}
+
+func runSpeed(ctx context.Context, args []string) error {
+	fs := flag.NewFlagSet("speed", flag.ContinueOnError)
+	presets := fs.String("preset", "tiny", "foundry presets to build and measure (f16 weights), comma separated")
+	model := fs.String("model", "", "measure this GGUF instead of presets")
+	contexts := fs.String("contexts", "2048,8192", "prompt lengths")
+	threads := fs.String("threads", "1,2", "thread counts")
+	decode := fs.Int("decode", 32, "decode steps timed after each prefill")
+	jsonOut := fs.String("json", "", "also write the rows as JSON to this file")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	cs, err := ints(*contexts)
+	if err != nil {
+		return err
+	}
+	ts, err := ints(*threads)
+	if err != nil {
+		return err
+	}
+	type target struct{ label, path string }
+	var targets []target
+	if *model != "" {
+		targets = append(targets, target{*model, *model})
+	} else {
+		dir, err := foundry.ModelsDir()
+		if err != nil {
+			return err
+		}
+		for _, p := range strings.Split(*presets, ",") {
+			path, err := foundry.EnsurePreset(dir, "llama", p, foundry.F16, func(path string) {
+				fmt.Fprintf(os.Stderr, "building %s ...\n", path)
+			})
+			if err != nil {
+				return err
+			}
+			targets = append(targets, target{p + " (f16)", path})
+		}
+	}
+	var all []speed.DenseRow
+	for _, t := range targets {
+		rows, err := speed.RunDense(ctx, speed.DenseConfig{Model: t.path, Label: t.label, Contexts: cs, Threads: ts, DecodeTokens: *decode, Log: os.Stderr})
+		all = append(all, rows...)
+		if err != nil {
+			fmt.Print(speed.DenseTable(all))
+			return err
+		}
+	}
+	fmt.Printf("\nbench %s\n\n", strings.Join(append([]string{"speed"}, args...), " "))
+	fmt.Print(speed.DenseTable(all))
+	if *jsonOut != "" {
+		b, _ := json.MarshalIndent(all, "", "  ")
+		return os.WriteFile(*jsonOut, b, 0o644)
+	}
+	return nil
+}
+
+func runNIAH(ctx context.Context, args []string) error {
+	fs := flag.NewFlagSet("niah", flag.ContinueOnError)
+	model := fs.String("model", "", "recall model (default: the foundry's, built if absent)")
+	methods := fs.String("method", "retro", "paging methods, comma separated: "+strings.Join(paging.Names, ", "))
+	budgets := fs.String("budget", "2048", "token budgets, comma separated")
+	lengths := fs.String("lengths", "16384,32768", "haystack lengths in tokens")
+	depths := fs.String("depths", "0,25,50,75,100", "needle depths in percent")
+	needles := fs.Int("needles", 1, "needles per haystack (clustered around the depth, each asked)")
+	seed := fs.Uint64("seed", 1, "haystack seed")
+	threads := fs.Int("threads", 0, "CPU threads (default: all)")
+	data := fs.String("data", "", "document directory (default: a temporary one)")
+	jsonOut := fs.String("json", "", "also write one JSON object per case to this file")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	ls, err := ints(*lengths)
+	if err != nil {
+		return err
+	}
+	bs, err := ints(*budgets)
+	if err != nil {
+		return err
+	}
+	ds, err := floats(*depths)
+	if err != nil {
+		return err
+	}
+	for i := range ds {
+		ds[i] /= 100
+	}
+	ms := strings.Split(*methods, ",")
+	for _, m := range ms {
+		if !slices.Contains(paging.Names, m) {
+			return fmt.Errorf("unknown method %q (%s)", m, strings.Join(paging.Names, ", "))
+		}
+	}
+	path := *model
+	if path == "" {
+		dir, err := foundry.ModelsDir()
+		if err != nil {
+			return err
+		}
+		if path, err = foundry.EnsureRecall(dir, func(p string) { fmt.Fprintf(os.Stderr, "building %s ...\n", p) }); err != nil {
+			return err
+		}
+	}
+	f, err := gguf.Open(path)
+	if err != nil {
+		return err
+	}
+	voc, err := haystack.LoadVocab(f)
+	if err != nil {
+		return err
+	}
+	if *data == "" {
+		d, err := os.MkdirTemp("", "kvrecall-niah-")
+		if err != nil {
+			return err
+		}
+		defer os.RemoveAll(d)
+		*data = d
+	}
+	longest := slices.Max(ls)
+	m, err := runtime.Open(ctx, path, runtime.Options{Threads: *threads, ContextLength: longest + 64, DataDir: *data})
+	if err != nil {
+		return err
+	}
+	defer m.Close()
+	var out *os.File
+	if *jsonOut != "" {
+		if out, err = os.Create(*jsonOut); err != nil {
+			return err
+		}
+		defer out.Close()
+	}
+	var bar *progressbar.ProgressBar
+	progress := func(stage string, done, total int) {
+		if bar == nil || bar.GetMax() != total {
+			bar = progressbar.NewOptions(total, progressbar.OptionSetDescription(stage), progressbar.OptionSetWriter(os.Stderr),
+				progressbar.OptionShowCount(), progressbar.OptionClearOnFinish(), progressbar.OptionThrottle(200*time.Millisecond))
+		}
+		bar.Describe(stage)
+		bar.Set(done)
+		if done == total {
+			bar.Finish()
+			bar = nil
+		}
+	}
+	var rows []niah.Row
+	err = niah.Run(ctx, m, voc, niah.Config{Methods: ms, Budgets: bs, Lengths: ls, Depths: ds, Needles: *needles, Seed: *seed, Progress: progress},
+		func(r niah.Row) error {
+			rows = append(rows, r)
+			fmt.Println(r.Line())
+			if out != nil {
+				r.Depth *= 100
+				return json.NewEncoder(out).Encode(r)
+			}
+			return nil
+		})
+	fmt.Println(niah.Summary(rows))
+	return err
+}

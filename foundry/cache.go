@@ -1,0 +1,61 @@
+package foundry
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+
+	"github.com/kvrecall/kvrecall/gguf"
+)
+
+// ModelsDir is where commands keep foundry models: $KVRECALL_MODELS, or
+// kvrecall/models under the user cache directory.
+func ModelsDir() (string, error) {
+	d := os.Getenv("KVRECALL_MODELS")
+	if d == "" {
+		c, err := os.UserCacheDir()
+		if err != nil {
+			return "", fmt.Errorf("no models directory: set KVRECALL_MODELS (%w)", err)
+		}
+		d = filepath.Join(c, "kvrecall", "models")
+	}
+	if err := os.MkdirAll(d, 0o755); err != nil {
+		return "", err
+	}
+	return d, nil
+}
+
+// Ensure returns dir/name, building it with build when it is absent or not a
+// readable GGUF file. notify, if set, is told before a build starts.
+func Ensure(dir, name string, build func(path string) error, notify func(path string)) (string, error) {
+	p := filepath.Join(dir, name)
+	if _, err := gguf.Open(p); err == nil {
+		return p, nil
+	}
+	if notify != nil {
+		notify(p)
+	}
+	if err := build(p); err != nil {
+		return "", err
+	}
+	return p, nil
+}
+
+// EnsureRecall returns the default recall model in dir, building it if absent.
+func EnsureRecall(dir string, notify func(path string)) (string, error) {
+	return Ensure(dir, "recall.gguf", func(p string) error {
+		_, err := WriteRecall(p, RecallOptions{})
+		return err
+	}, notify)
+}
+
+// EnsurePreset returns a random model of a preset in dir, building it if absent.
+func EnsurePreset(dir, arch, preset string, dtype DType, notify func(path string)) (string, error) {
+	shape, ok := Presets[preset]
+	if !ok {
+		return "", fmt.Errorf("unknown preset %q", preset)
+	}
+	return Ensure(dir, fmt.Sprintf("%s-%s-%s.gguf", arch, preset, dtype), func(p string) error {
+		return WriteRandom(p, RandomOptions{Arch: arch, Shape: shape, DType: dtype, Seed: 1})
+	}, notify)
+}

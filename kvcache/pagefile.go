@@ -1,0 +1,255 @@
+package kvcache
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"hash/crc32"
+	"io"
+	"math"
+	"os"
+
+	"github.com/kvrecall/kvrecall/internal/atomicfile"
+)
+
+// Page file format, version 1 (little endian). A document's pages and their
+// summaries, with a checksum per page so that corruption is found and
+// reported, never used:
+//
+//	header   magic "KVRPAGES", version u32, layers u32, kvHeads u32, headDim u32,
+//	         pageSize u32, reps u32, pages u32, tokens u64, fingerprint [32]byte,
+//	         crc32c u32 of the header so far
+//	tokens   tokens x int32, crc32c u32
+//	pages    pages x record; a record holds, for each layer:
+//	           n u32, K [pageSize*row]u16, V [pageSize*row]u16,
+//	           sum, mean, min, max [row]f32, nreps u32, repKeys [kvHeads*reps*headDim]f32
+//	         followed by the record's crc32c u32
+//
+// Records have a fixed size, so a truncated file is detected from its size.
+// Files are written to a temporary name, synced and renamed.
+const (
+	pageFileMagic   = "KVRPAGES"
+	pageFileVersion = 1
+	headerSize      = 8 + 4*7 + 8 + 32 + 4
+)
+
+var castagnoli = crc32.MakeTable(crc32.Castagnoli)
+
+// ErrCorrupt is wrapped by every error about a page file's content.
+var ErrCorrupt = errors.New("corrupt page file")
+
+// Fingerprint identifies the model a page file belongs to.
+type Fingerprint [32]byte
+
+func (l Layout) layerRecordSize() int {
+	r := l.Row()
+	return 4 + 2*2*l.PageSize*r + 4*4*r + 4 + 4*l.KVHeads*Reps*l.HeadDim
+}
+
+func (l Layout) recordSize() int { return l.Layers*l.layerRecordSize() + 4 }
+
+// WritePageFile stores the store's pages and the document's tokens at path.
+func WritePageFile(path string, s *Store, tokens []int32, fp Fingerprint) error {
+	if len(tokens) != s.Len() {
+		return fmt.Errorf("kvcache: %d tokens for a store of %d", len(tokens), s.Len())
+	}
+	return atomicfile.Write(path, 0o644, func(f *os.File) error {
+		w := bufio.NewWriterSize(f, 1<<20)
+		if err := writePages(w, s, tokens, fp); err != nil {
+			return err
+		}
+		return w.Flush()
+	})
+}
+
+func writePages(w io.Writer, s *Store, tokens []int32, fp Fingerprint) error {
+	l := s.L
+	var h bytes.Buffer
+	h.WriteString(pageFileMagic)
+	for _, v := range []uint32{pageFileVersion, uint32(l.Layers), uint32(l.KVHeads), uint32(l.HeadDim), uint32(l.PageSize), Reps, uint32(s.Pages())} {
+		binary.Write(&h, binary.LittleEndian, v)
+	}
+	binary.Write(&h, binary.LittleEndian, uint64(len(tokens)))
+	h.Write(fp[:])
+	binary.Write(&h, binary.LittleEndian, crc32.Checksum(h.Bytes(), castagnoli))
+	if _, err := w.Write(h.Bytes()); err != nil {
+		return err
+	}
+	tb := make([]byte, 4*len(tokens)+4)
+	for i, t := range tokens {
+		binary.LittleEndian.PutUint32(tb[4*i:], uint32(t))
+	}
+	binary.LittleEndian.PutUint32(tb[4*len(tokens):], crc32.Checksum(tb[:4*len(tokens)], castagnoli))
+	if _, err := w.Write(tb); err != nil {
+		return err
+	}
+	rec := make([]byte, 0, l.recordSize())
+	for p := 0; p < s.Pages(); p++ {
+		rec = rec[:0]
+		for layer := 0; layer < l.Layers; layer++ {
+			rec = appendPage(rec, l, s.pages[layer][p])
+		}
+		rec = binary.LittleEndian.AppendUint32(rec, crc32.Checksum(rec, castagnoli))
+		if _, err := w.Write(rec); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func appendPage(b []byte, l Layout, pg *Page) []byte {
+	b = binary.LittleEndian.AppendUint32(b, uint32(pg.N))
+	b = append(b, u16bytes(pg.K)...)
+	b = append(b, u16bytes(pg.V)...)
+	for _, v := range [][]float32{pg.Sum, pg.Mean, pg.Min, pg.Max} {
+		b = appendF32(b, v)
+	}
+	b = binary.LittleEndian.AppendUint32(b, uint32(pg.NReps))
+	reps := pg.RepKeys
+	if len(reps) == 0 {
+		reps = make([]float32, l.KVHeads*Reps*l.HeadDim)
+	}
+	return appendF32(b, reps)
+}
+
+func appendF32(b []byte, v []float32) []byte {
+	for _, x := range v {
+		b = binary.LittleEndian.AppendUint32(b, math.Float32bits(x))
+	}
+	return b
+}
+
+// PageFileInfo is a page file's header.
+type PageFileInfo struct {
+	Layout      Layout
+	Pages       int
+	Tokens      int
+	Fingerprint Fingerprint
+}
+
+func corrupt(path, format string, args ...any) error {
+	return fmt.Errorf("%s: %w: %s", path, ErrCorrupt, fmt.Sprintf(format, args...))
+}
+
+// ReadPageFile loads a page file written by WritePageFile, verifying its
+// size and every checksum. want, if not nil, must match its layout.
+func ReadPageFile(path string, want *Layout) (*Store, []int32, PageFileInfo, error) {
+	var info PageFileInfo
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, nil, info, err
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return nil, nil, info, err
+	}
+	r := bufio.NewReaderSize(f, 1<<20)
+	h := make([]byte, headerSize)
+	if _, err := io.ReadFull(r, h); err != nil {
+		return nil, nil, info, corrupt(path, "truncated header (%d bytes)", st.Size())
+	}
+	if string(h[:8]) != pageFileMagic {
+		return nil, nil, info, corrupt(path, "not a kvrecall page file")
+	}
+	if got, want := binary.LittleEndian.Uint32(h[headerSize-4:]), crc32.Checksum(h[:headerSize-4], castagnoli); got != want {
+		return nil, nil, info, corrupt(path, "header checksum mismatch")
+	}
+	u := func(i int) int { return int(binary.LittleEndian.Uint32(h[8+4*i:])) }
+	if v := u(0); v != pageFileVersion {
+		return nil, nil, info, fmt.Errorf("%s: page file version %d is not supported (this build reads %d)", path, v, pageFileVersion)
+	}
+	l := Layout{Layers: u(1), KVHeads: u(2), HeadDim: u(3), PageSize: u(4)}
+	if err := l.Check(); err != nil {
+		return nil, nil, info, corrupt(path, "%v", err)
+	}
+	if u(5) != Reps {
+		return nil, nil, info, corrupt(path, "%d representative keys per page, this build keeps %d", u(5), Reps)
+	}
+	info.Layout, info.Pages = l, u(6)
+	info.Tokens = int(binary.LittleEndian.Uint64(h[8+4*7:]))
+	copy(info.Fingerprint[:], h[8+4*7+8:])
+	if want != nil && *want != l {
+		return nil, nil, info, fmt.Errorf("%s: page layout %+v does not match the model's %+v", path, l, *want)
+	}
+	P := l.PageSize
+	if info.Pages != (info.Tokens+P-1)/P || info.Tokens > 1<<31 {
+		return nil, nil, info, corrupt(path, "%d pages cannot hold %d tokens", info.Pages, info.Tokens)
+	}
+	size := int64(headerSize) + 4*int64(info.Tokens) + 4 + int64(info.Pages)*int64(l.recordSize())
+	if st.Size() != size {
+		return nil, nil, info, corrupt(path, "size %d bytes, the header implies %d (truncated or extended)", st.Size(), size)
+	}
+	tb := make([]byte, 4*info.Tokens+4)
+	if _, err := io.ReadFull(r, tb); err != nil {
+		return nil, nil, info, corrupt(path, "reading tokens: %v", err)
+	}
+	if binary.LittleEndian.Uint32(tb[4*info.Tokens:]) != crc32.Checksum(tb[:4*info.Tokens], castagnoli) {
+		return nil, nil, info, corrupt(path, "token checksum mismatch")
+	}
+	tokens := make([]int32, info.Tokens)
+	for i := range tokens {
+		tokens[i] = int32(binary.LittleEndian.Uint32(tb[4*i:]))
+	}
+	s, _ := NewStore(l)
+	rec := make([]byte, l.recordSize())
+	for p := 0; p < info.Pages; p++ {
+		if _, err := io.ReadFull(r, rec); err != nil {
+			return nil, nil, info, corrupt(path, "reading page %d: %v", p, err)
+		}
+		body := rec[:len(rec)-4]
+		if binary.LittleEndian.Uint32(rec[len(rec)-4:]) != crc32.Checksum(body, castagnoli) {
+			return nil, nil, info, corrupt(path, "page %d checksum mismatch", p)
+		}
+		for layer := 0; layer < l.Layers; layer++ {
+			pg, err := parsePage(body[layer*l.layerRecordSize():(layer+1)*l.layerRecordSize()], l)
+			if err != nil {
+				return nil, nil, info, corrupt(path, "page %d layer %d: %v", p, layer, err)
+			}
+			want := min(P, info.Tokens-p*P)
+			if pg.N != want {
+				return nil, nil, info, corrupt(path, "page %d layer %d holds %d tokens, want %d", p, layer, pg.N, want)
+			}
+			s.pages[layer] = append(s.pages[layer], pg)
+		}
+		s.shared = append(s.shared, false)
+	}
+	s.n = info.Tokens
+	return s, tokens, info, nil
+}
+
+func parsePage(b []byte, l Layout) (*Page, error) {
+	r := l.Row()
+	pg := newPage(l)
+	pg.N = int(binary.LittleEndian.Uint32(b))
+	if pg.N < 0 || pg.N > l.PageSize {
+		return nil, fmt.Errorf("%d tokens in a page of %d", pg.N, l.PageSize)
+	}
+	o := 4
+	n := l.PageSize * r
+	copy(u16bytes(pg.K), b[o:o+2*n])
+	o += 2 * n
+	copy(u16bytes(pg.V), b[o:o+2*n])
+	o += 2 * n
+	for _, v := range [][]float32{pg.Sum, pg.Mean, pg.Min, pg.Max} {
+		for i := range v {
+			v[i] = math.Float32frombits(binary.LittleEndian.Uint32(b[o:]))
+			o += 4
+		}
+	}
+	pg.NReps = int(binary.LittleEndian.Uint32(b[o:]))
+	o += 4
+	if pg.NReps < 0 || pg.NReps > Reps {
+		return nil, fmt.Errorf("%d representative keys", pg.NReps)
+	}
+	if pg.NReps > 0 {
+		pg.RepKeys = make([]float32, l.KVHeads*Reps*l.HeadDim)
+		for i := range pg.RepKeys {
+			pg.RepKeys[i] = math.Float32frombits(binary.LittleEndian.Uint32(b[o:]))
+			o += 4
+		}
+	}
+	return pg, nil
+}

@@ -1,0 +1,119 @@
+package kvcache
+
+import (
+	"fmt"
+
+	"github.com/ollama/ollama/ml"
+)
+
+// pool is one layer's device tier: Slots page slots in backend memory.
+// Attention reads views over the first used slots; which page sits in which
+// slot does not matter (keys are roped before they are cached), only the
+// mask must agree.
+//
+//	k: [headDim, kvHeads, slots*pageSize]   (as ollama's causal cache)
+//	v: [slots*pageSize, headDim, kvHeads]   (permuted: what ggml's mul_mat wants)
+type pool struct {
+	slots int
+	ctx   ml.Context
+	k, v  ml.Tensor
+	page  []int       // slot -> page id, -1 when free
+	fill  []int       // tokens of that page present in the slot
+	stamp []uint64    // last forward pass that used the slot (LRU)
+	where map[int]int // page id -> slot
+}
+
+func newPool(b ml.Backend, l Layout, layer, slots int) *pool {
+	ctx := b.NewContextSize(2).Layer(layer)
+	cells := slots * l.PageSize
+	p := &pool{
+		slots: slots, ctx: ctx,
+		k:    ctx.Zeros(ml.DTypeF16, l.HeadDim, l.KVHeads, cells),
+		v:    ctx.Zeros(ml.DTypeF16, cells, l.HeadDim, l.KVHeads),
+		page: make([]int, slots), fill: make([]int, slots), stamp: make([]uint64, slots),
+		where: map[int]int{},
+	}
+	for i := range p.page {
+		p.page[i] = -1
+	}
+	return p
+}
+
+func (p *pool) close() {
+	if p.ctx != nil {
+		p.ctx.Close()
+		p.ctx = nil
+	}
+}
+
+// used is one past the highest occupied slot.
+func (p *pool) used() int {
+	for s := p.slots - 1; s >= 0; s-- {
+		if p.page[s] >= 0 {
+			return s + 1
+		}
+	}
+	return 0
+}
+
+// resident returns the slot holding page, or -1.
+func (p *pool) resident(page int) int {
+	if s, ok := p.where[page]; ok {
+		return s
+	}
+	return -1
+}
+
+// place puts page into a slot: slot page mod slots if it is free (so that
+// when every page fits the pool is in position order, like a dense cache),
+// else the lowest free one, else the least recently used slot whose page is
+// not pinned for this pass. It returns the slot.
+func (p *pool) place(page int, pinned func(page int) bool, stamp uint64) (int, error) {
+	if s := p.resident(page); s >= 0 {
+		p.stamp[s] = stamp
+		return s, nil
+	}
+	victim := -1
+	if s := page % p.slots; p.page[s] < 0 {
+		victim = s
+	}
+	for s := 0; s < p.slots && victim < 0; s++ {
+		if p.page[s] < 0 {
+			victim = s
+		}
+	}
+	if victim < 0 {
+		for s := 0; s < p.slots; s++ {
+			if pinned(p.page[s]) || p.stamp[s] == stamp {
+				continue
+			}
+			if victim < 0 || p.stamp[s] < p.stamp[victim] {
+				victim = s
+			}
+		}
+	}
+	if victim < 0 {
+		return -1, fmt.Errorf("kvcache: all %d device slots are pinned; raise the budget's slack", p.slots)
+	}
+	if old := p.page[victim]; old >= 0 {
+		delete(p.where, old)
+	}
+	p.page[victim], p.fill[victim], p.stamp[victim] = page, 0, stamp
+	p.where[page] = victim
+	return victim, nil
+}
+
+// drop frees the slots of pages at or after first.
+func (p *pool) drop(first int) {
+	for s, pg := range p.page {
+		if pg >= first {
+			delete(p.where, pg)
+			p.page[s], p.fill[s] = -1, 0
+		}
+	}
+}
+
+// bytes is the device memory of the pool.
+func (p *pool) bytes(l Layout) int64 {
+	return int64(p.slots) * int64(l.PageSize) * int64(l.Row()) * 2 * 2
+}

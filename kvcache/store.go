@@ -1,0 +1,354 @@
+// Package kvcache is kvrecall's paged KV cache. Keys and values live in pages
+// of PageSize tokens per layer, in three tiers:
+//
+//   - device: per layer, a pool of page slots in backend memory that
+//     attention reads (views of whole slots), bounded by the policy's budget;
+//   - host: every page of the sequence in RAM as f16, with summaries (mean,
+//     per-channel min and max, representative keys) kept up to date as
+//     tokens are written;
+//   - disk: documents in a versioned, checksummed page file (pagefile.go).
+//
+// Paged implements ollama's kvcache.Cache and arch.Hooks, so the forward
+// pass can hand it a layer's queries before that layer's attention; a
+// paging.Policy chooses the pages, and the residency manager brings them
+// into the device pool (LRU).
+package kvcache
+
+import (
+	"cmp"
+	"fmt"
+	"math"
+	"slices"
+	"unsafe"
+
+	"github.com/viterin/vek/vek32"
+	"github.com/x448/float16"
+)
+
+// Layout is the geometry of a model's paged KV cache.
+type Layout struct {
+	Layers   int
+	KVHeads  int
+	HeadDim  int
+	PageSize int
+}
+
+// Row is the number of elements of one token's keys (or values) in one layer.
+func (l Layout) Row() int { return l.KVHeads * l.HeadDim }
+
+// PageBytes is the host size of one page of one layer (keys and values, f16).
+func (l Layout) PageBytes() int { return 2 * 2 * l.PageSize * l.Row() }
+
+// Check validates the layout.
+func (l Layout) Check() error {
+	if l.Layers <= 0 || l.KVHeads <= 0 || l.HeadDim <= 0 {
+		return fmt.Errorf("kvcache: invalid layout %+v", l)
+	}
+	if l.PageSize < 16 || l.PageSize > 256 {
+		return fmt.Errorf("kvcache: page size %d outside 16..256", l.PageSize)
+	}
+	return nil
+}
+
+// Reps is the number of representative keys kept per closed page and KV head.
+const Reps = 4
+
+// Page is one layer's keys and values for PageSize consecutive positions.
+type Page struct {
+	K, V []uint16 // f16, [PageSize][KVHeads*HeadDim], token-major
+	N    int      // tokens written
+
+	// Summary of the keys written so far, per KV head and channel.
+	Sum, Mean, Min, Max []float32 // [KVHeads*HeadDim]
+	// Representative keys, [KVHeads][Reps][HeadDim]; set when the page closes.
+	RepKeys []float32
+	NReps   int
+}
+
+func newPage(l Layout) *Page {
+	r := l.Row()
+	p := &Page{
+		K: make([]uint16, l.PageSize*r), V: make([]uint16, l.PageSize*r),
+		Sum: make([]float32, r), Mean: make([]float32, r), Min: make([]float32, r), Max: make([]float32, r),
+	}
+	for i := range p.Min {
+		p.Min[i] = float32(math.Inf(1))
+		p.Max[i] = float32(math.Inf(-1))
+	}
+	return p
+}
+
+func (p *Page) clone() *Page {
+	c := *p
+	c.K = append([]uint16(nil), p.K...)
+	c.V = append([]uint16(nil), p.V...)
+	c.Sum = append([]float32(nil), p.Sum...)
+	c.Mean = append([]float32(nil), p.Mean...)
+	c.Min = append([]float32(nil), p.Min...)
+	c.Max = append([]float32(nil), p.Max...)
+	c.RepKeys = append([]float32(nil), p.RepKeys...)
+	return &c
+}
+
+// f16 converts one half-precision value.
+func f16(u uint16) float32 { return float16.Frombits(u).Float32() }
+
+// write stores rows starting at token index at and updates the summary
+// incrementally (running sum, mean, min and max; O(rows) work, never a pass
+// over the page or the context). k and v hold rows*Row f16 values.
+func (p *Page) write(l Layout, at int, k, v []uint16, rows int, scratch []float32) {
+	r := l.Row()
+	copy(p.K[at*r:], k[:rows*r])
+	copy(p.V[at*r:], v[:rows*r])
+	for t := 0; t < rows; t++ {
+		row := k[t*r : (t+1)*r]
+		for i, u := range row {
+			x := f16(u)
+			scratch[i] = x
+			p.Sum[i] += x
+			if x < p.Min[i] {
+				p.Min[i] = x
+			}
+			if x > p.Max[i] {
+				p.Max[i] = x
+			}
+		}
+	}
+	p.N = max(p.N, at+rows)
+	inv := 1 / float32(p.N)
+	for i, s := range p.Sum {
+		p.Mean[i] = s * inv
+	}
+	if p.N == l.PageSize {
+		p.close(l)
+	}
+}
+
+// close picks representative keys per KV head: the keys least similar to
+// the rest of their page (smallest sum of squared cosines to the other
+// keys). The mean stands for what is typical in a page; representatives
+// stand for what is unusual, such as a needle among filler, which is exactly
+// what a question must be able to match. (Farthest-from-the-mean sampling
+// does not work here: in many dimensions every key is about as far from the
+// mean as any other.) Cost: O(P^2 x headDim) once per page and KV head.
+func (p *Page) close(l Layout) {
+	hd, P := l.HeadDim, p.N
+	nr := min(Reps, P)
+	p.RepKeys = make([]float32, l.KVHeads*Reps*hd)
+	p.NReps = nr
+	key := make([]float32, P*hd)
+	unit := make([]float32, P*hd)
+	sim := make([]float32, P)
+	order := make([]int, P)
+	for g := 0; g < l.KVHeads; g++ {
+		for t := 0; t < P; t++ {
+			var n2 float32
+			for d := 0; d < hd; d++ {
+				x := f16(p.K[t*l.Row()+g*hd+d])
+				key[t*hd+d] = x
+				n2 += x * x
+			}
+			inv := float32(0)
+			if n2 > 0 {
+				inv = 1 / float32(math.Sqrt(float64(n2)))
+			}
+			for d := 0; d < hd; d++ {
+				unit[t*hd+d] = key[t*hd+d] * inv
+			}
+		}
+		for t := range sim {
+			sim[t] = 0
+			order[t] = t
+		}
+		for t := 0; t < P; t++ {
+			a := unit[t*hd : (t+1)*hd]
+			for u := t + 1; u < P; u++ {
+				c := vek32.Dot(a, unit[u*hd:(u+1)*hd])
+				sim[t] += c * c
+				sim[u] += c * c
+			}
+		}
+		slices.SortStableFunc(order, func(a, b int) int { return cmp.Compare(sim[a], sim[b]) })
+		for j := 0; j < nr; j++ {
+			copy(p.RepKeys[(g*Reps+j)*hd:], key[order[j]*hd:(order[j]+1)*hd])
+		}
+	}
+}
+
+func sqdist(a, b []float32) float32 {
+	var s float32
+	for i := range a {
+		d := a[i] - b[i]
+		s += d * d
+	}
+	return s
+}
+
+// resummarize recomputes the summary from the stored rows (after a truncation).
+func (p *Page) resummarize(l Layout) {
+	n := p.N
+	q := newPage(l)
+	q.K, q.V = p.K, p.V
+	if n > 0 {
+		scratch := make([]float32, l.Row())
+		q.write(l, 0, p.K, p.V, n, scratch)
+	}
+	*p = *q
+	p.N = n
+}
+
+// Store holds every page of one sequence in host memory. Leading pages can be
+// shared read-only with a document (Fork); writing into a shared page copies
+// it first.
+type Store struct {
+	L      Layout
+	pages  [][]*Page // [layer][page]
+	shared []bool    // page is shared with another store: copy before writing
+	n      int       // tokens written in every layer
+	scr    []float32
+}
+
+// NewStore returns an empty store.
+func NewStore(l Layout) (*Store, error) {
+	if err := l.Check(); err != nil {
+		return nil, err
+	}
+	return &Store{L: l, pages: make([][]*Page, l.Layers), scr: make([]float32, l.Row())}, nil
+}
+
+// Len is the number of tokens stored in every layer.
+func (s *Store) Len() int { return s.n }
+
+// Pages is the number of pages (the last may be partial).
+func (s *Store) Pages() int { return len(s.pages[0]) }
+
+// Page returns page i of layer.
+func (s *Store) Page(layer, i int) *Page { return s.pages[layer][i] }
+
+// Bytes is the host memory held by the store's pages, shared ones included.
+func (s *Store) Bytes() int64 { return int64(s.Pages()) * int64(s.L.Layers) * int64(s.L.PageBytes()) }
+
+// Fork returns a store that shares all of s's pages read-only.
+func (s *Store) Fork() *Store {
+	f := &Store{L: s.L, pages: make([][]*Page, s.L.Layers), n: s.n, scr: make([]float32, s.L.Row())}
+	for l := range s.pages {
+		f.pages[l] = append([]*Page(nil), s.pages[l]...)
+	}
+	f.shared = make([]bool, len(s.pages[0]))
+	for i := range f.shared {
+		f.shared[i] = true
+	}
+	return f
+}
+
+// grow makes sure pages exist for n tokens, copying a shared partial page
+// that will be written.
+func (s *Store) grow(n int) {
+	P := s.L.PageSize
+	for s.Pages()*P < n {
+		for l := range s.pages {
+			s.pages[l] = append(s.pages[l], newPage(s.L))
+		}
+		s.shared = append(s.shared, false)
+	}
+	if first := s.n / P; s.n < n && first < len(s.shared) && s.shared[first] {
+		for l := range s.pages {
+			s.pages[l][first] = s.pages[l][first].clone()
+		}
+		s.shared[first] = false
+	}
+}
+
+// write stores rows of layer's keys and values for positions pos.. (f16, token-major).
+func (s *Store) write(layer, pos int, k, v []uint16, rows int) {
+	P, r := s.L.PageSize, s.L.Row()
+	for done := 0; done < rows; {
+		p := (pos + done) / P
+		at := (pos + done) % P
+		n := min(rows-done, P-at)
+		s.pages[layer][p].write(s.L, at, k[done*r:], v[done*r:], n, s.scr)
+		done += n
+	}
+}
+
+// truncate drops every token at or after n.
+func (s *Store) truncate(n int) {
+	if n > s.n {
+		return
+	}
+	P := s.L.PageSize
+	keep := (n + P - 1) / P
+	for l := range s.pages {
+		s.pages[l] = s.pages[l][:keep]
+	}
+	s.shared = s.shared[:keep]
+	if n%P != 0 {
+		last := keep - 1
+		for l := range s.pages {
+			pg := s.pages[l][last]
+			if pg.N <= n%P {
+				continue
+			}
+			if s.shared[last] {
+				pg = pg.clone()
+				s.pages[l][last] = pg
+			}
+			pg.N = n % P
+			pg.resummarize(s.L)
+		}
+	}
+	s.n = n
+}
+
+// layerView exposes one layer's summaries to paging policies.
+type layerView struct {
+	s     *Store
+	layer int
+	reps  [][]float32
+}
+
+func (v *layerView) Pages() int    { return v.s.Pages() }
+func (v *layerView) Len(p int) int { return v.s.pages[v.layer][p].N }
+func (v *layerView) KVHeads() int  { return v.s.L.KVHeads }
+func (v *layerView) HeadDim() int  { return v.s.L.HeadDim }
+func (v *layerView) span(g int) (int, int) {
+	return g * v.s.L.HeadDim, (g + 1) * v.s.L.HeadDim
+}
+func (v *layerView) Mean(p, g int) []float32 {
+	a, b := v.span(g)
+	return v.s.pages[v.layer][p].Mean[a:b]
+}
+func (v *layerView) Min(p, g int) []float32 {
+	a, b := v.span(g)
+	return v.s.pages[v.layer][p].Min[a:b]
+}
+func (v *layerView) Max(p, g int) []float32 {
+	a, b := v.span(g)
+	return v.s.pages[v.layer][p].Max[a:b]
+}
+func (v *layerView) Reps(p, g int) [][]float32 {
+	pg := v.s.pages[v.layer][p]
+	v.reps = v.reps[:0]
+	hd := v.s.L.HeadDim
+	for j := 0; j < pg.NReps; j++ {
+		o := (g*Reps + j) * hd
+		v.reps = append(v.reps, pg.RepKeys[o:o+hd])
+	}
+	return v.reps
+}
+
+// u16bytes views f16 data as bytes without copying.
+func u16bytes(u []uint16) []byte {
+	if len(u) == 0 {
+		return nil
+	}
+	return unsafe.Slice((*byte)(unsafe.Pointer(&u[0])), 2*len(u))
+}
+
+// bytesU16 views bytes as f16 data without copying (len must be even).
+func bytesU16(b []byte) []uint16 {
+	if len(b) == 0 {
+		return nil
+	}
+	return unsafe.Slice((*uint16)(unsafe.Pointer(&b[0])), len(b)/2)
+}

@@ -1,0 +1,166 @@
+package paging
+
+import (
+	"math"
+	"slices"
+
+	"github.com/viterin/vek/vek32"
+)
+
+// quest keeps, per layer and step, the pages with the largest upper bound of
+// any query·key in them (Quest, arXiv 2406.10774): for query q and a page's
+// per-channel key minima and maxima, Σ_i max(q_i·max_i, q_i·min_i), the
+// largest over the query heads. A batch of several tokens (a question) shares
+// the budget round-robin (see roundRobin).
+type quest struct{ base }
+
+func (q *quest) Name() string  { return "quest" }
+func (q *quest) Queries() When { return PerStep }
+
+func (q *quest) Select(layer int, s Summaries, qs *Queries, upto int) []int {
+	n := pagesOf(upto, q.c.PageSize)
+	if layer < q.c.DenseLayers || q.c.Budget <= 0 {
+		return allPages(n)
+	}
+	req, free := q.required(upto)
+	if free == 0 || qs == nil {
+		return req
+	}
+	return roundRobin(req, scorePages(s, qs, n, boundScore), free, 0)
+}
+
+// retro scores pages once per question (RetroLM, arXiv 2502.11444, without
+// its trained retriever): the largest dot product between a question token's
+// query and the page's mean key or one of its representative keys. The
+// selection then serves every decode step of the answer; each retrieved page
+// brings Neighbors following pages, because an answer continues past the
+// text that matches the question.
+type retro struct{ base }
+
+func (r *retro) Name() string  { return "retro" }
+func (r *retro) Queries() When { return PerQuestion }
+
+func (r *retro) Select(layer int, s Summaries, qs *Queries, upto int) []int {
+	n := pagesOf(upto, r.c.PageSize)
+	if layer < r.c.DenseLayers || r.c.Budget <= 0 {
+		return allPages(n)
+	}
+	req, free := r.required(upto)
+	if free == 0 || qs == nil {
+		return req
+	}
+	return roundRobin(req, scorePages(s, qs, n, repScore), free, r.c.Neighbors)
+}
+
+// pageScore scores one page for one query head vector against KV head g.
+type pageScore func(s Summaries, page, g int, q, tmp []float32) float32
+
+// scorePages returns, per query token, each page's best score over the
+// query heads. Partial pages are scored too (their summaries cover the
+// tokens so far).
+func scorePages(s Summaries, qs *Queries, n int, score pageScore) [][]float32 {
+	hd := s.HeadDim()
+	group := qs.Heads / s.KVHeads()
+	tmp := make([]float32, 2*hd)
+	out := make([][]float32, len(qs.Q))
+	for t, q := range qs.Q {
+		scores := make([]float32, n)
+		for p := range scores {
+			best := float32(math.Inf(-1))
+			if p < s.Pages() {
+				for h := 0; h < qs.Heads; h++ {
+					if v := score(s, p, h/group, q[h*hd:(h+1)*hd], tmp); v > best {
+						best = v
+					}
+				}
+			}
+			scores[p] = best
+		}
+		out[t] = scores
+	}
+	return out
+}
+
+// roundRobin fills the free budget from per-token rankings: each query token
+// in turn, starting with the last one (whose logits pick the next token),
+// adds its best page not chosen yet, then each its second best, and so on.
+// Taking the maximum over a question's tokens instead lets the loose bounds
+// of common words crowd out the one token that matches the needle. Each
+// chosen page brings up to neighbors following pages.
+func roundRobin(req []int, scores [][]float32, free, neighbors int) []int {
+	if len(scores) == 1 {
+		return topPages(req, scores[0], free, neighbors)
+	}
+	in := make(map[int]bool, len(req)+free)
+	for _, p := range req {
+		in[p] = true
+	}
+	orders := make([][]int, len(scores))
+	for t, sc := range scores {
+		orders[t] = rank(sc, in)
+	}
+	out := slices.Clone(req)
+	for r := 0; free > 0; r++ {
+		any := false
+		for t := len(orders) - 1; t >= 0 && free > 0; t-- {
+			if r >= len(orders[t]) {
+				continue
+			}
+			any = true
+			p := orders[t][r]
+			for k := 0; k <= neighbors && p+k < len(scores[t]) && free > 0; k++ {
+				if !in[p+k] {
+					in[p+k] = true
+					out = append(out, p+k)
+					free--
+				}
+			}
+		}
+		if !any {
+			break
+		}
+	}
+	slices.Sort(out)
+	return out
+}
+
+// rank orders the pages not in skip by descending score (ties: lower page first).
+func rank(scores []float32, skip map[int]bool) []int {
+	order := make([]int, 0, len(scores))
+	for p := range scores {
+		if !skip[p] {
+			order = append(order, p)
+		}
+	}
+	slices.SortStableFunc(order, func(a, b int) int {
+		switch {
+		case scores[a] > scores[b]:
+			return -1
+		case scores[a] < scores[b]:
+			return 1
+		}
+		return a - b
+	})
+	return order
+}
+
+// boundScore is Quest's upper bound Σ_i max(q_i·max_i, q_i·min_i).
+func boundScore(s Summaries, page, g int, q, tmp []float32) float32 {
+	hd := len(q)
+	a, b := tmp[:hd], tmp[hd:2*hd]
+	vek32.Mul_Into(a, q, s.Max(page, g))
+	vek32.Mul_Into(b, q, s.Min(page, g))
+	vek32.Maximum_Inplace(a, b)
+	return vek32.Sum(a)
+}
+
+// repScore is the best dot product with the mean key or a representative key.
+func repScore(s Summaries, page, g int, q, _ []float32) float32 {
+	best := vek32.Dot(q, s.Mean(page, g))
+	for _, r := range s.Reps(page, g) {
+		if v := vek32.Dot(q, r); v > best {
+			best = v
+		}
+	}
+	return best
+}

@@ -1,0 +1,73 @@
+package runtime
+
+import (
+	"fmt"
+
+	ollamakv "github.com/ollama/ollama/kvcache"
+	"github.com/ollama/ollama/ml"
+
+	"github.com/kvrecall/kvrecall/kvcache"
+	"github.com/kvrecall/kvrecall/paging"
+)
+
+// DefaultPageSize is the page size of paged caches and documents.
+const DefaultPageSize = 64
+
+// PolicyOptions choose a paging policy for a paged session or an Ask.
+type PolicyOptions struct {
+	Policy      string // dense, window, quest or retro (default retro)
+	Budget      int    // tokens attended per query, sinks and window included (default 2048)
+	Sinks       int    // default 64
+	Window      int    // default 256
+	DenseLayers int    // first layers that attend to everything (default 0)
+	Neighbors   int    // retro: pages kept after each retrieved page (default 1)
+}
+
+// Layout returns the paged-cache geometry of the model.
+func (m *Model) Layout() kvcache.Layout {
+	return kvcache.Layout{Layers: m.cfg.Layers, KVHeads: m.cfg.KVHeads, HeadDim: m.cfg.HeadDim, PageSize: m.opts.PageSize}
+}
+
+// NewPolicy builds the paging policy o describes for this model.
+func (m *Model) NewPolicy(o PolicyOptions) (paging.Policy, error) {
+	if o.Policy == "" {
+		o.Policy = "retro"
+	}
+	if o.Budget == 0 && o.Policy != "dense" {
+		o.Budget = paging.DefaultBudget
+	}
+	return paging.New(o.Policy, paging.Config{
+		PageSize: m.opts.PageSize, Budget: o.Budget, Sinks: o.Sinks, Window: o.Window,
+		DenseLayers: o.DenseLayers, Neighbors: o.Neighbors,
+	})
+}
+
+// PagedCache returns a cache factory for sessions whose KV cache is paged
+// and attended under policy.
+func PagedCache(o PolicyOptions) CacheFactory {
+	return func(m *Model) (ollamakv.Cache, error) {
+		pol, err := m.NewPolicy(o)
+		if err != nil {
+			return nil, err
+		}
+		return m.newPaged(pol, m.opts.ContextLength, nil)
+	}
+}
+
+func (m *Model) newPaged(pol paging.Policy, capacity int, prefix *kvcache.Store) (*kvcache.Paged, error) {
+	if m.opts.FlashAttention {
+		return nil, fmt.Errorf("the paged cache needs flash attention off")
+	}
+	if m.kvType != ml.DTypeF16 {
+		return nil, fmt.Errorf("the paged cache stores f16 keys and values; open the model with KVType f16")
+	}
+	c, err := kvcache.NewPaged(kvcache.Options{
+		Layout: m.Layout(), Heads: m.cfg.Heads, Policy: pol,
+		Capacity: capacity, MaxBatch: m.opts.BatchSize, Prefix: prefix,
+	})
+	if err != nil {
+		return nil, err
+	}
+	c.Init(m.backend, ml.DTypeF16, 1, capacity, m.opts.BatchSize)
+	return c, nil
+}
