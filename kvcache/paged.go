@@ -6,6 +6,7 @@ import (
 	"math"
 	"slices"
 	"sync/atomic"
+	"time"
 
 	ollamakv "github.com/ollama/ollama/kvcache"
 	"github.com/ollama/ollama/ml"
@@ -32,6 +33,9 @@ type Stats struct {
 	HostBytes     int64 // host pages, shared document pages included
 	Pages         int   // pages in the sequence
 	Uploads       int64 // pages copied host -> device so far
+	// Upkeep is the time spent keeping host pages and their summaries up to
+	// date (reading new keys and values back, writing pages, summaries).
+	Upkeep time.Duration
 }
 
 // Paged is a paged KV cache for one sequence (sequence id 0). It is not safe
@@ -59,6 +63,7 @@ type Paged struct {
 	readbacks map[ml.Context][]readback
 
 	uploadCount atomic.Int64
+	upkeep      atomic.Int64 // nanoseconds
 }
 
 type upload struct{ page, slot, rows int }
@@ -118,7 +123,8 @@ func (c *Paged) Selected(layer int) []int { return slices.Clone(c.sel[layer]) }
 
 // Stats reports memory use and traffic.
 func (c *Paged) Stats() Stats {
-	st := Stats{HostBytes: c.store.Bytes(), Pages: c.store.Pages(), Uploads: c.uploadCount.Load()}
+	st := Stats{HostBytes: c.store.Bytes(), Pages: c.store.Pages(), Uploads: c.uploadCount.Load(),
+		Upkeep: time.Duration(c.upkeep.Load())}
 	for _, p := range c.pools {
 		if p != nil {
 			st.ResidentBytes += p.bytes(c.L)
@@ -395,10 +401,17 @@ func (c *Paged) Get(ctx ml.Context) (ml.Tensor, ml.Tensor, ml.Tensor) {
 	for i := range row {
 		row[i] = ninf
 	}
+	visible := make([]bool, c.store.Pages())
+	for _, p := range c.sel[l] {
+		visible[p] = true
+	}
+	for _, p := range c.writes {
+		visible[p] = true
+	}
 	var batchCells []int32 // cell of position pos0+i, for the batch's tokens
 	for s := 0; s < used; s++ {
 		p := pl.page[s]
-		if p < 0 || !(c.isWrite(p) || slices.Contains(c.sel[l], p)) {
+		if p < 0 || !visible[p] {
 			continue
 		}
 		for t := 0; t < pl.fill[s] && p*P+t < c.pos0; t++ {
@@ -469,6 +482,8 @@ func (c *Paged) Outputs(ctx ml.Context) []ml.Tensor {
 // Computed implements arch.Hooks: new keys and values reach the host pages
 // and their summaries.
 func (c *Paged) Computed(ctx ml.Context) error {
+	t0 := time.Now()
+	defer func() { c.upkeep.Add(int64(time.Since(t0))) }()
 	for _, rb := range c.readbacks[ctx] {
 		kb, vb := rb.k.Bytes(), rb.v.Bytes()
 		if len(kb) != 2*c.n*c.L.Row() || len(vb) != len(kb) {

@@ -38,6 +38,10 @@ type Info struct {
 	TextSHA256  string    `json:"text_sha256"`
 	Fingerprint string    `json:"model_fingerprint"`
 	Created     time.Time `json:"created"`
+	// PrefillSeconds is the time the ingest's prefill took, UpkeepSeconds
+	// the part of it spent writing host pages and their summaries.
+	PrefillSeconds float64 `json:"prefill_seconds"`
+	UpkeepSeconds  float64 `json:"upkeep_seconds"`
 }
 
 // TokenIDs returns the document's tokens (do not modify).
@@ -108,7 +112,9 @@ func (m *Model) ingest(ctx context.Context, id string, toks []int32, textHash st
 		return nil, err
 	}
 	s := &Session{m: m, cache: cache, capacity: len(toks)}
+	t0 := time.Now()
 	_, err = s.Eval(ctx, toks, false, progress)
+	prefill := time.Since(t0)
 	s.Close()
 	if err != nil {
 		return nil, err
@@ -117,7 +123,7 @@ func (m *Model) ingest(ctx context.Context, id string, toks []int32, textHash st
 		Info: Info{
 			ID: id, Tokens: len(toks), Pages: cache.Store().Pages(), PageSize: m.opts.PageSize,
 			HostBytes: cache.Store().Bytes(), TextSHA256: textHash, Fingerprint: hex.EncodeToString(m.fp[:]),
-			Created: time.Now().UTC(),
+			Created: time.Now().UTC(), PrefillSeconds: prefill.Seconds(), UpkeepSeconds: cache.Stats().Upkeep.Seconds(),
 		},
 		tokens: toks, store: cache.Store(),
 	}

@@ -31,6 +31,7 @@ import (
 
 const usage = `usage:
   bench speed [--preset tiny,1b | --model FILE] [--contexts 2048,8192] [--threads 1,2] [--decode 32] [--json FILE]
+  bench speed --paged [--preset tiny] [--contexts 16384,32768,65536] [--threads 2] [--budget 2048] [--methods retro,quest]
   bench niah  [--model FILE] [--method dense,window,quest,retro] [--budget 1024,2048]
               [--lengths 16384,32768] [--depths 0,25,50,75,100] [--needles 1] [--json FILE]
 `
@@ -95,6 +96,9 @@ func runSpeed(ctx context.Context, args []string) error {
 	threads := fs.String("threads", "1,2", "thread counts")
 	decode := fs.Int("decode", 32, "decode steps timed after each prefill")
 	jsonOut := fs.String("json", "", "also write the rows as JSON to this file")
+	paged := fs.Bool("paged", false, "long-context decode: paged methods vs dense attention vs llama.cpp (first thread count only)")
+	budget := fs.Int("budget", 2048, "paged: token budget")
+	methods := fs.String("methods", "retro,quest", "paged: methods besides dense")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -124,6 +128,27 @@ func runSpeed(ctx context.Context, args []string) error {
 			}
 			targets = append(targets, target{p + " (f16)", path})
 		}
+	}
+	if *paged {
+		var all []speed.PagedRow
+		ms := strings.Split(*methods, ",")
+		for _, t := range targets {
+			rows, err := speed.RunPaged(ctx, speed.PagedConfig{Model: t.path, Label: t.label, Contexts: cs, Threads: ts[0],
+				Budget: *budget, Methods: ms, DecodeTokens: *decode,
+				Log: func(f string, a ...any) { fmt.Fprintf(os.Stderr, f+"\n", a...) }})
+			all = append(all, rows...)
+			if err != nil {
+				fmt.Print(speed.PagedTable(all, ms))
+				return err
+			}
+		}
+		fmt.Printf("\nbench %s\n\n", strings.Join(append([]string{"speed"}, args...), " "))
+		fmt.Print(speed.PagedTable(all, ms))
+		if *jsonOut != "" {
+			b, _ := json.MarshalIndent(all, "", "  ")
+			return os.WriteFile(*jsonOut, b, 0o644)
+		}
+		return nil
 	}
 	var all []speed.DenseRow
 	for _, t := range targets {

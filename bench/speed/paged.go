@@ -1,0 +1,206 @@
+package speed
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"time"
+
+	"github.com/kvrecall/kvrecall/kvcache"
+	"github.com/kvrecall/kvrecall/llamaref"
+	"github.com/kvrecall/kvrecall/runtime"
+)
+
+// PagedConfig selects a long-context decode comparison.
+type PagedConfig struct {
+	Model        string
+	Label        string
+	Contexts     []int
+	Threads      int
+	Budget       int      // tokens (default 2048)
+	Methods      []string // paged methods besides dense (default retro, quest)
+	DecodeTokens int      // default 32
+	Log          func(format string, args ...any)
+}
+
+// PagedRow is one context length.
+type PagedRow struct {
+	Model   string `json:"model"`
+	Context int    `json:"context"`
+	Threads int    `json:"threads"`
+	Budget  int    `json:"budget"`
+	// Decode ms/token per method ("dense" is our engine with every page,
+	// "llama.cpp" the reference), and device-resident KV bytes.
+	DecodeMs map[string]float64 `json:"decode_ms_token"`
+	Resident map[string]int64   `json:"resident_kv_bytes"`
+	// BaseMs is our decode time at a 256-token context: the non-attention
+	// cost that AttentionMs subtracts.
+	BaseMs float64 `json:"base_ms_token"`
+	// Prefill of the document (dense attention through the paged cache),
+	// and the share of it spent on host pages and summaries.
+	PrefillSec    float64 `json:"prefill_seconds"`
+	UpkeepSec     float64 `json:"upkeep_seconds"`
+	LlamaPrefillS float64 `json:"llamacpp_prefill_seconds"`
+}
+
+// AttentionMs estimates attention time per token: decode time minus the
+// decode time at a 256-token context.
+func (r PagedRow) AttentionMs(method string) float64 { return max(0, r.DecodeMs[method]-r.BaseMs) }
+
+// UpkeepShare is the fraction of prefill spent keeping pages and summaries.
+func (r PagedRow) UpkeepShare() float64 { return r.UpkeepSec / r.PrefillSec }
+
+// RunPaged ingests a document of each length once, then decodes under every
+// method and in llama.cpp, alternating single-token steps between them.
+func RunPaged(ctx context.Context, c PagedConfig) ([]PagedRow, error) {
+	if c.Budget == 0 {
+		c.Budget = 2048
+	}
+	if len(c.Methods) == 0 {
+		c.Methods = []string{"retro", "quest"}
+	}
+	if c.DecodeTokens == 0 {
+		c.DecodeTokens = 32
+	}
+	logf := c.Log
+	if logf == nil {
+		logf = func(string, ...any) {}
+	}
+	var rows []PagedRow
+	for _, n := range c.Contexts {
+		row, err := pagedOne(ctx, c, n, logf)
+		if err != nil {
+			return rows, err
+		}
+		rows = append(rows, row)
+	}
+	return rows, nil
+}
+
+func pagedOne(ctx context.Context, c PagedConfig, n int, logf func(string, ...any)) (PagedRow, error) {
+	row := PagedRow{Model: c.Label, Context: n, Threads: c.Threads, Budget: c.Budget,
+		DecodeMs: map[string]float64{}, Resident: map[string]int64{}}
+	capacity := n + 64 + c.DecodeTokens
+	dir, err := os.MkdirTemp("", "kvrecall-speed-")
+	if err != nil {
+		return row, err
+	}
+	defer os.RemoveAll(dir)
+	m, err := runtime.Open(ctx, c.Model, runtime.Options{Threads: c.Threads, ContextLength: capacity, DataDir: dir})
+	if err != nil {
+		return row, err
+	}
+	defer m.Close()
+	toks := prompt(n, m.Config().Vocab)
+	question := prompt(n+8, m.Config().Vocab)[n:]
+
+	// Non-attention cost: decode at a short context, dense.
+	short, err := m.NewSession()
+	if err != nil {
+		return row, err
+	}
+	if _, err := short.Eval(ctx, toks[:256], false, nil); err != nil {
+		return row, err
+	}
+	var base []time.Duration
+	for i := 0; i < c.DecodeTokens; i++ {
+		t0 := time.Now()
+		if _, err := short.Eval(ctx, toks[256+i:257+i], false, nil); err != nil {
+			return row, err
+		}
+		base = append(base, time.Since(t0))
+	}
+	short.Close()
+	row.BaseMs = median(base)
+
+	logf("%s %d: ingest (dense prefill through the paged cache)", c.Label, n)
+	doc, err := m.IngestTokens(ctx, "speed", toks, nil)
+	if err != nil {
+		return row, err
+	}
+	row.PrefillSec, row.UpkeepSec = doc.PrefillSeconds, doc.UpkeepSeconds
+
+	logf("%s %d: llama.cpp prefill", c.Label, n)
+	ref, err := llamaref.Load(c.Model, llamaref.Options{Threads: c.Threads, Context: capacity})
+	if err != nil {
+		return row, err
+	}
+	defer ref.Close()
+	t0 := time.Now()
+	if _, err := ref.Append(toks, false, nil); err != nil {
+		return row, err
+	}
+	row.LlamaPrefillS = time.Since(t0).Seconds()
+	if _, err := ref.Append(question, false, nil); err != nil {
+		return row, err
+	}
+
+	methods := append([]string{"dense"}, c.Methods...)
+	sessions := make([]*runtime.Session, len(methods))
+	for i, meth := range methods {
+		s, err := m.DocumentSession(doc, runtime.PolicyOptions{Policy: meth, Budget: c.Budget})
+		if err != nil {
+			return row, err
+		}
+		defer s.Close()
+		if _, err := s.Eval(ctx, question, false, nil); err != nil {
+			return row, fmt.Errorf("%s: %w", meth, err)
+		}
+		sessions[i] = s
+	}
+	steps := make([][]time.Duration, len(methods)+1)
+	for i := 0; i < c.DecodeTokens; i++ {
+		tok := toks[i : i+1]
+		for j, s := range sessions {
+			t0 := time.Now()
+			if _, err := s.Eval(ctx, tok, false, nil); err != nil {
+				return row, fmt.Errorf("%s: %w", methods[j], err)
+			}
+			steps[j] = append(steps[j], time.Since(t0))
+		}
+		t0 := time.Now()
+		if _, err := ref.Append(tok, false, nil); err != nil {
+			return row, err
+		}
+		steps[len(methods)] = append(steps[len(methods)], time.Since(t0))
+	}
+	for j, meth := range methods {
+		row.DecodeMs[meth] = median(steps[j])
+		row.Resident[meth] = sessions[j].Cache().(*kvcache.Paged).Stats().ResidentBytes
+	}
+	row.DecodeMs["llama.cpp"] = median(steps[len(methods)])
+	row.Resident["llama.cpp"] = int64(capacity) * int64(m.Config().KVBytesPerToken(2))
+	logf("%s %d: decode ms/token %v (base %.2f), prefill %.1fs (upkeep %.1f%%), llama.cpp prefill %.1fs",
+		c.Label, n, row.DecodeMs, row.BaseMs, row.PrefillSec, 100*row.UpkeepShare(), row.LlamaPrefillS)
+	return row, nil
+}
+
+// PagedTable formats rows as Markdown: decode time per method with ratios
+// against our dense attention and llama.cpp, attention time, resident KV and
+// upkeep share.
+func PagedTable(rows []PagedRow, methods []string) string {
+	s := "| model | context | budget | method | decode ms/token | vs dense (ours) | vs llama.cpp | attention ms/token | attention vs dense | resident KV |\n"
+	s += "|---|---|---|---|---|---|---|---|---|---|\n"
+	for _, r := range rows {
+		for _, m := range append([]string{"llama.cpp", "dense"}, methods...) {
+			ms := r.DecodeMs[m]
+			att := "—"
+			attRatio := "—"
+			if m != "llama.cpp" {
+				att = fmt.Sprintf("%.2f", r.AttentionMs(m))
+				if a := r.AttentionMs(m); a > 0 {
+					attRatio = fmt.Sprintf("%.1fx lower", r.AttentionMs("dense")/a)
+				}
+			}
+			s += fmt.Sprintf("| %s | %d | %d | %s | %.2f | %.2fx faster | %.2fx faster | %s | %s | %s |\n",
+				r.Model, r.Context, r.Budget, m, ms, r.DecodeMs["dense"]/ms, r.DecodeMs["llama.cpp"]/ms, att, attRatio, mib(r.Resident[m]))
+		}
+	}
+	s += "\n| model | context | prefill s (kvrecall, paged ingest) | prefill s (llama.cpp) | summary upkeep share |\n|---|---|---|---|---|\n"
+	for _, r := range rows {
+		s += fmt.Sprintf("| %s | %d | %.1f | %.1f | %.2f%% |\n", r.Model, r.Context, r.PrefillSec, r.LlamaPrefillS, 100*r.UpkeepShare())
+	}
+	return s
+}
+
+func mib(b int64) string { return fmt.Sprintf("%.1f MiB", float64(b)/(1<<20)) }
