@@ -15,7 +15,7 @@ export CGO_CFLAGS := $(SIMD_FLAGS)
 export CGO_CXXFLAGS := $(SIMD_FLAGS)
 export CGO_CPPFLAGS
 
-.PHONY: all setup build demo test test-short bench fuzz models clean
+.PHONY: all setup build demo serve test test-short bench fuzz models clean
 
 all: build
 
@@ -32,11 +32,15 @@ build: build/cgo.env
 demo: build/cgo.env
 	$(GO) run ./cmd/demo
 
+# The local endpoint (see docs/server.md); pass flags with ARGS="--model my.gguf".
+serve: build/cgo.env
+	$(GO) run ./cmd/serve $(ARGS)
+
 test: build/cgo.env
 	$(GO) vet ./...
 	$(GO) test -timeout $(TEST_TIMEOUT) $(TEST_FLAGS) ./...
 	# Concurrent questions on one shared document, under the race detector.
-	$(GO) test -race -timeout 30m -run 'TestConcurrentAsk' ./runtime
+	$(GO) test -race -timeout 30m -run 'TestConcurrentAsk|TestParallelClients|TestQueueFull|TestDisconnectCancels' ./runtime ./server
 
 test-short: build/cgo.env
 	$(GO) test -short -timeout 20m ./...

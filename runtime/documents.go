@@ -289,3 +289,34 @@ func (m *Model) DocumentSession(doc *Document, o PolicyOptions) (*Session, error
 	}
 	return &Session{m: m, cache: cache, tokens: slices.Clone(doc.tokens), capacity: capacity}, nil
 }
+
+// LoadedDocuments describes the documents this process holds in host memory.
+func (m *Model) LoadedDocuments() []Info {
+	m.docMu.Lock()
+	defer m.docMu.Unlock()
+	out := make([]Info, 0, len(m.docs))
+	for _, d := range m.docs {
+		out = append(out, d.Info)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
+	return out
+}
+
+// DocumentInfo reads a stored document's metadata without loading its pages.
+func (m *Model) DocumentInfo(id string) (Info, error) {
+	if !ValidDocumentID(id) {
+		return Info{}, fmt.Errorf("%w: %q", ErrNoDocument, id)
+	}
+	b, err := os.ReadFile(filepath.Join(m.docDir(id), docMeta))
+	if errors.Is(err, os.ErrNotExist) {
+		return Info{}, fmt.Errorf("%w: %q", ErrNoDocument, id)
+	}
+	if err != nil {
+		return Info{}, err
+	}
+	var in Info
+	if err := json.Unmarshal(b, &in); err != nil {
+		return Info{}, fmt.Errorf("document %s: %w: metadata: %v", id, kvcache.ErrCorrupt, err)
+	}
+	return in, nil
+}

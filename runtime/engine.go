@@ -246,6 +246,9 @@ func (m *Model) Arch() *arch.Model { return m.net }
 // KVType returns the element type of cached keys and values.
 func (m *Model) KVType() ml.DType { return m.kvType }
 
+// Fingerprint identifies the model file (documents record it).
+func (m *Model) Fingerprint() kvcache.Fingerprint { return m.fp }
+
 // File returns the parsed GGUF header.
 func (m *Model) File() *gguf.File { return m.file }
 

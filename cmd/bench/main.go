@@ -11,6 +11,8 @@ import (
 	"flag"
 	"fmt"
 	"log/slog"
+	"net"
+	"net/http"
 	"os"
 	"os/signal"
 	"slices"
@@ -20,6 +22,7 @@ import (
 
 	"github.com/schollz/progressbar/v3"
 
+	"github.com/kvrecall/kvrecall/bench/load"
 	"github.com/kvrecall/kvrecall/bench/niah"
 	"github.com/kvrecall/kvrecall/bench/speed"
 	"github.com/kvrecall/kvrecall/foundry"
@@ -27,11 +30,13 @@ import (
 	"github.com/kvrecall/kvrecall/haystack"
 	"github.com/kvrecall/kvrecall/paging"
 	"github.com/kvrecall/kvrecall/runtime"
+	"github.com/kvrecall/kvrecall/server"
 )
 
 const usage = `usage:
   bench speed [--preset tiny,1b | --model FILE] [--contexts 2048,8192] [--threads 1,2] [--decode 32] [--json FILE]
   bench speed --paged [--preset tiny] [--contexts 16384,32768,65536] [--threads 2] [--budget 2048] [--methods retro,quest]
+  bench load  [--preset tiny | --model FILE] [--clients 1,4,16] [--requests 48] [--max-tokens 16] [--max-concurrent 2]
   bench niah  [--model FILE] [--method dense,window,quest,retro] [--budget 1024,2048]
               [--lengths 16384,32768] [--depths 0,25,50,75,100] [--needles 1] [--json FILE]
 `
@@ -80,6 +85,8 @@ func run(ctx context.Context, args []string) error {
 		return runSpeed(ctx, args[1:])
 	case "niah":
 		return runNIAH(ctx, args[1:])
+	case "load":
+		return runLoad(ctx, args[1:])
 	case "-h", "--help", "help":
 		fmt.Print(usage)
 		return nil
@@ -269,4 +276,68 @@ func runNIAH(ctx context.Context, args []string) error {
 		})
 	fmt.Println(niah.Summary(rows))
 	return err
+}
+
+func runLoad(ctx context.Context, args []string) error {
+	fs := flag.NewFlagSet("load", flag.ContinueOnError)
+	preset := fs.String("preset", "tiny", "foundry preset to serve (f16)")
+	model := fs.String("model", "", "serve this GGUF instead")
+	clients := fs.String("clients", "1,4,16", "concurrent clients, comma separated")
+	requests := fs.Int("requests", 48, "requests per client count")
+	maxTokens := fs.Int("max-tokens", 16, "tokens generated per request")
+	promptWords := fs.Int("prompt-words", 100, "words in each prompt")
+	maxConc := fs.Int("max-concurrent", 2, "server: requests generating at once")
+	threads := fs.Int("threads", 0, "server: CPU threads (default: all)")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	cs, err := ints(*clients)
+	if err != nil {
+		return err
+	}
+	path := *model
+	if path == "" {
+		dir, err := foundry.ModelsDir()
+		if err != nil {
+			return err
+		}
+		if path, err = foundry.EnsurePreset(dir, "llama", *preset, foundry.F16, nil); err != nil {
+			return err
+		}
+	}
+	data, err := os.MkdirTemp("", "kvrecall-load-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(data)
+	m, err := runtime.Open(ctx, path, runtime.Options{Threads: *threads, ContextLength: 4096, DataDir: data})
+	if err != nil {
+		return err
+	}
+	defer m.Close()
+	srv := server.New(server.Config{MaxConcurrent: *maxConc, QueueLength: 1024})
+	if err := srv.SetModel(m, 0); err != nil {
+		return err
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return err
+	}
+	hs := &http.Server{Handler: srv}
+	go hs.Serve(ln)
+	defer hs.Close()
+	url := "http://" + ln.Addr().String()
+	prompt := strings.TrimSpace(strings.Repeat("the little dog ran to the park and ", (*promptWords+7)/8))
+	var rs []load.Result
+	for _, c := range cs {
+		r, err := load.Run(ctx, load.Config{URL: url, Clients: c, Requests: *requests, Prompt: prompt, MaxTokens: *maxTokens})
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(os.Stderr, "%d clients: %.2f req/s, p50 %.1f ms, p99 %.1f ms\n", c, r.RPS, r.P50, r.P99)
+		rs = append(rs, r)
+	}
+	fmt.Printf("\nbench %s   (server: --max-concurrent %d, model %s)\n\n", strings.Join(append([]string{"load"}, args...), " "), *maxConc, path)
+	fmt.Print(load.Table(rs))
+	return nil
 }

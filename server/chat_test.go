@@ -1,0 +1,53 @@
+package server
+
+import (
+	"testing"
+
+	"github.com/nikolalohinski/gonja/v2"
+	"github.com/stretchr/testify/require"
+)
+
+const chatML = `{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}`
+
+const llama3 = `{{ bos_token }}{% for message in messages %}{% if message['role'] == 'system' and not loop.first %}{{ raise_exception('system must come first') }}{% endif %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}`
+
+func TestChatTemplates(t *testing.T) {
+	mk := func(src, bos string) *chatTemplate {
+		tpl, err := gonja.FromString(src)
+		require.NoError(t, err)
+		return &chatTemplate{tpl: tpl, source: src, bos: bos}
+	}
+	msgs := []message{{Role: "system", Content: "Be brief."}, {Role: "user", Content: "Hi there "}}
+	cases := []struct {
+		name string
+		c    *chatTemplate
+		msgs []message
+		bos  bool
+		want string
+		err  string
+	}{
+		{"chatml", mk(chatML, ""), msgs, true,
+			"<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there <|im_end|>\n<|im_start|>assistant\n", ""},
+		{"chatml default system", mk(chatML, ""), msgs[1:], true,
+			"<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nHi there <|im_end|>\n<|im_start|>assistant\n", ""},
+		{"llama3", mk(llama3, "<|begin_of_text|>"), msgs, true,
+			"<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nHi there<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n", ""},
+		{"llama3 after a document has no BOS", mk(llama3, "<|begin_of_text|>"), msgs[1:], false,
+			"<|start_header_id|>user<|end_header_id|>\n\nHi there<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n", ""},
+		{"template raises", mk(llama3, ""), []message{{Role: "user", Content: "a"}, {Role: "system", Content: "b"}}, true, "", "system must come first"},
+		{"fallback", &chatTemplate{}, msgs, true, "Be brief.\n\nHi there ", ""},
+		{"bad role", &chatTemplate{}, []message{{Role: "robot", Content: "x"}}, true, "", "unknown message role"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			got, err := c.c.render(c.msgs, c.bos)
+			if c.err != "" {
+				require.ErrorContains(t, err, c.err)
+				return
+			}
+			require.NoError(t, err)
+			require.Equal(t, c.want, got)
+		})
+	}
+	require.True(t, mk(llama3, "<|begin_of_text|>").startsWithBOS("<|begin_of_text|>x"))
+}

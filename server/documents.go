@@ -1,0 +1,147 @@
+package server
+
+import (
+	"errors"
+	"io"
+	"mime"
+	"net/http"
+	"strings"
+
+	"github.com/kvrecall/kvrecall/runtime"
+)
+
+// ingest answers POST /v1/documents. The body is plain text (id and stream
+// in the query string) or JSON {"id", "text", "stream"}. With stream, the
+// prefill's progress comes as server-sent events, then the document.
+func (s *Server) ingest(w http.ResponseWriter, r *http.Request, m *runtime.Model) {
+	var req struct {
+		ID     string `json:"id"`
+		Text   string `json:"text"`
+		Stream bool   `json:"stream"`
+	}
+	ct, _, _ := mime.ParseMediaType(r.Header.Get("Content-Type"))
+	switch ct {
+	case "application/json":
+		if !decodeJSON(w, r, &req) {
+			return
+		}
+	case "", "text/plain", "text/markdown":
+		b, err := io.ReadAll(r.Body)
+		if err != nil {
+			var tooBig *http.MaxBytesError
+			if errors.As(err, &tooBig) {
+				writeError(w, r, http.StatusRequestEntityTooLarge, "document exceeds the request body limit")
+				return
+			}
+			writeError(w, r, http.StatusBadRequest, "reading the body: "+err.Error())
+			return
+		}
+		req.Text = string(b)
+		req.ID = r.URL.Query().Get("id")
+		req.Stream = r.URL.Query().Get("stream") == "true"
+	default:
+		writeError(w, r, http.StatusUnsupportedMediaType, "send text/plain or application/json")
+		return
+	}
+	if req.Stream || strings.Contains(r.Header.Get("Accept"), "text/event-stream") {
+		req.Stream = true
+	}
+	if strings.TrimSpace(req.Text) == "" {
+		writeError(w, r, http.StatusBadRequest, "the document text is empty")
+		return
+	}
+	if req.ID != "" && !runtime.ValidDocumentID(req.ID) {
+		writeError(w, r, http.StatusBadRequest, "invalid document id: use letters, digits, '.', '_' and '-' (at most 128)")
+		return
+	}
+	release, ok := s.admit(w, r)
+	if !ok {
+		return
+	}
+	defer release()
+	// One ingest at a time writes documents, so two requests for one id
+	// cannot interleave their files.
+	s.ingestMu.Lock()
+	defer s.ingestMu.Unlock()
+
+	e := &sse{w: w}
+	last, target := 0, 0
+	progress := func(done, total int) {
+		s.metrics.ingestDone.Add(float64(done - last))
+		if target == 0 {
+			target = total
+			s.metrics.ingestTotal.Add(float64(total))
+		}
+		last = done
+		if req.Stream {
+			e.send(map[string]any{"object": "document.progress", "done": done, "total": total})
+		}
+	}
+	doc, err := m.Ingest(r.Context(), req.ID, req.Text, progress)
+	s.metrics.ingestDone.Sub(float64(last))
+	s.metrics.ingestTotal.Sub(float64(target))
+	if err != nil {
+		e.fail(r, badRequestIfInput(err))
+		return
+	}
+	s.metrics.ingestTokens.Add(float64(last))
+	out := documentJSON(doc.Info)
+	if req.Stream {
+		e.send(out)
+		e.send("[DONE]")
+		return
+	}
+	writeJSON(w, http.StatusCreated, out)
+}
+
+// badRequestIfInput maps errors about the request's content to 400.
+func badRequestIfInput(err error) error {
+	if errors.Is(err, runtime.ErrContextFull) || strings.Contains(err.Error(), "invalid document id") || strings.Contains(err.Error(), "empty document") {
+		return badRequest("%v", err)
+	}
+	return err
+}
+
+func documentJSON(in runtime.Info) map[string]any {
+	return map[string]any{
+		"object": "document", "id": in.ID, "tokens": in.Tokens, "pages": in.Pages, "page_size": in.PageSize,
+		"host_bytes": in.HostBytes, "text_sha256": in.TextSHA256, "created": in.Created.Unix(),
+		"prefill_seconds": in.PrefillSeconds,
+	}
+}
+
+func (s *Server) listDocuments(w http.ResponseWriter, r *http.Request, m *runtime.Model) {
+	infos, err := m.Documents()
+	if err != nil {
+		writeError(w, r, http.StatusInternalServerError, err.Error())
+		return
+	}
+	data := make([]any, len(infos))
+	for i, in := range infos {
+		data[i] = documentJSON(in)
+	}
+	writeJSON(w, http.StatusOK, map[string]any{"object": "list", "data": data})
+}
+
+func (s *Server) getDocument(w http.ResponseWriter, r *http.Request, m *runtime.Model) {
+	in, err := m.DocumentInfo(r.PathValue("id"))
+	if err != nil {
+		status, msg := statusOf(err)
+		writeError(w, r, status, msg)
+		return
+	}
+	writeJSON(w, http.StatusOK, documentJSON(in))
+}
+
+func (s *Server) deleteDocument(w http.ResponseWriter, r *http.Request, m *runtime.Model) {
+	id := r.PathValue("id")
+	s.ingestMu.Lock()
+	err := m.DeleteDocument(id)
+	s.ingestMu.Unlock()
+	if err != nil {
+		status, msg := statusOf(err)
+		writeError(w, r, status, msg)
+		return
+	}
+	writeJSON(w, http.StatusOK, map[string]any{"object": "document", "id": id, "deleted": true})
+}

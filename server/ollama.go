@@ -1,0 +1,316 @@
+package server
+
+import (
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"os"
+	"time"
+
+	"github.com/ollama/ollama/api"
+	"github.com/ollama/ollama/types/model"
+
+	"github.com/kvrecall/kvrecall/runtime"
+)
+
+// ollamaOptions reads Ollama's options (num_ctx, num_predict, temperature,
+// top_k, top_p, min_p, seed, stop, repeat_penalty, repeat_last_n) with
+// Ollama's defaults.
+func ollamaOptions(m map[string]any) (runtime.GenerateOptions, int, error) {
+	o := api.DefaultOptions()
+	o.Runner.NumCtx = 0
+	if err := o.FromMap(m); err != nil {
+		return runtime.GenerateOptions{}, 0, badRequest("options: %v", err)
+	}
+	g := runtime.GenerateOptions{
+		Stop: o.Stop,
+		Sampling: runtime.Sampling{Temperature: o.Temperature, TopK: o.TopK, TopP: o.TopP, MinP: o.MinP,
+			Seed: o.Seed, RepeatPenalty: o.RepeatPenalty, RepeatLastN: o.RepeatLastN},
+	}
+	if o.NumPredict > 0 {
+		g.MaxTokens = o.NumPredict
+	}
+	for _, s := range o.Stop {
+		if s == "" {
+			return g, 0, badRequest("stop strings must not be empty")
+		}
+	}
+	return g, o.NumCtx, nil
+}
+
+// ndjson streams one JSON object per line; the headers go out with the first.
+type ndjson struct {
+	w       http.ResponseWriter
+	started bool
+}
+
+func (n *ndjson) send(v any) error {
+	if !n.started {
+		n.started = true
+		n.w.Header().Set("Content-Type", "application/x-ndjson")
+		n.w.WriteHeader(http.StatusOK)
+	}
+	if err := json.NewEncoder(n.w).Encode(v); err != nil {
+		return err
+	}
+	if f, ok := n.w.(http.Flusher); ok {
+		f.Flush()
+	}
+	return nil
+}
+
+func (n *ndjson) fail(r *http.Request, err error) {
+	status, msg := statusOf(err)
+	if status == 499 {
+		return
+	}
+	if !n.started {
+		writeError(n.w, r, status, msg)
+		return
+	}
+	n.send(map[string]string{"error": msg})
+}
+
+func (s *Server) metricsOf(res *runtime.Result, start time.Time) api.Metrics {
+	return api.Metrics{
+		TotalDuration:      time.Since(start),
+		PromptEvalCount:    res.PromptTokens,
+		PromptEvalDuration: res.PrefillDuration,
+		EvalCount:          res.GeneratedTokens,
+		EvalDuration:       res.DecodeDuration,
+	}
+}
+
+// kvrecallFields are kvrecall's extensions of Ollama's requests.
+type kvrecallFields struct {
+	Document string `json:"document"`
+	Policy   string `json:"policy"`
+	Budget   int    `json:"budget"`
+}
+
+func (s *Server) ollamaGenerate(w http.ResponseWriter, r *http.Request, m *runtime.Model) {
+	var req struct {
+		api.GenerateRequest
+		kvrecallFields
+	}
+	if !decodeJSON(w, r, &req) {
+		return
+	}
+	nd := &ndjson{w: w}
+	if err := s.checkModel(req.Model); err != nil {
+		nd.fail(r, err)
+		return
+	}
+	if req.Prompt == "" && req.Document == "" {
+		// Ollama loads the model and answers done on an empty prompt.
+		writeJSON(w, http.StatusOK, api.GenerateResponse{Model: req.Model, CreatedAt: time.Now().UTC(), Done: true, DoneReason: "load"})
+		return
+	}
+	prompt, err := s.generatePrompt(&req.GenerateRequest, req.Document != "")
+	if err != nil {
+		nd.fail(r, err)
+		return
+	}
+	s.ollamaRun(w, r, m, nd, req.Model, req.Stream, req.Options, req.kvrecallFields, "generate", prompt, false)
+}
+
+// generatePrompt applies the chat template unless the request is raw or the
+// model has none (then system and prompt are joined by a blank line).
+func (s *Server) generatePrompt(req *api.GenerateRequest, afterDocument bool) (genRequest, error) {
+	if req.Raw || s.chat.tpl == nil {
+		p := req.Prompt
+		if req.System != "" && !req.Raw {
+			p = req.System + "\n\n" + p
+		}
+		return genRequest{prompt: p, addBOS: !afterDocument}, nil
+	}
+	var msgs []message
+	if req.System != "" {
+		msgs = append(msgs, message{Role: "system", Content: req.System})
+	}
+	msgs = append(msgs, message{Role: "user", Content: req.Prompt})
+	p, err := s.chat.render(msgs, !afterDocument)
+	if err != nil {
+		return genRequest{}, badRequest("%v", err)
+	}
+	return genRequest{prompt: p, addBOS: !afterDocument && !s.chat.startsWithBOS(p)}, nil
+}
+
+func (s *Server) ollamaChat(w http.ResponseWriter, r *http.Request, m *runtime.Model) {
+	var req struct {
+		api.ChatRequest
+		kvrecallFields
+	}
+	if !decodeJSON(w, r, &req) {
+		return
+	}
+	nd := &ndjson{w: w}
+	if err := s.checkModel(req.Model); err != nil {
+		nd.fail(r, err)
+		return
+	}
+	if len(req.Messages) == 0 {
+		writeJSON(w, http.StatusOK, api.ChatResponse{Model: req.Model, CreatedAt: time.Now().UTC(), Message: api.Message{Role: "assistant"}, Done: true, DoneReason: "load"})
+		return
+	}
+	msgs := make([]message, len(req.Messages))
+	for i, mm := range req.Messages {
+		msgs[i] = message{Role: mm.Role, Content: mm.Content}
+	}
+	p, err := s.chat.render(msgs, req.Document == "")
+	if err != nil {
+		nd.fail(r, badRequest("%v", err))
+		return
+	}
+	g := genRequest{prompt: p, addBOS: req.Document == "" && !s.chat.startsWithBOS(p)}
+	s.ollamaRun(w, r, m, nd, req.Model, req.Stream, req.Options, req.kvrecallFields, "chat", g, true)
+}
+
+// ollamaRun queues and runs a generate or chat request and answers with
+// NDJSON (or one object when stream is false).
+func (s *Server) ollamaRun(w http.ResponseWriter, r *http.Request, m *runtime.Model, nd *ndjson, name string, stream *bool,
+	options map[string]any, kv kvrecallFields, route string, g genRequest, chat bool) {
+	start := time.Now()
+	opts, numCtx, err := ollamaOptions(options)
+	if err == nil {
+		err = checkPolicy(kv.Policy, kv.Budget)
+	}
+	if err != nil {
+		nd.fail(r, err)
+		return
+	}
+	if name == "" {
+		name = s.cfg.ModelName
+	}
+	g.route, g.document, g.policy, g.opts, g.numCtx = route, kv.Document, s.policy(kv.Policy, kv.Budget), opts, numCtx
+	release, ok := s.admit(w, r)
+	if !ok {
+		return
+	}
+	defer release()
+	streaming := stream == nil || *stream
+	piece := func(text string, done bool) any {
+		if chat {
+			return api.ChatResponse{Model: name, CreatedAt: time.Now().UTC(), Message: api.Message{Role: "assistant", Content: text}, Done: done}
+		}
+		return api.GenerateResponse{Model: name, CreatedAt: time.Now().UTC(), Response: text, Done: done}
+	}
+	var onToken func(runtime.Token) error
+	if streaming {
+		onToken = func(t runtime.Token) error {
+			if t.Text == "" {
+				return nil
+			}
+			return nd.send(piece(t.Text, false))
+		}
+	}
+	res, err := s.generate(r.Context(), m, g, onToken)
+	if err != nil {
+		nd.fail(r, err)
+		return
+	}
+	text := ""
+	if !streaming {
+		text = res.Text
+	}
+	reason := finishReason(res.StopReason)
+	var final any
+	if chat {
+		final = api.ChatResponse{Model: name, CreatedAt: time.Now().UTC(), Message: api.Message{Role: "assistant", Content: text},
+			Done: true, DoneReason: reason, Metrics: s.metricsOf(res, start)}
+	} else {
+		final = api.GenerateResponse{Model: name, CreatedAt: time.Now().UTC(), Response: text, Done: true, DoneReason: reason, Metrics: s.metricsOf(res, start)}
+	}
+	if !streaming {
+		writeJSON(w, http.StatusOK, final)
+		return
+	}
+	nd.send(final)
+}
+
+func (s *Server) modelDetails(m *runtime.Model) api.ModelDetails {
+	c := m.Config()
+	params := 0
+	for _, t := range m.File().Tensors {
+		params += int(t.Elements())
+	}
+	q := "F32"
+	if ft, ok := m.File().Uint("general.file_type"); ok {
+		switch ft {
+		case 1:
+			q = "F16"
+		case 7:
+			q = "Q8_0"
+		case 0:
+			q = "F32"
+		default:
+			q = fmt.Sprintf("type %d", ft)
+		}
+	}
+	return api.ModelDetails{Format: "gguf", Family: c.Arch, Families: []string{c.Arch}, ParameterSize: humanCount(params), QuantizationLevel: q}
+}
+
+func humanCount(n int) string {
+	switch {
+	case n >= 1e9:
+		return fmt.Sprintf("%.1fB", float64(n)/1e9)
+	case n >= 1e6:
+		return fmt.Sprintf("%.1fM", float64(n)/1e6)
+	}
+	return fmt.Sprintf("%.1fK", float64(n)/1e3)
+}
+
+func (s *Server) ollamaTags(w http.ResponseWriter, r *http.Request, m *runtime.Model) {
+	var size int64
+	var mod time.Time
+	if st, err := os.Stat(m.Path()); err == nil {
+		size, mod = st.Size(), st.ModTime()
+	}
+	fp := m.Fingerprint()
+	writeJSON(w, http.StatusOK, api.ListResponse{Models: []api.ListModelResponse{{
+		Name: s.cfg.ModelName + ":latest", Model: s.cfg.ModelName + ":latest", ModifiedAt: mod, Size: size,
+		Digest: hex.EncodeToString(fp[:]), Details: s.modelDetails(m),
+	}}})
+}
+
+func (s *Server) ollamaShow(w http.ResponseWriter, r *http.Request, m *runtime.Model) {
+	var req api.ShowRequest
+	if !decodeJSON(w, r, &req) {
+		return
+	}
+	name := req.Model
+	if name == "" {
+		name = req.Name
+	}
+	if err := s.checkModel(name); err != nil {
+		status, msg := statusOf(err)
+		writeError(w, r, status, msg)
+		return
+	}
+	info := map[string]any{}
+	for _, kv := range m.File().KVs {
+		if _, isArray := kv.Value.([]string); isArray {
+			continue // vocabularies are huge; Ollama leaves them out too
+		}
+		switch v := kv.Value.(type) {
+		case []int32, []float32:
+			continue
+		default:
+			info[kv.Key] = v
+		}
+	}
+	writeJSON(w, http.StatusOK, api.ShowResponse{
+		Modelfile:    "# served by kvrecall\nFROM " + m.Path() + "\n",
+		Parameters:   fmt.Sprintf("num_ctx %d", m.Options().ContextLength),
+		Template:     s.chat.source,
+		Details:      s.modelDetails(m),
+		ModelInfo:    info,
+		Capabilities: []model.Capability{model.CapabilityCompletion},
+		ModifiedAt:   s.loaded,
+	})
+}
+
+func (s *Server) ollamaVersion(w http.ResponseWriter, r *http.Request) {
+	writeJSON(w, http.StatusOK, map[string]string{"version": Version})
+}
