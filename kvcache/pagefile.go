@@ -23,7 +23,7 @@ import (
 //	         crc32c u32 of the header so far
 //	tokens   tokens x int32, crc32c u32
 //	pages    pages x record; a record holds, for each layer:
-//	           n u32, K [pageSize*row]u16, V [pageSize*row]u16,
+//	           n u32, K [pageSize][row]u16 (token-major), V [row][pageSize]u16 (channel-major),
 //	           sum, mean, min, max [row]f32, nreps u32, repKeys [kvHeads*reps*headDim]f32
 //	         followed by the record's crc32c u32
 //
@@ -238,6 +238,10 @@ func parsePage(b []byte, l Layout) (*Page, error) {
 			v[i] = math.Float32frombits(binary.LittleEndian.Uint32(b[o:]))
 			o += 4
 		}
+	}
+	for i := range pg.Center {
+		pg.Center[i] = (pg.Max[i] + pg.Min[i]) / 2
+		pg.Radius[i] = (pg.Max[i] - pg.Min[i]) / 2
 	}
 	pg.NReps = int(binary.LittleEndian.Uint32(b[o:]))
 	o += 4

@@ -54,12 +54,19 @@ func (l Layout) Check() error {
 const Reps = 4
 
 // Page is one layer's keys and values for PageSize consecutive positions.
+// Keys are token-major, the layout of the device pool's K; values are
+// channel-major, the layout of the pool's permuted V, so that uploading a
+// page is a few row copies.
 type Page struct {
-	K, V []uint16 // f16, [PageSize][KVHeads*HeadDim], token-major
-	N    int      // tokens written
+	K []uint16 // f16, [PageSize][KVHeads*HeadDim]
+	V []uint16 // f16, [KVHeads*HeadDim][PageSize]
+	N int      // tokens written
 
 	// Summary of the keys written so far, per KV head and channel.
 	Sum, Mean, Min, Max []float32 // [KVHeads*HeadDim]
+	// Center (max+min)/2 and Radius (max-min)/2 of the key box, kept with
+	// Min and Max: Quest's bound is then q·center + |q|·radius.
+	Center, Radius []float32
 	// Representative keys, [KVHeads][Reps][HeadDim]; set when the page closes.
 	RepKeys []float32
 	NReps   int
@@ -70,6 +77,7 @@ func newPage(l Layout) *Page {
 	p := &Page{
 		K: make([]uint16, l.PageSize*r), V: make([]uint16, l.PageSize*r),
 		Sum: make([]float32, r), Mean: make([]float32, r), Min: make([]float32, r), Max: make([]float32, r),
+		Center: make([]float32, r), Radius: make([]float32, r),
 	}
 	for i := range p.Min {
 		p.Min[i] = float32(math.Inf(1))
@@ -86,6 +94,8 @@ func (p *Page) clone() *Page {
 	c.Mean = append([]float32(nil), p.Mean...)
 	c.Min = append([]float32(nil), p.Min...)
 	c.Max = append([]float32(nil), p.Max...)
+	c.Center = append([]float32(nil), p.Center...)
+	c.Radius = append([]float32(nil), p.Radius...)
 	c.RepKeys = append([]float32(nil), p.RepKeys...)
 	return &c
 }
@@ -97,9 +107,20 @@ func f16(u uint16) float32 { return float16.Frombits(u).Float32() }
 // incrementally (running sum, mean, min and max; O(rows) work, never a pass
 // over the page or the context). k and v hold rows*Row f16 values.
 func (p *Page) write(l Layout, at int, k, v []uint16, rows int, scratch []float32) {
-	r := l.Row()
+	r, P := l.Row(), l.PageSize
 	copy(p.K[at*r:], k[:rows*r])
-	copy(p.V[at*r:], v[:rows*r])
+	for t := 0; t < rows; t++ {
+		row := v[t*r : (t+1)*r]
+		for ch, x := range row {
+			p.V[ch*P+at+t] = x
+		}
+	}
+	p.summarize(l, at, k, rows, scratch)
+}
+
+// summarize folds rows of new keys into the page's summary.
+func (p *Page) summarize(l Layout, at int, k []uint16, rows int, scratch []float32) {
+	r := l.Row()
 	for t := 0; t < rows; t++ {
 		row := k[t*r : (t+1)*r]
 		for i, u := range row {
@@ -118,6 +139,8 @@ func (p *Page) write(l Layout, at int, k, v []uint16, rows int, scratch []float3
 	inv := 1 / float32(p.N)
 	for i, s := range p.Sum {
 		p.Mean[i] = s * inv
+		p.Center[i] = (p.Max[i] + p.Min[i]) / 2
+		p.Radius[i] = (p.Max[i] - p.Min[i]) / 2
 	}
 	if p.N == l.PageSize {
 		p.close(l)
@@ -184,14 +207,13 @@ func sqdist(a, b []float32) float32 {
 	return s
 }
 
-// resummarize recomputes the summary from the stored rows (after a truncation).
+// resummarize recomputes the summary from the stored keys (after a truncation).
 func (p *Page) resummarize(l Layout) {
 	n := p.N
 	q := newPage(l)
 	q.K, q.V = p.K, p.V
 	if n > 0 {
-		scratch := make([]float32, l.Row())
-		q.write(l, 0, p.K, p.V, n, scratch)
+		q.summarize(l, 0, p.K, n, make([]float32, l.Row()))
 	}
 	*p = *q
 	p.N = n
@@ -325,6 +347,11 @@ func (v *layerView) Min(p, g int) []float32 {
 func (v *layerView) Max(p, g int) []float32 {
 	a, b := v.span(g)
 	return v.s.pages[v.layer][p].Max[a:b]
+}
+func (v *layerView) Box(p, g int) (center, radius []float32) {
+	a, b := v.span(g)
+	pg := v.s.pages[v.layer][p]
+	return pg.Center[a:b], pg.Radius[a:b]
 }
 func (v *layerView) Reps(p, g int) [][]float32 {
 	pg := v.s.pages[v.layer][p]

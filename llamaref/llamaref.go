@@ -15,14 +15,14 @@ package llamaref
 #include "llama.h"
 
 static struct llama_context_params kvr_ctx_params(uint32_t n_ctx, uint32_t n_batch, int32_t threads,
-		enum ggml_type kv, int flash) {
+		int32_t batch_threads, enum ggml_type kv, int flash) {
 	struct llama_context_params p = llama_context_default_params();
 	p.n_ctx = n_ctx;
 	p.n_batch = n_batch;
 	p.n_ubatch = n_batch;
 	p.n_seq_max = 1;
 	p.n_threads = threads;
-	p.n_threads_batch = threads;
+	p.n_threads_batch = batch_threads;
 	p.type_k = kv;
 	p.type_v = kv;
 	p.embeddings = false;
@@ -65,6 +65,7 @@ import (
 // Options configure the llama.cpp context.
 type Options struct {
 	Threads        int    // CPU threads; 0 means 1
+	BatchThreads   int    // threads for prompt batches; 0 means Threads
 	Context        int    // KV capacity in tokens; 0 means 4096
 	Batch          int    // tokens per llama_decode call; 0 means 512
 	KVType         string // "f16" (default), "f32" or "q8_0"
@@ -113,6 +114,9 @@ func Load(path string, opts Options) (*Model, error) {
 	if opts.Threads <= 0 {
 		opts.Threads = 1
 	}
+	if opts.BatchThreads <= 0 {
+		opts.BatchThreads = opts.Threads
+	}
 	if opts.Context <= 0 {
 		opts.Context = 4096
 	}
@@ -131,7 +135,7 @@ func Load(path string, opts Options) (*Model, error) {
 	if opts.FlashAttention {
 		flash = 1
 	}
-	cp := C.kvr_ctx_params(C.uint32_t(opts.Context), C.uint32_t(opts.Batch), C.int32_t(opts.Threads), kv, C.int(flash))
+	cp := C.kvr_ctx_params(C.uint32_t(opts.Context), C.uint32_t(opts.Batch), C.int32_t(opts.Threads), C.int32_t(opts.BatchThreads), kv, C.int(flash))
 	m.ctx = C.llama_init_from_model(m.model, cp)
 	if m.ctx == nil {
 		C.llama_model_free(m.model)

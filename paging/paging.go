@@ -28,6 +28,8 @@ type Summaries interface {
 	Mean(page, kvHead int) []float32
 	Min(page, kvHead int) []float32
 	Max(page, kvHead int) []float32
+	// Box returns the key box as its center (max+min)/2 and radius (max-min)/2.
+	Box(page, kvHead int) (center, radius []float32)
 	// Reps returns up to a few representative keys of a closed page.
 	Reps(page, kvHead int) [][]float32
 }

@@ -13,14 +13,15 @@ type fake struct {
 	keys                    [][][]float32 // [page][kvHead][hd]
 }
 
-func (f *fake) Pages() int                { return f.pages }
-func (f *fake) Len(p int) int             { return f.pageLen }
-func (f *fake) KVHeads() int              { return f.kvh }
-func (f *fake) HeadDim() int              { return f.hd }
-func (f *fake) Mean(p, g int) []float32   { return f.keys[p][g] }
-func (f *fake) Min(p, g int) []float32    { return f.keys[p][g] }
-func (f *fake) Max(p, g int) []float32    { return f.keys[p][g] }
-func (f *fake) Reps(p, g int) [][]float32 { return [][]float32{f.keys[p][g]} }
+func (f *fake) Pages() int                          { return f.pages }
+func (f *fake) Len(p int) int                       { return f.pageLen }
+func (f *fake) KVHeads() int                        { return f.kvh }
+func (f *fake) HeadDim() int                        { return f.hd }
+func (f *fake) Mean(p, g int) []float32             { return f.keys[p][g] }
+func (f *fake) Min(p, g int) []float32              { return f.keys[p][g] }
+func (f *fake) Max(p, g int) []float32              { return f.keys[p][g] }
+func (f *fake) Reps(p, g int) [][]float32           { return [][]float32{f.keys[p][g]} }
+func (f *fake) Box(p, g int) ([]float32, []float32) { return f.keys[p][g], make([]float32, f.hd) }
 func newFake(pages, kvh, hd int) *fake {
 	f := &fake{pages: pages, pageLen: 64, kvh: kvh, hd: hd}
 	for p := 0; p < pages; p++ {

@@ -52,8 +52,9 @@ func (r *retro) Select(layer int, s Summaries, qs *Queries, upto int) []int {
 	return roundRobin(req, scorePages(s, qs, n, repScore), free, r.c.Neighbors)
 }
 
-// pageScore scores one page for one query head vector against KV head g.
-type pageScore func(s Summaries, page, g int, q, tmp []float32) float32
+// pageScore scores one page for one query head vector q (and its
+// elementwise absolute value aq) against KV head g.
+type pageScore func(s Summaries, page, g int, q, aq []float32) float32
 
 // scorePages returns, per query token, each page's best score over the
 // query heads. Partial pages are scored too (their summaries cover the
@@ -61,15 +62,16 @@ type pageScore func(s Summaries, page, g int, q, tmp []float32) float32
 func scorePages(s Summaries, qs *Queries, n int, score pageScore) [][]float32 {
 	hd := s.HeadDim()
 	group := qs.Heads / s.KVHeads()
-	tmp := make([]float32, 2*hd)
 	out := make([][]float32, len(qs.Q))
+	aq := make([]float32, len(qs.Q[0]))
 	for t, q := range qs.Q {
+		vek32.Abs_Into(aq, q)
 		scores := make([]float32, n)
 		for p := range scores {
 			best := float32(math.Inf(-1))
 			if p < s.Pages() {
 				for h := 0; h < qs.Heads; h++ {
-					if v := score(s, p, h/group, q[h*hd:(h+1)*hd], tmp); v > best {
+					if v := score(s, p, h/group, q[h*hd:(h+1)*hd], aq[h*hd:(h+1)*hd]); v > best {
 						best = v
 					}
 				}
@@ -144,14 +146,11 @@ func rank(scores []float32, skip map[int]bool) []int {
 	return order
 }
 
-// boundScore is Quest's upper bound Σ_i max(q_i·max_i, q_i·min_i).
-func boundScore(s Summaries, page, g int, q, tmp []float32) float32 {
-	hd := len(q)
-	a, b := tmp[:hd], tmp[hd:2*hd]
-	vek32.Mul_Into(a, q, s.Max(page, g))
-	vek32.Mul_Into(b, q, s.Min(page, g))
-	vek32.Maximum_Inplace(a, b)
-	return vek32.Sum(a)
+// boundScore is Quest's upper bound Σ_i max(q_i·max_i, q_i·min_i), written
+// as q·center + |q|·radius: two SIMD dot products.
+func boundScore(s Summaries, page, g int, q, aq []float32) float32 {
+	c, r := s.Box(page, g)
+	return vek32.Dot(q, c) + vek32.Dot(aq, r)
 }
 
 // repScore is the best dot product with the mean key or a representative key.

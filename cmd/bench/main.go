@@ -103,7 +103,8 @@ func runSpeed(ctx context.Context, args []string) error {
 	threads := fs.String("threads", "1,2", "thread counts")
 	decode := fs.Int("decode", 32, "decode steps timed after each prefill")
 	jsonOut := fs.String("json", "", "also write the rows as JSON to this file")
-	paged := fs.Bool("paged", false, "long-context decode: paged methods vs dense attention vs llama.cpp (first thread count only)")
+	paged := fs.Bool("paged", false, "long-context decode: paged methods vs dense attention vs llama.cpp (prefill with the first thread count)")
+	decodeThreads := fs.Int("decode-threads", 1, "paged: threads for the timed decode steps")
 	budget := fs.Int("budget", 2048, "paged: token budget")
 	methods := fs.String("methods", "retro,quest", "paged: methods besides dense")
 	if err := fs.Parse(args); err != nil {
@@ -140,7 +141,7 @@ func runSpeed(ctx context.Context, args []string) error {
 		var all []speed.PagedRow
 		ms := strings.Split(*methods, ",")
 		for _, t := range targets {
-			rows, err := speed.RunPaged(ctx, speed.PagedConfig{Model: t.path, Label: t.label, Contexts: cs, Threads: ts[0],
+			rows, err := speed.RunPaged(ctx, speed.PagedConfig{Model: t.path, Label: t.label, Contexts: cs, Threads: ts[0], DecodeThreads: *decodeThreads,
 				Budget: *budget, Methods: ms, DecodeTokens: *decode,
 				Log: func(f string, a ...any) { fmt.Fprintf(os.Stderr, f+"\n", a...) }})
 			all = append(all, rows...)
