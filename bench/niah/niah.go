@@ -1,13 +1,25 @@
-// Package niah runs needle-in-a-haystack cases on the foundry's recall model
-// under each paging method: every (length, depth) haystack is ingested once
-// as a document, then asked under each method and budget.
+// Package niah runs needle-in-a-haystack grids (context length x depth)
+// under each paging method. Every haystack is ingested once as a document,
+// then asked under each method and budget. Two modes:
+//
+//   - recall: the foundry's recall model and its word vocabulary (needles
+//     "K V1 V2 V3", exact-token scoring);
+//   - text: any pretrained GGUF, an English haystack, a needle sentence
+//     placed at a sentence boundary, string-match scoring.
+//
+// Each finished cell is one JSON line, so a run that stops can resume.
 package niah
 
 import (
+	"bufio"
 	"context"
+	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
+	"os"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/kvrecall/kvrecall/haystack"
@@ -17,39 +29,60 @@ import (
 
 // Config selects the cases.
 type Config struct {
+	Model    string    // name recorded in every row
 	Methods  []string  // dense, window, quest, retro
 	Budgets  []int     // tokens
-	Lengths  []int     // haystack tokens
+	Lengths  []int     // context tokens
 	Depths   []float64 // in [0, 1]
-	Needles  int       // needles per haystack, asked in turn (default 1)
+	Needles  int       // needles per haystack, each asked (default 1)
 	Seed     uint64
 	Progress func(stage string, done, total int) // ingest progress, if set
+
+	// Recall mode (the default when Recall is set).
+	Recall *haystack.Vocab
+	// Text mode.
+	Haystack  []string // sentences; nil uses GeneratedHaystack
+	Needle    TextNeedle
+	MaxTokens int // answer tokens in text mode (default 16)
+
+	// Done holds the keys (Row.Key) of cells already measured: a resumed run
+	// skips them.
+	Done map[string]bool
 }
 
-// Row is one case.
+// Row is one cell: one haystack asked under one method and budget.
 type Row struct {
-	Length        int     `json:"context_length"`
-	Depth         float64 `json:"depth_percent"`
+	Model         string  `json:"model"`
 	Method        string  `json:"method"`
 	Budget        int     `json:"budget"`
-	Exact         bool    `json:"exact"`
+	Length        int     `json:"context_length"`
+	Depth         float64 `json:"depth_percent"`
 	Needles       int     `json:"needles"`
-	Found         int     `json:"found"`
+	Needle        string  `json:"needle"`
+	Response      string  `json:"response"`
+	Expected      string  `json:"expected"`
+	Score         float64 `json:"score"` // percent of needles answered
+	Exact         bool    `json:"exact"`
 	MsPerToken    float64 `json:"ms_per_token"`
 	PrefillSec    float64 `json:"prefill_seconds"`
 	ResidentBytes int64   `json:"resident_kv_bytes"`
-	Response      string  `json:"response"`
-	Expected      string  `json:"expected"`
+}
+
+// Key identifies a cell for resuming.
+func (r Row) Key() string { return key(r.Method, r.Budget, r.Length, r.Depth) }
+
+func key(method string, budget, length int, depthPct float64) string {
+	return fmt.Sprintf("%s|%d|%d|%.3f", method, budget, length, depthPct)
 }
 
 // Line formats a row for the terminal.
 func (r Row) Line() string {
 	verdict := "exact"
 	if !r.Exact {
-		verdict = "WRONG"
+		verdict = fmt.Sprintf("%3.0f%%", r.Score)
 	}
 	return fmt.Sprintf("length %6d  depth %5.1f%%  %-6s budget %5d  %-5s  %6.2f ms/token  resident %s",
-		r.Length, 100*r.Depth, r.Method, r.Budget, verdict, r.MsPerToken, human(r.ResidentBytes))
+		r.Length, r.Depth, r.Method, r.Budget, verdict, r.MsPerToken, human(r.ResidentBytes))
 }
 
 func human(b int64) string {
@@ -62,95 +95,200 @@ func human(b int64) string {
 	return fmt.Sprintf("%d KiB", b>>10)
 }
 
-// Run ingests every haystack once and asks under every method and budget,
-// calling emit for each row as soon as it is known.
-func Run(ctx context.Context, m *runtime.Model, voc *haystack.Vocab, c Config, emit func(Row) error) error {
+// probe is one question about a haystack.
+type probe struct {
+	question []int32
+	expect   []int32 // recall mode: the exact answer tokens
+	answer   string  // text mode: the string that must appear
+}
+
+// cell is one haystack with its questions.
+type cell struct {
+	tokens []int32
+	depth  float64 // as placed
+	needle string
+	probes []probe
+}
+
+// budgetsFor returns the budgets a method runs with (dense has none).
+func budgetsFor(method string, budgets []int) []int {
+	if method == "dense" {
+		return []int{0}
+	}
+	return budgets
+}
+
+// Total is the number of rows a config produces.
+func (c Config) Total() int {
+	n := 0
+	for _, m := range c.Methods {
+		n += len(budgetsFor(m, c.Budgets))
+	}
+	return n * len(c.Lengths) * len(c.Depths)
+}
+
+// Run measures every cell not in c.Done, calling emit with each row as soon
+// as it is known. A cancelled ctx stops between questions; rows already
+// emitted stay valid.
+func Run(ctx context.Context, m *runtime.Model, c Config, emit func(Row) error) error {
 	if c.Needles <= 0 {
 		c.Needles = 1
 	}
-	tok := m.Tokenizer()
-	words := func(ids []int32) string {
-		s, _ := tok.Decode(ids)
-		if len(s) > 0 && s[0] == ' ' {
-			s = s[1:]
-		}
-		return s
+	if c.MaxTokens <= 0 {
+		c.MaxTokens = 16
+	}
+	if c.Recall == nil && c.Needle.Answer == "" {
+		c.Needle = DefaultNeedle
+	}
+	if c.Recall == nil && c.Haystack == nil {
+		c.Haystack = GeneratedHaystack(400, c.Seed)
 	}
 	for _, length := range c.Lengths {
 		for _, depth := range c.Depths {
-			depths := []float64{depth}
-			if c.Needles > 1 {
-				depths = haystack.Cluster(depth, c.Needles, 1.0/32)
+			var todo []Row
+			for _, method := range c.Methods {
+				for _, b := range budgetsFor(method, c.Budgets) {
+					r := Row{Model: c.Model, Method: method, Budget: b, Length: length, Depth: 100 * depth}
+					if !c.Done[r.Key()] {
+						todo = append(todo, r)
+					}
+				}
 			}
-			cs, err := voc.NewCase(length, depths, c.Seed+uint64(length)*1000+uint64(depth*100))
+			if len(todo) == 0 {
+				continue
+			}
+			cl, err := c.build(m, length, depth)
 			if err != nil {
 				return err
 			}
-			t0 := time.Now()
 			var prog runtime.Progress
 			if c.Progress != nil {
 				stage := fmt.Sprintf("ingest %d tokens, depth %.0f%%", length, 100*depth)
 				prog = func(done, total int) { c.Progress(stage, done, total) }
 			}
-			id := fmt.Sprintf("niah-%d-%03.0f-%d-%d", length, 100*depth, c.Needles, c.Seed)
-			doc, err := m.IngestTokens(ctx, id, cs.Tokens, prog)
+			t0 := time.Now()
+			id := fmt.Sprintf("niah-%d-%05.1f-%d-%d", length, 100*depth, c.Needles, c.Seed)
+			doc, err := m.IngestTokens(ctx, id, cl.tokens, prog)
 			if err != nil {
 				return err
 			}
-			prefill := time.Since(t0).Seconds()
-			for _, method := range c.Methods {
-				budgets := c.Budgets
-				if method == "dense" {
-					budgets = []int{0}
+			prefill := doc.PrefillSeconds
+			if prefill == 0 {
+				prefill = time.Since(t0).Seconds()
+			}
+			for _, r := range todo {
+				if err := ask(ctx, m, doc, cl, &r, c.MaxTokens); err != nil {
+					return fmt.Errorf("%s at %d tokens, depth %.0f%%: %w", r.Method, length, 100*depth, err)
 				}
-				for _, budget := range budgets {
-					row, err := ask(ctx, m, voc, doc, cs, method, budget, words)
-					if err != nil {
-						return fmt.Errorf("%s at %d tokens, depth %.0f%%: %w", method, length, 100*depth, err)
-					}
-					row.Length, row.Depth, row.PrefillSec = length, depth, prefill
-					if err := emit(row); err != nil {
-						return err
-					}
+				r.PrefillSec, r.Needle = prefill, cl.needle
+				if err := emit(r); err != nil {
+					return err
 				}
 			}
+			// The ingested pages are not needed again; keep disk use bounded.
+			m.DeleteDocument(id)
 		}
 	}
 	return nil
 }
 
-func ask(ctx context.Context, m *runtime.Model, voc *haystack.Vocab, doc *runtime.Document, cs *haystack.Case,
-	method string, budget int, words func([]int32) string) (Row, error) {
-	row := Row{Method: method, Budget: budget, Needles: len(cs.Needles)}
+// build makes the haystack of one cell.
+func (c Config) build(m *runtime.Model, length int, depth float64) (*cell, error) {
+	tok := m.Tokenizer()
+	if c.Recall != nil {
+		v := c.Recall
+		depths := []float64{depth}
+		if c.Needles > 1 {
+			depths = haystack.Cluster(depth, c.Needles, 1.0/32)
+		}
+		cs, err := v.NewCase(length, depths, c.Seed+uint64(length)*1000+uint64(depth*1000))
+		if err != nil {
+			return nil, err
+		}
+		cl := &cell{tokens: cs.Tokens, depth: depth}
+		for i, n := range cs.Needles {
+			cl.probes = append(cl.probes, probe{question: v.Question(n), expect: n.Values})
+			if i == 0 {
+				cl.needle = words(tok, append([]int32{n.Key}, n.Values...))
+			}
+		}
+		return cl, nil
+	}
+	count := func(s string) int {
+		ids, err := tok.Encode(s, false)
+		if err != nil {
+			return len(s)
+		}
+		return len(ids)
+	}
+	q, err := tok.Encode("\n\nQuestion: "+c.Needle.Question+"\nAnswer:", false)
+	if err != nil {
+		return nil, err
+	}
+	text, placed, err := Place(c.Haystack, c.Needle.Needle, length-len(q)-c.MaxTokens-2, depth, count)
+	if err != nil {
+		return nil, err
+	}
+	ids, err := tok.Encode(text, true)
+	if err != nil {
+		return nil, err
+	}
+	return &cell{tokens: ids, depth: placed, needle: c.Needle.Needle, probes: []probe{{question: q, answer: c.Needle.Answer}}}, nil
+}
+
+func words(tok *runtime.Tokenizer, ids []int32) string {
+	s, _ := tok.Decode(ids)
+	return strings.TrimPrefix(s, " ")
+}
+
+func ask(ctx context.Context, m *runtime.Model, doc *runtime.Document, cl *cell, row *Row, maxTokens int) error {
+	row.Needles = len(cl.probes)
 	var dec time.Duration
 	var gen int
-	for i, n := range cs.Needles {
-		s, err := m.DocumentSession(doc, runtime.PolicyOptions{Policy: method, Budget: budget})
+	var total float64
+	for i, p := range cl.probes {
+		s, err := m.DocumentSession(doc, runtime.PolicyOptions{Policy: row.Method, Budget: row.Budget})
 		if err != nil {
-			return row, err
+			return err
 		}
-		res, err := s.Generate(ctx, voc.Question(n), runtime.GenerateOptions{MaxTokens: voc.AnswerLength})
+		n := maxTokens
+		if p.expect != nil {
+			n = len(p.expect)
+		}
+		res, err := s.Generate(ctx, p.question, runtime.GenerateOptions{MaxTokens: n})
 		if pc, ok := s.Cache().(*kvcache.Paged); ok {
 			row.ResidentBytes = max(row.ResidentBytes, pc.Stats().ResidentBytes)
 		}
 		s.Close()
 		if err != nil {
-			return row, err
+			return err
 		}
-		if slices.Equal(res.Tokens, n.Values) {
-			row.Found++
+		score := 0.0
+		if p.expect != nil {
+			if slices.Equal(res.Tokens, p.expect) {
+				score = 100
+			}
+		} else {
+			score = StringMatch(res.Text, p.answer)
 		}
+		total += score
 		dec += res.DecodeDuration
 		gen += res.GeneratedTokens
 		if i == 0 {
-			row.Response, row.Expected = words(res.Tokens), words(n.Values)
+			row.Response = strings.TrimSpace(res.Text)
+			if p.expect != nil {
+				row.Expected = words(m.Tokenizer(), p.expect)
+			} else {
+				row.Expected = p.answer
+			}
 		}
 	}
-	row.Exact = row.Found == len(cs.Needles)
+	row.Score = total / float64(len(cl.probes))
+	row.Exact = row.Score == 100
 	if gen > 0 {
 		row.MsPerToken = float64(dec.Microseconds()) / 1000 / float64(gen)
 	}
-	return row, nil
+	return nil
 }
 
 // Summary is the closing line.
@@ -164,5 +302,40 @@ func Summary(rows []Row) string {
 	return fmt.Sprintf("exact %d of %d", exact, len(rows))
 }
 
-// Print writes a row line.
-func Print(w io.Writer, r Row) { fmt.Fprintln(w, r.Line()) }
+// ReadRows reads the JSON lines a run wrote; a torn last line (the run was
+// killed while writing it) is ignored.
+func ReadRows(r io.Reader) ([]Row, error) {
+	var rows []Row
+	sc := bufio.NewScanner(r)
+	sc.Buffer(make([]byte, 1<<20), 16<<20)
+	for sc.Scan() {
+		line := strings.TrimSpace(sc.Text())
+		if line == "" {
+			continue
+		}
+		var row Row
+		if err := json.Unmarshal([]byte(line), &row); err != nil {
+			continue
+		}
+		rows = append(rows, row)
+	}
+	return rows, sc.Err()
+}
+
+// Resume reads path (if it exists) and returns the rows and the keys done.
+func Resume(path string) ([]Row, map[string]bool, error) {
+	f, err := os.Open(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, map[string]bool{}, nil
+	}
+	if err != nil {
+		return nil, nil, err
+	}
+	defer f.Close()
+	rows, err := ReadRows(f)
+	done := map[string]bool{}
+	for _, r := range rows {
+		done[r.Key()] = true
+	}
+	return rows, done, err
+}

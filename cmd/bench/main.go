@@ -8,6 +8,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
 	"log/slog"
@@ -15,6 +16,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -24,6 +26,7 @@ import (
 
 	"github.com/kvrecall/kvrecall/bench/load"
 	"github.com/kvrecall/kvrecall/bench/niah"
+	"github.com/kvrecall/kvrecall/bench/runinfo"
 	"github.com/kvrecall/kvrecall/bench/speed"
 	"github.com/kvrecall/kvrecall/foundry"
 	"github.com/kvrecall/kvrecall/gguf"
@@ -178,16 +181,22 @@ func runSpeed(ctx context.Context, args []string) error {
 
 func runNIAH(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("niah", flag.ContinueOnError)
-	model := fs.String("model", "", "recall model (default: the foundry's, built if absent)")
+	model := fs.String("model", "", "GGUF model (default: the foundry's recall model, built if absent)")
 	methods := fs.String("method", "retro", "paging methods, comma separated: "+strings.Join(paging.Names, ", "))
 	budgets := fs.String("budget", "2048", "token budgets, comma separated")
-	lengths := fs.String("lengths", "16384,32768", "haystack lengths in tokens")
-	depths := fs.String("depths", "0,25,50,75,100", "needle depths in percent")
-	needles := fs.Int("needles", 1, "needles per haystack (clustered around the depth, each asked)")
+	lengths := fs.String("lengths", "16384,32768", "context lengths in tokens")
+	depths := fs.String("depths", "0,25,50,75,100", "needle depths in percent (ignored with --depth-intervals)")
+	intervals := fs.Int("depth-intervals", 0, "number of depths from 0 to 100 %, spaced by --spacing")
+	spacing := fs.String("spacing", "linear", "depth spacing: linear or sigmoid")
+	needles := fs.Int("needles", 1, "needles per haystack (recall model: clustered around the depth, each asked)")
 	seed := fs.Uint64("seed", 1, "haystack seed")
 	threads := fs.Int("threads", 0, "CPU threads (default: all)")
-	data := fs.String("data", "", "document directory (default: a temporary one)")
-	jsonOut := fs.String("json", "", "also write one JSON object per case to this file")
+	out := fs.String("out", "", "run folder (default: bench/results/niah-<time>); an existing one resumes")
+	hay := fs.String("haystack", "", "text mode: haystack text file (default: generated sentences)")
+	needle := fs.String("needle", niah.DefaultNeedle.Needle, "text mode: the needle sentence")
+	question := fs.String("question", niah.DefaultNeedle.Question, "text mode: the question")
+	answer := fs.String("answer", niah.DefaultNeedle.Answer, "text mode: the string a correct answer contains")
+	maxTokens := fs.Int("max-tokens", 16, "text mode: answer tokens")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -199,12 +208,21 @@ func runNIAH(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
-	ds, err := floats(*depths)
-	if err != nil {
-		return err
-	}
-	for i := range ds {
-		ds[i] /= 100
+	var ds []float64
+	if *intervals > 0 {
+		if ds, err = niah.Depths(*intervals, *spacing); err != nil {
+			return err
+		}
+	} else {
+		if ds, err = floats(*depths); err != nil {
+			return err
+		}
+		for i := range ds {
+			if ds[i] < 0 || ds[i] > 100 {
+				return fmt.Errorf("depth %v%% is outside 0..100", ds[i])
+			}
+			ds[i] /= 100
+		}
 	}
 	ms := strings.Split(*methods, ",")
 	for _, m := range ms {
@@ -226,56 +244,73 @@ func runNIAH(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
-	voc, err := haystack.LoadVocab(f)
-	if err != nil {
-		return err
-	}
-	if *data == "" {
-		d, err := os.MkdirTemp("", "kvrecall-niah-")
+	cfg := niah.Config{Model: filepath.Base(path), Methods: ms, Budgets: bs, Lengths: ls, Depths: ds, Needles: *needles, Seed: *seed,
+		Needle: niah.TextNeedle{Needle: *needle, Question: *question, Answer: *answer}, MaxTokens: *maxTokens}
+	if voc, err := haystack.LoadVocab(f); err == nil {
+		cfg.Recall = voc
+	} else if *hay != "" {
+		b, err := os.ReadFile(*hay)
 		if err != nil {
 			return err
 		}
-		defer os.RemoveAll(d)
-		*data = d
+		cfg.Haystack = niah.Sentences(string(b))
 	}
-	longest := slices.Max(ls)
-	m, err := runtime.Open(ctx, path, runtime.Options{Threads: *threads, ContextLength: longest + 64, DataDir: *data})
+	dir := *out
+	if dir == "" {
+		dir = runinfo.DefaultDir("niah")
+	}
+	if err := runinfo.Prepare(dir, append([]string{"bench", "niah"}, args...)); err != nil {
+		return err
+	}
+	resultsPath := filepath.Join(dir, "results.jsonl")
+	rows, done, err := niah.Resume(resultsPath)
+	if err != nil {
+		return err
+	}
+	cfg.Done = done
+	if len(done) > 0 {
+		fmt.Fprintf(os.Stderr, "resuming %s: %d cells already done\n", dir, len(done))
+	}
+	app, err := niah.OpenAppender(resultsPath)
+	if err != nil {
+		return err
+	}
+	defer app.Close()
+	docs, err := os.MkdirTemp("", "kvrecall-niah-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(docs)
+	m, err := runtime.Open(ctx, path, runtime.Options{Threads: *threads, ContextLength: slices.Max(ls) + 64, DataDir: docs})
 	if err != nil {
 		return err
 	}
 	defer m.Close()
-	var out *os.File
-	if *jsonOut != "" {
-		if out, err = os.Create(*jsonOut); err != nil {
-			return err
-		}
-		defer out.Close()
-	}
-	var bar *progressbar.ProgressBar
-	progress := func(stage string, done, total int) {
-		if bar == nil || bar.GetMax() != total {
-			bar = progressbar.NewOptions(total, progressbar.OptionSetDescription(stage), progressbar.OptionSetWriter(os.Stderr),
-				progressbar.OptionShowCount(), progressbar.OptionClearOnFinish(), progressbar.OptionThrottle(200*time.Millisecond))
-		}
-		bar.Describe(stage)
-		bar.Set(done)
-		if done == total {
-			bar.Finish()
-			bar = nil
-		}
-	}
-	var rows []niah.Row
-	err = niah.Run(ctx, m, voc, niah.Config{Methods: ms, Budgets: bs, Lengths: ls, Depths: ds, Needles: *needles, Seed: *seed, Progress: progress},
-		func(r niah.Row) error {
-			rows = append(rows, r)
-			fmt.Println(r.Line())
-			if out != nil {
-				r.Depth *= 100
-				return json.NewEncoder(out).Encode(r)
-			}
-			return nil
-		})
+
+	todo := cfg.Total() - len(done)
+	bar := progressbar.NewOptions(max(todo, 1), progressbar.OptionSetDescription("cells"), progressbar.OptionSetWriter(os.Stderr),
+		progressbar.OptionShowCount(), progressbar.OptionSetPredictTime(true), progressbar.OptionThrottle(500*time.Millisecond))
+	cfg.Progress = func(stage string, d, total int) { bar.Describe(fmt.Sprintf("%s (%d%%)", stage, 100*d/total)) }
+	err = niah.Run(ctx, m, cfg, func(r niah.Row) error {
+		bar.Clear()
+		fmt.Println(r.Line())
+		rows = append(rows, r)
+		bar.Add(1)
+		return app.Write(r)
+	})
+	bar.Finish()
 	fmt.Println(niah.Summary(rows))
+	if len(rows) > 0 {
+		names, perr := niah.Heatmaps(rows, dir)
+		if perr != nil {
+			return perr
+		}
+		fmt.Printf("results: %s; heatmaps: %s\n", resultsPath, strings.Join(names, ", "))
+	}
+	if errors.Is(err, context.Canceled) {
+		fmt.Fprintf(os.Stderr, "interrupted: %d cells are kept in %s; run the same command with --out %s to resume\n", len(rows), resultsPath, dir)
+		return nil
+	}
 	return err
 }
 
