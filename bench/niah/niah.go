@@ -11,17 +11,13 @@
 package niah
 
 import (
-	"bufio"
 	"context"
-	"encoding/json"
-	"errors"
 	"fmt"
-	"io"
-	"os"
 	"slices"
 	"strings"
 	"time"
 
+	"github.com/kvrecall/kvrecall/bench/runinfo"
 	"github.com/kvrecall/kvrecall/haystack"
 	"github.com/kvrecall/kvrecall/kvcache"
 	"github.com/kvrecall/kvrecall/runtime"
@@ -302,37 +298,9 @@ func Summary(rows []Row) string {
 	return fmt.Sprintf("exact %d of %d", exact, len(rows))
 }
 
-// ReadRows reads the JSON lines a run wrote; a torn last line (the run was
-// killed while writing it) is ignored.
-func ReadRows(r io.Reader) ([]Row, error) {
-	var rows []Row
-	sc := bufio.NewScanner(r)
-	sc.Buffer(make([]byte, 1<<20), 16<<20)
-	for sc.Scan() {
-		line := strings.TrimSpace(sc.Text())
-		if line == "" {
-			continue
-		}
-		var row Row
-		if err := json.Unmarshal([]byte(line), &row); err != nil {
-			continue
-		}
-		rows = append(rows, row)
-	}
-	return rows, sc.Err()
-}
-
 // Resume reads path (if it exists) and returns the rows and the keys done.
 func Resume(path string) ([]Row, map[string]bool, error) {
-	f, err := os.Open(path)
-	if errors.Is(err, os.ErrNotExist) {
-		return nil, map[string]bool{}, nil
-	}
-	if err != nil {
-		return nil, nil, err
-	}
-	defer f.Close()
-	rows, err := ReadRows(f)
+	rows, err := runinfo.ReadLines[Row](path)
 	done := map[string]bool{}
 	for _, r := range rows {
 		done[r.Key()] = true

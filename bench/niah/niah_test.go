@@ -9,6 +9,7 @@ import (
 
 	"github.com/stretchr/testify/require"
 
+	"github.com/kvrecall/kvrecall/bench/runinfo"
 	"github.com/kvrecall/kvrecall/gguf"
 	"github.com/kvrecall/kvrecall/haystack"
 	"github.com/kvrecall/kvrecall/internal/testmodels"
@@ -117,7 +118,7 @@ func TestStringMatch(t *testing.T) {
 // again.
 func TestResumeAfterInterruption(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "results.jsonl")
-	a, err := OpenAppender(path)
+	a, err := runinfo.OpenAppender(path)
 	require.NoError(t, err)
 	r1 := Row{Model: "m", Method: "retro", Budget: 1024, Length: 4096, Depth: 25, Score: 100, Exact: true}
 	require.NoError(t, a.Write(r1))
@@ -131,7 +132,7 @@ func TestResumeAfterInterruption(t *testing.T) {
 	require.NoError(t, err)
 	require.Len(t, rows, 1)
 	require.True(t, done[r1.Key()])
-	a, err = OpenAppender(path)
+	a, err = runinfo.OpenAppender(path)
 	require.NoError(t, err)
 	r2 := r1
 	r2.Method = "quest"

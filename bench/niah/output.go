@@ -1,9 +1,7 @@
 package niah
 
 import (
-	"encoding/json"
 	"fmt"
-	"os"
 	"path/filepath"
 	"slices"
 	"sort"
@@ -12,41 +10,6 @@ import (
 
 	"github.com/kvrecall/kvrecall/bench/plot"
 )
-
-// Appender writes rows as JSON lines, one write and sync per row, so that an
-// interrupted run keeps every finished cell.
-type Appender struct{ f *os.File }
-
-// OpenAppender opens path for appending; a torn last line (a run killed
-// while writing it) is ended with a newline so that new rows stay readable.
-func OpenAppender(path string) (*Appender, error) {
-	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR|os.O_APPEND, 0o644)
-	if err != nil {
-		return nil, err
-	}
-	if st, err := f.Stat(); err == nil && st.Size() > 0 {
-		last := make([]byte, 1)
-		if _, err := f.ReadAt(last, st.Size()-1); err == nil && last[0] != '\n' {
-			f.Write([]byte("\n"))
-		}
-	}
-	return &Appender{f: f}, nil
-}
-
-// Write appends one row.
-func (a *Appender) Write(r Row) error {
-	b, err := json.Marshal(r)
-	if err != nil {
-		return err
-	}
-	if _, err := a.f.Write(append(b, '\n')); err != nil {
-		return err
-	}
-	return a.f.Sync()
-}
-
-// Close closes the file.
-func (a *Appender) Close() error { return a.f.Close() }
 
 // Heatmaps draws one heatmap per method and budget into dir (PNG and SVG)
 // and all of them side by side as heatmaps.png/.svg. It returns the files'

@@ -4,6 +4,8 @@ package runinfo
 
 import (
 	"bufio"
+	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -108,4 +110,62 @@ func memTotal() string {
 		}
 	}
 	return "unknown"
+}
+
+// Appender writes JSON lines, one write and sync per record, so that an
+// interrupted run keeps every finished record.
+type Appender struct{ f *os.File }
+
+// OpenAppender opens path for appending; a torn last line (a run killed
+// while writing it) is ended with a newline so that new lines stay readable.
+func OpenAppender(path string) (*Appender, error) {
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR|os.O_APPEND, 0o644)
+	if err != nil {
+		return nil, err
+	}
+	if st, err := f.Stat(); err == nil && st.Size() > 0 {
+		last := make([]byte, 1)
+		if _, err := f.ReadAt(last, st.Size()-1); err == nil && last[0] != '\n' {
+			f.Write([]byte("\n"))
+		}
+	}
+	return &Appender{f: f}, nil
+}
+
+// Write appends one record.
+func (a *Appender) Write(v any) error {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	if _, err := a.f.Write(append(b, '\n')); err != nil {
+		return err
+	}
+	return a.f.Sync()
+}
+
+// Close closes the file.
+func (a *Appender) Close() error { return a.f.Close() }
+
+// ReadLines decodes every complete JSON line of path into T (a missing file
+// is empty; torn or foreign lines are skipped).
+func ReadLines[T any](path string) ([]T, error) {
+	f, err := os.Open(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	var out []T
+	sc := bufio.NewScanner(f)
+	sc.Buffer(make([]byte, 1<<20), 16<<20)
+	for sc.Scan() {
+		var v T
+		if json.Unmarshal(sc.Bytes(), &v) == nil {
+			out = append(out, v)
+		}
+	}
+	return out, sc.Err()
 }

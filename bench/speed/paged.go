@@ -4,8 +4,11 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"path/filepath"
+	"strings"
 	"time"
 
+	"github.com/kvrecall/kvrecall/bench/plot"
 	"github.com/kvrecall/kvrecall/kvcache"
 	"github.com/kvrecall/kvrecall/llamaref"
 	"github.com/kvrecall/kvrecall/runtime"
@@ -219,3 +222,45 @@ func PagedTable(rows []PagedRow, methods []string) string {
 }
 
 func mib(b int64) string { return fmt.Sprintf("%.1f MiB", float64(b)/(1<<20)) }
+
+// PagedPlots draws decode time and resident KV against context length, one
+// line per method (llama.cpp included), for each model, into dir.
+func PagedPlots(rows []PagedRow, methods []string, dir string) error {
+	byModel := map[string][]PagedRow{}
+	var models []string
+	for _, r := range rows {
+		if _, ok := byModel[r.Model]; !ok {
+			models = append(models, r.Model)
+		}
+		byModel[r.Model] = append(byModel[r.Model], r)
+	}
+	for _, model := range models {
+		rs := byModel[model]
+		var dec, res []plot.Series
+		for _, m := range append([]string{"llama.cpp", "dense"}, methods...) {
+			d := plot.Series{Name: m}
+			k := plot.Series{Name: m}
+			for _, r := range rs {
+				x := float64(r.Context) / 1024
+				d.X, d.Y = append(d.X, x), append(d.Y, r.DecodeMs[m])
+				k.X, k.Y = append(k.X, x), append(k.Y, float64(r.Resident[m])/(1<<20))
+			}
+			dec, res = append(dec, d), append(res, k)
+		}
+		name := strings.Fields(model)[0]
+		p, err := plot.Lines(model+": decode at budget "+fmt.Sprint(rs[0].Budget), "context (k tokens)", "ms per token", dec)
+		if err != nil {
+			return err
+		}
+		if err := plot.Save(p, filepath.Join(dir, "decode-"+name)); err != nil {
+			return err
+		}
+		if p, err = plot.Lines(model+": device-resident KV", "context (k tokens)", "MiB", res); err != nil {
+			return err
+		}
+		if err := plot.Save(p, filepath.Join(dir, "resident-"+name)); err != nil {
+			return err
+		}
+	}
+	return nil
+}

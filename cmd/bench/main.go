@@ -26,6 +26,7 @@ import (
 
 	"github.com/kvrecall/kvrecall/bench/load"
 	"github.com/kvrecall/kvrecall/bench/niah"
+	"github.com/kvrecall/kvrecall/bench/ruler"
 	"github.com/kvrecall/kvrecall/bench/runinfo"
 	"github.com/kvrecall/kvrecall/bench/speed"
 	"github.com/kvrecall/kvrecall/foundry"
@@ -40,6 +41,8 @@ const usage = `usage:
   bench speed [--preset tiny,1b | --model FILE] [--contexts 2048,8192] [--threads 1,2] [--decode 32] [--json FILE]
   bench speed --paged [--preset tiny] [--contexts 16384,32768,65536] [--threads 2] [--budget 2048] [--methods retro,quest]
   bench load  [--preset tiny | --model FILE] [--clients 1,4,16] [--requests 48] [--max-tokens 16] [--max-concurrent 2]
+  bench ruler [--model FILE] [--tasks niah_single,...] [--lengths 4096,...,65536] [--samples 3]
+              [--method dense,retro] [--budget 2048] [--out DIR]
   bench niah  [--model FILE] [--method dense,window,quest,retro] [--budget 1024,2048]
               [--lengths 16384,32768] [--depths 0,25,50,75,100] [--needles 1] [--json FILE]
 `
@@ -90,6 +93,8 @@ func run(ctx context.Context, args []string) error {
 		return runNIAH(ctx, args[1:])
 	case "load":
 		return runLoad(ctx, args[1:])
+	case "ruler":
+		return runRuler(ctx, args[1:])
 	case "-h", "--help", "help":
 		fmt.Print(usage)
 		return nil
@@ -108,6 +113,7 @@ func runSpeed(ctx context.Context, args []string) error {
 	jsonOut := fs.String("json", "", "also write the rows as JSON to this file")
 	paged := fs.Bool("paged", false, "long-context decode: paged methods vs dense attention vs llama.cpp (prefill with the first thread count)")
 	decodeThreads := fs.Int("decode-threads", 1, "paged: threads for the timed decode steps")
+	outDir := fs.String("out", "", "paged: run folder for results and plots (default: bench/results/speed-<time>)")
 	budget := fs.Int("budget", 2048, "paged: token budget")
 	methods := fs.String("methods", "retro,quest", "paged: methods besides dense")
 	if err := fs.Parse(args); err != nil {
@@ -155,8 +161,25 @@ func runSpeed(ctx context.Context, args []string) error {
 		}
 		fmt.Printf("\nbench %s\n\n", strings.Join(append([]string{"speed"}, args...), " "))
 		fmt.Print(speed.PagedTable(all, ms))
+		dir := *outDir
+		if dir == "" {
+			dir = runinfo.DefaultDir("speed")
+		}
+		if err := runinfo.Prepare(dir, append([]string{"bench", "speed"}, args...)); err != nil {
+			return err
+		}
+		b, _ := json.MarshalIndent(all, "", "  ")
+		if err := os.WriteFile(filepath.Join(dir, "results.json"), b, 0o644); err != nil {
+			return err
+		}
+		if err := os.WriteFile(filepath.Join(dir, "table.md"), []byte(speed.PagedTable(all, ms)), 0o644); err != nil {
+			return err
+		}
+		if err := speed.PagedPlots(all, ms, dir); err != nil {
+			return err
+		}
+		fmt.Printf("\nresults and plots in %s\n", dir)
 		if *jsonOut != "" {
-			b, _ := json.MarshalIndent(all, "", "  ")
 			return os.WriteFile(*jsonOut, b, 0o644)
 		}
 		return nil
@@ -271,7 +294,7 @@ func runNIAH(ctx context.Context, args []string) error {
 	if len(done) > 0 {
 		fmt.Fprintf(os.Stderr, "resuming %s: %d cells already done\n", dir, len(done))
 	}
-	app, err := niah.OpenAppender(resultsPath)
+	app, err := runinfo.OpenAppender(resultsPath)
 	if err != nil {
 		return err
 	}
@@ -376,4 +399,110 @@ func runLoad(ctx context.Context, args []string) error {
 	fmt.Printf("\nbench %s   (server: --max-concurrent %d, model %s)\n\n", strings.Join(append([]string{"load"}, args...), " "), *maxConc, path)
 	fmt.Print(load.Table(rs))
 	return nil
+}
+
+func runRuler(ctx context.Context, args []string) error {
+	fs := flag.NewFlagSet("ruler", flag.ContinueOnError)
+	model := fs.String("model", "", "GGUF model (default: the foundry's recall model, built if absent)")
+	tasks := fs.String("tasks", strings.Join(ruler.Tasks, ","), "tasks: "+strings.Join(ruler.Tasks, ", "))
+	lengths := fs.String("lengths", "4096,8192,16384,32768,65536", "context lengths in tokens")
+	samples := fs.Int("samples", 3, "samples per task and length")
+	methods := fs.String("method", "dense,retro", "paging methods, comma separated: "+strings.Join(paging.Names, ", "))
+	budgets := fs.String("budget", "2048", "token budgets, comma separated")
+	seed := fs.Uint64("seed", 1, "seed")
+	threads := fs.Int("threads", 0, "CPU threads (default: all)")
+	out := fs.String("out", "", "run folder (default: bench/results/ruler-<time>); an existing one resumes")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	ls, err := ints(*lengths)
+	if err != nil {
+		return err
+	}
+	bs, err := ints(*budgets)
+	if err != nil {
+		return err
+	}
+	ts := strings.Split(*tasks, ",")
+	for _, t := range ts {
+		if !slices.Contains(ruler.Tasks, t) {
+			return fmt.Errorf("unknown task %q (%s)", t, strings.Join(ruler.Tasks, ", "))
+		}
+	}
+	ms := strings.Split(*methods, ",")
+	for _, m := range ms {
+		if !slices.Contains(paging.Names, m) {
+			return fmt.Errorf("unknown method %q (%s)", m, strings.Join(paging.Names, ", "))
+		}
+	}
+	path := *model
+	if path == "" {
+		dir, err := foundry.ModelsDir()
+		if err != nil {
+			return err
+		}
+		if path, err = foundry.EnsureRecall(dir, func(p string) { fmt.Fprintf(os.Stderr, "building %s ...\n", p) }); err != nil {
+			return err
+		}
+	}
+	f, err := gguf.Open(path)
+	if err != nil {
+		return err
+	}
+	cfg := ruler.Config{Model: filepath.Base(path), Tasks: ts, Lengths: ls, Samples: *samples, Methods: ms, Budgets: bs, Seed: *seed}
+	if voc, err := haystack.LoadVocab(f); err == nil {
+		cfg.Recall = voc
+	}
+	dir := *out
+	if dir == "" {
+		dir = runinfo.DefaultDir("ruler")
+	}
+	if err := runinfo.Prepare(dir, append([]string{"bench", "ruler"}, args...)); err != nil {
+		return err
+	}
+	resultsPath := filepath.Join(dir, "results.jsonl")
+	rows, err := runinfo.ReadLines[ruler.Row](resultsPath)
+	if err != nil {
+		return err
+	}
+	cfg.Done = map[string]bool{}
+	for _, r := range rows {
+		cfg.Done[r.Key()] = true
+	}
+	app, err := runinfo.OpenAppender(resultsPath)
+	if err != nil {
+		return err
+	}
+	defer app.Close()
+	docs, err := os.MkdirTemp("", "kvrecall-ruler-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(docs)
+	m, err := runtime.Open(ctx, path, runtime.Options{Threads: *threads, ContextLength: slices.Max(ls) + 64, DataDir: docs})
+	if err != nil {
+		return err
+	}
+	defer m.Close()
+	bar := progressbar.NewOptions(max(1, cfg.Total()-len(cfg.Done)), progressbar.OptionSetDescription("samples"), progressbar.OptionSetWriter(os.Stderr),
+		progressbar.OptionShowCount(), progressbar.OptionSetPredictTime(true), progressbar.OptionThrottle(500*time.Millisecond))
+	err = ruler.Run(ctx, m, cfg, func(r ruler.Row) error {
+		rows = append(rows, r)
+		bar.Add(1)
+		return app.Write(r)
+	})
+	bar.Finish()
+	sums := ruler.Summarize(rows)
+	if werr := os.WriteFile(filepath.Join(dir, "summary.csv"), []byte(ruler.CSV(sums)), 0o644); werr != nil {
+		return werr
+	}
+	if werr := os.WriteFile(filepath.Join(dir, "summary.md"), []byte(ruler.Markdown(sums)), 0o644); werr != nil {
+		return werr
+	}
+	fmt.Printf("\nbench %s\n\n%s\nresults in %s\n", strings.Join(append([]string{"ruler"}, args...), " "), ruler.Markdown(sums), dir)
+	if errors.Is(err, context.Canceled) {
+		fmt.Fprintf(os.Stderr, "interrupted: finished samples are kept; run the same command with --out %s to resume\n", dir)
+		return nil
+	}
+	return err
 }

@@ -1,0 +1,34 @@
+package speed
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/stretchr/testify/require"
+)
+
+func TestPagedTableAndPlots(t *testing.T) {
+	rows := []PagedRow{
+		{Model: "tiny (f16)", Context: 16384, Budget: 2048, BaseMs: 1,
+			DecodeMs: map[string]float64{"llama.cpp": 10, "dense": 11, "retro": 2},
+			Resident: map[string]int64{"llama.cpp": 64 << 20, "dense": 64 << 20, "retro": 4 << 20}, PrefillSec: 20, UpkeepSec: 0.2},
+		{Model: "tiny (f16)", Context: 32768, Budget: 2048, BaseMs: 1,
+			DecodeMs: map[string]float64{"llama.cpp": 20, "dense": 21, "retro": 2},
+			Resident: map[string]int64{"llama.cpp": 128 << 20, "dense": 128 << 20, "retro": 4 << 20}, PrefillSec: 80, UpkeepSec: 0.4},
+	}
+	require.InDelta(t, 20.0, rows[1].AttentionMs("dense")/rows[1].AttentionMs("retro"), 1e-9)
+	require.InDelta(t, 0.01, rows[0].UpkeepShare(), 1e-9)
+	md := PagedTable(rows, []string{"retro"})
+	require.Contains(t, md, "| tiny (f16) | 32768 | 2048 | retro | 2.00 | 10.50 | 10.00 | 1.00 | 20.0x | 4.0 MiB |")
+	require.Contains(t, md, "| tiny (f16) | 16384 | 20.0 | 0.0 | 1.00% |")
+	dir := t.TempDir()
+	require.NoError(t, PagedPlots(rows, []string{"retro"}, dir))
+	for _, n := range []string{"decode-tiny.png", "decode-tiny.svg", "resident-tiny.png", "resident-tiny.svg"} {
+		st, err := os.Stat(filepath.Join(dir, n))
+		require.NoError(t, err, n)
+		require.Positive(t, st.Size())
+	}
+	require.True(t, strings.HasPrefix(DenseTable(nil), "| model |"))
+}
