@@ -25,11 +25,26 @@ func ModelsDir() (string, error) {
 	return d, nil
 }
 
-// Ensure returns dir/name, building it with build when it is absent or not a
-// readable GGUF file. notify, if set, is told before a build starts.
+// Version changes whenever the foundry's output changes; every file it
+// writes records it (general.kvrecall.foundry_version) and Ensure rebuilds
+// files of another version.
+const Version = "2"
+
+const versionKey = "general.kvrecall.foundry_version"
+
+// Current reports whether path is a readable GGUF file written by this
+// version of the foundry.
+func Current(path string) bool {
+	f, err := gguf.Open(path)
+	return err == nil && f.String(versionKey) == Version
+}
+
+// Ensure returns dir/name, building it with build when it is absent, not a
+// readable GGUF file, or from another foundry version. notify, if set, is
+// told before a build starts.
 func Ensure(dir, name string, build func(path string) error, notify func(path string)) (string, error) {
 	p := filepath.Join(dir, name)
-	if _, err := gguf.Open(p); err == nil {
+	if Current(p) {
 		return p, nil
 	}
 	if notify != nil {

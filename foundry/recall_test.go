@@ -2,8 +2,11 @@ package foundry
 
 import (
 	"math/rand/v2"
+	"os"
 	"slices"
 	"testing"
+
+	"github.com/stretchr/testify/require"
 )
 
 func TestRecallAnswersWithReference(t *testing.T) {
@@ -33,4 +36,23 @@ func TestRecallAnswersWithReference(t *testing.T) {
 			}
 		}
 	}
+}
+
+func TestEnsureRebuildsOtherVersions(t *testing.T) {
+	dir := t.TempDir()
+	builds := 0
+	build := func(p string) error {
+		builds++
+		return WriteRandom(p, RandomOptions{Arch: "llama", Shape: Shape{Hidden: 32, Layers: 1, Heads: 2, KVHeads: 1, HeadDim: 16, FFN: 32, Vocab: 300, Context: 64, RopeBase: 10000}, Seed: 1})
+	}
+	p, err := Ensure(dir, "m.gguf", build, nil)
+	require.NoError(t, err)
+	require.True(t, Current(p))
+	_, err = Ensure(dir, "m.gguf", build, nil)
+	require.NoError(t, err)
+	require.Equal(t, 1, builds, "a current file is reused")
+	require.NoError(t, os.WriteFile(p, []byte("GGUF junk"), 0o644))
+	_, err = Ensure(dir, "m.gguf", build, nil)
+	require.NoError(t, err)
+	require.Equal(t, 2, builds, "a broken or stale file is rebuilt")
 }

@@ -156,6 +156,7 @@ func quantizeQ8_0(data []float32) []byte {
 
 // write stores the model atomically as GGUF v3 through ollama's writer.
 func write(path string, kv fsggml.KV, ts []*tensor) error {
+	kv[versionKey] = Version
 	fts := make([]*fsggml.Tensor, len(ts))
 	for i, t := range ts {
 		if t.dtype == Q8_0 && (len(t.shape) < 2 || t.shape[0]%32 != 0) {

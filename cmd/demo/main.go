@@ -1,7 +1,9 @@
 // Command demo is kvrecall's main job on its embedded default: it builds the
 // foundry's recall model if absent (no download), hides a needle in a
-// generated ~16k-token haystack, evaluates it with a progress bar, asks the
-// question and prints the answer and the timings.
+// generated ~16k-token haystack, ingests the haystack once as a document
+// (with a progress bar), then asks the question twice: attending to ~2k
+// tokens of pages chosen for the question (retro), and to every token
+// (dense). It prints the answers, the timings and the device-resident KV.
 package main
 
 import (
@@ -20,6 +22,7 @@ import (
 	"github.com/kvrecall/kvrecall/foundry"
 	"github.com/kvrecall/kvrecall/gguf"
 	"github.com/kvrecall/kvrecall/haystack"
+	"github.com/kvrecall/kvrecall/kvcache"
 	"github.com/kvrecall/kvrecall/runtime"
 )
 
@@ -37,6 +40,7 @@ func run(ctx context.Context) error {
 	length := flag.Int("length", 16384, "haystack length in tokens")
 	depth := flag.Float64("depth", -1, "needle depth in [0,1] (default: random)")
 	threads := flag.Int("threads", 0, "CPU threads (default: all)")
+	budget := flag.Int("budget", 2048, "tokens attended per question under retro")
 	model := flag.String("model", "", "recall model (default: build the foundry's recall model if absent)")
 	seed := flag.Uint64("seed", uint64(time.Now().UnixNano()), "haystack seed")
 	flag.Parse()
@@ -62,8 +66,13 @@ func run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	docs, err := os.MkdirTemp("", "kvrecall-demo-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(docs)
 	t0 := time.Now()
-	m, err := runtime.Open(ctx, path, runtime.Options{Threads: *threads, ContextLength: *length + 16})
+	m, err := runtime.Open(ctx, path, runtime.Options{Threads: *threads, ContextLength: *length + 64, DataDir: docs})
 	if err != nil {
 		return err
 	}
@@ -82,46 +91,58 @@ func run(ctx context.Context) error {
 	tok := m.Tokenizer()
 	words := func(ids []int32) string {
 		s, _ := tok.Decode(ids)
-		return s
+		return s[1:]
 	}
 	fmt.Printf("Haystack: %d tokens of filler words; the needle %q sits at token %d (depth %.0f%%).\n",
-		len(c.Tokens), words(append([]int32{n.Key}, n.Values...))[1:], n.Pos, 100*d)
+		len(c.Tokens), words(append([]int32{n.Key}, n.Values...)), n.Pos, 100*d)
 
-	s, err := m.NewSession()
-	if err != nil {
-		return err
-	}
-	defer s.Close()
 	bar := progressbar.NewOptions(len(c.Tokens),
-		progressbar.OptionSetDescription("prefill"),
+		progressbar.OptionSetDescription("ingest"),
 		progressbar.OptionShowCount(),
 		progressbar.OptionShowIts(),
 		progressbar.OptionSetItsString("tok"),
 		progressbar.OptionSetWriter(os.Stderr),
+		progressbar.OptionSetPredictTime(true),
 		progressbar.OptionThrottle(100*time.Millisecond),
 		progressbar.OptionClearOnFinish())
-	q := voc.Question(n)
-	fmt.Printf("Question:%s\n", words(q))
 	t0 = time.Now()
-	_, err = s.Eval(ctx, c.Tokens, false, func(done, total int) { bar.Set(done) })
+	doc, err := m.IngestTokens(ctx, "demo", c.Tokens, func(done, total int) { bar.Set(done) })
 	bar.Finish()
 	if err != nil {
 		return err
 	}
-	prefill := time.Since(t0)
-	res, err := s.Generate(ctx, q, runtime.GenerateOptions{MaxTokens: voc.AnswerLength})
-	if err != nil {
-		return err
+	ingest := time.Since(t0)
+	fmt.Printf("Ingested once: %d tokens in %s (%.0f tok/s), %d pages of %d tokens kept in RAM and on disk (%.1f MiB).\n",
+		doc.Tokens, ingest.Round(time.Millisecond), float64(doc.Tokens)/ingest.Seconds(), doc.Pages, doc.PageSize, float64(doc.HostBytes)/(1<<20))
+
+	q := voc.Question(n)
+	fmt.Printf("Question: %s\n", words(q))
+	wrong := false
+	for _, pol := range []runtime.PolicyOptions{{Policy: "retro", Budget: *budget}, {Policy: "dense"}} {
+		s, err := m.DocumentSession(doc, pol)
+		if err != nil {
+			return err
+		}
+		res, err := s.Generate(ctx, q, runtime.GenerateOptions{MaxTokens: voc.AnswerLength})
+		resident := s.Cache().(*kvcache.Paged).Stats().ResidentBytes
+		s.Close()
+		if err != nil {
+			return err
+		}
+		verdict := "correct"
+		if !slices.Equal(res.Tokens, n.Values) {
+			verdict, wrong = "WRONG, expected "+words(n.Values), true
+		}
+		label := "dense (every token)"
+		if pol.Policy != "dense" {
+			label = fmt.Sprintf("%s, budget %d", pol.Policy, pol.Budget)
+		}
+		fmt.Printf("Answer [%s]: %s  (%s)\n", label, res.Text[1:], verdict)
+		fmt.Printf("  question %d tokens in %s, decode %.2f ms/token, device-resident KV %.1f MiB, document reused: %d tokens\n",
+			res.PromptTokens, res.PrefillDuration.Round(time.Microsecond), float64(res.DecodeDuration.Microseconds())/1000/float64(max(1, res.GeneratedTokens)),
+			float64(resident)/(1<<20), res.CachedTokens)
 	}
-	verdict := "correct"
-	if !slices.Equal(res.Tokens, n.Values) {
-		verdict = "WRONG, expected" + words(n.Values)
-	}
-	fmt.Printf("Answer:  %s  (%s)\n", res.Text[1:], verdict)
-	fmt.Printf("Timings: prefill %d tokens in %s (%.0f tok/s); question %d tokens; decode %.1f ms/token\n",
-		len(c.Tokens), prefill.Round(time.Millisecond), float64(len(c.Tokens))/prefill.Seconds(), res.PromptTokens,
-		float64(res.DecodeDuration.Microseconds())/1000/float64(max(1, res.GeneratedTokens)))
-	if verdict != "correct" {
+	if wrong {
 		return fmt.Errorf("wrong answer")
 	}
 	return nil
