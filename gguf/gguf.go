@@ -165,6 +165,12 @@ func (f *File) Uint(key string) (uint64, bool) {
 	if !ok {
 		return 0, false
 	}
+	return AsUint(v)
+}
+
+// AsUint converts a metadata value of any integer type to uint64; negative
+// and non-integer values report false.
+func AsUint(v any) (uint64, bool) {
 	switch x := v.(type) {
 	case uint8:
 		return uint64(x), true
@@ -174,14 +180,14 @@ func (f *File) Uint(key string) (uint64, bool) {
 		return uint64(x), true
 	case uint64:
 		return x, true
+	case int8:
+		return uint64(x), x >= 0
+	case int16:
+		return uint64(x), x >= 0
 	case int32:
-		if x >= 0 {
-			return uint64(x), true
-		}
+		return uint64(x), x >= 0
 	case int64:
-		if x >= 0 {
-			return uint64(x), true
-		}
+		return uint64(x), x >= 0
 	}
 	return 0, false
 }

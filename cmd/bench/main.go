@@ -247,23 +247,11 @@ func runNIAH(ctx context.Context, args []string) error {
 			ds[i] /= 100
 		}
 	}
-	ms := strings.Split(*methods, ",")
-	for _, m := range ms {
-		if !slices.Contains(paging.Names, m) {
-			return fmt.Errorf("unknown method %q (%s)", m, strings.Join(paging.Names, ", "))
-		}
+	ms, err := methodList(*methods)
+	if err != nil {
+		return err
 	}
-	path := *model
-	if path == "" {
-		dir, err := foundry.ModelsDir()
-		if err != nil {
-			return err
-		}
-		if path, err = foundry.EnsureRecall(dir, func(p string) { fmt.Fprintf(os.Stderr, "building %s ...\n", p) }); err != nil {
-			return err
-		}
-	}
-	f, err := gguf.Open(path)
+	path, f, err := benchModel(*model)
 	if err != nil {
 		return err
 	}
@@ -299,16 +287,11 @@ func runNIAH(ctx context.Context, args []string) error {
 		return err
 	}
 	defer app.Close()
-	docs, err := os.MkdirTemp("", "kvrecall-niah-")
+	m, cleanup, err := openWithScratchDocs(ctx, path, *threads, slices.Max(ls)+64)
 	if err != nil {
 		return err
 	}
-	defer os.RemoveAll(docs)
-	m, err := runtime.Open(ctx, path, runtime.Options{Threads: *threads, ContextLength: slices.Max(ls) + 64, DataDir: docs})
-	if err != nil {
-		return err
-	}
-	defer m.Close()
+	defer cleanup()
 
 	todo := cfg.Total() - len(done)
 	bar := progressbar.NewOptions(max(todo, 1), progressbar.OptionSetDescription("cells"), progressbar.OptionSetWriter(os.Stderr),
@@ -429,23 +412,11 @@ func runRuler(ctx context.Context, args []string) error {
 			return fmt.Errorf("unknown task %q (%s)", t, strings.Join(ruler.Tasks, ", "))
 		}
 	}
-	ms := strings.Split(*methods, ",")
-	for _, m := range ms {
-		if !slices.Contains(paging.Names, m) {
-			return fmt.Errorf("unknown method %q (%s)", m, strings.Join(paging.Names, ", "))
-		}
+	ms, err := methodList(*methods)
+	if err != nil {
+		return err
 	}
-	path := *model
-	if path == "" {
-		dir, err := foundry.ModelsDir()
-		if err != nil {
-			return err
-		}
-		if path, err = foundry.EnsureRecall(dir, func(p string) { fmt.Fprintf(os.Stderr, "building %s ...\n", p) }); err != nil {
-			return err
-		}
-	}
-	f, err := gguf.Open(path)
+	path, f, err := benchModel(*model)
 	if err != nil {
 		return err
 	}
@@ -474,16 +445,11 @@ func runRuler(ctx context.Context, args []string) error {
 		return err
 	}
 	defer app.Close()
-	docs, err := os.MkdirTemp("", "kvrecall-ruler-")
+	m, cleanup, err := openWithScratchDocs(ctx, path, *threads, slices.Max(ls)+64)
 	if err != nil {
 		return err
 	}
-	defer os.RemoveAll(docs)
-	m, err := runtime.Open(ctx, path, runtime.Options{Threads: *threads, ContextLength: slices.Max(ls) + 64, DataDir: docs})
-	if err != nil {
-		return err
-	}
-	defer m.Close()
+	defer cleanup()
 	bar := progressbar.NewOptions(max(1, cfg.Total()-len(cfg.Done)), progressbar.OptionSetDescription("samples"), progressbar.OptionSetWriter(os.Stderr),
 		progressbar.OptionShowCount(), progressbar.OptionSetPredictTime(true), progressbar.OptionThrottle(500*time.Millisecond))
 	err = ruler.Run(ctx, m, cfg, func(r ruler.Row) error {
@@ -505,4 +471,46 @@ func runRuler(ctx context.Context, args []string) error {
 		return nil
 	}
 	return err
+}
+
+// methodList parses a comma-separated list of paging methods.
+func methodList(s string) ([]string, error) {
+	ms := strings.Split(s, ",")
+	for _, m := range ms {
+		if !slices.Contains(paging.Names, m) {
+			return nil, fmt.Errorf("unknown method %q (%s)", m, strings.Join(paging.Names, ", "))
+		}
+	}
+	return ms, nil
+}
+
+// benchModel returns the model to benchmark: path, or the foundry's recall
+// model (built if absent), with its parsed header.
+func benchModel(path string) (string, *gguf.File, error) {
+	if path == "" {
+		dir, err := foundry.ModelsDir()
+		if err != nil {
+			return "", nil, err
+		}
+		if path, err = foundry.EnsureRecall(dir, func(p string) { fmt.Fprintf(os.Stderr, "building %s ...\n", p) }); err != nil {
+			return "", nil, err
+		}
+	}
+	f, err := gguf.Open(path)
+	return path, f, err
+}
+
+// openWithScratchDocs opens a model whose documents go to a temporary
+// directory that cleanup removes (benchmarks ingest their own haystacks).
+func openWithScratchDocs(ctx context.Context, path string, threads, contextLength int) (*runtime.Model, func(), error) {
+	docs, err := os.MkdirTemp("", "kvrecall-bench-")
+	if err != nil {
+		return nil, nil, err
+	}
+	m, err := runtime.Open(ctx, path, runtime.Options{Threads: threads, ContextLength: contextLength, DataDir: docs})
+	if err != nil {
+		os.RemoveAll(docs)
+		return nil, nil, err
+	}
+	return m, func() { m.Close(); os.RemoveAll(docs) }, nil
 }

@@ -71,21 +71,7 @@ func uintOf(get Getter, key string) (uint64, bool) {
 	if !ok {
 		return 0, false
 	}
-	switch x := v.(type) {
-	case uint8:
-		return uint64(x), true
-	case uint16:
-		return uint64(x), true
-	case uint32:
-		return uint64(x), true
-	case uint64:
-		return x, true
-	case int32:
-		return uint64(x), x >= 0
-	case int64:
-		return uint64(x), x >= 0
-	}
-	return 0, false
+	return gguf.AsUint(v)
 }
 
 func stringOf(get Getter, key string) string {
