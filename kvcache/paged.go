@@ -64,6 +64,16 @@ type Paged struct {
 
 	uploadCount atomic.Int64
 	upkeep      atomic.Int64 // nanoseconds
+
+	// The last mask built: layers with the same pool layout and selection
+	// (every layer, for a dense policy) share it within a graph.
+	mask struct {
+		ctx    ml.Context
+		pages  []int // pool.page of the used slots
+		fill   []int
+		sel    []int
+		tensor ml.Tensor
+	}
 }
 
 type upload struct{ page, slot, rows int }
@@ -393,6 +403,11 @@ func (c *Paged) Get(ctx ml.Context) (ml.Tensor, ml.Tensor, ml.Tensor) {
 	used := pl.used()
 	P := c.L.PageSize
 	cells := used * P
+	k := pl.k.View(ctx, 0, c.L.HeadDim, pl.k.Stride(1), c.L.KVHeads, pl.k.Stride(2), cells)
+	v := pl.v.View(ctx, 0, cells, pl.v.Stride(1), c.L.HeadDim, pl.v.Stride(2), c.L.KVHeads)
+	if mk := &c.mask; mk.ctx == ctx && slices.Equal(mk.pages, pl.page[:used]) && slices.Equal(mk.fill, pl.fill[:used]) && slices.Equal(mk.sel, c.sel[l]) {
+		return k, v, mk.tensor
+	}
 	// Row b of the mask shows every visible cell at or before position
 	// pos0+b. Cells before the batch are the same for every row: build that
 	// row once, then copy it and open the batch's own cells causally.
@@ -430,9 +445,12 @@ func (c *Paged) Get(ctx ml.Context) (ml.Tensor, ml.Tensor, ml.Tensor) {
 			r[batchCells[i]] = 0
 		}
 	}
-	k := pl.k.View(ctx, 0, c.L.HeadDim, pl.k.Stride(1), c.L.KVHeads, pl.k.Stride(2), cells)
-	v := pl.v.View(ctx, 0, cells, pl.v.Stride(1), c.L.HeadDim, pl.v.Stride(2), c.L.KVHeads)
-	return k, v, ctx.Input().FromFloats(mask, cells, c.n)
+	t := ctx.Input().FromFloats(mask, cells, c.n)
+	c.mask.ctx, c.mask.tensor = ctx, t
+	c.mask.pages = append(c.mask.pages[:0], pl.page[:used]...)
+	c.mask.fill = append(c.mask.fill[:0], pl.fill[:used]...)
+	c.mask.sel = append(c.mask.sel[:0], c.sel[l]...)
+	return k, v, t
 }
 
 // maxUploadRuns bounds the copy ops one layer's uploads add to a graph
