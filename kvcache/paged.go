@@ -286,8 +286,15 @@ func (c *Paged) StartForward(ctx ml.Context, batch input.Batch, reserve bool) er
 		c.writes = append(c.writes, p)
 	}
 	for l := 0; l < c.L.Layers; l++ {
+		pl := c.poolFor(l)
+		// Uploads planned by a pass that never reached its graph (it failed)
+		// did not happen: those slots must be filled again.
+		for _, u := range c.uploads[l] {
+			if pl.page[u.slot] == u.page {
+				pl.fill[u.slot] = 0
+			}
+		}
 		c.sel[l], c.uploads[l], c.cells[l] = nil, c.uploads[l][:0], c.cells[l][:0]
-		c.poolFor(l)
 		// Pages go into slots in page order, so that with every page selected
 		// the pool is laid out like a dense cache (and sums in the same order).
 		place := c.writes
@@ -301,7 +308,6 @@ func (c *Paged) StartForward(ctx ml.Context, batch input.Batch, reserve bool) er
 		if err := c.placeAll(l, place); err != nil {
 			return err
 		}
-		pl := c.pools[l]
 		for i := 0; i < n; i++ {
 			pos := pos0 + i
 			c.cells[l] = append(c.cells[l], int32(pl.resident(pos/P)*P+pos%P))

@@ -187,10 +187,7 @@ func TestConcurrentAsk(t *testing.T) {
 	for i, n := range fx.c.Needles {
 		questions[i] = fx.question(t, n)
 	}
-	goroutines := 4
-	if v := os.Getenv("KVR_GOROUTINES"); v != "" {
-		fmt.Sscan(v, &goroutines)
-	}
+	const goroutines = 4
 	var wg sync.WaitGroup
 	errs := make(chan error, 16)
 	for g := 0; g < goroutines; g++ {

@@ -5,7 +5,7 @@
 //
 // Attention goes through a cache seam: each layer hands its roped q, k and v
 // to a kvcache.Cache, which stores k and v and decides which keys, values and
-// mask attention sees. A cache that also implements QueryObserver sees the
+// mask attention sees. A cache that also implements Hooks sees the
 // layer's queries first, so it can pick pages for them.
 package arch
 
