@@ -29,7 +29,7 @@ const Version = "0.1.0"
 type Config struct {
 	ModelName     string // name clients use (default: the model file's base name)
 	APIKey        string // when set, every route but /health needs it (Authorization: Bearer, or x-api-key)
-	MaxConcurrent int    // generations and ingests running at once (default 2)
+	MaxConcurrent int    // generations and ingests running at once (default 1)
 	QueueLength   int    // requests waiting for a slot; beyond it 429 (default 16)
 	MaxBodyBytes  int64  // request body limit (default 32 MiB)
 	MaxTokens     int    // default max tokens of an answer (default 512)
@@ -40,7 +40,7 @@ type Config struct {
 
 func (c *Config) fill() {
 	if c.MaxConcurrent <= 0 {
-		c.MaxConcurrent = 2
+		c.MaxConcurrent = 1
 	}
 	if c.QueueLength < 0 {
 		c.QueueLength = 0

@@ -158,24 +158,30 @@ func Save(p *plot.Plot, base string) error {
 	return nil
 }
 
-// SaveRow draws plots side by side and writes base.png and base.svg.
+// Columns is the most figures side by side before SaveRow starts a new row.
+const Columns = 4
+
+// SaveRow draws plots side by side (Columns per row) and writes base.png and
+// base.svg.
 func SaveRow(ps []*plot.Plot, base string) error {
 	if len(ps) == 0 {
 		return fmt.Errorf("plot: nothing to draw")
 	}
-	w := Width * vg.Length(len(ps))
+	cols := min(Columns, len(ps))
+	rows := (len(ps) + cols - 1) / cols
+	w, h := Width*vg.Length(cols), Height*vg.Length(rows)
 	for _, ext := range []string{".png", ".svg"} {
 		var canvas vg.CanvasWriterTo
 		switch ext {
 		case ".png":
-			canvas = vgimg.PngCanvas{Canvas: vgimg.New(w, Height)}
+			canvas = vgimg.PngCanvas{Canvas: vgimg.New(w, h)}
 		default:
-			canvas = vgsvg.New(w, Height)
+			canvas = vgsvg.New(w, h)
 		}
 		dc := draw.New(canvas)
-		tiles := draw.Tiles{Rows: 1, Cols: len(ps)}
+		tiles := draw.Tiles{Rows: rows, Cols: cols}
 		for i, p := range ps {
-			p.Draw(tiles.At(dc, i, 0))
+			p.Draw(tiles.At(dc, i%cols, i/cols))
 		}
 		f, err := os.Create(base + ext)
 		if err != nil {

@@ -52,6 +52,16 @@ func TestHeatmapFiles(t *testing.T) {
 	f.Close()
 	require.NoError(t, err)
 	require.Equal(t, int((3*Width).Dots(dpi)+0.5), img.Bounds().Dx())
+	require.Equal(t, int(Height.Dots(dpi)+0.5), img.Bounds().Dy())
+	// More than Columns figures wrap onto a second row.
+	require.NoError(t, SaveRow([]*gplot.Plot{p, p, p, p, p, p}, filepath.Join(dir, "six")))
+	f, err = os.Open(filepath.Join(dir, "six.png"))
+	require.NoError(t, err)
+	img, err = png.Decode(f)
+	f.Close()
+	require.NoError(t, err)
+	require.Equal(t, int((4*Width).Dots(dpi)+0.5), img.Bounds().Dx())
+	require.Equal(t, int((2*Height).Dots(dpi)+0.5), img.Bounds().Dy())
 
 	_, err = Heatmap("empty", nil)
 	require.Error(t, err)

@@ -66,7 +66,7 @@ func parse(args []string) (*settings, error) {
 	fs.IntVar(&s.pageSize, "page-size", runtime.DefaultPageSize, "tokens per KV page (16..256)")
 	fs.StringVar(&s.data, "data", "", "directory for documents (default: the user cache directory)")
 	fs.StringVar(&s.apiKey, "api-key", "", "require this key (Authorization: Bearer KEY or x-api-key)")
-	fs.IntVar(&s.maxConcurrent, "max-concurrent", 2, "requests generating at once")
+	fs.IntVar(&s.maxConcurrent, "max-concurrent", 1, "requests generating at once (the backend computes one graph at a time; more interleaves requests at some throughput cost)")
 	fs.IntVar(&s.queue, "queue", 16, "requests waiting for a slot; more get 429")
 	fs.Int64Var(&s.maxBody, "max-body", 32<<20, "request body limit in bytes")
 	fs.IntVar(&s.maxTokens, "max-tokens", 512, "default answer length when a request sets none")
