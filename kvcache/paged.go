@@ -61,6 +61,7 @@ type Paged struct {
 	uploads   [][]upload
 	written   int // layers whose new rows reached the host store
 	readbacks map[ml.Context][]readback
+	graphRuns map[ml.Context]int // copy runs emitted into each graph of this pass
 
 	uploadCount atomic.Int64
 	upkeep      atomic.Int64 // nanoseconds
@@ -99,7 +100,7 @@ func NewPaged(o Options) (*Paged, error) {
 	if o.Heads <= 0 || o.Heads%o.Layout.KVHeads != 0 {
 		return nil, fmt.Errorf("kvcache: %d query heads for %d KV heads", o.Heads, o.Layout.KVHeads)
 	}
-	c := &Paged{opt: o, L: o.Layout, readbacks: map[ml.Context][]readback{}}
+	c := &Paged{opt: o, L: o.Layout, readbacks: map[ml.Context][]readback{}, graphRuns: map[ml.Context]int{}}
 	var err error
 	if o.Prefix != nil {
 		if o.Prefix.L != o.Layout {
@@ -280,6 +281,7 @@ func (c *Paged) StartForward(ctx ml.Context, batch input.Batch, reserve bool) er
 	P := c.L.PageSize
 	c.pos0, c.n, c.upto, c.written = pos0, n, pos0+n, 0
 	c.stamp++
+	clear(c.graphRuns)
 	c.store.grow(pos0 + n)
 	c.writes = c.writes[:0]
 	for p := pos0 / P; p <= (pos0+n-1)/P; p++ {
@@ -459,16 +461,20 @@ func (c *Paged) Get(ctx ml.Context) (ml.Tensor, ml.Tensor, ml.Tensor) {
 	return k, v, t
 }
 
-// maxUploadRuns bounds the copy ops one layer's uploads add to a graph
-// (ggml caps graph nodes); more fragmented uploads use set_rows instead.
-const maxUploadRuns = 16
+// MaxUploadRuns bounds the copy runs uploads add to one graph: each run
+// costs six tensors of the graph's context (two inputs, two views, two
+// copies), and ollama sizes that context for at least 1024. Uploads past it
+// become one page scatter per layer. Both paths write the same bytes; tests
+// change it to check that.
+var MaxUploadRuns = 96
 
 // emitUploads copies pages host -> device inside the graph. Uploads are
 // grouped into runs of consecutive slots; each run is one f16 input tensor of
 // the pages' rows per K and V, copied into a view of the pool: contiguous
-// for K, a strided (permuted) copy for V. Too many runs fall back to one
-// set_rows scatter per K and V, which adds few graph nodes but costs ~15 ns
-// per element for the permuted V layout.
+// for K, a strided (permuted) copy for V. Copies stay f16, so they cost
+// about a memcpy. Past MaxUploadRuns runs in a graph, whole pages go up with
+// one set_rows per K and V instead (scatterPages), which needs an
+// f16 -> f32 -> f16 round trip but only a few graph nodes.
 func (c *Paged) emitUploads(ctx ml.Context, l int) {
 	ups := c.uploads[l]
 	if len(ups) == 0 {
@@ -478,7 +484,13 @@ func (c *Paged) emitUploads(ctx ml.Context, l int) {
 	slices.SortFunc(ups, func(a, b upload) int { return a.slot - b.slot })
 	P := c.L.PageSize
 	var runs [][]upload
+	var full, partial []upload
 	for i, u := range ups {
+		if u.rows == P {
+			full = append(full, u)
+		} else {
+			partial = append(partial, u)
+		}
 		if i > 0 {
 			prev := ups[i-1]
 			if u.slot == prev.slot+1 && prev.rows == P {
@@ -488,9 +500,16 @@ func (c *Paged) emitUploads(ctx ml.Context, l int) {
 		}
 		runs = append(runs, []upload{u})
 	}
-	if len(runs) > maxUploadRuns {
-		c.scatterUploads(ctx, l, ups)
+	if used := c.graphRuns[ctx]; len(runs) > MaxUploadRuns-used {
+		// Partial pages (at most the last page or two) keep their own copies:
+		// a whole-page upload would overwrite the rows this batch's Put
+		// writes into the same slot.
+		c.scatterPages(ctx, l, full)
+		for _, u := range partial {
+			c.copyRun(ctx, l, []upload{u})
+		}
 	} else {
+		c.graphRuns[ctx] = used + len(runs)
 		for _, run := range runs {
 			c.copyRun(ctx, l, run)
 		}
@@ -516,8 +535,8 @@ func (c *Paged) kRows(l int, ups []upload) (k []uint16, rows int) {
 func (c *Paged) vChannels(l int, ups []upload, rows int) []uint16 {
 	r, P := c.L.Row(), c.L.PageSize
 	v := make([]uint16, r*rows)
+	off := 0
 	for ch := 0; ch < r; ch++ {
-		off := ch * rows
 		for _, u := range ups {
 			pg := c.store.pages[l][u.page]
 			off += copy(v[off:], pg.V[ch*P:ch*P+u.rows])
@@ -539,28 +558,33 @@ func (c *Paged) copyRun(ctx ml.Context, l int, run []upload) {
 	ctx.Forward(v.Copy(ctx, pl.v.View(ctx, first*2, rows, pl.v.Stride(1), r)))
 }
 
-// scatterUploads uploads any pages with one set_rows per K and V.
-func (c *Paged) scatterUploads(ctx ml.Context, l int, ups []upload) {
-	pl := c.pools[l]
-	r, P := c.L.Row(), c.L.PageSize
-	kbuf, rows := c.kRows(l, ups)
-	vbuf := make([]uint16, 0, rows*r) // token-major, as set_rows reads it
-	idx := make([]int32, 0, rows)
-	for _, u := range ups {
-		pg := c.store.pages[l][u.page]
-		for t := 0; t < u.rows; t++ {
-			idx = append(idx, int32(u.slot*P+t))
-			for ch := 0; ch < r; ch++ {
-				vbuf = append(vbuf, pg.V[ch*P+t])
-			}
-		}
+// scatterPages uploads whole pages into any slots with one set_rows per K
+// and V, a page per row: the K pool seen as [row*P, slots] takes the pages'
+// keys as [row*P, pages]; the V pool seen as [P, slots, channels] takes
+// their values as [P, pages, channels]. Host work is a memcpy per page and
+// channel; ggml's set_rows wants f32 rows, hence the casts.
+func (c *Paged) scatterPages(ctx ml.Context, l int, ups []upload) {
+	if len(ups) == 0 {
+		return
 	}
-	cells := ctx.Input().FromInts(idx, rows)
-	k := ctx.Input().FromBytes(ml.DTypeF16, u16bytes(kbuf), r, rows).Cast(ctx, ml.DTypeF32)
-	v := ctx.Input().FromBytes(ml.DTypeF16, u16bytes(vbuf), r, rows).Cast(ctx, ml.DTypeF32)
-	ctx.Forward(pl.k.Reshape(ctx, r, pl.slots*P).SetRows(ctx, k, cells))
-	vp := v.Reshape(ctx, r, 1, rows).Permute(ctx, 2, 0, 1, 3)
-	ctx.Forward(pl.v.Reshape(ctx, 1, pl.slots*P, r).SetRows(ctx, vp, cells))
+	pl := c.pools[l]
+	r, P, n := c.L.Row(), c.L.PageSize, len(ups)
+	kbuf := make([]uint16, 0, n*P*r)
+	vbuf := make([]uint16, n*P*r)
+	idx := make([]int32, n)
+	for i, u := range ups {
+		pg := c.store.pages[l][u.page]
+		kbuf = append(kbuf, pg.K[:P*r]...)
+		for ch := 0; ch < r; ch++ {
+			copy(vbuf[(ch*n+i)*P:(ch*n+i+1)*P], pg.V[ch*P:(ch+1)*P])
+		}
+		idx[i] = int32(u.slot)
+	}
+	slots := ctx.Input().FromInts(idx, n)
+	k := ctx.Input().FromBytes(ml.DTypeF16, u16bytes(kbuf), r*P, n).Cast(ctx, ml.DTypeF32)
+	v := ctx.Input().FromBytes(ml.DTypeF16, u16bytes(vbuf), P, n, r).Cast(ctx, ml.DTypeF32)
+	ctx.Forward(pl.k.Reshape(ctx, r*P, pl.slots).SetRows(ctx, k, slots))
+	ctx.Forward(pl.v.Reshape(ctx, P, pl.slots, r).SetRows(ctx, v, slots))
 }
 
 // Outputs implements arch.Hooks: the read-back copies of ctx.

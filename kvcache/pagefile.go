@@ -243,6 +243,7 @@ func parsePage(b []byte, l Layout) (*Page, error) {
 		pg.Center[i] = (pg.Max[i] + pg.Min[i]) / 2
 		pg.Radius[i] = (pg.Max[i] - pg.Min[i]) / 2
 	}
+	pg.gen = pageGen.Add(1)
 	pg.NReps = int(binary.LittleEndian.Uint32(b[o:]))
 	o += 4
 	if pg.NReps < 0 || pg.NReps > Reps {

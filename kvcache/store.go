@@ -19,6 +19,7 @@ import (
 	"fmt"
 	"math"
 	"slices"
+	"sync/atomic"
 	"unsafe"
 
 	"github.com/viterin/vek/vek32"
@@ -70,14 +71,20 @@ type Page struct {
 	// Representative keys, [KVHeads][Reps][HeadDim]; set when the page closes.
 	RepKeys []float32
 	NReps   int
+
+	gen uint64 // changes whenever the summary does (see layerView.PackedBoxes)
 }
+
+// pageGen numbers summary changes across all pages, so that a (page, gen)
+// pair identifies one state of one page's summary.
+var pageGen atomic.Uint64
 
 func newPage(l Layout) *Page {
 	r := l.Row()
 	p := &Page{
 		K: make([]uint16, l.PageSize*r), V: make([]uint16, l.PageSize*r),
 		Sum: make([]float32, r), Mean: make([]float32, r), Min: make([]float32, r), Max: make([]float32, r),
-		Center: make([]float32, r), Radius: make([]float32, r),
+		Center: make([]float32, r), Radius: make([]float32, r), gen: pageGen.Add(1),
 	}
 	for i := range p.Min {
 		p.Min[i] = float32(math.Inf(1))
@@ -142,6 +149,7 @@ func (p *Page) summarize(l Layout, at int, k []uint16, rows int, scratch []float
 		p.Center[i] = (p.Max[i] + p.Min[i]) / 2
 		p.Radius[i] = (p.Max[i] - p.Min[i]) / 2
 	}
+	p.gen = pageGen.Add(1)
 	if p.N == l.PageSize {
 		p.close(l)
 	}
@@ -217,6 +225,7 @@ func (p *Page) resummarize(l Layout) {
 	}
 	*p = *q
 	p.N = n
+	p.gen = pageGen.Add(1)
 }
 
 // Store holds every page of one sequence in host memory. Leading pages can be
@@ -327,6 +336,16 @@ type layerView struct {
 	s     *Store
 	layer int
 	reps  [][]float32
+
+	// Packed key boxes for quest's scoring, per KV head [pages][2*headDim]
+	// (center then radius), and the page state each row was packed from.
+	boxes  [][]float32
+	packed []packedPage
+}
+
+type packedPage struct {
+	page *Page
+	gen  uint64
 }
 
 func (v *layerView) Pages() int    { return v.s.Pages() }
@@ -353,6 +372,39 @@ func (v *layerView) Box(p, g int) (center, radius []float32) {
 	pg := v.s.pages[v.layer][p]
 	return pg.Center[a:b], pg.Radius[a:b]
 }
+
+// PackedBoxes implements paging.PackedBoxes. Rows are repacked only for
+// pages whose summary changed since the last call (in decode, the last
+// page), so scoring every page costs one matrix-vector product per query head.
+func (v *layerView) PackedBoxes(g int) []float32 {
+	n, hd, kvh := v.s.Pages(), v.s.L.HeadDim, v.s.L.KVHeads
+	if v.boxes == nil {
+		v.boxes = make([][]float32, kvh)
+	}
+	for h := range v.boxes {
+		if need := n * 2 * hd; len(v.boxes[h]) < need {
+			v.boxes[h] = append(v.boxes[h], make([]float32, need-len(v.boxes[h]))...)
+		}
+	}
+	if len(v.packed) > n {
+		v.packed = v.packed[:n]
+	}
+	v.packed = append(v.packed, make([]packedPage, n-len(v.packed))...)
+	for p := 0; p < n; p++ {
+		pg := v.s.pages[v.layer][p]
+		if v.packed[p] == (packedPage{pg, pg.gen}) {
+			continue
+		}
+		for h := 0; h < kvh; h++ {
+			row := v.boxes[h][p*2*hd : (p+1)*2*hd]
+			copy(row[:hd], pg.Center[h*hd:(h+1)*hd])
+			copy(row[hd:], pg.Radius[h*hd:(h+1)*hd])
+		}
+		v.packed[p] = packedPage{pg, pg.gen}
+	}
+	return v.boxes[g][:n*2*hd]
+}
+
 func (v *layerView) Reps(p, g int) [][]float32 {
 	pg := v.s.pages[v.layer][p]
 	v.reps = v.reps[:0]

@@ -199,3 +199,55 @@ func TestPageFileCorruptionIsDetected(t *testing.T) {
 	_, _, _, err = ReadPageFile(good, &other)
 	require.ErrorContains(t, err, "does not match")
 }
+
+// A layer view's packed boxes follow every change of the pages: appends into
+// a partial page, a fork's copy-on-write, truncation inside a page and
+// regrowth to the same length with other keys.
+func TestPackedBoxesFollowWrites(t *testing.T) {
+	r := rand.New(rand.NewPCG(9, 9))
+	s, _ := NewStore(testLayout)
+	views := []*layerView{{s: s, layer: 0}, {s: s, layer: 1}}
+	check := func(step string) {
+		t.Helper()
+		hd := s.L.HeadDim
+		for _, v := range views {
+			for g := 0; g < s.L.KVHeads; g++ {
+				packed := v.PackedBoxes(g)
+				require.Len(t, packed, s.Pages()*2*hd, step)
+				for p := 0; p < s.Pages(); p++ {
+					c, rad := v.Box(p, g)
+					require.Equal(t, c, packed[p*2*hd:p*2*hd+hd], "%s: layer %d page %d head %d center", step, v.layer, p, g)
+					require.Equal(t, rad, packed[p*2*hd+hd:(p+1)*2*hd], "%s: radius", step)
+				}
+			}
+		}
+	}
+	grow := func(n int) {
+		from := s.n
+		s.grow(n)
+		for l := 0; l < s.L.Layers; l++ {
+			s.write(l, from, rows(r, s.L, n-from), rows(r, s.L, n-from), n-from)
+		}
+		s.n = n
+	}
+	grow(20)
+	check("20 tokens")
+	grow(21)
+	check("one more token in the partial page")
+	grow(40)
+	check("40 tokens")
+	s.truncate(35)
+	check("truncated inside page 2")
+	grow(40)
+	check("regrown to 40 with other keys")
+	s.truncate(16)
+	check("truncated to one page")
+
+	doc := s
+	grow(40)
+	s = doc.Fork()
+	views = []*layerView{{s: s, layer: 0}, {s: s, layer: 1}}
+	check("fork")
+	grow(44)
+	check("fork after copy-on-write of its partial page")
+}

@@ -34,6 +34,15 @@ type Summaries interface {
 	Reps(page, kvHead int) [][]float32
 }
 
+// PackedBoxes is an optional extension of Summaries: every page's key box
+// for KV head g as rows of 2*HeadDim floats, center then radius,
+// [Pages()][2*HeadDim]. quest then scores all pages for a query head with
+// one matrix-vector product against [q; |q|] instead of two short dot
+// products per page. Valid until the next write.
+type PackedBoxes interface {
+	PackedBoxes(kvHead int) []float32
+}
+
 // Queries are the roped queries of the current batch for one layer:
 // Q[token][head*HeadDim + d], with Heads query heads; query head h reads KV
 // head h / (Heads / KVHeads).
@@ -185,11 +194,11 @@ func (w window) Select(layer int, _ Summaries, _ *Queries, upto int) []int {
 // topPages adds to req the free highest-scoring pages not already in req,
 // each with up to neighbors following pages, and returns the sorted set.
 func topPages(req []int, scores []float32, free, neighbors int) []int {
-	in := make(map[int]bool, len(req)+free)
+	in := make([]bool, len(scores))
 	for _, p := range req {
 		in[p] = true
 	}
-	order := rank(scores, in)
+	order := rank(scores, in, 2*free)
 	out := slices.Clone(req)
 	for _, p := range order {
 		if free <= 0 {

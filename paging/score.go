@@ -26,7 +26,55 @@ func (q *quest) Select(layer int, s Summaries, qs *Queries, upto int) []int {
 	if free == 0 || qs == nil {
 		return req
 	}
-	return roundRobin(req, scorePages(s, qs, n, boundScore), free, 0)
+	return roundRobin(req, scoreBoxes(s, qs, n), free, 0)
+}
+
+// scoreBoxes is scorePages with boundScore, computed from packed boxes when
+// s has them: Σ_i max(q_i·max_i, q_i·min_i) = [q; |q|]·[center; radius].
+func scoreBoxes(s Summaries, qs *Queries, n int) [][]float32 {
+	pb, ok := s.(PackedBoxes)
+	if !ok {
+		return scorePages(s, qs, n, boundScore)
+	}
+	hd, kvh, pages := s.HeadDim(), s.KVHeads(), min(s.Pages(), n)
+	group := qs.Heads / kvh
+	boxes := make([][]float32, kvh)
+	for g := range boxes {
+		boxes[g] = pb.PackedBoxes(g)[:pages*2*hd]
+	}
+	y := make([]float32, 2*hd)
+	tmp := make([]float32, pages)
+	ninf := float32(math.Inf(-1))
+	out := make([][]float32, len(qs.Q))
+	for t, q := range qs.Q {
+		best := make([]float32, n)
+		for i := range best {
+			best[i] = ninf
+		}
+		for h := 0; h < qs.Heads; h++ {
+			qh := q[h*hd : (h+1)*hd]
+			copy(y[:hd], qh)
+			vek32.Abs_Into(y[hd:], qh)
+			matVec(tmp, boxes[h/group], y)
+			vek32.Maximum_Inplace(best[:pages], tmp)
+		}
+		out[t] = best
+	}
+	return out
+}
+
+// matVecRows keeps each vek32.MatMul_Into call below the size at which vek
+// spreads it over goroutines: selection runs between graph computations on
+// the decode thread, and must not take the cores ggml's threads use.
+const matVecRows = 256
+
+// matVec sets dst = x·y for x [len(dst)][len(y)] (row-major).
+func matVec(dst, x, y []float32) {
+	n := len(y)
+	for i := 0; i < len(dst); i += matVecRows {
+		j := min(i+matVecRows, len(dst))
+		vek32.MatMul_Into(dst[i:j], x[i*n:j*n], y, n)
+	}
 }
 
 // retro scores pages once per question (RetroLM, arXiv 2502.11444, without
@@ -93,13 +141,13 @@ func roundRobin(req []int, scores [][]float32, free, neighbors int) []int {
 	if len(scores) == 1 {
 		return topPages(req, scores[0], free, neighbors)
 	}
-	in := make(map[int]bool, len(req)+free)
+	in := make([]bool, len(scores[0]))
 	for _, p := range req {
 		in[p] = true
 	}
 	orders := make([][]int, len(scores))
 	for t, sc := range scores {
-		orders[t] = rank(sc, in)
+		orders[t] = rank(sc, in, 2*free)
 	}
 	out := slices.Clone(req)
 	for r := 0; free > 0; r++ {
@@ -126,24 +174,59 @@ func roundRobin(req []int, scores [][]float32, free, neighbors int) []int {
 	return out
 }
 
-// rank orders the pages not in skip by descending score (ties: lower page first).
-func rank(scores []float32, skip map[int]bool) []int {
-	order := make([]int, 0, len(scores))
-	for p := range scores {
-		if !skip[p] {
-			order = append(order, p)
+// rank returns the best k pages not in skip by descending score (ties:
+// lower page first). A bounded heap keeps it O(pages·log k): the callers
+// consume at most 2·free entries of an order (each entry either adds a page
+// or was already added as another's neighbor), so k = 2·free is exact.
+func rank(scores []float32, skip []bool, k int) []int {
+	// worse reports whether page a ranks below page b.
+	worse := func(a, b int) bool {
+		return scores[a] < scores[b] || (scores[a] == scores[b] && a > b)
+	}
+	// h is a min-heap under worse: h[0] is the worst page kept.
+	h := make([]int, 0, min(k, len(scores)))
+	down := func(i int) {
+		for {
+			c := 2*i + 1
+			if c >= len(h) {
+				return
+			}
+			if c+1 < len(h) && worse(h[c+1], h[c]) {
+				c++
+			}
+			if !worse(h[c], h[i]) {
+				return
+			}
+			h[i], h[c] = h[c], h[i]
+			i = c
 		}
 	}
-	slices.SortStableFunc(order, func(a, b int) int {
+	for p := range scores {
+		if skip[p] || k <= 0 {
+			continue
+		}
+		if len(h) < k {
+			h = append(h, p)
+			for i := len(h) - 1; i > 0 && worse(h[i], h[(i-1)/2]); i = (i - 1) / 2 {
+				h[i], h[(i-1)/2] = h[(i-1)/2], h[i]
+			}
+			continue
+		}
+		if worse(h[0], p) {
+			h[0] = p
+			down(0)
+		}
+	}
+	slices.SortFunc(h, func(a, b int) int {
 		switch {
-		case scores[a] > scores[b]:
+		case worse(b, a):
 			return -1
-		case scores[a] < scores[b]:
+		case worse(a, b):
 			return 1
 		}
-		return a - b
+		return 0
 	})
-	return order
+	return h
 }
 
 // boundScore is Quest's upper bound Σ_i max(q_i·max_i, q_i·min_i), written

@@ -82,15 +82,24 @@ func TestPagedAllPagesMatchDense(t *testing.T) {
 	require.NoError(t, err)
 	doc, err := m.IngestTokens(ctx, "dense-check", toks[:200], nil)
 	require.NoError(t, err)
-	for _, policy := range []string{"dense", "quest"} {
-		s, err := m.DocumentSession(doc, runtime.PolicyOptions{Policy: policy, Budget: 1024, Sinks: 32, Window: 64})
-		require.NoError(t, err)
-		got, err := s.Eval(ctx, toks[200:], true, nil)
-		s.Close()
-		require.NoError(t, err)
-		d, _ := maxDiff(got, wantCont)
-		t.Logf("document continuation (%s): max |diff| %.3g", policy, d)
-		require.Zero(t, d, "pages read back from host memory are the same f16 bytes")
+	// Both upload paths: copies of runs of consecutive slots, and the page
+	// scatter (whole pages by set_rows, the partial last page copied).
+	defer func(n int) { kvcache.MaxUploadRuns = n }(kvcache.MaxUploadRuns)
+	for _, upload := range []struct {
+		name string
+		runs int
+	}{{"copy runs", 1 << 20}, {"page scatter", 0}} {
+		kvcache.MaxUploadRuns = upload.runs
+		for _, policy := range []string{"dense", "quest"} {
+			s, err := m.DocumentSession(doc, runtime.PolicyOptions{Policy: policy, Budget: 1024, Sinks: 32, Window: 64})
+			require.NoError(t, err)
+			got, err := s.Eval(ctx, toks[200:], true, nil)
+			s.Close()
+			require.NoError(t, err)
+			d, _ := maxDiff(got, wantCont)
+			t.Logf("document continuation (%s, %s): max |diff| %.3g", policy, upload.name, d)
+			require.Zero(t, d, "pages read back from host memory are the same f16 bytes")
+		}
 	}
 }
 

@@ -1,0 +1,174 @@
+package paging
+
+import (
+	"cmp"
+	"fmt"
+	"math"
+	"math/rand/v2"
+	"slices"
+	"testing"
+
+	"github.com/stretchr/testify/require"
+)
+
+// randomFake fills every page's box with random centers and radii.
+func randomFake(pages, kvh, hd int, seed uint64) *boxFake {
+	r := rand.New(rand.NewPCG(seed, 1))
+	f := &boxFake{fake: newFake(pages, kvh, hd)}
+	f.radius = make([][][]float32, pages)
+	for p := 0; p < pages; p++ {
+		f.radius[p] = make([][]float32, kvh)
+		for g := 0; g < kvh; g++ {
+			f.radius[p][g] = make([]float32, hd)
+			for i := 0; i < hd; i++ {
+				f.keys[p][g][i] = float32(r.NormFloat64())
+				f.radius[p][g][i] = float32(r.Float64())
+			}
+		}
+	}
+	return f
+}
+
+// boxFake has boxes with a radius.
+type boxFake struct {
+	*fake
+	radius [][][]float32
+}
+
+func (f *boxFake) Box(p, g int) ([]float32, []float32) { return f.keys[p][g], f.radius[p][g] }
+
+func randomQueries(tokens, heads, hd int, seed uint64) *Queries {
+	r := rand.New(rand.NewPCG(seed, 2))
+	q := &Queries{Heads: heads}
+	for t := 0; t < tokens; t++ {
+		row := make([]float32, heads*hd)
+		for i := range row {
+			row[i] = float32(r.NormFloat64())
+		}
+		q.Q = append(q.Q, row)
+	}
+	return q
+}
+
+// BenchmarkQuestSelect: one layer's decode-step selection of the tiny preset
+// (8 query / 2 KV heads, head dim 32) at a 2048-token budget.
+//
+//	go test -run XXX -bench QuestSelect ./paging
+func BenchmarkQuestSelect(b *testing.B) {
+	for _, ctx := range []int{16384, 65536} {
+		b.Run(fmt.Sprintf("context=%d", ctx), func(b *testing.B) {
+			f := randomFake(ctx/64, 2, 32, 1)
+			q := randomQueries(1, 8, 32, 1)
+			p, err := New("quest", Config{PageSize: 64, Budget: 2048})
+			if err != nil {
+				b.Fatal(err)
+			}
+			b.ReportAllocs()
+			for b.Loop() {
+				p.Select(1, f, q, ctx)
+			}
+		})
+	}
+}
+
+// packedFake adds PackedBoxes to boxFake.
+type packedFake struct{ *boxFake }
+
+func (f packedFake) PackedBoxes(g int) []float32 {
+	var out []float32
+	for p := 0; p < f.pages; p++ {
+		c, r := f.Box(p, g)
+		out = append(out, c...)
+		out = append(out, r...)
+	}
+	return out
+}
+
+// The packed path computes the same bounds (up to summation order) and
+// picks the same pages.
+func TestQuestPackedBoxesMatchPerPageScores(t *testing.T) {
+	for _, c := range []struct {
+		name                      string
+		pages, kvh, hd, heads, tk int
+	}{
+		{"tiny shape, one token", 300, 2, 32, 8, 1},
+		{"1b shape, question", 600, 8, 64, 32, 5},
+		{"MHA, partial last chunk", 257, 4, 16, 4, 2},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			f := randomFake(c.pages, c.kvh, c.hd, 7)
+			q := randomQueries(c.tk, c.heads, c.hd, 7)
+			n := c.pages + 2 // pages beyond the store score -Inf on both paths
+			want := scorePages(f, q, n, boundScore)
+			got := scoreBoxes(packedFake{f}, q, n)
+			require.Len(t, got, len(want))
+			for tk := range want {
+				for p := range want[tk] {
+					require.InDelta(t, want[tk][p], got[tk][p], 1e-4*(1+math.Abs(float64(want[tk][p]))), "token %d page %d", tk, p)
+				}
+			}
+			pol, err := New("quest", Config{PageSize: 64, Budget: 2048})
+			require.NoError(t, err)
+			upto := c.pages * 64
+			require.Equal(t, pol.Select(2, f, q, upto), pol.Select(2, packedFake{f}, q, upto))
+		})
+	}
+}
+
+// rank's bounded heap gives the prefix of a full stable sort.
+func TestRankIsPrefixOfFullOrder(t *testing.T) {
+	r := rand.New(rand.NewPCG(3, 3))
+	scores := make([]float32, 500)
+	for i := range scores {
+		scores[i] = float32(r.IntN(40)) // many ties
+	}
+	scores[17] = float32(math.Inf(-1))
+	skip := make([]bool, len(scores))
+	skip[3], skip[250] = true, true
+	full := make([]int, 0, len(scores))
+	for p := range scores {
+		if !skip[p] {
+			full = append(full, p)
+		}
+	}
+	slices.SortStableFunc(full, func(a, b int) int { return cmp.Compare(scores[b], scores[a]) })
+	for _, k := range []int{0, 1, 7, 64, 498, 1000} {
+		t.Run(fmt.Sprint("k=", k), func(t *testing.T) {
+			got := rank(scores, skip, k)
+			require.Equal(t, full[:min(k, len(full))], got)
+		})
+	}
+}
+
+// BenchmarkQuestSelectPacked is BenchmarkQuestSelect through PackedBoxes,
+// as the paged cache serves it.
+func BenchmarkQuestSelectPacked(b *testing.B) {
+	for _, ctx := range []int{16384, 65536} {
+		b.Run(fmt.Sprintf("context=%d", ctx), func(b *testing.B) {
+			f := randomFake(ctx/64, 2, 32, 1)
+			packed := make([][]float32, 2)
+			for g := range packed {
+				packed[g] = packedFake{f}.PackedBoxes(g)
+			}
+			s := cachedPacked{f, packed}
+			q := randomQueries(1, 8, 32, 1)
+			p, err := New("quest", Config{PageSize: 64, Budget: 2048})
+			if err != nil {
+				b.Fatal(err)
+			}
+			b.ReportAllocs()
+			for b.Loop() {
+				p.Select(1, s, q, ctx)
+			}
+		})
+	}
+}
+
+// cachedPacked serves boxes packed once, like the cache's layer views do
+// between writes.
+type cachedPacked struct {
+	*boxFake
+	boxes [][]float32
+}
+
+func (c cachedPacked) PackedBoxes(g int) []float32 { return c.boxes[g] }
