@@ -462,8 +462,8 @@ func (c *Paged) Get(ctx ml.Context) (ml.Tensor, ml.Tensor, ml.Tensor) {
 }
 
 // MaxUploadRuns bounds the copy runs uploads add to one graph: each run
-// costs six tensors of the graph's context (two inputs, two views, two
-// copies), and ollama sizes that context for at least 1024. Uploads past it
+// costs six tensors of the graph's context (two input views, two pool
+// views, two copies), and ollama sizes that context for at least 1024. Uploads past it
 // become one page scatter per layer. Both paths write the same bytes; tests
 // change it to check that.
 var MaxUploadRuns = 96
@@ -505,57 +505,63 @@ func (c *Paged) emitUploads(ctx ml.Context, l int) {
 		// a whole-page upload would overwrite the rows this batch's Put
 		// writes into the same slot.
 		c.scatterPages(ctx, l, full)
+		var single [][]upload
 		for _, u := range partial {
-			c.copyRun(ctx, l, []upload{u})
+			single = append(single, []upload{u})
 		}
+		c.copyRuns(ctx, l, single)
 	} else {
 		c.graphRuns[ctx] = used + len(runs)
-		for _, run := range runs {
-			c.copyRun(ctx, l, run)
-		}
+		c.copyRuns(ctx, l, runs)
 	}
 	c.uploadCount.Add(int64(len(ups)))
 }
 
-// kRows concatenates the uploads' key rows (token-major f16).
-func (c *Paged) kRows(l int, ups []upload) (k []uint16, rows int) {
-	r := c.L.Row()
-	for _, u := range ups {
-		rows += u.rows
+// copyRuns uploads runs of pages in consecutive slots, two f16 copies per
+// run. All runs share one K and one V input tensor (each input is a backend
+// buffer of its own): K holds the runs' key rows token-major, V each run's
+// values channel-major, run after run, as the pool lays them out.
+func (c *Paged) copyRuns(ctx ml.Context, l int, runs [][]upload) {
+	if len(runs) == 0 {
+		return
 	}
-	k = make([]uint16, 0, rows*r)
-	for _, u := range ups {
-		k = append(k, c.store.pages[l][u.page].K[:u.rows*r]...)
-	}
-	return k, rows
-}
-
-// vChannels concatenates the uploads' values channel-major: for each channel,
-// the run's cells in order, which is how the pool lays them out.
-func (c *Paged) vChannels(l int, ups []upload, rows int) []uint16 {
-	r, P := c.L.Row(), c.L.PageSize
-	v := make([]uint16, r*rows)
-	off := 0
-	for ch := 0; ch < r; ch++ {
-		for _, u := range ups {
-			pg := c.store.pages[l][u.page]
-			off += copy(v[off:], pg.V[ch*P:ch*P+u.rows])
-		}
-	}
-	return v
-}
-
-// copyRun uploads pages in consecutive slots with two row copies.
-func (c *Paged) copyRun(ctx ml.Context, l int, run []upload) {
 	pl := c.pools[l]
 	r, P := c.L.Row(), c.L.PageSize
-	kbuf, rows := c.kRows(l, run)
-	first := run[0].slot * P
-	k := ctx.Input().FromBytes(ml.DTypeF16, u16bytes(kbuf), r*rows)
-	ctx.Forward(k.Copy(ctx, pl.k.View(ctx, first*r*2, r*rows)))
-	// V pool rows are the headDim x kvHeads channels, each slots*P cells long.
-	v := ctx.Input().FromBytes(ml.DTypeF16, u16bytes(c.vChannels(l, run, rows)), rows, r) // [rows, channels]
-	ctx.Forward(v.Copy(ctx, pl.v.View(ctx, first*2, rows, pl.v.Stride(1), r)))
+	total := 0
+	for _, run := range runs {
+		for _, u := range run {
+			total += u.rows
+		}
+	}
+	kbuf := make([]uint16, 0, total*r)
+	vbuf := make([]uint16, total*r)
+	voff := 0
+	for _, run := range runs {
+		for _, u := range run {
+			kbuf = append(kbuf, c.store.pages[l][u.page].K[:u.rows*r]...)
+		}
+		for ch := 0; ch < r; ch++ {
+			for _, u := range run {
+				voff += copy(vbuf[voff:], c.store.pages[l][u.page].V[ch*P:ch*P+u.rows])
+			}
+		}
+	}
+	kIn := ctx.Input().FromBytes(ml.DTypeF16, u16bytes(kbuf), r*total)
+	vIn := ctx.Input().FromBytes(ml.DTypeF16, u16bytes(vbuf), r*total)
+	off := 0 // rows before this run
+	for _, run := range runs {
+		rows := 0
+		for _, u := range run {
+			rows += u.rows
+		}
+		first := run[0].slot * P
+		k := kIn.View(ctx, off*r*2, r*rows)
+		ctx.Forward(k.Copy(ctx, pl.k.View(ctx, first*r*2, r*rows)))
+		// V pool rows are the headDim x kvHeads channels, each slots*P cells long.
+		v := vIn.View(ctx, off*r*2, rows, rows*2, r) // [rows, channels]
+		ctx.Forward(v.Copy(ctx, pl.v.View(ctx, first*2, rows, pl.v.Stride(1), r)))
+		off += rows
+	}
 }
 
 // scatterPages uploads whole pages into any slots with one set_rows per K

@@ -103,6 +103,44 @@ func TestPagedAllPagesMatchDense(t *testing.T) {
 	}
 }
 
+// Under a budget smaller than the document, quest's selection moves every
+// step and its pages go up into scattered slots: many copy runs per layer,
+// or the page scatter. Both upload paths must give the same logits.
+func TestScatteredUploadPathsAgree(t *testing.T) {
+	path := testmodels.Random(t, "llama", "tiny", foundry.F32, 4, false)
+	ctx := context.Background()
+	m, err := runtime.Open(ctx, path, runtime.Options{Threads: 1, ContextLength: 1024, PageSize: 16, DataDir: t.TempDir()})
+	require.NoError(t, err)
+	defer m.Close()
+	toks := make([]int32, 640)
+	for i := range toks {
+		toks[i] = int32(3 + (i*977)%500)
+	}
+	doc, err := m.IngestTokens(ctx, "scatter", toks[:600], nil)
+	require.NoError(t, err)
+	defer func(n int) { kvcache.MaxUploadRuns = n }(kvcache.MaxUploadRuns)
+	decode := func(runs int) (logits [][]float32, uploads int64) {
+		kvcache.MaxUploadRuns = runs
+		s, err := m.DocumentSession(doc, runtime.PolicyOptions{Policy: "quest", Budget: 160, Sinks: 16, Window: 32})
+		require.NoError(t, err)
+		defer s.Close()
+		for _, tok := range toks[600:] {
+			out, err := s.Eval(ctx, []int32{tok}, true, nil)
+			require.NoError(t, err)
+			logits = append(logits, out...)
+		}
+		return logits, s.Cache().(*kvcache.Paged).Stats().Uploads
+	}
+	runs, nRuns := decode(1 << 20)
+	scatter, nScatter := decode(0)
+	t.Logf("pages uploaded over 40 steps: %d (copy runs), %d (scatter)", nRuns, nScatter)
+	require.Equal(t, nRuns, nScatter)
+	// More than twice the pages the four layers' budgets hold (10 each).
+	require.Greater(t, nRuns, int64(2*4*160/16), "the selection must move, or this tests nothing")
+	d, _ := maxDiff(runs, scatter)
+	require.Zero(t, d)
+}
+
 // Needle in a haystack over a 64-token-page cache with a budget of 1024 or
 // 2048 tokens: quest and retro answer every case exactly; window (sinks and
 // recent tokens only) loses needles in the middle.
