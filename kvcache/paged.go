@@ -62,6 +62,8 @@ type Paged struct {
 	written   int // layers whose new rows reached the host store
 	readbacks map[ml.Context][]readback
 	graphRuns map[ml.Context]int // copy runs emitted into each graph of this pass
+	pinned    []uint64           // per page: pinMark if placeAll must not evict it
+	pinMark   uint64
 
 	uploadCount atomic.Int64
 	upkeep      atomic.Int64 // nanoseconds
@@ -322,7 +324,18 @@ func (c *Paged) StartForward(ctx ml.Context, batch input.Batch, reserve bool) er
 // and pages in the list pinned) and schedules uploads of what is missing.
 func (c *Paged) placeAll(layer int, pages []int) error {
 	pl := c.pools[layer]
-	pinned := func(p int) bool { return c.isWrite(p) || slices.Contains(pages, p) || slices.Contains(c.sel[layer], p) }
+	// Mark the pinned pages once: eviction asks about every slot for every
+	// page it places.
+	c.pinMark++
+	if n := c.store.Pages(); len(c.pinned) < n {
+		c.pinned = append(c.pinned, make([]uint64, n-len(c.pinned))...)
+	}
+	for _, list := range [][]int{c.writes, pages, c.sel[layer]} {
+		for _, p := range list {
+			c.pinned[p] = c.pinMark
+		}
+	}
+	pinned := func(p int) bool { return p < len(c.pinned) && c.pinned[p] == c.pinMark }
 	for _, p := range pages {
 		s, err := pl.place(p, pinned, c.stamp)
 		if err != nil {
@@ -335,8 +348,6 @@ func (c *Paged) placeAll(layer int, pages []int) error {
 	}
 	return nil
 }
-
-func (c *Paged) isWrite(page int) bool { return slices.Contains(c.writes, page) }
 
 func union(a, b []int, limit int) []int {
 	out := slices.Clone(a)
