@@ -38,6 +38,28 @@ type Hooks interface {
 	Computed(ctx ml.Context) error
 }
 
+// Attender is implemented by caches that compute a layer's attention
+// themselves instead of handing keys, values and one mask to nn.Attention:
+// a paged cache whose KV heads attend to different pages (each head group
+// over its own pool, so that heads which see fewer tokens compute less), an
+// analysis cache that also reports where each head looks, or a sparse
+// prefill (HyperAttention). Run and ForwardCache use it when the cache has it.
+type Attender interface {
+	// Attention returns softmax(q·kᵀ·scale)·v for layer, [headDim, heads,
+	// batch]. q are the roped queries [headDim, heads, batch]; k and v are
+	// the batch's new keys and values [headDim, kvHeads, batch], to be
+	// stored in the cache first, or nil when an earlier graph stored them.
+	Attention(ctx ml.Context, layer int, q, k, v ml.Tensor, scale float64) ml.Tensor
+}
+
+// attention is nn.Attention unless the cache computes attention itself.
+func attention(ctx ml.Context, layer int, q, k, v ml.Tensor, scale float64, cache kvcache.Cache) ml.Tensor {
+	if a, ok := cache.(Attender); ok {
+		return a.Attention(ctx, layer, q, k, v, scale)
+	}
+	return nn.Attention(ctx, q, k, v, scale, cache)
+}
+
 // Model is a llama-family decoder. Tensor fields are filled from the GGUF by
 // ollama's model.New through their gguf tags.
 type Model struct {
@@ -159,7 +181,7 @@ func (m *Model) ForwardCache(ctx ml.Context, batch input.Batch, cache kvcache.Ca
 func (m *Model) layer(ctx ml.Context, i int, h, positions, outputs ml.Tensor, cache kvcache.Cache) ml.Tensor {
 	l := &m.Layers[i]
 	q, k, v := m.qkv(ctx, l.Attention, l.AttentionNorm.Forward(ctx, h, m.Params.Eps), positions)
-	attn := nn.Attention(ctx, q, k, v, 1/math.Sqrt(float64(m.Params.HeadDim)), cache) // [headDim, heads, batch]
+	attn := attention(ctx, i, q, k, v, 1/math.Sqrt(float64(m.Params.HeadDim)), cache) // [headDim, heads, batch]
 	// In the last layer (outputs set) only the rows that want logits go on.
 	return m.finish(ctx, l, attn, h, outputs)
 }
@@ -270,7 +292,7 @@ func (m *Model) Run(b ml.Backend, st Step, cache kvcache.Cache) (logits []float3
 		}
 		h = ctx.Input().FromFloats(hHost, m.Params.Hidden, n)
 		q = ctx.Input().FromFloats(qHost, m.Params.HeadDim, m.Params.Heads, n)
-		attn := nn.Attention(ctx, q, nil, nil, scale, cache)
+		attn := attention(ctx, i, q, nil, nil, scale, cache)
 		h = m.finish(ctx, l, attn, h, outputs)
 	}
 	h = m.OutputNorm.Forward(ctx, h, m.Params.Eps)
