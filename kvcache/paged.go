@@ -13,15 +13,16 @@ import (
 	"github.com/ollama/ollama/model/input"
 
 	"github.com/kvrecall/kvrecall/paging"
+	"github.com/kvrecall/kvrecall/runtime/arch"
 )
 
 // Options configure a Paged cache.
 type Options struct {
 	Layout   Layout
-	Heads    int           // query heads of the model
-	Policy   paging.Policy // which pages each layer attends to
-	Capacity int           // most tokens in the sequence
-	MaxBatch int           // most tokens in one forward pass
+	Heads    int             // query heads of the model
+	Selector paging.Selector // which pages each layer's head groups attend to; owned by the cache
+	Capacity int             // most tokens in the sequence
+	MaxBatch int             // most tokens in one forward pass
 	// Prefix, if set, is a document's store: the cache starts with its
 	// tokens and shares its pages read-only.
 	Prefix *Store
@@ -30,9 +31,12 @@ type Options struct {
 // Stats describe a cache's memory and traffic.
 type Stats struct {
 	ResidentBytes int64 // device pools (keys and values)
-	HostBytes     int64 // host pages, shared document pages included
-	Pages         int   // pages in the sequence
-	Uploads       int64 // pages copied host -> device so far
+	// ResidentByClass splits ResidentBytes by head class ("all",
+	// "retrieval", "streaming", as the selector names its groups).
+	ResidentByClass map[string]int64
+	HostBytes       int64 // host pages, shared document pages included
+	Pages           int   // pages in the sequence
+	Uploads         int64 // pages copied host -> device so far
 	// Upkeep is the time spent keeping host pages and their summaries up to
 	// date (reading new keys and values back, writing pages, summaries).
 	Upkeep time.Duration
@@ -40,13 +44,17 @@ type Stats struct {
 
 // Paged is a paged KV cache for one sequence (sequence id 0). It is not safe
 // for concurrent use; sessions each have their own.
+//
+// Each layer's KV heads are split into the selector's groups; each group
+// has its own device pool, selection and uploads. A layer with one group of
+// every head is laid out exactly like before groups existed, so a dense
+// selection stays bit-exact with a dense cache.
 type Paged struct {
 	opt    Options
 	L      Layout
 	b      ml.Backend
 	store  *Store
-	pools  []*pool
-	views  []*layerView
+	layers []layerState
 	closed bool
 
 	// The current forward pass.
@@ -54,12 +62,8 @@ type Paged struct {
 	layer     int
 	stamp     uint64
 	upto      int
-	writes    []int     // pages this batch writes
-	sel       [][]int   // per layer: pages attended (nil until chosen)
-	frozen    [][]int   // per layer: pages the last question retrieved (PerQuestion)
-	cells     [][]int32 // per layer: pool cells of the batch's tokens
-	uploads   [][]upload
-	written   int // layers whose new rows reached the host store
+	writes    []int // pages this batch writes; resident in every pool of every layer
+	written   int   // layers whose new rows reached the host store
 	readbacks map[ml.Context][]readback
 	graphRuns map[ml.Context]int // copy runs emitted into each graph of this pass
 	pinned    []uint64           // per page: pinMark if placeAll must not evict it
@@ -68,8 +72,8 @@ type Paged struct {
 	uploadCount atomic.Int64
 	upkeep      atomic.Int64 // nanoseconds
 
-	// The last mask built: layers with the same pool layout and selection
-	// (every layer, for a dense policy) share it within a graph.
+	// The last mask built: pools with the same layout and selection (every
+	// layer, for a dense selector) share it within a graph.
 	mask struct {
 		ctx    ml.Context
 		pages  []int // pool.page of the used slots
@@ -79,6 +83,23 @@ type Paged struct {
 	}
 }
 
+// layerState is one layer's head groups and its view of the host pages.
+type layerState struct {
+	groups []*group
+	view   *layerView
+}
+
+// group is one head group of a layer: its KV heads, pool and selection.
+type group struct {
+	paging.Group
+	heads   []int // KV heads, ascending (resolved: never nil)
+	all     bool  // every KV head in order: the pool row is the store row
+	pool    *pool
+	sel     []int   // pages attended in this pass, sorted (nil until chosen)
+	cells   []int32 // pool cells of the batch's tokens
+	uploads []upload
+}
+
 type upload struct{ page, slot, rows int }
 
 type readback struct {
@@ -86,18 +107,22 @@ type readback struct {
 	k, v  ml.Tensor // f16 [row, batch] copies of the new keys and values
 }
 
-var _ ollamakv.Cache = (*Paged)(nil)
+var (
+	_ ollamakv.Cache = (*Paged)(nil)
+	_ arch.Hooks     = (*Paged)(nil)
+	_ arch.Attender  = (*Paged)(nil)
+)
 
 // NewPaged returns a cache; Init must be called before use (the runtime does).
 func NewPaged(o Options) (*Paged, error) {
 	if err := o.Layout.Check(); err != nil {
 		return nil, err
 	}
-	if o.Policy == nil {
-		return nil, errors.New("kvcache: no paging policy")
+	if o.Selector == nil {
+		return nil, errors.New("kvcache: no page selector")
 	}
-	if o.Policy.Config().PageSize != o.Layout.PageSize {
-		return nil, fmt.Errorf("kvcache: policy page size %d differs from the cache's %d", o.Policy.Config().PageSize, o.Layout.PageSize)
+	if o.Selector.Config().PageSize != o.Layout.PageSize {
+		return nil, fmt.Errorf("kvcache: selector page size %d differs from the cache's %d", o.Selector.Config().PageSize, o.Layout.PageSize)
 	}
 	if o.Heads <= 0 || o.Heads%o.Layout.KVHeads != 0 {
 		return nil, fmt.Errorf("kvcache: %d query heads for %d KV heads", o.Heads, o.Layout.KVHeads)
@@ -115,63 +140,127 @@ func NewPaged(o Options) (*Paged, error) {
 	if o.Capacity < c.store.Len() {
 		return nil, fmt.Errorf("kvcache: capacity %d is less than the %d tokens of the document", o.Capacity, c.store.Len())
 	}
-	n := o.Layout.Layers
-	c.pools = make([]*pool, n)
-	c.views = make([]*layerView, n)
-	for l := range c.views {
-		c.views[l] = &layerView{s: c.store, layer: l}
+	c.layers = make([]layerState, o.Layout.Layers)
+	for l := range c.layers {
+		c.layers[l].view = &layerView{s: c.store, layer: l}
+		gs, err := resolveGroups(o.Selector.Groups(l), o.Layout.KVHeads)
+		if err != nil {
+			return nil, fmt.Errorf("kvcache: %s, layer %d: %w", o.Selector.Name(), l, err)
+		}
+		c.layers[l].groups = gs
 	}
-	c.sel, c.frozen, c.cells, c.uploads = make([][]int, n), make([][]int, n), make([][]int32, n), make([][]upload, n)
 	return c, nil
 }
+
+// resolveGroups checks that groups split the kvHeads heads, each exactly
+// once, and fills in nil head lists.
+func resolveGroups(gs []paging.Group, kvHeads int) ([]*group, error) {
+	if len(gs) == 0 {
+		return nil, errors.New("no head groups")
+	}
+	seen := make([]bool, kvHeads)
+	var out []*group
+	for i, g := range gs {
+		heads := g.KVHeads
+		if heads == nil {
+			if len(gs) != 1 {
+				return nil, fmt.Errorf("group %d lists no heads but is not the only group", i)
+			}
+			heads = AllHeads(kvHeads)
+		}
+		if len(heads) == 0 || !slices.IsSorted(heads) {
+			return nil, fmt.Errorf("group %d: heads %v must be a non-empty ascending list", i, heads)
+		}
+		for _, h := range heads {
+			if h < 0 || h >= kvHeads || seen[h] {
+				return nil, fmt.Errorf("group %d: KV head %d is out of range or in two groups", i, h)
+			}
+			seen[h] = true
+		}
+		out = append(out, &group{Group: g, heads: heads, all: len(heads) == kvHeads})
+	}
+	if i := slices.Index(seen, false); i >= 0 {
+		return nil, fmt.Errorf("KV head %d is in no group", i)
+	}
+	return out, nil
+}
+
+// AllHeads returns 0..n-1.
+func AllHeads(n int) []int { return paging.AllPages(n) }
 
 // Store returns the host pages (owned by the cache; read-only for callers).
 func (c *Paged) Store() *Store { return c.store }
 
-// Policy returns the cache's paging policy.
-func (c *Paged) Policy() paging.Policy { return c.opt.Policy }
+// Selector returns the cache's page selector.
+func (c *Paged) Selector() paging.Selector { return c.opt.Selector }
 
-// Selected returns the pages layer attended to in the last forward pass.
-func (c *Paged) Selected(layer int) []int { return slices.Clone(c.sel[layer]) }
+// Selected returns the pages any head of layer attended to in the last
+// forward pass.
+func (c *Paged) Selected(layer int) []int {
+	var sel paging.Selection
+	for _, g := range c.layers[layer].groups {
+		sel.Groups = append(sel.Groups, g.sel)
+	}
+	return sel.Union()
+}
+
+// SelectedByGroup returns the pages each head group of layer attended to in
+// the last forward pass, with the groups.
+func (c *Paged) SelectedByGroup(layer int) ([]paging.Group, [][]int) {
+	var gs []paging.Group
+	var sel [][]int
+	for _, g := range c.layers[layer].groups {
+		gg := g.Group
+		gg.KVHeads = slices.Clone(g.heads)
+		gs = append(gs, gg)
+		sel = append(sel, slices.Clone(g.sel))
+	}
+	return gs, sel
+}
 
 // Stats reports memory use and traffic.
 func (c *Paged) Stats() Stats {
 	st := Stats{HostBytes: c.store.Bytes(), Pages: c.store.Pages(), Uploads: c.uploadCount.Load(),
-		Upkeep: time.Duration(c.upkeep.Load())}
-	for _, p := range c.pools {
-		if p != nil {
-			st.ResidentBytes += p.bytes(c.L)
+		Upkeep: time.Duration(c.upkeep.Load()), ResidentByClass: map[string]int64{}}
+	for l := range c.layers {
+		for _, g := range c.layers[l].groups {
+			if g.pool != nil {
+				b := g.pool.bytes(c.L)
+				st.ResidentBytes += b
+				st.ResidentByClass[g.Class] += b
+			}
 		}
 	}
 	return st
 }
 
-// ResidentSlots is the size of layer's device pool in pages.
-func (c *Paged) ResidentSlots(layer int) int { return c.slotsFor(layer) }
-
-func (c *Paged) denseLayer(layer int) bool {
-	pc := c.opt.Policy.Config()
-	return c.opt.Policy.Name() == "dense" || pc.Budget <= 0 || layer < pc.DenseLayers
+// ResidentSlots is the size of layer's device pools in pages, all groups together.
+func (c *Paged) ResidentSlots(layer int) int {
+	n := 0
+	for _, g := range c.layers[layer].groups {
+		n += c.slotsFor(g)
+	}
+	return n
 }
 
-// slotsFor sizes layer's pool: the whole capacity for dense layers, else the
-// budget plus room for the pages one batch writes.
-func (c *Paged) slotsFor(layer int) int {
+// slotsFor sizes a group's pool: the whole capacity for a dense group, else
+// its budget plus room for the pages one batch writes.
+func (c *Paged) slotsFor(g *group) int {
 	P := c.L.PageSize
 	pages := (c.opt.Capacity+P-1)/P + 1
-	if c.denseLayer(layer) {
+	if g.Budget <= 0 {
 		return pages
 	}
-	pc := c.opt.Policy.Config()
-	budget := max(pc.Budget, pc.Sinks+pc.Window+P)
+	pc := c.opt.Selector.Config()
+	budget := max(g.Budget, pc.Sinks+pc.Window+P)
 	return min(pages, budget/P+(c.opt.MaxBatch+P-1)/P+3)
 }
 
-func (c *Paged) poolFor(layer int) *pool {
-	if c.pools[layer] == nil {
-		c.pools[layer] = newPool(c.b, c.L, layer, c.slotsFor(layer))
+func (c *Paged) poolFor(layer int, g *group) *pool {
+	if g.pool == nil {
+		g.pool = newPool(c.b, c.L, layer, len(g.heads), c.slotsFor(g))
 	}
-	return c.pools[layer]
+	return g.pool
 }
 
 // Init implements kvcache.Cache. The pool is always f16 with permuted values
@@ -199,9 +288,11 @@ func (c *Paged) SetConfig(cfg ml.CacheConfig) {
 
 // Close frees the device pools.
 func (c *Paged) Close() {
-	for _, p := range c.pools {
-		if p != nil {
-			p.close()
+	for l := range c.layers {
+		for _, g := range c.layers[l].groups {
+			if g.pool != nil {
+				g.pool.close()
+			}
 		}
 	}
 	c.closed = true
@@ -230,39 +321,29 @@ func (c *Paged) Remove(seq int, beginIndex, endIndex int32) error {
 	c.written = 0
 	c.store.truncate(n)
 	P := c.L.PageSize
-	for _, p := range c.pools {
-		if p == nil {
-			continue
-		}
-		p.drop((n + P - 1) / P)
-		if n%P != 0 {
-			if s := p.resident(n / P); s >= 0 {
-				p.fill[s] = min(p.fill[s], n%P)
+	for l := range c.layers {
+		for _, g := range c.layers[l].groups {
+			p := g.pool
+			if p == nil {
+				continue
+			}
+			p.drop((n + P - 1) / P)
+			if n%P != 0 {
+				if s := p.resident(n / P); s >= 0 {
+					p.fill[s] = min(p.fill[s], n%P)
+				}
 			}
 		}
 	}
 	return nil
 }
 
-func (c *Paged) needQueries(layer int) bool {
-	if c.denseLayer(layer) {
-		return false
-	}
-	switch c.opt.Policy.Queries() {
-	case paging.PerStep:
-		return true
-	case paging.PerQuestion:
-		return c.n > 1
-	}
-	return false
-}
-
 // NeedQueries implements arch.Hooks.
-func (c *Paged) NeedQueries(layer int) bool { return c.needQueries(layer) }
+func (c *Paged) NeedQueries(layer int) bool { return c.opt.Selector.NeedQueries(layer, c.n) }
 
 // StartForward implements kvcache.Cache: the batch must continue the
-// sequence. It places the pages the batch writes in every layer's pool and
-// chooses the pages of every layer whose policy needs no queries.
+// sequence. It places the pages the batch writes in every pool and chooses
+// the pages of every layer whose selector needs no queries.
 func (c *Paged) StartForward(ctx ml.Context, batch input.Batch, reserve bool) error {
 	if reserve {
 		return nil
@@ -289,319 +370,144 @@ func (c *Paged) StartForward(ctx ml.Context, batch input.Batch, reserve bool) er
 	for p := pos0 / P; p <= (pos0+n-1)/P; p++ {
 		c.writes = append(c.writes, p)
 	}
-	for l := 0; l < c.L.Layers; l++ {
-		pl := c.poolFor(l)
-		// Uploads planned by a pass that never reached its graph (it failed)
-		// did not happen: those slots must be filled again.
-		for _, u := range c.uploads[l] {
-			if pl.page[u.slot] == u.page {
-				pl.fill[u.slot] = 0
+	for l := range c.layers {
+		ls := &c.layers[l]
+		for _, g := range ls.groups {
+			pl := c.poolFor(l, g)
+			// Uploads planned by a pass that never reached its graph (it
+			// failed) did not happen: those slots must be filled again.
+			for _, u := range g.uploads {
+				if pl.page[u.slot] == u.page {
+					pl.fill[u.slot] = 0
+				}
+			}
+			g.sel, g.uploads, g.cells = nil, g.uploads[:0], g.cells[:0]
+		}
+		if !c.opt.Selector.NeedQueries(l, n) {
+			if err := c.setSelection(l, c.opt.Selector.Select(l, ls.view, nil, c.upto)); err != nil {
+				return err
 			}
 		}
-		c.sel[l], c.uploads[l], c.cells[l] = nil, c.uploads[l][:0], c.cells[l][:0]
-		// Pages go into slots in page order, so that with every page selected
-		// the pool is laid out like a dense cache (and sums in the same order).
-		place := c.writes
-		if !c.needQueries(l) {
-			c.sel[l] = c.opt.Policy.Select(l, c.views[l], nil, c.upto)
-			if c.opt.Policy.Queries() == paging.PerQuestion && c.frozen[l] != nil {
-				c.sel[l] = union(c.sel[l], c.frozen[l], c.store.Pages())
+		for _, g := range ls.groups {
+			// Pages go into slots in page order, so that with every page
+			// selected the pool is laid out like a dense cache (and sums in
+			// the same order).
+			place := c.writes
+			if g.sel != nil {
+				place = union(g.sel, c.writes, c.store.Pages())
 			}
-			place = union(c.sel[l], c.writes, c.store.Pages())
-		}
-		if err := c.placeAll(l, place); err != nil {
-			return err
-		}
-		for i := 0; i < n; i++ {
-			pos := pos0 + i
-			c.cells[l] = append(c.cells[l], int32(pl.resident(pos/P)*P+pos%P))
+			if err := c.placeAll(l, g, place); err != nil {
+				return err
+			}
+			for i := 0; i < n; i++ {
+				pos := pos0 + i
+				g.cells = append(g.cells, int32(g.pool.resident(pos/P)*P+pos%P))
+			}
 		}
 	}
 	return nil
 }
 
-// placeAll makes pages resident in layer's pool (keeping the batch's pages
-// and pages in the list pinned) and schedules uploads of what is missing.
-func (c *Paged) placeAll(layer int, pages []int) error {
-	pl := c.pools[layer]
-	// Mark the pinned pages once: eviction asks about every slot for every
-	// page it places.
-	c.pinMark++
-	if n := c.store.Pages(); len(c.pinned) < n {
-		c.pinned = append(c.pinned, make([]uint64, n-len(c.pinned))...)
+// setSelection checks a selector's answer for layer and hands each group
+// its pages.
+func (c *Paged) setSelection(layer int, sel paging.Selection) error {
+	gs := c.layers[layer].groups
+	if len(sel.Groups) != len(gs) {
+		return fmt.Errorf("kvcache: %s selected for %d head groups in layer %d, which has %d", c.opt.Selector.Name(), len(sel.Groups), layer, len(gs))
 	}
-	for _, list := range [][]int{c.writes, pages, c.sel[layer]} {
-		for _, p := range list {
-			c.pinned[p] = c.pinMark
+	limit := c.store.Pages()
+	for i, pages := range sel.Groups {
+		if err := checkPages(pages, limit); err != nil {
+			return fmt.Errorf("kvcache: %s, layer %d, group %d: %w", c.opt.Selector.Name(), layer, i, err)
 		}
-	}
-	pinned := func(p int) bool { return p < len(c.pinned) && c.pinned[p] == c.pinMark }
-	for _, p := range pages {
-		s, err := pl.place(p, pinned, c.stamp)
-		if err != nil {
-			return err
-		}
-		if have := c.store.pages[layer][p].N; pl.fill[s] < have {
-			c.uploads[layer] = append(c.uploads[layer], upload{page: p, slot: s, rows: have})
-			pl.fill[s] = have
+		gs[i].sel = pages
+		if gs[i].sel == nil {
+			gs[i].sel = []int{}
 		}
 	}
 	return nil
 }
 
-func union(a, b []int, limit int) []int {
-	out := slices.Clone(a)
-	for _, p := range b {
-		if p < limit && !slices.Contains(out, p) {
-			out = append(out, p)
+// checkPages reports pages that are unsorted, repeated or out of range.
+func checkPages(pages []int, limit int) error {
+	for i, p := range pages {
+		if p < 0 || p >= limit {
+			return fmt.Errorf("page %d out of range [0, %d)", p, limit)
+		}
+		if i > 0 && p <= pages[i-1] {
+			return fmt.Errorf("pages not sorted and distinct at %d", i)
 		}
 	}
-	slices.Sort(out)
-	return out
+	return nil
 }
-
-// plan makes every selected page of layer resident, scheduling uploads.
-func (c *Paged) plan(layer int) error { return c.placeAll(layer, c.sel[layer]) }
 
 // SetQueries implements arch.Hooks: choose layer's pages from its queries.
 func (c *Paged) SetQueries(layer int, q [][]float32) error {
-	c.sel[layer] = c.opt.Policy.Select(layer, c.views[layer], &paging.Queries{Q: q, Heads: c.opt.Heads}, c.upto)
-	if c.opt.Policy.Queries() == paging.PerQuestion {
-		// Keep what the question retrieved; sinks and window are recomputed
-		// at every step, so the answer's pages stay within the budget.
-		req := c.opt.Policy.Select(layer, c.views[layer], nil, c.upto)
-		c.frozen[layer] = c.frozen[layer][:0]
-		for _, p := range c.sel[layer] {
-			if !slices.Contains(req, p) {
-				c.frozen[layer] = append(c.frozen[layer], p)
-			}
+	ls := &c.layers[layer]
+	if err := c.setSelection(layer, c.opt.Selector.Select(layer, ls.view, &paging.Queries{Q: q, Heads: c.opt.Heads}, c.upto)); err != nil {
+		return err
+	}
+	for _, g := range ls.groups {
+		if err := c.placeAll(layer, g, g.sel); err != nil {
+			return err
 		}
 	}
-	return c.plan(layer)
+	return nil
 }
 
 // Put implements kvcache.Cache: the batch's keys and values go into their
-// pool slots, and f16 copies are read back into the host pages after the
-// graph runs. key, value: [headDim, kvHeads, batch].
+// slots of every group's pool, and f16 copies are read back into the host
+// pages after the graph runs. key, value: [headDim, kvHeads, batch].
 func (c *Paged) Put(ctx ml.Context, key, value ml.Tensor) {
 	l, r, n := c.layer, c.L.Row(), c.n
 	if key.Dim(2) != n {
 		panic(fmt.Errorf("kvcache: batch of %d tokens, StartForward saw %d", key.Dim(2), n))
 	}
-	pl := c.pools[l]
-	cells := ctx.Input().FromInts(c.cells[l], n)
 	k := key.Reshape(ctx, r, n)
 	v := value.Reshape(ctx, r, n)
-	ctx.Forward(pl.k.Reshape(ctx, r, pl.slots*c.L.PageSize).SetRows(ctx, k, cells))
-	vp := v.Reshape(ctx, r, 1, n).Permute(ctx, 2, 0, 1, 3) // [1, batch, row]
-	ctx.Forward(pl.v.Reshape(ctx, 1, pl.slots*c.L.PageSize, r).SetRows(ctx, vp, cells))
+	P := c.L.PageSize
+	for _, g := range c.layers[l].groups {
+		pl := g.pool
+		gk, gv := k, v
+		if !g.all {
+			gk = pickHeads(ctx, key, g.heads).Reshape(ctx, pl.row, n)
+			gv = pickHeads(ctx, value, g.heads).Reshape(ctx, pl.row, n)
+		}
+		cells := ctx.Input().FromInts(g.cells, n)
+		ctx.Forward(pl.k.Reshape(ctx, pl.row, pl.slots*P).SetRows(ctx, gk, cells))
+		vp := gv.Reshape(ctx, pl.row, 1, n).Permute(ctx, 2, 0, 1, 3) // [1, batch, row]
+		ctx.Forward(pl.v.Reshape(ctx, 1, pl.slots*P, pl.row).SetRows(ctx, vp, cells))
+		for i := 0; i < n; i++ {
+			pos := c.pos0 + i
+			s := pl.resident(pos / P)
+			pl.fill[s] = max(pl.fill[s], pos%P+1)
+		}
+	}
 	kOut := ctx.Input().Empty(ml.DTypeF16, r, n)
 	vOut := ctx.Input().Empty(ml.DTypeF16, r, n)
 	ctx.Forward(k.Copy(ctx, kOut), v.Copy(ctx, vOut))
 	c.readbacks[ctx] = append(c.readbacks[ctx], readback{layer: l, k: kOut, v: vOut})
-	P := c.L.PageSize
-	for i := 0; i < n; i++ {
-		pos := c.pos0 + i
-		s := pl.resident(pos / P)
-		pl.fill[s] = max(pl.fill[s], pos%P+1)
-	}
 }
 
-// Get implements kvcache.Cache: uploads the layer's missing pages and
-// returns views over the used pool slots and the mask that hides free
-// cells, pages not selected, and the future.
-//
-//	key [headDim, kvHeads, cells], value [cells, headDim, kvHeads], mask [cells, batch]
-func (c *Paged) Get(ctx ml.Context) (ml.Tensor, ml.Tensor, ml.Tensor) {
-	l := c.layer
-	if c.sel[l] == nil {
-		panic(fmt.Sprintf("kvcache: layer %d has no page selection (queries were not given)", l))
-	}
-	pl := c.pools[l]
-	c.emitUploads(ctx, l)
-	used := pl.used()
-	P := c.L.PageSize
-	cells := used * P
-	k := pl.k.View(ctx, 0, c.L.HeadDim, pl.k.Stride(1), c.L.KVHeads, pl.k.Stride(2), cells)
-	v := pl.v.View(ctx, 0, cells, pl.v.Stride(1), c.L.HeadDim, pl.v.Stride(2), c.L.KVHeads)
-	if mk := &c.mask; mk.ctx == ctx && slices.Equal(mk.pages, pl.page[:used]) && slices.Equal(mk.fill, pl.fill[:used]) && slices.Equal(mk.sel, c.sel[l]) {
-		return k, v, mk.tensor
-	}
-	// Row b of the mask shows every visible cell at or before position
-	// pos0+b. Cells before the batch are the same for every row: build that
-	// row once, then copy it and open the batch's own cells causally.
-	ninf := float32(math.Inf(-1))
-	row := make([]float32, cells)
-	for i := range row {
-		row[i] = ninf
-	}
-	visible := make([]bool, c.store.Pages())
-	for _, p := range c.sel[l] {
-		visible[p] = true
-	}
-	for _, p := range c.writes {
-		visible[p] = true
-	}
-	var batchCells []int32 // cell of position pos0+i, for the batch's tokens
-	for s := 0; s < used; s++ {
-		p := pl.page[s]
-		if p < 0 || !visible[p] {
-			continue
+// pickHeads returns the heads of t [headDim, heads, batch] listed in
+// heads, in that order, as a contiguous [headDim, len(heads), batch]: one
+// view per run of consecutive heads, concatenated.
+func pickHeads(ctx ml.Context, t ml.Tensor, heads []int) ml.Tensor {
+	var out ml.Tensor
+	for i := 0; i < len(heads); {
+		j := i + 1
+		for j < len(heads) && heads[j] == heads[j-1]+1 {
+			j++
 		}
-		for t := 0; t < pl.fill[s] && p*P+t < c.pos0; t++ {
-			row[s*P+t] = 0
-		}
-	}
-	for i := 0; i < c.n; i++ {
-		pos := c.pos0 + i
-		batchCells = append(batchCells, int32(pl.resident(pos/P)*P+pos%P))
-	}
-	mask := make([]float32, cells*c.n)
-	for b := 0; b < c.n; b++ {
-		r := mask[b*cells : (b+1)*cells]
-		copy(r, row)
-		for i := 0; i <= b; i++ {
-			r[batchCells[i]] = 0
-		}
-	}
-	t := ctx.Input().FromFloats(mask, cells, c.n)
-	c.mask.ctx, c.mask.tensor = ctx, t
-	c.mask.pages = append(c.mask.pages[:0], pl.page[:used]...)
-	c.mask.fill = append(c.mask.fill[:0], pl.fill[:used]...)
-	c.mask.sel = append(c.mask.sel[:0], c.sel[l]...)
-	return k, v, t
-}
-
-// MaxUploadRuns bounds the copy runs uploads add to one graph: each run
-// costs six tensors of the graph's context (two input views, two pool
-// views, two copies), and ollama sizes that context for at least 1024. Uploads past it
-// become one page scatter per layer. Both paths write the same bytes; tests
-// change it to check that.
-var MaxUploadRuns = 96
-
-// emitUploads copies pages host -> device inside the graph. Uploads are
-// grouped into runs of consecutive slots; each run is one f16 input tensor of
-// the pages' rows per K and V, copied into a view of the pool: contiguous
-// for K, a strided (permuted) copy for V. Copies stay f16, so they cost
-// about a memcpy. Past MaxUploadRuns runs in a graph, whole pages go up with
-// one set_rows per K and V instead (scatterPages), which needs an
-// f16 -> f32 -> f16 round trip but only a few graph nodes.
-func (c *Paged) emitUploads(ctx ml.Context, l int) {
-	ups := c.uploads[l]
-	if len(ups) == 0 {
-		return
-	}
-	c.uploads[l] = nil
-	slices.SortFunc(ups, func(a, b upload) int { return a.slot - b.slot })
-	P := c.L.PageSize
-	var runs [][]upload
-	var full, partial []upload
-	for i, u := range ups {
-		if u.rows == P {
-			full = append(full, u)
+		part := t.View(ctx, heads[i]*t.Stride(1), t.Dim(0), t.Stride(1), j-i, t.Stride(2), t.Dim(2))
+		if out == nil {
+			out = part.Contiguous(ctx)
 		} else {
-			partial = append(partial, u)
+			out = out.Concat(ctx, part, 1)
 		}
-		if i > 0 {
-			prev := ups[i-1]
-			if u.slot == prev.slot+1 && prev.rows == P {
-				runs[len(runs)-1] = append(runs[len(runs)-1], u)
-				continue
-			}
-		}
-		runs = append(runs, []upload{u})
+		i = j
 	}
-	if used := c.graphRuns[ctx]; len(runs) > MaxUploadRuns-used {
-		// Partial pages (at most the last page or two) keep their own copies:
-		// a whole-page upload would overwrite the rows this batch's Put
-		// writes into the same slot.
-		c.scatterPages(ctx, l, full)
-		var single [][]upload
-		for _, u := range partial {
-			single = append(single, []upload{u})
-		}
-		c.copyRuns(ctx, l, single)
-	} else {
-		c.graphRuns[ctx] = used + len(runs)
-		c.copyRuns(ctx, l, runs)
-	}
-	c.uploadCount.Add(int64(len(ups)))
-}
-
-// copyRuns uploads runs of pages in consecutive slots, two f16 copies per
-// run. All runs share one K and one V input tensor (each input is a backend
-// buffer of its own): K holds the runs' key rows token-major, V each run's
-// values channel-major, run after run, as the pool lays them out.
-func (c *Paged) copyRuns(ctx ml.Context, l int, runs [][]upload) {
-	if len(runs) == 0 {
-		return
-	}
-	pl := c.pools[l]
-	r, P := c.L.Row(), c.L.PageSize
-	total := 0
-	for _, run := range runs {
-		for _, u := range run {
-			total += u.rows
-		}
-	}
-	kbuf := make([]uint16, 0, total*r)
-	vbuf := make([]uint16, total*r)
-	voff := 0
-	for _, run := range runs {
-		for _, u := range run {
-			kbuf = append(kbuf, c.store.pages[l][u.page].K[:u.rows*r]...)
-		}
-		for ch := 0; ch < r; ch++ {
-			for _, u := range run {
-				voff += copy(vbuf[voff:], c.store.pages[l][u.page].V[ch*P:ch*P+u.rows])
-			}
-		}
-	}
-	kIn := ctx.Input().FromBytes(ml.DTypeF16, u16bytes(kbuf), r*total)
-	vIn := ctx.Input().FromBytes(ml.DTypeF16, u16bytes(vbuf), r*total)
-	off := 0 // rows before this run
-	for _, run := range runs {
-		rows := 0
-		for _, u := range run {
-			rows += u.rows
-		}
-		first := run[0].slot * P
-		k := kIn.View(ctx, off*r*2, r*rows)
-		ctx.Forward(k.Copy(ctx, pl.k.View(ctx, first*r*2, r*rows)))
-		// V pool rows are the headDim x kvHeads channels, each slots*P cells long.
-		v := vIn.View(ctx, off*r*2, rows, rows*2, r) // [rows, channels]
-		ctx.Forward(v.Copy(ctx, pl.v.View(ctx, first*2, rows, pl.v.Stride(1), r)))
-		off += rows
-	}
-}
-
-// scatterPages uploads whole pages into any slots with one set_rows per K
-// and V, a page per row: the K pool seen as [row*P, slots] takes the pages'
-// keys as [row*P, pages]; the V pool seen as [P, slots, channels] takes
-// their values as [P, pages, channels]. Host work is a memcpy per page and
-// channel; ggml's set_rows wants f32 rows, hence the casts.
-func (c *Paged) scatterPages(ctx ml.Context, l int, ups []upload) {
-	if len(ups) == 0 {
-		return
-	}
-	pl := c.pools[l]
-	r, P, n := c.L.Row(), c.L.PageSize, len(ups)
-	kbuf := make([]uint16, 0, n*P*r)
-	vbuf := make([]uint16, n*P*r)
-	idx := make([]int32, n)
-	for i, u := range ups {
-		pg := c.store.pages[l][u.page]
-		kbuf = append(kbuf, pg.K[:P*r]...)
-		for ch := 0; ch < r; ch++ {
-			copy(vbuf[(ch*n+i)*P:(ch*n+i+1)*P], pg.V[ch*P:(ch+1)*P])
-		}
-		idx[i] = int32(u.slot)
-	}
-	slots := ctx.Input().FromInts(idx, n)
-	k := ctx.Input().FromBytes(ml.DTypeF16, u16bytes(kbuf), r*P, n).Cast(ctx, ml.DTypeF32)
-	v := ctx.Input().FromBytes(ml.DTypeF16, u16bytes(vbuf), P, n, r).Cast(ctx, ml.DTypeF32)
-	ctx.Forward(pl.k.Reshape(ctx, r*P, pl.slots).SetRows(ctx, k, slots))
-	ctx.Forward(pl.v.Reshape(ctx, P, pl.slots, r).SetRows(ctx, v, slots))
+	return out
 }
 
 // Outputs implements arch.Hooks: the read-back copies of ctx.

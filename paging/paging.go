@@ -1,25 +1,29 @@
 // Package paging decides which pages of the KV cache each layer's attention
-// sees. A Policy gets the page summaries of one layer (and, if it asks for
-// them, the layer's roped queries) and returns page ids within a token
-// budget. Every policy keeps the attention sinks (the first tokens) and the
-// recent window, and can leave the first layers dense.
+// sees. It is the selection seam: every method (dense, window, quest, retro,
+// and those other packages register) is a Selector built by name from a
+// registry, one per session, owning its own state. A Selector splits each
+// layer's KV heads into groups, each with its own budget and device pool,
+// and picks each group's pages from the page summaries (and, if it asks for
+// them, the layer's roped queries). kvcache places, uploads and masks what a
+// Selection says and knows no method by name.
 //
-// Policies: dense (every page), window (StreamingLLM: sinks + recent
-// tokens), quest (Quest: per step and layer, the pages with the largest upper
-// bound of q·k from per-channel key min/max) and retro (RetroLM-style without
-// training: pages scored once per question from the question tokens' queries
-// against mean and representative keys; the chosen pages serve the whole
-// answer).
+// Built in: dense (every page), window (StreamingLLM: sinks + recent tokens),
+// quest (Quest: per step and layer, the pages with the largest upper bound
+// of q·k from per-channel key min/max) and retro (RetroLM-style without
+// training: pages scored once per question from the question tokens'
+// queries against mean and representative keys; the chosen pages serve the
+// whole answer). Score-based methods are Scorers that share one top-k rule
+// (NewScored): sinks, window, neighbours, and the question's tokens sharing
+// the budget round-robin.
 package paging
 
 import (
 	"fmt"
 	"slices"
-	"strings"
 )
 
-// Summaries is what a policy may read about the pages of one layer. Vectors
-// are [headDim] for one KV head; they stay valid until the next write.
+// Summaries is what a selector may read about the pages of one layer.
+// Vectors are [headDim] for one KV head; they stay valid until the next write.
 type Summaries interface {
 	Pages() int       // pages holding tokens, the last possibly partial
 	Len(page int) int // tokens in page
@@ -51,7 +55,7 @@ type Queries struct {
 	Heads int
 }
 
-// When says when a policy needs the queries of a layer.
+// When says when a scorer needs the queries of a layer.
 type When int
 
 const (
@@ -60,7 +64,7 @@ const (
 	PerStep                 // every forward pass
 )
 
-// Config is shared by all policies. Budget counts every attended token,
+// Config is shared by all selectors. Budget counts every attended token,
 // sinks and window included.
 type Config struct {
 	PageSize    int // tokens per page
@@ -68,7 +72,15 @@ type Config struct {
 	Sinks       int // first tokens always attended (default 64)
 	Window      int // most recent tokens always attended (default 256)
 	DenseLayers int // layers 0..DenseLayers-1 attend to everything
-	Neighbors   int // retro: pages after each retrieved page also kept (default 1)
+	Neighbors   int // retro: pages after each retrieved page also kept (default 1; <0: none)
+
+	// The model's shape, for methods that treat heads or layers apart
+	// (zero where unknown: single-group methods do not need it).
+	Layers, KVHeads int
+
+	// Options carry method-specific settings, keyed by the method or
+	// modifier name that reads them (heads: its head classes).
+	Options map[string]any
 }
 
 // Defaults for Config fields left at zero.
@@ -78,24 +90,62 @@ const (
 	DefaultBudget = 2048
 )
 
-// Policy selects pages.
-type Policy interface {
-	Name() string
-	Config() Config
-	Queries() When
-	// Select returns the sorted page ids layer attends to when the sequence
-	// holds upto tokens (the last query's position + 1). With q nil a
-	// query-driven policy returns only what it always keeps (sinks, window).
-	Select(layer int, s Summaries, q *Queries, upto int) []int
+// Group is a set of a layer's KV heads that attend to the same pages. Each
+// group has its own device pool, sized by its budget, so a group that sees
+// fewer tokens also holds and computes less.
+type Group struct {
+	// KVHeads lists the group's KV heads in ascending order; nil means
+	// every KV head of the layer (the only group).
+	KVHeads []int
+	// Budget is the tokens the group attends per query, sinks and window
+	// included; <= 0 means every token (a dense pool).
+	Budget int
+	// Class names the group in reports ("all", "retrieval", "streaming").
+	Class string
 }
 
-// Names lists the policies New knows.
-var Names = []string{"dense", "window", "quest", "retro"}
+// Selection is a layer's choice: Groups[i] lists the sorted, distinct page
+// ids that group i of Selector.Groups(layer) attends to.
+type Selection struct {
+	Groups [][]int
+}
 
-// New builds a policy by name.
-func New(name string, c Config) (Policy, error) {
+// One is the selection of a single-group layer.
+func One(pages []int) Selection { return Selection{Groups: [][]int{pages}} }
+
+// Union returns the sorted pages any group attends to.
+func (s Selection) Union() []int {
+	var out []int
+	for _, g := range s.Groups {
+		out = append(out, g...)
+	}
+	slices.Sort(out)
+	return slices.Compact(out)
+}
+
+// Selector chooses pages for one sequence. It may keep state between
+// forward passes (retro's retrieved pages, a probe's statistics), so each
+// session has its own and uses it from one goroutine.
+type Selector interface {
+	// Name is the method's registered name (with modifiers: "retro+heads").
+	Name() string
+	Config() Config
+	// Groups splits layer's KV heads into groups. The answer is fixed for
+	// the selector's life: it sizes the layer's device pools.
+	Groups(layer int) []Group
+	// NeedQueries reports whether Select needs layer's queries for a
+	// forward pass of batch tokens (they cost a round trip to the host).
+	NeedQueries(layer, batch int) bool
+	// Select returns layer's pages, one list per group, when the sequence
+	// holds upto tokens (the last query's position + 1). q is nil when
+	// NeedQueries said no.
+	Select(layer int, s Summaries, q *Queries, upto int) Selection
+}
+
+// Fill applies the defaults to c's zero fields and checks it.
+func (c Config) Fill() (Config, error) {
 	if c.PageSize <= 0 {
-		return nil, fmt.Errorf("paging: page size %d", c.PageSize)
+		return c, fmt.Errorf("paging: page size %d", c.PageSize)
 	}
 	if c.Sinks == 0 {
 		c.Sinks = DefaultSinks
@@ -104,7 +154,7 @@ func New(name string, c Config) (Policy, error) {
 		c.Window = DefaultWindow
 	}
 	if c.Sinks < 0 || c.Window < 0 || c.Budget < 0 || c.DenseLayers < 0 {
-		return nil, fmt.Errorf("paging: negative setting in %+v", c)
+		return c, fmt.Errorf("paging: negative setting in budget %d, sinks %d, window %d, dense layers %d", c.Budget, c.Sinks, c.Window, c.DenseLayers)
 	}
 	if c.Neighbors == 0 {
 		c.Neighbors = 1
@@ -112,23 +162,23 @@ func New(name string, c Config) (Policy, error) {
 	if c.Neighbors < 0 {
 		c.Neighbors = 0
 	}
-	if name != "dense" && c.Budget > 0 && c.Budget < c.Sinks+c.Window+c.PageSize {
-		return nil, fmt.Errorf("paging: budget %d is less than sinks %d + window %d + one page of %d", c.Budget, c.Sinks, c.Window, c.PageSize)
-	}
-	switch name {
-	case "dense":
-		return dense{c}, nil
-	case "window":
-		return window{c}, nil
-	case "quest":
-		return &quest{base{c}}, nil
-	case "retro":
-		return &retro{base{c}}, nil
-	}
-	return nil, fmt.Errorf("paging: unknown policy %q (%s)", name, strings.Join(Names, ", "))
+	return c, nil
 }
 
-func allPages(n int) []int {
+// CheckBudget refuses a budget that cannot hold the sinks, the window and
+// one page.
+func (c Config) CheckBudget() error {
+	if c.Budget > 0 && c.Budget < c.Sinks+c.Window+c.PageSize {
+		return fmt.Errorf("paging: budget %d is less than sinks %d + window %d + one page of %d", c.Budget, c.Sinks, c.Window, c.PageSize)
+	}
+	return nil
+}
+
+// Dense reports whether layer attends to every token under c.
+func (c Config) Dense(layer int) bool { return c.Budget <= 0 || layer < c.DenseLayers }
+
+// AllPages returns 0..n-1.
+func AllPages(n int) []int {
 	out := make([]int, n)
 	for i := range out {
 		out[i] = i
@@ -136,59 +186,61 @@ func allPages(n int) []int {
 	return out
 }
 
-// base holds the selection rules every policy shares.
-type base struct{ c Config }
+// PagesOf is the number of pages of upto tokens.
+func PagesOf(upto, pageSize int) int { return (upto + pageSize - 1) / pageSize }
 
-func (b base) Config() Config { return b.c }
-
-func pagesOf(upto, p int) int { return (upto + p - 1) / p }
-
-// required returns the sink and window pages for a sequence of upto tokens
+// Required returns the sink and window pages for a sequence of upto tokens
 // and how many more pages the budget allows.
-func (b base) required(upto int) (req []int, free int) {
-	p := b.c.PageSize
-	n := pagesOf(upto, p)
-	sinkPages := pagesOf(b.c.Sinks, p)
-	first := max(0, upto-b.c.Window) / p // first page touching the window
+func (c Config) Required(upto int) (req []int, free int) {
+	p := c.PageSize
+	n := PagesOf(upto, p)
+	sinkPages := PagesOf(c.Sinks, p)
+	first := max(0, upto-c.Window) / p // first page touching the window
 	for i := 0; i < min(sinkPages, n); i++ {
 		req = append(req, i)
 	}
 	for i := max(first, sinkPages); i < n; i++ {
 		req = append(req, i)
 	}
-	if b.c.Budget <= 0 {
+	if c.Budget <= 0 {
 		return req, n - len(req)
 	}
-	return req, max(0, b.c.Budget/p-len(req))
+	return req, max(0, c.Budget/p-len(req))
 }
 
 // dense attends to every page.
 type dense struct{ c Config }
 
-func (d dense) Name() string   { return "dense" }
-func (d dense) Config() Config { return d.c }
-func (d dense) Queries() When  { return Never }
-func (d dense) Select(_ int, _ Summaries, _ *Queries, upto int) []int {
-	return allPages(pagesOf(upto, d.c.PageSize))
+func (d *dense) Name() string              { return "dense" }
+func (d *dense) Config() Config            { return d.c }
+func (d *dense) Groups(int) []Group        { return []Group{{Class: "all"}} }
+func (d *dense) NeedQueries(_, _ int) bool { return false }
+func (d *dense) Select(_ int, _ Summaries, _ *Queries, upto int) Selection {
+	return One(AllPages(PagesOf(upto, d.c.PageSize)))
 }
 
 // window keeps the sinks and the most recent Budget - Sinks tokens
 // (StreamingLLM).
 type window struct{ c Config }
 
-func (w window) Name() string   { return "window" }
-func (w window) Config() Config { return w.c }
-func (w window) Queries() When  { return Never }
-func (w window) Select(layer int, _ Summaries, _ *Queries, upto int) []int {
-	if layer < w.c.DenseLayers {
-		return allPages(pagesOf(upto, w.c.PageSize))
+func (w *window) Name() string              { return "window" }
+func (w *window) Config() Config            { return w.c }
+func (w *window) NeedQueries(_, _ int) bool { return false }
+func (w *window) Groups(layer int) []Group {
+	if w.c.Dense(layer) {
+		return []Group{{Class: "all"}}
+	}
+	return []Group{{Budget: w.c.Budget, Class: "all"}}
+}
+
+func (w *window) Select(layer int, _ Summaries, _ *Queries, upto int) Selection {
+	if w.c.Dense(layer) {
+		return One(AllPages(PagesOf(upto, w.c.PageSize)))
 	}
 	c := w.c
-	if c.Budget > 0 {
-		c.Window = max(c.Window, c.Budget-c.Sinks-c.PageSize) // the partial last page counts as a page
-	}
-	req, _ := base{c}.required(upto)
-	return req
+	c.Window = max(c.Window, c.Budget-c.Sinks-c.PageSize) // the partial last page counts as a page
+	req, _ := c.Required(upto)
+	return One(req)
 }
 
 // topPages adds to req the free highest-scoring pages not already in req,

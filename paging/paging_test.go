@@ -49,8 +49,8 @@ func TestRequiredPages(t *testing.T) {
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
-			b := base{Config{PageSize: 64, Sinks: c.sinks, Window: c.window, Budget: c.budget}}
-			req, free := b.required(c.upto)
+			b := Config{PageSize: 64, Sinks: c.sinks, Window: c.window, Budget: c.budget}
+			req, free := b.Required(c.upto)
 			require.Equal(t, c.want, req)
 			require.Equal(t, c.free, free)
 		})
@@ -72,7 +72,7 @@ func TestPoliciesSelect(t *testing.T) {
 		policy string
 		want   []int
 	}{
-		{"dense", allPages(pages)},
+		{"dense", AllPages(pages)},
 		{"window", []int{0, 33, 34, 35, 36, 37, 38, 39}},
 		{"quest", []int{0, 7, 22, 38, 39}},
 		{"retro", []int{0, 7, 22, 38, 39}},
@@ -81,7 +81,7 @@ func TestPoliciesSelect(t *testing.T) {
 		t.Run(c.policy, func(t *testing.T) {
 			p, err := New(c.policy, cfg)
 			require.NoError(t, err)
-			got := p.Select(3, f, q, upto)
+			got := p.Select(3, f, q, upto).Union()
 			for _, w := range c.want {
 				require.Contains(t, got, w)
 			}
@@ -91,8 +91,18 @@ func TestPoliciesSelect(t *testing.T) {
 			require.True(t, slices.IsSorted(got))
 			require.LessOrEqual(t, len(got), max(cfg.Budget/64, pages*boolInt(c.policy == "dense")))
 			if c.policy == "quest" || c.policy == "retro" {
-				// Without queries they keep only sinks and window.
-				require.Equal(t, window, p.Select(3, f, nil, upto))
+				// A fresh selector without queries keeps only sinks and window.
+				fresh, err := New(c.policy, cfg)
+				require.NoError(t, err)
+				require.Equal(t, window, fresh.Select(3, f, nil, upto).Union())
+			}
+			if c.policy == "retro" {
+				// Decode steps after the question keep what it retrieved,
+				// in that layer only, while the window moves on.
+				next := p.Select(3, f, nil, upto+64).Union()
+				require.Subset(t, next, []int{0, 7, 22, 39, 40})
+				require.NotContains(t, next, 38)
+				require.Equal(t, window, p.Select(4, f, nil, upto).Union())
 			}
 		})
 	}
@@ -111,8 +121,8 @@ func TestDenseLayersAndNeighbors(t *testing.T) {
 	q := &Queries{Heads: 1, Q: [][]float32{{1, 0}}}
 	p, err := New("retro", Config{PageSize: 64, Budget: 64 * 8, Sinks: 64, Window: 128, DenseLayers: 2, Neighbors: 2})
 	require.NoError(t, err)
-	require.Len(t, p.Select(1, f, q, 30*64), 30, "dense layer")
-	got := p.Select(2, f, q, 30*64)
+	require.Len(t, p.Select(1, f, q, 30*64).Union(), 30, "dense layer")
+	got := p.Select(2, f, q, 30*64).Union()
 	require.Subset(t, got, []int{10, 11, 12}, "retrieved page and its two neighbours")
 }
 
@@ -120,7 +130,7 @@ func TestNewRejectsBadConfig(t *testing.T) {
 	_, err := New("quest", Config{PageSize: 64, Budget: 100})
 	require.ErrorContains(t, err, "budget 100 is less than")
 	_, err = New("nope", Config{PageSize: 64})
-	require.ErrorContains(t, err, "unknown policy")
+	require.ErrorContains(t, err, "unknown method")
 	_, err = New("dense", Config{})
 	require.ErrorContains(t, err, "page size")
 }

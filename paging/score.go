@@ -7,26 +7,16 @@ import (
 	"github.com/viterin/vek/vek32"
 )
 
-// quest keeps, per layer and step, the pages with the largest upper bound of
-// any query·key in them (Quest, arXiv 2406.10774): for query q and a page's
-// per-channel key minima and maxima, Σ_i max(q_i·max_i, q_i·min_i), the
-// largest over the query heads. A batch of several tokens (a question) shares
-// the budget round-robin (see roundRobin).
-type quest struct{ base }
+// questScorer keeps, per layer and step, the pages with the largest upper
+// bound of any query·key in them (Quest, arXiv 2406.10774): for query q and a
+// page's per-channel key minima and maxima, Σ_i max(q_i·max_i, q_i·min_i),
+// the largest over the query heads. A batch of several tokens (a question)
+// shares the budget round-robin (see roundRobin).
+type questScorer struct{}
 
-func (q *quest) Name() string  { return "quest" }
-func (q *quest) Queries() When { return PerStep }
-
-func (q *quest) Select(layer int, s Summaries, qs *Queries, upto int) []int {
-	n := pagesOf(upto, q.c.PageSize)
-	if layer < q.c.DenseLayers || q.c.Budget <= 0 {
-		return allPages(n)
-	}
-	req, free := q.required(upto)
-	if free == 0 || qs == nil {
-		return req
-	}
-	return roundRobin(req, scoreBoxes(s, qs, n), free, 0)
+func (questScorer) When() When { return PerStep }
+func (questScorer) Score(_ int, s Summaries, q *Queries, n int) [][]float32 {
+	return scoreBoxes(s, q, n)
 }
 
 // scoreBoxes is scorePages with boundScore, computed from packed boxes when
@@ -77,27 +67,17 @@ func matVec(dst, x, y []float32) {
 	}
 }
 
-// retro scores pages once per question (RetroLM, arXiv 2502.11444, without
-// its trained retriever): the largest dot product between a question token's
-// query and the page's mean key or one of its representative keys. The
-// selection then serves every decode step of the answer; each retrieved page
-// brings Neighbors following pages, because an answer continues past the
-// text that matches the question.
-type retro struct{ base }
+// retroScorer scores pages once per question (RetroLM, arXiv 2502.11444,
+// without its trained retriever): the largest dot product between a question
+// token's query and the page's mean key or one of its representative keys.
+// The selection then serves every decode step of the answer; each retrieved
+// page brings Neighbors following pages, because an answer continues past
+// the text that matches the question.
+type retroScorer struct{}
 
-func (r *retro) Name() string  { return "retro" }
-func (r *retro) Queries() When { return PerQuestion }
-
-func (r *retro) Select(layer int, s Summaries, qs *Queries, upto int) []int {
-	n := pagesOf(upto, r.c.PageSize)
-	if layer < r.c.DenseLayers || r.c.Budget <= 0 {
-		return allPages(n)
-	}
-	req, free := r.required(upto)
-	if free == 0 || qs == nil {
-		return req
-	}
-	return roundRobin(req, scorePages(s, qs, n, repScore), free, r.c.Neighbors)
+func (retroScorer) When() When { return PerQuestion }
+func (retroScorer) Score(_ int, s Summaries, q *Queries, n int) [][]float32 {
+	return scorePages(s, q, n, repScore)
 }
 
 // pageScore scores one page for one query head vector q (and its

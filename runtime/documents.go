@@ -272,7 +272,7 @@ func (m *Model) Ask(ctx context.Context, doc *Document, question string, opts As
 // DocumentSession returns a session that starts with doc's tokens and pages
 // and attends under the given policy.
 func (m *Model) DocumentSession(doc *Document, o PolicyOptions) (*Session, error) {
-	pol, err := m.NewPolicy(o)
+	pol, err := m.NewSelector(o)
 	if err != nil {
 		return nil, err
 	}

@@ -13,14 +13,19 @@ import (
 // DefaultPageSize is the page size of paged caches and documents.
 const DefaultPageSize = 64
 
-// PolicyOptions choose a paging policy for a paged session or an Ask.
+// PolicyOptions choose a paging method for a paged session or an Ask.
 type PolicyOptions struct {
-	Policy      string // dense, window, quest or retro (default retro)
+	// Policy names a registered method (paging.Names: dense, window, quest,
+	// retro, ...) with optional modifiers ("retro+heads"); default retro.
+	Policy      string
 	Budget      int    // tokens attended per query, sinks and window included (default 2048)
 	Sinks       int    // default 64
 	Window      int    // default 256
 	DenseLayers int    // first layers that attend to everything (default 0)
 	Neighbors   int    // retro: pages kept after each retrieved page (default 1)
+	// Extra carries method-specific settings, keyed by the method or
+	// modifier that reads them (heads: its *heads.Profile).
+	Extra map[string]any
 }
 
 // Layout returns the paged-cache geometry of the model.
@@ -28,17 +33,23 @@ func (m *Model) Layout() kvcache.Layout {
 	return kvcache.Layout{Layers: m.cfg.Layers, KVHeads: m.cfg.KVHeads, HeadDim: m.cfg.HeadDim, PageSize: m.opts.PageSize}
 }
 
-// NewPolicy builds the paging policy o describes for this model.
-func (m *Model) NewPolicy(o PolicyOptions) (paging.Policy, error) {
+// NewSelector builds a fresh page selector (one per session: it keeps
+// state) for the method o describes, for this model.
+func (m *Model) NewSelector(o PolicyOptions) (paging.Selector, error) {
 	if o.Policy == "" {
 		o.Policy = "retro"
 	}
-	if o.Budget == 0 && o.Policy != "dense" {
+	method, _, err := paging.Parse(o.Policy)
+	if err != nil {
+		return nil, err
+	}
+	if o.Budget == 0 && method != "dense" {
 		o.Budget = paging.DefaultBudget
 	}
 	return paging.New(o.Policy, paging.Config{
 		PageSize: m.opts.PageSize, Budget: o.Budget, Sinks: o.Sinks, Window: o.Window,
 		DenseLayers: o.DenseLayers, Neighbors: o.Neighbors,
+		Layers: m.cfg.Layers, KVHeads: m.cfg.KVHeads, Options: o.Extra,
 	})
 }
 
@@ -46,7 +57,7 @@ func (m *Model) NewPolicy(o PolicyOptions) (paging.Policy, error) {
 // and attended under policy.
 func PagedCache(o PolicyOptions) CacheFactory {
 	return func(m *Model) (ollamakv.Cache, error) {
-		pol, err := m.NewPolicy(o)
+		pol, err := m.NewSelector(o)
 		if err != nil {
 			return nil, err
 		}
@@ -54,7 +65,7 @@ func PagedCache(o PolicyOptions) CacheFactory {
 	}
 }
 
-func (m *Model) newPaged(pol paging.Policy, capacity int, prefix *kvcache.Store) (*kvcache.Paged, error) {
+func (m *Model) newPaged(pol paging.Selector, capacity int, prefix *kvcache.Store) (*kvcache.Paged, error) {
 	if m.opts.FlashAttention {
 		return nil, fmt.Errorf("the paged cache needs flash attention off")
 	}
@@ -62,7 +73,7 @@ func (m *Model) newPaged(pol paging.Policy, capacity int, prefix *kvcache.Store)
 		return nil, fmt.Errorf("the paged cache stores f16 keys and values; open the model with KVType f16")
 	}
 	c, err := kvcache.NewPaged(kvcache.Options{
-		Layout: m.Layout(), Heads: m.cfg.Heads, Policy: pol,
+		Layout: m.Layout(), Heads: m.cfg.Heads, Selector: pol,
 		Capacity: capacity, MaxBatch: m.opts.BatchSize, Prefix: prefix,
 	})
 	if err != nil {

@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
-	"slices"
 	"strings"
 	"time"
 
@@ -117,8 +116,10 @@ func (p *openaiParams) toRuntime(s *Server) (runtime.GenerateOptions, runtime.Po
 
 // checkPolicy validates a request's paging overrides.
 func checkPolicy(name string, budget int) error {
-	if name != "" && !slices.Contains(paging.Names, name) {
-		return badRequest("unknown policy %q (%s)", name, strings.Join(paging.Names, ", "))
+	if name != "" {
+		if _, _, err := paging.Parse(name); err != nil {
+			return badRequest("unknown policy %q (known: %s)", name, paging.Known())
+		}
 	}
 	if budget < 0 {
 		return badRequest("budget must be positive")

@@ -205,7 +205,7 @@ func runSpeed(ctx context.Context, args []string) error {
 func runNIAH(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("niah", flag.ContinueOnError)
 	model := fs.String("model", "", "GGUF model (default: the foundry's recall model, built if absent)")
-	methods := fs.String("method", "retro", "paging methods, comma separated: "+strings.Join(paging.Names, ", "))
+	methods := fs.String("method", "retro", "paging methods, comma separated: "+paging.Known())
 	budgets := fs.String("budget", "2048", "token budgets, comma separated")
 	lengths := fs.String("lengths", "16384,32768", "context lengths in tokens")
 	depths := fs.String("depths", "0,25,50,75,100", "needle depths in percent (ignored with --depth-intervals)")
@@ -390,7 +390,7 @@ func runRuler(ctx context.Context, args []string) error {
 	tasks := fs.String("tasks", strings.Join(ruler.Tasks, ","), "tasks: "+strings.Join(ruler.Tasks, ", "))
 	lengths := fs.String("lengths", "4096,8192,16384,32768,65536", "context lengths in tokens")
 	samples := fs.Int("samples", 3, "samples per task and length")
-	methods := fs.String("method", "dense,retro", "paging methods, comma separated: "+strings.Join(paging.Names, ", "))
+	methods := fs.String("method", "dense,retro", "paging methods, comma separated: "+paging.Known())
 	budgets := fs.String("budget", "2048", "token budgets, comma separated")
 	seed := fs.Uint64("seed", 1, "seed")
 	threads := fs.Int("threads", 0, "CPU threads (default: all)")
@@ -477,8 +477,8 @@ func runRuler(ctx context.Context, args []string) error {
 func methodList(s string) ([]string, error) {
 	ms := strings.Split(s, ",")
 	for _, m := range ms {
-		if !slices.Contains(paging.Names, m) {
-			return nil, fmt.Errorf("unknown method %q (%s)", m, strings.Join(paging.Names, ", "))
+		if _, _, err := paging.Parse(m); err != nil {
+			return nil, err
 		}
 	}
 	return ms, nil

@@ -61,7 +61,7 @@ func parse(args []string) (*settings, error) {
 	fs.IntVar(&s.port, "port", 8080, "port")
 	fs.IntVar(&s.threads, "threads", 0, "CPU threads (0: all)")
 	fs.IntVar(&s.ctxLen, "ctx", 32768, "context length: most tokens in a session (document + question + answer)")
-	fs.StringVar(&s.policy, "kv-policy", "retro", "default paging policy for document requests: "+strings.Join(paging.Names, ", "))
+	fs.StringVar(&s.policy, "kv-policy", "retro", "default paging method for document requests: "+paging.Known())
 	fs.IntVar(&s.budget, "kv-budget", paging.DefaultBudget, "default KV budget in tokens for document requests")
 	fs.IntVar(&s.pageSize, "page-size", runtime.DefaultPageSize, "tokens per KV page (16..256)")
 	fs.StringVar(&s.data, "data", "", "directory for documents (default: the user cache directory)")

@@ -2,19 +2,24 @@ package kvcache
 
 import (
 	"fmt"
+	"slices"
 
 	"github.com/ollama/ollama/ml"
 )
 
-// pool is one layer's device tier: Slots page slots in backend memory.
-// Attention reads views over the first used slots; which page sits in which
-// slot does not matter (keys are roped before they are cached), only the
-// mask must agree.
+// pool is one head group's device tier in one layer: slots page slots in
+// backend memory holding the group's KV heads. Attention reads views over
+// the first used slots; which page sits in which slot does not matter (keys
+// are roped before they are cached), only the mask must agree.
 //
-//	k: [headDim, kvHeads, slots*pageSize]   (as ollama's causal cache)
-//	v: [slots*pageSize, headDim, kvHeads]   (permuted: what ggml's mul_mat wants)
+//	k: [headDim, heads, slots*pageSize]   (as ollama's causal cache)
+//	v: [slots*pageSize, headDim, heads]   (permuted: what ggml's mul_mat wants)
+//
+// Invariants (CheckInvariants): page and where are inverse maps; a free
+// slot (page -1) has fill 0; fill <= pageSize.
 type pool struct {
 	slots int
+	row   int // headDim * heads: elements of one token's keys in this pool
 	ctx   ml.Context
 	k, v  ml.Tensor
 	page  []int       // slot -> page id, -1 when free
@@ -23,15 +28,16 @@ type pool struct {
 	where map[int]int // page id -> slot
 }
 
-func newPool(b ml.Backend, l Layout, layer, slots int) *pool {
-	ctx := b.NewContextSize(2).Layer(layer)
+func newPool(b ml.Backend, l Layout, layer, heads, slots int) *pool {
 	cells := slots * l.PageSize
-	p := &pool{
-		slots: slots, ctx: ctx,
-		k:    ctx.Zeros(ml.DTypeF16, l.HeadDim, l.KVHeads, cells),
-		v:    ctx.Zeros(ml.DTypeF16, cells, l.HeadDim, l.KVHeads),
+	p := &pool{slots: slots, row: heads * l.HeadDim,
 		page: make([]int, slots), fill: make([]int, slots), stamp: make([]uint64, slots),
 		where: map[int]int{},
+	}
+	if b != nil {
+		p.ctx = b.NewContextSize(2).Layer(layer)
+		p.k = p.ctx.Zeros(ml.DTypeF16, l.HeadDim, heads, cells)
+		p.v = p.ctx.Zeros(ml.DTypeF16, cells, l.HeadDim, heads)
 	}
 	for i := range p.page {
 		p.page[i] = -1
@@ -113,7 +119,48 @@ func (p *pool) drop(first int) {
 	}
 }
 
-// bytes is the device memory of the pool.
+// bytes is the device memory of the pool (f16 keys and values).
 func (p *pool) bytes(l Layout) int64 {
-	return int64(p.slots) * int64(l.PageSize) * int64(l.Row()) * 2 * 2
+	return int64(p.slots) * int64(l.PageSize) * int64(p.row) * 2 * 2
+}
+
+// placeAll makes pages resident in group g's pool of layer (keeping the
+// batch's pages, the pages in the list and the group's selection pinned)
+// and schedules uploads of what is missing.
+func (c *Paged) placeAll(layer int, g *group, pages []int) error {
+	pl := g.pool
+	// Mark the pinned pages once: eviction asks about every slot for every
+	// page it places.
+	c.pinMark++
+	if n := c.store.Pages(); len(c.pinned) < n {
+		c.pinned = append(c.pinned, make([]uint64, n-len(c.pinned))...)
+	}
+	for _, list := range [][]int{c.writes, pages, g.sel} {
+		for _, p := range list {
+			c.pinned[p] = c.pinMark
+		}
+	}
+	pinned := func(p int) bool { return p >= 0 && p < len(c.pinned) && c.pinned[p] == c.pinMark }
+	for _, p := range pages {
+		s, err := pl.place(p, pinned, c.stamp)
+		if err != nil {
+			return err
+		}
+		if have := c.store.pages[layer][p].N; pl.fill[s] < have {
+			g.uploads = append(g.uploads, upload{page: p, slot: s, rows: have})
+			pl.fill[s] = have
+		}
+	}
+	return nil
+}
+
+func union(a, b []int, limit int) []int {
+	out := slices.Clone(a)
+	for _, p := range b {
+		if p < limit && !slices.Contains(out, p) {
+			out = append(out, p)
+		}
+	}
+	slices.Sort(out)
+	return out
 }

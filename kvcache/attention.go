@@ -1,0 +1,164 @@
+package kvcache
+
+import (
+	"fmt"
+	"math"
+	"slices"
+
+	"github.com/ollama/ollama/ml"
+	"github.com/ollama/ollama/ml/nn"
+)
+
+// single returns layer's only group if it holds every KV head: the layout
+// nn.Attention can use through Get.
+func (c *Paged) single(layer int) *group {
+	if gs := c.layers[layer].groups; len(gs) == 1 && gs[0].all {
+		return gs[0]
+	}
+	return nil
+}
+
+// Get implements kvcache.Cache for a layer whose heads form one group:
+// uploads the layer's missing pages and returns views over the used pool
+// slots and the mask that hides free cells, pages not selected, and the
+// future. Layers with several head groups need Attention.
+//
+//	key [headDim, kvHeads, cells], value [cells, headDim, kvHeads], mask [cells, batch]
+func (c *Paged) Get(ctx ml.Context) (ml.Tensor, ml.Tensor, ml.Tensor) {
+	g := c.single(c.layer)
+	if g == nil {
+		panic(fmt.Sprintf("kvcache: layer %d has %d head groups; use Attention", c.layer, len(c.layers[c.layer].groups)))
+	}
+	return c.groupKV(ctx, c.layer, g)
+}
+
+// groupKV uploads what g's pool misses and returns views of its used slots
+// and its mask.
+func (c *Paged) groupKV(ctx ml.Context, l int, g *group) (ml.Tensor, ml.Tensor, ml.Tensor) {
+	if g.sel == nil {
+		panic(fmt.Sprintf("kvcache: layer %d has no page selection (queries were not given)", l))
+	}
+	pl := g.pool
+	c.emitUploads(ctx, l, g)
+	used := pl.used()
+	cells := used * c.L.PageSize
+	heads := len(g.heads)
+	k := pl.k.View(ctx, 0, c.L.HeadDim, pl.k.Stride(1), heads, pl.k.Stride(2), cells)
+	v := pl.v.View(ctx, 0, cells, pl.v.Stride(1), c.L.HeadDim, pl.v.Stride(2), heads)
+	return k, v, c.maskFor(ctx, g, used)
+}
+
+// Attention implements arch.Attender. A layer with one group of every head
+// goes through nn.Attention with Get, exactly as a plain cache would. A
+// layer with several groups computes each group's attention over its own
+// pool (so a group that sees fewer tokens computes less) from its query
+// heads, then puts the heads back in order. q: [headDim, heads, batch].
+func (c *Paged) Attention(ctx ml.Context, layer int, q, k, v ml.Tensor, scale float64) ml.Tensor {
+	c.layer = layer
+	if c.single(layer) != nil {
+		return nn.Attention(ctx, q, k, v, scale, c)
+	}
+	ctx.Forward(q)
+	if k != nil {
+		ctx.Forward(k, v)
+		c.Put(ctx, k, v)
+	}
+	G := c.opt.Heads / c.L.KVHeads
+	var out ml.Tensor
+	var order []int // query heads in the order of out
+	for _, g := range c.layers[layer].groups {
+		key, value, mask := c.groupKV(ctx, layer, g)
+		var qheads []int
+		for _, h := range g.heads {
+			for j := 0; j < G; j++ {
+				qheads = append(qheads, h*G+j)
+			}
+		}
+		qg := pickHeads(ctx, q, qheads) // [headDim, len(qheads), batch]
+		a := qg.(ml.ScaledDotProductAttention).ScaledDotProductAttention(ctx, key, value, mask, nil, nil, scale, true)
+		if out == nil {
+			out = a
+		} else {
+			out = out.Concat(ctx, a, 1)
+		}
+		order = append(order, qheads...)
+	}
+	if slices.IsSorted(order) {
+		return out
+	}
+	// Row h of each token must be query head h again: gather with, for
+	// every token, the position of head h in order. get_rows wants
+	// [heads, batch] indices for a [headDim, heads, batch] source.
+	n := q.Dim(2)
+	pos := make([]int32, len(order))
+	for i, h := range order {
+		pos[h] = int32(i)
+	}
+	idx := make([]int32, 0, len(order)*n)
+	for range n {
+		idx = append(idx, pos...)
+	}
+	return out.Rows(ctx, ctx.Input().FromInts(idx, len(order), n))
+}
+
+// maskFor returns g's mask [cells, batch]: row b shows every cell of a
+// selected page at or before position pos0+b. Pools with the same layout
+// and selection (every layer, for a dense selector) share one mask within
+// a graph.
+func (c *Paged) maskFor(ctx ml.Context, g *group, used int) ml.Tensor {
+	pl := g.pool
+	if mk := &c.mask; mk.ctx == ctx && slices.Equal(mk.pages, pl.page[:used]) && slices.Equal(mk.fill, pl.fill[:used]) && slices.Equal(mk.sel, g.sel) {
+		return mk.tensor
+	}
+	mask := buildMask(pl, used, g.sel, c.writes, c.store.Pages(), c.pos0, c.n, c.L.PageSize)
+	t := ctx.Input().FromFloats(mask, used*c.L.PageSize, c.n)
+	c.mask.ctx, c.mask.tensor = ctx, t
+	c.mask.pages = append(c.mask.pages[:0], pl.page[:used]...)
+	c.mask.fill = append(c.mask.fill[:0], pl.fill[:used]...)
+	c.mask.sel = append(c.mask.sel[:0], g.sel...)
+	return t
+}
+
+// buildMask returns the [cells, batch] mask (row-major by batch row) of a
+// pool's first used slots for a batch of n tokens from pos0: 0 where
+// attended, -Inf elsewhere. Cells before the batch are the same for every
+// row: that row is built once, then copied and the batch's own cells opened
+// causally.
+func buildMask(pl *pool, used int, sel, writes []int, pages, pos0, n, P int) []float32 {
+	cells := used * P
+	ninf := float32(math.Inf(-1))
+	row := make([]float32, cells)
+	for i := range row {
+		row[i] = ninf
+	}
+	visible := make([]bool, pages)
+	for _, p := range sel {
+		visible[p] = true
+	}
+	for _, p := range writes {
+		visible[p] = true
+	}
+	for s := 0; s < used; s++ {
+		p := pl.page[s]
+		if p < 0 || !visible[p] {
+			continue
+		}
+		for t := 0; t < pl.fill[s] && p*P+t < pos0; t++ {
+			row[s*P+t] = 0
+		}
+	}
+	batchCells := make([]int32, n) // cell of position pos0+i
+	for i := range batchCells {
+		pos := pos0 + i
+		batchCells[i] = int32(pl.resident(pos/P)*P + pos%P)
+	}
+	mask := make([]float32, cells*n)
+	for b := 0; b < n; b++ {
+		r := mask[b*cells : (b+1)*cells]
+		copy(r, row)
+		for i := 0; i <= b; i++ {
+			r[batchCells[i]] = 0
+		}
+	}
+	return mask
+}

@@ -1,0 +1,75 @@
+package kvcache
+
+import (
+	"errors"
+	"fmt"
+)
+
+// CheckInvariants reports the first broken invariant of the cache's
+// residency state; tests call it after forward passes. Between passes:
+//   - in every pool, slot -> page and page -> slot are inverse maps, and a
+//     page sits in at most one slot;
+//   - a free slot has fill 0; fill <= page size and, once the pass is
+//     computed, <= the tokens the host page holds;
+//   - every pool has the slots its group's budget sizes;
+//   - selections are sorted, distinct and in range;
+//   - the pages the last batch wrote are resident in every pool of every
+//     layer (they were pinned while placing), and so is every selected page.
+func (c *Paged) CheckInvariants() error {
+	var errs []error
+	P := c.L.PageSize
+	pages := c.store.Pages()
+	for l := range c.layers {
+		for gi, g := range c.layers[l].groups {
+			pl := g.pool
+			at := fmt.Sprintf("layer %d group %d", l, gi)
+			if pl == nil {
+				continue
+			}
+			if pl.slots != c.slotsFor(g) || len(pl.page) != pl.slots {
+				errs = append(errs, fmt.Errorf("%s: %d slots, want %d", at, pl.slots, c.slotsFor(g)))
+			}
+			if pl.row != len(g.heads)*c.L.HeadDim {
+				errs = append(errs, fmt.Errorf("%s: row %d for %d heads", at, pl.row, len(g.heads)))
+			}
+			occupied := 0
+			for s, p := range pl.page {
+				switch {
+				case p < 0:
+					if pl.fill[s] != 0 {
+						errs = append(errs, fmt.Errorf("%s: free slot %d has fill %d", at, s, pl.fill[s]))
+					}
+					continue
+				case pl.where[p] != s:
+					errs = append(errs, fmt.Errorf("%s: slot %d holds page %d, which maps to slot %d", at, s, p, pl.where[p]))
+				}
+				occupied++
+				if pl.fill[s] > P {
+					errs = append(errs, fmt.Errorf("%s: slot %d fill %d > page size %d", at, s, pl.fill[s], P))
+				}
+				if (c.written == 0 || c.written == c.L.Layers) && p < pages && pl.fill[s] > c.store.pages[l][p].N {
+					errs = append(errs, fmt.Errorf("%s: slot %d fill %d > %d tokens of page %d", at, s, pl.fill[s], c.store.pages[l][p].N, p))
+				}
+			}
+			if occupied != len(pl.where) {
+				errs = append(errs, fmt.Errorf("%s: %d occupied slots, %d mapped pages", at, occupied, len(pl.where)))
+			}
+			if g.sel != nil {
+				if err := checkPages(g.sel, pages); err != nil {
+					errs = append(errs, fmt.Errorf("%s: selection: %w", at, err))
+				}
+				for _, p := range g.sel {
+					if pl.resident(p) < 0 {
+						errs = append(errs, fmt.Errorf("%s: selected page %d is not resident", at, p))
+					}
+				}
+			}
+			for _, p := range c.writes {
+				if pl.resident(p) < 0 {
+					errs = append(errs, fmt.Errorf("%s: written page %d is not resident", at, p))
+				}
+			}
+		}
+	}
+	return errors.Join(errs...)
+}

@@ -1,0 +1,173 @@
+package kvcache
+
+import (
+	"slices"
+
+	"github.com/ollama/ollama/ml"
+)
+
+// MaxUploadRuns bounds the copy runs uploads add to one graph: each run
+// costs six tensors of the graph's context (two input views, two pool
+// views, two copies), and ollama sizes that context for at least 1024. Uploads past it
+// become one page scatter per pool. Both paths write the same bytes; tests
+// change it to check that.
+var MaxUploadRuns = 96
+
+// planRuns sorts a group's uploads by slot and groups them into runs of
+// consecutive slots (a run continues only after a whole page), and splits
+// them into whole and partial pages for the scatter path.
+func planRuns(ups []upload, P int) (runs [][]upload, full, partial []upload) {
+	slices.SortFunc(ups, func(a, b upload) int { return a.slot - b.slot })
+	for i, u := range ups {
+		if u.rows == P {
+			full = append(full, u)
+		} else {
+			partial = append(partial, u)
+		}
+		if i > 0 {
+			prev := ups[i-1]
+			if u.slot == prev.slot+1 && prev.rows == P {
+				runs[len(runs)-1] = append(runs[len(runs)-1], u)
+				continue
+			}
+		}
+		runs = append(runs, []upload{u})
+	}
+	return runs, full, partial
+}
+
+// emitUploads copies a group's pages host -> device inside the graph.
+// Uploads are grouped into runs of consecutive slots; each run is one f16
+// input tensor of the pages' rows per K and V, copied into a view of the
+// pool: contiguous for K, a strided (permuted) copy for V. Copies stay f16,
+// so they cost about a memcpy. Past MaxUploadRuns runs in a graph, whole
+// pages go up with one set_rows per K and V instead (scatterPages), which
+// needs an f16 -> f32 -> f16 round trip but only a few graph nodes.
+func (c *Paged) emitUploads(ctx ml.Context, l int, g *group) {
+	ups := g.uploads
+	if len(ups) == 0 {
+		return
+	}
+	g.uploads = nil
+	runs, full, partial := planRuns(ups, c.L.PageSize)
+	if used := c.graphRuns[ctx]; len(runs) > MaxUploadRuns-used {
+		// Partial pages (at most the last page or two) keep their own copies:
+		// a whole-page upload would overwrite the rows this batch's Put
+		// writes into the same slot.
+		c.scatterPages(ctx, l, g, full)
+		var single [][]upload
+		for _, u := range partial {
+			single = append(single, []upload{u})
+		}
+		c.copyRuns(ctx, l, g, single)
+	} else {
+		c.graphRuns[ctx] = used + len(runs)
+		c.copyRuns(ctx, l, g, runs)
+	}
+	c.uploadCount.Add(int64(len(ups)))
+}
+
+// appendKeys appends rows tokens of page's keys for g's heads, token-major
+// as the pool lays them out. A group of every head copies the store rows
+// whole.
+func (c *Paged) appendKeys(dst []uint16, g *group, K []uint16, rows int) []uint16 {
+	r := c.L.Row()
+	if g.all {
+		return append(dst, K[:rows*r]...)
+	}
+	hd := c.L.HeadDim
+	for t := 0; t < rows; t++ {
+		for _, h := range g.heads {
+			dst = append(dst, K[t*r+h*hd:t*r+(h+1)*hd]...)
+		}
+	}
+	return dst
+}
+
+// channel returns the store channel of g's pool channel ch (head-major,
+// like a row of keys).
+func (c *Paged) channel(g *group, ch int) int {
+	if g.all {
+		return ch
+	}
+	hd := c.L.HeadDim
+	return g.heads[ch/hd]*hd + ch%hd
+}
+
+// copyRuns uploads runs of pages in consecutive slots, two f16 copies per
+// run. All runs share one K and one V input tensor (each input is a backend
+// buffer of its own): K holds the runs' key rows token-major, V each run's
+// values channel-major, run after run, as the pool lays them out.
+func (c *Paged) copyRuns(ctx ml.Context, l int, g *group, runs [][]upload) {
+	if len(runs) == 0 {
+		return
+	}
+	pl := g.pool
+	r, P := pl.row, c.L.PageSize
+	total := 0
+	for _, run := range runs {
+		for _, u := range run {
+			total += u.rows
+		}
+	}
+	kbuf := make([]uint16, 0, total*r)
+	vbuf := make([]uint16, total*r)
+	voff := 0
+	for _, run := range runs {
+		for _, u := range run {
+			kbuf = c.appendKeys(kbuf, g, c.store.pages[l][u.page].K, u.rows)
+		}
+		for ch := 0; ch < r; ch++ {
+			sc := c.channel(g, ch)
+			for _, u := range run {
+				voff += copy(vbuf[voff:], c.store.pages[l][u.page].V[sc*P:sc*P+u.rows])
+			}
+		}
+	}
+	kIn := ctx.Input().FromBytes(ml.DTypeF16, u16bytes(kbuf), r*total)
+	vIn := ctx.Input().FromBytes(ml.DTypeF16, u16bytes(vbuf), r*total)
+	off := 0 // rows before this run
+	for _, run := range runs {
+		rows := 0
+		for _, u := range run {
+			rows += u.rows
+		}
+		first := run[0].slot * P
+		k := kIn.View(ctx, off*r*2, r*rows)
+		ctx.Forward(k.Copy(ctx, pl.k.View(ctx, first*r*2, r*rows)))
+		// V pool rows are the headDim x heads channels, each slots*P cells long.
+		v := vIn.View(ctx, off*r*2, rows, rows*2, r) // [rows, channels]
+		ctx.Forward(v.Copy(ctx, pl.v.View(ctx, first*2, rows, pl.v.Stride(1), r)))
+		off += rows
+	}
+}
+
+// scatterPages uploads whole pages into any slots with one set_rows per K
+// and V, a page per row: the K pool seen as [row*P, slots] takes the pages'
+// keys as [row*P, pages]; the V pool seen as [P, slots, channels] takes
+// their values as [P, pages, channels]. Host work is a memcpy per page and
+// channel; ggml's set_rows wants f32 rows, hence the casts.
+func (c *Paged) scatterPages(ctx ml.Context, l int, g *group, ups []upload) {
+	if len(ups) == 0 {
+		return
+	}
+	pl := g.pool
+	r, P, n := pl.row, c.L.PageSize, len(ups)
+	kbuf := make([]uint16, 0, n*P*r)
+	vbuf := make([]uint16, n*P*r)
+	idx := make([]int32, n)
+	for i, u := range ups {
+		pg := c.store.pages[l][u.page]
+		kbuf = c.appendKeys(kbuf, g, pg.K, P)
+		for ch := 0; ch < r; ch++ {
+			sc := c.channel(g, ch)
+			copy(vbuf[(ch*n+i)*P:(ch*n+i+1)*P], pg.V[sc*P:(sc+1)*P])
+		}
+		idx[i] = int32(u.slot)
+	}
+	slots := ctx.Input().FromInts(idx, n)
+	k := ctx.Input().FromBytes(ml.DTypeF16, u16bytes(kbuf), r*P, n).Cast(ctx, ml.DTypeF32)
+	v := ctx.Input().FromBytes(ml.DTypeF16, u16bytes(vbuf), P, n, r).Cast(ctx, ml.DTypeF32)
+	ctx.Forward(pl.k.Reshape(ctx, r*P, pl.slots).SetRows(ctx, k, slots))
+	ctx.Forward(pl.v.Reshape(ctx, P, pl.slots, r).SetRows(ctx, v, slots))
+}
