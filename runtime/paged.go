@@ -18,11 +18,11 @@ type PolicyOptions struct {
 	// Policy names a registered method (paging.Names: dense, window, quest,
 	// retro, ...) with optional modifiers ("retro+heads"); default retro.
 	Policy      string
-	Budget      int    // tokens attended per query, sinks and window included (default 2048)
-	Sinks       int    // default 64
-	Window      int    // default 256
-	DenseLayers int    // first layers that attend to everything (default 0)
-	Neighbors   int    // retro: pages kept after each retrieved page (default 1)
+	Budget      int // tokens attended per query, sinks and window included (default 2048)
+	Sinks       int // default 64
+	Window      int // default 256
+	DenseLayers int // first layers that attend to everything (default 0)
+	Neighbors   int // retro: pages kept after each retrieved page (default 1)
 	// Extra carries method-specific settings, keyed by the method or
 	// modifier that reads them (heads: its *heads.Profile).
 	Extra map[string]any
