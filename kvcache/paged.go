@@ -477,16 +477,25 @@ func (c *Paged) Put(ctx ml.Context, key, value ml.Tensor) {
 		ctx.Forward(pl.k.Reshape(ctx, pl.row, pl.slots*P).SetRows(ctx, gk, cells))
 		vp := gv.Reshape(ctx, pl.row, 1, n).Permute(ctx, 2, 0, 1, 3) // [1, batch, row]
 		ctx.Forward(pl.v.Reshape(ctx, 1, pl.slots*P, pl.row).SetRows(ctx, vp, cells))
-		for i := 0; i < n; i++ {
+	}
+	c.batchWritten(l)
+	kOut := ctx.Input().Empty(ml.DTypeF16, r, n)
+	vOut := ctx.Input().Empty(ml.DTypeF16, r, n)
+	ctx.Forward(k.Copy(ctx, kOut), v.Copy(ctx, vOut))
+	c.readbacks[ctx] = append(c.readbacks[ctx], readback{layer: l, k: kOut, v: vOut})
+}
+
+// batchWritten records that the batch's tokens are in layer's pools.
+func (c *Paged) batchWritten(layer int) {
+	P := c.L.PageSize
+	for _, g := range c.layers[layer].groups {
+		pl := g.pool
+		for i := 0; i < c.n; i++ {
 			pos := c.pos0 + i
 			s := pl.resident(pos / P)
 			pl.fill[s] = max(pl.fill[s], pos%P+1)
 		}
 	}
-	kOut := ctx.Input().Empty(ml.DTypeF16, r, n)
-	vOut := ctx.Input().Empty(ml.DTypeF16, r, n)
-	ctx.Forward(k.Copy(ctx, kOut), v.Copy(ctx, vOut))
-	c.readbacks[ctx] = append(c.readbacks[ctx], readback{layer: l, k: kOut, v: vOut})
 }
 
 // pickHeads returns the heads of t [headDim, heads, batch] listed in
@@ -529,12 +538,18 @@ func (c *Paged) Computed(ctx ml.Context) error {
 		if len(kb) != 2*c.n*c.L.Row() || len(vb) != len(kb) {
 			return fmt.Errorf("kvcache: read back %d bytes of keys, want %d", len(kb), 2*c.n*c.L.Row())
 		}
-		c.store.write(rb.layer, c.pos0, bytesU16(kb), bytesU16(vb), c.n)
-		c.written++
+		c.stored(rb.layer, bytesU16(kb), bytesU16(vb))
 	}
 	delete(c.readbacks, ctx)
+	return nil
+}
+
+// stored writes the batch's keys and values of layer ([batch][row] f16)
+// into the host pages; the sequence grows when every layer has them.
+func (c *Paged) stored(layer int, k, v []uint16) {
+	c.store.write(layer, c.pos0, k, v, c.n)
+	c.written++
 	if c.written == c.L.Layers {
 		c.store.n = c.pos0 + c.n
 	}
-	return nil
 }

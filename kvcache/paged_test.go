@@ -1,0 +1,347 @@
+package kvcache
+
+import (
+	"math"
+	"math/rand/v2"
+	"slices"
+	"testing"
+
+	"github.com/ollama/ollama/model/input"
+	"github.com/stretchr/testify/require"
+
+	"github.com/kvrecall/kvrecall/paging"
+)
+
+// These tests drive the cache's planning (placement, LRU eviction, pinning,
+// masks, upload plans, head groups) without a backend, in the spirit of
+// ollama's kvcache/causal_test.go: pools are created without tensors
+// (Init with a nil backend), and step does the host half of Put and
+// Computed that a graph would trigger.
+
+// testSelector is a programmable paging.Selector.
+type testSelector struct {
+	c      paging.Config
+	groups []paging.Group
+	// sel returns the pages of each group; nil selects every page for
+	// every group.
+	sel   func(layer, upto int) [][]int
+	needQ bool
+}
+
+func (s *testSelector) Name() string                      { return "test" }
+func (s *testSelector) Config() paging.Config             { return s.c }
+func (s *testSelector) Groups(int) []paging.Group         { return s.groups }
+func (s *testSelector) NeedQueries(layer, batch int) bool { return s.needQ }
+func (s *testSelector) Select(layer int, _ paging.Summaries, _ *paging.Queries, upto int) paging.Selection {
+	if s.sel != nil {
+		return paging.Selection{Groups: s.sel(layer, upto)}
+	}
+	out := make([][]int, len(s.groups))
+	for i := range out {
+		out[i] = paging.AllPages(paging.PagesOf(upto, s.c.PageSize))
+	}
+	return paging.Selection{Groups: out}
+}
+
+func newTestCache(t *testing.T, sel paging.Selector, capacity, maxBatch int) *Paged {
+	t.Helper()
+	c, err := NewPaged(Options{Layout: testLayout, Heads: 4, Selector: sel, Capacity: capacity, MaxBatch: maxBatch})
+	require.NoError(t, err)
+	c.Init(nil, 0, 1, capacity, maxBatch)
+	return c
+}
+
+// step runs one forward pass of n tokens through the cache's planning and
+// the host half of Put/Computed, with random keys and values, then checks
+// the invariants.
+func step(t *testing.T, c *Paged, r *rand.Rand, n int) {
+	t.Helper()
+	pos := make([]int32, n)
+	seqs := make([]int, n)
+	for i := range pos {
+		pos[i] = int32(c.store.Len() + i)
+	}
+	require.NoError(t, c.StartForward(nil, input.Batch{Positions: pos, Sequences: seqs}, false))
+	for l := range c.layers {
+		if c.NeedQueries(l) {
+			require.NoError(t, c.SetQueries(l, nil))
+		}
+		for _, g := range c.layers[l].groups {
+			g.uploads = nil // emitted into the graph
+		}
+		c.batchWritten(l)
+		c.stored(l, rows(r, c.L, n), rows(r, c.L, n))
+	}
+	require.NoError(t, c.CheckInvariants())
+}
+
+// clip returns the distinct pages below n, sorted.
+func clip(pages []int, n int) []int {
+	var out []int
+	for _, p := range pages {
+		if p >= 0 && p < n {
+			out = append(out, p)
+		}
+	}
+	slices.Sort(out)
+	return slices.Compact(out)
+}
+
+func TestDenseSelectionKeepsPositionOrder(t *testing.T) {
+	sel := &testSelector{c: paging.Config{PageSize: 16}, groups: []paging.Group{{}}}
+	c := newTestCache(t, sel, 160, 32)
+	r := rand.New(rand.NewPCG(1, 2))
+	for _, n := range []int{32, 20, 1, 1, 40} {
+		step(t, c, r, n)
+	}
+	pl := c.layers[0].groups[0].pool
+	// Like a dense cache: page p in slot p, filled to its tokens.
+	for p := 0; p < c.store.Pages(); p++ {
+		require.Equal(t, p, pl.resident(p), "page %d", p)
+		require.Equal(t, c.store.pages[0][p].N, pl.fill[p])
+	}
+}
+
+func TestEvictionAndPinning(t *testing.T) {
+	cases := []struct {
+		name string
+		// pages kept per step besides the written ones
+		keep  func(upto int) []int
+		steps int
+		want  string // error substring, "" for none
+	}{
+		{"LRU keeps the selection and the written page", func(upto int) []int { return []int{0, 1} }, 40, ""},
+		{"moving selection evicts the least recently used", func(upto int) []int {
+			p := paging.PagesOf(upto, 16)
+			return []int{0, max(0, p-3), max(0, p-2)}
+		}, 60, ""},
+		{"more pinned pages than slots", func(upto int) []int { return paging.AllPages(paging.PagesOf(upto, 16)) }, 200, "pinned"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			sel := &testSelector{c: paging.Config{PageSize: 16, Sinks: 16, Window: 16}, groups: []paging.Group{{Budget: 48}}}
+			sel.sel = func(_, upto int) [][]int {
+				keep := clip(tc.keep(upto), paging.PagesOf(upto, 16))
+				return [][]int{keep}
+			}
+			c := newTestCache(t, sel, 4096, 1)
+			slots := c.slotsFor(c.layers[0].groups[0])
+			require.Less(t, slots, 4096/16, "the budget bounds the pool")
+			r := rand.New(rand.NewPCG(3, 4))
+			step(t, c, r, 16) // a first page, then decode steps
+			var err error
+			for i := 0; i < tc.steps && err == nil; i++ {
+				err = tryStep(c, r)
+				if err == nil {
+					require.NoError(t, c.CheckInvariants())
+					// The last pass's selection and written pages are resident.
+					for _, p := range c.Selected(1) {
+						require.GreaterOrEqual(t, c.layers[1].groups[0].pool.resident(p), 0)
+					}
+				}
+			}
+			if tc.want == "" {
+				require.NoError(t, err)
+			} else {
+				require.ErrorContains(t, err, tc.want)
+			}
+		})
+	}
+}
+
+// tryStep is step that returns StartForward's error.
+func tryStep(c *Paged, r *rand.Rand) error {
+	pos := []int32{int32(c.store.Len())}
+	if err := c.StartForward(nil, input.Batch{Positions: pos, Sequences: []int{0}}, false); err != nil {
+		return err
+	}
+	for l := range c.layers {
+		for _, g := range c.layers[l].groups {
+			g.uploads = nil
+		}
+		c.batchWritten(l)
+		c.stored(l, rows(r, c.L, 1), rows(r, c.L, 1))
+	}
+	return nil
+}
+
+func TestLRUVictim(t *testing.T) {
+	p := newPool(nil, testLayout, 0, 2, 3)
+	none := func(int) bool { return false }
+	for i, page := range []int{0, 1, 2} {
+		s, err := p.place(page, none, uint64(i+1))
+		require.NoError(t, err)
+		require.Equal(t, page, s, "free slot page mod slots")
+	}
+	// Touch page 0 again: page 1 is now the least recently used.
+	_, err := p.place(0, none, 4)
+	require.NoError(t, err)
+	s, err := p.place(7, none, 5)
+	require.NoError(t, err)
+	require.Equal(t, 1, s)
+	require.Equal(t, -1, p.resident(1))
+	// Pinned pages are never victims, even when least recently used.
+	pinned := func(pg int) bool { return pg == 2 }
+	s, err = p.place(8, pinned, 6)
+	require.NoError(t, err)
+	require.Equal(t, 0, s, "page 0 (stamp 4) goes, page 2 (stamp 3) is pinned")
+	_, err = p.place(9, func(int) bool { return true }, 7)
+	require.ErrorContains(t, err, "all 3 device slots are pinned")
+}
+
+func TestBuildMask(t *testing.T) {
+	const P = 4
+	p := newPool(nil, Layout{Layers: 1, KVHeads: 1, HeadDim: 2, PageSize: P}, 0, 1, 4)
+	// Slots: 0 <- page 2 (full), 1 <- page 0 (full), 2 <- page 3 (the batch's page), 3 free.
+	for _, x := range []struct{ page, slot, fill int }{{2, 0, 4}, {0, 1, 4}, {3, 2, 2}} {
+		p.page[x.slot], p.fill[x.slot], p.where[x.page] = x.page, x.fill, x.slot
+	}
+	// Batch: positions 13 and 14 (page 3, offsets 1 and 2); page 3 holds 12 already.
+	p.fill[2] = 3
+	ninf := float32(math.Inf(-1))
+	cases := []struct {
+		name string
+		sel  []int
+		want []float32 // [2 rows][used*P cells]
+	}{
+		{"every page", []int{0, 2, 3}, []float32{
+			0, 0, 0, 0, 0, 0, 0, 0, 0, 0, ninf, ninf,
+			0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, ninf,
+		}},
+		{"page 2 hidden", []int{0, 3}, []float32{
+			ninf, ninf, ninf, ninf, 0, 0, 0, 0, 0, 0, ninf, ninf,
+			ninf, ninf, ninf, ninf, 0, 0, 0, 0, 0, 0, 0, ninf,
+		}},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			got := buildMask(p, 3, c.sel, []int{3}, 4, 13, 2, P)
+			require.Equal(t, c.want, got)
+		})
+	}
+}
+
+func TestPlanRuns(t *testing.T) {
+	const P = 16
+	ups := []upload{{page: 9, slot: 5, rows: P}, {page: 1, slot: 0, rows: P}, {page: 2, slot: 1, rows: P},
+		{page: 3, slot: 2, rows: 7}, {page: 4, slot: 3, rows: P}, {page: 8, slot: 4, rows: P}}
+	runs, full, partial := planRuns(ups, P)
+	slotsOf := func(run []upload) []int {
+		var s []int
+		for _, u := range run {
+			s = append(s, u.slot)
+		}
+		return s
+	}
+	var got [][]int
+	for _, r := range runs {
+		got = append(got, slotsOf(r))
+	}
+	// A run continues only after a whole page: the partial page in slot 2
+	// ends its run, and slot 3 starts a new one.
+	require.Equal(t, [][]int{{0, 1, 2}, {3, 4, 5}}, got)
+	require.Len(t, full, 5)
+	require.Equal(t, []int{2}, slotsOf(partial))
+}
+
+// Uploads are planned for pages the pool lacks or holds partly, never for
+// pages already resident in full.
+func TestUploadPlanning(t *testing.T) {
+	pick := []int{0, 3}
+	sel := &testSelector{c: paging.Config{PageSize: 16, Sinks: 16, Window: 16}, groups: []paging.Group{{Budget: 64}}, needQ: true}
+	sel.sel = func(_, upto int) [][]int { return [][]int{clip(pick, paging.PagesOf(upto, 16))} }
+	c := newTestCache(t, sel, 1024, 64)
+	r := rand.New(rand.NewPCG(5, 6))
+	step(t, c, r, 64)  // pages 0-3 written in place: nothing to upload
+	step(t, c, r, 64)  // pages 4-7
+	pick = []int{0, 1} // page 1 was evicted? it must come back with an upload if so
+	require.NoError(t, c.StartForward(nil, input.Batch{Positions: []int32{128}, Sequences: []int{0}}, false))
+	require.NoError(t, c.SetQueries(0, nil))
+	g := c.layers[0].groups[0]
+	for _, u := range g.uploads {
+		require.Contains(t, []int{0, 1}, u.page)
+		require.Equal(t, 16, u.rows)
+	}
+	for _, p := range []int{0, 1} {
+		s := g.pool.resident(p)
+		require.GreaterOrEqual(t, s, 0)
+		require.Equal(t, 16, g.pool.fill[s], "planned upload fills the slot")
+	}
+	require.NoError(t, c.CheckInvariants())
+}
+
+func TestHeadGroupsHaveTheirOwnPools(t *testing.T) {
+	sel := &testSelector{c: paging.Config{PageSize: 16, Sinks: 16, Window: 16}, groups: []paging.Group{
+		{KVHeads: []int{1}, Budget: 0, Class: "retrieval"},
+		{KVHeads: []int{0}, Budget: 48, Class: "streaming"},
+	}}
+	sel.sel = func(_, upto int) [][]int {
+		n := paging.PagesOf(upto, 16)
+		return [][]int{paging.AllPages(n), clip([]int{0, n - 1}, n)}
+	}
+	c := newTestCache(t, sel, 1024, 16)
+	r := rand.New(rand.NewPCG(7, 8))
+	for range 20 {
+		step(t, c, r, 16)
+	}
+	gs := c.layers[0].groups
+	require.Equal(t, testLayout.HeadDim, gs[0].pool.row, "one KV head per pool row")
+	require.Greater(t, gs[0].pool.slots, gs[1].pool.slots, "a dense group holds every page, the streaming one its budget")
+	st := c.Stats()
+	require.Equal(t, st.ResidentBytes, st.ResidentByClass["retrieval"]+st.ResidentByClass["streaming"])
+	require.Greater(t, st.ResidentByClass["retrieval"], st.ResidentByClass["streaming"])
+	groups, picks := c.SelectedByGroup(0)
+	require.Equal(t, []int{1}, groups[0].KVHeads)
+	require.Len(t, picks[0], 20)
+	require.Equal(t, []int{0, 19}, picks[1])
+}
+
+func TestBadSelectionsAreErrors(t *testing.T) {
+	cases := []struct {
+		name   string
+		groups []paging.Group
+		sel    [][]int
+		want   string
+	}{
+		{"head in two groups", []paging.Group{{KVHeads: []int{0, 1}}, {KVHeads: []int{1}}}, nil, "in two groups"},
+		{"head in no group", []paging.Group{{KVHeads: []int{0}}}, nil, "in no group"},
+		{"unsorted pages", []paging.Group{{}}, [][]int{{1, 0}}, "not sorted"},
+		{"page out of range", []paging.Group{{}}, [][]int{{0, 99}}, "out of range"},
+		{"wrong group count", []paging.Group{{}}, [][]int{{0}, {0}}, "2 head groups"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			sel := &testSelector{c: paging.Config{PageSize: 16}, groups: tc.groups}
+			if tc.sel != nil {
+				sel.sel = func(int, int) [][]int { return tc.sel }
+			}
+			c, err := NewPaged(Options{Layout: testLayout, Heads: 4, Selector: sel, Capacity: 256, MaxBatch: 32})
+			if err == nil {
+				c.Init(nil, 0, 1, 256, 32)
+				pos := make([]int32, 32)
+				for i := range pos {
+					pos[i] = int32(i)
+				}
+				err = c.StartForward(nil, input.Batch{Positions: pos, Sequences: make([]int, 32)}, false)
+			}
+			require.ErrorContains(t, err, tc.want)
+		})
+	}
+}
+
+func TestCheckInvariantsFindsBrokenState(t *testing.T) {
+	sel := &testSelector{c: paging.Config{PageSize: 16}, groups: []paging.Group{{}}}
+	c := newTestCache(t, sel, 256, 32)
+	step(t, c, rand.New(rand.NewPCG(9, 9)), 32)
+	pl := c.layers[1].groups[0].pool
+	pl.where[1] = 0 // page 1 claims slot 0, which holds page 0
+	require.ErrorContains(t, c.CheckInvariants(), "maps to slot")
+	pl.where[1] = 1
+	pl.fill[1] = 17
+	require.ErrorContains(t, c.CheckInvariants(), "fill 17")
+	pl.fill[1] = 16
+	c.layers[0].groups[0].sel = []int{1, 0}
+	require.ErrorContains(t, c.CheckInvariants(), "not sorted")
+	c.layers[0].groups[0].sel = slices.Clone([]int{0, 1})
+	require.NoError(t, c.CheckInvariants())
+}
