@@ -1,0 +1,245 @@
+package kvcache_test
+
+import (
+	"context"
+	"math"
+	"math/rand/v2"
+	"slices"
+	"testing"
+
+	"github.com/ollama/ollama/ml"
+	"github.com/ollama/ollama/model/input"
+	"github.com/stretchr/testify/require"
+	"github.com/x448/float16"
+
+	"github.com/kvrecall/kvrecall/foundry"
+	"github.com/kvrecall/kvrecall/internal/testmodels"
+	"github.com/kvrecall/kvrecall/kvcache"
+	"github.com/kvrecall/kvrecall/paging"
+	"github.com/kvrecall/kvrecall/runtime"
+)
+
+// fixedSelector gives each head group a fixed page list (clipped to the
+// sequence); nil lists mean every page.
+type fixedSelector struct {
+	c      paging.Config
+	groups []paging.Group
+	pages  [][]int
+}
+
+func (s *fixedSelector) Name() string              { return "fixed" }
+func (s *fixedSelector) Config() paging.Config     { return s.c }
+func (s *fixedSelector) Groups(int) []paging.Group { return s.groups }
+func (s *fixedSelector) NeedQueries(_, _ int) bool { return false }
+func (s *fixedSelector) Select(_ int, _ paging.Summaries, _ *paging.Queries, upto int) paging.Selection {
+	n := paging.PagesOf(upto, s.c.PageSize)
+	var out paging.Selection
+	for _, p := range s.pages {
+		if p == nil {
+			out.Groups = append(out.Groups, paging.AllPages(n))
+			continue
+		}
+		var in []int
+		for _, x := range p {
+			if x < n {
+				in = append(in, x)
+			}
+		}
+		out.Groups = append(out.Groups, in)
+	}
+	return out
+}
+
+const (
+	tHeads, tKV, tDim, tPage = 8, 4, 8, 16 // query heads, KV heads, head dim, page size
+)
+
+var tLayout = kvcache.Layout{Layers: 1, KVHeads: tKV, HeadDim: tDim, PageSize: tPage}
+
+// pass runs one forward pass of one layer through the cache's Attention
+// on the real CPU backend and returns the output [batch][heads*dim].
+func pass(t *testing.T, b ml.Backend, c *kvcache.Paged, pos0 int, q, k, v []float32) [][]float32 {
+	t.Helper()
+	n := len(q) / (tHeads * tDim)
+	ctx := b.NewContext()
+	defer ctx.Close()
+	positions := make([]int32, n)
+	for i := range positions {
+		positions[i] = int32(pos0 + i)
+	}
+	require.NoError(t, c.StartForward(ctx, input.Batch{Positions: positions, Sequences: make([]int, n)}, false))
+	require.NoError(t, c.CheckInvariants())
+	c.SetLayer(0)
+	qt := ctx.Input().FromFloats(q, tDim, tHeads, n)
+	kt := ctx.Input().FromFloats(k, tDim, tKV, n)
+	vt := ctx.Input().FromFloats(v, tDim, tKV, n)
+	out := c.Attention(ctx, 0, qt, kt, vt, 1/math.Sqrt(tDim))
+	res := ctx.Input().Empty(ml.DTypeF32, tDim, tHeads, n)
+	ts := append([]ml.Tensor{out.Copy(ctx, res), res}, c.Outputs(ctx)...)
+	ctx.Forward(ts...).Compute(ts...)
+	require.NoError(t, c.Computed(ctx))
+	require.NoError(t, c.CheckInvariants())
+	flat := res.Floats()
+	rows := make([][]float32, n)
+	for i := range rows {
+		rows[i] = flat[i*tHeads*tDim : (i+1)*tHeads*tDim]
+	}
+	return rows
+}
+
+func f16(x float32) float64 { return float64(float16.Fromfloat32(x).Float32()) }
+
+// reference is attention in float64 over the keys and values of every
+// position (rounded to f16, as cached), for queries at pos0.. : head h of
+// the query at position t sees position p <= t if p's page is in the pages
+// of its KV head's group or is written by the batch. The probabilities are
+// rounded to f16 like ggml's mul_mat with f16 values does.
+func reference(q, k, v []float32, pos0 int, visible func(kvHead, page int) bool) [][]float64 {
+	n := len(q) / (tHeads * tDim)
+	G := tHeads / tKV
+	out := make([][]float64, n)
+	for i := 0; i < n; i++ {
+		t := pos0 + i
+		out[i] = make([]float64, tHeads*tDim)
+		for h := 0; h < tHeads; h++ {
+			g := h / G
+			var ps []int
+			var ws []float64
+			mx := math.Inf(-1)
+			for p := 0; p <= t; p++ {
+				// The batch's own pages are always visible (causally).
+				if page := p / tPage; !visible(g, page) && page < pos0/tPage {
+					continue
+				}
+				dot := 0.0
+				for d := 0; d < tDim; d++ {
+					dot += f16(q[(i*tHeads+h)*tDim+d]) * f16(k[(p*tKV+g)*tDim+d])
+				}
+				dot /= math.Sqrt(tDim)
+				ps, ws = append(ps, p), append(ws, dot)
+				mx = math.Max(mx, dot)
+			}
+			sum := 0.0
+			for j := range ws {
+				ws[j] = math.Exp(ws[j] - mx)
+				sum += ws[j]
+			}
+			for j, p := range ps {
+				w := f16(float32(ws[j] / sum))
+				for d := 0; d < tDim; d++ {
+					out[i][h*tDim+d] += w * f16(v[(p*tKV+g)*tDim+d])
+				}
+			}
+		}
+	}
+	return out
+}
+
+func randoms(r *rand.Rand, n int) []float32 {
+	x := make([]float32, n)
+	for i := range x {
+		x[i] = float32(r.NormFloat64())
+	}
+	return x
+}
+
+// Head groups attend to different pages, each over its own pool; the
+// result matches float64 attention over the same subsets. The groups'
+// heads are interleaved (0,2 and 1,3), so queries are gathered and the
+// output heads put back in order.
+func TestHeadGroupsMatchFloat64Reference(t *testing.T) {
+	m, err := runtime.Open(context.Background(), testmodels.Random(t, "llama", "tiny", foundry.F32, 4, false), runtime.Options{Threads: 2, ContextLength: 256})
+	require.NoError(t, err)
+	defer m.Close()
+	b := m.Backend()
+
+	cases := []struct {
+		name   string
+		groups []paging.Group
+		pages  [][]int
+	}{
+		{"interleaved heads, different pages", []paging.Group{
+			{KVHeads: []int{0, 2}, Budget: 0, Class: "retrieval"},
+			{KVHeads: []int{1, 3}, Budget: 48, Class: "streaming"},
+		}, [][]int{{0, 2}, {1, 3, 4}}},
+		{"one head alone", []paging.Group{
+			{KVHeads: []int{0, 1, 3}, Budget: 0},
+			{KVHeads: []int{2}, Budget: 48},
+		}, [][]int{nil, {0}}},
+		{"three groups", []paging.Group{
+			{KVHeads: []int{0}, Budget: 0}, {KVHeads: []int{1, 2}, Budget: 0}, {KVHeads: []int{3}, Budget: 0},
+		}, [][]int{{1}, {0, 3}, {2, 4}}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			r := rand.New(rand.NewPCG(11, 12))
+			const first, second = 85, 3
+			total := first + second
+			q := randoms(r, total*tHeads*tDim)
+			k := randoms(r, total*tKV*tDim)
+			v := randoms(r, total*tKV*tDim)
+			sel := &fixedSelector{c: paging.Config{PageSize: tPage, Sinks: 4, Window: 4}, groups: tc.groups, pages: tc.pages}
+			c, err := kvcache.NewPaged(kvcache.Options{Layout: tLayout, Heads: tHeads, Selector: sel, Capacity: 256, MaxBatch: 96})
+			require.NoError(t, err)
+			defer c.Close()
+			c.Init(b, ml.DTypeF16, 1, 256, 96)
+			groupOf := map[int]int{}
+			for gi, g := range tc.groups {
+				for _, h := range g.KVHeads {
+					groupOf[h] = gi
+				}
+			}
+			visible := func(kvHead, page int) bool {
+				p := tc.pages[groupOf[kvHead]]
+				return p == nil || slices.Contains(p, page)
+			}
+			split := func(x []float32, per, from, to int) []float32 { return x[from*per : to*per] }
+			for _, step := range [][2]int{{0, first}, {first, total}} {
+				got := pass(t, b, c, step[0], split(q, tHeads*tDim, step[0], step[1]), split(k, tKV*tDim, step[0], step[1]), split(v, tKV*tDim, step[0], step[1]))
+				want := reference(split(q, tHeads*tDim, step[0], step[1]), k, v, step[0], visible)
+				worst := 0.0
+				for i := range got {
+					for j := range got[i] {
+						worst = math.Max(worst, math.Abs(float64(got[i][j])-want[i][j]))
+					}
+				}
+				t.Logf("tokens %d..%d: max |diff| %.2g", step[0], step[1], worst)
+				require.Less(t, worst, 2e-3)
+			}
+		})
+	}
+}
+
+// Splitting heads into groups that all select every page gives the same
+// result as one group of every head.
+func TestHeadGroupsSelectingEverythingMatchOneGroup(t *testing.T) {
+	m, err := runtime.Open(context.Background(), testmodels.Random(t, "llama", "tiny", foundry.F32, 4, false), runtime.Options{Threads: 2, ContextLength: 256})
+	require.NoError(t, err)
+	defer m.Close()
+	b := m.Backend()
+	r := rand.New(rand.NewPCG(13, 14))
+	const n1, n2 = 70, 1
+	q := randoms(r, (n1+n2)*tHeads*tDim)
+	k := randoms(r, (n1+n2)*tKV*tDim)
+	v := randoms(r, (n1+n2)*tKV*tDim)
+	run := func(groups []paging.Group) [][]float32 {
+		pages := make([][]int, len(groups))
+		sel := &fixedSelector{c: paging.Config{PageSize: tPage, Sinks: 4, Window: 4}, groups: groups, pages: pages}
+		c, err := kvcache.NewPaged(kvcache.Options{Layout: tLayout, Heads: tHeads, Selector: sel, Capacity: 256, MaxBatch: 96})
+		require.NoError(t, err)
+		defer c.Close()
+		c.Init(b, ml.DTypeF16, 1, 256, 96)
+		out := pass(t, b, c, 0, q[:n1*tHeads*tDim], k[:n1*tKV*tDim], v[:n1*tKV*tDim])
+		return append(out, pass(t, b, c, n1, q[n1*tHeads*tDim:], k[n1*tKV*tDim:], v[n1*tKV*tDim:])...)
+	}
+	one := run([]paging.Group{{}})
+	split := run([]paging.Group{{KVHeads: []int{0, 3}}, {KVHeads: []int{1, 2}}})
+	worst := 0.0
+	for i := range one {
+		for j := range one[i] {
+			worst = math.Max(worst, math.Abs(float64(one[i][j]-split[i][j])))
+		}
+	}
+	t.Logf("max |diff| one group vs two: %g", worst)
+	require.Zero(t, worst, "per-head dot products and sums are the same operations")
+}
