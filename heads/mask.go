@@ -122,3 +122,16 @@ func (m *masked) Select(layer int, s paging.Summaries, q *paging.Queries, upto i
 	inner := m.inner.Select(layer, s, q, upto)
 	return paging.Selection{Groups: [][]int{inner.Groups[0], stream}}
 }
+
+// Resolve turns a command-line profile spec into head classes for a model
+// of layers × kvHeads: "" gives nil (the model's default), "half" the
+// synthetic HalfStreaming mask.
+func Resolve(spec string, layers, kvHeads int) (Classes, error) {
+	switch spec {
+	case "":
+		return nil, nil
+	case "half":
+		return HalfStreaming(layers, kvHeads), nil
+	}
+	return nil, fmt.Errorf("heads: unknown profile %q (want \"half\")", spec)
+}

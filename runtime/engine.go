@@ -79,6 +79,8 @@ type Model struct {
 
 	docMu sync.Mutex
 	docs  map[string]*Document
+
+	heads headDefault // the head profile "+heads" methods use by default
 }
 
 // OpenError names the file and what is wrong with it.

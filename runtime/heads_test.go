@@ -68,9 +68,12 @@ func TestHeadMasksNeedle(t *testing.T) {
 			{"quest", nil, true}, {"quest+heads", profile, true},
 			{"retro", nil, true}, {"retro+heads", profile, true},
 			{"retro+heads", ablate, false}, {"retro+heads", other, true},
+			{"quest+heads", nil, true}, // the model's default: the heads it records
 		} {
 			name := tc.method
 			switch {
+			case tc.mask == nil && tc.method == "quest+heads":
+				name += "/model-default"
 			case tc.mask == nil:
 			case tc.mask[0] == nil || &tc.mask[0][0] == &ablate[0][0]:
 				name += "/retrieval-heads-streaming"
@@ -95,6 +98,7 @@ func TestHeadMasksNeedle(t *testing.T) {
 				require.Equal(t, tc.exact, equal(res.Tokens, n.Values), "needle at %d: got %v want %v", n.Pos, res.Tokens, n.Values)
 			})
 		}
+		require.Equal(t, resident["quest+heads"], resident["quest+heads/model-default"])
 		for _, base := range []string{"dense", "quest", "retro"} {
 			require.Less(t, resident[base+"+heads"], resident[base], "%s+heads holds less KV than %s", base, base)
 		}

@@ -2,10 +2,15 @@ package runtime
 
 import (
 	"fmt"
+	"maps"
+	"path/filepath"
+	"slices"
+	"sync"
 
 	ollamakv "github.com/ollama/ollama/kvcache"
 	"github.com/ollama/ollama/ml"
 
+	"github.com/kvrecall/kvrecall/heads"
 	"github.com/kvrecall/kvrecall/kvcache"
 	"github.com/kvrecall/kvrecall/paging"
 )
@@ -39,18 +44,85 @@ func (m *Model) NewSelector(o PolicyOptions) (paging.Selector, error) {
 	if o.Policy == "" {
 		o.Policy = "retro"
 	}
-	method, _, err := paging.Parse(o.Policy)
+	method, mods, err := paging.Parse(o.Policy)
 	if err != nil {
 		return nil, err
 	}
 	if o.Budget == 0 && method != "dense" {
 		o.Budget = paging.DefaultBudget
 	}
+	if slices.Contains(mods, heads.OptionKey) && o.Extra[heads.OptionKey] == nil {
+		prof, err := m.HeadProfile()
+		if err != nil {
+			return nil, err
+		}
+		o.Extra = maps.Clone(o.Extra)
+		if o.Extra == nil {
+			o.Extra = map[string]any{}
+		}
+		o.Extra[heads.OptionKey] = prof
+	}
 	return paging.New(o.Policy, paging.Config{
 		PageSize: m.opts.PageSize, Budget: o.Budget, Sinks: o.Sinks, Window: o.Window,
 		DenseLayers: o.DenseLayers, Neighbors: o.Neighbors,
 		Layers: m.cfg.Layers, KVHeads: m.cfg.KVHeads, Options: o.Extra,
 	})
+}
+
+// headDefault holds a model's default head profile.
+type headDefault struct {
+	mu      sync.RWMutex
+	set     bool
+	classes heads.Classes
+	err     error
+}
+
+// HeadProfile returns the head classes that "+heads" methods use when a
+// call gives none: the profile set with SetHeadProfile, else the retrieval
+// heads the GGUF records (the foundry's recall models do), else an error
+// saying how to make one.
+func (m *Model) HeadProfile() (heads.Classes, error) {
+	m.heads.mu.RLock()
+	if m.heads.set {
+		defer m.heads.mu.RUnlock()
+		return m.heads.classes, m.heads.err
+	}
+	m.heads.mu.RUnlock()
+	m.heads.mu.Lock()
+	defer m.heads.mu.Unlock()
+	if !m.heads.set {
+		m.heads.set = true
+		recorded, ok, err := heads.Recorded(m.file)
+		switch {
+		case err != nil:
+			m.heads.err = err
+		case !ok:
+			m.heads.err = fmt.Errorf("model %s has no head profile: detect one (`heads detect`) and set it (serve --heads-profile, runtime.Model.SetHeadProfile)", filepath.Base(m.path))
+		default:
+			m.heads.classes, m.heads.err = heads.FromQueryHeads(m.cfg.Layers, m.cfg.Heads, m.cfg.KVHeads, recorded)
+		}
+	}
+	return m.heads.classes, m.heads.err
+}
+
+// SetHeadProfile sets the model's default head classes for "+heads"
+// methods (nil restores the GGUF's recorded heads, if any).
+func (m *Model) SetHeadProfile(c heads.Classes) {
+	m.heads.mu.Lock()
+	defer m.heads.mu.Unlock()
+	m.heads.set = c != nil
+	m.heads.classes, m.heads.err = c, nil
+}
+
+// ApplyHeadProfile sets m's default head profile from a command-line spec
+// (see heads.Resolve); "" keeps the model's own.
+func ApplyHeadProfile(m *Model, spec string) error {
+	c, err := heads.Resolve(spec, m.cfg.Layers, m.cfg.KVHeads)
+	if err != nil || c == nil {
+		return err
+	}
+	m.SetHeadProfile(c)
+	return nil
 }
 
 // PagedCache returns a cache factory for sessions whose KV cache is paged

@@ -26,7 +26,10 @@ type PagedConfig struct {
 	Budget        int      // tokens (default 2048)
 	Methods       []string // paged methods besides dense (default retro, quest)
 	DecodeTokens  int      // default 32
-	Log           func(format string, args ...any)
+	// HeadProfile is the head profile spec for +heads methods
+	// (heads.Resolve); "" uses the model's recorded heads.
+	HeadProfile string
+	Log         func(format string, args ...any)
 }
 
 // PagedRow is one context length.
@@ -39,6 +42,8 @@ type PagedRow struct {
 	// "llama.cpp" the reference), and device-resident KV bytes.
 	DecodeMs map[string]float64 `json:"decode_ms_token"`
 	Resident map[string]int64   `json:"resident_kv_bytes"`
+	// ResidentByClass splits each method's resident KV by head class.
+	ResidentByClass map[string]map[string]int64 `json:"resident_kv_bytes_by_class"`
 	// BaseMs is our decode time at a 256-token context: the non-attention
 	// cost that AttentionMs subtracts.
 	BaseMs float64 `json:"base_ms_token"`
@@ -88,7 +93,7 @@ func RunPaged(ctx context.Context, c PagedConfig) ([]PagedRow, error) {
 
 func pagedOne(ctx context.Context, c PagedConfig, n int, logf func(string, ...any)) (PagedRow, error) {
 	row := PagedRow{Model: c.Label, Context: n, Threads: c.DecodeThreads, Budget: c.Budget,
-		DecodeMs: map[string]float64{}, Resident: map[string]int64{}}
+		DecodeMs: map[string]float64{}, Resident: map[string]int64{}, ResidentByClass: map[string]map[string]int64{}}
 	capacity := n + 64 + c.DecodeTokens
 	dir, err := os.MkdirTemp("", "kvrecall-speed-")
 	if err != nil {
@@ -115,6 +120,9 @@ func pagedOne(ctx context.Context, c PagedConfig, n int, logf func(string, ...an
 		return row, err
 	}
 	defer m.Close()
+	if err := runtime.ApplyHeadProfile(m, c.HeadProfile); err != nil {
+		return row, err
+	}
 	if doc, err = m.OpenDocument("speed"); err != nil {
 		return row, err
 	}
@@ -184,7 +192,8 @@ func pagedOne(ctx context.Context, c PagedConfig, n int, logf func(string, ...an
 	}
 	for j, meth := range methods {
 		row.DecodeMs[meth] = median(steps[j])
-		row.Resident[meth] = sessions[j].Cache().(*kvcache.Paged).Stats().ResidentBytes
+		st := sessions[j].Cache().(*kvcache.Paged).Stats()
+		row.Resident[meth], row.ResidentByClass[meth] = st.ResidentBytes, st.ResidentByClass
 	}
 	row.DecodeMs["llama.cpp"] = median(steps[len(methods)])
 	row.Resident["llama.cpp"] = int64(capacity) * int64(m.Config().KVBytesPerToken(2))

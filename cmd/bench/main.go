@@ -115,7 +115,8 @@ func runSpeed(ctx context.Context, args []string) error {
 	decodeThreads := fs.Int("decode-threads", 1, "paged: threads for the timed decode steps")
 	outDir := fs.String("out", "", "paged: run folder for results and plots (default: bench/results/speed-<time>)")
 	budget := fs.Int("budget", 2048, "paged: token budget")
-	methods := fs.String("methods", "retro,quest", "paged: methods besides dense")
+	methods := fs.String("methods", "retro,quest", "paged: methods besides dense (any of "+paging.Known()+")")
+	headsProfile := fs.String("heads-profile", "", "paged: head profile for +heads methods: \"half\" (upper half of each layer's KV heads streaming); default: the heads the model records")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -151,7 +152,7 @@ func runSpeed(ctx context.Context, args []string) error {
 		ms := strings.Split(*methods, ",")
 		for _, t := range targets {
 			rows, err := speed.RunPaged(ctx, speed.PagedConfig{Model: t.path, Label: t.label, Contexts: cs, Threads: ts[0], DecodeThreads: *decodeThreads,
-				Budget: *budget, Methods: ms, DecodeTokens: *decode,
+				Budget: *budget, Methods: ms, DecodeTokens: *decode, HeadProfile: *headsProfile,
 				Log: func(f string, a ...any) { fmt.Fprintf(os.Stderr, f+"\n", a...) }})
 			all = append(all, rows...)
 			if err != nil {
@@ -206,6 +207,7 @@ func runNIAH(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("niah", flag.ContinueOnError)
 	model := fs.String("model", "", "GGUF model (default: the foundry's recall model, built if absent)")
 	methods := fs.String("method", "retro", "paging methods, comma separated: "+paging.Known())
+	headsProfile := fs.String("heads-profile", "", "head profile for +heads methods: \"half\"; default: the heads the model records")
 	budgets := fs.String("budget", "2048", "token budgets, comma separated")
 	lengths := fs.String("lengths", "16384,32768", "context lengths in tokens")
 	depths := fs.String("depths", "0,25,50,75,100", "needle depths in percent (ignored with --depth-intervals)")
@@ -287,7 +289,7 @@ func runNIAH(ctx context.Context, args []string) error {
 		return err
 	}
 	defer app.Close()
-	m, cleanup, err := openWithScratchDocs(ctx, path, *threads, slices.Max(ls)+64)
+	m, cleanup, err := openWithScratchDocs(ctx, path, *threads, slices.Max(ls)+64, *headsProfile)
 	if err != nil {
 		return err
 	}
@@ -391,6 +393,7 @@ func runRuler(ctx context.Context, args []string) error {
 	lengths := fs.String("lengths", "4096,8192,16384,32768,65536", "context lengths in tokens")
 	samples := fs.Int("samples", 3, "samples per task and length")
 	methods := fs.String("method", "dense,retro", "paging methods, comma separated: "+paging.Known())
+	headsProfile := fs.String("heads-profile", "", "head profile for +heads methods: \"half\"; default: the heads the model records")
 	budgets := fs.String("budget", "2048", "token budgets, comma separated")
 	seed := fs.Uint64("seed", 1, "seed")
 	threads := fs.Int("threads", 0, "CPU threads (default: all)")
@@ -445,7 +448,7 @@ func runRuler(ctx context.Context, args []string) error {
 		return err
 	}
 	defer app.Close()
-	m, cleanup, err := openWithScratchDocs(ctx, path, *threads, slices.Max(ls)+64)
+	m, cleanup, err := openWithScratchDocs(ctx, path, *threads, slices.Max(ls)+64, *headsProfile)
 	if err != nil {
 		return err
 	}
@@ -502,13 +505,18 @@ func benchModel(path string) (string, *gguf.File, error) {
 
 // openWithScratchDocs opens a model whose documents go to a temporary
 // directory that cleanup removes (benchmarks ingest their own haystacks).
-func openWithScratchDocs(ctx context.Context, path string, threads, contextLength int) (*runtime.Model, func(), error) {
+func openWithScratchDocs(ctx context.Context, path string, threads, contextLength int, headsProfile string) (*runtime.Model, func(), error) {
 	docs, err := os.MkdirTemp("", "kvrecall-bench-")
 	if err != nil {
 		return nil, nil, err
 	}
 	m, err := runtime.Open(ctx, path, runtime.Options{Threads: threads, ContextLength: contextLength, DataDir: docs})
 	if err != nil {
+		os.RemoveAll(docs)
+		return nil, nil, err
+	}
+	if err := runtime.ApplyHeadProfile(m, headsProfile); err != nil {
+		m.Close()
 		os.RemoveAll(docs)
 		return nil, nil, err
 	}
