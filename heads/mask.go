@@ -90,8 +90,9 @@ func newMasked(inner paging.Selector, c paging.Config) (paging.Selector, error) 
 func (m *masked) Name() string          { return m.inner.Name() + "+heads" }
 func (m *masked) Config() paging.Config { return m.c }
 
-// streamBudget covers the sinks, the window and the partial last page.
-func (m *masked) streamBudget() int { return m.c.Sinks + m.c.Window + m.c.PageSize }
+// streamBudget covers the sinks and the window (the pool adds the batch's
+// pages and the partial page).
+func (m *masked) streamBudget() int { return m.c.Sinks + m.c.Window }
 
 func (m *masked) Groups(layer int) []paging.Group {
 	inner := m.inner.Groups(layer)[0]

@@ -38,19 +38,19 @@ func TestMaskedGroupsAndSelections(t *testing.T) {
 	}{
 		{"window+heads", 0, []paging.Group{
 			{KVHeads: []int{0, 2}, Budget: 1024, Class: "retrieval"},
-			{KVHeads: []int{1, 3}, Budget: 64 + 128 + 64, Class: "streaming"},
+			{KVHeads: []int{1, 3}, Budget: 64 + 128, Class: "streaming"},
 		}, false, func(t *testing.T, sel paging.Selection) {
 			require.Len(t, sel.Groups, 2)
 			require.Len(t, sel.Groups[0], 15, "window keeps its budget: sinks and 896 recent tokens")
 			require.Equal(t, stream, sel.Groups[1])
 		}},
-		{"retro+heads", 1, []paging.Group{{Budget: 64 + 128 + 64, Class: "streaming"}}, false, func(t *testing.T, sel paging.Selection) {
+		{"retro+heads", 1, []paging.Group{{Budget: 64 + 128, Class: "streaming"}}, false, func(t *testing.T, sel paging.Selection) {
 			require.Equal(t, paging.One(stream), sel)
 		}},
 		{"quest+heads", 2, []paging.Group{{Budget: 1024, Class: "all"}}, true, nil},
 		{"dense+heads", 0, []paging.Group{
 			{KVHeads: []int{0, 2}, Budget: 1024, Class: "retrieval"},
-			{KVHeads: []int{1, 3}, Budget: 64 + 128 + 64, Class: "streaming"},
+			{KVHeads: []int{1, 3}, Budget: 64 + 128, Class: "streaming"},
 		}, false, func(t *testing.T, sel paging.Selection) {
 			require.Len(t, sel.Groups[0], 100, "dense: every page")
 		}},

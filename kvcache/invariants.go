@@ -11,7 +11,8 @@ import (
 //     page sits in at most one slot;
 //   - a free slot has fill 0; fill <= page size and, once the pass is
 //     computed, <= the tokens the host page holds;
-//   - every pool has the slots its group's budget sizes;
+//   - every pool has the slots its group's budget and the largest batch
+//     so far size;
 //   - selections are sorted, distinct and in range;
 //   - the pages the last batch wrote are resident in every pool of every
 //     layer (they were pinned while placing), and so is every selected page.

@@ -68,6 +68,9 @@ type Paged struct {
 	graphRuns map[ml.Context]int // copy runs emitted into each graph of this pass
 	pinned    []uint64           // per page: pinMark if placeAll must not evict it
 	pinMark   uint64
+	// batchPages is the most pages one batch has spanned: budgeted pools
+	// are sized for it (they only grow).
+	batchPages int
 
 	uploadCount atomic.Int64
 	upkeep      atomic.Int64 // nanoseconds
@@ -244,7 +247,8 @@ func (c *Paged) ResidentSlots(layer int) int {
 }
 
 // slotsFor sizes a group's pool: the whole capacity for a dense group, else
-// its budget plus room for the pages one batch writes.
+// its budget plus the pages the largest batch so far has written, plus
+// slack for a window that has moved on while retrieved pages stay.
 func (c *Paged) slotsFor(g *group) int {
 	P := c.L.PageSize
 	pages := (c.opt.Capacity+P-1)/P + 1
@@ -252,13 +256,23 @@ func (c *Paged) slotsFor(g *group) int {
 		return pages
 	}
 	pc := c.opt.Selector.Config()
-	budget := max(g.Budget, pc.Sinks+pc.Window+P)
-	return min(pages, budget/P+(c.opt.MaxBatch+P-1)/P+3)
+	budget := max(g.Budget, pc.Sinks+pc.Window)
+	return min(pages, (budget+P-1)/P+c.batchPages+3)
 }
 
+// poolFor returns g's pool, created or grown for the largest batch so far.
+// A document session's first batch is its question, and its decode steps
+// write one page at a time: sizing pools for the batches that really come,
+// rather than for the largest the model allows, keeps resident KV at the
+// budget. A larger batch later (a long follow-up prompt) replaces the pool
+// with a larger empty one; its pages are uploaded again, once.
 func (c *Paged) poolFor(layer int, g *group) *pool {
-	if g.pool == nil {
-		g.pool = newPool(c.b, c.L, layer, len(g.heads), c.slotsFor(g))
+	if want := c.slotsFor(g); g.pool == nil || g.pool.slots < want {
+		if g.pool != nil {
+			g.pool.close()
+		}
+		g.pool = newPool(c.b, c.L, layer, len(g.heads), want)
+		g.uploads = nil
 	}
 	return g.pool
 }
@@ -370,6 +384,7 @@ func (c *Paged) StartForward(ctx ml.Context, batch input.Batch, reserve bool) er
 	for p := pos0 / P; p <= (pos0+n-1)/P; p++ {
 		c.writes = append(c.writes, p)
 	}
+	c.batchPages = max(c.batchPages, len(c.writes))
 	for l := range c.layers {
 		ls := &c.layers[l]
 		for _, g := range ls.groups {

@@ -345,3 +345,30 @@ func TestCheckInvariantsFindsBrokenState(t *testing.T) {
 	c.layers[0].groups[0].sel = slices.Clone([]int{0, 1})
 	require.NoError(t, c.CheckInvariants())
 }
+
+// A budgeted pool is sized for the batches that come: a document session's
+// short question and one-token decode steps keep it at the budget; a long
+// prompt later grows it, and its pages are uploaded again.
+func TestPoolGrowsWithTheBatch(t *testing.T) {
+	sel := &testSelector{c: paging.Config{PageSize: 16, Sinks: 16, Window: 16}, groups: []paging.Group{{Budget: 64}}}
+	sel.sel = func(_, upto int) [][]int {
+		n := paging.PagesOf(upto, 16)
+		return [][]int{clip([]int{0, 1, n - 2, n - 1}, n)}
+	}
+	c := newTestCache(t, sel, 4096, 512)
+	r := rand.New(rand.NewPCG(10, 11))
+	step(t, c, r, 8)
+	for range 40 {
+		step(t, c, r, 1)
+	}
+	g := c.layers[0].groups[0]
+	small := g.pool.slots
+	require.Equal(t, 64/16+1+3, small, "budget pages + one batch page + slack, not MaxBatch's 32 pages")
+	step(t, c, r, 100) // spans 7 pages
+	require.Equal(t, 64/16+7+3, g.pool.slots)
+	for _, p := range c.Selected(0) {
+		require.GreaterOrEqual(t, g.pool.resident(p), 0)
+	}
+	step(t, c, r, 1)
+	require.Equal(t, 64/16+7+3, g.pool.slots, "pools only grow")
+}
