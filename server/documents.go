@@ -28,12 +28,7 @@ func (s *Server) ingest(w http.ResponseWriter, r *http.Request, m *runtime.Model
 	case "", "text/plain", "text/markdown":
 		b, err := io.ReadAll(r.Body)
 		if err != nil {
-			var tooBig *http.MaxBytesError
-			if errors.As(err, &tooBig) {
-				writeError(w, r, http.StatusRequestEntityTooLarge, "document exceeds the request body limit")
-				return
-			}
-			writeError(w, r, http.StatusBadRequest, "reading the body: "+err.Error())
+			bodyError(w, r, err, "reading the body: ")
 			return
 		}
 		req.Text = string(b)
@@ -54,8 +49,11 @@ func (s *Server) ingest(w http.ResponseWriter, r *http.Request, m *runtime.Model
 		writeError(w, r, http.StatusBadRequest, "invalid document id: use letters, digits, '.', '_' and '-' (at most 128)")
 		return
 	}
-	release, ok := s.admit(w, r)
-	if !ok {
+	e := &sse{w: w}
+	release, err := s.admit(w, r)
+	if err != nil {
+		s.metrics.outcome("ingest", outcomeOf(err, r))
+		s.sseFail(e, r, err)
 		return
 	}
 	defer release()
@@ -64,7 +62,6 @@ func (s *Server) ingest(w http.ResponseWriter, r *http.Request, m *runtime.Model
 	s.ingestMu.Lock()
 	defer s.ingestMu.Unlock()
 
-	e := &sse{w: w}
 	last, target := 0, 0
 	progress := func(done, total int) {
 		s.metrics.ingestDone.Add(float64(done - last))
@@ -81,9 +78,12 @@ func (s *Server) ingest(w http.ResponseWriter, r *http.Request, m *runtime.Model
 	s.metrics.ingestDone.Sub(float64(last))
 	s.metrics.ingestTotal.Sub(float64(target))
 	if err != nil {
-		e.fail(r, badRequestIfInput(err))
+		err = badRequestIfInput(err)
+		s.metrics.outcome("ingest", outcomeOf(err, r))
+		s.sseFail(e, r, err)
 		return
 	}
+	s.metrics.outcome("ingest", outcomeOK)
 	s.metrics.ingestTokens.Add(float64(last))
 	out := documentJSON(doc.Info)
 	if req.Stream {
@@ -113,7 +113,7 @@ func documentJSON(in runtime.Info) map[string]any {
 func (s *Server) listDocuments(w http.ResponseWriter, r *http.Request, m *runtime.Model) {
 	infos, err := m.Documents()
 	if err != nil {
-		writeError(w, r, http.StatusInternalServerError, err.Error())
+		writeError(w, r, http.StatusInternalServerError, redact(err.Error()))
 		return
 	}
 	data := make([]any, len(infos))
