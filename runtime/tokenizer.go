@@ -147,7 +147,7 @@ func (t *Tokenizer) EncodeLimit(text string, addSpecial bool, limit int) ([]int3
 		return nil, fmt.Errorf("token limit %d is negative", limit)
 	}
 	// +1 token for BOS and +1 byte for SentencePiece's space prefix.
-	if per := max(t.maxPiece, 1); len(text) > (limit+1)*per+1 {
+	if per := t.MaxTokenBytes(); len(text) > (limit+1)*per+1 {
 		return nil, &TooManyTokensError{Limit: limit, AtLeast: (len(text) - 1) / per}
 	}
 	ids, err := t.Encode(text, addSpecial)
@@ -159,6 +159,10 @@ func (t *Tokenizer) EncodeLimit(text string, addSpecial bool, limit int) ([]int3
 	}
 	return ids, nil
 }
+
+// MaxTokenBytes is the most input bytes one token can stand for: text of n
+// bytes needs at least n/MaxTokenBytes tokens.
+func (t *Tokenizer) MaxTokenBytes() int { return max(t.maxPiece, 1) }
 
 type fragment struct {
 	text    string

@@ -1,7 +1,9 @@
 package server
 
 import (
+	"context"
 	"errors"
+	"fmt"
 	"io"
 	"mime"
 	"net/http"
@@ -49,6 +51,12 @@ func (s *Server) ingest(w http.ResponseWriter, r *http.Request, m *runtime.Model
 		writeError(w, r, http.StatusBadRequest, "invalid document id: use letters, digits, '.', '_' and '-' (at most 128)")
 		return
 	}
+	// A text that cannot fit the context whatever its tokens is refused
+	// before it takes the slot (tokenizing it would cost seconds there).
+	if n, ctxLen := len(req.Text)/m.Tokenizer().MaxTokenBytes(), m.Options().ContextLength; n >= ctxLen {
+		writeError(w, r, http.StatusBadRequest, fmt.Sprintf("%v: the document needs at least %d tokens; the context length is %d", runtime.ErrContextFull, n, ctxLen))
+		return
+	}
 	e := &sse{w: w}
 	release, err := s.admit(w, r)
 	if err != nil {
@@ -62,6 +70,10 @@ func (s *Server) ingest(w http.ResponseWriter, r *http.Request, m *runtime.Model
 	s.ingestMu.Lock()
 	defer s.ingestMu.Unlock()
 
+	// A progress event that cannot be written (the client stopped reading or
+	// left) cancels the prefill at its next batch.
+	ctx, cancel := context.WithCancelCause(r.Context())
+	defer cancel(nil)
 	last, target := 0, 0
 	progress := func(done, total int) {
 		s.metrics.ingestDone.Add(float64(done - last))
@@ -71,10 +83,15 @@ func (s *Server) ingest(w http.ResponseWriter, r *http.Request, m *runtime.Model
 		}
 		last = done
 		if req.Stream {
-			e.send(map[string]any{"object": "document.progress", "done": done, "total": total})
+			if err := e.send(map[string]any{"object": "document.progress", "done": done, "total": total}); err != nil {
+				cancel(err)
+			}
 		}
 	}
-	doc, err := m.Ingest(r.Context(), req.ID, req.Text, progress)
+	doc, err := m.Ingest(ctx, req.ID, req.Text, progress)
+	if cause := context.Cause(ctx); err != nil && ctx.Err() != nil && r.Context().Err() == nil {
+		err = cause
+	}
 	s.metrics.ingestDone.Sub(float64(last))
 	s.metrics.ingestTotal.Sub(float64(target))
 	if err != nil {
@@ -87,8 +104,9 @@ func (s *Server) ingest(w http.ResponseWriter, r *http.Request, m *runtime.Model
 	s.metrics.ingestTokens.Add(float64(last))
 	out := documentJSON(doc.Info)
 	if req.Stream {
-		e.send(out)
-		e.send("[DONE]")
+		if e.send(out) == nil {
+			e.send("[DONE]")
+		}
 		return
 	}
 	writeJSON(w, http.StatusCreated, out)

@@ -133,6 +133,10 @@ func TestOverlongPromptRefusedBeforeAdmission(t *testing.T) {
 	require.Equal(t, http.StatusBadRequest, resp.StatusCode, "not 429: the prompt is checked first")
 	require.Contains(t, decode[map[string]map[string]any](t, resp)["error"]["message"], "nothing was truncated")
 	require.Less(t, time.Since(start), 5*time.Second)
+	// So is a document that cannot fit whatever its tokens.
+	resp = fx.do("POST", "/v1/documents?id=big", "text/plain", strings.Repeat("pako tafo ", 1<<20))
+	require.Equal(t, http.StatusBadRequest, resp.StatusCode)
+	require.Contains(t, decode[map[string]map[string]any](t, resp)["error"]["message"], "context length")
 	// A prompt that fits waits for the slot: with no queue it is refused.
 	resp = fx.do("POST", "/v1/completions", "", with(greedy(2), "prompt", "pako"))
 	require.Equal(t, http.StatusTooManyRequests, resp.StatusCode, "QueueLength < 0 means no queue")
