@@ -80,8 +80,9 @@ type Model struct {
 	docMu sync.Mutex
 	docs  map[string]*Document
 
-	// life guards the backend against Close: every forward pass and cache
-	// allocation holds it for reading, Close for writing. Close therefore
+	// life guards the backend against Close: every forward pass (and the
+	// cache allocation of NewSession) holds it for reading, Close for
+	// writing. Close therefore
 	// waits for the passes in flight (each is bounded by BatchSize tokens)
 	// and later ones are refused with ErrClosed instead of running on freed
 	// memory.
