@@ -190,14 +190,17 @@ func TestTimeoutAndQueueFlags(t *testing.T) {
 // prefill or in decode: the generation is cancelled at its next batch or
 // token, its client gets an error event (not a stream that looks
 // complete), and the process exits 0. Closing the model under the running
-// forward pass used to be a SIGSEGV (exit 139).
+// forward pass used to be a SIGSEGV (exit 139): the prefill case signals
+// a second into the prefill of a 15k-token prompt (over 3 s here), when
+// each batch attends to thousands of keys and takes long enough to be
+// caught in flight.
 func TestShutdownGraceExpires(t *testing.T) {
 	model := testmodels.Recall(t)
 	f, err := gguf.Open(model)
 	require.NoError(t, err)
 	voc, err := haystack.LoadVocab(f)
 	require.NoError(t, err)
-	c, err := voc.NewCase(3500, []float64{0.5}, 5)
+	c, err := voc.NewCase(15000, []float64{0.5}, 5)
 	require.NoError(t, err)
 	vocab := f.KVs[indexOf(f, "tokenizer.ggml.tokens")].Value.([]string)
 	var parts []string
@@ -210,13 +213,14 @@ func TestShutdownGraceExpires(t *testing.T) {
 		// chunks to read before the signal: the chat role chunk comes just
 		// before prefill starts; five token chunks mean decode is running.
 		before int
+		wait   time.Duration // then, before the signal
 	}{
-		{"during prefill", "/v1/chat/completions", fmt.Sprintf(`{"messages":[{"role":"user","content":%q}],"max_tokens":5,"stream":true}`, long), 1},
-		{"during decode", "/v1/completions", `{"prompt":"pako","max_tokens":3000,"stream":true}`, 6},
+		{"during prefill", "/v1/chat/completions", fmt.Sprintf(`{"messages":[{"role":"user","content":%q}],"max_tokens":5,"stream":true}`, long), 1, time.Second},
+		{"during decode", "/v1/completions", `{"prompt":"pako","max_tokens":3000,"stream":true}`, 6, 0},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			p := start(t, model, t.TempDir(), "--shutdown-grace", "1ms", "--max-tokens", "3000")
+			p := start(t, model, t.TempDir(), "--shutdown-grace", "1ms", "--max-tokens", "3000", "--ctx", "16384")
 			resp, err := http.Post(p.url+tc.path, "application/json", strings.NewReader(tc.body))
 			require.NoError(t, err)
 			require.Equal(t, http.StatusOK, resp.StatusCode)
@@ -228,6 +232,8 @@ func TestShutdownGraceExpires(t *testing.T) {
 				}
 			}
 			require.Len(t, events, tc.before)
+			time.Sleep(tc.wait)
+			t0 := time.Now()
 			require.NoError(t, p.cmd.Process.Signal(syscall.SIGTERM))
 			for sc.Scan() {
 				if sc.Text() != "" {
@@ -236,6 +242,7 @@ func TestShutdownGraceExpires(t *testing.T) {
 			}
 			resp.Body.Close()
 			require.NoError(t, p.cmd.Wait(), "exit 0: %s", p.logs)
+			require.Less(t, time.Since(t0), 10*time.Second, "cancelled at the next batch or token")
 			last := events[len(events)-1]
 			require.Contains(t, last, `"error"`, "the cut stream ends with an error event: %v", events[max(0, len(events)-3):])
 			require.Contains(t, last, "shutting down")
