@@ -81,7 +81,24 @@ type Model struct {
 	docs  map[string]*Document
 
 	heads headDefault // the head profile "+heads" methods use by default
+
+	// life guards the backend against Close: every forward pass (and the
+	// cache allocation of NewSession) holds it for reading, Close for
+	// writing. Close therefore
+	// waits for the passes in flight (each is bounded by BatchSize tokens)
+	// and later ones are refused with ErrClosed instead of running on freed
+	// memory.
+	life   sync.RWMutex
+	closed bool
 }
+
+// ErrClosed is returned by work started on a model after Close.
+var ErrClosed = errors.New("model is closed")
+
+// MaxBatchSize bounds Options.BatchSize: cancellation is checked between
+// batches, so a batch is the longest stretch a cancelled request keeps
+// computing (and Close waits).
+const MaxBatchSize = 4096
 
 // OpenError names the file and what is wrong with it.
 type OpenError struct {
@@ -121,6 +138,9 @@ func Open(ctx context.Context, path string, opts Options) (m *Model, err error) 
 	}
 	if opts.BatchSize <= 0 {
 		opts.BatchSize = 512
+	}
+	if opts.BatchSize > MaxBatchSize {
+		return fail(fmt.Errorf("batch size %d exceeds %d: cancellation is only checked between batches", opts.BatchSize, MaxBatchSize))
 	}
 	if opts.ContextLength <= 0 {
 		opts.ContextLength = DefaultContextLength
@@ -219,12 +239,33 @@ func fingerprint(path string, f *gguf.File) (kvcache.Fingerprint, error) {
 	return fp, nil
 }
 
-// Close frees the weights. Sessions must be closed first.
+// Close frees the weights. It waits for forward passes in flight to end
+// (cancel their contexts first so that they stop at the next batch or
+// token); passes started afterwards fail with ErrClosed. Sessions should be
+// closed first; one used after Close gets ErrClosed, never freed memory.
+// Closing twice is harmless.
 func (m *Model) Close() {
-	if m != nil && m.backend != nil {
-		m.backend.Close()
-		m.backend = nil
+	if m == nil {
+		return
 	}
+	m.life.Lock()
+	defer m.life.Unlock()
+	if m.closed || m.backend == nil {
+		return
+	}
+	m.closed = true
+	m.backend.Close()
+}
+
+// use holds the backend open for one forward pass or cache allocation; the
+// returned function releases it.
+func (m *Model) use() (func(), error) {
+	m.life.RLock()
+	if m.closed {
+		m.life.RUnlock()
+		return nil, ErrClosed
+	}
+	return m.life.RUnlock, nil
 }
 
 // Path is the file the model was opened from.

@@ -99,6 +99,10 @@ func TestOpenRejectsBadOptions(t *testing.T) {
 	p := testmodels.Random(t, "llama", "tiny", foundry.F32, 1, false)
 	_, err := runtime.Open(context.Background(), p, runtime.Options{KVType: "q4_0"})
 	require.ErrorContains(t, err, `KV type "q4_0" is not supported`)
+	// Cancellation is checked between batches: a batch may not be so large
+	// that a cancelled request (or Close) waits long for it.
+	_, err = runtime.Open(context.Background(), p, runtime.Options{BatchSize: runtime.MaxBatchSize + 1})
+	require.ErrorContains(t, err, "batch size")
 }
 
 // stories260k is GGUF v1, which ollama's reader cannot parse: Open must

@@ -34,7 +34,12 @@ func (m *Model) NewSession() (*Session, error) {
 
 // NewSessionWith starts an empty sequence with a cache from f.
 func (m *Model) NewSessionWith(f CacheFactory) (*Session, error) {
+	done, err := m.use()
+	if err != nil {
+		return nil, err
+	}
 	c, err := f(m)
+	done()
 	if err != nil {
 		return nil, err
 	}
@@ -44,7 +49,11 @@ func (m *Model) NewSessionWith(f CacheFactory) (*Session, error) {
 // Close frees the session's cache.
 func (s *Session) Close() {
 	if s.cache != nil {
+		// Not while Model.Close frees the backend (after it is fine: the
+		// cache's buffers are its own).
+		s.m.life.RLock()
 		s.cache.Close()
+		s.m.life.RUnlock()
 		s.cache = nil
 	}
 }
@@ -136,6 +145,12 @@ func (s *Session) forward(tokens []int32, any, every bool) (rows [][]float32, er
 		s.outputs = append(s.outputs, int32(n-1))
 	}
 
+	// Hold the backend for the whole pass: Model.Close waits for it.
+	done, err := m.use()
+	if err != nil {
+		return nil, err
+	}
+	defer done()
 	defer func() {
 		if r := recover(); r != nil {
 			err = fmt.Errorf("forward pass: %v", r)

@@ -18,6 +18,7 @@ type Tokenizer struct {
 	spm         bool
 	spacePrefix bool
 	eog         map[int32]bool
+	maxPiece    int // bytes of the longest token text: no token covers more input
 }
 
 func newTokenizer(c fs.Config) (*Tokenizer, error) {
@@ -55,6 +56,9 @@ func newTokenizer(c fs.Config) (*Tokenizer, error) {
 		EOS:    eos,
 	}
 	t := &Tokenizer{vocab: v, eog: map[int32]bool{}}
+	for _, s := range values {
+		t.maxPiece = max(t.maxPiece, len(s))
+	}
 	for _, id := range eos {
 		if id >= 0 && int(id) < len(values) {
 			t.eog[id] = true
@@ -119,6 +123,46 @@ func (t *Tokenizer) Encode(text string, addSpecial bool) ([]int32, error) {
 	}
 	return ids, nil
 }
+
+// TooManyTokensError is returned by EncodeLimit when text needs more tokens
+// than the limit. AtLeast is a lower bound of the count (exact when the text
+// was tokenized whole).
+type TooManyTokensError struct {
+	Limit, AtLeast int
+}
+
+func (e *TooManyTokensError) Error() string {
+	return fmt.Sprintf("the text needs at least %d tokens, more than the limit of %d", e.AtLeast, e.Limit)
+}
+
+// EncodeLimit is Encode for untrusted text that may be far too long: it
+// returns a *TooManyTokensError once the count passes limit, and its work is
+// bounded by the limit, not by the text. No token covers more input bytes
+// than the longest token text (a SentencePiece "▁" or a byte token like
+// "<0x0A>" is longer than what it stands for), so text longer than
+// (limit+1) x that is over the limit without tokenizing it at all; shorter
+// text costs at most that many bytes of tokenization.
+func (t *Tokenizer) EncodeLimit(text string, addSpecial bool, limit int) ([]int32, error) {
+	if limit < 0 {
+		return nil, fmt.Errorf("token limit %d is negative", limit)
+	}
+	// +1 token for BOS and +1 byte for SentencePiece's space prefix.
+	if per := t.MaxTokenBytes(); len(text) > (limit+1)*per+1 {
+		return nil, &TooManyTokensError{Limit: limit, AtLeast: (len(text) - 1) / per}
+	}
+	ids, err := t.Encode(text, addSpecial)
+	if err != nil {
+		return nil, err
+	}
+	if len(ids) > limit {
+		return nil, &TooManyTokensError{Limit: limit, AtLeast: len(ids)}
+	}
+	return ids, nil
+}
+
+// MaxTokenBytes is the most input bytes one token can stand for: text of n
+// bytes needs at least n/MaxTokenBytes tokens.
+func (t *Tokenizer) MaxTokenBytes() int { return max(t.maxPiece, 1) }
 
 type fragment struct {
 	text    string

@@ -4,6 +4,7 @@ import (
 	"context"
 	"strings"
 	"testing"
+	"time"
 	"unicode"
 
 	"github.com/stretchr/testify/require"
@@ -80,4 +81,48 @@ func TestStoriesGeneratesReadableText(t *testing.T) {
 	want, err := ref.Greedy(prompt, 80)
 	require.NoError(t, err)
 	require.Equal(t, want, res.Tokens)
+}
+
+// EncodeLimit gives Encode's ids when they fit and refuses text over the
+// limit; a text far over it is refused without being tokenized, so its cost
+// does not grow with the text.
+func TestEncodeLimit(t *testing.T) {
+	m := openStories(t, runtime.Options{})
+	tok := m.Tokenizer()
+	text := "Once upon a time, there was a little girl named Lily."
+	all, err := tok.Encode(text, true)
+	require.NoError(t, err)
+	huge := strings.Repeat("Once upon a time. ", 1<<20) // 18 MiB
+	cases := []struct {
+		name    string
+		text    string
+		limit   int
+		want    []int32
+		atLeast int // 0: no error expected
+	}{
+		{"fits", text, 100, all, 0},
+		{"exactly the limit", text, len(all), all, 0},
+		{"one over", text, len(all) - 1, nil, len(all)},
+		{"empty", "", 0, nil, 0},
+		{"huge", huge, 1000, nil, 1000},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			start := time.Now()
+			ids, err := tok.EncodeLimit(c.text, c.text != "", c.limit)
+			if c.atLeast == 0 {
+				require.NoError(t, err)
+				require.Equal(t, c.want, ids)
+				return
+			}
+			var tm *runtime.TooManyTokensError
+			require.ErrorAs(t, err, &tm)
+			require.Equal(t, c.limit, tm.Limit)
+			require.Greater(t, tm.AtLeast, c.limit)
+			require.GreaterOrEqual(t, tm.AtLeast, c.atLeast)
+			require.Less(t, time.Since(start), time.Second, "refused without tokenizing the whole text")
+		})
+	}
+	_, err = tok.EncodeLimit(text, true, -1)
+	require.ErrorContains(t, err, "negative")
 }

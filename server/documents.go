@@ -1,7 +1,9 @@
 package server
 
 import (
+	"context"
 	"errors"
+	"fmt"
 	"io"
 	"mime"
 	"net/http"
@@ -28,12 +30,7 @@ func (s *Server) ingest(w http.ResponseWriter, r *http.Request, m *runtime.Model
 	case "", "text/plain", "text/markdown":
 		b, err := io.ReadAll(r.Body)
 		if err != nil {
-			var tooBig *http.MaxBytesError
-			if errors.As(err, &tooBig) {
-				writeError(w, r, http.StatusRequestEntityTooLarge, "document exceeds the request body limit")
-				return
-			}
-			writeError(w, r, http.StatusBadRequest, "reading the body: "+err.Error())
+			bodyError(w, r, err, "reading the body: ")
 			return
 		}
 		req.Text = string(b)
@@ -54,8 +51,17 @@ func (s *Server) ingest(w http.ResponseWriter, r *http.Request, m *runtime.Model
 		writeError(w, r, http.StatusBadRequest, "invalid document id: use letters, digits, '.', '_' and '-' (at most 128)")
 		return
 	}
-	release, ok := s.admit(w, r)
-	if !ok {
+	// A text that cannot fit the context whatever its tokens is refused
+	// before it takes the slot (tokenizing it would cost seconds there).
+	if n, ctxLen := len(req.Text)/m.Tokenizer().MaxTokenBytes(), m.Options().ContextLength; n >= ctxLen {
+		writeError(w, r, http.StatusBadRequest, fmt.Sprintf("%v: the document needs at least %d tokens; the context length is %d", runtime.ErrContextFull, n, ctxLen))
+		return
+	}
+	e := &sse{w: w}
+	release, err := s.admit(w, r)
+	if err != nil {
+		s.metrics.outcome("ingest", outcomeOf(err, r))
+		s.sseFail(e, r, err)
 		return
 	}
 	defer release()
@@ -64,7 +70,10 @@ func (s *Server) ingest(w http.ResponseWriter, r *http.Request, m *runtime.Model
 	s.ingestMu.Lock()
 	defer s.ingestMu.Unlock()
 
-	e := &sse{w: w}
+	// A progress event that cannot be written (the client stopped reading or
+	// left) cancels the prefill at its next batch.
+	ctx, cancel := context.WithCancelCause(r.Context())
+	defer cancel(nil)
 	last, target := 0, 0
 	progress := func(done, total int) {
 		s.metrics.ingestDone.Add(float64(done - last))
@@ -74,21 +83,30 @@ func (s *Server) ingest(w http.ResponseWriter, r *http.Request, m *runtime.Model
 		}
 		last = done
 		if req.Stream {
-			e.send(map[string]any{"object": "document.progress", "done": done, "total": total})
+			if err := e.send(map[string]any{"object": "document.progress", "done": done, "total": total}); err != nil {
+				cancel(err)
+			}
 		}
 	}
-	doc, err := m.Ingest(r.Context(), req.ID, req.Text, progress)
+	doc, err := m.Ingest(ctx, req.ID, req.Text, progress)
+	if cause := context.Cause(ctx); err != nil && ctx.Err() != nil && r.Context().Err() == nil {
+		err = cause
+	}
 	s.metrics.ingestDone.Sub(float64(last))
 	s.metrics.ingestTotal.Sub(float64(target))
 	if err != nil {
-		e.fail(r, badRequestIfInput(err))
+		err = badRequestIfInput(err)
+		s.metrics.outcome("ingest", outcomeOf(err, r))
+		s.sseFail(e, r, err)
 		return
 	}
+	s.metrics.outcome("ingest", outcomeOK)
 	s.metrics.ingestTokens.Add(float64(last))
 	out := documentJSON(doc.Info)
 	if req.Stream {
-		e.send(out)
-		e.send("[DONE]")
+		if e.send(out) == nil {
+			e.send("[DONE]")
+		}
 		return
 	}
 	writeJSON(w, http.StatusCreated, out)
@@ -113,7 +131,7 @@ func documentJSON(in runtime.Info) map[string]any {
 func (s *Server) listDocuments(w http.ResponseWriter, r *http.Request, m *runtime.Model) {
 	infos, err := m.Documents()
 	if err != nil {
-		writeError(w, r, http.StatusInternalServerError, err.Error())
+		writeError(w, r, http.StatusInternalServerError, redact(err.Error()))
 		return
 	}
 	data := make([]any, len(infos))

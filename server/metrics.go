@@ -85,12 +85,24 @@ func (m *metrics) handler() http.Handler {
 	return promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{})
 }
 
-func (m *metrics) record(route string, res *runtime.Result, resident int64, err error) {
-	outcome := "ok"
-	if err != nil {
-		outcome = "error"
-	}
+// Outcomes of kvrecall_requests_total: refusals and cancellations are
+// counted apart from failures, so that an alert on "error" means the server.
+const (
+	outcomeOK           = "ok"
+	outcomeInvalid      = "invalid"       // 4xx: the request was refused
+	outcomeBusy         = "busy"          // 429: queue full
+	outcomeCancelled    = "cancelled"     // the client went away
+	outcomeShutdown     = "shutdown"      // cancelled by the server's shutdown
+	outcomeWriteTimeout = "write_timeout" // the client stopped reading
+	outcomeError        = "error"         // 5xx
+)
+
+func (m *metrics) outcome(route, outcome string) {
 	m.requests.WithLabelValues(route, outcome).Inc()
+}
+
+// record adds a generation's token counts and speeds.
+func (m *metrics) record(res *runtime.Result, resident int64) {
 	if res == nil {
 		return
 	}

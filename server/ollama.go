@@ -3,9 +3,11 @@ package server
 import (
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net/http"
 	"os"
+	"path/filepath"
 	"time"
 
 	"github.com/ollama/ollama/api"
@@ -28,13 +30,23 @@ func ollamaOptions(m map[string]any) (runtime.GenerateOptions, int, error) {
 		Sampling: runtime.Sampling{Temperature: o.Temperature, TopK: o.TopK, TopP: o.TopP, MinP: o.MinP,
 			Seed: o.Seed, RepeatPenalty: o.RepeatPenalty, RepeatLastN: o.RepeatLastN},
 	}
+	if err := checkSampling("options.", g.Sampling); err != nil {
+		return g, 0, err
+	}
+	if err := checkStop("options.stop", o.Stop); err != nil {
+		return g, 0, err
+	}
+	switch {
+	case o.NumPredict < -2:
+		return g, 0, badRequest("options.num_predict must be -1 (no limit), -2 (fill the context) or at least 0 (got %d)", o.NumPredict)
+	case o.NumCtx < 0:
+		return g, 0, badRequest("options.num_ctx must be at least 0 (got %d)", o.NumCtx)
+	}
 	if o.NumPredict > 0 {
 		g.MaxTokens = o.NumPredict
 	}
-	for _, s := range o.Stop {
-		if s == "" {
-			return g, 0, badRequest("stop strings must not be empty")
-		}
+	if o.RepeatLastN == 0 { // Ollama's "off"; the runtime reads 0 as its default window
+		g.Sampling.RepeatPenalty = 0
 	}
 	return g, o.NumCtx, nil
 }
@@ -45,6 +57,8 @@ type ndjson struct {
 	started bool
 }
 
+// send writes one line and flushes it; a failed write is errWriteTimeout
+// or errClientGone.
 func (n *ndjson) send(v any) error {
 	if !n.started {
 		n.started = true
@@ -52,17 +66,20 @@ func (n *ndjson) send(v any) error {
 		n.w.WriteHeader(http.StatusOK)
 	}
 	if err := json.NewEncoder(n.w).Encode(v); err != nil {
-		return err
+		return writeFailure(err)
 	}
-	if f, ok := n.w.(http.Flusher); ok {
-		f.Flush()
+	if err := http.NewResponseController(n.w).Flush(); err != nil && !errors.Is(err, http.ErrNotSupported) {
+		return writeFailure(err)
 	}
 	return nil
 }
 
-func (n *ndjson) fail(r *http.Request, err error) {
-	status, msg := statusOf(err)
-	if status == 499 {
+// ndjsonFail answers an error: with its status before the first line, as a
+// final {"error": "..."} line after it (never a done line), and not at all
+// to a client that is gone.
+func (s *Server) ndjsonFail(n *ndjson, r *http.Request, err error) {
+	status, msg, silent := s.failure(r, err)
+	if silent {
 		return
 	}
 	if !n.started {
@@ -99,7 +116,8 @@ func (s *Server) ollamaGenerate(w http.ResponseWriter, r *http.Request, m *runti
 	}
 	nd := &ndjson{w: w}
 	if err := s.checkModel(req.Model); err != nil {
-		nd.fail(r, err)
+		s.metrics.outcome("generate", outcomeInvalid)
+		s.ndjsonFail(nd, r, err)
 		return
 	}
 	if req.Prompt == "" && req.Document == "" {
@@ -109,7 +127,8 @@ func (s *Server) ollamaGenerate(w http.ResponseWriter, r *http.Request, m *runti
 	}
 	prompt, err := s.generatePrompt(&req.GenerateRequest, req.Document != "")
 	if err != nil {
-		nd.fail(r, err)
+		s.metrics.outcome("generate", outcomeInvalid)
+		s.ndjsonFail(nd, r, err)
 		return
 	}
 	s.ollamaRun(w, r, m, nd, req.Model, req.Stream, req.Options, req.kvrecallFields, "generate", prompt, false)
@@ -147,7 +166,8 @@ func (s *Server) ollamaChat(w http.ResponseWriter, r *http.Request, m *runtime.M
 	}
 	nd := &ndjson{w: w}
 	if err := s.checkModel(req.Model); err != nil {
-		nd.fail(r, err)
+		s.metrics.outcome("chat", outcomeInvalid)
+		s.ndjsonFail(nd, r, err)
 		return
 	}
 	if len(req.Messages) == 0 {
@@ -160,32 +180,43 @@ func (s *Server) ollamaChat(w http.ResponseWriter, r *http.Request, m *runtime.M
 	}
 	p, err := s.chat.render(msgs, req.Document == "")
 	if err != nil {
-		nd.fail(r, badRequest("%v", err))
+		s.metrics.outcome("chat", outcomeInvalid)
+		s.ndjsonFail(nd, r, badRequest("%v", err))
 		return
 	}
 	g := genRequest{prompt: p, addBOS: req.Document == "" && !s.chat.startsWithBOS(p)}
 	s.ollamaRun(w, r, m, nd, req.Model, req.Stream, req.Options, req.kvrecallFields, "chat", g, true)
 }
 
-// ollamaRun queues and runs a generate or chat request and answers with
-// NDJSON (or one object when stream is false).
+// ollamaRun validates, queues and runs a generate or chat request and
+// answers with NDJSON (or one object when stream is false). Client errors
+// are found before the first line.
 func (s *Server) ollamaRun(w http.ResponseWriter, r *http.Request, m *runtime.Model, nd *ndjson, name string, stream *bool,
 	options map[string]any, kv kvrecallFields, route string, g genRequest, chat bool) {
 	start := time.Now()
+	var err error
+	defer func() {
+		s.metrics.outcome(route, outcomeOf(err, r))
+		if err != nil {
+			s.ndjsonFail(nd, r, err)
+		}
+	}()
 	opts, numCtx, err := ollamaOptions(options)
-	if err == nil {
-		err = checkPolicy(kv.Policy, kv.Budget)
-	}
 	if err != nil {
-		nd.fail(r, err)
+		return
+	}
+	if err = checkPolicy(kv.Policy, kv.Budget); err != nil {
 		return
 	}
 	if name == "" {
 		name = s.cfg.ModelName
 	}
 	g.route, g.document, g.policy, g.opts, g.numCtx = route, kv.Document, s.policy(kv.Policy, kv.Budget), opts, numCtx
-	release, ok := s.admit(w, r)
-	if !ok {
+	if err = s.prepare(m, &g); err != nil {
+		return
+	}
+	release, err := s.admit(w, r)
+	if err != nil {
 		return
 	}
 	defer release()
@@ -205,9 +236,8 @@ func (s *Server) ollamaRun(w http.ResponseWriter, r *http.Request, m *runtime.Mo
 			return nd.send(piece(t.Text, false))
 		}
 	}
-	res, err := s.generate(r.Context(), m, g, onToken)
+	res, err := s.generate(r.Context(), m, g, nil, onToken)
 	if err != nil {
-		nd.fail(r, err)
 		return
 	}
 	text := ""
@@ -226,7 +256,7 @@ func (s *Server) ollamaRun(w http.ResponseWriter, r *http.Request, m *runtime.Mo
 		writeJSON(w, http.StatusOK, final)
 		return
 	}
-	nd.send(final)
+	err = nd.send(final)
 }
 
 func (s *Server) modelDetails(m *runtime.Model) api.ModelDetails {
@@ -301,7 +331,7 @@ func (s *Server) ollamaShow(w http.ResponseWriter, r *http.Request, m *runtime.M
 		}
 	}
 	writeJSON(w, http.StatusOK, api.ShowResponse{
-		Modelfile:    "# served by kvrecall\nFROM " + m.Path() + "\n",
+		Modelfile:    "# served by kvrecall\nFROM " + filepath.Base(m.Path()) + "\n", // not where the server keeps it
 		Parameters:   fmt.Sprintf("num_ctx %d", m.Options().ContextLength),
 		Template:     s.chat.source,
 		Details:      s.modelDetails(m),

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math"
 	"net/http"
 	"strings"
 	"time"
@@ -67,25 +68,20 @@ func (p *openaiParams) toRuntime(s *Server) (runtime.GenerateOptions, runtime.Po
 	if p.N != nil && *p.N != 1 {
 		return o, runtime.PolicyOptions{}, badRequest("n must be 1")
 	}
+	field := "max_tokens"
 	if p.MaxCompletionTokens != nil {
-		p.MaxTokens = p.MaxCompletionTokens
+		p.MaxTokens, field = p.MaxCompletionTokens, "max_completion_tokens"
 	}
 	if p.MaxTokens != nil {
 		if *p.MaxTokens < 1 {
-			return o, runtime.PolicyOptions{}, badRequest("max_tokens must be at least 1")
+			return o, runtime.PolicyOptions{}, badRequest("%s must be at least 1", field)
 		}
 		o.MaxTokens = *p.MaxTokens
 	}
 	if p.Temperature != nil {
-		if *p.Temperature < 0 || *p.Temperature > 2 {
-			return o, runtime.PolicyOptions{}, badRequest("temperature must be in [0, 2]")
-		}
 		o.Sampling.Temperature = *p.Temperature
 	}
 	if p.TopP != nil {
-		if *p.TopP <= 0 || *p.TopP > 1 {
-			return o, runtime.PolicyOptions{}, badRequest("top_p must be in (0, 1]")
-		}
 		o.Sampling.TopP = *p.TopP
 	}
 	if p.TopK != nil {
@@ -100,18 +96,65 @@ func (p *openaiParams) toRuntime(s *Server) (runtime.GenerateOptions, runtime.Po
 	if p.Seed != nil {
 		o.Sampling.Seed = *p.Seed
 	}
-	for _, st := range p.Stop {
-		if st == "" {
-			return o, runtime.PolicyOptions{}, badRequest("stop strings must not be empty")
-		}
+	if err := checkSampling("", o.Sampling); err != nil {
+		return o, runtime.PolicyOptions{}, err
 	}
-	if len(p.Stop) > 16 {
-		return o, runtime.PolicyOptions{}, badRequest("at most 16 stop strings")
+	if err := checkStop("stop", p.Stop); err != nil {
+		return o, runtime.PolicyOptions{}, err
 	}
 	if err := checkPolicy(p.Policy, p.Budget); err != nil {
 		return o, runtime.PolicyOptions{}, err
 	}
 	return o, s.policy(p.Policy, p.Budget), nil
+}
+
+// Bounds of the sampling fields. Outside them the sampler would compute
+// nonsense (a repeat penalty of 1e-38 multiplies logits into infinities and
+// NaN) or the value is a typo; the request is refused naming the field.
+const (
+	maxTemperature   = 2
+	minRepeatPenalty = 0.01 // besides 0, which disables it
+	maxRepeatPenalty = 100.0
+	maxStopStrings   = 16
+)
+
+// checkSampling validates sampling settings; prefix names where they came
+// from in the request ("" for OpenAI's top level, "options." for Ollama).
+func checkSampling(prefix string, sm runtime.Sampling) error {
+	bad := func(field, rule string, v any) error {
+		return badRequest("%s%s must be %s (got %v)", prefix, field, rule, v)
+	}
+	finite := func(f float32) bool { return !math.IsNaN(float64(f)) && !math.IsInf(float64(f), 0) }
+	switch {
+	case !finite(sm.Temperature) || sm.Temperature < 0 || sm.Temperature > maxTemperature:
+		return bad("temperature", fmt.Sprintf("in [0, %d]", maxTemperature), sm.Temperature)
+	case !finite(sm.TopP) || sm.TopP < 0 || sm.TopP > 1:
+		return bad("top_p", "in [0, 1] (0 and 1 disable it)", sm.TopP)
+	case sm.TopK < 0:
+		return bad("top_k", "at least 0 (0 disables it)", sm.TopK)
+	case !finite(sm.MinP) || sm.MinP < 0 || sm.MinP > 1:
+		return bad("min_p", "in [0, 1] (0 disables it)", sm.MinP)
+	case !finite(sm.RepeatPenalty) || sm.RepeatPenalty < 0 || (sm.RepeatPenalty > 0 && sm.RepeatPenalty < minRepeatPenalty) || sm.RepeatPenalty > maxRepeatPenalty:
+		return bad("repeat_penalty", fmt.Sprintf("0 (off) or in [%g, %g]", minRepeatPenalty, maxRepeatPenalty), sm.RepeatPenalty)
+	case sm.Seed < -1:
+		return bad("seed", "-1 (random) or at least 0", sm.Seed)
+	case sm.RepeatLastN < -1:
+		return bad("repeat_last_n", "-1 (the whole context), 0 (off) or positive", sm.RepeatLastN)
+	}
+	return nil
+}
+
+// checkStop validates stop strings.
+func checkStop(field string, stop []string) error {
+	for _, st := range stop {
+		if st == "" {
+			return badRequest("%s strings must not be empty", field)
+		}
+	}
+	if len(stop) > maxStopStrings {
+		return badRequest("%s: at most %d stop strings", field, maxStopStrings)
+	}
+	return nil
 }
 
 // checkPolicy validates a request's paging overrides.
@@ -122,7 +165,7 @@ func checkPolicy(name string, budget int) error {
 		}
 	}
 	if budget < 0 {
-		return badRequest("budget must be positive")
+		return badRequest("budget must be positive (0: the server's default)")
 	}
 	return nil
 }
@@ -191,6 +234,8 @@ type sse struct {
 	started bool
 }
 
+// send writes one event and flushes it. A failed write is errWriteTimeout
+// (the client stopped reading) or errClientGone.
 func (e *sse) send(v any) error {
 	if !e.started {
 		e.started = true
@@ -208,27 +253,28 @@ func (e *sse) send(v any) error {
 		b, _ = json.Marshal(v)
 	}
 	if _, err := fmt.Fprintf(e.w, "data: %s\n\n", b); err != nil {
-		return err
+		return writeFailure(err)
 	}
-	if f, ok := e.w.(http.Flusher); ok {
-		f.Flush()
+	if err := http.NewResponseController(e.w).Flush(); err != nil && !errors.Is(err, http.ErrNotSupported) {
+		return writeFailure(err)
 	}
 	return nil
 }
 
-// fail ends a request: a JSON error if nothing was streamed yet, else an
-// error event and the end of the stream.
-func (e *sse) fail(r *http.Request, err error) {
-	status, msg := statusOf(err)
-	if status == 499 {
-		return // the client is gone
+// fail ends a request: a JSON error with its status if nothing was streamed
+// yet, else an error event, OpenAI's {"error": {...}}, and no [DONE], so
+// that a client can tell a cut stream from a complete one. Nothing is sent
+// to a client that is gone or stopped reading.
+func (s *Server) sseFail(e *sse, r *http.Request, err error) {
+	status, msg, silent := s.failure(r, err)
+	if silent {
+		return
 	}
 	if !e.started {
 		writeError(e.w, r, status, msg)
 		return
 	}
-	e.send(map[string]any{"error": map[string]any{"message": msg, "type": "server_error", "code": fmt.Sprint(status)}})
-	e.send("[DONE]")
+	e.send(map[string]any{"error": map[string]any{"message": msg, "type": errorType(status), "code": fmt.Sprint(status)}})
 }
 
 func (s *Server) openaiCompletions(w http.ResponseWriter, r *http.Request, m *runtime.Model) {
@@ -240,6 +286,7 @@ func (s *Server) openaiCompletions(w http.ResponseWriter, r *http.Request, m *ru
 		return
 	}
 	if len(req.Prompt) != 1 {
+		s.metrics.outcome("completions", outcomeInvalid)
 		writeError(w, r, http.StatusBadRequest, "prompt must be one string")
 		return
 	}
@@ -266,26 +313,35 @@ func (s *Server) openaiChat(w http.ResponseWriter, r *http.Request, m *runtime.M
 }
 
 // openaiRun validates, queues and runs a completion or chat request, and
-// answers in OpenAI's format (SSE when streaming).
+// answers in OpenAI's format (SSE when streaming). Everything a client can
+// get wrong is checked before the first byte, so streams too answer client
+// errors with their status.
 func (s *Server) openaiRun(w http.ResponseWriter, r *http.Request, m *runtime.Model, p *openaiParams, route string, build func() (genRequest, error)) {
 	e := &sse{w: w}
-	if err := s.checkModel(p.Model); err != nil {
-		e.fail(r, err)
+	var err error
+	defer func() {
+		s.metrics.outcome(route, outcomeOf(err, r))
+		if err != nil {
+			s.sseFail(e, r, err)
+		}
+	}()
+	if err = s.checkModel(p.Model); err != nil {
 		return
 	}
 	opts, pol, err := p.toRuntime(s)
 	if err != nil {
-		e.fail(r, err)
 		return
 	}
 	g, err := build()
 	if err != nil {
-		e.fail(r, err)
 		return
 	}
 	g.route, g.document, g.policy, g.opts = route, p.Document, pol, opts
-	release, ok := s.admit(w, r)
-	if !ok {
+	if err = s.prepare(m, &g); err != nil {
+		return
+	}
+	release, err := s.admit(w, r)
+	if err != nil {
 		return
 	}
 	defer release()
@@ -316,13 +372,14 @@ func (s *Server) openaiRun(w http.ResponseWriter, r *http.Request, m *runtime.Mo
 				"choices": []any{map[string]any{"index": 0, "text": text, "logprobs": nil, "finish_reason": finish}}}
 		}
 	}
+	var onStart func() error
 	var onToken func(runtime.Token) error
 	if p.Stream {
 		if chat { // the first chunk carries the role
-			first := chunk("", nil)
-			first["choices"].([]any)[0].(map[string]any)["delta"] = map[string]any{"role": "assistant", "content": ""}
-			if err := e.send(first); err != nil {
-				return
+			onStart = func() error {
+				first := chunk("", nil)
+				first["choices"].([]any)[0].(map[string]any)["delta"] = map[string]any{"role": "assistant", "content": ""}
+				return e.send(first)
 			}
 		}
 		onToken = func(t runtime.Token) error {
@@ -332,9 +389,8 @@ func (s *Server) openaiRun(w http.ResponseWriter, r *http.Request, m *runtime.Mo
 			return e.send(chunk(t.Text, nil))
 		}
 	}
-	res, err := s.generate(r.Context(), m, g, onToken)
+	res, err := s.generate(r.Context(), m, g, onStart, onToken)
 	if err != nil {
-		e.fail(r, err)
 		return
 	}
 	finish := finishReason(res.StopReason)
@@ -343,12 +399,16 @@ func (s *Server) openaiRun(w http.ResponseWriter, r *http.Request, m *runtime.Mo
 		if p.StreamOptions != nil && p.StreamOptions.IncludeUsage {
 			last["usage"] = nil
 		}
-		e.send(last)
-		if p.StreamOptions != nil && p.StreamOptions.IncludeUsage {
-			e.send(map[string]any{"id": id, "object": streamObject, "created": created, "model": s.cfg.ModelName,
-				"choices": []any{}, "usage": usageOf(res), "timings": timingsOf(res)})
+		if err = e.send(last); err != nil {
+			return
 		}
-		e.send("[DONE]")
+		if p.StreamOptions != nil && p.StreamOptions.IncludeUsage {
+			if err = e.send(map[string]any{"id": id, "object": streamObject, "created": created, "model": s.cfg.ModelName,
+				"choices": []any{}, "usage": usageOf(res), "timings": timingsOf(res)}); err != nil {
+				return
+			}
+		}
+		err = e.send("[DONE]")
 		return
 	}
 	choice := map[string]any{"index": 0, "finish_reason": finish, "logprobs": nil}

@@ -10,9 +10,14 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
+	"net"
 	"net/http"
+	"os"
 	"path/filepath"
+	"regexp"
+	"runtime/debug"
 	"strconv"
 	"strings"
 	"sync"
@@ -33,6 +38,18 @@ type Config struct {
 	QueueLength   int    // requests waiting for a slot; beyond it 429 (default 16)
 	MaxBodyBytes  int64  // request body limit (default 32 MiB)
 	MaxTokens     int    // default max tokens of an answer (default 512)
+	// QueueLength 0 means the default; a negative value means no queue (a
+	// request that finds every slot taken gets 429 at once).
+
+	// Timeouts of the connection (see HTTPServer); zero picks the default,
+	// a negative value disables one. ReadTimeout bounds reading the headers
+	// and body of a request (a client trickling its body cannot hold a
+	// connection); it does not bound the response. IdleTimeout closes
+	// keep-alive connections with no request. WriteTimeout bounds each
+	// write to the client, renewed per chunk: a streaming client that stops
+	// reading gets its generation cancelled (and its slot freed) once a
+	// write has blocked that long.
+	ReadHeaderTimeout, ReadTimeout, IdleTimeout, WriteTimeout time.Duration
 	// Policy is the default paging policy for requests that name a document.
 	Policy runtime.PolicyOptions
 	Logger *slog.Logger
@@ -45,7 +62,17 @@ func (c *Config) fill() {
 	if c.QueueLength < 0 {
 		c.QueueLength = 0
 	} else if c.QueueLength == 0 {
-		c.QueueLength = 16
+		c.QueueLength = DefaultQueueLength
+	}
+	for _, t := range []struct {
+		d   *time.Duration
+		def time.Duration
+	}{{&c.ReadHeaderTimeout, 10 * time.Second}, {&c.ReadTimeout, DefaultReadTimeout}, {&c.IdleTimeout, DefaultIdleTimeout}, {&c.WriteTimeout, DefaultWriteTimeout}} {
+		if *t.d == 0 {
+			*t.d = t.def
+		} else if *t.d < 0 {
+			*t.d = 0 // none
+		}
 	}
 	if c.MaxBodyBytes <= 0 {
 		c.MaxBodyBytes = 32 << 20
@@ -60,6 +87,14 @@ func (c *Config) fill() {
 		c.Logger = slog.Default()
 	}
 }
+
+// Defaults of Config.
+const (
+	DefaultQueueLength  = 16
+	DefaultReadTimeout  = time.Minute
+	DefaultIdleTimeout  = 2 * time.Minute
+	DefaultWriteTimeout = 30 * time.Second
+)
 
 // Server serves one model. Create it with New, hand it the model with
 // SetModel once loaded (/health answers 503 until then).
@@ -77,6 +112,8 @@ type Server struct {
 	started time.Time
 
 	ingestMu sync.Mutex // one ingest writes a given document at a time
+
+	active atomic.Int64 // requests being handled (see Drain)
 }
 
 // New returns a server with no model yet.
@@ -106,11 +143,62 @@ func (s *Server) SetModel(m *runtime.Model, loadTime time.Duration) error {
 // Metrics returns the Prometheus registry's handler (also at /metrics).
 func (s *Server) Handler() http.Handler { return s }
 
+// HTTPServer returns an http.Server for s on addr with the configured
+// timeouts. Requests' contexts derive from base: cancelling it with cause
+// ErrShutdown (context.WithCancelCause) cancels generations in flight and
+// tells their clients why.
+func (s *Server) HTTPServer(addr string, base context.Context) *http.Server {
+	return &http.Server{
+		Addr:              addr,
+		Handler:           s,
+		ReadHeaderTimeout: s.cfg.ReadHeaderTimeout,
+		ReadTimeout:       s.cfg.ReadTimeout,
+		IdleTimeout:       s.cfg.IdleTimeout,
+		BaseContext:       func(net.Listener) context.Context { return base },
+	}
+}
+
+// Drain waits until no request is being handled, or ctx ends. After
+// http.Server.Shutdown gave up and the base context was cancelled, handlers
+// still run until their generation reaches a cancellation point;
+// http.Server.Close does not wait for them.
+func (s *Server) Drain(ctx context.Context) error {
+	t := time.NewTicker(5 * time.Millisecond)
+	defer t.Stop()
+	for s.active.Load() > 0 {
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("%d requests still running: %w", s.active.Load(), ctx.Err())
+		case <-t.C:
+		}
+	}
+	return nil
+}
+
 // ServeHTTP authenticates, limits the body and dispatches.
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	s.active.Add(1)
+	defer s.active.Add(-1)
+	if s.cfg.WriteTimeout > 0 {
+		dw := &deadlineWriter{ResponseWriter: w, rc: http.NewResponseController(w), timeout: s.cfg.WriteTimeout}
+		// A deadline left by the previous request on this connection must
+		// not cut this one: net/http resets none without its own WriteTimeout.
+		dw.rc.SetWriteDeadline(time.Time{})
+		w = dw
+	}
+	// net/http keeps ReadTimeout's deadline on the connection after the
+	// body is read, and its background read then cancels the request's
+	// context when the deadline passes: lift it once the body is in, so that
+	// a long generation is not cut.
+	rc := http.NewResponseController(w)
+	if r.ContentLength == 0 {
+		rc.SetReadDeadline(time.Time{})
+	} else {
+		r.Body = &liftAtEOF{ReadCloser: r.Body, rc: rc}
+	}
 	defer func() {
 		if v := recover(); v != nil {
-			s.cfg.Logger.Error("panic serving request", "path", r.URL.Path, "panic", v)
+			s.cfg.Logger.Error("panic serving request", "path", r.URL.Path, "panic", v, "stack", string(debug.Stack()))
 			writeError(w, r, http.StatusInternalServerError, "internal error")
 		}
 	}()
@@ -123,14 +211,55 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	s.mux.ServeHTTP(w, r)
 }
 
-// authorized compares the key in constant time.
+// deadlineWriter renews the connection's write deadline before every write
+// and flush, so that one blocked write (a client that stopped reading) fails
+// after the timeout instead of holding the handler, and its generation
+// slot, forever.
+type deadlineWriter struct {
+	http.ResponseWriter
+	rc      *http.ResponseController
+	timeout time.Duration
+}
+
+func (w *deadlineWriter) Write(b []byte) (int, error) {
+	w.rc.SetWriteDeadline(time.Now().Add(w.timeout))
+	return w.ResponseWriter.Write(b)
+}
+
+func (w *deadlineWriter) FlushError() error {
+	w.rc.SetWriteDeadline(time.Now().Add(w.timeout))
+	return w.rc.Flush()
+}
+
+func (w *deadlineWriter) Flush() { w.FlushError() }
+
+func (w *deadlineWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
+
+// liftAtEOF clears the connection's read deadline once the body is read.
+type liftAtEOF struct {
+	io.ReadCloser
+	rc   *http.ResponseController
+	done bool
+}
+
+func (b *liftAtEOF) Read(p []byte) (int, error) {
+	n, err := b.ReadCloser.Read(p)
+	if err == io.EOF && !b.done {
+		b.done = true
+		b.rc.SetReadDeadline(time.Time{})
+	}
+	return n, err
+}
+
+// authorized compares the key in constant time. The scheme is
+// case-insensitive ("bearer" is as good as "Bearer", RFC 9110 11.1).
 func (s *Server) authorized(r *http.Request) bool {
 	if s.cfg.APIKey == "" {
 		return true
 	}
 	key := r.Header.Get("x-api-key")
-	if auth := r.Header.Get("Authorization"); strings.HasPrefix(auth, "Bearer ") {
-		key = strings.TrimPrefix(auth, "Bearer ")
+	if scheme, token, ok := strings.Cut(strings.TrimSpace(r.Header.Get("Authorization")), " "); ok && strings.EqualFold(scheme, "Bearer") {
+		key = strings.TrimSpace(token)
 	}
 	return subtle.ConstantTimeCompare([]byte(key), []byte(s.cfg.APIKey)) == 1
 }
@@ -154,8 +283,27 @@ func (s *Server) routes() {
 	s.mux.HandleFunc("GET /v1/documents/{id}", s.ready(s.getDocument))
 	s.mux.HandleFunc("DELETE /v1/documents/{id}", s.ready(s.deleteDocument))
 	s.mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		if allow := s.allowed(r); len(allow) > 0 {
+			w.Header().Set("Allow", strings.Join(allow, ", "))
+			writeError(w, r, http.StatusMethodNotAllowed, fmt.Sprintf("method %s is not allowed on %s (allowed: %s)", r.Method, r.URL.Path, strings.Join(allow, ", ")))
+			return
+		}
 		writeError(w, r, http.StatusNotFound, fmt.Sprintf("no route %s %s", r.Method, r.URL.Path))
 	})
+}
+
+// allowed lists the methods that have a route for r's path (the catch-all
+// "/" matches every method, so the mux never answers 405 by itself).
+func (s *Server) allowed(r *http.Request) []string {
+	var out []string
+	for _, method := range []string{http.MethodGet, http.MethodHead, http.MethodPost, http.MethodPut, http.MethodPatch, http.MethodDelete} {
+		probe := r.Clone(r.Context())
+		probe.Method = method
+		if _, pattern := s.mux.Handler(probe); pattern != "/" && pattern != "" {
+			out = append(out, method)
+		}
+	}
+	return out
 }
 
 // ready answers 503 while the model loads.
@@ -211,19 +359,17 @@ func (s *Server) acquire(ctx context.Context) (func(), error) {
 	}, nil
 }
 
-// admit acquires a slot or writes the refusal; ok is false when refused.
-func (s *Server) admit(w http.ResponseWriter, r *http.Request) (release func(), ok bool) {
-	release, err := s.acquire(r.Context())
-	switch {
-	case errors.Is(err, errBusy):
+// admit acquires a slot. A refusal is an error to answer: a 429 (with
+// Retry-After set) when the queue is full, the context's error when the
+// client went away or the server shut down while the request was queued.
+func (s *Server) admit(w http.ResponseWriter, r *http.Request) (release func(), err error) {
+	release, err = s.acquire(r.Context())
+	if errors.Is(err, errBusy) {
 		w.Header().Set("Retry-After", "1")
-		writeError(w, r, http.StatusTooManyRequests, fmt.Sprintf("server busy: %d requests running and %d queued; retry later", s.cfg.MaxConcurrent, s.cfg.QueueLength))
-		return nil, false
-	case err != nil:
-		writeError(w, r, 499, "client went away while queued")
-		return nil, false
+		return nil, &httpError{status: http.StatusTooManyRequests,
+			msg: fmt.Sprintf("server busy: %d requests running and %d queued; retry later", s.cfg.MaxConcurrent, s.cfg.QueueLength)}
 	}
-	return release, true
+	return release, err
 }
 
 func writeJSON(w http.ResponseWriter, status int, v any) {
@@ -240,35 +386,61 @@ func writeError(w http.ResponseWriter, r *http.Request, status int, msg string) 
 		writeJSON(w, status, map[string]string{"error": msg})
 		return
 	}
-	typ := "invalid_request_error"
-	switch {
-	case status == http.StatusUnauthorized:
-		typ = "authentication_error"
-	case status == http.StatusTooManyRequests:
-		typ = "rate_limit_error"
-	case status == http.StatusServiceUnavailable:
-		typ = "unavailable_error"
-	case status == http.StatusNotFound:
-		typ = "not_found_error"
-	case status >= 500:
-		typ = "server_error"
-	}
-	writeJSON(w, status, map[string]any{"error": map[string]any{"message": msg, "type": typ, "code": strconv.Itoa(status)}})
+	writeJSON(w, status, map[string]any{"error": map[string]any{"message": msg, "type": errorType(status), "code": strconv.Itoa(status)}})
 }
 
-// decodeJSON reads a JSON body; it reports malformed or oversized bodies
-// with the right status.
+// errorType is OpenAI's error type of a status.
+func errorType(status int) string {
+	switch {
+	case status == http.StatusUnauthorized:
+		return "authentication_error"
+	case status == http.StatusTooManyRequests:
+		return "rate_limit_error"
+	case status == http.StatusServiceUnavailable:
+		return "unavailable_error"
+	case status == http.StatusNotFound:
+		return "not_found_error"
+	case status >= 500:
+		return "server_error"
+	}
+	return "invalid_request_error"
+}
+
+// decodeJSON reads a JSON body; it reports malformed, oversized or too
+// slowly sent bodies with the right status. It reads the body to its end so
+// that net/http starts watching the connection for a disconnect.
 func decodeJSON(w http.ResponseWriter, r *http.Request, v any) bool {
 	dec := json.NewDecoder(r.Body)
-	if err := dec.Decode(v); err != nil {
-		var tooBig *http.MaxBytesError
-		switch {
-		case errors.As(err, &tooBig):
-			writeError(w, r, http.StatusRequestEntityTooLarge, fmt.Sprintf("request body exceeds %d bytes", tooBig.Limit))
-		default:
-			writeError(w, r, http.StatusBadRequest, "malformed JSON: "+err.Error())
-		}
+	err := dec.Decode(v)
+	if err == nil {
+		_, err = io.Copy(io.Discard, r.Body)
+	}
+	if err != nil {
+		bodyError(w, r, err, "malformed JSON: ")
 		return false
 	}
 	return true
+}
+
+// bodyError answers a failure to read the request body.
+func bodyError(w http.ResponseWriter, r *http.Request, err error, prefix string) {
+	var tooBig *http.MaxBytesError
+	switch {
+	case errors.As(err, &tooBig):
+		writeError(w, r, http.StatusRequestEntityTooLarge, fmt.Sprintf("request body exceeds the limit of %d bytes", tooBig.Limit))
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		w.Header().Set("Connection", "close")
+		writeError(w, r, http.StatusRequestTimeout, "the request body did not arrive within the read timeout")
+	default:
+		writeError(w, r, http.StatusBadRequest, prefix+err.Error())
+	}
+}
+
+// absPath matches absolute file paths in error messages.
+var absPath = regexp.MustCompile(`(?:/[^\s/"':]+)+/([^\s/"':]+)`)
+
+// redact keeps only the base name of file paths in messages that go to
+// clients: where the server keeps its files is not theirs to know.
+func redact(msg string) string {
+	return absPath.ReplaceAllString(msg, "$1")
 }

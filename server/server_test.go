@@ -382,7 +382,7 @@ func TestBadInput(t *testing.T) {
 		{"empty document", "POST", "/v1/documents", "text/plain", "   ", 400, "empty"},
 		{"wrong content type", "POST", "/v1/documents", "image/png", "x", 415, "text/plain"},
 		{"no such route", "GET", "/v2/nothing", "", nil, 404, "no route"},
-		{"wrong method", "GET", "/v1/completions", "", nil, 404, "no route"},
+		{"wrong method", "GET", "/v1/completions", "", nil, 405, "not allowed"},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -425,7 +425,7 @@ func TestAPIKey(t *testing.T) {
 		require.Equal(t, http.StatusUnauthorized, resp.StatusCode)
 		resp.Body.Close()
 	}
-	for _, h := range [][]string{{"Authorization", "Bearer s3cret"}, {"x-api-key", "s3cret"}} {
+	for _, h := range [][]string{{"Authorization", "Bearer s3cret"}, {"x-api-key", "s3cret"}, {"Authorization", "bearer s3cret"}, {"Authorization", "BEARER  s3cret"}} {
 		resp := fx.do("GET", "/v1/models", "", nil, h...)
 		require.Equal(t, http.StatusOK, resp.StatusCode)
 		resp.Body.Close()
@@ -476,6 +476,8 @@ func TestDisconnectCancels(t *testing.T) {
 	require.Less(t, time.Since(start), 10*time.Second)
 	got := counter(t, fx, "kvrecall_tokens_predicted_total")
 	require.Less(t, got, 2000.0, "generation stopped early")
+	require.Eventually(t, func() bool { return outcomes(t, fx, "completions")["cancelled"] == 1 }, 5*time.Second, 10*time.Millisecond,
+		"a disconnect is counted as cancelled, not as an error")
 }
 
 func counter(t *testing.T, fx *fixture, name string) float64 {

@@ -49,7 +49,9 @@ type settings struct {
 	maxConcurrent, queue, maxTokens   int
 	pageSize                          int
 	maxBody                           int64
-	shutdown                          time.Duration
+	shutdown, drain                   time.Duration
+	readTimeout, idleTimeout          time.Duration
+	writeTimeout                      time.Duration
 	verbose                           bool
 }
 
@@ -67,10 +69,13 @@ func parse(args []string) (*settings, error) {
 	fs.StringVar(&s.data, "data", "", "directory for documents (default: the user cache directory)")
 	fs.StringVar(&s.apiKey, "api-key", "", "require this key (Authorization: Bearer KEY or x-api-key)")
 	fs.IntVar(&s.maxConcurrent, "max-concurrent", 1, "requests generating at once (the backend computes one graph at a time; more interleaves requests at some throughput cost)")
-	fs.IntVar(&s.queue, "queue", 16, "requests waiting for a slot; more get 429")
+	fs.IntVar(&s.queue, "queue", server.DefaultQueueLength, "requests waiting for a slot; more get 429 (0: none wait)")
 	fs.Int64Var(&s.maxBody, "max-body", 32<<20, "request body limit in bytes")
 	fs.IntVar(&s.maxTokens, "max-tokens", 512, "default answer length when a request sets none")
 	fs.DurationVar(&s.shutdown, "shutdown-grace", 30*time.Second, "on SIGTERM, how long in-flight requests may finish before they are cancelled")
+	fs.DurationVar(&s.readTimeout, "read-timeout", server.DefaultReadTimeout, "longest time to receive a request's headers and body (0: no limit)")
+	fs.DurationVar(&s.idleTimeout, "idle-timeout", server.DefaultIdleTimeout, "keep-alive connections with no request for this long are closed (0: no limit)")
+	fs.DurationVar(&s.writeTimeout, "write-timeout", server.DefaultWriteTimeout, "longest a write to a client may block, renewed per streamed chunk; a client that stops reading for longer has its generation cancelled (0: no limit)")
 	fs.BoolVar(&s.verbose, "verbose", false, "log engine and request details")
 	// Environment first, flags override.
 	var envErr error
@@ -90,7 +95,28 @@ func parse(args []string) (*settings, error) {
 	if s.port < 0 || s.port > 65535 {
 		return nil, fmt.Errorf("port %d out of range", s.port)
 	}
+	if s.queue < 0 {
+		return nil, fmt.Errorf("--queue %d is negative", s.queue)
+	}
+	for name, d := range map[string]time.Duration{"shutdown-grace": s.shutdown, "read-timeout": s.readTimeout, "idle-timeout": s.idleTimeout, "write-timeout": s.writeTimeout} {
+		if d < 0 {
+			return nil, fmt.Errorf("--%s %v is negative", name, d)
+		}
+	}
 	return s, nil
+}
+
+// drainTimeout bounds the wait for cancelled requests after the grace
+// period: each stops at its next prefill batch or token, well within it.
+const drainTimeout = 10 * time.Second
+
+// orNone maps a flag's 0 ("none") to the server's negative "none" (its 0
+// picks a default).
+func orNone[T int | time.Duration](v T) T {
+	if v == 0 {
+		return -1
+	}
+	return v
 }
 
 func run() error {
@@ -110,21 +136,19 @@ func run() error {
 		logger.Warn("listening beyond loopback without an API key: anyone who can reach it can use it (set --api-key)", "host", st.host)
 	}
 	srv := server.New(server.Config{
-		APIKey: st.apiKey, MaxConcurrent: st.maxConcurrent, QueueLength: st.queue, MaxBodyBytes: st.maxBody,
+		APIKey: st.apiKey, MaxConcurrent: st.maxConcurrent, QueueLength: orNone(st.queue), MaxBodyBytes: st.maxBody,
 		MaxTokens: st.maxTokens, Policy: runtime.PolicyOptions{Policy: st.policy, Budget: st.budget}, Logger: logger,
+		ReadTimeout: orNone(st.readTimeout), IdleTimeout: orNone(st.idleTimeout), WriteTimeout: orNone(st.writeTimeout),
 	})
 	if _, err := paging.New(st.policy, paging.Config{PageSize: st.pageSize, Budget: st.budget}); err != nil {
 		return err
 	}
 
-	baseCtx, cancelAll := context.WithCancel(context.Background())
-	defer cancelAll()
-	hs := &http.Server{
-		Addr:              net.JoinHostPort(st.host, strconv.Itoa(st.port)),
-		Handler:           srv,
-		ReadHeaderTimeout: 10 * time.Second,
-		BaseContext:       func(net.Listener) context.Context { return baseCtx },
-	}
+	// Cancelled with server.ErrShutdown when the grace period is over, so
+	// that handlers tell their clients why their stream ends.
+	baseCtx, cancelAll := context.WithCancelCause(context.Background())
+	defer cancelAll(nil)
+	hs := srv.HTTPServer(net.JoinHostPort(st.host, strconv.Itoa(st.port)), baseCtx)
 	ln, err := net.Listen("tcp", hs.Addr)
 	if err != nil {
 		return err
@@ -185,10 +209,20 @@ func run() error {
 			err := hs.Shutdown(ctx)
 			cancel()
 			if err != nil {
+				// Cancel what still runs and let each handler reach its
+				// next cancellation point (a prefill batch or a token) and
+				// tell its client, before the connections are closed.
 				logger.Warn("grace period over: cancelling the remaining requests")
-				cancelAll()
+				cancelAll(server.ErrShutdown)
+				ctx, cancel := context.WithTimeout(context.Background(), drainTimeout)
+				if err := srv.Drain(ctx); err != nil {
+					logger.Warn("requests did not stop in time", "err", err)
+				}
+				cancel()
 				hs.Close()
 			}
+			// Close waits for any forward pass still in flight and refuses
+			// later ones: the backend is never freed under a running pass.
 			if m != nil {
 				m.Close()
 			}

@@ -20,6 +20,7 @@ import (
 	"github.com/kvrecall/kvrecall/gguf"
 	"github.com/kvrecall/kvrecall/haystack"
 	"github.com/kvrecall/kvrecall/internal/testmodels"
+	"github.com/kvrecall/kvrecall/server"
 )
 
 // The test binary doubles as the server: the tests below start it as a
@@ -162,4 +163,96 @@ func TestFlagsFromEnvironment(t *testing.T) {
 	t.Setenv("KVRECALL_PORT", "nope")
 	_, err = parse(nil)
 	require.ErrorContains(t, err, "KVRECALL_PORT")
+}
+
+func TestTimeoutAndQueueFlags(t *testing.T) {
+	s, err := parse(nil)
+	require.NoError(t, err)
+	require.Equal(t, server.DefaultReadTimeout, s.readTimeout)
+	require.Equal(t, server.DefaultIdleTimeout, s.idleTimeout)
+	require.Equal(t, server.DefaultWriteTimeout, s.writeTimeout)
+	require.Equal(t, server.DefaultQueueLength, s.queue)
+	t.Setenv("KVRECALL_WRITE_TIMEOUT", "5s")
+	t.Setenv("KVRECALL_IDLE_TIMEOUT", "0")
+	s, err = parse([]string{"--read-timeout", "2s", "--queue", "0"})
+	require.NoError(t, err)
+	require.Equal(t, 5*time.Second, s.writeTimeout)
+	require.Equal(t, 2*time.Second, s.readTimeout)
+	require.Equal(t, time.Duration(-1), orNone(s.idleTimeout), "0 means no timeout")
+	require.Equal(t, -1, orNone(s.queue), "--queue 0 means no queue, not the default")
+	for _, bad := range [][]string{{"--queue", "-1"}, {"--write-timeout", "-1s"}, {"--read-timeout", "soon"}} {
+		_, err := parse(bad)
+		require.Error(t, err, "%v", bad)
+	}
+}
+
+// SIGTERM whose grace period runs out while a generation is in flight, in
+// prefill or in decode: the generation is cancelled at its next batch or
+// token, its client gets an error event (not a stream that looks
+// complete), and the process exits 0. Closing the model under the running
+// forward pass used to be a SIGSEGV (exit 139): the prefill case signals
+// a second into the prefill of a 15k-token prompt (over 3 s here), when
+// each batch attends to thousands of keys and takes long enough to be
+// caught in flight.
+func TestShutdownGraceExpires(t *testing.T) {
+	model := testmodels.Recall(t)
+	f, err := gguf.Open(model)
+	require.NoError(t, err)
+	voc, err := haystack.LoadVocab(f)
+	require.NoError(t, err)
+	c, err := voc.NewCase(15000, []float64{0.5}, 5)
+	require.NoError(t, err)
+	vocab := f.KVs[indexOf(f, "tokenizer.ggml.tokens")].Value.([]string)
+	var parts []string
+	for _, id := range c.Tokens[1:] {
+		parts = append(parts, strings.TrimPrefix(vocab[id], "▁"))
+	}
+	long := strings.Join(parts, " ")
+	cases := []struct {
+		name, path, body string
+		// chunks to read before the signal: the chat role chunk comes just
+		// before prefill starts; five token chunks mean decode is running.
+		before int
+		wait   time.Duration // then, before the signal
+	}{
+		{"during prefill", "/v1/chat/completions", fmt.Sprintf(`{"messages":[{"role":"user","content":%q}],"max_tokens":5,"stream":true}`, long), 1, time.Second},
+		{"during decode", "/v1/completions", `{"prompt":"pako","max_tokens":3000,"stream":true}`, 6, 0},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			p := start(t, model, t.TempDir(), "--shutdown-grace", "1ms", "--max-tokens", "3000", "--ctx", "16384")
+			resp, err := http.Post(p.url+tc.path, "application/json", strings.NewReader(tc.body))
+			require.NoError(t, err)
+			require.Equal(t, http.StatusOK, resp.StatusCode)
+			sc := bufio.NewScanner(resp.Body)
+			var events []string
+			for len(events) < tc.before && sc.Scan() {
+				if sc.Text() != "" {
+					events = append(events, sc.Text())
+				}
+			}
+			require.Len(t, events, tc.before)
+			time.Sleep(tc.wait)
+			t0 := time.Now()
+			require.NoError(t, p.cmd.Process.Signal(syscall.SIGTERM))
+			for sc.Scan() {
+				if sc.Text() != "" {
+					events = append(events, sc.Text())
+				}
+			}
+			resp.Body.Close()
+			require.NoError(t, p.cmd.Wait(), "exit 0: %s", p.logs)
+			require.Less(t, time.Since(t0), 10*time.Second, "cancelled at the next batch or token")
+			last := events[len(events)-1]
+			require.Contains(t, last, `"error"`, "the cut stream ends with an error event: %v", events[max(0, len(events)-3):])
+			require.Contains(t, last, "shutting down")
+			for _, e := range events {
+				require.NotContains(t, e, "[DONE]")
+				require.NotContains(t, e, `"finish_reason":"`, "the generation did not finish")
+			}
+			if tc.before == 1 {
+				require.Len(t, events, 2, "cancelled in prefill: no token came before the error")
+			}
+		})
+	}
 }
