@@ -45,6 +45,7 @@ func envName(flagName string) string {
 
 type settings struct {
 	model, host, data, apiKey, policy string
+	headsProfile                      string
 	port, threads, ctxLen, budget     int
 	maxConcurrent, queue, maxTokens   int
 	pageSize                          int
@@ -64,6 +65,7 @@ func parse(args []string) (*settings, error) {
 	fs.IntVar(&s.threads, "threads", 0, "CPU threads (0: all)")
 	fs.IntVar(&s.ctxLen, "ctx", 32768, "context length: most tokens in a session (document + question + answer)")
 	fs.StringVar(&s.policy, "kv-policy", "retro", "default paging method for document requests: "+paging.Known())
+	fs.StringVar(&s.headsProfile, "heads-profile", "", "head profile for +heads methods (retro+heads: retrieval KV heads attend to retro's pages, streaming heads to sinks + window): \"half\" for a synthetic one; default: the retrieval heads the model records")
 	fs.IntVar(&s.budget, "kv-budget", paging.DefaultBudget, "default KV budget in tokens for document requests")
 	fs.IntVar(&s.pageSize, "page-size", runtime.DefaultPageSize, "tokens per KV page (16..256)")
 	fs.StringVar(&s.data, "data", "", "directory for documents (default: the user cache directory)")
@@ -176,6 +178,11 @@ func run() error {
 		}
 		m, err := runtime.Open(baseCtx, path, runtime.Options{Threads: st.threads, ContextLength: st.ctxLen, DataDir: st.data, PageSize: st.pageSize})
 		if err != nil {
+			loadErr <- err
+			return
+		}
+		if err := runtime.ApplyHeadProfile(m, st.headsProfile); err != nil {
+			m.Close()
 			loadErr <- err
 			return
 		}
