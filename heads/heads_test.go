@@ -1,0 +1,226 @@
+package heads_test
+
+import (
+	"context"
+	"math"
+	"os"
+	"path/filepath"
+	"slices"
+	"testing"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/kvrecall/kvrecall/foundry"
+	"github.com/kvrecall/kvrecall/haystack"
+	"github.com/kvrecall/kvrecall/heads"
+	"github.com/kvrecall/kvrecall/internal/testmodels"
+	"github.com/kvrecall/kvrecall/runtime"
+)
+
+func TestMain(m *testing.M) {
+	testmodels.Quiet()
+	os.Exit(m.Run())
+}
+
+func open(t *testing.T, path string, o runtime.Options) *runtime.Model {
+	t.Helper()
+	o.Threads = 2
+	if o.ContextLength == 0 {
+		o.ContextLength = 2048
+	}
+	m, err := runtime.Open(context.Background(), path, o)
+	require.NoError(t, err)
+	t.Cleanup(m.Close)
+	return m
+}
+
+// The analysis cache computes the same logits as the dense cache, in one
+// batch and in several, and its argmax is the host reference's: the float64
+// forward pass of the same constructed model. Heads with a clear winner
+// (the previous-token and retrieval heads) must pick exactly the
+// reference's position; heads with ties (uniform heads) must pick a position
+// whose reference weight equals the maximum.
+func TestAnalysisMatchesDenseAndReference(t *testing.T) {
+	path := testmodels.Recall(t)
+	rec, err := foundry.BuildRecall(foundry.RecallOptions{})
+	require.NoError(t, err)
+	for _, batch := range []int{512, 48} {
+		t.Run(map[int]string{512: "one batch", 48: "batches of 48"}[batch], func(t *testing.T) {
+			m := open(t, path, runtime.Options{BatchSize: batch, KVType: "f32"})
+			v, err := haystack.LoadVocab(m.File())
+			require.NoError(t, err)
+			c, err := v.NewCase(200, []float64{0.4}, 3)
+			require.NoError(t, err)
+			prompt := append(slices.Clone(c.Tokens), v.Question(c.Needles[0])...)
+			ctx := context.Background()
+
+			dense, err := m.NewSessionWith(runtime.DenseCache)
+			require.NoError(t, err)
+			defer dense.Close()
+			want, err := dense.Eval(ctx, prompt, true, nil)
+			require.NoError(t, err)
+
+			s, a, err := heads.NewSession(m)
+			require.NoError(t, err)
+			defer s.Close()
+			a.Record = true
+			got, err := s.Eval(ctx, prompt, true, nil)
+			require.NoError(t, err)
+			require.Equal(t, want, got, "analysis mode changed the logits")
+
+			ref := rec.Attention(prompt) // [layer][head][position] of the last token
+			last := int32(len(prompt) - 1)
+			clear := 0
+			for l := range ref {
+				for h, w := range ref[l] {
+					at := a.Top(last, l, h)
+					require.GreaterOrEqual(t, at, int32(0), "layer %d head %d not recorded", l, h)
+					best := slices.Max(w)
+					second := 0.0
+					for p, x := range w {
+						if p != slices.Index(w, best) {
+							second = max(second, x)
+						}
+					}
+					if best > 0.5 && second < 0.1 {
+						clear++
+						require.Equal(t, int32(slices.Index(w, best)), at, "layer %d head %d", l, h)
+					} else {
+						require.InDelta(t, best, w[at], 1e-3*best, "layer %d head %d picked a position the reference weighs %g < %g", l, h, w[at], best)
+					}
+				}
+			}
+			// previous-token head, offset-2 head, both retrieval heads, the retrieval layer's previous-token head
+			require.GreaterOrEqual(t, clear, 4)
+			// Every position of the prompt was recorded, in every batch.
+			for p := range prompt {
+				require.GreaterOrEqual(t, a.Top(int32(p), 0, 0), int32(0), "position %d", p)
+			}
+			// The previous-token head (layer 0, head 0) looks one back everywhere after BOS.
+			for p := 1; p < len(prompt); p++ {
+				require.Equal(t, int32(p-1), a.Top(int32(p), 0, 0), "position %d", p)
+			}
+		})
+	}
+}
+
+// recorded returns the model's retrieval heads from its metadata, sorted.
+func recorded(t *testing.T, m *runtime.Model, key string) [][2]int {
+	hs, err := heads.Recorded(m.File(), key)
+	require.NoError(t, err)
+	slices.SortFunc(hs, func(a, b [2]int) int { return (a[0]-b[0])*100 + a[1] - b[1] })
+	return hs
+}
+
+// NIAH detection finds exactly the retrieval heads the recall model records,
+// and every prompt is answered.
+func TestDetectFindsRecordedHeads(t *testing.T) {
+	cases := []struct {
+		name string
+		opts foundry.RecallOptions
+	}{
+		{"default", foundry.RecallOptions{}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			m := open(t, testmodels.RecallWith(t, tc.opts), runtime.Options{})
+			p, err := heads.Detect(context.Background(), m, heads.Options{Lengths: []int{256, 1024}, Depths: []float64{0, 0.5, 1}})
+			require.NoError(t, err)
+			require.Equal(t, p.Samples, p.Correct)
+			want := recorded(t, m, foundry.MetaRetrievalHeads)
+			require.Equal(t, want, p.RetrievalHeads())
+			for l, row := range p.Scores {
+				t.Logf("layer %d scores %.3f classes %v", l, row, p.Classes[l])
+			}
+			for _, h := range want {
+				require.InDelta(t, 1, p.Scores[h[0]][h[1]], 1e-9, "a recall head copies every answer token")
+			}
+			// KV head 0 of the retrieval layer is the only retrieval KV head.
+			kv := p.KVClasses()
+			for l := range kv {
+				for g, streaming := range kv[l] {
+					require.Equal(t, !(l == want[0][0] && g == 0), streaming, "layer %d KV head %d", l, g)
+				}
+			}
+		})
+	}
+}
+
+// The data-free score finds the retrieval (induction) heads without a
+// needle set; no head of the default recall model echoes.
+func TestDataFreeFindsInductionHeads(t *testing.T) {
+	m := open(t, testmodels.Recall(t), runtime.Options{})
+	p, err := heads.DataFree(context.Background(), m, heads.DataFreeOptions{Period: 128, Samples: 2})
+	require.NoError(t, err)
+	for l := range p.Scores {
+		t.Logf("layer %d induction %.3f echo %.3f", l, p.Induction[l], p.Echo[l])
+	}
+	want := recorded(t, m, foundry.MetaRetrievalHeads)
+	require.Equal(t, want, p.RetrievalHeads())
+	for _, h := range want {
+		require.Greater(t, p.Induction[h[0]][h[1]], 0.9)
+	}
+	for l := range p.Echo {
+		for h, e := range p.Echo[l] {
+			require.Less(t, e, heads.DefaultThreshold, "layer %d head %d", l, h)
+		}
+	}
+}
+
+func TestProfileFiles(t *testing.T) {
+	m := open(t, testmodels.Recall(t), runtime.Options{})
+	other := open(t, testmodels.RecallWith(t, foundry.RecallOptions{Seed: 5}), runtime.Options{})
+	dir := t.TempDir()
+	p, err := heads.Synthetic(m, 0.5)
+	require.NoError(t, err)
+	good := filepath.Join(dir, "good.json")
+	require.NoError(t, p.Save(good))
+
+	t.Run("round trip", func(t *testing.T) {
+		q, err := heads.Load(good, m)
+		require.NoError(t, err)
+		require.Equal(t, p, q)
+		require.Equal(t, [][]bool{{false, true}, {false, true}}, q.KVClasses())
+		require.True(t, q.Streaming(1, 1))
+		require.False(t, q.Streaming(1, 0))
+		require.Equal(t, 2, q.StreamingKVHeads())
+	})
+	bad := []struct {
+		name, content, want string
+	}{
+		{"not json", "{", "malformed JSON"},
+		{"wrong version", `{"version": 7}`, "format version 7"},
+		{"short fingerprint", `{"version": 1, "fingerprint": "ab"}`, "fingerprint"},
+		{"bad class", `{"version":1,"fingerprint":"` + p.Fingerprint + `","layers":1,"heads":4,"kv_heads":2,"scores":[[0,0,0,0]],"classes":[["retrieval","sleepy"]]}`, `class "sleepy"`},
+		{"ragged scores", `{"version":1,"fingerprint":"` + p.Fingerprint + `","layers":1,"heads":4,"kv_heads":2,"scores":[[0,0]],"classes":[["retrieval","streaming"]]}`, "2 scores, want 4"},
+		{"wrong shape", `{"version":1,"fingerprint":"` + p.Fingerprint + `","layers":1,"heads":4,"kv_heads":2,"scores":[[0,0,0,0]],"classes":[["retrieval","streaming"]]}`, "1 layers x 4 heads"},
+	}
+	for _, tc := range bad {
+		t.Run(tc.name, func(t *testing.T) {
+			path := filepath.Join(dir, "bad.json")
+			require.NoError(t, os.WriteFile(path, []byte(tc.content), 0o644))
+			_, err := heads.Load(path, m)
+			require.ErrorContains(t, err, path)
+			require.ErrorContains(t, err, tc.want)
+		})
+	}
+	t.Run("other model", func(t *testing.T) {
+		_, err := heads.Load(good, other)
+		require.ErrorContains(t, err, good)
+		require.ErrorContains(t, err, "another model file")
+		require.ErrorContains(t, err, other.Path())
+	})
+	t.Run("missing", func(t *testing.T) {
+		_, err := heads.Load(filepath.Join(dir, "nope.json"), m)
+		require.ErrorContains(t, err, "nope.json")
+	})
+	t.Run("synthetic fractions", func(t *testing.T) {
+		for _, f := range []float64{0, 0.5, 1} {
+			q, err := heads.Synthetic(m, f)
+			require.NoError(t, err)
+			require.Equal(t, int(math.Round(f*2))*q.Layers, q.StreamingKVHeads())
+		}
+		_, err := heads.Synthetic(m, 1.5)
+		require.Error(t, err)
+	})
+}
