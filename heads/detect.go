@@ -58,6 +58,7 @@ func Detect(ctx context.Context, m *runtime.Model, o Options) (*Profile, error) 
 		}
 	}
 	p := newProfile(m, MethodNIAH, o.Threshold)
+	p.InNeedle = grid(p.Layers, p.Heads)
 	total := len(o.Lengths) * len(o.Depths) * o.Seeds
 	for _, length := range o.Lengths {
 		for _, depth := range o.Depths {
@@ -69,7 +70,7 @@ func Detect(ctx context.Context, m *runtime.Model, o Options) (*Profile, error) 
 				if err != nil {
 					return nil, err
 				}
-				score, ok, err := sample(ctx, m, v, c)
+				score, in, ok, err := sample(ctx, m, v, c)
 				if err != nil {
 					return nil, err
 				}
@@ -79,6 +80,7 @@ func Detect(ctx context.Context, m *runtime.Model, o Options) (*Profile, error) 
 					for l := range p.Scores {
 						for h := range p.Scores[l] {
 							p.Scores[l][h] += score[l][h]
+							p.InNeedle[l][h] += in[l][h]
 						}
 					}
 				}
@@ -94,52 +96,56 @@ func Detect(ctx context.Context, m *runtime.Model, o Options) (*Profile, error) 
 	for l := range p.Scores {
 		for h := range p.Scores[l] {
 			p.Scores[l][h] /= float64(p.Correct)
+			p.InNeedle[l][h] /= float64(p.Correct)
 		}
 	}
 	p.classify()
 	return p, nil
 }
 
-// sample runs one prompt and returns its per-head copy scores and whether
-// the answer was exact.
-func sample(ctx context.Context, m *runtime.Model, v *haystack.Vocab, c *haystack.Case) ([][]float64, bool, error) {
+// sample runs one prompt and returns its per-head copy scores, the share of
+// steps each head's top-1 was in the needle, and whether the answer was exact.
+func sample(ctx context.Context, m *runtime.Model, v *haystack.Vocab, c *haystack.Case) (score, in [][]float64, ok bool, err error) {
 	s, a, err := NewSession(m)
 	if err != nil {
-		return nil, false, err
+		return nil, nil, false, err
 	}
 	defer s.Close()
 	n := c.Needles[0]
 	prompt := append(slices.Clone(c.Tokens), v.Question(n)...)
 	// Prefill without the argmax; only the decoding steps are scored.
 	if _, err := s.Eval(ctx, prompt[:len(prompt)-1], false, nil); err != nil {
-		return nil, false, err
+		return nil, nil, false, err
 	}
 	a.Record = true
 	cfg := m.Config()
-	score := grid(cfg.Layers, cfg.Heads)
+	score, in = grid(cfg.Layers, cfg.Heads), grid(cfg.Layers, cfg.Heads)
 	lo, hi := int32(n.Pos), int32(n.Pos+1+len(n.Values)) // the needle's positions
 	var answer []int32
-	in := prompt[len(prompt)-1]
+	next := prompt[len(prompt)-1]
 	for len(answer) < v.AnswerLength {
 		pos := int32(s.Len()) // position of the query
-		rows, err := s.Eval(ctx, []int32{in}, false, nil)
+		rows, err := s.Eval(ctx, []int32{next}, false, nil)
 		if err != nil {
-			return nil, false, err
+			return nil, nil, false, err
 		}
 		gen := argmax(rows[0])
 		toks := s.Tokens()
 		for l := range score {
 			for h := range score[l] {
 				at := a.Top(pos, l, h)
-				if at >= lo && at < hi && toks[at] == gen {
-					score[l][h] += 1 / float64(v.AnswerLength)
+				if at >= lo && at < hi {
+					in[l][h] += 1 / float64(v.AnswerLength)
+					if toks[at] == gen {
+						score[l][h] += 1 / float64(v.AnswerLength)
+					}
 				}
 			}
 		}
 		answer = append(answer, gen)
-		in = gen
+		next = gen
 	}
-	return score, slices.Equal(answer, n.Values), nil
+	return score, in, slices.Equal(answer, n.Values), nil
 }
 
 func argmax(x []float32) int32 {

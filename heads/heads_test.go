@@ -120,50 +120,86 @@ func TestDetectFindsRecordedHeads(t *testing.T) {
 		opts foundry.RecallOptions
 	}{
 		{"default", foundry.RecallOptions{}},
+		{"deep", foundry.RecallOptions{Deep: true}},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			m := open(t, testmodels.RecallWith(t, tc.opts), runtime.Options{})
 			p, err := heads.Detect(context.Background(), m, heads.Options{Lengths: []int{256, 1024}, Depths: []float64{0, 0.5, 1}})
 			require.NoError(t, err)
+			for l, row := range p.Scores {
+				t.Logf("layer %d scores %.3f in needle %.3f classes %v", l, row, p.InNeedle[l], p.Classes[l])
+			}
 			require.Equal(t, p.Samples, p.Correct)
 			want := recorded(t, m, foundry.MetaRetrievalHeads)
 			require.Equal(t, want, p.RetrievalHeads())
-			for l, row := range p.Scores {
-				t.Logf("layer %d scores %.3f classes %v", l, row, p.Classes[l])
-			}
+			group := p.Heads / p.KVHeads
+			retrievalKV := map[[2]int]bool{}
 			for _, h := range want {
 				require.InDelta(t, 1, p.Scores[h[0]][h[1]], 1e-9, "a recall head copies every answer token")
+				retrievalKV[[2]int{h[0], h[1] / group}] = true
 			}
-			// KV head 0 of the retrieval layer is the only retrieval KV head.
+			// The echo head looks into the needle at every step but never at
+			// the token being generated: only the token rule keeps it out.
+			if tc.opts.Deep {
+				for _, h := range recorded(t, m, foundry.MetaEchoHeads) {
+					require.Greater(t, p.InNeedle[h[0]][h[1]], 0.9, "echo head %v", h)
+					require.Zero(t, p.Scores[h[0]][h[1]], "echo head %v", h)
+				}
+			}
 			kv := p.KVClasses()
 			for l := range kv {
 				for g, streaming := range kv[l] {
-					require.Equal(t, !(l == want[0][0] && g == 0), streaming, "layer %d KV head %d", l, g)
+					require.Equal(t, !retrievalKV[[2]int{l, g}], streaming, "layer %d KV head %d", l, g)
 				}
 			}
 		})
 	}
 }
 
-// The data-free score finds the retrieval (induction) heads without a
-// needle set; no head of the default recall model echoes.
-func TestDataFreeFindsInductionHeads(t *testing.T) {
-	m := open(t, testmodels.Recall(t), runtime.Options{})
-	p, err := heads.DataFree(context.Background(), m, heads.DataFreeOptions{Period: 128, Samples: 2})
-	require.NoError(t, err)
-	for l := range p.Scores {
-		t.Logf("layer %d induction %.3f echo %.3f", l, p.Induction[l], p.Echo[l])
+// The data-free score finds the retrieval (induction) heads and the echo
+// heads without a needle set: exactly the heads each model records.
+func TestDataFreeFindsInductionAndEchoHeads(t *testing.T) {
+	cases := []struct {
+		name string
+		opts foundry.RecallOptions
+	}{
+		{"default", foundry.RecallOptions{}},
+		{"deep", foundry.RecallOptions{Deep: true}},
 	}
-	want := recorded(t, m, foundry.MetaRetrievalHeads)
-	require.Equal(t, want, p.RetrievalHeads())
-	for _, h := range want {
-		require.Greater(t, p.Induction[h[0]][h[1]], 0.9)
-	}
-	for l := range p.Echo {
-		for h, e := range p.Echo[l] {
-			require.Less(t, e, heads.DefaultThreshold, "layer %d head %d", l, h)
-		}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			m := open(t, testmodels.RecallWith(t, tc.opts), runtime.Options{})
+			p, err := heads.DataFree(context.Background(), m, heads.DataFreeOptions{Period: 128, Samples: 2})
+			require.NoError(t, err)
+			for l := range p.Scores {
+				t.Logf("layer %d induction %.3f echo %.3f", l, p.Induction[l], p.Echo[l])
+			}
+			above := func(s [][]float64) [][2]int {
+				var out [][2]int
+				for l := range s {
+					for h, x := range s[l] {
+						if x > p.Threshold {
+							out = append(out, [2]int{l, h})
+						}
+					}
+				}
+				return out
+			}
+			induction := recorded(t, m, foundry.MetaRetrievalHeads)
+			var echo [][2]int
+			if tc.opts.Deep {
+				echo = recorded(t, m, foundry.MetaEchoHeads)
+			}
+			require.Equal(t, induction, above(p.Induction))
+			require.Equal(t, echo, above(p.Echo))
+			for _, h := range induction {
+				require.Greater(t, p.Induction[h[0]][h[1]], 0.9, "induction head %v", h)
+			}
+			for _, h := range echo {
+				require.Greater(t, p.Echo[h[0]][h[1]], 0.9, "echo head %v", h)
+			}
+		})
 	}
 }
 

@@ -52,6 +52,10 @@ type Profile struct {
 	Scores    [][]float64 `json:"scores"`
 	Echo      [][]float64 `json:"echo,omitempty"`      // datafree: share of queries attending to the previous occurrence of their token
 	Induction [][]float64 `json:"induction,omitempty"` // datafree: share attending to the token after it
+	// InNeedle (niah) is the share of decoding steps, over the prompts
+	// answered exactly, whose top-1 position lies anywhere in the needle,
+	// whatever the token there: an echo head scores here but not in Scores.
+	InNeedle [][]float64 `json:"in_needle,omitempty"`
 
 	// Classes[layer][kvHead] is Retrieval or Streaming.
 	Classes [][]string `json:"classes"`
