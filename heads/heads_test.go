@@ -44,9 +44,17 @@ func TestAnalysisMatchesDenseAndReference(t *testing.T) {
 	path := testmodels.Recall(t)
 	rec, err := foundry.BuildRecall(foundry.RecallOptions{})
 	require.NoError(t, err)
-	for _, batch := range []int{512, 48} {
-		t.Run(map[int]string{512: "one batch", 48: "batches of 48"}[batch], func(t *testing.T) {
-			m := open(t, path, runtime.Options{BatchSize: batch, KVType: "f32"})
+	cases := []struct {
+		name string
+		opts runtime.Options
+	}{
+		{"one batch", runtime.Options{BatchSize: 512, KVType: "f32"}},
+		{"batches of 48", runtime.Options{BatchSize: 48, KVType: "f32"}},
+		{"f16 KV flash attention", runtime.Options{BatchSize: 64, KVType: "f16", FlashAttention: true}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			m := open(t, path, tc.opts)
 			v, err := haystack.LoadVocab(m.File())
 			require.NoError(t, err)
 			c, err := v.NewCase(200, []float64{0.4}, 3)
