@@ -11,6 +11,8 @@ package heads
 import (
 	"encoding/binary"
 	"fmt"
+	"math"
+	"slices"
 
 	ollamakv "github.com/ollama/ollama/kvcache"
 	"github.com/ollama/ollama/ml"
@@ -37,7 +39,16 @@ type Analysis struct {
 	// Record turns the argmax on for the following forward passes.
 	Record bool
 
+	// Streaming, when set ([layer][kvHead], true = streaming), restricts the
+	// attention of those KV heads' query heads to Window for the following
+	// forward passes: the Retrieval Head paper's ablation, done with a
+	// per-head mask (exact, not faster). Nil means dense attention.
+	Streaming [][]bool
+	Window    Window
+
 	layers, heads int
+	kvHeads       int
+	permutedV     bool              // the backend caches V as [cells, headDim, kvHeads]
 	positions     []int32           // positions of the current batch
 	pending       []pendingTop      // argmax tensors of the current graph
 	top           map[int32][]int32 // position -> [layer*heads + head] attended position
@@ -62,7 +73,10 @@ func NewSession(m *runtime.Model) (*runtime.Session, *Analysis, error) {
 			return nil, err
 		}
 		cfg := m.Config()
-		a = &Analysis{Cache: c, layers: cfg.Layers, heads: cfg.Heads, top: map[int32][]int32{}}
+		a = &Analysis{Cache: c, layers: cfg.Layers, heads: cfg.Heads, kvHeads: cfg.KVHeads, top: map[int32][]int32{}}
+		if bc, ok := m.Backend().(ml.BackendCacheConfig); ok {
+			a.permutedV = bc.CacheConfig().PermutedV
+		}
 		return a, nil
 	})
 	if err != nil {
@@ -78,12 +92,36 @@ func (a *Analysis) StartForward(ctx ml.Context, batch input.Batch, reserve bool)
 	return a.Cache.StartForward(ctx, batch, reserve)
 }
 
+// Window is what a streaming head keeps: the first Sinks positions and the
+// Recent positions up to and including the query's own.
+type Window struct{ Sinks, Recent int }
+
+// DefaultWindow is DuoAttention's streaming window.
+var DefaultWindow = Window{Sinks: 64, Recent: 256}
+
 // Attention implements arch.Attender.
 func (a *Analysis) Attention(ctx ml.Context, layer int, q, k, v ml.Tensor, scale float64) ml.Tensor {
-	out := nn.Attention(ctx, q, k, v, scale, a.Cache) // stores k, v first; [headDim, heads, batch]
+	var out, kq ml.Tensor
+	if a.ablated(layer) {
+		out, kq = a.windowed(ctx, layer, q, k, v, scale)
+	} else {
+		out = nn.Attention(ctx, q, k, v, scale, a.Cache) // stores k, v first; [headDim, heads, batch]
+	}
 	if !a.Record {
 		return out
 	}
+	if kq == nil {
+		kq = a.scores(ctx, q, scale)
+	}
+	top := kq.TopK(ctx, 1) // I32 [1, batch, heads], a view of a full argsort
+	dst := ctx.Input().Empty(ml.DTypeI32, 1, top.Dim(1), top.Dim(2))
+	ctx.Forward(top.Copy(ctx, dst))
+	a.pending = append(a.pending, pendingTop{layer: layer, t: dst})
+	return out
+}
+
+// scores returns the pre-softmax attention scores of q over the cache.
+func (a *Analysis) scores(ctx ml.Context, q ml.Tensor, scale float64) ml.Tensor {
 	// The same scores as the attention: keys [headDim, n_kv, kvHeads] times
 	// queries [headDim, batch, heads] gives [n_kv, batch, heads] (GQA
 	// broadcasts KV head g to query heads g*group..), scaled, plus the causal
@@ -98,11 +136,49 @@ func (a *Analysis) Attention(ctx ml.Context, layer int, q, k, v ml.Tensor, scale
 		}
 		kq = kq.Add(ctx, mask)
 	}
-	top := kq.TopK(ctx, 1) // I32 [1, batch, heads], a view of a full argsort
-	dst := ctx.Input().Empty(ml.DTypeI32, 1, top.Dim(1), top.Dim(2))
-	ctx.Forward(top.Copy(ctx, dst))
-	a.pending = append(a.pending, pendingTop{layer: layer, t: dst})
-	return out
+	return kq
+}
+
+func (a *Analysis) ablated(layer int) bool {
+	return a.Streaming != nil && slices.Contains(a.Streaming[layer], true)
+}
+
+// windowed is attention in which the query heads of streaming KV heads see
+// only the window: softmax(K·Q·scale + mask) V with a mask [n_kv, batch,
+// heads] built on the host (cell c holds position c; -inf past the query
+// and, for streaming heads, between the sinks and the recent window). It
+// also returns the masked scores before the softmax, for the argmax.
+func (a *Analysis) windowed(ctx ml.Context, layer int, q, k, v ml.Tensor, scale float64) (out, scores ml.Tensor) {
+	ctx.Forward(q)
+	if k != nil {
+		ctx.Forward(k, v)
+		a.Cache.Put(ctx, k, v)
+	}
+	key, value, causal := a.Cache.Get(ctx) // key [headDim, kvHeads, n_kv]
+	n, batch := causal.Dim(0), q.Dim(2)
+	group := a.heads / a.kvHeads
+	mask := make([]float32, n*batch*a.heads)
+	inf := float32(math.Inf(-1))
+	for h := range a.heads {
+		streaming := a.Streaming[layer][h/group]
+		for b, pos := range a.positions {
+			row := mask[(h*batch+b)*n : (h*batch+b+1)*n]
+			for c := range row {
+				hidden := int32(c) > pos ||
+					streaming && c >= a.Window.Sinks && int32(c) <= pos-int32(a.Window.Recent)
+				if hidden {
+					row[c] = inf
+				}
+			}
+		}
+	}
+	kq := key.Permute(ctx, 0, 2, 1, 3).MulmatFullPrec(ctx, q.Permute(ctx, 0, 2, 1, 3)) // [n_kv, batch, heads]
+	scores = kq.Scale(ctx, scale).Add(ctx, ctx.Input().FromFloats(mask, n, batch, a.heads))
+	if !a.permutedV {
+		value = value.Permute(ctx, 1, 2, 0, 3).Contiguous(ctx) // [headDim, kvHeads, n_kv] -> [n_kv, headDim, kvHeads]
+	}
+	out = value.Mulmat(ctx, scores.Softmax(ctx)).Permute(ctx, 0, 2, 1, 3).Contiguous(ctx) // [headDim, batch, heads] -> [headDim, heads, batch]
+	return out, scores
 }
 
 // NeedQueries implements arch.Hooks: the analysis needs one graph per pass.

@@ -254,3 +254,73 @@ func DataFree(ctx context.Context, m *runtime.Model, o DataFreeOptions) (*Profil
 	p.classify()
 	return p, nil
 }
+
+// Ablation is the Retrieval Head paper's causal check: it answers NIAH
+// prompts (o.Lengths x o.Depths x o.Seeds, as Detect makes them) with the
+// KV heads marked in streaming ([layer][kvHead]) restricted to the window w
+// from the question on (the haystack itself is prefilled densely), and
+// returns how many were answered exactly. Marking the detected retrieval
+// heads streaming should break NIAH; marking every other head should not.
+func Ablation(ctx context.Context, m *runtime.Model, streaming [][]bool, w Window, o Options) (correct, total int, err error) {
+	o.fill()
+	cfg := m.Config()
+	if len(streaming) != cfg.Layers {
+		return 0, 0, fmt.Errorf("heads: ablation mask has %d layers, %s has %d", len(streaming), m.Path(), cfg.Layers)
+	}
+	for l, row := range streaming {
+		if len(row) != cfg.KVHeads {
+			return 0, 0, fmt.Errorf("heads: ablation mask layer %d has %d KV heads, %s has %d", l, len(row), m.Path(), cfg.KVHeads)
+		}
+	}
+	v, err := haystack.LoadVocab(m.File())
+	if err != nil {
+		return 0, 0, fmt.Errorf("heads: NIAH ablation needs a recall model: %w", err)
+	}
+	for _, length := range o.Lengths {
+		for _, depth := range o.Depths {
+			for s := range o.Seeds {
+				c, err := v.NewCase(length, []float64{depth}, o.Seed+uint64(s))
+				if err != nil {
+					return correct, total, err
+				}
+				ok, err := ablated(ctx, m, v, c, streaming, w)
+				if err != nil {
+					return correct, total, err
+				}
+				total++
+				if ok {
+					correct++
+				}
+			}
+		}
+	}
+	return correct, total, nil
+}
+
+func ablated(ctx context.Context, m *runtime.Model, v *haystack.Vocab, c *haystack.Case, streaming [][]bool, w Window) (bool, error) {
+	s, a, err := NewSession(m)
+	if err != nil {
+		return false, err
+	}
+	defer s.Close()
+	if _, err := s.Eval(ctx, c.Tokens, false, nil); err != nil {
+		return false, err
+	}
+	a.Streaming, a.Window = streaming, w
+	n := c.Needles[0]
+	rows, err := s.Eval(ctx, v.Question(n), false, nil)
+	if err != nil {
+		return false, err
+	}
+	var answer []int32
+	for {
+		answer = append(answer, argmax(rows[len(rows)-1]))
+		if len(answer) == v.AnswerLength {
+			break
+		}
+		if rows, err = s.Eval(ctx, answer[len(answer)-1:], false, nil); err != nil {
+			return false, err
+		}
+	}
+	return slices.Equal(answer, n.Values), nil
+}

@@ -268,3 +268,92 @@ func TestProfileFiles(t *testing.T) {
 		require.Error(t, err)
 	})
 }
+
+// The causal check: with the detected retrieval KV heads limited to 4 sinks
+// and the last 32 positions, the models answer no needle; with every other
+// KV head limited instead, they answer every needle. Needles sit at 25-75 %
+// of 1024 tokens, far from both the sinks and the window.
+func TestAblation(t *testing.T) {
+	for _, o := range []foundry.RecallOptions{{}, {Deep: true}} {
+		name := map[bool]string{false: "default", true: "deep"}[o.Deep]
+		t.Run(name, func(t *testing.T) {
+			m := open(t, testmodels.RecallWith(t, o), runtime.Options{})
+			ctx := context.Background()
+			p, err := heads.Detect(ctx, m, heads.Options{Lengths: []int{256}, Depths: []float64{0.5}})
+			require.NoError(t, err)
+			others := p.KVClasses()
+			retrieval := make([][]bool, len(others))
+			none := make([][]bool, len(others))
+			for l := range others {
+				none[l] = make([]bool, len(others[l]))
+				for _, s := range others[l] {
+					retrieval[l] = append(retrieval[l], !s)
+				}
+			}
+			w := heads.Window{Sinks: 4, Recent: 32}
+			no := heads.Options{Lengths: []int{1024}, Depths: []float64{0.25, 0.5, 0.75}}
+			for _, tc := range []struct {
+				name      string
+				streaming [][]bool
+				want      int
+			}{
+				{"none streaming", none, 3},
+				{"all other KV heads streaming", others, 3},
+				{"retrieval KV heads streaming", retrieval, 0},
+			} {
+				t.Run(tc.name, func(t *testing.T) {
+					correct, total, err := heads.Ablation(ctx, m, tc.streaming, w, no)
+					require.NoError(t, err)
+					require.Equal(t, 3, total)
+					require.Equal(t, tc.want, correct)
+				})
+			}
+			_, _, err = heads.Ablation(ctx, m, none[:1], w, no)
+			require.ErrorContains(t, err, "ablation mask has 1 layers")
+		})
+	}
+}
+
+// The windowed attention of the ablation, with a window that hides nothing,
+// gives the dense logits up to rounding (it sums in another order).
+func TestWindowedAttentionMatchesDense(t *testing.T) {
+	for _, fa := range []bool{false, true} {
+		t.Run(map[bool]string{false: "plain", true: "flash attention"}[fa], func(t *testing.T) {
+			m := open(t, testmodels.Recall(t), runtime.Options{BatchSize: 64, FlashAttention: fa})
+			v, err := haystack.LoadVocab(m.File())
+			require.NoError(t, err)
+			c, err := v.NewCase(300, []float64{0.3}, 9)
+			require.NoError(t, err)
+			prompt := append(slices.Clone(c.Tokens), v.Question(c.Needles[0])...)
+			ctx := context.Background()
+			dense, err := m.NewSessionWith(runtime.DenseCache)
+			require.NoError(t, err)
+			defer dense.Close()
+			want, err := dense.Eval(ctx, prompt, true, nil)
+			require.NoError(t, err)
+			s, a, err := heads.NewSession(m)
+			require.NoError(t, err)
+			defer s.Close()
+			a.Streaming = [][]bool{{true, true}, {true, true}}
+			a.Window = heads.Window{Sinks: 0, Recent: 1 << 20}
+			got, err := s.Eval(ctx, prompt, true, nil)
+			require.NoError(t, err)
+			worst := 0.0
+			for i := range want {
+				for j := range want[i] {
+					worst = max(worst, math.Abs(float64(want[i][j]-got[i][j])))
+				}
+			}
+			t.Logf("largest logit difference %.2g", worst)
+			require.Less(t, worst, 0.05)
+			// and a window of one position changes them
+			s2, a2, err := heads.NewSession(m)
+			require.NoError(t, err)
+			defer s2.Close()
+			a2.Streaming, a2.Window = [][]bool{{true, true}, {true, true}}, heads.Window{Recent: 1}
+			narrow, err := s2.Eval(ctx, prompt, true, nil)
+			require.NoError(t, err)
+			require.NotEqual(t, want, narrow)
+		})
+	}
+}
