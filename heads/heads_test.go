@@ -254,6 +254,10 @@ func TestProfileFiles(t *testing.T) {
 		require.ErrorContains(t, err, "another model file")
 		require.ErrorContains(t, err, other.Path())
 	})
+	t.Run("default path", func(t *testing.T) {
+		require.Equal(t, "/m/recall.heads.json", heads.DefaultPath("/m/recall.gguf"))
+		require.Equal(t, "/m/recall.bin.heads.json", heads.DefaultPath("/m/recall.bin"))
+	})
 	t.Run("missing", func(t *testing.T) {
 		_, err := heads.Load(filepath.Join(dir, "nope.json"), m)
 		require.ErrorContains(t, err, "nope.json")

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 
 	"github.com/kvrecall/kvrecall/gguf"
 	"github.com/kvrecall/kvrecall/internal/atomicfile"
@@ -160,6 +161,13 @@ func (p *Profile) StreamingKVHeads() int {
 		}
 	}
 	return n
+}
+
+// DefaultPath is where a model's profile goes unless told otherwise: beside
+// the model file, model.gguf -> model.heads.json (cmd/heads writes there, and
+// a server can look there for a model's default profile).
+func DefaultPath(modelPath string) string {
+	return strings.TrimSuffix(modelPath, ".gguf") + ".heads.json"
 }
 
 // Save writes the profile as indented JSON (atomically).

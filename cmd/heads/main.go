@@ -132,7 +132,7 @@ func run(ctx context.Context, args []string) error {
 		return errors.New("--model FILE is required")
 	}
 	if *out == "" {
-		*out = strings.TrimSuffix(*model, ".gguf") + ".heads.json"
+		*out = heads.DefaultPath(*model)
 	}
 	if !strings.HasSuffix(*out, ".json") {
 		return fmt.Errorf("-o %s: the profile must be a .json file (the heatmap goes beside it as .png)", *out)
