@@ -29,7 +29,8 @@ import (
 // highest attention score. The attention output itself is computed exactly
 // as the normal path computes it (nn.Attention over the same cache), so the
 // logits do not change; the scores are computed a second time for the
-// argmax.
+// argmax. While Streaming is set it instead limits chosen KV heads to a
+// window (the causal check, see Ablation).
 //
 // The cache holds one sequence whose tokens were appended in order (a
 // runtime.Session), so cache cell i holds position i; Top relies on that.
@@ -89,6 +90,15 @@ func NewSession(m *runtime.Model) (*runtime.Session, *Analysis, error) {
 func (a *Analysis) StartForward(ctx ml.Context, batch input.Batch, reserve bool) error {
 	a.positions = append(a.positions[:0], batch.Positions...)
 	a.pending = a.pending[:0]
+	if a.Streaming != nil {
+		ok := len(a.Streaming) == a.layers
+		for _, row := range a.Streaming {
+			ok = ok && len(row) == a.kvHeads
+		}
+		if !ok {
+			return fmt.Errorf("heads: the streaming mask must be [%d layers][%d KV heads]", a.layers, a.kvHeads)
+		}
+	}
 	return a.Cache.StartForward(ctx, batch, reserve)
 }
 

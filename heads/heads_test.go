@@ -358,6 +358,13 @@ func TestWindowedAttentionMatchesDense(t *testing.T) {
 			narrow, err := s2.Eval(ctx, prompt, true, nil)
 			require.NoError(t, err)
 			require.NotEqual(t, want, narrow)
+			// a mask of the wrong shape is an error, not a panic
+			s3, a3, err := heads.NewSession(m)
+			require.NoError(t, err)
+			defer s3.Close()
+			a3.Streaming = [][]bool{{true}}
+			_, err = s3.Eval(ctx, prompt[:8], false, nil)
+			require.ErrorContains(t, err, "[2 layers][2 KV heads]")
 		})
 	}
 }
