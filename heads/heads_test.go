@@ -368,3 +368,38 @@ func TestWindowedAttentionMatchesDense(t *testing.T) {
 		})
 	}
 }
+
+// The data-free score runs on any model: the pretrained stories260k (GGUF
+// v1, 5 layers x 8 heads, 4 KV heads) has no echo or induction head, and a
+// random qwen2 model (byte-level BPE vocabulary) gets a well-formed profile.
+func TestDataFreeOtherModels(t *testing.T) {
+	cases := []struct {
+		name, path string
+		none       bool // no head may score above the threshold
+	}{
+		{"stories260k", testmodels.Stories(t), true},
+		{"random qwen2", testmodels.Random(t, "qwen2", "tiny", foundry.F32, 1, false), false},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			m := open(t, tc.path, runtime.Options{ContextLength: 512})
+			p, err := heads.DataFree(context.Background(), m, heads.DataFreeOptions{Period: 64, Samples: 2})
+			require.NoError(t, err)
+			cfg := m.Config()
+			require.Len(t, p.Scores, cfg.Layers)
+			require.Len(t, p.Classes[0], cfg.KVHeads)
+			for l := range p.Scores {
+				require.Len(t, p.Scores[l], cfg.Heads)
+				for h, s := range p.Scores[l] {
+					require.True(t, s >= 0 && s <= 1, "layer %d head %d score %v", l, h, s)
+				}
+			}
+			if tc.none {
+				require.Empty(t, p.RetrievalHeads())
+				require.Equal(t, cfg.Layers*cfg.KVHeads, p.StreamingKVHeads())
+			}
+			_, err = heads.Detect(context.Background(), m, heads.Options{})
+			require.ErrorContains(t, err, "needs a recall model")
+		})
+	}
+}
