@@ -9,10 +9,20 @@ import (
 	"path/filepath"
 	"strings"
 
-	"github.com/kvrecall/kvrecall/gguf"
 	"github.com/kvrecall/kvrecall/internal/atomicfile"
-	"github.com/kvrecall/kvrecall/runtime"
+	"github.com/kvrecall/kvrecall/kvcache"
+	"github.com/kvrecall/kvrecall/runtime/arch"
 )
+
+// Model is what a profile belongs to; *runtime.Model is one. (heads cannot
+// import runtime, which imports heads for the "+heads" modifier.)
+type Model interface {
+	Path() string
+	Fingerprint() kvcache.Fingerprint
+	Config() arch.Config
+}
+
+var _ Classes = (*Profile)(nil)
 
 // Head classes of a KV head.
 const (
@@ -34,7 +44,8 @@ const DefaultThreshold = 0.1
 // FormatVersion is written into every profile; Load refuses others.
 const FormatVersion = 1
 
-// Profile is the result of a detection for one model file. A KV head is
+// Profile is the result of a detection for one model file (heads/detect
+// makes them; cmd/heads writes them). A KV head is
 // retrieval if any of the query heads sharing it scores above Threshold
 // (heads Group*g .. Group*g+Group-1 share KV head g).
 type Profile struct {
@@ -65,17 +76,19 @@ type Profile struct {
 	Correct int `json:"correct,omitempty"` // niah: prompts answered exactly (the scores average over these)
 }
 
-// newProfile makes an empty profile for m.
-func newProfile(m *runtime.Model, method string, threshold float64) *Profile {
+// NewProfile makes a profile of m with zero scores and no classes (call
+// Classify once the scores are in).
+func NewProfile(m Model, method string, threshold float64) *Profile {
 	cfg := m.Config()
 	fp := m.Fingerprint()
 	p := &Profile{Version: FormatVersion, Model: filepath.Base(m.Path()), Fingerprint: hex.EncodeToString(fp[:]),
 		Method: method, Threshold: threshold, Layers: cfg.Layers, Heads: cfg.Heads, KVHeads: cfg.KVHeads}
-	p.Scores = grid(cfg.Layers, cfg.Heads)
+	p.Scores = Grid(cfg.Layers, cfg.Heads)
 	return p
 }
 
-func grid(rows, cols int) [][]float64 {
+// Grid returns rows x cols zeros.
+func Grid(rows, cols int) [][]float64 {
 	g := make([][]float64, rows)
 	for i := range g {
 		g[i] = make([]float64, cols)
@@ -83,8 +96,8 @@ func grid(rows, cols int) [][]float64 {
 	return g
 }
 
-// classify sets Classes from Scores and Threshold.
-func (p *Profile) classify() {
+// Classify sets Classes from Scores and Threshold.
+func (p *Profile) Classify() {
 	group := p.Heads / p.KVHeads
 	p.Classes = make([][]string, p.Layers)
 	for l := range p.Classes {
@@ -103,11 +116,11 @@ func (p *Profile) classify() {
 // Synthetic returns a profile of m that marks the given fraction of each
 // layer's KV heads streaming (the last ones, rounded down) and the rest
 // retrieval, whatever the model does: for speed benchmarks of head masks.
-func Synthetic(m *runtime.Model, streaming float64) (*Profile, error) {
+func Synthetic(m Model, streaming float64) (*Profile, error) {
 	if streaming < 0 || streaming > 1 {
 		return nil, fmt.Errorf("heads: streaming fraction %v is outside [0, 1]", streaming)
 	}
-	p := newProfile(m, MethodSynthetic, DefaultThreshold)
+	p := NewProfile(m, MethodSynthetic, DefaultThreshold)
 	n := int(streaming * float64(p.KVHeads))
 	group := p.Heads / p.KVHeads
 	for l := range p.Scores {
@@ -117,11 +130,12 @@ func Synthetic(m *runtime.Model, streaming float64) (*Profile, error) {
 			}
 		}
 	}
-	p.classify()
+	p.Classify()
 	return p, nil
 }
 
-// Streaming reports whether KV head kvHead of layer is a streaming head.
+// Streaming reports whether KV head kvHead of layer is a streaming head
+// (Classes: the "+heads" modifier takes a *Profile).
 func (p *Profile) Streaming(layer, kvHead int) bool { return p.Classes[layer][kvHead] == Streaming }
 
 // KVClasses returns [layer][kvHead], true for streaming heads.
@@ -136,14 +150,14 @@ func (p *Profile) KVClasses() [][]bool {
 	return out
 }
 
-// RetrievalHeads lists the query heads scoring above the threshold, as
-// (layer, head) pairs in layer order.
-func (p *Profile) RetrievalHeads() [][2]int {
-	var out [][2]int
+// RetrievalHeads lists the query heads scoring above the threshold, in
+// layer and head order.
+func (p *Profile) RetrievalHeads() []Head {
+	var out []Head
 	for l, row := range p.Scores {
 		for h, s := range row {
 			if s > p.Threshold {
-				out = append(out, [2]int{l, h})
+				out = append(out, Head{l, h})
 			}
 		}
 	}
@@ -184,7 +198,7 @@ func (p *Profile) Save(path string) error {
 
 // Load reads a profile and checks that it was made for m's file and shape.
 // Every problem is an error naming the profile file.
-func Load(path string, m *runtime.Model) (*Profile, error) {
+func Load(path string, m Model) (*Profile, error) {
 	b, err := os.ReadFile(path)
 	if err != nil {
 		return nil, fmt.Errorf("heads: profile %s: %w", path, err)
@@ -246,24 +260,4 @@ func (p *Profile) validate() error {
 		}
 	}
 	return nil
-}
-
-// Recorded reads the heads a constructed model lists in its metadata under
-// key (foundry.MetaRetrievalHeads, say, without the architecture prefix) as
-// (layer, head) pairs: the ground truth that detection is tested against.
-func Recorded(f *gguf.File, key string) ([][2]int, error) {
-	full := f.Architecture() + "." + key
-	v, ok := f.Get(full)
-	if !ok {
-		return nil, fmt.Errorf("heads: %s has no metadata %s", f.Path, full)
-	}
-	s, ok := v.([]int32)
-	if !ok || len(s)%2 != 0 {
-		return nil, fmt.Errorf("heads: %s: metadata %s is not a list of (layer, head) pairs", f.Path, full)
-	}
-	out := make([][2]int, 0, len(s)/2)
-	for i := 0; i < len(s); i += 2 {
-		out = append(out, [2]int{int(s[i]), int(s[i+1])})
-	}
-	return out, nil
 }

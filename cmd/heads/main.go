@@ -20,6 +20,7 @@ import (
 	"strings"
 
 	"github.com/kvrecall/kvrecall/heads"
+	"github.com/kvrecall/kvrecall/heads/detect"
 	"github.com/kvrecall/kvrecall/runtime"
 )
 
@@ -90,7 +91,7 @@ func run(ctx context.Context, args []string) error {
 		if err != nil {
 			return fmt.Errorf("--depths: %w", err)
 		}
-		o := heads.Options{Lengths: ls, Seeds: *seeds, Seed: *seed, Threshold: *threshold,
+		o := detect.Options{Lengths: ls, Seeds: *seeds, Seed: *seed, Threshold: *threshold,
 			Progress: func(done, total int) { fmt.Fprintf(os.Stderr, "\rprompt %d/%d", done, total) }}
 		for _, d := range ds {
 			if d < 0 || d > 100 {
@@ -102,7 +103,7 @@ func run(ctx context.Context, args []string) error {
 			contextLen = max(contextLen, l+64)
 		}
 		run = func(m *runtime.Model) (*heads.Profile, error) {
-			p, err := heads.Detect(ctx, m, o)
+			p, err := detect.NIAH(ctx, m, o)
 			fmt.Fprintln(os.Stderr)
 			return p, err
 		}
@@ -119,7 +120,7 @@ func run(ctx context.Context, args []string) error {
 		}
 		contextLen = 2**period + 16
 		run = func(m *runtime.Model) (*heads.Profile, error) {
-			return heads.DataFree(ctx, m, heads.DataFreeOptions{Period: *period, Samples: *samples, Seed: *seed, Threshold: *threshold})
+			return detect.DataFree(ctx, m, detect.DataFreeOptions{Period: *period, Samples: *samples, Seed: *seed, Threshold: *threshold})
 		}
 	default:
 		fmt.Fprint(os.Stderr, usage)
@@ -150,7 +151,7 @@ func run(ctx context.Context, args []string) error {
 		return err
 	}
 	png := strings.TrimSuffix(*out, ".json") + ".png"
-	if err := p.Heatmap(png); err != nil {
+	if err := detect.Heatmap(p, png); err != nil {
 		return err
 	}
 	for l, row := range p.Scores {

@@ -37,7 +37,7 @@ func TestCommand(t *testing.T) {
 			defer m.Close()
 			p, err := heads.Load(out, m)
 			require.NoError(t, err)
-			require.Equal(t, [][2]int{{1, 0}, {1, 1}}, p.RetrievalHeads())
+			require.Equal(t, []heads.Head{{Layer: 1, Head: 0}, {Layer: 1, Head: 1}}, p.RetrievalHeads())
 			png, err := os.ReadFile(filepath.Join(dir, args[0]+".png"))
 			require.NoError(t, err)
 			require.True(t, bytes.HasPrefix(png, []byte("\x89PNG")), "heatmap is a PNG")

@@ -1,10 +1,10 @@
-package heads_test
+package detect_test
 
 import (
 	"context"
+	"fmt"
 	"math"
 	"os"
-	"path/filepath"
 	"slices"
 	"testing"
 
@@ -13,6 +13,7 @@ import (
 	"github.com/kvrecall/kvrecall/foundry"
 	"github.com/kvrecall/kvrecall/haystack"
 	"github.com/kvrecall/kvrecall/heads"
+	"github.com/kvrecall/kvrecall/heads/detect"
 	"github.com/kvrecall/kvrecall/internal/testmodels"
 	"github.com/kvrecall/kvrecall/runtime"
 )
@@ -68,7 +69,7 @@ func TestAnalysisMatchesDenseAndReference(t *testing.T) {
 			want, err := dense.Eval(ctx, prompt, true, nil)
 			require.NoError(t, err)
 
-			s, a, err := heads.NewSession(m)
+			s, a, err := detect.NewSession(m)
 			require.NoError(t, err)
 			defer s.Close()
 			a.Record = true
@@ -112,11 +113,19 @@ func TestAnalysisMatchesDenseAndReference(t *testing.T) {
 	}
 }
 
-// recorded returns the model's retrieval heads from its metadata, sorted.
-func recorded(t *testing.T, m *runtime.Model, key string) [][2]int {
-	hs, err := heads.Recorded(m.File(), key)
-	require.NoError(t, err)
-	slices.SortFunc(hs, func(a, b [2]int) int { return (a[0]-b[0])*100 + a[1] - b[1] })
+// recorded returns the heads a constructed model lists under key
+// (foundry.MetaRetrievalHeads, MetaEchoHeads) in its metadata, sorted.
+func recorded(t *testing.T, m *runtime.Model, key string) []heads.Head {
+	f := m.File()
+	v, ok := f.Get(f.Architecture() + "." + key)
+	require.True(t, ok, "%s records no %s", f.Path, key)
+	pairs, ok := v.([]int32)
+	require.True(t, ok && len(pairs)%2 == 0, "%s: %s is not (layer, head) pairs", f.Path, key)
+	var hs []heads.Head
+	for i := 0; i < len(pairs); i += 2 {
+		hs = append(hs, heads.Head{Layer: int(pairs[i]), Head: int(pairs[i+1])})
+	}
+	slices.SortFunc(hs, func(a, b heads.Head) int { return (a.Layer-b.Layer)*100 + a.Head - b.Head })
 	return hs
 }
 
@@ -133,7 +142,7 @@ func TestDetectFindsRecordedHeads(t *testing.T) {
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			m := open(t, testmodels.RecallWith(t, tc.opts), runtime.Options{})
-			p, err := heads.Detect(context.Background(), m, heads.Options{Lengths: []int{256, 1024}, Depths: []float64{0, 0.5, 1}})
+			p, err := detect.NIAH(context.Background(), m, detect.Options{Lengths: []int{256, 1024}, Depths: []float64{0, 0.5, 1}})
 			require.NoError(t, err)
 			for l, row := range p.Scores {
 				t.Logf("layer %d scores %.3f in needle %.3f classes %v", l, row, p.InNeedle[l], p.Classes[l])
@@ -144,15 +153,15 @@ func TestDetectFindsRecordedHeads(t *testing.T) {
 			group := p.Heads / p.KVHeads
 			retrievalKV := map[[2]int]bool{}
 			for _, h := range want {
-				require.InDelta(t, 1, p.Scores[h[0]][h[1]], 1e-9, "a recall head copies every answer token")
-				retrievalKV[[2]int{h[0], h[1] / group}] = true
+				require.InDelta(t, 1, p.Scores[h.Layer][h.Head], 1e-9, "a recall head copies every answer token")
+				retrievalKV[[2]int{h.Layer, h.Head / group}] = true
 			}
 			// The echo head looks into the needle at every step but never at
 			// the token being generated: only the token rule keeps it out.
 			if tc.opts.Deep {
 				for _, h := range recorded(t, m, foundry.MetaEchoHeads) {
-					require.Greater(t, p.InNeedle[h[0]][h[1]], 0.9, "echo head %v", h)
-					require.Zero(t, p.Scores[h[0]][h[1]], "echo head %v", h)
+					require.Greater(t, p.InNeedle[h.Layer][h.Head], 0.9, "echo head %v", h)
+					require.Zero(t, p.Scores[h.Layer][h.Head], "echo head %v", h)
 				}
 			}
 			kv := p.KVClasses()
@@ -178,99 +187,37 @@ func TestDataFreeFindsInductionAndEchoHeads(t *testing.T) {
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			m := open(t, testmodels.RecallWith(t, tc.opts), runtime.Options{})
-			p, err := heads.DataFree(context.Background(), m, heads.DataFreeOptions{Period: 128, Samples: 2})
+			p, err := detect.DataFree(context.Background(), m, detect.DataFreeOptions{Period: 128, Samples: 2})
 			require.NoError(t, err)
 			for l := range p.Scores {
 				t.Logf("layer %d induction %.3f echo %.3f", l, p.Induction[l], p.Echo[l])
 			}
-			above := func(s [][]float64) [][2]int {
-				var out [][2]int
+			above := func(s [][]float64) []heads.Head {
+				var out []heads.Head
 				for l := range s {
 					for h, x := range s[l] {
 						if x > p.Threshold {
-							out = append(out, [2]int{l, h})
+							out = append(out, heads.Head{Layer: l, Head: h})
 						}
 					}
 				}
 				return out
 			}
 			induction := recorded(t, m, foundry.MetaRetrievalHeads)
-			var echo [][2]int
+			var echo []heads.Head
 			if tc.opts.Deep {
 				echo = recorded(t, m, foundry.MetaEchoHeads)
 			}
 			require.Equal(t, induction, above(p.Induction))
 			require.Equal(t, echo, above(p.Echo))
 			for _, h := range induction {
-				require.Greater(t, p.Induction[h[0]][h[1]], 0.9, "induction head %v", h)
+				require.Greater(t, p.Induction[h.Layer][h.Head], 0.9, "induction head %v", h)
 			}
 			for _, h := range echo {
-				require.Greater(t, p.Echo[h[0]][h[1]], 0.9, "echo head %v", h)
+				require.Greater(t, p.Echo[h.Layer][h.Head], 0.9, "echo head %v", h)
 			}
 		})
 	}
-}
-
-func TestProfileFiles(t *testing.T) {
-	m := open(t, testmodels.Recall(t), runtime.Options{})
-	other := open(t, testmodels.RecallWith(t, foundry.RecallOptions{Seed: 5}), runtime.Options{})
-	dir := t.TempDir()
-	p, err := heads.Synthetic(m, 0.5)
-	require.NoError(t, err)
-	good := filepath.Join(dir, "good.json")
-	require.NoError(t, p.Save(good))
-
-	t.Run("round trip", func(t *testing.T) {
-		q, err := heads.Load(good, m)
-		require.NoError(t, err)
-		require.Equal(t, p, q)
-		require.Equal(t, [][]bool{{false, true}, {false, true}}, q.KVClasses())
-		require.True(t, q.Streaming(1, 1))
-		require.False(t, q.Streaming(1, 0))
-		require.Equal(t, 2, q.StreamingKVHeads())
-	})
-	bad := []struct {
-		name, content, want string
-	}{
-		{"not json", "{", "malformed JSON"},
-		{"wrong version", `{"version": 7}`, "format version 7"},
-		{"short fingerprint", `{"version": 1, "fingerprint": "ab"}`, "fingerprint"},
-		{"bad class", `{"version":1,"fingerprint":"` + p.Fingerprint + `","layers":1,"heads":4,"kv_heads":2,"scores":[[0,0,0,0]],"classes":[["retrieval","sleepy"]]}`, `class "sleepy"`},
-		{"ragged scores", `{"version":1,"fingerprint":"` + p.Fingerprint + `","layers":1,"heads":4,"kv_heads":2,"scores":[[0,0]],"classes":[["retrieval","streaming"]]}`, "2 scores, want 4"},
-		{"wrong shape", `{"version":1,"fingerprint":"` + p.Fingerprint + `","layers":1,"heads":4,"kv_heads":2,"scores":[[0,0,0,0]],"classes":[["retrieval","streaming"]]}`, "1 layers x 4 heads"},
-	}
-	for _, tc := range bad {
-		t.Run(tc.name, func(t *testing.T) {
-			path := filepath.Join(dir, "bad.json")
-			require.NoError(t, os.WriteFile(path, []byte(tc.content), 0o644))
-			_, err := heads.Load(path, m)
-			require.ErrorContains(t, err, path)
-			require.ErrorContains(t, err, tc.want)
-		})
-	}
-	t.Run("other model", func(t *testing.T) {
-		_, err := heads.Load(good, other)
-		require.ErrorContains(t, err, good)
-		require.ErrorContains(t, err, "another model file")
-		require.ErrorContains(t, err, other.Path())
-	})
-	t.Run("default path", func(t *testing.T) {
-		require.Equal(t, "/m/recall.heads.json", heads.DefaultPath("/m/recall.gguf"))
-		require.Equal(t, "/m/recall.bin.heads.json", heads.DefaultPath("/m/recall.bin"))
-	})
-	t.Run("missing", func(t *testing.T) {
-		_, err := heads.Load(filepath.Join(dir, "nope.json"), m)
-		require.ErrorContains(t, err, "nope.json")
-	})
-	t.Run("synthetic fractions", func(t *testing.T) {
-		for _, f := range []float64{0, 0.5, 1} {
-			q, err := heads.Synthetic(m, f)
-			require.NoError(t, err)
-			require.Equal(t, int(math.Round(f*2))*q.Layers, q.StreamingKVHeads())
-		}
-		_, err := heads.Synthetic(m, 1.5)
-		require.Error(t, err)
-	})
 }
 
 // The causal check: with the detected retrieval KV heads limited to 4 sinks
@@ -283,7 +230,7 @@ func TestAblation(t *testing.T) {
 		t.Run(name, func(t *testing.T) {
 			m := open(t, testmodels.RecallWith(t, o), runtime.Options{})
 			ctx := context.Background()
-			p, err := heads.Detect(ctx, m, heads.Options{Lengths: []int{256}, Depths: []float64{0.5}})
+			p, err := detect.NIAH(ctx, m, detect.Options{Lengths: []int{256}, Depths: []float64{0.5}})
 			require.NoError(t, err)
 			others := p.KVClasses()
 			retrieval := make([][]bool, len(others))
@@ -294,8 +241,8 @@ func TestAblation(t *testing.T) {
 					retrieval[l] = append(retrieval[l], !s)
 				}
 			}
-			w := heads.Window{Sinks: 4, Recent: 32}
-			no := heads.Options{Lengths: []int{1024}, Depths: []float64{0.25, 0.5, 0.75}}
+			w := detect.Window{Sinks: 4, Recent: 32}
+			no := detect.Options{Lengths: []int{1024}, Depths: []float64{0.25, 0.5, 0.75}}
 			for _, tc := range []struct {
 				name      string
 				streaming [][]bool
@@ -306,13 +253,13 @@ func TestAblation(t *testing.T) {
 				{"retrieval KV heads streaming", retrieval, 0},
 			} {
 				t.Run(tc.name, func(t *testing.T) {
-					correct, total, err := heads.Ablation(ctx, m, tc.streaming, w, no)
+					correct, total, err := detect.Ablation(ctx, m, tc.streaming, w, no)
 					require.NoError(t, err)
 					require.Equal(t, 3, total)
 					require.Equal(t, tc.want, correct)
 				})
 			}
-			_, _, err = heads.Ablation(ctx, m, none[:1], w, no)
+			_, _, err = detect.Ablation(ctx, m, none[:1], w, no)
 			require.ErrorContains(t, err, "ablation mask has 1 layers")
 		})
 	}
@@ -335,11 +282,11 @@ func TestWindowedAttentionMatchesDense(t *testing.T) {
 			defer dense.Close()
 			want, err := dense.Eval(ctx, prompt, true, nil)
 			require.NoError(t, err)
-			s, a, err := heads.NewSession(m)
+			s, a, err := detect.NewSession(m)
 			require.NoError(t, err)
 			defer s.Close()
 			a.Streaming = [][]bool{{true, true}, {true, true}}
-			a.Window = heads.Window{Sinks: 0, Recent: 1 << 20}
+			a.Window = detect.Window{Sinks: 0, Recent: 1 << 20}
 			got, err := s.Eval(ctx, prompt, true, nil)
 			require.NoError(t, err)
 			worst := 0.0
@@ -351,15 +298,15 @@ func TestWindowedAttentionMatchesDense(t *testing.T) {
 			t.Logf("largest logit difference %.2g", worst)
 			require.Less(t, worst, 0.05)
 			// and a window of one position changes them
-			s2, a2, err := heads.NewSession(m)
+			s2, a2, err := detect.NewSession(m)
 			require.NoError(t, err)
 			defer s2.Close()
-			a2.Streaming, a2.Window = [][]bool{{true, true}, {true, true}}, heads.Window{Recent: 1}
+			a2.Streaming, a2.Window = [][]bool{{true, true}, {true, true}}, detect.Window{Recent: 1}
 			narrow, err := s2.Eval(ctx, prompt, true, nil)
 			require.NoError(t, err)
 			require.NotEqual(t, want, narrow)
 			// a mask of the wrong shape is an error, not a panic
-			s3, a3, err := heads.NewSession(m)
+			s3, a3, err := detect.NewSession(m)
 			require.NoError(t, err)
 			defer s3.Close()
 			a3.Streaming = [][]bool{{true}}
@@ -383,7 +330,7 @@ func TestDataFreeOtherModels(t *testing.T) {
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			m := open(t, tc.path, runtime.Options{ContextLength: 512})
-			p, err := heads.DataFree(context.Background(), m, heads.DataFreeOptions{Period: 64, Samples: 2})
+			p, err := detect.DataFree(context.Background(), m, detect.DataFreeOptions{Period: 64, Samples: 2})
 			require.NoError(t, err)
 			cfg := m.Config()
 			require.Len(t, p.Scores, cfg.Layers)
@@ -398,8 +345,57 @@ func TestDataFreeOtherModels(t *testing.T) {
 				require.Empty(t, p.RetrievalHeads())
 				require.Equal(t, cfg.Layers*cfg.KVHeads, p.StreamingKVHeads())
 			}
-			_, err = heads.Detect(context.Background(), m, heads.Options{})
+			_, err = detect.NIAH(context.Background(), m, detect.Options{})
 			require.ErrorContains(t, err, "needs a recall model")
 		})
+	}
+}
+
+// A detected profile drives the "+heads" modifier of the paged cache: on
+// the deep recall model (retrieval KV heads in layers 2 and 4, on different
+// KV heads), dense+heads and retro+heads with the NIAH profile answer every
+// needle; with the classes inverted (only the detected retrieval KV heads
+// streaming) retro+heads answers none.
+func TestProfileDrivesHeadMasks(t *testing.T) {
+	path := testmodels.RecallWith(t, foundry.RecallOptions{Deep: true})
+	ctx := context.Background()
+	m, err := runtime.Open(ctx, path, runtime.Options{Threads: 2, ContextLength: 4096, DataDir: t.TempDir()})
+	require.NoError(t, err)
+	defer m.Close()
+	p, err := detect.NIAH(ctx, m, detect.Options{Lengths: []int{256}, Depths: []float64{0.5}})
+	require.NoError(t, err)
+	inverse := heads.Mask(p.KVClasses())
+	for l := range inverse {
+		for g := range inverse[l] {
+			inverse[l][g] = !inverse[l][g]
+		}
+	}
+	v, err := haystack.LoadVocab(m.File())
+	require.NoError(t, err)
+	for _, depth := range []float64{0.25, 0.75} {
+		c, err := v.NewCase(2048, []float64{depth}, uint64(depth*100))
+		require.NoError(t, err)
+		doc, err := m.IngestTokens(ctx, fmt.Sprintf("deep-%v", depth), c.Tokens, nil)
+		require.NoError(t, err)
+		n := c.Needles[0]
+		for _, tc := range []struct {
+			name, method string
+			classes      heads.Classes
+			exact        bool
+		}{
+			{"dense+heads/detected", "dense+heads", p, true},
+			{"retro+heads/detected", "retro+heads", p, true},
+			{"retro+heads/retrieval-streaming", "retro+heads", inverse, false},
+		} {
+			t.Run(fmt.Sprintf("%v/%s", depth, tc.name), func(t *testing.T) {
+				s, err := m.DocumentSession(doc, runtime.PolicyOptions{Policy: tc.method, Budget: 512,
+					Extra: map[string]any{heads.OptionKey: tc.classes}})
+				require.NoError(t, err)
+				defer s.Close()
+				res, err := s.Generate(ctx, v.Question(n), runtime.GenerateOptions{MaxTokens: v.AnswerLength})
+				require.NoError(t, err)
+				require.Equal(t, tc.exact, slices.Equal(res.Tokens, n.Values), "got %v want %v", res.Tokens, n.Values)
+			})
+		}
 	}
 }

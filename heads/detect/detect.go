@@ -1,4 +1,4 @@
-package heads
+package detect
 
 import (
 	"context"
@@ -7,16 +7,17 @@ import (
 	"slices"
 
 	"github.com/kvrecall/kvrecall/haystack"
+	"github.com/kvrecall/kvrecall/heads"
 	"github.com/kvrecall/kvrecall/runtime"
 )
 
-// Options configure Detect. Zero values pick the defaults.
+// Options configure NIAH and Ablation. Zero values pick the defaults.
 type Options struct {
 	Lengths   []int     // haystack lengths in tokens (default 256, 1024, 4096)
 	Depths    []float64 // needle depths in [0, 1] (default 0, 0.25, 0.5, 0.75, 1)
 	Seeds     int       // prompts per length and depth (default 1)
 	Seed      uint64    // first seed
-	Threshold float64   // retrieval head cut (default DefaultThreshold)
+	Threshold float64   // retrieval head cut (default heads.DefaultThreshold)
 	// Progress, if set, is called after each prompt with the prompts done.
 	Progress func(done, total int)
 }
@@ -32,11 +33,11 @@ func (o *Options) fill() {
 		o.Seeds = 1
 	}
 	if o.Threshold == 0 {
-		o.Threshold = DefaultThreshold
+		o.Threshold = heads.DefaultThreshold
 	}
 }
 
-// Detect scores every query head of m as in the Retrieval Head paper. Each
+// NIAH scores every query head of m as in the Retrieval Head paper. Each
 // prompt is a haystack with one needle "K V1 .. Vn" and the question for it;
 // the answer is decoded greedily. At each decoding step, a head whose
 // top-1 attended position lies inside the needle and holds the token just
@@ -46,7 +47,7 @@ func (o *Options) fill() {
 //
 // The prompts need the roles of a recall model's vocabulary (its GGUF
 // metadata, see haystack.LoadVocab); other models are profiled with DataFree.
-func Detect(ctx context.Context, m *runtime.Model, o Options) (*Profile, error) {
+func NIAH(ctx context.Context, m *runtime.Model, o Options) (*heads.Profile, error) {
 	o.fill()
 	v, err := haystack.LoadVocab(m.File())
 	if err != nil {
@@ -57,8 +58,8 @@ func Detect(ctx context.Context, m *runtime.Model, o Options) (*Profile, error) 
 			return nil, fmt.Errorf("heads: length %d does not fit the context of %d tokens", l, m.Options().ContextLength)
 		}
 	}
-	p := newProfile(m, MethodNIAH, o.Threshold)
-	p.InNeedle = grid(p.Layers, p.Heads)
+	p := heads.NewProfile(m, heads.MethodNIAH, o.Threshold)
+	p.InNeedle = heads.Grid(p.Layers, p.Heads)
 	total := len(o.Lengths) * len(o.Depths) * o.Seeds
 	for _, length := range o.Lengths {
 		for _, depth := range o.Depths {
@@ -99,7 +100,7 @@ func Detect(ctx context.Context, m *runtime.Model, o Options) (*Profile, error) 
 			p.InNeedle[l][h] /= float64(p.Correct)
 		}
 	}
-	p.classify()
+	p.Classify()
 	return p, nil
 }
 
@@ -119,7 +120,7 @@ func sample(ctx context.Context, m *runtime.Model, v *haystack.Vocab, c *haystac
 	}
 	a.Record = true
 	cfg := m.Config()
-	score, in = grid(cfg.Layers, cfg.Heads), grid(cfg.Layers, cfg.Heads)
+	score, in = heads.Grid(cfg.Layers, cfg.Heads), heads.Grid(cfg.Layers, cfg.Heads)
 	lo, hi := int32(n.Pos), int32(n.Pos+1+len(n.Values)) // the needle's positions
 	var answer []int32
 	next := prompt[len(prompt)-1]
@@ -163,7 +164,7 @@ type DataFreeOptions struct {
 	Period    int     // random tokens per repeat (default 256)
 	Samples   int     // random sequences (default 4)
 	Seed      uint64  // draws the tokens
-	Threshold float64 // retrieval head cut (default DefaultThreshold)
+	Threshold float64 // retrieval head cut (default heads.DefaultThreshold)
 	// Tokens to draw from (default: every token that is not a control or
 	// end-of-generation token and decodes to a non-empty piece).
 	Tokens []int32
@@ -175,7 +176,7 @@ type DataFreeOptions struct {
 // token at j = i - Period, an echo head's top-1 position is j and an
 // induction head's is j+1. Echo and Induction are the shares of those
 // queries, and a head's score is the larger of the two.
-func DataFree(ctx context.Context, m *runtime.Model, o DataFreeOptions) (*Profile, error) {
+func DataFree(ctx context.Context, m *runtime.Model, o DataFreeOptions) (*heads.Profile, error) {
 	if o.Period <= 0 {
 		o.Period = 256
 	}
@@ -183,7 +184,7 @@ func DataFree(ctx context.Context, m *runtime.Model, o DataFreeOptions) (*Profil
 		o.Samples = 4
 	}
 	if o.Threshold == 0 {
-		o.Threshold = DefaultThreshold
+		o.Threshold = heads.DefaultThreshold
 	}
 	tok := m.Tokenizer()
 	bos, hasBOS := tok.BOS()
@@ -201,8 +202,8 @@ func DataFree(ctx context.Context, m *runtime.Model, o DataFreeOptions) (*Profil
 	if n := 1 + 2*o.Period; n > m.Options().ContextLength {
 		return nil, fmt.Errorf("heads: %d tokens do not fit the context of %d", n, m.Options().ContextLength)
 	}
-	p := newProfile(m, MethodDataFree, o.Threshold)
-	p.Echo, p.Induction = grid(p.Layers, p.Heads), grid(p.Layers, p.Heads)
+	p := heads.NewProfile(m, heads.MethodDataFree, o.Threshold)
+	p.Echo, p.Induction = heads.Grid(p.Layers, p.Heads), heads.Grid(p.Layers, p.Heads)
 	r := rand.New(rand.NewPCG(o.Seed, 0xda7af4ee))
 	queries := 0
 	for range o.Samples {
@@ -251,12 +252,12 @@ func DataFree(ctx context.Context, m *runtime.Model, o DataFreeOptions) (*Profil
 			p.Scores[l][h] = max(p.Echo[l][h], p.Induction[l][h])
 		}
 	}
-	p.classify()
+	p.Classify()
 	return p, nil
 }
 
 // Ablation is the Retrieval Head paper's causal check: it answers NIAH
-// prompts (o.Lengths x o.Depths x o.Seeds, as Detect makes them) with the
+// prompts (o.Lengths x o.Depths x o.Seeds, as NIAH makes them) with the
 // KV heads marked in streaming ([layer][kvHead]) restricted to the window w
 // from the question on (the haystack itself is prefilled densely), and
 // returns how many were answered exactly. Marking the detected retrieval

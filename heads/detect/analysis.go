@@ -1,12 +1,12 @@
-// Package heads finds a model's retrieval heads and stores them as a
-// profile. Detection follows the Retrieval Head paper (arXiv 2404.15574):
+// Package detect finds a model's retrieval heads and makes a heads.Profile
+// of them. Detection follows the Retrieval Head paper (arXiv 2404.15574):
 // decode needle-in-a-haystack answers greedily and score a head each time
 // its most attended position is the needle token being copied. A data-free
 // score (RazorAttention) counts echo and induction heads on repeated random
 // tokens instead. Both need each head's top-1 attended position, which the
 // Analysis cache computes beside exact attention; it is never in the normal
-// decode path.
-package heads
+// decode path. Ablation is the paper's causal check.
+package detect
 
 import (
 	"encoding/binary"

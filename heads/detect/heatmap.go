@@ -1,4 +1,4 @@
-package heads
+package detect
 
 import (
 	"fmt"
@@ -10,6 +10,7 @@ import (
 	"gonum.org/v1/plot/vg"
 
 	kvplot "github.com/kvrecall/kvrecall/bench/plot"
+	"github.com/kvrecall/kvrecall/heads"
 )
 
 // scoreGrid is a profile's scores as a heatmap grid: x = query head,
@@ -36,10 +37,10 @@ type topDown struct{}
 
 func (topDown) Normalize(min, max, x float64) float64 { return (max - x) / (max - min) }
 
-// Heatmap writes the profile's scores as a PNG: one cell per layer and
-// query head, red at 0 and green at 1. The title names the model, the
-// method and the heads above the threshold.
-func (p *Profile) Heatmap(path string) error {
+// Heatmap writes p's scores as a PNG: one cell per layer and query head,
+// red at 0 and green at 1. The title names the model, the method and the
+// heads above the threshold.
+func Heatmap(p *heads.Profile, path string) error {
 	if len(p.Scores) == 0 || len(p.Scores[0]) == 0 {
 		return fmt.Errorf("heads: heatmap %s: no scores", path)
 	}
