@@ -1,7 +1,7 @@
 // Command mkmodel is kvrecall's model foundry:
 //
 //	mkmodel random  --arch llama|qwen2 --preset tiny|1b --dtype f32|f16|q8_0 --seed N [--rope-freqs] -o FILE
-//	mkmodel recall  [--layers N --prev-layer L --retrieval-layer L --dtype f32|f16 --seed N] -o FILE
+//	mkmodel recall  [--layers N --prev-layer L --retrieval-layer L | --deep] [--dtype f32|f16 --seed N] -o FILE
 //	mkmodel upgrade IN OUT
 //
 // random writes a model with random weights of a given shape; recall writes
@@ -23,7 +23,7 @@ import (
 
 const usage = `usage:
   mkmodel random  --arch llama|qwen2 --preset tiny|1b [--dtype f32|f16|q8_0] [--seed N] [--rope-freqs] -o FILE
-  mkmodel recall  [--layers N] [--prev-layer L] [--retrieval-layer L] [--dtype f32|f16] [--seed N] -o FILE
+  mkmodel recall  [--layers N] [--prev-layer L] [--retrieval-layer L] [--deep] [--dtype f32|f16] [--seed N] -o FILE
   mkmodel upgrade IN OUT
 `
 
@@ -73,6 +73,7 @@ func run(args []string) error {
 		retr := fs.Int("retrieval-layer", 0, "layer of the retrieval heads (default: the last)")
 		dtype := fs.String("dtype", "f32", "weight type: f32 or f16")
 		seed := fs.Uint64("seed", 0, "seed for the vocabulary roles and token codes")
+		deep := fs.Bool("deep", false, "6-layer layout with retrieval heads in layers 2 and 4 and an echo head (for head detection); fixes the layers")
 		out := fs.String("o", "", "output file")
 		if err := fs.Parse(args[1:]); err != nil {
 			return err
@@ -84,11 +85,25 @@ func run(args []string) error {
 		if *out == "" {
 			return fmt.Errorf("-o FILE is required")
 		}
-		r, err := foundry.WriteRecall(*out, foundry.RecallOptions{Layers: *layers, PrevLayer: *prev, RetrievalLayer: *retr, DType: dt, Seed: *seed})
+		o := foundry.RecallOptions{Layers: *layers, PrevLayer: *prev, RetrievalLayer: *retr, DType: dt, Seed: *seed, Deep: *deep}
+		if *deep {
+			set := false
+			fs.Visit(func(f *flag.Flag) {
+				set = set || f.Name == "layers" || f.Name == "prev-layer" || f.Name == "retrieval-layer"
+			})
+			if set {
+				return fmt.Errorf("--deep fixes the layers: drop --layers, --prev-layer and --retrieval-layer")
+			}
+			o.Layers = 0
+		}
+		r, err := foundry.WriteRecall(*out, o)
 		if err != nil {
 			return err
 		}
 		fmt.Fprintf(os.Stderr, "retrieval heads (layer, head): %v\n", r.RetrievalHeads)
+		if len(r.EchoHeads) > 0 {
+			fmt.Fprintf(os.Stderr, "echo heads (layer, head): %v\n", r.EchoHeads)
+		}
 	case "upgrade":
 		if len(args) != 3 {
 			return fmt.Errorf("upgrade takes IN and OUT")

@@ -17,7 +17,6 @@ import (
 	"github.com/kvrecall/kvrecall/gguf"
 )
 
-
 var mu sync.Mutex
 
 // Quiet sets the default logger to warnings only: ggml and llama.cpp log
@@ -61,6 +60,9 @@ func Recall(t testing.TB) string {
 // RecallWith returns a recall model with the given options.
 func RecallWith(t testing.TB, o foundry.RecallOptions) string {
 	name := fmt.Sprintf("recall-l%d-p%d-r%d-%s-s%d.gguf", o.Layers, o.PrevLayer, o.RetrievalLayer, o.DType, o.Seed)
+	if o.Deep {
+		name = fmt.Sprintf("recall-deep-%s-s%d.gguf", o.DType, o.Seed)
+	}
 	return cached(t, name, func(p string) error {
 		_, err := foundry.WriteRecall(p, o)
 		return err
