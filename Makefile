@@ -49,8 +49,10 @@ test-short: build/cgo.env
 bench: build/cgo.env
 	$(GO) run ./cmd/bench speed
 
+# One fuzzer per go test (go test -fuzz takes one target), one after the other.
 fuzz: build/cgo.env
 	$(GO) test ./gguf -run '^$$' -fuzz FuzzRead -fuzztime 60s
+	$(GO) test ./kvcache -run '^$$' -fuzz FuzzPageFile -fuzztime 60s
 
 clean:
 	rm -rf build
