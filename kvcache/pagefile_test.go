@@ -52,8 +52,8 @@ func TestPageFileHostileHeaders(t *testing.T) {
 		// when the count was signed.
 		{"tokens 2^64-1 in 0 pages", func(h *rawHeader) { h.tokens, h.pages = math.MaxUint64, 0 }, 0, "beyond this build's limits"},
 		{"tokens 2^64-1 in 2^32-1 pages", func(h *rawHeader) { h.tokens, h.pages = math.MaxUint64, math.MaxUint32 }, 4, "beyond this build's limits"},
-		{"tokens 2^63 in 0 pages", func(h *rawHeader) { h.tokens, h.pages = 1 << 63, 0 }, 4, "beyond this build's limits"},
-		{"tokens 2^32 in 0 pages", func(h *rawHeader) { h.tokens, h.pages = 1 << 32, 0 }, 4, "beyond this build's limits"},
+		{"tokens 2^63 in 0 pages", func(h *rawHeader) { h.tokens, h.pages = 1<<63, 0 }, 4, "beyond this build's limits"},
+		{"tokens 2^32 in 0 pages", func(h *rawHeader) { h.tokens, h.pages = 1<<32, 0 }, 4, "beyond this build's limits"},
 		{"0 tokens in 1 page", func(h *rawHeader) { h.tokens, h.pages = 0, 1 }, 4, "cannot hold"},
 		{"too few pages", func(h *rawHeader) { h.pages = 3 }, 4, "cannot hold"},
 		{"2^32-1 layers", func(h *rawHeader) { h.layers = math.MaxUint32 }, 4, "layers"},
