@@ -17,7 +17,6 @@ import (
 	"os"
 	"path/filepath"
 	goruntime "runtime"
-	"sync"
 
 	ollamakv "github.com/ollama/ollama/kvcache"
 	"github.com/ollama/ollama/ml"
@@ -53,8 +52,14 @@ type Options struct {
 	// PageSize is the tokens per page of paged caches and documents (16..256, default 64).
 	PageSize int
 	// DataDir holds ingested documents (default: kvrecall/documents/<model
-	// fingerprint> under the user cache directory).
+	// fingerprint> under the user cache directory). One process owns it at a
+	// time (an advisory lock): the owner sweeps what crashes left behind.
 	DataDir string
+	// MaxDocumentBytes bounds the host memory of opened documents' pages.
+	// Beyond it the least recently used documents that no session is using
+	// are dropped from memory; they stay on disk and reload on next use.
+	// 0 means DefaultMaxDocumentBytes (4 GiB); negative means no bound.
+	MaxDocumentBytes int64
 }
 
 // DefaultContextLength caps the default context so that dense caches of
@@ -77,8 +82,7 @@ type Model struct {
 	kvType  ml.DType
 	fp      kvcache.Fingerprint
 
-	docMu sync.Mutex
-	docs  map[string]*Document
+	docs docStore // documents in host memory (documents.go)
 }
 
 // OpenError names the file and what is wrong with it.
@@ -188,7 +192,7 @@ func Open(ctx context.Context, path string, opts Options) (m *Model, err error) 
 	net.Params.TiedOutput = cfg.TiedOutput
 	net.Params.RopeFreqs = cfg.RopeFreqs
 	return &Model{path: path, file: f, cfg: cfg, net: net, backend: mm.Backend(), tok: tok, opts: opts, kvType: kv,
-		fp: fp, docs: map[string]*Document{}}, nil
+		fp: fp}, nil
 }
 
 // fingerprint identifies a model file for its documents: the GGUF header, the
@@ -219,6 +223,9 @@ func fingerprint(path string, f *gguf.File) (kvcache.Fingerprint, error) {
 
 // Close frees the weights. Sessions must be closed first.
 func (m *Model) Close() {
+	if m != nil {
+		m.closeDocuments()
+	}
 	if m != nil && m.backend != nil {
 		m.backend.Close()
 		m.backend = nil
