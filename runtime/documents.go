@@ -277,6 +277,7 @@ func (m *Model) readDocumentMeta(id string) (storedMeta, error) {
 // Documents lists the documents stored for this model: those whose
 // metadata is complete and whose page file exists.
 func (m *Model) Documents() ([]Info, error) {
+	m.documents() // the first use sweeps
 	entries, err := os.ReadDir(m.opts.DataDir)
 	if errors.Is(err, os.ErrNotExist) {
 		return nil, nil
