@@ -39,8 +39,9 @@ serve: build/cgo.env
 test: build/cgo.env
 	$(GO) vet ./...
 	$(GO) test -timeout $(TEST_TIMEOUT) $(TEST_FLAGS) ./...
-	# Concurrent questions on one shared document, under the race detector.
-	$(GO) test -race -timeout 30m -run 'TestConcurrentAsk|TestParallelClients|TestQueueFull|TestDisconnectCancels' ./runtime ./server
+	# Concurrent questions on one shared document, a delete racing a load and the
+	# document memory bound, under the race detector.
+	$(GO) test -race -timeout 30m -run 'TestConcurrentAsk|TestParallelClients|TestQueueFull|TestDisconnectCancels|TestDeleteRacesOpen|TestDocumentMemoryBound' ./runtime ./server
 
 test-short: build/cgo.env
 	$(GO) test -short -timeout 20m ./...
