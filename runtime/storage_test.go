@@ -519,3 +519,28 @@ func TestDeleteRacesOpen(t *testing.T) {
 		require.NoError(t, exec.Command("cp", "-a", backup, fx.dir).Run())
 	}
 }
+
+// A data folder has one owner at a time: a second model on it (another
+// process, in production) does not sweep, since temporary files may be the
+// owner's ingests in progress. Once the owner closes, the next one sweeps.
+func TestOneOwnerSweeps(t *testing.T) {
+	fx := newStoreFixture(t)
+	ctx := context.Background()
+	_, err := fx.m.IngestTokens(ctx, "doc", fx.v[0], nil)
+	require.NoError(t, err)
+	tmp := filepath.Join(fx.dir, "doc", ".pages-0123456789abcdef.kvp.tmp-1")
+	require.NoError(t, os.WriteFile(tmp, []byte("in progress"), 0o600))
+	second := fx.open(t, runtime.Options{})
+	d, err := second.OpenDocument("doc")
+	require.NoError(t, err)
+	require.Equal(t, fx.v[0], d.TokenIDs(), "a second model serves the documents")
+	require.NoError(t, os.Mkdir(filepath.Join(fx.dir, "junk"), 0o700))
+	require.NoError(t, os.WriteFile(filepath.Join(fx.dir, "junk", "pages.kvp"), nil, 0o600))
+	require.NoError(t, second.DeleteDocument("junk"), "a delete, which sweeps when owning")
+	_, err = os.Stat(tmp)
+	require.NoError(t, err, "but does not sweep")
+	second.Close()
+	fx.m.Close()
+	third := fx.open(t, runtime.Options{})
+	require.Equal(t, 0, fx.version(t, third), "the next owner sweeps")
+}
