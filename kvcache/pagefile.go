@@ -140,6 +140,7 @@ func corrupt(path, format string, args ...any) error {
 // keep every size computed from a header far from overflowing an int64.
 const (
 	maxLayoutDim   = 1 << 12 // layers, KV heads, head dimension
+	maxRow         = 1 << 16 // KV heads x head dimension (128 heads of 512)
 	maxFileTokens  = 1<<31 - 1
 	maxFileRecords = maxFileTokens/16 + 1
 )
@@ -184,6 +185,11 @@ func readHeader(r io.Reader, path string, fileSize int64) (PageFileInfo, error) 
 			return info, corrupt(path, "%d %s (at most %d)", v, name, maxLayoutDim)
 		}
 	}
+	// A store allocates a row of scratch even when empty: an 88-byte file
+	// must not cost 64 MB.
+	if row := uint64(u(2)) * uint64(u(3)); row > maxRow {
+		return info, corrupt(path, "%d KV heads of %d channels (at most %d channels)", u(2), u(3), maxRow)
+	}
 	if v := u(4); v > 256 {
 		return info, corrupt(path, "page size %d outside 16..256", v)
 	}
@@ -202,8 +208,8 @@ func readHeader(r io.Reader, path string, fileSize int64) (PageFileInfo, error) 
 	if want := tokens/P + (tokens%P+P-1)/P; pages != want {
 		return info, corrupt(path, "%d pages cannot hold %d tokens", pages, tokens)
 	}
-	// The records' size is a full 128-bit product: bounded factors still
-	// multiply past 2^64 (4096 layers of 4096x4096 heads in 2^27 pages).
+	// The limits above keep this product under 2^62; it is computed in 128
+	// bits anyway so that raising a limit cannot make it wrap.
 	hi, records := bits.Mul64(pages, uint64(l.recordSize()))
 	if hi != 0 || records > math.MaxInt64 {
 		return info, corrupt(path, "%d pages of %d bytes overflow a file size", pages, l.recordSize())

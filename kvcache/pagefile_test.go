@@ -59,14 +59,15 @@ func TestPageFileHostileHeaders(t *testing.T) {
 		{"2^32-1 layers", func(h *rawHeader) { h.layers = math.MaxUint32 }, 4, "layers"},
 		{"2^32-1 KV heads", func(h *rawHeader) { h.kvHeads = math.MaxUint32 }, 4, "KV heads"},
 		{"2^32-1 head dimension", func(h *rawHeader) { h.headDim = math.MaxUint32 }, 4, "head dimension"},
+		{"4096 KV heads of 4096", func(h *rawHeader) { h.kvHeads, h.headDim, h.tokens, h.pages = maxLayoutDim, maxLayoutDim, 0, 0 }, 4, "channels"},
 		{"0 layers", func(h *rawHeader) { h.layers = 0 }, 4, "invalid layout"},
 		{"page size 0", func(h *rawHeader) { h.pageSize = 0 }, 4, "page size"},
 		{"page size 2^32-1", func(h *rawHeader) { h.pageSize = math.MaxUint32 }, 4, "page size"},
 		{"2^31 reps", func(h *rawHeader) { h.reps = 1 << 31 }, 4, "representative keys"},
-		{"record size times pages overflows", func(h *rawHeader) {
-			h.layers, h.kvHeads, h.headDim, h.pageSize = maxLayoutDim, maxLayoutDim, maxLayoutDim, 256
-			h.tokens, h.pages = maxFileTokens, maxFileTokens/256+1
-		}, 4, "overflow"},
+		{"largest layout and length", func(h *rawHeader) {
+			h.layers, h.kvHeads, h.headDim, h.pageSize = maxLayoutDim, 256, 256, 16
+			h.tokens, h.pages = maxFileTokens, maxFileTokens/16+1
+		}, 4, "the header implies"},
 		{"largest claims, small file", func(h *rawHeader) {
 			h.layers, h.kvHeads, h.headDim, h.pageSize = 1, 1, 1, 16
 			h.tokens, h.pages = maxFileTokens, maxFileTokens/16+1
