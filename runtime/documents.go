@@ -153,10 +153,16 @@ func (m *Model) saveDocument(d *Document) error {
 		return fmt.Errorf("save document %s: %w", d.ID, err)
 	}
 	old, oldErr := readMeta(dir)
+	fail := func(err error) error {
+		if errors.Is(oldErr, os.ErrNotExist) {
+			os.Remove(dir) // a first ingest leaves no empty folder (kept if not empty)
+		}
+		return fmt.Errorf("save document %s: %w", d.ID, err)
+	}
 	name := newPagesName()
 	pages := filepath.Join(dir, name)
 	if err := kvcache.WritePageFile(pages, d.store, d.tokens, m.fp); err != nil {
-		return fmt.Errorf("save document %s: %w", d.ID, err)
+		return fail(err)
 	}
 	b, err := json.MarshalIndent(storedMeta{Info: d.Info, PagesFile: name}, "", "  ")
 	if err == nil {
@@ -167,7 +173,7 @@ func (m *Model) saveDocument(d *Document) error {
 		// version is what a reader sees, and memory must agree with it.
 		if now, rerr := readMeta(dir); rerr != nil || now.PagesFile != name {
 			os.Remove(pages)
-			return fmt.Errorf("save document %s: %w", d.ID, err)
+			return fail(err)
 		}
 	}
 	st.mu.Lock()

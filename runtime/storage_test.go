@@ -257,6 +257,15 @@ func TestReplaceOnFullDisk(t *testing.T) {
 		{"meta", "renamed", 1},
 	}
 	fx := newStoreFixture(t)
+	t.Run("first ingest", func(t *testing.T) {
+		m := fx.open(t, runtime.Options{})
+		atomicfile.Fault = func(string, string) error { return enospc }
+		_, err := m.IngestTokens(context.Background(), "doc", fx.v[0], nil)
+		atomicfile.Fault = nil
+		require.ErrorIs(t, err, syscall.ENOSPC)
+		require.Equal(t, -1, fx.version(t, m), "nothing is left, not even a folder")
+		m.Close()
+	})
 	for _, c := range cases {
 		t.Run(c.file+" "+c.step, func(t *testing.T) {
 			m := fx.open(t, runtime.Options{})
