@@ -41,7 +41,7 @@ test: build/cgo.env
 	$(GO) test -timeout $(TEST_TIMEOUT) $(TEST_FLAGS) ./...
 	# Concurrent questions on one shared document, a delete racing a load and the
 	# document memory bound, under the race detector.
-	$(GO) test -race -timeout 30m -run 'TestConcurrentAsk|TestParallelClients|TestQueueFull|TestDisconnectCancels|TestDeleteRacesOpen|TestDocumentMemoryBound' ./runtime ./server
+	$(GO) test -race -timeout 30m -run 'TestConcurrentAsk|TestParallelClients|TestQueueFull|TestDisconnectCancels|TestDeleteRacesOpen|TestDocumentMemoryBound|TestEvictionDuringAsk' ./runtime ./server
 
 test-short: build/cgo.env
 	$(GO) test -short -timeout 20m ./...

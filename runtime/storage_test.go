@@ -553,3 +553,58 @@ func TestOneOwnerSweeps(t *testing.T) {
 	third := fx.open(t, runtime.Options{})
 	require.Equal(t, 0, fx.version(t, third), "the next owner sweeps")
 }
+
+// Questions keep being answered while other documents push theirs out of
+// memory (run under -race by make test): a document in use is never
+// evicted under its session, and the bound holds once all are done.
+func TestEvictionDuringAsk(t *testing.T) {
+	fx := newStoreFixture(t)
+	ctx := context.Background()
+	for i, v := range fx.v {
+		_, err := fx.m.IngestTokens(ctx, fmt.Sprint("d", i), v, nil)
+		require.NoError(t, err)
+	}
+	one := fx.m.LoadedDocuments()[0].HostBytes
+	fx.m.Close()
+	m := fx.open(t, runtime.Options{MaxDocumentBytes: one})
+	n := fx.c.Needles[0]
+	q := fx.question(t, n)
+	var wg sync.WaitGroup
+	errs := make(chan error, 8)
+	wg.Add(2)
+	go func() {
+		defer wg.Done()
+		for i := 0; i < 3; i++ {
+			d, err := m.OpenDocument("d0")
+			if err == nil {
+				var res *runtime.Result
+				res, err = m.Ask(ctx, d, q, runtime.AskOptions{
+					PolicyOptions: runtime.PolicyOptions{Policy: "retro", Budget: 512}, GenerateOptions: runtime.GenerateOptions{MaxTokens: 3}})
+				if err == nil && !equal(res.Tokens, n.Values) {
+					err = fmt.Errorf("answer %v, want %v", res.Tokens, n.Values)
+				}
+			}
+			if err != nil {
+				errs <- err
+				return
+			}
+		}
+	}()
+	go func() {
+		defer wg.Done()
+		for i := 0; i < 12; i++ {
+			if _, err := m.OpenDocument(fmt.Sprint("d", i%2)); err != nil {
+				errs <- err
+				return
+			}
+		}
+	}()
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	mem := m.DocumentMemory()
+	require.LessOrEqual(t, mem.Bytes, one)
+	require.Positive(t, mem.Evictions)
+}
