@@ -145,6 +145,9 @@ func Open(ctx context.Context, path string, opts Options) (m *Model, err error) 
 	if opts.PageSize == 0 {
 		opts.PageSize = DefaultPageSize
 	}
+	if opts.MaxDocumentBytes == 0 {
+		opts.MaxDocumentBytes = DefaultMaxDocumentBytes
+	}
 	if opts.PageSize < 16 || opts.PageSize > 256 {
 		return fail(fmt.Errorf("page size %d is outside 16..256", opts.PageSize))
 	}
