@@ -67,6 +67,10 @@ type docStore struct {
 	// writeMu serializes saves and deletes, so that the files of one id
 	// change one operation at a time and a sweep never meets a save.
 	writeMu sync.Mutex
+	// filesMu keeps readers from seeing files half removed: loads hold it
+	// shared while they read, deletes and the removal of a replaced page
+	// file hold it exclusive.
+	filesMu sync.RWMutex
 
 	mu        sync.Mutex
 	resident  map[string]*Document

@@ -187,7 +187,9 @@ func (m *Model) saveDocument(d *Document) error {
 	// After the version bump: a concurrent load that read the old doc.json
 	// and now misses its pages sees the bump and retries.
 	if oldErr == nil && old.pagesFile() != name {
+		st.filesMu.Lock()
 		os.Remove(filepath.Join(dir, old.pagesFile()))
+		st.filesMu.Unlock()
 	}
 	return nil
 }
@@ -209,7 +211,9 @@ func (m *Model) OpenDocument(id string) (*Document, error) {
 		v := st.versions[id]
 		st.mu.Unlock()
 
+		st.filesMu.RLock()
 		d, err := m.loadDocument(id)
+		st.filesMu.RUnlock()
 
 		st.mu.Lock()
 		if st.versions[id] != v {
@@ -337,14 +341,17 @@ func (m *Model) DeleteDocument(id string) error {
 		}
 		return fmt.Errorf("%w: %q", ErrNoDocument, id)
 	}
-	// Metadata first: a half-deleted document is never visible.
-	if err := os.Remove(filepath.Join(dir, docMeta)); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return fmt.Errorf("delete document %s: %w", id, err)
+	// Metadata first: a half-deleted document is never visible, even to
+	// another process.
+	st.filesMu.Lock()
+	err := os.Remove(filepath.Join(dir, docMeta))
+	if err == nil || errors.Is(err, os.ErrNotExist) {
+		err = os.RemoveAll(dir)
 	}
-	err := os.RemoveAll(dir)
-	// Again after the files are gone: a load that started between the first
-	// bump and the removal read files that no longer exist.
+	// Again once the files are gone: a load that read them after the first
+	// bump may have made the document resident again.
 	bump()
+	st.filesMu.Unlock()
 	if err != nil {
 		return fmt.Errorf("delete document %s: %w", id, err)
 	}
@@ -430,7 +437,9 @@ func (m *Model) DocumentInfo(id string) (Info, error) {
 		}
 		v := st.versions[id]
 		st.mu.Unlock()
+		st.filesMu.RLock()
 		in, err := m.statDocument(id)
+		st.filesMu.RUnlock()
 		st.mu.Lock()
 		changed := st.versions[id] != v
 		st.mu.Unlock()
