@@ -235,7 +235,7 @@ func ReadPageFile(path string, want *Layout) (*Store, []int32, PageFileInfo, err
 	if err != nil {
 		return nil, nil, PageFileInfo{}, err
 	}
-	r := bufio.NewReaderSize(f, 1<<20)
+	r := bufio.NewReaderSize(f, int(min(st.Size(), 1<<20))) // small files, small buffer
 	info, err := readHeader(r, path, st.Size())
 	if err != nil {
 		return nil, nil, info, err
