@@ -206,6 +206,40 @@ func TestHeadGroupsMatchFloat64Reference(t *testing.T) {
 				t.Logf("tokens %d..%d: max |diff| %.2g", step[0], step[1], worst)
 				require.Less(t, worst, 2e-3)
 			}
+
+			// The second pass again, over pages that come back from host
+			// memory (a document): every selected page is uploaded into the
+			// groups' pools, each taking only its heads' channels, by copy
+			// runs and by the page scatter.
+			writer, err := kvcache.NewPaged(kvcache.Options{Layout: tLayout, Heads: tHeads, Capacity: 256, MaxBatch: 96,
+				Selector: &fixedSelector{c: sel.c, groups: []paging.Group{{}}, pages: [][]int{nil}}})
+			require.NoError(t, err)
+			defer writer.Close()
+			writer.Init(b, ml.DTypeF16, 1, 256, 96)
+			pass(t, b, writer, 0, split(q, tHeads*tDim, 0, first), split(k, tKV*tDim, 0, first), split(v, tKV*tDim, 0, first))
+			defer func(n int) { kvcache.MaxUploadRuns = n }(kvcache.MaxUploadRuns)
+			for _, up := range []struct {
+				name string
+				runs int
+			}{{"copy runs", 1 << 20}, {"page scatter", 0}} {
+				kvcache.MaxUploadRuns = up.runs
+				reader, err := kvcache.NewPaged(kvcache.Options{Layout: tLayout, Heads: tHeads, Capacity: 256, MaxBatch: 96,
+					Selector: &fixedSelector{c: sel.c, groups: tc.groups, pages: tc.pages}, Prefix: writer.Store()})
+				require.NoError(t, err)
+				reader.Init(b, ml.DTypeF16, 1, 256, 96)
+				got := pass(t, b, reader, first, split(q, tHeads*tDim, first, total), split(k, tKV*tDim, first, total), split(v, tKV*tDim, first, total))
+				reader.Close()
+				require.Positive(t, reader.Stats().Uploads)
+				want := reference(split(q, tHeads*tDim, first, total), k, v, first, visible)
+				worst := 0.0
+				for i := range got {
+					for j := range got[i] {
+						worst = math.Max(worst, math.Abs(float64(got[i][j])-want[i][j]))
+					}
+				}
+				t.Logf("from host pages (%s): max |diff| %.2g", up.name, worst)
+				require.Less(t, worst, 2e-3)
+			}
 		})
 	}
 }
