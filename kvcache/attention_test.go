@@ -2,6 +2,7 @@ package kvcache_test
 
 import (
 	"context"
+	"fmt"
 	"math"
 	"math/rand/v2"
 	"slices"
@@ -276,4 +277,24 @@ func TestHeadGroupsSelectingEverythingMatchOneGroup(t *testing.T) {
 	}
 	t.Logf("max |diff| one group vs two: %g", worst)
 	require.Zero(t, worst, "per-head dot products and sums are the same operations")
+}
+
+// The causal mask built in the graph (dense selections, pages in position
+// order) equals the host mask value for value, 0 and -Inf.
+func TestCausalMaskMatchesHostMask(t *testing.T) {
+	m, err := runtime.Open(context.Background(), testmodels.Random(t, "llama", "tiny", foundry.F32, 4, false), runtime.Options{Threads: 1, ContextLength: 256})
+	require.NoError(t, err)
+	defer m.Close()
+	for _, c := range []struct{ pos0, cells, n int }{
+		{0, 16, 16}, {0, 32, 20}, {16, 48, 20}, {37, 64, 3}, {100, 112, 1}, {5, 16, 11},
+	} {
+		t.Run(fmt.Sprintf("pos0=%d,cells=%d,n=%d", c.pos0, c.cells, c.n), func(t *testing.T) {
+			ctx := m.Backend().NewContext()
+			defer ctx.Close()
+			mask := kvcache.CausalMask(ctx, c.pos0, c.cells, c.n)
+			out := ctx.Input().Empty(ml.DTypeF32, c.cells, c.n)
+			ctx.Forward(mask.Copy(ctx, out), out).Compute(out)
+			require.Equal(t, kvcache.OrderedHostMask(c.pos0, c.cells, c.n, 16), out.Floats())
+		})
+	}
 }
