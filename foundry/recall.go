@@ -125,8 +125,8 @@ func (o *RecallOptions) fill() error {
 		return fmt.Errorf("recall model: needs at least 2 layers, got %d", o.Layers)
 	case o.PrevLayer < 0 || o.RetrievalLayer >= o.Layers || o.PrevLayer >= o.RetrievalLayer:
 		return fmt.Errorf("recall model: need 0 <= previous-token layer (%d) < retrieval layer (%d) < layers (%d)", o.PrevLayer, o.RetrievalLayer, o.Layers)
-	case o.DType == Q8_0:
-		return fmt.Errorf("recall model: q8_0 is not supported (its codes need f16 or f32)")
+	case o.DType != "" && o.DType != F32 && o.DType != F16:
+		return fmt.Errorf("recall model: %s is not supported (its codes need f16 or f32)", o.DType)
 	}
 	return nil
 }
