@@ -1,6 +1,6 @@
 // Command mkmodel is kvrecall's model foundry:
 //
-//	mkmodel random  --arch llama|qwen2 --preset tiny|1b --dtype f32|f16|q8_0|q4_0|q4_k|q5_k|q6_k|q4_k_m --seed N [--rope-freqs] -o FILE
+//	mkmodel random  --arch llama|qwen2|qwen3 --preset tiny|1b --dtype f32|f16|q8_0|q4_0|q4_k|q5_k|q6_k|q4_k_m --seed N [--rope-freqs] -o FILE
 //	mkmodel recall  [--layers N --prev-layer L --retrieval-layer L | --deep] [--dtype f32|f16 --seed N] -o FILE
 //	mkmodel upgrade IN OUT
 //
@@ -22,7 +22,7 @@ import (
 )
 
 const usage = `usage:
-  mkmodel random  --arch llama|qwen2 --preset tiny|1b [--dtype f32|f16|q8_0|q4_0|q4_k|q5_k|q6_k|q4_k_m] [--seed N] [--rope-freqs] -o FILE
+  mkmodel random  --arch llama|qwen2|qwen3 --preset tiny|1b [--dtype f32|f16|q8_0|q4_0|q4_k|q5_k|q6_k|q4_k_m] [--seed N] [--rope-freqs] -o FILE
   mkmodel recall  [--layers N] [--prev-layer L] [--retrieval-layer L] [--deep] [--dtype f32|f16] [--seed N] -o FILE
   mkmodel upgrade IN OUT
 `
