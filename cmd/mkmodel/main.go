@@ -43,7 +43,7 @@ func run(args []string) error {
 	switch args[0] {
 	case "random":
 		fs := flag.NewFlagSet("random", flag.ContinueOnError)
-		arch := fs.String("arch", "llama", "architecture: llama or qwen2")
+		arch := fs.String("arch", "llama", "architecture: llama, qwen2 or qwen3")
 		preset := fs.String("preset", "tiny", "shape: "+presetNames())
 		dtype := fs.String("dtype", "f32", "weight type: f32, f16, q8_0, q4_0, q4_k, q5_k, q6_k or q4_k_m (ggml's own quantizer)")
 		seed := fs.Uint64("seed", 1, "random seed (same seed, same file)")
