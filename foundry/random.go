@@ -26,7 +26,7 @@ var Presets = map[string]Shape{
 
 // RandomOptions select a random model.
 type RandomOptions struct {
-	Arch      string // "llama", "qwen2" or "qwen3"
+	Arch      string // "llama", "qwen2", "qwen3" or "phi3"
 	Shape     Shape
 	DType     DType
 	Seed      uint64
@@ -40,8 +40,10 @@ type RandomOptions struct {
 func WriteRandom(path string, o RandomOptions) error {
 	s := o.Shape
 	switch {
-	case o.Arch != "llama" && o.Arch != "qwen2" && o.Arch != "qwen3":
-		return fmt.Errorf("random models: architecture %q is not supported (llama, qwen2, qwen3)", o.Arch)
+	case o.Arch != "llama" && o.Arch != "qwen2" && o.Arch != "qwen3" && o.Arch != "phi3":
+		return fmt.Errorf("random models: architecture %q is not supported (llama, qwen2, qwen3, phi3)", o.Arch)
+	case o.Arch == "phi3" && s.Heads*s.HeadDim != s.Hidden:
+		return fmt.Errorf("random models: phi3 needs heads x head dimension = hidden (%d x %d != %d)", s.Heads, s.HeadDim, s.Hidden)
 	case s.Hidden <= 0 || s.Layers <= 0 || s.Heads <= 0 || s.KVHeads <= 0 || s.HeadDim <= 0 || s.FFN <= 0:
 		return fmt.Errorf("random models: invalid shape %+v", s)
 	case s.Heads%s.KVHeads != 0:
@@ -54,7 +56,7 @@ func WriteRandom(path string, o RandomOptions) error {
 	}
 	kv := fsggml.KV{
 		"general.architecture":             o.Arch,
-		"general.name":                     fmt.Sprintf("kvrecall-random-%s-%d", o.Arch, o.Seed),
+		"general.name":                     randomName(o),
 		"general.file_type":                o.DType.fileType(),
 		"block_count":                      uint32(s.Layers),
 		"context_length":                   uint32(s.Context),
@@ -67,14 +69,14 @@ func WriteRandom(path string, o RandomOptions) error {
 		"attention.layer_norm_rms_epsilon": float32(1e-5),
 		"rope.dimension_count":             uint32(s.HeadDim),
 		"rope.freq_base":                   s.RopeBase,
-		"tokenizer.ggml.add_bos_token":     o.Arch == "llama",
+		"tokenizer.ggml.add_bos_token":     o.Arch == "llama" || o.Arch == "phi3",
 		"tokenizer.ggml.add_eos_token":     false,
 		"tokenizer.ggml.padding_token_id":  uint32(0),
 		"general.quantization_version":     uint32(2),
 		"tokenizer.ggml.add_space_prefix":  true,
 		"general.kvrecall.foundry":         "random",
 	}
-	if o.Arch == "llama" {
+	if o.Arch == "llama" || o.Arch == "phi3" {
 		v, err := spmVocab(s.Vocab)
 		if err != nil {
 			return err
@@ -120,13 +122,23 @@ func WriteRandom(path string, o RandomOptions) error {
 		p := fmt.Sprintf("blk.%d.", l)
 		in := 1 / math.Sqrt(float64(h))
 		vec(p+"attn_norm.weight", h, 1, 0.05)
-		mat(p+"attn_q.weight", h, q, 1.5*in)
-		mat(p+"attn_k.weight", h, kvd, 1.5*in)
-		mat(p+"attn_v.weight", h, kvd, in)
+		if o.Arch == "phi3" {
+			// q, k and v in one matrix (rows in that order), gate and up too.
+			ts = append(ts, &tensor{name: p + "attn_qkv.weight", shape: []uint64{uint64(h), uint64(q + 2*kvd)}, dtype: o.DType,
+				gen: stacked(o.Seed, p+"attn_", h, []int{q, kvd, kvd}, []float64{1.5 * in, 1.5 * in, in})})
+		} else {
+			mat(p+"attn_q.weight", h, q, 1.5*in)
+			mat(p+"attn_k.weight", h, kvd, 1.5*in)
+			mat(p+"attn_v.weight", h, kvd, in)
+		}
 		mat(p+"attn_output.weight", q, h, 1/math.Sqrt(float64(q)))
 		vec(p+"ffn_norm.weight", h, 1, 0.05)
-		mat(p+"ffn_gate.weight", h, s.FFN, in)
-		mat(p+"ffn_up.weight", h, s.FFN, in)
+		if o.Arch == "phi3" {
+			mat(p+"ffn_up.weight", h, 2*s.FFN, in)
+		} else {
+			mat(p+"ffn_gate.weight", h, s.FFN, in)
+			mat(p+"ffn_up.weight", h, s.FFN, in)
+		}
 		mat(p+"ffn_down.weight", s.FFN, h, 1/math.Sqrt(float64(s.FFN)))
 		if o.Arch == "qwen3" {
 			vec(p+"attn_q_norm.weight", s.HeadDim, 1, 0.1)
@@ -139,6 +151,29 @@ func WriteRandom(path string, o RandomOptions) error {
 		}
 	}
 	return write(path, kv, ts)
+}
+
+// randomName is general.name. llama.cpp sets token attributes by model
+// name: a name containing "phi3" or "phi-3" makes it look up Phi-3's
+// special tokens (<|endoftext|>, ...), which a random vocabulary lacks.
+func randomName(o RandomOptions) string {
+	if o.Arch == "phi3" {
+		return fmt.Sprintf("kvrecall-random-fused-%d", o.Seed)
+	}
+	return fmt.Sprintf("kvrecall-random-%s-%d", o.Arch, o.Seed)
+}
+
+// stacked fills a matrix of in-wide rows made of row blocks, block i
+// rows[i] rows of N(0, stds[i]) (a fused q/k/v matrix whose parts want
+// different scales).
+func stacked(seed uint64, name string, in int, rows []int, stds []float64) func([]float32) {
+	return func(dst []float32) {
+		off := 0
+		for i, r := range rows {
+			gaussian(seed, fmt.Sprintf("%s%d", name, i), 0, stds[i])(dst[off : off+r*in])
+			off += r * in
+		}
+	}
 }
 
 // gaussian fills with N(mean, std) from a stream seeded by (seed, name), so a

@@ -51,7 +51,7 @@ func TestOpenRejectsBadFiles(t *testing.T) {
 		{"unsupported architecture", edit("mamba.gguf", func(kv fsggml.KV, ts []*fsggml.Tensor) ([]*fsggml.Tensor, error) {
 			kv["general.architecture"] = "mamba"
 			return ts, nil
-		}), `architecture "mamba" is not supported (supported: llama, qwen2, qwen3)`},
+		}), `architecture "mamba" is not supported (supported: llama, qwen2, qwen3, phi3)`},
 		{"missing tensor", edit("missing.gguf", func(kv fsggml.KV, ts []*fsggml.Tensor) ([]*fsggml.Tensor, error) {
 			var out []*fsggml.Tensor
 			for _, t := range ts {
@@ -70,6 +70,9 @@ func TestOpenRejectsBadFiles(t *testing.T) {
 			}
 			return ts, nil
 		}), "tensor blk.0.ffn_up.weight has shape [256 256], want [256 512]"},
+		{"LongRoPE factors", edit("longrope.gguf", func(kv fsggml.KV, ts []*fsggml.Tensor) ([]*fsggml.Tensor, error) {
+			return append(ts, &fsggml.Tensor{Name: "rope_factors_long.weight", Kind: 0, Shape: []uint64{16}, WriterTo: zeroData{16 * 4}}), nil
+		}), "LongRoPE (rope_factors_long/short, Phi-3 128k models) is not supported yet"},
 		{"missing hyperparameter", edit("hparam.gguf", func(kv fsggml.KV, ts []*fsggml.Tensor) ([]*fsggml.Tensor, error) {
 			delete(kv, "llama.block_count")
 			return ts, nil

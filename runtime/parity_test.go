@@ -28,6 +28,7 @@ func TestParityWithLlamaCpp(t *testing.T) {
 			"Once upon a time, there was a little dog named Max. Max liked to run in the park with his friend, a small cat. One day they found a big red ball under a tree and they played with it until the sun went down."},
 		{"llama-gqa-rope-freqs", func(t *testing.T) string { return testmodels.Random(t, "llama", "tiny", foundry.F32, 1, true) }, "f32", ""},
 		{"qwen2-bias", func(t *testing.T) string { return testmodels.Random(t, "qwen2", "tiny", foundry.F32, 2, false) }, "f32", ""},
+		{"phi3-fused-qkv-gate-up", func(t *testing.T) string { return testmodels.Random(t, "phi3", "tiny", foundry.F32, 7, false) }, "f32", ""},
 		{"qwen3-qk-norm", func(t *testing.T) string { return testmodels.Random(t, "qwen3", "tiny", foundry.F32, 6, false) }, "f32", ""},
 		{"llama-f16-kv", func(t *testing.T) string { return testmodels.Random(t, "llama", "tiny", foundry.F32, 3, false) }, "f16", ""},
 	}

@@ -1,5 +1,5 @@
 // Package arch holds kvrecall's own forward passes for the llama family
-// (architectures "llama", "qwen2" and "qwen3"), written with ollama's ml ops and
+// (architectures "llama", "qwen2", "qwen3" and "phi3"), written with ollama's ml ops and
 // registered with ollama's model registry. ollama's model/models is never
 // imported: it registers the same names.
 //
@@ -18,7 +18,7 @@ import (
 )
 
 // Supported lists the architectures this package implements.
-var Supported = []string{"llama", "qwen2", "qwen3"}
+var Supported = []string{"llama", "qwen2", "qwen3", "phi3"}
 
 // Config holds the hyperparameters of a llama-family model.
 type Config struct {
@@ -38,6 +38,8 @@ type Config struct {
 	RopeNeoX      bool    // qwen2 rotates the two halves of a head, llama adjacent pairs
 	QKVBias       bool
 	QKNorm        bool // qwen3: RMS norms over each head's queries and keys before RoPE
+	FusedGateUp   bool // phi3: ffn_up holds gate and up, [hidden, 2·FFN]
+	ScaleQueries  bool // phi3: queries are scaled by 1/√headDim after RoPE, attention by 1
 	RopeFreqs     bool // a rope_freqs.weight tensor scales the frequencies (Llama 3)
 	TiedOutput    bool // no output.weight: the embedding doubles as the output matrix
 }
@@ -91,7 +93,8 @@ func parseHParams(get Getter) (Config, error) {
 	if !slices.Contains(Supported, a) {
 		return Config{}, &UnsupportedError{Arch: a}
 	}
-	c := Config{Arch: a, RopeNeoX: a == "qwen2" || a == "qwen3", QKVBias: a == "qwen2", QKNorm: a == "qwen3"}
+	c := Config{Arch: a, RopeNeoX: a == "qwen2" || a == "qwen3" || a == "phi3", QKVBias: a == "qwen2", QKNorm: a == "qwen3",
+		FusedGateUp: a == "phi3", ScaleQueries: a == "phi3"}
 	need := func(key string) (int, error) {
 		v, ok := uintOf(get, a+"."+key)
 		if !ok || v == 0 || v > 1<<24 {
@@ -203,6 +206,12 @@ func (c *Config) checkTensors(f *gguf.File) error {
 	} else {
 		c.TiedOutput = true
 	}
+	if _, ok := f.Tensor("rope_factors_long.weight"); ok {
+		// Phi-3's LongRoPE picks long or short factors by context length
+		// and scales attention; not implemented, so refuse rather than
+		// compute something else.
+		return fmt.Errorf("LongRoPE (rope_factors_long/short, Phi-3 128k models) is not supported yet")
+	}
 	if t, ok := f.Tensor("rope_freqs.weight"); ok {
 		c.RopeFreqs = true
 		if len(t.Shape) != 1 || int(t.Shape[0]) != c.RopeDim/2 {
@@ -212,13 +221,21 @@ func (c *Config) checkTensors(f *gguf.File) error {
 	for i := 0; i < c.Layers; i++ {
 		p := fmt.Sprintf("blk.%d.", i)
 		want[p+"attn_norm.weight"] = []uint64{uint64(c.Hidden)}
-		want[p+"attn_q.weight"] = []uint64{uint64(c.Hidden), uint64(q)}
-		want[p+"attn_k.weight"] = []uint64{uint64(c.Hidden), uint64(kv)}
-		want[p+"attn_v.weight"] = []uint64{uint64(c.Hidden), uint64(kv)}
+		if _, fused := f.Tensor(p + "attn_qkv.weight"); fused {
+			want[p+"attn_qkv.weight"] = []uint64{uint64(c.Hidden), uint64(q + 2*kv)}
+		} else {
+			want[p+"attn_q.weight"] = []uint64{uint64(c.Hidden), uint64(q)}
+			want[p+"attn_k.weight"] = []uint64{uint64(c.Hidden), uint64(kv)}
+			want[p+"attn_v.weight"] = []uint64{uint64(c.Hidden), uint64(kv)}
+		}
 		want[p+"attn_output.weight"] = []uint64{uint64(q), uint64(c.Hidden)}
 		want[p+"ffn_norm.weight"] = []uint64{uint64(c.Hidden)}
-		want[p+"ffn_gate.weight"] = []uint64{uint64(c.Hidden), uint64(c.FFN)}
-		want[p+"ffn_up.weight"] = []uint64{uint64(c.Hidden), uint64(c.FFN)}
+		if c.FusedGateUp {
+			want[p+"ffn_up.weight"] = []uint64{uint64(c.Hidden), uint64(2 * c.FFN)}
+		} else {
+			want[p+"ffn_gate.weight"] = []uint64{uint64(c.Hidden), uint64(c.FFN)}
+			want[p+"ffn_up.weight"] = []uint64{uint64(c.Hidden), uint64(c.FFN)}
+		}
 		want[p+"ffn_down.weight"] = []uint64{uint64(c.FFN), uint64(c.Hidden)}
 		if c.QKNorm {
 			want[p+"attn_q_norm.weight"] = []uint64{uint64(c.HeadDim)}

@@ -84,6 +84,7 @@ type Layer struct {
 // Attention holds the projections of one layer. The backend duplicates the
 // file's single rope_freqs.weight per layer as blk.N.rope_freqs.weight.
 type Attention struct {
+	QKV         *nn.Linear `gguf:"attn_qkv"` // phi3: q, k and v in one matrix
 	Query       *nn.Linear `gguf:"attn_q"`
 	Key         *nn.Linear `gguf:"attn_k"`
 	Value       *nn.Linear `gguf:"attn_v"`
@@ -94,7 +95,8 @@ type Attention struct {
 	KeyNorm   *nn.RMSNorm `gguf:"attn_k_norm"`
 }
 
-// MLP is the SwiGLU feed-forward block.
+// MLP is the SwiGLU feed-forward block. Without Gate (phi3), Up is
+// [hidden, 2·FFN]: gate and up in one matrix.
 type MLP struct {
 	Gate *nn.Linear `gguf:"ffn_gate"`
 	Up   *nn.Linear `gguf:"ffn_up"`
@@ -130,14 +132,14 @@ func (m *Model) Validate() error {
 		check(p+"attn_norm.weight", l.AttentionNorm != nil && l.AttentionNorm.Weight != nil)
 		check(p+"ffn_norm.weight", l.MLPNorm != nil && l.MLPNorm.Weight != nil)
 		a := l.Attention
-		check(p+"attn_q/k/v/output", a != nil && a.Query != nil && a.Key != nil && a.Value != nil && a.Output != nil)
+		check(p+"attn_q/k/v/output", a != nil && a.Output != nil && (a.QKV != nil || (a.Query != nil && a.Key != nil && a.Value != nil)))
 		if a != nil && m.Params.QKNorm {
 			check(p+"attn_q_norm/attn_k_norm.weight", a.QueryNorm != nil && a.QueryNorm.Weight != nil && a.KeyNorm != nil && a.KeyNorm.Weight != nil)
 		}
 		if a != nil && m.Params.QKVBias {
 			check(p+"attn_q/k/v.bias", a.Query != nil && a.Query.Bias != nil && a.Key != nil && a.Key.Bias != nil && a.Value != nil && a.Value.Bias != nil)
 		}
-		check(p+"ffn_gate/up/down", l.MLP != nil && l.MLP.Gate != nil && l.MLP.Up != nil && l.MLP.Down != nil)
+		check(p+"ffn_gate/up/down", l.MLP != nil && (l.MLP.Gate != nil || m.Params.FusedGateUp) && l.MLP.Up != nil && l.MLP.Down != nil)
 	}
 	if len(missing) > 0 {
 		return fmt.Errorf("missing tensors: %v", missing)
@@ -187,23 +189,47 @@ func (m *Model) ForwardCache(ctx ml.Context, batch input.Batch, cache kvcache.Ca
 func (m *Model) layer(ctx ml.Context, i int, h, positions, outputs ml.Tensor, cache kvcache.Cache) ml.Tensor {
 	l := &m.Layers[i]
 	q, k, v := m.qkv(ctx, l.Attention, l.AttentionNorm.Forward(ctx, h, m.Params.Eps), positions)
-	attn := attention(ctx, i, q, k, v, 1/math.Sqrt(float64(m.Params.HeadDim)), cache) // [headDim, heads, batch]
+	attn := attention(ctx, i, q, k, v, m.attnScale(), cache) // [headDim, heads, batch]
 	// In the last layer (outputs set) only the rows that want logits go on.
 	return m.finish(ctx, l, attn, h, outputs)
+}
+
+// attnScale is the softmax scale of attention scores: 1/√headDim, or 1
+// where the queries carry it (phi3 scales them after RoPE, as llama.cpp does).
+func (m *Model) attnScale() float64 {
+	if m.Params.ScaleQueries {
+		return 1
+	}
+	return 1 / math.Sqrt(float64(m.Params.HeadDim))
 }
 
 // qkv returns the layer's roped queries [headDim, heads, batch] and keys and
 // values [headDim, kvHeads, batch] for the normed input h.
 func (m *Model) qkv(ctx ml.Context, a *Attention, h, positions ml.Tensor) (q, k, v ml.Tensor) {
 	n := h.Dim(1)
-	q = a.Query.Forward(ctx, h).Reshape(ctx, m.Params.HeadDim, m.Params.Heads, n)
-	k = a.Key.Forward(ctx, h).Reshape(ctx, m.Params.HeadDim, m.Params.KVHeads, n)
-	v = a.Value.Forward(ctx, h).Reshape(ctx, m.Params.HeadDim, m.Params.KVHeads, n)
+	hd := m.Params.HeadDim
+	if a.QKV != nil {
+		// One matrix: rows q (heads·hd), then k and v (kvHeads·hd each).
+		// Views of it, as llama.cpp takes them; v is made contiguous for
+		// the cache.
+		qkv := a.QKV.Forward(ctx, h) // [(heads+2·kvHeads)·hd, batch]
+		q = qkv.View(ctx, 0, hd, hd*4, m.Params.Heads, qkv.Stride(1), n)
+		k = qkv.View(ctx, m.Params.Heads*hd*4, hd, hd*4, m.Params.KVHeads, qkv.Stride(1), n)
+		v = qkv.View(ctx, (m.Params.Heads+m.Params.KVHeads)*hd*4, hd, hd*4, m.Params.KVHeads, qkv.Stride(1), n).Contiguous(ctx)
+	} else {
+		q = a.Query.Forward(ctx, h).Reshape(ctx, hd, m.Params.Heads, n)
+		k = a.Key.Forward(ctx, h).Reshape(ctx, hd, m.Params.KVHeads, n)
+		v = a.Value.Forward(ctx, h).Reshape(ctx, hd, m.Params.KVHeads, n)
+	}
 	if m.Params.QKNorm { // per head: the norm runs over dimension 0
 		q = a.QueryNorm.Forward(ctx, q, m.Params.Eps)
 		k = a.KeyNorm.Forward(ctx, k, m.Params.Eps)
 	}
-	return m.rope(ctx, q, positions, a.RopeFactors), m.rope(ctx, k, positions, a.RopeFactors), v
+	q, k = m.rope(ctx, q, positions, a.RopeFactors), m.rope(ctx, k, positions, a.RopeFactors)
+	if m.Params.ScaleQueries {
+		q = q.Scale(ctx, 1/math.Sqrt(float64(hd)))
+	}
+	return q, k, v
 }
 
 // finish applies the output projection, the residual and the MLP to a
@@ -218,7 +244,16 @@ func (m *Model) finish(ctx ml.Context, l *Layer, attn, residual, outputs ml.Tens
 	h = h.Add(ctx, residual)
 	residual = h
 	h = l.MLPNorm.Forward(ctx, h, m.Params.Eps)
-	h = l.MLP.Down.Forward(ctx, l.MLP.Gate.Forward(ctx, h).SILU(ctx, l.MLP.Up.Forward(ctx, h)))
+	if l.MLP.Gate == nil {
+		// Fused gate and up (phi3): SwiGLU over the two halves.
+		up := l.MLP.Up.Forward(ctx, h) // [2·FFN, batch]
+		f := m.Params.FFN
+		gate := up.View(ctx, 0, f, up.Stride(1), up.Dim(1))
+		h = gate.SILU(ctx, up.View(ctx, f*4, f, up.Stride(1), up.Dim(1)))
+	} else {
+		h = l.MLP.Gate.Forward(ctx, h).SILU(ctx, l.MLP.Up.Forward(ctx, h))
+	}
+	h = l.MLP.Down.Forward(ctx, h)
 	return h.Add(ctx, residual)
 }
 
@@ -262,7 +297,7 @@ func (m *Model) Run(b ml.Backend, st Step, cache kvcache.Cache) (logits []float3
 	}
 	positions := ctx.Input().FromInts(st.Positions, n)
 	h := m.TokenEmbedding.Forward(ctx, batch.Inputs) // [hidden, batch]
-	scale := 1 / math.Sqrt(float64(m.Params.HeadDim))
+	scale := m.attnScale()
 	for i := range m.Layers {
 		l := &m.Layers[i]
 		cache.SetLayer(i)
