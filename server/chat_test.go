@@ -11,6 +11,13 @@ const chatML = `{% for message in messages %}{% if loop.first and messages[0]['r
 
 const llama3 = `{{ bos_token }}{% for message in messages %}{% if message['role'] == 'system' and not loop.first %}{{ raise_exception('system must come first') }}{% endif %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}`
 
+// In the style of Phi-3's template: role tags, <|end|>, EOS when no reply follows.
+const phi3 = `{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + '<|end|>\n'}}{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}`
+
+// In the style of Qwen3's template: ChatML with whitespace control,
+// attribute access and the empty think block when thinking is off.
+const qwen3 = `{%- for message in messages %}{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\n\n</think>\n\n' }}{%- endif %}{%- endif %}`
+
 func TestChatTemplates(t *testing.T) {
 	mk := func(src, bos string) *chatTemplate {
 		tpl, err := gonja.FromString(src)
@@ -34,6 +41,10 @@ func TestChatTemplates(t *testing.T) {
 			"<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nHi there<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n", ""},
 		{"llama3 after a document has no BOS", mk(llama3, "<|begin_of_text|>"), msgs[1:], false,
 			"<|start_header_id|>user<|end_header_id|>\n\nHi there<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n", ""},
+		{"phi3", mk(phi3, "<s>"), msgs, true,
+			"<|system|>\nBe brief.<|end|>\n<|user|>\nHi there <|end|>\n<|assistant|>\n", ""},
+		{"qwen3", mk(qwen3, ""), msgs, true,
+			"<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there <|im_end|>\n<|im_start|>assistant\n", ""},
 		{"template raises", mk(llama3, ""), []message{{Role: "user", Content: "a"}, {Role: "system", Content: "b"}}, true, "", "system must come first"},
 		{"fallback", &chatTemplate{}, msgs, true, "Be brief.\n\nHi there ", ""},
 		{"bad role", &chatTemplate{}, []message{{Role: "robot", Content: "x"}}, true, "", "unknown message role"},
