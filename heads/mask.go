@@ -108,6 +108,15 @@ func (m *masked) Groups(layer int) []paging.Group {
 	}
 }
 
+// StartPass forwards to an inner method whose budgets change between
+// forward passes (paging.PassStarter), so that the retrieval group's pool
+// follows them.
+func (m *masked) StartPass(pos0, batch int) {
+	if p, ok := m.inner.(paging.PassStarter); ok {
+		p.StartPass(pos0, batch)
+	}
+}
+
 func (m *masked) NeedQueries(layer, batch int) bool {
 	return len(m.retrieval[layer]) > 0 && m.inner.NeedQueries(layer, batch)
 }
