@@ -178,6 +178,9 @@ func New(c paging.Config) (*Selector, error) {
 		return nil, fmt.Errorf("probe: Options[%q] is a %T, want probe.Settings", OptionKey, v)
 	}
 	free := c.Budget - c.Sinks - c.Window
+	if s.BlockSize < 0 || s.BlockSize%c.PageSize != 0 {
+		return nil, fmt.Errorf("probe: block_size %d must be a positive multiple of the page size %d", s.BlockSize, c.PageSize)
+	}
 	bs := s.BlockSize
 	if bs == 0 {
 		bs = c.PageSize
@@ -202,6 +205,13 @@ func New(c paging.Config) (*Selector, error) {
 		}
 		p.reps = s.Reps
 		p.repsEnd = s.Reps.Blocks * s.BlockSize
+		// The document's query statistics start each layer's running
+		// statistics; the session's copy is its own.
+		for l := range p.layer {
+			if l < len(s.Reps.Stats) && s.Reps.Stats[l].Count > 0 {
+				p.layer[l].stats = s.Reps.Stats[l].clone()
+			}
+		}
 	}
 	for l := range p.layer {
 		p.layer[l].budget = p.maxBudget()
@@ -294,7 +304,7 @@ func (p *Selector) Select(layer int, s paging.Summaries, q *paging.Queries, upto
 		pos0 := upto - len(q.Q)
 		if kr, ok := s.(paging.KeyReader); ok {
 			if p.builder == nil {
-				p.builder = NewBuilder(p.c.Layers, s.KVHeads(), s.HeadDim(), p.s.BlockSize, p.s.RepTopK, p.c.Window, p.repsEnd)
+				p.builder = NewBuilder(p.c.Layers, s.KVHeads(), s.HeadDim(), p.s.BlockSize, p.s.RepTopK, p.c.Window, p.s.ExcBlockSize, p.repsEnd)
 			}
 			if pos0 >= p.repsEnd {
 				p.builder.Add(layer, kr, q, pos0)
@@ -559,7 +569,7 @@ func topK(scores []float32, k int) []int {
 // count capped at StatCap.
 type actStats struct {
 	mean, vars []float64
-	count      int
+	Count      int       // windows seen
 	bm, bv     []float64 // batch mean and (biased) variance, scratch
 }
 
@@ -589,7 +599,7 @@ func (a *actStats) update(q [][]float32, cap_ int) {
 		a.bv[i] /= float64(n)
 	}
 	fn := float64(n)
-	if a.count == 0 {
+	if a.Count == 0 {
 		a.mean, a.vars = make([]float64, c), make([]float64, c)
 		copy(a.mean, a.bm)
 		for i, v := range a.bv {
@@ -598,14 +608,14 @@ func (a *actStats) update(q [][]float32, cap_ int) {
 			}
 		}
 	} else {
-		k := float64(min(a.count, cap_))
+		k := float64(min(a.Count, cap_))
 		for i := range a.mean {
 			d := a.bm[i] - a.mean[i]
 			a.vars[i] = (a.vars[i]*(k-1/fn) + a.bv[i] + d*d/(1+1/k)) / (k + 1 - 1/fn)
 			a.mean[i] = (a.mean[i]*k + a.bm[i]) / (k + 1)
 		}
 	}
-	a.count++
+	a.Count++
 }
 
 // weights returns each query's weight: the mean over channels of
@@ -645,12 +655,19 @@ func (a *actStats) weights(w []float32, q [][]float32) []float32 {
 	return w
 }
 
-// ActivationWeights returns the weights ActQKV gives the queries q
-// [tokens][channels] when they are a layer's first window: statistics set
-// from q itself, then (q−μ)²/(σ²+mean(σ²)/100) averaged over channels and
-// normalised over tokens.
-func ActivationWeights(q [][]float32) []float32 {
+func (a actStats) clone() actStats {
+	return actStats{mean: slices.Clone(a.mean), vars: slices.Clone(a.vars), Count: a.Count}
+}
+
+// ActivationWeights returns the weights ActQKV gives the window of queries
+// q [tokens][channels] after the windows in warm: each window updates the
+// running statistics in turn (q too), then each query of q weighs
+// (q−μ)²/(σ²+mean(σ²)/100) averaged over channels, normalised over q.
+func ActivationWeights(warm [][][]float32, q [][]float32) []float32 {
 	var a actStats
+	for _, w := range warm {
+		a.update(w, DefaultStatCap)
+	}
 	a.update(q, DefaultStatCap)
 	return a.weights(nil, q)
 }

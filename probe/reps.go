@@ -27,6 +27,11 @@ type Reps struct {
 	Blocks                   int
 	// R is [Layers][Blocks][KVHeads][HeadDim].
 	R []float32
+	// Stats are each layer's running statistics of the query activations
+	// over the sequence's windows [heads·headDim]: a session's probe
+	// starts from them, so that the question's outliers stand out against
+	// the document's queries rather than against the question alone.
+	Stats []actStats
 }
 
 // Rep returns the representative of block b, KV head g in layer [HeadDim].
@@ -61,15 +66,18 @@ type Builder struct {
 	scale                                float32
 	// score[layer][g][pos-base]: local attention received.
 	score [][][]float32
+	exc   int        // window of queries per statistics update
+	stats []actStats // per layer
 	// Scratch, reused across calls: keys [kvh][span][hd], logits [span].
 	keys   []float32
 	logits []float32
 }
 
-// NewBuilder returns a builder for positions from base on.
-func NewBuilder(layers, kvHeads, headDim, blockSize, repTopK, window, base int) *Builder {
+// NewBuilder returns a builder for positions from base on. It also keeps
+// each layer's query statistics, updated once per window of exc queries.
+func NewBuilder(layers, kvHeads, headDim, blockSize, repTopK, window, exc, base int) *Builder {
 	b := &Builder{layers: layers, kvh: kvHeads, hd: headDim, block: blockSize, topk: repTopK, window: window, base: base,
-		scale: float32(1 / math.Sqrt(float64(headDim)))}
+		exc: exc, stats: make([]actStats, layers), scale: float32(1 / math.Sqrt(float64(headDim)))}
 	b.score = make([][][]float32, layers)
 	for l := range b.score {
 		b.score[l] = make([][]float32, kvHeads)
@@ -84,6 +92,9 @@ func (b *Builder) Add(layer int, k paging.KeyReader, q *paging.Queries, pos0 int
 	n := len(q.Q)
 	if n == 0 {
 		return
+	}
+	for i := 0; i < n; i += b.exc {
+		b.stats[layer].update(q.Q[i:min(n, i+b.exc)], DefaultStatCap)
 	}
 	hd, kvh := b.hd, b.kvh
 	group := q.Heads / kvh
@@ -152,6 +163,9 @@ func (b *Builder) Reps(upto int, keys func(layer int) paging.KeyReader) (*Reps, 
 	r := &Reps{Layers: b.layers, KVHeads: b.kvh, HeadDim: b.hd, BlockSize: b.block, RepTopK: b.topk, Window: b.window,
 		Blocks: nb - first}
 	r.R = make([]float32, b.layers*r.Blocks*b.kvh*b.hd)
+	for _, st := range b.stats {
+		r.Stats = append(r.Stats, st.clone())
+	}
 	key := make([]float32, b.hd)
 	idx := make([]int, 0, b.block)
 	for l := 0; l < b.layers; l++ {
@@ -207,11 +221,13 @@ func topScores(idx []int, sc []float32, lo, hi, k int) []int {
 //	header  magic "KVRPROBE", version u32, layers u32, kvHeads u32, headDim u32,
 //	        blockSize u32, repTopK u32, window u32, blocks u32, tokens u64,
 //	        fingerprint [32]byte, crc32c u32 of the header so far
-//	layers  layers x ( [blocks][kvHeads][headDim]f32, crc32c u32 )
+//	        channels u32 (query heads·headDim of the statistics)
+//	layers  layers x ( [blocks][kvHeads][headDim]f32, windows u32,
+//	        mean [channels]f64, variance [channels]f64, crc32c u32 )
 const (
 	repsMagic   = "KVRPROBE"
 	repsVersion = 1
-	repsHeader  = 8 + 4*8 + 8 + 32 + 4
+	repsHeader  = 8 + 4*9 + 8 + 32 + 4
 )
 
 var castagnoli = crc32.MakeTable(crc32.Castagnoli)
@@ -223,23 +239,55 @@ var ErrCorrupt = errors.New("corrupt representatives file")
 func (r *Reps) WriteFile(path string, tokens int, fp [32]byte) error {
 	var h bytes.Buffer
 	h.WriteString(repsMagic)
+	ch := r.channels()
+	if len(r.Stats) != r.Layers {
+		return fmt.Errorf("probe: representatives hold statistics for %d of %d layers", len(r.Stats), r.Layers)
+	}
 	for _, v := range []int{repsVersion, r.Layers, r.KVHeads, r.HeadDim, r.BlockSize, r.RepTopK, r.Window, r.Blocks} {
 		binary.Write(&h, binary.LittleEndian, uint32(v))
 	}
 	binary.Write(&h, binary.LittleEndian, uint64(tokens))
 	h.Write(fp[:])
+	binary.Write(&h, binary.LittleEndian, uint32(ch))
 	binary.Write(&h, binary.LittleEndian, crc32.Checksum(h.Bytes(), castagnoli))
 	per := r.Blocks * r.KVHeads * r.HeadDim
 	for l := 0; l < r.Layers; l++ {
-		b := make([]byte, 4*per, 4*per+4)
-		for i, v := range r.R[l*per : (l+1)*per] {
-			binary.LittleEndian.PutUint32(b[4*i:], math.Float32bits(v))
+		b := make([]byte, 0, r.layerRecord(ch))
+		for _, v := range r.R[l*per : (l+1)*per] {
+			b = binary.LittleEndian.AppendUint32(b, math.Float32bits(v))
+		}
+		st := r.Stats[l]
+		b = binary.LittleEndian.AppendUint32(b, uint32(st.Count))
+		for i := 0; i < ch; i++ {
+			b = binary.LittleEndian.AppendUint64(b, math.Float64bits(at(st.mean, i)))
+		}
+		for i := 0; i < ch; i++ {
+			b = binary.LittleEndian.AppendUint64(b, math.Float64bits(at(st.vars, i)))
 		}
 		b = binary.LittleEndian.AppendUint32(b, crc32.Checksum(b, castagnoli))
 		h.Write(b)
 	}
 	return atomicfile.WriteBytes(path, h.Bytes(), 0o644)
 }
+
+func at(x []float64, i int) float64 {
+	if i < len(x) {
+		return x[i]
+	}
+	return 0
+}
+
+// channels is the width of the statistics (0 if none were kept).
+func (r *Reps) channels() int {
+	for _, st := range r.Stats {
+		if len(st.mean) > 0 {
+			return len(st.mean)
+		}
+	}
+	return 0
+}
+
+func (r *Reps) layerRecord(ch int) int { return 4*r.Blocks*r.KVHeads*r.HeadDim + 4 + 16*ch + 4 }
 
 // ReadFile loads representatives written by WriteFile and checks them
 // against the document (tokens, fingerprint) and the model's shape.
@@ -269,18 +317,31 @@ func ReadFile(path string, tokens int, fp [32]byte, layers, kvHeads, headDim int
 		return nil, fmt.Errorf("%s: %w: %d blocks of %d for %d tokens", path, ErrCorrupt, r.Blocks, r.BlockSize, tokens)
 	}
 	per := r.Blocks * r.KVHeads * r.HeadDim
-	if len(b) != repsHeader+r.Layers*(4*per+4) {
-		return nil, fmt.Errorf("%s: %w: %d bytes, want %d", path, ErrCorrupt, len(b), repsHeader+r.Layers*(4*per+4))
+	ch := int(binary.LittleEndian.Uint32(b[repsHeader-8:]))
+	size := r.layerRecord(ch)
+	if ch > 1<<24 || len(b) != repsHeader+r.Layers*size {
+		return nil, fmt.Errorf("%s: %w: %d bytes, want %d", path, ErrCorrupt, len(b), repsHeader+r.Layers*size)
 	}
 	r.R = make([]float32, r.Layers*per)
 	for l := 0; l < r.Layers; l++ {
-		rec := b[repsHeader+l*(4*per+4):][:4*per+4]
-		if binary.LittleEndian.Uint32(rec[4*per:]) != crc32.Checksum(rec[:4*per], castagnoli) {
+		rec := b[repsHeader+l*size:][:size]
+		if binary.LittleEndian.Uint32(rec[size-4:]) != crc32.Checksum(rec[:size-4], castagnoli) {
 			return nil, fmt.Errorf("%s: %w: layer %d checksum", path, ErrCorrupt, l)
 		}
 		for i := 0; i < per; i++ {
 			r.R[l*per+i] = math.Float32frombits(binary.LittleEndian.Uint32(rec[4*i:]))
 		}
+		o := 4 * per
+		st := actStats{Count: int(binary.LittleEndian.Uint32(rec[o:])), mean: make([]float64, ch), vars: make([]float64, ch)}
+		o += 4
+		for i := range st.mean {
+			st.mean[i] = math.Float64frombits(binary.LittleEndian.Uint64(rec[o+8*i:]))
+			st.vars[i] = math.Float64frombits(binary.LittleEndian.Uint64(rec[o+8*(ch+i):]))
+		}
+		if st.Count == 0 {
+			st = actStats{}
+		}
+		r.Stats = append(r.Stats, st)
 	}
 	return r, nil
 }
