@@ -87,6 +87,9 @@ func newMasked(inner paging.Selector, c paging.Config) (paging.Selector, error) 
 	return m, nil
 }
 
+// Unwrap returns the inner method's selector.
+func (m *masked) Unwrap() paging.Selector { return m.inner }
+
 func (m *masked) Name() string          { return m.inner.Name() + "+heads" }
 func (m *masked) Config() paging.Config { return m.c }
 

@@ -11,6 +11,7 @@ import (
 	"sync"
 	"testing"
 
+	"github.com/kvrecall/kvrecall/heads"
 	"github.com/kvrecall/kvrecall/paging"
 )
 
@@ -565,5 +566,29 @@ func writeBytes(t *testing.T, path string, b []byte) {
 	t.Helper()
 	if err := os.WriteFile(path, b, 0o644); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// probe+heads: the heads modifier wraps probe (one group per layer) and
+// its streaming heads keep sinks + window while the retrieval heads follow
+// probe's per-layer budget.
+func TestProbeWithHeads(t *testing.T) {
+	c := paging.Config{PageSize: 64, Budget: 1024, Sinks: 64, Window: 256, Layers: 2, KVHeads: 2,
+		Options: map[string]any{"heads": heads.Mask{{false, true}, {false, true}}}}
+	s, err := paging.New("probe+heads", c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s.Name() != "probe+heads" {
+		t.Fatalf("name %q", s.Name())
+	}
+	ps, ok := s.(paging.PassStarter)
+	if !ok {
+		t.Fatal("probe+heads does not pass StartPass on")
+	}
+	ps.StartPass(1000, 10)
+	gs := s.Groups(1)
+	if len(gs) != 2 || gs[0].Budget != 64+256+22*64 || gs[1].Budget != 64+256 {
+		t.Fatalf("probing pass groups %+v", gs)
 	}
 }

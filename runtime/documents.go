@@ -12,11 +12,13 @@ import (
 	"regexp"
 	"slices"
 	"sort"
+	"sync"
 	"time"
 
 	"github.com/kvrecall/kvrecall/internal/atomicfile"
 	"github.com/kvrecall/kvrecall/kvcache"
 	"github.com/kvrecall/kvrecall/paging"
+	"github.com/kvrecall/kvrecall/probe"
 )
 
 // Document is text prefilled once: its keys and values live in pages in host
@@ -26,6 +28,11 @@ type Document struct {
 	Info
 	tokens []int32
 	store  *kvcache.Store
+
+	// probe's block representatives, by settings, computed or loaded on
+	// first use (see Model.probeReps).
+	probeMu sync.Mutex
+	probe   map[string]*probe.Reps
 }
 
 // Info describes an ingested document.
@@ -261,7 +268,7 @@ func (m *Model) Ask(ctx context.Context, doc *Document, question string, opts As
 	if err != nil {
 		return nil, err
 	}
-	s, err := m.DocumentSession(doc, opts.PolicyOptions)
+	s, err := m.DocumentSessionContext(ctx, doc, opts.PolicyOptions)
 	if err != nil {
 		return nil, err
 	}
@@ -272,6 +279,17 @@ func (m *Model) Ask(ctx context.Context, doc *Document, question string, opts As
 // DocumentSession returns a session that starts with doc's tokens and pages
 // and attends under the given policy.
 func (m *Model) DocumentSession(doc *Document, o PolicyOptions) (*Session, error) {
+	return m.DocumentSessionContext(context.Background(), doc, o)
+}
+
+// DocumentSessionContext is DocumentSession; ctx bounds the one-time work
+// a method may need on the document first (probe's representatives for a
+// document ingested without them: a prefill).
+func (m *Model) DocumentSessionContext(ctx context.Context, doc *Document, o PolicyOptions) (*Session, error) {
+	o, err := m.withProbeReps(ctx, doc, o)
+	if err != nil {
+		return nil, err
+	}
 	pol, err := m.NewSelector(o)
 	if err != nil {
 		return nil, err
