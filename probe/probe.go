@@ -53,6 +53,10 @@ type Settings struct {
 	// StatCap caps the count of the running activation statistics, so that
 	// they keep adapting (default 1000, the paper's).
 	StatCap int
+	// Uniform replaces the activation weights by equal ones: the probe is
+	// the plain mean of the window's queries. An ablation, to measure what
+	// the weighting buys.
+	Uniform bool
 	// Reps, if set, are the document's representatives (blocks from 0);
 	// blocks after them are built from the queries the selector sees.
 	Reps *Reps
@@ -384,6 +388,11 @@ func (p *Selector) probeLayer(layer int, s paging.Summaries, q *paging.Queries, 
 	width := q.Heads * hd
 	ls.stats.update(q.Q, p.s.StatCap)
 	p.w = ls.stats.weights(p.w, q.Q)
+	if p.s.Uniform {
+		for t := range p.w {
+			p.w[t] = 1 / float32(len(p.w))
+		}
+	}
 	p.probe = grow(p.probe, width)
 	clear(p.probe)
 	for t, row := range q.Q {

@@ -3,6 +3,7 @@ package runtime_test
 import (
 	"context"
 	"fmt"
+	"math/rand/v2"
 	"testing"
 	"time"
 
@@ -13,6 +14,7 @@ import (
 	"github.com/kvrecall/kvrecall/haystack"
 	"github.com/kvrecall/kvrecall/internal/testmodels"
 	"github.com/kvrecall/kvrecall/kvcache"
+	"github.com/kvrecall/kvrecall/probe"
 	"github.com/kvrecall/kvrecall/runtime"
 )
 
@@ -65,5 +67,72 @@ func TestNeedleProbe(t *testing.T) {
 				require.True(t, exact["probe"], "depth %d%%, budget %d: retro is exact, probe is not", depth, budget)
 			}
 		}
+	}
+}
+
+// The long-question variant: the question is many ordinary words followed
+// by "q1 q2 q3 K", and the haystack holds many needles whose keys are
+// distractors. The activation-weighted probe finds the asked needle; the
+// plain mean of the question's queries (probe with Uniform weights) is
+// measured next to it, and retro too.
+func TestNeedleProbeLongQuestion(t *testing.T) {
+	path := testmodels.RecallWith(t, foundry.RecallOptions{Salience: true})
+	f, err := gguf.Open(path)
+	require.NoError(t, err)
+	voc, err := haystack.LoadVocab(f)
+	require.NoError(t, err)
+	ctx := context.Background()
+	m, err := runtime.Open(ctx, path, runtime.Options{Threads: 2, ContextLength: 16384 + 512, DataDir: t.TempDir()})
+	require.NoError(t, err)
+	defer m.Close()
+	const length, needles, words = 16384, 48, 200
+	depths := make([]float64, needles)
+	for i := range depths {
+		depths[i] = 0.05 + 0.9*float64(i)/float64(needles-1)
+	}
+	c, err := voc.NewCase(length, depths, 99)
+	require.NoError(t, err)
+	doc, err := m.IngestTokens(ctx, "long-question", c.Tokens, nil)
+	require.NoError(t, err)
+	rng := rand.New(rand.NewPCG(5, 6))
+	type row struct {
+		name string
+		o    runtime.PolicyOptions
+	}
+	rows := []row{
+		{"probe", runtime.PolicyOptions{Policy: "probe"}},
+		{"probe-uniform", runtime.PolicyOptions{Policy: "probe", Extra: map[string]any{probe.OptionKey: probe.Settings{Uniform: true}}}},
+		{"retro", runtime.PolicyOptions{Policy: "retro"}},
+	}
+	for _, budget := range []int{1024, 2048} {
+		hits := map[string]int{}
+		asked := 0
+		for i, n := range c.Needles {
+			if i%6 != 0 {
+				continue // every sixth needle: 8 questions per budget
+			}
+			asked++
+			q := make([]int32, 0, words+4)
+			for range words {
+				q = append(q, voc.Filler[rng.IntN(len(voc.Filler))])
+			}
+			q = append(q, voc.Question(n)...)
+			for _, r := range rows {
+				o := r.o
+				o.Budget = budget
+				s, err := m.DocumentSession(doc, o)
+				require.NoError(t, err)
+				res, err := s.Generate(ctx, q, runtime.GenerateOptions{MaxTokens: voc.AnswerLength})
+				s.Close()
+				require.NoError(t, err)
+				if equal(res.Tokens, n.Values) {
+					hits[r.name]++
+				}
+			}
+		}
+		t.Logf("budget %d, %d needles, %d-word questions: exact answers of %d: probe %d, mean query %d, retro %d",
+			budget, needles, words, asked, hits["probe"], hits["probe-uniform"], hits["retro"])
+		require.Equal(t, asked, hits["probe"], "budget %d: the activation-weighted probe must find every needle", budget)
+		require.Less(t, hits["probe-uniform"], asked, "budget %d: the plain mean of the question's queries should lose needles", budget)
 	}
 }
