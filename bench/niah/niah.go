@@ -62,6 +62,9 @@ type Row struct {
 	MsPerToken    float64 `json:"ms_per_token"`
 	PrefillSec    float64 `json:"prefill_seconds"`
 	ResidentBytes int64   `json:"resident_kv_bytes"`
+	// LayerBudgets are the tokens each layer attended to for the first
+	// question, for methods with a per-request cut-off (probe).
+	LayerBudgets []int `json:"layer_budgets,omitempty"`
 }
 
 // Key identifies a cell for resuming.
@@ -271,6 +274,7 @@ func ask(ctx context.Context, m *runtime.Model, doc *runtime.Document, cl *cell,
 		dec += res.DecodeDuration
 		gen += res.GeneratedTokens
 		if i == 0 {
+			row.LayerBudgets = res.LayerBudgets
 			row.Response = strings.TrimSpace(res.Text)
 			if p.expect != nil {
 				row.Expected = words(m.Tokenizer(), p.expect)
