@@ -4,6 +4,8 @@ import (
 	"context"
 	"fmt"
 	"math/rand/v2"
+	"os"
+	"path/filepath"
 	"testing"
 	"time"
 
@@ -135,4 +137,73 @@ func TestNeedleProbeLongQuestion(t *testing.T) {
 		require.Equal(t, asked, hits["probe"], "budget %d: the activation-weighted probe must find every needle", budget)
 		require.Less(t, hits["probe-uniform"], asked, "budget %d: the plain mean of the question's queries should lose needles", budget)
 	}
+}
+
+// A document's representatives are computed on the first probe question
+// (the document was ingested without them), stored next to its pages,
+// read back by another process without a prefill, and a corrupt file is
+// refused with an error naming it.
+func TestProbeRepsUpgradeAndReload(t *testing.T) {
+	path := testmodels.RecallWith(t, foundry.RecallOptions{Salience: true})
+	f, err := gguf.Open(path)
+	require.NoError(t, err)
+	voc, err := haystack.LoadVocab(f)
+	require.NoError(t, err)
+	ctx := context.Background()
+	dir := t.TempDir()
+	open := func() *runtime.Model {
+		m, err := runtime.Open(ctx, path, runtime.Options{Threads: 2, ContextLength: 4096, DataDir: dir})
+		require.NoError(t, err)
+		return m
+	}
+	c, err := voc.NewCase(3000, []float64{0.3}, 3)
+	require.NoError(t, err)
+	n := c.Needles[0]
+	m := open()
+	doc, err := m.IngestTokens(ctx, "reps", c.Tokens, nil)
+	require.NoError(t, err)
+	file := filepath.Join(dir, "reps", "probe-b64-r4-w256.kvr")
+	_, err = os.Stat(file)
+	require.ErrorIs(t, err, os.ErrNotExist, "ingest does not compute representatives")
+	session := func(m *runtime.Model, doc *runtime.Document) ([]int32, error) {
+		s, err := m.DocumentSession(doc, runtime.PolicyOptions{Policy: "probe", Budget: 1024})
+		if err != nil {
+			return nil, err
+		}
+		defer s.Close()
+		res, err := s.Generate(ctx, voc.Question(n), runtime.GenerateOptions{MaxTokens: voc.AnswerLength})
+		if err != nil {
+			return nil, err
+		}
+		return res.Tokens, nil
+	}
+	got, err := session(m, doc)
+	require.NoError(t, err)
+	require.Equal(t, n.Values, got)
+	st, err := os.Stat(file)
+	require.NoError(t, err, "the first probe question stores the representatives")
+	m.Close()
+
+	m2 := open()
+	doc2, err := m2.OpenDocument("reps")
+	require.NoError(t, err)
+	got, err = session(m2, doc2)
+	require.NoError(t, err)
+	require.Equal(t, n.Values, got)
+	st2, err := os.Stat(file)
+	require.NoError(t, err)
+	require.Equal(t, st.ModTime(), st2.ModTime(), "read back, not recomputed")
+	m2.Close()
+
+	b, err := os.ReadFile(file)
+	require.NoError(t, err)
+	b[len(b)-100] ^= 0x40
+	require.NoError(t, os.WriteFile(file, b, 0o644))
+	m3 := open()
+	defer m3.Close()
+	doc3, err := m3.OpenDocument("reps")
+	require.NoError(t, err)
+	_, err = session(m3, doc3)
+	require.ErrorIs(t, err, probe.ErrCorrupt)
+	require.Contains(t, err.Error(), file)
 }
