@@ -592,3 +592,56 @@ func TestProbeWithHeads(t *testing.T) {
 		t.Fatalf("probing pass groups %+v", gs)
 	}
 }
+
+// In decode, a probe runs again once ExcBlockSize tokens have passed since
+// the last one: only then does the selector ask for queries and size its
+// pools for MaxBlocks again.
+func TestDecodeReprobesEveryWindow(t *testing.T) {
+	rng := rand.New(rand.NewSource(13))
+	const layers, kvh, heads, hd, n, qlen, exc = 2, 2, 4, 16, 2048, 16, 8
+	f := newFakeSeq(rng, layers, n, kvh, hd, 64)
+	doc := n - qlen - 3*exc
+	b := NewBuilder(layers, kvh, hd, 64, 4, 256, exc, 0)
+	q := make([][][]float32, layers)
+	for l := range q {
+		q[l] = randQueries(rng, n, heads*hd)
+		b.Add(l, view{f, l}, &paging.Queries{Q: q[l][:doc], Heads: heads}, 0)
+	}
+	reps, _ := b.Reps(doc, func(l int) paging.KeyReader { return view{f, l} })
+	s, err := paging.New("probe", paging.Config{PageSize: 64, Budget: 1024, Sinks: 64, Window: 256, Layers: layers, KVHeads: kvh,
+		Options: map[string]any{OptionKey: Settings{Reps: reps, ExcBlockSize: exc}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := s.(*Selector)
+	pos := doc
+	var probed []int
+	for step := 0; step <= 3*exc; step++ {
+		batch := 1
+		if step == 0 {
+			batch = qlen
+		}
+		p.StartPass(pos, batch)
+		need := p.NeedQueries(0, batch)
+		if need {
+			probed = append(probed, step)
+			if p.Groups(0)[0].Budget != p.maxBudget() {
+				t.Fatalf("step %d probes with a pool of %d, want %d", step, p.Groups(0)[0].Budget, p.maxBudget())
+			}
+		} else if p.Groups(0)[0].Budget != p.LayerBudgets()[0] {
+			t.Fatalf("step %d: pool %d, cut-off %d", step, p.Groups(0)[0].Budget, p.LayerBudgets()[0])
+		}
+		for l := 0; l < layers; l++ {
+			var qs *paging.Queries
+			if need {
+				qs = &paging.Queries{Q: q[l][pos : pos+batch], Heads: heads}
+			}
+			p.Select(l, view{f, l}, qs, pos+batch)
+		}
+		pos += batch
+	}
+	// The question (step 0, ending at doc+qlen), then every exc tokens.
+	if want := []int{0, exc, 2 * exc, 3 * exc}; !slices.Equal(probed, want) {
+		t.Fatalf("probed at steps %v, want %v", probed, want)
+	}
+}
