@@ -24,7 +24,21 @@ import (
 // exactly wherever retro does, reports its per-layer budgets, and keeps
 // each layer's device pool within its budget.
 func TestNeedleProbe(t *testing.T) {
-	path := testmodels.RecallWith(t, foundry.RecallOptions{Salience: true})
+	for _, v := range []struct {
+		name   string
+		o      foundry.RecallOptions
+		depths []int
+	}{
+		{"2 layers", foundry.RecallOptions{Salience: true}, []int{10, 50, 90}},
+		// Retrieval in layer 2 of 4: its keys depend on layer 1's attention.
+		{"4 layers", foundry.RecallOptions{Layers: 4, PrevLayer: 1, RetrievalLayer: 2, Salience: true}, []int{30, 70}},
+	} {
+		t.Run(v.name, func(t *testing.T) { needleProbe(t, v.o, v.depths) })
+	}
+}
+
+func needleProbe(t *testing.T, o foundry.RecallOptions, depths []int) {
+	path := testmodels.RecallWith(t, o)
 	f, err := gguf.Open(path)
 	require.NoError(t, err)
 	voc, err := haystack.LoadVocab(f)
@@ -34,7 +48,7 @@ func TestNeedleProbe(t *testing.T) {
 	require.NoError(t, err)
 	defer m.Close()
 	const length = 16384
-	for _, depth := range []int{10, 50, 90} {
+	for _, depth := range depths {
 		c, err := voc.NewCase(length, []float64{float64(depth) / 100}, uint64(7*length+depth))
 		require.NoError(t, err)
 		doc, err := m.IngestTokens(ctx, fmt.Sprintf("probe-%d", depth), c.Tokens, nil)

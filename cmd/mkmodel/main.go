@@ -71,6 +71,7 @@ func run(args []string) error {
 		layers := fs.Int("layers", 2, "number of layers (at least 2)")
 		prev := fs.Int("prev-layer", 0, "layer of the previous-token head")
 		retr := fs.Int("retrieval-layer", 0, "layer of the retrieval heads (default: the last)")
+		salience := fs.Bool("salience", false, "head 1 of the retrieval layer attends locally to the position after a key word (for block-representative methods such as probe; docs/recall-model.md)")
 		dtype := fs.String("dtype", "f32", "weight type: f32 or f16")
 		seed := fs.Uint64("seed", 0, "seed for the vocabulary roles and token codes")
 		out := fs.String("o", "", "output file")
@@ -84,7 +85,7 @@ func run(args []string) error {
 		if *out == "" {
 			return fmt.Errorf("-o FILE is required")
 		}
-		r, err := foundry.WriteRecall(*out, foundry.RecallOptions{Layers: *layers, PrevLayer: *prev, RetrievalLayer: *retr, DType: dt, Seed: *seed})
+		r, err := foundry.WriteRecall(*out, foundry.RecallOptions{Layers: *layers, PrevLayer: *prev, RetrievalLayer: *retr, DType: dt, Seed: *seed, Salience: *salience})
 		if err != nil {
 			return err
 		}
