@@ -52,6 +52,7 @@ func (g *Ingester) Select(layer int, s paging.Summaries, q *paging.Queries, upto
 		if kr, ok := s.(paging.KeyReader); ok {
 			if g.b == nil {
 				g.b = NewBuilder(g.c.Layers, s.KVHeads(), s.HeadDim(), g.s.BlockSize, g.s.RepTopK, g.c.Window, g.s.ExcBlockSize, 0)
+				g.b.SetHistory(g.c, g.s.History)
 			}
 			g.b.Add(layer, kr, q, upto-len(q.Q))
 			g.last, g.upto = s, upto

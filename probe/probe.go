@@ -215,6 +215,11 @@ func New(c paging.Config) (*Selector, error) {
 			if l < len(s.Reps.Stats) && s.Reps.Stats[l].Count > 0 {
 				p.layer[l].stats = s.Reps.Stats[l].clone()
 			}
+			// And the document's entropy history its cut-off.
+			if l < len(s.Reps.Entropy) {
+				h := s.Reps.Entropy[l]
+				p.layer[l].hist = slices.Clone(h[max(0, len(h)-s.History):])
+			}
 		}
 	}
 	for l := range p.layer {

@@ -322,6 +322,7 @@ func TestRepsFile(t *testing.T) {
 		st.update(randQueries(rng, 5, 8), DefaultStatCap)
 		r.Stats = append(r.Stats, st)
 	}
+	r.Entropy = [][]float64{{0.5, 0.25, 0.125}, {0.75}}
 	var fp [32]byte
 	fp[0] = 9
 	path := filepath.Join(t.TempDir(), "probe.kvr")
@@ -333,7 +334,8 @@ func TestRepsFile(t *testing.T) {
 		t.Fatal(err)
 	}
 	if !slices.Equal(got.R, r.R) || got.Blocks != 3 || got.BlockSize != 64 ||
-		!slices.Equal(got.Stats[1].vars, r.Stats[1].vars) || got.Stats[1].Count != 1 {
+		!slices.Equal(got.Stats[1].vars, r.Stats[1].vars) || got.Stats[1].Count != 1 ||
+		!slices.EqualFunc(got.Entropy, r.Entropy, slices.Equal) {
 		t.Fatalf("read back %+v", got)
 	}
 	t.Run("other document", func(t *testing.T) {
@@ -643,5 +645,71 @@ func TestDecodeReprobesEveryWindow(t *testing.T) {
 	// The question (step 0, ending at doc+qlen), then every exc tokens.
 	if want := []int{0, exc, 2 * exc, 3 * exc}; !slices.Equal(probed, want) {
 		t.Fatalf("probed at steps %v, want %v", probed, want)
+	}
+}
+
+// The document's entropy history (kept by the builder while it reads the
+// document) starts each session's cut-off: the first question already
+// splits the pool by the formula, not in equal shares.
+func TestDocumentHistoryDrivesFirstCutoff(t *testing.T) {
+	rng := rand.New(rand.NewSource(17))
+	const layers, kvh, heads, hd, n, qlen = 3, 2, 4, 16, 4096, 32
+	f := newFakeSeq(rng, layers, n, kvh, hd, 64)
+	doc := n - qlen
+	c := paging.Config{PageSize: 64, Budget: 1024, Sinks: 64, Window: 256, Layers: layers, KVHeads: kvh}
+	b := NewBuilder(layers, kvh, hd, 64, 4, 256, 256, 0)
+	b.SetHistory(c, 5)
+	q := make([][][]float32, layers)
+	for l := range q {
+		q[l] = randQueries(rng, n, heads*hd)
+		for pos := 0; pos < doc; pos += 512 {
+			b.Add(l, view{f, l}, &paging.Queries{Q: q[l][pos:min(doc, pos+512)], Heads: heads}, pos)
+		}
+	}
+	reps, err := b.Reps(doc, func(l int) paging.KeyReader { return view{f, l} })
+	if err != nil {
+		t.Fatal(err)
+	}
+	for l, h := range reps.Entropy {
+		if len(h) != 5 {
+			t.Fatalf("layer %d kept %d entropies, want the last 5 windows", l, len(h))
+		}
+		for _, v := range h {
+			if v <= 0 || v > 1 {
+				t.Fatalf("layer %d entropy %v outside (0, 1]", l, v)
+			}
+		}
+	}
+	// Skewed histories, so that the formula and equal shares differ.
+	reps.Entropy = [][]float64{{0.9, 0.9}, {0.1, 0.1}, {0.5, 0.5}}
+	c.Options = map[string]any{OptionKey: Settings{Reps: reps, MinBlocks: 1, MaxBlocks: 30}}
+	s, err := paging.New("probe", c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, bud := runSession(t, s, f, q, qlen, 0)
+	H := s.(*Selector).LayerEntropies()
+	remaining := 11 * layers
+	for l := 0; l < layers; l++ {
+		var means []float64
+		for m := l; m < layers; m++ {
+			h := slices.Clone(reps.Entropy[m])
+			if m <= l {
+				h = append(h, H[m]) // a layer's own entropy joins its history first
+			}
+			var sum float64
+			for _, v := range h {
+				sum += v
+			}
+			means = append(means, sum/float64(len(h)))
+		}
+		k := Share(means, remaining, 1, 30)
+		remaining -= k
+		if want := 64 + 256 + k*64; bud[l] != want {
+			t.Fatalf("layer %d budget %d, the formula gives %d (%d blocks; budgets %v)", l, bud[l], want, k, bud)
+		}
+	}
+	if bud[0] == bud[1] {
+		t.Fatalf("skewed histories gave equal budgets %v", bud)
 	}
 }

@@ -8,6 +8,7 @@ import (
 	"hash/crc32"
 	"math"
 	"os"
+	"slices"
 
 	"github.com/viterin/vek/vek32"
 
@@ -32,6 +33,11 @@ type Reps struct {
 	// starts from them, so that the question's outliers stand out against
 	// the document's queries rather than against the question alone.
 	Stats []actStats
+	// Entropy holds each layer's normalised entropies of the block scores
+	// of the sequence's last windows (oldest first), as a probe would have
+	// seen them while reading it: a session's cut-off starts from this
+	// history instead of equal shares.
+	Entropy [][]float64
 }
 
 // Rep returns the representative of block b, KV head g in layer [HeadDim].
@@ -68,6 +74,12 @@ type Builder struct {
 	score [][][]float32
 	exc   int        // window of queries per statistics update
 	stats []actStats // per layer
+	// Probes of the last windows, per layer, for the entropy history
+	// (kept when SetHistory was called).
+	hist   int
+	layout paging.Config
+	probes [][]windowProbe
+	w      []float32
 	// Scratch, reused across calls: keys [kvh][span][hd], logits [span].
 	keys   []float32
 	logits []float32
@@ -94,7 +106,22 @@ func (b *Builder) Add(layer int, k paging.KeyReader, q *paging.Queries, pos0 int
 		return
 	}
 	for i := 0; i < n; i += b.exc {
-		b.stats[layer].update(q.Q[i:min(n, i+b.exc)], DefaultStatCap)
+		win := q.Q[i:min(n, i+b.exc)]
+		b.stats[layer].update(win, DefaultStatCap)
+		if b.hist > 0 {
+			b.w = b.stats[layer].weights(b.w, win)
+			vec := make([]float32, len(win[0]))
+			for t, row := range win {
+				for c, v := range row {
+					vec[c] += b.w[t] * v
+				}
+			}
+			ps := append(b.probes[layer], windowProbe{vec: vec, upto: pos0 + i + len(win), heads: q.Heads})
+			if len(ps) > b.hist {
+				ps = ps[len(ps)-b.hist:]
+			}
+			b.probes[layer] = ps
+		}
 	}
 	hd, kvh := b.hd, b.kvh
 	group := q.Heads / kvh
@@ -138,6 +165,22 @@ func (b *Builder) Add(layer int, k paging.KeyReader, q *paging.Queries, pos0 int
 	}
 }
 
+// windowProbe is the probe query of one window of a layer: the
+// activation-weighted sum of its queries [heads·headDim], and the sequence
+// length at its end.
+type windowProbe struct {
+	vec         []float32
+	upto, heads int
+}
+
+// SetHistory makes the builder keep the probe queries of the last history
+// windows of every layer, so that Reps can fill Entropy; c gives the page
+// size, sinks and window that decide which blocks a probe ranks.
+func (b *Builder) SetHistory(c paging.Config, history int) {
+	b.hist, b.layout = history, c
+	b.probes = make([][]windowProbe, b.layers)
+}
+
 // softmax normalises x in place.
 func softmax(x []float32) {
 	m := vek32.Max(x)
@@ -166,6 +209,11 @@ func (b *Builder) Reps(upto int, keys func(layer int) paging.KeyReader) (*Reps, 
 	for _, st := range b.stats {
 		r.Stats = append(r.Stats, st.clone())
 	}
+	defer func() {
+		if b.hist > 0 && first == 0 {
+			r.Entropy = b.entropies(r)
+		}
+	}()
 	key := make([]float32, b.hd)
 	idx := make([]int, 0, b.block)
 	for l := 0; l < b.layers; l++ {
@@ -185,6 +233,56 @@ func (b *Builder) Reps(upto int, keys func(layer int) paging.KeyReader) (*Reps, 
 		}
 	}
 	return r, nil
+}
+
+// entropies scores, for each kept window probe, the blocks a probe at the
+// window's end would rank (those with a page outside sinks and window), and
+// returns the normalised entropies per layer.
+func (b *Builder) entropies(r *Reps) [][]float64 {
+	out := make([][]float64, b.layers)
+	var scores []float32
+	for l, ps := range b.probes {
+		for _, p := range ps {
+			req, _ := b.layout.Required(p.upto)
+			scores = scores[:0]
+			for blk := 0; blk < r.Blocks && (blk+1)*b.block <= p.upto; blk++ {
+				if blockInPages(blk, b.block/b.layout.PageSize, req) {
+					continue
+				}
+				scores = append(scores, blockCosine(p.vec, norm(p.vec), r, l, blk, p.heads))
+			}
+			out[l] = append(out[l], NormEntropy(scores))
+		}
+	}
+	return out
+}
+
+// blockInPages reports whether every page of block blk (pp pages) is in
+// the sorted list pages.
+func blockInPages(blk, pp int, pages []int) bool {
+	for pg := blk * pp; pg < (blk+1)*pp; pg++ {
+		if _, ok := slices.BinarySearch(pages, pg); !ok {
+			return false
+		}
+	}
+	return true
+}
+
+// blockCosine is the cosine between a probe [heads·headDim] (norm pn) and
+// block blk's representatives of layer, each query head against its KV
+// head's.
+func blockCosine(probe []float32, pn float32, r *Reps, layer, blk, heads int) float32 {
+	hd, kvh := r.HeadDim, r.KVHeads
+	group := heads / kvh
+	var dot, rn float32
+	for g := 0; g < kvh; g++ {
+		rep := r.Rep(layer, blk, g)
+		rn += float32(group) * vek32.Dot(rep, rep)
+		for h := g * group; h < (g+1)*group; h++ {
+			dot += vek32.Dot(probe[h*hd:(h+1)*hd], rep)
+		}
+	}
+	return cosine(dot, pn, rn)
 }
 
 // topScores appends to idx the positions in [lo, hi) with the k largest
@@ -221,13 +319,14 @@ func topScores(idx []int, sc []float32, lo, hi, k int) []int {
 //	header  magic "KVRPROBE", version u32, layers u32, kvHeads u32, headDim u32,
 //	        blockSize u32, repTopK u32, window u32, blocks u32, tokens u64,
 //	        fingerprint [32]byte, crc32c u32 of the header so far
-//	        channels u32 (query heads·headDim of the statistics)
+//	        channels u32 (query heads·headDim of the statistics), history u32
 //	layers  layers x ( [blocks][kvHeads][headDim]f32, windows u32,
-//	        mean [channels]f64, variance [channels]f64, crc32c u32 )
+//	        mean [channels]f64, variance [channels]f64,
+//	        entropies u32, [history]f64 (the first entropies used), crc32c u32 )
 const (
 	repsMagic   = "KVRPROBE"
 	repsVersion = 1
-	repsHeader  = 8 + 4*9 + 8 + 32 + 4
+	repsHeader  = 8 + 4*10 + 8 + 32 + 4
 )
 
 var castagnoli = crc32.MakeTable(crc32.Castagnoli)
@@ -248,11 +347,13 @@ func (r *Reps) WriteFile(path string, tokens int, fp [32]byte) error {
 	}
 	binary.Write(&h, binary.LittleEndian, uint64(tokens))
 	h.Write(fp[:])
+	hl := r.historyLen()
 	binary.Write(&h, binary.LittleEndian, uint32(ch))
+	binary.Write(&h, binary.LittleEndian, uint32(hl))
 	binary.Write(&h, binary.LittleEndian, crc32.Checksum(h.Bytes(), castagnoli))
 	per := r.Blocks * r.KVHeads * r.HeadDim
 	for l := 0; l < r.Layers; l++ {
-		b := make([]byte, 0, r.layerRecord(ch))
+		b := make([]byte, 0, r.layerRecord(ch, hl))
 		for _, v := range r.R[l*per : (l+1)*per] {
 			b = binary.LittleEndian.AppendUint32(b, math.Float32bits(v))
 		}
@@ -263,6 +364,14 @@ func (r *Reps) WriteFile(path string, tokens int, fp [32]byte) error {
 		}
 		for i := 0; i < ch; i++ {
 			b = binary.LittleEndian.AppendUint64(b, math.Float64bits(at(st.vars, i)))
+		}
+		var ent []float64
+		if l < len(r.Entropy) {
+			ent = r.Entropy[l]
+		}
+		b = binary.LittleEndian.AppendUint32(b, uint32(len(ent)))
+		for i := 0; i < hl; i++ {
+			b = binary.LittleEndian.AppendUint64(b, math.Float64bits(at(ent, i)))
 		}
 		b = binary.LittleEndian.AppendUint32(b, crc32.Checksum(b, castagnoli))
 		h.Write(b)
@@ -287,7 +396,17 @@ func (r *Reps) channels() int {
 	return 0
 }
 
-func (r *Reps) layerRecord(ch int) int { return 4*r.Blocks*r.KVHeads*r.HeadDim + 4 + 16*ch + 4 }
+func (r *Reps) historyLen() int {
+	n := 0
+	for _, e := range r.Entropy {
+		n = max(n, len(e))
+	}
+	return n
+}
+
+func (r *Reps) layerRecord(ch, hl int) int {
+	return 4*r.Blocks*r.KVHeads*r.HeadDim + 4 + 16*ch + 4 + 8*hl + 4
+}
 
 // ReadFile loads representatives written by WriteFile and checks them
 // against the document (tokens, fingerprint) and the model's shape.
@@ -317,9 +436,13 @@ func ReadFile(path string, tokens int, fp [32]byte, layers, kvHeads, headDim int
 		return nil, fmt.Errorf("%s: %w: %d blocks of %d for %d tokens", path, ErrCorrupt, r.Blocks, r.BlockSize, tokens)
 	}
 	per := r.Blocks * r.KVHeads * r.HeadDim
-	ch := int(binary.LittleEndian.Uint32(b[repsHeader-8:]))
-	size := r.layerRecord(ch)
-	if ch > 1<<24 || len(b) != repsHeader+r.Layers*size {
+	ch := int(binary.LittleEndian.Uint32(b[repsHeader-12:]))
+	hl := int(binary.LittleEndian.Uint32(b[repsHeader-8:]))
+	if ch > 1<<24 || hl > 1<<20 {
+		return nil, fmt.Errorf("%s: %w: %d channels, %d entropies", path, ErrCorrupt, ch, hl)
+	}
+	size := r.layerRecord(ch, hl)
+	if len(b) != repsHeader+r.Layers*size {
 		return nil, fmt.Errorf("%s: %w: %d bytes, want %d", path, ErrCorrupt, len(b), repsHeader+r.Layers*size)
 	}
 	r.R = make([]float32, r.Layers*per)
@@ -342,6 +465,16 @@ func ReadFile(path string, tokens int, fp [32]byte, layers, kvHeads, headDim int
 			st = actStats{}
 		}
 		r.Stats = append(r.Stats, st)
+		o += 16 * ch
+		ne := int(binary.LittleEndian.Uint32(rec[o:]))
+		if ne > hl {
+			return nil, fmt.Errorf("%s: %w: layer %d has %d of %d entropies", path, ErrCorrupt, l, ne, hl)
+		}
+		ent := make([]float64, ne)
+		for i := range ent {
+			ent[i] = math.Float64frombits(binary.LittleEndian.Uint64(rec[o+4+8*i:]))
+		}
+		r.Entropy = append(r.Entropy, ent)
 	}
 	return r, nil
 }
