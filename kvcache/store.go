@@ -343,6 +343,10 @@ func (v *layerView) Key(pos, g int, dst []float32) {
 	}
 }
 
+// Summaries returns layer's view of the store as selectors see it (with
+// its keys: paging.KeyReader).
+func (s *Store) Summaries(layer int) paging.Summaries { return &layerView{s: s, layer: layer} }
+
 // LayerKeys returns a key reader for another layer of the same sequence
 // (probe reads every layer's keys for the representatives of new blocks).
 func (v *layerView) LayerKeys(layer int) paging.KeyReader { return &layerView{s: v.s, layer: layer} }

@@ -70,5 +70,10 @@ func (g *Ingester) Reps() (*Reps, error) {
 	if !ok {
 		return nil, errors.New("probe: the cache's summaries cannot read keys of every layer")
 	}
-	return g.b.Reps(g.upto, lk.LayerKeys)
+	r, err := g.b.Reps(g.upto, lk.LayerKeys)
+	if err != nil {
+		return nil, err
+	}
+	g.b.AddEntropies(r)
+	return r, nil
 }

@@ -314,6 +314,11 @@ func (p *Selector) Select(layer int, s paging.Summaries, q *paging.Queries, upto
 		if kr, ok := s.(paging.KeyReader); ok {
 			if p.builder == nil {
 				p.builder = NewBuilder(p.c.Layers, s.KVHeads(), s.HeadDim(), p.s.BlockSize, p.s.RepTopK, p.c.Window, p.s.ExcBlockSize, p.repsEnd)
+				if p.repsEnd == 0 {
+					// The session reads the whole sequence (a streaming
+					// prefill): keep what a document's representatives need.
+					p.builder.SetHistory(p.c, p.s.History)
+				}
 			}
 			if pos0 >= p.repsEnd {
 				p.builder.Add(layer, kr, q, pos0)
@@ -362,6 +367,22 @@ func (p *Selector) refreshBuilt(s paging.Summaries, upto int) {
 	if err == nil {
 		p.built = r
 	}
+}
+
+// SequenceReps returns the representatives, query statistics and entropy
+// history of a session that read its whole sequence (a streaming prefill),
+// for blocks of the first upto tokens, to be stored as a document's.
+func (p *Selector) SequenceReps(s paging.Summaries, upto int) (*Reps, error) {
+	lk, ok := s.(LayerKeys)
+	if p.builder == nil || p.repsEnd != 0 || !ok {
+		return nil, errors.New("probe: this session did not read its whole sequence with keys it can reach")
+	}
+	r, err := p.builder.Reps(upto, lk.LayerKeys)
+	if err != nil {
+		return nil, err
+	}
+	p.builder.AddEntropies(r)
+	return r, nil
 }
 
 // LayerKeys is implemented by summaries that can read the keys of any

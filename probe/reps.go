@@ -209,11 +209,7 @@ func (b *Builder) Reps(upto int, keys func(layer int) paging.KeyReader) (*Reps, 
 	for _, st := range b.stats {
 		r.Stats = append(r.Stats, st.clone())
 	}
-	defer func() {
-		if b.hist > 0 && first == 0 {
-			r.Entropy = b.entropies(r)
-		}
-	}()
+
 	key := make([]float32, b.hd)
 	idx := make([]int, 0, b.block)
 	for l := 0; l < b.layers; l++ {
@@ -233,6 +229,14 @@ func (b *Builder) Reps(upto int, keys func(layer int) paging.KeyReader) (*Reps, 
 		}
 	}
 	return r, nil
+}
+
+// AddEntropies fills r.Entropy from the probes the builder kept
+// (SetHistory), for representatives of a whole sequence (base 0).
+func (b *Builder) AddEntropies(r *Reps) {
+	if b.hist > 0 && b.base == 0 {
+		r.Entropy = b.entropies(r)
+	}
 }
 
 // entropies scores, for each kept window probe, the blocks a probe at the

@@ -20,7 +20,7 @@ import (
 // once more and stored next to its pages. The file's name carries the
 // settings that shape it, so several coexist.
 func (m *Model) probeReps(ctx context.Context, doc *Document, s probe.Settings, window int) (*probe.Reps, error) {
-	key := fmt.Sprintf("probe-b%d-r%d-w%d.kvr", s.BlockSize, s.RepTopK, window)
+	key := probeRepsName(s.BlockSize, s.RepTopK, window)
 	doc.probeMu.Lock()
 	defer doc.probeMu.Unlock()
 	if r := doc.probe[key]; r != nil {
@@ -47,6 +47,12 @@ func (m *Model) probeReps(ctx context.Context, doc *Document, s probe.Settings, 
 	}
 	doc.probe[key] = r
 	return r, nil
+}
+
+// probeRepsName names a document's representatives file by the settings
+// that shape it.
+func probeRepsName(blockSize, repTopK, window int) string {
+	return fmt.Sprintf("probe-b%d-r%d-w%d.kvr", blockSize, repTopK, window)
 }
 
 // computeProbeReps prefills doc's tokens with dense attention, handing

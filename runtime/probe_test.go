@@ -221,3 +221,49 @@ func TestProbeRepsUpgradeAndReload(t *testing.T) {
 	require.ErrorIs(t, err, probe.ErrCorrupt)
 	require.Contains(t, err.Error(), file)
 }
+
+// Streaming prefill (ingest under probe) on the 4-layer salience variant,
+// where layer 2's keys depend on layer 1's attention: documents ingested
+// this way answer the needles that densely ingested ones do, and carry
+// their representatives.
+func TestStreamingPrefillNeedle(t *testing.T) {
+	path := testmodels.RecallWith(t, foundry.RecallOptions{Layers: 4, PrevLayer: 1, RetrievalLayer: 2, Salience: true})
+	f, err := gguf.Open(path)
+	require.NoError(t, err)
+	voc, err := haystack.LoadVocab(f)
+	require.NoError(t, err)
+	ctx := context.Background()
+	dir := t.TempDir()
+	m, err := runtime.Open(ctx, path, runtime.Options{Threads: 2, ContextLength: 16384 + 64, DataDir: dir})
+	require.NoError(t, err)
+	defer m.Close()
+	const length = 16384
+	for _, depth := range []int{30, 70} {
+		c, err := voc.NewCase(length, []float64{float64(depth) / 100}, uint64(11*length+depth))
+		require.NoError(t, err)
+		n := c.Needles[0]
+		t0 := time.Now()
+		dense, err := m.IngestTokens(ctx, fmt.Sprintf("dense-%d", depth), c.Tokens, nil)
+		require.NoError(t, err)
+		tDense := time.Since(t0)
+		t0 = time.Now()
+		streamed, err := m.IngestTokensWith(ctx, fmt.Sprintf("stream-%d", depth), c.Tokens, runtime.IngestOptions{Streaming: true, Budget: 2048}, nil)
+		require.NoError(t, err)
+		tStream := time.Since(t0)
+		require.Equal(t, 2048, streamed.StreamingBudget)
+		_, err = os.Stat(filepath.Join(dir, streamed.ID, "probe-b64-r4-w256.kvr"))
+		require.NoError(t, err, "the streaming prefill stores its representatives")
+		t.Logf("depth %d%%: dense ingest %v, streaming ingest %v", depth, tDense, tStream)
+		for _, doc := range []*runtime.Document{dense, streamed} {
+			for _, policy := range []string{"dense", "probe"} {
+				s, err := m.DocumentSession(doc, runtime.PolicyOptions{Policy: policy, Budget: 2048})
+				require.NoError(t, err)
+				res, err := s.Generate(ctx, voc.Question(n), runtime.GenerateOptions{MaxTokens: voc.AnswerLength})
+				s.Close()
+				require.NoError(t, err)
+				t.Logf("%s asked under %s: got %v want %v", doc.ID, policy, res.Tokens, n.Values)
+				require.Equal(t, n.Values, res.Tokens, "%s under %s", doc.ID, policy)
+			}
+		}
+	}
+}
