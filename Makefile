@@ -40,8 +40,9 @@ test: build/cgo.env
 	$(GO) vet ./...
 	$(GO) test -timeout $(TEST_TIMEOUT) $(TEST_FLAGS) ./...
 	# Concurrent questions on one shared document, closing a model under a
-	# running generation, timeouts and shutdown, under the race detector.
-	$(GO) test -race -timeout 30m -run 'TestConcurrentAsk|TestParallelClients|TestQueueFull|TestDisconnectCancels|TestCloseDuringGeneration|TestTimeouts|TestShutdownCancelsStreamsVisibly' ./runtime ./server
+	# running generation, timeouts and shutdown, a delete racing a load and
+	# the document memory bound, under the race detector.
+	$(GO) test -race -timeout 30m -run 'TestConcurrentAsk|TestParallelClients|TestQueueFull|TestDisconnectCancels|TestCloseDuringGeneration|TestTimeouts|TestShutdownCancelsStreamsVisibly|TestDeleteRacesOpen|TestDocumentMemoryBound|TestEvictionDuringAsk' ./runtime ./server
 
 test-short: build/cgo.env
 	$(GO) test -short -timeout 20m ./...
@@ -50,8 +51,10 @@ test-short: build/cgo.env
 bench: build/cgo.env
 	$(GO) run ./cmd/bench speed
 
+# One fuzzer per go test (go test -fuzz takes one target), one after the other.
 fuzz: build/cgo.env
 	$(GO) test ./gguf -run '^$$' -fuzz FuzzRead -fuzztime 60s
+	$(GO) test ./kvcache -run '^$$' -fuzz FuzzPageFile -fuzztime 60s
 
 clean:
 	rm -rf build

@@ -26,7 +26,7 @@ var Presets = map[string]Shape{
 
 // RandomOptions select a random model.
 type RandomOptions struct {
-	Arch      string // "llama" or "qwen2"
+	Arch      string // "llama", "qwen2" or "qwen3"
 	Shape     Shape
 	DType     DType
 	Seed      uint64
@@ -40,8 +40,8 @@ type RandomOptions struct {
 func WriteRandom(path string, o RandomOptions) error {
 	s := o.Shape
 	switch {
-	case o.Arch != "llama" && o.Arch != "qwen2":
-		return fmt.Errorf("random models: architecture %q is not supported (llama, qwen2)", o.Arch)
+	case o.Arch != "llama" && o.Arch != "qwen2" && o.Arch != "qwen3":
+		return fmt.Errorf("random models: architecture %q is not supported (llama, qwen2, qwen3)", o.Arch)
 	case s.Hidden <= 0 || s.Layers <= 0 || s.Heads <= 0 || s.KVHeads <= 0 || s.HeadDim <= 0 || s.FFN <= 0:
 		return fmt.Errorf("random models: invalid shape %+v", s)
 	case s.Heads%s.KVHeads != 0:
@@ -128,6 +128,10 @@ func WriteRandom(path string, o RandomOptions) error {
 		mat(p+"ffn_gate.weight", h, s.FFN, in)
 		mat(p+"ffn_up.weight", h, s.FFN, in)
 		mat(p+"ffn_down.weight", s.FFN, h, 1/math.Sqrt(float64(s.FFN)))
+		if o.Arch == "qwen3" {
+			vec(p+"attn_q_norm.weight", s.HeadDim, 1, 0.1)
+			vec(p+"attn_k_norm.weight", s.HeadDim, 1, 0.1)
+		}
 		if o.Arch == "qwen2" {
 			vec(p+"attn_q.bias", q, 0, 0.5)
 			vec(p+"attn_k.bias", kvd, 0, 0.5)

@@ -70,6 +70,13 @@ type RecallOptions struct {
 	DType          DType  // f32 (default) or f16
 	Seed           uint64 // vocabulary roles and token codes
 	ContextLength  int    // context_length written to the file (default 131072)
+	// Deep selects a 6-layer layout in which head detection is not trivial:
+	// retrieval heads in layers 2 (heads 0 and 1, KV head 0) and 4 (head 3,
+	// KV head 1, beside a local head on the same KV head), an echo head in
+	// layer 1 that attends inside the needle without copying it, and local
+	// and uniform distractors everywhere else. Layers, PrevLayer and
+	// RetrievalLayer must be left zero.
+	Deep bool
 	// Salience makes query head 1 of the retrieval layer a salience head
 	// instead of a second retrieval head: every token's query there
 	// prefers, by about 15 nats, the keys of positions that follow a key
@@ -89,8 +96,9 @@ type Head struct{ Layer, Head int }
 type Recall struct {
 	Opts           RecallOptions
 	Vocab          *RecallVocab
-	RetrievalHeads []Head // heads 0 and 1 of RetrievalLayer (they share KV head 0)
+	RetrievalHeads []Head // heads 0 and 1 of RetrievalLayer (they share KV head 0), and head 3 of layer 4 when Deep
 	PrevHeads      []Head
+	EchoHeads      []Head // Deep: head 0 of layer 1
 	model          *denseModel
 	codes          [][]float64 // [token][D]
 }
@@ -100,6 +108,7 @@ type Recall struct {
 const (
 	MetaRetrievalHeads = "kvrecall.retrieval_heads"      // []int32 pairs: layer, head, layer, head...
 	MetaPrevHeads      = "kvrecall.previous_token_heads" // []int32 pairs
+	MetaEchoHeads      = "kvrecall.echo_heads"           // []int32 pairs; only in models that have some (Deep)
 	MetaKeys           = "kvrecall.recall.keys"          // []int32 token ids
 	MetaValues         = "kvrecall.recall.values"
 	MetaQuestions      = "kvrecall.recall.questions"
@@ -111,6 +120,12 @@ const (
 const AnswerLength = 3
 
 func (o *RecallOptions) fill() error {
+	if o.Deep {
+		if o.Layers != 0 || o.PrevLayer != 0 || o.RetrievalLayer != 0 {
+			return fmt.Errorf("recall model: the deep layout fixes the layers; leave layers, previous-token layer and retrieval layer unset")
+		}
+		o.Layers, o.PrevLayer, o.RetrievalLayer = deepLayers, 0, 2
+	}
 	if o.Layers == 0 {
 		o.Layers = 2
 	}
@@ -128,8 +143,8 @@ func (o *RecallOptions) fill() error {
 		return fmt.Errorf("recall model: needs at least 2 layers, got %d", o.Layers)
 	case o.PrevLayer < 0 || o.RetrievalLayer >= o.Layers || o.PrevLayer >= o.RetrievalLayer:
 		return fmt.Errorf("recall model: need 0 <= previous-token layer (%d) < retrieval layer (%d) < layers (%d)", o.PrevLayer, o.RetrievalLayer, o.Layers)
-	case o.DType == Q8_0:
-		return fmt.Errorf("recall model: q8_0 is not supported (its codes need f16 or f32)")
+	case o.DType != "" && o.DType != F32 && o.DType != F16:
+		return fmt.Errorf("recall model: %s is not supported (its codes need f16 or f32)", o.DType)
 	}
 	return nil
 }
@@ -149,6 +164,12 @@ func BuildRecall(o RecallOptions) (*Recall, error) {
 		RetrievalHeads: []Head{{o.RetrievalLayer, 0}, {o.RetrievalLayer, 1}},
 		PrevHeads:      []Head{{o.PrevLayer, 0}},
 	}
+	rTot := 1.5 // ANS weights of the retrieval heads: every one copies the same code
+	if o.Deep {
+		r.RetrievalHeads = append(r.RetrievalHeads, Head{deepLateLayer, 3})
+		r.EchoHeads = []Head{{deepEchoLayer, 0}}
+		rTot += lateWeight
+	}
 	r.codes = recallCodes(o.Seed, n, rv)
 	m := &denseModel{hidden: recallHidden, heads: recallHeads, kvHeads: recallKVHeads, headDim: recallHeadDim,
 		ffn: recallFFN, vocab: n, ropeBase: recallBase, eps: 1e-5}
@@ -166,7 +187,9 @@ func BuildRecall(o RecallOptions) (*Recall, error) {
 		for _, k := range rv.Keys {
 			m.embd.Set(int(k), chFlag, 1)
 		}
-		r.RetrievalHeads = r.RetrievalHeads[:1]
+		// Head 1 of the retrieval layer is the salience head: it retrieves nothing.
+		r.RetrievalHeads = slices.DeleteFunc(r.RetrievalHeads, func(h Head) bool { return h == Head{o.RetrievalLayer, 1} })
+		rTot -= 0.5
 	}
 	m.outNorm = ones(recallHidden)
 	m.out = NewMatrix(recallHidden, n)
@@ -192,19 +215,25 @@ func BuildRecall(o RecallOptions) (*Recall, error) {
 		mean, _ := r.measure(calib)
 		rms := mean[len(m.layers)] // rms of the residual stream entering layer l
 		var layer denseLayer
-		switch l {
-		case o.PrevLayer:
+		switch {
+		case l == o.PrevLayer:
 			layer = prevLayer(prof, rms)
 			if o.Salience {
 				// Head 0 also copies the previous token's flag (value dim 80).
 				layer.wv.Set(0*recallHeadDim+recallCodeDim, chFlag, rms)
 				layer.wo.Set(chPrevFlag, 0*recallHeadDim+recallCodeDim, 1)
 			}
-		case o.RetrievalLayer:
+		case l == o.RetrievalLayer:
 			layer = retrievalLayer(prof, rms)
 			if o.Salience {
 				salienceHead(&layer, rms)
 			}
+		case o.Deep && l == deepEchoLayer:
+			layer = echoLayer(prof, rms)
+		case o.Deep && l == deepLateLayer:
+			layer = lateRetrievalLayer(prof, rms)
+		case o.Deep:
+			layer = localLayer(prof, rms)
 		default:
 			layer = distractorLayer(prof, rms)
 		}
@@ -213,10 +242,6 @@ func BuildRecall(o RecallOptions) (*Recall, error) {
 	// Output: logit_t = gamma <u_t, ANS / r_tot> at the answer position.
 	_, last := r.measure(calib)
 	rmsF := last[len(m.layers)] // the final norm matters at the answer position
-	rTot := 1.5                 // retrieval heads 0 (r = 1) and 1 (r = 0.5) both write ANS
-	if o.Salience {
-		rTot = 1 // head 1 is the salience head
-	}
 	for _, t := range rv.Words {
 		for j, x := range r.codes[t] {
 			m.out.Set(int(t), chAns+j, outGamma*x*rmsF/rTot)
@@ -502,6 +527,90 @@ func distractorLayer(p positional, rms float64) denseLayer {
 	return l
 }
 
+// The deep layout (RecallOptions.Deep).
+const (
+	deepLayers    = 6
+	deepEchoLayer = 1
+	deepLateLayer = 4
+	lateWeight    = 0.7  // ANS weight of the layer-4 retrieval head
+	echoBeta      = 60.0 // echo head score of a content match
+	echoSelf      = 8.0  // how hard the echo head avoids its own position
+)
+
+// echoLayer: head 0 (KV head 0) is an echo head. Its query and key are the
+// token's own code, so it matches earlier occurrences of the query token
+// (score 60); a negative previous-token profile at offset 0 scores
+// -8 Σ w_i cos(Δθ_i), lowest at Δ = 0, so the query's own position (which
+// matches too) loses by at least 8 x 0.22 nats. In a needle prompt it looks
+// at the needle's key or value but never at the token being generated, so
+// the Retrieval Head score must not count it. Head 1 on the same KV head
+// attends locally (offset 3) through the key's positional half; KV head 1
+// holds an offset-2 head and a uniform head. All write to JUNK.
+func echoLayer(p positional, rms float64) denseLayer {
+	l := newLayer()
+	setPositional(&l, p, 0, 0, 0, -echoSelf, rms, true)
+	setPositional(&l, p, 1, 0, 3, 16, rms, false)
+	sq := math.Sqrt(echoBeta * math.Sqrt(recallHeadDim))
+	for j := 0; j < recallCodeDim; j++ {
+		d := recallContent + j
+		l.wk.Set(d, chID+j, sq*rms/embA)
+		l.wq.Set(d, chID+j, sq*rms/embA)
+	}
+	setPositional(&l, p, 2, 1, 2, 16, rms, true)
+	copyID(&l, 0, rms)
+	copyID(&l, 1, rms)
+	writeOut(&l, 0, chJunk, junkScale)
+	writeOut(&l, 1, chJunk+80, junkScale)
+	writeOut(&l, 2, chJunk+160, junkScale)
+	writeOut(&l, 3, chJunk, junkScale)
+	return l
+}
+
+// localLayer: the deep layout's distractor layer. Its heads attend at
+// offsets 3, 1 and 2 (head 3: uniform). Unlike distractorLayer it has no
+// diffuse recency head: that head's scores differ by less than f16 key
+// rounding over the last few dozen positions, so its argmax is noise and it
+// copies a needle token now and then when the needle ends right before the
+// question (it scored 0.111 on 6 prompts, above the 0.1 cut): not a head
+// whose class a test can pin down.
+func localLayer(p positional, rms float64) denseLayer {
+	l := newLayer()
+	setPositional(&l, p, 0, 0, 3, 16, rms, true)
+	setPositional(&l, p, 1, 0, 1, 8, rms, false)
+	setPositional(&l, p, 2, 1, 2, 16, rms, true)
+	copyID(&l, 0, rms)
+	copyID(&l, 1, rms)
+	writeOut(&l, 0, chJunk, junkScale)
+	writeOut(&l, 1, chJunk+80, junkScale)
+	writeOut(&l, 2, chJunk+160, junkScale)
+	writeOut(&l, 3, chJunk, junkScale)
+	return l
+}
+
+// lateRetrievalLayer: head 3 (KV head 1) is a second retrieval head (score
+// 36, ANS weight 0.7). KV head 1's key has a content half (PREV, for head 3)
+// and a positional half for head 2, which attends locally (offset 2): one KV
+// head serving a retrieval and a local head. KV head 0: an offset-1 head and
+// a uniform head.
+func lateRetrievalLayer(p positional, rms float64) denseLayer {
+	l := newLayer()
+	sq := math.Sqrt(0.9 * retrievalBet * math.Sqrt(recallHeadDim))
+	for j := 0; j < recallCodeDim; j++ {
+		d := recallContent + j
+		l.wk.Set(1*recallHeadDim+d, chPrev+j, sq*rms)
+		l.wq.Set(3*recallHeadDim+d, chID+j, sq*rms/embA)
+	}
+	setPositional(&l, p, 2, 1, 2, 16, rms, true)
+	copyID(&l, 1, rms)
+	writeOut(&l, 3, chAns, lateWeight)
+	writeOut(&l, 2, chJunk, junkScale)
+	setPositional(&l, p, 0, 0, 1, 8, rms, true)
+	copyID(&l, 0, rms)
+	writeOut(&l, 0, chJunk+80, junkScale)
+	writeOut(&l, 1, chJunk+160, junkScale)
+	return l
+}
+
 // WriteRecall builds the recall model and writes it as GGUF v3.
 func WriteRecall(path string, o RecallOptions) (*Recall, error) {
 	r, err := BuildRecall(o)
@@ -556,6 +665,10 @@ func (r *Recall) Write(path string) error {
 		MetaQuestions:                      rv.Questions,
 		MetaFiller:                         rv.Filler,
 		MetaAnswerLength:                   uint32(AnswerLength),
+	}
+	if len(r.EchoHeads) > 0 {
+		kv[MetaEchoHeads] = heads(r.EchoHeads)
+		kv["general.name"] = "kvrecall-recall-deep"
 	}
 	ts := []*tensor{
 		fromMatrix("token_embd.weight", m.embd, o.DType),

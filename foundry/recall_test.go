@@ -10,7 +10,7 @@ import (
 )
 
 func TestRecallAnswersWithReference(t *testing.T) {
-	for _, o := range []RecallOptions{{}, {Layers: 4, PrevLayer: 1, RetrievalLayer: 2}} {
+	for _, o := range []RecallOptions{{}, {Layers: 4, PrevLayer: 1, RetrievalLayer: 2}, {Deep: true}} {
 		r, err := BuildRecall(o)
 		if err != nil {
 			t.Fatal(err)
@@ -55,4 +55,36 @@ func TestEnsureRebuildsOtherVersions(t *testing.T) {
 	_, err = Ensure(dir, "m.gguf", build, nil)
 	require.NoError(t, err)
 	require.Equal(t, 2, builds, "a broken or stale file is rebuilt")
+}
+
+// In the deep layout every recorded head does its job on a needle prompt in
+// the float64 reference: retrieval heads put their top weight on the value
+// being copied, the echo head on the earlier occurrence of its own token.
+func TestDeepRecallHeads(t *testing.T) {
+	r, err := BuildRecall(RecallOptions{Deep: true})
+	require.NoError(t, err)
+	require.Equal(t, []Head{{2, 0}, {2, 1}, {4, 3}}, r.RetrievalHeads)
+	require.Equal(t, []Head{{1, 0}}, r.EchoHeads)
+	_, err = BuildRecall(RecallOptions{Deep: true, Layers: 4})
+	require.ErrorContains(t, err, "deep layout")
+
+	rv := r.Vocab
+	rng := rand.New(rand.NewPCG(3, 3))
+	var p []int32
+	p = append(p, 1)
+	for len(p) < 300 {
+		p = append(p, rv.Filler[rng.IntN(len(rv.Filler))])
+	}
+	key := rv.Keys[5]
+	p = slices.Insert(p, 100, key, rv.Values[7], rv.Values[8], rv.Values[9])
+	p = append(p, rv.Questions[0], rv.Questions[1], rv.Questions[2], key)
+	att := r.Attention(p)
+	top := func(w []float64) int { return slices.Index(w, slices.Max(w)) }
+	for _, h := range r.RetrievalHeads {
+		require.Equal(t, 101, top(att[h.Layer][h.Head]), "retrieval head %v", h)
+	}
+	for _, h := range r.EchoHeads {
+		require.Equal(t, 100, top(att[h.Layer][h.Head]), "echo head %v", h)
+	}
+	require.Equal(t, len(p)-2, top(att[0][0]), "previous-token head")
 }

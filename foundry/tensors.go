@@ -10,8 +10,10 @@ import (
 	"io"
 	"math"
 	"os"
+	"strings"
 
 	fsggml "github.com/ollama/ollama/fs/ggml"
+	"github.com/ollama/ollama/ml/backend/ggml"
 	"github.com/x448/float16"
 
 	"github.com/kvrecall/kvrecall/internal/atomicfile"
@@ -24,25 +26,69 @@ const (
 	F32  DType = "f32"
 	F16  DType = "f16"
 	Q8_0 DType = "q8_0"
+	Q4_0 DType = "q4_0"
+	Q4_K DType = "q4_k"
+	Q5_K DType = "q5_k"
+	Q6_K DType = "q6_k"
+	// Q4_K_M is llama.cpp's mix of that name: Q4_K, with Q6_K for the
+	// output matrix and for attn_v and ffn_down in the layers its recipe
+	// gives more bits (see mixType).
+	Q4_K_M DType = "q4_k_m"
 )
+
+// DTypes lists the weight types the foundry writes.
+var DTypes = []DType{F32, F16, Q8_0, Q4_0, Q4_K, Q5_K, Q6_K, Q4_K_M}
 
 // ParseDType checks a dtype name.
 func ParseDType(s string) (DType, error) {
-	switch DType(s) {
-	case F32, F16, Q8_0:
-		return DType(s), nil
+	for _, d := range DTypes {
+		if DType(s) == d {
+			return d, nil
+		}
 	}
-	return "", fmt.Errorf("unknown dtype %q (f32, f16, q8_0)", s)
+	return "", fmt.Errorf("unknown dtype %q (%s)", s, dtypeList())
 }
 
-func (d DType) kind() uint32 {
+func dtypeList() string {
+	var names []string
+	for _, d := range DTypes {
+		names = append(names, string(d))
+	}
+	return strings.Join(names, ", ")
+}
+
+// tensorType is the ggml tensor type of a dtype (Q4_K_M is resolved per
+// tensor before this).
+func (d DType) tensorType() fsggml.TensorType {
 	switch d {
 	case F16:
-		return uint32(fsggml.TensorTypeF16)
+		return fsggml.TensorTypeF16
 	case Q8_0:
-		return uint32(fsggml.TensorTypeQ8_0)
+		return fsggml.TensorTypeQ8_0
+	case Q4_0:
+		return fsggml.TensorTypeQ4_0
+	case Q4_K, Q4_K_M:
+		return fsggml.TensorTypeQ4_K
+	case Q5_K:
+		return fsggml.TensorTypeQ5_K
+	case Q6_K:
+		return fsggml.TensorTypeQ6_K
 	}
-	return uint32(fsggml.TensorTypeF32)
+	return fsggml.TensorTypeF32
+}
+
+func (d DType) kind() uint32 { return uint32(d.tensorType()) }
+
+// blockSize is the row length a quantized type's blocks divide (1 for
+// float types).
+func (d DType) blockSize() int {
+	switch d {
+	case Q8_0, Q4_0:
+		return 32
+	case Q4_K, Q5_K, Q6_K, Q4_K_M:
+		return 256
+	}
+	return 1
 }
 
 // fileType is general.file_type for the dtype (llama_ftype).
@@ -52,8 +98,40 @@ func (d DType) fileType() uint32 {
 		return uint32(fsggml.FileTypeF16)
 	case Q8_0:
 		return uint32(fsggml.FileTypeQ8_0)
+	case Q4_0:
+		return 2 // LLAMA_FTYPE_MOSTLY_Q4_0
+	case Q4_K:
+		return uint32(fsggml.FileTypeQ4_K_S)
+	case Q4_K_M:
+		return uint32(fsggml.FileTypeQ4_K_M)
+	case Q5_K:
+		return 17 // LLAMA_FTYPE_MOSTLY_Q5_K_M
+	case Q6_K:
+		return 18 // LLAMA_FTYPE_MOSTLY_Q6_K
 	}
 	return uint32(fsggml.FileTypeF32)
+}
+
+// mixType resolves Q4_K_M for one tensor as llama.cpp's recipe does:
+// output.weight Q6_K; attn_v and ffn_down Q6_K in the first and last
+// eighth of the layers and every third layer between (use_more_bits),
+// Q4_K elsewhere.
+func mixType(name string, layers int) DType {
+	if name == "output.weight" {
+		return Q6_K
+	}
+	var l int
+	var rest string
+	if _, err := fmt.Sscanf(name, "blk.%d.%s", &l, &rest); err != nil {
+		return Q4_K
+	}
+	if !strings.HasPrefix(rest, "attn_v.") && !strings.HasPrefix(rest, "ffn_down.") {
+		return Q4_K
+	}
+	if l < layers/8 || l >= 7*layers/8 || (l-layers/8)%3 == 2 {
+		return Q6_K
+	}
+	return Q4_K
 }
 
 // Matrix is a weight in ggml order: Shape[0] is the input dimension (the
@@ -96,7 +174,7 @@ func (t *tensor) elements() int {
 func (t *tensor) WriteTo(w io.Writer) (int64, error) {
 	data := make([]float32, t.elements())
 	t.gen(data)
-	b := encode(data, t.dtype)
+	b := encode(data, t.shape, t.dtype)
 	n, err := w.Write(b)
 	return int64(n), err
 }
@@ -111,56 +189,49 @@ func fromVector(name string, v []float32) *tensor {
 		gen: func(dst []float32) { copy(dst, v) }}
 }
 
-// encode converts float32 data to the dtype's bytes.
-func encode(data []float32, dtype DType) []byte {
+// encode converts float32 data of a tensor's shape to the dtype's bytes.
+// Quantized types go through ggml's own quantizer (ggml_quantize_chunk via
+// the pinned module), so the blocks are the ones llama.cpp would write.
+func encode(data []float32, shape []uint64, dtype DType) []byte {
 	switch dtype {
+	case F32:
+		b := make([]byte, 4*len(data))
+		for i, x := range data {
+			binary.LittleEndian.PutUint32(b[4*i:], math.Float32bits(x))
+		}
+		return b
 	case F16:
 		b := make([]byte, 2*len(data))
 		for i, x := range data {
 			binary.LittleEndian.PutUint16(b[2*i:], float16.Fromfloat32(x).Bits())
 		}
 		return b
-	case Q8_0:
-		return quantizeQ8_0(data)
 	}
-	b := make([]byte, 4*len(data))
-	for i, x := range data {
-		binary.LittleEndian.PutUint32(b[4*i:], math.Float32bits(x))
-	}
-	return b
-}
-
-// quantizeQ8_0 follows ggml's quantize_row_q8_0_ref: blocks of 32 values
-// stored as an f16 scale d = max|x|/127 and 32 int8 round(x/d).
-func quantizeQ8_0(data []float32) []byte {
-	const qk = 32
-	out := make([]byte, 0, len(data)/qk*(2+qk))
-	for b := 0; b < len(data); b += qk {
-		blk := data[b : b+qk]
-		var amax float32
-		for _, x := range blk {
-			amax = max(amax, float32(math.Abs(float64(x))))
-		}
-		d := amax / 127
-		var id float32
-		if d != 0 {
-			id = 1 / d
-		}
-		out = binary.LittleEndian.AppendUint16(out, float16.Fromfloat32(d).Bits())
-		for _, x := range blk {
-			out = append(out, byte(int8(math.Round(float64(x*id)))))
-		}
-	}
-	return out
+	return ggml.Quantize(dtype.tensorType(), data, shape)
 }
 
 // write stores the model atomically as GGUF v3 through ollama's writer.
 func write(path string, kv fsggml.KV, ts []*tensor) error {
 	kv[versionKey] = Version
+	layers := 0
+	for _, t := range ts {
+		var l int
+		if _, err := fmt.Sscanf(t.name, "blk.%d.", &l); err == nil {
+			layers = max(layers, l+1)
+		}
+	}
 	fts := make([]*fsggml.Tensor, len(ts))
 	for i, t := range ts {
-		if t.dtype == Q8_0 && (len(t.shape) < 2 || t.shape[0]%32 != 0) {
-			t.dtype = F32 // vectors and odd rows stay f32, as llama.cpp's quantizer does
+		if t.dtype == Q4_K_M {
+			t.dtype = mixType(t.name, layers)
+		}
+		if b := t.dtype.blockSize(); b > 1 && (len(t.shape) < 2 || int(t.shape[0])%b != 0) {
+			// Vectors stay f32; rows the type's blocks do not divide fall
+			// back as llama.cpp's quantizer falls back (to Q8_0 here).
+			t.dtype = F32
+			if len(t.shape) >= 2 && t.shape[0]%32 == 0 {
+				t.dtype = Q8_0
+			}
 		}
 		fts[i] = &fsggml.Tensor{Name: t.name, Kind: t.dtype.kind(), Shape: t.shape, WriterTo: t}
 	}

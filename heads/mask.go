@@ -136,15 +136,16 @@ func (m *masked) Select(layer int, s paging.Summaries, q *paging.Queries, upto i
 	return paging.Selection{Groups: [][]int{inner.Groups[0], stream}}
 }
 
-// Resolve turns a command-line profile spec into head classes for a model
-// of layers × kvHeads: "" gives nil (the model's default), "half" the
-// synthetic HalfStreaming mask.
-func Resolve(spec string, layers, kvHeads int) (Classes, error) {
+// Resolve turns a command-line profile spec into head classes for m: ""
+// gives nil (the model's default), "half" the synthetic HalfStreaming mask,
+// anything else is a profile file (Load: it must be m's).
+func Resolve(spec string, m Model) (Classes, error) {
 	switch spec {
 	case "":
 		return nil, nil
 	case "half":
-		return HalfStreaming(layers, kvHeads), nil
+		cfg := m.Config()
+		return HalfStreaming(cfg.Layers, cfg.KVHeads), nil
 	}
-	return nil, fmt.Errorf("heads: unknown profile %q (want \"half\")", spec)
+	return Load(spec, m)
 }

@@ -110,14 +110,69 @@ func (c *Paged) maskFor(ctx ml.Context, g *group, used int) ml.Tensor {
 	if mk := &c.mask; mk.ctx == ctx && slices.Equal(mk.pages, pl.page[:used]) && slices.Equal(mk.fill, pl.fill[:used]) && slices.Equal(mk.sel, g.sel) {
 		return mk.tensor
 	}
-	mask := buildMask(pl, used, g.sel, c.writes, c.store.Pages(), c.pos0, c.n, c.L.PageSize)
-	t := ctx.Input().FromFloats(mask, used*c.L.PageSize, c.n)
+	var t ml.Tensor
+	if c.positionOrdered(g, used) {
+		t = causalMask(ctx, c.pos0, used*c.L.PageSize, c.n)
+	} else {
+		mask := buildMask(pl, used, g.sel, c.writes, c.store.Pages(), c.pos0, c.n, c.L.PageSize)
+		t = ctx.Input().FromFloats(mask, used*c.L.PageSize, c.n)
+	}
 	c.mask.ctx, c.mask.tensor = ctx, t
 	c.mask.pages = append(c.mask.pages[:0], pl.page[:used]...)
 	c.mask.fill = append(c.mask.fill[:0], pl.fill[:used]...)
 	c.mask.sel = append(c.mask.sel[:0], g.sel...)
 	return t
 }
+
+// positionOrdered reports whether g's first used slots hold pages 0..used-1
+// in order, every one attended and filled up to the batch: then cell c is
+// position c, every cell before the batch is visible, and the mask is plain
+// causal (a dense selection: document ingest, the dense method).
+func (c *Paged) positionOrdered(g *group, used int) bool {
+	P := c.L.PageSize
+	pl := g.pool
+	for s := 0; s < used; s++ {
+		if pl.page[s] != s || pl.fill[s] < min(P, max(0, c.pos0-s*P)) {
+			return false
+		}
+	}
+	// Every page before the batch's first is attended (the batch's own
+	// pages always are).
+	first := c.pos0 / P
+	if len(g.sel) < first {
+		return false
+	}
+	for i := 0; i < first; i++ {
+		if g.sel[i] != i {
+			return false
+		}
+	}
+	return true
+}
+
+// causalMask builds the plain causal mask [cells, batch] in the graph
+// instead of on the host: cells before pos0 are 0, and cell pos0+j is 0 for
+// batch rows b >= j and -Inf otherwise (ggml_tri keeps -Inf above the
+// diagonal and zeroes the rest). A host mask is cells·batch floats per
+// pass, in a buffer ollama allocates afresh for every input: at 64k tokens
+// and 512-token batches, 128 MiB of new pages per batch. Graph nodes live
+// in the scheduler's compute buffer, which is reused. The values are the
+// host mask's exactly (0 and -Inf), so results do not change.
+func causalMask(ctx ml.Context, pos0, cells, n int) ml.Tensor {
+	ninf := ctx.Input().FromFloats([]float32{float32(math.Inf(-1))}, 1, 1)
+	out := ninf.Repeat4D(ctx, n, n, 1, 1).Tri(ctx, triUpper) // ggml_tri wants a square
+	if pos0 > 0 {
+		zero := ctx.Input().FromFloats([]float32{0}, 1, 1)
+		out = zero.Repeat4D(ctx, pos0, n, 1, 1).Concat(ctx, out, 0)
+	}
+	if rest := cells - pos0 - n; rest > 0 { // the last page's empty cells
+		out = out.Concat(ctx, ninf.Repeat4D(ctx, rest, n, 1, 1), 0)
+	}
+	return out
+}
+
+// triUpper is GGML_TRI_TYPE_UPPER: keep elements with i0 > i1, zero the rest.
+const triUpper = 1
 
 // buildMask returns the [cells, batch] mask (row-major by batch row) of a
 // pool's first used slots for a batch of n tokens from pos0: 0 where

@@ -2,6 +2,7 @@ package kvcache_test
 
 import (
 	"context"
+	"fmt"
 	"math"
 	"math/rand/v2"
 	"slices"
@@ -206,6 +207,40 @@ func TestHeadGroupsMatchFloat64Reference(t *testing.T) {
 				t.Logf("tokens %d..%d: max |diff| %.2g", step[0], step[1], worst)
 				require.Less(t, worst, 2e-3)
 			}
+
+			// The second pass again, over pages that come back from host
+			// memory (a document): every selected page is uploaded into the
+			// groups' pools, each taking only its heads' channels, by copy
+			// runs and by the page scatter.
+			writer, err := kvcache.NewPaged(kvcache.Options{Layout: tLayout, Heads: tHeads, Capacity: 256, MaxBatch: 96,
+				Selector: &fixedSelector{c: sel.c, groups: []paging.Group{{}}, pages: [][]int{nil}}})
+			require.NoError(t, err)
+			defer writer.Close()
+			writer.Init(b, ml.DTypeF16, 1, 256, 96)
+			pass(t, b, writer, 0, split(q, tHeads*tDim, 0, first), split(k, tKV*tDim, 0, first), split(v, tKV*tDim, 0, first))
+			defer func(n int) { kvcache.MaxUploadRuns = n }(kvcache.MaxUploadRuns)
+			for _, up := range []struct {
+				name string
+				runs int
+			}{{"copy runs", 1 << 20}, {"page scatter", 0}} {
+				kvcache.MaxUploadRuns = up.runs
+				reader, err := kvcache.NewPaged(kvcache.Options{Layout: tLayout, Heads: tHeads, Capacity: 256, MaxBatch: 96,
+					Selector: &fixedSelector{c: sel.c, groups: tc.groups, pages: tc.pages}, Prefix: writer.Store()})
+				require.NoError(t, err)
+				reader.Init(b, ml.DTypeF16, 1, 256, 96)
+				got := pass(t, b, reader, first, split(q, tHeads*tDim, first, total), split(k, tKV*tDim, first, total), split(v, tKV*tDim, first, total))
+				reader.Close()
+				require.Positive(t, reader.Stats().Uploads)
+				want := reference(split(q, tHeads*tDim, first, total), k, v, first, visible)
+				worst := 0.0
+				for i := range got {
+					for j := range got[i] {
+						worst = math.Max(worst, math.Abs(float64(got[i][j])-want[i][j]))
+					}
+				}
+				t.Logf("from host pages (%s): max |diff| %.2g", up.name, worst)
+				require.Less(t, worst, 2e-3)
+			}
 		})
 	}
 }
@@ -242,4 +277,24 @@ func TestHeadGroupsSelectingEverythingMatchOneGroup(t *testing.T) {
 	}
 	t.Logf("max |diff| one group vs two: %g", worst)
 	require.Zero(t, worst, "per-head dot products and sums are the same operations")
+}
+
+// The causal mask built in the graph (dense selections, pages in position
+// order) equals the host mask value for value, 0 and -Inf.
+func TestCausalMaskMatchesHostMask(t *testing.T) {
+	m, err := runtime.Open(context.Background(), testmodels.Random(t, "llama", "tiny", foundry.F32, 4, false), runtime.Options{Threads: 1, ContextLength: 256})
+	require.NoError(t, err)
+	defer m.Close()
+	for _, c := range []struct{ pos0, cells, n int }{
+		{0, 16, 16}, {0, 32, 20}, {16, 48, 20}, {37, 64, 3}, {100, 112, 1}, {5, 16, 11},
+	} {
+		t.Run(fmt.Sprintf("pos0=%d,cells=%d,n=%d", c.pos0, c.cells, c.n), func(t *testing.T) {
+			ctx := m.Backend().NewContext()
+			defer ctx.Close()
+			mask := kvcache.CausalMask(ctx, c.pos0, c.cells, c.n)
+			out := ctx.Input().Empty(ml.DTypeF32, c.cells, c.n)
+			ctx.Forward(mask.Copy(ctx, out), out).Compute(out)
+			require.Equal(t, kvcache.OrderedHostMask(c.pos0, c.cells, c.n, 16), out.Floats())
+		})
+	}
 }

@@ -34,9 +34,12 @@ type Stats struct {
 	// ResidentByClass splits ResidentBytes by head class ("all",
 	// "retrieval", "streaming", as the selector names its groups).
 	ResidentByClass map[string]int64
-	HostBytes       int64 // host pages, shared document pages included
-	Pages           int   // pages in the sequence
-	Uploads         int64 // pages copied host -> device so far
+	// AttendedBytes is the KV the last forward pass attended to: the
+	// selected tokens of every layer and head group, keys and values.
+	AttendedBytes int64
+	HostBytes     int64 // host pages, shared document pages included
+	Pages         int   // pages in the sequence
+	Uploads       int64 // pages copied host -> device so far
 	// Upkeep is the time spent keeping host pages and their summaries up to
 	// date (reading new keys and values back, writing pages, summaries).
 	Upkeep time.Duration
@@ -231,6 +234,11 @@ func (c *Paged) Stats() Stats {
 				b := g.pool.bytes(c.L)
 				st.ResidentBytes += b
 				st.ResidentByClass[g.Class] += b
+			}
+			for _, p := range g.sel {
+				if p < c.store.Pages() {
+					st.AttendedBytes += int64(c.store.pages[l][p].N) * int64(len(g.heads)*c.L.HeadDim) * 2 * 2
+				}
 			}
 		}
 	}

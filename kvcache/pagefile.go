@@ -9,6 +9,7 @@ import (
 	"hash/crc32"
 	"io"
 	"math"
+	"math/bits"
 	"os"
 
 	"github.com/kvrecall/kvrecall/internal/atomicfile"
@@ -55,7 +56,8 @@ func WritePageFile(path string, s *Store, tokens []int32, fp Fingerprint) error 
 	if len(tokens) != s.Len() {
 		return fmt.Errorf("kvcache: %d tokens for a store of %d", len(tokens), s.Len())
 	}
-	return atomicfile.Write(path, 0o644, func(f *os.File) error {
+	// 0600: the pages encode the document's text.
+	return atomicfile.Write(path, 0o600, func(f *os.File) error {
 		w := bufio.NewWriterSize(f, 1<<20)
 		if err := writePages(w, s, tokens, fp); err != nil {
 			return err
@@ -133,54 +135,114 @@ func corrupt(path, format string, args ...any) error {
 	return fmt.Errorf("%s: %w: %s", path, ErrCorrupt, fmt.Sprintf(format, args...))
 }
 
-// ReadPageFile loads a page file written by WritePageFile, verifying its
-// size and every checksum. want, if not nil, must match its layout.
-func ReadPageFile(path string, want *Layout) (*Store, []int32, PageFileInfo, error) {
-	var info PageFileInfo
+// Limits on what a page file's header may claim, checked before anything is
+// allocated from it. No model comes close to the layout limits; together they
+// keep every size computed from a header far from overflowing an int64.
+const (
+	maxLayoutDim   = 1 << 12 // layers, KV heads, head dimension
+	maxRow         = 1 << 16 // KV heads x head dimension (128 heads of 512)
+	maxFileTokens  = 1<<31 - 1
+	maxFileRecords = maxFileTokens/16 + 1
+)
+
+// ReadPageFileInfo reads and checks a page file's header and its size
+// against what the header implies, without reading the pages: a cheap test
+// that the file is there and whole (page checksums are checked on load).
+func ReadPageFileInfo(path string) (PageFileInfo, error) {
 	f, err := os.Open(path)
 	if err != nil {
-		return nil, nil, info, err
+		return PageFileInfo{}, err
 	}
 	defer f.Close()
 	st, err := f.Stat()
 	if err != nil {
-		return nil, nil, info, err
+		return PageFileInfo{}, err
 	}
-	r := bufio.NewReaderSize(f, 1<<20)
+	return readHeader(f, path, st.Size())
+}
+
+// readHeader parses and bounds a header. Every count from the file is
+// checked as an unsigned number before it is converted or multiplied, so a
+// crafted header gives an error, never a negative length or a panic.
+func readHeader(r io.Reader, path string, fileSize int64) (PageFileInfo, error) {
+	var info PageFileInfo
 	h := make([]byte, headerSize)
 	if _, err := io.ReadFull(r, h); err != nil {
-		return nil, nil, info, corrupt(path, "truncated header (%d bytes)", st.Size())
+		return info, corrupt(path, "truncated header (%d bytes)", fileSize)
 	}
 	if string(h[:8]) != pageFileMagic {
-		return nil, nil, info, corrupt(path, "not a kvrecall page file")
+		return info, corrupt(path, "not a kvrecall page file")
 	}
 	if got, want := binary.LittleEndian.Uint32(h[headerSize-4:]), crc32.Checksum(h[:headerSize-4], castagnoli); got != want {
-		return nil, nil, info, corrupt(path, "header checksum mismatch")
+		return info, corrupt(path, "header checksum mismatch")
 	}
-	u := func(i int) int { return int(binary.LittleEndian.Uint32(h[8+4*i:])) }
+	u := func(i int) uint32 { return binary.LittleEndian.Uint32(h[8+4*i:]) }
 	if v := u(0); v != pageFileVersion {
-		return nil, nil, info, fmt.Errorf("%s: page file version %d is not supported (this build reads %d)", path, v, pageFileVersion)
+		return info, fmt.Errorf("%s: page file version %d is not supported (this build reads %d)", path, v, pageFileVersion)
 	}
-	l := Layout{Layers: u(1), KVHeads: u(2), HeadDim: u(3), PageSize: u(4)}
+	for i, name := range []string{"layers", "KV heads", "head dimension"} {
+		if v := u(1 + i); v > maxLayoutDim {
+			return info, corrupt(path, "%d %s (at most %d)", v, name, maxLayoutDim)
+		}
+	}
+	// A store allocates a row of scratch even when empty: an 88-byte file
+	// must not cost 64 MB.
+	if row := uint64(u(2)) * uint64(u(3)); row > maxRow {
+		return info, corrupt(path, "%d KV heads of %d channels (at most %d channels)", u(2), u(3), maxRow)
+	}
+	if v := u(4); v > 256 {
+		return info, corrupt(path, "page size %d outside 16..256", v)
+	}
+	l := Layout{Layers: int(u(1)), KVHeads: int(u(2)), HeadDim: int(u(3)), PageSize: int(u(4))}
 	if err := l.Check(); err != nil {
-		return nil, nil, info, corrupt(path, "%v", err)
+		return info, corrupt(path, "%v", err)
 	}
 	if u(5) != Reps {
-		return nil, nil, info, corrupt(path, "%d representative keys per page, this build keeps %d", u(5), Reps)
+		return info, corrupt(path, "%d representative keys per page, this build keeps %d", u(5), Reps)
 	}
-	info.Layout, info.Pages = l, u(6)
-	info.Tokens = int(binary.LittleEndian.Uint64(h[8+4*7:]))
+	pages, tokens := uint64(u(6)), binary.LittleEndian.Uint64(h[8+4*7:])
+	if tokens > maxFileTokens || pages > maxFileRecords {
+		return info, corrupt(path, "%d tokens in %d pages is beyond this build's limits", tokens, pages)
+	}
+	P := uint64(l.PageSize)
+	if want := tokens/P + (tokens%P+P-1)/P; pages != want {
+		return info, corrupt(path, "%d pages cannot hold %d tokens", pages, tokens)
+	}
+	// The limits above keep this product under 2^62; it is computed in 128
+	// bits anyway so that raising a limit cannot make it wrap.
+	hi, records := bits.Mul64(pages, uint64(l.recordSize()))
+	if hi != 0 || records > math.MaxInt64 {
+		return info, corrupt(path, "%d pages of %d bytes overflow a file size", pages, l.recordSize())
+	}
+	size := uint64(headerSize) + 4*tokens + 4 + records // < 2^63 + 2^34
+	if fileSize < 0 || uint64(fileSize) != size {
+		return info, corrupt(path, "size %d bytes, the header implies %d (truncated or extended)", fileSize, size)
+	}
+	info.Layout, info.Pages, info.Tokens = l, int(pages), int(tokens)
 	copy(info.Fingerprint[:], h[8+4*7+8:])
+	return info, nil
+}
+
+// ReadPageFile loads a page file written by WritePageFile, verifying its
+// size and every checksum. want, if not nil, must match its layout.
+func ReadPageFile(path string, want *Layout) (*Store, []int32, PageFileInfo, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, nil, PageFileInfo{}, err
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return nil, nil, PageFileInfo{}, err
+	}
+	r := bufio.NewReaderSize(f, int(min(st.Size(), 1<<20))) // small files, small buffer
+	info, err := readHeader(r, path, st.Size())
+	if err != nil {
+		return nil, nil, info, err
+	}
+	l, P := info.Layout, info.Layout.PageSize
 	if want != nil && *want != l {
 		return nil, nil, info, fmt.Errorf("%s: page layout %+v does not match the model's %+v", path, l, *want)
-	}
-	P := l.PageSize
-	if info.Pages != (info.Tokens+P-1)/P || info.Tokens > 1<<31 {
-		return nil, nil, info, corrupt(path, "%d pages cannot hold %d tokens", info.Pages, info.Tokens)
-	}
-	size := int64(headerSize) + 4*int64(info.Tokens) + 4 + int64(info.Pages)*int64(l.recordSize())
-	if st.Size() != size {
-		return nil, nil, info, corrupt(path, "size %d bytes, the header implies %d (truncated or extended)", st.Size(), size)
 	}
 	tb := make([]byte, 4*info.Tokens+4)
 	if _, err := io.ReadFull(r, tb); err != nil {

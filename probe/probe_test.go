@@ -339,8 +339,13 @@ func TestRepsFile(t *testing.T) {
 		t.Fatalf("read back %+v", got)
 	}
 	t.Run("other document", func(t *testing.T) {
-		if _, err := ReadFile(path, 151, fp, 2, 2, 4); err == nil {
-			t.Fatal("representatives of a 150-token document accepted for 151 tokens")
+		if _, err := ReadFile(path, 151, fp, 2, 2, 4); !errors.Is(err, ErrStale) {
+			t.Fatalf("representatives of a 150-token document for 151 tokens: err = %v, want ErrStale", err)
+		}
+		other := fp
+		other[1] = 1
+		if _, err := ReadFile(path, 150, other, 2, 2, 4); !errors.Is(err, ErrStale) {
+			t.Fatalf("representatives of another fingerprint: err = %v, want ErrStale", err)
 		}
 	})
 	t.Run("other model shape", func(t *testing.T) {

@@ -338,6 +338,10 @@ var castagnoli = crc32.MakeTable(crc32.Castagnoli)
 // ErrCorrupt is wrapped by every error about a representatives file's content.
 var ErrCorrupt = errors.New("corrupt representatives file")
 
+// ErrStale is wrapped by the error for a representatives file of another
+// document or model: they are to be computed again.
+var ErrStale = errors.New("representatives of another document")
+
 // WriteFile stores r for a document of tokens tokens and model fingerprint fp.
 func (r *Reps) WriteFile(path string, tokens int, fp [32]byte) error {
 	var h bytes.Buffer
@@ -434,7 +438,7 @@ func ReadFile(path string, tokens int, fp [32]byte, layers, kvHeads, headDim int
 		return nil, fmt.Errorf("%s: representatives for %d layers × %d KV heads × %d, the model has %d × %d × %d", path, r.Layers, r.KVHeads, r.HeadDim, layers, kvHeads, headDim)
 	}
 	if n := int(binary.LittleEndian.Uint64(b[8+4*8:])); n != tokens || !bytes.Equal(b[8+4*8+8:][:32], fp[:]) {
-		return nil, fmt.Errorf("%s: %w: representatives of another document (%d tokens)", path, ErrCorrupt, n)
+		return nil, fmt.Errorf("%s: %w (%d tokens)", path, ErrStale, n)
 	}
 	if r.BlockSize <= 0 || r.Blocks != (tokens+r.BlockSize-1)/r.BlockSize {
 		return nil, fmt.Errorf("%s: %w: %d blocks of %d for %d tokens", path, ErrCorrupt, r.Blocks, r.BlockSize, tokens)

@@ -23,7 +23,10 @@ import (
 
 // Document is text prefilled once: its keys and values live in pages in host
 // memory and in a page file on disk, and every question reuses them.
-// A Document is immutable and safe to share between goroutines.
+// A Document is immutable and safe to share between goroutines. Documents
+// in memory are bounded by Options.MaxDocumentBytes: the least recently used
+// ones not in use by a session are dropped and reload from disk on their
+// next OpenDocument.
 type Document struct {
 	Info
 	tokens []int32
@@ -33,6 +36,7 @@ type Document struct {
 	// first use (see Model.probeReps).
 	probeMu sync.Mutex
 	probe   map[string]*probe.Reps
+	st      docState // memory bookkeeping, guarded by the model's docStore
 }
 
 // Info describes an ingested document.
@@ -84,17 +88,14 @@ var idPattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$`)
 // ValidDocumentID reports whether id can name a document (it becomes a directory name).
 func ValidDocumentID(id string) bool { return idPattern.MatchString(id) }
 
-const (
-	docMeta  = "doc.json"
-	docPages = "pages.kvp"
-)
-
 func (m *Model) docDir(id string) string { return filepath.Join(m.opts.DataDir, id) }
 
 // Ingest tokenizes text (with BOS), prefills it once with dense attention and
 // keeps its pages in memory and on disk under id. An empty id uses a hash of
 // the text. Ingesting the same text under the same id again returns the
-// stored document without prefilling; other text replaces it.
+// stored document without prefilling; other text replaces it. A replacement
+// is atomic: the old version is stored and served until the new one is
+// complete, and stays if the new one cannot be saved.
 func (m *Model) Ingest(ctx context.Context, id, text string, progress Progress) (*Document, error) {
 	sum := sha256.Sum256([]byte(text))
 	toks, err := m.tok.Encode(text, true)
@@ -129,8 +130,11 @@ func (m *Model) ingest(ctx context.Context, id string, toks []int32, textHash st
 	if !ValidDocumentID(id) {
 		return nil, fmt.Errorf("invalid document id %q: use letters, digits, '.', '_' and '-' (at most 128)", id)
 	}
-	if d, err := m.OpenDocument(id); err == nil && d.TextSHA256 == textHash {
-		return d, nil
+	// The metadata says whether the text is the same; only then load pages.
+	if in, err := m.DocumentInfo(id); err == nil && in.TextSHA256 == textHash {
+		if d, err := m.OpenDocument(id); err == nil && d.TextSHA256 == textHash {
+			return d, nil
+		}
 	}
 	if len(toks) == 0 {
 		return nil, errors.New("empty document")
@@ -194,96 +198,175 @@ func (m *Model) ingest(ctx context.Context, id string, toks []int32, textHash st
 		},
 		tokens: toks, store: cache.Store(),
 	}
+	var repsKey string
 	if o.Streaming {
 		d.StreamingBudget = o.Budget
+		st := pol.(*probe.Selector).Settings()
+		repsKey = probeRepsName(st.BlockSize, st.RepTopK, pol.Config().Window)
+		d.probe = map[string]*probe.Reps{repsKey: reps}
 	}
 	if err := m.saveDocument(d); err != nil {
 		return nil, err
 	}
 	if reps != nil {
-		st := pol.(*probe.Selector).Settings()
-		key := probeRepsName(st.BlockSize, st.RepTopK, pol.Config().Window)
-		if err := reps.WriteFile(filepath.Join(m.docDir(id), key), len(toks), m.fp); err != nil {
-			return nil, fmt.Errorf("save document %s: probe representatives: %w", id, err)
+		if err := m.writeProbeReps(d, repsKey, reps); err != nil {
+			return nil, err
 		}
-		d.probe = map[string]*probe.Reps{key: reps}
 	}
-	m.docMu.Lock()
-	m.docs[id] = d
-	m.docMu.Unlock()
 	return d, nil
 }
 
-// saveDocument writes the page file, then the metadata: a document is
-// visible only when both are complete.
+// saveDocument stores d and makes it the resident version of its id. The new
+// page file gets a new name; doc.json, renamed over the old one, is the
+// commit point; the old page file is removed last. On any error before the
+// commit the old version is untouched, on disk and in memory.
 func (m *Model) saveDocument(d *Document) error {
+	st := m.documents()
+	st.writeMu.Lock()
+	defer st.writeMu.Unlock()
 	dir := m.docDir(d.ID)
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return err
-	}
-	os.Remove(filepath.Join(dir, docMeta)) // a replaced document is invisible while its pages change
-	if err := kvcache.WritePageFile(filepath.Join(dir, docPages), d.store, d.tokens, m.fp); err != nil {
+	if err := os.MkdirAll(m.opts.DataDir, docDirPerm); err != nil {
 		return fmt.Errorf("save document %s: %w", d.ID, err)
 	}
-	b, err := json.MarshalIndent(d.Info, "", "  ")
+	if err := os.Mkdir(dir, docDirPerm); err != nil && !errors.Is(err, os.ErrExist) {
+		return fmt.Errorf("save document %s: %w", d.ID, err)
+	}
+	old, oldErr := readMeta(dir)
+	fail := func(err error) error {
+		if errors.Is(oldErr, os.ErrNotExist) {
+			os.Remove(dir) // a first ingest leaves no empty folder (kept if not empty)
+		}
+		return fmt.Errorf("save document %s: %w", d.ID, err)
+	}
+	name := newPagesName()
+	pages := filepath.Join(dir, name)
+	if err := kvcache.WritePageFile(pages, d.store, d.tokens, m.fp); err != nil {
+		return fail(err)
+	}
+	b, err := json.MarshalIndent(storedMeta{Info: d.Info, PagesFile: name}, "", "  ")
+	if err == nil {
+		err = atomicfile.WriteBytes(filepath.Join(dir, docMeta), b, docFilePerm)
+	}
 	if err != nil {
-		return err
+		// A failed directory sync comes after the rename: then the new
+		// version is what a reader sees, and memory must agree with it.
+		if now, rerr := readMeta(dir); rerr != nil || now.PagesFile != name {
+			os.Remove(pages)
+			return fail(err)
+		}
 	}
-	if err := atomicfile.WriteBytes(filepath.Join(dir, docMeta), b, 0o644); err != nil {
-		return fmt.Errorf("save document %s: %w", d.ID, err)
+	st.mu.Lock()
+	if cur, ok := st.resident[d.ID]; ok {
+		st.dropLocked(cur)
+	}
+	st.versions[d.ID]++
+	d.st.version = st.versions[d.ID]
+	st.admitLocked(m, d)
+	st.mu.Unlock()
+	// After the version bump: a concurrent load that read the old doc.json
+	// and now misses its pages sees the bump and retries.
+	if oldErr == nil && old.pagesFile() != name {
+		st.filesMu.Lock()
+		os.Remove(filepath.Join(dir, old.pagesFile()))
+		st.filesMu.Unlock()
 	}
 	return nil
 }
 
 // OpenDocument returns an ingested document, loading it from disk (and
-// verifying every page checksum) if this process has not seen it yet.
+// verifying every page checksum) if it is not in memory.
 func (m *Model) OpenDocument(id string) (*Document, error) {
 	if !ValidDocumentID(id) {
 		return nil, fmt.Errorf("%w: %q", ErrNoDocument, id)
 	}
-	m.docMu.Lock()
-	d, ok := m.docs[id]
-	m.docMu.Unlock()
-	if ok {
+	st := m.documents()
+	for try := 0; ; try++ {
+		st.mu.Lock()
+		if d, ok := st.resident[id]; ok {
+			st.lru.MoveToFront(d.st.elem)
+			st.mu.Unlock()
+			return d, nil
+		}
+		v := st.versions[id]
+		st.mu.Unlock()
+
+		st.filesMu.RLock()
+		d, err := m.loadDocument(id)
+		st.filesMu.RUnlock()
+
+		st.mu.Lock()
+		if st.versions[id] != v {
+			// Deleted or replaced while loading: what was read may be the
+			// old version, or an error from files being removed.
+			st.mu.Unlock()
+			if try == maxLoadRetry {
+				return nil, fmt.Errorf("document %s changed %d times while loading; try again", id, try+1)
+			}
+			continue
+		}
+		if err != nil {
+			st.mu.Unlock()
+			return nil, err
+		}
+		if cur, ok := st.resident[id]; ok { // another load won
+			st.lru.MoveToFront(cur.st.elem)
+			d = cur
+		} else {
+			d.st.version = v
+			st.admitLocked(m, d)
+		}
+		st.mu.Unlock()
 		return d, nil
 	}
-	dir := m.docDir(id)
-	b, err := os.ReadFile(filepath.Join(dir, docMeta))
-	if errors.Is(err, os.ErrNotExist) {
-		return nil, fmt.Errorf("%w: %q", ErrNoDocument, id)
-	}
+}
+
+// loadDocument reads a document from disk, checking its metadata against its
+// folder, the model and its pages.
+func (m *Model) loadDocument(id string) (*Document, error) {
+	meta, err := m.readDocumentMeta(id)
 	if err != nil {
 		return nil, err
 	}
-	d = &Document{}
-	if err := json.Unmarshal(b, &d.Info); err != nil {
-		return nil, fmt.Errorf("document %s: %w: metadata: %v", id, kvcache.ErrCorrupt, err)
-	}
-	if d.Fingerprint != hex.EncodeToString(m.fp[:]) {
-		return nil, fmt.Errorf("document %s was ingested with another model", id)
-	}
+	d := &Document{Info: meta.Info}
 	want := m.Layout()
 	want.PageSize = d.PageSize
-	store, toks, info, err := kvcache.ReadPageFile(filepath.Join(dir, docPages), &want)
+	store, toks, info, err := kvcache.ReadPageFile(filepath.Join(m.docDir(id), meta.pagesFile()), &want)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("document %s: %w: its page file is missing", id, kvcache.ErrCorrupt)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("document %s: %w", id, err)
 	}
-	if info.Fingerprint != m.fp || info.Tokens != d.Tokens {
+	if info.Fingerprint != m.fp || info.Tokens != d.Tokens || info.Pages != d.Pages {
 		return nil, fmt.Errorf("document %s: %w: pages do not match the metadata", id, kvcache.ErrCorrupt)
 	}
 	d.tokens, d.store = toks, store
-	m.docMu.Lock()
-	if cached, ok := m.docs[id]; ok {
-		d = cached
-	} else {
-		m.docs[id] = d
-	}
-	m.docMu.Unlock()
 	return d, nil
 }
 
-// Documents lists the documents stored for this model.
+// readDocumentMeta reads id's doc.json and checks that it describes id for
+// this model.
+func (m *Model) readDocumentMeta(id string) (storedMeta, error) {
+	meta, err := readMeta(m.docDir(id))
+	if errors.Is(err, os.ErrNotExist) {
+		return meta, fmt.Errorf("%w: %q", ErrNoDocument, id)
+	}
+	if err != nil {
+		return meta, fmt.Errorf("document %s: %w", id, err)
+	}
+	if meta.ID != id {
+		return meta, fmt.Errorf("document %s: %w: its metadata names document %q", id, kvcache.ErrCorrupt, meta.ID)
+	}
+	if meta.Fingerprint != hex.EncodeToString(m.fp[:]) {
+		return meta, fmt.Errorf("document %s was ingested with another model", id)
+	}
+	return meta, nil
+}
+
+// Documents lists the documents stored for this model: those whose
+// metadata is complete and whose page file exists.
 func (m *Model) Documents() ([]Info, error) {
+	m.documents() // the first use sweeps
 	entries, err := os.ReadDir(m.opts.DataDir)
 	if errors.Is(err, os.ErrNotExist) {
 		return nil, nil
@@ -293,36 +376,69 @@ func (m *Model) Documents() ([]Info, error) {
 	}
 	var out []Info
 	for _, e := range entries {
-		b, err := os.ReadFile(filepath.Join(m.opts.DataDir, e.Name(), docMeta))
-		if err != nil {
+		if !e.IsDir() || !ValidDocumentID(e.Name()) {
+			continue
+		}
+		meta, err := readMeta(m.docDir(e.Name()))
+		if err != nil || meta.ID != e.Name() {
 			continue // not a (complete) document
 		}
-		var in Info
-		if json.Unmarshal(b, &in) == nil && in.ID == e.Name() {
-			out = append(out, in)
+		if _, err := os.Stat(filepath.Join(m.docDir(e.Name()), meta.pagesFile())); err != nil {
+			continue
 		}
+		out = append(out, meta.Info)
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
 	return out, nil
 }
 
-// DeleteDocument removes a document from memory and disk.
+// DeleteDocument removes a document from memory and disk. Whatever is left
+// of a document on disk (page files without metadata, temporary files) is
+// removed as well; ErrNoDocument means there was nothing under id.
 func (m *Model) DeleteDocument(id string) error {
 	if !ValidDocumentID(id) {
 		return fmt.Errorf("%w: %q", ErrNoDocument, id)
 	}
-	m.docMu.Lock()
-	delete(m.docs, id)
-	m.docMu.Unlock()
+	st := m.documents()
+	st.writeMu.Lock()
+	defer st.writeMu.Unlock()
+	bump := func() bool {
+		st.mu.Lock()
+		defer st.mu.Unlock()
+		st.versions[id]++
+		if d, ok := st.resident[id]; ok {
+			st.dropLocked(d)
+			return true
+		}
+		return false
+	}
+	resident := bump()
 	dir := m.docDir(id)
-	if _, err := os.Stat(filepath.Join(dir, docMeta)); errors.Is(err, os.ErrNotExist) {
+	if _, err := os.Lstat(dir); errors.Is(err, os.ErrNotExist) {
+		if resident {
+			return nil
+		}
 		return fmt.Errorf("%w: %q", ErrNoDocument, id)
 	}
-	// Metadata first: a half-deleted document is never visible.
-	if err := os.Remove(filepath.Join(dir, docMeta)); err != nil {
-		return err
+	// Metadata first: a half-deleted document is never visible, even to
+	// another process.
+	st.filesMu.Lock()
+	err := os.Remove(filepath.Join(dir, docMeta))
+	if err == nil || errors.Is(err, os.ErrNotExist) {
+		err = os.RemoveAll(dir)
 	}
-	return os.RemoveAll(dir)
+	// Again once the files are gone: a load that read them after the first
+	// bump may have made the document resident again.
+	bump()
+	st.filesMu.Unlock()
+	if err != nil {
+		return fmt.Errorf("delete document %s: %w", id, err)
+	}
+	atomicfile.SyncDir(m.opts.DataDir)
+	if st.lock != nil {
+		m.sweepDocuments()
+	}
+	return nil
 }
 
 // AskOptions choose the paging policy and the generation of an answer.
@@ -372,40 +488,71 @@ func (m *Model) DocumentSessionContext(ctx context.Context, doc *Document, o Pol
 	if capacity <= doc.Tokens {
 		return nil, fmt.Errorf("%w: document %s has %d tokens; the context length is %d", ErrContextFull, doc.ID, doc.Tokens, capacity)
 	}
+	// Pinned until the session closes: a document in use is never evicted.
+	release := m.pin(doc)
 	cache, err := m.newPaged(pol, capacity, doc.store)
 	if err != nil {
+		release()
 		return nil, err
 	}
-	return &Session{m: m, cache: cache, tokens: slices.Clone(doc.tokens), capacity: capacity}, nil
+	return &Session{m: m, cache: cache, tokens: slices.Clone(doc.tokens), capacity: capacity, release: release}, nil
 }
 
 // LoadedDocuments describes the documents this process holds in host memory.
 func (m *Model) LoadedDocuments() []Info {
-	m.docMu.Lock()
-	defer m.docMu.Unlock()
-	out := make([]Info, 0, len(m.docs))
-	for _, d := range m.docs {
+	st := m.documents()
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	out := make([]Info, 0, len(st.resident))
+	for _, d := range st.resident {
 		out = append(out, d.Info)
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
 	return out
 }
 
-// DocumentInfo reads a stored document's metadata without loading its pages.
+// DocumentInfo describes a stored document without loading its pages. Its
+// page file's header and size are checked (page checksums are checked when
+// the document is opened).
 func (m *Model) DocumentInfo(id string) (Info, error) {
 	if !ValidDocumentID(id) {
 		return Info{}, fmt.Errorf("%w: %q", ErrNoDocument, id)
 	}
-	b, err := os.ReadFile(filepath.Join(m.docDir(id), docMeta))
-	if errors.Is(err, os.ErrNotExist) {
-		return Info{}, fmt.Errorf("%w: %q", ErrNoDocument, id)
+	st := m.documents()
+	for try := 0; ; try++ {
+		st.mu.Lock()
+		if d, ok := st.resident[id]; ok {
+			st.mu.Unlock()
+			return d.Info, nil
+		}
+		v := st.versions[id]
+		st.mu.Unlock()
+		st.filesMu.RLock()
+		in, err := m.statDocument(id)
+		st.filesMu.RUnlock()
+		st.mu.Lock()
+		changed := st.versions[id] != v
+		st.mu.Unlock()
+		if !changed || try == maxLoadRetry {
+			return in, err
+		}
 	}
+}
+
+func (m *Model) statDocument(id string) (Info, error) {
+	meta, err := m.readDocumentMeta(id)
 	if err != nil {
 		return Info{}, err
 	}
-	var in Info
-	if err := json.Unmarshal(b, &in); err != nil {
-		return Info{}, fmt.Errorf("document %s: %w: metadata: %v", id, kvcache.ErrCorrupt, err)
+	info, err := kvcache.ReadPageFileInfo(filepath.Join(m.docDir(id), meta.pagesFile()))
+	if errors.Is(err, os.ErrNotExist) {
+		return Info{}, fmt.Errorf("document %s: %w: its page file is missing", id, kvcache.ErrCorrupt)
 	}
-	return in, nil
+	if err != nil {
+		return Info{}, fmt.Errorf("document %s: %w", id, err)
+	}
+	if info.Fingerprint != m.fp || info.Tokens != meta.Tokens || info.Pages != meta.Pages || info.Layout.PageSize != meta.PageSize {
+		return Info{}, fmt.Errorf("document %s: %w: pages do not match the metadata", id, kvcache.ErrCorrupt)
+	}
+	return meta.Info, nil
 }

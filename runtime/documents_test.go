@@ -111,6 +111,15 @@ func askInNewProcess(t *testing.T, fx *docFixture, id, question string) helperRe
 	return res
 }
 
+// pagesPath is the one page file of document id under dir.
+func pagesPath(t *testing.T, dir, id string) string {
+	t.Helper()
+	m, err := filepath.Glob(filepath.Join(dir, id, "pages*.kvp"))
+	require.NoError(t, err)
+	require.Len(t, m, 1, "page files of %s", id)
+	return m[0]
+}
+
 // A document ingested by one process is answered by another without
 // prefilling it again, with the same answer; a corrupt or truncated page
 // file is reported, never used.
@@ -146,7 +155,7 @@ func TestDocumentPersistsAcrossProcesses(t *testing.T) {
 	require.Equal(t, len(fx.c.Tokens), other.CachedTokens)
 	require.Equal(t, 4, other.PromptTokens, "only the question was evaluated")
 
-	pages := filepath.Join(dir, "book", "pages.kvp")
+	pages := pagesPath(t, dir, "book")
 	data, err := os.ReadFile(pages)
 	require.NoError(t, err)
 	for _, c := range []struct {

@@ -53,8 +53,14 @@ type Options struct {
 	// PageSize is the tokens per page of paged caches and documents (16..256, default 64).
 	PageSize int
 	// DataDir holds ingested documents (default: kvrecall/documents/<model
-	// fingerprint> under the user cache directory).
+	// fingerprint> under the user cache directory). One process owns it at a
+	// time (an advisory lock): the owner sweeps what crashes left behind.
 	DataDir string
+	// MaxDocumentBytes bounds the host memory of opened documents' pages.
+	// Beyond it the least recently used documents that no session is using
+	// are dropped from memory; they stay on disk and reload on next use.
+	// 0 means DefaultMaxDocumentBytes (4 GiB); negative means no bound.
+	MaxDocumentBytes int64
 }
 
 // DefaultContextLength caps the default context so that dense caches of
@@ -77,8 +83,7 @@ type Model struct {
 	kvType  ml.DType
 	fp      kvcache.Fingerprint
 
-	docMu sync.Mutex
-	docs  map[string]*Document
+	docs docStore // documents in host memory (documents.go)
 
 	heads headDefault // the head profile "+heads" methods use by default
 
@@ -163,6 +168,9 @@ func Open(ctx context.Context, path string, opts Options) (m *Model, err error) 
 	if opts.PageSize == 0 {
 		opts.PageSize = DefaultPageSize
 	}
+	if opts.MaxDocumentBytes == 0 {
+		opts.MaxDocumentBytes = DefaultMaxDocumentBytes
+	}
 	if opts.PageSize < 16 || opts.PageSize > 256 {
 		return fail(fmt.Errorf("page size %d is outside 16..256", opts.PageSize))
 	}
@@ -210,7 +218,7 @@ func Open(ctx context.Context, path string, opts Options) (m *Model, err error) 
 	net.Params.TiedOutput = cfg.TiedOutput
 	net.Params.RopeFreqs = cfg.RopeFreqs
 	return &Model{path: path, file: f, cfg: cfg, net: net, backend: mm.Backend(), tok: tok, opts: opts, kvType: kv,
-		fp: fp, docs: map[string]*Document{}}, nil
+		fp: fp}, nil
 }
 
 // fingerprint identifies a model file for its documents: the GGUF header, the
@@ -248,6 +256,7 @@ func (m *Model) Close() {
 	if m == nil {
 		return
 	}
+	m.closeDocuments()
 	m.life.Lock()
 	defer m.life.Unlock()
 	if m.closed || m.backend == nil {

@@ -51,7 +51,7 @@ func TestOpenRejectsBadFiles(t *testing.T) {
 		{"unsupported architecture", edit("mamba.gguf", func(kv fsggml.KV, ts []*fsggml.Tensor) ([]*fsggml.Tensor, error) {
 			kv["general.architecture"] = "mamba"
 			return ts, nil
-		}), `architecture "mamba" is not supported (supported: llama, qwen2)`},
+		}), `architecture "mamba" is not supported (supported: llama, qwen2, qwen3)`},
 		{"missing tensor", edit("missing.gguf", func(kv fsggml.KV, ts []*fsggml.Tensor) ([]*fsggml.Tensor, error) {
 			var out []*fsggml.Tensor
 			for _, t := range ts {

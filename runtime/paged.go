@@ -3,6 +3,7 @@ package runtime
 import (
 	"fmt"
 	"maps"
+	"os"
 	"path/filepath"
 	"slices"
 	"sync"
@@ -79,8 +80,9 @@ type headDefault struct {
 
 // HeadProfile returns the head classes that "+heads" methods use when a
 // call gives none: the profile set with SetHeadProfile, else the retrieval
-// heads the GGUF records (the foundry's recall models do), else an error
-// saying how to make one.
+// heads the GGUF records (the foundry's recall models do), else the profile
+// beside the model file (heads.DefaultPath: model.heads.json, where `heads
+// detect` writes it), else an error saying how to make one.
 func (m *Model) HeadProfile() (heads.Classes, error) {
 	m.heads.mu.RLock()
 	if m.heads.set {
@@ -93,13 +95,18 @@ func (m *Model) HeadProfile() (heads.Classes, error) {
 	if !m.heads.set {
 		m.heads.set = true
 		recorded, ok, err := heads.Recorded(m.file)
+		beside := heads.DefaultPath(m.path)
+		_, statErr := os.Stat(beside)
 		switch {
 		case err != nil:
 			m.heads.err = err
-		case !ok:
-			m.heads.err = fmt.Errorf("model %s has no head profile: detect one (`heads detect`) and set it (serve --heads-profile, runtime.Model.SetHeadProfile)", filepath.Base(m.path))
-		default:
+		case ok:
 			m.heads.classes, m.heads.err = heads.FromQueryHeads(m.cfg.Layers, m.cfg.Heads, m.cfg.KVHeads, recorded)
+		case statErr == nil:
+			m.heads.classes, m.heads.err = heads.Load(beside, m)
+		default:
+			m.heads.err = fmt.Errorf("model %s has no head profile: detect one (`heads detect --model %s` writes %s) or set one (serve --heads-profile, runtime.Model.SetHeadProfile)",
+				filepath.Base(m.path), filepath.Base(m.path), filepath.Base(beside))
 		}
 	}
 	return m.heads.classes, m.heads.err
@@ -114,10 +121,10 @@ func (m *Model) SetHeadProfile(c heads.Classes) {
 	m.heads.classes, m.heads.err = c, nil
 }
 
-// ApplyHeadProfile sets m's default head profile from a command-line spec
-// (see heads.Resolve); "" keeps the model's own.
+// ApplyHeadProfile sets m's default head profile from a command-line spec:
+// a profile file, or "half" (see heads.Resolve); "" keeps the model's own.
 func ApplyHeadProfile(m *Model, spec string) error {
-	c, err := heads.Resolve(spec, m.cfg.Layers, m.cfg.KVHeads)
+	c, err := heads.Resolve(spec, m)
 	if err != nil || c == nil {
 		return err
 	}

@@ -60,6 +60,7 @@ func TestPagedAllPagesMatchDense(t *testing.T) {
 			defer s.Close()
 			got, err := s.Eval(ctx, toks, true, nil)
 			require.NoError(t, err)
+			require.NoError(t, s.Cache().(*kvcache.Paged).CheckInvariants())
 			d, scale := maxDiff(got, want)
 			t.Logf("max |diff| %.3g at logit scale %.3g", d, scale)
 			if c.exact {
@@ -173,7 +174,9 @@ func TestNeedlePaged(t *testing.T) {
 						require.Equal(t, len(c.Tokens), res.CachedTokens, "the document is not prefilled again")
 						// Device-resident KV is bounded by the budget (plus one batch of
 						// pages and slack), whatever the document's length.
-						st := s.Cache().(*kvcache.Paged).Stats()
+						pc := s.Cache().(*kvcache.Paged)
+						require.NoError(t, pc.CheckInvariants())
+						st := pc.Stats()
 						perToken := int64(m.Config().KVBytesPerToken(2))
 						if policy != "dense" {
 							require.LessOrEqual(t, st.ResidentBytes, int64(budget+512+4*64)*perToken)

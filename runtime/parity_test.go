@@ -3,6 +3,7 @@ package runtime_test
 import (
 	"context"
 	"math"
+	"strings"
 	"testing"
 
 	"github.com/stretchr/testify/require"
@@ -27,7 +28,18 @@ func TestParityWithLlamaCpp(t *testing.T) {
 			"Once upon a time, there was a little dog named Max. Max liked to run in the park with his friend, a small cat. One day they found a big red ball under a tree and they played with it until the sun went down."},
 		{"llama-gqa-rope-freqs", func(t *testing.T) string { return testmodels.Random(t, "llama", "tiny", foundry.F32, 1, true) }, "f32", ""},
 		{"qwen2-bias", func(t *testing.T) string { return testmodels.Random(t, "qwen2", "tiny", foundry.F32, 2, false) }, "f32", ""},
+		{"qwen3-qk-norm", func(t *testing.T) string { return testmodels.Random(t, "qwen3", "tiny", foundry.F32, 6, false) }, "f32", ""},
 		{"llama-f16-kv", func(t *testing.T) string { return testmodels.Random(t, "llama", "tiny", foundry.F32, 3, false) }, "f16", ""},
+	}
+	// Quantized weights, written by ggml's own quantizer: the same blocks
+	// and the same kernels in both engines.
+	for _, dt := range []foundry.DType{foundry.Q8_0, foundry.Q4_0, foundry.Q4_K, foundry.Q5_K, foundry.Q6_K, foundry.Q4_K_M} {
+		cases = append(cases, struct {
+			name   string
+			path   func(t *testing.T) string
+			kv     string
+			prompt string
+		}{"llama-" + string(dt), func(t *testing.T) string { return testmodels.Random(t, "llama", "tiny", dt, 5, false) }, "f16", ""})
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -73,6 +85,9 @@ func TestParityWithLlamaCpp(t *testing.T) {
 			t.Logf("%d positions: max |diff| %.3g, max |logit| %.3g", len(want), maxDiff, maxAbs)
 			require.Greater(t, maxAbs, 1.0, "degenerate logits")
 			require.LessOrEqual(t, maxDiff, 1e-3*maxAbs)
+			if strings.HasPrefix(c.name, "llama-q") {
+				require.Zero(t, maxDiff, "same quantized blocks, same kernels: bit-exact")
+			}
 
 			// 32-token greedy generations must be identical.
 			prompt := toks[:8]

@@ -2,6 +2,7 @@ package runtime
 
 import (
 	"context"
+	"crypto/sha256"
 	"errors"
 	"fmt"
 	"maps"
@@ -27,17 +28,17 @@ func (m *Model) probeReps(ctx context.Context, doc *Document, s probe.Settings, 
 		return r, nil
 	}
 	path := filepath.Join(m.docDir(doc.ID), key)
-	r, err := probe.ReadFile(path, doc.Tokens, m.fp, m.cfg.Layers, m.cfg.KVHeads, m.cfg.HeadDim)
+	r, err := probe.ReadFile(path, doc.Tokens, repsFingerprint(m.fp, doc), m.cfg.Layers, m.cfg.KVHeads, m.cfg.HeadDim)
 	switch {
 	case err == nil:
-	case errors.Is(err, os.ErrNotExist):
-		// A document ingested before representatives existed, or asked
-		// with new settings: upgrade it.
+	case errors.Is(err, os.ErrNotExist) || errors.Is(err, probe.ErrStale):
+		// A document ingested before representatives existed, asked with
+		// new settings, or replaced since they were computed: upgrade it.
 		if r, err = m.computeProbeReps(ctx, doc, s, window); err != nil {
 			return nil, fmt.Errorf("document %s: probe representatives: %w", doc.ID, err)
 		}
-		if err := r.WriteFile(path, doc.Tokens, m.fp); err != nil {
-			return nil, fmt.Errorf("document %s: save probe representatives: %w", doc.ID, err)
+		if err := m.writeProbeReps(doc, key, r); err != nil {
+			return nil, err
 		}
 	default:
 		return nil, fmt.Errorf("document %s: %w (delete the file to recompute it)", doc.ID, err)
@@ -47,6 +48,25 @@ func (m *Model) probeReps(ctx context.Context, doc *Document, s probe.Settings, 
 	}
 	doc.probe[key] = r
 	return r, nil
+}
+
+// repsFingerprint binds a representatives file to the model and to the
+// document's text: a document replaced under the same id (same length,
+// other text) does not reuse them.
+func repsFingerprint(fp kvcache.Fingerprint, doc *Document) [32]byte {
+	return sha256.Sum256(append(fp[:], doc.TextSHA256...))
+}
+
+// writeProbeReps stores r next to doc's pages, under the lock that deletes
+// take, so that a delete never races the write.
+func (m *Model) writeProbeReps(doc *Document, key string, r *probe.Reps) error {
+	st := m.documents()
+	st.filesMu.RLock()
+	defer st.filesMu.RUnlock()
+	if err := r.WriteFile(filepath.Join(m.docDir(doc.ID), key), doc.Tokens, repsFingerprint(m.fp, doc)); err != nil {
+		return fmt.Errorf("document %s: save probe representatives: %w", doc.ID, err)
+	}
+	return nil
 }
 
 // probeRepsName names a document's representatives file by the settings

@@ -24,6 +24,8 @@ type Session struct {
 	// scratch for the batch description, reused between forward passes
 	positions []int32
 	outputs   []int32
+	// release unpins the document the session started from (documents.go).
+	release func()
 }
 
 // NewSession starts an empty sequence with a fresh cache from the model's
@@ -55,6 +57,10 @@ func (s *Session) Close() {
 		s.cache.Close()
 		s.m.life.RUnlock()
 		s.cache = nil
+	}
+	if s.release != nil {
+		s.release()
+		s.release = nil
 	}
 }
 

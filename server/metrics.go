@@ -73,6 +73,10 @@ func (m *metrics) attach(model *runtime.Model) {
 				}
 				return float64(n)
 			}),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "kvrecall_documents_host_bytes", Help: "Bytes of document pages held in host memory (bounded by --max-document-memory)."},
+			func() float64 { return float64(model.DocumentMemory().Bytes) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "kvrecall_document_evictions_total", Help: "Documents dropped from host memory to keep within the bound; they reload from disk on next use."},
+			func() float64 { return float64(model.DocumentMemory().Evictions) }),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "kvrecall_documents", Help: "Documents stored on disk."},
 			func() float64 {
 				infos, _ := model.Documents()

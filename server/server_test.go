@@ -332,7 +332,8 @@ func TestDocuments(t *testing.T) {
 	require.EqualValues(t, len(fx.c.Tokens), one["tokens"])
 
 	// Questions about the document: only the question is evaluated.
-	for _, policy := range []string{"retro", "quest", "dense"} {
+	// "+heads": the recall model's recorded retrieval heads are its default profile.
+	for _, policy := range []string{"retro", "quest", "dense", "retro+heads"} {
 		resp = fx.do("POST", "/v1/completions", "", with(greedy(3), "prompt", fx.question, "document", "book", "policy", policy, "budget", 1024))
 		require.Equal(t, http.StatusOK, resp.StatusCode)
 		body := decode[map[string]any](t, resp)
@@ -378,6 +379,7 @@ func TestBadInput(t *testing.T) {
 		{"empty messages", "POST", "/v1/chat/completions", "", map[string]any{"messages": []any{}}, 400, "empty"},
 		{"n > 1", "POST", "/v1/completions", "", map[string]any{"prompt": "x", "n": 2}, 400, "n must be 1"},
 		{"unknown policy", "POST", "/v1/completions", "", map[string]any{"prompt": "x", "document": "d", "policy": "magic"}, 400, "unknown policy"},
+		{"unknown modifier", "POST", "/v1/completions", "", map[string]any{"prompt": "x", "document": "d", "policy": "retro+magic"}, 400, "+heads"},
 		{"bad document id", "POST", "/v1/documents?id=../x", "text/plain", "pako tafo", 400, "invalid document id"},
 		{"empty document", "POST", "/v1/documents", "text/plain", "   ", 400, "empty"},
 		{"wrong content type", "POST", "/v1/documents", "image/png", "x", 415, "text/plain"},

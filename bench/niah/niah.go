@@ -62,6 +62,9 @@ type Row struct {
 	MsPerToken    float64 `json:"ms_per_token"`
 	PrefillSec    float64 `json:"prefill_seconds"`
 	ResidentBytes int64   `json:"resident_kv_bytes"`
+	// AttendedBytes is the KV the answer's last decode step attended to
+	// (every layer and head group).
+	AttendedBytes int64 `json:"attended_kv_bytes"`
 	// LayerBudgets are the tokens each layer attended to for the first
 	// question, for methods with a per-request cut-off (probe).
 	LayerBudgets []int `json:"layer_budgets,omitempty"`
@@ -80,8 +83,8 @@ func (r Row) Line() string {
 	if !r.Exact {
 		verdict = fmt.Sprintf("%3.0f%%", r.Score)
 	}
-	return fmt.Sprintf("length %6d  depth %5.1f%%  %-6s budget %5d  %-5s  %6.2f ms/token  resident %s",
-		r.Length, r.Depth, r.Method, r.Budget, verdict, r.MsPerToken, human(r.ResidentBytes))
+	return fmt.Sprintf("length %6d  depth %5.1f%%  %-6s budget %5d  %-5s  %6.2f ms/token  resident %s  attended %s",
+		r.Length, r.Depth, r.Method, r.Budget, verdict, r.MsPerToken, human(r.ResidentBytes), human(r.AttendedBytes))
 }
 
 func human(b int64) string {
@@ -256,7 +259,9 @@ func ask(ctx context.Context, m *runtime.Model, doc *runtime.Document, cl *cell,
 		}
 		res, err := s.Generate(ctx, p.question, runtime.GenerateOptions{MaxTokens: n})
 		if pc, ok := s.Cache().(*kvcache.Paged); ok {
-			row.ResidentBytes = max(row.ResidentBytes, pc.Stats().ResidentBytes)
+			st := pc.Stats()
+			row.ResidentBytes = max(row.ResidentBytes, st.ResidentBytes)
+			row.AttendedBytes = max(row.AttendedBytes, st.AttendedBytes)
 		}
 		s.Close()
 		if err != nil {

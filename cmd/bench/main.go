@@ -116,7 +116,7 @@ func runSpeed(ctx context.Context, args []string) error {
 	outDir := fs.String("out", "", "paged: run folder for results and plots (default: bench/results/speed-<time>)")
 	budget := fs.Int("budget", 2048, "paged: token budget")
 	methods := fs.String("methods", "retro,quest", "paged: methods besides dense (any of "+paging.Known()+")")
-	headsProfile := fs.String("heads-profile", "", "paged: head profile for +heads methods: \"half\" (upper half of each layer's KV heads streaming); default: the heads the model records")
+	headsProfile := fs.String("heads-profile", "", "paged: head profile for +heads methods: a profile file (cmd/heads) or \"half\" (upper half of each layer's KV heads streaming); default: the heads the model records")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -207,7 +207,7 @@ func runNIAH(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("niah", flag.ContinueOnError)
 	model := fs.String("model", "", "GGUF model (default: the foundry's recall model, built if absent)")
 	methods := fs.String("method", "retro", "paging methods, comma separated: "+paging.Known())
-	headsProfile := fs.String("heads-profile", "", "head profile for +heads methods: \"half\"; default: the heads the model records")
+	headsProfile := fs.String("heads-profile", "", "head profile for +heads methods: a profile file (cmd/heads detect) or \"half\"; default: the heads the model records, or model.heads.json beside it")
 	budgets := fs.String("budget", "2048", "token budgets, comma separated")
 	lengths := fs.String("lengths", "16384,32768", "context lengths in tokens")
 	depths := fs.String("depths", "0,25,50,75,100", "needle depths in percent (ignored with --depth-intervals)")
@@ -393,7 +393,7 @@ func runRuler(ctx context.Context, args []string) error {
 	lengths := fs.String("lengths", "4096,8192,16384,32768,65536", "context lengths in tokens")
 	samples := fs.Int("samples", 3, "samples per task and length")
 	methods := fs.String("method", "dense,retro", "paging methods, comma separated: "+paging.Known())
-	headsProfile := fs.String("heads-profile", "", "head profile for +heads methods: \"half\"; default: the heads the model records")
+	headsProfile := fs.String("heads-profile", "", "head profile for +heads methods: a profile file (cmd/heads detect) or \"half\"; default: the heads the model records, or model.heads.json beside it")
 	budgets := fs.String("budget", "2048", "token budgets, comma separated")
 	seed := fs.Uint64("seed", 1, "seed")
 	threads := fs.Int("threads", 0, "CPU threads (default: all)")

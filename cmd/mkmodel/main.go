@@ -1,7 +1,7 @@
 // Command mkmodel is kvrecall's model foundry:
 //
-//	mkmodel random  --arch llama|qwen2 --preset tiny|1b --dtype f32|f16|q8_0 --seed N [--rope-freqs] -o FILE
-//	mkmodel recall  [--layers N --prev-layer L --retrieval-layer L --dtype f32|f16 --seed N] -o FILE
+//	mkmodel random  --arch llama|qwen2|qwen3 --preset tiny|1b --dtype f32|f16|q8_0|q4_0|q4_k|q5_k|q6_k|q4_k_m --seed N [--rope-freqs] -o FILE
+//	mkmodel recall  [--layers N --prev-layer L --retrieval-layer L | --deep] [--dtype f32|f16 --seed N] -o FILE
 //	mkmodel upgrade IN OUT
 //
 // random writes a model with random weights of a given shape; recall writes
@@ -22,8 +22,8 @@ import (
 )
 
 const usage = `usage:
-  mkmodel random  --arch llama|qwen2 --preset tiny|1b [--dtype f32|f16|q8_0] [--seed N] [--rope-freqs] -o FILE
-  mkmodel recall  [--layers N] [--prev-layer L] [--retrieval-layer L] [--dtype f32|f16] [--seed N] -o FILE
+  mkmodel random  --arch llama|qwen2|qwen3 --preset tiny|1b [--dtype f32|f16|q8_0|q4_0|q4_k|q5_k|q6_k|q4_k_m] [--seed N] [--rope-freqs] -o FILE
+  mkmodel recall  [--layers N] [--prev-layer L] [--retrieval-layer L] [--deep] [--dtype f32|f16] [--seed N] -o FILE
   mkmodel upgrade IN OUT
 `
 
@@ -43,9 +43,9 @@ func run(args []string) error {
 	switch args[0] {
 	case "random":
 		fs := flag.NewFlagSet("random", flag.ContinueOnError)
-		arch := fs.String("arch", "llama", "architecture: llama or qwen2")
+		arch := fs.String("arch", "llama", "architecture: llama, qwen2 or qwen3")
 		preset := fs.String("preset", "tiny", "shape: "+presetNames())
-		dtype := fs.String("dtype", "f32", "weight type: f32, f16 or q8_0")
+		dtype := fs.String("dtype", "f32", "weight type: f32, f16, q8_0, q4_0, q4_k, q5_k, q6_k or q4_k_m (ggml's own quantizer)")
 		seed := fs.Uint64("seed", 1, "random seed (same seed, same file)")
 		ropeFreqs := fs.Bool("rope-freqs", false, "llama only: add a Llama-3-style rope_freqs.weight tensor")
 		out := fs.String("o", "", "output file")
@@ -74,6 +74,7 @@ func run(args []string) error {
 		salience := fs.Bool("salience", false, "head 1 of the retrieval layer attends locally to the position after a key word (for block-representative methods such as probe; docs/recall-model.md)")
 		dtype := fs.String("dtype", "f32", "weight type: f32 or f16")
 		seed := fs.Uint64("seed", 0, "seed for the vocabulary roles and token codes")
+		deep := fs.Bool("deep", false, "6-layer layout with retrieval heads in layers 2 and 4 and an echo head (for head detection); fixes the layers")
 		out := fs.String("o", "", "output file")
 		if err := fs.Parse(args[1:]); err != nil {
 			return err
@@ -85,11 +86,25 @@ func run(args []string) error {
 		if *out == "" {
 			return fmt.Errorf("-o FILE is required")
 		}
-		r, err := foundry.WriteRecall(*out, foundry.RecallOptions{Layers: *layers, PrevLayer: *prev, RetrievalLayer: *retr, DType: dt, Seed: *seed, Salience: *salience})
+		o := foundry.RecallOptions{Layers: *layers, PrevLayer: *prev, RetrievalLayer: *retr, DType: dt, Seed: *seed, Deep: *deep, Salience: *salience}
+		if *deep {
+			set := false
+			fs.Visit(func(f *flag.Flag) {
+				set = set || f.Name == "layers" || f.Name == "prev-layer" || f.Name == "retrieval-layer"
+			})
+			if set {
+				return fmt.Errorf("--deep fixes the layers: drop --layers, --prev-layer and --retrieval-layer")
+			}
+			o.Layers = 0
+		}
+		r, err := foundry.WriteRecall(*out, o)
 		if err != nil {
 			return err
 		}
 		fmt.Fprintf(os.Stderr, "retrieval heads (layer, head): %v\n", r.RetrievalHeads)
+		if len(r.EchoHeads) > 0 {
+			fmt.Fprintf(os.Stderr, "echo heads (layer, head): %v\n", r.EchoHeads)
+		}
 	case "upgrade":
 		if len(args) != 3 {
 			return fmt.Errorf("upgrade takes IN and OUT")

@@ -45,9 +45,11 @@ func envName(flagName string) string {
 
 type settings struct {
 	model, host, data, apiKey, policy string
+	headsProfile                      string
 	port, threads, ctxLen, budget     int
 	maxConcurrent, queue, maxTokens   int
 	pageSize                          int
+	maxDocMemory                      int64
 	maxBody                           int64
 	shutdown, drain                   time.Duration
 	readTimeout, idleTimeout          time.Duration
@@ -64,9 +66,11 @@ func parse(args []string) (*settings, error) {
 	fs.IntVar(&s.threads, "threads", 0, "CPU threads (0: all)")
 	fs.IntVar(&s.ctxLen, "ctx", 32768, "context length: most tokens in a session (document + question + answer)")
 	fs.StringVar(&s.policy, "kv-policy", "retro", "default paging method for document requests: "+paging.Known())
+	fs.StringVar(&s.headsProfile, "heads-profile", "", "head profile for +heads methods (retro+heads: retrieval KV heads attend to retro's pages, streaming heads to sinks + window): \"half\" for a synthetic one; default: the retrieval heads the model records")
 	fs.IntVar(&s.budget, "kv-budget", paging.DefaultBudget, "default KV budget in tokens for document requests")
 	fs.IntVar(&s.pageSize, "page-size", runtime.DefaultPageSize, "tokens per KV page (16..256)")
 	fs.StringVar(&s.data, "data", "", "directory for documents (default: the user cache directory)")
+	fs.Int64Var(&s.maxDocMemory, "max-document-memory", 0, "host memory in bytes for opened documents; least recently used ones beyond it reload from disk when next used (0: 4 GiB, negative: no bound)")
 	fs.StringVar(&s.apiKey, "api-key", "", "require this key (Authorization: Bearer KEY or x-api-key)")
 	fs.IntVar(&s.maxConcurrent, "max-concurrent", 1, "requests generating at once (the backend computes one graph at a time; more interleaves requests at some throughput cost)")
 	fs.IntVar(&s.queue, "queue", server.DefaultQueueLength, "requests waiting for a slot; more get 429 (0: none wait)")
@@ -174,8 +178,13 @@ func run() error {
 				return
 			}
 		}
-		m, err := runtime.Open(baseCtx, path, runtime.Options{Threads: st.threads, ContextLength: st.ctxLen, DataDir: st.data, PageSize: st.pageSize})
+		m, err := runtime.Open(baseCtx, path, runtime.Options{Threads: st.threads, ContextLength: st.ctxLen, DataDir: st.data, PageSize: st.pageSize, MaxDocumentBytes: st.maxDocMemory})
 		if err != nil {
+			loadErr <- err
+			return
+		}
+		if err := runtime.ApplyHeadProfile(m, st.headsProfile); err != nil {
+			m.Close()
 			loadErr <- err
 			return
 		}

@@ -9,6 +9,20 @@ import (
 	"path/filepath"
 )
 
+// Fault is a seam for tests, nil otherwise. Write calls it with the target
+// path at two steps: "written", once the content is in the temporary file
+// (an error there is a failed write, as on a full disk), and "renamed", once
+// the file replaced the target (an error there is a failed directory sync:
+// the new content may be visible). Crash tests kill the process from it.
+var Fault func(path, step string) error
+
+func fault(path, step string) error {
+	if Fault == nil {
+		return nil
+	}
+	return Fault(path, step)
+}
+
 // Write creates path by calling fill with a temporary file in the same
 // directory. If fill or any step fails, the temporary file is removed and the
 // previous content of path (if any) is untouched.
@@ -27,6 +41,9 @@ func Write(path string, perm os.FileMode, fill func(f *os.File) error) (err erro
 	if err = fill(tmp); err != nil {
 		return fmt.Errorf("write %s: %w", path, err)
 	}
+	if err = fault(path, "written"); err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
 	if err = tmp.Sync(); err != nil {
 		return fmt.Errorf("sync %s: %w", path, err)
 	}
@@ -38,6 +55,9 @@ func Write(path string, perm os.FileMode, fill func(f *os.File) error) (err erro
 	}
 	if err = os.Rename(tmp.Name(), path); err != nil {
 		return fmt.Errorf("rename into %s: %w", path, err)
+	}
+	if err := fault(path, "renamed"); err != nil {
+		return fmt.Errorf("sync directory %s: %w", dir, err)
 	}
 	return SyncDir(dir)
 }

@@ -1,5 +1,5 @@
 // Package arch holds kvrecall's own forward passes for the llama family
-// (architectures "llama" and "qwen2"), written with ollama's ml ops and
+// (architectures "llama", "qwen2" and "qwen3"), written with ollama's ml ops and
 // registered with ollama's model registry. ollama's model/models is never
 // imported: it registers the same names.
 //
@@ -18,7 +18,7 @@ import (
 )
 
 // Supported lists the architectures this package implements.
-var Supported = []string{"llama", "qwen2"}
+var Supported = []string{"llama", "qwen2", "qwen3"}
 
 // Config holds the hyperparameters of a llama-family model.
 type Config struct {
@@ -37,6 +37,7 @@ type Config struct {
 	RopeScale     float32 // multiplies positions (1 / linear scaling factor)
 	RopeNeoX      bool    // qwen2 rotates the two halves of a head, llama adjacent pairs
 	QKVBias       bool
+	QKNorm        bool // qwen3: RMS norms over each head's queries and keys before RoPE
 	RopeFreqs     bool // a rope_freqs.weight tensor scales the frequencies (Llama 3)
 	TiedOutput    bool // no output.weight: the embedding doubles as the output matrix
 }
@@ -90,7 +91,7 @@ func parseHParams(get Getter) (Config, error) {
 	if !slices.Contains(Supported, a) {
 		return Config{}, &UnsupportedError{Arch: a}
 	}
-	c := Config{Arch: a, RopeNeoX: a == "qwen2", QKVBias: a == "qwen2"}
+	c := Config{Arch: a, RopeNeoX: a == "qwen2" || a == "qwen3", QKVBias: a == "qwen2", QKNorm: a == "qwen3"}
 	need := func(key string) (int, error) {
 		v, ok := uintOf(get, a+"."+key)
 		if !ok || v == 0 || v > 1<<24 {
@@ -219,6 +220,10 @@ func (c *Config) checkTensors(f *gguf.File) error {
 		want[p+"ffn_gate.weight"] = []uint64{uint64(c.Hidden), uint64(c.FFN)}
 		want[p+"ffn_up.weight"] = []uint64{uint64(c.Hidden), uint64(c.FFN)}
 		want[p+"ffn_down.weight"] = []uint64{uint64(c.FFN), uint64(c.Hidden)}
+		if c.QKNorm {
+			want[p+"attn_q_norm.weight"] = []uint64{uint64(c.HeadDim)}
+			want[p+"attn_k_norm.weight"] = []uint64{uint64(c.HeadDim)}
+		}
 		if c.QKVBias {
 			want[p+"attn_q.bias"] = []uint64{uint64(q)}
 			want[p+"attn_k.bias"] = []uint64{uint64(kv)}

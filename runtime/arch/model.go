@@ -89,6 +89,9 @@ type Attention struct {
 	Value       *nn.Linear `gguf:"attn_v"`
 	Output      *nn.Linear `gguf:"attn_output"`
 	RopeFactors ml.Tensor  `gguf:"rope_freqs.weight"`
+	// qwen3: RMS norms of each head's queries and keys, [headDim].
+	QueryNorm *nn.RMSNorm `gguf:"attn_q_norm"`
+	KeyNorm   *nn.RMSNorm `gguf:"attn_k_norm"`
 }
 
 // MLP is the SwiGLU feed-forward block.
@@ -128,6 +131,9 @@ func (m *Model) Validate() error {
 		check(p+"ffn_norm.weight", l.MLPNorm != nil && l.MLPNorm.Weight != nil)
 		a := l.Attention
 		check(p+"attn_q/k/v/output", a != nil && a.Query != nil && a.Key != nil && a.Value != nil && a.Output != nil)
+		if a != nil && m.Params.QKNorm {
+			check(p+"attn_q_norm/attn_k_norm.weight", a.QueryNorm != nil && a.QueryNorm.Weight != nil && a.KeyNorm != nil && a.KeyNorm.Weight != nil)
+		}
 		if a != nil && m.Params.QKVBias {
 			check(p+"attn_q/k/v.bias", a.Query != nil && a.Query.Bias != nil && a.Key != nil && a.Key.Bias != nil && a.Value != nil && a.Value.Bias != nil)
 		}
@@ -193,6 +199,10 @@ func (m *Model) qkv(ctx ml.Context, a *Attention, h, positions ml.Tensor) (q, k,
 	q = a.Query.Forward(ctx, h).Reshape(ctx, m.Params.HeadDim, m.Params.Heads, n)
 	k = a.Key.Forward(ctx, h).Reshape(ctx, m.Params.HeadDim, m.Params.KVHeads, n)
 	v = a.Value.Forward(ctx, h).Reshape(ctx, m.Params.HeadDim, m.Params.KVHeads, n)
+	if m.Params.QKNorm { // per head: the norm runs over dimension 0
+		q = a.QueryNorm.Forward(ctx, q, m.Params.Eps)
+		k = a.KeyNorm.Forward(ctx, k, m.Params.Eps)
+	}
 	return m.rope(ctx, q, positions, a.RopeFactors), m.rope(ctx, k, positions, a.RopeFactors), v
 }
 

@@ -1,0 +1,8 @@
+//go:build !unix
+
+package runtime
+
+import "os"
+
+// lockFile: without flock, a process assumes it owns its data folder.
+func lockFile(*os.File) bool { return true }
