@@ -43,6 +43,14 @@ const (
 	chPrev = chID + recallCodeDim
 	chAns  = chPrev + recallCodeDim
 	chJunk = chAns + recallCodeDim
+	// Salience variant: chFlag is +1 in key words' embeddings and -1 in
+	// every other's (the same norm for every token), chPrevFlag the
+	// previous token's flag, copied by the previous-token head. Both lie
+	// past the channels distractor heads write.
+	chFlag     = 500
+	chPrevFlag = 501
+	salPair    = 20   // slow RoPE pair (θ = 1e-5) of the salience key and query: static over a local window
+	salScale   = 13.0 // salience query and key size: 13·13/sqrt(128) ≈ 15 nats
 
 	embC = 2.0 // C0 value
 	embA = 1.0 // code scale in ID
@@ -69,6 +77,16 @@ type RecallOptions struct {
 	// and uniform distractors everywhere else. Layers, PrevLayer and
 	// RetrievalLayer must be left zero.
 	Deep bool
+	// Salience makes query head 1 of the retrieval layer a salience head
+	// instead of a second retrieval head: every token's query there
+	// prefers, by about 15 nats, the keys of positions that follow a key
+	// word (the V1 of a needle), and writes nothing. Block-representative
+	// methods (InfLLM, ActQKV's probe) pick the keys that get the most
+	// local attention while a block is written; in the default model no
+	// head attends to a needle locally, so its keys are never picked. Real
+	// models do attend to salient tokens (names, numbers) as they read
+	// them; this variant gives the recall model such a head.
+	Salience bool
 }
 
 // Head names a query head of a layer.
@@ -161,6 +179,17 @@ func BuildRecall(o RecallOptions) (*Recall, error) {
 		for j, x := range r.codes[t] {
 			m.embd.Set(t, chID+j, embA*x)
 		}
+		if o.Salience {
+			m.embd.Set(t, chFlag, -1)
+		}
+	}
+	if o.Salience {
+		for _, k := range rv.Keys {
+			m.embd.Set(int(k), chFlag, 1)
+		}
+		// Head 1 of the retrieval layer is the salience head: it retrieves nothing.
+		r.RetrievalHeads = slices.DeleteFunc(r.RetrievalHeads, func(h Head) bool { return h == Head{o.RetrievalLayer, 1} })
+		rTot -= 0.5
 	}
 	m.outNorm = ones(recallHidden)
 	m.out = NewMatrix(recallHidden, n)
@@ -189,8 +218,16 @@ func BuildRecall(o RecallOptions) (*Recall, error) {
 		switch {
 		case l == o.PrevLayer:
 			layer = prevLayer(prof, rms)
+			if o.Salience {
+				// Head 0 also copies the previous token's flag (value dim 80).
+				layer.wv.Set(0*recallHeadDim+recallCodeDim, chFlag, rms)
+				layer.wo.Set(chPrevFlag, 0*recallHeadDim+recallCodeDim, 1)
+			}
 		case l == o.RetrievalLayer:
 			layer = retrievalLayer(prof, rms)
+			if o.Salience {
+				salienceHead(&layer, rms)
+			}
 		case o.Deep && l == deepEchoLayer:
 			layer = echoLayer(prof, rms)
 		case o.Deep && l == deepLateLayer:
@@ -459,6 +496,20 @@ func retrievalLayer(p positional, rms float64) denseLayer {
 	writeOut(&l, 2, chJunk, junkScale)
 	writeOut(&l, 3, chJunk+80, junkScale)
 	return l
+}
+
+// salienceHead turns query head 1 of a retrieval layer into the salience
+// head: no content query and no output; a constant query in RoPE pair
+// salPair meets KV head 0's key there, +salScale after a key word and
+// -salScale elsewhere (from the previous-token flag). Head 0 has no query
+// in that pair, so retrieval is unchanged.
+func salienceHead(l *denseLayer, rms float64) {
+	for j := 0; j < recallCodeDim; j++ {
+		l.wq.Set(1*recallHeadDim+recallContent+j, chID+j, 0)
+		l.wo.Set(chAns+j, 1*recallHeadDim+j, 0)
+	}
+	l.wk.Set(0*recallHeadDim+2*salPair, chPrevFlag, salScale*rms)
+	l.wq.Set(1*recallHeadDim+2*salPair, chC0, salScale*rms/embC)
 }
 
 // distractorLayer: four positional or diffuse heads that write only to JUNK.

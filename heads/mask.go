@@ -87,6 +87,9 @@ func newMasked(inner paging.Selector, c paging.Config) (paging.Selector, error) 
 	return m, nil
 }
 
+// Unwrap returns the inner method's selector.
+func (m *masked) Unwrap() paging.Selector { return m.inner }
+
 func (m *masked) Name() string          { return m.inner.Name() + "+heads" }
 func (m *masked) Config() paging.Config { return m.c }
 
@@ -105,6 +108,15 @@ func (m *masked) Groups(layer int) []paging.Group {
 	return []paging.Group{
 		{KVHeads: m.retrieval[layer], Budget: inner.Budget, Class: "retrieval"},
 		{KVHeads: m.streaming[layer], Budget: m.streamBudget(), Class: "streaming"},
+	}
+}
+
+// StartPass forwards to an inner method whose budgets change between
+// forward passes (paging.PassStarter), so that the retrieval group's pool
+// follows them.
+func (m *masked) StartPass(pos0, batch int) {
+	if p, ok := m.inner.(paging.PassStarter); ok {
+		p.StartPass(pos0, batch)
 	}
 }
 

@@ -274,8 +274,13 @@ func (c *Paged) slotsFor(g *group) int {
 // rather than for the largest the model allows, keeps resident KV at the
 // budget. A larger batch later (a long follow-up prompt) replaces the pool
 // with a larger empty one; its pages are uploaded again, once.
+//
+// A selector whose budgets change between passes (paging.PassStarter) also
+// shrinks a pool when its budget falls, so that each layer holds what its
+// budget says.
 func (c *Paged) poolFor(layer int, g *group) *pool {
-	if want := c.slotsFor(g); g.pool == nil || g.pool.slots < want {
+	_, dynamic := c.opt.Selector.(paging.PassStarter)
+	if want := c.slotsFor(g); g.pool == nil || g.pool.slots < want || (dynamic && g.pool.slots > want) {
 		if g.pool != nil {
 			g.pool.close()
 		}
@@ -393,6 +398,20 @@ func (c *Paged) StartForward(ctx ml.Context, batch input.Batch, reserve bool) er
 		c.writes = append(c.writes, p)
 	}
 	c.batchPages = max(c.batchPages, len(c.writes))
+	if ps, ok := c.opt.Selector.(paging.PassStarter); ok {
+		// The selector's budgets may change from pass to pass (probe's
+		// per-layer cut-off): read them again, so that poolFor resizes.
+		ps.StartPass(pos0, n)
+		for l := range c.layers {
+			gs := c.opt.Selector.Groups(l)
+			if len(gs) != len(c.layers[l].groups) {
+				return fmt.Errorf("kvcache: %s changed the head groups of layer %d", c.opt.Selector.Name(), l)
+			}
+			for i, g := range gs {
+				c.layers[l].groups[i].Budget = g.Budget
+			}
+		}
+	}
 	for l := range c.layers {
 		ls := &c.layers[l]
 		for _, g := range ls.groups {

@@ -372,3 +372,38 @@ func TestPoolGrowsWithTheBatch(t *testing.T) {
 	step(t, c, r, 1)
 	require.Equal(t, 64/16+7+3, g.pool.slots, "pools only grow")
 }
+
+// passSelector changes its budget every pass (as probe's cut-off does).
+type passSelector struct {
+	testSelector
+	budgets []int // budget of pass i (cycled)
+	pass    int
+}
+
+func (s *passSelector) StartPass(pos0, batch int) { s.pass++ }
+func (s *passSelector) Groups(int) []paging.Group {
+	return []paging.Group{{Budget: s.budgets[s.pass%len(s.budgets)], Class: "all"}}
+}
+
+// A paging.PassStarter's budgets are read again at every pass: its pools
+// grow and shrink to fit them, with the selection and invariants intact.
+func TestPoolsFollowChangingBudgets(t *testing.T) {
+	c0 := paging.Config{PageSize: 16, Sinks: 16, Window: 32}
+	sel := &passSelector{testSelector: testSelector{c: c0, groups: []paging.Group{{}}}, budgets: []int{256, 64, 128}}
+	sel.sel = func(layer, upto int) [][]int {
+		req, _ := c0.Required(upto)
+		return [][]int{req}
+	}
+	c := newTestCache(t, sel, 1024, 32)
+	r := rand.New(rand.NewPCG(3, 4))
+	step(t, c, r, 32)
+	var slots []int
+	for i := 0; i < 7; i++ {
+		step(t, c, r, 1)
+		g := c.layers[0].groups[0]
+		require.Equal(t, sel.budgets[sel.pass%3], g.Budget, "pass %d", sel.pass)
+		require.Equal(t, c.slotsFor(g), g.pool.slots, "pass %d: the pool is sized for this pass's budget", sel.pass)
+		slots = append(slots, g.pool.slots)
+	}
+	require.Greater(t, slices.Max(slots), slices.Min(slots), "the pools must have changed size")
+}

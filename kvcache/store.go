@@ -24,6 +24,8 @@ import (
 
 	"github.com/viterin/vek/vek32"
 	"github.com/x448/float16"
+
+	"github.com/kvrecall/kvrecall/paging"
 )
 
 // Layout is the geometry of a model's paged KV cache.
@@ -330,6 +332,24 @@ func (s *Store) truncate(n int) {
 	}
 	s.n = n
 }
+
+// Key implements paging.KeyReader: the f16 key of pos, KV head g, as f32.
+func (v *layerView) Key(pos, g int, dst []float32) {
+	P, hd := v.s.L.PageSize, v.s.L.HeadDim
+	pg := v.s.pages[v.layer][pos/P]
+	row := pg.K[(pos%P)*v.s.L.Row()+g*hd:][:hd]
+	for i, u := range row {
+		dst[i] = f16(u)
+	}
+}
+
+// Summaries returns layer's view of the store as selectors see it (with
+// its keys: paging.KeyReader).
+func (s *Store) Summaries(layer int) paging.Summaries { return &layerView{s: s, layer: layer} }
+
+// LayerKeys returns a key reader for another layer of the same sequence
+// (probe reads every layer's keys for the representatives of new blocks).
+func (v *layerView) LayerKeys(layer int) paging.KeyReader { return &layerView{s: v.s, layer: layer} }
 
 // layerView exposes one layer's summaries to paging policies.
 type layerView struct {

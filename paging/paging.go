@@ -47,6 +47,25 @@ type PackedBoxes interface {
 	PackedBoxes(kvHead int) []float32
 }
 
+// KeyReader is an optional extension of Summaries: the roped keys
+// themselves, for methods that derive their own summaries from them (probe:
+// block representatives from local attention). Key copies the key of
+// position pos, KV head kvHead, into dst [HeadDim]; pos must be below the
+// tokens written so far.
+type KeyReader interface {
+	Key(pos, kvHead int, dst []float32)
+}
+
+// PassStarter is implemented by selectors whose groups' budgets change
+// between forward passes (probe's per-layer cut-off). The cache calls
+// StartPass at the start of every forward pass, with the first position
+// and the number of tokens of the batch, and then reads Groups(layer)
+// again: a group's Budget may differ from the last pass (its pool is
+// resized), its heads may not.
+type PassStarter interface {
+	StartPass(pos0, batch int)
+}
+
 // Queries are the roped queries of the current batch for one layer:
 // Q[token][head*HeadDim + d], with Heads query heads; query head h reads KV
 // head h / (Heads / KVHeads).
@@ -130,8 +149,9 @@ type Selector interface {
 	// Name is the method's registered name (with modifiers: "retro+heads").
 	Name() string
 	Config() Config
-	// Groups splits layer's KV heads into groups. The answer is fixed for
-	// the selector's life: it sizes the layer's device pools.
+	// Groups splits layer's KV heads into groups; the budgets size the
+	// layer's device pools. The heads are fixed for the selector's life;
+	// the budgets too, unless the selector is a PassStarter.
 	Groups(layer int) []Group
 	// NeedQueries reports whether Select needs layer's queries for a
 	// forward pass of batch tokens (they cost a round trip to the host).

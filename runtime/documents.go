@@ -12,11 +12,13 @@ import (
 	"regexp"
 	"slices"
 	"sort"
+	"sync"
 	"time"
 
 	"github.com/kvrecall/kvrecall/internal/atomicfile"
 	"github.com/kvrecall/kvrecall/kvcache"
 	"github.com/kvrecall/kvrecall/paging"
+	"github.com/kvrecall/kvrecall/probe"
 )
 
 // Document is text prefilled once: its keys and values live in pages in host
@@ -29,7 +31,12 @@ type Document struct {
 	Info
 	tokens []int32
 	store  *kvcache.Store
-	st     docState // memory bookkeeping, guarded by the model's docStore
+
+	// probe's block representatives, by settings, computed or loaded on
+	// first use (see Model.probeReps).
+	probeMu sync.Mutex
+	probe   map[string]*probe.Reps
+	st      docState // memory bookkeeping, guarded by the model's docStore
 }
 
 // Info describes an ingested document.
@@ -46,6 +53,25 @@ type Info struct {
 	// the part of it spent writing host pages and their summaries.
 	PrefillSeconds float64 `json:"prefill_seconds"`
 	UpkeepSeconds  float64 `json:"upkeep_seconds"`
+	// StreamingBudget is the probe budget of a streaming prefill (0: the
+	// prefill attended densely).
+	StreamingBudget int `json:"streaming_budget,omitempty"`
+}
+
+// IngestOptions choose how a document is prefilled.
+type IngestOptions struct {
+	// Streaming prefills under probe (ActQKV/InfLLM): each window of
+	// tokens attends to the sinks, the local window and the blocks its
+	// probe retrieves, within Budget, instead of to every earlier token,
+	// so ingest cost grows about linearly with length. Off by default:
+	// keys a later layer computes from an approximate attention can
+	// differ from a dense prefill's. The probe representatives the
+	// prefill builds are stored with the document.
+	Streaming bool
+	Budget    int            // streaming: tokens each window attends to (default 2048)
+	Probe     probe.Settings // streaming: probe's settings
+	Sinks     int            // streaming: default 64
+	Window    int            // streaming: default 256
 }
 
 // TokenIDs returns the document's tokens (do not modify).
@@ -76,7 +102,7 @@ func (m *Model) Ingest(ctx context.Context, id, text string, progress Progress) 
 	if err != nil {
 		return nil, err
 	}
-	return m.ingest(ctx, id, toks, hex.EncodeToString(sum[:]), progress)
+	return m.ingest(ctx, id, toks, hex.EncodeToString(sum[:]), IngestOptions{}, progress)
 }
 
 // IngestTokens is Ingest for text already tokenized (BOS included if wanted).
@@ -85,10 +111,19 @@ func (m *Model) IngestTokens(ctx context.Context, id string, toks []int32, progr
 	for _, t := range toks {
 		fmt.Fprintf(h, "%d,", t)
 	}
-	return m.ingest(ctx, id, toks, "tokens:"+hex.EncodeToString(h.Sum(nil)), progress)
+	return m.ingest(ctx, id, toks, "tokens:"+hex.EncodeToString(h.Sum(nil)), IngestOptions{}, progress)
 }
 
-func (m *Model) ingest(ctx context.Context, id string, toks []int32, textHash string, progress Progress) (*Document, error) {
+// IngestTokensWith is IngestTokens with a choice of prefill (streaming).
+func (m *Model) IngestTokensWith(ctx context.Context, id string, toks []int32, o IngestOptions, progress Progress) (*Document, error) {
+	h := sha256.New()
+	for _, t := range toks {
+		fmt.Fprintf(h, "%d,", t)
+	}
+	return m.ingest(ctx, id, toks, "tokens:"+hex.EncodeToString(h.Sum(nil)), o, progress)
+}
+
+func (m *Model) ingest(ctx context.Context, id string, toks []int32, textHash string, o IngestOptions, progress Progress) (*Document, error) {
 	if id == "" {
 		id = "doc-" + textHash[len(textHash)-16:]
 	}
@@ -107,8 +142,24 @@ func (m *Model) ingest(ctx context.Context, id string, toks []int32, textHash st
 	if len(toks) >= m.opts.ContextLength {
 		return nil, fmt.Errorf("%w: the document has %d tokens; the context length is %d (raise ContextLength)", ErrContextFull, len(toks), m.opts.ContextLength)
 	}
-	pol, err := paging.New("dense", paging.Config{PageSize: m.opts.PageSize})
-	if err != nil {
+	var pol paging.Selector
+	var err error
+	var chunk int
+	if o.Streaming {
+		if o.Budget == 0 {
+			o.Budget = paging.DefaultBudget
+		}
+		pol, err = m.NewSelector(PolicyOptions{Policy: "probe", Budget: o.Budget, Sinks: o.Sinks, Window: o.Window,
+			Extra: map[string]any{probe.OptionKey: o.Probe}})
+		if err != nil {
+			return nil, fmt.Errorf("streaming prefill: %w", err)
+		}
+		// One window of queries per forward pass, at most half the local
+		// window, so that every query still sees at least that many
+		// earlier tokens (InfLLM: exc_block_size 256 within n_local 512).
+		ps := pol.(*probe.Selector)
+		chunk = min(ps.Settings().ExcBlockSize, ps.Config().Window/2)
+	} else if pol, err = paging.New("dense", paging.Config{PageSize: m.opts.PageSize}); err != nil {
 		return nil, err
 	}
 	cache, err := m.newPaged(pol, len(toks), nil)
@@ -117,11 +168,27 @@ func (m *Model) ingest(ctx context.Context, id string, toks []int32, textHash st
 	}
 	s := &Session{m: m, cache: cache, capacity: len(toks)}
 	t0 := time.Now()
-	_, err = s.Eval(ctx, toks, false, progress)
+	if !o.Streaming {
+		_, err = s.Eval(ctx, toks, false, progress)
+	}
+	for start := 0; o.Streaming && start < len(toks) && err == nil; start += chunk {
+		end := min(len(toks), start+chunk)
+		_, err = s.Eval(ctx, toks[start:end], false, nil)
+		if progress != nil && err == nil {
+			progress(end, len(toks))
+		}
+	}
 	prefill := time.Since(t0)
 	s.Close()
 	if err != nil {
 		return nil, err
+	}
+	var reps *probe.Reps
+	if o.Streaming {
+		ps := pol.(*probe.Selector)
+		if reps, err = ps.SequenceReps(cache.Store().Summaries(0), len(toks)); err != nil {
+			return nil, err
+		}
 	}
 	d := &Document{
 		Info: Info{
@@ -131,8 +198,20 @@ func (m *Model) ingest(ctx context.Context, id string, toks []int32, textHash st
 		},
 		tokens: toks, store: cache.Store(),
 	}
+	var repsKey string
+	if o.Streaming {
+		d.StreamingBudget = o.Budget
+		st := pol.(*probe.Selector).Settings()
+		repsKey = probeRepsName(st.BlockSize, st.RepTopK, pol.Config().Window)
+		d.probe = map[string]*probe.Reps{repsKey: reps}
+	}
 	if err := m.saveDocument(d); err != nil {
 		return nil, err
+	}
+	if reps != nil {
+		if err := m.writeProbeReps(d, repsKey, reps); err != nil {
+			return nil, err
+		}
 	}
 	return d, nil
 }
@@ -376,7 +455,7 @@ func (m *Model) Ask(ctx context.Context, doc *Document, question string, opts As
 	if err != nil {
 		return nil, err
 	}
-	s, err := m.DocumentSession(doc, opts.PolicyOptions)
+	s, err := m.DocumentSessionContext(ctx, doc, opts.PolicyOptions)
 	if err != nil {
 		return nil, err
 	}
@@ -387,6 +466,17 @@ func (m *Model) Ask(ctx context.Context, doc *Document, question string, opts As
 // DocumentSession returns a session that starts with doc's tokens and pages
 // and attends under the given policy.
 func (m *Model) DocumentSession(doc *Document, o PolicyOptions) (*Session, error) {
+	return m.DocumentSessionContext(context.Background(), doc, o)
+}
+
+// DocumentSessionContext is DocumentSession; ctx bounds the one-time work
+// a method may need on the document first (probe's representatives for a
+// document ingested without them: a prefill).
+func (m *Model) DocumentSessionContext(ctx context.Context, doc *Document, o PolicyOptions) (*Session, error) {
+	o, err := m.withProbeReps(ctx, doc, o)
+	if err != nil {
+		return nil, err
+	}
 	pol, err := m.NewSelector(o)
 	if err != nil {
 		return nil, err

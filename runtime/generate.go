@@ -66,6 +66,10 @@ type Result struct {
 	StopReason      StopReason
 	PrefillDuration time.Duration
 	DecodeDuration  time.Duration
+	// LayerBudgets are the tokens each layer attended to at the end, for
+	// methods whose per-layer budgets change per request (probe); nil for
+	// the others.
+	LayerBudgets []int
 }
 
 // PrefillTokensPerSecond is the prompt evaluation speed.
@@ -126,6 +130,7 @@ var errStopIteration = errors.New("iteration stopped")
 // already holds tokens.
 func (s *Session) Generate(ctx context.Context, prompt []int32, opts GenerateOptions) (*Result, error) {
 	res := &Result{CachedTokens: len(s.tokens), PromptTokens: len(prompt)}
+	defer func() { res.LayerBudgets = s.LayerBudgets() }()
 	if len(prompt) == 0 && len(s.tokens) == 0 {
 		return res, errors.New("empty prompt")
 	}

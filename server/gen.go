@@ -176,7 +176,7 @@ func (s *Server) generate(ctx context.Context, m *runtime.Model, req genRequest,
 		if err != nil {
 			return nil, err
 		}
-		if sess, err = m.DocumentSession(doc, req.policy); err != nil {
+		if sess, err = m.DocumentSessionContext(ctx, doc, req.policy); err != nil {
 			if errors.Is(err, runtime.ErrContextFull) || errors.Is(err, runtime.ErrClosed) {
 				return nil, err
 			}

@@ -220,12 +220,18 @@ func usageOf(res *runtime.Result) usage {
 }
 
 func timingsOf(res *runtime.Result) map[string]any {
-	return map[string]any{
+	t := map[string]any{
 		"prompt_n": res.PromptTokens, "prompt_ms": float64(res.PrefillDuration.Microseconds()) / 1000,
 		"prompt_per_second": res.PrefillTokensPerSecond(), "cache_n": res.CachedTokens,
 		"predicted_n": res.GeneratedTokens, "predicted_ms": float64(res.DecodeDuration.Microseconds()) / 1000,
 		"predicted_per_second": res.DecodeTokensPerSecond(),
 	}
+	if res.LayerBudgets != nil {
+		// Methods with a per-request cut-off (probe) report each layer's
+		// tokens attended.
+		t["layer_budgets"] = res.LayerBudgets
+	}
+	return t
 }
 
 // sse writes server-sent events; the headers go out with the first event.

@@ -65,6 +65,9 @@ type Row struct {
 	// AttendedBytes is the KV the answer's last decode step attended to
 	// (every layer and head group).
 	AttendedBytes int64 `json:"attended_kv_bytes"`
+	// LayerBudgets are the tokens each layer attended to for the first
+	// question, for methods with a per-request cut-off (probe).
+	LayerBudgets []int `json:"layer_budgets,omitempty"`
 }
 
 // Key identifies a cell for resuming.
@@ -276,6 +279,7 @@ func ask(ctx context.Context, m *runtime.Model, doc *runtime.Document, cl *cell,
 		dec += res.DecodeDuration
 		gen += res.GeneratedTokens
 		if i == 0 {
+			row.LayerBudgets = res.LayerBudgets
 			row.Response = strings.TrimSpace(res.Text)
 			if p.expect != nil {
 				row.Expected = words(m.Tokenizer(), p.expect)

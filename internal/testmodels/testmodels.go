@@ -59,9 +59,13 @@ func Recall(t testing.TB) string {
 
 // RecallWith returns a recall model with the given options.
 func RecallWith(t testing.TB, o foundry.RecallOptions) string {
-	name := fmt.Sprintf("recall-l%d-p%d-r%d-%s-s%d.gguf", o.Layers, o.PrevLayer, o.RetrievalLayer, o.DType, o.Seed)
+	variant := ""
+	if o.Salience {
+		variant = "-salience" // a new name: cached models are never rebuilt differently
+	}
+	name := fmt.Sprintf("recall-l%d-p%d-r%d-%s-s%d%s.gguf", o.Layers, o.PrevLayer, o.RetrievalLayer, o.DType, o.Seed, variant)
 	if o.Deep {
-		name = fmt.Sprintf("recall-deep-%s-s%d.gguf", o.DType, o.Seed)
+		name = fmt.Sprintf("recall-deep-%s-s%d%s.gguf", o.DType, o.Seed, variant)
 	}
 	return cached(t, name, func(p string) error {
 		_, err := foundry.WriteRecall(p, o)
