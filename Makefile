@@ -41,8 +41,9 @@ test: build/cgo.env
 	$(GO) test -timeout $(TEST_TIMEOUT) $(TEST_FLAGS) ./...
 	# Concurrent questions on one shared document, closing a model under a
 	# running generation, timeouts and shutdown, a delete racing a load and
-	# the document memory bound, under the race detector.
-	$(GO) test -race -timeout 30m -run 'TestConcurrentAsk|TestParallelClients|TestQueueFull|TestDisconnectCancels|TestCloseDuringGeneration|TestTimeouts|TestShutdownCancelsStreamsVisibly|TestDeleteRacesOpen|TestDocumentMemoryBound|TestEvictionDuringAsk' ./runtime ./server
+	# the document memory bound, and probe statistics per session, under the
+	# race detector.
+	$(GO) test -race -timeout 30m -run 'TestConcurrentAsk|TestParallelClients|TestQueueFull|TestDisconnectCancels|TestCloseDuringGeneration|TestTimeouts|TestShutdownCancelsStreamsVisibly|TestDeleteRacesOpen|TestDocumentMemoryBound|TestEvictionDuringAsk|TestSessionsDoNotShareStatistics' ./runtime ./server ./probe
 
 test-short: build/cgo.env
 	$(GO) test -short -timeout 20m ./...
