@@ -101,9 +101,10 @@ func (s *Server) metricsOf(res *runtime.Result, start time.Time) api.Metrics {
 
 // kvrecallFields are kvrecall's extensions of Ollama's requests.
 type kvrecallFields struct {
-	Document string `json:"document"`
-	Policy   string `json:"policy"`
-	Budget   int    `json:"budget"`
+	Document     string `json:"document"`
+	Policy       string `json:"policy"`
+	Budget       int    `json:"budget"`
+	HeadsProfile string `json:"heads_profile"`
 }
 
 func (s *Server) ollamaGenerate(w http.ResponseWriter, r *http.Request, m *runtime.Model) {
@@ -211,7 +212,10 @@ func (s *Server) ollamaRun(w http.ResponseWriter, r *http.Request, m *runtime.Mo
 	if name == "" {
 		name = s.cfg.ModelName
 	}
-	g.route, g.document, g.policy, g.opts, g.numCtx = route, kv.Document, s.policy(kv.Policy, kv.Budget), opts, numCtx
+	if g.policy, err = s.policy(kv.Policy, kv.Budget, kv.HeadsProfile); err != nil {
+		return
+	}
+	g.route, g.document, g.opts, g.numCtx = route, kv.Document, opts, numCtx
 	if err = s.prepare(m, &g); err != nil {
 		return
 	}

@@ -6,11 +6,14 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"math"
 	"net/http"
+	"slices"
 	"strings"
 	"time"
 
+	"github.com/kvrecall/kvrecall/heads"
 	"github.com/kvrecall/kvrecall/paging"
 	"github.com/kvrecall/kvrecall/runtime"
 )
@@ -57,6 +60,9 @@ type openaiParams struct {
 	Document string `json:"document"`
 	Policy   string `json:"policy"`
 	Budget   int    `json:"budget"`
+	// HeadsProfile names a head profile the server loaded (serve
+	// --heads-profiles DIR: DIR/NAME.heads.json) for a "+heads" policy.
+	HeadsProfile string `json:"heads_profile"`
 }
 
 // Default sampling, as Ollama's: clients that send nothing get
@@ -105,7 +111,8 @@ func (p *openaiParams) toRuntime(s *Server) (runtime.GenerateOptions, runtime.Po
 	if err := checkPolicy(p.Policy, p.Budget); err != nil {
 		return o, runtime.PolicyOptions{}, err
 	}
-	return o, s.policy(p.Policy, p.Budget), nil
+	pol, err := s.policy(p.Policy, p.Budget, p.HeadsProfile)
+	return o, pol, err
 }
 
 // Bounds of the sampling fields. Outside them the sampler would compute
@@ -170,8 +177,9 @@ func checkPolicy(name string, budget int) error {
 	return nil
 }
 
-// policy applies a request's overrides to the server's default policy.
-func (s *Server) policy(name string, budget int) runtime.PolicyOptions {
+// policy applies a request's overrides to the server's default policy:
+// the method, the budget and a named head profile.
+func (s *Server) policy(name string, budget int, profile string) (runtime.PolicyOptions, error) {
 	p := s.cfg.Policy
 	if name != "" {
 		p.Policy = name
@@ -179,7 +187,25 @@ func (s *Server) policy(name string, budget int) runtime.PolicyOptions {
 	if budget > 0 {
 		p.Budget = budget
 	}
-	return p
+	if profile != "" {
+		s.profilesMu.RLock()
+		c, ok := s.profiles[profile]
+		names := slices.Sorted(maps.Keys(s.profiles))
+		s.profilesMu.RUnlock()
+		if !ok {
+			return p, badRequest("heads_profile %q is not loaded (loaded: %s; start serve with --heads-profiles DIR)", profile, strings.Join(names, ", "))
+		}
+		p.Extra = map[string]any{heads.OptionKey: c}
+	}
+	return p, nil
+}
+
+// SetHeadProfiles sets the head profiles requests may name in
+// heads_profile (for "+heads" policies).
+func (s *Server) SetHeadProfiles(p map[string]heads.Classes) {
+	s.profilesMu.Lock()
+	defer s.profilesMu.Unlock()
+	s.profiles = p
 }
 
 // checkModel accepts the server's model name, with or without a tag, or none.

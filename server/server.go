@@ -24,6 +24,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/kvrecall/kvrecall/heads"
 	"github.com/kvrecall/kvrecall/runtime"
 )
 
@@ -114,6 +115,9 @@ type Server struct {
 	ingestMu sync.Mutex // one ingest writes a given document at a time
 
 	active atomic.Int64 // requests being handled (see Drain)
+
+	profilesMu sync.RWMutex
+	profiles   map[string]heads.Classes // head profiles requests may name
 }
 
 // New returns a server with no model yet.

@@ -19,6 +19,7 @@ import (
 
 	"github.com/kvrecall/kvrecall/gguf"
 	"github.com/kvrecall/kvrecall/haystack"
+	"github.com/kvrecall/kvrecall/heads"
 	"github.com/kvrecall/kvrecall/internal/testmodels"
 	"github.com/kvrecall/kvrecall/runtime"
 )
@@ -342,6 +343,26 @@ func TestDocuments(t *testing.T) {
 		require.EqualValues(t, len(fx.c.Tokens), u["prompt_tokens_details"].(map[string]any)["cached_tokens"])
 		require.EqualValues(t, len(fx.c.Tokens)+4, u["prompt_tokens"])
 	}
+	// A request names a head profile the server loaded: the ablation (the
+	// retrieval KV head streaming) loses the needle, the recorded one finds it.
+	fx.s.SetHeadProfiles(map[string]heads.Classes{
+		"recorded": heads.Mask{{true, true}, {false, true}},
+		"ablation": heads.Mask{{false, false}, {true, false}},
+	})
+	for _, c := range []struct {
+		profile string
+		found   bool
+	}{{"recorded", true}, {"ablation", false}} {
+		resp = fx.do("POST", "/v1/completions", "", with(greedy(3), "prompt", fx.question, "document", "book",
+			"policy", "retro+heads", "budget", 1024, "heads_profile", c.profile))
+		require.Equal(t, http.StatusOK, resp.StatusCode)
+		text := decode[map[string]any](t, resp)["choices"].([]any)[0].(map[string]any)["text"]
+		require.Equal(t, c.found, text == " "+fx.answer, "%s: %q", c.profile, text)
+	}
+	resp = fx.do("POST", "/v1/completions", "", with(greedy(3), "prompt", fx.question, "document", "book",
+		"policy", "retro+heads", "heads_profile", "nope"))
+	require.Equal(t, http.StatusBadRequest, resp.StatusCode)
+	require.Contains(t, decode[map[string]any](t, resp)["error"].(map[string]any)["message"], "loaded: ablation, recorded")
 	resp = fx.do("POST", "/api/generate", "", map[string]any{"prompt": fx.question, "document": "book", "stream": false,
 		"options": map[string]any{"temperature": 0, "num_predict": 3}})
 	require.Equal(t, " "+fx.answer, decode[map[string]any](t, resp)["response"])

@@ -20,12 +20,14 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
 	"time"
 
 	"github.com/kvrecall/kvrecall/foundry"
+	"github.com/kvrecall/kvrecall/heads"
 	"github.com/kvrecall/kvrecall/paging"
 	"github.com/kvrecall/kvrecall/runtime"
 	"github.com/kvrecall/kvrecall/server"
@@ -45,7 +47,7 @@ func envName(flagName string) string {
 
 type settings struct {
 	model, host, data, apiKey, policy string
-	headsProfile                      string
+	headsProfile, headsProfiles       string
 	port, threads, ctxLen, budget     int
 	maxConcurrent, queue, maxTokens   int
 	pageSize                          int
@@ -67,6 +69,7 @@ func parse(args []string) (*settings, error) {
 	fs.IntVar(&s.ctxLen, "ctx", 32768, "context length: most tokens in a session (document + question + answer)")
 	fs.StringVar(&s.policy, "kv-policy", "retro", "default paging method for document requests: "+paging.Known())
 	fs.StringVar(&s.headsProfile, "heads-profile", "", "head profile for +heads methods (retro+heads: retrieval KV heads attend to retro's pages, streaming heads to sinks + window): \"half\" for a synthetic one; default: the retrieval heads the model records")
+	fs.StringVar(&s.headsProfiles, "heads-profiles", "", "directory of head profiles (NAME.heads.json, from `heads detect`) that requests may name in heads_profile; each is checked against the model at start")
 	fs.IntVar(&s.budget, "kv-budget", paging.DefaultBudget, "default KV budget in tokens for document requests")
 	fs.IntVar(&s.pageSize, "page-size", runtime.DefaultPageSize, "tokens per KV page (16..256)")
 	fs.StringVar(&s.data, "data", "", "directory for documents (default: the user cache directory)")
@@ -188,6 +191,15 @@ func run() error {
 			loadErr <- err
 			return
 		}
+		if st.headsProfiles != "" {
+			profs, err := loadHeadProfiles(st.headsProfiles, m)
+			if err != nil {
+				m.Close()
+				loadErr <- err
+				return
+			}
+			srv.SetHeadProfiles(profs)
+		}
 		if err := srv.SetModel(m, time.Since(t0)); err != nil {
 			m.Close()
 			loadErr <- err
@@ -238,4 +250,25 @@ func run() error {
 			return nil
 		}
 	}
+}
+
+// loadHeadProfiles reads every NAME.heads.json in dir as a head profile of
+// m; a profile made for another model is an error naming its file.
+func loadHeadProfiles(dir string, m *runtime.Model) (map[string]heads.Classes, error) {
+	paths, err := filepath.Glob(filepath.Join(dir, "*.heads.json"))
+	if err != nil {
+		return nil, err
+	}
+	if len(paths) == 0 {
+		return nil, fmt.Errorf("--heads-profiles %s: no *.heads.json files", dir)
+	}
+	out := map[string]heads.Classes{}
+	for _, p := range paths {
+		prof, err := heads.Load(p, m)
+		if err != nil {
+			return nil, err
+		}
+		out[strings.TrimSuffix(filepath.Base(p), ".heads.json")] = prof
+	}
+	return out, nil
 }
