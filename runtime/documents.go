@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -17,6 +18,7 @@ import (
 	"github.com/kvrecall/kvrecall/internal/atomicfile"
 	"github.com/kvrecall/kvrecall/kvcache"
 	"github.com/kvrecall/kvrecall/paging"
+	"github.com/kvrecall/kvrecall/squeezed"
 )
 
 // Document is text prefilled once: its keys and values live in pages in host
@@ -26,7 +28,13 @@ type Document struct {
 	Info
 	tokens []int32
 	store  *kvcache.Store
+	// clusters are the document's Squeezed-Attention clusters (nil when it
+	// was ingested without Options.Squeezed).
+	clusters *squeezed.Index
 }
+
+// Clusters returns the document's Squeezed-Attention clusters, or nil.
+func (d *Document) Clusters() *squeezed.Index { return d.clusters }
 
 // Info describes an ingested document.
 type Info struct {
@@ -42,6 +50,10 @@ type Info struct {
 	// the part of it spent writing host pages and their summaries.
 	PrefillSeconds float64 `json:"prefill_seconds"`
 	UpkeepSeconds  float64 `json:"upkeep_seconds"`
+	// HasClusters says that clusters.kvs holds the document's Squeezed-Attention
+	// clusters; ClusterSeconds is the time clustering and calibration took.
+	HasClusters    bool    `json:"clusters,omitempty"`
+	ClusterSeconds float64 `json:"cluster_seconds,omitempty"`
 }
 
 // TokenIDs returns the document's tokens (do not modify).
@@ -59,8 +71,9 @@ var idPattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$`)
 func ValidDocumentID(id string) bool { return idPattern.MatchString(id) }
 
 const (
-	docMeta  = "doc.json"
-	docPages = "pages.kvp"
+	docMeta     = "doc.json"
+	docPages    = "pages.kvp"
+	docClusters = "clusters.kvs"
 )
 
 func (m *Model) docDir(id string) string { return filepath.Join(m.opts.DataDir, id) }
@@ -94,7 +107,9 @@ func (m *Model) ingest(ctx context.Context, id string, toks []int32, textHash st
 	if !ValidDocumentID(id) {
 		return nil, fmt.Errorf("invalid document id %q: use letters, digits, '.', '_' and '-' (at most 128)", id)
 	}
-	if d, err := m.OpenDocument(id); err == nil && d.TextSHA256 == textHash {
+	// A stored document of the same text is reused, unless clusters are
+	// wanted and it has none (an older ingest): then it is ingested again.
+	if d, err := m.OpenDocument(id); err == nil && d.TextSHA256 == textHash && (m.opts.Squeezed == nil || d.clusters != nil) {
 		return d, nil
 	}
 	if len(toks) == 0 {
@@ -106,6 +121,15 @@ func (m *Model) ingest(ctx context.Context, id string, toks []int32, textHash st
 	pol, err := paging.New("dense", paging.Config{PageSize: m.opts.PageSize})
 	if err != nil {
 		return nil, err
+	}
+	var rec *squeezed.Recorder
+	if so := m.opts.Squeezed; so != nil {
+		// Record the observation window's queries on the way (they
+		// calibrate the clusters' threshold).
+		if rec, err = squeezed.NewRecorder(pol, m.cfg.Layers, len(toks), so.Window); err != nil {
+			return nil, err
+		}
+		pol = rec
 	}
 	cache, err := m.newPaged(pol, len(toks), nil)
 	if err != nil {
@@ -127,6 +151,17 @@ func (m *Model) ingest(ctx context.Context, id string, toks []int32, textHash st
 		},
 		tokens: toks, store: cache.Store(),
 	}
+	if rec != nil {
+		t0 := time.Now()
+		ix, err := squeezed.Build(squeezed.StoreKeys(d.store), m.cfg.Layers, m.cfg.KVHeads, m.cfg.HeadDim, len(toks), *m.opts.Squeezed)
+		if err != nil {
+			return nil, fmt.Errorf("document %s: %w", id, err)
+		}
+		if err := ix.Calibrate(rec.Queries(), m.cfg.Heads); err != nil {
+			return nil, fmt.Errorf("document %s: %w", id, err)
+		}
+		d.clusters, d.HasClusters, d.ClusterSeconds = ix, true, time.Since(t0).Seconds()
+	}
 	if err := m.saveDocument(d); err != nil {
 		return nil, err
 	}
@@ -146,6 +181,12 @@ func (m *Model) saveDocument(d *Document) error {
 	os.Remove(filepath.Join(dir, docMeta)) // a replaced document is invisible while its pages change
 	if err := kvcache.WritePageFile(filepath.Join(dir, docPages), d.store, d.tokens, m.fp); err != nil {
 		return fmt.Errorf("save document %s: %w", d.ID, err)
+	}
+	os.Remove(filepath.Join(dir, docClusters)) // a replaced document's clusters are not its own
+	if d.clusters != nil {
+		if err := d.clusters.WriteFile(filepath.Join(dir, docClusters)); err != nil {
+			return fmt.Errorf("save document %s: %w", d.ID, err)
+		}
 	}
 	b, err := json.MarshalIndent(d.Info, "", "  ")
 	if err != nil {
@@ -194,6 +235,13 @@ func (m *Model) OpenDocument(id string) (*Document, error) {
 		return nil, fmt.Errorf("document %s: %w: pages do not match the metadata", id, kvcache.ErrCorrupt)
 	}
 	d.tokens, d.store = toks, store
+	if d.HasClusters {
+		ix, err := squeezed.ReadFile(filepath.Join(dir, docClusters), m.cfg.Layers, m.cfg.KVHeads, m.cfg.HeadDim, d.Tokens)
+		if err != nil {
+			return nil, fmt.Errorf("document %s: %w", id, err)
+		}
+		d.clusters = ix
+	}
 	m.docMu.Lock()
 	if cached, ok := m.docs[id]; ok {
 		d = cached
@@ -272,6 +320,16 @@ func (m *Model) Ask(ctx context.Context, doc *Document, question string, opts As
 // DocumentSession returns a session that starts with doc's tokens and pages
 // and attends under the given policy.
 func (m *Model) DocumentSession(doc *Document, o PolicyOptions) (*Session, error) {
+	if method, _, err := paging.Parse(o.Policy); err == nil && method == "squeezed" && o.Extra[squeezed.OptionKey] == nil {
+		if doc.clusters == nil {
+			return nil, fmt.Errorf("document %s has no Squeezed-Attention clusters: ingest it again with runtime Options.Squeezed set", doc.ID)
+		}
+		o.Extra = maps.Clone(o.Extra)
+		if o.Extra == nil {
+			o.Extra = map[string]any{}
+		}
+		o.Extra[squeezed.OptionKey] = doc.clusters
+	}
 	pol, err := m.NewSelector(o)
 	if err != nil {
 		return nil, err

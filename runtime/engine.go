@@ -13,6 +13,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"github.com/kvrecall/kvrecall/squeezed"
 	"io"
 	"os"
 	"path/filepath"
@@ -55,6 +56,10 @@ type Options struct {
 	// DataDir holds ingested documents (default: kvrecall/documents/<model
 	// fingerprint> under the user cache directory).
 	DataDir string
+	// Squeezed, if set, makes Ingest cluster each document's keys for the
+	// "squeezed" method (Squeezed Attention) and calibrate its threshold
+	// from the queries of the document's last tokens.
+	Squeezed *squeezed.Options
 }
 
 // DefaultContextLength caps the default context so that dense caches of
@@ -162,6 +167,13 @@ func Open(ctx context.Context, path string, opts Options) (m *Model, err error) 
 	}
 	if opts.PageSize == 0 {
 		opts.PageSize = DefaultPageSize
+	}
+	if opts.Squeezed != nil {
+		so, err := opts.Squeezed.Fill()
+		if err != nil {
+			return fail(err)
+		}
+		opts.Squeezed = &so
 	}
 	if opts.PageSize < 16 || opts.PageSize > 256 {
 		return fail(fmt.Errorf("page size %d is outside 16..256", opts.PageSize))

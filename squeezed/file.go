@@ -137,6 +137,7 @@ func ReadFile(path string, layers, kvHeads, headDim, tokens int) (*Index, error)
 			if err := h.check(tokens); err != nil {
 				return nil, bad("%s: %v", at, err)
 			}
+			h.index()
 			ix.Heads[l][g] = h
 		}
 	}

@@ -27,7 +27,8 @@ type Head struct {
 	Offsets []int32   // [C+1]
 
 	// tokens lists each cluster's tokens: tokens[tokOff[j]:tokOff[j+1]],
-	// ascending (derived from Assign, not stored).
+	// ascending (derived from Assign when the Head is built or read, not
+	// stored; read-only after, so sessions share a Head safely).
 	tokens, tokOff []int32
 }
 
@@ -35,15 +36,9 @@ type Head struct {
 func (h *Head) K() int { return len(h.Sizes) }
 
 // Tokens returns the positions of cluster j's tokens, ascending.
-func (h *Head) Tokens(j int) []int32 {
-	h.index()
-	return h.tokens[h.tokOff[j]:h.tokOff[j+1]]
-}
+func (h *Head) Tokens(j int) []int32 { return h.tokens[h.tokOff[j]:h.tokOff[j+1]] }
 
 func (h *Head) index() {
-	if h.tokOff != nil {
-		return
-	}
 	off := make([]int32, h.K()+1)
 	for _, a := range h.Assign {
 		off[a+1]++
@@ -97,6 +92,7 @@ func cluster(keys []float32, d, k, coarse int, o KMeansOptions) (*Head, error) {
 	if err := h.buildHierarchy(coarse, o); err != nil {
 		return nil, err
 	}
+	h.index()
 	return h, nil
 }
 

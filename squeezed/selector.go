@@ -23,6 +23,12 @@ type Use struct {
 	// S_j reaches the index's threshold (within the pool's pages). Off,
 	// clusters are taken by score until the budget's tokens are filled.
 	Threshold bool
+	// Resident is the tokens of each KV head's device pool (default: the
+	// budget). Residency is page-granular while attention is
+	// token-granular: a cluster's tokens lie on many pages, and a pool of
+	// Budget/P pages holds few clusters. A larger pool admits more
+	// clusters (up to the budget's tokens) at the price of resident bytes.
+	Resident int
 }
 
 func init() { paging.Register("squeezed", newSelector) }
@@ -34,12 +40,14 @@ func init() { paging.Register("squeezed", newSelector) }
 // Granularity: the selection is token-granular in what attention sees
 // (paging.Selection.Tokens: the mask opens only the chosen clusters'
 // tokens) and page-granular in what is resident (a cluster's pages are
-// uploaded whole, and they count against the group's pool of Budget/P
-// pages). A cluster whose pages do not fit is skipped for the next one.
+// uploaded whole, and they count against the group's pool of Resident/P
+// pages, by default Budget/P). A cluster whose pages do not fit is skipped
+// for the next one.
 type selector struct {
-	c      paging.Config
-	ix     *Index
-	thresh bool
+	c        paging.Config
+	ix       *Index
+	thresh   bool
+	resident int // tokens of each group's pool
 	sc     Scratch
 	list   []int32
 }
@@ -67,7 +75,13 @@ func newSelector(c paging.Config) (paging.Selector, error) {
 	if c.KVHeads != 0 && c.KVHeads != u.Index.KVHeads || c.Layers != 0 && c.Layers != u.Index.Layers {
 		return nil, fmt.Errorf("squeezed: clusters for %d layers × %d KV heads, the model has %d × %d", u.Index.Layers, u.Index.KVHeads, c.Layers, c.KVHeads)
 	}
-	return &selector{c: c, ix: u.Index, thresh: u.Threshold}, nil
+	if u.Resident == 0 {
+		u.Resident = c.Budget
+	}
+	if u.Resident < c.Budget {
+		return nil, fmt.Errorf("squeezed: resident tokens %d are fewer than the budget %d", u.Resident, c.Budget)
+	}
+	return &selector{c: c, ix: u.Index, thresh: u.Threshold, resident: u.Resident}, nil
 }
 
 func (s *selector) Name() string          { return "squeezed" }
@@ -79,7 +93,7 @@ func (s *selector) Groups(layer int) []paging.Group {
 	}
 	gs := make([]paging.Group, s.ix.KVHeads)
 	for g := range gs {
-		gs[g] = paging.Group{KVHeads: []int{g}, Budget: s.c.Budget, Class: "all"}
+		gs[g] = paging.Group{KVHeads: []int{g}, Budget: s.resident, Class: "all"}
 	}
 	return gs
 }
@@ -161,7 +175,7 @@ func (s *selector) Select(layer int, sum paging.Summaries, q *paging.Queries, up
 						np = append(np, p)
 					}
 				}
-				if pages+len(np) > s.c.Budget/P {
+				if pages+len(np) > s.resident/P {
 					for _, p := range np { // the cluster's pages do not fit the pool: undo
 						in[p] = false
 					}

@@ -1,0 +1,90 @@
+package runtime_test
+
+import (
+	"context"
+	"fmt"
+	"testing"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/kvrecall/kvrecall/gguf"
+	"github.com/kvrecall/kvrecall/haystack"
+	"github.com/kvrecall/kvrecall/internal/testmodels"
+	"github.com/kvrecall/kvrecall/kvcache"
+	"github.com/kvrecall/kvrecall/runtime"
+	"github.com/kvrecall/kvrecall/squeezed"
+)
+
+// Squeezed Attention on the recall model at 16k: the document's keys are
+// clustered at ingest, and every needle is answered exactly while each
+// KV head of the clustered layers attends to at most 1/8 of the keys
+// (sinks, window and its clusters' tokens). A new process reopens the
+// clusters from disk without clustering again and answers the same.
+func TestSqueezedNeedle(t *testing.T) {
+	path := testmodels.Recall(t)
+	f, err := gguf.Open(path)
+	require.NoError(t, err)
+	voc, err := haystack.LoadVocab(f)
+	require.NoError(t, err)
+	ctx := context.Background()
+	dir := t.TempDir()
+	const length = 16384
+	open := func(so *squeezed.Options) *runtime.Model {
+		m, err := runtime.Open(ctx, path, runtime.Options{Threads: 2, ContextLength: length + 64, DataDir: dir, Squeezed: so})
+		require.NoError(t, err)
+		return m
+	}
+	m := open(&squeezed.Options{Seed: 1})
+	defer m.Close()
+	cfg := m.Config()
+	for _, depth := range []int{10, 50, 90} {
+		c, err := voc.NewCase(length, []float64{float64(depth) / 100}, uint64(13*length+depth))
+		require.NoError(t, err)
+		id := fmt.Sprintf("squeezed-%d", depth)
+		doc, err := m.IngestTokens(ctx, id, c.Tokens, nil)
+		require.NoError(t, err)
+		require.NotNil(t, doc.Clusters())
+		t.Logf("prefill %.1fs, clustering %.1fs, threshold %.3g", doc.PrefillSeconds, doc.ClusterSeconds, doc.Clusters().Threshold)
+		n := c.Needles[0]
+		for _, mode := range []struct {
+			name string
+			use  squeezed.Use
+		}{
+			{"budget", squeezed.Use{Index: doc.Clusters(), Resident: length}},
+		} {
+			t.Run(fmt.Sprintf("%d%%/%s", depth, mode.name), func(t *testing.T) {
+				s, err := m.DocumentSession(doc, runtime.PolicyOptions{Policy: "squeezed", Budget: length / 8,
+					Extra: map[string]any{squeezed.OptionKey: mode.use}})
+				require.NoError(t, err)
+				defer s.Close()
+				res, err := s.Generate(ctx, voc.Question(n), runtime.GenerateOptions{MaxTokens: voc.AnswerLength})
+				require.NoError(t, err)
+				pc := s.Cache().(*kvcache.Paged)
+				require.NoError(t, pc.CheckInvariants())
+				for l := 0; l < cfg.Layers; l++ {
+					for g, a := range pc.AttendedTokens(l) {
+						require.LessOrEqual(t, a, length/8, "layer %d group %d attends to %d of %d keys", l, g, a, length)
+					}
+				}
+				t.Logf("attended per KV head (last layer): %v", pc.AttendedTokens(cfg.Layers-1))
+				require.Equal(t, n.Values, res.Tokens, "needle at %d", n.Pos)
+			})
+		}
+	}
+
+	// Reopened by another model instance: the clusters come from disk.
+	m2 := open(nil)
+	defer m2.Close()
+	doc, err := m2.OpenDocument("squeezed-50")
+	require.NoError(t, err)
+	first, err := m.OpenDocument("squeezed-50")
+	require.NoError(t, err)
+	require.Equal(t, first.Clusters(), doc.Clusters())
+	// Without clusters the method is refused with a clear message.
+	c, err := voc.NewCase(1024, []float64{0.5}, 3)
+	require.NoError(t, err)
+	plain, err := m2.IngestTokens(ctx, "plain", c.Tokens, nil)
+	require.NoError(t, err)
+	_, err = m2.DocumentSession(plain, runtime.PolicyOptions{Policy: "squeezed"})
+	require.ErrorContains(t, err, "document plain has no Squeezed-Attention clusters: ingest it again with runtime Options.Squeezed set")
+}
