@@ -51,6 +51,7 @@ func TestSqueezedNeedle(t *testing.T) {
 			use  squeezed.Use
 		}{
 			{"budget", squeezed.Use{Index: doc.Clusters(), Resident: length}},
+			{"threshold", squeezed.Use{Index: doc.Clusters(), Resident: length, Threshold: true}},
 		} {
 			t.Run(fmt.Sprintf("%d%%/%s", depth, mode.name), func(t *testing.T) {
 				s, err := m.DocumentSession(doc, runtime.PolicyOptions{Policy: "squeezed", Budget: length / 8,

@@ -48,8 +48,8 @@ type selector struct {
 	ix       *Index
 	thresh   bool
 	resident int // tokens of each group's pool
-	sc     Scratch
-	list   []int32
+	sc       Scratch
+	list     []int32
 }
 
 func newSelector(c paging.Config) (paging.Selector, error) {
