@@ -209,6 +209,9 @@ type Scratch struct {
 	fine, coarse []float32
 	cand         []int32
 	order        []int32
+	// Scored counts the centroids (fine and coarse) lookups have scored:
+	// the work a lookup does, for benchmarks.
+	Scored int
 }
 
 func grow(s []float32, n int) []float32 {
@@ -223,6 +226,7 @@ func grow(s []float32, n int) []float32 {
 func (h *Head) FlatAbove(q []float32, tau float32, sc *Scratch, out []int32) []int32 {
 	sc.fine = grow(sc.fine, h.K())
 	matVec(sc.fine, h.Centroids, q)
+	sc.Scored += h.K()
 	for j, v := range sc.fine {
 		if v >= tau {
 			out = append(out, int32(j))
@@ -240,12 +244,14 @@ func (h *Head) Above(q []float32, tau float32, sc *Scratch, out []int32) []int32
 	d, c := h.D, len(h.Radius)
 	sc.coarse = grow(sc.coarse, c)
 	matVec(sc.coarse, h.Coarse, q)
+	sc.Scored += c
 	qn := vek32.Norm(q)
 	start := len(out)
 	for p := 0; p < c; p++ {
 		if sc.coarse[p]+qn*h.Radius[p] < tau {
 			continue
 		}
+		sc.Scored += int(h.Offsets[p+1] - h.Offsets[p])
 		for _, j := range h.Members[h.Offsets[p]:h.Offsets[p+1]] {
 			if vek32.Dot(q, h.Centroids[int(j)*d:int(j+1)*d]) >= tau {
 				out = append(out, j)
@@ -262,6 +268,7 @@ func (h *Head) FlatTop(q []float32, budget int, sc *Scratch, out []int32) []int3
 	k := h.K()
 	sc.fine = grow(sc.fine, k)
 	matVec(sc.fine, h.Centroids, q)
+	sc.Scored += k
 	sc.cand = sc.cand[:0]
 	for j := 0; j < k; j++ {
 		sc.cand = append(sc.cand, int32(j))
@@ -302,6 +309,7 @@ func (h *Head) Top(q []float32, budget int, sc *Scratch, out []int32) []int32 {
 	d, c, k := h.D, len(h.Radius), h.K()
 	sc.coarse = grow(sc.coarse, c)
 	matVec(sc.coarse, h.Coarse, q)
+	sc.Scored += c
 	qn := vek32.Norm(q)
 	for p := range sc.coarse {
 		sc.coarse[p] += qn * h.Radius[p]
@@ -328,6 +336,7 @@ func (h *Head) Top(q []float32, budget int, sc *Scratch, out []int32) []int32 {
 		if tok >= budget && sc.coarse[p] < cut {
 			break // bounds descend: nothing unopened can reach the cut-off
 		}
+		sc.Scored += int(h.Offsets[p+1] - h.Offsets[p])
 		for _, j := range h.Members[h.Offsets[p]:h.Offsets[p+1]] {
 			sc.fine[j] = vek32.Dot(q, h.Centroids[int(j)*d:int(j+1)*d])
 			sc.cand = append(sc.cand, j)
