@@ -47,14 +47,17 @@ func TestSqueezedNeedle(t *testing.T) {
 		t.Logf("prefill %.1fs, clustering %.1fs, threshold %.3g", doc.PrefillSeconds, doc.ClusterSeconds, doc.Clusters().Threshold)
 		n := c.Needles[0]
 		for _, mode := range []struct {
-			name string
-			use  squeezed.Use
+			name, policy string
+			use          squeezed.Use
 		}{
-			{"budget", squeezed.Use{Index: doc.Clusters(), Resident: length}},
-			{"threshold", squeezed.Use{Index: doc.Clusters(), Resident: length, Threshold: true}},
+			{"budget", "squeezed", squeezed.Use{Index: doc.Clusters(), Resident: length}},
+			{"threshold", "squeezed", squeezed.Use{Index: doc.Clusters(), Resident: length, Threshold: true}},
+			// The model's recorded retrieval heads attend to clusters, the
+			// other KV heads keep only sinks and window.
+			{"budget+heads", "squeezed+heads", squeezed.Use{Index: doc.Clusters(), Resident: length}},
 		} {
 			t.Run(fmt.Sprintf("%d%%/%s", depth, mode.name), func(t *testing.T) {
-				s, err := m.DocumentSession(doc, runtime.PolicyOptions{Policy: "squeezed", Budget: length / 8,
+				s, err := m.DocumentSession(doc, runtime.PolicyOptions{Policy: mode.policy, Budget: length / 8,
 					Extra: map[string]any{squeezed.OptionKey: mode.use}})
 				require.NoError(t, err)
 				defer s.Close()
@@ -67,7 +70,8 @@ func TestSqueezedNeedle(t *testing.T) {
 						require.LessOrEqual(t, a, length/8, "layer %d group %d attends to %d of %d keys", l, g, a, length)
 					}
 				}
-				t.Logf("attended per KV head (last layer): %v", pc.AttendedTokens(cfg.Layers-1))
+				gs, _ := pc.SelectedByGroup(cfg.Layers - 1)
+				t.Logf("attended per group (last layer): %v %v, resident %v", pc.AttendedTokens(cfg.Layers-1), gs, pc.Stats().ResidentByClass)
 				require.Equal(t, n.Values, res.Tokens, "needle at %d", n.Pos)
 			})
 		}
