@@ -94,6 +94,10 @@ type km struct {
 	c       []float32 // [k][d] centroids
 	cc      []float32 // [k] |c|²
 	dots    []float32 // [k] x·c for one point
+	dots2   []float32 // [n] x·c for one centroid
+	l       []float32 // [n] lower bound of the distance to any centroid but the assigned one
+	s       []float32 // [k] half the distance to the nearest other centroid
+	prev    []float32 // [k][d] centroids before the last update
 	assign  []int32   // [n]
 	size    []int32   // [k]
 	dist    []float32 // [n] squared distance to the assigned centroid
@@ -103,7 +107,8 @@ type km struct {
 
 func newKM(x []float32, n, d, k int) *km {
 	m := &km{x: x, n: n, d: d, k: k,
-		xx: make([]float32, n), c: make([]float32, k*d), cc: make([]float32, k), dots: make([]float32, k),
+		xx: make([]float32, n), c: make([]float32, k*d), cc: make([]float32, k), dots: make([]float32, k), dots2: make([]float32, n),
+		l: make([]float32, n), s: make([]float32, k), prev: make([]float32, k*d),
 		assign: make([]int32, n), size: make([]int32, k), dist: make([]float32, n), sum: make([]float64, k*d)}
 	for i := 0; i < n; i++ {
 		r := x[i*d : (i+1)*d]
@@ -126,14 +131,17 @@ func sqdist(a, b []float32) float32 {
 
 // seed is k-means++: the first centroid a uniform point, each next one a
 // point drawn with probability proportional to its squared distance to the
-// nearest centroid so far. m.dist holds that distance.
+// nearest centroid so far. m.dist holds that distance. Distances to a new
+// centroid c come from one matrix-vector product over every point,
+// |x|² + |c|² − 2x·c (m.dots2 [n]).
 func (m *km) seed(rng *rand.Rand) {
 	d := m.d
 	first := rng.IntN(m.n)
 	copy(m.c[:d], m.row(first))
-	for i := 0; i < m.n; i++ {
-		m.dist[i] = sqdist(m.row(i), m.c[:d])
+	for i := range m.dist {
+		m.dist[i] = float32(math.Inf(1))
 	}
+	m.nearer(m.c[:d])
 	for j := 1; j < m.k; j++ {
 		var total float64
 		for _, v := range m.dist {
@@ -163,32 +171,78 @@ func (m *km) seed(rng *rand.Rand) {
 		}
 		cj := m.c[j*d : (j+1)*d]
 		copy(cj, m.row(pick))
-		for i := 0; i < m.n; i++ {
-			if v := sqdist(m.row(i), cj); v < m.dist[i] {
-				m.dist[i] = v
-			}
+		m.nearer(cj)
+	}
+}
+
+// nearer lowers m.dist to the squared distance to c where c is nearer.
+// Cancellation in |x|² + |c|² − 2x·c leaves a tiny positive residue for a
+// point equal to c; below a relative 1e-6 it is taken as 0, so duplicates
+// of a chosen point are never drawn again.
+func (m *km) nearer(c []float32) {
+	cc := vek32.Dot(c, c)
+	matVec(m.dots2, m.x, c)
+	for i, dot := range m.dots2 {
+		v := m.xx[i] + cc - 2*dot
+		if v <= 1e-6*(m.xx[i]+cc) {
+			v = 0
+		}
+		if v < m.dist[i] {
+			m.dist[i] = v
 		}
 	}
 }
 
-// assignAll puts every point in its nearest cluster (|x|² + |c|² − 2x·c,
-// the dot products one matrix-vector product per point) and returns how
-// many points moved and the inertia.
+// assignAll puts every point in its nearest cluster and returns how many
+// points moved and the inertia. A full scan scores a point against every
+// centroid (|x|² + |c|² − 2x·c, the dot products one matrix-vector
+// product). After the first iteration Hamerly's bounds skip most scans
+// and give the same assignment: the exact distance u to the assigned
+// centroid a is computed (O(d)); if u ≤ max(s_a, l), where s_a is half the
+// distance from a to its nearest other centroid and l a lower bound of the
+// distance to any other centroid (kept across iterations, lowered by how
+// far centroids moved), no other centroid can be nearer.
 func (m *km) assignAll(first bool) (moved int, inertia float64) {
 	d := m.d
 	for j := 0; j < m.k; j++ {
 		cj := m.c[j*d : (j+1)*d]
 		m.cc[j] = vek32.Dot(cj, cj)
 	}
+	if !first {
+		for j := 0; j < m.k; j++ {
+			matVec(m.dots, m.c, m.c[j*d:(j+1)*d])
+			near := float32(math.Inf(1))
+			for o, dot := range m.dots {
+				if o != j {
+					near = min(near, m.cc[j]+m.cc[o]-2*dot)
+				}
+			}
+			m.s[j] = 0.5 * float32(math.Sqrt(float64(max(0, near))))
+		}
+	}
 	for i := 0; i < m.n; i++ {
-		matVec(m.dots, m.c, m.row(i))
-		best, bj := float32(math.Inf(1)), int32(0)
+		x := m.row(i)
+		if !first {
+			a := int(m.assign[i])
+			du := sqdist(x, m.c[a*d:(a+1)*d])
+			if u := float32(math.Sqrt(float64(du))); u <= max(m.s[a], m.l[i]) {
+				m.dist[i] = du
+				inertia += float64(du)
+				continue
+			}
+		}
+		matVec(m.dots, m.c, x)
+		best, second, bj := float32(math.Inf(1)), float32(math.Inf(1)), int32(0)
 		for j, dot := range m.dots {
-			if v := m.cc[j] - 2*dot; v < best {
-				best, bj = v, int32(j)
+			v := m.cc[j] - 2*dot
+			if v < best {
+				best, second, bj = v, best, int32(j)
+			} else if v < second {
+				second = v
 			}
 		}
 		dist := max(0, m.xx[i]+best)
+		m.l[i] = float32(math.Sqrt(float64(max(0, m.xx[i]+second))))
 		if first || m.assign[i] != bj {
 			moved++
 		}
@@ -198,10 +252,35 @@ func (m *km) assignAll(first bool) (moved int, inertia float64) {
 	return moved, inertia
 }
 
+// moveBounds lowers every lower bound by the farthest any other centroid
+// moved in the last update (m.prev → m.c).
+func (m *km) moveBounds() {
+	d := m.d
+	max1, max2, arg := float32(0), float32(0), -1
+	for j := 0; j < m.k; j++ {
+		v := float32(math.Sqrt(float64(sqdist(m.prev[j*d:(j+1)*d], m.c[j*d:(j+1)*d]))))
+		// Round up: a bound lowered too little could skip a needed scan.
+		v = v*(1+1e-5) + 1e-7
+		if v > max1 {
+			max1, max2, arg = v, max1, j
+		} else if v > max2 {
+			max2 = v
+		}
+	}
+	for i, a := range m.assign {
+		if int(a) == arg {
+			m.l[i] -= max2
+		} else {
+			m.l[i] -= max1
+		}
+	}
+}
+
 // update sets each centroid to the mean of its points; an empty cluster
 // takes the point farthest from its centroid.
 func (m *km) update() {
 	d := m.d
+	copy(m.prev, m.c)
 	clear(m.sum)
 	clear(m.size)
 	for i := 0; i < m.n; i++ {
@@ -237,6 +316,7 @@ func (m *km) update() {
 		m.size[j] = 1
 		m.assign[far] = int32(j)
 		m.dist[far] = 0
+		m.l[far] = 0 // its old centroid is now an "other" one, at an unknown distance
 	}
 	for j := 0; j < m.k; j++ {
 		if m.size[j] == 0 {
@@ -260,6 +340,7 @@ func (m *km) lloyd(maxIter int, tol float64) int {
 		moved, inertia := m.assignAll(it == 0)
 		it++
 		m.update()
+		m.moveBounds()
 		if moved == 0 || (it > 1 && prev-inertia <= tol*prev) {
 			break
 		}
