@@ -18,8 +18,13 @@ import (
 // Squeezed Attention on the recall model at 16k: the document's keys are
 // clustered at ingest, and every needle is answered exactly while each
 // KV head of the clustered layers attends to at most 1/8 of the keys
-// (sinks, window and its clusters' tokens). A new process reopens the
-// clusters from disk without clustering again and answers the same.
+// (sinks, window and its clusters' tokens). A new model instance reopens
+// the clusters from disk, identical, without clustering again.
+//
+// Residency is page-granular (docs/kvcache.md, token selections): the
+// pools here hold the whole document (Use.Resident). With pools of the
+// budget's size (32 pages per KV head) few clusters' pages fit, and the
+// needle at 10% depth is lost; that needs token-granular residency.
 func TestSqueezedNeedle(t *testing.T) {
 	path := testmodels.Recall(t)
 	f, err := gguf.Open(path)
