@@ -114,8 +114,38 @@ func (h *Head) buildHierarchy(c int, o KMeansOptions) error {
 	if err != nil {
 		return err
 	}
+	h.renumber(res.Assign)
 	h.setHierarchy(res.Assign, c)
 	return nil
+}
+
+// renumber orders the fine clusters by coarse cluster (stably), so that
+// each coarse cluster's members are consecutive rows of Centroids and a
+// lookup scores them with one matrix-vector product. parent is permuted
+// along.
+func (h *Head) renumber(parent []int32) {
+	d, k := h.D, h.K()
+	order := make([]int32, k) // new id -> old id
+	for j := range order {
+		order[j] = int32(j)
+	}
+	slices.SortStableFunc(order, func(a, b int32) int { return int(parent[a] - parent[b]) })
+	newID := make([]int32, k)
+	for nj, oj := range order {
+		newID[oj] = int32(nj)
+	}
+	cen := make([]float32, k*d)
+	sizes := make([]int32, k)
+	par := make([]int32, k)
+	for nj, oj := range order {
+		copy(cen[nj*d:(nj+1)*d], h.Centroids[int(oj)*d:int(oj+1)*d])
+		sizes[nj], par[nj] = h.Sizes[oj], parent[oj]
+	}
+	for t, a := range h.Assign {
+		h.Assign[t] = newID[a]
+	}
+	h.Centroids, h.Sizes = cen, sizes
+	copy(parent, par)
 }
 
 // setHierarchy fills Coarse, Radius, Members and Offsets from the coarse
@@ -221,6 +251,23 @@ func grow(s []float32, n int) []float32 {
 	return s[:n]
 }
 
+// score sets fine[j] = q·c_j for the members j of coarse cluster p and
+// returns them. Members built by Build are consecutive (renumber): one
+// matrix-vector product; otherwise one dot product each.
+func (h *Head) score(q []float32, p int, fine []float32) []int32 {
+	d := h.D
+	mem := h.Members[h.Offsets[p]:h.Offsets[p+1]]
+	if len(mem) > 0 && int(mem[len(mem)-1]-mem[0]) == len(mem)-1 && slices.IsSorted(mem) {
+		lo, hi := int(mem[0]), int(mem[len(mem)-1])+1
+		matVec(fine[lo:hi], h.Centroids[lo*d:hi*d], q)
+		return mem
+	}
+	for _, j := range mem {
+		fine[j] = vek32.Dot(q, h.Centroids[int(j)*d:int(j+1)*d])
+	}
+	return mem
+}
+
 // FlatAbove appends to out the clusters j with q·c_j ≥ tau, scanning every
 // centroid (one matrix-vector product over [K][D]).
 func (h *Head) FlatAbove(q []float32, tau float32, sc *Scratch, out []int32) []int32 {
@@ -241,8 +288,9 @@ func (h *Head) FlatAbove(q []float32, tau float32, sc *Scratch, out []int32) []i
 // members are scored. The answer is exactly FlatAbove's; the cost is the
 // coarse scan plus the members of the coarse clusters that pass.
 func (h *Head) Above(q []float32, tau float32, sc *Scratch, out []int32) []int32 {
-	d, c := h.D, len(h.Radius)
+	c := len(h.Radius)
 	sc.coarse = grow(sc.coarse, c)
+	sc.fine = grow(sc.fine, h.K())
 	matVec(sc.coarse, h.Coarse, q)
 	sc.Scored += c
 	qn := vek32.Norm(q)
@@ -252,8 +300,8 @@ func (h *Head) Above(q []float32, tau float32, sc *Scratch, out []int32) []int32
 			continue
 		}
 		sc.Scored += int(h.Offsets[p+1] - h.Offsets[p])
-		for _, j := range h.Members[h.Offsets[p]:h.Offsets[p+1]] {
-			if vek32.Dot(q, h.Centroids[int(j)*d:int(j+1)*d]) >= tau {
+		for _, j := range h.score(q, p, sc.fine) {
+			if sc.fine[j] >= tau {
 				out = append(out, j)
 			}
 		}
@@ -306,7 +354,7 @@ func (h *Head) fill(score []float32, cand []int32, budget int, out []int32) []in
 // displace a chosen one (ties would go to the lower cluster id, so a bound
 // equal to the cut-off still opens).
 func (h *Head) Top(q []float32, budget int, sc *Scratch, out []int32) []int32 {
-	d, c, k := h.D, len(h.Radius), h.K()
+	c, k := len(h.Radius), h.K()
 	sc.coarse = grow(sc.coarse, c)
 	matVec(sc.coarse, h.Coarse, q)
 	sc.Scored += c
@@ -337,8 +385,7 @@ func (h *Head) Top(q []float32, budget int, sc *Scratch, out []int32) []int32 {
 			break // bounds descend: nothing unopened can reach the cut-off
 		}
 		sc.Scored += int(h.Offsets[p+1] - h.Offsets[p])
-		for _, j := range h.Members[h.Offsets[p]:h.Offsets[p+1]] {
-			sc.fine[j] = vek32.Dot(q, h.Centroids[int(j)*d:int(j+1)*d])
+		for _, j := range h.score(q, int(p), sc.fine) {
 			sc.cand = append(sc.cand, j)
 			tok += int(h.Sizes[j])
 		}
