@@ -139,9 +139,9 @@ func (m *km) seed(rng *rand.Rand) {
 	first := rng.IntN(m.n)
 	copy(m.c[:d], m.row(first))
 	for i := range m.dist {
-		m.dist[i] = float32(math.Inf(1))
+		m.dist[i], m.l[i] = float32(math.Inf(1)), float32(math.Inf(1))
 	}
-	m.nearer(m.c[:d])
+	m.nearer(m.c[:d], 0)
 	for j := 1; j < m.k; j++ {
 		var total float64
 		for _, v := range m.dist {
@@ -171,15 +171,22 @@ func (m *km) seed(rng *rand.Rand) {
 		}
 		cj := m.c[j*d : (j+1)*d]
 		copy(cj, m.row(pick))
-		m.nearer(cj)
+		m.nearer(cj, j)
+	}
+	// The seeding leaves every point with its nearest seed (m.assign,
+	// m.dist): the first assignment, with m.l the distance to the second.
+	for i, v := range m.l {
+		m.l[i] = float32(math.Sqrt(float64(v)))
 	}
 }
 
-// nearer lowers m.dist to the squared distance to c where c is nearer.
-// Cancellation in |x|² + |c|² − 2x·c leaves a tiny positive residue for a
-// point equal to c; below a relative 1e-6 it is taken as 0, so duplicates
-// of a chosen point are never drawn again.
-func (m *km) nearer(c []float32) {
+// nearer takes seed j (c): each point nearer to it than to its nearest
+// seed so far is assigned to it (m.dist its squared distance), and m.l
+// keeps the squared distance to the second nearest. Cancellation in
+// |x|² + |c|² − 2x·c leaves a tiny positive residue for a point equal to
+// c; below a relative 1e-6 it is taken as 0, so duplicates of a chosen
+// point are never drawn again.
+func (m *km) nearer(c []float32, j int) {
 	cc := vek32.Dot(c, c)
 	matVec(m.dots2, m.x, c)
 	for i, dot := range m.dots2 {
@@ -187,49 +194,49 @@ func (m *km) nearer(c []float32) {
 		if v <= 1e-6*(m.xx[i]+cc) {
 			v = 0
 		}
-		if v < m.dist[i] {
-			m.dist[i] = v
+		switch {
+		case v < m.dist[i]:
+			m.l[i], m.dist[i], m.assign[i] = m.dist[i], v, int32(j)
+		case v < m.l[i]:
+			m.l[i] = v
 		}
 	}
 }
 
 // assignAll puts every point in its nearest cluster and returns how many
-// points moved and the inertia. A full scan scores a point against every
-// centroid (|x|² + |c|² − 2x·c, the dot products one matrix-vector
-// product). After the first iteration Hamerly's bounds skip most scans
-// and give the same assignment: the exact distance u to the assigned
-// centroid a is computed (O(d)); if u ≤ max(s_a, l), where s_a is half the
-// distance from a to its nearest other centroid and l a lower bound of the
-// distance to any other centroid (kept across iterations, lowered by how
-// far centroids moved), no other centroid can be nearer.
-func (m *km) assignAll(first bool) (moved int, inertia float64) {
+// points moved and the inertia, with Hamerly's bounds: the exact distance
+// u to the assigned centroid a is computed (O(d)); if u ≤ max(s_a, l),
+// where s_a is half the distance from a to its nearest other centroid and
+// l a lower bound of the distance to any other centroid (kept across
+// iterations, lowered by how far centroids moved), no other centroid can
+// be nearer and the point stays. Otherwise a full scan scores it against
+// every centroid (|x|² + |c|² − 2x·c, the dot products one matrix-vector
+// product) and resets l. The assignment is the one a full scan of every
+// point gives.
+func (m *km) assignAll() (moved int, inertia float64) {
 	d := m.d
 	for j := 0; j < m.k; j++ {
 		cj := m.c[j*d : (j+1)*d]
 		m.cc[j] = vek32.Dot(cj, cj)
 	}
-	if !first {
-		for j := 0; j < m.k; j++ {
-			matVec(m.dots, m.c, m.c[j*d:(j+1)*d])
-			near := float32(math.Inf(1))
-			for o, dot := range m.dots {
-				if o != j {
-					near = min(near, m.cc[j]+m.cc[o]-2*dot)
-				}
+	for j := 0; j < m.k; j++ {
+		matVec(m.dots, m.c, m.c[j*d:(j+1)*d])
+		near := float32(math.Inf(1))
+		for o, dot := range m.dots {
+			if o != j {
+				near = min(near, m.cc[j]+m.cc[o]-2*dot)
 			}
-			m.s[j] = 0.5 * float32(math.Sqrt(float64(max(0, near))))
 		}
+		m.s[j] = 0.5 * float32(math.Sqrt(float64(max(0, near))))
 	}
 	for i := 0; i < m.n; i++ {
 		x := m.row(i)
-		if !first {
-			a := int(m.assign[i])
-			du := sqdist(x, m.c[a*d:(a+1)*d])
-			if u := float32(math.Sqrt(float64(du))); u <= max(m.s[a], m.l[i]) {
-				m.dist[i] = du
-				inertia += float64(du)
-				continue
-			}
+		a := int(m.assign[i])
+		du := sqdist(x, m.c[a*d:(a+1)*d])
+		if u := float32(math.Sqrt(float64(du))); u <= max(m.s[a], m.l[i]) {
+			m.dist[i] = du
+			inertia += float64(du)
+			continue
 		}
 		matVec(m.dots, m.c, x)
 		best, second, bj := float32(math.Inf(1)), float32(math.Inf(1)), int32(0)
@@ -243,7 +250,7 @@ func (m *km) assignAll(first bool) (moved int, inertia float64) {
 		}
 		dist := max(0, m.xx[i]+best)
 		m.l[i] = float32(math.Sqrt(float64(max(0, m.xx[i]+second))))
-		if first || m.assign[i] != bj {
+		if m.assign[i] != bj {
 			moved++
 		}
 		m.assign[i], m.dist[i] = bj, dist
@@ -330,25 +337,27 @@ func (m *km) update() {
 	}
 }
 
-// lloyd iterates assignment and update; it returns the iterations run and
-// leaves m.assign, m.size, m.c consistent (c the means of the final
-// assignment) and m.inertia its inertia.
+// lloyd iterates update and assignment from the seeding's assignment
+// (iteration 1 is its update); it returns the iterations run and leaves
+// m.assign, m.size, m.c consistent (c the means of the final assignment)
+// and m.inertia its inertia.
 func (m *km) lloyd(maxIter int, tol float64) int {
-	prev := math.Inf(1)
-	it := 0
+	var prev float64
+	for _, v := range m.dist {
+		prev += float64(v)
+	}
+	m.update()
+	m.moveBounds()
+	it := 1
 	for it < maxIter {
-		moved, inertia := m.assignAll(it == 0)
+		moved, inertia := m.assignAll()
 		it++
 		m.update()
 		m.moveBounds()
-		if moved == 0 || (it > 1 && prev-inertia <= tol*prev) {
+		if moved == 0 || prev-inertia <= tol*prev {
 			break
 		}
 		prev = inertia
-	}
-	if maxIter == 0 {
-		m.assignAll(true)
-		m.update()
 	}
 	// The inertia of the final centroids and assignment (update may have
 	// moved points into empty clusters and moved the means).
