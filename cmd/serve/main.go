@@ -29,6 +29,7 @@ import (
 	"github.com/kvrecall/kvrecall/paging"
 	"github.com/kvrecall/kvrecall/runtime"
 	"github.com/kvrecall/kvrecall/server"
+	"github.com/kvrecall/kvrecall/squeezed"
 )
 
 func main() {
@@ -49,6 +50,7 @@ type settings struct {
 	port, threads, ctxLen, budget     int
 	maxConcurrent, queue, maxTokens   int
 	pageSize                          int
+	squeezed                          bool
 	maxBody                           int64
 	shutdown, drain                   time.Duration
 	readTimeout, idleTimeout          time.Duration
@@ -68,6 +70,7 @@ func parse(args []string) (*settings, error) {
 	fs.StringVar(&s.headsProfile, "heads-profile", "", "head profile for +heads methods (retro+heads: retrieval KV heads attend to retro's pages, streaming heads to sinks + window): \"half\" for a synthetic one; default: the retrieval heads the model records")
 	fs.IntVar(&s.budget, "kv-budget", paging.DefaultBudget, "default KV budget in tokens for document requests")
 	fs.IntVar(&s.pageSize, "page-size", runtime.DefaultPageSize, "tokens per KV page (16..256)")
+	fs.BoolVar(&s.squeezed, "squeezed", false, "cluster each ingested document's keys (k-means, 5% of its tokens) so that requests can use the squeezed method")
 	fs.StringVar(&s.data, "data", "", "directory for documents (default: the user cache directory)")
 	fs.StringVar(&s.apiKey, "api-key", "", "require this key (Authorization: Bearer KEY or x-api-key)")
 	fs.IntVar(&s.maxConcurrent, "max-concurrent", 1, "requests generating at once (the backend computes one graph at a time; more interleaves requests at some throughput cost)")
@@ -236,4 +239,13 @@ func run() error {
 			return nil
 		}
 	}
+}
+
+// squeezedOptions turns --squeezed into the runtime's clustering options
+// (the paper's defaults), nil when off.
+func squeezedOptions(on bool) *squeezed.Options {
+	if !on {
+		return nil
+	}
+	return &squeezed.Options{}
 }
