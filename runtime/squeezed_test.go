@@ -7,6 +7,7 @@ import (
 
 	"github.com/stretchr/testify/require"
 
+	"github.com/kvrecall/kvrecall/foundry"
 	"github.com/kvrecall/kvrecall/gguf"
 	"github.com/kvrecall/kvrecall/haystack"
 	"github.com/kvrecall/kvrecall/internal/testmodels"
@@ -26,7 +27,21 @@ import (
 // budget's size (32 pages per KV head) few clusters' pages fit, and the
 // needle at 10% depth is lost; that needs token-granular residency.
 func TestSqueezedNeedle(t *testing.T) {
-	path := testmodels.Recall(t)
+	for _, v := range []struct {
+		name   string
+		o      foundry.RecallOptions
+		depths []int
+	}{
+		{"recall", foundry.RecallOptions{}, []int{10, 50, 90}},
+		// Four layers: the previous-token head in layer 1, retrieval in 3
+		// (one depth: its prefill takes twice as long).
+		{"recall-4layers", foundry.RecallOptions{Layers: 4, PrevLayer: 1, RetrievalLayer: 3}, []int{10}},
+	} {
+		t.Run(v.name, func(t *testing.T) { squeezedNeedle(t, testmodels.RecallWith(t, v.o), v.depths) })
+	}
+}
+
+func squeezedNeedle(t *testing.T, path string, depths []int) {
 	f, err := gguf.Open(path)
 	require.NoError(t, err)
 	voc, err := haystack.LoadVocab(f)
@@ -42,7 +57,7 @@ func TestSqueezedNeedle(t *testing.T) {
 	m := open(&squeezed.Options{Seed: 1})
 	defer m.Close()
 	cfg := m.Config()
-	for _, depth := range []int{10, 50, 90} {
+	for _, depth := range depths {
 		c, err := voc.NewCase(length, []float64{float64(depth) / 100}, uint64(13*length+depth))
 		require.NoError(t, err)
 		id := fmt.Sprintf("squeezed-%d", depth)
@@ -85,9 +100,10 @@ func TestSqueezedNeedle(t *testing.T) {
 	// Reopened by another model instance: the clusters come from disk.
 	m2 := open(nil)
 	defer m2.Close()
-	doc, err := m2.OpenDocument("squeezed-50")
+	id := fmt.Sprintf("squeezed-%d", depths[0])
+	doc, err := m2.OpenDocument(id)
 	require.NoError(t, err)
-	first, err := m.OpenDocument("squeezed-50")
+	first, err := m.OpenDocument(id)
 	require.NoError(t, err)
 	require.Equal(t, first.Clusters(), doc.Clusters())
 	// Without clusters the method is refused with a clear message.
