@@ -113,4 +113,10 @@ func squeezedNeedle(t *testing.T, path string, depths []int) {
 	require.NoError(t, err)
 	_, err = m2.DocumentSession(plain, runtime.PolicyOptions{Policy: "squeezed"})
 	require.ErrorContains(t, err, "document plain has no Squeezed-Attention clusters: ingest it again with runtime Options.Squeezed set")
+	// Ingesting it again where clustering is on upgrades it (a new prefill:
+	// the calibration needs its queries).
+	up, err := m.IngestTokens(ctx, "plain", c.Tokens, nil)
+	require.NoError(t, err)
+	require.NotNil(t, up.Clusters())
+	require.True(t, up.HasClusters)
 }
