@@ -243,19 +243,20 @@ func (h *Head) coarseLogZ(q []float32, sc *Scratch) float64 {
 	sc.coarse = grow(sc.coarse, c)
 	matVec(sc.coarse, h.Coarse, q)
 	inv := 1 / math.Sqrt(float64(h.D))
-	m := math.Inf(-1)
-	logN := make([]float64, c)
-	for p := 0; p < c; p++ {
+	logN := func(p int) float64 {
 		var n int64
 		for _, j := range h.Members[h.Offsets[p]:h.Offsets[p+1]] {
 			n += int64(h.Sizes[j])
 		}
-		logN[p] = math.Log(float64(n))
-		m = max(m, float64(sc.coarse[p])*inv+logN[p])
+		return math.Log(float64(n))
+	}
+	m := math.Inf(-1)
+	for p := 0; p < c; p++ {
+		m = max(m, float64(sc.coarse[p])*inv+logN(p))
 	}
 	var z float64
 	for p := 0; p < c; p++ {
-		z += math.Exp(float64(sc.coarse[p])*inv + logN[p] - m)
+		z += math.Exp(float64(sc.coarse[p])*inv + logN(p) - m)
 	}
 	return m + math.Log(z)
 }
