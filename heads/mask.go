@@ -56,11 +56,15 @@ func init() { paging.RegisterModifier("heads", newMasked) }
 
 // masked is the modifier's selector. Per layer, retrieval (the KV heads of
 // the inner method) and streaming list the heads; either may be empty.
+// groups are the layer's groups and from, for each, the inner group whose
+// selection it takes (-1: the streaming group).
 type masked struct {
 	inner     paging.Selector
 	c         paging.Config
 	retrieval [][]int
 	streaming [][]int
+	groups    [][]paging.Group
+	from      [][]int
 }
 
 func newMasked(inner paging.Selector, c paging.Config) (paging.Selector, error) {
@@ -71,17 +75,18 @@ func newMasked(inner paging.Selector, c paging.Config) (paging.Selector, error) 
 	if c.Layers <= 0 || c.KVHeads <= 0 {
 		return nil, fmt.Errorf("heads: the model's shape is unknown (%d layers, %d KV heads)", c.Layers, c.KVHeads)
 	}
-	m := &masked{inner: inner, c: c, retrieval: make([][]int, c.Layers), streaming: make([][]int, c.Layers)}
+	m := &masked{inner: inner, c: c, retrieval: make([][]int, c.Layers), streaming: make([][]int, c.Layers),
+		groups: make([][]paging.Group, c.Layers), from: make([][]int, c.Layers)}
 	for l := 0; l < c.Layers; l++ {
-		if gs := inner.Groups(l); len(gs) != 1 || gs[0].KVHeads != nil {
-			return nil, fmt.Errorf("heads: %s already splits the heads of layer %d", inner.Name(), l)
-		}
 		for h := 0; h < c.KVHeads; h++ {
 			if l >= c.DenseLayers && cl.Streaming(l, h) {
 				m.streaming[l] = append(m.streaming[l], h)
 			} else {
 				m.retrieval[l] = append(m.retrieval[l], h)
 			}
+		}
+		if err := m.layerGroups(l); err != nil {
+			return nil, err
 		}
 	}
 	return m, nil
@@ -90,6 +95,58 @@ func newMasked(inner paging.Selector, c paging.Config) (paging.Selector, error) 
 // Unwrap returns the inner method's selector.
 func (m *masked) Unwrap() paging.Selector { return m.inner }
 
+// layerGroups splits each of the inner method's groups of layer into its
+// retrieval heads, which keep the inner group's budget and selection, and
+// gathers every streaming head into one streaming group. A method with
+// one group of every head (dense, window, quest, retro) gives a retrieval
+// group and a streaming group; one with a group per KV head (squeezed)
+// keeps its retrieval heads' groups as they are.
+func (m *masked) layerGroups(l int) error {
+	inner := m.inner.Groups(l)
+	if len(m.streaming[l]) == 0 {
+		m.groups[l] = inner
+		for i := range inner {
+			m.from[l] = append(m.from[l], i)
+		}
+		return nil
+	}
+	stream := paging.Group{Budget: m.streamBudget(), Class: "streaming"}
+	if len(m.retrieval[l]) == 0 {
+		m.groups[l], m.from[l] = []paging.Group{stream}, []int{-1}
+		return nil
+	}
+	isStreaming := make([]bool, m.c.KVHeads)
+	for _, h := range m.streaming[l] {
+		isStreaming[h] = true
+	}
+	for i, g := range inner {
+		heads := g.KVHeads
+		if heads == nil {
+			if len(inner) != 1 {
+				return fmt.Errorf("heads: %s lists no heads for group %d of layer %d, which has %d groups", m.inner.Name(), i, l, len(inner))
+			}
+			heads = append([]int(nil), m.retrieval[l]...)
+		} else {
+			var keep []int
+			for _, h := range heads {
+				if !isStreaming[h] {
+					keep = append(keep, h)
+				}
+			}
+			heads = keep
+		}
+		if len(heads) == 0 {
+			continue
+		}
+		m.groups[l] = append(m.groups[l], paging.Group{KVHeads: heads, Budget: g.Budget, Class: "retrieval"})
+		m.from[l] = append(m.from[l], i)
+	}
+	stream.KVHeads = m.streaming[l]
+	m.groups[l] = append(m.groups[l], stream)
+	m.from[l] = append(m.from[l], -1)
+	return nil
+}
+
 func (m *masked) Name() string          { return m.inner.Name() + "+heads" }
 func (m *masked) Config() paging.Config { return m.c }
 
@@ -97,26 +154,23 @@ func (m *masked) Config() paging.Config { return m.c }
 // pages and the partial page).
 func (m *masked) streamBudget() int { return m.c.Sinks + m.c.Window }
 
-func (m *masked) Groups(layer int) []paging.Group {
-	inner := m.inner.Groups(layer)[0]
-	switch {
-	case len(m.streaming[layer]) == 0:
-		return []paging.Group{inner}
-	case len(m.retrieval[layer]) == 0:
-		return []paging.Group{{Budget: m.streamBudget(), Class: "streaming"}}
-	}
-	return []paging.Group{
-		{KVHeads: m.retrieval[layer], Budget: inner.Budget, Class: "retrieval"},
-		{KVHeads: m.streaming[layer], Budget: m.streamBudget(), Class: "streaming"},
-	}
-}
+func (m *masked) Groups(layer int) []paging.Group { return m.groups[layer] }
 
 // StartPass forwards to an inner method whose budgets change between
 // forward passes (paging.PassStarter), so that the retrieval group's pool
 // follows them.
 func (m *masked) StartPass(pos0, batch int) {
-	if p, ok := m.inner.(paging.PassStarter); ok {
-		p.StartPass(pos0, batch)
+	p, ok := m.inner.(paging.PassStarter)
+	if !ok {
+		return
+	}
+	p.StartPass(pos0, batch)
+	// Split the inner groups again, so that the retrieval groups' pools
+	// follow the inner method's new budgets. Its head lists do not change
+	// between passes, so construction already checked what could fail.
+	for l := range m.groups {
+		m.groups[l], m.from[l] = nil, nil
+		_ = m.layerGroups(l)
 	}
 }
 
@@ -133,7 +187,21 @@ func (m *masked) Select(layer int, s paging.Summaries, q *paging.Queries, upto i
 		return paging.One(stream)
 	}
 	inner := m.inner.Select(layer, s, q, upto)
-	return paging.Selection{Groups: [][]int{inner.Groups[0], stream}}
+	var out paging.Selection
+	if inner.Tokens != nil {
+		out.Tokens = make([][]int32, len(m.from[layer]))
+	}
+	for i, f := range m.from[layer] {
+		if f < 0 {
+			out.Groups = append(out.Groups, stream)
+			continue
+		}
+		out.Groups = append(out.Groups, inner.Groups[f])
+		if inner.Tokens != nil {
+			out.Tokens[i] = inner.Tokens[f]
+		}
+	}
+	return out
 }
 
 // Resolve turns a command-line profile spec into head classes for m: ""

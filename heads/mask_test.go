@@ -96,3 +96,48 @@ func TestFromQueryHeads(t *testing.T) {
 	_, err = FromQueryHeads(2, 4, 2, []Head{{2, 0}})
 	require.ErrorContains(t, err, "outside the model")
 }
+
+// perHead is a method with a group per KV head and token selections (as
+// squeezed has): group g attends to page g and its first token.
+type perHead struct{ c paging.Config }
+
+func (p perHead) Name() string              { return "perhead" }
+func (p perHead) Config() paging.Config     { return p.c }
+func (p perHead) NeedQueries(_, _ int) bool { return true }
+func (p perHead) Groups(int) []paging.Group {
+	var gs []paging.Group
+	for g := 0; g < p.c.KVHeads; g++ {
+		gs = append(gs, paging.Group{KVHeads: []int{g}, Budget: 512, Class: "all"})
+	}
+	return gs
+}
+func (p perHead) Select(_ int, _ paging.Summaries, _ *paging.Queries, _ int) paging.Selection {
+	var s paging.Selection
+	for g := 0; g < p.c.KVHeads; g++ {
+		s.Groups = append(s.Groups, []int{g})
+		s.Tokens = append(s.Tokens, []int32{int32(g * p.c.PageSize)})
+	}
+	return s
+}
+
+func init() {
+	paging.Register("perhead", func(c paging.Config) (paging.Selector, error) { return perHead{c}, nil })
+}
+
+// With an inner method that has a group per KV head, the retrieval heads
+// keep their groups, selections and token lists, and the streaming heads
+// form one streaming group.
+func TestMaskedPerHeadInner(t *testing.T) {
+	mask := Mask{{false, true, false, true}}
+	cfg := paging.Config{PageSize: 64, Budget: 1024, Sinks: 64, Window: 128, Layers: 1, KVHeads: 4, Options: map[string]any{OptionKey: mask}}
+	s, err := paging.New("perhead+heads", cfg)
+	require.NoError(t, err)
+	require.Equal(t, []paging.Group{
+		{KVHeads: []int{0}, Budget: 512, Class: "retrieval"},
+		{KVHeads: []int{2}, Budget: 512, Class: "retrieval"},
+		{KVHeads: []int{1, 3}, Budget: 64 + 128, Class: "streaming"},
+	}, s.Groups(0))
+	sel := s.Select(0, noSummaries{100}, nil, 64*100)
+	require.Equal(t, [][]int{{0}, {2}, {0, 98, 99}}, sel.Groups)
+	require.Equal(t, [][]int32{{0}, {128}, nil}, sel.Tokens)
+}

@@ -107,20 +107,24 @@ func (c *Paged) Attention(ctx ml.Context, layer int, q, k, v ml.Tensor, scale fl
 // a graph.
 func (c *Paged) maskFor(ctx ml.Context, g *group, used int) ml.Tensor {
 	pl := g.pool
-	if mk := &c.mask; mk.ctx == ctx && slices.Equal(mk.pages, pl.page[:used]) && slices.Equal(mk.fill, pl.fill[:used]) && slices.Equal(mk.sel, g.sel) {
+	if mk := &c.mask; mk.ctx == ctx && slices.Equal(mk.pages, pl.page[:used]) && slices.Equal(mk.fill, pl.fill[:used]) && slices.Equal(mk.sel, g.sel) && slices.Equal(mk.tok, g.tok) && (mk.tok == nil) == (g.tok == nil) {
 		return mk.tensor
 	}
 	var t ml.Tensor
-	if c.positionOrdered(g, used) {
+	if g.tok == nil && c.positionOrdered(g, used) {
 		t = causalMask(ctx, c.pos0, used*c.L.PageSize, c.n)
 	} else {
-		mask := buildMask(pl, used, g.sel, c.writes, c.store.Pages(), c.pos0, c.n, c.L.PageSize)
+		mask := buildMask(pl, used, g.sel, g.tok, c.writes, c.store.Pages(), c.pos0, c.n, c.L.PageSize)
 		t = ctx.Input().FromFloats(mask, used*c.L.PageSize, c.n)
 	}
 	c.mask.ctx, c.mask.tensor = ctx, t
 	c.mask.pages = append(c.mask.pages[:0], pl.page[:used]...)
 	c.mask.fill = append(c.mask.fill[:0], pl.fill[:used]...)
 	c.mask.sel = append(c.mask.sel[:0], g.sel...)
+	c.mask.tok = nil
+	if g.tok != nil {
+		c.mask.tok = append([]int32{}, g.tok...)
+	}
 	return t
 }
 
@@ -178,8 +182,9 @@ const triUpper = 1
 // pool's first used slots for a batch of n tokens from pos0: 0 where
 // attended, -Inf elsewhere. Cells before the batch are the same for every
 // row: that row is built once, then copied and the batch's own cells opened
-// causally.
-func buildMask(pl *pool, used int, sel, writes []int, pages, pos0, n, P int) []float32 {
+// causally. With tok (a token selection), only the listed earlier
+// positions are attended, besides the batch.
+func buildMask(pl *pool, used int, sel []int, tok []int32, writes []int, pages, pos0, n, P int) []float32 {
 	cells := used * P
 	ninf := float32(math.Inf(-1))
 	row := make([]float32, cells)
@@ -195,11 +200,17 @@ func buildMask(pl *pool, used int, sel, writes []int, pages, pos0, n, P int) []f
 	}
 	for s := 0; s < used; s++ {
 		p := pl.page[s]
-		if p < 0 || !visible[p] {
+		if p < 0 || !visible[p] || tok != nil {
 			continue
 		}
 		for t := 0; t < pl.fill[s] && p*P+t < pos0; t++ {
 			row[s*P+t] = 0
+		}
+	}
+	for _, t := range tok {
+		p := int(t) / P
+		if s := pl.resident(p); s >= 0 && int(t) < pos0 && int(t)%P < pl.fill[s] {
+			row[s*P+int(t)%P] = 0
 		}
 	}
 	batchCells := make([]int32, n) // cell of position pos0+i

@@ -96,6 +96,13 @@ func f16(x float32) float64 { return float64(float16.Fromfloat32(x).Float32()) }
 // of its KV head's group or is written by the batch. The probabilities are
 // rounded to f16 like ggml's mul_mat with f16 values does.
 func reference(q, k, v []float32, pos0 int, visible func(kvHead, page int) bool) [][]float64 {
+	// The batch's own pages are always visible (causally).
+	return referenceAt(q, k, v, pos0, func(g, p int) bool { return visible(g, p/tPage) || p/tPage >= pos0/tPage })
+}
+
+// referenceAt is reference with visibility by position: head h of the
+// query at position t sees position p <= t if visible(its KV head, p).
+func referenceAt(q, k, v []float32, pos0 int, visible func(kvHead, pos int) bool) [][]float64 {
 	n := len(q) / (tHeads * tDim)
 	G := tHeads / tKV
 	out := make([][]float64, n)
@@ -108,8 +115,7 @@ func reference(q, k, v []float32, pos0 int, visible func(kvHead, page int) bool)
 			var ws []float64
 			mx := math.Inf(-1)
 			for p := 0; p <= t; p++ {
-				// The batch's own pages are always visible (causally).
-				if page := p / tPage; !visible(g, page) && page < pos0/tPage {
+				if !visible(g, p) {
 					continue
 				}
 				dot := 0.0
@@ -297,4 +303,70 @@ func TestCausalMaskMatchesHostMask(t *testing.T) {
 			require.Equal(t, kvcache.OrderedHostMask(c.pos0, c.cells, c.n, 16), out.Floats())
 		})
 	}
+}
+
+// tokenSelector gives each head group fixed token lists (and their pages).
+type tokenSelector struct {
+	c      paging.Config
+	groups []paging.Group
+	tokens [][]int32
+}
+
+func (s *tokenSelector) Name() string              { return "tokens" }
+func (s *tokenSelector) Config() paging.Config     { return s.c }
+func (s *tokenSelector) Groups(int) []paging.Group { return s.groups }
+func (s *tokenSelector) NeedQueries(_, _ int) bool { return false }
+func (s *tokenSelector) Select(_ int, _ paging.Summaries, _ *paging.Queries, upto int) paging.Selection {
+	var out paging.Selection
+	for _, toks := range s.tokens {
+		var pages []int
+		for _, t := range toks {
+			if p := int(t) / tPage; len(pages) == 0 || pages[len(pages)-1] != p {
+				pages = append(pages, p)
+			}
+		}
+		out.Groups = append(out.Groups, pages)
+		out.Tokens = append(out.Tokens, toks)
+	}
+	return out
+}
+
+// Token selections (squeezed): each group attends to exactly its listed
+// earlier positions plus the batch, matching float64 attention over the
+// same positions, although the pools hold the listed tokens' whole pages.
+func TestTokenSelectionsMatchFloat64Reference(t *testing.T) {
+	m, err := runtime.Open(context.Background(), testmodels.Random(t, "llama", "tiny", foundry.F32, 4, false), runtime.Options{Threads: 2, ContextLength: 256})
+	require.NoError(t, err)
+	defer m.Close()
+	b := m.Backend()
+	groups := []paging.Group{{KVHeads: []int{0, 2}, Budget: 64}, {KVHeads: []int{1, 3}, Budget: 64}}
+	tokens := [][]int32{{1, 5, 17, 18, 40, 63, 79}, {0, 2, 33, 34, 35, 64, 70}}
+	r := rand.New(rand.NewPCG(21, 22))
+	const first, second = 80, 3 // the second batch starts a page
+	total := first + second
+	q := randoms(r, total*tHeads*tDim)
+	k := randoms(r, total*tKV*tDim)
+	v := randoms(r, total*tKV*tDim)
+	sel := &tokenSelector{c: paging.Config{PageSize: tPage, Sinks: 4, Window: 4}, groups: groups, tokens: tokens}
+	c, err := kvcache.NewPaged(kvcache.Options{Layout: tLayout, Heads: tHeads, Selector: sel, Capacity: 256, MaxBatch: 96})
+	require.NoError(t, err)
+	defer c.Close()
+	c.Init(b, ml.DTypeF16, 1, 256, 96)
+	split := func(x []float32, per, from, to int) []float32 { return x[from*per : to*per] }
+	for _, step := range [][2]int{{0, first}, {first, total}} {
+		got := pass(t, b, c, step[0], split(q, tHeads*tDim, step[0], step[1]), split(k, tKV*tDim, step[0], step[1]), split(v, tKV*tDim, step[0], step[1]))
+		want := referenceAt(split(q, tHeads*tDim, step[0], step[1]), k, v, step[0], func(g, p int) bool {
+			return p >= step[0] || slices.Contains(tokens[g%2], int32(p))
+		})
+		worst := 0.0
+		for i := range got {
+			for j := range got[i] {
+				worst = math.Max(worst, math.Abs(float64(got[i][j])-want[i][j]))
+			}
+		}
+		t.Logf("tokens %d..%d: max |diff| %.2g", step[0], step[1], worst)
+		require.Less(t, worst, 2e-3)
+		require.NoError(t, c.CheckInvariants())
+	}
+	require.Equal(t, []int{7, 7}, c.AttendedTokens(0))
 }

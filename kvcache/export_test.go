@@ -20,5 +20,5 @@ func OrderedHostMask(pos0, cells, n, P int) []float32 {
 	for p := pos0 / P; p <= (pos0+n-1)/P; p++ {
 		writes = append(writes, p)
 	}
-	return buildMask(pl, used, sel, writes, used, pos0, n, P)
+	return buildMask(pl, used, sel, nil, writes, used, pos0, n, P)
 }

@@ -85,6 +85,7 @@ type Paged struct {
 		pages  []int // pool.page of the used slots
 		fill   []int
 		sel    []int
+		tok    []int32
 		tensor ml.Tensor
 	}
 }
@@ -102,6 +103,7 @@ type group struct {
 	all     bool  // every KV head in order: the pool row is the store row
 	pool    *pool
 	sel     []int   // pages attended in this pass, sorted (nil until chosen)
+	tok     []int32 // positions attended in this pass, sorted (nil: every token of sel)
 	cells   []int32 // pool cells of the batch's tokens
 	uploads []upload
 }
@@ -423,7 +425,7 @@ func (c *Paged) StartForward(ctx ml.Context, batch input.Batch, reserve bool) er
 					pl.fill[u.slot] = 0
 				}
 			}
-			g.sel, g.uploads, g.cells = nil, g.uploads[:0], g.cells[:0]
+			g.sel, g.tok, g.uploads, g.cells = nil, nil, g.uploads[:0], g.cells[:0]
 		}
 		if !c.opt.Selector.NeedQueries(l, n) {
 			if err := c.setSelection(l, c.opt.Selector.Select(l, ls.view, nil, c.upto)); err != nil {
@@ -457,6 +459,9 @@ func (c *Paged) setSelection(layer int, sel paging.Selection) error {
 	if len(sel.Groups) != len(gs) {
 		return fmt.Errorf("kvcache: %s selected for %d head groups in layer %d, which has %d", c.opt.Selector.Name(), len(sel.Groups), layer, len(gs))
 	}
+	if sel.Tokens != nil && len(sel.Tokens) != len(gs) {
+		return fmt.Errorf("kvcache: %s selected tokens for %d head groups in layer %d, which has %d", c.opt.Selector.Name(), len(sel.Tokens), layer, len(gs))
+	}
 	limit := c.store.Pages()
 	for i, pages := range sel.Groups {
 		if err := checkPages(pages, limit); err != nil {
@@ -466,8 +471,55 @@ func (c *Paged) setSelection(layer int, sel paging.Selection) error {
 		if gs[i].sel == nil {
 			gs[i].sel = []int{}
 		}
+		gs[i].tok = nil
+		if sel.Tokens != nil && sel.Tokens[i] != nil {
+			if err := checkTokens(sel.Tokens[i], pages, c.L.PageSize); err != nil {
+				return fmt.Errorf("kvcache: %s, layer %d, group %d: %w", c.opt.Selector.Name(), layer, i, err)
+			}
+			gs[i].tok = sel.Tokens[i]
+		}
 	}
 	return nil
+}
+
+// checkTokens reports token lists that are unsorted, repeated, or name a
+// position on a page not in pages.
+func checkTokens(toks []int32, pages []int, P int) error {
+	j := 0
+	for i, t := range toks {
+		if i > 0 && t <= toks[i-1] {
+			return fmt.Errorf("tokens not sorted and distinct at %d", i)
+		}
+		for j < len(pages) && pages[j] < int(t)/P {
+			j++
+		}
+		if t < 0 || j == len(pages) || pages[j] != int(t)/P {
+			return fmt.Errorf("token %d is on page %d, which is not selected", t, int(t)/P)
+		}
+	}
+	return nil
+}
+
+// AttendedTokens returns, per head group of layer, how many earlier
+// tokens (before the last batch) the last forward pass let it attend to.
+func (c *Paged) AttendedTokens(layer int) []int {
+	var out []int
+	for _, g := range c.layers[layer].groups {
+		n := 0
+		if g.tok != nil {
+			for _, t := range g.tok {
+				if int(t) < c.pos0 {
+					n++
+				}
+			}
+		} else {
+			for _, p := range g.sel {
+				n += max(0, min(c.L.PageSize, c.pos0-p*c.L.PageSize))
+			}
+		}
+		out = append(out, n)
+	}
+	return out
 }
 
 // checkPages reports pages that are unsorted, repeated or out of range.

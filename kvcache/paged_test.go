@@ -202,20 +202,32 @@ func TestBuildMask(t *testing.T) {
 	cases := []struct {
 		name string
 		sel  []int
+		tok  []int32
 		want []float32 // [2 rows][used*P cells]
 	}{
-		{"every page", []int{0, 2, 3}, []float32{
+		{"every page", []int{0, 2, 3}, nil, []float32{
 			0, 0, 0, 0, 0, 0, 0, 0, 0, 0, ninf, ninf,
 			0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, ninf,
 		}},
-		{"page 2 hidden", []int{0, 3}, []float32{
+		{"page 2 hidden", []int{0, 3}, nil, []float32{
 			ninf, ninf, ninf, ninf, 0, 0, 0, 0, 0, 0, ninf, ninf,
 			ninf, ninf, ninf, ninf, 0, 0, 0, 0, 0, 0, 0, ninf,
+		}},
+		// Tokens 1, 3 (page 0), 9 (page 2) and 12 (the batch's page, before
+		// it): only those and the batch's own cells are open.
+		{"tokens", []int{0, 2, 3}, []int32{1, 3, 9, 12}, []float32{
+			ninf, 0, ninf, ninf, ninf, 0, ninf, 0, 0, 0, ninf, ninf,
+			ninf, 0, ninf, ninf, ninf, 0, ninf, 0, 0, 0, 0, ninf,
+		}},
+		// Without token 12 the batch's page hides its earlier token.
+		{"tokens without the page's earlier token", []int{0, 2, 3}, []int32{9}, []float32{
+			ninf, 0, ninf, ninf, ninf, ninf, ninf, ninf, ninf, 0, ninf, ninf,
+			ninf, 0, ninf, ninf, ninf, ninf, ninf, ninf, ninf, 0, 0, ninf,
 		}},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
-			got := buildMask(p, 3, c.sel, []int{3}, 4, 13, 2, P)
+			got := buildMask(p, 3, c.sel, c.tok, []int{3}, 4, 13, 2, P)
 			require.Equal(t, c.want, got)
 		})
 	}
@@ -406,4 +418,31 @@ func TestPoolsFollowChangingBudgets(t *testing.T) {
 		slots = append(slots, g.pool.slots)
 	}
 	require.Greater(t, slices.Max(slots), slices.Min(slots), "the pools must have changed size")
+}
+
+func TestCheckTokens(t *testing.T) {
+	const P = 4
+	for _, c := range []struct {
+		name  string
+		toks  []int32
+		pages []int
+		want  string
+	}{
+		{"ok", []int32{0, 3, 9, 10}, []int{0, 2}, ""},
+		{"empty", []int32{}, []int{1}, ""},
+		{"unsorted", []int32{3, 1}, []int{0}, "not sorted"},
+		{"repeated", []int32{1, 1}, []int{0}, "not sorted"},
+		{"page not selected", []int32{1, 5}, []int{0, 2}, "token 5 is on page 1"},
+		{"past the pages", []int32{12}, []int{0, 2}, "token 12 is on page 3"},
+		{"negative", []int32{-1}, []int{0}, "token -1"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			err := checkTokens(c.toks, c.pages, P)
+			if c.want == "" {
+				require.NoError(t, err)
+			} else {
+				require.ErrorContains(t, err, c.want)
+			}
+		})
+	}
 }

@@ -125,8 +125,15 @@ type Group struct {
 
 // Selection is a layer's choice: Groups[i] lists the sorted, distinct page
 // ids that group i of Selector.Groups(layer) attends to.
+//
+// Tokens, if set, narrows the choice to single tokens: Tokens[i] lists the
+// sorted, distinct positions group i attends to, each on one of its pages
+// (a nil list: every token of its pages). The pages stay resident whole;
+// the mask hides their other tokens. The batch's own tokens are always
+// attended (causally), listed or not.
 type Selection struct {
 	Groups [][]int
+	Tokens [][]int32
 }
 
 // One is the selection of a single-group layer.

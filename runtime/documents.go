@@ -7,11 +7,13 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
 	"regexp"
 	"slices"
 	"sort"
+	"strings"
 	"sync"
 	"time"
 
@@ -19,6 +21,7 @@ import (
 	"github.com/kvrecall/kvrecall/kvcache"
 	"github.com/kvrecall/kvrecall/paging"
 	"github.com/kvrecall/kvrecall/probe"
+	"github.com/kvrecall/kvrecall/squeezed"
 )
 
 // Document is text prefilled once: its keys and values live in pages in host
@@ -37,6 +40,10 @@ type Document struct {
 	probeMu sync.Mutex
 	probe   map[string]*probe.Reps
 	st      docState // memory bookkeeping, guarded by the model's docStore
+
+	// clusters are the document's Squeezed-Attention clusters (nil when it
+	// was ingested without Options.Squeezed).
+	clusters *squeezed.Index
 }
 
 // Info describes an ingested document.
@@ -56,7 +63,20 @@ type Info struct {
 	// StreamingBudget is the probe budget of a streaming prefill (0: the
 	// prefill attended densely).
 	StreamingBudget int `json:"streaming_budget,omitempty"`
+	// HasClusters says that the document's Squeezed-Attention clusters are
+	// stored beside its pages; ClusterSeconds is the time clustering and
+	// calibration took.
+	HasClusters    bool    `json:"clusters,omitempty"`
+	ClusterSeconds float64 `json:"cluster_seconds,omitempty"`
 }
+
+// Clusters returns the document's Squeezed-Attention clusters, or nil.
+func (d *Document) Clusters() *squeezed.Index { return d.clusters }
+
+// clustersFile names the clusters file of a version's page file
+// (pages-X.kvp -> pages-X.kvs): it belongs to that version, is written
+// before doc.json names the version, and goes with it.
+func clustersFile(pagesFile string) string { return strings.TrimSuffix(pagesFile, ".kvp") + ".kvs" }
 
 // IngestOptions choose how a document is prefilled.
 type IngestOptions struct {
@@ -131,7 +151,9 @@ func (m *Model) ingest(ctx context.Context, id string, toks []int32, textHash st
 		return nil, fmt.Errorf("invalid document id %q: use letters, digits, '.', '_' and '-' (at most 128)", id)
 	}
 	// The metadata says whether the text is the same; only then load pages.
-	if in, err := m.DocumentInfo(id); err == nil && in.TextSHA256 == textHash {
+	// A stored document of the same text is reused, unless clusters are
+	// wanted and it has none (an older ingest): then it is ingested again.
+	if in, err := m.DocumentInfo(id); err == nil && in.TextSHA256 == textHash && (m.opts.Squeezed == nil || in.HasClusters) {
 		if d, err := m.OpenDocument(id); err == nil && d.TextSHA256 == textHash {
 			return d, nil
 		}
@@ -145,6 +167,7 @@ func (m *Model) ingest(ctx context.Context, id string, toks []int32, textHash st
 	var pol paging.Selector
 	var err error
 	var chunk int
+	var streamSel *probe.Selector // the streaming prefill's selector
 	if o.Streaming {
 		if o.Budget == 0 {
 			o.Budget = paging.DefaultBudget
@@ -157,10 +180,19 @@ func (m *Model) ingest(ctx context.Context, id string, toks []int32, textHash st
 		// One window of queries per forward pass, at most half the local
 		// window, so that every query still sees at least that many
 		// earlier tokens (InfLLM: exc_block_size 256 within n_local 512).
-		ps := pol.(*probe.Selector)
-		chunk = min(ps.Settings().ExcBlockSize, ps.Config().Window/2)
+		streamSel = pol.(*probe.Selector)
+		chunk = min(streamSel.Settings().ExcBlockSize, streamSel.Config().Window/2)
 	} else if pol, err = paging.New("dense", paging.Config{PageSize: m.opts.PageSize}); err != nil {
 		return nil, err
+	}
+	var rec *squeezed.Recorder
+	if so := m.opts.Squeezed; so != nil {
+		// Record the observation window's queries on the way (they
+		// calibrate the clusters' threshold).
+		if rec, err = squeezed.NewRecorder(pol, m.cfg.Layers, len(toks), so.Window); err != nil {
+			return nil, err
+		}
+		pol = rec
 	}
 	cache, err := m.newPaged(pol, len(toks), nil)
 	if err != nil {
@@ -185,8 +217,7 @@ func (m *Model) ingest(ctx context.Context, id string, toks []int32, textHash st
 	}
 	var reps *probe.Reps
 	if o.Streaming {
-		ps := pol.(*probe.Selector)
-		if reps, err = ps.SequenceReps(cache.Store().Summaries(0), len(toks)); err != nil {
+		if reps, err = streamSel.SequenceReps(cache.Store().Summaries(0), len(toks)); err != nil {
 			return nil, err
 		}
 	}
@@ -198,11 +229,22 @@ func (m *Model) ingest(ctx context.Context, id string, toks []int32, textHash st
 		},
 		tokens: toks, store: cache.Store(),
 	}
+	if rec != nil {
+		t0 := time.Now()
+		ix, err := squeezed.Build(squeezed.StoreKeys(d.store), m.cfg.Layers, m.cfg.KVHeads, m.cfg.HeadDim, len(toks), *m.opts.Squeezed)
+		if err != nil {
+			return nil, fmt.Errorf("document %s: %w", id, err)
+		}
+		if err := ix.Calibrate(rec.Queries(), m.cfg.Heads); err != nil {
+			return nil, fmt.Errorf("document %s: %w", id, err)
+		}
+		d.clusters, d.HasClusters, d.ClusterSeconds = ix, true, time.Since(t0).Seconds()
+	}
 	var repsKey string
 	if o.Streaming {
 		d.StreamingBudget = o.Budget
-		st := pol.(*probe.Selector).Settings()
-		repsKey = probeRepsName(st.BlockSize, st.RepTopK, pol.Config().Window)
+		st := streamSel.Settings()
+		repsKey = probeRepsName(st.BlockSize, st.RepTopK, streamSel.Config().Window)
 		d.probe = map[string]*probe.Reps{repsKey: reps}
 	}
 	if err := m.saveDocument(d); err != nil {
@@ -243,6 +285,13 @@ func (m *Model) saveDocument(d *Document) error {
 	if err := kvcache.WritePageFile(pages, d.store, d.tokens, m.fp); err != nil {
 		return fail(err)
 	}
+	clusters := filepath.Join(dir, clustersFile(name))
+	if d.clusters != nil {
+		if err := d.clusters.WriteFile(clusters); err != nil {
+			os.Remove(pages)
+			return fail(err)
+		}
+	}
 	b, err := json.MarshalIndent(storedMeta{Info: d.Info, PagesFile: name}, "", "  ")
 	if err == nil {
 		err = atomicfile.WriteBytes(filepath.Join(dir, docMeta), b, docFilePerm)
@@ -252,6 +301,7 @@ func (m *Model) saveDocument(d *Document) error {
 		// version is what a reader sees, and memory must agree with it.
 		if now, rerr := readMeta(dir); rerr != nil || now.PagesFile != name {
 			os.Remove(pages)
+			os.Remove(clusters)
 			return fail(err)
 		}
 	}
@@ -268,6 +318,7 @@ func (m *Model) saveDocument(d *Document) error {
 	if oldErr == nil && old.pagesFile() != name {
 		st.filesMu.Lock()
 		os.Remove(filepath.Join(dir, old.pagesFile()))
+		os.Remove(filepath.Join(dir, clustersFile(old.pagesFile())))
 		st.filesMu.Unlock()
 	}
 	return nil
@@ -341,6 +392,16 @@ func (m *Model) loadDocument(id string) (*Document, error) {
 		return nil, fmt.Errorf("document %s: %w: pages do not match the metadata", id, kvcache.ErrCorrupt)
 	}
 	d.tokens, d.store = toks, store
+	if d.HasClusters {
+		ix, err := squeezed.ReadFile(filepath.Join(m.docDir(id), clustersFile(meta.pagesFile())), m.cfg.Layers, m.cfg.KVHeads, m.cfg.HeadDim, d.Tokens)
+		if errors.Is(err, os.ErrNotExist) {
+			return nil, fmt.Errorf("document %s: %w: its clusters file is missing", id, kvcache.ErrCorrupt)
+		}
+		if err != nil {
+			return nil, fmt.Errorf("document %s: %w", id, err)
+		}
+		d.clusters = ix
+	}
 	return d, nil
 }
 
@@ -476,6 +537,16 @@ func (m *Model) DocumentSessionContext(ctx context.Context, doc *Document, o Pol
 	o, err := m.withProbeReps(ctx, doc, o)
 	if err != nil {
 		return nil, err
+	}
+	if method, _, err := paging.Parse(o.Policy); err == nil && method == "squeezed" && o.Extra[squeezed.OptionKey] == nil {
+		if doc.clusters == nil {
+			return nil, fmt.Errorf("document %s has no Squeezed-Attention clusters: ingest it again with runtime Options.Squeezed set (serve --squeezed)", doc.ID)
+		}
+		o.Extra = maps.Clone(o.Extra)
+		if o.Extra == nil {
+			o.Extra = map[string]any{}
+		}
+		o.Extra[squeezed.OptionKey] = doc.clusters
 	}
 	pol, err := m.NewSelector(o)
 	if err != nil {

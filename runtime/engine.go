@@ -13,6 +13,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"github.com/kvrecall/kvrecall/squeezed"
 	"io"
 	"os"
 	"path/filepath"
@@ -61,6 +62,10 @@ type Options struct {
 	// are dropped from memory; they stay on disk and reload on next use.
 	// 0 means DefaultMaxDocumentBytes (4 GiB); negative means no bound.
 	MaxDocumentBytes int64
+	// Squeezed, if set, makes Ingest cluster each document's keys for the
+	// "squeezed" method (Squeezed Attention) and calibrate its threshold
+	// from the queries of the document's last tokens.
+	Squeezed *squeezed.Options
 }
 
 // DefaultContextLength caps the default context so that dense caches of
@@ -170,6 +175,13 @@ func Open(ctx context.Context, path string, opts Options) (m *Model, err error) 
 	}
 	if opts.MaxDocumentBytes == 0 {
 		opts.MaxDocumentBytes = DefaultMaxDocumentBytes
+	}
+	if opts.Squeezed != nil {
+		so, err := opts.Squeezed.Fill()
+		if err != nil {
+			return fail(err)
+		}
+		opts.Squeezed = &so
 	}
 	if opts.PageSize < 16 || opts.PageSize > 256 {
 		return fail(fmt.Errorf("page size %d is outside 16..256", opts.PageSize))

@@ -12,6 +12,7 @@ import (
 	"github.com/kvrecall/kvrecall/kvcache"
 	"github.com/kvrecall/kvrecall/llamaref"
 	"github.com/kvrecall/kvrecall/runtime"
+	"github.com/kvrecall/kvrecall/squeezed"
 )
 
 // PagedConfig selects a long-context decode comparison.
@@ -49,8 +50,11 @@ type PagedRow struct {
 	BaseMs float64 `json:"base_ms_token"`
 	// Prefill of the document (dense attention through the paged cache),
 	// and the share of it spent on host pages and summaries.
-	PrefillSec    float64 `json:"prefill_seconds"`
-	UpkeepSec     float64 `json:"upkeep_seconds"`
+	PrefillSec float64 `json:"prefill_seconds"`
+	UpkeepSec  float64 `json:"upkeep_seconds"`
+	// ClusterSec is the time the ingest spent clustering keys (only when a
+	// squeezed method is benchmarked), after the prefill.
+	ClusterSec    float64 `json:"cluster_seconds,omitempty"`
 	LlamaPrefillS float64 `json:"llamacpp_prefill_seconds"`
 }
 
@@ -100,7 +104,14 @@ func pagedOne(ctx context.Context, c PagedConfig, n int, logf func(string, ...an
 		return row, err
 	}
 	defer os.RemoveAll(dir)
-	ingester, err := runtime.Open(ctx, c.Model, runtime.Options{Threads: c.Threads, ContextLength: capacity, DataDir: dir})
+	// A squeezed method needs the document's clusters, made at ingest.
+	var sq *squeezed.Options
+	for _, meth := range c.Methods {
+		if strings.HasPrefix(meth, "squeezed") {
+			sq = &squeezed.Options{}
+		}
+	}
+	ingester, err := runtime.Open(ctx, c.Model, runtime.Options{Threads: c.Threads, ContextLength: capacity, DataDir: dir, Squeezed: sq})
 	if err != nil {
 		return row, err
 	}
@@ -112,7 +123,7 @@ func pagedOne(ctx context.Context, c PagedConfig, n int, logf func(string, ...an
 	if err != nil {
 		return row, err
 	}
-	row.PrefillSec, row.UpkeepSec = doc.PrefillSeconds, doc.UpkeepSeconds
+	row.PrefillSec, row.UpkeepSec, row.ClusterSec = doc.PrefillSeconds, doc.UpkeepSeconds, doc.ClusterSeconds
 
 	// Decode with its own thread count: the document comes back from disk.
 	m, err := runtime.Open(ctx, c.Model, runtime.Options{Threads: c.DecodeThreads, ContextLength: capacity, DataDir: dir})

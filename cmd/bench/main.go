@@ -35,6 +35,7 @@ import (
 	"github.com/kvrecall/kvrecall/paging"
 	"github.com/kvrecall/kvrecall/runtime"
 	"github.com/kvrecall/kvrecall/server"
+	"github.com/kvrecall/kvrecall/squeezed"
 )
 
 const usage = `usage:
@@ -289,7 +290,7 @@ func runNIAH(ctx context.Context, args []string) error {
 		return err
 	}
 	defer app.Close()
-	m, cleanup, err := openWithScratchDocs(ctx, path, *threads, slices.Max(ls)+64, *headsProfile)
+	m, cleanup, err := openWithScratchDocs(ctx, path, *threads, slices.Max(ls)+64, *headsProfile, ms)
 	if err != nil {
 		return err
 	}
@@ -448,7 +449,7 @@ func runRuler(ctx context.Context, args []string) error {
 		return err
 	}
 	defer app.Close()
-	m, cleanup, err := openWithScratchDocs(ctx, path, *threads, slices.Max(ls)+64, *headsProfile)
+	m, cleanup, err := openWithScratchDocs(ctx, path, *threads, slices.Max(ls)+64, *headsProfile, ms)
 	if err != nil {
 		return err
 	}
@@ -505,12 +506,19 @@ func benchModel(path string) (string, *gguf.File, error) {
 
 // openWithScratchDocs opens a model whose documents go to a temporary
 // directory that cleanup removes (benchmarks ingest their own haystacks).
-func openWithScratchDocs(ctx context.Context, path string, threads, contextLength int, headsProfile string) (*runtime.Model, func(), error) {
+// If a method is squeezed, documents are clustered at ingest.
+func openWithScratchDocs(ctx context.Context, path string, threads, contextLength int, headsProfile string, methods []string) (*runtime.Model, func(), error) {
 	docs, err := os.MkdirTemp("", "kvrecall-bench-")
 	if err != nil {
 		return nil, nil, err
 	}
-	m, err := runtime.Open(ctx, path, runtime.Options{Threads: threads, ContextLength: contextLength, DataDir: docs})
+	var sq *squeezed.Options
+	for _, meth := range methods {
+		if strings.HasPrefix(meth, "squeezed") {
+			sq = &squeezed.Options{}
+		}
+	}
+	m, err := runtime.Open(ctx, path, runtime.Options{Threads: threads, ContextLength: contextLength, DataDir: docs, Squeezed: sq})
 	if err != nil {
 		os.RemoveAll(docs)
 		return nil, nil, err

@@ -31,6 +31,7 @@ import (
 	"github.com/kvrecall/kvrecall/paging"
 	"github.com/kvrecall/kvrecall/runtime"
 	"github.com/kvrecall/kvrecall/server"
+	"github.com/kvrecall/kvrecall/squeezed"
 )
 
 func main() {
@@ -52,6 +53,7 @@ type settings struct {
 	maxConcurrent, queue, maxTokens   int
 	pageSize                          int
 	maxDocMemory                      int64
+	squeezed                          bool
 	maxBody                           int64
 	shutdown, drain                   time.Duration
 	readTimeout, idleTimeout          time.Duration
@@ -72,6 +74,7 @@ func parse(args []string) (*settings, error) {
 	fs.StringVar(&s.headsProfiles, "heads-profiles", "", "directory of head profiles (NAME.heads.json, from `heads detect`) that requests may name in heads_profile; each is checked against the model at start")
 	fs.IntVar(&s.budget, "kv-budget", paging.DefaultBudget, "default KV budget in tokens for document requests")
 	fs.IntVar(&s.pageSize, "page-size", runtime.DefaultPageSize, "tokens per KV page (16..256)")
+	fs.BoolVar(&s.squeezed, "squeezed", false, "cluster each ingested document's keys (k-means, 5% of its tokens) so that requests can use the squeezed method")
 	fs.StringVar(&s.data, "data", "", "directory for documents (default: the user cache directory)")
 	fs.Int64Var(&s.maxDocMemory, "max-document-memory", 0, "host memory in bytes for opened documents; least recently used ones beyond it reload from disk when next used (0: 4 GiB, negative: no bound)")
 	fs.StringVar(&s.apiKey, "api-key", "", "require this key (Authorization: Bearer KEY or x-api-key)")
@@ -271,4 +274,13 @@ func loadHeadProfiles(dir string, m *runtime.Model) (map[string]heads.Classes, e
 		out[strings.TrimSuffix(filepath.Base(p), ".heads.json")] = prof
 	}
 	return out, nil
+}
+
+// squeezedOptions turns --squeezed into the runtime's clustering options
+// (the paper's defaults), nil when off.
+func squeezedOptions(on bool) *squeezed.Options {
+	if !on {
+		return nil
+	}
+	return &squeezed.Options{}
 }

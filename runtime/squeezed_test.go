@@ -1,0 +1,122 @@
+package runtime_test
+
+import (
+	"context"
+	"fmt"
+	"testing"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/kvrecall/kvrecall/foundry"
+	"github.com/kvrecall/kvrecall/gguf"
+	"github.com/kvrecall/kvrecall/haystack"
+	"github.com/kvrecall/kvrecall/internal/testmodels"
+	"github.com/kvrecall/kvrecall/kvcache"
+	"github.com/kvrecall/kvrecall/runtime"
+	"github.com/kvrecall/kvrecall/squeezed"
+)
+
+// Squeezed Attention on the recall model at 16k: the document's keys are
+// clustered at ingest, and every needle is answered exactly while each
+// KV head of the clustered layers attends to at most 1/8 of the keys
+// (sinks, window and its clusters' tokens). A new model instance reopens
+// the clusters from disk, identical, without clustering again.
+//
+// Residency is page-granular (docs/kvcache.md, token selections): the
+// pools here hold the whole document (Use.Resident). With pools of the
+// budget's size (32 pages per KV head) few clusters' pages fit, and the
+// needle at 10% depth is lost; that needs token-granular residency.
+func TestSqueezedNeedle(t *testing.T) {
+	for _, v := range []struct {
+		name   string
+		o      foundry.RecallOptions
+		depths []int
+	}{
+		{"recall", foundry.RecallOptions{}, []int{10, 50, 90}},
+		// Four layers: the previous-token head in layer 1, retrieval in 3
+		// (one depth: its prefill takes twice as long).
+		{"recall-4layers", foundry.RecallOptions{Layers: 4, PrevLayer: 1, RetrievalLayer: 3}, []int{10}},
+	} {
+		t.Run(v.name, func(t *testing.T) { squeezedNeedle(t, testmodels.RecallWith(t, v.o), v.depths) })
+	}
+}
+
+func squeezedNeedle(t *testing.T, path string, depths []int) {
+	f, err := gguf.Open(path)
+	require.NoError(t, err)
+	voc, err := haystack.LoadVocab(f)
+	require.NoError(t, err)
+	ctx := context.Background()
+	dir := t.TempDir()
+	const length = 16384
+	open := func(so *squeezed.Options) *runtime.Model {
+		m, err := runtime.Open(ctx, path, runtime.Options{Threads: 2, ContextLength: length + 64, DataDir: dir, Squeezed: so})
+		require.NoError(t, err)
+		return m
+	}
+	m := open(&squeezed.Options{Seed: 1})
+	defer m.Close()
+	cfg := m.Config()
+	for _, depth := range depths {
+		c, err := voc.NewCase(length, []float64{float64(depth) / 100}, uint64(13*length+depth))
+		require.NoError(t, err)
+		id := fmt.Sprintf("squeezed-%d", depth)
+		doc, err := m.IngestTokens(ctx, id, c.Tokens, nil)
+		require.NoError(t, err)
+		require.NotNil(t, doc.Clusters())
+		t.Logf("prefill %.1fs, clustering %.1fs, threshold %.3g", doc.PrefillSeconds, doc.ClusterSeconds, doc.Clusters().Threshold)
+		n := c.Needles[0]
+		for _, mode := range []struct {
+			name, policy string
+			use          squeezed.Use
+		}{
+			{"budget", "squeezed", squeezed.Use{Index: doc.Clusters(), Resident: length}},
+			{"threshold", "squeezed", squeezed.Use{Index: doc.Clusters(), Resident: length, Threshold: true}},
+			// The model's recorded retrieval heads attend to clusters, the
+			// other KV heads keep only sinks and window.
+			{"budget+heads", "squeezed+heads", squeezed.Use{Index: doc.Clusters(), Resident: length}},
+		} {
+			t.Run(fmt.Sprintf("%d%%/%s", depth, mode.name), func(t *testing.T) {
+				s, err := m.DocumentSession(doc, runtime.PolicyOptions{Policy: mode.policy, Budget: length / 8,
+					Extra: map[string]any{squeezed.OptionKey: mode.use}})
+				require.NoError(t, err)
+				defer s.Close()
+				res, err := s.Generate(ctx, voc.Question(n), runtime.GenerateOptions{MaxTokens: voc.AnswerLength})
+				require.NoError(t, err)
+				pc := s.Cache().(*kvcache.Paged)
+				require.NoError(t, pc.CheckInvariants())
+				for l := 0; l < cfg.Layers; l++ {
+					for g, a := range pc.AttendedTokens(l) {
+						require.LessOrEqual(t, a, length/8, "layer %d group %d attends to %d of %d keys", l, g, a, length)
+					}
+				}
+				gs, _ := pc.SelectedByGroup(cfg.Layers - 1)
+				t.Logf("attended per group (last layer): %v %v, resident %v", pc.AttendedTokens(cfg.Layers-1), gs, pc.Stats().ResidentByClass)
+				require.Equal(t, n.Values, res.Tokens, "needle at %d", n.Pos)
+			})
+		}
+	}
+
+	// Reopened by another model instance: the clusters come from disk.
+	m2 := open(nil)
+	defer m2.Close()
+	id := fmt.Sprintf("squeezed-%d", depths[0])
+	doc, err := m2.OpenDocument(id)
+	require.NoError(t, err)
+	first, err := m.OpenDocument(id)
+	require.NoError(t, err)
+	require.Equal(t, first.Clusters(), doc.Clusters())
+	// Without clusters the method is refused with a clear message.
+	c, err := voc.NewCase(1024, []float64{0.5}, 3)
+	require.NoError(t, err)
+	plain, err := m2.IngestTokens(ctx, "plain", c.Tokens, nil)
+	require.NoError(t, err)
+	_, err = m2.DocumentSession(plain, runtime.PolicyOptions{Policy: "squeezed"})
+	require.ErrorContains(t, err, "document plain has no Squeezed-Attention clusters: ingest it again with runtime Options.Squeezed set")
+	// Ingesting it again where clustering is on upgrades it (a new prefill:
+	// the calibration needs its queries).
+	up, err := m.IngestTokens(ctx, "plain", c.Tokens, nil)
+	require.NoError(t, err)
+	require.NotNil(t, up.Clusters())
+	require.True(t, up.HasClusters)
+}

@@ -1,0 +1,404 @@
+package squeezed
+
+import (
+	"fmt"
+	"math"
+	"slices"
+
+	"github.com/viterin/vek/vek32"
+)
+
+// Head is the clustering of one KV head's keys in one layer: fine
+// centroids over the document's tokens (the observation window left out),
+// and coarse centroids over the fine ones.
+type Head struct {
+	D         int
+	Centroids []float32 // [K][D], each the mean of its cluster's un-normalised keys
+	Sizes     []int32   // [K], tokens per cluster
+	Assign    []int32   // [T], the cluster of token t (tokens t ≥ T, the window, are in none)
+
+	// The hierarchy: coarse cluster c holds the fine clusters
+	// Members[Offsets[c]:Offsets[c+1]]; Coarse[c] is the size-weighted mean
+	// of their centroids (the mean of every key under it) and Radius[c] the
+	// largest distance from it to one of them.
+	Coarse  []float32 // [C][D]
+	Radius  []float32 // [C]
+	Members []int32   // [K], fine clusters grouped by coarse cluster
+	Offsets []int32   // [C+1]
+
+	// tokens lists each cluster's tokens: tokens[tokOff[j]:tokOff[j+1]],
+	// ascending (derived from Assign when the Head is built or read, not
+	// stored; read-only after, so sessions share a Head safely).
+	tokens, tokOff []int32
+}
+
+// K is the number of fine clusters.
+func (h *Head) K() int { return len(h.Sizes) }
+
+// Tokens returns the positions of cluster j's tokens, ascending.
+func (h *Head) Tokens(j int) []int32 { return h.tokens[h.tokOff[j]:h.tokOff[j+1]] }
+
+func (h *Head) index() {
+	off := make([]int32, h.K()+1)
+	for _, a := range h.Assign {
+		off[a+1]++
+	}
+	for j := 1; j < len(off); j++ {
+		off[j] += off[j-1]
+	}
+	toks := make([]int32, len(h.Assign))
+	next := slices.Clone(off[:len(off)-1])
+	for t, a := range h.Assign {
+		toks[next[a]] = int32(t)
+		next[a]++
+	}
+	h.tokens, h.tokOff = toks, off
+}
+
+// cluster builds a Head from keys [T][d] (un-normalised, roped): k-means on
+// the L2-normalised keys (their direction is what q·k ranks among keys of
+// similar norm), centroids the means of the raw keys, then the hierarchy.
+func cluster(keys []float32, d, k, coarse int, o KMeansOptions) (*Head, error) {
+	n := len(keys) / d
+	xn := make([]float32, len(keys))
+	for i := 0; i < n; i++ {
+		r := keys[i*d : (i+1)*d]
+		nr := xn[i*d : (i+1)*d]
+		if norm := vek32.Norm(r); norm > 0 {
+			vek32.MulNumber_Into(nr, r, 1/norm)
+		}
+	}
+	o.K = k
+	res, err := KMeans(xn, d, o)
+	if err != nil {
+		return nil, err
+	}
+	h := &Head{D: d, Sizes: res.Sizes, Assign: res.Assign, Centroids: make([]float32, k*d)}
+	sum := make([]float64, k*d)
+	for i, a := range res.Assign {
+		s := sum[int(a)*d : int(a+1)*d]
+		for t, v := range keys[i*d : (i+1)*d] {
+			s[t] += float64(v)
+		}
+	}
+	for j := 0; j < k; j++ {
+		if h.Sizes[j] == 0 {
+			continue
+		}
+		for t := 0; t < d; t++ {
+			h.Centroids[j*d+t] = float32(sum[j*d+t] / float64(h.Sizes[j]))
+		}
+	}
+	if err := h.buildHierarchy(coarse, o); err != nil {
+		return nil, err
+	}
+	h.index()
+	return h, nil
+}
+
+// buildHierarchy clusters the fine centroids (normalised, as the keys
+// were) into c coarse clusters.
+func (h *Head) buildHierarchy(c int, o KMeansOptions) error {
+	d, k := h.D, h.K()
+	c = max(1, min(c, k))
+	cn := make([]float32, k*d)
+	for j := 0; j < k; j++ {
+		r := h.Centroids[j*d : (j+1)*d]
+		if norm := vek32.Norm(r); norm > 0 {
+			vek32.MulNumber_Into(cn[j*d:(j+1)*d], r, 1/norm)
+		}
+	}
+	o.K = c
+	o.Seed ^= 0x5eed
+	res, err := KMeans(cn, d, o)
+	if err != nil {
+		return err
+	}
+	h.renumber(res.Assign)
+	h.setHierarchy(res.Assign, c)
+	return nil
+}
+
+// renumber orders the fine clusters by coarse cluster (stably), so that
+// each coarse cluster's members are consecutive rows of Centroids and a
+// lookup scores them with one matrix-vector product. parent is permuted
+// along.
+func (h *Head) renumber(parent []int32) {
+	d, k := h.D, h.K()
+	order := make([]int32, k) // new id -> old id
+	for j := range order {
+		order[j] = int32(j)
+	}
+	slices.SortStableFunc(order, func(a, b int32) int { return int(parent[a] - parent[b]) })
+	newID := make([]int32, k)
+	for nj, oj := range order {
+		newID[oj] = int32(nj)
+	}
+	cen := make([]float32, k*d)
+	sizes := make([]int32, k)
+	par := make([]int32, k)
+	for nj, oj := range order {
+		copy(cen[nj*d:(nj+1)*d], h.Centroids[int(oj)*d:int(oj+1)*d])
+		sizes[nj], par[nj] = h.Sizes[oj], parent[oj]
+	}
+	for t, a := range h.Assign {
+		h.Assign[t] = newID[a]
+	}
+	h.Centroids, h.Sizes = cen, sizes
+	copy(parent, par)
+}
+
+// setHierarchy fills Coarse, Radius, Members and Offsets from the coarse
+// cluster of each fine cluster.
+func (h *Head) setHierarchy(parent []int32, c int) {
+	d, k := h.D, h.K()
+	h.Offsets = make([]int32, c+1)
+	for _, p := range parent {
+		h.Offsets[p+1]++
+	}
+	for i := 1; i <= c; i++ {
+		h.Offsets[i] += h.Offsets[i-1]
+	}
+	h.Members = make([]int32, k)
+	next := slices.Clone(h.Offsets[:c])
+	for j, p := range parent {
+		h.Members[next[p]] = int32(j)
+		next[p]++
+	}
+	h.Coarse = make([]float32, c*d)
+	h.Radius = make([]float32, c)
+	sum := make([]float64, d)
+	for p := 0; p < c; p++ {
+		clear(sum)
+		var n int64
+		for _, j := range h.Members[h.Offsets[p]:h.Offsets[p+1]] {
+			w := int64(h.Sizes[j])
+			n += w
+			for t, v := range h.Centroids[int(j)*d : int(j+1)*d] {
+				sum[t] += float64(w) * float64(v)
+			}
+		}
+		cp := h.Coarse[p*d : (p+1)*d]
+		if n > 0 {
+			for t := range cp {
+				cp[t] = float32(sum[t] / float64(n))
+			}
+		}
+		var r float32
+		for _, j := range h.Members[h.Offsets[p]:h.Offsets[p+1]] {
+			r = max(r, float32(math.Sqrt(float64(sqdist(cp, h.Centroids[int(j)*d:int(j+1)*d])))))
+		}
+		// Round up so that float error never makes the bound exclude a
+		// member it should admit.
+		h.Radius[p] = r*(1+1e-5) + 1e-6
+	}
+}
+
+// check reports a Head whose parts disagree (a corrupt or foreign file).
+func (h *Head) check(tokens int) error {
+	k := h.K()
+	switch {
+	case h.D <= 0 || len(h.Centroids) != k*h.D:
+		return fmt.Errorf("%d centroid floats for %d clusters of dimension %d", len(h.Centroids), k, h.D)
+	case len(h.Assign) > tokens:
+		return fmt.Errorf("%d assigned tokens in a document of %d", len(h.Assign), tokens)
+	case len(h.Offsets) == 0 || len(h.Coarse) != (len(h.Offsets)-1)*h.D || len(h.Radius) != len(h.Offsets)-1 || len(h.Members) != k:
+		return fmt.Errorf("malformed hierarchy")
+	}
+	count := make([]int32, k)
+	for _, a := range h.Assign {
+		if a < 0 || int(a) >= k {
+			return fmt.Errorf("token assigned to cluster %d of %d", a, k)
+		}
+		count[a]++
+	}
+	if !slices.Equal(count, h.Sizes) {
+		return fmt.Errorf("cluster sizes disagree with the assignments")
+	}
+	seen := make([]bool, k)
+	for i, o := range h.Offsets {
+		if o < 0 || int(o) > k || (i > 0 && o < h.Offsets[i-1]) {
+			return fmt.Errorf("bad coarse offsets")
+		}
+	}
+	if int(h.Offsets[len(h.Offsets)-1]) != k {
+		return fmt.Errorf("bad coarse offsets")
+	}
+	for _, j := range h.Members {
+		if j < 0 || int(j) >= k || seen[j] {
+			return fmt.Errorf("fine cluster %d under two coarse clusters or out of range", j)
+		}
+		seen[j] = true
+	}
+	return nil
+}
+
+// Scratch holds a lookup's buffers; reuse one per goroutine so lookups
+// allocate nothing.
+type Scratch struct {
+	fine, coarse []float32
+	cand         []int32
+	order        []int32
+	// Scored counts the centroids (fine and coarse) lookups have scored:
+	// the work a lookup does, for benchmarks.
+	Scored int
+}
+
+func grow(s []float32, n int) []float32 {
+	if cap(s) < n {
+		return make([]float32, n)
+	}
+	return s[:n]
+}
+
+// score sets fine[j] = q·c_j for the members j of coarse cluster p and
+// returns them. Members built by Build are consecutive (renumber): one
+// matrix-vector product; otherwise one dot product each.
+func (h *Head) score(q []float32, p int, fine []float32) []int32 {
+	d := h.D
+	mem := h.Members[h.Offsets[p]:h.Offsets[p+1]]
+	if len(mem) > 0 && int(mem[len(mem)-1]-mem[0]) == len(mem)-1 && slices.IsSorted(mem) {
+		lo, hi := int(mem[0]), int(mem[len(mem)-1])+1
+		matVec(fine[lo:hi], h.Centroids[lo*d:hi*d], q)
+		return mem
+	}
+	for _, j := range mem {
+		fine[j] = vek32.Dot(q, h.Centroids[int(j)*d:int(j+1)*d])
+	}
+	return mem
+}
+
+// FlatAbove appends to out the clusters j with q·c_j ≥ tau, scanning every
+// centroid (one matrix-vector product over [K][D]).
+func (h *Head) FlatAbove(q []float32, tau float32, sc *Scratch, out []int32) []int32 {
+	sc.fine = grow(sc.fine, h.K())
+	matVec(sc.fine, h.Centroids, q)
+	sc.Scored += h.K()
+	for j, v := range sc.fine {
+		if v >= tau {
+			out = append(out, int32(j))
+		}
+	}
+	return out
+}
+
+// Above appends to out the clusters j with q·c_j ≥ tau, in ascending order
+// of j, through the hierarchy: coarse cluster c can hold such a j only if
+// q·C_c + |q|·R_c ≥ tau (Cauchy–Schwarz), so only those coarse clusters'
+// members are scored. The answer is exactly FlatAbove's; the cost is the
+// coarse scan plus the members of the coarse clusters that pass.
+func (h *Head) Above(q []float32, tau float32, sc *Scratch, out []int32) []int32 {
+	c := len(h.Radius)
+	sc.coarse = grow(sc.coarse, c)
+	sc.fine = grow(sc.fine, h.K())
+	matVec(sc.coarse, h.Coarse, q)
+	sc.Scored += c
+	qn := vek32.Norm(q)
+	start := len(out)
+	for p := 0; p < c; p++ {
+		if sc.coarse[p]+qn*h.Radius[p] < tau {
+			continue
+		}
+		sc.Scored += int(h.Offsets[p+1] - h.Offsets[p])
+		for _, j := range h.score(q, p, sc.fine) {
+			if sc.fine[j] >= tau {
+				out = append(out, j)
+			}
+		}
+	}
+	slices.Sort(out[start:])
+	return out
+}
+
+// FlatTop appends to out the clusters of highest q·c_j, best first (ties:
+// lower j), until their tokens reach budget.
+func (h *Head) FlatTop(q []float32, budget int, sc *Scratch, out []int32) []int32 {
+	k := h.K()
+	sc.fine = grow(sc.fine, k)
+	matVec(sc.fine, h.Centroids, q)
+	sc.Scored += k
+	sc.cand = sc.cand[:0]
+	for j := 0; j < k; j++ {
+		sc.cand = append(sc.cand, int32(j))
+	}
+	return h.fill(sc.fine, sc.cand, budget, out)
+}
+
+// fill sorts cand by score (best first, ties by cluster) and appends them
+// to out until their tokens reach budget.
+func (h *Head) fill(score []float32, cand []int32, budget int, out []int32) []int32 {
+	slices.SortFunc(cand, func(a, b int32) int {
+		switch {
+		case score[a] > score[b]:
+			return -1
+		case score[a] < score[b]:
+			return 1
+		}
+		return int(a - b)
+	})
+	tok := 0
+	for _, j := range cand {
+		if tok >= budget {
+			break
+		}
+		out = append(out, j)
+		tok += int(h.Sizes[j])
+	}
+	return out
+}
+
+// Top is FlatTop through the hierarchy, with the same answer: coarse
+// clusters are opened in descending order of their bound q·C + |q|·R;
+// once the clusters opened so far fill the budget and the next bound is
+// strictly below the budget's cut-off score, no unopened cluster can
+// displace a chosen one (ties would go to the lower cluster id, so a bound
+// equal to the cut-off still opens).
+func (h *Head) Top(q []float32, budget int, sc *Scratch, out []int32) []int32 {
+	c, k := len(h.Radius), h.K()
+	sc.coarse = grow(sc.coarse, c)
+	matVec(sc.coarse, h.Coarse, q)
+	sc.Scored += c
+	qn := vek32.Norm(q)
+	for p := range sc.coarse {
+		sc.coarse[p] += qn * h.Radius[p]
+	}
+	sc.order = sc.order[:0]
+	for p := 0; p < c; p++ {
+		sc.order = append(sc.order, int32(p))
+	}
+	slices.SortFunc(sc.order, func(a, b int32) int {
+		switch {
+		case sc.coarse[a] > sc.coarse[b]:
+			return -1
+		case sc.coarse[a] < sc.coarse[b]:
+			return 1
+		}
+		return int(a - b)
+	})
+	sc.fine = grow(sc.fine, k)
+	sc.cand = sc.cand[:0]
+	tok := 0
+	cut := float32(math.Inf(-1)) // a lower bound of the budget's cut-off once the budget is filled
+	check := 0                   // candidates at the last cut-off
+	for _, p := range sc.order {
+		if tok >= budget && sc.coarse[p] < cut {
+			break // bounds descend: nothing unopened can reach the cut-off
+		}
+		sc.Scored += int(h.Offsets[p+1] - h.Offsets[p])
+		for _, j := range h.score(q, int(p), sc.fine) {
+			sc.cand = append(sc.cand, j)
+			tok += int(h.Sizes[j])
+		}
+		if tok >= budget && len(sc.cand) >= 2*check {
+			// The cut-off among the candidates so far; more candidates
+			// only raise it, so an old one stays a valid (looser) bound
+			// and is refreshed when the candidates have doubled.
+			start := len(out)
+			out = h.fill(sc.fine, sc.cand, budget, out)
+			cut = sc.fine[out[len(out)-1]]
+			out = out[:start]
+			check = len(sc.cand)
+		}
+	}
+	return h.fill(sc.fine, sc.cand, budget, out)
+}

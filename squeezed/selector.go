@@ -1,0 +1,262 @@
+package squeezed
+
+import (
+	"errors"
+	"fmt"
+	"math"
+	"slices"
+
+	"github.com/viterin/vek/vek32"
+
+	"github.com/kvrecall/kvrecall/paging"
+)
+
+// OptionKey is the paging.Config.Options key under which the "squeezed"
+// method finds its document's clusters: an *Index or a Use.
+const OptionKey = "squeezed"
+
+// Use is what the method reads from Options[OptionKey]: the document's
+// index and the mode.
+type Use struct {
+	Index *Index
+	// Threshold selects the calibrated mode: every cluster whose share
+	// S_j reaches the index's threshold (within the pool's pages). Off,
+	// clusters are taken by score until the budget's tokens are filled.
+	Threshold bool
+	// Resident is the tokens of each KV head's device pool (default: the
+	// budget). Residency is page-granular while attention is
+	// token-granular: a cluster's tokens lie on many pages, and a pool of
+	// Budget/P pages holds few clusters. A larger pool admits more
+	// clusters (up to the budget's tokens) at the price of resident bytes.
+	Resident int
+}
+
+func init() { paging.Register("squeezed", newSelector) }
+
+// selector is the "squeezed" method: in each layer past DenseLayers, every
+// KV head is its own group, attending to the tokens of its best clusters
+// plus the sinks and the recent tokens.
+//
+// Granularity: the selection is token-granular in what attention sees
+// (paging.Selection.Tokens: the mask opens only the chosen clusters'
+// tokens) and page-granular in what is resident (a cluster's pages are
+// uploaded whole, and they count against the group's pool of Resident/P
+// pages, by default Budget/P). A cluster whose pages do not fit is skipped
+// for the next one.
+type selector struct {
+	c        paging.Config
+	ix       *Index
+	thresh   bool
+	resident int // tokens of each group's pool
+	sc       Scratch
+	list     []int32
+}
+
+func newSelector(c paging.Config) (paging.Selector, error) {
+	var u Use
+	switch v := c.Options[OptionKey].(type) {
+	case *Index:
+		u.Index = v
+	case Use:
+		u = v
+	}
+	if u.Index == nil {
+		return nil, errors.New("squeezed: no clusters given: the method needs a document ingested with clustering on (runtime Options.Squeezed), or a squeezed.Index under Options[\"squeezed\"]")
+	}
+	if c.Budget <= 0 {
+		return nil, fmt.Errorf("squeezed: budget %d: the method needs a token budget (it sizes each KV head's pool)", c.Budget)
+	}
+	if err := c.CheckBudget(); err != nil {
+		return nil, err
+	}
+	if u.Threshold && u.Index.Threshold <= 0 {
+		return nil, errors.New("squeezed: threshold mode needs a calibrated index (its document had no observation window queries)")
+	}
+	if c.KVHeads != 0 && c.KVHeads != u.Index.KVHeads || c.Layers != 0 && c.Layers != u.Index.Layers {
+		return nil, fmt.Errorf("squeezed: clusters for %d layers × %d KV heads, the model has %d × %d", u.Index.Layers, u.Index.KVHeads, c.Layers, c.KVHeads)
+	}
+	if u.Resident == 0 {
+		u.Resident = c.Budget
+	}
+	if u.Resident < c.Budget {
+		return nil, fmt.Errorf("squeezed: resident tokens %d are fewer than the budget %d", u.Resident, c.Budget)
+	}
+	return &selector{c: c, ix: u.Index, thresh: u.Threshold, resident: u.Resident}, nil
+}
+
+func (s *selector) Name() string          { return "squeezed" }
+func (s *selector) Config() paging.Config { return s.c }
+
+func (s *selector) Groups(layer int) []paging.Group {
+	if s.c.Dense(layer) {
+		return []paging.Group{{Class: "all"}}
+	}
+	gs := make([]paging.Group, s.ix.KVHeads)
+	for g := range gs {
+		gs[g] = paging.Group{KVHeads: []int{g}, Budget: s.resident, Class: "all"}
+	}
+	return gs
+}
+
+// NeedQueries: centroids are scored at every step, as in the paper.
+func (s *selector) NeedQueries(layer, _ int) bool { return !s.c.Dense(layer) }
+
+func (s *selector) Select(layer int, sum paging.Summaries, q *paging.Queries, upto int) paging.Selection {
+	P := s.c.PageSize
+	n := paging.PagesOf(upto, P)
+	if s.c.Dense(layer) || q == nil {
+		return paging.One(paging.AllPages(n))
+	}
+	// Always attended: the sinks, and every token from the recent window
+	// or the end of the clustered tokens, whichever comes first (the
+	// observation window, the question and the answer are in no cluster).
+	sinks := min(s.c.Sinks, upto)
+	tail := max(sinks, min(s.ix.Clustered, upto-s.c.Window))
+	tokBudget := s.c.Budget - sinks - (upto - tail)
+	base := make([]bool, n)
+	basePages := 0
+	mark := func(in []bool, p int) bool {
+		if in[p] {
+			return false
+		}
+		in[p] = true
+		return true
+	}
+	for p := 0; p < paging.PagesOf(sinks, P); p++ {
+		if mark(base, p) {
+			basePages++
+		}
+	}
+	for p := tail / P; p < n; p++ {
+		if mark(base, p) {
+			basePages++
+		}
+	}
+	G := q.Heads / s.ix.KVHeads
+	d := s.ix.HeadDim
+	sel := paging.Selection{Groups: make([][]int, s.ix.KVHeads), Tokens: make([][]int32, s.ix.KVHeads)}
+	for g := 0; g < s.ix.KVHeads; g++ {
+		h := s.ix.Heads[layer][g]
+		// One ranked cluster list per (query token, query head), the last
+		// token first: they share the budget round-robin.
+		var lists [][]int32
+		for t := len(q.Q) - 1; t >= 0; t-- {
+			for j := 0; j < G; j++ {
+				qh := q.Q[t][(g*G+j)*d : (g*G+j+1)*d]
+				lists = append(lists, s.rank(h, qh, max(tokBudget, 0)))
+			}
+		}
+		in := slices.Clone(base)
+		pages := basePages
+		var np []int // pages a cluster adds
+		taken := map[int32]bool{}
+		var toks []int32
+		used := 0
+		for r := 0; used < tokBudget; r++ {
+			any := false
+			for _, l := range lists {
+				if r >= len(l) || used >= tokBudget {
+					continue
+				}
+				any = true
+				j := l[r]
+				if taken[j] {
+					continue
+				}
+				taken[j] = true
+				ct := h.Tokens(int(j))
+				if len(ct) > tokBudget-used {
+					continue // too many tokens for what is left
+				}
+				np = np[:0]
+				for _, t := range ct {
+					if p := int(t) / P; !in[p] {
+						in[p] = true
+						np = append(np, p)
+					}
+				}
+				if pages+len(np) > s.resident/P {
+					for _, p := range np { // the cluster's pages do not fit the pool: undo
+						in[p] = false
+					}
+					continue
+				}
+				pages += len(np)
+				toks = append(toks, ct...)
+				used += len(ct)
+			}
+			if !any {
+				break
+			}
+		}
+		for t := 0; t < sinks; t++ {
+			toks = append(toks, int32(t))
+		}
+		for t := tail; t < upto; t++ {
+			toks = append(toks, int32(t))
+		}
+		slices.Sort(toks)
+		toks = slices.Compact(toks) // sinks and tail tokens may be in clusters too
+		var ps []int
+		for p, ok := range in {
+			if ok {
+				ps = append(ps, p)
+			}
+		}
+		sel.Groups[g], sel.Tokens[g] = ps, toks
+	}
+	return sel
+}
+
+// rank returns h's clusters for query qh, best first: in budget mode the
+// top clusters that fill budget tokens, in threshold mode those whose
+// share reaches the calibrated threshold (log Z estimated from the
+// coarse level, which can only under-estimate it: that admits at least
+// the clusters the exact Z would).
+func (s *selector) rank(h *Head, qh []float32, budget int) []int32 {
+	if !s.thresh {
+		return slices.Clone(h.Top(qh, budget, &s.sc, s.list[:0]))
+	}
+	lz := h.coarseLogZ(qh, &s.sc)
+	tau := float32(math.Sqrt(float64(h.D)) * (math.Log(float64(s.ix.Threshold)) + lz))
+	out := h.Above(qh, tau, &s.sc, nil)
+	score := make(map[int32]float32, len(out))
+	for _, j := range out {
+		score[j] = vek32.Dot(qh, h.Centroids[int(j)*h.D:int(j+1)*h.D])
+	}
+	slices.SortFunc(out, func(a, b int32) int {
+		switch {
+		case score[a] > score[b]:
+			return -1
+		case score[a] < score[b]:
+			return 1
+		}
+		return int(a - b)
+	})
+	return out
+}
+
+// coarseLogZ is log Σ_c N_c exp(q·C_c/√d) over the coarse clusters (N_c
+// the tokens under c): by Jensen a lower bound of log Z over the fine ones.
+func (h *Head) coarseLogZ(q []float32, sc *Scratch) float64 {
+	c := len(h.Radius)
+	sc.coarse = grow(sc.coarse, c)
+	matVec(sc.coarse, h.Coarse, q)
+	inv := 1 / math.Sqrt(float64(h.D))
+	logN := func(p int) float64 {
+		var n int64
+		for _, j := range h.Members[h.Offsets[p]:h.Offsets[p+1]] {
+			n += int64(h.Sizes[j])
+		}
+		return math.Log(float64(n))
+	}
+	m := math.Inf(-1)
+	for p := 0; p < c; p++ {
+		m = max(m, float64(sc.coarse[p])*inv+logN(p))
+	}
+	var z float64
+	for p := 0; p < c; p++ {
+		z += math.Exp(float64(sc.coarse[p])*inv + logN(p) - m)
+	}
+	return m + math.Log(z)
+}
