@@ -1,9 +1,11 @@
 // Command demo is kvrecall's main job on its embedded default: it builds the
 // foundry's recall model if absent (no download), hides a needle in a
 // generated ~16k-token haystack, ingests the haystack once as a document
-// (with a progress bar), then asks the question twice: attending to ~2k
-// tokens of pages chosen for the question (retro), and to every token
-// (dense). It prints the answers, the timings and the device-resident KV.
+// (with a progress bar), then asks the question three times: attending to
+// ~2k tokens of pages chosen for the question (retro), the same with head
+// masks (retro+heads: only the model's retrieval heads get those pages, the
+// others sinks and recent tokens), and to every token (dense). It prints the
+// answers, the timings and the device-resident KV.
 package main
 
 import (
@@ -118,7 +120,9 @@ func run(ctx context.Context) error {
 	q := voc.Question(n)
 	fmt.Printf("Question: %s\n", words(q))
 	wrong := false
-	for _, pol := range []runtime.PolicyOptions{{Policy: "retro", Budget: *budget}, {Policy: "dense"}} {
+	// retro+heads: the model's recorded retrieval heads get retro's pages,
+	// every other KV head only sinks and recent tokens (DuoAttention).
+	for _, pol := range []runtime.PolicyOptions{{Policy: "retro", Budget: *budget}, {Policy: "retro+heads", Budget: *budget}, {Policy: "dense"}} {
 		s, err := m.DocumentSession(doc, pol)
 		if err != nil {
 			return err
