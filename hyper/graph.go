@@ -56,7 +56,6 @@ type graph struct {
 	masks             map[int]ml.Tensor // causal masks by size
 }
 
-
 // tokens returns the view of x [d, n, heads] over tokens [lo, hi).
 func tokens(ctx ml.Context, x ml.Tensor, lo, hi int) ml.Tensor {
 	return x.View(ctx, lo*x.Stride(1), x.Dim(0), x.Stride(1), hi-lo, x.Stride(2), x.Dim(2))
@@ -245,7 +244,7 @@ func (g *graph) unmasked(qlo, qhi, klo, khi int) part {
 	}
 	// Back to token order: rows [o; c; z] of sorted query i go to token qidx[i].
 	pack := o.Reshape(ctx, d, bq*nb, H).Concat(ctx, c.Reshape(ctx, 1, bq*nb, H), 0).Concat(ctx, z.Reshape(ctx, 1, bq*nb, H), 0) // [d+2, nb*bq, H]
-	dst := pack.Scale(ctx, 0) // every row is written: only its shape matters
+	dst := pack.Scale(ctx, 0)                                                                                                   // every row is written: only its shape matters
 	if nb*bq > nq {
 		pack = pack.View(ctx, 0, d+2, pack.Stride(1), nq, pack.Stride(2), H)
 		dst = dst.View(ctx, 0, d+2, dst.Stride(1), nq, dst.Stride(2), H)
