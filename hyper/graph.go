@@ -256,3 +256,39 @@ func (g *graph) unmasked(qlo, qhi, klo, khi int) part {
 		z: out.View(ctx, (d+1)*out.Stride(0), 1, out.Stride(1), nq, out.Stride(2), H),
 	}
 }
+
+// Causal builds exact causal attention as ggml graph ops in query chunks
+// of at most chunk tokens, so that no [n, n] scores exist at once: each
+// chunk's scores are [chunk end, chunk, heads]. Shapes as in Attention.
+// It is the exact path of a one-batch prefill's other layers.
+func Causal(ctx ml.Context, q, k, v ml.Tensor, scale float64, chunk int) ml.Tensor {
+	if chunk < 1 {
+		panic(fmt.Sprintf("hyper: exact chunk %d: want at least 1", chunk))
+	}
+	d, H, n := q.Dim(0), q.Dim(1), q.Dim(2)
+	g := &graph{ctx: ctx, scale: scale, d: d, heads: H, kvHeads: k.Dim(1), masks: map[int]ml.Tensor{}}
+	g.q = q.Permute(ctx, 0, 2, 1, 3).Contiguous(ctx)  // [d, n, H]
+	g.k = k.Permute(ctx, 0, 2, 1, 3).Contiguous(ctx)  // [d, n, kvHeads]
+	g.vt = v.Permute(ctx, 1, 2, 0, 3).Contiguous(ctx) // [n, d, kvHeads]
+	var out ml.Tensor
+	for lo := 0; lo < n; lo += chunk {
+		hi := min(lo+chunk, n)
+		keys, vals := tokens(ctx, g.k, lo, hi), tokensT(ctx, g.vt, lo, hi)
+		mask := g.causalMask(hi - lo) // [c, c]
+		if lo > 0 {
+			// The chunk's own keys first, then the earlier ones: the
+			// causal mask padded with zeros at its end covers them all.
+			keys = keys.Concat(ctx, tokens(ctx, g.k, 0, lo), 1)   // [d, hi, kvHeads]
+			vals = vals.Concat(ctx, tokensT(ctx, g.vt, 0, lo), 0) // [hi, d, kvHeads]
+			mask = mask.Pad(ctx, lo, 0, 0, 0)                     // [hi, c]
+		}
+		x := keys.MulmatFullPrec(ctx, tokens(ctx, g.q, lo, hi)).Scale(ctx, scale).Add(ctx, mask) // [hi, c, H]
+		o := vals.Mulmat(ctx, x.Softmax(ctx))                                                    // [d, c, H]
+		if out == nil {
+			out = o
+		} else {
+			out = out.Concat(ctx, o, 1)
+		}
+	}
+	return out.Permute(ctx, 0, 2, 1, 3).Contiguous(ctx) // [d, n, H] -> [d, H, n]
+}

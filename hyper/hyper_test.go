@@ -228,3 +228,25 @@ func TestErrorFallsWithBlocksAndSamples(t *testing.T) {
 		})
 	}
 }
+
+// The chunked exact path is exact causal attention, whatever the chunk.
+func TestCausalChunksAreExact(t *testing.T) {
+	s := hyper.Shape{Heads: 4, KVHeads: 2, HeadDim: 16}
+	const n = 150
+	r := rand.New(rand.NewPCG(3, 4))
+	q, k, v := randoms(r, n*s.Heads*s.HeadDim), randoms(r, n*s.KVHeads*s.HeadDim), randoms(r, n*s.KVHeads*s.HeadDim)
+	scale := 1 / math.Sqrt(float64(s.HeadDim))
+	want, err := hyper.Exact(s, q, k, v, scale, true)
+	require.NoError(t, err)
+	for _, chunk := range []int{7, 64, 150, 400} {
+		t.Run(fmt.Sprint(chunk), func(t *testing.T) {
+			ctx := backend.NewContext()
+			defer ctx.Close()
+			out := hyper.Causal(ctx, ctx.Input().FromFloats(q, s.HeadDim, s.Heads, n),
+				ctx.Input().FromFloats(k, s.HeadDim, s.KVHeads, n), ctx.Input().FromFloats(v, s.HeadDim, s.KVHeads, n), scale, chunk)
+			res := ctx.Input().Empty(ml.DTypeF32, s.HeadDim, s.Heads, n)
+			ctx.Forward(out.Copy(ctx, res)).Compute(res)
+			require.Less(t, maxAbs(res.Floats(), want), 2e-5)
+		})
+	}
+}
