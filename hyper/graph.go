@@ -292,3 +292,28 @@ func Causal(ctx ml.Context, q, k, v ml.Tensor, scale float64, chunk int) ml.Tens
 	}
 	return out.Permute(ctx, 0, 2, 1, 3).Contiguous(ctx) // [d, n, H] -> [d, H, n]
 }
+
+// GraphSize is an upper estimate of the ggml tensors that Attention (with
+// chunk 0) or Causal (with chunk > 0) creates for n tokens: a ggml context
+// holds a fixed number (ml.Context.MaxGraphNodes), and running out aborts
+// the process, so callers check before building. Each unmasked
+// approximation costs about 80 tensors (counted from the code), so the count grows as
+// n/MinSeqLen.
+func GraphSize(c Config, n, chunk int) int {
+	if chunk > 0 {
+		return 16 + 14*((n+chunk-1)/chunk)
+	}
+	var size func(lo, hi int) int
+	size = func(lo, hi int) int {
+		if hi-lo <= c.MinSeqLen {
+			return 15
+		}
+		mid := lo + (hi-lo+1)/2
+		approx := 15
+		if hi-mid >= c.MinSeqLen {
+			approx = 100
+		}
+		return size(lo, mid) + size(mid, hi) + approx + 17
+	}
+	return 16 + size(0, n)
+}

@@ -81,14 +81,24 @@ func (m *Model) Ingest(ctx context.Context, id, text string, progress Progress) 
 
 // IngestTokens is Ingest for text already tokenized (BOS included if wanted).
 func (m *Model) IngestTokens(ctx context.Context, id string, toks []int32, progress Progress) (*Document, error) {
+	return m.ingest(ctx, id, toks, tokensHash(toks), progress)
+}
+
+func tokensHash(toks []int32) string {
 	h := sha256.New()
 	for _, t := range toks {
 		fmt.Fprintf(h, "%d,", t)
 	}
-	return m.ingest(ctx, id, toks, "tokens:"+hex.EncodeToString(h.Sum(nil)), progress)
+	return "tokens:" + hex.EncodeToString(h.Sum(nil))
 }
 
 func (m *Model) ingest(ctx context.Context, id string, toks []int32, textHash string, progress Progress) (*Document, error) {
+	return m.ingestWith(ctx, id, toks, textHash, IngestOptions{}, progress)
+}
+
+// ingestWith prefills toks under id. A stored document with the same text
+// is returned as it is, whatever options it was ingested with.
+func (m *Model) ingestWith(ctx context.Context, id string, toks []int32, textHash string, o IngestOptions, progress Progress) (*Document, error) {
 	if id == "" {
 		id = "doc-" + textHash[len(textHash)-16:]
 	}
@@ -107,6 +117,15 @@ func (m *Model) ingest(ctx context.Context, id string, toks []int32, textHash st
 	if len(toks) >= m.opts.ContextLength {
 		return nil, fmt.Errorf("%w: the document has %d tokens; the context length is %d (raise ContextLength)", ErrContextFull, len(toks), m.opts.ContextLength)
 	}
+	var use []bool
+	if o.Hyper != nil {
+		h := *o.Hyper
+		var err error
+		if use, err = h.validate(m.cfg.Layers); err != nil {
+			return nil, err
+		}
+		o.Hyper = &h
+	}
 	pol, err := paging.New("dense", paging.Config{PageSize: m.opts.PageSize})
 	if err != nil {
 		return nil, err
@@ -117,7 +136,21 @@ func (m *Model) ingest(ctx context.Context, id string, toks []int32, textHash st
 	}
 	s := &Session{m: m, cache: cache, capacity: len(toks)}
 	t0 := time.Now()
-	_, err = s.Eval(ctx, toks, false, progress)
+	if o.Hyper != nil {
+		// The whole document in one batch: the recursion needs every query.
+		s.cache = &hyperCache{Paged: cache, o: *o.Hyper, use: use}
+		err = m.hyperFits(o.Hyper, use, len(toks))
+		if err == nil {
+			err = ctx.Err()
+		}
+		if err == nil {
+			if _, err = s.forward(toks, false, false); err == nil && progress != nil {
+				progress(len(toks), len(toks))
+			}
+		}
+	} else {
+		_, err = s.Eval(ctx, toks, false, progress)
+	}
 	prefill := time.Since(t0)
 	s.Close()
 	if err != nil {
