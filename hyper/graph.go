@@ -15,8 +15,12 @@ const masked = -1e30
 // Attention builds HyperAttention as ggml graph ops: q [headDim, heads, n],
 // k and v [headDim, kvHeads, n] (query head h reads KV head h/(heads/kvHeads))
 // give [headDim, heads, n]. It is the same algorithm as Reference, with the
-// same projections, sort order and samples. The settings must be valid
-// (Validate) and n at most MaxTokens.
+// same projections, sort order and samples. The causal recursion is built
+// level by level: every segment of a level has the same size (the sequence
+// is padded as Padded says), so a level is one set of ops over all its
+// segments, with segments as extra heads, and the graph's size grows with
+// log(n/MinSeqLen), not n/MinSeqLen. The settings must be valid (Validate)
+// and n at most MaxTokens.
 func Attention(ctx ml.Context, c Config, q, k, v ml.Tensor, scale float64, causal bool) ml.Tensor {
 	if err := c.Validate(); err != nil {
 		panic(err)
@@ -26,26 +30,48 @@ func Attention(ctx ml.Context, c Config, q, k, v ml.Tensor, scale float64, causa
 		panic(fmt.Sprintf("hyper: %d tokens: at most %d", n, MaxTokens))
 	}
 	g := &graph{ctx: ctx, c: c, scale: scale, d: d, heads: H, kvHeads: k.Dim(1), masks: map[int]ml.Tensor{}}
-	g.q = q.Permute(ctx, 0, 2, 1, 3).Contiguous(ctx)  // [d, n, H]
-	g.k = k.Permute(ctx, 0, 2, 1, 3).Contiguous(ctx)  // [d, n, kvHeads]
-	g.v = v.Permute(ctx, 0, 2, 1, 3).Contiguous(ctx)  // [d, n, kvHeads]
-	g.vt = v.Permute(ctx, 1, 2, 0, 3).Contiguous(ctx) // [n, d, kvHeads]
-	var p part
+	N, leaf := n, n
 	if causal {
-		p = g.causal(0, n)
-	} else {
-		p = g.unmasked(0, n, 0, n)
+		N, leaf = c.Padded(n)
 	}
-	return p.o.Permute(ctx, 0, 2, 1, 3).Contiguous(ctx) // [d, n, H] -> [d, H, n]
+	g.q = q.Permute(ctx, 0, 2, 1, 3).Contiguous(ctx) // [d, n, H]
+	g.k = k.Permute(ctx, 0, 2, 1, 3).Contiguous(ctx) // [d, n, kvHeads]
+	g.v = v.Permute(ctx, 0, 2, 1, 3).Contiguous(ctx) // [d, n, kvHeads]
+	if N > n {
+		// Zero tokens at the end: they are in every real query's future,
+		// or only keys of segments whose queries are all padding.
+		g.q = g.q.Pad(ctx, 0, N-n, 0, 0)
+		g.k = g.k.Pad(ctx, 0, N-n, 0, 0)
+		g.v = g.v.Pad(ctx, 0, N-n, 0, 0)
+	}
+	var pack ml.Tensor // [d+2, N, H]: o, c, z (see part)
+	if causal {
+		pack = g.causal(N, leaf)
+	} else {
+		pack = g.unmasked(g.q, g.k, g.v, [][][]int32{c.samples(0, n, g.kvHeads)}, false)
+	}
+	o := pack.View(ctx, 0, d, pack.Stride(1), n, pack.Stride(2), H)
+	return o.Permute(ctx, 0, 2, 1, 3).Contiguous(ctx) // [d, n, H] -> [d, H, n]
 }
 
-// part is attention over a subset of the keys, for queries in token order:
-// o = softmax(x)·v [d, nq, H], and the normaliser as c [1, nq, H], a
-// stabiliser within log(columns) below the largest score (Σ softmax(x)·x),
-// and z = Σ exp(x - c) [1, nq, H], so that exp(lse) = z·exp(c) without a
-// log (ggml has none) and neither overflows nor underflows.
-type part struct{ o, c, z ml.Tensor }
+// Padded returns the length N >= n that a causal pass of n tokens is
+// computed over (zero tokens appended) and its leaf size: N = leaf·2^k with
+// the least k such that leaf = ceil(n/2^k) <= MinSeqLen, so that every
+// halving of the recursion is exact.
+func (c Config) Padded(n int) (N, leaf int) {
+	k := 0
+	for (n+(1<<k)-1)>>k > c.MinSeqLen {
+		k++
+	}
+	leaf = (n + (1 << k) - 1) >> k
+	return leaf << k, leaf
+}
 
+// part is attention over a subset of the keys, for queries in token order,
+// packed as rows [d+2, nq, heads]: o = softmax(x)·v (d rows), then c, a
+// stabiliser within log(columns) below the largest score (Σ softmax(x)·x),
+// then z = Σ exp(x - c), so that exp(lse) = z·exp(c) without a log (ggml
+// has none) and neither overflows nor underflows.
 type graph struct {
 	ctx               ml.Context
 	c                 Config
@@ -66,7 +92,31 @@ func tokensT(ctx ml.Context, x ml.Tensor, lo, hi int) ml.Tensor {
 	return x.View(ctx, lo*x.Stride(0), hi-lo, x.Stride(1), x.Dim(1), x.Stride(2), x.Dim(2))
 }
 
-// soft returns softmax(x) over dim 0 and x's (c, z) (see part).
+// segments returns, from x [d, N, heads], the half-segments of one level
+// as [d, half, heads·segs] (head fastest, so that ggml's broadcast still
+// maps query head h of segment s to KV head h/G of segment s): the first
+// halves of the segments of length 2·half, or the second halves.
+func (g *graph) segments(x ml.Tensor, half int, second bool) ml.Tensor {
+	ctx := g.ctx
+	d, N, heads := x.Dim(0), x.Dim(1), x.Dim(2)
+	segs := N / (2 * half)
+	off := 0
+	if second {
+		off = half * x.Stride(1)
+	}
+	v := x.View(ctx, off, d, x.Stride(1), half, 2*half*x.Stride(1), segs, x.Stride(2), heads) // [d, half, segs, heads]
+	return v.Permute(ctx, 0, 1, 3, 2).Contiguous(ctx).Reshape(ctx, d, half, heads*segs)
+}
+
+// unsegment is segments' inverse for a pack [rows, half, heads·segs]:
+// [rows, half, segs, heads].
+func (g *graph) unsegment(p ml.Tensor, heads int) ml.Tensor {
+	ctx := g.ctx
+	rows, half, hs := p.Dim(0), p.Dim(1), p.Dim(2)
+	return p.Reshape(ctx, rows, half, heads, hs/heads).Permute(ctx, 0, 1, 3, 2).Contiguous(ctx)
+}
+
+// soft returns softmax(x) over dim 0 and x's c and z (see part).
 func (g *graph) soft(x ml.Tensor) (p, c, z ml.Tensor) {
 	p = x.Softmax(g.ctx)
 	c = p.Mul(g.ctx, x).SumRows(g.ctx)
@@ -74,18 +124,17 @@ func (g *graph) soft(x ml.Tensor) (p, c, z ml.Tensor) {
 	return p, c, z
 }
 
-// exact is exact attention of queries [qlo, qhi) over keys [klo, khi),
-// causal when the ranges are the same (then the mask hides the future).
-func (g *graph) exact(qlo, qhi, klo, khi int, causal bool) part {
+// exact is exact attention of q [d, nq, B] over k, v [d, nk, Bkv], with
+// mask [nk, nq] if not nil; it returns the pack [d+2, nq, B].
+func (g *graph) exact(q, k, v, mask ml.Tensor) ml.Tensor {
 	ctx := g.ctx
-	x := tokens(ctx, g.k, klo, khi).MulmatFullPrec(ctx, tokens(ctx, g.q, qlo, qhi)) // [nk, nq, H]
-	x = x.Scale(ctx, g.scale)
-	if causal {
-		x = x.Add(ctx, g.causalMask(qhi-qlo))
+	x := k.MulmatFullPrec(ctx, q).Scale(ctx, g.scale) // [nk, nq, B]
+	if mask != nil {
+		x = x.Add(ctx, mask)
 	}
 	p, c, z := g.soft(x)
-	o := tokensT(ctx, g.vt, klo, khi).Mulmat(ctx, p) // [d, nq, H]
-	return part{o, c, z}
+	o := v.Permute(ctx, 1, 0, 2, 3).Contiguous(ctx).Mulmat(ctx, p) // [d, nq, B]
+	return o.Concat(ctx, c, 0).Concat(ctx, z, 0)
 }
 
 // causalMask is [L, L]: row i hides columns past i.
@@ -104,32 +153,58 @@ func (g *graph) causalMask(L int) ml.Tensor {
 	return t
 }
 
-// causal is the paper's recursive halving over tokens [lo, hi).
-func (g *graph) causal(lo, hi int) part {
-	if hi-lo <= g.c.MinSeqLen {
-		return g.exact(lo, hi, lo, hi, true)
-	}
-	mid := lo + (hi-lo+1)/2
-	top := g.causal(lo, mid)
-	bottom := g.merge(g.causal(mid, hi), g.unmasked(mid, hi, lo, mid))
+// causal is the paper's recursion over N = leaf·2^k tokens, level by
+// level: exact causal attention inside every leaf, then for each level
+// from the deepest, the second halves of its segments attend their first
+// halves (unmasked), merged into the running result by log-sum-exp.
+func (g *graph) causal(N, leaf int) ml.Tensor {
 	ctx := g.ctx
-	return part{
-		o: top.o.Concat(ctx, bottom.o, 1),
-		c: top.c.Concat(ctx, bottom.c, 1),
-		z: top.z.Concat(ctx, bottom.z, 1),
+	d, H, Hkv := g.d, g.heads, g.kvHeads
+	leaves := N / leaf
+	// Leaves as heads: [d, leaf, heads·leaves].
+	asLeaves := func(x ml.Tensor) ml.Tensor {
+		return x.Reshape(ctx, x.Dim(0), leaf, leaves, x.Dim(2)).Permute(ctx, 0, 1, 3, 2).Contiguous(ctx).Reshape(ctx, x.Dim(0), leaf, x.Dim(2)*leaves)
 	}
+	acc := g.exact(asLeaves(g.q), asLeaves(g.k), asLeaves(g.v), g.causalMask(leaf)) // [d+2, leaf, H·leaves]
+	acc = g.unsegment(acc, H).Reshape(ctx, d+2, N, H)
+	var filler ml.Tensor
+	for half := leaf; 2*half <= N; half *= 2 {
+		segs := N / (2 * half)
+		samp := make([][][]int32, segs)
+		for s := range samp {
+			samp[s] = g.c.samples(s*2*half, s*2*half+half, Hkv)
+		}
+		p := g.unmasked(g.segments(g.q, half, true), g.segments(g.k, half, false), g.segments(g.v, half, false), samp, true)
+		p = g.unsegment(p, H) // [d+2, half, segs, H]: the second halves
+		if filler == nil {
+			// First halves get no part: o 0, c -1e30, z 1 (weight 0).
+			f := make([]float32, d+2)
+			f[d], f[d+1] = masked, 1
+			filler = ctx.Input().FromFloats(f, d+2, 1, 1, 1)
+		}
+		full := filler.Repeat4D(ctx, d+2, half, segs, H).Concat(ctx, p, 1).Reshape(ctx, d+2, N, H)
+		acc = g.merge(acc, full)
+	}
+	return acc
 }
 
-// merge combines attention over two disjoint key sets: the log-sum-exp
-// merge, with the larger stabiliser as the common one.
-func (g *graph) merge(a, b part) part {
+// merge combines packs [d+2, n, H] of attention over disjoint key sets:
+// the log-sum-exp merge, with the larger stabiliser as the common one. a's
+// c must be finite; b's may be -1e30 (no part: weight 0).
+func (g *graph) merge(a, b ml.Tensor) ml.Tensor {
 	ctx := g.ctx
-	c := b.c.Add(ctx, a.c.Sub(ctx, b.c).RELU(ctx)) // max(a.c, b.c)
-	wa := a.z.Mul(ctx, a.c.Sub(ctx, c).Exp(ctx))
-	wb := b.z.Mul(ctx, b.c.Sub(ctx, c).Exp(ctx))
+	d := g.d
+	rows := func(p ml.Tensor, lo, n int) ml.Tensor {
+		return p.View(ctx, lo*p.Stride(0), n, p.Stride(1), p.Dim(1), p.Stride(2), p.Dim(2))
+	}
+	ao, ac, az := rows(a, 0, d), rows(a, d, 1), rows(a, d+1, 1)
+	bo, bc, bz := rows(b, 0, d), rows(b, d, 1), rows(b, d+1, 1)
+	c := ac.Add(ctx, bc.Sub(ctx, ac).RELU(ctx)) // max(a.c, b.c)
+	wa := az.Mul(ctx, ac.Sub(ctx, c).Exp(ctx))
+	wb := bz.Mul(ctx, bc.Sub(ctx, c).Exp(ctx))
 	z := wa.Add(ctx, wb)
-	o := a.o.Mul(ctx, wa).Add(ctx, b.o.Mul(ctx, wb)).Div(ctx, z)
-	return part{o, c, z}
+	o := ao.Mul(ctx, wa).Add(ctx, bo.Mul(ctx, wb)).Div(ctx, z)
+	return o.Concat(ctx, c, 0).Concat(ctx, z, 0)
 }
 
 // sortIndex returns, per head, the tokens of x [d, n, heads] sorted by
@@ -165,22 +240,29 @@ func (g *graph) sortIndex(x ml.Tensor) ml.Tensor {
 	return key.Reshape(ctx, n, heads).Argsort(ctx)
 }
 
-// unmasked is the paper's algorithm without a mask: queries [qlo, qhi) over
-// keys [klo, khi), exact with fewer than MinSeqLen queries (see
-// ref.unmasked).
-func (g *graph) unmasked(qlo, qhi, klo, khi int) part {
-	nq, nk := qhi-qlo, khi-klo
+// unmasked is the paper's algorithm without a mask for queries q
+// [d, nq, B] over keys k and values v [d, nk, Bkv] (B heads: query heads,
+// or query heads times segments; virtual head i reads KV head i/(B/Bkv)).
+// samp[s][g] are the samples of segment s's KV head g (virtual KV head
+// g + Bkv/len(samp)·s). It is exact with fewer than MinSeqLen queries (see
+// ref.unmasked). Returns the pack [d+2, nq, B] in token order.
+func (g *graph) unmasked(q, k, v ml.Tensor, samp [][][]int32, _ bool) ml.Tensor {
+	nq, nk := q.Dim(1), k.Dim(1)
 	if nq < g.c.MinSeqLen {
-		return g.exact(qlo, qhi, klo, khi, false)
+		return g.exact(q, k, v, nil)
 	}
 	ctx := g.ctx
-	d, H, Hkv, b := g.d, g.heads, g.kvHeads, g.c.BlockSize
-	qv, kv := tokens(ctx, g.q, qlo, qhi), tokens(ctx, g.k, klo, khi)
-	qidx := g.sortIndex(qv)                          // [nq, H]
-	kidx := g.sortIndex(kv)                          // [nk, kvHeads]
-	qs := qv.Rows(ctx, qidx)                         // [d, nq, H] in sorted order
-	ks := kv.Rows(ctx, kidx)                         // [d, nk, kvHeads]
-	vs := tokens(ctx, g.v, klo, khi).Rows(ctx, kidx) // [d, nk, kvHeads]
+	d, B, Bkv, b := g.d, q.Dim(2), k.Dim(2), g.c.BlockSize
+	G := B / Bkv
+	var flat [][]int32 // by virtual KV head
+	for _, s := range samp {
+		flat = append(flat, s...)
+	}
+	qidx := g.sortIndex(q)  // [nq, B]
+	kidx := g.sortIndex(k)  // [nk, Bkv]
+	qs := q.Rows(ctx, qidx) // [d, nq, B] in sorted order
+	ks := k.Rows(ctx, kidx) // [d, nk, Bkv]
+	vs := v.Rows(ctx, kidx) // [d, nk, Bkv]
 	nb, bq := g.c.blocks(nq, nk)
 	qp, kp, vp := qs, ks, vs
 	if pad := nb*bq - nq; pad > 0 {
@@ -191,8 +273,8 @@ func (g *graph) unmasked(qlo, qhi, klo, khi int) part {
 		vp = vs.Pad(ctx, 0, pad, 0, 0)
 	}
 	// Diagonal blocks: block i of the sorted queries against block i of the
-	// sorted keys, [b, bq, nb, H].
-	xb := kp.Reshape(ctx, d, b, nb, Hkv).MulmatFullPrec(ctx, qp.Reshape(ctx, d, bq, nb, H)).Scale(ctx, g.scale)
+	// sorted keys, [b, bq, nb, B].
+	xb := kp.Reshape(ctx, d, b, nb, Bkv).MulmatFullPrec(ctx, qp.Reshape(ctx, d, bq, nb, B)).Scale(ctx, g.scale)
 	if pad := nb*b - nk; pad > 0 {
 		m := make([]float32, b*nb) // [b, 1, nb, 1]: padded keys hidden
 		for j := nk; j < nb*b; j++ {
@@ -204,20 +286,18 @@ func (g *graph) unmasked(qlo, qhi, klo, khi int) part {
 	m := g.c.Samples
 	var vsT ml.Tensor
 	if m > 0 && nb > 1 {
-		samp := g.c.samples(klo, khi, Hkv)
-		flat := make([]int32, 0, m*Hkv)
-		for _, s := range samp {
-			flat = append(flat, s...)
+		idx := make([]int32, 0, m*Bkv)
+		for _, s := range flat {
+			idx = append(idx, s...)
 		}
-		sidx := ctx.Input().FromInts(flat, m, Hkv)
+		sidx := ctx.Input().FromInts(idx, m, Bkv)
 		// Sampled columns, weighted nk/m, hidden from the queries of their
-		// own block: [m, 1, nb, H] added to the scores [m, bq, nb, H].
+		// own block: [m, 1, nb, B] added to the scores [m, bq, nb, B].
 		logw := float32(math.Log(float64(nk) / float64(m)))
-		mk := make([]float32, m*nb*H)
-		G := H / Hkv
-		for h := 0; h < H; h++ {
+		mk := make([]float32, m*nb*B)
+		for h := 0; h < B; h++ {
 			for blk := 0; blk < nb; blk++ {
-				for j, s := range samp[h/G] {
+				for j, s := range flat[h/G] {
 					w := logw
 					if int(s)/b == blk {
 						w = masked
@@ -226,35 +306,30 @@ func (g *graph) unmasked(qlo, qhi, klo, khi int) part {
 				}
 			}
 		}
-		xs := ks.Rows(ctx, sidx).MulmatFullPrec(ctx, qp) // [m, nb*bq, H]
-		xs = xs.Reshape(ctx, m, bq, nb, H).Scale(ctx, g.scale).Add(ctx, ctx.Input().FromFloats(mk, m, 1, nb, H))
-		x = xb.Concat(ctx, xs, 0) // [b+m, bq, nb, H]: one softmax is the LSE merge of both
-		vsT = vs.Rows(ctx, sidx).Permute(ctx, 1, 0, 2, 3).Contiguous(ctx).Reshape(ctx, m, d, 1, Hkv)
+		xs := ks.Rows(ctx, sidx).MulmatFullPrec(ctx, qp) // [m, nb*bq, B]
+		xs = xs.Reshape(ctx, m, bq, nb, B).Scale(ctx, g.scale).Add(ctx, ctx.Input().FromFloats(mk, m, 1, nb, B))
+		x = xb.Concat(ctx, xs, 0) // [b+m, bq, nb, B]: one softmax is the LSE merge of both
+		vsT = vs.Rows(ctx, sidx).Permute(ctx, 1, 0, 2, 3).Contiguous(ctx).Reshape(ctx, m, d, 1, Bkv)
 	}
 	p, c, z := g.soft(x)
-	vbT := vp.Reshape(ctx, d, b, nb, Hkv).Permute(ctx, 1, 0, 2, 3).Contiguous(ctx) // [b, d, nb, kvHeads]
+	vbT := vp.Reshape(ctx, d, b, nb, Bkv).Permute(ctx, 1, 0, 2, 3).Contiguous(ctx) // [b, d, nb, Bkv]
 	pb := p
 	if vsT != nil {
-		pb = p.View(ctx, 0, b, p.Stride(1), bq, p.Stride(2), nb, p.Stride(3), H)
+		pb = p.View(ctx, 0, b, p.Stride(1), bq, p.Stride(2), nb, p.Stride(3), B)
 	}
-	o := vbT.Mulmat(ctx, pb) // [d, bq, nb, H]
+	o := vbT.Mulmat(ctx, pb) // [d, bq, nb, B]
 	if vsT != nil {
-		ps := p.View(ctx, b*p.Stride(0), m, p.Stride(1), bq, p.Stride(2), nb, p.Stride(3), H)
+		ps := p.View(ctx, b*p.Stride(0), m, p.Stride(1), bq, p.Stride(2), nb, p.Stride(3), B)
 		o = o.Add(ctx, vsT.Mulmat(ctx, ps))
 	}
 	// Back to token order: rows [o; c; z] of sorted query i go to token qidx[i].
-	pack := o.Reshape(ctx, d, bq*nb, H).Concat(ctx, c.Reshape(ctx, 1, bq*nb, H), 0).Concat(ctx, z.Reshape(ctx, 1, bq*nb, H), 0) // [d+2, nb*bq, H]
+	pack := o.Reshape(ctx, d, bq*nb, B).Concat(ctx, c.Reshape(ctx, 1, bq*nb, B), 0).Concat(ctx, z.Reshape(ctx, 1, bq*nb, B), 0) // [d+2, nb*bq, B]
 	dst := pack.Scale(ctx, 0)                                                                                                   // every row is written: only its shape matters
 	if nb*bq > nq {
-		pack = pack.View(ctx, 0, d+2, pack.Stride(1), nq, pack.Stride(2), H)
-		dst = dst.View(ctx, 0, d+2, dst.Stride(1), nq, dst.Stride(2), H)
+		pack = pack.View(ctx, 0, d+2, pack.Stride(1), nq, pack.Stride(2), B)
+		dst = dst.View(ctx, 0, d+2, dst.Stride(1), nq, dst.Stride(2), B)
 	}
-	out := dst.SetRows(ctx, pack, qidx)
-	return part{
-		o: out.View(ctx, 0, d, out.Stride(1), nq, out.Stride(2), H),
-		c: out.View(ctx, d*out.Stride(0), 1, out.Stride(1), nq, out.Stride(2), H),
-		z: out.View(ctx, (d+1)*out.Stride(0), 1, out.Stride(1), nq, out.Stride(2), H),
-	}
+	return dst.SetRows(ctx, pack, qidx)
 }
 
 // Causal builds exact causal attention as ggml graph ops in query chunks
@@ -294,26 +369,19 @@ func Causal(ctx ml.Context, q, k, v ml.Tensor, scale float64, chunk int) ml.Tens
 }
 
 // GraphSize is an upper estimate of the ggml tensors that Attention (with
-// chunk 0) or Causal (with chunk > 0) creates for n tokens: a ggml context
-// holds a fixed number (ml.Context.MaxGraphNodes), and running out aborts
-// the process, so callers check before building. Each unmasked
-// approximation costs about 80 tensors (counted from the code), so the count grows as
-// n/MinSeqLen.
+// chunk 0, causal) or Causal (with chunk > 0) creates for n tokens: a ggml
+// context holds a fixed number (ml.Context.MaxGraphNodes), and running out
+// aborts the process, so callers check before building. Attention builds
+// the leaves once and about 130 tensors per level of the recursion
+// (counted from the code), so the count grows as log2(n/MinSeqLen).
 func GraphSize(c Config, n, chunk int) int {
 	if chunk > 0 {
 		return 16 + 14*((n+chunk-1)/chunk)
 	}
-	var size func(lo, hi int) int
-	size = func(lo, hi int) int {
-		if hi-lo <= c.MinSeqLen {
-			return 15
-		}
-		mid := lo + (hi-lo+1)/2
-		approx := 15
-		if hi-mid >= c.MinSeqLen {
-			approx = 100
-		}
-		return size(lo, mid) + size(mid, hi) + approx + 17
+	N, leaf := c.Padded(n)
+	size := 60
+	for half := leaf; 2*half <= N; half *= 2 {
+		size += 150
 	}
-	return 16 + size(0, n)
+	return size
 }

@@ -27,7 +27,9 @@ func (s Shape) check(q, k, v []float32) (n int, err error) {
 
 // Reference computes HyperAttention in float64, in the layout of q. With
 // causal false every query sees every key (the paper's unmasked algorithm);
-// with causal true it is the paper's recursive halving.
+// with causal true it is the paper's recursive halving over the sequence
+// padded with zero tokens as Config.Padded says (the padding sorts with the
+// real tokens in the approximated halves; its outputs are dropped).
 func Reference(c Config, s Shape, q, k, v []float32, scale float64, causal bool) ([]float32, error) {
 	if err := c.Validate(); err != nil {
 		return nil, err
@@ -36,12 +38,20 @@ func Reference(c Config, s Shape, q, k, v []float32, scale float64, causal bool)
 	if err != nil {
 		return nil, err
 	}
+	N := n
+	if causal {
+		// Zero tokens up to N = leaf·2^k, so that every halving is exact.
+		N, _ = c.Padded(n)
+		q = append(q[:len(q):len(q)], make([]float32, (N-n)*s.Heads*s.HeadDim)...)
+		k = append(k[:len(k):len(k)], make([]float32, (N-n)*s.KVHeads*s.HeadDim)...)
+		v = append(v[:len(v):len(v)], make([]float32, (N-n)*s.KVHeads*s.HeadDim)...)
+	}
 	r := &ref{c: c, s: s, q: q, k: k, v: v, scale: scale, proj: c.projections(s.HeadDim)}
-	out := make([]float32, len(q))
+	out := make([]float32, n*s.Heads*s.HeadDim)
 	for h := 0; h < s.Heads; h++ {
 		var res []row
 		if causal {
-			res = r.causal(h, 0, n)
+			res = r.causal(h, 0, N)[:n]
 		} else {
 			res = r.unmasked(h, 0, n, 0, n)
 		}
