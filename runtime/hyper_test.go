@@ -30,7 +30,7 @@ func TestHyperIngestRejectsBadSettings(t *testing.T) {
 		{"layer out of range", runtime.HyperOptions{Config: hyper.Default(), Layers: []int{2}}, "layer 2"},
 		{"bad block", runtime.HyperOptions{Config: hyper.Config{Projections: 7, BlockSize: 0, Samples: 1, MinSeqLen: 1}}, "block size"},
 		{"bad chunk", runtime.HyperOptions{Config: hyper.Default(), ExactChunk: -1}, "exact chunk"},
-		{"graph too large", runtime.HyperOptions{Config: hyper.Config{Projections: 7, BlockSize: 8, Samples: 8, MinSeqLen: 8}}, "raise min_seq_len"},
+		{"graph too large", runtime.HyperOptions{Config: hyper.Config{Projections: 7, BlockSize: 8, Samples: 8, MinSeqLen: 1}}, "raise min_seq_len"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -86,6 +86,9 @@ func TestHyperIngestNeedles(t *testing.T) {
 				{"min_seq_len n/4, last layer", &runtime.HyperOptions{Config: with(length/4, 256, 256), Layers: []int{last}}, false},
 				{"min_seq_len n/4, b 64, m 64, all layers", &runtime.HyperOptions{Config: with(length/4, 64, 64)}, false},
 				{"min_seq_len n/4, b 16, m 0, all layers", &runtime.HyperOptions{Config: with(length/4, 16, 0)}, false},
+				{"min_seq_len 256, all layers", &runtime.HyperOptions{Config: with(256, 256, 256)}, false},
+				{"min_seq_len 256, last layer", &runtime.HyperOptions{Config: with(256, 256, 256), Layers: []int{last}}, false},
+				{"min_seq_len 128, b 64, m 64, all layers", &runtime.HyperOptions{Config: with(128, 64, 64)}, false},
 			}
 			for i, tc := range cases {
 				t.Run(tc.name, func(t *testing.T) {
