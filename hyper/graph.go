@@ -165,7 +165,7 @@ func (g *graph) causal(N, leaf int) ml.Tensor {
 	asLeaves := func(x ml.Tensor) ml.Tensor {
 		return x.Reshape(ctx, x.Dim(0), leaf, leaves, x.Dim(2)).Permute(ctx, 0, 1, 3, 2).Contiguous(ctx).Reshape(ctx, x.Dim(0), leaf, x.Dim(2)*leaves)
 	}
-	acc := g.exact(asLeaves(g.q), asLeaves(g.k), asLeaves(g.v), g.causalMask(leaf)) // [d+2, leaf, H·leaves]
+	acc := g.leaves(asLeaves(g.q), asLeaves(g.k), asLeaves(g.v)) // [d+2, leaf, H·leaves]
 	acc = g.unsegment(acc, H).Reshape(ctx, d+2, N, H)
 	var filler ml.Tensor
 	for half := leaf; 2*half <= N; half *= 2 {
@@ -186,6 +186,38 @@ func (g *graph) causal(N, leaf int) ml.Tensor {
 		acc = g.merge(acc, full)
 	}
 	return acc
+}
+
+// leafChunk is the query chunk of the exact causal attention inside the
+// leaves: only the scores at or below the diagonal are computed, in
+// [chunk end, chunk] pieces.
+const leafChunk = 512
+
+// leaves is exact causal attention of q [d, L, B] over k, v [d, L, Bkv]
+// in query chunks of leafChunk: each chunk's own keys first, then the
+// earlier ones, under the causal mask padded with zeros (as Causal does).
+// Returns the pack [d+2, L, B].
+func (g *graph) leaves(q, k, v ml.Tensor) ml.Tensor {
+	ctx := g.ctx
+	L := q.Dim(1)
+	var out ml.Tensor
+	for lo := 0; lo < L; lo += leafChunk {
+		hi := min(lo+leafChunk, L)
+		keys, vals := tokens(ctx, k, lo, hi), tokens(ctx, v, lo, hi)
+		mask := g.causalMask(hi - lo)
+		if lo > 0 {
+			keys = keys.Concat(ctx, tokens(ctx, k, 0, lo), 1)
+			vals = vals.Concat(ctx, tokens(ctx, v, 0, lo), 1)
+			mask = mask.Pad(ctx, lo, 0, 0, 0)
+		}
+		p := g.exact(tokens(ctx, q, lo, hi), keys, vals, mask)
+		if out == nil {
+			out = p
+		} else {
+			out = out.Concat(ctx, p, 1)
+		}
+	}
+	return out
 }
 
 // merge combines packs [d+2, n, H] of attention over disjoint key sets:
@@ -372,14 +404,15 @@ func Causal(ctx ml.Context, q, k, v ml.Tensor, scale float64, chunk int) ml.Tens
 // chunk 0, causal) or Causal (with chunk > 0) creates for n tokens: a ggml
 // context holds a fixed number (ml.Context.MaxGraphNodes), and running out
 // aborts the process, so callers check before building. Attention builds
-// the leaves once and about 130 tensors per level of the recursion
+// the leaves once (about 20 tensors per chunk of leafChunk queries) and
+// about 130 tensors per level of the recursion
 // (counted from the code), so the count grows as log2(n/MinSeqLen).
 func GraphSize(c Config, n, chunk int) int {
 	if chunk > 0 {
 		return 16 + 14*((n+chunk-1)/chunk)
 	}
 	N, leaf := c.Padded(n)
-	size := 60
+	size := 60 + 25*((leaf+leafChunk-1)/leafChunk)
 	for half := leaf; 2*half <= N; half *= 2 {
 		size += 150
 	}
