@@ -86,9 +86,9 @@ func TestHyperIngestNeedles(t *testing.T) {
 				{"min_seq_len n/4, last layer", &runtime.HyperOptions{Config: with(length/4, 256, 256), Layers: []int{last}}, false},
 				{"min_seq_len n/4, b 64, m 64, all layers", &runtime.HyperOptions{Config: with(length/4, 64, 64)}, false},
 				{"min_seq_len n/4, b 16, m 0, all layers", &runtime.HyperOptions{Config: with(length/4, 16, 0)}, false},
-				{"min_seq_len 256, all layers", &runtime.HyperOptions{Config: with(256, 256, 256)}, false},
-				{"min_seq_len 256, last layer", &runtime.HyperOptions{Config: with(256, 256, 256), Layers: []int{last}}, false},
-				{"min_seq_len 128, b 64, m 64, all layers", &runtime.HyperOptions{Config: with(128, 64, 64)}, false},
+				{"min_seq_len n/16, all layers", &runtime.HyperOptions{Config: with(length/16, 256, 256)}, false},
+				{"min_seq_len n/16, last layer", &runtime.HyperOptions{Config: with(length/16, 256, 256), Layers: []int{last}}, false},
+				{"min_seq_len n/32, b 64, m 64, all layers", &runtime.HyperOptions{Config: with(length/32, 64, 64)}, false},
 			}
 			for i, tc := range cases {
 				t.Run(tc.name, func(t *testing.T) {
