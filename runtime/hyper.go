@@ -33,7 +33,9 @@ type HyperOptions struct {
 	// layer. The paper patches the last layers.
 	Layers []int
 	// ExactChunk is the query chunk of the other layers' exact attention
-	// (scores [chunk end, chunk, heads] at a time; default 2048).
+	// (scores [chunk end, chunk, heads] at a time). Default: n/64, at
+	// least 512 (ggml's graph size bounds the number of chunks; 512 is a
+	// dense prefill's batch).
 	ExactChunk int
 }
 
@@ -43,11 +45,8 @@ func (o *HyperOptions) validate(layers int) (use []bool, err error) {
 	if err := o.Config.Validate(); err != nil {
 		return nil, err
 	}
-	if o.ExactChunk == 0 {
-		o.ExactChunk = 2048
-	}
-	if o.ExactChunk < 1 {
-		return nil, fmt.Errorf("hyper: exact chunk %d: want at least 1", o.ExactChunk)
+	if o.ExactChunk < 0 {
+		return nil, fmt.Errorf("hyper: exact chunk %d: want 0 (default) or more", o.ExactChunk)
 	}
 	use = make([]bool, layers)
 	if len(o.Layers) == 0 {
@@ -177,7 +176,7 @@ func (c *hyperCache) Attention(ctx ml.Context, layer int, q, k, v ml.Tensor, sca
 		cfg.Seed += uint64(layer)
 		return hyper.Attention(ctx, cfg, q, k, v, scale, true)
 	}
-	return hyper.Causal(ctx, q, k, v, scale, c.o.ExactChunk)
+	return hyper.Causal(ctx, q, k, v, scale, c.o.exactChunk(q.Dim(2)))
 }
 
 // hyperFits checks that the one-batch graph fits the backend's graph size:
@@ -196,7 +195,7 @@ func (m *Model) hyperFits(o *HyperOptions, use []bool, n int) error {
 		if u {
 			n1 += hyper.GraphSize(o.Config, n, 0)
 		} else {
-			n1 += hyper.GraphSize(o.Config, n, o.ExactChunk)
+			n1 += hyper.GraphSize(o.Config, n, o.exactChunk(n))
 		}
 		need = max(need, n1)
 	}
@@ -204,4 +203,12 @@ func (m *Model) hyperFits(o *HyperOptions, use []bool, n int) error {
 		return fmt.Errorf("hyper: %d tokens with min_seq_len %d need about %d graph nodes per layer; the backend allows %d: raise min_seq_len", n, o.MinSeqLen, need, limit)
 	}
 	return nil
+}
+
+// exactChunk is ExactChunk, or its default for n tokens.
+func (o *HyperOptions) exactChunk(n int) int {
+	if o.ExactChunk > 0 {
+		return o.ExactChunk
+	}
+	return max(512, (n+63)/64)
 }
