@@ -86,6 +86,7 @@ func TestHyperIngestNeedles(t *testing.T) {
 				{"min_seq_len n/4, last layer", &runtime.HyperOptions{Config: with(length/4, 256, 256), Layers: []int{last}}, false},
 				{"min_seq_len n/4, b 64, m 64, all layers", &runtime.HyperOptions{Config: with(length/4, 64, 64)}, false},
 				{"min_seq_len n/4, b 16, m 0, all layers", &runtime.HyperOptions{Config: with(length/4, 16, 0)}, false},
+				{"paper defaults, all layers but 0", &runtime.HyperOptions{Config: paper, Layers: seq(1, last+1)}, length <= paper.MinSeqLen},
 				{"min_seq_len n/16, all layers", &runtime.HyperOptions{Config: with(length/16, 256, 256)}, false},
 				{"min_seq_len n/16, last layer", &runtime.HyperOptions{Config: with(length/16, 256, 256), Layers: []int{last}}, false},
 				{"min_seq_len n/32, b 64, m 64, all layers", &runtime.HyperOptions{Config: with(length/32, 64, 64)}, false},
@@ -117,4 +118,12 @@ func TestHyperIngestNeedles(t *testing.T) {
 			}
 		})
 	}
+}
+
+func seq(lo, hi int) []int {
+	var s []int
+	for i := lo; i < hi; i++ {
+		s = append(s, i)
+	}
+	return s
 }
