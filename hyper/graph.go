@@ -48,7 +48,7 @@ func Attention(ctx ml.Context, c Config, q, k, v ml.Tensor, scale float64, causa
 	if causal {
 		pack = g.causal(N, leaf)
 	} else {
-		pack = g.unmasked(g.q, g.k, g.v, [][][]int32{c.samples(0, n, g.kvHeads)}, false)
+		pack = g.unmasked(g.q, g.k, g.v, [][][]int32{c.samples(0, n, g.kvHeads)})
 	}
 	o := pack.View(ctx, 0, d, pack.Stride(1), n, pack.Stride(2), H)
 	return o.Permute(ctx, 0, 2, 1, 3).Contiguous(ctx) // [d, n, H] -> [d, H, n]
@@ -174,7 +174,7 @@ func (g *graph) causal(N, leaf int) ml.Tensor {
 		for s := range samp {
 			samp[s] = g.c.samples(s*2*half, s*2*half+half, Hkv)
 		}
-		p := g.unmasked(g.segments(g.q, half, true), g.segments(g.k, half, false), g.segments(g.v, half, false), samp, true)
+		p := g.unmasked(g.segments(g.q, half, true), g.segments(g.k, half, false), g.segments(g.v, half, false), samp)
 		p = g.unsegment(p, H) // [d+2, half, segs, H]: the second halves
 		if filler == nil {
 			// First halves get no part: o 0, c -1e30, z 1 (weight 0).
@@ -278,7 +278,7 @@ func (g *graph) sortIndex(x ml.Tensor) ml.Tensor {
 // samp[s][g] are the samples of segment s's KV head g (virtual KV head
 // g + Bkv/len(samp)·s). It is exact with fewer than MinSeqLen queries (see
 // ref.unmasked). Returns the pack [d+2, nq, B] in token order.
-func (g *graph) unmasked(q, k, v ml.Tensor, samp [][][]int32, _ bool) ml.Tensor {
+func (g *graph) unmasked(q, k, v ml.Tensor, samp [][][]int32) ml.Tensor {
 	nq, nk := q.Dim(1), k.Dim(1)
 	if nq < g.c.MinSeqLen {
 		return g.exact(q, k, v, nil)
