@@ -92,6 +92,12 @@ type IngestOptions struct {
 	Probe     probe.Settings // streaming: probe's settings
 	Sinks     int            // streaming: default 64
 	Window    int            // streaming: default 256
+
+	// Hyper, when set, prefills the whole document in one forward pass
+	// with HyperAttention on the chosen layers and exact attention on the
+	// others. Questions and answers (decode) stay exact. Off by default:
+	// see docs/hyper.md for what it costs in accuracy.
+	Hyper *HyperOptions
 }
 
 // TokenIDs returns the document's tokens (do not modify).
@@ -127,20 +133,22 @@ func (m *Model) Ingest(ctx context.Context, id, text string, progress Progress) 
 
 // IngestTokens is Ingest for text already tokenized (BOS included if wanted).
 func (m *Model) IngestTokens(ctx context.Context, id string, toks []int32, progress Progress) (*Document, error) {
-	h := sha256.New()
-	for _, t := range toks {
-		fmt.Fprintf(h, "%d,", t)
-	}
-	return m.ingest(ctx, id, toks, "tokens:"+hex.EncodeToString(h.Sum(nil)), IngestOptions{}, progress)
+	return m.ingest(ctx, id, toks, tokensHash(toks), IngestOptions{}, progress)
 }
 
-// IngestTokensWith is IngestTokens with a choice of prefill (streaming).
+// IngestTokensWith is IngestTokens with a choice of prefill (streaming,
+// HyperAttention; see IngestOptions).
 func (m *Model) IngestTokensWith(ctx context.Context, id string, toks []int32, o IngestOptions, progress Progress) (*Document, error) {
+	return m.ingest(ctx, id, toks, tokensHash(toks), o, progress)
+}
+
+// tokensHash is a tokenized document's TextSHA256.
+func tokensHash(toks []int32) string {
 	h := sha256.New()
 	for _, t := range toks {
 		fmt.Fprintf(h, "%d,", t)
 	}
-	return m.ingest(ctx, id, toks, "tokens:"+hex.EncodeToString(h.Sum(nil)), o, progress)
+	return "tokens:" + hex.EncodeToString(h.Sum(nil))
 }
 
 func (m *Model) ingest(ctx context.Context, id string, toks []int32, textHash string, o IngestOptions, progress Progress) (*Document, error) {
@@ -163,6 +171,18 @@ func (m *Model) ingest(ctx context.Context, id string, toks []int32, textHash st
 	}
 	if len(toks) >= m.opts.ContextLength {
 		return nil, fmt.Errorf("%w: the document has %d tokens; the context length is %d (raise ContextLength)", ErrContextFull, len(toks), m.opts.ContextLength)
+	}
+	if o.Streaming && o.Hyper != nil {
+		return nil, errors.New("ingest: streaming prefill and HyperAttention are two prefills; choose one")
+	}
+	var use []bool // the layers that use HyperAttention
+	if o.Hyper != nil {
+		h := *o.Hyper
+		var err error
+		if use, err = h.validate(m.cfg.Layers); err != nil {
+			return nil, err
+		}
+		o.Hyper = &h
 	}
 	var pol paging.Selector
 	var err error
@@ -200,7 +220,20 @@ func (m *Model) ingest(ctx context.Context, id string, toks []int32, textHash st
 	}
 	s := &Session{m: m, cache: cache, capacity: len(toks)}
 	t0 := time.Now()
-	if !o.Streaming {
+	switch {
+	case o.Hyper != nil:
+		// The whole document in one batch: the recursion needs every query.
+		s.cache = &hyperCache{Paged: cache, o: *o.Hyper, use: use}
+		err = m.hyperFits(o.Hyper, use, len(toks))
+		if err == nil {
+			err = ctx.Err()
+		}
+		if err == nil {
+			if _, err = s.forward(toks, false, false); err == nil && progress != nil {
+				progress(len(toks), len(toks))
+			}
+		}
+	case !o.Streaming:
 		_, err = s.Eval(ctx, toks, false, progress)
 	}
 	for start := 0; o.Streaming && start < len(toks) && err == nil; start += chunk {

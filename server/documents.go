@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"strings"
 
+	"github.com/kvrecall/kvrecall/hyper"
 	"github.com/kvrecall/kvrecall/runtime"
 )
 
@@ -17,9 +18,10 @@ import (
 // prefill's progress comes as server-sent events, then the document.
 func (s *Server) ingest(w http.ResponseWriter, r *http.Request, m *runtime.Model) {
 	var req struct {
-		ID     string `json:"id"`
-		Text   string `json:"text"`
-		Stream bool   `json:"stream"`
+		ID     string     `json:"id"`
+		Text   string     `json:"text"`
+		Stream bool       `json:"stream"`
+		Hyper  *hyperJSON `json:"hyper"`
 	}
 	ct, _, _ := mime.ParseMediaType(r.Header.Get("Content-Type"))
 	switch ct {
@@ -88,7 +90,11 @@ func (s *Server) ingest(w http.ResponseWriter, r *http.Request, m *runtime.Model
 			}
 		}
 	}
-	doc, err := m.Ingest(ctx, req.ID, req.Text, progress)
+	var opts runtime.IngestOptions
+	if req.Hyper != nil {
+		opts.Hyper = req.Hyper.options()
+	}
+	doc, err := m.IngestWith(ctx, req.ID, req.Text, opts, progress)
 	if cause := context.Cause(ctx); err != nil && ctx.Err() != nil && r.Context().Err() == nil {
 		err = cause
 	}
@@ -112,9 +118,40 @@ func (s *Server) ingest(w http.ResponseWriter, r *http.Request, m *runtime.Model
 	writeJSON(w, http.StatusCreated, out)
 }
 
+// hyperJSON turns on HyperAttention for an ingest ({"hyper": {}} for the
+// paper's defaults on every layer); unset fields keep hyper.Default's.
+type hyperJSON struct {
+	Layers      []int   `json:"layers"`
+	Projections int     `json:"projections"`
+	BlockSize   int     `json:"block_size"`
+	Samples     *int    `json:"samples"` // 0 is a setting: blocks only
+	MinSeqLen   int     `json:"min_seq_len"`
+	Seed        *uint64 `json:"seed"`
+}
+
+func (h *hyperJSON) options() *runtime.HyperOptions {
+	c := hyper.Default()
+	if h.Projections != 0 {
+		c.Projections = h.Projections
+	}
+	if h.BlockSize != 0 {
+		c.BlockSize = h.BlockSize
+	}
+	if h.Samples != nil {
+		c.Samples = *h.Samples
+	}
+	if h.MinSeqLen != 0 {
+		c.MinSeqLen = h.MinSeqLen
+	}
+	if h.Seed != nil {
+		c.Seed = *h.Seed
+	}
+	return &runtime.HyperOptions{Config: c, Layers: h.Layers}
+}
+
 // badRequestIfInput maps errors about the request's content to 400.
 func badRequestIfInput(err error) error {
-	if errors.Is(err, runtime.ErrContextFull) || strings.Contains(err.Error(), "invalid document id") || strings.Contains(err.Error(), "empty document") {
+	if errors.Is(err, runtime.ErrContextFull) || strings.HasPrefix(err.Error(), "hyper:") || strings.Contains(err.Error(), "invalid document id") || strings.Contains(err.Error(), "empty document") {
 		return badRequest("%v", err)
 	}
 	return err

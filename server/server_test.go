@@ -327,6 +327,18 @@ func TestDocuments(t *testing.T) {
 	require.Equal(t, http.StatusCreated, resp.StatusCode)
 	resp.Body.Close()
 
+	// HyperAttention ingest (the paper's defaults: exact below 4096 tokens),
+	// answered with exact decode.
+	resp = fx.do("POST", "/v1/documents", "", map[string]any{"id": "hyper", "text": fx.text, "hyper": map[string]any{"layers": []int{1}}})
+	require.Equal(t, http.StatusCreated, resp.StatusCode)
+	resp.Body.Close()
+	resp = fx.do("POST", "/v1/completions", "", with(greedy(3), "prompt", fx.question, "document", "hyper", "policy", "dense"))
+	require.Equal(t, http.StatusOK, resp.StatusCode)
+	require.Equal(t, " "+fx.answer, decode[map[string]any](t, resp)["choices"].([]any)[0].(map[string]any)["text"])
+	resp = fx.do("DELETE", "/v1/documents/hyper", "", nil)
+	require.Equal(t, http.StatusOK, resp.StatusCode)
+	resp.Body.Close()
+
 	list := decode[struct{ Data []map[string]any }](t, fx.do("GET", "/v1/documents", "", nil))
 	require.Len(t, list.Data, 2)
 	one := decode[map[string]any](t, fx.do("GET", "/v1/documents/book", "", nil))
@@ -396,6 +408,8 @@ func TestBadInput(t *testing.T) {
 		{"unknown model (ollama)", "POST", "/api/chat", "", map[string]any{"model": "gpt-9", "messages": []map[string]string{{"role": "user", "content": "x"}}}, 404, "gpt-9"},
 		{"unknown document", "POST", "/v1/chat/completions", "", map[string]any{"document": "nope", "messages": []map[string]string{{"role": "user", "content": "x"}}}, 404, "no such document"},
 		{"bad temperature", "POST", "/v1/completions", "", map[string]any{"prompt": "x", "temperature": 7}, 400, "temperature"},
+		{"bad hyper setting", "POST", "/v1/documents", "", map[string]any{"text": "pako", "hyper": map[string]any{"block_size": -1}}, 400, "block size"},
+		{"hyper layer out of range", "POST", "/v1/documents", "", map[string]any{"text": "pako", "hyper": map[string]any{"layers": []int{99}}}, 400, "layer 99"},
 		{"bad role", "POST", "/v1/chat/completions", "", map[string]any{"messages": []map[string]string{{"role": "wizard", "content": "x"}}}, 400, "role"},
 		{"empty messages", "POST", "/v1/chat/completions", "", map[string]any{"messages": []any{}}, 400, "empty"},
 		{"n > 1", "POST", "/v1/completions", "", map[string]any{"prompt": "x", "n": 2}, 400, "n must be 1"},

@@ -30,7 +30,9 @@ type PagedConfig struct {
 	// HeadProfile is the head profile spec for +heads methods
 	// (heads.Resolve); "" uses the model's recorded heads.
 	HeadProfile string
-	Log         func(format string, args ...any)
+	// Hyper, if set, ingests with HyperAttention (runtime.IngestOptions).
+	Hyper *runtime.HyperOptions
+	Log   func(format string, args ...any)
 }
 
 // PagedRow is one context length.
@@ -117,8 +119,12 @@ func pagedOne(ctx context.Context, c PagedConfig, n int, logf func(string, ...an
 	}
 	toks := prompt(n, ingester.Config().Vocab)
 	question := prompt(n+8, ingester.Config().Vocab)[n:]
-	logf("%s %d: ingest (dense prefill through the paged cache)", c.Label, n)
-	doc, err := ingester.IngestTokens(ctx, "speed", toks, nil)
+	how := "dense prefill through the paged cache"
+	if c.Hyper != nil {
+		how = fmt.Sprintf("HyperAttention prefill, layers %v (all if empty)", c.Hyper.Layers)
+	}
+	logf("%s %d: ingest (%s)", c.Label, n, how)
+	doc, err := ingester.IngestTokensWith(ctx, "speed", toks, runtime.IngestOptions{Hyper: c.Hyper}, nil)
 	ingester.Close()
 	if err != nil {
 		return row, err

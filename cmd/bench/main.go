@@ -32,6 +32,7 @@ import (
 	"github.com/kvrecall/kvrecall/foundry"
 	"github.com/kvrecall/kvrecall/gguf"
 	"github.com/kvrecall/kvrecall/haystack"
+	"github.com/kvrecall/kvrecall/hyper"
 	"github.com/kvrecall/kvrecall/paging"
 	"github.com/kvrecall/kvrecall/runtime"
 	"github.com/kvrecall/kvrecall/server"
@@ -118,6 +119,7 @@ func runSpeed(ctx context.Context, args []string) error {
 	budget := fs.Int("budget", 2048, "paged: token budget")
 	methods := fs.String("methods", "retro,quest", "paged: methods besides dense (any of "+paging.Known()+")")
 	headsProfile := fs.String("heads-profile", "", "paged: head profile for +heads methods: a profile file (cmd/heads) or \"half\" (upper half of each layer's KV heads streaming); default: the heads the model records")
+	hyperLayers := fs.String("hyper", "", "paged: ingest with HyperAttention (paper defaults) on these layers, comma separated, or \"all\"; default: dense ingest")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -149,11 +151,15 @@ func runSpeed(ctx context.Context, args []string) error {
 		}
 	}
 	if *paged {
+		hyperOpts, err := parseHyper(*hyperLayers)
+		if err != nil {
+			return err
+		}
 		var all []speed.PagedRow
 		ms := strings.Split(*methods, ",")
 		for _, t := range targets {
 			rows, err := speed.RunPaged(ctx, speed.PagedConfig{Model: t.path, Label: t.label, Contexts: cs, Threads: ts[0], DecodeThreads: *decodeThreads,
-				Budget: *budget, Methods: ms, DecodeTokens: *decode, HeadProfile: *headsProfile,
+				Budget: *budget, Methods: ms, DecodeTokens: *decode, HeadProfile: *headsProfile, Hyper: hyperOpts,
 				Log: func(f string, a ...any) { fmt.Fprintf(os.Stderr, f+"\n", a...) }})
 			all = append(all, rows...)
 			if err != nil {
@@ -529,4 +535,24 @@ func openWithScratchDocs(ctx context.Context, path string, threads, contextLengt
 		return nil, nil, err
 	}
 	return m, func() { m.Close(); os.RemoveAll(docs) }, nil
+}
+
+// parseHyper turns --hyper into ingest options: "" is a dense ingest, "all"
+// every layer, else a comma-separated list of layers (paper defaults).
+func parseHyper(spec string) (*runtime.HyperOptions, error) {
+	if spec == "" {
+		return nil, nil
+	}
+	o := &runtime.HyperOptions{Config: hyper.Default()}
+	if spec == "all" {
+		return o, nil
+	}
+	for _, f := range strings.Split(spec, ",") {
+		l, err := strconv.Atoi(strings.TrimSpace(f))
+		if err != nil {
+			return nil, fmt.Errorf("--hyper: %q is not a layer number (or use \"all\")", f)
+		}
+		o.Layers = append(o.Layers, l)
+	}
+	return o, nil
 }

@@ -1,0 +1,420 @@
+package hyper
+
+import (
+	"fmt"
+	"math"
+
+	"github.com/ollama/ollama/ml"
+)
+
+// masked is the score of a hidden column. Not -Inf: a row whose columns are
+// all hidden (a sample set that falls inside the query's own block) must
+// give weight 0 in the merge, not NaN.
+const masked = -1e30
+
+// Attention builds HyperAttention as ggml graph ops: q [headDim, heads, n],
+// k and v [headDim, kvHeads, n] (query head h reads KV head h/(heads/kvHeads))
+// give [headDim, heads, n]. It is the same algorithm as Reference, with the
+// same projections, sort order and samples. The causal recursion is built
+// level by level: every segment of a level has the same size (the sequence
+// is padded as Padded says), so a level is one set of ops over all its
+// segments, with segments as extra heads, and the graph's size grows with
+// log(n/MinSeqLen), not n/MinSeqLen. The settings must be valid (Validate)
+// and n at most MaxTokens.
+func Attention(ctx ml.Context, c Config, q, k, v ml.Tensor, scale float64, causal bool) ml.Tensor {
+	if err := c.Validate(); err != nil {
+		panic(err)
+	}
+	d, H, n := q.Dim(0), q.Dim(1), q.Dim(2)
+	if n > MaxTokens {
+		panic(fmt.Sprintf("hyper: %d tokens: at most %d", n, MaxTokens))
+	}
+	g := &graph{ctx: ctx, c: c, scale: scale, d: d, heads: H, kvHeads: k.Dim(1), masks: map[int]ml.Tensor{}}
+	N, leaf := n, n
+	if causal {
+		N, leaf = c.Padded(n)
+	}
+	g.q = q.Permute(ctx, 0, 2, 1, 3).Contiguous(ctx) // [d, n, H]
+	g.k = k.Permute(ctx, 0, 2, 1, 3).Contiguous(ctx) // [d, n, kvHeads]
+	g.v = v.Permute(ctx, 0, 2, 1, 3).Contiguous(ctx) // [d, n, kvHeads]
+	if N > n {
+		// Zero tokens at the end: they are in every real query's future,
+		// or only keys of segments whose queries are all padding.
+		g.q = g.q.Pad(ctx, 0, N-n, 0, 0)
+		g.k = g.k.Pad(ctx, 0, N-n, 0, 0)
+		g.v = g.v.Pad(ctx, 0, N-n, 0, 0)
+	}
+	var pack ml.Tensor // [d+2, N, H]: o, c, z (see part)
+	if causal {
+		pack = g.causal(N, leaf)
+	} else {
+		pack = g.unmasked(g.q, g.k, g.v, [][][]int32{c.samples(0, n, g.kvHeads)})
+	}
+	o := pack.View(ctx, 0, d, pack.Stride(1), n, pack.Stride(2), H)
+	return o.Permute(ctx, 0, 2, 1, 3).Contiguous(ctx) // [d, n, H] -> [d, H, n]
+}
+
+// Padded returns the length N >= n that a causal pass of n tokens is
+// computed over (zero tokens appended) and its leaf size: N = leaf·2^k with
+// the least k such that leaf = ceil(n/2^k) <= MinSeqLen, so that every
+// halving of the recursion is exact.
+func (c Config) Padded(n int) (N, leaf int) {
+	k := 0
+	for (n+(1<<k)-1)>>k > c.MinSeqLen {
+		k++
+	}
+	leaf = (n + (1 << k) - 1) >> k
+	return leaf << k, leaf
+}
+
+// part is attention over a subset of the keys, for queries in token order,
+// packed as rows [d+2, nq, heads]: o = softmax(x)·v (d rows), then c, a
+// stabiliser within log(columns) below the largest score (Σ softmax(x)·x),
+// then z = Σ exp(x - c), so that exp(lse) = z·exp(c) without a log (ggml
+// has none) and neither overflows nor underflows.
+type graph struct {
+	ctx               ml.Context
+	c                 Config
+	scale             float64
+	d, heads, kvHeads int
+	q, k, v, vt       ml.Tensor
+	proj, upper, enc  ml.Tensor
+	masks             map[int]ml.Tensor // causal masks by size
+}
+
+// tokens returns the view of x [d, n, heads] over tokens [lo, hi).
+func tokens(ctx ml.Context, x ml.Tensor, lo, hi int) ml.Tensor {
+	return x.View(ctx, lo*x.Stride(1), x.Dim(0), x.Stride(1), hi-lo, x.Stride(2), x.Dim(2))
+}
+
+// tokensT returns the view of vt [n, d, kvHeads] over tokens [lo, hi).
+func tokensT(ctx ml.Context, x ml.Tensor, lo, hi int) ml.Tensor {
+	return x.View(ctx, lo*x.Stride(0), hi-lo, x.Stride(1), x.Dim(1), x.Stride(2), x.Dim(2))
+}
+
+// segments returns, from x [d, N, heads], the half-segments of one level
+// as [d, half, heads·segs] (head fastest, so that ggml's broadcast still
+// maps query head h of segment s to KV head h/G of segment s): the first
+// halves of the segments of length 2·half, or the second halves.
+func (g *graph) segments(x ml.Tensor, half int, second bool) ml.Tensor {
+	ctx := g.ctx
+	d, N, heads := x.Dim(0), x.Dim(1), x.Dim(2)
+	segs := N / (2 * half)
+	off := 0
+	if second {
+		off = half * x.Stride(1)
+	}
+	v := x.View(ctx, off, d, x.Stride(1), half, 2*half*x.Stride(1), segs, x.Stride(2), heads) // [d, half, segs, heads]
+	return v.Permute(ctx, 0, 1, 3, 2).Contiguous(ctx).Reshape(ctx, d, half, heads*segs)
+}
+
+// unsegment is segments' inverse for a pack [rows, half, heads·segs]:
+// [rows, half, segs, heads].
+func (g *graph) unsegment(p ml.Tensor, heads int) ml.Tensor {
+	ctx := g.ctx
+	rows, half, hs := p.Dim(0), p.Dim(1), p.Dim(2)
+	return p.Reshape(ctx, rows, half, heads, hs/heads).Permute(ctx, 0, 1, 3, 2).Contiguous(ctx)
+}
+
+// soft returns softmax(x) over dim 0 and x's c and z (see part).
+func (g *graph) soft(x ml.Tensor) (p, c, z ml.Tensor) {
+	p = x.Softmax(g.ctx)
+	c = p.Mul(g.ctx, x).SumRows(g.ctx)
+	z = x.Sub(g.ctx, c).Exp(g.ctx).SumRows(g.ctx)
+	return p, c, z
+}
+
+// exact is exact attention of q [d, nq, B] over k, v [d, nk, Bkv], with
+// mask [nk, nq] if not nil; it returns the pack [d+2, nq, B].
+func (g *graph) exact(q, k, v, mask ml.Tensor) ml.Tensor {
+	ctx := g.ctx
+	x := k.MulmatFullPrec(ctx, q).Scale(ctx, g.scale) // [nk, nq, B]
+	if mask != nil {
+		x = x.Add(ctx, mask)
+	}
+	p, c, z := g.soft(x)
+	o := v.Permute(ctx, 1, 0, 2, 3).Contiguous(ctx).Mulmat(ctx, p) // [d, nq, B]
+	return o.Concat(ctx, c, 0).Concat(ctx, z, 0)
+}
+
+// causalMask is [L, L]: row i hides columns past i.
+func (g *graph) causalMask(L int) ml.Tensor {
+	if m, ok := g.masks[L]; ok {
+		return m
+	}
+	m := make([]float32, L*L)
+	for i := 0; i < L; i++ {
+		for j := i + 1; j < L; j++ {
+			m[i*L+j] = masked
+		}
+	}
+	t := g.ctx.Input().FromFloats(m, L, L)
+	g.masks[L] = t
+	return t
+}
+
+// causal is the paper's recursion over N = leaf·2^k tokens, level by
+// level: exact causal attention inside every leaf, then for each level
+// from the deepest, the second halves of its segments attend their first
+// halves (unmasked), merged into the running result by log-sum-exp.
+func (g *graph) causal(N, leaf int) ml.Tensor {
+	ctx := g.ctx
+	d, H, Hkv := g.d, g.heads, g.kvHeads
+	leaves := N / leaf
+	// Leaves as heads: [d, leaf, heads·leaves].
+	asLeaves := func(x ml.Tensor) ml.Tensor {
+		return x.Reshape(ctx, x.Dim(0), leaf, leaves, x.Dim(2)).Permute(ctx, 0, 1, 3, 2).Contiguous(ctx).Reshape(ctx, x.Dim(0), leaf, x.Dim(2)*leaves)
+	}
+	acc := g.leaves(asLeaves(g.q), asLeaves(g.k), asLeaves(g.v)) // [d+2, leaf, H·leaves]
+	acc = g.unsegment(acc, H).Reshape(ctx, d+2, N, H)
+	var filler ml.Tensor
+	for half := leaf; 2*half <= N; half *= 2 {
+		segs := N / (2 * half)
+		samp := make([][][]int32, segs)
+		for s := range samp {
+			samp[s] = g.c.samples(s*2*half, s*2*half+half, Hkv)
+		}
+		p := g.unmasked(g.segments(g.q, half, true), g.segments(g.k, half, false), g.segments(g.v, half, false), samp)
+		p = g.unsegment(p, H) // [d+2, half, segs, H]: the second halves
+		if filler == nil {
+			// First halves get no part: o 0, c -1e30, z 1 (weight 0).
+			f := make([]float32, d+2)
+			f[d], f[d+1] = masked, 1
+			filler = ctx.Input().FromFloats(f, d+2, 1, 1, 1)
+		}
+		full := filler.Repeat4D(ctx, d+2, half, segs, H).Concat(ctx, p, 1).Reshape(ctx, d+2, N, H)
+		acc = g.merge(acc, full)
+	}
+	return acc
+}
+
+// leafChunk is the query chunk of the exact causal attention inside the
+// leaves: only the scores at or below the diagonal are computed, in
+// [chunk end, chunk] pieces.
+const leafChunk = 512
+
+// leaves is exact causal attention of q [d, L, B] over k, v [d, L, Bkv]
+// in query chunks of leafChunk: each chunk's own keys first, then the
+// earlier ones, under the causal mask padded with zeros (as Causal does).
+// Returns the pack [d+2, L, B].
+func (g *graph) leaves(q, k, v ml.Tensor) ml.Tensor {
+	ctx := g.ctx
+	L := q.Dim(1)
+	var out ml.Tensor
+	for lo := 0; lo < L; lo += leafChunk {
+		hi := min(lo+leafChunk, L)
+		keys, vals := tokens(ctx, k, lo, hi), tokens(ctx, v, lo, hi)
+		mask := g.causalMask(hi - lo)
+		if lo > 0 {
+			keys = keys.Concat(ctx, tokens(ctx, k, 0, lo), 1)
+			vals = vals.Concat(ctx, tokens(ctx, v, 0, lo), 1)
+			mask = mask.Pad(ctx, lo, 0, 0, 0)
+		}
+		p := g.exact(tokens(ctx, q, lo, hi), keys, vals, mask)
+		if out == nil {
+			out = p
+		} else {
+			out = out.Concat(ctx, p, 1)
+		}
+	}
+	return out
+}
+
+// merge combines packs [d+2, n, H] of attention over disjoint key sets:
+// the log-sum-exp merge, with the larger stabiliser as the common one. a's
+// c must be finite; b's may be -1e30 (no part: weight 0).
+func (g *graph) merge(a, b ml.Tensor) ml.Tensor {
+	ctx := g.ctx
+	d := g.d
+	rows := func(p ml.Tensor, lo, n int) ml.Tensor {
+		return p.View(ctx, lo*p.Stride(0), n, p.Stride(1), p.Dim(1), p.Stride(2), p.Dim(2))
+	}
+	ao, ac, az := rows(a, 0, d), rows(a, d, 1), rows(a, d+1, 1)
+	bo, bc, bz := rows(b, 0, d), rows(b, d, 1), rows(b, d+1, 1)
+	c := ac.Add(ctx, bc.Sub(ctx, ac).RELU(ctx)) // max(a.c, b.c)
+	wa := az.Mul(ctx, ac.Sub(ctx, c).Exp(ctx))
+	wb := bz.Mul(ctx, bc.Sub(ctx, c).Exp(ctx))
+	z := wa.Add(ctx, wb)
+	o := ao.Mul(ctx, wa).Add(ctx, bo.Mul(ctx, wb)).Div(ctx, z)
+	return o.Concat(ctx, c, 0).Concat(ctx, z, 0)
+}
+
+// sortIndex returns, per head, the tokens of x [d, n, heads] sorted by
+// (Gray-code rank of their SimHash bucket, token): I32 [n, heads].
+func (g *graph) sortIndex(x ml.Tensor) ml.Tensor {
+	ctx := g.ctx
+	r := g.c.Projections
+	if g.proj == nil {
+		g.proj = ctx.Input().FromFloats(g.c.projections(g.d), g.d, r) // [d, r]
+		// upper [r, r]: column i sums bits i..r-1; enc [r, 1]: 2^i·MaxTokens.
+		up := make([]float32, r*r)
+		enc := make([]float32, r)
+		for i := 0; i < r; i++ {
+			for k := i; k < r; k++ {
+				up[i*r+k] = 1
+			}
+			enc[i] = float32(int(1)<<i) * MaxTokens
+		}
+		g.upper = ctx.Input().FromFloats(up, r, r)
+		g.enc = ctx.Input().FromFloats(enc, r, 1)
+	}
+	n, heads := x.Dim(1), x.Dim(2)
+	// Sign bits: x·p > 0 -> 1, else 0 (scaled past every finite value, clamped).
+	bits := g.proj.MulmatFullPrec(ctx, x).Scale(ctx, 1e38).Clamp(ctx, 0, 1) // [r, n, heads]
+	// Bit i of the Gray rank is the parity of bits i..r-1: cos(π·sum) is ±1.
+	par := g.upper.MulmatFullPrec(ctx, bits).Scale(ctx, math.Pi).Cos(ctx).Scale(ctx, -1e38).Clamp(ctx, 0, 1)
+	key := g.enc.MulmatFullPrec(ctx, par) // [1, n, heads], rank·MaxTokens
+	idx := make([]float32, n)
+	for i := range idx {
+		idx[i] = float32(i)
+	}
+	key = key.Add(ctx, ctx.Input().FromFloats(idx, 1, n, 1)) // unique keys: the sort needs no stability
+	return key.Reshape(ctx, n, heads).Argsort(ctx)
+}
+
+// unmasked is the paper's algorithm without a mask for queries q
+// [d, nq, B] over keys k and values v [d, nk, Bkv] (B heads: query heads,
+// or query heads times segments; virtual head i reads KV head i/(B/Bkv)).
+// samp[s][g] are the samples of segment s's KV head g (virtual KV head
+// g + Bkv/len(samp)·s). It is exact with fewer than MinSeqLen queries (see
+// ref.unmasked). Returns the pack [d+2, nq, B] in token order.
+func (g *graph) unmasked(q, k, v ml.Tensor, samp [][][]int32) ml.Tensor {
+	nq, nk := q.Dim(1), k.Dim(1)
+	if nq < g.c.MinSeqLen {
+		return g.exact(q, k, v, nil)
+	}
+	ctx := g.ctx
+	d, B, Bkv, b := g.d, q.Dim(2), k.Dim(2), g.c.BlockSize
+	G := B / Bkv
+	var flat [][]int32 // by virtual KV head
+	for _, s := range samp {
+		flat = append(flat, s...)
+	}
+	qidx := g.sortIndex(q)  // [nq, B]
+	kidx := g.sortIndex(k)  // [nk, Bkv]
+	qs := q.Rows(ctx, qidx) // [d, nq, B] in sorted order
+	ks := k.Rows(ctx, kidx) // [d, nk, Bkv]
+	vs := v.Rows(ctx, kidx) // [d, nk, Bkv]
+	nb, bq := g.c.blocks(nq, nk)
+	qp, kp, vp := qs, ks, vs
+	if pad := nb*bq - nq; pad > 0 {
+		qp = qs.Pad(ctx, 0, pad, 0, 0)
+	}
+	if pad := nb*b - nk; pad > 0 {
+		kp = ks.Pad(ctx, 0, pad, 0, 0)
+		vp = vs.Pad(ctx, 0, pad, 0, 0)
+	}
+	// Diagonal blocks: block i of the sorted queries against block i of the
+	// sorted keys, [b, bq, nb, B].
+	xb := kp.Reshape(ctx, d, b, nb, Bkv).MulmatFullPrec(ctx, qp.Reshape(ctx, d, bq, nb, B)).Scale(ctx, g.scale)
+	if pad := nb*b - nk; pad > 0 {
+		m := make([]float32, b*nb) // [b, 1, nb, 1]: padded keys hidden
+		for j := nk; j < nb*b; j++ {
+			m[j] = masked
+		}
+		xb = xb.Add(ctx, ctx.Input().FromFloats(m, b, 1, nb, 1))
+	}
+	x := xb
+	m := g.c.Samples
+	var vsT ml.Tensor
+	if m > 0 && nb > 1 {
+		idx := make([]int32, 0, m*Bkv)
+		for _, s := range flat {
+			idx = append(idx, s...)
+		}
+		sidx := ctx.Input().FromInts(idx, m, Bkv)
+		// Sampled columns, weighted nk/m, hidden from the queries of their
+		// own block: [m, 1, nb, B] added to the scores [m, bq, nb, B].
+		logw := float32(math.Log(float64(nk) / float64(m)))
+		mk := make([]float32, m*nb*B)
+		for h := 0; h < B; h++ {
+			for blk := 0; blk < nb; blk++ {
+				for j, s := range flat[h/G] {
+					w := logw
+					if int(s)/b == blk {
+						w = masked
+					}
+					mk[(h*nb+blk)*m+j] = w
+				}
+			}
+		}
+		xs := ks.Rows(ctx, sidx).MulmatFullPrec(ctx, qp) // [m, nb*bq, B]
+		xs = xs.Reshape(ctx, m, bq, nb, B).Scale(ctx, g.scale).Add(ctx, ctx.Input().FromFloats(mk, m, 1, nb, B))
+		x = xb.Concat(ctx, xs, 0) // [b+m, bq, nb, B]: one softmax is the LSE merge of both
+		vsT = vs.Rows(ctx, sidx).Permute(ctx, 1, 0, 2, 3).Contiguous(ctx).Reshape(ctx, m, d, 1, Bkv)
+	}
+	p, c, z := g.soft(x)
+	vbT := vp.Reshape(ctx, d, b, nb, Bkv).Permute(ctx, 1, 0, 2, 3).Contiguous(ctx) // [b, d, nb, Bkv]
+	pb := p
+	if vsT != nil {
+		pb = p.View(ctx, 0, b, p.Stride(1), bq, p.Stride(2), nb, p.Stride(3), B)
+	}
+	o := vbT.Mulmat(ctx, pb) // [d, bq, nb, B]
+	if vsT != nil {
+		ps := p.View(ctx, b*p.Stride(0), m, p.Stride(1), bq, p.Stride(2), nb, p.Stride(3), B)
+		o = o.Add(ctx, vsT.Mulmat(ctx, ps))
+	}
+	// Back to token order: rows [o; c; z] of sorted query i go to token qidx[i].
+	pack := o.Reshape(ctx, d, bq*nb, B).Concat(ctx, c.Reshape(ctx, 1, bq*nb, B), 0).Concat(ctx, z.Reshape(ctx, 1, bq*nb, B), 0) // [d+2, nb*bq, B]
+	dst := pack.Scale(ctx, 0)                                                                                                   // every row is written: only its shape matters
+	if nb*bq > nq {
+		pack = pack.View(ctx, 0, d+2, pack.Stride(1), nq, pack.Stride(2), B)
+		dst = dst.View(ctx, 0, d+2, dst.Stride(1), nq, dst.Stride(2), B)
+	}
+	return dst.SetRows(ctx, pack, qidx)
+}
+
+// Causal builds exact causal attention as ggml graph ops in query chunks
+// of at most chunk tokens, so that no [n, n] scores exist at once: each
+// chunk's scores are [chunk end, chunk, heads]. Shapes as in Attention.
+// It is the exact path of a one-batch prefill's other layers.
+func Causal(ctx ml.Context, q, k, v ml.Tensor, scale float64, chunk int) ml.Tensor {
+	if chunk < 1 {
+		panic(fmt.Sprintf("hyper: exact chunk %d: want at least 1", chunk))
+	}
+	d, H, n := q.Dim(0), q.Dim(1), q.Dim(2)
+	g := &graph{ctx: ctx, scale: scale, d: d, heads: H, kvHeads: k.Dim(1), masks: map[int]ml.Tensor{}}
+	g.q = q.Permute(ctx, 0, 2, 1, 3).Contiguous(ctx)  // [d, n, H]
+	g.k = k.Permute(ctx, 0, 2, 1, 3).Contiguous(ctx)  // [d, n, kvHeads]
+	g.vt = v.Permute(ctx, 1, 2, 0, 3).Contiguous(ctx) // [n, d, kvHeads]
+	var out ml.Tensor
+	for lo := 0; lo < n; lo += chunk {
+		hi := min(lo+chunk, n)
+		keys, vals := tokens(ctx, g.k, lo, hi), tokensT(ctx, g.vt, lo, hi)
+		mask := g.causalMask(hi - lo) // [c, c]
+		if lo > 0 {
+			// The chunk's own keys first, then the earlier ones: the
+			// causal mask padded with zeros at its end covers them all.
+			keys = keys.Concat(ctx, tokens(ctx, g.k, 0, lo), 1)   // [d, hi, kvHeads]
+			vals = vals.Concat(ctx, tokensT(ctx, g.vt, 0, lo), 0) // [hi, d, kvHeads]
+			mask = mask.Pad(ctx, lo, 0, 0, 0)                     // [hi, c]
+		}
+		x := keys.MulmatFullPrec(ctx, tokens(ctx, g.q, lo, hi)).Scale(ctx, scale).Add(ctx, mask) // [hi, c, H]
+		o := vals.Mulmat(ctx, x.Softmax(ctx))                                                    // [d, c, H]
+		if out == nil {
+			out = o
+		} else {
+			out = out.Concat(ctx, o, 1)
+		}
+	}
+	return out.Permute(ctx, 0, 2, 1, 3).Contiguous(ctx) // [d, n, H] -> [d, H, n]
+}
+
+// GraphSize is an upper estimate of the ggml tensors that Attention (with
+// chunk 0, causal) or Causal (with chunk > 0) creates for n tokens: a ggml
+// context holds a fixed number (ml.Context.MaxGraphNodes), and running out
+// aborts the process, so callers check before building. Attention builds
+// the leaves once (about 20 tensors per chunk of leafChunk queries) and
+// about 130 tensors per level of the recursion
+// (counted from the code), so the count grows as log2(n/MinSeqLen).
+func GraphSize(c Config, n, chunk int) int {
+	if chunk > 0 {
+		return 16 + 14*((n+chunk-1)/chunk)
+	}
+	N, leaf := c.Padded(n)
+	size := 60 + 25*((leaf+leafChunk-1)/leafChunk)
+	for half := leaf; 2*half <= N; half *= 2 {
+		size += 150
+	}
+	return size
+}

@@ -1,0 +1,199 @@
+package runtime
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+
+	"github.com/ollama/ollama/ml"
+	"github.com/ollama/ollama/model/input"
+
+	"github.com/kvrecall/kvrecall/hyper"
+	"github.com/kvrecall/kvrecall/kvcache"
+	"github.com/kvrecall/kvrecall/runtime/arch"
+)
+
+// HyperOptions configure a HyperAttention prefill.
+type HyperOptions struct {
+	// Config holds r, b, m, min_seq_len and the seed (hyper.Default: the
+	// paper's 7, 256, 256, 4096). Layer l uses seed Seed+l.
+	hyper.Config
+	// Layers lists the layers that use HyperAttention; empty means every
+	// layer. The paper patches the last layers.
+	Layers []int
+	// ExactChunk is the query chunk of the other layers' exact attention
+	// (scores [chunk end, chunk, heads] at a time). Default: n/64, at
+	// least 512 (ggml's graph size bounds the number of chunks; 512 is a
+	// dense prefill's batch).
+	ExactChunk int
+}
+
+// validate fills the defaults and checks the settings for a model of
+// layers layers.
+func (o *HyperOptions) validate(layers int) (use []bool, err error) {
+	if err := o.Config.Validate(); err != nil {
+		return nil, err
+	}
+	if o.ExactChunk < 0 {
+		return nil, fmt.Errorf("hyper: exact chunk %d: want 0 (default) or more", o.ExactChunk)
+	}
+	use = make([]bool, layers)
+	if len(o.Layers) == 0 {
+		for i := range use {
+			use[i] = true
+		}
+	}
+	for _, l := range o.Layers {
+		if l < 0 || l >= layers {
+			return nil, fmt.Errorf("hyper: layer %d: the model has layers 0..%d", l, layers-1)
+		}
+		use[l] = true
+	}
+	return use, nil
+}
+
+// IngestWith is Ingest with options (see IngestOptions).
+func (m *Model) IngestWith(ctx context.Context, id, text string, o IngestOptions, progress Progress) (*Document, error) {
+	sum := sha256.Sum256([]byte(text))
+	toks, err := m.tok.Encode(text, true)
+	if err != nil {
+		return nil, err
+	}
+	return m.ingest(ctx, id, toks, hex.EncodeToString(sum[:]), o, progress)
+}
+
+// hyperCache is the paged cache of a HyperAttention ingest. The document
+// is one batch at position 0, so each layer's attention sees the whole
+// sequence's q, k and v: HyperAttention's causal recursion on the chosen
+// layers, hyper.Causal (exact, in query chunks) on the others, from the
+// batch's f32 keys and values. The keys and values are stored in the paged
+// cache as a dense prefill stores them.
+//
+// A ggml graph holds a fixed number of tensors and HyperAttention needs
+// hundreds per layer, so the pass is split after every layer's
+// projections (arch.Hooks): graph A computes q, k and v and stores k and
+// v, whose f32 copies come back to the host with q; graph B computes that
+// layer's attention from them.
+type hyperCache struct {
+	*kvcache.Paged
+	o      HyperOptions
+	use    []bool
+	active bool // the batch is the document, from position 0
+
+	pendK, pendV ml.Tensor // graph A's copies of k and v
+	k, v         []float32 // their values, for graph B
+	kvHeads      int
+}
+
+var (
+	_ arch.Attender = (*hyperCache)(nil)
+	_ arch.Hooks    = (*hyperCache)(nil)
+)
+
+func (c *hyperCache) StartForward(ctx ml.Context, batch input.Batch, reserve bool) error {
+	c.active = len(batch.Positions) > 0 && batch.Positions[0] == 0
+	return c.Paged.StartForward(ctx, batch, reserve)
+}
+
+// NeedQueries implements arch.Hooks: every layer of the document's batch
+// gets its own attention graph.
+func (c *hyperCache) NeedQueries(layer int) bool {
+	return c.active || c.Paged.NeedQueries(layer)
+}
+
+// SetQueries implements arch.Hooks; only the paged cache's own requests
+// reach it.
+func (c *hyperCache) SetQueries(layer int, q [][]float32) error {
+	if !c.Paged.NeedQueries(layer) {
+		return nil
+	}
+	return c.Paged.SetQueries(layer, q)
+}
+
+// Put stores k and v, and in the document's batch also brings f32 copies
+// of them to the host for the layer's attention graph.
+func (c *hyperCache) Put(ctx ml.Context, k, v ml.Tensor) {
+	if c.active {
+		c.kvHeads = k.Dim(1)
+		c.pendK = ctx.Input().Empty(ml.DTypeF32, k.Dim(0), k.Dim(1), k.Dim(2))
+		c.pendV = ctx.Input().Empty(ml.DTypeF32, v.Dim(0), v.Dim(1), v.Dim(2))
+		ctx.Forward(k.Copy(ctx, c.pendK), v.Copy(ctx, c.pendV))
+	}
+	c.Paged.Put(ctx, k, v)
+}
+
+// Outputs implements arch.Hooks.
+func (c *hyperCache) Outputs(ctx ml.Context) []ml.Tensor {
+	outs := c.Paged.Outputs(ctx)
+	if c.pendK != nil {
+		outs = append(outs, c.pendK, c.pendV)
+	}
+	return outs
+}
+
+// Computed implements arch.Hooks.
+func (c *hyperCache) Computed(ctx ml.Context) error {
+	if c.pendK != nil {
+		c.k = append(c.k[:0], c.pendK.Floats()...)
+		c.v = append(c.v[:0], c.pendV.Floats()...)
+		c.pendK, c.pendV = nil, nil
+	}
+	return c.Paged.Computed(ctx)
+}
+
+// Attention implements arch.Attender. q [headDim, heads, n], k and v
+// [headDim, kvHeads, n] (nil in graph B: they come from graph A).
+func (c *hyperCache) Attention(ctx ml.Context, layer int, q, k, v ml.Tensor, scale float64) ml.Tensor {
+	if !c.active {
+		return c.Paged.Attention(ctx, layer, q, k, v, scale)
+	}
+	if k == nil {
+		d, n := q.Dim(0), q.Dim(2)
+		k = ctx.Input().FromFloats(c.k, d, c.kvHeads, n)
+		v = ctx.Input().FromFloats(c.v, d, c.kvHeads, n)
+	} else {
+		ctx.Forward(q, k, v)
+		c.Paged.Put(ctx, k, v)
+	}
+	if c.use[layer] {
+		cfg := c.o.Config
+		cfg.Seed += uint64(layer)
+		return hyper.Attention(ctx, cfg, q, k, v, scale, true)
+	}
+	return hyper.Causal(ctx, q, k, v, scale, c.o.exactChunk(q.Dim(2)))
+}
+
+// hyperFits checks that the one-batch graph fits the backend's graph size:
+// the count grows as n/min_seq_len per HyperAttention layer and ggml aborts
+// the process when it runs out.
+func (m *Model) hyperFits(o *HyperOptions, use []bool, n int) error {
+	if n > hyper.MaxTokens {
+		return fmt.Errorf("hyper: the document has %d tokens: at most %d", n, hyper.MaxTokens)
+	}
+	ctx := m.backend.NewContext()
+	limit := ctx.MaxGraphNodes()
+	ctx.Close()
+	need := 0 // the largest graph: one layer's attention, its MLP and the next projections
+	for _, u := range use {
+		n1 := 80
+		if u {
+			n1 += hyper.GraphSize(o.Config, n, 0)
+		} else {
+			n1 += hyper.GraphSize(o.Config, n, o.exactChunk(n))
+		}
+		need = max(need, n1)
+	}
+	if need > limit {
+		return fmt.Errorf("hyper: %d tokens with min_seq_len %d need about %d graph nodes per layer; the backend allows %d: raise min_seq_len", n, o.MinSeqLen, need, limit)
+	}
+	return nil
+}
+
+// exactChunk is ExactChunk, or its default for n tokens.
+func (o *HyperOptions) exactChunk(n int) int {
+	if o.ExactChunk > 0 {
+		return o.ExactChunk
+	}
+	return max(512, (n+63)/64)
+}
