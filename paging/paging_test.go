@@ -133,6 +133,9 @@ func TestNewRejectsBadConfig(t *testing.T) {
 	require.ErrorContains(t, err, "unknown method")
 	_, err = New("dense", Config{})
 	require.ErrorContains(t, err, "page size")
+	RegisterModifier("twice-test", func(inner Selector, _ Config) (Selector, error) { return inner, nil })
+	_, _, err = Parse("retro+twice-test+twice-test")
+	require.ErrorContains(t, err, `modifier "twice-test" is given twice`)
 }
 
 // A question's common words must not crowd out the one token that matches:

@@ -92,10 +92,13 @@ func Parse(spec string) (method string, modifiers []string, err error) {
 	parts := strings.Split(spec, "+")
 	registry.RLock()
 	_, ok := registry.methods[parts[0]]
-	bad := ""
-	for _, m := range parts[1:] {
+	bad, dup := "", ""
+	for i, m := range parts[1:] {
 		if _, isMod := registry.modifiers[m]; !isMod && bad == "" {
 			bad = m
+		}
+		if slices.Contains(parts[1:i+1], m) && dup == "" {
+			dup = m
 		}
 	}
 	registry.RUnlock()
@@ -104,6 +107,9 @@ func Parse(spec string) (method string, modifiers []string, err error) {
 	}
 	if bad != "" {
 		return "", nil, fmt.Errorf("paging: unknown modifier %q in %q (known: %s)", bad, spec, Known())
+	}
+	if dup != "" {
+		return "", nil, fmt.Errorf("paging: modifier %q is given twice in %q", dup, spec)
 	}
 	return parts[0], parts[1:], nil
 }
