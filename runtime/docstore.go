@@ -40,6 +40,14 @@ const (
 
 var pagesName = regexp.MustCompile(`^pages(-[0-9a-f]{16})?\.kvp$`)
 
+// clustersName matches a page file version's Squeezed-Attention clusters
+// (pages-X.kvs belongs to pages-X.kvp), probeName probe representatives
+// (named by their settings, valid for every version of the same text).
+var (
+	clustersName = regexp.MustCompile(`^pages(-[0-9a-f]{16})?\.kvs$`)
+	probeName    = regexp.MustCompile(`^probe-b[0-9]+-r[0-9]+-w[0-9]+\.kvr$`)
+)
+
 // storedMeta is doc.json: the document's Info and its page file.
 type storedMeta struct {
 	Info
@@ -127,8 +135,8 @@ func (m *Model) closeDocuments() {
 func isTemp(name string) bool { return strings.Contains(name, tempInfix) }
 
 // sweepDocuments removes what interrupted writes left: temporary files, and
-// page files that no doc.json names (a crashed replacement's new pages, a
-// crashed delete's remains). A folder without doc.json is not a document;
+// page files (with their clusters) that no doc.json names (a crashed
+// replacement's new pages, a crashed delete's remains). A folder without doc.json is not a document;
 // it goes once empty. Unreadable metadata is left for a person to look at.
 // Callers hold the folder lock and either writeMu or the once.
 func (m *Model) sweepDocuments() {
@@ -160,7 +168,16 @@ func (m *Model) sweepDocument(id string) {
 	}
 	for _, f := range files {
 		n := f.Name()
-		stale := pagesName.MatchString(n) && (orphan || (meta.ID != "" && n != meta.pagesFile()))
+		var stale bool
+		switch {
+		case pagesName.MatchString(n):
+			stale = orphan || (meta.ID != "" && n != meta.pagesFile())
+		case clustersName.MatchString(n):
+			// A crashed replacement's clusters, or an older version's.
+			stale = orphan || (meta.ID != "" && n != clustersFile(meta.pagesFile()))
+		case probeName.MatchString(n):
+			stale = orphan
+		}
 		if isTemp(n) || stale {
 			os.Remove(filepath.Join(dir, n))
 		}

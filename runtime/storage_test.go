@@ -350,6 +350,10 @@ func TestOrphansAreReclaimed(t *testing.T) {
 	write(filepath.Join(fx.dir, "doc", ".pages-0123456789abcdef.kvp.tmp-123"))
 	write(filepath.Join(fx.dir, "doc", ".doc.json.tmp-456"))
 	write(filepath.Join(fx.dir, "doc", "pages-0123456789abcdef.kvp"))
+	write(filepath.Join(fx.dir, "doc", "pages-0123456789abcdef.kvs")) // its clusters
+	write(filepath.Join(fx.dir, "orphan", "pages-0123456789abcdef.kvs"))
+	write(filepath.Join(fx.dir, "orphan", "probe-b128-r4-w256.kvr"))
+	write(filepath.Join(fx.dir, "doc", "probe-b128-r4-w256.kvr")) // a live document's cache: kept
 	require.NoError(t, os.Remove(filepath.Join(fx.dir, "orphan", "doc.json")))
 	require.NoError(t, os.Mkdir(filepath.Join(fx.dir, "empty"), 0o700))
 	write(filepath.Join(fx.dir, "empty", ".pages-0000000000000000.kvp.tmp-9"))
@@ -358,6 +362,10 @@ func TestOrphansAreReclaimed(t *testing.T) {
 	m := fx.open(t, runtime.Options{})
 	require.Equal(t, 0, fx.version(t, m), "first use sweeps")
 	require.Equal(t, live, pagesPath(t, fx.dir, "doc"))
+	_, err = os.Stat(filepath.Join(fx.dir, "doc", "pages-0123456789abcdef.kvs"))
+	require.True(t, errors.Is(err, os.ErrNotExist), "a crashed replacement's clusters: %v", err)
+	_, err = os.Stat(filepath.Join(fx.dir, "doc", "probe-b128-r4-w256.kvr"))
+	require.NoError(t, err)
 	for _, gone := range []string{"orphan", "empty"} {
 		_, err := os.Stat(filepath.Join(fx.dir, gone))
 		require.True(t, errors.Is(err, os.ErrNotExist), "%s: %v", gone, err)
