@@ -293,6 +293,8 @@ func TestCausalMaskMatchesHostMask(t *testing.T) {
 	defer m.Close()
 	for _, c := range []struct{ pos0, cells, n int }{
 		{0, 16, 16}, {0, 32, 20}, {16, 48, 20}, {37, 64, 3}, {100, 112, 1}, {5, 16, 11},
+		// batches of a multiple of 8 tokens: the concatenations split in 8
+		{1, 16, 8}, {24, 48, 16}, {32, 48, 16}, {0, 32, 24}, {64, 128, 64},
 	} {
 		t.Run(fmt.Sprintf("pos0=%d,cells=%d,n=%d", c.pos0, c.cells, c.n), func(t *testing.T) {
 			ctx := m.Backend().NewContext()

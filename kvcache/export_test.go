@@ -1,10 +1,5 @@
 package kvcache
 
-import "github.com/ollama/ollama/ml"
-
-// CausalMask exposes causalMask to the external tests, which have a backend.
-func CausalMask(ctx ml.Context, pos0, cells, n int) ml.Tensor { return causalMask(ctx, pos0, cells, n) }
-
 // OrderedHostMask is buildMask for a pool whose slots hold pages 0..used-1
 // in order, full before pos0 and filled to pos0+n after it, all selected.
 func OrderedHostMask(pos0, cells, n, P int) []float32 {

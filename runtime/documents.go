@@ -234,7 +234,11 @@ func (m *Model) ingest(ctx context.Context, id string, toks []int32, textHash st
 			}
 		}
 	case !o.Streaming:
-		_, err = s.Eval(ctx, toks, false, progress)
+		// The compute buffer, sized once for the last batch, not
+		// reallocated batch after batch (reserve.go).
+		if err = m.reserveIngest(len(toks)); err == nil {
+			_, err = s.Eval(ctx, toks, false, progress)
+		}
 	}
 	for start := 0; o.Streaming && start < len(toks) && err == nil; start += chunk {
 		end := min(len(toks), start+chunk)

@@ -100,6 +100,11 @@ type Model struct {
 	// memory.
 	life   sync.RWMutex
 	closed bool
+
+	// The longest ingest graph the compute buffer was reserved for
+	// (reserve.go): cells of keys and batch tokens.
+	reserveMu                    sync.Mutex
+	reservedCells, reservedBatch int
 }
 
 // ErrClosed is returned by work started on a model after Close.

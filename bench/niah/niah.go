@@ -41,14 +41,35 @@ type Config struct {
 	Needle    TextNeedle
 	MaxTokens int // answer tokens in text mode (default 16)
 
+	// Ingests are the prefills each haystack gets, each answered under
+	// every method (default: one dense ingest).
+	Ingests []Ingest
+
 	// Done holds the keys (Row.Key) of cells already measured: a resumed run
 	// skips them.
 	Done map[string]bool
 }
 
+// Ingest is one way to prefill a haystack: dense (Hyper nil) or with
+// HyperAttention (runtime.IngestOptions.Hyper). Name labels its rows.
+type Ingest struct {
+	Name  string
+	Hyper *runtime.HyperOptions
+}
+
+// ingests returns c.Ingests, or the dense ingest alone.
+func (c Config) ingests() []Ingest {
+	if len(c.Ingests) == 0 {
+		return []Ingest{{Name: "dense"}}
+	}
+	return c.Ingests
+}
+
 // Row is one cell: one haystack asked under one method and budget.
 type Row struct {
-	Model         string  `json:"model"`
+	Model string `json:"model"`
+	// Ingest names the haystack's prefill (Config.Ingests); "" is dense.
+	Ingest        string  `json:"ingest,omitempty"`
 	Method        string  `json:"method"`
 	Budget        int     `json:"budget"`
 	Length        int     `json:"context_length"`
@@ -71,10 +92,14 @@ type Row struct {
 }
 
 // Key identifies a cell for resuming.
-func (r Row) Key() string { return key(r.Method, r.Budget, r.Length, r.Depth) }
+func (r Row) Key() string { return key(r.Ingest, r.Method, r.Budget, r.Length, r.Depth) }
 
-func key(method string, budget, length int, depthPct float64) string {
-	return fmt.Sprintf("%s|%d|%d|%.3f", method, budget, length, depthPct)
+func key(ingest, method string, budget, length int, depthPct float64) string {
+	k := fmt.Sprintf("%s|%d|%d|%.3f", method, budget, length, depthPct)
+	if ingest != "" && ingest != "dense" { // rows of dense ingests keep their old keys
+		k = ingest + "|" + k
+	}
+	return k
 }
 
 // Line formats a row for the terminal.
@@ -83,8 +108,12 @@ func (r Row) Line() string {
 	if !r.Exact {
 		verdict = fmt.Sprintf("%3.0f%%", r.Score)
 	}
-	return fmt.Sprintf("length %6d  depth %5.1f%%  %-6s budget %5d  %-5s  %6.2f ms/token  resident %s  attended %s",
-		r.Length, r.Depth, r.Method, r.Budget, verdict, r.MsPerToken, human(r.ResidentBytes), human(r.AttendedBytes))
+	ingest := ""
+	if r.Ingest != "" && r.Ingest != "dense" {
+		ingest = fmt.Sprintf("ingest %s (%.1fs)  ", r.Ingest, r.PrefillSec)
+	}
+	return fmt.Sprintf("%slength %6d  depth %5.1f%%  %-6s budget %5d  %-5s  %6.2f ms/token  resident %s  attended %s",
+		ingest, r.Length, r.Depth, r.Method, r.Budget, verdict, r.MsPerToken, human(r.ResidentBytes), human(r.AttendedBytes))
 }
 
 func human(b int64) string {
@@ -126,7 +155,7 @@ func (c Config) Total() int {
 	for _, m := range c.Methods {
 		n += len(budgetsFor(m, c.Budgets))
 	}
-	return n * len(c.Lengths) * len(c.Depths)
+	return n * len(c.Lengths) * len(c.Depths) * len(c.ingests())
 }
 
 // Run measures every cell not in c.Done, calling emit with each row as soon
@@ -147,50 +176,77 @@ func Run(ctx context.Context, m *runtime.Model, c Config, emit func(Row) error) 
 	}
 	for _, length := range c.Lengths {
 		for _, depth := range c.Depths {
-			var todo []Row
-			for _, method := range c.Methods {
-				for _, b := range budgetsFor(method, c.Budgets) {
-					r := Row{Model: c.Model, Method: method, Budget: b, Length: length, Depth: 100 * depth}
-					if !c.Done[r.Key()] {
-						todo = append(todo, r)
-					}
-				}
-			}
-			if len(todo) == 0 {
-				continue
-			}
-			cl, err := c.build(m, length, depth)
-			if err != nil {
-				return err
-			}
-			var prog runtime.Progress
-			if c.Progress != nil {
-				stage := fmt.Sprintf("ingest %d tokens, depth %.0f%%", length, 100*depth)
-				prog = func(done, total int) { c.Progress(stage, done, total) }
-			}
-			t0 := time.Now()
-			id := fmt.Sprintf("niah-%d-%05.1f-%d-%d", length, 100*depth, c.Needles, c.Seed)
-			doc, err := m.IngestTokens(ctx, id, cl.tokens, prog)
-			if err != nil {
-				return err
-			}
-			prefill := doc.PrefillSeconds
-			if prefill == 0 {
-				prefill = time.Since(t0).Seconds()
-			}
-			for _, r := range todo {
-				if err := ask(ctx, m, doc, cl, &r, c.MaxTokens); err != nil {
-					return fmt.Errorf("%s at %d tokens, depth %.0f%%: %w", r.Method, length, 100*depth, err)
-				}
-				r.PrefillSec, r.Needle = prefill, cl.needle
-				if err := emit(r); err != nil {
+			var cl *cell
+			for _, in := range c.ingests() {
+				if err := c.runIngest(ctx, m, in, length, depth, &cl, emit); err != nil {
 					return err
 				}
 			}
-			// The ingested pages are not needed again; keep disk use bounded.
-			m.DeleteDocument(id)
 		}
 	}
+	return nil
+}
+
+// runIngest prefills the haystack of (length, depth) with in (building it
+// into *cl on first use) and asks it under every method and budget not
+// done yet.
+func (c Config) runIngest(ctx context.Context, m *runtime.Model, in Ingest, length int, depth float64, cl **cell, emit func(Row) error) error {
+	name := in.Name
+	if in.Hyper == nil && name == "dense" {
+		name = "" // dense rows look as they did before ingests were a choice
+	}
+	var todo []Row
+	for _, method := range c.Methods {
+		for _, b := range budgetsFor(method, c.Budgets) {
+			r := Row{Model: c.Model, Ingest: name, Method: method, Budget: b, Length: length, Depth: 100 * depth}
+			if !c.Done[r.Key()] {
+				todo = append(todo, r)
+			}
+		}
+	}
+	if len(todo) == 0 {
+		return nil
+	}
+	if *cl == nil {
+		var err error
+		if *cl, err = c.build(m, length, depth); err != nil {
+			return err
+		}
+	}
+	var prog runtime.Progress
+	if c.Progress != nil {
+		stage := fmt.Sprintf("ingest %d tokens (%s), depth %.0f%%", length, in.Name, 100*depth)
+		prog = func(done, total int) { c.Progress(stage, done, total) }
+	}
+	t0 := time.Now()
+	id := fmt.Sprintf("niah-%d-%05.1f-%d-%d", length, 100*depth, c.Needles, c.Seed)
+	if name != "" {
+		id += "-" + strings.Map(func(r rune) rune {
+			if r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' {
+				return r
+			}
+			return '_'
+		}, name)
+	}
+	doc, err := m.IngestTokensWith(ctx, id, (*cl).tokens, runtime.IngestOptions{Hyper: in.Hyper}, prog)
+	if err != nil {
+		return fmt.Errorf("ingest %s at %d tokens: %w", in.Name, length, err)
+	}
+	prefill := doc.PrefillSeconds
+	if prefill == 0 {
+		prefill = time.Since(t0).Seconds()
+	}
+	for _, r := range todo {
+		if err := ask(ctx, m, doc, *cl, &r, c.MaxTokens); err != nil {
+			return fmt.Errorf("%s at %d tokens, depth %.0f%%: %w", r.Method, length, 100*depth, err)
+		}
+		r.PrefillSec, r.Needle = prefill, (*cl).needle
+		if err := emit(r); err != nil {
+			return err
+		}
+	}
+	// The ingested pages are not needed again; keep disk use bounded.
+	m.DeleteDocument(id)
 	return nil
 }
 

@@ -212,3 +212,20 @@ func TestTextModeCell(t *testing.T) {
 	require.Contains(t, text, ". "+DefaultNeedle.Needle+" ", "the needle sits between sentences")
 	require.InDelta(t, 0.5, cl.depth, 0.1)
 }
+
+// Rows of a dense ingest keep the keys they had before ingests were a
+// choice (old runs resume); other ingests get keys of their own, and every
+// ingest multiplies the cells.
+func TestIngestKeysAndTotal(t *testing.T) {
+	dense := Row{Method: "dense", Length: 4096, Depth: 50}
+	require.Equal(t, "dense|0|4096|50.000", dense.Key())
+	dense.Ingest = "dense"
+	require.Equal(t, "dense|0|4096|50.000", dense.Key())
+	hyperAll := dense
+	hyperAll.Ingest = "hyper:all"
+	require.Equal(t, "hyper:all|dense|0|4096|50.000", hyperAll.Key())
+	c := Config{Methods: []string{"dense", "retro"}, Budgets: []int{1024, 2048}, Lengths: []int{4096, 8192}, Depths: []float64{0.25, 0.5, 0.75}}
+	require.Equal(t, 3*2*3, c.Total())
+	c.Ingests = []Ingest{{Name: "dense"}, {Name: "hyper:all", Hyper: &runtime.HyperOptions{}}}
+	require.Equal(t, 2*3*2*3, c.Total())
+}

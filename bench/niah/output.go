@@ -5,6 +5,7 @@ import (
 	"path/filepath"
 	"slices"
 	"sort"
+	"strings"
 
 	gplot "gonum.org/v1/plot"
 
@@ -16,12 +17,13 @@ import (
 // base names.
 func Heatmaps(rows []Row, dir string) ([]string, error) {
 	type series struct {
+		ingest string
 		method string
 		budget int
 	}
 	groups := map[series][]plot.Cell{}
 	for _, r := range rows {
-		s := series{r.Method, r.Budget}
+		s := series{r.Ingest, r.Method, r.Budget}
 		groups[s] = append(groups[s], plot.Cell{Length: r.Length, Depth: r.Depth, Score: r.Score})
 	}
 	keys := make([]series, 0, len(groups))
@@ -31,6 +33,9 @@ func Heatmaps(rows []Row, dir string) ([]string, error) {
 	order := []string{"dense", "window", "quest", "retro"}
 	sort.Slice(keys, func(i, j int) bool {
 		a, b := slices.Index(order, keys[i].method), slices.Index(order, keys[j].method)
+		if keys[i].ingest != keys[j].ingest {
+			return keys[i].ingest < keys[j].ingest
+		}
 		if a != b {
 			return a < b
 		}
@@ -44,6 +49,15 @@ func Heatmaps(rows []Row, dir string) ([]string, error) {
 		if k.method != "dense" {
 			title = fmt.Sprintf("%s, budget %d", k.method, k.budget)
 			name = fmt.Sprintf("%s-%d", k.method, k.budget)
+		}
+		if k.ingest != "" {
+			title = "ingest " + k.ingest + ": " + title
+			name = strings.Map(func(r rune) rune {
+				if r == ':' || r == '+' || r == ',' || r == ' ' || r == '/' {
+					return '_'
+				}
+				return r
+			}, k.ingest) + "-" + name
 		}
 		p, err := plot.Heatmap(title, groups[k])
 		if err != nil {

@@ -30,9 +30,16 @@ type PagedConfig struct {
 	// HeadProfile is the head profile spec for +heads methods
 	// (heads.Resolve); "" uses the model's recorded heads.
 	HeadProfile string
-	// Hyper, if set, ingests with HyperAttention (runtime.IngestOptions).
+	// Hyper, if set, also ingests the document with HyperAttention
+	// (runtime.IngestOptions), after the dense ingest, in the same run.
 	Hyper *runtime.HyperOptions
-	Log   func(format string, args ...any)
+	// SkipDense skips the dense ingest (Hyper must be set): decode then
+	// reads the HyperAttention ingest's document.
+	SkipDense bool
+	// SkipLlama skips llama.cpp (its prefill and decode steps): its
+	// quadratic prefill takes over 10 minutes at 128k tokens.
+	SkipLlama bool
+	Log       func(format string, args ...any)
 }
 
 // PagedRow is one context length.
@@ -58,6 +65,15 @@ type PagedRow struct {
 	// squeezed method is benchmarked), after the prefill.
 	ClusterSec    float64 `json:"cluster_seconds,omitempty"`
 	LlamaPrefillS float64 `json:"llamacpp_prefill_seconds"`
+	// HyperPrefillSec is the HyperAttention ingest's prefill (0: not run).
+	// With SkipDense, PrefillSec is 0 and decode reads that document.
+	HyperPrefillSec float64 `json:"hyper_prefill_seconds,omitempty"`
+	// PeakRSS is each prefill's peak memory: the process's resident-set
+	// high-water mark during the ingest (or llama.cpp's prefill) minus its
+	// resident set just before it (VmHWM reset through
+	// /proc/self/clear_refs; weights and the engine are loaded before).
+	// Keys: "dense", "hyper", "llama.cpp".
+	PeakRSS map[string]int64 `json:"peak_rss_delta_bytes,omitempty"`
 }
 
 // AttentionMs estimates attention time per token: decode time minus the
@@ -113,23 +129,50 @@ func pagedOne(ctx context.Context, c PagedConfig, n int, logf func(string, ...an
 			sq = &squeezed.Options{}
 		}
 	}
-	ingester, err := runtime.Open(ctx, c.Model, runtime.Options{Threads: c.Threads, ContextLength: capacity, DataDir: dir, Squeezed: sq})
-	if err != nil {
-		return row, err
+	if c.SkipDense && c.Hyper == nil {
+		return row, fmt.Errorf("speed: skipping the dense ingest needs a HyperAttention ingest (--hyper)")
 	}
-	toks := prompt(n, ingester.Config().Vocab)
-	question := prompt(n+8, ingester.Config().Vocab)[n:]
-	how := "dense prefill through the paged cache"
+	row.PeakRSS = map[string]int64{}
+	var toks, question []int32
+	// ingest prefills the document under id in a model of its own, and
+	// measures its peak memory above what the loaded model holds.
+	ingest := func(id string, o runtime.IngestOptions, how string) (*runtime.Document, error) {
+		ingester, err := runtime.Open(ctx, c.Model, runtime.Options{Threads: c.Threads, ContextLength: capacity, DataDir: dir, Squeezed: sq})
+		if err != nil {
+			return nil, err
+		}
+		defer ingester.Close()
+		toks = prompt(n, ingester.Config().Vocab)
+		question = prompt(n+8, ingester.Config().Vocab)[n:]
+		logf("%s %d: ingest (%s)", c.Label, n, how)
+		peak := startPeak()
+		doc, err := ingester.IngestTokensWith(ctx, id, toks, o, nil)
+		if err != nil {
+			return nil, err
+		}
+		row.PeakRSS[how[:strings.Index(how+" ", " ")]] = peak()
+		return doc, nil
+	}
+	docID := "speed"
+	if !c.SkipDense {
+		doc, err := ingest(docID, runtime.IngestOptions{}, "dense prefill through the paged cache")
+		if err != nil {
+			return row, err
+		}
+		row.PrefillSec, row.UpkeepSec, row.ClusterSec = doc.PrefillSeconds, doc.UpkeepSeconds, doc.ClusterSeconds
+	}
 	if c.Hyper != nil {
-		how = fmt.Sprintf("HyperAttention prefill, layers %v (all if empty)", c.Hyper.Layers)
+		doc, err := ingest("speed-hyper", runtime.IngestOptions{Hyper: c.Hyper},
+			fmt.Sprintf("hyper prefill, HyperAttention on layers %v (all if empty)", c.Hyper.Layers))
+		if err != nil {
+			return row, err
+		}
+		row.HyperPrefillSec = doc.PrefillSeconds
+		if c.SkipDense {
+			docID = "speed-hyper"
+			row.UpkeepSec, row.ClusterSec = doc.UpkeepSeconds, doc.ClusterSeconds
+		}
 	}
-	logf("%s %d: ingest (%s)", c.Label, n, how)
-	doc, err := ingester.IngestTokensWith(ctx, "speed", toks, runtime.IngestOptions{Hyper: c.Hyper}, nil)
-	ingester.Close()
-	if err != nil {
-		return row, err
-	}
-	row.PrefillSec, row.UpkeepSec, row.ClusterSec = doc.PrefillSeconds, doc.UpkeepSeconds, doc.ClusterSeconds
 
 	// Decode with its own thread count: the document comes back from disk.
 	m, err := runtime.Open(ctx, c.Model, runtime.Options{Threads: c.DecodeThreads, ContextLength: capacity, DataDir: dir})
@@ -140,7 +183,8 @@ func pagedOne(ctx context.Context, c PagedConfig, n int, logf func(string, ...an
 	if err := runtime.ApplyHeadProfile(m, c.HeadProfile); err != nil {
 		return row, err
 	}
-	if doc, err = m.OpenDocument("speed"); err != nil {
+	doc, err := m.OpenDocument(docID)
+	if err != nil {
 		return row, err
 	}
 
@@ -163,19 +207,23 @@ func pagedOne(ctx context.Context, c PagedConfig, n int, logf func(string, ...an
 	short.Close()
 	row.BaseMs = median(base)
 
-	logf("%s %d: llama.cpp prefill", c.Label, n)
-	ref, err := llamaref.Load(c.Model, llamaref.Options{Threads: c.DecodeThreads, BatchThreads: c.Threads, Context: capacity})
-	if err != nil {
-		return row, err
-	}
-	defer ref.Close()
-	t0 := time.Now()
-	if _, err := ref.Append(toks, false, nil); err != nil {
-		return row, err
-	}
-	row.LlamaPrefillS = time.Since(t0).Seconds()
-	if _, err := ref.Append(question, false, nil); err != nil {
-		return row, err
+	var ref *llamaref.Model
+	if !c.SkipLlama {
+		logf("%s %d: llama.cpp prefill", c.Label, n)
+		if ref, err = llamaref.Load(c.Model, llamaref.Options{Threads: c.DecodeThreads, BatchThreads: c.Threads, Context: capacity}); err != nil {
+			return row, err
+		}
+		defer ref.Close()
+		peak := startPeak()
+		t0 := time.Now()
+		if _, err := ref.Append(toks, false, nil); err != nil {
+			return row, err
+		}
+		row.LlamaPrefillS = time.Since(t0).Seconds()
+		row.PeakRSS["llama.cpp"] = peak()
+		if _, err := ref.Append(question, false, nil); err != nil {
+			return row, err
+		}
 	}
 
 	methods := append([]string{"dense"}, c.Methods...)
@@ -201,6 +249,9 @@ func pagedOne(ctx context.Context, c PagedConfig, n int, logf func(string, ...an
 			}
 			steps[j] = append(steps[j], time.Since(t0))
 		}
+		if ref == nil {
+			continue
+		}
 		t0 := time.Now()
 		if _, err := ref.Append(tok, false, nil); err != nil {
 			return row, err
@@ -212,11 +263,49 @@ func pagedOne(ctx context.Context, c PagedConfig, n int, logf func(string, ...an
 		st := sessions[j].Cache().(*kvcache.Paged).Stats()
 		row.Resident[meth], row.ResidentByClass[meth] = st.ResidentBytes, st.ResidentByClass
 	}
-	row.DecodeMs["llama.cpp"] = median(steps[len(methods)])
-	row.Resident["llama.cpp"] = int64(capacity) * int64(m.Config().KVBytesPerToken(2))
-	logf("%s %d: decode ms/token %v (base %.2f), prefill %.1fs (upkeep %.1f%%), llama.cpp prefill %.1fs",
-		c.Label, n, row.DecodeMs, row.BaseMs, row.PrefillSec, 100*row.UpkeepShare(), row.LlamaPrefillS)
+	if ref != nil {
+		row.DecodeMs["llama.cpp"] = median(steps[len(methods)])
+		row.Resident["llama.cpp"] = int64(capacity) * int64(m.Config().KVBytesPerToken(2))
+	}
+	logf("%s %d: decode ms/token %v (base %.2f), prefill %.1fs (upkeep %.1f%%), hyper prefill %.1fs, llama.cpp prefill %.1fs, peak RSS delta %v",
+		c.Label, n, row.DecodeMs, row.BaseMs, row.PrefillSec, 100*row.UpkeepShare(), row.HyperPrefillSec, row.LlamaPrefillS, row.PeakRSS)
 	return row, nil
+}
+
+// startPeak resets the process's resident-set high-water mark (Linux:
+// "5" to /proc/self/clear_refs) and returns a function that reports the
+// mark since then minus the resident set now: the peak memory of what runs
+// in between. Where the files are missing it reports -1.
+func startPeak() func() int64 {
+	rss0 := procStatus("VmRSS")
+	if rss0 < 0 || os.WriteFile("/proc/self/clear_refs", []byte("5"), 0) != nil {
+		return func() int64 { return -1 }
+	}
+	return func() int64 {
+		hwm := procStatus("VmHWM")
+		if hwm < 0 {
+			return -1
+		}
+		return hwm - rss0
+	}
+}
+
+// procStatus reads a "kB" field of /proc/self/status in bytes, or -1.
+func procStatus(field string) int64 {
+	b, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		return -1
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if rest, ok := strings.CutPrefix(l, field+":"); ok {
+			var kb int64
+			if _, err := fmt.Sscan(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(rest), "kB")), &kb); err != nil {
+				return -1
+			}
+			return kb << 10
+		}
+	}
+	return -1
 }
 
 // PagedTable formats rows as Markdown: decode time per method with ratios
@@ -227,7 +316,14 @@ func PagedTable(rows []PagedRow, methods []string) string {
 	s += "|---|---|---|---|---|---|---|---|---|---|\n"
 	for _, r := range rows {
 		for _, m := range append([]string{"llama.cpp", "dense"}, methods...) {
-			ms := r.DecodeMs[m]
+			ms, ok := r.DecodeMs[m]
+			if !ok { // llama.cpp skipped
+				continue
+			}
+			vsLlama := "—"
+			if l := r.DecodeMs["llama.cpp"]; l > 0 {
+				vsLlama = fmt.Sprintf("%.2f", l/ms)
+			}
 			att := "—"
 			attRatio := "—"
 			if m != "llama.cpp" {
@@ -236,13 +332,48 @@ func PagedTable(rows []PagedRow, methods []string) string {
 					attRatio = fmt.Sprintf("%.1fx", r.AttentionMs("dense")/a)
 				}
 			}
-			s += fmt.Sprintf("| %s | %d | %d | %s | %.2f | %.2f | %.2f | %s | %s | %s |\n",
-				r.Model, r.Context, r.Budget, m, ms, r.DecodeMs["dense"]/ms, r.DecodeMs["llama.cpp"]/ms, att, attRatio, mib(r.Resident[m]))
+			s += fmt.Sprintf("| %s | %d | %d | %s | %.2f | %.2f | %s | %s | %s | %s |\n",
+				r.Model, r.Context, r.Budget, m, ms, r.DecodeMs["dense"]/ms, vsLlama, att, attRatio, mib(r.Resident[m]))
 		}
 	}
-	s += "\n| model | context | prefill s (kvrecall, paged ingest) | prefill s (llama.cpp) | summary upkeep share |\n|---|---|---|---|---|\n"
+	s += "\n" + PrefillTable(rows)
+	return s
+}
+
+// PrefillTable formats the ingests of rows as Markdown: dense (our paged
+// ingest), HyperAttention and llama.cpp prefill times, their ratios and
+// peak memory. "—" marks what the run skipped.
+func PrefillTable(rows []PagedRow) string {
+	sec := func(x float64) string {
+		if x <= 0 {
+			return "—"
+		}
+		return fmt.Sprintf("%.1f", x)
+	}
+	ratio := func(a, b float64) string {
+		if a <= 0 || b <= 0 {
+			return "—"
+		}
+		return fmt.Sprintf("%.2f", a/b)
+	}
+	peak := func(r PagedRow, k string) string {
+		b, ok := r.PeakRSS[k]
+		if !ok || b < 0 {
+			return "—"
+		}
+		return mib(b)
+	}
+	s := "| model | context | prefill s (kvrecall, paged ingest) | prefill s (hyper) | prefill s (llama.cpp) | dense / llama.cpp time | llama.cpp / hyper (hyper speed-up) | dense / hyper (hyper speed-up) | peak RSS delta dense | peak RSS delta hyper | peak RSS delta llama.cpp | summary upkeep share |\n"
+	s += "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
 	for _, r := range rows {
-		s += fmt.Sprintf("| %s | %d | %.1f | %.1f | %.2f%% |\n", r.Model, r.Context, r.PrefillSec, r.LlamaPrefillS, 100*r.UpkeepShare())
+		upkeep := "—"
+		if r.PrefillSec > 0 {
+			upkeep = fmt.Sprintf("%.2f%%", 100*r.UpkeepShare())
+		}
+		s += fmt.Sprintf("| %s | %d | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", r.Model, r.Context,
+			sec(r.PrefillSec), sec(r.HyperPrefillSec), sec(r.LlamaPrefillS),
+			ratio(r.PrefillSec, r.LlamaPrefillS), ratio(r.LlamaPrefillS, r.HyperPrefillSec), ratio(r.PrefillSec, r.HyperPrefillSec),
+			peak(r, "dense"), peak(r, "hyper"), peak(r, "llama.cpp"), upkeep)
 	}
 	return s
 }
@@ -267,11 +398,16 @@ func PagedPlots(rows []PagedRow, methods []string, dir string) error {
 			d := plot.Series{Name: m}
 			k := plot.Series{Name: m}
 			for _, r := range rs {
+				if _, ok := r.DecodeMs[m]; !ok { // llama.cpp skipped
+					continue
+				}
 				x := float64(r.Context) / 1024
 				d.X, d.Y = append(d.X, x), append(d.Y, r.DecodeMs[m])
 				k.X, k.Y = append(k.X, x), append(k.Y, float64(r.Resident[m])/(1<<20))
 			}
-			dec, res = append(dec, d), append(res, k)
+			if len(d.X) > 0 {
+				dec, res = append(dec, d), append(res, k)
+			}
 		}
 		name := strings.Fields(model)[0]
 		p, err := plot.Lines(model+": decode at budget "+fmt.Sprint(rs[0].Budget), "context (k tokens)", "ms per token", dec)

@@ -22,7 +22,17 @@ func TestPagedTableAndPlots(t *testing.T) {
 	require.InDelta(t, 0.01, rows[0].UpkeepShare(), 1e-9)
 	md := PagedTable(rows, []string{"retro"})
 	require.Contains(t, md, "| tiny (f16) | 32768 | 2048 | retro | 2.00 | 10.50 | 10.00 | 1.00 | 20.0x | 4.0 MiB |")
-	require.Contains(t, md, "| tiny (f16) | 16384 | 20.0 | 0.0 | 1.00% |")
+	require.Contains(t, md, "| tiny (f16) | 16384 | 20.0 | — | — | — | — | — | — | — | — | 1.00% |")
+	// With HyperAttention and llama.cpp in the run: ratios and peaks.
+	rows[1].LlamaPrefillS, rows[1].HyperPrefillSec = 40, 16
+	rows[1].PeakRSS = map[string]int64{"dense": 100 << 20, "hyper": 300 << 20, "llama.cpp": 200 << 20}
+	require.Contains(t, PrefillTable(rows), "| tiny (f16) | 32768 | 80.0 | 16.0 | 40.0 | 2.00 | 2.50 | 5.00 | 100.0 MiB | 300.0 MiB | 200.0 MiB | 0.50% |")
+	// llama.cpp skipped: no llama.cpp row, no ratio against it.
+	skipped := rows[0]
+	skipped.DecodeMs = map[string]float64{"dense": 11, "retro": 2}
+	md = PagedTable([]PagedRow{skipped}, []string{"retro"})
+	require.NotContains(t, md, "| llama.cpp |")
+	require.Contains(t, md, "| tiny (f16) | 16384 | 2048 | retro | 2.00 | 5.50 | — |")
 	dir := t.TempDir()
 	require.NoError(t, PagedPlots(rows, []string{"retro"}, dir))
 	for _, n := range []string{"decode-tiny.png", "decode-tiny.svg", "resident-tiny.png", "resident-tiny.svg"} {

@@ -42,11 +42,13 @@ import (
 const usage = `usage:
   bench speed [--preset tiny,1b | --model FILE] [--contexts 2048,8192] [--threads 1,2] [--decode 32] [--json FILE]
   bench speed --paged [--preset tiny] [--contexts 16384,32768,65536] [--threads 2] [--budget 2048] [--methods retro,quest]
+              [--hyper all|LAYERS] [--skip-dense] [--skip-llama]
   bench load  [--preset tiny | --model FILE] [--clients 1,4,16] [--requests 48] [--max-tokens 16] [--max-concurrent 2]
   bench ruler [--model FILE] [--tasks niah_single,...] [--lengths 4096,...,65536] [--samples 3]
               [--method dense,retro] [--budget 2048] [--out DIR]
   bench niah  [--model FILE] [--method dense,window,quest,retro] [--budget 1024,2048]
               [--lengths 16384,32768] [--depths 0,25,50,75,100] [--needles 1] [--json FILE]
+              [--ingest dense,hyper:all,hyper:but0,hyper:last]
 `
 
 func main() {
@@ -119,7 +121,9 @@ func runSpeed(ctx context.Context, args []string) error {
 	budget := fs.Int("budget", 2048, "paged: token budget")
 	methods := fs.String("methods", "retro,quest", "paged: methods besides dense (any of "+paging.Known()+")")
 	headsProfile := fs.String("heads-profile", "", "paged: head profile for +heads methods: a profile file (cmd/heads) or \"half\" (upper half of each layer's KV heads streaming); default: the heads the model records")
-	hyperLayers := fs.String("hyper", "", "paged: ingest with HyperAttention (paper defaults) on these layers, comma separated, or \"all\"; default: dense ingest")
+	hyperLayers := fs.String("hyper", "", "paged: also ingest with HyperAttention (paper defaults) on these layers, comma separated, or \"all\", and compare with the dense ingest and llama.cpp; default: dense ingest only")
+	skipDense := fs.Bool("skip-dense", false, "paged, with --hyper: skip the dense ingest (decode reads the HyperAttention ingest's document)")
+	skipLlama := fs.Bool("skip-llama", false, "paged: skip llama.cpp (its prefill and decode steps; its quadratic prefill takes >10 minutes at 128k)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -155,11 +159,15 @@ func runSpeed(ctx context.Context, args []string) error {
 		if err != nil {
 			return err
 		}
+		if *skipDense && hyperOpts == nil {
+			return fmt.Errorf("--skip-dense needs --hyper: some ingest must make the document")
+		}
 		var all []speed.PagedRow
 		ms := strings.Split(*methods, ",")
 		for _, t := range targets {
 			rows, err := speed.RunPaged(ctx, speed.PagedConfig{Model: t.path, Label: t.label, Contexts: cs, Threads: ts[0], DecodeThreads: *decodeThreads,
 				Budget: *budget, Methods: ms, DecodeTokens: *decode, HeadProfile: *headsProfile, Hyper: hyperOpts,
+				SkipDense: *skipDense, SkipLlama: *skipLlama,
 				Log: func(f string, a ...any) { fmt.Fprintf(os.Stderr, f+"\n", a...) }})
 			all = append(all, rows...)
 			if err != nil {
@@ -229,6 +237,7 @@ func runNIAH(ctx context.Context, args []string) error {
 	question := fs.String("question", niah.DefaultNeedle.Question, "text mode: the question")
 	answer := fs.String("answer", niah.DefaultNeedle.Answer, "text mode: the string a correct answer contains")
 	maxTokens := fs.Int("max-tokens", 16, "text mode: answer tokens")
+	ingestSpec := fs.String("ingest", "dense", "prefills of each haystack, comma separated, each answered under every method: dense, or hyper:all, hyper:but0 (every layer but 0), hyper:last or hyper:L1+L2 (HyperAttention, paper defaults, on those layers)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -301,6 +310,9 @@ func runNIAH(ctx context.Context, args []string) error {
 		return err
 	}
 	defer cleanup()
+	if cfg.Ingests, err = parseIngests(*ingestSpec, m.Config().Layers); err != nil {
+		return err
+	}
 
 	todo := cfg.Total() - len(done)
 	bar := progressbar.NewOptions(max(todo, 1), progressbar.OptionSetDescription("cells"), progressbar.OptionSetWriter(os.Stderr),
@@ -535,6 +547,47 @@ func openWithScratchDocs(ctx context.Context, path string, threads, contextLengt
 		return nil, nil, err
 	}
 	return m, func() { m.Close(); os.RemoveAll(docs) }, nil
+}
+
+// parseIngests turns niah's --ingest into prefills for a model of layers
+// layers: "dense", or "hyper:" and all, but0 (every layer but 0, where the
+// recall model's previous-token head is), last, or layers joined by "+".
+func parseIngests(spec string, layers int) ([]niah.Ingest, error) {
+	var out []niah.Ingest
+	for _, f := range strings.Split(spec, ",") {
+		f = strings.TrimSpace(f)
+		if f == "dense" {
+			out = append(out, niah.Ingest{Name: f})
+			continue
+		}
+		which, ok := strings.CutPrefix(f, "hyper:")
+		if !ok {
+			return nil, fmt.Errorf("--ingest: %q is neither dense nor hyper:LAYERS", f)
+		}
+		o := &runtime.HyperOptions{Config: hyper.Default()}
+		switch which {
+		case "all":
+		case "but0":
+			for l := 1; l < layers; l++ {
+				o.Layers = append(o.Layers, l)
+			}
+		case "last":
+			o.Layers = []int{layers - 1}
+		default:
+			for _, x := range strings.Split(which, "+") {
+				l, err := strconv.Atoi(x)
+				if err != nil {
+					return nil, fmt.Errorf("--ingest: %q: %q is not a layer number (or use all, but0, last)", f, x)
+				}
+				o.Layers = append(o.Layers, l)
+			}
+		}
+		if len(o.Layers) == 0 && which != "all" {
+			return nil, fmt.Errorf("--ingest: %q selects no layer of this %d-layer model", f, layers)
+		}
+		out = append(out, niah.Ingest{Name: f, Hyper: o})
+	}
+	return out, nil
 }
 
 // parseHyper turns --hyper into ingest options: "" is a dense ingest, "all"

@@ -263,6 +263,12 @@ type Step struct {
 	Tokens    []int32
 	Positions []int32
 	Outputs   []int32
+	// Reserve builds the pass's graph and reserves the backend's compute
+	// buffer for it (ggml_backend_sched_reserve) instead of computing it:
+	// later graphs that fit reuse that buffer instead of reallocating it.
+	// Nothing is computed, stored or returned. The cache must not split
+	// the pass (Hooks.NeedQueries false for every layer).
+	Reserve bool
 }
 
 // Run computes a forward pass with cache and returns the logits, row-major
@@ -280,7 +286,7 @@ func (m *Model) Run(b ml.Backend, st Step, cache kvcache.Cache) (logits []float3
 		Positions: st.Positions,
 		Sequences: seqs,
 	}
-	if err := cache.StartForward(ctx, batch, false); err != nil {
+	if err := cache.StartForward(ctx, batch, st.Reserve); err != nil {
 		return nil, 0, err
 	}
 	compute := func(ts ...ml.Tensor) error {
@@ -308,6 +314,9 @@ func (m *Model) Run(b ml.Backend, st Step, cache kvcache.Cache) (logits []float3
 		if hooks == nil || !hooks.NeedQueries(i) {
 			h = m.layer(ctx, i, h, positions, outputs, cache)
 			continue
+		}
+		if st.Reserve {
+			return nil, 0, fmt.Errorf("reserve: layer %d splits the pass (its cache needs the queries on the host)", i)
 		}
 		// Graph A: projections; k and v go into the cache, q and h to the host.
 		q, k, v := m.qkv(ctx, l.Attention, l.AttentionNorm.Forward(ctx, h, m.Params.Eps), positions)
@@ -347,6 +356,13 @@ func (m *Model) Run(b ml.Backend, st Step, cache kvcache.Cache) (logits []float3
 	// tensor of this context before computing.
 	logitsOut := ctx.Input().Empty(ml.DTypeF32, out.Dim(0), out.Dim(1))
 	ctx.Forward(out.Copy(ctx, logitsOut))
+	if st.Reserve {
+		if hooks != nil {
+			ctx.Forward(hooks.Outputs(ctx)...)
+		}
+		ctx.Reserve()
+		return nil, out.Dim(0), nil
+	}
 	if err := compute(logitsOut); err != nil {
 		return nil, 0, err
 	}

@@ -1,0 +1,48 @@
+package main
+
+import (
+	"testing"
+
+	"github.com/stretchr/testify/require"
+)
+
+func TestParseIngests(t *testing.T) {
+	for _, tc := range []struct {
+		spec   string
+		layers int
+		names  []string
+		hyper  [][]int // nil entry: dense; empty: every layer
+		err    string
+	}{
+		{spec: "dense", layers: 6, names: []string{"dense"}, hyper: [][]int{nil}},
+		{spec: "dense,hyper:all,hyper:but0,hyper:last,hyper:1+3", layers: 6,
+			names: []string{"dense", "hyper:all", "hyper:but0", "hyper:last", "hyper:1+3"},
+			hyper: [][]int{nil, {}, {1, 2, 3, 4, 5}, {5}, {1, 3}}},
+		{spec: "hyper:but0", layers: 2, names: []string{"hyper:but0"}, hyper: [][]int{{1}}},
+		{spec: "hyper:but0", layers: 1, err: "selects no layer"},
+		{spec: "streaming", layers: 2, err: "neither dense nor hyper"},
+		{spec: "hyper:x", layers: 2, err: "not a layer number"},
+	} {
+		t.Run(tc.spec, func(t *testing.T) {
+			got, err := parseIngests(tc.spec, tc.layers)
+			if tc.err != "" {
+				require.ErrorContains(t, err, tc.err)
+				return
+			}
+			require.NoError(t, err)
+			require.Len(t, got, len(tc.names))
+			for i, in := range got {
+				require.Equal(t, tc.names[i], in.Name)
+				if tc.hyper[i] == nil {
+					require.Nil(t, in.Hyper)
+					continue
+				}
+				require.NotNil(t, in.Hyper)
+				require.Equal(t, len(tc.hyper[i]), len(in.Hyper.Layers))
+				for j, l := range tc.hyper[i] {
+					require.Equal(t, l, in.Hyper.Layers[j])
+				}
+			}
+		})
+	}
+}

@@ -1,0 +1,110 @@
+package runtime
+
+import (
+	"fmt"
+
+	"github.com/ollama/ollama/ml"
+	"github.com/ollama/ollama/model/input"
+
+	"github.com/kvrecall/kvrecall/kvcache"
+	"github.com/kvrecall/kvrecall/runtime/arch"
+)
+
+// reserveIngest reserves the backend's compute buffer for the largest pass
+// of a dense ingest of n tokens, once, before its first pass.
+//
+// Why: ggml's scheduler sizes its compute buffer for the graph at hand and
+// frees and reallocates it whenever a graph needs more. A prefill in
+// batches needs more at every batch, since the scores [cells, batch, heads]
+// (f32, with their softmax beside them) grow with the tokens before the
+// batch. Each new buffer is fresh memory from the kernel: at 16k tokens on
+// the tiny preset that was about 3 million page faults (zeroed pages) for
+// one ingest against llama.cpp's 0.75 million, which reserves its
+// worst-case graph once. Reserving the last batch's graph first makes every
+// later graph fit the same buffer. Results do not change: only where the
+// scheduler puts the intermediate tensors does.
+//
+// The graph is the real forward pass (arch.Run with Step.Reserve) over a
+// stand-in cache that returns tensors of the paged cache's shapes for the
+// last batch: keys [headDim, kvHeads, cells] and permuted values [cells,
+// headDim, kvHeads] (f16), and the paged cache's causal mask [cells,
+// batch] (kvcache.CausalMask, the same graph ops). It reserves only when n is
+// longer than what this model reserved before.
+func (m *Model) reserveIngest(n int) error {
+	bs := min(m.opts.BatchSize, n)
+	P := m.opts.PageSize
+	cells := (n + P - 1) / P * P
+	m.reserveMu.Lock()
+	defer m.reserveMu.Unlock()
+	if cells <= m.reservedCells && bs <= m.reservedBatch {
+		return nil
+	}
+	// Exclusive: the scheduler is shared, and ollama's Reserve (unlike
+	// Compute) does not take its lock. Passes in flight finish first.
+	m.life.Lock()
+	defer m.life.Unlock()
+	if m.closed {
+		return ErrClosed
+	}
+	st := arch.Step{Tokens: make([]int32, bs), Positions: make([]int32, bs), Outputs: []int32{int32(bs - 1)}, Reserve: true}
+	for i := range st.Positions {
+		st.Positions[i] = int32(n - bs + i)
+	}
+	c := &reserveCache{hd: m.cfg.HeadDim, kvHeads: m.cfg.KVHeads, cells: cells, pos0: n - bs, n: bs}
+	err := func() (err error) {
+		defer func() {
+			if r := recover(); r != nil {
+				err = fmt.Errorf("reserve the compute buffer for %d tokens: %v", n, r)
+			}
+		}()
+		_, _, err = m.net.Run(m.backend, st, c)
+		return err
+	}()
+	if err != nil {
+		return err
+	}
+	m.reservedCells, m.reservedBatch = max(cells, m.reservedCells), max(bs, m.reservedBatch)
+	return nil
+}
+
+// reserveCache stands in for the paged cache in reserveIngest's graph: the
+// same tensor shapes and ops, no data. Its inputs are allocated (ollama
+// gives each input its own buffer) but never written, so they cost address
+// space, not memory; one pair of keys and values serves every layer.
+type reserveCache struct {
+	hd, kvHeads, cells, pos0, n int
+	ctx                         ml.Context
+	k, v, mask                  ml.Tensor
+}
+
+func (c *reserveCache) SetLayer(int)                             {}
+func (c *reserveCache) SetConfig(ml.CacheConfig)                 {}
+func (c *reserveCache) Init(ml.Backend, ml.DType, int, int, int) {}
+func (c *reserveCache) Close()                                   {}
+func (c *reserveCache) CopyPrefix(int, int, int32)               {}
+func (c *reserveCache) CanResume(int, int32) bool                { return false }
+func (c *reserveCache) Remove(int, int32, int32) error           { return nil }
+func (c *reserveCache) StartForward(ml.Context, input.Batch, bool) error {
+	return nil
+}
+
+// Put adds what the paged cache's Put adds to the compute buffer: the f16
+// copies of the batch's keys and values that go back to the host pages
+// ([kvHeads·headDim, batch] each). Its set_rows into the pools write views
+// of the pools, not the compute buffer.
+func (c *reserveCache) Put(ctx ml.Context, key, value ml.Tensor) {
+	r := c.hd * c.kvHeads
+	kOut := ctx.Input().Empty(ml.DTypeF16, r, c.n)
+	vOut := ctx.Input().Empty(ml.DTypeF16, r, c.n)
+	ctx.Forward(key.Reshape(ctx, r, c.n).Copy(ctx, kOut), value.Reshape(ctx, r, c.n).Copy(ctx, vOut))
+}
+
+func (c *reserveCache) Get(ctx ml.Context) (ml.Tensor, ml.Tensor, ml.Tensor) {
+	if c.ctx != ctx {
+		c.ctx = ctx
+		c.k = ctx.Input().Empty(ml.DTypeF16, c.hd, c.kvHeads, c.cells)
+		c.v = ctx.Input().Empty(ml.DTypeF16, c.cells, c.hd, c.kvHeads)
+		c.mask = kvcache.CausalMask(ctx, c.pos0, c.cells, c.n)
+	}
+	return c.k, c.v, c.mask
+}
