@@ -472,10 +472,14 @@ func runRuler(ctx context.Context, args []string) error {
 	if werr := os.WriteFile(filepath.Join(dir, "summary.csv"), []byte(ruler.CSV(sums)), 0o644); werr != nil {
 		return werr
 	}
-	if werr := os.WriteFile(filepath.Join(dir, "summary.md"), []byte(ruler.Markdown(sums)), 0o644); werr != nil {
+	md := ruler.Markdown(sums)
+	if lb := ruler.LayerBudgets(rows); lb != "" {
+		md += "\nPer-layer budgets (tokens attended, layer 0 first):\n\n" + lb
+	}
+	if werr := os.WriteFile(filepath.Join(dir, "summary.md"), []byte(md), 0o644); werr != nil {
 		return werr
 	}
-	fmt.Printf("\nbench %s\n\n%s\nresults in %s\n", strings.Join(append([]string{"ruler"}, args...), " "), ruler.Markdown(sums), dir)
+	fmt.Printf("\nbench %s\n\n%s\nresults in %s\n", strings.Join(append([]string{"ruler"}, args...), " "), md, dir)
 	if errors.Is(err, context.Canceled) {
 		fmt.Fprintf(os.Stderr, "interrupted: finished samples are kept; run the same command with --out %s to resume\n", dir)
 		return nil
