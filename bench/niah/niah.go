@@ -33,6 +33,12 @@ type Config struct {
 	Needles  int       // needles per haystack, each asked (default 1)
 	Seed     uint64
 	Progress func(stage string, done, total int) // ingest progress, if set
+	// Ingests are the ways each haystack is ingested, each asked under
+	// every method: "dense" (the default) and "streaming" (probe's
+	// streaming prefill, runtime.IngestOptions.Streaming, within
+	// StreamingBudget tokens, default 2048).
+	Ingests         []string
+	StreamingBudget int
 
 	// Recall mode (the default when Recall is set).
 	Recall *haystack.Vocab
@@ -61,6 +67,7 @@ type Row struct {
 	Exact         bool    `json:"exact"`
 	MsPerToken    float64 `json:"ms_per_token"`
 	PrefillSec    float64 `json:"prefill_seconds"`
+	IngestSec     float64 `json:"ingest_seconds,omitempty"` // wall time of the whole ingest
 	ResidentBytes int64   `json:"resident_kv_bytes"`
 	// AttendedBytes is the KV the answer's last decode step attended to
 	// (every layer and head group).
@@ -68,14 +75,28 @@ type Row struct {
 	// LayerBudgets are the tokens each layer attended to for the first
 	// question, for methods with a per-request cut-off (probe).
 	LayerBudgets []int `json:"layer_budgets,omitempty"`
+	// Ingest is how the haystack was ingested: "" (dense) or "streaming".
+	Ingest string `json:"ingest,omitempty"`
 }
 
 // Key identifies a cell for resuming.
-func (r Row) Key() string { return key(r.Method, r.Budget, r.Length, r.Depth) }
+func (r Row) Key() string {
+	k := key(r.Method, r.Budget, r.Length, r.Depth)
+	if r.Ingest != "" {
+		k += "|" + r.Ingest
+	}
+	return k
+}
 
 func key(method string, budget, length int, depthPct float64) string {
 	return fmt.Sprintf("%s|%d|%d|%.3f", method, budget, length, depthPct)
 }
+
+// Ingest modes (Config.Ingests).
+const (
+	IngestDense     = "dense"
+	IngestStreaming = "streaming"
+)
 
 // Line formats a row for the terminal.
 func (r Row) Line() string {
@@ -83,8 +104,15 @@ func (r Row) Line() string {
 	if !r.Exact {
 		verdict = fmt.Sprintf("%3.0f%%", r.Score)
 	}
-	return fmt.Sprintf("length %6d  depth %5.1f%%  %-6s budget %5d  %-5s  %6.2f ms/token  resident %s  attended %s",
+	s := fmt.Sprintf("length %6d  depth %5.1f%%  %-6s budget %5d  %-5s  %6.2f ms/token  resident %s  attended %s",
 		r.Length, r.Depth, r.Method, r.Budget, verdict, r.MsPerToken, human(r.ResidentBytes), human(r.AttendedBytes))
+	if r.Ingest != "" {
+		s += fmt.Sprintf("  (%s ingest %.1fs)", r.Ingest, r.IngestSec)
+	}
+	if r.LayerBudgets != nil {
+		s += fmt.Sprintf("  layer budgets %v", r.LayerBudgets)
+	}
+	return s
 }
 
 func human(b int64) string {
@@ -126,7 +154,7 @@ func (c Config) Total() int {
 	for _, m := range c.Methods {
 		n += len(budgetsFor(m, c.Budgets))
 	}
-	return n * len(c.Lengths) * len(c.Depths)
+	return n * len(c.Lengths) * len(c.Depths) * max(1, len(c.Ingests))
 }
 
 // Run measures every cell not in c.Done, calling emit with each row as soon
@@ -145,52 +173,86 @@ func Run(ctx context.Context, m *runtime.Model, c Config, emit func(Row) error) 
 	if c.Recall == nil && c.Haystack == nil {
 		c.Haystack = GeneratedHaystack(400, c.Seed)
 	}
+	if len(c.Ingests) == 0 {
+		c.Ingests = []string{IngestDense}
+	}
+	if c.StreamingBudget == 0 {
+		c.StreamingBudget = 2048
+	}
+	for _, in := range c.Ingests {
+		if in != IngestDense && in != IngestStreaming {
+			return fmt.Errorf("niah: unknown ingest %q (dense or streaming)", in)
+		}
+	}
 	for _, length := range c.Lengths {
 		for _, depth := range c.Depths {
-			var todo []Row
-			for _, method := range c.Methods {
-				for _, b := range budgetsFor(method, c.Budgets) {
-					r := Row{Model: c.Model, Method: method, Budget: b, Length: length, Depth: 100 * depth}
-					if !c.Done[r.Key()] {
-						todo = append(todo, r)
-					}
-				}
-			}
-			if len(todo) == 0 {
-				continue
-			}
-			cl, err := c.build(m, length, depth)
-			if err != nil {
-				return err
-			}
-			var prog runtime.Progress
-			if c.Progress != nil {
-				stage := fmt.Sprintf("ingest %d tokens, depth %.0f%%", length, 100*depth)
-				prog = func(done, total int) { c.Progress(stage, done, total) }
-			}
-			t0 := time.Now()
-			id := fmt.Sprintf("niah-%d-%05.1f-%d-%d", length, 100*depth, c.Needles, c.Seed)
-			doc, err := m.IngestTokens(ctx, id, cl.tokens, prog)
-			if err != nil {
-				return err
-			}
-			prefill := doc.PrefillSeconds
-			if prefill == 0 {
-				prefill = time.Since(t0).Seconds()
-			}
-			for _, r := range todo {
-				if err := ask(ctx, m, doc, cl, &r, c.MaxTokens); err != nil {
-					return fmt.Errorf("%s at %d tokens, depth %.0f%%: %w", r.Method, length, 100*depth, err)
-				}
-				r.PrefillSec, r.Needle = prefill, cl.needle
-				if err := emit(r); err != nil {
+			for _, in := range c.Ingests {
+				if err := c.runCell(ctx, m, length, depth, in, emit); err != nil {
 					return err
 				}
 			}
-			// The ingested pages are not needed again; keep disk use bounded.
-			m.DeleteDocument(id)
 		}
 	}
+	return nil
+}
+
+// runCell ingests one haystack the way in says and asks it under every
+// method and budget not done yet.
+func (c Config) runCell(ctx context.Context, m *runtime.Model, length int, depth float64, in string, emit func(Row) error) error {
+	rowIngest := ""
+	if in == IngestStreaming {
+		rowIngest = in
+	}
+	var todo []Row
+	for _, method := range c.Methods {
+		for _, b := range budgetsFor(method, c.Budgets) {
+			r := Row{Model: c.Model, Method: method, Budget: b, Length: length, Depth: 100 * depth, Ingest: rowIngest}
+			if !c.Done[r.Key()] {
+				todo = append(todo, r)
+			}
+		}
+	}
+	if len(todo) == 0 {
+		return nil
+	}
+	cl, err := c.build(m, length, depth)
+	if err != nil {
+		return err
+	}
+	var prog runtime.Progress
+	if c.Progress != nil {
+		stage := fmt.Sprintf("%s ingest %d tokens, depth %.0f%%", in, length, 100*depth)
+		prog = func(done, total int) { c.Progress(stage, done, total) }
+	}
+	t0 := time.Now()
+	id := fmt.Sprintf("niah-%d-%05.1f-%d-%d-%s", length, 100*depth, c.Needles, c.Seed, in)
+	opts := runtime.IngestOptions{Streaming: in == IngestStreaming, Budget: c.StreamingBudget}
+	if !opts.Streaming {
+		opts.Budget = 0
+	}
+	doc, err := m.IngestTokensWith(ctx, id, cl.tokens, opts, prog)
+	if err != nil {
+		return err
+	}
+	// The ingest's wall time includes page upkeep, saving and, for a
+	// streaming ingest, the probe representatives it stores (a dense
+	// document computes them at its first probe question).
+	ingest := time.Since(t0).Seconds()
+	prefill := doc.PrefillSeconds
+	if prefill == 0 {
+		prefill = ingest
+	}
+	for _, r := range todo {
+		if err := ask(ctx, m, doc, cl, &r, c.MaxTokens); err != nil {
+			return fmt.Errorf("%s at %d tokens, depth %.0f%%: %w", r.Method, length, 100*depth, err)
+		}
+		r.PrefillSec, r.IngestSec, r.Needle = prefill, ingest, cl.needle
+		if err := emit(r); err != nil {
+			return err
+		}
+	}
+	// The ingested pages are not needed again; keep disk use bounded.
+	m.DeleteDocument(id)
 	return nil
 }
 

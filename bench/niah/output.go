@@ -5,6 +5,7 @@ import (
 	"path/filepath"
 	"slices"
 	"sort"
+	"strings"
 
 	gplot "gonum.org/v1/plot"
 
@@ -22,6 +23,10 @@ func Heatmaps(rows []Row, dir string) ([]string, error) {
 	groups := map[series][]plot.Cell{}
 	for _, r := range rows {
 		s := series{r.Method, r.Budget}
+		if r.Ingest != "" {
+			// A document ingested otherwise is its own series.
+			s.method += "@" + r.Ingest
+		}
 		groups[s] = append(groups[s], plot.Cell{Length: r.Length, Depth: r.Depth, Score: r.Score})
 	}
 	keys := make([]series, 0, len(groups))
@@ -41,7 +46,7 @@ func Heatmaps(rows []Row, dir string) ([]string, error) {
 	for _, k := range keys {
 		title := k.method
 		name := k.method
-		if k.method != "dense" {
+		if base, _, _ := strings.Cut(k.method, "@"); base != "dense" {
 			title = fmt.Sprintf("%s, budget %d", k.method, k.budget)
 			name = fmt.Sprintf("%s-%d", k.method, k.budget)
 		}

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
@@ -32,7 +33,12 @@ type PagedConfig struct {
 	HeadProfile string
 	// Hyper, if set, ingests with HyperAttention (runtime.IngestOptions).
 	Hyper *runtime.HyperOptions
-	Log   func(format string, args ...any)
+	// Streaming also ingests each document with probe's streaming prefill
+	// (runtime.IngestOptions.Streaming, within Budget), timed beside the
+	// dense ingest and llama.cpp's prefill of the same tokens. Decode
+	// still runs on the densely ingested document.
+	Streaming bool
+	Log       func(format string, args ...any)
 }
 
 // PagedRow is one context length.
@@ -58,6 +64,15 @@ type PagedRow struct {
 	// squeezed method is benchmarked), after the prefill.
 	ClusterSec    float64 `json:"cluster_seconds,omitempty"`
 	LlamaPrefillS float64 `json:"llamacpp_prefill_seconds"`
+	// IngestSec is the dense ingest's wall time (prefill, page upkeep and
+	// saving), StreamingIngestSec the streaming prefill's (with its probe
+	// representatives, which a dense document computes at its first probe
+	// question), when PagedConfig.Streaming.
+	IngestSec          float64 `json:"ingest_seconds,omitempty"`
+	StreamingIngestSec float64 `json:"streaming_ingest_seconds,omitempty"`
+	// LayerBudgets are the tokens each layer attended to for the question,
+	// for methods with a per-request cut-off (probe).
+	LayerBudgets map[string][]int `json:"layer_budgets,omitempty"`
 }
 
 // AttentionMs estimates attention time per token: decode time minus the
@@ -124,11 +139,27 @@ func pagedOne(ctx context.Context, c PagedConfig, n int, logf func(string, ...an
 		how = fmt.Sprintf("HyperAttention prefill, layers %v (all if empty)", c.Hyper.Layers)
 	}
 	logf("%s %d: ingest (%s)", c.Label, n, how)
+	t0 := time.Now()
 	doc, err := ingester.IngestTokensWith(ctx, "speed", toks, runtime.IngestOptions{Hyper: c.Hyper}, nil)
-	ingester.Close()
 	if err != nil {
+		ingester.Close()
 		return row, err
 	}
+	row.IngestSec = time.Since(t0).Seconds()
+	if c.Streaming {
+		logf("%s %d: ingest (streaming prefill under probe, budget %d)", c.Label, n, c.Budget)
+		t0 := time.Now()
+		if _, err := ingester.IngestTokensWith(ctx, "speed-streaming", toks, runtime.IngestOptions{Streaming: true, Budget: c.Budget}, nil); err != nil {
+			ingester.Close()
+			return row, fmt.Errorf("streaming ingest: %w", err)
+		}
+		row.StreamingIngestSec = time.Since(t0).Seconds()
+		if err := ingester.DeleteDocument("speed-streaming"); err != nil {
+			ingester.Close()
+			return row, err
+		}
+	}
+	ingester.Close()
 	row.PrefillSec, row.UpkeepSec, row.ClusterSec = doc.PrefillSeconds, doc.UpkeepSeconds, doc.ClusterSeconds
 
 	// Decode with its own thread count: the document comes back from disk.
@@ -169,7 +200,7 @@ func pagedOne(ctx context.Context, c PagedConfig, n int, logf func(string, ...an
 		return row, err
 	}
 	defer ref.Close()
-	t0 := time.Now()
+	t0 = time.Now()
 	if _, err := ref.Append(toks, false, nil); err != nil {
 		return row, err
 	}
@@ -188,6 +219,12 @@ func pagedOne(ctx context.Context, c PagedConfig, n int, logf func(string, ...an
 		defer s.Close()
 		if _, err := s.Eval(ctx, question, false, nil); err != nil {
 			return row, fmt.Errorf("%s: %w", meth, err)
+		}
+		if lb := s.LayerBudgets(); lb != nil {
+			if row.LayerBudgets == nil {
+				row.LayerBudgets = map[string][]int{}
+			}
+			row.LayerBudgets[meth] = lb
 		}
 		sessions[i] = s
 	}
@@ -216,6 +253,12 @@ func pagedOne(ctx context.Context, c PagedConfig, n int, logf func(string, ...an
 	row.Resident["llama.cpp"] = int64(capacity) * int64(m.Config().KVBytesPerToken(2))
 	logf("%s %d: decode ms/token %v (base %.2f), prefill %.1fs (upkeep %.1f%%), llama.cpp prefill %.1fs",
 		c.Label, n, row.DecodeMs, row.BaseMs, row.PrefillSec, 100*row.UpkeepShare(), row.LlamaPrefillS)
+	if row.StreamingIngestSec > 0 {
+		logf("%s %d: ingest %.1fs dense, %.1fs streaming", c.Label, n, row.IngestSec, row.StreamingIngestSec)
+	}
+	for meth, lb := range row.LayerBudgets {
+		logf("%s %d: %s per-layer budgets %v", c.Label, n, meth, lb)
+	}
 	return row, nil
 }
 
@@ -243,6 +286,42 @@ func PagedTable(rows []PagedRow, methods []string) string {
 	s += "\n| model | context | prefill s (kvrecall, paged ingest) | prefill s (llama.cpp) | summary upkeep share |\n|---|---|---|---|---|\n"
 	for _, r := range rows {
 		s += fmt.Sprintf("| %s | %d | %.1f | %.1f | %.2f%% |\n", r.Model, r.Context, r.PrefillSec, r.LlamaPrefillS, 100*r.UpkeepShare())
+	}
+	if slices.ContainsFunc(rows, func(r PagedRow) bool { return r.StreamingIngestSec > 0 }) {
+		s += "\n| model | context | budget | dense ingest s | streaming ingest s | llama.cpp prefill s | streaming vs dense | streaming vs llama.cpp |\n|---|---|---|---|---|---|---|---|\n"
+		for _, r := range rows {
+			if r.StreamingIngestSec > 0 {
+				s += fmt.Sprintf("| %s | %d | %d | %.1f | %.1f | %.1f | %.2fx | %.2fx |\n", r.Model, r.Context, r.Budget, r.IngestSec, r.StreamingIngestSec, r.LlamaPrefillS,
+					r.IngestSec/r.StreamingIngestSec, r.LlamaPrefillS/r.StreamingIngestSec)
+			}
+		}
+	}
+	s += LayerBudgetTable(rows, methods)
+	return s
+}
+
+// LayerBudgetTable lists the per-layer budgets (tokens attended for the
+// question, layer 0 first) of the methods that report them (probe), or ""
+// when none does.
+func LayerBudgetTable(rows []PagedRow, methods []string) string {
+	s := ""
+	for _, r := range rows {
+		for _, m := range methods {
+			lb, ok := r.LayerBudgets[m]
+			if !ok {
+				continue
+			}
+			if s == "" {
+				s = "\n| model | context | method | budget | per-layer budgets (layer 0 first) | mean |\n|---|---|---|---|---|---|\n"
+			}
+			sum := 0
+			parts := make([]string, len(lb))
+			for i, b := range lb {
+				parts[i] = fmt.Sprint(b)
+				sum += b
+			}
+			s += fmt.Sprintf("| %s | %d | %s | %d | %s | %.0f |\n", r.Model, r.Context, m, r.Budget, strings.Join(parts, ", "), float64(sum)/float64(max(1, len(lb))))
+		}
 	}
 	return s
 }

@@ -120,6 +120,7 @@ func runSpeed(ctx context.Context, args []string) error {
 	methods := fs.String("methods", "retro,quest", "paged: methods besides dense (any of "+paging.Known()+")")
 	headsProfile := fs.String("heads-profile", "", "paged: head profile for +heads methods: a profile file (cmd/heads) or \"half\" (upper half of each layer's KV heads streaming); default: the heads the model records")
 	hyperLayers := fs.String("hyper", "", "paged: ingest with HyperAttention (paper defaults) on these layers, comma separated, or \"all\"; default: dense ingest")
+	streaming := fs.Bool("streaming", false, "paged: also ingest each document with probe's streaming prefill within --budget, timed against the dense ingest and llama.cpp (decode uses the dense document)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -159,7 +160,7 @@ func runSpeed(ctx context.Context, args []string) error {
 		ms := strings.Split(*methods, ",")
 		for _, t := range targets {
 			rows, err := speed.RunPaged(ctx, speed.PagedConfig{Model: t.path, Label: t.label, Contexts: cs, Threads: ts[0], DecodeThreads: *decodeThreads,
-				Budget: *budget, Methods: ms, DecodeTokens: *decode, HeadProfile: *headsProfile, Hyper: hyperOpts,
+				Budget: *budget, Methods: ms, DecodeTokens: *decode, HeadProfile: *headsProfile, Hyper: hyperOpts, Streaming: *streaming,
 				Log: func(f string, a ...any) { fmt.Fprintf(os.Stderr, f+"\n", a...) }})
 			all = append(all, rows...)
 			if err != nil {
@@ -229,8 +230,16 @@ func runNIAH(ctx context.Context, args []string) error {
 	question := fs.String("question", niah.DefaultNeedle.Question, "text mode: the question")
 	answer := fs.String("answer", niah.DefaultNeedle.Answer, "text mode: the string a correct answer contains")
 	maxTokens := fs.Int("max-tokens", 16, "text mode: answer tokens")
+	ingests := fs.String("ingest", "dense", "how each haystack is ingested, comma separated: dense, streaming (probe's streaming prefill within --streaming-budget); each is asked under every method")
+	streamingBudget := fs.Int("streaming-budget", 2048, "tokens each window of a streaming ingest attends to")
 	if err := fs.Parse(args); err != nil {
 		return err
+	}
+	ins := strings.Split(*ingests, ",")
+	for _, in := range ins {
+		if in != niah.IngestDense && in != niah.IngestStreaming {
+			return fmt.Errorf("--ingest: unknown %q (dense or streaming)", in)
+		}
 	}
 	ls, err := ints(*lengths)
 	if err != nil {
@@ -265,7 +274,8 @@ func runNIAH(ctx context.Context, args []string) error {
 		return err
 	}
 	cfg := niah.Config{Model: filepath.Base(path), Methods: ms, Budgets: bs, Lengths: ls, Depths: ds, Needles: *needles, Seed: *seed,
-		Needle: niah.TextNeedle{Needle: *needle, Question: *question, Answer: *answer}, MaxTokens: *maxTokens}
+		Needle: niah.TextNeedle{Needle: *needle, Question: *question, Answer: *answer}, MaxTokens: *maxTokens,
+		Ingests: ins, StreamingBudget: *streamingBudget}
 	if voc, err := haystack.LoadVocab(f); err == nil {
 		cfg.Recall = voc
 	} else if *hay != "" {
