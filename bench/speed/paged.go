@@ -352,7 +352,8 @@ func PagedPlots(rows []PagedRow, methods []string, dir string) error {
 			}
 			dec, res = append(dec, d), append(res, k)
 		}
-		name := strings.Fields(model)[0]
+		// A --model label is a path: name the files after its base.
+		name := filepath.Base(strings.Fields(model)[0])
 		p, err := plot.Lines(model+": decode at budget "+fmt.Sprint(rs[0].Budget), "context (k tokens)", "ms per token", dec)
 		if err != nil {
 			return err

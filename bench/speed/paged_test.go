@@ -52,4 +52,13 @@ func TestPagedTableStreamingAndLayerBudgets(t *testing.T) {
 	require.NotContains(t, md, "| recall | 65536 | 2048 | 90.0 |", "a row without a streaming ingest has no line there")
 	require.Contains(t, md, "| recall | 32768 | probe | 2048 | 1984, 2112 | 2048 |")
 	require.NotContains(t, LayerBudgetTable(rows, []string{"retro"}), "retro")
+
+	// A model given by path (bench speed --model) names its plots by base name.
+	for i := range rows {
+		rows[i].Model = "/tmp/models/recall-l4.gguf"
+	}
+	dir := t.TempDir()
+	require.NoError(t, PagedPlots(rows, []string{"retro", "probe"}, dir))
+	_, err := os.Stat(filepath.Join(dir, "decode-recall-l4.gguf.png"))
+	require.NoError(t, err)
 }
