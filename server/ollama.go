@@ -101,10 +101,8 @@ func (s *Server) metricsOf(res *runtime.Result, start time.Time) api.Metrics {
 
 // kvrecallFields are kvrecall's extensions of Ollama's requests.
 type kvrecallFields struct {
-	Document     string `json:"document"`
-	Policy       string `json:"policy"`
-	Budget       int    `json:"budget"`
-	HeadsProfile string `json:"heads_profile"`
+	Document string `json:"document"`
+	pagingJSON
 }
 
 func (s *Server) ollamaGenerate(w http.ResponseWriter, r *http.Request, m *runtime.Model) {
@@ -206,13 +204,10 @@ func (s *Server) ollamaRun(w http.ResponseWriter, r *http.Request, m *runtime.Mo
 	if err != nil {
 		return
 	}
-	if err = checkPolicy(kv.Policy, kv.Budget); err != nil {
-		return
-	}
 	if name == "" {
 		name = s.cfg.ModelName
 	}
-	if g.policy, err = s.policy(kv.Policy, kv.Budget, kv.HeadsProfile); err != nil {
+	if g.policy, err = s.policy(kv.pagingJSON); err != nil {
 		return
 	}
 	g.route, g.document, g.opts, g.numCtx = route, kv.Document, opts, numCtx
@@ -249,12 +244,21 @@ func (s *Server) ollamaRun(w http.ResponseWriter, r *http.Request, m *runtime.Mo
 		text = res.Text
 	}
 	reason := finishReason(res.StopReason)
+	// Methods with a per-request cut-off (probe) report each layer's tokens
+	// attended (0: a dense layer) in layer_budgets, as timings.layer_budgets
+	// on the OpenAI routes; other methods leave it out.
 	var final any
 	if chat {
-		final = api.ChatResponse{Model: name, CreatedAt: time.Now().UTC(), Message: api.Message{Role: "assistant", Content: text},
-			Done: true, DoneReason: reason, Metrics: s.metricsOf(res, start)}
+		final = struct {
+			api.ChatResponse
+			LayerBudgets []int `json:"layer_budgets,omitempty"`
+		}{api.ChatResponse{Model: name, CreatedAt: time.Now().UTC(), Message: api.Message{Role: "assistant", Content: text},
+			Done: true, DoneReason: reason, Metrics: s.metricsOf(res, start)}, res.LayerBudgets}
 	} else {
-		final = api.GenerateResponse{Model: name, CreatedAt: time.Now().UTC(), Response: text, Done: true, DoneReason: reason, Metrics: s.metricsOf(res, start)}
+		final = struct {
+			api.GenerateResponse
+			LayerBudgets []int `json:"layer_budgets,omitempty"`
+		}{api.GenerateResponse{Model: name, CreatedAt: time.Now().UTC(), Response: text, Done: true, DoneReason: reason, Metrics: s.metricsOf(res, start)}, res.LayerBudgets}
 	}
 	if !streaming {
 		writeJSON(w, http.StatusOK, final)

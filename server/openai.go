@@ -6,15 +6,12 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"maps"
 	"math"
 	"net/http"
-	"slices"
 	"strings"
 	"time"
 
 	"github.com/kvrecall/kvrecall/heads"
-	"github.com/kvrecall/kvrecall/paging"
 	"github.com/kvrecall/kvrecall/runtime"
 )
 
@@ -39,8 +36,8 @@ func (s *stringList) UnmarshalJSON(b []byte) error {
 }
 
 // openaiParams are the fields completions and chat share, plus kvrecall's
-// extensions: document, policy, budget (and llama-server's top_k, min_p,
-// repeat_penalty).
+// extensions: document and the paging overrides (pagingJSON), and
+// llama-server's top_k, min_p, repeat_penalty.
 type openaiParams struct {
 	Model               string     `json:"model"`
 	MaxTokens           *int       `json:"max_tokens"`
@@ -58,11 +55,7 @@ type openaiParams struct {
 		IncludeUsage bool `json:"include_usage"`
 	} `json:"stream_options"`
 	Document string `json:"document"`
-	Policy   string `json:"policy"`
-	Budget   int    `json:"budget"`
-	// HeadsProfile names a head profile the server loaded (serve
-	// --heads-profiles DIR: DIR/NAME.heads.json) for a "+heads" policy.
-	HeadsProfile string `json:"heads_profile"`
+	pagingJSON
 }
 
 // Default sampling, as Ollama's: clients that send nothing get
@@ -108,10 +101,7 @@ func (p *openaiParams) toRuntime(s *Server) (runtime.GenerateOptions, runtime.Po
 	if err := checkStop("stop", p.Stop); err != nil {
 		return o, runtime.PolicyOptions{}, err
 	}
-	if err := checkPolicy(p.Policy, p.Budget); err != nil {
-		return o, runtime.PolicyOptions{}, err
-	}
-	pol, err := s.policy(p.Policy, p.Budget, p.HeadsProfile)
+	pol, err := s.policy(p.pagingJSON)
 	return o, pol, err
 }
 
@@ -162,42 +152,6 @@ func checkStop(field string, stop []string) error {
 		return badRequest("%s: at most %d stop strings", field, maxStopStrings)
 	}
 	return nil
-}
-
-// checkPolicy validates a request's paging overrides.
-func checkPolicy(name string, budget int) error {
-	if name != "" {
-		if _, _, err := paging.Parse(name); err != nil {
-			return badRequest("unknown policy %q (known: %s)", name, paging.Known())
-		}
-	}
-	if budget < 0 {
-		return badRequest("budget must be positive (0: the server's default)")
-	}
-	return nil
-}
-
-// policy applies a request's overrides to the server's default policy:
-// the method, the budget and a named head profile.
-func (s *Server) policy(name string, budget int, profile string) (runtime.PolicyOptions, error) {
-	p := s.cfg.Policy
-	if name != "" {
-		p.Policy = name
-	}
-	if budget > 0 {
-		p.Budget = budget
-	}
-	if profile != "" {
-		s.profilesMu.RLock()
-		c, ok := s.profiles[profile]
-		names := slices.Sorted(maps.Keys(s.profiles))
-		s.profilesMu.RUnlock()
-		if !ok {
-			return p, badRequest("heads_profile %q is not loaded (loaded: %s; start serve with --heads-profiles DIR)", profile, strings.Join(names, ", "))
-		}
-		p.Extra = map[string]any{heads.OptionKey: c}
-	}
-	return p, nil
 }
 
 // SetHeadProfiles sets the head profiles requests may name in

@@ -50,11 +50,15 @@ type Config struct {
 	Done map[string]bool
 }
 
-// Ingest is one way to prefill a haystack: dense (Hyper nil) or with
-// HyperAttention (runtime.IngestOptions.Hyper). Name labels its rows.
+// Ingest is one way to prefill a haystack: dense (Hyper nil, Streaming
+// false), with HyperAttention (runtime.IngestOptions.Hyper), or probe's
+// streaming prefill within Budget tokens (IngestOptions.Streaming). Name
+// labels its rows.
 type Ingest struct {
-	Name  string
-	Hyper *runtime.HyperOptions
+	Name      string
+	Hyper     *runtime.HyperOptions
+	Streaming bool
+	Budget    int
 }
 
 // ingests returns c.Ingests, or the dense ingest alone.
@@ -82,6 +86,7 @@ type Row struct {
 	Exact         bool    `json:"exact"`
 	MsPerToken    float64 `json:"ms_per_token"`
 	PrefillSec    float64 `json:"prefill_seconds"`
+	IngestSec     float64 `json:"ingest_seconds,omitempty"` // wall time of the whole ingest
 	ResidentBytes int64   `json:"resident_kv_bytes"`
 	// AttendedBytes is the KV the answer's last decode step attended to
 	// (every layer and head group).
@@ -112,8 +117,12 @@ func (r Row) Line() string {
 	if r.Ingest != "" && r.Ingest != "dense" {
 		ingest = fmt.Sprintf("ingest %s (%.1fs)  ", r.Ingest, r.PrefillSec)
 	}
-	return fmt.Sprintf("%slength %6d  depth %5.1f%%  %-6s budget %5d  %-5s  %6.2f ms/token  resident %s  attended %s",
+	s := fmt.Sprintf("%slength %6d  depth %5.1f%%  %-6s budget %5d  %-5s  %6.2f ms/token  resident %s  attended %s",
 		ingest, r.Length, r.Depth, r.Method, r.Budget, verdict, r.MsPerToken, human(r.ResidentBytes), human(r.AttendedBytes))
+	if r.LayerBudgets != nil {
+		s += fmt.Sprintf("  layer budgets %v", r.LayerBudgets)
+	}
+	return s
 }
 
 func human(b int64) string {
@@ -207,6 +216,9 @@ func (c Config) runIngest(ctx context.Context, m *runtime.Model, in Ingest, leng
 	if len(todo) == 0 {
 		return nil
 	}
+	if in.Streaming && in.Budget <= 0 {
+		return fmt.Errorf("niah: streaming ingest %q needs a positive budget", in.Name)
+	}
 	if *cl == nil {
 		var err error
 		if *cl, err = c.build(m, length, depth); err != nil {
@@ -228,19 +240,27 @@ func (c Config) runIngest(ctx context.Context, m *runtime.Model, in Ingest, leng
 			return '_'
 		}, name)
 	}
-	doc, err := m.IngestTokensWith(ctx, id, (*cl).tokens, runtime.IngestOptions{Hyper: in.Hyper}, prog)
+	opts := runtime.IngestOptions{Hyper: in.Hyper}
+	if in.Streaming {
+		opts.Streaming, opts.Budget = true, in.Budget
+	}
+	doc, err := m.IngestTokensWith(ctx, id, (*cl).tokens, opts, prog)
 	if err != nil {
 		return fmt.Errorf("ingest %s at %d tokens: %w", in.Name, length, err)
 	}
+	// The ingest's wall time includes page upkeep, saving and, for a
+	// streaming ingest, the probe representatives it stores (a dense
+	// document computes them at its first probe question).
+	ingest := time.Since(t0).Seconds()
 	prefill := doc.PrefillSeconds
 	if prefill == 0 {
-		prefill = time.Since(t0).Seconds()
+		prefill = ingest
 	}
 	for _, r := range todo {
 		if err := ask(ctx, m, doc, *cl, &r, c.MaxTokens); err != nil {
 			return fmt.Errorf("%s at %d tokens, depth %.0f%%: %w", r.Method, length, 100*depth, err)
 		}
-		r.PrefillSec, r.Needle = prefill, (*cl).needle
+		r.PrefillSec, r.IngestSec, r.Needle = prefill, ingest, (*cl).needle
 		if err := emit(r); err != nil {
 			return err
 		}

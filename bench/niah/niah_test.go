@@ -10,6 +10,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/kvrecall/kvrecall/bench/runinfo"
+	"github.com/kvrecall/kvrecall/foundry"
 	"github.com/kvrecall/kvrecall/gguf"
 	"github.com/kvrecall/kvrecall/haystack"
 	"github.com/kvrecall/kvrecall/internal/testmodels"
@@ -145,6 +146,14 @@ func TestResumeAfterInterruption(t *testing.T) {
 
 	cfg := Config{Methods: []string{"retro", "quest", "dense"}, Budgets: []int{1024, 2048}, Lengths: []int{4096}, Depths: []float64{0.25, 0.5}}
 	require.Equal(t, (2+2+1)*2, cfg.Total())
+	cfg.Ingests = []Ingest{{Name: "dense"}, {Name: "streaming", Streaming: true, Budget: 1024}}
+	require.Equal(t, (2+2+1)*2*2, cfg.Total())
+	// A streamed document's row is another cell; a dense one keeps the
+	// keys of runs made before ingest modes existed.
+	r3 := r1
+	r3.Ingest = "streaming"
+	require.False(t, done[r3.Key()])
+	require.Equal(t, "retro|1024|4096|25.000", r1.Key())
 }
 
 // End to end on the recall model: rows for every cell, retro finds the
@@ -196,6 +205,44 @@ func TestRunRecall(t *testing.T) {
 			require.Positive(t, st.Size())
 		}
 	}
+}
+
+// Both ingest modes in one run, on the 4-layer salience variant (a
+// layer's keys depend on earlier layers' attention): every cell is asked
+// on a dense and on a streamed document, the rows say which, and both
+// answer under dense attention and probe.
+func TestRunStreamingIngest(t *testing.T) {
+	path := testmodels.RecallWith(t, foundry.RecallOptions{Layers: 4, PrevLayer: 1, RetrievalLayer: 2, Salience: true})
+	f, err := gguf.Open(path)
+	require.NoError(t, err)
+	voc, err := haystack.LoadVocab(f)
+	require.NoError(t, err)
+	m, err := runtime.Open(context.Background(), path, runtime.Options{Threads: 2, ContextLength: 4200, DataDir: t.TempDir()})
+	require.NoError(t, err)
+	defer m.Close()
+	cfg := Config{Model: "recall", Methods: []string{"dense", "probe"}, Budgets: []int{1024}, Lengths: []int{4096},
+		Depths: []float64{0.5}, Seed: 3, Recall: voc, Ingests: []Ingest{{Name: "dense"}, {Name: "streaming", Streaming: true, Budget: 1024}}}
+	var rows []Row
+	require.NoError(t, Run(context.Background(), m, cfg, func(r Row) error { rows = append(rows, r); return nil }))
+	require.Len(t, rows, 4)
+	ingests := map[string]int{}
+	for _, r := range rows {
+		ingests[r.Ingest]++
+		require.True(t, r.Exact, "%+v", r)
+		require.Positive(t, r.IngestSec)
+		require.GreaterOrEqual(t, r.IngestSec, r.PrefillSec)
+		if r.Method == "probe" {
+			require.Len(t, r.LayerBudgets, 4)
+		}
+	}
+	require.Equal(t, map[string]int{"": 2, "streaming": 2}, ingests)
+	names, err := Heatmaps(rows, t.TempDir())
+	require.NoError(t, err)
+	require.Contains(t, names, "heatmap-streaming-dense")
+	require.Contains(t, names, "heatmap-streaming-probe-1024")
+
+	cfg.Ingests = []Ingest{{Name: "streaming", Streaming: true}}
+	require.ErrorContains(t, Run(context.Background(), m, cfg, func(Row) error { return nil }), "needs a positive budget")
 }
 
 // Text mode places an English needle and scores by string match.

@@ -97,20 +97,61 @@ func TestRunRecall(t *testing.T) {
 	require.NoError(t, err)
 	defer m.Close()
 	cfg := Config{Model: "recall", Tasks: []string{"niah_single", "niah_multikey", "niah_multiquery", "cwe"}, Lengths: []int{1024, 2048},
-		Samples: 2, Methods: []string{"dense", "retro"}, Budgets: []int{1024}, Recall: voc}
+		Samples: 2, Methods: []string{"dense", "retro", "probe"}, Budgets: []int{1024}, Recall: voc}
 	var rows []Row
 	require.NoError(t, Run(context.Background(), m, cfg, func(r Row) error { rows = append(rows, r); return nil }))
 	require.Len(t, rows, cfg.Total())
 	for _, r := range rows {
-		if strings.HasPrefix(r.Task, "niah") {
+		if strings.HasPrefix(r.Task, "niah") && r.Method != "probe" {
 			require.Equal(t, 100.0, r.Score, "%+v", r)
 		}
+		// probe reports its per-layer cut-off; fixed-budget methods do not.
+		if r.Method == "probe" {
+			require.Len(t, r.LayerBudgets, 2, "%+v", r)
+		} else {
+			require.Nil(t, r.LayerBudgets, "%+v", r)
+		}
 	}
+	require.Contains(t, LayerBudgets(rows), "| probe | 1024 | 1024 | 8 | ")
 	sums := Summarize(rows)
-	require.Len(t, sums, 2*4*2)
+	require.Len(t, sums, 3*4*2)
 	csv := CSV(sums)
 	require.True(t, strings.HasPrefix(csv, "method,budget,task,1024,2048,average\n"))
 	require.Contains(t, csv, "dense,0,niah_single,100.0,100.0,100.0")
 	md := Markdown(sums)
 	require.Contains(t, md, "| retro | 1024 | niah_multiquery | 100.0 | 100.0 | 100.0 |")
+}
+
+// LayerBudgets averages each layer over the samples of a method, budget and
+// length, shows the range where they differ, and is empty without probe.
+func TestLayerBudgetsTable(t *testing.T) {
+	cases := []struct {
+		name string
+		rows []Row
+		want []string
+	}{
+		{"none", []Row{{Method: "retro", Budget: 2048, Length: 4096}}, nil},
+		{"equal", []Row{
+			{Method: "probe", Budget: 2048, Length: 4096, LayerBudgets: []int{2048, 2048}},
+			{Method: "probe", Budget: 2048, Length: 4096, LayerBudgets: []int{2048, 2048}},
+		}, []string{"| probe | 2048 | 4096 | 2 | 2048, 2048 |"}},
+		{"ranges, sorted by budget", []Row{
+			{Method: "probe", Budget: 2048, Length: 4096, LayerBudgets: []int{1792, 2304}},
+			{Method: "probe", Budget: 2048, Length: 4096, LayerBudgets: []int{2048, 2048}},
+			{Method: "probe", Budget: 1024, Length: 4096, LayerBudgets: []int{1024, 1024}},
+			{Method: "retro", Budget: 1024, Length: 4096},
+		}, []string{"| probe | 1024 | 4096 | 1 | 1024, 1024 |\n| probe | 2048 | 4096 | 2 | 1920 (1792–2048), 2176 (2048–2304) |"}},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			got := LayerBudgets(c.rows)
+			if c.want == nil {
+				require.Empty(t, got)
+				return
+			}
+			for _, w := range c.want {
+				require.Contains(t, got, w)
+			}
+		})
+	}
 }

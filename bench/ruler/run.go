@@ -39,6 +39,9 @@ type Row struct {
 	Refs       []string `json:"references"`
 	MsPerToken float64  `json:"ms_per_token"`
 	Tokens     int      `json:"context_tokens"`
+	// LayerBudgets are the tokens each layer attended to for the sample's
+	// first question, for methods with a per-request cut-off (probe).
+	LayerBudgets []int `json:"layer_budgets,omitempty"`
 }
 
 // Key identifies a row for resuming.
@@ -135,6 +138,9 @@ func askSample(ctx context.Context, m *runtime.Model, doc *runtime.Document, s *
 		sess.Close()
 		if err != nil {
 			return err
+		}
+		if r.LayerBudgets == nil {
+			r.LayerBudgets = res.LayerBudgets
 		}
 		pred = append(pred, strings.TrimSpace(res.Text))
 		dec += res.DecodeDuration
@@ -242,6 +248,64 @@ func Markdown(sums []Summary) string {
 			b.WriteString(" " + cell(g, l, "%.1f") + " |")
 		}
 		fmt.Fprintf(&b, " %.1f |\n", mean(g))
+	}
+	return b.String()
+}
+
+// LayerBudgets formats, for methods with a per-request cut-off (probe),
+// each layer's budget (tokens attended for a sample's first question)
+// averaged over the samples, with its range, per method, budget and
+// length; "" when no row has any.
+func LayerBudgets(rows []Row) string {
+	type k struct {
+		m         string
+		b, length int
+	}
+	var keys []k
+	per := map[k][][]int{}
+	for _, r := range rows {
+		if r.LayerBudgets == nil {
+			continue
+		}
+		key := k{r.Method, r.Budget, r.Length}
+		if _, ok := per[key]; !ok {
+			keys = append(keys, key)
+		}
+		per[key] = append(per[key], r.LayerBudgets)
+	}
+	if len(keys) == 0 {
+		return ""
+	}
+	sort.Slice(keys, func(i, j int) bool {
+		a, b := keys[i], keys[j]
+		if a.m != b.m {
+			return a.m < b.m
+		}
+		if a.b != b.b {
+			return a.b < b.b
+		}
+		return a.length < b.length
+	})
+	var b strings.Builder
+	b.WriteString("| method | budget | length | samples | per-layer budget: mean (min–max) |\n|---|---|---|---|---|\n")
+	for _, key := range keys {
+		lbs := per[key]
+		var cells []string
+		for l := range lbs[0] {
+			lo, hi, sum := lbs[0][l], lbs[0][l], 0
+			for _, lb := range lbs {
+				if l >= len(lb) {
+					continue
+				}
+				lo, hi, sum = min(lo, lb[l]), max(hi, lb[l]), sum+lb[l]
+			}
+			c := fmt.Sprintf("%.0f", float64(sum)/float64(len(lbs)))
+			if lo != hi {
+				c += fmt.Sprintf(" (%d–%d)", lo, hi)
+			}
+			cells = append(cells, c)
+		}
+		fmt.Fprintf(&b, "| %s | %d | %d | %d | %s |\n", key.m, key.b, key.length, len(lbs), strings.Join(cells, ", "))
 	}
 	return b.String()
 }

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
@@ -39,6 +40,11 @@ type PagedConfig struct {
 	// SkipLlama skips llama.cpp (its prefill and decode steps): its
 	// quadratic prefill takes over 10 minutes at 128k tokens.
 	SkipLlama bool
+	// Streaming also ingests each document with probe's streaming prefill
+	// (runtime.IngestOptions.Streaming, within Budget), timed beside the
+	// dense ingest and llama.cpp's prefill of the same tokens. Decode
+	// still runs on the densely ingested document.
+	Streaming bool
 	Log       func(format string, args ...any)
 }
 
@@ -74,6 +80,15 @@ type PagedRow struct {
 	// /proc/self/clear_refs; weights and the engine are loaded before).
 	// Keys: "dense", "hyper", "llama.cpp".
 	PeakRSS map[string]int64 `json:"peak_rss_delta_bytes,omitempty"`
+	// IngestSec is the dense ingest's wall time (prefill, page upkeep and
+	// saving), StreamingIngestSec the streaming prefill's (with its probe
+	// representatives, which a dense document computes at its first probe
+	// question), when PagedConfig.Streaming.
+	IngestSec          float64 `json:"ingest_seconds,omitempty"`
+	StreamingIngestSec float64 `json:"streaming_ingest_seconds,omitempty"`
+	// LayerBudgets are the tokens each layer attended to for the question,
+	// for methods with a per-request cut-off (probe).
+	LayerBudgets map[string][]int `json:"layer_budgets,omitempty"`
 }
 
 // AttentionMs estimates attention time per token: decode time minus the
@@ -136,6 +151,9 @@ func pagedOne(ctx context.Context, c PagedConfig, n int, logf func(string, ...an
 	var toks, question []int32
 	// ingest prefills the document under id in a model of its own, and
 	// measures its peak memory above what the loaded model holds.
+	// wall is the ingest's wall time (prefill, page upkeep, saving, and a
+	// streaming ingest's probe representatives).
+	var wall float64
 	ingest := func(id string, o runtime.IngestOptions, how string) (*runtime.Document, error) {
 		ingester, err := runtime.Open(ctx, c.Model, runtime.Options{Threads: c.Threads, ContextLength: capacity, DataDir: dir, Squeezed: sq})
 		if err != nil {
@@ -146,10 +164,12 @@ func pagedOne(ctx context.Context, c PagedConfig, n int, logf func(string, ...an
 		question = prompt(n+8, ingester.Config().Vocab)[n:]
 		logf("%s %d: ingest (%s)", c.Label, n, how)
 		peak := startPeak()
+		t0 := time.Now()
 		doc, err := ingester.IngestTokensWith(ctx, id, toks, o, nil)
 		if err != nil {
 			return nil, err
 		}
+		wall = time.Since(t0).Seconds()
 		row.PeakRSS[how[:strings.Index(how+" ", " ")]] = peak()
 		return doc, nil
 	}
@@ -160,6 +180,7 @@ func pagedOne(ctx context.Context, c PagedConfig, n int, logf func(string, ...an
 			return row, err
 		}
 		row.PrefillSec, row.UpkeepSec, row.ClusterSec = doc.PrefillSeconds, doc.UpkeepSeconds, doc.ClusterSeconds
+		row.IngestSec = wall
 	}
 	if c.Hyper != nil {
 		doc, err := ingest("speed-hyper", runtime.IngestOptions{Hyper: c.Hyper},
@@ -172,6 +193,13 @@ func pagedOne(ctx context.Context, c PagedConfig, n int, logf func(string, ...an
 			docID = "speed-hyper"
 			row.UpkeepSec, row.ClusterSec = doc.UpkeepSeconds, doc.ClusterSeconds
 		}
+	}
+	if c.Streaming {
+		if _, err := ingest("speed-streaming", runtime.IngestOptions{Streaming: true, Budget: c.Budget},
+			fmt.Sprintf("streaming prefill under probe, budget %d", c.Budget)); err != nil {
+			return row, fmt.Errorf("streaming ingest: %w", err)
+		}
+		row.StreamingIngestSec = wall
 	}
 
 	// Decode with its own thread count: the document comes back from disk.
@@ -237,6 +265,12 @@ func pagedOne(ctx context.Context, c PagedConfig, n int, logf func(string, ...an
 		if _, err := s.Eval(ctx, question, false, nil); err != nil {
 			return row, fmt.Errorf("%s: %w", meth, err)
 		}
+		if lb := s.LayerBudgets(); lb != nil {
+			if row.LayerBudgets == nil {
+				row.LayerBudgets = map[string][]int{}
+			}
+			row.LayerBudgets[meth] = lb
+		}
 		sessions[i] = s
 	}
 	steps := make([][]time.Duration, len(methods)+1)
@@ -269,6 +303,12 @@ func pagedOne(ctx context.Context, c PagedConfig, n int, logf func(string, ...an
 	}
 	logf("%s %d: decode ms/token %v (base %.2f), prefill %.1fs (upkeep %.1f%%), hyper prefill %.1fs, llama.cpp prefill %.1fs, peak RSS delta %v",
 		c.Label, n, row.DecodeMs, row.BaseMs, row.PrefillSec, 100*row.UpkeepShare(), row.HyperPrefillSec, row.LlamaPrefillS, row.PeakRSS)
+	if row.StreamingIngestSec > 0 {
+		logf("%s %d: ingest %.1fs dense, %.1fs streaming", c.Label, n, row.IngestSec, row.StreamingIngestSec)
+	}
+	for meth, lb := range row.LayerBudgets {
+		logf("%s %d: %s per-layer budgets %v", c.Label, n, meth, lb)
+	}
 	return row, nil
 }
 
@@ -337,6 +377,7 @@ func PagedTable(rows []PagedRow, methods []string) string {
 		}
 	}
 	s += "\n" + PrefillTable(rows)
+	s += LayerBudgetTable(rows, methods)
 	return s
 }
 
@@ -375,6 +416,41 @@ func PrefillTable(rows []PagedRow) string {
 			ratio(r.PrefillSec, r.LlamaPrefillS), ratio(r.LlamaPrefillS, r.HyperPrefillSec), ratio(r.PrefillSec, r.HyperPrefillSec),
 			peak(r, "dense"), peak(r, "hyper"), peak(r, "llama.cpp"), upkeep)
 	}
+	if slices.ContainsFunc(rows, func(r PagedRow) bool { return r.StreamingIngestSec > 0 }) {
+		s += "\n| model | context | budget | dense ingest s | streaming ingest s | llama.cpp prefill s | streaming vs dense | streaming vs llama.cpp |\n|---|---|---|---|---|---|---|---|\n"
+		for _, r := range rows {
+			if r.StreamingIngestSec > 0 {
+				s += fmt.Sprintf("| %s | %d | %d | %.1f | %.1f | %.1f | %.2fx | %.2fx |\n", r.Model, r.Context, r.Budget, r.IngestSec, r.StreamingIngestSec, r.LlamaPrefillS,
+					r.IngestSec/r.StreamingIngestSec, r.LlamaPrefillS/r.StreamingIngestSec)
+			}
+		}
+	}
+	return s
+}
+
+// LayerBudgetTable lists the per-layer budgets (tokens attended for the
+// question, layer 0 first) of the methods that report them (probe), or ""
+// when none does.
+func LayerBudgetTable(rows []PagedRow, methods []string) string {
+	s := ""
+	for _, r := range rows {
+		for _, m := range methods {
+			lb, ok := r.LayerBudgets[m]
+			if !ok {
+				continue
+			}
+			if s == "" {
+				s = "\n| model | context | method | budget | per-layer budgets (layer 0 first) | mean |\n|---|---|---|---|---|---|\n"
+			}
+			sum := 0
+			parts := make([]string, len(lb))
+			for i, b := range lb {
+				parts[i] = fmt.Sprint(b)
+				sum += b
+			}
+			s += fmt.Sprintf("| %s | %d | %s | %d | %s | %.0f |\n", r.Model, r.Context, m, r.Budget, strings.Join(parts, ", "), float64(sum)/float64(max(1, len(lb))))
+		}
+	}
 	return s
 }
 
@@ -409,7 +485,8 @@ func PagedPlots(rows []PagedRow, methods []string, dir string) error {
 				dec, res = append(dec, d), append(res, k)
 			}
 		}
-		name := strings.Fields(model)[0]
+		// A --model label is a path: name the files after its base.
+		name := filepath.Base(strings.Fields(model)[0])
 		p, err := plot.Lines(model+": decode at budget "+fmt.Sprint(rs[0].Budget), "context (k tokens)", "ms per token", dec)
 		if err != nil {
 			return err

@@ -41,4 +41,34 @@ func TestPagedTableAndPlots(t *testing.T) {
 		require.Positive(t, st.Size())
 	}
 	require.True(t, strings.HasPrefix(DenseTable(nil), "| model |"))
+	require.NotContains(t, md, "streaming ingest", "no streaming ingest was measured")
+	require.NotContains(t, md, "per-layer budgets", "no method reported any")
+}
+
+// The streaming-ingest and per-layer budget tables appear for the rows and
+// methods that have them.
+func TestPagedTableStreamingAndLayerBudgets(t *testing.T) {
+	rows := []PagedRow{
+		{Model: "recall", Context: 32768, Budget: 2048, BaseMs: 1,
+			DecodeMs: map[string]float64{"llama.cpp": 4, "dense": 4, "probe": 2, "retro": 2},
+			Resident: map[string]int64{}, PrefillSec: 20, UpkeepSec: 0.2, LlamaPrefillS: 10,
+			IngestSec: 24, StreamingIngestSec: 12, LayerBudgets: map[string][]int{"probe": {1984, 2112}}},
+		{Model: "recall", Context: 65536, Budget: 2048, BaseMs: 1,
+			DecodeMs: map[string]float64{"llama.cpp": 4, "dense": 4, "probe": 2, "retro": 2},
+			Resident: map[string]int64{}, PrefillSec: 80, UpkeepSec: 0.4, LlamaPrefillS: 40, IngestSec: 90},
+	}
+	md := PagedTable(rows, []string{"retro", "probe"})
+	require.Contains(t, md, "| recall | 32768 | 2048 | 24.0 | 12.0 | 10.0 | 2.00x | 0.83x |")
+	require.NotContains(t, md, "| recall | 65536 | 2048 | 90.0 |", "a row without a streaming ingest has no line there")
+	require.Contains(t, md, "| recall | 32768 | probe | 2048 | 1984, 2112 | 2048 |")
+	require.NotContains(t, LayerBudgetTable(rows, []string{"retro"}), "retro")
+
+	// A model given by path (bench speed --model) names its plots by base name.
+	for i := range rows {
+		rows[i].Model = "/tmp/models/recall-l4.gguf"
+	}
+	dir := t.TempDir()
+	require.NoError(t, PagedPlots(rows, []string{"retro", "probe"}, dir))
+	_, err := os.Stat(filepath.Join(dir, "decode-recall-l4.gguf.png"))
+	require.NoError(t, err)
 }

@@ -124,6 +124,7 @@ func runSpeed(ctx context.Context, args []string) error {
 	hyperLayers := fs.String("hyper", "", "paged: also ingest with HyperAttention (paper defaults) on these layers, comma separated, or \"all\", and compare with the dense ingest and llama.cpp; default: dense ingest only")
 	skipDense := fs.Bool("skip-dense", false, "paged, with --hyper: skip the dense ingest (decode reads the HyperAttention ingest's document)")
 	skipLlama := fs.Bool("skip-llama", false, "paged: skip llama.cpp (its prefill and decode steps; its quadratic prefill takes >10 minutes at 128k)")
+	streaming := fs.Bool("streaming", false, "paged: also ingest each document with probe's streaming prefill within --budget, timed against the dense ingest and llama.cpp (decode uses the dense document)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -167,7 +168,7 @@ func runSpeed(ctx context.Context, args []string) error {
 		for _, t := range targets {
 			rows, err := speed.RunPaged(ctx, speed.PagedConfig{Model: t.path, Label: t.label, Contexts: cs, Threads: ts[0], DecodeThreads: *decodeThreads,
 				Budget: *budget, Methods: ms, DecodeTokens: *decode, HeadProfile: *headsProfile, Hyper: hyperOpts,
-				SkipDense: *skipDense, SkipLlama: *skipLlama,
+				SkipDense: *skipDense, SkipLlama: *skipLlama, Streaming: *streaming,
 				Log: func(f string, a ...any) { fmt.Fprintf(os.Stderr, f+"\n", a...) }})
 			all = append(all, rows...)
 			if err != nil {
@@ -237,7 +238,8 @@ func runNIAH(ctx context.Context, args []string) error {
 	question := fs.String("question", niah.DefaultNeedle.Question, "text mode: the question")
 	answer := fs.String("answer", niah.DefaultNeedle.Answer, "text mode: the string a correct answer contains")
 	maxTokens := fs.Int("max-tokens", 16, "text mode: answer tokens")
-	ingestSpec := fs.String("ingest", "dense", "prefills of each haystack, comma separated, each answered under every method: dense, or hyper:all, hyper:but0 (every layer but 0), hyper:last or hyper:L1+L2 (HyperAttention, paper defaults, on those layers)")
+	ingestSpec := fs.String("ingest", "dense", "prefills of each haystack, comma separated, each answered under every method: dense, streaming (probe's streaming prefill within --streaming-budget), or hyper:all, hyper:but0 (every layer but 0), hyper:last or hyper:L1+L2 (HyperAttention, paper defaults, on those layers)")
+	streamingBudget := fs.Int("streaming-budget", 2048, "tokens each window of a streaming ingest attends to")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -274,7 +276,8 @@ func runNIAH(ctx context.Context, args []string) error {
 		return err
 	}
 	cfg := niah.Config{Model: filepath.Base(path), Methods: ms, Budgets: bs, Lengths: ls, Depths: ds, Needles: *needles, Seed: *seed,
-		Needle: niah.TextNeedle{Needle: *needle, Question: *question, Answer: *answer}, MaxTokens: *maxTokens}
+		Needle: niah.TextNeedle{Needle: *needle, Question: *question, Answer: *answer}, MaxTokens: *maxTokens,
+	}
 	if voc, err := haystack.LoadVocab(f); err == nil {
 		cfg.Recall = voc
 	} else if *hay != "" {
@@ -310,7 +313,7 @@ func runNIAH(ctx context.Context, args []string) error {
 		return err
 	}
 	defer cleanup()
-	if cfg.Ingests, err = parseIngests(*ingestSpec, m.Config().Layers); err != nil {
+	if cfg.Ingests, err = parseIngests(*ingestSpec, m.Config().Layers, *streamingBudget); err != nil {
 		return err
 	}
 
@@ -484,10 +487,14 @@ func runRuler(ctx context.Context, args []string) error {
 	if werr := os.WriteFile(filepath.Join(dir, "summary.csv"), []byte(ruler.CSV(sums)), 0o644); werr != nil {
 		return werr
 	}
-	if werr := os.WriteFile(filepath.Join(dir, "summary.md"), []byte(ruler.Markdown(sums)), 0o644); werr != nil {
+	md := ruler.Markdown(sums)
+	if lb := ruler.LayerBudgets(rows); lb != "" {
+		md += "\nPer-layer budgets (tokens attended, layer 0 first):\n\n" + lb
+	}
+	if werr := os.WriteFile(filepath.Join(dir, "summary.md"), []byte(md), 0o644); werr != nil {
 		return werr
 	}
-	fmt.Printf("\nbench %s\n\n%s\nresults in %s\n", strings.Join(append([]string{"ruler"}, args...), " "), ruler.Markdown(sums), dir)
+	fmt.Printf("\nbench %s\n\n%s\nresults in %s\n", strings.Join(append([]string{"ruler"}, args...), " "), md, dir)
 	if errors.Is(err, context.Canceled) {
 		fmt.Fprintf(os.Stderr, "interrupted: finished samples are kept; run the same command with --out %s to resume\n", dir)
 		return nil
@@ -552,17 +559,24 @@ func openWithScratchDocs(ctx context.Context, path string, threads, contextLengt
 // parseIngests turns niah's --ingest into prefills for a model of layers
 // layers: "dense", or "hyper:" and all, but0 (every layer but 0, where the
 // recall model's previous-token head is), last, or layers joined by "+".
-func parseIngests(spec string, layers int) ([]niah.Ingest, error) {
+func parseIngests(spec string, layers, streamingBudget int) ([]niah.Ingest, error) {
 	var out []niah.Ingest
 	for _, f := range strings.Split(spec, ",") {
 		f = strings.TrimSpace(f)
-		if f == "dense" {
+		switch f {
+		case "dense":
 			out = append(out, niah.Ingest{Name: f})
+			continue
+		case "streaming":
+			if streamingBudget <= 0 {
+				return nil, fmt.Errorf("--streaming-budget must be positive, got %d", streamingBudget)
+			}
+			out = append(out, niah.Ingest{Name: f, Streaming: true, Budget: streamingBudget})
 			continue
 		}
 		which, ok := strings.CutPrefix(f, "hyper:")
 		if !ok {
-			return nil, fmt.Errorf("--ingest: %q is neither dense nor hyper:LAYERS", f)
+			return nil, fmt.Errorf("--ingest: %q is neither dense, streaming nor hyper:LAYERS", f)
 		}
 		o := &runtime.HyperOptions{Config: hyper.Default()}
 		switch which {

@@ -20,11 +20,12 @@ func TestParseIngests(t *testing.T) {
 			hyper: [][]int{nil, {}, {1, 2, 3, 4, 5}, {5}, {1, 3}}},
 		{spec: "hyper:but0", layers: 2, names: []string{"hyper:but0"}, hyper: [][]int{{1}}},
 		{spec: "hyper:but0", layers: 1, err: "selects no layer"},
-		{spec: "streaming", layers: 2, err: "neither dense nor hyper"},
+		{spec: "dense,streaming", layers: 2, names: []string{"dense", "streaming"}, hyper: [][]int{nil, nil}},
+		{spec: "sparse", layers: 2, err: "neither dense, streaming nor hyper"},
 		{spec: "hyper:x", layers: 2, err: "not a layer number"},
 	} {
 		t.Run(tc.spec, func(t *testing.T) {
-			got, err := parseIngests(tc.spec, tc.layers)
+			got, err := parseIngests(tc.spec, tc.layers, 1024)
 			if tc.err != "" {
 				require.ErrorContains(t, err, tc.err)
 				return
@@ -33,6 +34,10 @@ func TestParseIngests(t *testing.T) {
 			require.Len(t, got, len(tc.names))
 			for i, in := range got {
 				require.Equal(t, tc.names[i], in.Name)
+				require.Equal(t, in.Name == "streaming", in.Streaming)
+				if in.Streaming {
+					require.Equal(t, 1024, in.Budget)
+				}
 				if tc.hyper[i] == nil {
 					require.Nil(t, in.Hyper)
 					continue
