@@ -138,7 +138,7 @@ func (m *masked) layerGroups(l int) error {
 		if len(heads) == 0 {
 			continue
 		}
-		m.groups[l] = append(m.groups[l], paging.Group{KVHeads: heads, Budget: g.Budget, Class: "retrieval"})
+		m.groups[l] = append(m.groups[l], paging.Group{KVHeads: heads, Budget: g.Budget, Class: "retrieval", Tokens: g.Tokens})
 		m.from[l] = append(m.from[l], i)
 	}
 	stream.KVHeads = m.streaming[l]

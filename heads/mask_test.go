@@ -98,7 +98,8 @@ func TestFromQueryHeads(t *testing.T) {
 }
 
 // perHead is a method with a group per KV head and token selections (as
-// squeezed has): group g attends to page g and its first token.
+// squeezed has, with token-granular pools): group g attends to page g and
+// its first token.
 type perHead struct{ c paging.Config }
 
 func (p perHead) Name() string              { return "perhead" }
@@ -107,7 +108,7 @@ func (p perHead) NeedQueries(_, _ int) bool { return true }
 func (p perHead) Groups(int) []paging.Group {
 	var gs []paging.Group
 	for g := 0; g < p.c.KVHeads; g++ {
-		gs = append(gs, paging.Group{KVHeads: []int{g}, Budget: 512, Class: "all"})
+		gs = append(gs, paging.Group{KVHeads: []int{g}, Budget: 512, Class: "all", Tokens: true})
 	}
 	return gs
 }
@@ -125,16 +126,16 @@ func init() {
 }
 
 // With an inner method that has a group per KV head, the retrieval heads
-// keep their groups, selections and token lists, and the streaming heads
-// form one streaming group.
+// keep their groups (token-granular ones stay so), selections and token
+// lists, and the streaming heads form one streaming group (of pages).
 func TestMaskedPerHeadInner(t *testing.T) {
 	mask := Mask{{false, true, false, true}}
 	cfg := paging.Config{PageSize: 64, Budget: 1024, Sinks: 64, Window: 128, Layers: 1, KVHeads: 4, Options: map[string]any{OptionKey: mask}}
 	s, err := paging.New("perhead+heads", cfg)
 	require.NoError(t, err)
 	require.Equal(t, []paging.Group{
-		{KVHeads: []int{0}, Budget: 512, Class: "retrieval"},
-		{KVHeads: []int{2}, Budget: 512, Class: "retrieval"},
+		{KVHeads: []int{0}, Budget: 512, Class: "retrieval", Tokens: true},
+		{KVHeads: []int{2}, Budget: 512, Class: "retrieval", Tokens: true},
 		{KVHeads: []int{1, 3}, Budget: 64 + 128, Class: "streaming"},
 	}, s.Groups(0))
 	sel := s.Select(0, noSummaries{100}, nil, 64*100)

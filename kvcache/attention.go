@@ -35,6 +35,9 @@ func (c *Paged) Get(ctx ml.Context) (ml.Tensor, ml.Tensor, ml.Tensor) {
 // groupKV uploads what g's pool misses and returns views of its used slots
 // and its mask.
 func (c *Paged) groupKV(ctx ml.Context, l int, g *group) (ml.Tensor, ml.Tensor, ml.Tensor) {
+	if g.pool.tok != nil {
+		return c.tokenKV(ctx, l, g)
+	}
 	if g.sel == nil {
 		panic(fmt.Sprintf("kvcache: layer %d has no page selection (queries were not given)", l))
 	}

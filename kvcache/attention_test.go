@@ -372,3 +372,99 @@ func TestTokenSelectionsMatchFloat64Reference(t *testing.T) {
 	}
 	require.Equal(t, []int{7, 7}, c.AttendedTokens(0))
 }
+
+// funcTokenSelector gives each head group the tokens tok(group, upto)
+// returns (sorted, below upto), and their pages.
+type funcTokenSelector struct {
+	c      paging.Config
+	groups []paging.Group
+	tok    func(group, upto int) []int32
+}
+
+func (s *funcTokenSelector) Name() string              { return "func-tokens" }
+func (s *funcTokenSelector) Config() paging.Config     { return s.c }
+func (s *funcTokenSelector) Groups(int) []paging.Group { return s.groups }
+func (s *funcTokenSelector) NeedQueries(_, _ int) bool { return false }
+func (s *funcTokenSelector) Select(_ int, _ paging.Summaries, _ *paging.Queries, upto int) paging.Selection {
+	var out paging.Selection
+	for g := range s.groups {
+		toks := s.tok(g, upto)
+		var pages []int
+		for _, t := range toks {
+			if p := int(t) / tPage; len(pages) == 0 || pages[len(pages)-1] != p {
+				pages = append(pages, p)
+			}
+		}
+		out.Groups = append(out.Groups, pages)
+		out.Tokens = append(out.Tokens, toks)
+	}
+	return out
+}
+
+// Token-granular pools (paging.Group.Tokens) on the CPU backend: each pass
+// attends to a new random set of earlier tokens per group, from pools too
+// small to keep the prompt (its early tokens are evicted and uploaded
+// again, gathered from the host pages); the result matches float64
+// attention over exactly those positions, with the uploads as copy runs
+// and as one set_rows scatter.
+func TestTokenPoolsMatchFloat64Reference(t *testing.T) {
+	m, err := runtime.Open(context.Background(), testmodels.Random(t, "llama", "tiny", foundry.F32, 4, false), runtime.Options{Threads: 2, ContextLength: 512})
+	require.NoError(t, err)
+	defer m.Close()
+	b := m.Backend()
+	for _, mode := range []struct {
+		name string
+		runs int // kvcache.MaxUploadRuns
+	}{{"copy runs", kvcache.MaxUploadRuns}, {"set_rows scatter", 0}} {
+		t.Run(mode.name, func(t *testing.T) {
+			defer func(old int) { kvcache.MaxUploadRuns = old }(kvcache.MaxUploadRuns)
+			kvcache.MaxUploadRuns = mode.runs
+			groups := []paging.Group{{KVHeads: []int{0, 2}, Budget: 32, Tokens: true}, {KVHeads: []int{1, 3}, Budget: 32, Tokens: true}}
+			pick := func(g, upto int) []int32 {
+				r := rand.New(rand.NewPCG(uint64(upto), uint64(g)))
+				var out []int32
+				for range 24 {
+					out = append(out, int32(r.IntN(upto)))
+				}
+				slices.Sort(out)
+				return slices.Compact(out)
+			}
+			sel := &funcTokenSelector{c: paging.Config{PageSize: tPage, Sinks: 4, Window: 4}, groups: groups, tok: pick}
+			c, err := kvcache.NewPaged(kvcache.Options{Layout: tLayout, Heads: tHeads, Selector: sel, Capacity: 512, MaxBatch: 96})
+			require.NoError(t, err)
+			defer c.Close()
+			c.Init(b, ml.DTypeF16, 1, 512, 96)
+			r := rand.New(rand.NewPCG(31, 32))
+			batches := []int{80, 80, 80, 1, 1, 3, 1, 1}
+			total := 0
+			for _, n := range batches {
+				total += n
+			}
+			q := randoms(r, total*tHeads*tDim)
+			k := randoms(r, total*tKV*tDim)
+			v := randoms(r, total*tKV*tDim)
+			split := func(x []float32, per, from, to int) []float32 { return x[from*per : to*per] }
+			pos0 := 0
+			for _, n := range batches {
+				end := pos0 + n
+				got := pass(t, b, c, pos0, split(q, tHeads*tDim, pos0, end), split(k, tKV*tDim, pos0, end), split(v, tKV*tDim, pos0, end))
+				want := referenceAt(split(q, tHeads*tDim, pos0, end), k, v, pos0, func(g, p int) bool {
+					return p >= pos0 || slices.Contains(pick(g%2, end), int32(p))
+				})
+				worst := 0.0
+				for i := range got {
+					for j := range got[i] {
+						worst = math.Max(worst, math.Abs(float64(got[i][j])-want[i][j]))
+					}
+				}
+				require.Less(t, worst, 2e-3, "tokens %d..%d", pos0, end)
+				pos0 = end
+			}
+			st := c.Stats()
+			t.Logf("%d tokens uploaded, %d bytes; resident %d bytes", st.TokenUploads, st.UploadedBytes, st.ResidentBytes)
+			require.Positive(t, st.TokenUploads, "evicted tokens came back")
+			require.Zero(t, st.Uploads, "no page was uploaded")
+			require.Equal(t, st.TokenUploads*2*tDim*2*2, st.UploadedBytes)
+		})
+	}
+}

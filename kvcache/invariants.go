@@ -15,7 +15,12 @@ import (
 //     so far size;
 //   - selections are sorted, distinct and in range;
 //   - the pages the last batch wrote are resident in every pool of every
-//     layer (they were pinned while placing), and so is every selected page.
+//     layer (they were pinned while placing), and so is every selected page;
+//   - in a token-granular pool (paging.Group.Tokens): cell -> position and
+//     position -> cell are inverse maps over slots·P cells, every mapped
+//     position is in the sequence (or the batch under way), the group's
+//     selection lists tokens, and every listed token and every token of
+//     the batch has a cell (checkTokenPool).
 func (c *Paged) CheckInvariants() error {
 	var errs []error
 	P := c.L.PageSize
@@ -32,6 +37,13 @@ func (c *Paged) CheckInvariants() error {
 			}
 			if pl.row != len(g.heads)*c.L.HeadDim {
 				errs = append(errs, fmt.Errorf("%s: row %d for %d heads", at, pl.row, len(g.heads)))
+			}
+			if (pl.tok != nil) != g.Tokens {
+				errs = append(errs, fmt.Errorf("%s: token-granular group %v with a token pool %v", at, g.Tokens, pl.tok != nil))
+			}
+			if pl.tok != nil {
+				errs = append(errs, c.checkTokenPool(at, g)...)
+				continue
 			}
 			occupied := 0
 			for s, p := range pl.page {

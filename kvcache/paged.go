@@ -40,6 +40,12 @@ type Stats struct {
 	HostBytes     int64 // host pages, shared document pages included
 	Pages         int   // pages in the sequence
 	Uploads       int64 // pages copied host -> device so far
+	// TokenUploads is the tokens copied host -> device so far into
+	// token-granular pools (paging.Group.Tokens), one per token and group.
+	TokenUploads int64
+	// UploadedBytes is the keys and values copied host -> device so far,
+	// pages and tokens together (f16, the group's heads only).
+	UploadedBytes int64
 	// Upkeep is the time spent keeping host pages and their summaries up to
 	// date (reading new keys and values back, writing pages, summaries).
 	Upkeep time.Duration
@@ -75,8 +81,10 @@ type Paged struct {
 	// are sized for it (they only grow).
 	batchPages int
 
-	uploadCount atomic.Int64
-	upkeep      atomic.Int64 // nanoseconds
+	uploadCount  atomic.Int64
+	tokenUploads atomic.Int64
+	uploadBytes  atomic.Int64
+	upkeep       atomic.Int64 // nanoseconds
 
 	// The last mask built: pools with the same layout and selection (every
 	// layer, for a dense selector) share it within a graph.
@@ -106,6 +114,7 @@ type group struct {
 	tok     []int32 // positions attended in this pass, sorted (nil: every token of sel)
 	cells   []int32 // pool cells of the batch's tokens
 	uploads []upload
+	tups    []tokenUpload // a token pool's planned uploads (pool.tok set)
 }
 
 type upload struct{ page, slot, rows int }
@@ -229,6 +238,7 @@ func (c *Paged) SelectedByGroup(layer int) ([]paging.Group, [][]int) {
 // Stats reports memory use and traffic.
 func (c *Paged) Stats() Stats {
 	st := Stats{HostBytes: c.store.Bytes(), Pages: c.store.Pages(), Uploads: c.uploadCount.Load(),
+		TokenUploads: c.tokenUploads.Load(), UploadedBytes: c.uploadBytes.Load(),
 		Upkeep: time.Duration(c.upkeep.Load()), ResidentByClass: map[string]int64{}}
 	for l := range c.layers {
 		for _, g := range c.layers[l].groups {
@@ -236,6 +246,11 @@ func (c *Paged) Stats() Stats {
 				b := g.pool.bytes(c.L)
 				st.ResidentBytes += b
 				st.ResidentByClass[g.Class] += b
+			}
+			if g.Tokens {
+				// A token pool attends to its listed tokens only.
+				st.AttendedBytes += int64(len(g.tok)) * int64(len(g.heads)*c.L.HeadDim) * 2 * 2
+				continue
 			}
 			for _, p := range g.sel {
 				if p < c.store.Pages() {
@@ -287,7 +302,10 @@ func (c *Paged) poolFor(layer int, g *group) *pool {
 			g.pool.close()
 		}
 		g.pool = newPool(c.b, c.L, layer, len(g.heads), want)
-		g.uploads = nil
+		if g.Tokens {
+			g.pool.tok = newTokenCells(want * c.L.PageSize)
+		}
+		g.uploads, g.tups = nil, nil
 	}
 	return g.pool
 }
@@ -354,6 +372,10 @@ func (c *Paged) Remove(seq int, beginIndex, endIndex int32) error {
 		for _, g := range c.layers[l].groups {
 			p := g.pool
 			if p == nil {
+				continue
+			}
+			if p.tok != nil {
+				p.tok.drop(n)
 				continue
 			}
 			p.drop((n + P - 1) / P)
@@ -425,7 +447,12 @@ func (c *Paged) StartForward(ctx ml.Context, batch input.Batch, reserve bool) er
 					pl.fill[u.slot] = 0
 				}
 			}
-			g.sel, g.tok, g.uploads, g.cells = nil, nil, g.uploads[:0], g.cells[:0]
+			for _, u := range g.tups {
+				if pl.tok.pos[u.cell] == u.pos {
+					pl.tok.free(u.cell)
+				}
+			}
+			g.sel, g.tok, g.uploads, g.tups, g.cells = nil, nil, g.uploads[:0], g.tups[:0], g.cells[:0]
 		}
 		if !c.opt.Selector.NeedQueries(l, n) {
 			if err := c.setSelection(l, c.opt.Selector.Select(l, ls.view, nil, c.upto)); err != nil {
@@ -433,6 +460,17 @@ func (c *Paged) StartForward(ctx ml.Context, batch input.Batch, reserve bool) er
 			}
 		}
 		for _, g := range ls.groups {
+			if g.pool.tok != nil {
+				if err := c.placeBatchTokens(l, g); err != nil {
+					return err
+				}
+				if g.sel != nil {
+					if err := c.placeTokens(l, g); err != nil {
+						return err
+					}
+				}
+				continue
+			}
 			// Pages go into slots in page order, so that with every page
 			// selected the pool is laid out like a dense cache (and sums in
 			// the same order).
@@ -472,6 +510,9 @@ func (c *Paged) setSelection(layer int, sel paging.Selection) error {
 			gs[i].sel = []int{}
 		}
 		gs[i].tok = nil
+		if gs[i].Tokens && (sel.Tokens == nil || sel.Tokens[i] == nil) {
+			return fmt.Errorf("kvcache: %s, layer %d, group %d: the group is token-granular, but its selection lists no tokens", c.opt.Selector.Name(), layer, i)
+		}
 		if sel.Tokens != nil && sel.Tokens[i] != nil {
 			if err := checkTokens(sel.Tokens[i], pages, c.L.PageSize); err != nil {
 				return fmt.Errorf("kvcache: %s, layer %d, group %d: %w", c.opt.Selector.Name(), layer, i, err)
@@ -542,6 +583,12 @@ func (c *Paged) SetQueries(layer int, q [][]float32) error {
 		return err
 	}
 	for _, g := range ls.groups {
+		if g.pool.tok != nil {
+			if err := c.placeTokens(layer, g); err != nil {
+				return err
+			}
+			continue
+		}
 		if err := c.placeAll(layer, g, g.sel); err != nil {
 			return err
 		}
@@ -584,6 +631,9 @@ func (c *Paged) batchWritten(layer int) {
 	P := c.L.PageSize
 	for _, g := range c.layers[layer].groups {
 		pl := g.pool
+		if pl.tok != nil {
+			continue // the batch's cells were mapped when placed
+		}
 		for i := 0; i < c.n; i++ {
 			pos := c.pos0 + i
 			s := pl.resident(pos / P)

@@ -24,7 +24,10 @@ type testSelector struct {
 	groups []paging.Group
 	// sel returns the pages of each group; nil selects every page for
 	// every group.
-	sel   func(layer, upto int) [][]int
+	sel func(layer, upto int) [][]int
+	// tok, if set, returns the tokens of each group (sorted, below upto);
+	// the pages are theirs.
+	tok   func(layer, upto int) [][]int32
 	needQ bool
 }
 
@@ -33,6 +36,19 @@ func (s *testSelector) Config() paging.Config             { return s.c }
 func (s *testSelector) Groups(int) []paging.Group         { return s.groups }
 func (s *testSelector) NeedQueries(layer, batch int) bool { return s.needQ }
 func (s *testSelector) Select(layer int, _ paging.Summaries, _ *paging.Queries, upto int) paging.Selection {
+	if s.tok != nil {
+		var out paging.Selection
+		for _, toks := range s.tok(layer, upto) {
+			var pages []int
+			for _, t := range toks {
+				if p := int(t) / s.c.PageSize; len(pages) == 0 || pages[len(pages)-1] != p {
+					pages = append(pages, p)
+				}
+			}
+			out.Groups, out.Tokens = append(out.Groups, pages), append(out.Tokens, toks)
+		}
+		return out
+	}
 	if s.sel != nil {
 		return paging.Selection{Groups: s.sel(layer, upto)}
 	}
@@ -67,7 +83,7 @@ func step(t *testing.T, c *Paged, r *rand.Rand, n int) {
 			require.NoError(t, c.SetQueries(l, nil))
 		}
 		for _, g := range c.layers[l].groups {
-			g.uploads = nil // emitted into the graph
+			g.uploads, g.tups = nil, nil // emitted into the graph
 		}
 		c.batchWritten(l)
 		c.stored(l, rows(r, c.L, n), rows(r, c.L, n))
@@ -157,7 +173,7 @@ func tryStep(c *Paged, r *rand.Rand) error {
 	}
 	for l := range c.layers {
 		for _, g := range c.layers[l].groups {
-			g.uploads = nil
+			g.uploads, g.tups = nil, nil
 		}
 		c.batchWritten(l)
 		c.stored(l, rows(r, c.L, 1), rows(r, c.L, 1))

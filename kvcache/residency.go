@@ -26,6 +26,10 @@ type pool struct {
 	fill  []int       // tokens of that page present in the slot
 	stamp []uint64    // last forward pass that used the slot (LRU)
 	where map[int]int // page id -> slot
+	// tok, if set, makes the pool token-granular (paging.Group.Tokens):
+	// its slots·P cells hold single tokens and page, fill and where stay
+	// empty (see tokens.go).
+	tok *tokenCells
 }
 
 func newPool(b ml.Backend, l Layout, layer, heads, slots int) *pool {

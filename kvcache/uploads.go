@@ -65,6 +65,9 @@ func (c *Paged) emitUploads(ctx ml.Context, l int, g *group) {
 		c.copyRuns(ctx, l, g, runs)
 	}
 	c.uploadCount.Add(int64(len(ups)))
+	for _, u := range ups {
+		c.uploadBytes.Add(int64(u.rows) * int64(g.pool.row) * 2 * 2)
+	}
 }
 
 // appendKeys appends rows tokens of page's keys for g's heads, token-major

@@ -121,6 +121,13 @@ type Group struct {
 	Budget int
 	// Class names the group in reports ("all", "retrieval", "streaming").
 	Class string
+	// Tokens makes the group's residency token-granular: its device pool
+	// holds single tokens, any positions, in cells (as many as the pages
+	// a page pool of the same Budget would have, times the page size),
+	// and only the tokens its selection lists are uploaded. Its every
+	// Selection must then list Tokens for it. Off (every built-in
+	// method), the pool holds whole pages.
+	Tokens bool
 }
 
 // Selection is a layer's choice: Groups[i] lists the sorted, distinct page
@@ -128,9 +135,11 @@ type Group struct {
 //
 // Tokens, if set, narrows the choice to single tokens: Tokens[i] lists the
 // sorted, distinct positions group i attends to, each on one of its pages
-// (a nil list: every token of its pages). The pages stay resident whole;
-// the mask hides their other tokens. The batch's own tokens are always
-// attended (causally), listed or not.
+// (a nil list: every token of its pages). For a page-granular group the
+// pages stay resident whole and the mask hides their other tokens; a
+// token-granular group (Group.Tokens, which must list them) holds only
+// the listed tokens. The batch's own tokens are always attended
+// (causally), listed or not.
 type Selection struct {
 	Groups [][]int
 	Tokens [][]int32

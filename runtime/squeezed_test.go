@@ -22,10 +22,10 @@ import (
 // (sinks, window and its clusters' tokens). A new model instance reopens
 // the clusters from disk, identical, without clustering again.
 //
-// Residency is page-granular (docs/kvcache.md, token selections): the
-// pools here hold the whole document (Use.Resident). With pools of the
-// budget's size (32 pages per KV head) few clusters' pages fit, and the
-// needle at 10% depth is lost; that needs token-granular residency.
+// Residency is token-granular (docs/kvcache.md, token selections): each
+// clustered KV head's pool is the default, the budget's tokens (plus the
+// batch and slack, as every pool), and holds the chosen tokens, not their
+// pages; the resident KV is checked against that size.
 func TestSqueezedNeedle(t *testing.T) {
 	for _, v := range []struct {
 		name   string
@@ -70,28 +70,50 @@ func squeezedNeedle(t *testing.T, path string, depths []int) {
 			name, policy string
 			use          squeezed.Use
 		}{
-			{"budget", "squeezed", squeezed.Use{Index: doc.Clusters(), Resident: length}},
-			{"threshold", "squeezed", squeezed.Use{Index: doc.Clusters(), Resident: length, Threshold: true}},
+			{"budget", "squeezed", squeezed.Use{Index: doc.Clusters()}},
+			{"threshold", "squeezed", squeezed.Use{Index: doc.Clusters(), Threshold: true}},
 			// The model's recorded retrieval heads attend to clusters, the
 			// other KV heads keep only sinks and window.
-			{"budget+heads", "squeezed+heads", squeezed.Use{Index: doc.Clusters(), Resident: length}},
+			{"budget+heads", "squeezed+heads", squeezed.Use{Index: doc.Clusters()}},
 		} {
 			t.Run(fmt.Sprintf("%d%%/%s", depth, mode.name), func(t *testing.T) {
 				s, err := m.DocumentSession(doc, runtime.PolicyOptions{Policy: mode.policy, Budget: length / 8,
 					Extra: map[string]any{squeezed.OptionKey: mode.use}})
 				require.NoError(t, err)
 				defer s.Close()
-				res, err := s.Generate(ctx, voc.Question(n), runtime.GenerateOptions{MaxTokens: voc.AnswerLength})
-				require.NoError(t, err)
 				pc := s.Cache().(*kvcache.Paged)
+				// Bytes uploaded by the decode steps: from the first token
+				// (sampled after the question's pass) to the last.
+				var first, last kvcache.Stats
+				tokens := 0
+				res, err := s.Generate(ctx, voc.Question(n), runtime.GenerateOptions{MaxTokens: voc.AnswerLength,
+					OnToken: func(runtime.Token) error {
+						if tokens++; tokens == 1 {
+							first = pc.Stats()
+						}
+						last = pc.Stats()
+						return nil
+					}})
+				require.NoError(t, err)
 				require.NoError(t, pc.CheckInvariants())
+				require.Zero(t, last.Uploads-first.Uploads, "no page uploads in decode: the clustered heads' pools hold tokens")
+				// Every KV head's pool holds (budget/P + the question's
+				// pages, at most 2 + 3 slack) pages' worth of token cells,
+				// f16 K and V of one head: the budget bounds resident KV.
+				if mode.policy == "squeezed" {
+					P := m.Options().PageSize
+					bound := int64(cfg.Layers*cfg.KVHeads) * int64(length/8/P+2+3) * int64(P*cfg.HeadDim*2*2)
+					require.LessOrEqual(t, last.ResidentBytes, bound, "pools of the budget's size")
+				}
 				for l := 0; l < cfg.Layers; l++ {
 					for g, a := range pc.AttendedTokens(l) {
 						require.LessOrEqual(t, a, length/8, "layer %d group %d attends to %d of %d keys", l, g, a, length)
 					}
 				}
 				gs, _ := pc.SelectedByGroup(cfg.Layers - 1)
-				t.Logf("attended per group (last layer): %v %v, resident %v", pc.AttendedTokens(cfg.Layers-1), gs, pc.Stats().ResidentByClass)
+				t.Logf("attended per group (last layer): %v %v, resident %v; tokens uploaded: %d by the question's pass, %.0f bytes per decode step (%d steps)",
+					pc.AttendedTokens(cfg.Layers-1), gs, pc.Stats().ResidentByClass, first.TokenUploads,
+					float64(last.UploadedBytes-first.UploadedBytes)/float64(max(1, tokens-1)), tokens-1)
 				require.Equal(t, n.Values, res.Tokens, "needle at %d", n.Pos)
 			})
 		}

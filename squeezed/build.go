@@ -12,7 +12,6 @@ import (
 	"fmt"
 	"math"
 	"runtime"
-	"slices"
 	"sync"
 
 	"github.com/viterin/vek/vek32"
@@ -27,8 +26,15 @@ type Options struct {
 	CoarseRatio int
 	Quantile    float64 // the global quantile of S_j that becomes the threshold (default 0.9)
 	MaxIter     int     // Lloyd iterations at most (default 30)
-	Seed        uint64
-	Workers     int // parallel clusterings (default GOMAXPROCS)
+	// Sample is the fraction of a KV head's clustered tokens k-means fits
+	// its centroids on (default 0.125), before SampledFullIter Lloyd
+	// iterations over every token, starting with its assignment to the
+	// nearest fitted centroid (KMeansOptions.Sample, FullIter). The
+	// sample keeps at least SampleMinPoints tokens and
+	// SampleMinPerCluster per cluster; 1 fits on every token.
+	Sample  float64
+	Seed    uint64
+	Workers int // parallel clusterings (default GOMAXPROCS)
 }
 
 // Defaults of Options.
@@ -36,6 +42,15 @@ const (
 	DefaultFraction = 0.05
 	DefaultWindow   = 100
 	DefaultQuantile = 0.9
+	DefaultSample   = 0.125
+	// A sampled fit keeps at least this many tokens (smaller documents
+	// are clustered whole) and this many per cluster.
+	SampleMinPoints     = 2048
+	SampleMinPerCluster = 2
+	// SampledFullIter is the Lloyd iterations over every token after a
+	// sampled fit: on the recall model's keys at 16k, 2 instead of 1 cut
+	// the inertia's excess over plain k-means from 10% to 4% (1/8 sample).
+	SampledFullIter = 2
 )
 
 // Fill applies the defaults and checks the settings.
@@ -49,6 +64,9 @@ func (o Options) Fill() (Options, error) {
 	if o.Quantile == 0 {
 		o.Quantile = DefaultQuantile
 	}
+	if o.Sample == 0 {
+		o.Sample = DefaultSample
+	}
 	if o.Workers <= 0 {
 		o.Workers = runtime.GOMAXPROCS(0)
 	}
@@ -59,6 +77,8 @@ func (o Options) Fill() (Options, error) {
 		return o, fmt.Errorf("squeezed: observation window %d must not be negative", o.Window)
 	case o.Quantile <= 0 || o.Quantile >= 1:
 		return o, fmt.Errorf("squeezed: quantile %g must be in (0, 1)", o.Quantile)
+	case o.Sample < 0 || o.Sample > 1:
+		return o, fmt.Errorf("squeezed: sample fraction %g must be in (0, 1]", o.Sample)
 	case o.CoarseRatio < 0 || o.MaxIter < 0:
 		return o, fmt.Errorf("squeezed: coarse ratio %d and max iterations %d must not be negative", o.CoarseRatio, o.MaxIter)
 	}
@@ -117,7 +137,7 @@ func Build(keys KeySource, layers, kvHeads, headDim, tokens int, o Options) (*In
 			for j := range jobs {
 				l, g := j[0], j[1]
 				buf = keys(l, g, n, buf)
-				km := KMeansOptions{MaxIter: o.MaxIter, Seed: o.Seed ^ uint64(l)<<32 ^ uint64(g)<<16}
+				km := KMeansOptions{MaxIter: o.MaxIter, Seed: o.Seed ^ uint64(l)<<32 ^ uint64(g)<<16, Sample: sampleSize(n, k, o.Sample), FullIter: SampledFullIter}
 				h, err := cluster(buf, headDim, k, coarse, km)
 				if err != nil {
 					errs[l*kvHeads+g] = fmt.Errorf("squeezed: layer %d, KV head %d: %w", l, g, err)
@@ -140,6 +160,13 @@ func Build(keys KeySource, layers, kvHeads, headDim, tokens int, o Options) (*In
 		}
 	}
 	return ix, nil
+}
+
+// sampleSize is the points a sampled k-means fit of k clusters over n
+// points uses: the fraction f of them, at least SampleMinPoints and
+// SampleMinPerCluster per cluster, at most n (then every point).
+func sampleSize(n, k int, f float64) int {
+	return min(n, max(int(math.Ceil(f*float64(n))), SampleMinPoints, SampleMinPerCluster*k))
 }
 
 // logits sets dst[j] = q·c_j/√d + log N_j for every cluster and returns
@@ -204,7 +231,43 @@ func (ix *Index) Calibrate(queries [][][]float32, heads int) error {
 	if len(all) == 0 {
 		return fmt.Errorf("squeezed: no calibration queries")
 	}
-	slices.Sort(all)
-	ix.Threshold = all[min(len(all)-1, int(ix.Quantile*float64(len(all))))]
+	ix.Threshold = nth(all, min(len(all)-1, int(ix.Quantile*float64(len(all)))))
 	return nil
+}
+
+// nth returns the element that would be at index i of x sorted ascending
+// (x is reordered): quickselect, linear on average, where a sort of the
+// millions of shares a document's calibration gives takes longer than
+// computing them.
+func nth(x []float32, i int) float32 {
+	lo, hi := 0, len(x)-1
+	for lo < hi {
+		// Median of three as the pivot; Hoare partition.
+		mid := lo + (hi-lo)/2
+		a, b, c := x[lo], x[mid], x[hi]
+		p := max(min(a, b), min(max(a, b), c))
+		l, r := lo, hi
+		for l <= r {
+			for x[l] < p {
+				l++
+			}
+			for x[r] > p {
+				r--
+			}
+			if l <= r {
+				x[l], x[r] = x[r], x[l]
+				l++
+				r--
+			}
+		}
+		switch {
+		case i <= r:
+			hi = r
+		case i >= l:
+			lo = l
+		default:
+			return x[i] // between r and l: equal to the pivot
+		}
+	}
+	return x[i]
 }

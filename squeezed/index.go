@@ -110,6 +110,7 @@ func (h *Head) buildHierarchy(c int, o KMeansOptions) error {
 	}
 	o.K = c
 	o.Seed ^= 0x5eed
+	o.Sample = 0 // a few hundred centroids: every one
 	res, err := KMeans(cn, d, o)
 	if err != nil {
 		return err

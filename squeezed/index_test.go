@@ -197,3 +197,53 @@ func TestBuildDeterministic(t *testing.T) {
 	_, err = Build(keys, 1, 1, 16, 500, Options{Quantile: 1.5})
 	require.ErrorContains(t, err, "quantile 1.5")
 }
+
+// nth is the element a sort would put at i, on random data, with ties and
+// on sorted and reversed input.
+func TestNth(t *testing.T) {
+	rng := rand.New(rand.NewPCG(4, 5))
+	for _, tc := range []struct {
+		name string
+		x    func(n int) []float32
+	}{
+		{"random", func(n int) []float32 {
+			x := make([]float32, n)
+			for i := range x {
+				x[i] = float32(rng.NormFloat64())
+			}
+			return x
+		}},
+		{"few values", func(n int) []float32 {
+			x := make([]float32, n)
+			for i := range x {
+				x[i] = float32(rng.IntN(3))
+			}
+			return x
+		}},
+		{"sorted", func(n int) []float32 {
+			x := make([]float32, n)
+			for i := range x {
+				x[i] = float32(i)
+			}
+			return x
+		}},
+		{"reversed", func(n int) []float32 {
+			x := make([]float32, n)
+			for i := range x {
+				x[i] = float32(n - i)
+			}
+			return x
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			for _, n := range []int{1, 2, 3, 10, 1000} {
+				x := tc.x(n)
+				sorted := slices.Clone(x)
+				slices.Sort(sorted)
+				for _, i := range []int{0, n / 3, n / 2, n * 9 / 10, n - 1} {
+					require.Equal(t, sorted[i], nth(slices.Clone(x), i), "n %d, index %d", n, i)
+				}
+			}
+		})
+	}
+}

@@ -192,3 +192,69 @@ func TestKMeansBadInput(t *testing.T) {
 		})
 	}
 }
+
+// A sampled fit (k-means++ and Lloyd on a quarter of the points, then one
+// or more Lloyd iterations over every point, from its nearest fitted
+// centroid) lands within a few % of plain
+// k-means' inertia over every point, on structured keys like a document's
+// (topics within themes) and on blobs; it is deterministic for a seed,
+// leaves no cluster empty, and a sample of every point is plain k-means.
+func TestKMeansSampled(t *testing.T) {
+	for _, tc := range []struct {
+		name     string
+		x        []float32
+		d, k     int
+		fullIter int
+		within   float64
+	}{
+		{"topics", topicKeys(3, 8000, 32, 60), 32, 400, 1, 0.05},
+		{"topics, 3 full iterations", topicKeys(3, 8000, 32, 60), 32, 400, 3, 0.03},
+		{"blobs", blobs(4, 6000, 16, 100, 0.3), 16, 300, 1, 0.05},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			n := len(tc.x) / tc.d
+			full, err := KMeans(tc.x, tc.d, KMeansOptions{K: tc.k, Seed: 5})
+			require.NoError(t, err)
+			o := KMeansOptions{K: tc.k, Seed: 5, Sample: n / 4, FullIter: tc.fullIter}
+			s, err := KMeans(tc.x, tc.d, o)
+			require.NoError(t, err)
+			t.Logf("inertia plain %.2f (%d iterations), sampled %.2f (%+.2f%%, %d iterations)", full.Inertia, full.Iters, s.Inertia, 100*(s.Inertia/full.Inertia-1), s.Iters)
+			require.LessOrEqual(t, s.Inertia, full.Inertia*(1+tc.within))
+			again, err := KMeans(tc.x, tc.d, o)
+			require.NoError(t, err)
+			require.Equal(t, s, again, "deterministic for a seed")
+			var total int32
+			for _, sz := range s.Sizes {
+				require.Positive(t, sz)
+				total += sz
+			}
+			require.EqualValues(t, n, total)
+			// The assignment is each point's nearest final centroid up to the
+			// last means update: recompute the inertia from it.
+			var in float64
+			for i, a := range s.Assign {
+				in += float64(sqdist(tc.x[i*tc.d:(i+1)*tc.d], s.Centroids[int(a)*tc.d:int(a+1)*tc.d]))
+			}
+			require.InDelta(t, in, s.Inertia, 1e-6*in)
+		})
+	}
+	x := blobs(6, 500, 8, 20, 0.5)
+	plain, err := KMeans(x, 8, KMeansOptions{K: 25, Seed: 42})
+	require.NoError(t, err)
+	whole, err := KMeans(x, 8, KMeansOptions{K: 25, Seed: 42, Sample: 500})
+	require.NoError(t, err)
+	require.Equal(t, plain, whole, "a sample of every point is plain k-means")
+}
+
+func TestSampleSize(t *testing.T) {
+	for _, c := range []struct{ n, k, want int }{
+		{1000, 50, 1000},     // small: every point
+		{16284, 814, 2048},   // 16k: the minimum (an eighth is 2036)
+		{65436, 3272, 8180},  // 64k: an eighth
+		{20000, 4000, 8000},  // many clusters: 2 points each
+		{100000, 100, 12500}, // few clusters: an eighth
+		{3000, 2000, 3000},   // 2 per cluster exceeds the points
+	} {
+		require.Equal(t, c.want, sampleSize(c.n, c.k, DefaultSample), "n %d, k %d", c.n, c.k)
+	}
+}

@@ -20,14 +20,15 @@ const OptionKey = "squeezed"
 type Use struct {
 	Index *Index
 	// Threshold selects the calibrated mode: every cluster whose share
-	// S_j reaches the index's threshold (within the pool's pages). Off,
+	// S_j reaches the index's threshold (within the budget's tokens). Off,
 	// clusters are taken by score until the budget's tokens are filled.
 	Threshold bool
-	// Resident is the tokens of each KV head's device pool (default: the
-	// budget). Residency is page-granular while attention is
-	// token-granular: a cluster's tokens lie on many pages, and a pool of
-	// Budget/P pages holds few clusters. A larger pool admits more
-	// clusters (up to the budget's tokens) at the price of resident bytes.
+	// Resident is the tokens each KV head's device pool holds (default:
+	// the budget). Residency is token-granular (paging.Group.Tokens): the
+	// pool holds the selected tokens themselves, not their pages, so the
+	// budget fills it. A larger pool keeps more recently used tokens
+	// resident, so later steps upload fewer, at the price of resident
+	// bytes.
 	Resident int
 }
 
@@ -37,12 +38,10 @@ func init() { paging.Register("squeezed", newSelector) }
 // KV head is its own group, attending to the tokens of its best clusters
 // plus the sinks and the recent tokens.
 //
-// Granularity: the selection is token-granular in what attention sees
-// (paging.Selection.Tokens: the mask opens only the chosen clusters'
-// tokens) and page-granular in what is resident (a cluster's pages are
-// uploaded whole, and they count against the group's pool of Resident/P
-// pages, by default Budget/P). A cluster whose pages do not fit is skipped
-// for the next one.
+// Granularity: the selection is token-granular (paging.Selection.Tokens)
+// and so is residency (paging.Group.Tokens): each group's device pool
+// holds Resident tokens (default the budget), and only the chosen
+// clusters' tokens are uploaded, not their pages.
 type selector struct {
 	c        paging.Config
 	ix       *Index
@@ -93,7 +92,7 @@ func (s *selector) Groups(layer int) []paging.Group {
 	}
 	gs := make([]paging.Group, s.ix.KVHeads)
 	for g := range gs {
-		gs[g] = paging.Group{KVHeads: []int{g}, Budget: s.resident, Class: "all"}
+		gs[g] = paging.Group{KVHeads: []int{g}, Budget: s.resident, Class: "all", Tokens: true}
 	}
 	return gs
 }
@@ -109,29 +108,12 @@ func (s *selector) Select(layer int, sum paging.Summaries, q *paging.Queries, up
 	}
 	// Always attended: the sinks, and every token from the recent window
 	// or the end of the clustered tokens, whichever comes first (the
-	// observation window, the question and the answer are in no cluster).
+	// observation window, the question and the answer are in no cluster),
+	// but never more than the budget: a long answer pushes the tail's
+	// start past the clustered tokens' end.
 	sinks := min(s.c.Sinks, upto)
-	tail := max(sinks, min(s.ix.Clustered, upto-s.c.Window))
+	tail := max(sinks, min(s.ix.Clustered, upto-s.c.Window), upto-(s.c.Budget-sinks))
 	tokBudget := s.c.Budget - sinks - (upto - tail)
-	base := make([]bool, n)
-	basePages := 0
-	mark := func(in []bool, p int) bool {
-		if in[p] {
-			return false
-		}
-		in[p] = true
-		return true
-	}
-	for p := 0; p < paging.PagesOf(sinks, P); p++ {
-		if mark(base, p) {
-			basePages++
-		}
-	}
-	for p := tail / P; p < n; p++ {
-		if mark(base, p) {
-			basePages++
-		}
-	}
 	G := q.Heads / s.ix.KVHeads
 	d := s.ix.HeadDim
 	sel := paging.Selection{Groups: make([][]int, s.ix.KVHeads), Tokens: make([][]int32, s.ix.KVHeads)}
@@ -140,15 +122,12 @@ func (s *selector) Select(layer int, sum paging.Summaries, q *paging.Queries, up
 		// One ranked cluster list per (query token, query head), the last
 		// token first: they share the budget round-robin.
 		var lists [][]int32
-		for t := len(q.Q) - 1; t >= 0; t-- {
+		for t := len(q.Q) - 1; t >= 0 && tokBudget > 0; t-- {
 			for j := 0; j < G; j++ {
 				qh := q.Q[t][(g*G+j)*d : (g*G+j+1)*d]
-				lists = append(lists, s.rank(h, qh, max(tokBudget, 0)))
+				lists = append(lists, s.rank(h, qh, tokBudget))
 			}
 		}
-		in := slices.Clone(base)
-		pages := basePages
-		var np []int // pages a cluster adds
 		taken := map[int32]bool{}
 		var toks []int32
 		used := 0
@@ -168,20 +147,6 @@ func (s *selector) Select(layer int, sum paging.Summaries, q *paging.Queries, up
 				if len(ct) > tokBudget-used {
 					continue // too many tokens for what is left
 				}
-				np = np[:0]
-				for _, t := range ct {
-					if p := int(t) / P; !in[p] {
-						in[p] = true
-						np = append(np, p)
-					}
-				}
-				if pages+len(np) > s.resident/P {
-					for _, p := range np { // the cluster's pages do not fit the pool: undo
-						in[p] = false
-					}
-					continue
-				}
-				pages += len(np)
 				toks = append(toks, ct...)
 				used += len(ct)
 			}
@@ -197,9 +162,11 @@ func (s *selector) Select(layer int, sum paging.Summaries, q *paging.Queries, up
 		}
 		slices.Sort(toks)
 		toks = slices.Compact(toks) // sinks and tail tokens may be in clusters too
+		// The pages of the tokens: reports (Paged.Selected) and the
+		// selection's check read them; the pool holds only the tokens.
 		var ps []int
-		for p, ok := range in {
-			if ok {
+		for _, t := range toks {
+			if p := int(t) / P; len(ps) == 0 || ps[len(ps)-1] != p {
 				ps = append(ps, p)
 			}
 		}

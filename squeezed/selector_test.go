@@ -10,8 +10,11 @@ import (
 )
 
 // The method attends, per KV head, to the sinks, the tail, and the tokens
-// of the clusters nearest the query: within the token budget and the
-// pool's pages, every token on a selected page, and the best cluster in.
+// of the clusters nearest the query: within the token budget (the batch's
+// own tokens included), every token on a listed page, and the best
+// cluster in. Its groups are token-granular, so the pages do not have to
+// fit a pool: a budget's tokens on many more pages than Budget/P. A long
+// answer never pushes the tail past the budget.
 func TestSelectorTokens(t *testing.T) {
 	const d, heads, kvHeads, tokens, P = 16, 4, 2, 4000, 16
 	keys := func(l, g, n int, dst []float32) []float32 { return topicKeys(uint64(3+g), n, d, 40) }
@@ -28,6 +31,11 @@ func TestSelectorTokens(t *testing.T) {
 			require.NoError(t, err)
 			require.Len(t, sel.Groups(0), 1, "dense layer")
 			require.Len(t, sel.Groups(1), kvHeads)
+			require.False(t, sel.Groups(0)[0].Tokens, "the dense layer's pool holds pages")
+			for _, g := range sel.Groups(1) {
+				require.True(t, g.Tokens, "token-granular residency")
+				require.Equal(t, c.Budget, g.Budget, "the pool holds the budget's tokens")
+			}
 			require.False(t, sel.NeedQueries(0, 1))
 			require.True(t, sel.NeedQueries(1, 1))
 
@@ -41,26 +49,35 @@ func TestSelectorTokens(t *testing.T) {
 				j := int(hd.Assign[tok])
 				copy(q[h*d:(h+1)*d], hd.Centroids[j*d:(j+1)*d])
 			}
-			upto := tokens + 10
-			s := sel.Select(1, nil, &paging.Queries{Q: [][]float32{q}, Heads: heads}, upto)
-			require.Len(t, s.Groups, kvHeads)
-			for g := 0; g < kvHeads; g++ {
-				pages, toks := s.Groups[g], s.Tokens[g]
-				require.True(t, slices.IsSorted(pages))
-				require.True(t, slices.IsSorted(toks))
-				require.LessOrEqual(t, len(pages), c.Budget/P, "pages fit the pool")
-				require.LessOrEqual(t, len(toks), c.Budget+10, "tokens within the budget (the batch's own aside)")
-				for _, tk := range toks {
-					require.Contains(t, pages, int(tk)/P)
-				}
-				require.Contains(t, toks, int32(0), "sinks")
-				require.Contains(t, toks, int32(upto-1), "tail")
-				require.Contains(t, toks, int32(ix.Clustered), "the observation window")
-				require.Len(t, slices.Compact(slices.Clone(toks)), len(toks), "distinct")
-				var sc Scratch
-				best := ix.Heads[1][g].FlatTop(q[2*g*d:(2*g+1)*d], 1, &sc, nil)[0]
-				for _, tk := range ix.Heads[1][g].Tokens(int(best)) {
-					require.Contains(t, toks, tk, "the best cluster's tokens")
+			for _, upto := range []int{tokens + 10, tokens + 2000} {
+				s := sel.Select(1, nil, &paging.Queries{Q: [][]float32{q}, Heads: heads}, upto)
+				require.Len(t, s.Groups, kvHeads)
+				for g := 0; g < kvHeads; g++ {
+					pages, toks := s.Groups[g], s.Tokens[g]
+					require.True(t, slices.IsSorted(pages))
+					require.True(t, slices.IsSorted(toks))
+					require.LessOrEqual(t, len(toks), c.Budget, "tokens within the budget")
+					if upto == tokens+10 {
+						require.Greater(t, len(pages), c.Budget/P, "the tokens lie on more pages than a page pool of the budget holds")
+						require.Greater(t, len(toks), c.Budget*9/10, "clusters fill the budget")
+						require.Contains(t, toks, int32(ix.Clustered), "the observation window")
+					} else {
+						require.NotContains(t, toks, int32(ix.Clustered), "a tail past the budget is cut")
+					}
+					for _, tk := range toks {
+						require.Contains(t, pages, int(tk)/P)
+					}
+					require.Contains(t, toks, int32(0), "sinks")
+					require.Contains(t, toks, int32(upto-1), "tail")
+					require.Len(t, slices.Compact(slices.Clone(toks)), len(toks), "distinct")
+					if upto != tokens+10 {
+						continue
+					}
+					var sc Scratch
+					best := ix.Heads[1][g].FlatTop(q[2*g*d:(2*g+1)*d], 1, &sc, nil)[0]
+					for _, tk := range ix.Heads[1][g].Tokens(int(best)) {
+						require.Contains(t, toks, tk, "the best cluster's tokens")
+					}
 				}
 			}
 		})

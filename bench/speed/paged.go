@@ -89,6 +89,25 @@ type PagedRow struct {
 	// LayerBudgets are the tokens each layer attended to for the question,
 	// for methods with a per-request cut-off (probe).
 	LayerBudgets map[string][]int `json:"layer_budgets,omitempty"`
+	// Attended is the KV bytes the last timed decode step attended to,
+	// per method: the selected tokens of every layer and head group, K
+	// and V (a page-granular method's whole selected pages).
+	Attended map[string]int64 `json:"attended_kv_bytes,omitempty"`
+	// UploadedPerStep is the KV bytes copied host -> device per timed
+	// decode step, per method (their mean).
+	UploadedPerStep map[string]float64 `json:"uploaded_kv_bytes_per_step,omitempty"`
+}
+
+// ClusterShare is the clustering time (squeezed methods) as a fraction of
+// the prefill of the document it clustered (the HyperAttention ingest's
+// with SkipDense).
+func (r PagedRow) ClusterShare() float64 { return r.ClusterSec / r.clusteredPrefill() }
+
+func (r PagedRow) clusteredPrefill() float64 {
+	if r.PrefillSec == 0 {
+		return r.HyperPrefillSec
+	}
+	return r.PrefillSec
 }
 
 // AttentionMs estimates attention time per token: decode time minus the
@@ -130,7 +149,8 @@ func RunPaged(ctx context.Context, c PagedConfig) ([]PagedRow, error) {
 
 func pagedOne(ctx context.Context, c PagedConfig, n int, logf func(string, ...any)) (PagedRow, error) {
 	row := PagedRow{Model: c.Label, Context: n, Threads: c.DecodeThreads, Budget: c.Budget,
-		DecodeMs: map[string]float64{}, Resident: map[string]int64{}, ResidentByClass: map[string]map[string]int64{}}
+		DecodeMs: map[string]float64{}, Resident: map[string]int64{}, ResidentByClass: map[string]map[string]int64{},
+		Attended: map[string]int64{}, UploadedPerStep: map[string]float64{}}
 	capacity := n + 64 + c.DecodeTokens
 	dir, err := os.MkdirTemp("", "kvrecall-speed-")
 	if err != nil {
@@ -274,6 +294,10 @@ func pagedOne(ctx context.Context, c PagedConfig, n int, logf func(string, ...an
 		sessions[i] = s
 	}
 	steps := make([][]time.Duration, len(methods)+1)
+	uploaded := make([]int64, len(methods)) // before the timed steps
+	for j, s := range sessions {
+		uploaded[j] = s.Cache().(*kvcache.Paged).Stats().UploadedBytes
+	}
 	for i := 0; i < c.DecodeTokens; i++ {
 		tok := toks[i : i+1]
 		for j, s := range sessions {
@@ -296,6 +320,8 @@ func pagedOne(ctx context.Context, c PagedConfig, n int, logf func(string, ...an
 		row.DecodeMs[meth] = median(steps[j])
 		st := sessions[j].Cache().(*kvcache.Paged).Stats()
 		row.Resident[meth], row.ResidentByClass[meth] = st.ResidentBytes, st.ResidentByClass
+		row.Attended[meth] = st.AttendedBytes
+		row.UploadedPerStep[meth] = float64(st.UploadedBytes-uploaded[j]) / float64(c.DecodeTokens)
 	}
 	if ref != nil {
 		row.DecodeMs["llama.cpp"] = median(steps[len(methods)])
@@ -308,6 +334,9 @@ func pagedOne(ctx context.Context, c PagedConfig, n int, logf func(string, ...an
 	}
 	for meth, lb := range row.LayerBudgets {
 		logf("%s %d: %s per-layer budgets %v", c.Label, n, meth, lb)
+	}
+	if row.ClusterSec > 0 {
+		logf("%s %d: clustering %.2fs = %.1f%% of the prefill", c.Label, n, row.ClusterSec, 100*row.ClusterShare())
 	}
 	return row, nil
 }
@@ -378,7 +407,7 @@ func PagedTable(rows []PagedRow, methods []string) string {
 	}
 	s += "\n" + PrefillTable(rows)
 	s += LayerBudgetTable(rows, methods)
-	return s
+	return s + kvTrafficTable(rows, methods)
 }
 
 // PrefillTable formats the ingests of rows as Markdown: dense (our paged
@@ -454,6 +483,35 @@ func LayerBudgetTable(rows []PagedRow, methods []string) string {
 	return s
 }
 
+// kvTrafficTable is, per method, the KV a decode step attends to against
+// what is device-resident and what it uploads; and, when a squeezed method
+// clustered the document, the clustering's share of the ingest.
+func kvTrafficTable(rows []PagedRow, methods []string) string {
+	if len(rows) == 0 || rows[0].Attended == nil {
+		return ""
+	}
+	s := "\n| model | context | method | attended KV per step | resident KV | attended / resident | uploaded per step |\n|---|---|---|---|---|---|---|\n"
+	clustered := false
+	for _, r := range rows {
+		clustered = clustered || r.ClusterSec > 0
+		for _, m := range append([]string{"dense"}, methods...) {
+			ratio := "—"
+			if r.Resident[m] > 0 {
+				ratio = fmt.Sprintf("%.2f", float64(r.Attended[m])/float64(r.Resident[m]))
+			}
+			s += fmt.Sprintf("| %s | %d | %s | %s | %s | %s | %s |\n", r.Model, r.Context, m, mib(r.Attended[m]), mib(r.Resident[m]), ratio, mib(int64(r.UploadedPerStep[m])))
+		}
+	}
+	if !clustered {
+		return s
+	}
+	s += "\n| model | context | prefill s | clustering s (squeezed, at ingest) | clustering share of prefill |\n|---|---|---|---|---|\n"
+	for _, r := range rows {
+		s += fmt.Sprintf("| %s | %d | %.1f | %.2f | %.1f%% |\n", r.Model, r.Context, r.clusteredPrefill(), r.ClusterSec, 100*r.ClusterShare())
+	}
+	return s
+}
+
 func mib(b int64) string { return fmt.Sprintf("%.1f MiB", float64(b)/(1<<20)) }
 
 // PagedPlots draws decode time and resident KV against context length, one
@@ -485,8 +543,8 @@ func PagedPlots(rows []PagedRow, methods []string, dir string) error {
 				dec, res = append(dec, d), append(res, k)
 			}
 		}
-		// A --model label is a path: name the files after its base.
-		name := filepath.Base(strings.Fields(model)[0])
+		// A --model label is a path: name the files after its base name.
+		name := strings.TrimSuffix(filepath.Base(strings.Fields(model)[0]), ".gguf")
 		p, err := plot.Lines(model+": decode at budget "+fmt.Sprint(rs[0].Budget), "context (k tokens)", "ms per token", dec)
 		if err != nil {
 			return err

@@ -43,6 +43,25 @@ func TestPagedTableAndPlots(t *testing.T) {
 	require.True(t, strings.HasPrefix(DenseTable(nil), "| model |"))
 	require.NotContains(t, md, "streaming ingest", "no streaming ingest was measured")
 	require.NotContains(t, md, "per-layer budgets", "no method reported any")
+	require.NotContains(t, md, "attended KV per step", "rows without traffic numbers (older results) print no traffic table")
+	// A model given by path names its plots after the file.
+	path := []PagedRow{rows[0]}
+	path[0].Model = "/models/dir/recall.gguf"
+	require.NoError(t, PagedPlots(path, []string{"retro"}, dir))
+	_, err := os.Stat(filepath.Join(dir, "decode-recall.png"))
+	require.NoError(t, err)
+
+	// Squeezed: attended vs resident vs uploaded per step, and the
+	// clustering share of the prefill.
+	rows[0].Attended = map[string]int64{"dense": 64 << 20, "squeezed": 4 << 20}
+	rows[0].Resident["squeezed"] = 8 << 20
+	rows[0].UploadedPerStep = map[string]float64{"dense": 0, "squeezed": 1 << 20}
+	rows[0].ClusterSec = 1
+	require.InDelta(t, 0.05, rows[0].ClusterShare(), 1e-9)
+	md = PagedTable(rows[:1], []string{"squeezed"})
+	require.Contains(t, md, "| tiny (f16) | 16384 | squeezed | 4.0 MiB | 8.0 MiB | 0.50 | 1.0 MiB |")
+	require.Contains(t, md, "| tiny (f16) | 16384 | dense | 64.0 MiB | 64.0 MiB | 1.00 | 0.0 MiB |")
+	require.Contains(t, md, "| tiny (f16) | 16384 | 20.0 | 1.00 | 5.0% |")
 }
 
 // The streaming-ingest and per-layer budget tables appear for the rows and
@@ -69,6 +88,6 @@ func TestPagedTableStreamingAndLayerBudgets(t *testing.T) {
 	}
 	dir := t.TempDir()
 	require.NoError(t, PagedPlots(rows, []string{"retro", "probe"}, dir))
-	_, err := os.Stat(filepath.Join(dir, "decode-recall-l4.gguf.png"))
+	_, err := os.Stat(filepath.Join(dir, "decode-recall-l4.png"))
 	require.NoError(t, err)
 }

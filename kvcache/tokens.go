@@ -1,0 +1,372 @@
+package kvcache
+
+import (
+	"cmp"
+	"fmt"
+	"math"
+	"slices"
+
+	"github.com/ollama/ollama/ml"
+)
+
+// Token-granular residency (paging.Group.Tokens; the squeezed method).
+//
+// A page pool's slot holds one page, so a selection of scattered tokens (a
+// cluster's keys lie on many pages) makes whole pages resident, and a pool
+// of Budget/P pages holds few clusters. A token pool uses the same tensors
+// (k [headDim, heads, slots·P], v [slots·P, headDim, heads]) but treats its
+// slots·P cells one by one: a cell holds the keys and values of one
+// position, any position (keys are roped before they are cached, so where
+// a key sits does not matter, only the mask must agree). Each pass:
+//
+//   - the batch's tokens get cells (Put writes them, as for pages);
+//   - the selected tokens already in a cell are stamped (used this pass);
+//   - the others are copied from the host pages into a staging buffer and
+//     uploaded into free cells, else into the least recently used cells
+//     not used in this pass, in position order. Consecutive cells form a
+//     run, one f16 copy per K and V (like page runs); past MaxUploadRuns
+//     runs, one set_rows per K and V scatters every token at once;
+//   - the mask opens the selected tokens' cells and the batch's, causally.
+//
+// So a pool of Budget cells holds exactly the budget's tokens, and a
+// decode step uploads only the tokens its selection adds (2·2·headDim
+// bytes per token and KV head), not their pages.
+
+// tokenCells is the cell map of a token pool.
+//
+// Invariants (CheckInvariants): len(pos) = len(stamp) = slots·P; pos and
+// at are inverse maps (pos[c] = p ⇔ at[p] = c), so a position sits in at
+// most one cell; a mapped position is below the sequence's length, or in
+// the batch of the pass under way; every token the group's selection lists
+// and every token of the batch is mapped. Between passes every mapped
+// cell holds its token's f16 keys and values (uploaded, or written by
+// Put), the same bytes as the host page.
+type tokenCells struct {
+	pos   []int32         // cell -> position, -1 when free
+	at    map[int32]int32 // position -> cell
+	stamp []uint64        // last pass that used the cell (LRU); the current pass's stamp pins it
+}
+
+// tokenUpload is a planned copy of position pos's keys and values from
+// its host page into cell.
+type tokenUpload struct{ cell, pos int32 }
+
+func newTokenCells(cells int) *tokenCells {
+	t := &tokenCells{pos: make([]int32, cells), at: map[int32]int32{}, stamp: make([]uint64, cells)}
+	for i := range t.pos {
+		t.pos[i] = -1
+	}
+	return t
+}
+
+// cellOf returns the cell holding pos, or -1.
+func (t *tokenCells) cellOf(pos int32) int32 {
+	if c, ok := t.at[pos]; ok {
+		return c
+	}
+	return -1
+}
+
+// set puts pos into cell (evicting what it held) and stamps it.
+func (t *tokenCells) set(cell, pos int32, stamp uint64) {
+	if old := t.pos[cell]; old >= 0 {
+		delete(t.at, old)
+	}
+	t.pos[cell], t.stamp[cell] = pos, stamp
+	t.at[pos] = cell
+}
+
+// free empties cell.
+func (t *tokenCells) free(cell int32) {
+	if old := t.pos[cell]; old >= 0 {
+		delete(t.at, old)
+	}
+	t.pos[cell], t.stamp[cell] = -1, 0
+}
+
+// drop frees the cells of positions at or after first.
+func (t *tokenCells) drop(first int) {
+	for c, p := range t.pos {
+		if int(p) >= first {
+			t.free(int32(c))
+		}
+	}
+}
+
+// used is the cells attention reads: one past the highest occupied cell,
+// rounded up to whole pages (the free cells in between are masked).
+func (t *tokenCells) used(P int) int {
+	for c := len(t.pos) - 1; c >= 0; c-- {
+		if t.pos[c] >= 0 {
+			return min(len(t.pos), (c/P+1)*P)
+		}
+	}
+	return 0
+}
+
+// victims returns need cells for new tokens: the free cells in ascending
+// order, then the least recently used cells not used in the pass stamp,
+// oldest first and, among equally old ones, in cell order (tokens evicted
+// together leave consecutive cells, so their successors upload in runs).
+// ok is false when fewer than need cells are free or evictable.
+func (t *tokenCells) victims(need int, stamp uint64) (out []int32, ok bool) {
+	if need == 0 {
+		return nil, true
+	}
+	for c, p := range t.pos {
+		if p < 0 {
+			out = append(out, int32(c))
+			if len(out) == need {
+				return out, true
+			}
+		}
+	}
+	var old []int32
+	for c, p := range t.pos {
+		if p >= 0 && t.stamp[c] != stamp {
+			old = append(old, int32(c))
+		}
+	}
+	if len(out)+len(old) < need {
+		return nil, false
+	}
+	slices.SortFunc(old, func(a, b int32) int {
+		return cmp.Or(cmp.Compare(t.stamp[a], t.stamp[b]), cmp.Compare(a, b))
+	})
+	return append(out, old[:need-len(out)]...), true
+}
+
+// placeBatchTokens gives the batch's positions cells of g's token pool
+// (pinned for the pass) and records them as g.cells for Put.
+func (c *Paged) placeBatchTokens(layer int, g *group) error {
+	tc := g.pool.tok
+	need := 0
+	for i := 0; i < c.n; i++ {
+		if cl := tc.cellOf(int32(c.pos0 + i)); cl >= 0 {
+			tc.stamp[cl] = c.stamp // left by a pass that failed: Put writes it again
+		} else {
+			need++
+		}
+	}
+	vs, ok := tc.victims(need, c.stamp)
+	if !ok {
+		return fmt.Errorf("kvcache: %s, layer %d: a batch of %d tokens does not fit a token pool of %d cells", c.opt.Selector.Name(), layer, c.n, len(tc.pos))
+	}
+	for i := 0; i < c.n; i++ {
+		pos := int32(c.pos0 + i)
+		cl := tc.cellOf(pos)
+		if cl < 0 {
+			cl, vs = vs[0], vs[1:]
+			tc.set(cl, pos, c.stamp)
+		}
+		g.cells = append(g.cells, cl)
+	}
+	return nil
+}
+
+// placeTokens makes g's selected tokens resident in its token pool: those
+// present are stamped, the others get free or least recently used cells
+// and are scheduled for upload (g.tups). The batch's own tokens already
+// have cells.
+func (c *Paged) placeTokens(layer int, g *group) error {
+	tc := g.pool.tok
+	var missing []int32
+	for _, t := range g.tok {
+		if int(t) >= c.pos0 {
+			break // the batch's (sorted list): placed with the batch
+		}
+		if cl := tc.cellOf(t); cl >= 0 {
+			tc.stamp[cl] = c.stamp
+		} else {
+			missing = append(missing, t)
+		}
+	}
+	vs, ok := tc.victims(len(missing), c.stamp)
+	if !ok {
+		return fmt.Errorf("kvcache: %s, layer %d: %d selected tokens and a batch of %d do not fit a token pool of %d cells", c.opt.Selector.Name(), layer, len(g.tok), c.n, len(tc.pos))
+	}
+	for i, t := range missing {
+		tc.set(vs[i], t, c.stamp)
+		g.tups = append(g.tups, tokenUpload{cell: vs[i], pos: t})
+	}
+	return nil
+}
+
+// tokenKV is groupKV for a token pool: uploads the selected tokens it
+// lacks and returns views of its used cells and its mask.
+//
+//	key [headDim, heads, cells], value [cells, headDim, heads], mask [cells, batch]
+func (c *Paged) tokenKV(ctx ml.Context, l int, g *group) (ml.Tensor, ml.Tensor, ml.Tensor) {
+	if g.tok == nil {
+		panic(fmt.Sprintf("kvcache: layer %d has no token selection (queries were not given)", l))
+	}
+	pl := g.pool
+	c.emitTokenUploads(ctx, l, g)
+	cells := pl.tok.used(c.L.PageSize)
+	heads := len(g.heads)
+	k := pl.k.View(ctx, 0, c.L.HeadDim, pl.k.Stride(1), heads, pl.k.Stride(2), cells)
+	v := pl.v.View(ctx, 0, cells, pl.v.Stride(1), c.L.HeadDim, pl.v.Stride(2), heads)
+	mask := buildTokenMask(pl.tok, cells, g.tok, g.cells, c.pos0)
+	return k, v, ctx.Input().FromFloats(mask, cells, c.n)
+}
+
+// buildTokenMask returns a token pool's [cells, batch] mask (row-major by
+// batch row): 0 at the cells of the selected positions before pos0 and,
+// causally, at the batch's cells (batch[i] is position pos0+i's cell);
+// -Inf elsewhere (free cells, resident tokens not selected).
+func buildTokenMask(tc *tokenCells, cells int, tok, batch []int32, pos0 int) []float32 {
+	ninf := float32(math.Inf(-1))
+	row := make([]float32, cells)
+	for i := range row {
+		row[i] = ninf
+	}
+	for _, t := range tok {
+		if int(t) >= pos0 {
+			break
+		}
+		if cl := tc.cellOf(t); cl >= 0 && int(cl) < cells {
+			row[cl] = 0
+		}
+	}
+	n := len(batch)
+	mask := make([]float32, cells*n)
+	for b := 0; b < n; b++ {
+		r := mask[b*cells : (b+1)*cells]
+		copy(r, row)
+		for i := 0; i <= b; i++ {
+			r[batch[i]] = 0
+		}
+	}
+	return mask
+}
+
+// tokenRuns splits uploads sorted by cell into runs of consecutive cells:
+// [from, to) index ranges of ups.
+func tokenRuns(ups []tokenUpload) [][2]int {
+	var runs [][2]int
+	for i, u := range ups {
+		if i > 0 && u.cell == ups[i-1].cell+1 {
+			runs[len(runs)-1][1] = i + 1
+			continue
+		}
+		runs = append(runs, [2]int{i, i + 1})
+	}
+	return runs
+}
+
+// emitTokenUploads copies g's planned tokens host -> device inside the
+// graph. The tokens' keys are gathered from their host pages into one f16
+// staging tensor in cell order, token-major as the pool lays them out;
+// their values channel-major, run after run. Runs of consecutive cells are
+// one f16 copy per K and V (about a memcpy); past MaxUploadRuns runs in the
+// graph, one set_rows per K and V writes every token into its cell (K as
+// [row, cells], V as [1, cells, row]), with the f16 -> f32 -> f16 round
+// trip set_rows needs (exact for f16 values).
+func (c *Paged) emitTokenUploads(ctx ml.Context, l int, g *group) {
+	ups := g.tups
+	if len(ups) == 0 {
+		return
+	}
+	g.tups = nil
+	slices.SortFunc(ups, func(a, b tokenUpload) int { return cmp.Compare(a.cell, b.cell) })
+	pl := g.pool
+	r, P, m := pl.row, c.L.PageSize, len(ups)
+	sr, hd := c.L.Row(), c.L.HeadDim
+	kbuf := make([]uint16, 0, m*r)
+	for _, u := range ups {
+		K := c.store.pages[l][int(u.pos)/P].K
+		t := int(u.pos) % P
+		if g.all {
+			kbuf = append(kbuf, K[t*sr:(t+1)*sr]...)
+			continue
+		}
+		for _, h := range g.heads {
+			kbuf = append(kbuf, K[t*sr+h*hd:t*sr+(h+1)*hd]...)
+		}
+	}
+	// values appends channel ch of ups' tokens to vbuf.
+	vbuf := make([]uint16, 0, m*r)
+	values := func(ups []tokenUpload, ch int) {
+		sc := c.channel(g, ch)
+		for _, u := range ups {
+			vbuf = append(vbuf, c.store.pages[l][int(u.pos)/P].V[sc*P+int(u.pos)%P])
+		}
+	}
+	runs := tokenRuns(ups)
+	if used := c.graphRuns[ctx]; len(runs) <= MaxUploadRuns-used {
+		c.graphRuns[ctx] = used + len(runs)
+		for _, run := range runs {
+			for ch := 0; ch < r; ch++ {
+				values(ups[run[0]:run[1]], ch)
+			}
+		}
+		kIn := ctx.Input().FromBytes(ml.DTypeF16, u16bytes(kbuf), r*m)
+		vIn := ctx.Input().FromBytes(ml.DTypeF16, u16bytes(vbuf), r*m)
+		for _, run := range runs {
+			off, rows, first := run[0], run[1]-run[0], int(ups[run[0]].cell)
+			k := kIn.View(ctx, off*r*2, r*rows)
+			ctx.Forward(k.Copy(ctx, pl.k.View(ctx, first*r*2, r*rows)))
+			v := vIn.View(ctx, off*r*2, rows, rows*2, r) // [rows, channels]
+			ctx.Forward(v.Copy(ctx, pl.v.View(ctx, first*2, rows, pl.v.Stride(1), r)))
+		}
+	} else {
+		for ch := 0; ch < r; ch++ {
+			values(ups, ch)
+		}
+		idx := make([]int32, m)
+		for i, u := range ups {
+			idx[i] = u.cell
+		}
+		cells := ctx.Input().FromInts(idx, m)
+		k := ctx.Input().FromBytes(ml.DTypeF16, u16bytes(kbuf), r, m).Cast(ctx, ml.DTypeF32)
+		v := ctx.Input().FromBytes(ml.DTypeF16, u16bytes(vbuf), 1, m, r).Cast(ctx, ml.DTypeF32)
+		ctx.Forward(pl.k.Reshape(ctx, r, pl.slots*P).SetRows(ctx, k, cells))
+		ctx.Forward(pl.v.Reshape(ctx, 1, pl.slots*P, r).SetRows(ctx, v, cells))
+	}
+	c.tokenUploads.Add(int64(m))
+	c.uploadBytes.Add(int64(m) * int64(r) * 2 * 2)
+}
+
+// checkTokenPool reports broken invariants of g's token pool (see
+// tokenCells); at names the layer and group.
+func (c *Paged) checkTokenPool(at string, g *group) []error {
+	var errs []error
+	tc := g.pool.tok
+	if n := g.pool.slots * c.L.PageSize; len(tc.pos) != n || len(tc.stamp) != n {
+		errs = append(errs, fmt.Errorf("%s: %d token cells, want %d", at, len(tc.pos), n))
+	}
+	limit := c.store.Len()
+	if c.written < c.L.Layers {
+		limit = max(limit, c.pos0+c.n) // a pass under way: its batch has cells already
+	}
+	mapped := 0
+	for cl, p := range tc.pos {
+		if p < 0 {
+			continue
+		}
+		mapped++
+		if got, ok := tc.at[p]; !ok || int(got) != cl {
+			errs = append(errs, fmt.Errorf("%s: cell %d holds position %d, which maps to cell %d", at, cl, p, tc.cellOf(p)))
+		}
+		if int(p) >= limit {
+			errs = append(errs, fmt.Errorf("%s: cell %d holds position %d, past the %d tokens of the sequence", at, cl, p, limit))
+		}
+	}
+	if mapped != len(tc.at) {
+		errs = append(errs, fmt.Errorf("%s: %d occupied cells, %d mapped positions", at, mapped, len(tc.at)))
+	}
+	if g.sel != nil && g.tok == nil {
+		errs = append(errs, fmt.Errorf("%s: a token-granular group has a selection without tokens", at))
+	}
+	for _, t := range g.tok {
+		if tc.cellOf(t) < 0 {
+			errs = append(errs, fmt.Errorf("%s: selected token %d is not resident", at, t))
+		}
+	}
+	for i := 0; i < c.n && c.pos0+i < limit; i++ {
+		if tc.cellOf(int32(c.pos0+i)) < 0 {
+			errs = append(errs, fmt.Errorf("%s: batch token %d is not resident", at, c.pos0+i))
+		}
+	}
+	return errs
+}
