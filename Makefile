@@ -41,9 +41,9 @@ test: build/cgo.env
 	$(GO) test -timeout $(TEST_TIMEOUT) $(TEST_FLAGS) ./...
 	# Concurrent questions on one shared document, closing a model under a
 	# running generation, timeouts and shutdown, a delete racing a load and
-	# the document memory bound, and probe statistics per session, under the
-	# race detector.
-	$(GO) test -race -timeout 30m -run 'TestConcurrentAsk|TestParallelClients|TestQueueFull|TestDisconnectCancels|TestCloseDuringGeneration|TestTimeouts|TestShutdownCancelsStreamsVisibly|TestDeleteRacesOpen|TestDocumentMemoryBound|TestEvictionDuringAsk|TestSessionsDoNotShareStatistics' ./runtime ./server ./probe
+	# the document memory bound, probe statistics per session, and concurrent
+	# Generate and Ask through the kvrecall API, under the race detector.
+	$(GO) test -race -timeout 30m -run 'TestConcurrentAsk|TestParallelClients|TestQueueFull|TestDisconnectCancels|TestCloseDuringGeneration|TestTimeouts|TestShutdownCancelsStreamsVisibly|TestDeleteRacesOpen|TestDocumentMemoryBound|TestEvictionDuringAsk|TestSessionsDoNotShareStatistics|TestConcurrentGenerateAndAsk' . ./runtime ./server ./probe
 
 test-short: build/cgo.env
 	$(GO) test -short -timeout 20m ./...
