@@ -15,7 +15,7 @@ export CGO_CFLAGS := $(SIMD_FLAGS)
 export CGO_CXXFLAGS := $(SIMD_FLAGS)
 export CGO_CPPFLAGS
 
-.PHONY: all setup build demo serve test test-short bench fuzz models clean
+.PHONY: all setup build install demo serve test test-short bench fuzz models clean
 
 all: build
 
@@ -27,14 +27,18 @@ setup: build/cgo.env
 build: build/cgo.env
 	$(GO) build ./...
 
+# The kvrecall command, with SIMD, into $(go env GOBIN) or ~/go/bin.
+install: build/cgo.env
+	$(GO) install ./cmd/kvrecall
+
 # The main job on the embedded default: builds the recall model if absent and
 # answers a needle-in-a-haystack question over ~16k tokens.
 demo: build/cgo.env
-	$(GO) run ./cmd/demo
+	$(GO) run ./cmd/kvrecall demo
 
 # The local endpoint (see docs/server.md); pass flags with ARGS="--model my.gguf".
 serve: build/cgo.env
-	$(GO) run ./cmd/serve $(ARGS)
+	$(GO) run ./cmd/kvrecall serve $(ARGS)
 
 test: build/cgo.env
 	$(GO) vet ./...
@@ -50,7 +54,7 @@ test-short: build/cgo.env
 
 # Benchmarks are not tests: they report ratios against dense baselines.
 bench: build/cgo.env
-	$(GO) run ./cmd/bench speed
+	$(GO) run ./cmd/kvrecall bench speed
 
 # One fuzzer per go test (go test -fuzz takes one target), one after the other.
 fuzz: build/cgo.env
