@@ -38,7 +38,7 @@ func TestExportedAPIUsesNoEngineTypes(t *testing.T) {
 	t.Run("reflection", func(t *testing.T) {
 		roots := []any{kvrecall.Open, kvrecall.Methods, &kvrecall.Model{}, &kvrecall.Document{}, kvrecall.Options{},
 			kvrecall.GenerateOptions{}, kvrecall.Response{}, kvrecall.Chunk{}, kvrecall.Message{}, kvrecall.ModelInfo{},
-			kvrecall.DocumentInfo{}, kvrecall.IngestOptions{}, &kvrecall.OpenError{}, kvrecall.ErrClosed, kvrecall.ErrNoDocument, kvrecall.ErrContextFull}
+			kvrecall.DocumentInfo{}, kvrecall.IngestOptions{}, kvrecall.Tool{}, kvrecall.ToolCall{}, kvrecall.ErrToolCall, &kvrecall.OpenError{}, kvrecall.ErrClosed, kvrecall.ErrNoDocument, kvrecall.ErrContextFull}
 		var bad []string
 		seen := map[reflect.Type]bool{}
 		for _, r := range roots {

@@ -23,6 +23,7 @@ package kvrecall
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"iter"
@@ -74,6 +75,9 @@ var (
 	ErrNoDocument = runtime.ErrNoDocument
 	// ErrContextFull: the document, prompt and answer do not fit the context length.
 	ErrContextFull = runtime.ErrContextFull
+	// ErrToolCall: the model wrote a tool call that cannot be used (an
+	// unknown tool, malformed JSON, an unterminated <tool_call>).
+	ErrToolCall = chat.ErrToolCall
 )
 
 // OpenError names the model file and what is wrong with it (truncated,
@@ -223,6 +227,25 @@ type GenerateOptions struct {
 	// Budget is the tokens each query attends to under Method, sinks and
 	// recent window included (default Options.Budget).
 	Budget int
+
+	// Tools, for Chat and ChatStream, are the functions the model may
+	// call: the chat template lists them, and calls in the answer
+	// (Hermes/Qwen <tool_call> JSON, Llama 3 JSON) come back whole in
+	// Response.ToolCalls. OnToken and streams never see a call's text.
+	Tools []Tool
+}
+
+// Tool is a function the model may call.
+type Tool struct {
+	Name        string          `json:"name"`
+	Description string          `json:"description,omitempty"`
+	Parameters  json.RawMessage `json:"parameters,omitempty"` // JSON Schema of the arguments; nil: none
+}
+
+// ToolCall is a call the model made.
+type ToolCall struct {
+	Name      string          `json:"name"`
+	Arguments json.RawMessage `json:"arguments"` // a JSON object
 }
 
 // Token is one generated token and the text it released. ID is -1 for
@@ -263,7 +286,8 @@ type Usage struct {
 
 // Response is a finished (or stopped) call.
 type Response struct {
-	Text       string
+	Text       string // the answer, without its tool calls
+	ToolCalls  []ToolCall
 	TokenIDs   []int32
 	StopReason StopReason
 	Usage      Usage
@@ -298,21 +322,35 @@ func (m *Model) Stream(ctx context.Context, prompt string, opts GenerateOptions)
 	return stream(opts, func(o GenerateOptions) (*Response, error) { return m.Generate(ctx, prompt, o) })
 }
 
-// Message is one chat turn; Role is system, user, assistant or tool.
+// Message is one chat turn; Role is system, user, assistant or tool. An
+// assistant turn's ToolCalls are given back to the template.
 type Message struct {
-	Role    string `json:"role"`
-	Content string `json:"content"`
+	Role      string     `json:"role"`
+	Content   string     `json:"content"`
+	ToolCalls []ToolCall `json:"tool_calls,omitempty"`
 }
 
-// ChatPrompt renders msgs with the model's chat template, ending where the
-// assistant's reply starts: the prompt Chat generates from. afterDocument
-// leaves the BOS token out (a document already starts with it).
-func (m *Model) ChatPrompt(msgs []Message, afterDocument bool) (string, error) {
+// ChatPrompt renders msgs (and tools, if any) with the model's chat
+// template, ending where the assistant's reply starts: the prompt Chat
+// generates from. afterDocument leaves the BOS token out (a document
+// already starts with it).
+func (m *Model) ChatPrompt(msgs []Message, tools []Tool, afterDocument bool) (string, error) {
 	cm := make([]chat.Message, len(msgs))
 	for i, x := range msgs {
 		cm[i] = chat.Message{Role: x.Role, Content: x.Content}
+		for _, tc := range x.ToolCalls {
+			cm[i].ToolCalls = append(cm[i].ToolCalls, chat.ToolCall(tc))
+		}
 	}
-	return m.tpl.Render(cm, !afterDocument)
+	return m.tpl.RenderTools(cm, chatTools(tools), !afterDocument)
+}
+
+func chatTools(tools []Tool) []chat.Tool {
+	out := make([]chat.Tool, len(tools))
+	for i, t := range tools {
+		out[i] = chat.Tool(t)
+	}
+	return out
 }
 
 // Chat answers msgs, rendered with the model's chat template (see
@@ -334,12 +372,43 @@ func (m *Model) ChatStream(ctx context.Context, msgs []Message, opts GenerateOpt
 }
 
 func (m *Model) chat(ctx context.Context, doc *runtime.Document, msgs []Message, opts GenerateOptions) (*Response, error) {
-	p, err := m.ChatPrompt(msgs, doc != nil)
+	p, err := m.ChatPrompt(msgs, opts.Tools, doc != nil)
 	if err != nil {
 		return nil, err
 	}
+	tools := chatTools(opts.Tools)
+	user := opts.OnToken
+	filter := chat.NewToolFilter(tools)
+	if user != nil && len(tools) > 0 {
+		// Text that is or may become a tool call is held back.
+		opts.OnToken = func(t Token) error {
+			if s := filter.Add(t.Text); s != "" {
+				return user(Token{ID: t.ID, Text: s})
+			}
+			return nil
+		}
+	}
+	opts.Tools = nil
 	// A template that writes bos_token itself must not get a second BOS.
-	return m.generate(ctx, doc, p, doc == nil && !m.tpl.StartsWithBOS(p), opts)
+	res, err := m.generate(ctx, doc, p, doc == nil && !m.tpl.StartsWithBOS(p), opts)
+	if res == nil || len(tools) == 0 {
+		return res, err
+	}
+	if rest := filter.Flush(); rest != "" && user != nil && err == nil {
+		err = user(Token{ID: -1, Text: rest})
+	}
+	content, calls, perr := chat.ParseToolCalls(res.Text, tools)
+	if perr != nil {
+		if err == nil {
+			err = perr
+		}
+		return res, err
+	}
+	res.Text = content
+	for _, c := range calls {
+		res.ToolCalls = append(res.ToolCalls, ToolCall(c))
+	}
+	return res, err
 }
 
 // policy fills a call's method and budget from the model's defaults.
@@ -369,6 +438,9 @@ func (m *Model) policy(opts GenerateOptions, doc bool) (runtime.PolicyOptions, b
 // generate runs one call in its own session: after doc's pages when doc
 // is set, else from nothing.
 func (m *Model) generate(ctx context.Context, doc *runtime.Document, prompt string, bos bool, opts GenerateOptions) (*Response, error) {
+	if len(opts.Tools) > 0 {
+		return nil, errors.New("GenerateOptions.Tools need a chat template: use Chat or ChatStream")
+	}
 	pol, paged, err := m.policy(opts, doc != nil)
 	if err != nil {
 		return nil, err

@@ -2,6 +2,7 @@ package kvrecall_test
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"path/filepath"
@@ -140,7 +141,7 @@ func TestChatTemplate(t *testing.T) {
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
-			p, err := m.ChatPrompt(msgs, c.afterDocument)
+			p, err := m.ChatPrompt(msgs, nil, c.afterDocument)
 			require.NoError(t, err)
 			require.Equal(t, c.want, p)
 		})
@@ -148,7 +149,7 @@ func TestChatTemplate(t *testing.T) {
 	opts := kvrecall.GenerateOptions{MaxTokens: 8}
 	res, err := m.Chat(ctx, msgs, opts)
 	require.NoError(t, err)
-	p, _ := m.ChatPrompt(msgs, false)
+	p, _ := m.ChatPrompt(msgs, nil, false)
 	n, err := m.CountTokens(p)
 	require.NoError(t, err)
 	require.Equal(t, n, res.Usage.PromptTokens, "the template's <s> is the only BOS")
@@ -158,7 +159,7 @@ func TestChatTemplate(t *testing.T) {
 	require.True(t, strings.HasPrefix(doc.ID(), "doc-"), "an empty id names the document by its text's hash: %s", doc.ID())
 	res, err = doc.Chat(ctx, msgs, opts)
 	require.NoError(t, err)
-	p, _ = m.ChatPrompt(msgs, true)
+	p, _ = m.ChatPrompt(msgs, nil, true)
 	n, _ = m.CountTokens(p)
 	require.Equal(t, doc.Info().Tokens+n, res.Usage.PromptTokens)
 	via, err := m.Chat(ctx, msgs, kvrecall.GenerateOptions{MaxTokens: 8, Document: doc.ID()})
@@ -338,4 +339,42 @@ func TestConcurrentGenerateAndAsk(t *testing.T) {
 	for err := range errs {
 		t.Error(err)
 	}
+}
+
+// Tools reach the template; an answer without calls comes back as text,
+// streamed whole; tools without a template, or on a raw prompt, are errors.
+// (Parsing and holding back calls: internal/chat's TestParseToolCalls and
+// TestToolFilter.)
+func TestChatTools(t *testing.T) {
+	const tpl = `{% if tools %}Tools:{% for t in tools %} {{ t.function.name }}{% endfor %}
+{% endif %}{% for m in messages %}{{ m['content'] }}{% endfor %}`
+	path := filepath.Join(t.TempDir(), "stories-tools.gguf")
+	require.NoError(t, gguf.Copy(testmodels.StoriesV3(t), path, func(kv fsggml.KV, ts []*fsggml.Tensor) ([]*fsggml.Tensor, error) {
+		kv["tokenizer.chat_template"] = tpl
+		return ts, nil
+	}))
+	ctx := context.Background()
+	m, err := kvrecall.Open(ctx, path, kvrecall.Options{Threads: 2, ContextLength: 512, DataDir: t.TempDir()})
+	require.NoError(t, err)
+	defer m.Close()
+	tools := []kvrecall.Tool{{Name: "get_weather", Parameters: json.RawMessage(`{"type":"object"}`)}, {Name: "get_time"}}
+	msgs := []kvrecall.Message{{Role: "user", Content: "Once upon a time"}}
+	p, err := m.ChatPrompt(msgs, tools, false)
+	require.NoError(t, err)
+	require.Equal(t, "Tools: get_weather get_time\nOnce upon a time", p)
+	var streamed strings.Builder
+	res, err := m.Chat(ctx, msgs, kvrecall.GenerateOptions{MaxTokens: 12, Tools: tools,
+		OnToken: func(tk kvrecall.Token) error { streamed.WriteString(tk.Text); return nil }})
+	require.NoError(t, err)
+	require.Empty(t, res.ToolCalls)
+	require.NotEmpty(t, res.Text)
+	require.Equal(t, strings.TrimSpace(streamed.String()), res.Text)
+
+	_, err = m.Generate(ctx, "Once", kvrecall.GenerateOptions{Tools: tools})
+	require.ErrorContains(t, err, "use Chat")
+	plain, err := kvrecall.Open(ctx, testmodels.StoriesV3(t), kvrecall.Options{Threads: 2, ContextLength: 256, DataDir: t.TempDir()})
+	require.NoError(t, err)
+	defer plain.Close()
+	_, err = plain.Chat(ctx, msgs, kvrecall.GenerateOptions{Tools: tools})
+	require.ErrorContains(t, err, "no chat template to offer tools")
 }

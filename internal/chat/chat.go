@@ -5,6 +5,7 @@
 package chat
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"strings"
@@ -19,6 +20,9 @@ import (
 type Message struct {
 	Role    string `json:"role"`
 	Content string `json:"content"`
+	// ToolCalls are an assistant turn's calls, given back to the template
+	// as OpenAI's tool_calls (not read from the server's JSON).
+	ToolCalls []ToolCall `json:"-"`
 }
 
 // Template renders chat messages into a prompt with the model's
@@ -75,6 +79,13 @@ func (c *Template) Source() string { return c.source }
 // Render returns the prompt for msgs, ending where the assistant's reply
 // starts. withBOS=false leaves the BOS token out (a document already has it).
 func (c *Template) Render(msgs []Message, withBOS bool) (string, error) {
+	return c.RenderTools(msgs, nil, withBOS)
+}
+
+// RenderTools is Render with tools the model may call, handed to the
+// template as `tools` (the models' own templates describe them in the
+// system turn). A model without a template cannot be offered tools.
+func (c *Template) RenderTools(msgs []Message, tools []Tool, withBOS bool) (string, error) {
 	if len(msgs) == 0 {
 		return "", errors.New("messages must not be empty")
 	}
@@ -85,6 +96,9 @@ func (c *Template) Render(msgs []Message, withBOS bool) (string, error) {
 			return "", fmt.Errorf("unknown message role %q (system, user, assistant, tool)", m.Role)
 		}
 	}
+	if c.tpl == nil && len(tools) > 0 {
+		return "", errors.New("the model has no chat template to offer tools with")
+	}
 	if c.tpl == nil {
 		parts := make([]string, len(msgs))
 		for i, m := range msgs {
@@ -94,13 +108,25 @@ func (c *Template) Render(msgs []Message, withBOS bool) (string, error) {
 	}
 	list := make([]any, len(msgs))
 	for i, m := range msgs {
-		list[i] = map[string]any{"role": m.Role, "content": m.Content}
+		mm := map[string]any{"role": m.Role, "content": m.Content}
+		if len(m.ToolCalls) > 0 {
+			calls := make([]any, len(m.ToolCalls))
+			for j, tc := range m.ToolCalls {
+				var args any
+				if err := json.Unmarshal(tc.Arguments, &args); err != nil {
+					return "", fmt.Errorf("message %d, tool call %s: arguments are not JSON: %w", i, tc.Name, err)
+				}
+				calls[j] = map[string]any{"type": "function", "function": map[string]any{"name": tc.Name, "arguments": args}}
+			}
+			mm["tool_calls"] = calls
+		}
+		list[i] = mm
 	}
 	bos := c.bos
 	if !withBOS {
 		bos = ""
 	}
-	ctx := exec.NewContext(map[string]any{
+	vars := map[string]any{
 		"messages":              list,
 		"add_generation_prompt": true,
 		"bos_token":             bos,
@@ -108,7 +134,15 @@ func (c *Template) Render(msgs []Message, withBOS bool) (string, error) {
 		"raise_exception": func(msg string) (string, error) {
 			return "", errors.New(msg)
 		},
-	})
+	}
+	if len(tools) > 0 {
+		tt, err := templateTools(tools)
+		if err != nil {
+			return "", err
+		}
+		vars["tools"] = tt
+	}
+	ctx := exec.NewContext(vars)
 	out, err := c.tpl.ExecuteToString(ctx)
 	if err != nil {
 		return "", fmt.Errorf("chat template: %w", err)
