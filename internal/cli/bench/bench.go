@@ -38,14 +38,13 @@ import (
 	"github.com/kvrecall/kvrecall/squeezed"
 )
 
-// Usage is the command's help.
-const Usage = `usage:
-  kvrecall bench speed [--preset tiny,1b | --model FILE] [--contexts 2048,8192] [--threads 1,2] [--decode 32] [--json FILE]
-  kvrecall bench speed --paged [--preset tiny] [--contexts 16384,32768,65536] [--threads 2] [--budget 2048] [--methods retro,quest]
-  kvrecall bench load  [--preset tiny | --model FILE] [--clients 1,4,16] [--requests 48] [--max-tokens 16] [--max-concurrent 2]
-  kvrecall bench ruler [--model FILE] [--tasks niah_single,...] [--lengths 4096,...,65536] [--samples 3]
+const usage = `usage:
+  bench speed [--preset tiny,1b | --model FILE] [--contexts 2048,8192] [--threads 1,2] [--decode 32] [--json FILE]
+  bench speed --paged [--preset tiny] [--contexts 16384,32768,65536] [--threads 2] [--budget 2048] [--methods retro,quest]
+  bench load  [--preset tiny | --model FILE] [--clients 1,4,16] [--requests 48] [--max-tokens 16] [--max-concurrent 2]
+  bench ruler [--model FILE] [--tasks niah_single,...] [--lengths 4096,...,65536] [--samples 3]
               [--method dense,retro] [--budget 2048] [--out DIR]
-  kvrecall bench niah  [--model FILE] [--method dense,window,quest,retro] [--budget 1024,2048]
+  bench niah  [--model FILE] [--method dense,window,quest,retro] [--budget 1024,2048]
               [--lengths 16384,32768] [--depths 0,25,50,75,100] [--needles 1] [--json FILE]
 `
 
@@ -77,7 +76,7 @@ func ints(s string) ([]int, error) {
 func Run(ctx context.Context, args []string) error {
 	slog.SetDefault(slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelError})))
 	if len(args) == 0 {
-		fmt.Fprint(os.Stderr, Usage)
+		fmt.Fprint(os.Stderr, usage)
 		return fmt.Errorf("missing benchmark name")
 	}
 	switch args[0] {
@@ -90,10 +89,10 @@ func Run(ctx context.Context, args []string) error {
 	case "ruler":
 		return runRuler(ctx, args[1:])
 	case "-h", "--help", "help":
-		fmt.Print(Usage)
+		fmt.Print(usage)
 		return nil
 	}
-	fmt.Fprint(os.Stderr, Usage)
+	fmt.Fprint(os.Stderr, usage)
 	return fmt.Errorf("unknown benchmark %q", args[0])
 }
 
