@@ -2,7 +2,8 @@
 // point (signals, exit status) and flags that may also come from the
 // environment. Each subcommand's logic lives in a package below it with a
 // Run function; cmd/kvrecall dispatches to them, and the older single
-// commands (cmd/serve, cmd/bench, ...) are thin wrappers around the same.
+// commands (cmd/serve, cmd/mkmodel, cmd/heads, cmd/demo) are thin wrappers
+// around the same.
 package cli
 
 import (
