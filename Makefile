@@ -15,7 +15,7 @@ export CGO_CFLAGS := $(SIMD_FLAGS)
 export CGO_CXXFLAGS := $(SIMD_FLAGS)
 export CGO_CPPFLAGS
 
-.PHONY: all setup build demo serve test test-short bench fuzz models clean
+.PHONY: all setup build install demo serve test test-short bench fuzz models clean
 
 all: build
 
@@ -27,30 +27,34 @@ setup: build/cgo.env
 build: build/cgo.env
 	$(GO) build ./...
 
+# The kvrecall command, with SIMD, into $(go env GOBIN) or ~/go/bin.
+install: build/cgo.env
+	$(GO) install ./cmd/kvrecall
+
 # The main job on the embedded default: builds the recall model if absent and
 # answers a needle-in-a-haystack question over ~16k tokens.
 demo: build/cgo.env
-	$(GO) run ./cmd/demo
+	$(GO) run ./cmd/kvrecall demo
 
 # The local endpoint (see docs/server.md); pass flags with ARGS="--model my.gguf".
 serve: build/cgo.env
-	$(GO) run ./cmd/serve $(ARGS)
+	$(GO) run ./cmd/kvrecall serve $(ARGS)
 
 test: build/cgo.env
 	$(GO) vet ./...
 	$(GO) test -timeout $(TEST_TIMEOUT) $(TEST_FLAGS) ./...
 	# Concurrent questions on one shared document, closing a model under a
 	# running generation, timeouts and shutdown, a delete racing a load and
-	# the document memory bound, and probe statistics per session, under the
-	# race detector.
-	$(GO) test -race -timeout 30m -run 'TestConcurrentAsk|TestParallelClients|TestQueueFull|TestDisconnectCancels|TestCloseDuringGeneration|TestTimeouts|TestShutdownCancelsStreamsVisibly|TestDeleteRacesOpen|TestDocumentMemoryBound|TestEvictionDuringAsk|TestSessionsDoNotShareStatistics' ./runtime ./server ./probe
+	# the document memory bound, probe statistics per session, and concurrent
+	# Generate and Ask through the kvrecall API, under the race detector.
+	$(GO) test -race -timeout 30m -run 'TestConcurrentAsk|TestParallelClients|TestQueueFull|TestDisconnectCancels|TestCloseDuringGeneration|TestTimeouts|TestShutdownCancelsStreamsVisibly|TestDeleteRacesOpen|TestDocumentMemoryBound|TestEvictionDuringAsk|TestSessionsDoNotShareStatistics|TestConcurrentGenerateAndAsk' . ./runtime ./server ./probe
 
 test-short: build/cgo.env
 	$(GO) test -short -timeout 20m ./...
 
 # Benchmarks are not tests: they report ratios against dense baselines.
 bench: build/cgo.env
-	$(GO) run ./cmd/bench speed
+	$(GO) run ./cmd/kvrecall bench speed
 
 # One fuzzer per go test (go test -fuzz takes one target), one after the other.
 fuzz: build/cgo.env

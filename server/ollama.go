@@ -136,7 +136,7 @@ func (s *Server) ollamaGenerate(w http.ResponseWriter, r *http.Request, m *runti
 // generatePrompt applies the chat template unless the request is raw or the
 // model has none (then system and prompt are joined by a blank line).
 func (s *Server) generatePrompt(req *api.GenerateRequest, afterDocument bool) (genRequest, error) {
-	if req.Raw || s.chat.tpl == nil {
+	if req.Raw || !s.chat.HasTemplate() {
 		p := req.Prompt
 		if req.System != "" && !req.Raw {
 			p = req.System + "\n\n" + p
@@ -148,11 +148,11 @@ func (s *Server) generatePrompt(req *api.GenerateRequest, afterDocument bool) (g
 		msgs = append(msgs, message{Role: "system", Content: req.System})
 	}
 	msgs = append(msgs, message{Role: "user", Content: req.Prompt})
-	p, err := s.chat.render(msgs, !afterDocument)
+	p, err := s.chat.Render(msgs, !afterDocument)
 	if err != nil {
 		return genRequest{}, badRequest("%v", err)
 	}
-	return genRequest{prompt: p, addBOS: !afterDocument && !s.chat.startsWithBOS(p)}, nil
+	return genRequest{prompt: p, addBOS: !afterDocument && !s.chat.StartsWithBOS(p)}, nil
 }
 
 func (s *Server) ollamaChat(w http.ResponseWriter, r *http.Request, m *runtime.Model) {
@@ -177,13 +177,13 @@ func (s *Server) ollamaChat(w http.ResponseWriter, r *http.Request, m *runtime.M
 	for i, mm := range req.Messages {
 		msgs[i] = message{Role: mm.Role, Content: mm.Content}
 	}
-	p, err := s.chat.render(msgs, req.Document == "")
+	p, err := s.chat.Render(msgs, req.Document == "")
 	if err != nil {
 		s.metrics.outcome("chat", outcomeInvalid)
 		s.ndjsonFail(nd, r, badRequest("%v", err))
 		return
 	}
-	g := genRequest{prompt: p, addBOS: req.Document == "" && !s.chat.startsWithBOS(p)}
+	g := genRequest{prompt: p, addBOS: req.Document == "" && !s.chat.StartsWithBOS(p)}
 	s.ollamaRun(w, r, m, nd, req.Model, req.Stream, req.Options, req.kvrecallFields, "chat", g, true)
 }
 
@@ -341,7 +341,7 @@ func (s *Server) ollamaShow(w http.ResponseWriter, r *http.Request, m *runtime.M
 	writeJSON(w, http.StatusOK, api.ShowResponse{
 		Modelfile:    "# served by kvrecall\nFROM " + filepath.Base(m.Path()) + "\n", // not where the server keeps it
 		Parameters:   fmt.Sprintf("num_ctx %d", m.Options().ContextLength),
-		Template:     s.chat.source,
+		Template:     s.chat.Source(),
 		Details:      s.modelDetails(m),
 		ModelInfo:    info,
 		Capabilities: []model.Capability{model.CapabilityCompletion},

@@ -290,11 +290,11 @@ func (s *Server) openaiChat(w http.ResponseWriter, r *http.Request, m *runtime.M
 		return
 	}
 	s.openaiRun(w, r, m, &req.openaiParams, "chat", func() (genRequest, error) {
-		prompt, err := s.chat.render(req.Messages, req.Document == "")
+		prompt, err := s.chat.Render(req.Messages, req.Document == "")
 		if err != nil {
 			return genRequest{}, badRequest("%v", err)
 		}
-		return genRequest{prompt: prompt, addBOS: req.Document == "" && !s.chat.startsWithBOS(prompt)}, nil
+		return genRequest{prompt: prompt, addBOS: req.Document == "" && !s.chat.StartsWithBOS(prompt)}, nil
 	})
 }
 

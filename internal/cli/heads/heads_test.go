@@ -1,4 +1,4 @@
-package main
+package heads
 
 import (
 	"bytes"
@@ -31,7 +31,7 @@ func TestCommand(t *testing.T) {
 	} {
 		t.Run(args[0], func(t *testing.T) {
 			out := filepath.Join(dir, args[0]+".json")
-			require.NoError(t, run(ctx, append(args, "--model", model, "-o", out)))
+			require.NoError(t, Run(ctx, append(args, "--model", model, "-o", out)))
 			m, err := runtime.Open(ctx, model, runtime.Options{Threads: 2, ContextLength: 512})
 			require.NoError(t, err)
 			defer m.Close()
@@ -57,7 +57,7 @@ func TestCommand(t *testing.T) {
 	}
 	for _, tc := range bad {
 		t.Run(tc.want, func(t *testing.T) {
-			require.ErrorContains(t, run(ctx, tc.args), tc.want)
+			require.ErrorContains(t, Run(ctx, tc.args), tc.want)
 		})
 	}
 }

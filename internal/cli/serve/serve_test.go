@@ -1,4 +1,4 @@
-package main
+package serve
 
 import (
 	"bufio"
@@ -27,7 +27,10 @@ import (
 // separate process, as a user would, and signal it.
 func TestMain(m *testing.M) {
 	if os.Getenv("KVRECALL_SERVE_MAIN") == "1" {
-		main()
+		if err := Run(os.Args[1:]); err != nil {
+			fmt.Fprintln(os.Stderr, "serve:", err)
+			os.Exit(1)
+		}
 		os.Exit(0)
 	}
 	os.Exit(m.Run())

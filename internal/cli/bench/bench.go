@@ -1,9 +1,9 @@
-// Command bench runs kvrecall's benchmarks. Results are ratios against
-// baselines measured in the same run; docs/performance.md records them with
-// the commands that produced them.
+// Package bench is `kvrecall bench`: kvrecall's benchmarks. Results are
+// ratios against baselines measured in the same run; docs/performance.md
+// records them with the commands that produced them.
 //
-//	bench speed [--preset tiny,1b | --model FILE] [--contexts 2048,8192] [--threads 1,2]
-package main
+//	kvrecall bench speed [--preset tiny,1b | --model FILE] [--contexts 2048,8192] [--threads 1,2]
+package bench
 
 import (
 	"context"
@@ -15,7 +15,6 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"os/signal"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -51,16 +50,6 @@ const usage = `usage:
               [--ingest dense,hyper:all,hyper:but0,hyper:last]
 `
 
-func main() {
-	slog.SetDefault(slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelError})))
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
-	defer stop()
-	if err := run(ctx, os.Args[1:]); err != nil {
-		fmt.Fprintln(os.Stderr, "bench:", err)
-		os.Exit(1)
-	}
-}
-
 func floats(s string) ([]float64, error) {
 	var out []float64
 	for _, f := range strings.Split(s, ",") {
@@ -85,7 +74,9 @@ func ints(s string) ([]int, error) {
 	return out, nil
 }
 
-func run(ctx context.Context, args []string) error {
+// Run runs `kvrecall bench args...`; ctx stops it.
+func Run(ctx context.Context, args []string) error {
+	slog.SetDefault(slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelError})))
 	if len(args) == 0 {
 		fmt.Fprint(os.Stderr, usage)
 		return fmt.Errorf("missing benchmark name")

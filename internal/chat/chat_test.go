@@ -1,9 +1,8 @@
-package server
+package chat
 
 import (
 	"testing"
 
-	"github.com/nikolalohinski/gonja/v2"
 	"github.com/stretchr/testify/require"
 )
 
@@ -19,16 +18,16 @@ const phi3 = `{% for message in messages %}{% if message['role'] == 'system' %}{
 const qwen3 = `{%- for message in messages %}{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\n\n</think>\n\n' }}{%- endif %}{%- endif %}`
 
 func TestChatTemplates(t *testing.T) {
-	mk := func(src, bos string) *chatTemplate {
-		tpl, err := gonja.FromString(src)
+	mk := func(src, bos string) *Template {
+		tpl, err := New(src, bos, "")
 		require.NoError(t, err)
-		return &chatTemplate{tpl: tpl, source: src, bos: bos}
+		return tpl
 	}
-	msgs := []message{{Role: "system", Content: "Be brief."}, {Role: "user", Content: "Hi there "}}
+	msgs := []Message{{Role: "system", Content: "Be brief."}, {Role: "user", Content: "Hi there "}}
 	cases := []struct {
 		name string
-		c    *chatTemplate
-		msgs []message
+		c    *Template
+		msgs []Message
 		bos  bool
 		want string
 		err  string
@@ -45,13 +44,13 @@ func TestChatTemplates(t *testing.T) {
 			"<|system|>\nBe brief.<|end|>\n<|user|>\nHi there <|end|>\n<|assistant|>\n", ""},
 		{"qwen3", mk(qwen3, ""), msgs, true,
 			"<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there <|im_end|>\n<|im_start|>assistant\n", ""},
-		{"template raises", mk(llama3, ""), []message{{Role: "user", Content: "a"}, {Role: "system", Content: "b"}}, true, "", "system must come first"},
-		{"fallback", &chatTemplate{}, msgs, true, "Be brief.\n\nHi there ", ""},
-		{"bad role", &chatTemplate{}, []message{{Role: "robot", Content: "x"}}, true, "", "unknown message role"},
+		{"template raises", mk(llama3, ""), []Message{{Role: "user", Content: "a"}, {Role: "system", Content: "b"}}, true, "", "system must come first"},
+		{"fallback", &Template{}, msgs, true, "Be brief.\n\nHi there ", ""},
+		{"bad role", &Template{}, []Message{{Role: "robot", Content: "x"}}, true, "", "unknown message role"},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
-			got, err := c.c.render(c.msgs, c.bos)
+			got, err := c.c.Render(c.msgs, c.bos)
 			if c.err != "" {
 				require.ErrorContains(t, err, c.err)
 				return
@@ -60,5 +59,5 @@ func TestChatTemplates(t *testing.T) {
 			require.Equal(t, c.want, got)
 		})
 	}
-	require.True(t, mk(llama3, "<|begin_of_text|>").startsWithBOS("<|begin_of_text|>x"))
+	require.True(t, mk(llama3, "<|begin_of_text|>").StartsWithBOS("<|begin_of_text|>x"))
 }
