@@ -7,6 +7,8 @@ import (
 
 	"github.com/ollama/ollama/ml"
 	"github.com/ollama/ollama/ml/nn"
+
+	"github.com/kvrecall/kvrecall/runtime/arch"
 )
 
 // single returns layer's only group if it holds every KV head: the layout
@@ -54,14 +56,30 @@ func (c *Paged) groupKV(ctx ml.Context, l int, g *group) (ml.Tensor, ml.Tensor, 
 // pool (so a group that sees fewer tokens computes less) from its query
 // heads, then puts the heads back in order. q: [headDim, heads, batch].
 func (c *Paged) Attention(ctx ml.Context, layer int, q, k, v ml.Tensor, scale float64) ml.Tensor {
+	return c.AttentionSoftcap(ctx, layer, q, k, v, scale, 0)
+}
+
+// AttentionSoftcap implements arch.SoftcapAttender: Attention with scores
+// capped as cap·tanh(s/cap) before the mask (gemma2); 0 means no cap.
+func (c *Paged) AttentionSoftcap(ctx ml.Context, layer int, q, k, v ml.Tensor, scale float64, softcap float32) ml.Tensor {
 	c.layer = layer
-	if c.single(layer) != nil {
+	if c.single(layer) != nil && softcap == 0 {
 		return nn.Attention(ctx, q, k, v, scale, c)
 	}
 	ctx.Forward(q)
 	if k != nil {
 		ctx.Forward(k, v)
 		c.Put(ctx, k, v)
+	}
+	sdpa := func(q, key, value, mask ml.Tensor) ml.Tensor {
+		if softcap > 0 {
+			return arch.SoftcapSDPA(ctx, q, key, value, mask, scale, softcap)
+		}
+		return q.(ml.ScaledDotProductAttention).ScaledDotProductAttention(ctx, key, value, mask, nil, nil, scale, true)
+	}
+	if g := c.single(layer); g != nil {
+		key, value, mask := c.groupKV(ctx, layer, g)
+		return sdpa(q, key, value, mask)
 	}
 	G := c.opt.Heads / c.L.KVHeads
 	var out ml.Tensor
@@ -75,7 +93,7 @@ func (c *Paged) Attention(ctx ml.Context, layer int, q, k, v ml.Tensor, scale fl
 			}
 		}
 		qg := pickHeads(ctx, q, qheads) // [headDim, len(qheads), batch]
-		a := qg.(ml.ScaledDotProductAttention).ScaledDotProductAttention(ctx, key, value, mask, nil, nil, scale, true)
+		a := sdpa(qg, key, value, mask)
 		if out == nil {
 			out = a
 		} else {

@@ -116,9 +116,10 @@ type readback struct {
 }
 
 var (
-	_ ollamakv.Cache = (*Paged)(nil)
-	_ arch.Hooks     = (*Paged)(nil)
-	_ arch.Attender  = (*Paged)(nil)
+	_ ollamakv.Cache       = (*Paged)(nil)
+	_ arch.Hooks           = (*Paged)(nil)
+	_ arch.Attender        = (*Paged)(nil)
+	_ arch.SoftcapAttender = (*Paged)(nil)
 )
 
 // NewPaged returns a cache; Init must be called before use (the runtime does).
