@@ -119,8 +119,14 @@ type Group struct {
 	// Budget is the tokens the group attends per query, sinks and window
 	// included; <= 0 means every token (a dense pool).
 	Budget int
-	// Class names the group in reports ("all", "retrieval", "streaming").
+	// Class names the group in reports ("all", "retrieval", "streaming",
+	// "windowed").
 	Class string
+	// Window, if > 0, makes the group a sliding-window group (a model's
+	// windowed layer, gemma's local attention): each query attends only
+	// to the Window positions ending at itself, whatever pages are
+	// selected, and the pool holds Window tokens (Budget is ignored).
+	Window int
 }
 
 // Selection is a layer's choice: Groups[i] lists the sorted, distinct page

@@ -101,12 +101,40 @@ func (m *Model) attention(ctx ml.Context, layer int, q, k, v ml.Tensor, scale fl
 	return nn.Attention(ctx, q, k, v, scale, cache)
 }
 
-// CheckCache reports whether cache can run this model's attention.
+// SlidingWindower is implemented by Attender caches that apply sliding
+// windows themselves: SlidingWindow(layer) is the window layer's queries
+// are limited to (0: none).
+type SlidingWindower interface {
+	SlidingWindow(layer int) int
+}
+
+// CheckCache reports whether cache can run this model's attention: an
+// Attender cache computes attention itself, so it must cap scores
+// (gemma2) and limit windowed layers to their window (gemma) as the model
+// does. Caches that only store (ollama's) get both from the forward pass
+// and from DenseCache's SWA cache.
 func (m *Model) CheckCache(cache kvcache.Cache) error {
+	if _, ok := cache.(Attender); !ok {
+		return nil
+	}
 	if m.Params.AttnSoftcap > 0 {
-		_, sa := cache.(SoftcapAttender)
-		if _, a := cache.(Attender); a && !sa {
+		if _, ok := cache.(SoftcapAttender); !ok {
 			return fmt.Errorf("%s caps attention scores (attn_logit_softcapping %g), which the %T cache does not support", m.Params.Arch, m.Params.AttnSoftcap, cache)
+		}
+	}
+	if m.Params.SlidingWindow > 0 {
+		sw, ok := cache.(SlidingWindower)
+		if !ok {
+			return fmt.Errorf("%s has sliding-window layers (window %d), which the %T cache does not apply", m.Params.Arch, m.Params.SlidingWindow, cache)
+		}
+		for l := 0; l < m.Params.Layers; l++ {
+			want := 0
+			if m.Params.Windowed(l) {
+				want = m.Params.SlidingWindow
+			}
+			if got := sw.SlidingWindow(l); got != want {
+				return fmt.Errorf("the %T cache limits layer %d to a window of %d, the model to %d (0: global)", cache, l, got, want)
+			}
 		}
 	}
 	return nil
