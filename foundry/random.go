@@ -5,6 +5,7 @@ import (
 	"hash/fnv"
 	"math"
 	"math/rand/v2"
+	"strings"
 
 	fsggml "github.com/ollama/ollama/fs/ggml"
 )
@@ -42,6 +43,17 @@ var Presets = map[string]Shape{
 		SlidingWindow: 64, RopeScaleLinear: 8},
 	// Shaped like Llama-3.2-1B (with a 32k vocabulary).
 	"1b": {Hidden: 2048, Layers: 16, Heads: 32, KVHeads: 8, HeadDim: 64, FFN: 8192, Vocab: 32000, Context: 131072, RopeBase: 500000},
+}
+
+// PresetArch is the architecture a preset is meant for: gemma2/gemma3 for
+// their presets (they carry a sliding window), llama otherwise.
+func PresetArch(preset string) string {
+	for _, a := range []string{"gemma2", "gemma3"} {
+		if strings.HasPrefix(preset, a+"-") {
+			return a
+		}
+	}
+	return "llama"
 }
 
 // RandomOptions select a random model.

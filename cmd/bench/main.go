@@ -2,7 +2,7 @@
 // baselines measured in the same run; docs/performance.md records them with
 // the commands that produced them.
 //
-//	bench speed [--preset tiny,1b | --model FILE] [--contexts 2048,8192] [--threads 1,2]
+//	bench speed [--preset tiny,1b,gemma3-tiny | --model FILE] [--contexts 2048,8192] [--threads 1,2]
 package main
 
 import (
@@ -40,7 +40,7 @@ import (
 )
 
 const usage = `usage:
-  bench speed [--preset tiny,1b | --model FILE] [--contexts 2048,8192] [--threads 1,2] [--decode 32] [--json FILE]
+  bench speed [--preset tiny,1b,gemma3-tiny | --model FILE] [--contexts 2048,8192] [--threads 1,2] [--decode 32] [--json FILE]
   bench speed --paged [--preset tiny] [--contexts 16384,32768,65536] [--threads 2] [--budget 2048] [--methods retro,quest]
   bench load  [--preset tiny | --model FILE] [--clients 1,4,16] [--requests 48] [--max-tokens 16] [--max-concurrent 2]
   bench ruler [--model FILE] [--tasks niah_single,...] [--lengths 4096,...,65536] [--samples 3]
@@ -141,7 +141,7 @@ func runSpeed(ctx context.Context, args []string) error {
 			return err
 		}
 		for _, p := range strings.Split(*presets, ",") {
-			path, err := foundry.EnsurePreset(dir, "llama", p, foundry.F16, func(path string) {
+			path, err := foundry.EnsurePreset(dir, foundry.PresetArch(p), p, foundry.F16, func(path string) {
 				fmt.Fprintf(os.Stderr, "building %s ...\n", path)
 			})
 			if err != nil {
@@ -352,7 +352,7 @@ func runLoad(ctx context.Context, args []string) error {
 		if err != nil {
 			return err
 		}
-		if path, err = foundry.EnsurePreset(dir, "llama", *preset, foundry.F16, nil); err != nil {
+		if path, err = foundry.EnsurePreset(dir, foundry.PresetArch(*preset), *preset, foundry.F16, nil); err != nil {
 			return err
 		}
 	}
