@@ -5,6 +5,7 @@ import (
 	"hash/fnv"
 	"math"
 	"math/rand/v2"
+	"strings"
 
 	fsggml "github.com/ollama/ollama/fs/ggml"
 )
@@ -14,19 +15,50 @@ type Shape struct {
 	Hidden, Layers, Heads, KVHeads, HeadDim, FFN, Vocab int
 	Context                                             int
 	RopeBase                                            float32
+
+	// gemma2/gemma3 only (zero elsewhere): the sliding window of the
+	// windowed layers (attention.sliding_window), soft-capping of
+	// attention scores and logits (gemma2), and a linear RoPE scaling
+	// factor of the global layers (gemma3, as in its 4B+ models).
+	SlidingWindow             int
+	AttnSoftcap, FinalSoftcap float32
+	RopeScaleLinear           float32
 }
+
+// gemma reports whether arch is gemma2 or gemma3.
+func gemma(arch string) bool { return arch == "gemma2" || arch == "gemma3" }
 
 // Presets are the shapes mkmodel knows by name.
 var Presets = map[string]Shape{
 	// A small model for tests and quick benchmarks.
 	"tiny": {Hidden: 256, Layers: 4, Heads: 8, KVHeads: 2, HeadDim: 32, FFN: 512, Vocab: 512, Context: 131072, RopeBase: 10000},
+	// gemma2 with a 64-token window on layers 0 and 2 (1 and 3 global),
+	// and soft-capping small enough to change results (gemma2 2B's are 50
+	// and 30).
+	"gemma2-tiny": {Hidden: 256, Layers: 4, Heads: 8, KVHeads: 2, HeadDim: 32, FFN: 512, Vocab: 512, Context: 131072, RopeBase: 10000,
+		SlidingWindow: 64, AttnSoftcap: 5, FinalSoftcap: 8},
+	// gemma3 with a 64-token window: layers 0-4 local (RoPE base 10000),
+	// layer 5 global (base 1e6, linear scaling 8).
+	"gemma3-tiny": {Hidden: 256, Layers: 6, Heads: 8, KVHeads: 2, HeadDim: 32, FFN: 512, Vocab: 512, Context: 131072, RopeBase: 1e6,
+		SlidingWindow: 64, RopeScaleLinear: 8},
 	// Shaped like Llama-3.2-1B (with a 32k vocabulary).
 	"1b": {Hidden: 2048, Layers: 16, Heads: 32, KVHeads: 8, HeadDim: 64, FFN: 8192, Vocab: 32000, Context: 131072, RopeBase: 500000},
 }
 
+// PresetArch is the architecture a preset is meant for: gemma2/gemma3 for
+// their presets (they carry a sliding window), llama otherwise.
+func PresetArch(preset string) string {
+	for _, a := range []string{"gemma2", "gemma3"} {
+		if strings.HasPrefix(preset, a+"-") {
+			return a
+		}
+	}
+	return "llama"
+}
+
 // RandomOptions select a random model.
 type RandomOptions struct {
-	Arch      string // "llama", "qwen2", "qwen3" or "phi3"
+	Arch      string // "llama", "qwen2", "qwen3", "phi3", "gemma2" or "gemma3"
 	Shape     Shape
 	DType     DType
 	Seed      uint64
@@ -40,8 +72,14 @@ type RandomOptions struct {
 func WriteRandom(path string, o RandomOptions) error {
 	s := o.Shape
 	switch {
-	case o.Arch != "llama" && o.Arch != "qwen2" && o.Arch != "qwen3" && o.Arch != "phi3":
-		return fmt.Errorf("random models: architecture %q is not supported (llama, qwen2, qwen3, phi3)", o.Arch)
+	case o.Arch != "llama" && o.Arch != "qwen2" && o.Arch != "qwen3" && o.Arch != "phi3" && !gemma(o.Arch):
+		return fmt.Errorf("random models: architecture %q is not supported (llama, qwen2, qwen3, phi3, gemma2, gemma3)", o.Arch)
+	case !gemma(o.Arch) && (s.SlidingWindow != 0 || s.AttnSoftcap != 0 || s.FinalSoftcap != 0 || s.RopeScaleLinear != 0):
+		return fmt.Errorf("random models: sliding window, soft-capping and rope scaling are gemma2/gemma3 settings, not %s", o.Arch)
+	case o.Arch == "gemma3" && s.AttnSoftcap != 0:
+		return fmt.Errorf("random models: gemma3 has no attention soft-capping")
+	case s.SlidingWindow < 0 || s.SlidingWindow == 1:
+		return fmt.Errorf("random models: sliding window %d (want 0 or at least 2)", s.SlidingWindow)
 	case o.Arch == "phi3" && s.Heads*s.HeadDim != s.Hidden:
 		return fmt.Errorf("random models: phi3 needs heads x head dimension = hidden (%d x %d != %d)", s.Heads, s.HeadDim, s.Hidden)
 	case s.Hidden <= 0 || s.Layers <= 0 || s.Heads <= 0 || s.KVHeads <= 0 || s.HeadDim <= 0 || s.FFN <= 0:
@@ -69,14 +107,30 @@ func WriteRandom(path string, o RandomOptions) error {
 		"attention.layer_norm_rms_epsilon": float32(1e-5),
 		"rope.dimension_count":             uint32(s.HeadDim),
 		"rope.freq_base":                   s.RopeBase,
-		"tokenizer.ggml.add_bos_token":     o.Arch == "llama" || o.Arch == "phi3",
+		"tokenizer.ggml.add_bos_token":     o.Arch == "llama" || o.Arch == "phi3" || gemma(o.Arch),
 		"tokenizer.ggml.add_eos_token":     false,
 		"tokenizer.ggml.padding_token_id":  uint32(0),
 		"general.quantization_version":     uint32(2),
 		"tokenizer.ggml.add_space_prefix":  true,
 		"general.kvrecall.foundry":         "random",
 	}
-	if o.Arch == "llama" || o.Arch == "phi3" {
+	if gemma(o.Arch) {
+		kv["attention.layer_norm_rms_epsilon"] = float32(1e-6)
+		if s.SlidingWindow > 0 {
+			kv["attention.sliding_window"] = uint32(s.SlidingWindow)
+		}
+		if s.AttnSoftcap > 0 {
+			kv["attn_logit_softcapping"] = s.AttnSoftcap
+		}
+		if s.FinalSoftcap > 0 {
+			kv["final_logit_softcapping"] = s.FinalSoftcap
+		}
+		if s.RopeScaleLinear > 0 {
+			kv["rope.scaling.type"] = "linear"
+			kv["rope.scaling.factor"] = s.RopeScaleLinear
+		}
+	}
+	if o.Arch == "llama" || o.Arch == "phi3" || gemma(o.Arch) {
 		v, err := spmVocab(s.Vocab)
 		if err != nil {
 			return err
@@ -111,8 +165,16 @@ func WriteRandom(path string, o RandomOptions) error {
 	vec := func(name string, n int, mean, std float64) {
 		ts = append(ts, &tensor{name: name, shape: []uint64{uint64(n)}, dtype: F32, gen: gaussian(o.Seed, name, mean, std)})
 	}
-	mat("token_embd.weight", h, s.Vocab, 1)
-	mat("output.weight", h, s.Vocab, 4/math.Sqrt(float64(h)))
+	if gemma(o.Arch) {
+		// Tied output, as gemma's files are (llama.cpp's gemma2 reads
+		// token_embd as the output matrix even if output.weight exists).
+		// The embeddings are scaled by √hidden on input: std 2/√hidden
+		// gives inputs of RMS 2 and logits of a few units.
+		mat("token_embd.weight", h, s.Vocab, 2/math.Sqrt(float64(h)))
+	} else {
+		mat("token_embd.weight", h, s.Vocab, 1)
+		mat("output.weight", h, s.Vocab, 4/math.Sqrt(float64(h)))
+	}
 	vec("output_norm.weight", h, 1, 0.05)
 	if o.RopeFreqs {
 		ts = append(ts, &tensor{name: "rope_freqs.weight", shape: []uint64{uint64(s.HeadDim / 2)}, dtype: F32,
@@ -140,7 +202,13 @@ func WriteRandom(path string, o RandomOptions) error {
 			mat(p+"ffn_up.weight", h, s.FFN, in)
 		}
 		mat(p+"ffn_down.weight", s.FFN, h, 1/math.Sqrt(float64(s.FFN)))
-		if o.Arch == "qwen3" {
+		if gemma(o.Arch) {
+			// The file's norm weights hold gemma's 1+w (llama.cpp's
+			// convert adds the 1).
+			vec(p+"post_attention_norm.weight", h, 1, 0.05)
+			vec(p+"post_ffw_norm.weight", h, 1, 0.05)
+		}
+		if o.Arch == "qwen3" || o.Arch == "gemma3" {
 			vec(p+"attn_q_norm.weight", s.HeadDim, 1, 0.1)
 			vec(p+"attn_k_norm.weight", s.HeadDim, 1, 0.1)
 		}

@@ -7,6 +7,8 @@ import (
 
 	"github.com/ollama/ollama/ml"
 	"github.com/ollama/ollama/ml/nn"
+
+	"github.com/kvrecall/kvrecall/runtime/arch"
 )
 
 // single returns layer's only group if it holds every KV head: the layout
@@ -57,14 +59,30 @@ func (c *Paged) groupKV(ctx ml.Context, l int, g *group) (ml.Tensor, ml.Tensor, 
 // pool (so a group that sees fewer tokens computes less) from its query
 // heads, then puts the heads back in order. q: [headDim, heads, batch].
 func (c *Paged) Attention(ctx ml.Context, layer int, q, k, v ml.Tensor, scale float64) ml.Tensor {
+	return c.AttentionSoftcap(ctx, layer, q, k, v, scale, 0)
+}
+
+// AttentionSoftcap implements arch.SoftcapAttender: Attention with scores
+// capped as cap·tanh(s/cap) before the mask (gemma2); 0 means no cap.
+func (c *Paged) AttentionSoftcap(ctx ml.Context, layer int, q, k, v ml.Tensor, scale float64, softcap float32) ml.Tensor {
 	c.layer = layer
-	if c.single(layer) != nil {
+	if c.single(layer) != nil && softcap == 0 {
 		return nn.Attention(ctx, q, k, v, scale, c)
 	}
 	ctx.Forward(q)
 	if k != nil {
 		ctx.Forward(k, v)
 		c.Put(ctx, k, v)
+	}
+	sdpa := func(q, key, value, mask ml.Tensor) ml.Tensor {
+		if softcap > 0 {
+			return arch.SoftcapSDPA(ctx, q, key, value, mask, scale, softcap)
+		}
+		return q.(ml.ScaledDotProductAttention).ScaledDotProductAttention(ctx, key, value, mask, nil, nil, scale, true)
+	}
+	if g := c.single(layer); g != nil {
+		key, value, mask := c.groupKV(ctx, layer, g)
+		return sdpa(q, key, value, mask)
 	}
 	G := c.opt.Heads / c.L.KVHeads
 	var out ml.Tensor
@@ -78,7 +96,7 @@ func (c *Paged) Attention(ctx ml.Context, layer int, q, k, v ml.Tensor, scale fl
 			}
 		}
 		qg := pickHeads(ctx, q, qheads) // [headDim, len(qheads), batch]
-		a := qg.(ml.ScaledDotProductAttention).ScaledDotProductAttention(ctx, key, value, mask, nil, nil, scale, true)
+		a := sdpa(qg, key, value, mask)
 		if out == nil {
 			out = a
 		} else {
@@ -110,17 +128,20 @@ func (c *Paged) Attention(ctx ml.Context, layer int, q, k, v ml.Tensor, scale fl
 // a graph.
 func (c *Paged) maskFor(ctx ml.Context, g *group, used int) ml.Tensor {
 	pl := g.pool
-	if mk := &c.mask; mk.ctx == ctx && slices.Equal(mk.pages, pl.page[:used]) && slices.Equal(mk.fill, pl.fill[:used]) && slices.Equal(mk.sel, g.sel) && slices.Equal(mk.tok, g.tok) && (mk.tok == nil) == (g.tok == nil) {
+	if mk := &c.mask; mk.ctx == ctx && mk.window == g.Window && slices.Equal(mk.pages, pl.page[:used]) && slices.Equal(mk.fill, pl.fill[:used]) && slices.Equal(mk.sel, g.sel) && slices.Equal(mk.tok, g.tok) && (mk.tok == nil) == (g.tok == nil) {
 		return mk.tensor
 	}
 	var t ml.Tensor
-	if g.tok == nil && c.positionOrdered(g, used) {
+	if g.tok == nil && g.Window <= 0 && c.positionOrdered(g, used) {
 		t = causalMask(ctx, c.pos0, used*c.L.PageSize, c.n)
 	} else {
 		mask := buildMask(pl, used, g.sel, g.tok, c.writes, c.store.Pages(), c.pos0, c.n, c.L.PageSize)
+		if g.Window > 0 {
+			slideMask(mask, pl, used, c.pos0, c.n, c.L.PageSize, g.Window)
+		}
 		t = ctx.Input().FromFloats(mask, used*c.L.PageSize, c.n)
 	}
-	c.mask.ctx, c.mask.tensor = ctx, t
+	c.mask.ctx, c.mask.tensor, c.mask.window = ctx, t, g.Window
 	c.mask.pages = append(c.mask.pages[:0], pl.page[:used]...)
 	c.mask.fill = append(c.mask.fill[:0], pl.fill[:used]...)
 	c.mask.sel = append(c.mask.sel[:0], g.sel...)
@@ -129,6 +150,31 @@ func (c *Paged) maskFor(ctx ml.Context, g *group, used int) ml.Tensor {
 		c.mask.tok = append([]int32{}, g.tok...)
 	}
 	return t
+}
+
+// slideMask hides, in row b of a [cells, batch] mask, every cell whose
+// position is window or more before the row's query pos0+b: a windowed
+// layer's query sees only the window positions ending at itself
+// (llama.cpp's LLAMA_SWA_TYPE_STANDARD: masked when p1-p0 >= n_swa).
+func slideMask(mask []float32, pl *pool, used, pos0, n, P, window int) {
+	cells := used * P
+	ninf := float32(math.Inf(-1))
+	for b := 0; b < n; b++ {
+		lo := pos0 + b - window + 1 // first visible position
+		if lo <= 0 {
+			continue
+		}
+		r := mask[b*cells : (b+1)*cells]
+		for s := 0; s < used; s++ {
+			p := pl.page[s]
+			if p < 0 || p*P >= lo {
+				continue
+			}
+			for t := 0; t < P && p*P+t < lo; t++ {
+				r[s*P+t] = ninf
+			}
+		}
+	}
 }
 
 // positionOrdered reports whether g's first used slots hold pages 0..used-1

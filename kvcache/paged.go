@@ -94,6 +94,7 @@ type Paged struct {
 		fill   []int
 		sel    []int
 		tok    []int32
+		window int
 		tensor ml.Tensor
 	}
 }
@@ -125,9 +126,10 @@ type readback struct {
 }
 
 var (
-	_ ollamakv.Cache = (*Paged)(nil)
-	_ arch.Hooks     = (*Paged)(nil)
-	_ arch.Attender  = (*Paged)(nil)
+	_ ollamakv.Cache       = (*Paged)(nil)
+	_ arch.Hooks           = (*Paged)(nil)
+	_ arch.Attender        = (*Paged)(nil)
+	_ arch.SoftcapAttender = (*Paged)(nil)
 )
 
 // NewPaged returns a cache; Init must be called before use (the runtime does).
@@ -235,6 +237,19 @@ func (c *Paged) SelectedByGroup(layer int) ([]paging.Group, [][]int) {
 	return gs, sel
 }
 
+// SlidingWindow returns the window of layer's groups when every group is
+// a sliding-window group (paging.Group.Window), else 0.
+func (c *Paged) SlidingWindow(layer int) int {
+	w := 0
+	for i, g := range c.layers[layer].groups {
+		if g.Window <= 0 || (i > 0 && g.Window != w) {
+			return 0
+		}
+		w = g.Window
+	}
+	return w
+}
+
 // Stats reports memory use and traffic.
 func (c *Paged) Stats() Stats {
 	st := Stats{HostBytes: c.store.Bytes(), Pages: c.store.Pages(), Uploads: c.uploadCount.Load(),
@@ -282,6 +297,9 @@ func (c *Paged) slotsFor(g *group) int {
 	}
 	pc := c.opt.Selector.Config()
 	budget := max(g.Budget, pc.Sinks+pc.Window)
+	if g.Window > 0 {
+		budget = g.Window // a windowed layer: no sinks, its own window
+	}
 	return min(pages, (budget+P-1)/P+c.batchPages+3)
 }
 

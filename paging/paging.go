@@ -119,7 +119,8 @@ type Group struct {
 	// Budget is the tokens the group attends per query, sinks and window
 	// included; <= 0 means every token (a dense pool).
 	Budget int
-	// Class names the group in reports ("all", "retrieval", "streaming").
+	// Class names the group in reports ("all", "retrieval", "streaming",
+	// "windowed").
 	Class string
 	// Tokens makes the group's residency token-granular: its device pool
 	// holds single tokens, any positions, in cells (as many as the pages
@@ -128,6 +129,11 @@ type Group struct {
 	// Selection must then list Tokens for it. Off (every built-in
 	// method), the pool holds whole pages.
 	Tokens bool
+	// Window, if > 0, makes the group a sliding-window group (a model's
+	// windowed layer, gemma's local attention): each query attends only
+	// to the Window positions ending at itself, whatever pages are
+	// selected, and the pool holds Window tokens (Budget is ignored).
+	Window int
 }
 
 // Selection is a layer's choice: Groups[i] lists the sorted, distinct page

@@ -322,9 +322,17 @@ func (m *Model) Fingerprint() kvcache.Fingerprint { return m.fp }
 func (m *Model) File() *gguf.File { return m.file }
 
 // DenseCache is the default cache: ollama's causal cache over the whole
-// context, every key visible to every query.
+// context, every key visible to every query. A model with sliding-window
+// layers (gemma2, gemma3) gets ollama's wrapper of two caches: windowed
+// layers (type 0) in an SWA cache that keeps only the window (plus a
+// batch), global layers (type 1) in a causal one. ollama's SWA window W
+// shows keys p0 >= p1-W, llama.cpp's n_swa those with p1-p0 < n_swa: W is
+// n_swa-1.
 func DenseCache(m *Model) (ollamakv.Cache, error) {
-	c := ollamakv.NewCausalCache(m.net.Shift)
+	var c ollamakv.Cache = ollamakv.NewCausalCache(m.net.Shift)
+	if w := m.cfg.SlidingWindow; w > 0 {
+		c = ollamakv.NewWrapperCache(ollamakv.NewSWACache(int32(w-1), m.net.Shift), c)
+	}
 	c.Init(m.backend, m.kvType, 1, m.opts.ContextLength, m.opts.BatchSize)
 	return c, nil
 }

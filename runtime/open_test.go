@@ -51,7 +51,7 @@ func TestOpenRejectsBadFiles(t *testing.T) {
 		{"unsupported architecture", edit("mamba.gguf", func(kv fsggml.KV, ts []*fsggml.Tensor) ([]*fsggml.Tensor, error) {
 			kv["general.architecture"] = "mamba"
 			return ts, nil
-		}), `architecture "mamba" is not supported (supported: llama, qwen2, qwen3, phi3)`},
+		}), `architecture "mamba" is not supported (supported: llama, qwen2, qwen3, phi3, gemma2, gemma3)`},
 		{"missing tensor", edit("missing.gguf", func(kv fsggml.KV, ts []*fsggml.Tensor) ([]*fsggml.Tensor, error) {
 			var out []*fsggml.Tensor
 			for _, t := range ts {
@@ -77,6 +77,20 @@ func TestOpenRejectsBadFiles(t *testing.T) {
 			delete(kv, "llama.block_count")
 			return ts, nil
 		}), "llama.block_count is missing"},
+		{"gemma2 without its post-MLP norm", func() string {
+			p := filepath.Join(dir, "gemma2-nopost.gguf")
+			require.NoError(t, gguf.Copy(testmodels.Random(t, "gemma2", "gemma2-tiny", foundry.F32, 8, false), p,
+				func(kv fsggml.KV, ts []*fsggml.Tensor) ([]*fsggml.Tensor, error) {
+					var out []*fsggml.Tensor
+					for _, t := range ts {
+						if t.Name != "blk.2.post_ffw_norm.weight" {
+							out = append(out, t)
+						}
+					}
+					return out, nil
+				}))
+			return p
+		}(), "missing tensor blk.2.post_ffw_norm.weight"},
 		{"vocabulary mismatch", edit("vocab.gguf", func(kv fsggml.KV, ts []*fsggml.Tensor) ([]*fsggml.Tensor, error) {
 			toks := kv["tokenizer.ggml.tokens"].([]string)
 			kv["tokenizer.ggml.tokens"] = toks[:100]

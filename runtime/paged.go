@@ -151,6 +151,14 @@ func (m *Model) newPaged(pol paging.Selector, capacity int, prefix *kvcache.Stor
 	if m.kvType != ml.DTypeF16 {
 		return nil, fmt.Errorf("the paged cache stores f16 keys and values; open the model with KVType f16")
 	}
+	if w := m.cfg.SlidingWindow; w > 0 {
+		// Windowed layers (gemma) keep only their window, whatever the
+		// method: streaming layers with no budget and no selection.
+		var err error
+		if pol, err = paging.SlidingWindow(pol, m.cfg.Windowed, w); err != nil {
+			return nil, err
+		}
+	}
 	c, err := kvcache.NewPaged(kvcache.Options{
 		Layout: m.Layout(), Heads: m.cfg.Heads, Selector: pol,
 		Capacity: capacity, MaxBatch: m.opts.BatchSize, Prefix: prefix,
@@ -159,5 +167,9 @@ func (m *Model) newPaged(pol paging.Selector, capacity int, prefix *kvcache.Stor
 		return nil, err
 	}
 	c.Init(m.backend, ml.DTypeF16, 1, capacity, m.opts.BatchSize)
+	if err := m.net.CheckCache(c); err != nil {
+		c.Close()
+		return nil, err
+	}
 	return c, nil
 }

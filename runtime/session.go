@@ -41,6 +41,11 @@ func (m *Model) NewSessionWith(f CacheFactory) (*Session, error) {
 		return nil, err
 	}
 	c, err := f(m)
+	if err == nil {
+		if err = m.net.CheckCache(c); err != nil {
+			c.Close()
+		}
+	}
 	done()
 	if err != nil {
 		return nil, err

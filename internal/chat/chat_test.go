@@ -17,6 +17,15 @@ const phi3 = `{% for message in messages %}{% if message['role'] == 'system' %}{
 // attribute access and the empty think block when thinking is off.
 const qwen3 = `{%- for message in messages %}{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\n\n</think>\n\n' }}{%- endif %}{%- endif %}`
 
+// Gemma 3's template (its text part; Gemma 2's is the same without the
+// system prefix): <start_of_turn>/<end_of_turn>, the assistant's role is
+// "model", a system message is folded into the first user turn, roles must
+// alternate, BOS comes from the template. The real one writes the prefix as
+// an inline conditional, (first_user_prefix if loop.first else ""), which
+// gonja v2 does not parse ("Unbalanced parenthesis"): a real Gemma GGUF's
+// template is refused by serve today. Here the same logic as an if block.
+const gemma = `{{ bos_token }}{%- if messages[0]['role'] == 'system' -%}{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}{%- set loop_messages = messages[1:] -%}{%- else -%}{%- set first_user_prefix = "" -%}{%- set loop_messages = messages -%}{%- endif -%}{%- for message in loop_messages -%}{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}{{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}{%- endif -%}{%- if (message['role'] == 'assistant') -%}{%- set role = "model" -%}{%- else -%}{%- set role = message['role'] -%}{%- endif -%}{{ '<start_of_turn>' + role + '\n' }}{%- if loop.first -%}{{ first_user_prefix }}{%- endif -%}{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}{%- endfor -%}{%- if add_generation_prompt -%}{{'<start_of_turn>model\n'}}{%- endif -%}`
+
 func TestChatTemplates(t *testing.T) {
 	mk := func(src, bos string) *Template {
 		tpl, err := New(src, bos, "")
@@ -44,6 +53,11 @@ func TestChatTemplates(t *testing.T) {
 			"<|system|>\nBe brief.<|end|>\n<|user|>\nHi there <|end|>\n<|assistant|>\n", ""},
 		{"qwen3", mk(qwen3, ""), msgs, true,
 			"<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there <|im_end|>\n<|im_start|>assistant\n", ""},
+		{"gemma", mk(gemma, "<bos>"), msgs, true,
+			"<bos><start_of_turn>user\nBe brief.\n\nHi there<end_of_turn>\n<start_of_turn>model\n", ""},
+		{"gemma multi-turn", mk(gemma, "<bos>"), []Message{{Role: "user", Content: "Hi"}, {Role: "assistant", Content: "Hello."}, {Role: "user", Content: "Bye"}}, true,
+			"<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\nHello.<end_of_turn>\n<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n", ""},
+		{"gemma roles must alternate", mk(gemma, "<bos>"), []Message{{Role: "user", Content: "a"}, {Role: "user", Content: "b"}}, true, "", "Conversation roles must alternate"},
 		{"template raises", mk(llama3, ""), []Message{{Role: "user", Content: "a"}, {Role: "system", Content: "b"}}, true, "", "system must come first"},
 		{"fallback", &Template{}, msgs, true, "Be brief.\n\nHi there ", ""},
 		{"bad role", &Template{}, []Message{{Role: "robot", Content: "x"}}, true, "", "unknown message role"},

@@ -1,5 +1,5 @@
 // Package arch holds kvrecall's own forward passes for the llama family
-// (architectures "llama", "qwen2", "qwen3" and "phi3"), written with ollama's ml ops and
+// (architectures "llama", "qwen2", "qwen3", "phi3", "gemma2" and "gemma3"), written with ollama's ml ops and
 // registered with ollama's model registry. ollama's model/models is never
 // imported: it registers the same names.
 //
@@ -11,6 +11,7 @@ package arch
 
 import (
 	"fmt"
+	"math"
 	"slices"
 	"strings"
 
@@ -18,7 +19,7 @@ import (
 )
 
 // Supported lists the architectures this package implements.
-var Supported = []string{"llama", "qwen2", "qwen3", "phi3"}
+var Supported = []string{"llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3"}
 
 // Config holds the hyperparameters of a llama-family model.
 type Config struct {
@@ -42,6 +43,58 @@ type Config struct {
 	ScaleQueries  bool // phi3: queries are scaled by 1/√headDim after RoPE, attention by 1
 	RopeFreqs     bool // a rope_freqs.weight tensor scales the frequencies (Llama 3)
 	TiedOutput    bool // no output.weight: the embedding doubles as the output matrix
+
+	// Gemma (gemma2, gemma3): embeddings are scaled by √hidden, the MLP is
+	// GeGLU (tanh-approximated GELU gate), and each block has two more RMS
+	// norms, after attention (post_attention_norm) and after the MLP
+	// (post_ffw_norm), both before their residual adds. The GGUF's norm
+	// weights already hold gemma's 1+w (llama.cpp's convert adds the 1), so
+	// every RMS norm is the plain x/rms·w.
+	Gemma bool
+	// QueryScale, if set, multiplies the queries after RoPE and attention
+	// uses scale 1 (gemma: 1/√headDim, or 1/√(hidden/heads) for the 27B
+	// models, as llama.cpp decides; 1/√query_pre_attn_scalar where the GGUF
+	// gives that key, which llama.cpp ignores).
+	QueryScale float32
+	// AttnSoftcap and FinalSoftcap cap attention scores and logits as
+	// cap·tanh(x/cap) (gemma2: 50 and 30 by default); 0 means none.
+	AttnSoftcap, FinalSoftcap float32
+	// SlidingWindow is the tokens a windowed layer attends to, the query's
+	// own included (llama.cpp's n_swa: key p0 is visible to query p1 when
+	// p1-p0 < SlidingWindow); 0 means every layer is global.
+	SlidingWindow int
+	// SWAPattern groups layers: in each run of SWAPattern layers all but
+	// the last are windowed (gemma2 2: even layers; gemma3 6: five local,
+	// one global).
+	SWAPattern int
+	// LocalRopeBase, if set, is the RoPE base of windowed layers, which
+	// also get no rope scaling (gemma3: 10000); global layers use RopeBase
+	// and RopeScale.
+	LocalRopeBase float32
+}
+
+// Windowed reports whether layer attends only to its sliding window.
+func (c Config) Windowed(layer int) bool {
+	return c.SlidingWindow > 0 && c.SWAPattern > 0 && layer%c.SWAPattern < c.SWAPattern-1
+}
+
+// WindowedLayers lists the layers that attend only to their window.
+func (c Config) WindowedLayers() []int {
+	var out []int
+	for l := 0; l < c.Layers; l++ {
+		if c.Windowed(l) {
+			out = append(out, l)
+		}
+	}
+	return out
+}
+
+// Rope returns the RoPE base and position scale of layer.
+func (c Config) Rope(layer int) (base, scale float32) {
+	if c.LocalRopeBase > 0 && c.Windowed(layer) {
+		return c.LocalRopeBase, 1
+	}
+	return c.RopeBase, c.RopeScale
 }
 
 // KVBytesPerToken is the KV cache size of one token at the given element size.
@@ -93,8 +146,9 @@ func parseHParams(get Getter) (Config, error) {
 	if !slices.Contains(Supported, a) {
 		return Config{}, &UnsupportedError{Arch: a}
 	}
-	c := Config{Arch: a, RopeNeoX: a == "qwen2" || a == "qwen3" || a == "phi3", QKVBias: a == "qwen2", QKNorm: a == "qwen3",
-		FusedGateUp: a == "phi3", ScaleQueries: a == "phi3"}
+	gemma := a == "gemma2" || a == "gemma3"
+	c := Config{Arch: a, RopeNeoX: a == "qwen2" || a == "qwen3" || a == "phi3" || gemma, QKVBias: a == "qwen2",
+		QKNorm: a == "qwen3" || a == "gemma3", FusedGateUp: a == "phi3", ScaleQueries: a == "phi3", Gemma: gemma}
 	need := func(key string) (int, error) {
 		v, ok := uintOf(get, a+"."+key)
 		if !ok || v == 0 || v > 1<<24 {
@@ -159,10 +213,61 @@ func parseHParams(get Getter) (Config, error) {
 	if s := float32Of(get, a+".rope.scale_linear", 0); s > 0 {
 		c.RopeScale = 1 / s
 	}
+	if c.Gemma {
+		if err := c.parseGemma(get); err != nil {
+			return c, err
+		}
+	}
 	if v, ok := uintOf(get, a+".expert_count"); ok && v > 0 {
 		return c, fmt.Errorf("mixture-of-experts models (expert_count %d) are not supported", v)
 	}
 	return c, nil
+}
+
+// parseGemma reads gemma2/gemma3's settings as llama.cpp's loader does
+// (llama-model.cpp, load_hparams).
+func (c *Config) parseGemma(get Getter) error {
+	a := c.Arch
+	// llama.cpp: 1/√(n_embd/n_head) for the 27B models (recognised by
+	// their layer count), else 1/√head_dim, computed in float32.
+	qpre := float32(c.HeadDim)
+	if (a == "gemma2" && c.Layers == 46) || (a == "gemma3" && c.Layers == 62) {
+		qpre = float32(c.Hidden / c.Heads)
+	}
+	if s := float32Of(get, a+".attention.query_pre_attn_scalar", 0); s > 0 {
+		qpre = s
+	}
+	c.QueryScale = 1 / float32(math.Sqrt(float64(qpre)))
+	window, hasWindow := uintOf(get, a+".attention.sliding_window")
+	switch a {
+	case "gemma2":
+		c.AttnSoftcap = float32Of(get, a+".attn_logit_softcapping", 50)
+		c.FinalSoftcap = float32Of(get, a+".final_logit_softcapping", 30)
+		c.SlidingWindow, c.SWAPattern = 4096, 2
+		if hasWindow {
+			c.SlidingWindow = int(window)
+		}
+	case "gemma3":
+		c.FinalSoftcap = float32Of(get, a+".final_logit_softcapping", 0)
+		if hasWindow && window > 0 {
+			c.SlidingWindow, c.SWAPattern, c.LocalRopeBase = int(window), 6, 10000
+		}
+	}
+	if p, ok := uintOf(get, a+".attention.sliding_window_pattern"); ok && c.SlidingWindow > 0 {
+		// Not read by the pinned llama.cpp (it fixes 2 and 6); honoured
+		// when a file states it.
+		if p == 0 || p > uint64(c.Layers) {
+			return fmt.Errorf("metadata %s.attention.sliding_window_pattern %d is outside 1..%d", a, p, c.Layers)
+		}
+		c.SWAPattern = int(p)
+	}
+	if c.SlidingWindow == 1 {
+		return fmt.Errorf("metadata %s.attention.sliding_window 1 is not supported (a window of the token alone)", a)
+	}
+	if c.AttnSoftcap < 0 || c.FinalSoftcap < 0 {
+		return fmt.Errorf("negative soft-capping (attn_logit_softcapping %g, final_logit_softcapping %g)", c.AttnSoftcap, c.FinalSoftcap)
+	}
+	return nil
 }
 
 func float32Of(get Getter, key string, def float32) float32 {
@@ -237,6 +342,10 @@ func (c *Config) checkTensors(f *gguf.File) error {
 			want[p+"ffn_up.weight"] = []uint64{uint64(c.Hidden), uint64(c.FFN)}
 		}
 		want[p+"ffn_down.weight"] = []uint64{uint64(c.FFN), uint64(c.Hidden)}
+		if c.Gemma {
+			want[p+"post_attention_norm.weight"] = []uint64{uint64(c.Hidden)}
+			want[p+"post_ffw_norm.weight"] = []uint64{uint64(c.Hidden)}
+		}
 		if c.QKNorm {
 			want[p+"attn_q_norm.weight"] = []uint64{uint64(c.HeadDim)}
 			want[p+"attn_k_norm.weight"] = []uint64{uint64(c.HeadDim)}

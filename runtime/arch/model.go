@@ -52,12 +52,117 @@ type Attender interface {
 	Attention(ctx ml.Context, layer int, q, k, v ml.Tensor, scale float64) ml.Tensor
 }
 
-// attention is nn.Attention unless the cache computes attention itself.
-func attention(ctx ml.Context, layer int, q, k, v ml.Tensor, scale float64, cache kvcache.Cache) ml.Tensor {
+// SoftcapAttender is implemented by Attender caches that can also cap
+// attention scores (gemma2): softmax(cap·tanh(q·kᵀ·scale/cap))·v.
+type SoftcapAttender interface {
+	AttentionSoftcap(ctx ml.Context, layer int, q, k, v ml.Tensor, scale float64, softcap float32) ml.Tensor
+}
+
+// LayerTyper is implemented by caches that keep windowed and global layers
+// apart (ollama's WrapperCache of an SWA and a causal cache): type 0 is a
+// windowed layer, 1 a global one.
+type LayerTyper interface {
+	SetLayerType(int)
+}
+
+// attention is nn.Attention unless the cache computes attention itself;
+// with softcap > 0 the scores are capped first (SoftcapSDPA).
+func (m *Model) attention(ctx ml.Context, layer int, q, k, v ml.Tensor, scale float64, softcap float32, cache kvcache.Cache) ml.Tensor {
+	if softcap > 0 {
+		if a, ok := cache.(SoftcapAttender); ok {
+			return a.AttentionSoftcap(ctx, layer, q, k, v, scale, softcap)
+		}
+		if _, ok := cache.(Attender); ok {
+			// Checked when sessions are made (CheckCache); a panic here
+			// is a programming error, turned into an error by the caller.
+			panic(fmt.Sprintf("arch: the %T cache cannot soft-cap attention scores (%s)", cache, m.Params.Arch))
+		}
+		ctx.Forward(q)
+		if k != nil {
+			ctx.Forward(k, v)
+			cache.Put(ctx, k, v)
+		}
+		key, value, mask := cache.Get(ctx)
+		var cfg ml.CacheConfig // the layout caches give Get's results (kvcache.Causal's rule)
+		if cc, ok := m.Backend().(ml.BackendCacheConfig); ok {
+			cfg = cc.CacheConfig()
+		}
+		if !cfg.PermutedV {
+			value = value.Permute(ctx, 1, 2, 0, 3).Contiguous(ctx) // [cells, headDim, kvHeads]
+		}
+		if mask != nil && mask.DType() != ml.DTypeF32 {
+			mask = mask.Cast(ctx, ml.DTypeF32)
+		}
+		return SoftcapSDPA(ctx, q, key, value, mask, scale, softcap)
+	}
 	if a, ok := cache.(Attender); ok {
 		return a.Attention(ctx, layer, q, k, v, scale)
 	}
 	return nn.Attention(ctx, q, k, v, scale, cache)
+}
+
+// SlidingWindower is implemented by Attender caches that apply sliding
+// windows themselves: SlidingWindow(layer) is the window layer's queries
+// are limited to (0: none).
+type SlidingWindower interface {
+	SlidingWindow(layer int) int
+}
+
+// CheckCache reports whether cache can run this model's attention: an
+// Attender cache computes attention itself, so it must cap scores
+// (gemma2) and limit windowed layers to their window (gemma) as the model
+// does. Caches that only store (ollama's) get both from the forward pass
+// and from DenseCache's SWA cache.
+func (m *Model) CheckCache(cache kvcache.Cache) error {
+	if _, ok := cache.(Attender); !ok {
+		return nil
+	}
+	if m.Params.AttnSoftcap > 0 {
+		if _, ok := cache.(SoftcapAttender); !ok {
+			return fmt.Errorf("%s caps attention scores (attn_logit_softcapping %g), which the %T cache does not support", m.Params.Arch, m.Params.AttnSoftcap, cache)
+		}
+	}
+	if m.Params.SlidingWindow > 0 {
+		sw, ok := cache.(SlidingWindower)
+		if !ok {
+			return fmt.Errorf("%s has sliding-window layers (window %d), which the %T cache does not apply", m.Params.Arch, m.Params.SlidingWindow, cache)
+		}
+		for l := 0; l < m.Params.Layers; l++ {
+			want := 0
+			if m.Params.Windowed(l) {
+				want = m.Params.SlidingWindow
+			}
+			if got := sw.SlidingWindow(l); got != want {
+				return fmt.Errorf("the %T cache limits layer %d to a window of %d, the model to %d (0: global)", cache, l, got, want)
+			}
+		}
+	}
+	return nil
+}
+
+// SoftcapSDPA is attention with capped scores, as llama.cpp's
+// build_attn_mha computes it without flash attention: kq = k·q in f32,
+// scaled, capped as cap·tanh(kq/cap), masked, softmax, times v. The mask
+// add and plain softmax equal llama.cpp's soft_max_ext(kq, mask, 1)
+// exactly (x·1 + 1·m).
+//
+//	q [headDim, heads, batch], key [headDim, kvHeads, cells],
+//	value [cells, headDim, kvHeads] (permuted), mask f32 [cells, batch]
+//	-> [headDim, heads, batch]
+func SoftcapSDPA(ctx ml.Context, q, key, value, mask ml.Tensor, scale float64, softcap float32) ml.Tensor {
+	q = q.Permute(ctx, 0, 2, 1, 3)     // [headDim, batch, heads]
+	key = key.Permute(ctx, 0, 2, 1, 3) // [headDim, cells, kvHeads]
+	kq := key.MulmatFullPrec(ctx, q)   // [cells, batch, heads]
+	if scale != 1 {
+		kq = kq.Scale(ctx, scale)
+	}
+	kq = kq.Scale(ctx, float64(1/softcap)).Tanh(ctx).Scale(ctx, float64(softcap))
+	if mask != nil {
+		kq = kq.Add(ctx, mask)
+	}
+	kq = kq.Softmax(ctx)
+	kqv := value.Mulmat(ctx, kq) // [headDim, batch, heads]
+	return kqv.Permute(ctx, 0, 2, 1, 3).Contiguous(ctx)
 }
 
 // Model is a llama-family decoder. Tensor fields are filled from the GGUF by
@@ -79,6 +184,9 @@ type Layer struct {
 	Attention     *Attention
 	MLPNorm       *nn.RMSNorm `gguf:"ffn_norm"`
 	MLP           *MLP
+	// gemma: norms of the attention output and the MLP output, [hidden].
+	PostAttentionNorm *nn.RMSNorm `gguf:"post_attention_norm"`
+	PostMLPNorm       *nn.RMSNorm `gguf:"post_ffw_norm"`
 }
 
 // Attention holds the projections of one layer. The backend duplicates the
@@ -131,6 +239,10 @@ func (m *Model) Validate() error {
 		p := fmt.Sprintf("blk.%d.", i)
 		check(p+"attn_norm.weight", l.AttentionNorm != nil && l.AttentionNorm.Weight != nil)
 		check(p+"ffn_norm.weight", l.MLPNorm != nil && l.MLPNorm.Weight != nil)
+		if m.Params.Gemma {
+			check(p+"post_attention_norm.weight", l.PostAttentionNorm != nil && l.PostAttentionNorm.Weight != nil)
+			check(p+"post_ffw_norm.weight", l.PostMLPNorm != nil && l.PostMLPNorm.Weight != nil)
+		}
 		a := l.Attention
 		check(p+"attn_q/k/v/output", a != nil && a.Output != nil && (a.QKV != nil || (a.Query != nil && a.Key != nil && a.Value != nil)))
 		if a != nil && m.Params.QKNorm {
@@ -149,15 +261,52 @@ func (m *Model) Validate() error {
 
 // Shift re-ropes cached keys by shift positions (kvcache.Causal's shift hook).
 func (m *Model) Shift(ctx ml.Context, layer int, key, shift ml.Tensor) (ml.Tensor, error) {
-	return m.rope(ctx, key, shift, m.Layers[layer].Attention.RopeFactors), nil
+	return m.rope(ctx, layer, key, shift, m.Layers[layer].Attention.RopeFactors), nil
 }
 
-func (m *Model) rope(ctx ml.Context, t, positions, factors ml.Tensor) ml.Tensor {
+// rope rotates t with layer's base and scale (gemma3's windowed layers
+// have their own).
+func (m *Model) rope(ctx ml.Context, layer int, t, positions, factors ml.Tensor) ml.Tensor {
 	opts := []func(*rope.Options){rope.WithFactors(factors)}
 	if m.Params.RopeNeoX {
 		opts = append(opts, rope.WithTypeNeoX())
 	}
-	return nn.RoPE(ctx, t, positions, m.Params.RopeDim, m.Params.RopeBase, m.Params.RopeScale, opts...)
+	base, scale := m.Params.Rope(layer)
+	return nn.RoPE(ctx, t, positions, m.Params.RopeDim, base, scale, opts...)
+}
+
+// setLayer tells the cache which layer comes next and, for caches that
+// keep windowed layers apart, its type.
+func (m *Model) setLayer(cache kvcache.Cache, i int) {
+	cache.SetLayer(i)
+	if lt, ok := cache.(LayerTyper); ok && m.Params.SlidingWindow > 0 {
+		if m.Params.Windowed(i) {
+			lt.SetLayerType(0)
+		} else {
+			lt.SetLayerType(1)
+		}
+	}
+}
+
+// embed looks up the tokens' embeddings [hidden, batch]; gemma scales them
+// by √hidden (llama.cpp: sqrtf(n_embd), a float32).
+func (m *Model) embed(ctx ml.Context, tokens ml.Tensor) ml.Tensor {
+	h := m.TokenEmbedding.Forward(ctx, tokens)
+	if m.Params.Gemma {
+		h = h.Scale(ctx, float64(float32(math.Sqrt(float64(m.Params.Hidden)))))
+	}
+	return h
+}
+
+// logits applies the output norm and matrix to h [hidden, n] and caps the
+// logits where the model does (gemma2): [vocab, n].
+func (m *Model) logits(ctx ml.Context, h ml.Tensor) ml.Tensor {
+	h = m.OutputNorm.Forward(ctx, h, m.Params.Eps)
+	out := m.Output.Forward(ctx, h)
+	if c := m.Params.FinalSoftcap; c > 0 {
+		out = out.Scale(ctx, float64(1/c)).Tanh(ctx).Scale(ctx, float64(c))
+	}
+	return out
 }
 
 // Forward implements model.Model with the cache set in the model's config.
@@ -173,31 +322,31 @@ func (m *Model) ForwardCache(ctx ml.Context, batch input.Batch, cache kvcache.Ca
 		return nil, errors.New("arch: forward needs a KV cache")
 	}
 	positions := ctx.Input().FromInts(batch.Positions, len(batch.Positions))
-	h := m.TokenEmbedding.Forward(ctx, batch.Inputs) // [hidden, batch]
+	h := m.embed(ctx, batch.Inputs) // [hidden, batch]
 	for i := range m.Layers {
-		cache.SetLayer(i)
+		m.setLayer(cache, i)
 		var outputs ml.Tensor
 		if i == len(m.Layers)-1 {
 			outputs = batch.Outputs
 		}
 		h = m.layer(ctx, i, h, positions, outputs, cache)
 	}
-	h = m.OutputNorm.Forward(ctx, h, m.Params.Eps)
-	return m.Output.Forward(ctx, h), nil
+	return m.logits(ctx, h), nil
 }
 
 func (m *Model) layer(ctx ml.Context, i int, h, positions, outputs ml.Tensor, cache kvcache.Cache) ml.Tensor {
 	l := &m.Layers[i]
-	q, k, v := m.qkv(ctx, l.Attention, l.AttentionNorm.Forward(ctx, h, m.Params.Eps), positions)
-	attn := attention(ctx, i, q, k, v, m.attnScale(), cache) // [headDim, heads, batch]
+	q, k, v := m.qkv(ctx, i, l.Attention, l.AttentionNorm.Forward(ctx, h, m.Params.Eps), positions)
+	attn := m.attention(ctx, i, q, k, v, m.attnScale(), m.Params.AttnSoftcap, cache) // [headDim, heads, batch]
 	// In the last layer (outputs set) only the rows that want logits go on.
 	return m.finish(ctx, l, attn, h, outputs)
 }
 
 // attnScale is the softmax scale of attention scores: 1/√headDim, or 1
-// where the queries carry it (phi3 scales them after RoPE, as llama.cpp does).
+// where the queries carry it (phi3 and gemma scale them after RoPE, as
+// llama.cpp does).
 func (m *Model) attnScale() float64 {
-	if m.Params.ScaleQueries {
+	if m.Params.ScaleQueries || m.Params.QueryScale != 0 {
 		return 1
 	}
 	return 1 / math.Sqrt(float64(m.Params.HeadDim))
@@ -205,7 +354,7 @@ func (m *Model) attnScale() float64 {
 
 // qkv returns the layer's roped queries [headDim, heads, batch] and keys and
 // values [headDim, kvHeads, batch] for the normed input h.
-func (m *Model) qkv(ctx ml.Context, a *Attention, h, positions ml.Tensor) (q, k, v ml.Tensor) {
+func (m *Model) qkv(ctx ml.Context, layer int, a *Attention, h, positions ml.Tensor) (q, k, v ml.Tensor) {
 	n := h.Dim(1)
 	hd := m.Params.HeadDim
 	if a.QKV != nil {
@@ -225,9 +374,12 @@ func (m *Model) qkv(ctx ml.Context, a *Attention, h, positions ml.Tensor) (q, k,
 		q = a.QueryNorm.Forward(ctx, q, m.Params.Eps)
 		k = a.KeyNorm.Forward(ctx, k, m.Params.Eps)
 	}
-	q, k = m.rope(ctx, q, positions, a.RopeFactors), m.rope(ctx, k, positions, a.RopeFactors)
+	q, k = m.rope(ctx, layer, q, positions, a.RopeFactors), m.rope(ctx, layer, k, positions, a.RopeFactors)
 	if m.Params.ScaleQueries {
 		q = q.Scale(ctx, 1/math.Sqrt(float64(hd)))
+	}
+	if s := m.Params.QueryScale; s != 0 {
+		q = q.Scale(ctx, float64(s))
 	}
 	return q, k, v
 }
@@ -241,9 +393,19 @@ func (m *Model) finish(ctx ml.Context, l *Layer, attn, residual, outputs ml.Tens
 		h = h.Rows(ctx, outputs)
 		residual = residual.Rows(ctx, outputs)
 	}
+	if m.Params.Gemma {
+		h = l.PostAttentionNorm.Forward(ctx, h, m.Params.Eps)
+	}
 	h = h.Add(ctx, residual)
 	residual = h
 	h = l.MLPNorm.Forward(ctx, h, m.Params.Eps)
+	if m.Params.Gemma {
+		// GeGLU: gelu(gate)·up in one op (ggml_geglu_split, as llama.cpp's
+		// build_ffn with LLM_FFN_GELU, LLM_FFN_PAR), [FFN, batch].
+		h = l.MLP.Gate.Forward(ctx, h).GELU(ctx, l.MLP.Up.Forward(ctx, h))
+		h = l.PostMLPNorm.Forward(ctx, l.MLP.Down.Forward(ctx, h), m.Params.Eps)
+		return h.Add(ctx, residual)
+	}
 	if l.MLP.Gate == nil {
 		// Fused gate and up (phi3): SwiGLU over the two halves.
 		up := l.MLP.Up.Forward(ctx, h) // [2·FFN, batch]
@@ -302,11 +464,11 @@ func (m *Model) Run(b ml.Backend, st Step, cache kvcache.Cache) (logits []float3
 		return nil
 	}
 	positions := ctx.Input().FromInts(st.Positions, n)
-	h := m.TokenEmbedding.Forward(ctx, batch.Inputs) // [hidden, batch]
+	h := m.embed(ctx, batch.Inputs) // [hidden, batch]
 	scale := m.attnScale()
 	for i := range m.Layers {
 		l := &m.Layers[i]
-		cache.SetLayer(i)
+		m.setLayer(cache, i)
 		var outputs ml.Tensor
 		if i == len(m.Layers)-1 {
 			outputs = ctx.Input().FromInts(st.Outputs, len(st.Outputs))
@@ -319,7 +481,7 @@ func (m *Model) Run(b ml.Backend, st Step, cache kvcache.Cache) (logits []float3
 			return nil, 0, fmt.Errorf("reserve: layer %d splits the pass (its cache needs the queries on the host)", i)
 		}
 		// Graph A: projections; k and v go into the cache, q and h to the host.
-		q, k, v := m.qkv(ctx, l.Attention, l.AttentionNorm.Forward(ctx, h, m.Params.Eps), positions)
+		q, k, v := m.qkv(ctx, i, l.Attention, l.AttentionNorm.Forward(ctx, h, m.Params.Eps), positions)
 		cache.Put(ctx, k, v)
 		qOut := ctx.Input().Empty(ml.DTypeF32, m.Params.HeadDim, m.Params.Heads, n)
 		hOut := ctx.Input().Empty(ml.DTypeF32, m.Params.Hidden, n)
@@ -346,11 +508,10 @@ func (m *Model) Run(b ml.Backend, st Step, cache kvcache.Cache) (logits []float3
 		}
 		h = ctx.Input().FromFloats(hHost, m.Params.Hidden, n)
 		q = ctx.Input().FromFloats(qHost, m.Params.HeadDim, m.Params.Heads, n)
-		attn := attention(ctx, i, q, nil, nil, scale, cache)
+		attn := m.attention(ctx, i, q, nil, nil, scale, m.Params.AttnSoftcap, cache)
 		h = m.finish(ctx, l, attn, h, outputs)
 	}
-	h = m.OutputNorm.Forward(ctx, h, m.Params.Eps)
-	out := m.Output.Forward(ctx, h) // [vocab, outputs]
+	out := m.logits(ctx, h) // [vocab, outputs]
 	// Graph results live in the backend's shared compute buffer, which the
 	// next graph (another session's) overwrites: copy the logits into a
 	// tensor of this context before computing.

@@ -2,7 +2,7 @@
 // ratios against baselines measured in the same run; docs/performance.md
 // records them with the commands that produced them.
 //
-//	kvrecall bench speed [--preset tiny,1b | --model FILE] [--contexts 2048,8192] [--threads 1,2]
+//	kvrecall bench speed [--preset tiny,1b,gemma3-tiny | --model FILE] [--contexts 2048,8192] [--threads 1,2]
 package bench
 
 import (
@@ -39,7 +39,7 @@ import (
 )
 
 const usage = `usage:
-  bench speed [--preset tiny,1b | --model FILE] [--contexts 2048,8192] [--threads 1,2] [--decode 32] [--json FILE]
+  bench speed [--preset tiny,1b,gemma3-tiny | --model FILE] [--contexts 2048,8192] [--threads 1,2] [--decode 32] [--json FILE]
   bench speed --paged [--preset tiny] [--contexts 16384,32768,65536] [--threads 2] [--budget 2048] [--methods retro,quest]
               [--hyper all|LAYERS] [--skip-dense] [--skip-llama]
   bench load  [--preset tiny | --model FILE] [--clients 1,4,16] [--requests 48] [--max-tokens 16] [--max-concurrent 2]
@@ -137,7 +137,7 @@ func runSpeed(ctx context.Context, args []string) error {
 			return err
 		}
 		for _, p := range strings.Split(*presets, ",") {
-			path, err := foundry.EnsurePreset(dir, "llama", p, foundry.F16, func(path string) {
+			path, err := foundry.EnsurePreset(dir, foundry.PresetArch(p), p, foundry.F16, func(path string) {
 				fmt.Fprintf(os.Stderr, "building %s ...\n", path)
 			})
 			if err != nil {
@@ -358,7 +358,7 @@ func runLoad(ctx context.Context, args []string) error {
 		if err != nil {
 			return err
 		}
-		if path, err = foundry.EnsurePreset(dir, "llama", *preset, foundry.F16, nil); err != nil {
+		if path, err = foundry.EnsurePreset(dir, foundry.PresetArch(*preset), *preset, foundry.F16, nil); err != nil {
 			return err
 		}
 	}

@@ -1,6 +1,6 @@
 // Package mkmodel is `kvrecall mkmodel`, kvrecall's model foundry:
 //
-//	kvrecall mkmodel random  --arch llama|qwen2|qwen3|phi3 --preset tiny|1b --dtype f32|f16|q8_0|q4_0|q4_k|q5_k|q6_k|q4_k_m --seed N [--rope-freqs] -o FILE
+//	kvrecall mkmodel random  --arch llama|qwen2|qwen3|phi3|gemma2|gemma3 --preset tiny|1b|gemma2-tiny|gemma3-tiny --dtype f32|f16|q8_0|q4_0|q4_k|q5_k|q6_k|q4_k_m --seed N [--rope-freqs] -o FILE
 //	kvrecall mkmodel recall  [--layers N --prev-layer L --retrieval-layer L | --deep] [--dtype f32|f16 --seed N] -o FILE
 //	kvrecall mkmodel upgrade IN OUT
 //
@@ -23,7 +23,7 @@ import (
 
 // Usage is the command's help.
 const Usage = `usage:
-  kvrecall mkmodel random  --arch llama|qwen2|qwen3|phi3 --preset tiny|1b [--dtype f32|f16|q8_0|q4_0|q4_k|q5_k|q6_k|q4_k_m] [--seed N] [--rope-freqs] -o FILE
+  kvrecall mkmodel random  --arch llama|qwen2|qwen3|phi3|gemma2|gemma3 --preset tiny|1b|gemma2-tiny|gemma3-tiny [--dtype f32|f16|q8_0|q4_0|q4_k|q5_k|q6_k|q4_k_m] [--seed N] [--rope-freqs] -o FILE
   kvrecall mkmodel recall  [--layers N] [--prev-layer L] [--retrieval-layer L] [--deep] [--dtype f32|f16] [--seed N] -o FILE
   kvrecall mkmodel upgrade IN OUT
 
@@ -46,7 +46,7 @@ func Run(args []string) error {
 	switch args[0] {
 	case "random":
 		fs := flag.NewFlagSet("kvrecall mkmodel random", flag.ContinueOnError)
-		arch := fs.String("arch", "llama", "architecture: llama, qwen2, qwen3 or phi3")
+		arch := fs.String("arch", "llama", "architecture: llama, qwen2, qwen3, phi3, gemma2 or gemma3 (gemma with its gemma2-tiny/gemma3-tiny preset)")
 		preset := fs.String("preset", "tiny", "shape: "+presetNames())
 		dtype := fs.String("dtype", "f32", "weight type: f32, f16, q8_0, q4_0, q4_k, q5_k, q6_k or q4_k_m (ggml's own quantizer)")
 		seed := fs.Uint64("seed", 1, "random seed (same seed, same file)")
