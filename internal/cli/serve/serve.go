@@ -191,7 +191,7 @@ func Run(args []string) error {
 				return
 			}
 		}
-		m, err := runtime.Open(baseCtx, path, runtime.Options{Threads: st.threads, ContextLength: st.ctxLen, DataDir: st.data, PageSize: st.pageSize, MaxDocumentBytes: st.maxDocMemory})
+		m, err := runtime.Open(baseCtx, path, st.modelOptions())
 		if err != nil {
 			loadErr <- err
 			return
@@ -281,6 +281,12 @@ func loadHeadProfiles(dir string, m *runtime.Model) (map[string]heads.Classes, e
 		out[strings.TrimSuffix(filepath.Base(p), ".heads.json")] = prof
 	}
 	return out, nil
+}
+
+// modelOptions are the runtime options the flags ask for.
+func (st *settings) modelOptions() runtime.Options {
+	return runtime.Options{Threads: st.threads, ContextLength: st.ctxLen, DataDir: st.data, PageSize: st.pageSize,
+		MaxDocumentBytes: st.maxDocMemory, Squeezed: squeezedOptions(st.squeezed)}
 }
 
 // squeezedOptions turns --squeezed into the runtime's clustering options

@@ -259,3 +259,18 @@ func TestShutdownGraceExpires(t *testing.T) {
 		})
 	}
 }
+
+// --squeezed reaches the model: documents are clustered at ingest (it was
+// parsed and then dropped).
+func TestSqueezedFlagReachesModel(t *testing.T) {
+	for _, tc := range []struct {
+		args []string
+		on   bool
+	}{{nil, false}, {[]string{"--squeezed"}, true}} {
+		t.Run(fmt.Sprint(tc.on), func(t *testing.T) {
+			st, err := parse(tc.args)
+			require.NoError(t, err)
+			require.Equal(t, tc.on, st.modelOptions().Squeezed != nil)
+		})
+	}
+}
