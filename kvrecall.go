@@ -97,8 +97,8 @@ type Model struct {
 	opts Options
 }
 
-// Open checks and loads the GGUF model at path (llama, qwen2, qwen3 and
-// phi3 architectures; f32, f16 and ggml's quantized weight types). A bad
+// Open checks and loads the GGUF model at path (llama, qwen2, qwen3, phi3,
+// gemma2 and gemma3 architectures; f32, f16 and ggml's quantized weight types). A bad
 // file gives an *OpenError, never a panic. ctx cancels the load.
 func Open(ctx context.Context, path string, opts Options) (*Model, error) {
 	if opts.Budget < 0 {
@@ -153,7 +153,7 @@ func (m *Model) Options() Options { return m.opts }
 // ModelInfo describes a loaded model.
 type ModelInfo struct {
 	Path          string
-	Arch          string // llama, qwen2, qwen3 or phi3
+	Arch          string // llama, qwen2, qwen3, phi3, gemma2 or gemma3
 	Layers        int
 	Heads         int // query heads per layer
 	KVHeads       int
@@ -279,6 +279,11 @@ type Usage struct {
 	// dense call on a 64-page document in a 2-layer model retrieves 128);
 	// 0 for calls without a document or method.
 	PagesRetrieved int
+	// RetrievedKVBytes is the KV bytes copied into attention during the
+	// call, pages and single tokens alike: a token-granular method
+	// (squeezed) retrieves tokens, not pages, so its PagesRetrieved is 0
+	// and this counts what it moved.
+	RetrievedKVBytes int64
 	// ResidentKVBytes is the KV cache held for attention at the end of
 	// the call (0 for dense calls without a document).
 	ResidentKVBytes int64
@@ -485,6 +490,7 @@ func (m *Model) generate(ctx context.Context, doc *runtime.Document, prompt stri
 	if pc, ok := s.Cache().(*kvcache.Paged); ok {
 		st := pc.Stats()
 		out.Usage.PagesRetrieved, out.Usage.ResidentKVBytes = int(st.Uploads), st.ResidentBytes
+		out.Usage.RetrievedKVBytes = st.UploadedBytes
 	}
 	return out, err
 }

@@ -76,8 +76,9 @@ func TestDocumentsAndUsage(t *testing.T) {
 			require.Equal(t, fx.answer[0], res.Text)
 			u := res.Usage
 			require.Equal(t, kvrecall.Usage{PromptTokens: fx.docTokens + qTokens, CompletionTokens: 3, TotalTokens: fx.docTokens + qTokens + 3,
-				CachedTokens: fx.docTokens, PagesRetrieved: u.PagesRetrieved, ResidentKVBytes: u.ResidentKVBytes}, u)
+				CachedTokens: fx.docTokens, PagesRetrieved: u.PagesRetrieved, RetrievedKVBytes: u.RetrievedKVBytes, ResidentKVBytes: u.ResidentKVBytes}, u)
 			require.Positive(t, u.PagesRetrieved)
+			require.Positive(t, u.RetrievedKVBytes)
 			require.Positive(t, u.ResidentKVBytes)
 			pages[fmt.Sprint(c.method, c.budget)] = u.PagesRetrieved
 

@@ -52,6 +52,13 @@ func (m *Model) NewSelector(o PolicyOptions) (paging.Selector, error) {
 	if o.Budget == 0 && method != "dense" {
 		o.Budget = paging.DefaultBudget
 	}
+	if (method == "probe" || method == "squeezed") && m.cfg.SlidingWindow > 0 {
+		// Both assume every layer reaches their selector (probe's
+		// per-layer cut-off and pass counting, squeezed's per-layer
+		// clusters); windowed layers are answered by the sliding-window
+		// wrapper instead.
+		return nil, fmt.Errorf("method %s does not support %s's sliding-window layers yet: use dense, window, quest or retro", method, m.cfg.Arch)
+	}
 	if slices.Contains(mods, heads.OptionKey) && o.Extra[heads.OptionKey] == nil {
 		prof, err := m.HeadProfile()
 		if err != nil {

@@ -11,6 +11,7 @@ import (
 	"github.com/kvrecall/kvrecall/kvcache"
 	"github.com/kvrecall/kvrecall/paging"
 	"github.com/kvrecall/kvrecall/runtime"
+	"github.com/kvrecall/kvrecall/squeezed"
 )
 
 // A gemma model's windowed layers are streaming layers in the paged cache:
@@ -166,4 +167,40 @@ func TestSlidingWindowSelector(t *testing.T) {
 	}
 	_, err = paging.SlidingWindow(inner, func(int) bool { return true }, 1)
 	require.ErrorContains(t, err, "sliding window 1")
+}
+
+// Methods and ingests that assume every layer attends causally to all it
+// selects are refused on gemma models with an error naming them, instead
+// of computing something else (HyperAttention has no cap or window;
+// probe's cut-off and squeezed's clusters are per layer).
+func TestSlidingWindowRefusals(t *testing.T) {
+	ctx := context.Background()
+	for _, c := range []struct{ arch, preset string }{{"gemma2", "gemma2-tiny"}, {"gemma3", "gemma3-tiny"}} {
+		t.Run(c.arch, func(t *testing.T) {
+			path := testmodels.Random(t, c.arch, c.preset, foundry.F32, 9, false)
+			m, err := runtime.Open(ctx, path, runtime.Options{Threads: 1, ContextLength: 1024, PageSize: 16, DataDir: t.TempDir()})
+			require.NoError(t, err)
+			defer m.Close()
+			toks := make([]int32, 200)
+			for i := range toks {
+				toks[i] = int32(3 + i%50)
+			}
+			_, err = m.IngestTokensWith(ctx, "h", toks, runtime.IngestOptions{Hyper: &runtime.HyperOptions{}}, nil)
+			require.ErrorContains(t, err, "HyperAttention does not support "+c.arch)
+			_, err = m.IngestTokensWith(ctx, "s", toks, runtime.IngestOptions{Streaming: true}, nil)
+			require.ErrorContains(t, err, "method probe does not support "+c.arch)
+			for _, meth := range []string{"probe", "squeezed", "probe+heads"} {
+				_, err = m.NewSelector(runtime.PolicyOptions{Policy: meth})
+				require.ErrorContains(t, err, "does not support "+c.arch, meth)
+			}
+			_, err = m.NewSelector(runtime.PolicyOptions{Policy: "retro"})
+			require.NoError(t, err)
+
+			sq, err := runtime.Open(ctx, path, runtime.Options{Threads: 1, ContextLength: 1024, PageSize: 16, DataDir: t.TempDir(), Squeezed: &squeezed.Options{}})
+			require.NoError(t, err)
+			defer sq.Close()
+			_, err = sq.IngestTokens(ctx, "c", toks, nil)
+			require.ErrorContains(t, err, "Squeezed-Attention clusters do not support "+c.arch)
+		})
+	}
 }
