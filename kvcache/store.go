@@ -159,7 +159,11 @@ func (p *Page) summarize(l Layout, at int, k []uint16, rows int, scratch []float
 
 // close picks representative keys per KV head: the keys least similar to
 // the rest of their page (smallest sum of squared cosines to the other
-// keys). The mean stands for what is typical in a page; representatives
+// keys, after subtracting the page's mean key). Centring first matters
+// when every key of a page shares a large component (a bias, a flag that
+// is -1 on most tokens): a key that flips it then has a large negative
+// cosine with every other, which the square would count as similarity,
+// and the one unusual key would never be picked. The mean stands for what is typical in a page; representatives
 // stand for what is unusual, such as a needle among filler, which is exactly
 // what a question must be able to match. (Farthest-from-the-mean sampling
 // does not work here: in many dimensions every key is about as far from the
@@ -171,23 +175,31 @@ func (p *Page) close(l Layout) {
 	p.NReps = nr
 	key := make([]float32, P*hd)
 	unit := make([]float32, P*hd)
+	mean := make([]float32, hd)
 	sim := make([]float32, P)
 	order := make([]int, P)
 	for g := 0; g < l.KVHeads; g++ {
+		clear(mean)
 		for t := 0; t < P; t++ {
-			var n2 float32
 			for d := 0; d < hd; d++ {
 				x := f16(p.K[t*l.Row()+g*hd+d])
 				key[t*hd+d] = x
+				mean[d] += x
+			}
+		}
+		vek32.MulNumber_Inplace(mean, 1/float32(P))
+		for t := 0; t < P; t++ {
+			var n2 float32
+			for d := 0; d < hd; d++ {
+				x := key[t*hd+d] - mean[d]
+				unit[t*hd+d] = x
 				n2 += x * x
 			}
 			inv := float32(0)
 			if n2 > 0 {
 				inv = 1 / float32(math.Sqrt(float64(n2)))
 			}
-			for d := 0; d < hd; d++ {
-				unit[t*hd+d] = key[t*hd+d] * inv
-			}
+			vek32.MulNumber_Inplace(unit[t*hd:(t+1)*hd], inv)
 		}
 		for t := range sim {
 			sim[t] = 0

@@ -100,6 +100,37 @@ func TestRepresentativeKeysFindOutliers(t *testing.T) {
 	require.Equal(t, []float32{0, 0, 0, 0, 0, 0, 2, 2}, pg.RepKeys[:8])
 }
 
+// Every key shares a large component (a flag that is -4 on all but one
+// token, as the recall model's salience channel); the one key that flips it
+// must still be a representative. Its cosine with every other key is large
+// and negative, which squared cosines of the raw keys count as similarity:
+// without centring on the page's mean it is never picked.
+func TestRepresentativeKeysFindFlippedFlag(t *testing.T) {
+	l := Layout{Layers: 1, KVHeads: 1, HeadDim: 8, PageSize: 16}
+	s, _ := NewStore(l)
+	s.grow(16)
+	r := rand.New(rand.NewPCG(3, 4))
+	k := make([]uint16, 16*8)
+	const needle = 11
+	for tk := 0; tk < 16; tk++ {
+		for d := 0; d < 7; d++ {
+			k[tk*8+d] = float16.Fromfloat32(float32(r.NormFloat64())).Bits()
+		}
+		flag := float32(-4)
+		if tk == needle {
+			flag = 4
+		}
+		k[tk*8+7] = float16.Fromfloat32(flag).Bits()
+	}
+	s.write(0, 0, k, k, 16)
+	pg := s.Page(0, 0)
+	found := false
+	for j := 0; j < pg.NReps; j++ {
+		found = found || pg.RepKeys[j*8+7] == 4
+	}
+	require.True(t, found, "the key with the flipped flag is a representative: %v", pg.RepKeys)
+}
+
 func TestForkCopiesOnWriteAndTruncates(t *testing.T) {
 	r := rand.New(rand.NewPCG(3, 4))
 	doc, _ := NewStore(testLayout)
