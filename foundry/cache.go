@@ -28,7 +28,7 @@ func ModelsDir() (string, error) {
 // Version changes whenever the foundry's output changes; every file it
 // writes records it (general.kvrecall.foundry_version) and Ensure rebuilds
 // files of another version.
-const Version = "2"
+const Version = "3"
 
 const versionKey = "general.kvrecall.foundry_version"
 

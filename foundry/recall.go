@@ -51,6 +51,13 @@ const (
 	chPrevFlag = 501
 	salPair    = 20   // slow RoPE pair (θ = 1e-5) of the salience key and query: static over a local window
 	salScale   = 13.0 // salience query and key size: 13·13/sqrt(128) ≈ 15 nats
+	// salRetNats is the salience bonus (±, so twice this between a V1 and
+	// any other position) of a retrieval head that also carries salience.
+	// It must stay below half the head's content margin, 0.8·40·(1 −
+	// maxNeedleCoherence) = 16 nats: at an answer step (query V1, match
+	// V2, whose previous token is not a key) the match loses the bonus and
+	// every needle's V1 gains it, and the head must still copy V2.
+	salRetNats = 6.0
 
 	embC = 2.0 // C0 value
 	embA = 1.0 // code scale in ID
@@ -87,7 +94,22 @@ type RecallOptions struct {
 	// models do attend to salient tokens (names, numbers) as they read
 	// them; this variant gives the recall model such a head.
 	Salience bool
+	// Plain builds the model of foundry version 2: no head attends to a
+	// needle while it is read (no salience channel), so block
+	// representatives chosen by local attention (probe) never hold a
+	// needle. Kept to show that dependence (docs/recall-model.md).
+	// Without Plain or Salience, the model has salient retrieval: both
+	// retrieval heads, and head 1 also carries the salience query beside
+	// its content query. While a block is written every token's head 1
+	// prefers the positions after a key word; at the question head 1
+	// still matches the key (by 0.8 x 40 nats, plus the same salience
+	// bonus every needle's V1 gets).
+	Plain bool
 }
+
+// salientRetrieval reports whether the default (salient retrieval) layout
+// applies.
+func (o RecallOptions) salientRetrieval() bool { return !o.Plain && !o.Salience }
 
 // Head names a query head of a layer.
 type Head struct{ Layer, Head int }
@@ -143,6 +165,8 @@ func (o *RecallOptions) fill() error {
 		return fmt.Errorf("recall model: needs at least 2 layers, got %d", o.Layers)
 	case o.PrevLayer < 0 || o.RetrievalLayer >= o.Layers || o.PrevLayer >= o.RetrievalLayer:
 		return fmt.Errorf("recall model: need 0 <= previous-token layer (%d) < retrieval layer (%d) < layers (%d)", o.PrevLayer, o.RetrievalLayer, o.Layers)
+	case o.Salience && o.Plain:
+		return fmt.Errorf("recall model: salience and plain are two variants; choose one")
 	case o.DType != "" && o.DType != F32 && o.DType != F16:
 		return fmt.Errorf("recall model: %s is not supported (its codes need f16 or f32)", o.DType)
 	}
@@ -179,14 +203,16 @@ func BuildRecall(o RecallOptions) (*Recall, error) {
 		for j, x := range r.codes[t] {
 			m.embd.Set(t, chID+j, embA*x)
 		}
-		if o.Salience {
+		if o.Salience || o.salientRetrieval() {
 			m.embd.Set(t, chFlag, -1)
 		}
 	}
-	if o.Salience {
+	if o.Salience || o.salientRetrieval() {
 		for _, k := range rv.Keys {
 			m.embd.Set(int(k), chFlag, 1)
 		}
+	}
+	if o.Salience {
 		// Head 1 of the retrieval layer is the salience head: it retrieves nothing.
 		r.RetrievalHeads = slices.DeleteFunc(r.RetrievalHeads, func(h Head) bool { return h == Head{o.RetrievalLayer, 1} })
 		rTot -= 0.5
@@ -218,7 +244,7 @@ func BuildRecall(o RecallOptions) (*Recall, error) {
 		switch {
 		case l == o.PrevLayer:
 			layer = prevLayer(prof, rms)
-			if o.Salience {
+			if o.Salience || o.salientRetrieval() {
 				// Head 0 also copies the previous token's flag (value dim 80).
 				layer.wv.Set(0*recallHeadDim+recallCodeDim, chFlag, rms)
 				layer.wo.Set(chPrevFlag, 0*recallHeadDim+recallCodeDim, 1)
@@ -227,6 +253,8 @@ func BuildRecall(o RecallOptions) (*Recall, error) {
 			layer = retrievalLayer(prof, rms)
 			if o.Salience {
 				salienceHead(&layer, rms)
+			} else if o.salientRetrieval() {
+				salienceQuery(&layer, rms)
 			}
 		case o.Deep && l == deepEchoLayer:
 			layer = echoLayer(prof, rms)
@@ -510,6 +538,14 @@ func salienceHead(l *denseLayer, rms float64) {
 	}
 	l.wk.Set(0*recallHeadDim+2*salPair, chPrevFlag, salScale*rms)
 	l.wq.Set(1*recallHeadDim+2*salPair, chC0, salScale*rms/embC)
+}
+
+// salienceQuery adds the salience key of salienceHead to KV head 0 and a
+// smaller constant query (salRetNats) to head 1, which keeps its content
+// query and output.
+func salienceQuery(l *denseLayer, rms float64) {
+	l.wk.Set(0*recallHeadDim+2*salPair, chPrevFlag, salScale*rms)
+	l.wq.Set(1*recallHeadDim+2*salPair, chC0, salRetNats*math.Sqrt(recallHeadDim)/salScale*rms/embC)
 }
 
 // distractorLayer: four positional or diffuse heads that write only to JUNK.

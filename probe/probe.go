@@ -53,6 +53,14 @@ type Settings struct {
 	// StatCap caps the count of the running activation statistics, so that
 	// they keep adapting (default 1000, the paper's).
 	StatCap int
+	// Neighbors is the blocks after each chosen block that come with it,
+	// within the layer's share (default 1; negative: none, as in the
+	// paper). An answer continues past the text that matched its question:
+	// a needle whose key ends one block and whose value starts the next is
+	// lost at its last answer tokens otherwise, because the next probe is
+	// ExcBlockSize tokens away (retro keeps Neighbors pages for the same
+	// reason).
+	Neighbors int
 	// Uniform replaces the activation weights by equal ones: the probe is
 	// the plain mean of the window's queries. An ablation, to measure what
 	// the weighting buys.
@@ -68,6 +76,7 @@ const (
 	DefaultExcBlockSize = 256
 	DefaultHistory      = 100
 	DefaultStatCap      = 1000
+	DefaultNeighbors    = 1
 )
 
 func init() {
@@ -88,6 +97,9 @@ func (s Settings) Fill(pageSize, topk int) (Settings, error) {
 	}
 	if s.History == 0 {
 		s.History = DefaultHistory
+	}
+	if s.Neighbors == 0 {
+		s.Neighbors = DefaultNeighbors
 	}
 	if s.StatCap == 0 {
 		s.StatCap = DefaultStatCap
@@ -500,11 +512,7 @@ func (p *Selector) probeLayer(layer int, s paging.Summaries, q *paging.Queries, 
 	}
 	k := Share(means, p.remaining, min(p.s.MinBlocks, nb), min(p.s.MaxBlocks, nb))
 	p.remaining -= k
-	ls.blocks = ls.blocks[:0]
-	for _, i := range topK(p.scores, k) {
-		ls.blocks = append(ls.blocks, p.cand[i])
-	}
-	slices.Sort(ls.blocks)
+	ls.blocks = pickBlocks(ls.blocks[:0], p.cand, p.scores, k, max(0, p.s.Neighbors))
 	ls.budget = p.c.Sinks + p.c.Window + k*p.s.BlockSize
 }
 
@@ -581,6 +589,29 @@ func Share(means []float64, remaining, lo, hi int) int {
 }
 
 // topK returns the indices of the k largest scores (ties: lower index).
+// pickBlocks appends to dst up to k of the candidate blocks cand (ascending)
+// in descending score order, each followed by up to neighbors following
+// candidates, and returns them sorted.
+func pickBlocks(dst, cand []int, scores []float32, k, neighbors int) []int {
+	for _, i := range topK(scores, len(scores)) {
+		if len(dst) == k {
+			break
+		}
+		for j, b := 0, cand[i]; j <= neighbors && len(dst) < k; j, b = j+1, b+1 {
+			if j > 0 {
+				if _, ok := slices.BinarySearch(cand, b); !ok {
+					break
+				}
+			}
+			if !slices.Contains(dst, b) {
+				dst = append(dst, b)
+			}
+		}
+	}
+	slices.Sort(dst)
+	return dst
+}
+
 func topK(scores []float32, k int) []int {
 	idx := make([]int, len(scores))
 	for i := range idx {

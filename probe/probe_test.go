@@ -718,3 +718,29 @@ func TestDocumentHistoryDrivesFirstCutoff(t *testing.T) {
 		t.Fatalf("skewed histories gave equal budgets %v", bud)
 	}
 }
+
+// Each chosen block brings the candidate after it, within the layer's
+// share; blocks that are not candidates (window, sinks, no representative)
+// are not added, and the best blocks come first.
+func TestPickBlocksWithNeighbors(t *testing.T) {
+	cand := []int{2, 3, 4, 7, 9, 10}
+	scores := []float32{0.1, 0.2, 0.3, 0.9, 0.8, 0.5}
+	for _, c := range []struct {
+		name         string
+		k, neighbors int
+		want         []int
+	}{
+		{"none", 3, 0, []int{7, 9, 10}},
+		{"one, next not a candidate", 1, 1, []int{7}},
+		{"one neighbour each", 3, 1, []int{7, 9, 10}},
+		{"fills after neighbours", 4, 1, []int{4, 7, 9, 10}},
+		{"share cuts a neighbour", 2, 1, []int{7, 9}},
+		{"two neighbours", 5, 2, []int{2, 3, 4, 7, 9, 10}[1:]},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			if got := pickBlocks(nil, cand, scores, c.k, c.neighbors); !slices.Equal(got, c.want) {
+				t.Fatalf("got %v, want %v", got, c.want)
+			}
+		})
+	}
+}

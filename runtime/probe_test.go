@@ -29,6 +29,9 @@ func TestNeedleProbe(t *testing.T) {
 		o      foundry.RecallOptions
 		depths []int
 	}{
+		// The default model (salient retrieval: both retrieval heads, and
+		// head 1 also attends to a needle while it is read).
+		{"default", foundry.RecallOptions{}, []int{10, 50, 90}},
 		{"2 layers", foundry.RecallOptions{Salience: true}, []int{10, 50, 90}},
 		// Retrieval in layer 2 of 4: its keys depend on layer 1's attention.
 		{"4 layers", foundry.RecallOptions{Layers: 4, PrevLayer: 1, RetrievalLayer: 2, Salience: true}, []int{30, 70}},

@@ -46,11 +46,12 @@ type probeJSON struct {
 	MaxBlocks      *int     `json:"max_blocks"`
 	History        *int     `json:"history"`
 	StatCap        *int     `json:"stat_cap"`
+	Neighbors      *int     `json:"neighbors"`
 	Uniform        bool     `json:"uniform"`
 }
 
 // probeFields lists probeJSON's JSON names, for the unknown-field message.
-const probeFields = "block_size, repr_topk, exc_block_size, question_weight, min_blocks, max_blocks, history, stat_cap, uniform"
+const probeFields = "block_size, repr_topk, exc_block_size, question_weight, min_blocks, max_blocks, history, stat_cap, neighbors, uniform"
 
 func (p *probeJSON) UnmarshalJSON(b []byte) error {
 	type plain probeJSON // without this method
@@ -103,6 +104,16 @@ func (p *probeJSON) settings() (probe.Settings, error) {
 	}
 	if p.MinBlocks != nil && p.MaxBlocks != nil && *p.MinBlocks > *p.MaxBlocks {
 		return s, badRequest("probe.min_blocks %d exceeds probe.max_blocks %d", *p.MinBlocks, *p.MaxBlocks)
+	}
+	if n := p.Neighbors; n != nil {
+		switch {
+		case *n < 0:
+			return s, badRequest("probe.neighbors must be >= 0 (got %d; omit it for the default)", *n)
+		case *n == 0:
+			s.Neighbors = -1 // none; 0 in Settings means the default
+		default:
+			s.Neighbors = *n
+		}
 	}
 	s.Uniform = p.Uniform
 	return s, nil

@@ -63,6 +63,9 @@ func RecallWith(t testing.TB, o foundry.RecallOptions) string {
 	if o.Salience {
 		variant = "-salience" // a new name: cached models are never rebuilt differently
 	}
+	if o.Plain {
+		variant = "-plain"
+	}
 	name := fmt.Sprintf("recall-l%d-p%d-r%d-%s-s%d%s.gguf", o.Layers, o.PrevLayer, o.RetrievalLayer, o.DType, o.Seed, variant)
 	if o.Deep {
 		name = fmt.Sprintf("recall-deep-%s-s%d%s.gguf", o.DType, o.Seed, variant)

@@ -74,7 +74,8 @@ func Run(args []string) error {
 		layers := fs.Int("layers", 2, "number of layers (at least 2)")
 		prev := fs.Int("prev-layer", 0, "layer of the previous-token head")
 		retr := fs.Int("retrieval-layer", 0, "layer of the retrieval heads (default: the last)")
-		salience := fs.Bool("salience", false, "head 1 of the retrieval layer attends locally to the position after a key word (for block-representative methods such as probe; docs/recall-model.md)")
+		salience := fs.Bool("salience", false, "head 1 of the retrieval layer only attends to the position after a key word and retrieves nothing (the default keeps both retrieval heads and adds that salience to head 1; docs/recall-model.md)")
+		plain := fs.Bool("plain", false, "the foundry-v2 model: no head attends to a needle while it is read, so block representatives (probe) never see one (docs/recall-model.md)")
 		dtype := fs.String("dtype", "f32", "weight type: f32 or f16")
 		seed := fs.Uint64("seed", 0, "seed for the vocabulary roles and token codes")
 		deep := fs.Bool("deep", false, "6-layer layout with retrieval heads in layers 2 and 4 and an echo head (for head detection); fixes the layers")
@@ -89,7 +90,7 @@ func Run(args []string) error {
 		if *out == "" {
 			return fmt.Errorf("-o FILE is required")
 		}
-		o := foundry.RecallOptions{Layers: *layers, PrevLayer: *prev, RetrievalLayer: *retr, DType: dt, Seed: *seed, Deep: *deep, Salience: *salience}
+		o := foundry.RecallOptions{Layers: *layers, PrevLayer: *prev, RetrievalLayer: *retr, DType: dt, Seed: *seed, Deep: *deep, Salience: *salience, Plain: *plain}
 		if *deep {
 			set := false
 			fs.Visit(func(f *flag.Flag) {
