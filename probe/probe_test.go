@@ -719,7 +719,7 @@ func TestDocumentHistoryDrivesFirstCutoff(t *testing.T) {
 	}
 }
 
-// Each chosen block brings the candidate after it, within the layer's
+// The best blocks bring the candidate after them, within the layer's
 // share; blocks that are not candidates (window, sinks, no representative)
 // are not added, and the best blocks come first.
 func TestPickBlocksWithNeighbors(t *testing.T) {
@@ -731,16 +731,23 @@ func TestPickBlocksWithNeighbors(t *testing.T) {
 		want         []int
 	}{
 		{"none", 3, 0, []int{7, 9, 10}},
-		{"one, next not a candidate", 1, 1, []int{7}},
-		{"one neighbour each", 3, 1, []int{7, 9, 10}},
-		{"fills after neighbours", 4, 1, []int{4, 7, 9, 10}},
-		{"share cuts a neighbour", 2, 1, []int{7, 9}},
-		{"two neighbours", 5, 2, []int{2, 3, 4, 7, 9, 10}[1:]},
+		{"best one, next not a candidate", 1, 1, []int{7}},
+		{"best two", 3, 2, []int{7, 9, 10}},
+		{"fills after neighbours", 4, 2, []int{4, 7, 9, 10}},
+		{"share cuts a neighbour", 2, 2, []int{7, 9}},
+		{"a best block without a candidate after it brings none", 4, 1, []int{4, 7, 9, 10}},
+		{"every block", 6, 6, []int{2, 3, 4, 7, 9, 10}},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			if got := pickBlocks(nil, cand, scores, c.k, c.neighbors); !slices.Equal(got, c.want) {
 				t.Fatalf("got %v, want %v", got, c.want)
 			}
 		})
+	}
+	// Only the best block brings its successor: 2 (best) brings 3, then 9
+	// and 7 by score; 9's successor 10 does not come.
+	scores = []float32{0.9, 0.1, 0.2, 0.5, 0.8, 0.3}
+	if got := pickBlocks(nil, cand, scores, 4, 1); !slices.Equal(got, []int{2, 3, 7, 9}) {
+		t.Fatalf("only the best: got %v", got)
 	}
 }
