@@ -14,10 +14,12 @@
 package probe
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"math"
 	"slices"
+	"strings"
 
 	"github.com/viterin/vek/vek32"
 
@@ -35,24 +37,25 @@ type Settings struct {
 	// tokens; pages are the unit kvcache uploads and masks, so a block
 	// cannot be smaller than a page, and the default 64-token page is
 	// Qwen's block.
-	BlockSize int
+	BlockSize int `json:"block_size"`
 	// RepTopK is the keys averaged into a block's representative (default 4).
-	RepTopK int
+	RepTopK int `json:"repr_topk"`
 	// ExcBlockSize is the decode tokens between probes (default 256).
-	ExcBlockSize int
+	ExcBlockSize int `json:"exc_block_size"`
 	// QuestionWeight weighs, in a session's first probe, the cosine between
 	// the mean of the question's queries and a block (the paper's question
 	// term, 4 in its code when a question is given apart; default 0: off).
-	QuestionWeight float64
+	QuestionWeight float64 `json:"question_weight"`
 	// MinBlocks and MaxBlocks clamp a layer's blocks (further capped by the
 	// blocks there are). Defaults keep the paper's ratios to its topk: 32
 	// and 2·46 blocks for topk 46, so ceil(topk·32/46) and 2·topk.
-	MinBlocks, MaxBlocks int
+	MinBlocks int `json:"min_blocks"`
+	MaxBlocks int `json:"max_blocks"`
 	// History is the entropies kept per layer (default 100, the paper's).
-	History int
+	History int `json:"history"`
 	// StatCap caps the count of the running activation statistics, so that
 	// they keep adapting (default 1000, the paper's).
-	StatCap int
+	StatCap int `json:"stat_cap"`
 	// Neighbors is how many of a probe's best blocks bring the block after
 	// them, within the layer's share (default 2; negative: none, as in the
 	// paper). An answer continues past the text that matched its question,
@@ -62,14 +65,28 @@ type Settings struct {
 	// neighbour is a block fewer for other matches: with a neighbour for
 	// every block (as retro keeps pages), 48-needle questions at budget
 	// 1024 lost one needle of 8.
-	Neighbors int
+	Neighbors int `json:"neighbors"`
 	// Uniform replaces the activation weights by equal ones: the probe is
 	// the plain mean of the window's queries. An ablation, to measure what
 	// the weighting buys.
-	Uniform bool
+	Uniform bool `json:"uniform"`
 	// Reps, if set, are the document's representatives (blocks from 0);
 	// blocks after them are built from the queries the selector sees.
-	Reps *Reps
+	Reps *Reps `json:"-"`
+}
+
+// ParseSettings reads Settings from JSON with the names serve's requests
+// use ({"block_size": 128, "question_weight": 4}); an unknown field is an
+// error naming it. Zero fields keep the defaults (neighbors -1: none).
+// Range checks are Fill's.
+func ParseSettings(js string) (Settings, error) {
+	var s Settings
+	dec := json.NewDecoder(strings.NewReader(js))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&s); err != nil {
+		return s, fmt.Errorf("probe settings %s: %w", js, err)
+	}
+	return s, nil
 }
 
 // Defaults.

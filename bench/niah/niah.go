@@ -33,6 +33,9 @@ type Config struct {
 	Needles  int       // needles per haystack, each asked (default 1)
 	Seed     uint64
 	Progress func(stage string, done, total int) // ingest progress, if set
+	// Extra is passed to every session's runtime.PolicyOptions.Extra
+	// (probe's settings under probe.OptionKey).
+	Extra map[string]any
 
 	// Recall mode (the default when Recall is set).
 	Recall *haystack.Vocab
@@ -257,7 +260,7 @@ func (c Config) runIngest(ctx context.Context, m *runtime.Model, in Ingest, leng
 		prefill = ingest
 	}
 	for _, r := range todo {
-		if err := ask(ctx, m, doc, *cl, &r, c.MaxTokens); err != nil {
+		if err := ask(ctx, m, doc, *cl, &r, c.MaxTokens, c.Extra); err != nil {
 			return fmt.Errorf("%s at %d tokens, depth %.0f%%: %w", r.Method, length, 100*depth, err)
 		}
 		r.PrefillSec, r.IngestSec, r.Needle = prefill, ingest, (*cl).needle
@@ -319,13 +322,13 @@ func words(tok *runtime.Tokenizer, ids []int32) string {
 	return strings.TrimPrefix(s, " ")
 }
 
-func ask(ctx context.Context, m *runtime.Model, doc *runtime.Document, cl *cell, row *Row, maxTokens int) error {
+func ask(ctx context.Context, m *runtime.Model, doc *runtime.Document, cl *cell, row *Row, maxTokens int, cfgExtra map[string]any) error {
 	row.Needles = len(cl.probes)
 	var dec time.Duration
 	var gen int
 	var total float64
 	for i, p := range cl.probes {
-		s, err := m.DocumentSession(doc, runtime.PolicyOptions{Policy: row.Method, Budget: row.Budget})
+		s, err := m.DocumentSession(doc, runtime.PolicyOptions{Policy: row.Method, Budget: row.Budget, Extra: cfgExtra})
 		if err != nil {
 			return err
 		}

@@ -23,6 +23,9 @@ type Config struct {
 	Seed    uint64
 	Recall  *haystack.Vocab // recall mode when set, else English text mode
 	Done    map[string]bool // resumed rows (Row.Key)
+	// Extra is passed to every session's runtime.PolicyOptions.Extra
+	// (probe's settings under probe.OptionKey).
+	Extra map[string]any
 }
 
 // Row is one sample asked under one method and budget.
@@ -110,7 +113,7 @@ func Run(ctx context.Context, m *runtime.Model, c Config, emit func(Row) error) 
 					return err
 				}
 				for _, r := range todo {
-					if err := askSample(ctx, m, doc, s, &r); err != nil {
+					if err := askSample(ctx, m, doc, s, &r, c.Extra); err != nil {
 						m.DeleteDocument(id)
 						return err
 					}
@@ -125,12 +128,12 @@ func Run(ctx context.Context, m *runtime.Model, c Config, emit func(Row) error) 
 	return nil
 }
 
-func askSample(ctx context.Context, m *runtime.Model, doc *runtime.Document, s *Sample, r *Row) error {
+func askSample(ctx context.Context, m *runtime.Model, doc *runtime.Document, s *Sample, r *Row, extra map[string]any) error {
 	var pred []string
 	var dec time.Duration
 	gen := 0
 	for _, q := range s.Questions {
-		sess, err := m.DocumentSession(doc, runtime.PolicyOptions{Policy: r.Method, Budget: r.Budget})
+		sess, err := m.DocumentSession(doc, runtime.PolicyOptions{Policy: r.Method, Budget: r.Budget, Extra: extra})
 		if err != nil {
 			return err
 		}

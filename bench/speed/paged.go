@@ -45,7 +45,10 @@ type PagedConfig struct {
 	// dense ingest and llama.cpp's prefill of the same tokens. Decode
 	// still runs on the densely ingested document.
 	Streaming bool
-	Log       func(format string, args ...any)
+	// Extra is passed to every session's runtime.PolicyOptions.Extra
+	// (probe's settings under probe.OptionKey).
+	Extra map[string]any
+	Log   func(format string, args ...any)
 }
 
 // PagedRow is one context length.
@@ -277,7 +280,7 @@ func pagedOne(ctx context.Context, c PagedConfig, n int, logf func(string, ...an
 	methods := append([]string{"dense"}, c.Methods...)
 	sessions := make([]*runtime.Session, len(methods))
 	for i, meth := range methods {
-		s, err := m.DocumentSession(doc, runtime.PolicyOptions{Policy: meth, Budget: c.Budget})
+		s, err := m.DocumentSession(doc, runtime.PolicyOptions{Policy: meth, Budget: c.Budget, Extra: c.Extra})
 		if err != nil {
 			return row, err
 		}

@@ -33,6 +33,7 @@ import (
 	"github.com/kvrecall/kvrecall/haystack"
 	"github.com/kvrecall/kvrecall/hyper"
 	"github.com/kvrecall/kvrecall/paging"
+	"github.com/kvrecall/kvrecall/probe"
 	"github.com/kvrecall/kvrecall/runtime"
 	"github.com/kvrecall/kvrecall/server"
 	"github.com/kvrecall/kvrecall/squeezed"
@@ -115,6 +116,7 @@ func runSpeed(ctx context.Context, args []string) error {
 	hyperLayers := fs.String("hyper", "", "paged: also ingest with HyperAttention (paper defaults) on these layers, comma separated, or \"all\", and compare with the dense ingest and llama.cpp; default: dense ingest only")
 	skipDense := fs.Bool("skip-dense", false, "paged, with --hyper: skip the dense ingest (decode reads the HyperAttention ingest's document)")
 	skipLlama := fs.Bool("skip-llama", false, "paged: skip llama.cpp (its prefill and decode steps; its quadratic prefill takes >10 minutes at 128k)")
+	probeSpec := fs.String("probe", "", `probe's settings as JSON, as serve takes them: '{"block_size":128,"question_weight":4,"neighbors":-1}' (default: probe's defaults)`)
 	streaming := fs.Bool("streaming", false, "paged: also ingest each document with probe's streaming prefill within --budget, timed against the dense ingest and llama.cpp (decode uses the dense document)")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -154,12 +156,16 @@ func runSpeed(ctx context.Context, args []string) error {
 		if *skipDense && hyperOpts == nil {
 			return fmt.Errorf("--skip-dense needs --hyper: some ingest must make the document")
 		}
+		extra, err := probeExtra(*probeSpec)
+		if err != nil {
+			return err
+		}
 		var all []speed.PagedRow
 		ms := strings.Split(*methods, ",")
 		for _, t := range targets {
 			rows, err := speed.RunPaged(ctx, speed.PagedConfig{Model: t.path, Label: t.label, Contexts: cs, Threads: ts[0], DecodeThreads: *decodeThreads,
 				Budget: *budget, Methods: ms, DecodeTokens: *decode, HeadProfile: *headsProfile, Hyper: hyperOpts,
-				SkipDense: *skipDense, SkipLlama: *skipLlama, Streaming: *streaming,
+				SkipDense: *skipDense, SkipLlama: *skipLlama, Streaming: *streaming, Extra: extra,
 				Log: func(f string, a ...any) { fmt.Fprintf(os.Stderr, f+"\n", a...) }})
 			all = append(all, rows...)
 			if err != nil {
@@ -231,6 +237,7 @@ func runNIAH(ctx context.Context, args []string) error {
 	maxTokens := fs.Int("max-tokens", 16, "text mode: answer tokens")
 	ingestSpec := fs.String("ingest", "dense", "prefills of each haystack, comma separated, each answered under every method: dense, streaming (probe's streaming prefill within --streaming-budget), or hyper:all, hyper:but0 (every layer but 0), hyper:last or hyper:L1+L2 (HyperAttention, paper defaults, on those layers)")
 	streamingBudget := fs.Int("streaming-budget", 2048, "tokens each window of a streaming ingest attends to")
+	probeSpec := fs.String("probe", "", `probe's settings as JSON, as serve takes them: '{"block_size":128,"question_weight":4,"neighbors":-1}' (default: probe's defaults)`)
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -268,6 +275,9 @@ func runNIAH(ctx context.Context, args []string) error {
 	}
 	cfg := niah.Config{Model: filepath.Base(path), Methods: ms, Budgets: bs, Lengths: ls, Depths: ds, Needles: *needles, Seed: *seed,
 		Needle: niah.TextNeedle{Needle: *needle, Question: *question, Answer: *answer}, MaxTokens: *maxTokens,
+	}
+	if cfg.Extra, err = probeExtra(*probeSpec); err != nil {
+		return err
 	}
 	if voc, err := haystack.LoadVocab(f); err == nil {
 		cfg.Recall = voc
@@ -411,6 +421,7 @@ func runRuler(ctx context.Context, args []string) error {
 	seed := fs.Uint64("seed", 1, "seed")
 	threads := fs.Int("threads", 0, "CPU threads (default: all)")
 	out := fs.String("out", "", "run folder (default: bench/results/ruler-<time>); an existing one resumes")
+	probeSpec := fs.String("probe", "", `probe's settings as JSON, as serve takes them: '{"block_size":128,"question_weight":4,"neighbors":-1}' (default: probe's defaults)`)
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -437,6 +448,9 @@ func runRuler(ctx context.Context, args []string) error {
 		return err
 	}
 	cfg := ruler.Config{Model: filepath.Base(path), Tasks: ts, Lengths: ls, Samples: *samples, Methods: ms, Budgets: bs, Seed: *seed}
+	if cfg.Extra, err = probeExtra(*probeSpec); err != nil {
+		return err
+	}
 	if voc, err := haystack.LoadVocab(f); err == nil {
 		cfg.Recall = voc
 	}
@@ -613,4 +627,18 @@ func parseHyper(spec string) (*runtime.HyperOptions, error) {
 		o.Layers = append(o.Layers, l)
 	}
 	return o, nil
+}
+
+// probeExtra turns --probe's JSON into runtime.PolicyOptions.Extra (nil
+// for ""). Settings that depend on the model (block size against the page
+// size, ...) are checked when a session is built, with errors naming them.
+func probeExtra(spec string) (map[string]any, error) {
+	if spec == "" {
+		return nil, nil
+	}
+	s, err := probe.ParseSettings(spec)
+	if err != nil {
+		return nil, fmt.Errorf("--probe: %w", err)
+	}
+	return map[string]any{probe.OptionKey: s}, nil
 }

@@ -4,6 +4,8 @@ import (
 	"testing"
 
 	"github.com/stretchr/testify/require"
+
+	"github.com/kvrecall/kvrecall/probe"
 )
 
 func TestParseIngests(t *testing.T) {
@@ -48,6 +50,35 @@ func TestParseIngests(t *testing.T) {
 					require.Equal(t, l, in.Hyper.Layers[j])
 				}
 			}
+		})
+	}
+}
+
+func TestProbeExtra(t *testing.T) {
+	for _, tc := range []struct {
+		spec string
+		want *probe.Settings // nil: no Extra
+		err  string
+	}{
+		{spec: ""},
+		{spec: `{"block_size":128,"question_weight":4,"neighbors":-1}`, want: &probe.Settings{BlockSize: 128, QuestionWeight: 4, Neighbors: -1}},
+		{spec: `{"uniform":true}`, want: &probe.Settings{Uniform: true}},
+		{spec: `{"blocksize":128}`, err: `unknown field "blocksize"`},
+		{spec: `{"block_size":"big"}`, err: "block_size"},
+		{spec: `[1]`, err: "--probe"},
+	} {
+		t.Run(tc.spec, func(t *testing.T) {
+			got, err := probeExtra(tc.spec)
+			if tc.err != "" {
+				require.ErrorContains(t, err, tc.err)
+				return
+			}
+			require.NoError(t, err)
+			if tc.want == nil {
+				require.Nil(t, got)
+				return
+			}
+			require.Equal(t, *tc.want, got[probe.OptionKey])
 		})
 	}
 }
