@@ -127,8 +127,12 @@ func newFlags(std stdio, name, synopsis, about string) *flag.FlagSet {
 	return fs
 }
 
+// envFlags are the subcommand flags that read KVRECALL_* variables (the
+// README promises these four; serve reads all of its own).
+var envFlags = []string{"model", "data", "ctx", "threads"}
+
 func parse(fs *flag.FlagSet, args []string) ([]string, error) {
-	if err := cli.FromEnv(fs); err != nil {
+	if err := cli.FromEnv(fs, envFlags...); err != nil {
 		return nil, err
 	}
 	pos, err := cli.ParseInterleaved(fs, args)
@@ -338,6 +342,9 @@ follows an ingested document, attending to --budget tokens of its pages.`)
 	repl := *interactive || (len(pos) == 0 && isTerminal(std.in))
 	if repl && len(pos) > 0 {
 		return cli.Usagef("-i chats from stdin: drop the prompt arguments")
+	}
+	if repl && *raw {
+		return cli.Usagef("--raw continues one prompt as it is; a chat (-i, or no prompt in a terminal) needs the chat template")
 	}
 	var p string
 	if !repl {

@@ -80,6 +80,7 @@ func TestUsageErrors(t *testing.T) {
 		{[]string{"docs", "rm"}, "at least one ID"},
 		{[]string{"run", "--max-tokens", "x"}, `invalid value "x"`},
 		{[]string{"run", "-i", "hello"}, "drop the prompt"},
+		{[]string{"run", "-i", "--raw"}, "--raw continues one prompt"},
 	}
 	for _, c := range cases {
 		t.Run(c.want, func(t *testing.T) {

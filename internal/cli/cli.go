@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"slices"
 	"strings"
 )
 
@@ -57,10 +58,16 @@ func EnvName(flagName string) string {
 }
 
 // FromEnv sets fs's flags from their KVRECALL_* variables (flags given on
-// the command line override them).
-func FromEnv(fs *flag.FlagSet) error {
+// the command line override them). With names, only those flags read the
+// environment: a variable meant for one flag (KVRECALL_MODEL) must not
+// quietly set an unrelated one that happens to share a subcommand
+// (KVRECALL_I, KVRECALL_RAW).
+func FromEnv(fs *flag.FlagSet, names ...string) error {
 	var err error
 	fs.VisitAll(func(f *flag.Flag) {
+		if len(names) > 0 && !slices.Contains(names, f.Name) {
+			return
+		}
 		if v, ok := os.LookupEnv(EnvName(f.Name)); ok && err == nil {
 			if e := f.Value.Set(v); e != nil {
 				err = fmt.Errorf("%s=%q: %v", EnvName(f.Name), v, e)

@@ -37,3 +37,26 @@ func TestParseInterleaved(t *testing.T) {
 	_, err := ParseInterleaved(fs, []string{"a", "--nope"})
 	require.ErrorContains(t, err, "nope")
 }
+
+// Only the named flags read the environment; without names, every flag does.
+func TestFromEnvNames(t *testing.T) {
+	t.Setenv("KVRECALL_MODEL", "m.gguf")
+	t.Setenv("KVRECALL_RAW", "true")
+	for _, c := range []struct {
+		name  string
+		names []string
+		raw   bool
+	}{
+		{"named", []string{"model"}, false},
+		{"all", nil, true},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			fs := flag.NewFlagSet("x", flag.ContinueOnError)
+			model := fs.String("model", "", "")
+			raw := fs.Bool("raw", false, "")
+			require.NoError(t, FromEnv(fs, c.names...))
+			require.Equal(t, "m.gguf", *model)
+			require.Equal(t, c.raw, *raw)
+		})
+	}
+}
