@@ -31,7 +31,10 @@ type Message struct {
 // suits base models such as the recall model). A Template is immutable
 // and safe for concurrent use.
 type Template struct {
-	tpl      *exec.Template
+	tpl *exec.Template
+	// named is the Ollama chat format used instead when gonja cannot parse
+	// the source (named.go); tpl is nil then.
+	named    *named
 	source   string
 	bos, eos string
 }
@@ -46,7 +49,12 @@ func New(source, bos, eos string) (*Template, error) {
 	}
 	tpl, err := gonja.FromString(source)
 	if err != nil {
-		return nil, fmt.Errorf("the model's chat template does not parse: %w", err)
+		n, nerr := newNamed(source)
+		if nerr != nil {
+			return nil, fmt.Errorf("the model's chat template does not parse (%w), and it matches none of Ollama's chat formats (%v)", err, nerr)
+		}
+		c.named = n
+		return c, nil
 	}
 	c.tpl = tpl
 	return c, nil
@@ -71,7 +79,17 @@ const Fallback = "contents joined by blank lines"
 
 // HasTemplate reports whether the model has a chat template (false: the
 // fallback is used).
-func (c *Template) HasTemplate() bool { return c.tpl != nil }
+func (c *Template) HasTemplate() bool { return c.tpl != nil || c.named != nil }
+
+// Format names the Ollama chat format standing in for a template gonja
+// cannot parse ("gemma3-instruct"); "" when the model's own template (or
+// the fallback) is used.
+func (c *Template) Format() string {
+	if c.named == nil {
+		return ""
+	}
+	return c.named.name
+}
 
 // Source is the template's Jinja text ("" for the fallback).
 func (c *Template) Source() string { return c.source }
@@ -95,6 +113,13 @@ func (c *Template) RenderTools(msgs []Message, tools []Tool, withBOS bool) (stri
 		default:
 			return "", fmt.Errorf("unknown message role %q (system, user, assistant, tool)", m.Role)
 		}
+	}
+	if c.named != nil {
+		out, err := c.named.render(msgs, tools)
+		if err == nil && withBOS && c.bos != "" && !strings.HasPrefix(out, c.bos) {
+			out = c.bos + out // Ollama's formats leave BOS to the tokenizer
+		}
+		return out, err
 	}
 	if c.tpl == nil && len(tools) > 0 {
 		return "", errors.New("the model has no chat template to offer tools with")

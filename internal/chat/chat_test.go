@@ -1,8 +1,11 @@
 package chat
 
 import (
+	"os"
+	"strings"
 	"testing"
 
+	"github.com/nikolalohinski/gonja/v2"
 	"github.com/stretchr/testify/require"
 )
 
@@ -22,8 +25,9 @@ const qwen3 = `{%- for message in messages %}{{- '<|im_start|>' + message.role +
 // "model", a system message is folded into the first user turn, roles must
 // alternate, BOS comes from the template. The real one writes the prefix as
 // an inline conditional, (first_user_prefix if loop.first else ""), which
-// gonja v2 does not parse ("Unbalanced parenthesis"): a real Gemma GGUF's
-// template is refused by serve today. Here the same logic as an if block.
+// gonja v2 does not parse ("Unbalanced parenthesis"); such a template is
+// rendered with Ollama's format instead (TestTemplateGonjaCannotParse...).
+// Here the same logic as an if block, which gonja runs.
 const gemma = `{{ bos_token }}{%- if messages[0]['role'] == 'system' -%}{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}{%- set loop_messages = messages[1:] -%}{%- else -%}{%- set first_user_prefix = "" -%}{%- set loop_messages = messages -%}{%- endif -%}{%- for message in loop_messages -%}{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}{{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}{%- endif -%}{%- if (message['role'] == 'assistant') -%}{%- set role = "model" -%}{%- else -%}{%- set role = message['role'] -%}{%- endif -%}{{ '<start_of_turn>' + role + '\n' }}{%- if loop.first -%}{{ first_user_prefix }}{%- endif -%}{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}{%- endfor -%}{%- if add_generation_prompt -%}{{'<start_of_turn>model\n'}}{%- endif -%}`
 
 func TestChatTemplates(t *testing.T) {
@@ -74,4 +78,42 @@ func TestChatTemplates(t *testing.T) {
 		})
 	}
 	require.True(t, mk(llama3, "<|begin_of_text|>").StartsWithBOS("<|begin_of_text|>x"))
+}
+
+// Gemma 3's own chat template (Google's, as GGUFs carry it) puts an inline
+// if inside parentheses, which gonja cannot parse. It is rendered with
+// Ollama's gemma3-instruct format instead, the format Ollama itself maps
+// this template to. The prompt is what the Jinja template would give, and
+// one more newline after the last "<start_of_turn>model\n", which Ollama's
+// format writes too (what Ollama sends a Gemma 3 model).
+func TestTemplateGonjaCannotParseUsesOllamaFormat(t *testing.T) {
+	src, err := os.ReadFile("testdata/gemma3.jinja")
+	require.NoError(t, err)
+	_, gerr := gonja.FromString(string(src))
+	require.Error(t, gerr, "gonja parses Gemma 3's template now: the fallback is no longer exercised by this test")
+	c, err := New(string(src), "<bos>", "<eos>")
+	require.NoError(t, err)
+	require.True(t, c.HasTemplate())
+	require.Equal(t, "gemma3-instruct", c.Format())
+	for _, tc := range []struct {
+		name    string
+		msgs    []Message
+		withBOS bool
+		want    string
+	}{
+		{"user", []Message{{Role: "user", Content: "Hi"}}, true,
+			"<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n\n"},
+		{"no BOS", []Message{{Role: "user", Content: "Hi"}}, false,
+			"<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n\n"},
+		{"system and turns", []Message{{Role: "system", Content: "Be brief."}, {Role: "user", Content: "Hi"}, {Role: "assistant", Content: "Hello."}, {Role: "user", Content: "Bye"}}, true,
+			"<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello.<end_of_turn>\n<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n\n"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got, err := c.Render(tc.msgs, tc.withBOS)
+			require.NoError(t, err)
+			require.Equal(t, tc.want, got)
+		})
+	}
+	_, err = New("{{ (a if b else c) }} and nothing like any chat format at all, "+strings.Repeat("x", 400), "", "")
+	require.ErrorContains(t, err, "matches none of Ollama's chat formats")
 }
