@@ -159,6 +159,15 @@ func TestToolChoice(t *testing.T) {
 			}
 		})
 	}
+	// A forced call cut off by MaxTokens is an error, not text.
+	var streamed strings.Builder
+	res, err := m.Chat(ctx, msgs, kvrecall.GenerateOptions{MaxTokens: 6, Tools: tools, ToolChoice: "get_weather",
+		OnToken: func(tk kvrecall.Token) error { streamed.WriteString(tk.Text); return nil }})
+	require.ErrorIs(t, err, kvrecall.ErrToolCall)
+	require.Empty(t, streamed.String(), "no fragment of the call is streamed")
+	require.ErrorContains(t, err, "the forced tool call was cut off (stop reason length)")
+	require.Equal(t, kvrecall.StopLength, res.StopReason)
+
 	// "none" offers no tools: the template lists none.
 	p, err := m.ChatPrompt(msgs, nil, false)
 	require.NoError(t, err)

@@ -436,10 +436,15 @@ func (m *Model) chat(ctx context.Context, doc *runtime.Document, msgs []Message,
 	if res == nil || len(tools) == 0 {
 		return res, err
 	}
-	if rest := filter.Flush(); rest != "" && user != nil && err == nil {
+	// Under a forced call what the filter holds at the end is a cut-off
+	// call, never text to release.
+	if rest := filter.Flush(); rest != "" && user != nil && err == nil && forced == nil {
 		err = user(Token{ID: -1, Text: rest})
 	}
 	content, calls, perr := chat.ParseToolCalls(res.Text, tools)
+	if perr == nil && forced != nil {
+		perr = chat.CheckForced(res.Text, calls, "stop reason "+string(res.StopReason))
+	}
 	if perr != nil {
 		if err == nil {
 			err = perr

@@ -327,3 +327,13 @@ func ToolChoice(tools []Tool, choice string) ([]Tool, json.RawMessage, error) {
 	b, err := json.Marshal(schema)
 	return tools, b, err
 }
+
+// CheckForced is the check of an answer generated under a forced tool
+// choice: the grammar allows only a call, so an answer without one was cut
+// off by the token limit (or a stop string) before the call was complete.
+func CheckForced(text string, calls []ToolCall, stop string) error {
+	if len(calls) > 0 {
+		return nil
+	}
+	return fmt.Errorf("%w: the forced tool call was cut off (%s) before it was complete: %q; raise the token limit", ErrToolCall, stop, clip(text))
+}
