@@ -41,7 +41,7 @@ type genRequest struct {
 	document string // answer after this document's pages
 	policy   runtime.PolicyOptions
 	opts     runtime.GenerateOptions
-	numCtx   int // Ollama's num_ctx: the session's context (0: the model's)
+	numCtx   int         // Ollama's num_ctx: the session's context (0: the model's)
 	grammar  string      // GBNF the answer is sampled under ("": free text)
 	tools    []chat.Tool // the tools offered (chat): calls are parsed from the answer
 	forced   bool        // tool_choice forced a call: an answer without one is an error

@@ -70,7 +70,9 @@ func validHero(text string) error {
 
 func TestToolAndFormatBadInput(t *testing.T) {
 	fx := newStoriesFixture(t)
-	chatBody := func(kv ...any) map[string]any { return with(map[string]any{"messages": storyMsgs, "max_tokens": 4}, kv...) }
+	chatBody := func(kv ...any) map[string]any {
+		return with(map[string]any{"messages": storyMsgs, "max_tokens": 4}, kv...)
+	}
 	ollamaBody := func(kv ...any) map[string]any {
 		return with(map[string]any{"messages": storyMsgs, "stream": false, "options": map[string]any{"num_predict": 4}}, kv...)
 	}
