@@ -12,6 +12,8 @@ import (
 
 	"github.com/stretchr/testify/require"
 
+	"github.com/kvrecall/kvrecall/foundry"
+	"github.com/kvrecall/kvrecall/internal/testmodels"
 	"github.com/kvrecall/kvrecall/runtime"
 )
 
@@ -185,4 +187,27 @@ func TestGrammarConstrains(t *testing.T) {
 		require.Equal(t, res.Text, b.String())
 		require.NoError(t, validPerson(b.String()))
 	})
+}
+
+// A byte-level BPE vocabulary (qwen2's, on a random model whose every
+// token is about as likely): the grammar sees the same text the
+// detokenizer writes, so every answer validates, and the same requests
+// without it do not.
+func TestGrammarBPE(t *testing.T) {
+	m, err := runtime.Open(context.Background(), testmodels.Random(t, "qwen2", "tiny", foundry.F32, 1, false),
+		runtime.Options{Threads: 1, ContextLength: 512, DataDir: t.TempDir()})
+	require.NoError(t, err)
+	defer m.Close()
+	schema, err := runtime.FormatGrammar(json.RawMessage(personSchema))
+	require.NoError(t, err)
+	for seed := range 4 {
+		sm := runtime.Sampling{Temperature: 1, Seed: seed}
+		res, err := m.Generate(context.Background(), "hello", runtime.GenerateOptions{MaxTokens: 200, Sampling: sm, Grammar: schema})
+		require.NoError(t, err)
+		require.Equal(t, runtime.StopEOG, res.StopReason, "%q", res.Text)
+		require.NoError(t, validPerson(res.Text), "seed %d", seed)
+		free, err := m.Generate(context.Background(), "hello", runtime.GenerateOptions{MaxTokens: 60, Sampling: sm})
+		require.NoError(t, err)
+		require.Error(t, validPerson(free.Text), "%q", free.Text)
+	}
 }
