@@ -2,6 +2,7 @@ package kvrecall_test
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -62,6 +63,48 @@ func ExampleModel_Generate() {
 	// Output:
 	// ", there was a little girl named Lily"
 	// stop 5 prompt tokens, 11 generated
+}
+
+// Format constrains the answer to JSON, here to a JSON Schema, with
+// llama.cpp's grammar sampler: even a model that only knows children's
+// stories answers with an object that decodes into the schema's type.
+// A schema the grammar cannot be built from is an error wrapping
+// ErrFormat that names the keyword.
+func ExampleModel_Generate_json() {
+	ctx := context.Background()
+	dir, _ := os.MkdirTemp("", "kvrecall-example")
+	defer os.RemoveAll(dir)
+	m, err := kvrecall.Open(ctx, stories, kvrecall.Options{Threads: 1, ContextLength: 512, DataDir: dir})
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	defer m.Close()
+	schema := json.RawMessage(`{"type": "object",
+		"properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer", "minimum": 1, "maximum": 9}},
+		"required": ["name", "age"], "additionalProperties": false}`)
+	res, err := m.Generate(ctx, "Once upon a time", kvrecall.GenerateOptions{MaxTokens: 100, Format: schema})
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	var hero struct {
+		Name string `json:"name"`
+		Age  int    `json:"age"`
+	}
+	fmt.Println(strings.TrimSpace(res.Text))
+	fmt.Println(json.Unmarshal([]byte(res.Text), &hero), res.StopReason)
+	fmt.Printf("%+v\n", hero)
+
+	_, err = m.Generate(ctx, "Once", kvrecall.GenerateOptions{Format: json.RawMessage(`{"type": "int"}`)})
+	fmt.Println(errors.Is(err, kvrecall.ErrFormat))
+	fmt.Println(err)
+	// Output:
+	// { "name" : "I can help m" , "age" : 3 }
+	// <nil> eog
+	// {Name:I can help m Age:3}
+	// true
+	// GenerateOptions.Format: bad output format: schema type: unknown type int (string, number, integer, boolean, object, array, null)
 }
 
 // A document is prefilled once; each question reuses its pages and

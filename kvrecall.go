@@ -78,6 +78,9 @@ var (
 	// ErrToolCall: the model wrote a tool call that cannot be used (an
 	// unknown tool, malformed JSON, an unterminated <tool_call>).
 	ErrToolCall = chat.ErrToolCall
+	// ErrFormat: GenerateOptions.Format is neither "json" nor a JSON
+	// Schema the grammar converter can handle.
+	ErrFormat = runtime.ErrFormat
 )
 
 // OpenError names the model file and what is wrong with it (truncated,
@@ -233,6 +236,26 @@ type GenerateOptions struct {
 	// (Hermes/Qwen <tool_call> JSON, Llama 3 JSON) come back whole in
 	// Response.ToolCalls. OnToken and streams never see a call's text.
 	Tools []Tool
+	// ToolChoice, with Tools: "" or "auto" lets the model choose between
+	// text and calls; "none" offers no tools; "required" forces a call
+	// to one of the tools and a tool's name a call to that tool. A forced
+	// call is generated under a grammar (as Format does): the JSON object
+	// {"name": ..., "arguments": {...}} whose arguments follow the tool's
+	// Parameters schema.
+	ToolChoice string
+
+	// Format constrains the answer with llama.cpp's grammar sampler, as
+	// Ollama's `format` does: nil for free text, json.RawMessage(`"json"`)
+	// for one JSON object, or a JSON Schema object the answer follows
+	// (json_schema_to_grammar's subset: types, properties, required,
+	// additionalProperties, enum, const, anyOf/oneOf/allOf, items, local
+	// $refs, string and array lengths, integer ranges, ^...$ patterns).
+	// The model may end only where the JSON is complete, so a MaxTokens
+	// that cuts it short leaves it incomplete (StopLength): in JSON mode
+	// strings are unbounded; a schema can bound them with maxLength. A
+	// format the grammar cannot be built from is an error wrapping
+	// ErrFormat that names the offending keyword.
+	Format json.RawMessage
 }
 
 // Tool is a function the model may call.
@@ -377,11 +400,25 @@ func (m *Model) ChatStream(ctx context.Context, msgs []Message, opts GenerateOpt
 }
 
 func (m *Model) chat(ctx context.Context, doc *runtime.Document, msgs []Message, opts GenerateOptions) (*Response, error) {
+	offered, forced, err := chat.ToolChoice(chatTools(opts.Tools), opts.ToolChoice)
+	if err != nil {
+		return nil, fmt.Errorf("GenerateOptions.ToolChoice: %w", err)
+	}
+	if forced != nil {
+		if len(opts.Format) > 0 && string(opts.Format) != "null" {
+			return nil, fmt.Errorf("GenerateOptions.ToolChoice %q forces a tool call, which cannot also follow GenerateOptions.Format", opts.ToolChoice)
+		}
+		opts.Format = forced
+	}
+	tools := offered
+	opts.Tools = make([]Tool, len(offered))
+	for i, t := range offered {
+		opts.Tools[i] = Tool(t)
+	}
 	p, err := m.ChatPrompt(msgs, opts.Tools, doc != nil)
 	if err != nil {
 		return nil, err
 	}
-	tools := chatTools(opts.Tools)
 	user := opts.OnToken
 	filter := chat.NewToolFilter(tools)
 	if user != nil && len(tools) > 0 {
@@ -393,16 +430,21 @@ func (m *Model) chat(ctx context.Context, doc *runtime.Document, msgs []Message,
 			return nil
 		}
 	}
-	opts.Tools = nil
+	opts.Tools, opts.ToolChoice = nil, ""
 	// A template that writes bos_token itself must not get a second BOS.
 	res, err := m.generate(ctx, doc, p, doc == nil && !m.tpl.StartsWithBOS(p), opts)
 	if res == nil || len(tools) == 0 {
 		return res, err
 	}
-	if rest := filter.Flush(); rest != "" && user != nil && err == nil {
+	// Under a forced call what the filter holds at the end is a cut-off
+	// call, never text to release.
+	if rest := filter.Flush(); rest != "" && user != nil && err == nil && forced == nil {
 		err = user(Token{ID: -1, Text: rest})
 	}
 	content, calls, perr := chat.ParseToolCalls(res.Text, tools)
+	if perr == nil && forced != nil {
+		perr = chat.CheckForced(res.Text, calls, "stop reason "+string(res.StopReason))
+	}
 	if perr != nil {
 		if err == nil {
 			err = perr
@@ -446,6 +488,13 @@ func (m *Model) generate(ctx context.Context, doc *runtime.Document, prompt stri
 	if len(opts.Tools) > 0 {
 		return nil, errors.New("GenerateOptions.Tools need a chat template: use Chat or ChatStream")
 	}
+	if opts.ToolChoice != "" {
+		return nil, errors.New("GenerateOptions.ToolChoice needs Tools and a chat template: use Chat or ChatStream")
+	}
+	grammar, err := runtime.FormatGrammar(opts.Format)
+	if err != nil {
+		return nil, fmt.Errorf("GenerateOptions.Format: %w", err)
+	}
 	pol, paged, err := m.policy(opts, doc != nil)
 	if err != nil {
 		return nil, err
@@ -472,7 +521,7 @@ func (m *Model) generate(ctx context.Context, doc *runtime.Document, prompt stri
 		return nil, err
 	}
 	defer s.Close()
-	ro := runtime.GenerateOptions{MaxTokens: opts.MaxTokens, Sampling: runtime.Sampling(opts.Sampling), Stop: opts.Stop}
+	ro := runtime.GenerateOptions{MaxTokens: opts.MaxTokens, Sampling: runtime.Sampling(opts.Sampling), Stop: opts.Stop, Grammar: grammar}
 	if opts.OnToken != nil {
 		ro.OnToken = func(t runtime.Token) error { return opts.OnToken(Token{ID: t.ID, Text: t.Text}) }
 	}

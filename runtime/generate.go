@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"iter"
+	"math"
 	"strings"
 	"time"
 
@@ -37,6 +38,12 @@ type GenerateOptions struct {
 	OnToken func(Token) error
 	// OnPrefill reports prompt evaluation progress.
 	OnPrefill Progress
+	// Grammar, if not "", constrains every generated token to this GBNF
+	// grammar (llama.cpp's grammar sampler; see FormatGrammar for JSON
+	// and JSON Schema): the model may end only where the grammar is
+	// complete. A MaxTokens or stop string that cuts the answer short
+	// leaves it incomplete (StopLength, StopString).
+	Grammar string
 }
 
 // Token is one generated token and the text it released.
@@ -139,6 +146,15 @@ func (s *Session) Generate(ctx context.Context, prompt []int32, opts GenerateOpt
 			return res, errors.New("empty stop string")
 		}
 	}
+	var gr *grammar
+	if opts.Grammar != "" {
+		// Built before the prefill, so that a bad grammar costs nothing.
+		var err error
+		if gr, err = newGrammar(s.m.tok, opts.Grammar); err != nil {
+			return res, err
+		}
+		defer gr.free()
+	}
 	start := time.Now()
 	var logits []float32
 	if len(prompt) > 0 {
@@ -165,6 +181,7 @@ func (s *Session) Generate(ctx context.Context, prompt []int32, opts GenerateOpt
 	}
 
 	sampler := newTokenSampler(opts.Sampling, s.tokens)
+	sampler.g = gr
 	out := &textOut{stop: opts.Stop}
 	decodeStart := time.Now()
 	defer func() { res.DecodeDuration = time.Since(decodeStart) }()
@@ -236,13 +253,21 @@ type tokenSampler struct {
 	cfg     Sampling
 	s       sample.Sampler
 	history []int32
+	g       *grammar // nil: unconstrained
 }
 
 func newTokenSampler(cfg Sampling, history []int32) *tokenSampler {
 	if cfg.RepeatLastN <= 0 {
 		cfg.RepeatLastN = 64
 	}
-	t := &tokenSampler{cfg: cfg, s: sample.NewSampler(cfg.Temperature, cfg.TopK, cfg.TopP, cfg.MinP, cfg.Seed, nil)}
+	topP := cfg.TopP
+	if topP <= 0 {
+		// Sampling documents 0 as "disabled"; ollama's sampler reads it as
+		// "keep only the most likely token", which made every sampled call
+		// without a TopP greedy.
+		topP = 1
+	}
+	t := &tokenSampler{cfg: cfg, s: sample.NewSampler(cfg.Temperature, cfg.TopK, topP, cfg.MinP, cfg.Seed, nil)}
 	if cfg.RepeatPenalty > 0 && cfg.RepeatPenalty != 1 {
 		t.history = append(t.history, history[max(0, len(history)-cfg.RepeatLastN):]...)
 	}
@@ -260,7 +285,35 @@ func (t *tokenSampler) next(logits []float32) (int32, error) {
 			}
 		}
 	}
-	return t.s.Sample(logits)
+	if t.g == nil {
+		return t.s.Sample(logits)
+	}
+	// As ollama's sampler does with a grammar: sample freely and keep the
+	// token if the grammar allows it, else mask the rejected tokens and
+	// sample again. Both paths give each allowed token its probability
+	// renormalised over the allowed ones, and the cheap one (one token
+	// checked instead of the vocabulary) is the common case.
+	id, err := t.s.Sample(logits)
+	if err != nil {
+		return -1, err
+	}
+	if t.g.allowed(id) {
+		t.g.accept(id)
+		return id, nil
+	}
+	if !t.g.mask(logits) {
+		return -1, errors.New("the grammar allows no token of the vocabulary here")
+	}
+	if id, err = t.s.Sample(logits); err != nil {
+		return -1, err
+	}
+	if math.IsInf(float64(logits[id]), -1) {
+		// Unreachable while the sampler keeps the best finite token, but
+		// accepting a rejected token would abort the process in llama.cpp.
+		return -1, fmt.Errorf("the sampler chose token %d, which the grammar rejects", id)
+	}
+	t.g.accept(id)
+	return id, nil
 }
 
 func (t *tokenSampler) accept(id int32) {

@@ -3,6 +3,7 @@ package runtime
 import (
 	"fmt"
 	"strings"
+	"sync"
 	"unicode/utf8"
 
 	"github.com/ollama/ollama/fs"
@@ -19,6 +20,11 @@ type Tokenizer struct {
 	spacePrefix bool
 	eog         map[int32]bool
 	maxPiece    int // bytes of the longest token text: no token covers more input
+
+	// Every token's text for grammars, built on first use (grammarVocab).
+	gvOnce   sync.Once
+	gvIDs    []uint32
+	gvPieces []string
 }
 
 func newTokenizer(c fs.Config) (*Tokenizer, error) {

@@ -2,14 +2,17 @@ package server
 
 import (
 	"context"
+	"encoding/json"
 	"net/http"
 	"net/url"
 	"strings"
 	"testing"
 
 	ollama "github.com/ollama/ollama/api"
+	"github.com/ollama/ollama/types/model"
 	"github.com/openai/openai-go/v3"
 	"github.com/openai/openai-go/v3/option"
+	"github.com/openai/openai-go/v3/shared"
 	"github.com/stretchr/testify/require"
 )
 
@@ -121,4 +124,89 @@ func TestOllamaClient(t *testing.T) {
 	err = client.Generate(ctx, &ollama.GenerateRequest{Model: "llama9", Prompt: "x"}, func(ollama.GenerateResponse) error { return nil })
 	require.Error(t, err)
 	require.Contains(t, err.Error(), "llama9")
+}
+
+// The official clients send tools, tool choices and output formats in
+// their own shapes and read back the calls and the JSON.
+func TestClientsToolsAndFormats(t *testing.T) {
+	fx := newStoriesFixture(t)
+	ctx := context.Background()
+	weather := shared.FunctionDefinitionParam{Name: "get_weather", Description: openai.String("Weather in a city"),
+		Parameters: shared.FunctionParameters{"type": "object", "additionalProperties": false, "required": []string{"city"},
+			"properties": map[string]any{"city": map[string]any{"type": "string", "minLength": 1, "maxLength": 12}}}}
+	var hero map[string]any
+	require.NoError(t, json.Unmarshal(heroSchema, &hero))
+
+	t.Run("openai", func(t *testing.T) {
+		client := openai.NewClient(option.WithBaseURL(fx.ts.URL+"/v1/"), option.WithMaxRetries(0))
+		params := openai.ChatCompletionNewParams{
+			Model:       "stories",
+			Messages:    []openai.ChatCompletionMessageParamUnion{openai.UserMessage("Once upon a time")},
+			Temperature: openai.Float(0),
+			MaxTokens:   openai.Int(160),
+			Tools:       []openai.ChatCompletionToolUnionParam{openai.ChatCompletionFunctionTool(weather)},
+			ToolChoice:  openai.ToolChoiceOptionFunctionToolChoice(openai.ChatCompletionNamedToolChoiceFunctionParam{Name: "get_weather"}),
+		}
+		res, err := client.Chat.Completions.New(ctx, params)
+		require.NoError(t, err)
+		c := res.Choices[0]
+		require.Equal(t, "tool_calls", c.FinishReason)
+		require.Len(t, c.Message.ToolCalls, 1)
+		call := c.Message.ToolCalls[0]
+		require.Equal(t, "get_weather", call.Function.Name)
+		var args struct{ City string }
+		require.NoError(t, json.Unmarshal([]byte(call.Function.Arguments), &args))
+		require.NotEmpty(t, args.City)
+
+		stream := client.Chat.Completions.NewStreaming(ctx, params)
+		acc := openai.ChatCompletionAccumulator{}
+		for stream.Next() {
+			acc.AddChunk(stream.Current())
+		}
+		require.NoError(t, stream.Err())
+		require.Len(t, acc.Choices[0].Message.ToolCalls, 1)
+		require.Equal(t, call.Function.Arguments, acc.Choices[0].Message.ToolCalls[0].Function.Arguments, "streamed and not, greedy: the same call")
+		require.Equal(t, "tool_calls", acc.Choices[0].FinishReason)
+
+		res, err = client.Chat.Completions.New(ctx, openai.ChatCompletionNewParams{
+			Model:       "stories",
+			Messages:    []openai.ChatCompletionMessageParamUnion{openai.UserMessage("Once upon a time")},
+			Temperature: openai.Float(0),
+			ResponseFormat: openai.ChatCompletionNewParamsResponseFormatUnion{OfJSONSchema: &shared.ResponseFormatJSONSchemaParam{
+				JSONSchema: shared.ResponseFormatJSONSchemaJSONSchemaParam{Name: "hero", Schema: hero}}},
+		})
+		require.NoError(t, err)
+		require.NoError(t, validHero(res.Choices[0].Message.Content))
+	})
+
+	t.Run("ollama", func(t *testing.T) {
+		u, err := url.Parse(fx.ts.URL)
+		require.NoError(t, err)
+		client := ollama.NewClient(u, http.DefaultClient)
+		var text strings.Builder
+		err = client.Chat(ctx, &ollama.ChatRequest{Model: "stories", Format: heroSchema, Options: map[string]any{"temperature": 0},
+			Messages: []ollama.Message{{Role: "user", Content: "Once upon a time"}}}, func(r ollama.ChatResponse) error {
+			text.WriteString(r.Message.Content)
+			return nil
+		})
+		require.NoError(t, err)
+		require.NoError(t, validHero(text.String()), "%q", text.String())
+
+		// Ollama's client sends tools; the stories model answers in prose.
+		var tools ollama.Tools
+		require.NoError(t, json.Unmarshal([]byte(`[{"type":"function","function":{"name":"get_time","parameters":{"type":"object","properties":{}}}}]`), &tools))
+		var final ollama.ChatResponse
+		err = client.Chat(ctx, &ollama.ChatRequest{Model: "stories", Tools: tools, Options: map[string]any{"temperature": 0, "num_predict": 12},
+			Messages: []ollama.Message{{Role: "user", Content: "Once upon a time"}}}, func(r ollama.ChatResponse) error {
+			if r.Done {
+				final = r
+			}
+			return nil
+		})
+		require.NoError(t, err)
+		require.Empty(t, final.Message.ToolCalls)
+		show, err := client.Show(ctx, &ollama.ShowRequest{Model: "stories"})
+		require.NoError(t, err)
+		require.Contains(t, show.Capabilities, model.CapabilityTools)
+	})
 }

@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"os"
 
+	"github.com/kvrecall/kvrecall/internal/chat"
 	"github.com/kvrecall/kvrecall/kvcache"
 	"github.com/kvrecall/kvrecall/runtime"
 )
@@ -40,7 +41,10 @@ type genRequest struct {
 	document string // answer after this document's pages
 	policy   runtime.PolicyOptions
 	opts     runtime.GenerateOptions
-	numCtx   int // Ollama's num_ctx: the session's context (0: the model's)
+	numCtx   int         // Ollama's num_ctx: the session's context (0: the model's)
+	grammar  string      // GBNF the answer is sampled under ("": free text)
+	tools    []chat.Tool // the tools offered (chat): calls are parsed from the answer
+	forced   bool        // tool_choice forced a call: an answer without one is an error
 
 	// Filled by prepare.
 	tokens   []int32
@@ -199,6 +203,7 @@ func (s *Server) generate(ctx context.Context, m *runtime.Model, req genRequest,
 		opts.Sampling.RepeatLastN = req.capacity
 	}
 	opts.OnToken = onToken
+	opts.Grammar = req.grammar
 	if onStart != nil {
 		if err := onStart(); err != nil {
 			return nil, err

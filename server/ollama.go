@@ -8,11 +8,13 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/ollama/ollama/api"
 	"github.com/ollama/ollama/types/model"
 
+	"github.com/kvrecall/kvrecall/internal/chat"
 	"github.com/kvrecall/kvrecall/runtime"
 )
 
@@ -125,6 +127,11 @@ func (s *Server) ollamaGenerate(w http.ResponseWriter, r *http.Request, m *runti
 		return
 	}
 	prompt, err := s.generatePrompt(&req.GenerateRequest, req.Document != "")
+	if err == nil {
+		if prompt.grammar, err = runtime.FormatGrammar(req.Format); err != nil {
+			err = badRequest("format: %v", err)
+		}
+	}
 	if err != nil {
 		s.metrics.outcome("generate", outcomeInvalid)
 		s.ndjsonFail(nd, r, err)
@@ -159,6 +166,13 @@ func (s *Server) ollamaChat(w http.ResponseWriter, r *http.Request, m *runtime.M
 	var req struct {
 		api.ChatRequest
 		kvrecallFields
+		// Read here rather than as api.Tools, whose parameters keep only
+		// type, required and properties (the grammar of a forced call
+		// needs the whole schema), and whose errors name no index.
+		Tools json.RawMessage `json:"tools"`
+		// tool_choice is kvrecall's extension, as on the OpenAI route
+		// ("auto", "none", "required" or a tool's name).
+		ToolChoice string `json:"tool_choice"`
 	}
 	if !decodeJSON(w, r, &req) {
 		return
@@ -173,18 +187,58 @@ func (s *Server) ollamaChat(w http.ResponseWriter, r *http.Request, m *runtime.M
 		writeJSON(w, http.StatusOK, api.ChatResponse{Model: req.Model, CreatedAt: time.Now().UTC(), Message: api.Message{Role: "assistant"}, Done: true, DoneReason: "load"})
 		return
 	}
-	msgs := make([]message, len(req.Messages))
-	for i, mm := range req.Messages {
-		msgs[i] = message{Role: mm.Role, Content: mm.Content}
-	}
-	p, err := s.chat.Render(msgs, req.Document == "")
+	g, err := s.ollamaChatRequest(req.Messages, req.Tools, req.ToolChoice, req.Format, req.Document != "")
 	if err != nil {
 		s.metrics.outcome("chat", outcomeInvalid)
-		s.ndjsonFail(nd, r, badRequest("%v", err))
+		s.ndjsonFail(nd, r, err)
 		return
 	}
-	g := genRequest{prompt: p, addBOS: req.Document == "" && !s.chat.StartsWithBOS(p)}
 	s.ollamaRun(w, r, m, nd, req.Model, req.Stream, req.Options, req.kvrecallFields, "chat", g, true)
+}
+
+// ollamaChatRequest renders an /api/chat request's messages with its
+// tools, and builds the grammar of its format ("json" or a schema).
+func (s *Server) ollamaChatRequest(in []api.Message, rawTools json.RawMessage, choice string, format json.RawMessage, afterDocument bool) (genRequest, error) {
+	tools, err := parseTools(rawTools)
+	if err != nil {
+		return genRequest{}, err
+	}
+	offered, grammar, forced, err := chatConstraints(tools, choice, "tool_choice", format, "format")
+	if err != nil {
+		return genRequest{}, err
+	}
+	msgs := make([]message, len(in))
+	for i, mm := range in {
+		msgs[i] = message{Role: mm.Role, Content: mm.Content}
+		for j, tc := range mm.ToolCalls {
+			args, err := json.Marshal(tc.Function.Arguments)
+			if err != nil || string(args) == "null" {
+				args = []byte("{}")
+			}
+			if tc.Function.Name == "" {
+				return genRequest{}, badRequest("messages[%d].tool_calls[%d].function.name is missing", i, j)
+			}
+			msgs[i].ToolCalls = append(msgs[i].ToolCalls, chat.ToolCall{Name: tc.Function.Name, Arguments: args})
+		}
+	}
+	p, err := s.chat.RenderTools(msgs, offered, !afterDocument)
+	if err != nil {
+		return genRequest{}, badRequest("%v", err)
+	}
+	return genRequest{prompt: p, addBOS: !afterDocument && !s.chat.StartsWithBOS(p), grammar: grammar, tools: offered, forced: forced}, nil
+}
+
+// ollamaToolCalls renders calls as Ollama's message.tool_calls
+// (arguments as a JSON object).
+func ollamaToolCalls(calls []chat.ToolCall) ([]api.ToolCall, error) {
+	out := make([]api.ToolCall, len(calls))
+	for i, c := range calls {
+		out[i].Function.Index, out[i].Function.Name = i, c.Name
+		if err := json.Unmarshal(c.Arguments, &out[i].Function.Arguments); err != nil {
+			return nil, fmt.Errorf("tool call %s: %w", c.Name, err)
+		}
+	}
+	return out, nil
 }
 
 // ollamaRun validates, queues and runs a generate or chat request and
@@ -235,13 +289,30 @@ func (s *Server) ollamaRun(w http.ResponseWriter, r *http.Request, m *runtime.Mo
 			return nd.send(piece(t.Text, false))
 		}
 	}
-	res, err := s.generate(r.Context(), m, g, nil, onToken)
+	ts := newToolStream(g.tools, g.forced)
+	res, err := s.generate(r.Context(), m, g, nil, ts.wrap(onToken))
 	if err != nil {
+		return
+	}
+	content, calls, err := ts.finish(res, onToken)
+	if err != nil {
+		return
+	}
+	var toolCalls []api.ToolCall
+	if toolCalls, err = ollamaToolCalls(calls); err != nil {
 		return
 	}
 	text := ""
 	if !streaming {
-		text = res.Text
+		text = content
+	} else if len(toolCalls) > 0 {
+		// Ollama streams the calls in a message of their own before the
+		// done line.
+		if err = nd.send(api.ChatResponse{Model: name, CreatedAt: time.Now().UTC(),
+			Message: api.Message{Role: "assistant", ToolCalls: toolCalls}}); err != nil {
+			return
+		}
+		toolCalls = nil
 	}
 	reason := finishReason(res.StopReason)
 	// Methods with a per-request cut-off (probe) report each layer's tokens
@@ -252,7 +323,7 @@ func (s *Server) ollamaRun(w http.ResponseWriter, r *http.Request, m *runtime.Mo
 		final = struct {
 			api.ChatResponse
 			LayerBudgets []int `json:"layer_budgets,omitempty"`
-		}{api.ChatResponse{Model: name, CreatedAt: time.Now().UTC(), Message: api.Message{Role: "assistant", Content: text},
+		}{api.ChatResponse{Model: name, CreatedAt: time.Now().UTC(), Message: api.Message{Role: "assistant", Content: text, ToolCalls: toolCalls},
 			Done: true, DoneReason: reason, Metrics: s.metricsOf(res, start)}, res.LayerBudgets}
 	} else {
 		final = struct {
@@ -344,11 +415,22 @@ func (s *Server) ollamaShow(w http.ResponseWriter, r *http.Request, m *runtime.M
 		Template:     s.chat.Source(),
 		Details:      s.modelDetails(m),
 		ModelInfo:    info,
-		Capabilities: []model.Capability{model.CapabilityCompletion},
+		Capabilities: s.capabilities(),
 		ModifiedAt:   s.loaded,
 	})
 }
 
 func (s *Server) ollamaVersion(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, map[string]string{"version": Version})
+}
+
+// capabilities are what /api/show reports: completion always, tools when
+// the chat template reads `tools` (clients such as Ollama's check this
+// before sending tools).
+func (s *Server) capabilities() []model.Capability {
+	c := []model.Capability{model.CapabilityCompletion}
+	if s.chat.HasTemplate() && strings.Contains(s.chat.Source(), "tools") {
+		c = append(c, model.CapabilityTools)
+	}
+	return c
 }

@@ -55,6 +55,8 @@ type openaiParams struct {
 		IncludeUsage bool `json:"include_usage"`
 	} `json:"stream_options"`
 	Document string `json:"document"`
+	// response_format (OpenAI; llama-server also takes it on completions).
+	ResponseFormat json.RawMessage `json:"response_format"`
 	pagingJSON
 }
 
@@ -277,24 +279,55 @@ func (s *Server) openaiCompletions(w http.ResponseWriter, r *http.Request, m *ru
 		return
 	}
 	s.openaiRun(w, r, m, &req.openaiParams, "completions", func() (genRequest, error) {
-		return genRequest{prompt: req.Prompt[0], addBOS: req.Document == ""}, nil
+		format, field, err := parseResponseFormat(req.ResponseFormat)
+		if err != nil {
+			return genRequest{}, err
+		}
+		grammar, err := runtime.FormatGrammar(format)
+		if err != nil {
+			return genRequest{}, badRequest("%s: %v", field, err)
+		}
+		return genRequest{prompt: req.Prompt[0], addBOS: req.Document == "", grammar: grammar}, nil
 	})
 }
 
 func (s *Server) openaiChat(w http.ResponseWriter, r *http.Request, m *runtime.Model) {
 	var req struct {
 		openaiParams
-		Messages []message `json:"messages"`
+		Messages   []openaiMessage `json:"messages"`
+		Tools      json.RawMessage `json:"tools"`
+		ToolChoice json.RawMessage `json:"tool_choice"`
 	}
 	if !decodeJSON(w, r, &req) {
 		return
 	}
 	s.openaiRun(w, r, m, &req.openaiParams, "chat", func() (genRequest, error) {
-		prompt, err := s.chat.Render(req.Messages, req.Document == "")
+		tools, err := parseTools(req.Tools)
+		if err != nil {
+			return genRequest{}, err
+		}
+		choice, err := parseToolChoice(req.ToolChoice)
+		if err != nil {
+			return genRequest{}, err
+		}
+		format, field, err := parseResponseFormat(req.ResponseFormat)
+		if err != nil {
+			return genRequest{}, err
+		}
+		offered, grammar, forced, err := chatConstraints(tools, choice, "tool_choice", format, field)
+		if err != nil {
+			return genRequest{}, err
+		}
+		msgs, err := chatMessages(req.Messages)
+		if err != nil {
+			return genRequest{}, err
+		}
+		prompt, err := s.chat.RenderTools(msgs, offered, req.Document == "")
 		if err != nil {
 			return genRequest{}, badRequest("%v", err)
 		}
-		return genRequest{prompt: prompt, addBOS: req.Document == "" && !s.chat.StartsWithBOS(prompt)}, nil
+		return genRequest{prompt: prompt, addBOS: req.Document == "" && !s.chat.StartsWithBOS(prompt),
+			grammar: grammar, tools: offered, forced: forced}, nil
 	})
 }
 
@@ -375,12 +408,29 @@ func (s *Server) openaiRun(w http.ResponseWriter, r *http.Request, m *runtime.Mo
 			return e.send(chunk(t.Text, nil))
 		}
 	}
-	res, err := s.generate(r.Context(), m, g, onStart, onToken)
+	calls := newToolStream(g.tools, g.forced)
+	res, err := s.generate(r.Context(), m, g, onStart, calls.wrap(onToken))
+	if err != nil {
+		return
+	}
+	text, toolCalls, err := calls.finish(res, onToken)
 	if err != nil {
 		return
 	}
 	finish := finishReason(res.StopReason)
+	if len(toolCalls) > 0 {
+		finish = "tool_calls"
+	}
 	if p.Stream {
+		if len(toolCalls) > 0 {
+			// Each call whole in one delta (OpenAI may split arguments
+			// over several; clients concatenate either way).
+			c := chunk("", nil)
+			c["choices"].([]any)[0].(map[string]any)["delta"] = map[string]any{"tool_calls": openaiToolCalls(toolCalls, true)}
+			if err = e.send(c); err != nil {
+				return
+			}
+		}
 		last := chunk("", &finish)
 		if p.StreamOptions != nil && p.StreamOptions.IncludeUsage {
 			last["usage"] = nil
@@ -399,7 +449,14 @@ func (s *Server) openaiRun(w http.ResponseWriter, r *http.Request, m *runtime.Mo
 	}
 	choice := map[string]any{"index": 0, "finish_reason": finish, "logprobs": nil}
 	if chat {
-		choice["message"] = map[string]any{"role": "assistant", "content": res.Text}
+		msg := map[string]any{"role": "assistant", "content": text}
+		if len(toolCalls) > 0 {
+			msg["tool_calls"] = openaiToolCalls(toolCalls, false)
+			if text == "" {
+				msg["content"] = nil // as OpenAI answers a call without text
+			}
+		}
+		choice["message"] = msg
 	} else {
 		choice["text"] = res.Text
 	}

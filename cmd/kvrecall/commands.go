@@ -3,6 +3,7 @@ package main
 import (
 	"bufio"
 	"context"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -63,6 +64,7 @@ type genFlags struct {
 	budget      int
 	system      string
 	stats       bool
+	format      formatFlag
 }
 
 func (g *genFlags) register(fs *flag.FlagSet, withMethod bool) {
@@ -74,6 +76,7 @@ func (g *genFlags) register(fs *flag.FlagSet, withMethod bool) {
 	fs.Var(&g.stop, "stop", "end the answer at this string (repeatable)")
 	fs.StringVar(&g.system, "system", "", "system message before the prompt")
 	fs.BoolVar(&g.stats, "stats", false, "print token counts, pages retrieved and speed to stderr")
+	fs.Var(&g.format, "format", `constrain the answer: "json" for a JSON object, or a JSON Schema (inline, or @FILE)`)
 	if withMethod {
 		fs.StringVar(&g.method, "method", "retro", "paging method: "+strings.Join(kvrecall.Methods(), ", ")+", with +heads for head masks (e.g. retro+heads)")
 		fs.IntVar(&g.budget, "budget", 2048, "tokens each query attends to (sinks and recent window included)")
@@ -82,7 +85,7 @@ func (g *genFlags) register(fs *flag.FlagSet, withMethod bool) {
 
 func (g *genFlags) options(out io.Writer) kvrecall.GenerateOptions {
 	return kvrecall.GenerateOptions{
-		MaxTokens: g.maxTokens, Stop: g.stop, Method: g.method, Budget: g.budget,
+		MaxTokens: g.maxTokens, Stop: g.stop, Method: g.method, Budget: g.budget, Format: g.format.raw,
 		Sampling: kvrecall.Sampling{Temperature: float32(g.temperature), TopK: g.topK, TopP: float32(g.topP), Seed: g.seed},
 		OnToken: func(t kvrecall.Token) error {
 			_, err := io.WriteString(out, t.Text)
@@ -107,6 +110,30 @@ func (g *genFlags) report(std stdio, res *kvrecall.Response) {
 	fmt.Fprintf(std.err, "[%d prompt tokens (%d reused), %d generated, %d pages retrieved; prompt %s, %.1f tokens/s; stop: %s]\n",
 		u.PromptTokens, u.CachedTokens, u.CompletionTokens, u.PagesRetrieved, res.Prefill.Round(time.Millisecond),
 		float64(u.CompletionTokens)/max(res.Decode.Seconds(), 1e-9), res.StopReason)
+}
+
+// formatFlag is --format: "json", an inline JSON Schema or @FILE. The
+// schema itself is checked when the model generates (kvrecall.ErrFormat,
+// naming the bad keyword).
+type formatFlag struct{ raw json.RawMessage }
+
+func (f *formatFlag) String() string { return string(f.raw) }
+func (f *formatFlag) Set(v string) error {
+	switch {
+	case v == "json":
+		f.raw = json.RawMessage(`"json"`)
+	case strings.HasPrefix(v, "@"):
+		b, err := os.ReadFile(v[1:])
+		if err != nil {
+			return err
+		}
+		f.raw = b
+	case strings.HasPrefix(strings.TrimSpace(v), "{"):
+		f.raw = json.RawMessage(v)
+	default:
+		return fmt.Errorf(`want "json", a JSON Schema object or @FILE holding one`)
+	}
+	return nil
 }
 
 type stringList []string

@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"flag"
 	"os"
@@ -81,6 +82,7 @@ func TestUsageErrors(t *testing.T) {
 		{[]string{"run", "--max-tokens", "x"}, `invalid value "x"`},
 		{[]string{"run", "-i", "hello"}, "drop the prompt"},
 		{[]string{"run", "-i", "--raw"}, "--raw continues one prompt"},
+		{[]string{"run", "--format", "yaml", "hello"}, `invalid value "yaml" for flag -format: want "json", a JSON Schema object or @FILE`},
 	}
 	for _, c := range cases {
 		t.Run(c.want, func(t *testing.T) {
@@ -184,4 +186,19 @@ func TestRun(t *testing.T) {
 	require.NoError(t, err)
 	require.Contains(t, errOut, "[5 prompt tokens")
 	require.Regexp(t, `\[(1[6-9]|[2-9]\d) prompt tokens`, errOut, "the second turn's prompt holds the first turn")
+
+	// --format constrains the answer: a schema inline or from a file.
+	schema := `{"type":"object","properties":{"name":{"type":"string","maxLength":12}},"required":["name"],"additionalProperties":false}`
+	file := filepath.Join(t.TempDir(), "schema.json")
+	require.NoError(t, os.WriteFile(file, []byte(schema), 0o644))
+	for _, f := range []string{schema, "@" + file} {
+		out, _, err = kv(t, "", append([]string{"run", "--max-tokens", "100", "--format", f}, append(common, "Once", "upon", "a", "time")...)...)
+		require.NoError(t, err)
+		var v struct{ Name string }
+		require.NoError(t, json.Unmarshal([]byte(out), &v), "%q", out)
+		require.NotEmpty(t, v.Name)
+	}
+	_, _, err = kv(t, "", append([]string{"run", "--format", `{"type":"int"}`}, append(common, "Once")...)...)
+	require.ErrorIs(t, err, kvrecall.ErrFormat)
+	require.ErrorContains(t, err, "unknown type int")
 }

@@ -256,3 +256,84 @@ func (f *ToolFilter) Flush() string {
 	f.pending = ""
 	return out
 }
+
+// ToolChoice applies a tool choice as OpenAI defines them to a request's
+// tools. It returns the tools to offer the model and, when the choice
+// forces a call, the JSON Schema the answer must follow (nil otherwise):
+//   - "" or "auto": the model chooses; all tools are offered.
+//   - "none": no call; no tools are offered.
+//   - "required": a call to one of the tools.
+//   - a tool's name: a call to that tool.
+//
+// A forced call is the bare JSON object {"name": ..., "arguments": {...}}
+// (the tool's parameter schema constrains the arguments), which
+// ParseToolCalls reads as a call whatever the model's own call format.
+func ToolChoice(tools []Tool, choice string) ([]Tool, json.RawMessage, error) {
+	switch choice {
+	case "", "auto":
+		return tools, nil, nil
+	case "none":
+		return nil, nil, nil
+	}
+	if len(tools) == 0 {
+		return nil, nil, fmt.Errorf("tool choice %q needs tools", choice)
+	}
+	forced := tools
+	if choice != "required" {
+		i := slices.IndexFunc(tools, func(t Tool) bool { return t.Name == choice })
+		if i < 0 {
+			names := make([]string, len(tools))
+			for j, t := range tools {
+				names[j] = t.Name
+			}
+			return nil, nil, fmt.Errorf(`tool choice %q is none of "auto", "none", "required" or a tool's name (tools: %s)`, choice, strings.Join(names, ", "))
+		}
+		forced = tools[i : i+1]
+	}
+	// Structs, not maps, keep "name" before "arguments": the grammar
+	// follows the schema's property order, and a model writes the name
+	// more reliably first.
+	type nameSchema struct {
+		Const string `json:"const"`
+	}
+	type props struct {
+		Name      nameSchema      `json:"name"`
+		Arguments json.RawMessage `json:"arguments"`
+	}
+	type call struct {
+		Type                 string   `json:"type"`
+		Properties           props    `json:"properties"`
+		Required             []string `json:"required"`
+		AdditionalProperties bool     `json:"additionalProperties"`
+	}
+	alts := make([]call, len(forced))
+	for i, t := range forced {
+		// A tool that declares no parameters takes none: {} (a free
+		// object would let the model write keys until the token limit).
+		args := json.RawMessage(`{"type":"object","properties":{},"additionalProperties":false}`)
+		if len(t.Parameters) > 0 {
+			if !json.Valid(t.Parameters) {
+				return nil, nil, fmt.Errorf("tool %s: parameters are not JSON", t.Name)
+			}
+			args = t.Parameters
+		}
+		alts[i] = call{Type: "object", Properties: props{Name: nameSchema{t.Name}, Arguments: args},
+			Required: []string{"name", "arguments"}}
+	}
+	var schema any = alts[0]
+	if len(alts) > 1 {
+		schema = map[string]any{"anyOf": alts}
+	}
+	b, err := json.Marshal(schema)
+	return tools, b, err
+}
+
+// CheckForced is the check of an answer generated under a forced tool
+// choice: the grammar allows only a call, so an answer without one was cut
+// off by the token limit (or a stop string) before the call was complete.
+func CheckForced(text string, calls []ToolCall, stop string) error {
+	if len(calls) > 0 {
+		return nil
+	}
+	return fmt.Errorf("%w: the forced tool call was cut off (%s) before it was complete: %q; raise the token limit", ErrToolCall, stop, clip(text))
+}

@@ -131,3 +131,40 @@ func TestToolFilter(t *testing.T) {
 	f := NewToolFilter(nil)
 	require.Equal(t, "<tool_call>", f.Add("<tool_call>"), "without tools text passes through")
 }
+
+func TestToolChoice(t *testing.T) {
+	tools := []Tool{{Name: "a", Parameters: json.RawMessage(`{"type":"object","properties":{"x":{"type":"integer"}}}`)}, {Name: "b"}}
+	for _, tc := range []struct {
+		choice  string
+		offered int
+		schema  string // "" for none
+		err     string
+	}{
+		{choice: "", offered: 2},
+		{choice: "auto", offered: 2},
+		{choice: "none", offered: 0},
+		{choice: "a", offered: 2, schema: `{"type":"object","properties":{"name":{"const":"a"},"arguments":{"type":"object","properties":{"x":{"type":"integer"}}}},"required":["name","arguments"],"additionalProperties":false}`},
+		{choice: "required", offered: 2, schema: `{"anyOf":[` +
+			`{"type":"object","properties":{"name":{"const":"a"},"arguments":{"type":"object","properties":{"x":{"type":"integer"}}}},"required":["name","arguments"],"additionalProperties":false},` +
+			`{"type":"object","properties":{"name":{"const":"b"},"arguments":{"type":"object","properties":{},"additionalProperties":false}},"required":["name","arguments"],"additionalProperties":false}]}`},
+		{choice: "c", err: `tool choice "c" is none of "auto", "none", "required" or a tool's name (tools: a, b)`},
+	} {
+		t.Run(tc.choice, func(t *testing.T) {
+			offered, schema, err := ToolChoice(tools, tc.choice)
+			if tc.err != "" {
+				require.EqualError(t, err, tc.err)
+				return
+			}
+			require.NoError(t, err)
+			require.Len(t, offered, tc.offered)
+			if tc.schema == "" {
+				require.Nil(t, schema)
+				return
+			}
+			// Byte equality, not JSONEq: "name" must come before "arguments".
+			require.Equal(t, tc.schema, string(schema))
+		})
+	}
+	_, _, err := ToolChoice(nil, "required")
+	require.ErrorContains(t, err, "needs tools")
+}
