@@ -42,9 +42,14 @@ import (
 // cell holds its token's f16 keys and values (uploaded, or written by
 // Put), the same bytes as the host page.
 type tokenCells struct {
-	pos   []int32         // cell -> position, -1 when free
-	at    map[int32]int32 // position -> cell
-	stamp []uint64        // last pass that used the cell (LRU); the current pass's stamp pins it
+	pos []int32 // cell -> position, -1 when free
+	// at maps position -> cell, -1 (or past its end) when not resident: a
+	// slice indexed by position, grown as positions come (4 bytes per
+	// token of the sequence; a map's lookups were 7% of a squeezed decode
+	// step at 16k). mapped counts the positions it maps.
+	at     []int32
+	mapped int
+	stamp  []uint64 // last pass that used the cell (LRU); the current pass's stamp pins it
 }
 
 // tokenUpload is a planned copy of position pos's keys and values from
@@ -52,7 +57,7 @@ type tokenCells struct {
 type tokenUpload struct{ cell, pos int32 }
 
 func newTokenCells(cells int) *tokenCells {
-	t := &tokenCells{pos: make([]int32, cells), at: map[int32]int32{}, stamp: make([]uint64, cells)}
+	t := &tokenCells{pos: make([]int32, cells), stamp: make([]uint64, cells)}
 	for i := range t.pos {
 		t.pos[i] = -1
 	}
@@ -61,8 +66,8 @@ func newTokenCells(cells int) *tokenCells {
 
 // cellOf returns the cell holding pos, or -1.
 func (t *tokenCells) cellOf(pos int32) int32 {
-	if c, ok := t.at[pos]; ok {
-		return c
+	if int(pos) < len(t.at) {
+		return t.at[pos]
 	}
 	return -1
 }
@@ -70,16 +75,22 @@ func (t *tokenCells) cellOf(pos int32) int32 {
 // set puts pos into cell (evicting what it held) and stamps it.
 func (t *tokenCells) set(cell, pos int32, stamp uint64) {
 	if old := t.pos[cell]; old >= 0 {
-		delete(t.at, old)
+		t.at[old] = -1
+		t.mapped--
 	}
 	t.pos[cell], t.stamp[cell] = pos, stamp
+	for int(pos) >= len(t.at) {
+		t.at = append(t.at, -1)
+	}
 	t.at[pos] = cell
+	t.mapped++
 }
 
 // free empties cell.
 func (t *tokenCells) free(cell int32) {
 	if old := t.pos[cell]; old >= 0 {
-		delete(t.at, old)
+		t.at[old] = -1
+		t.mapped--
 	}
 	t.pos[cell], t.stamp[cell] = -1, 0
 }
@@ -121,6 +132,35 @@ func (t *tokenCells) victims(need int, stamp uint64) (out []int32, ok bool) {
 			}
 		}
 	}
+	// The evictable cells as keys stamp<<32 | cell, so that plain integer
+	// order is (oldest, then lowest cell); only the k smallest are needed:
+	// a quickselect, then a sort of those k. (A sort of every evictable
+	// cell by a comparison closure was a tenth of a squeezed decode step
+	// at 16k: the pool has Budget cells and a step replaces most of them.)
+	if stamp >= 1<<32 {
+		return t.victimsSorted(need, stamp, out)
+	}
+	var old []uint64
+	for c, p := range t.pos {
+		if p >= 0 && t.stamp[c] != stamp {
+			old = append(old, t.stamp[c]<<32|uint64(c))
+		}
+	}
+	k := need - len(out)
+	if len(old) < k {
+		return nil, false
+	}
+	smallest(old, k)
+	old = old[:k]
+	slices.Sort(old)
+	for _, key := range old {
+		out = append(out, int32(uint32(key)))
+	}
+	return out, true
+}
+
+// victimsSorted is victims past 2³² passes (stamps too wide to pack).
+func (t *tokenCells) victimsSorted(need int, stamp uint64, out []int32) ([]int32, bool) {
 	var old []int32
 	for c, p := range t.pos {
 		if p >= 0 && t.stamp[c] != stamp {
@@ -134,6 +174,47 @@ func (t *tokenCells) victims(need int, stamp uint64) (out []int32, ok bool) {
 		return cmp.Or(cmp.Compare(t.stamp[a], t.stamp[b]), cmp.Compare(a, b))
 	})
 	return append(out, old[:need-len(out)]...), true
+}
+
+// smallest reorders keys so that its k smallest come first, in any order
+// (quickselect, median-of-three pivots; keys are distinct).
+func smallest(keys []uint64, k int) {
+	lo, hi := 0, len(keys)-1
+	for lo < hi && k > lo && k <= hi {
+		mid := lo + (hi-lo)/2
+		if keys[mid] < keys[lo] {
+			keys[mid], keys[lo] = keys[lo], keys[mid]
+		}
+		if keys[hi] < keys[lo] {
+			keys[hi], keys[lo] = keys[lo], keys[hi]
+		}
+		if keys[hi] < keys[mid] {
+			keys[hi], keys[mid] = keys[mid], keys[hi]
+		}
+		pivot := keys[mid]
+		i, j := lo, hi
+		for i <= j {
+			for keys[i] < pivot {
+				i++
+			}
+			for keys[j] > pivot {
+				j--
+			}
+			if i <= j {
+				keys[i], keys[j] = keys[j], keys[i]
+				i++
+				j--
+			}
+		}
+		// keys[lo..j] ≤ pivot ≤ keys[i..hi], and j < i.
+		if k <= j {
+			hi = j
+		} else if k >= i {
+			lo = i
+		} else {
+			return
+		}
+	}
 }
 
 // placeBatchTokens gives the batch's positions cells of g's token pool
@@ -272,6 +353,7 @@ func (c *Paged) emitTokenUploads(ctx ml.Context, l int, g *group) {
 	pl := g.pool
 	r, P, m := pl.row, c.L.PageSize, len(ups)
 	sr, hd := c.L.Row(), c.L.HeadDim
+	c.touchTokens(l, g, ups)
 	kbuf := make([]uint16, 0, m*r)
 	for _, u := range ups {
 		K := c.store.pages[l][int(u.pos)/P].K
@@ -284,22 +366,15 @@ func (c *Paged) emitTokenUploads(ctx ml.Context, l int, g *group) {
 			kbuf = append(kbuf, K[t*sr+h*hd:t*sr+(h+1)*hd]...)
 		}
 	}
-	// values appends channel ch of ups' tokens to vbuf.
-	vbuf := make([]uint16, 0, m*r)
-	values := func(ups []tokenUpload, ch int) {
-		sc := c.channel(g, ch)
-		for _, u := range ups {
-			vbuf = append(vbuf, c.store.pages[l][int(u.pos)/P].V[sc*P+int(u.pos)%P])
-		}
-	}
 	runs := tokenRuns(ups)
-	if used := c.graphRuns[ctx]; len(runs) <= MaxUploadRuns-used {
-		c.graphRuns[ctx] = used + len(runs)
-		for _, run := range runs {
-			for ch := 0; ch < r; ch++ {
-				values(ups[run[0]:run[1]], ch)
-			}
-		}
+	scatter := len(runs) > MaxUploadRuns-c.graphRuns[ctx]
+	if scatter {
+		runs = [][2]int{{0, m}} // set_rows: the values channel-major over every token
+	}
+	vbuf := make([]uint16, m*r)
+	c.gatherTokenValues(vbuf, l, g, ups, runs)
+	if !scatter {
+		c.graphRuns[ctx] += len(runs)
 		kIn := ctx.Input().FromBytes(ml.DTypeF16, u16bytes(kbuf), r*m)
 		vIn := ctx.Input().FromBytes(ml.DTypeF16, u16bytes(vbuf), r*m)
 		for _, run := range runs {
@@ -310,9 +385,6 @@ func (c *Paged) emitTokenUploads(ctx ml.Context, l int, g *group) {
 			ctx.Forward(v.Copy(ctx, pl.v.View(ctx, first*2, rows, pl.v.Stride(1), r)))
 		}
 	} else {
-		for ch := 0; ch < r; ch++ {
-			values(ups, ch)
-		}
 		idx := make([]int32, m)
 		for i, u := range ups {
 			idx[i] = u.cell
@@ -325,6 +397,62 @@ func (c *Paged) emitTokenUploads(ctx ml.Context, l int, g *group) {
 	}
 	c.tokenUploads.Add(int64(m))
 	c.uploadBytes.Add(int64(m) * int64(r) * 2 * 2)
+}
+
+// touchTokens reads one value of each upload's key row and value row
+// before the gathers copy them. The tokens are scattered over the
+// document's pages, so nearly every row is a cache miss; in the copy
+// loops (tens of instructions per token) the CPU waits for them one
+// token at a time, while this loop has a few instructions per token and
+// independent loads, so many misses are in flight at once (a software
+// prefetch). In a squeezed decode step's profile at 16k, 85% of the value
+// gather's time was the first load of each token's row.
+func (c *Paged) touchTokens(l int, g *group, ups []tokenUpload) {
+	P, sr, off := c.L.PageSize, c.L.Row(), g.heads[0]*c.L.HeadDim
+	var sum uint16
+	for _, u := range ups {
+		pg := c.store.pages[l][int(u.pos)/P]
+		t := int(u.pos) % P
+		sum += pg.K[t*sr+off] + pg.tokenValues(c.L)[t*sr+off]
+	}
+	c.touched += sum // kept, so that the loads are not dead code
+}
+
+// gatherTokenValues fills vbuf with the values of ups (sorted by cell) as
+// the uploads lay them out: run after run, each run's tokens channel-major
+// (channel ch of the run's i-th token at run.from·r + ch·len(run) + i).
+//
+// A host page stores its values channel-major ([channels][P]), so one
+// token's headDim values lie on headDim cache lines, and a selection of
+// clustered tokens (scattered over the document, ~1–5 per page) reads
+// nearly every line of V for a few of them: the gather cost grew with the
+// document (it was 1/3 of a squeezed decode step at 16k in the profile).
+// So values are read from the page's token-major copy (Page.tokenValues,
+// made once per page and shared by the document's sessions): one token's
+// values for a KV head are headDim consecutive f16.
+func (c *Paged) gatherTokenValues(vbuf []uint16, l int, g *group, ups []tokenUpload, runs [][2]int) {
+	r, P, sr, hd := g.pool.row, c.L.PageSize, c.L.Row(), c.L.HeadDim
+	for _, run := range runs {
+		n := run[1] - run[0]
+		for i := run[0]; i < run[1]; i++ {
+			pos := int(ups[i].pos)
+			row := c.store.pages[l][pos/P].tokenValues(c.L)[(pos%P)*sr:][:sr]
+			dst := vbuf[run[0]*r+i-run[0]:]
+			if g.all {
+				for ch, x := range row {
+					dst[ch*n] = x
+				}
+				continue
+			}
+			ch := 0
+			for _, h := range g.heads {
+				for _, x := range row[h*hd : (h+1)*hd] {
+					dst[ch*n] = x
+					ch++
+				}
+			}
+		}
+	}
 }
 
 // checkTokenPool reports broken invariants of g's token pool (see
@@ -345,15 +473,21 @@ func (c *Paged) checkTokenPool(at string, g *group) []error {
 			continue
 		}
 		mapped++
-		if got, ok := tc.at[p]; !ok || int(got) != cl {
+		if got := tc.cellOf(p); int(got) != cl {
 			errs = append(errs, fmt.Errorf("%s: cell %d holds position %d, which maps to cell %d", at, cl, p, tc.cellOf(p)))
 		}
 		if int(p) >= limit {
 			errs = append(errs, fmt.Errorf("%s: cell %d holds position %d, past the %d tokens of the sequence", at, cl, p, limit))
 		}
 	}
-	if mapped != len(tc.at) {
-		errs = append(errs, fmt.Errorf("%s: %d occupied cells, %d mapped positions", at, mapped, len(tc.at)))
+	inverse := 0
+	for _, cl := range tc.at {
+		if cl >= 0 {
+			inverse++
+		}
+	}
+	if mapped != inverse || mapped != tc.mapped {
+		errs = append(errs, fmt.Errorf("%s: %d occupied cells, %d mapped positions (%d counted)", at, mapped, inverse, tc.mapped))
 	}
 	if g.sel != nil && g.tok == nil {
 		errs = append(errs, fmt.Errorf("%s: a token-granular group has a selection without tokens", at))

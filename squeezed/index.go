@@ -325,25 +325,48 @@ func (h *Head) FlatTop(q []float32, budget int, sc *Scratch, out []int32) []int3
 	return h.fill(sc.fine, sc.cand, budget, out)
 }
 
-// fill sorts cand by score (best first, ties by cluster) and appends them
-// to out until their tokens reach budget.
+// fill appends cand to out by score (best first, ties by lower cluster)
+// until their tokens reach budget. cand is reordered.
+//
+// It pops a binary max-heap rather than sorting: a budget takes the best
+// ~budget/20 of K candidates (≈100 of 3276 at 64k), so heapifying (O(K))
+// and popping those (O(m log K)) replaces an O(K log K) sort that was a
+// sixth of a squeezed decode step at 16k (4 query heads × 2 KV heads ×
+// 4 layers of lookups per token). The order is the sort's: the same
+// comparison, a total order on distinct ids.
 func (h *Head) fill(score []float32, cand []int32, budget int, out []int32) []int32 {
-	slices.SortFunc(cand, func(a, b int32) int {
-		switch {
-		case score[a] > score[b]:
-			return -1
-		case score[a] < score[b]:
-			return 1
+	better := func(a, b int32) bool {
+		sa, sb := score[a], score[b]
+		return sa > sb || sa == sb && a < b
+	}
+	down := func(i, n int) {
+		for {
+			l := 2*i + 1
+			if l >= n {
+				return
+			}
+			if r := l + 1; r < n && better(cand[r], cand[l]) {
+				l = r
+			}
+			if !better(cand[l], cand[i]) {
+				return
+			}
+			cand[i], cand[l] = cand[l], cand[i]
+			i = l
 		}
-		return int(a - b)
-	})
+	}
+	n := len(cand)
+	for i := n/2 - 1; i >= 0; i-- {
+		down(i, n)
+	}
 	tok := 0
-	for _, j := range cand {
-		if tok >= budget {
-			break
-		}
+	for n > 0 && tok < budget {
+		j := cand[0]
 		out = append(out, j)
 		tok += int(h.Sizes[j])
+		n--
+		cand[0], cand[n] = cand[n], cand[0]
+		down(0, n)
 	}
 	return out
 }
