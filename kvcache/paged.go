@@ -59,13 +59,14 @@ type Stats struct {
 // every head is laid out exactly like before groups existed, so a dense
 // selection stays bit-exact with a dense cache.
 type Paged struct {
-	touched uint16 // touchTokens' loads
-	opt     Options
-	L       Layout
-	b       ml.Backend
-	store   *Store
-	layers  []layerState
-	closed  bool
+	touched        uint16   // touchTokens' loads
+	stageK, stageV []uint16 // emitTokenUploads' staging, reused
+	opt            Options
+	L              Layout
+	b              ml.Backend
+	store          *Store
+	layers         []layerState
+	closed         bool
 
 	// The current forward pass.
 	pos0, n   int

@@ -354,7 +354,10 @@ func (c *Paged) emitTokenUploads(ctx ml.Context, l int, g *group) {
 	r, P, m := pl.row, c.L.PageSize, len(ups)
 	sr, hd := c.L.Row(), c.L.HeadDim
 	c.touchTokens(l, g, ups)
-	kbuf := make([]uint16, 0, m*r)
+	// Staging buffers are reused: FromBytes copies them into the graph's
+	// input tensors at once (fresh ones per group and step were page
+	// faults and GC work in the profile).
+	kbuf := c.stageK[:0]
 	for _, u := range ups {
 		K := c.store.pages[l][int(u.pos)/P].K
 		t := int(u.pos) % P
@@ -371,8 +374,12 @@ func (c *Paged) emitTokenUploads(ctx ml.Context, l int, g *group) {
 	if scatter {
 		runs = [][2]int{{0, m}} // set_rows: the values channel-major over every token
 	}
-	vbuf := make([]uint16, m*r)
+	if cap(c.stageV) < m*r {
+		c.stageV = make([]uint16, m*r)
+	}
+	vbuf := c.stageV[:m*r]
 	c.gatherTokenValues(vbuf, l, g, ups, runs)
+	c.stageK = kbuf
 	if !scatter {
 		c.graphRuns[ctx] += len(runs)
 		kIn := ctx.Input().FromBytes(ml.DTypeF16, u16bytes(kbuf), r*m)
