@@ -321,7 +321,7 @@ func (c *Paged) poolFor(layer int, g *group) *pool {
 		if g.pool != nil {
 			g.pool.close()
 		}
-		g.pool = newPool(c.b, c.L, layer, len(g.heads), want)
+		g.pool = newPool(c.b, c.L, layer, len(g.heads), want, g.Tokens)
 		if g.Tokens {
 			g.pool.tok = newTokenCells(want * c.L.PageSize)
 		}
@@ -636,6 +636,10 @@ func (c *Paged) Put(ctx ml.Context, key, value ml.Tensor) {
 		}
 		cells := ctx.Input().FromInts(g.cells, n)
 		ctx.Forward(pl.k.Reshape(ctx, pl.row, pl.slots*P).SetRows(ctx, gk, cells))
+		if pl.tok != nil { // a token pool's values are token-major, like its keys
+			ctx.Forward(pl.v.Reshape(ctx, pl.row, pl.slots*P).SetRows(ctx, gv, cells))
+			continue
+		}
 		vp := gv.Reshape(ctx, pl.row, 1, n).Permute(ctx, 2, 0, 1, 3) // [1, batch, row]
 		ctx.Forward(pl.v.Reshape(ctx, 1, pl.slots*P, pl.row).SetRows(ctx, vp, cells))
 	}

@@ -286,7 +286,10 @@ func (c *Paged) tokenKV(ctx ml.Context, l int, g *group) (ml.Tensor, ml.Tensor, 
 	cells := pl.tok.used(c.L.PageSize)
 	heads := len(g.heads)
 	k := pl.k.View(ctx, 0, c.L.HeadDim, pl.k.Stride(1), heads, pl.k.Stride(2), cells)
-	v := pl.v.View(ctx, 0, cells, pl.v.Stride(1), c.L.HeadDim, pl.v.Stride(2), heads)
+	// The pool's values are token-major ([headDim, heads, cells], like
+	// the keys), so that a token's upload is one row, as for K; attention
+	// wants them permuted: one copy of the used cells per pass.
+	v := pl.v.View(ctx, 0, c.L.HeadDim, pl.v.Stride(1), heads, pl.v.Stride(2), cells).Permute(ctx, 1, 2, 0, 3).Contiguous(ctx)
 	mask := buildTokenMask(pl.tok, cells, g.tok, g.cells, c.pos0)
 	return k, v, ctx.Input().FromFloats(mask, cells, c.n)
 }
@@ -356,40 +359,31 @@ func (c *Paged) emitTokenUploads(ctx ml.Context, l int, g *group) {
 	c.touchTokens(l, g, ups)
 	// Staging buffers are reused: FromBytes copies them into the graph's
 	// input tensors at once (fresh ones per group and step were page
-	// faults and GC work in the profile).
-	kbuf := c.stageK[:0]
+	// faults and GC work in the profile). Keys and values alike are
+	// token-major rows of r (the group's heads), in cell order.
+	kbuf, vbuf := c.stageK[:0], c.stageV[:0]
 	for _, u := range ups {
-		K := c.store.pages[l][int(u.pos)/P].K
+		pg := c.store.pages[l][int(u.pos)/P]
 		t := int(u.pos) % P
+		K, V := pg.K[t*sr:(t+1)*sr], pg.tokenValues(c.L)[t*sr:(t+1)*sr]
 		if g.all {
-			kbuf = append(kbuf, K[t*sr:(t+1)*sr]...)
+			kbuf, vbuf = append(kbuf, K...), append(vbuf, V...)
 			continue
 		}
 		for _, h := range g.heads {
-			kbuf = append(kbuf, K[t*sr+h*hd:t*sr+(h+1)*hd]...)
+			kbuf, vbuf = append(kbuf, K[h*hd:(h+1)*hd]...), append(vbuf, V[h*hd:(h+1)*hd]...)
 		}
 	}
+	c.stageK, c.stageV = kbuf, vbuf
 	runs := tokenRuns(ups)
-	scatter := len(runs) > MaxUploadRuns-c.graphRuns[ctx]
-	if scatter {
-		runs = [][2]int{{0, m}} // set_rows: the values channel-major over every token
-	}
-	if cap(c.stageV) < m*r {
-		c.stageV = make([]uint16, m*r)
-	}
-	vbuf := c.stageV[:m*r]
-	c.gatherTokenValues(vbuf, l, g, ups, runs)
-	c.stageK = kbuf
-	if !scatter {
-		c.graphRuns[ctx] += len(runs)
+	if used := c.graphRuns[ctx]; len(runs) <= MaxUploadRuns-used {
+		c.graphRuns[ctx] = used + len(runs)
 		kIn := ctx.Input().FromBytes(ml.DTypeF16, u16bytes(kbuf), r*m)
 		vIn := ctx.Input().FromBytes(ml.DTypeF16, u16bytes(vbuf), r*m)
 		for _, run := range runs {
 			off, rows, first := run[0], run[1]-run[0], int(ups[run[0]].cell)
-			k := kIn.View(ctx, off*r*2, r*rows)
-			ctx.Forward(k.Copy(ctx, pl.k.View(ctx, first*r*2, r*rows)))
-			v := vIn.View(ctx, off*r*2, rows, rows*2, r) // [rows, channels]
-			ctx.Forward(v.Copy(ctx, pl.v.View(ctx, first*2, rows, pl.v.Stride(1), r)))
+			ctx.Forward(kIn.View(ctx, off*r*2, r*rows).Copy(ctx, pl.k.View(ctx, first*r*2, r*rows)))
+			ctx.Forward(vIn.View(ctx, off*r*2, r*rows).Copy(ctx, pl.v.View(ctx, first*r*2, r*rows)))
 		}
 	} else {
 		idx := make([]int32, m)
@@ -398,9 +392,9 @@ func (c *Paged) emitTokenUploads(ctx ml.Context, l int, g *group) {
 		}
 		cells := ctx.Input().FromInts(idx, m)
 		k := ctx.Input().FromBytes(ml.DTypeF16, u16bytes(kbuf), r, m).Cast(ctx, ml.DTypeF32)
-		v := ctx.Input().FromBytes(ml.DTypeF16, u16bytes(vbuf), 1, m, r).Cast(ctx, ml.DTypeF32)
+		v := ctx.Input().FromBytes(ml.DTypeF16, u16bytes(vbuf), r, m).Cast(ctx, ml.DTypeF32)
 		ctx.Forward(pl.k.Reshape(ctx, r, pl.slots*P).SetRows(ctx, k, cells))
-		ctx.Forward(pl.v.Reshape(ctx, 1, pl.slots*P, r).SetRows(ctx, v, cells))
+		ctx.Forward(pl.v.Reshape(ctx, r, pl.slots*P).SetRows(ctx, v, cells))
 	}
 	c.tokenUploads.Add(int64(m))
 	c.uploadBytes.Add(int64(m) * int64(r) * 2 * 2)
@@ -423,43 +417,6 @@ func (c *Paged) touchTokens(l int, g *group, ups []tokenUpload) {
 		sum += pg.K[t*sr+off] + pg.tokenValues(c.L)[t*sr+off]
 	}
 	c.touched += sum // kept, so that the loads are not dead code
-}
-
-// gatherTokenValues fills vbuf with the values of ups (sorted by cell) as
-// the uploads lay them out: run after run, each run's tokens channel-major
-// (channel ch of the run's i-th token at run.from·r + ch·len(run) + i).
-//
-// A host page stores its values channel-major ([channels][P]), so one
-// token's headDim values lie on headDim cache lines, and a selection of
-// clustered tokens (scattered over the document, ~1–5 per page) reads
-// nearly every line of V for a few of them: the gather cost grew with the
-// document (it was 1/3 of a squeezed decode step at 16k in the profile).
-// So values are read from the page's token-major copy (Page.tokenValues,
-// made once per page and shared by the document's sessions): one token's
-// values for a KV head are headDim consecutive f16.
-func (c *Paged) gatherTokenValues(vbuf []uint16, l int, g *group, ups []tokenUpload, runs [][2]int) {
-	r, P, sr, hd := g.pool.row, c.L.PageSize, c.L.Row(), c.L.HeadDim
-	for _, run := range runs {
-		n := run[1] - run[0]
-		for i := run[0]; i < run[1]; i++ {
-			pos := int(ups[i].pos)
-			row := c.store.pages[l][pos/P].tokenValues(c.L)[(pos%P)*sr:][:sr]
-			dst := vbuf[run[0]*r+i-run[0]:]
-			if g.all {
-				for ch, x := range row {
-					dst[ch*n] = x
-				}
-				continue
-			}
-			ch := 0
-			for _, h := range g.heads {
-				for _, x := range row[h*hd : (h+1)*hd] {
-					dst[ch*n] = x
-					ch++
-				}
-			}
-		}
-	}
 }
 
 // checkTokenPool reports broken invariants of g's token pool (see
