@@ -13,15 +13,17 @@ import (
 //
 // A page pool's slot holds one page, so a selection of scattered tokens (a
 // cluster's keys lie on many pages) makes whole pages resident, and a pool
-// of Budget/P pages holds few clusters. A token pool uses the same tensors
-// (k [headDim, heads, slots·P], v [slots·P, headDim, heads]) but treats its
-// slots·P cells one by one: a cell holds the keys and values of one
+// of Budget/P pages holds few clusters. A token pool has slots·P cells
+// (k and v both token-major, [headDim, heads, slots·P]: a token's upload
+// is one row of each; attention reads v permuted, one copy per pass) and
+// treats them one by one: a cell holds the keys and values of one
 // position, any position (keys are roped before they are cached, so where
 // a key sits does not matter, only the mask must agree). Each pass:
 //
 //   - the batch's tokens get cells (Put writes them, as for pages);
 //   - the selected tokens already in a cell are stamped (used this pass);
-//   - the others are copied from the host pages into a staging buffer and
+//   - the others are copied from the host pages (values from each page's
+//     token-major copy, Page.tokenValues) into a staging buffer and
 //     uploaded into free cells, else into the least recently used cells
 //     not used in this pass, in position order. Consecutive cells form a
 //     run, one f16 copy per K and V (like page runs); past MaxUploadRuns
