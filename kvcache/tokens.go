@@ -52,6 +52,12 @@ type tokenCells struct {
 	at     []int32
 	mapped int
 	stamp  []uint64 // last pass that used the cell (LRU); the current pass's stamp pins it
+
+	// Buffers reused from pass to pass (growing them anew every pass was
+	// a fifth of a squeezed decode step at 32k, with its page faults):
+	// victims' result and keys, placeTokens' missing tokens.
+	vout, missing []int32
+	vkeys         []uint64
 }
 
 // tokenUpload is a planned copy of position pos's keys and values from
@@ -126,6 +132,8 @@ func (t *tokenCells) victims(need int, stamp uint64) (out []int32, ok bool) {
 	if need == 0 {
 		return nil, true
 	}
+	out = t.vout[:0]
+	defer func() { t.vout = out[:0] }()
 	for c, p := range t.pos {
 		if p < 0 {
 			out = append(out, int32(c))
@@ -142,7 +150,8 @@ func (t *tokenCells) victims(need int, stamp uint64) (out []int32, ok bool) {
 	if stamp >= 1<<32 {
 		return t.victimsSorted(need, stamp, out)
 	}
-	var old []uint64
+	old := t.vkeys[:0]
+	defer func() { t.vkeys = old[:0] }()
 	for c, p := range t.pos {
 		if p >= 0 && t.stamp[c] != stamp {
 			old = append(old, t.stamp[c]<<32|uint64(c))
@@ -253,7 +262,7 @@ func (c *Paged) placeBatchTokens(layer int, g *group) error {
 // have cells.
 func (c *Paged) placeTokens(layer int, g *group) error {
 	tc := g.pool.tok
-	var missing []int32
+	missing := tc.missing[:0]
 	for _, t := range g.tok {
 		if int(t) >= c.pos0 {
 			break // the batch's (sorted list): placed with the batch
@@ -272,6 +281,7 @@ func (c *Paged) placeTokens(layer int, g *group) error {
 		tc.set(vs[i], t, c.stamp)
 		g.tups = append(g.tups, tokenUpload{cell: vs[i], pos: t})
 	}
+	tc.missing = missing[:0]
 	return nil
 }
 
@@ -353,7 +363,7 @@ func (c *Paged) emitTokenUploads(ctx ml.Context, l int, g *group) {
 	if len(ups) == 0 {
 		return
 	}
-	g.tups = nil
+	g.tups = ups[:0] // done; the capacity is kept for the next pass
 	slices.SortFunc(ups, func(a, b tokenUpload) int { return cmp.Compare(a.cell, b.cell) })
 	pl := g.pool
 	r, P, m := pl.row, c.L.PageSize, len(ups)
