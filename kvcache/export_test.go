@@ -4,7 +4,7 @@ package kvcache
 // in order, full before pos0 and filled to pos0+n after it, all selected.
 func OrderedHostMask(pos0, cells, n, P int) []float32 {
 	used := cells / P
-	pl := newPool(nil, Layout{Layers: 1, KVHeads: 1, HeadDim: 1, PageSize: P}, 0, 1, used)
+	pl := newPool(nil, Layout{Layers: 1, KVHeads: 1, HeadDim: 1, PageSize: P}, 0, 1, used, false)
 	var sel []int
 	for s := 0; s < used; s++ {
 		pl.page[s], pl.where[s] = s, s

@@ -59,12 +59,14 @@ type Stats struct {
 // every head is laid out exactly like before groups existed, so a dense
 // selection stays bit-exact with a dense cache.
 type Paged struct {
-	opt    Options
-	L      Layout
-	b      ml.Backend
-	store  *Store
-	layers []layerState
-	closed bool
+	touched        uint16   // touchTokens' loads
+	stageK, stageV []uint16 // emitTokenUploads' staging, reused
+	opt            Options
+	L              Layout
+	b              ml.Backend
+	store          *Store
+	layers         []layerState
+	closed         bool
 
 	// The current forward pass.
 	pos0, n   int
@@ -319,7 +321,7 @@ func (c *Paged) poolFor(layer int, g *group) *pool {
 		if g.pool != nil {
 			g.pool.close()
 		}
-		g.pool = newPool(c.b, c.L, layer, len(g.heads), want)
+		g.pool = newPool(c.b, c.L, layer, len(g.heads), want, g.Tokens)
 		if g.Tokens {
 			g.pool.tok = newTokenCells(want * c.L.PageSize)
 		}
@@ -634,6 +636,10 @@ func (c *Paged) Put(ctx ml.Context, key, value ml.Tensor) {
 		}
 		cells := ctx.Input().FromInts(g.cells, n)
 		ctx.Forward(pl.k.Reshape(ctx, pl.row, pl.slots*P).SetRows(ctx, gk, cells))
+		if pl.tok != nil { // a token pool's values are token-major, like its keys
+			ctx.Forward(pl.v.Reshape(ctx, pl.row, pl.slots*P).SetRows(ctx, gv, cells))
+			continue
+		}
 		vp := gv.Reshape(ctx, pl.row, 1, n).Permute(ctx, 2, 0, 1, 3) // [1, batch, row]
 		ctx.Forward(pl.v.Reshape(ctx, 1, pl.slots*P, pl.row).SetRows(ctx, vp, cells))
 	}

@@ -182,7 +182,7 @@ func tryStep(c *Paged, r *rand.Rand) error {
 }
 
 func TestLRUVictim(t *testing.T) {
-	p := newPool(nil, testLayout, 0, 2, 3)
+	p := newPool(nil, testLayout, 0, 2, 3, false)
 	none := func(int) bool { return false }
 	for i, page := range []int{0, 1, 2} {
 		s, err := p.place(page, none, uint64(i+1))
@@ -207,7 +207,7 @@ func TestLRUVictim(t *testing.T) {
 
 func TestBuildMask(t *testing.T) {
 	const P = 4
-	p := newPool(nil, Layout{Layers: 1, KVHeads: 1, HeadDim: 2, PageSize: P}, 0, 1, 4)
+	p := newPool(nil, Layout{Layers: 1, KVHeads: 1, HeadDim: 2, PageSize: P}, 0, 1, 4, false)
 	// Slots: 0 <- page 2 (full), 1 <- page 0 (full), 2 <- page 3 (the batch's page), 3 free.
 	for _, x := range []struct{ page, slot, fill int }{{2, 0, 4}, {0, 1, 4}, {3, 2, 2}} {
 		p.page[x.slot], p.fill[x.slot], p.where[x.page] = x.page, x.fill, x.slot

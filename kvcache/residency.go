@@ -32,7 +32,10 @@ type pool struct {
 	tok *tokenCells
 }
 
-func newPool(b ml.Backend, l Layout, layer, heads, slots int) *pool {
+// newPool allocates a pool: k [headDim, heads, cells]; v permuted, [cells,
+// headDim, heads], or with tokenV (token pools, tokens.go) token-major
+// like k.
+func newPool(b ml.Backend, l Layout, layer, heads, slots int, tokenV bool) *pool {
 	cells := slots * l.PageSize
 	p := &pool{slots: slots, row: heads * l.HeadDim,
 		page: make([]int, slots), fill: make([]int, slots), stamp: make([]uint64, slots),
@@ -41,7 +44,11 @@ func newPool(b ml.Backend, l Layout, layer, heads, slots int) *pool {
 	if b != nil {
 		p.ctx = b.NewContextSize(2).Layer(layer)
 		p.k = p.ctx.Zeros(ml.DTypeF16, l.HeadDim, heads, cells)
-		p.v = p.ctx.Zeros(ml.DTypeF16, cells, l.HeadDim, heads)
+		if tokenV {
+			p.v = p.ctx.Zeros(ml.DTypeF16, l.HeadDim, heads, cells)
+		} else {
+			p.v = p.ctx.Zeros(ml.DTypeF16, cells, l.HeadDim, heads)
+		}
 	}
 	for i := range p.page {
 		p.page[i] = -1

@@ -75,6 +75,14 @@ type Page struct {
 	NReps   int
 
 	gen uint64 // changes whenever the summary does (see layerView.PackedBoxes)
+
+	// vt is a token-major copy of V ([PageSize][KVHeads*HeadDim]), made on
+	// the first tokenValues call and dropped when the page is written: a
+	// token pool gathers single tokens, and V's channel-major rows put
+	// each of a token's values on another cache line. Shared by a
+	// document's sessions like the page (an atomic pointer: forks build it
+	// concurrently; a page being written belongs to one store).
+	vt *atomic.Pointer[[]uint16]
 }
 
 // pageGen numbers summary changes across all pages, so that a (page, gen)
@@ -87,6 +95,7 @@ func newPage(l Layout) *Page {
 		K: make([]uint16, l.PageSize*r), V: make([]uint16, l.PageSize*r),
 		Sum: make([]float32, r), Mean: make([]float32, r), Min: make([]float32, r), Max: make([]float32, r),
 		Center: make([]float32, r), Radius: make([]float32, r), gen: pageGen.Add(1),
+		vt: new(atomic.Pointer[[]uint16]),
 	}
 	for i := range p.Min {
 		p.Min[i] = float32(math.Inf(1))
@@ -106,7 +115,33 @@ func (p *Page) clone() *Page {
 	c.Center = append([]float32(nil), p.Center...)
 	c.Radius = append([]float32(nil), p.Radius...)
 	c.RepKeys = append([]float32(nil), p.RepKeys...)
+	c.vt = new(atomic.Pointer[[]uint16]) // the clone is written next
 	return &c
+}
+
+// tokenValues returns the page's values token-major, [PageSize][Row] (the
+// first N rows meaningful), building the copy on first use.
+func (p *Page) tokenValues(l Layout) []uint16 {
+	if v := p.vt.Load(); v != nil {
+		return *v
+	}
+	r, P := l.Row(), l.PageSize
+	t := make([]uint16, P*r)
+	for ch := 0; ch < r; ch++ {
+		for i, x := range p.V[ch*P : ch*P+p.N] {
+			t[i*r+ch] = x
+		}
+	}
+	p.vt.Store(&t)
+	return t
+}
+
+// VTBytes is the host memory of the page's token-major value copy, if made.
+func (p *Page) VTBytes() int64 {
+	if v := p.vt.Load(); v != nil {
+		return 2 * int64(len(*v))
+	}
+	return 0
 }
 
 // f16 converts one half-precision value.
@@ -118,6 +153,7 @@ func f16(u uint16) float32 { return float16.Frombits(u).Float32() }
 func (p *Page) write(l Layout, at int, k, v []uint16, rows int, scratch []float32) {
 	r, P := l.Row(), l.PageSize
 	copy(p.K[at*r:], k[:rows*r])
+	p.vt.Store(nil)
 	for t := 0; t < rows; t++ {
 		row := v[t*r : (t+1)*r]
 		for ch, x := range row {

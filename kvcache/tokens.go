@@ -13,15 +13,17 @@ import (
 //
 // A page pool's slot holds one page, so a selection of scattered tokens (a
 // cluster's keys lie on many pages) makes whole pages resident, and a pool
-// of Budget/P pages holds few clusters. A token pool uses the same tensors
-// (k [headDim, heads, slots·P], v [slots·P, headDim, heads]) but treats its
-// slots·P cells one by one: a cell holds the keys and values of one
+// of Budget/P pages holds few clusters. A token pool has slots·P cells
+// (k and v both token-major, [headDim, heads, slots·P]: a token's upload
+// is one row of each; attention reads v permuted, one copy per pass) and
+// treats them one by one: a cell holds the keys and values of one
 // position, any position (keys are roped before they are cached, so where
 // a key sits does not matter, only the mask must agree). Each pass:
 //
 //   - the batch's tokens get cells (Put writes them, as for pages);
 //   - the selected tokens already in a cell are stamped (used this pass);
-//   - the others are copied from the host pages into a staging buffer and
+//   - the others are copied from the host pages (values from each page's
+//     token-major copy, Page.tokenValues) into a staging buffer and
 //     uploaded into free cells, else into the least recently used cells
 //     not used in this pass, in position order. Consecutive cells form a
 //     run, one f16 copy per K and V (like page runs); past MaxUploadRuns
@@ -42,9 +44,20 @@ import (
 // cell holds its token's f16 keys and values (uploaded, or written by
 // Put), the same bytes as the host page.
 type tokenCells struct {
-	pos   []int32         // cell -> position, -1 when free
-	at    map[int32]int32 // position -> cell
-	stamp []uint64        // last pass that used the cell (LRU); the current pass's stamp pins it
+	pos []int32 // cell -> position, -1 when free
+	// at maps position -> cell, -1 (or past its end) when not resident: a
+	// slice indexed by position, grown as positions come (4 bytes per
+	// token of the sequence; a map's lookups were 7% of a squeezed decode
+	// step at 16k). mapped counts the positions it maps.
+	at     []int32
+	mapped int
+	stamp  []uint64 // last pass that used the cell (LRU); the current pass's stamp pins it
+
+	// Buffers reused from pass to pass (growing them anew every pass was
+	// a fifth of a squeezed decode step at 32k, with its page faults):
+	// victims' result and keys, placeTokens' missing tokens.
+	vout, missing []int32
+	vkeys         []uint64
 }
 
 // tokenUpload is a planned copy of position pos's keys and values from
@@ -52,7 +65,7 @@ type tokenCells struct {
 type tokenUpload struct{ cell, pos int32 }
 
 func newTokenCells(cells int) *tokenCells {
-	t := &tokenCells{pos: make([]int32, cells), at: map[int32]int32{}, stamp: make([]uint64, cells)}
+	t := &tokenCells{pos: make([]int32, cells), stamp: make([]uint64, cells)}
 	for i := range t.pos {
 		t.pos[i] = -1
 	}
@@ -61,8 +74,8 @@ func newTokenCells(cells int) *tokenCells {
 
 // cellOf returns the cell holding pos, or -1.
 func (t *tokenCells) cellOf(pos int32) int32 {
-	if c, ok := t.at[pos]; ok {
-		return c
+	if int(pos) < len(t.at) {
+		return t.at[pos]
 	}
 	return -1
 }
@@ -70,16 +83,22 @@ func (t *tokenCells) cellOf(pos int32) int32 {
 // set puts pos into cell (evicting what it held) and stamps it.
 func (t *tokenCells) set(cell, pos int32, stamp uint64) {
 	if old := t.pos[cell]; old >= 0 {
-		delete(t.at, old)
+		t.at[old] = -1
+		t.mapped--
 	}
 	t.pos[cell], t.stamp[cell] = pos, stamp
+	for int(pos) >= len(t.at) {
+		t.at = append(t.at, -1)
+	}
 	t.at[pos] = cell
+	t.mapped++
 }
 
 // free empties cell.
 func (t *tokenCells) free(cell int32) {
 	if old := t.pos[cell]; old >= 0 {
-		delete(t.at, old)
+		t.at[old] = -1
+		t.mapped--
 	}
 	t.pos[cell], t.stamp[cell] = -1, 0
 }
@@ -113,6 +132,8 @@ func (t *tokenCells) victims(need int, stamp uint64) (out []int32, ok bool) {
 	if need == 0 {
 		return nil, true
 	}
+	out = t.vout[:0]
+	defer func() { t.vout = out[:0] }()
 	for c, p := range t.pos {
 		if p < 0 {
 			out = append(out, int32(c))
@@ -121,6 +142,36 @@ func (t *tokenCells) victims(need int, stamp uint64) (out []int32, ok bool) {
 			}
 		}
 	}
+	// The evictable cells as keys stamp<<32 | cell, so that plain integer
+	// order is (oldest, then lowest cell); only the k smallest are needed:
+	// a quickselect, then a sort of those k. (A sort of every evictable
+	// cell by a comparison closure was a tenth of a squeezed decode step
+	// at 16k: the pool has Budget cells and a step replaces most of them.)
+	if stamp >= 1<<32 {
+		return t.victimsSorted(need, stamp, out)
+	}
+	old := t.vkeys[:0]
+	defer func() { t.vkeys = old[:0] }()
+	for c, p := range t.pos {
+		if p >= 0 && t.stamp[c] != stamp {
+			old = append(old, t.stamp[c]<<32|uint64(c))
+		}
+	}
+	k := need - len(out)
+	if len(old) < k {
+		return nil, false
+	}
+	smallest(old, k)
+	old = old[:k]
+	slices.Sort(old)
+	for _, key := range old {
+		out = append(out, int32(uint32(key)))
+	}
+	return out, true
+}
+
+// victimsSorted is victims past 2³² passes (stamps too wide to pack).
+func (t *tokenCells) victimsSorted(need int, stamp uint64, out []int32) ([]int32, bool) {
 	var old []int32
 	for c, p := range t.pos {
 		if p >= 0 && t.stamp[c] != stamp {
@@ -134,6 +185,47 @@ func (t *tokenCells) victims(need int, stamp uint64) (out []int32, ok bool) {
 		return cmp.Or(cmp.Compare(t.stamp[a], t.stamp[b]), cmp.Compare(a, b))
 	})
 	return append(out, old[:need-len(out)]...), true
+}
+
+// smallest reorders keys so that its k smallest come first, in any order
+// (quickselect, median-of-three pivots; keys are distinct).
+func smallest(keys []uint64, k int) {
+	lo, hi := 0, len(keys)-1
+	for lo < hi && k > lo && k <= hi {
+		mid := lo + (hi-lo)/2
+		if keys[mid] < keys[lo] {
+			keys[mid], keys[lo] = keys[lo], keys[mid]
+		}
+		if keys[hi] < keys[lo] {
+			keys[hi], keys[lo] = keys[lo], keys[hi]
+		}
+		if keys[hi] < keys[mid] {
+			keys[hi], keys[mid] = keys[mid], keys[hi]
+		}
+		pivot := keys[mid]
+		i, j := lo, hi
+		for i <= j {
+			for keys[i] < pivot {
+				i++
+			}
+			for keys[j] > pivot {
+				j--
+			}
+			if i <= j {
+				keys[i], keys[j] = keys[j], keys[i]
+				i++
+				j--
+			}
+		}
+		// keys[lo..j] ≤ pivot ≤ keys[i..hi], and j < i.
+		if k <= j {
+			hi = j
+		} else if k >= i {
+			lo = i
+		} else {
+			return
+		}
+	}
 }
 
 // placeBatchTokens gives the batch's positions cells of g's token pool
@@ -170,7 +262,7 @@ func (c *Paged) placeBatchTokens(layer int, g *group) error {
 // have cells.
 func (c *Paged) placeTokens(layer int, g *group) error {
 	tc := g.pool.tok
-	var missing []int32
+	missing := tc.missing[:0]
 	for _, t := range g.tok {
 		if int(t) >= c.pos0 {
 			break // the batch's (sorted list): placed with the batch
@@ -189,6 +281,7 @@ func (c *Paged) placeTokens(layer int, g *group) error {
 		tc.set(vs[i], t, c.stamp)
 		g.tups = append(g.tups, tokenUpload{cell: vs[i], pos: t})
 	}
+	tc.missing = missing[:0]
 	return nil
 }
 
@@ -205,7 +298,10 @@ func (c *Paged) tokenKV(ctx ml.Context, l int, g *group) (ml.Tensor, ml.Tensor, 
 	cells := pl.tok.used(c.L.PageSize)
 	heads := len(g.heads)
 	k := pl.k.View(ctx, 0, c.L.HeadDim, pl.k.Stride(1), heads, pl.k.Stride(2), cells)
-	v := pl.v.View(ctx, 0, cells, pl.v.Stride(1), c.L.HeadDim, pl.v.Stride(2), heads)
+	// The pool's values are token-major ([headDim, heads, cells], like
+	// the keys), so that a token's upload is one row, as for K; attention
+	// wants them permuted: one copy of the used cells per pass.
+	v := pl.v.View(ctx, 0, c.L.HeadDim, pl.v.Stride(1), heads, pl.v.Stride(2), cells).Permute(ctx, 1, 2, 0, 3).Contiguous(ctx)
 	mask := buildTokenMask(pl.tok, cells, g.tok, g.cells, c.pos0)
 	return k, v, ctx.Input().FromFloats(mask, cells, c.n)
 }
@@ -267,64 +363,72 @@ func (c *Paged) emitTokenUploads(ctx ml.Context, l int, g *group) {
 	if len(ups) == 0 {
 		return
 	}
-	g.tups = nil
+	g.tups = ups[:0] // done; the capacity is kept for the next pass
 	slices.SortFunc(ups, func(a, b tokenUpload) int { return cmp.Compare(a.cell, b.cell) })
 	pl := g.pool
 	r, P, m := pl.row, c.L.PageSize, len(ups)
 	sr, hd := c.L.Row(), c.L.HeadDim
-	kbuf := make([]uint16, 0, m*r)
+	c.touchTokens(l, g, ups)
+	// Staging buffers are reused: FromBytes copies them into the graph's
+	// input tensors at once (fresh ones per group and step were page
+	// faults and GC work in the profile). Keys and values alike are
+	// token-major rows of r (the group's heads), in cell order.
+	kbuf, vbuf := c.stageK[:0], c.stageV[:0]
 	for _, u := range ups {
-		K := c.store.pages[l][int(u.pos)/P].K
+		pg := c.store.pages[l][int(u.pos)/P]
 		t := int(u.pos) % P
+		K, V := pg.K[t*sr:(t+1)*sr], pg.tokenValues(c.L)[t*sr:(t+1)*sr]
 		if g.all {
-			kbuf = append(kbuf, K[t*sr:(t+1)*sr]...)
+			kbuf, vbuf = append(kbuf, K...), append(vbuf, V...)
 			continue
 		}
 		for _, h := range g.heads {
-			kbuf = append(kbuf, K[t*sr+h*hd:t*sr+(h+1)*hd]...)
+			kbuf, vbuf = append(kbuf, K[h*hd:(h+1)*hd]...), append(vbuf, V[h*hd:(h+1)*hd]...)
 		}
 	}
-	// values appends channel ch of ups' tokens to vbuf.
-	vbuf := make([]uint16, 0, m*r)
-	values := func(ups []tokenUpload, ch int) {
-		sc := c.channel(g, ch)
-		for _, u := range ups {
-			vbuf = append(vbuf, c.store.pages[l][int(u.pos)/P].V[sc*P+int(u.pos)%P])
-		}
-	}
+	c.stageK, c.stageV = kbuf, vbuf
 	runs := tokenRuns(ups)
 	if used := c.graphRuns[ctx]; len(runs) <= MaxUploadRuns-used {
 		c.graphRuns[ctx] = used + len(runs)
-		for _, run := range runs {
-			for ch := 0; ch < r; ch++ {
-				values(ups[run[0]:run[1]], ch)
-			}
-		}
 		kIn := ctx.Input().FromBytes(ml.DTypeF16, u16bytes(kbuf), r*m)
 		vIn := ctx.Input().FromBytes(ml.DTypeF16, u16bytes(vbuf), r*m)
 		for _, run := range runs {
 			off, rows, first := run[0], run[1]-run[0], int(ups[run[0]].cell)
-			k := kIn.View(ctx, off*r*2, r*rows)
-			ctx.Forward(k.Copy(ctx, pl.k.View(ctx, first*r*2, r*rows)))
-			v := vIn.View(ctx, off*r*2, rows, rows*2, r) // [rows, channels]
-			ctx.Forward(v.Copy(ctx, pl.v.View(ctx, first*2, rows, pl.v.Stride(1), r)))
+			ctx.Forward(kIn.View(ctx, off*r*2, r*rows).Copy(ctx, pl.k.View(ctx, first*r*2, r*rows)))
+			ctx.Forward(vIn.View(ctx, off*r*2, r*rows).Copy(ctx, pl.v.View(ctx, first*r*2, r*rows)))
 		}
 	} else {
-		for ch := 0; ch < r; ch++ {
-			values(ups, ch)
-		}
 		idx := make([]int32, m)
 		for i, u := range ups {
 			idx[i] = u.cell
 		}
 		cells := ctx.Input().FromInts(idx, m)
 		k := ctx.Input().FromBytes(ml.DTypeF16, u16bytes(kbuf), r, m).Cast(ctx, ml.DTypeF32)
-		v := ctx.Input().FromBytes(ml.DTypeF16, u16bytes(vbuf), 1, m, r).Cast(ctx, ml.DTypeF32)
+		v := ctx.Input().FromBytes(ml.DTypeF16, u16bytes(vbuf), r, m).Cast(ctx, ml.DTypeF32)
 		ctx.Forward(pl.k.Reshape(ctx, r, pl.slots*P).SetRows(ctx, k, cells))
-		ctx.Forward(pl.v.Reshape(ctx, 1, pl.slots*P, r).SetRows(ctx, v, cells))
+		ctx.Forward(pl.v.Reshape(ctx, r, pl.slots*P).SetRows(ctx, v, cells))
 	}
 	c.tokenUploads.Add(int64(m))
 	c.uploadBytes.Add(int64(m) * int64(r) * 2 * 2)
+}
+
+// touchTokens reads one value of each upload's key row and value row
+// before the gathers copy them. The tokens are scattered over the
+// document's pages, so nearly every row is a cache miss; in the copy
+// loops (tens of instructions per token) the CPU waits for them one
+// token at a time, while this loop has a few instructions per token and
+// independent loads, so many misses are in flight at once (a software
+// prefetch). In a squeezed decode step's profile at 16k, 85% of the value
+// gather's time was the first load of each token's row.
+func (c *Paged) touchTokens(l int, g *group, ups []tokenUpload) {
+	P, sr, off := c.L.PageSize, c.L.Row(), g.heads[0]*c.L.HeadDim
+	var sum uint16
+	for _, u := range ups {
+		pg := c.store.pages[l][int(u.pos)/P]
+		t := int(u.pos) % P
+		sum += pg.K[t*sr+off] + pg.tokenValues(c.L)[t*sr+off]
+	}
+	c.touched += sum // kept, so that the loads are not dead code
 }
 
 // checkTokenPool reports broken invariants of g's token pool (see
@@ -345,15 +449,21 @@ func (c *Paged) checkTokenPool(at string, g *group) []error {
 			continue
 		}
 		mapped++
-		if got, ok := tc.at[p]; !ok || int(got) != cl {
+		if got := tc.cellOf(p); int(got) != cl {
 			errs = append(errs, fmt.Errorf("%s: cell %d holds position %d, which maps to cell %d", at, cl, p, tc.cellOf(p)))
 		}
 		if int(p) >= limit {
 			errs = append(errs, fmt.Errorf("%s: cell %d holds position %d, past the %d tokens of the sequence", at, cl, p, limit))
 		}
 	}
-	if mapped != len(tc.at) {
-		errs = append(errs, fmt.Errorf("%s: %d occupied cells, %d mapped positions", at, mapped, len(tc.at)))
+	inverse := 0
+	for _, cl := range tc.at {
+		if cl >= 0 {
+			inverse++
+		}
+	}
+	if mapped != inverse || mapped != tc.mapped {
+		errs = append(errs, fmt.Errorf("%s: %d occupied cells, %d mapped positions (%d counted)", at, mapped, inverse, tc.mapped))
 	}
 	if g.sel != nil && g.tok == nil {
 		errs = append(errs, fmt.Errorf("%s: a token-granular group has a selection without tokens", at))

@@ -218,7 +218,7 @@ func TestTokenPoolPlanning(t *testing.T) {
 				}
 				for l := range c.layers {
 					for i, g := range c.layers[l].groups {
-						require.Equal(t, len(g.tok), len(g.pool.tok.at)-countUnselected(g), "layer %d group %d", l, i)
+						require.Equal(t, len(g.tok), g.pool.tok.mapped-countUnselected(g), "layer %d group %d", l, i)
 					}
 				}
 				require.Equal(t, c.layers[0].groups[0].tok, sel.tok(0, c.store.Len())[0])
@@ -233,8 +233,8 @@ func TestTokenPoolPlanning(t *testing.T) {
 // countUnselected is the resident tokens of g's pool not in its selection.
 func countUnselected(g *group) int {
 	n := 0
-	for p := range g.pool.tok.at {
-		if !slices.Contains(g.tok, p) {
+	for p, cl := range g.pool.tok.at {
+		if cl >= 0 && !slices.Contains(g.tok, int32(p)) {
 			n++
 		}
 	}
@@ -272,6 +272,55 @@ func TestTokenVictims(t *testing.T) {
 			require.Equal(t, c.want, got)
 		})
 	}
+}
+
+// victims' quickselect over packed (stamp, cell) keys chooses exactly
+// what a full sort by (stamp, cell) does, on pools with many equally old
+// cells (a decode step's evictions share few stamps).
+func TestTokenVictimsMatchSort(t *testing.T) {
+	for _, c := range []struct {
+		name          string
+		cells, stamps int
+	}{{"few stamps", 300, 3}, {"many stamps", 300, 200}, {"one stamp", 64, 1}, {"tiny", 3, 2}} {
+		t.Run(c.name, func(t *testing.T) {
+			r := rand.New(rand.NewPCG(uint64(c.cells), uint64(c.stamps)))
+			for trial := 0; trial < 50; trial++ {
+				tc := newTokenCells(c.cells)
+				now := uint64(c.stamps + 1)
+				for cl := 0; cl < c.cells; cl++ {
+					if r.IntN(10) == 0 {
+						continue // free
+					}
+					st := uint64(1 + r.IntN(c.stamps))
+					if r.IntN(5) == 0 {
+						st = now
+					}
+					tc.set(int32(cl), int32(1000+cl), st)
+				}
+				need := r.IntN(c.cells + 1)
+				got, ok := tc.victims(need, now)
+				want, wok := tc.victimsSorted(need, now, freeCells(tc, need))
+				if len(freeCells(tc, need)) == need {
+					want, wok = freeCells(tc, need), true
+				}
+				require.Equal(t, wok, ok, "trial %d need %d", trial, need)
+				if ok {
+					require.Equal(t, want, got, "trial %d need %d", trial, need)
+				}
+			}
+		})
+	}
+}
+
+// freeCells is victims' first part: up to need free cells, ascending.
+func freeCells(tc *tokenCells, need int) []int32 {
+	var out []int32
+	for c, p := range tc.pos {
+		if p < 0 && len(out) < need {
+			out = append(out, int32(c))
+		}
+	}
+	return out
 }
 
 func TestTokenRuns(t *testing.T) {
@@ -337,10 +386,12 @@ func TestTokenPoolErrorsAndRemove(t *testing.T) {
 	g := c.layers[1].groups[0]
 	require.Equal(t, []int32{1, 20, 33, 58, 59, 60, 61, 62, 63, 64, 65}, g.tok)
 	require.NoError(t, c.Remove(0, 40, math.MaxInt32))
-	for p := range g.pool.tok.at {
-		require.Less(t, p, int32(40), "removed tokens leave their cells")
+	for p, cl := range g.pool.tok.at {
+		if cl >= 0 {
+			require.Less(t, p, 40, "removed tokens leave their cells")
+		}
 	}
-	require.Equal(t, 40, len(g.pool.tok.at), "positions 0..39 kept")
+	require.Equal(t, 40, g.pool.tok.mapped, "positions 0..39 kept")
 
 	// CheckInvariants finds a broken token pool.
 	c = newTestCache(t, sel, 1024, 64)

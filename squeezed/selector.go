@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"math/bits"
 	"slices"
 
 	"github.com/viterin/vek/vek32"
@@ -48,7 +49,13 @@ type selector struct {
 	thresh   bool
 	resident int // tokens of each group's pool
 	sc       Scratch
-	list     []int32
+	// Select's buffers, reused across steps: the ranked cluster lists end
+	// to end (flat, offs), the clusters taken (seen[j] == epoch), the
+	// chosen positions' bitmap.
+	flat, offs []int32
+	seen       []uint32
+	epoch      uint32
+	bits       []uint64
 }
 
 func newSelector(c paging.Config) (paging.Selector, error) {
@@ -117,37 +124,57 @@ func (s *selector) Select(layer int, sum paging.Summaries, q *paging.Queries, up
 	G := q.Heads / s.ix.KVHeads
 	d := s.ix.HeadDim
 	sel := paging.Selection{Groups: make([][]int, s.ix.KVHeads), Tokens: make([][]int32, s.ix.KVHeads)}
+	words := (upto + 63) / 64
 	for g := 0; g < s.ix.KVHeads; g++ {
 		h := s.ix.Heads[layer][g]
 		// One ranked cluster list per (query token, query head), the last
-		// token first: they share the budget round-robin.
-		var lists [][]int32
+		// token first: they share the budget round-robin. The lists are
+		// kept end to end in s.flat (list i is s.flat[s.offs[i]:s.offs[i+1]]).
+		s.flat, s.offs = s.flat[:0], append(s.offs[:0], 0)
 		for t := len(q.Q) - 1; t >= 0 && tokBudget > 0; t-- {
 			for j := 0; j < G; j++ {
 				qh := q.Q[t][(g*G+j)*d : (g*G+j+1)*d]
-				lists = append(lists, s.rank(h, qh, tokBudget))
+				s.flat = s.rank(h, qh, tokBudget, s.flat)
+				s.offs = append(s.offs, int32(len(s.flat)))
 			}
 		}
-		taken := map[int32]bool{}
-		var toks []int32
+		// The chosen tokens as a bitmap over the positions: setting bits
+		// dedups the sinks and tail against the clusters, and reading it
+		// back lists them sorted, in O(upto/64 + tokens) instead of a sort.
+		// taken: cluster j is taken in this group when seen[j] == epoch.
+		if s.epoch++; s.epoch == 0 || len(s.seen) < h.K() {
+			s.seen, s.epoch = make([]uint32, max(h.K(), len(s.seen))), 1
+		}
+		s.bits = append(s.bits[:0], make([]uint64, words)...)
+		n := 0
+		mark := func(t int32) {
+			if w, b := t>>6, uint64(1)<<(t&63); s.bits[w]&b == 0 {
+				s.bits[w] |= b
+				n++
+			}
+		}
+		lists := len(s.offs) - 1
 		used := 0
 		for r := 0; used < tokBudget; r++ {
 			any := false
-			for _, l := range lists {
+			for i := 0; i < lists; i++ {
+				l := s.flat[s.offs[i]:s.offs[i+1]]
 				if r >= len(l) || used >= tokBudget {
 					continue
 				}
 				any = true
 				j := l[r]
-				if taken[j] {
+				if s.seen[j] == s.epoch {
 					continue
 				}
-				taken[j] = true
+				s.seen[j] = s.epoch
 				ct := h.Tokens(int(j))
 				if len(ct) > tokBudget-used {
 					continue // too many tokens for what is left
 				}
-				toks = append(toks, ct...)
+				for _, t := range ct {
+					mark(t)
+				}
 				used += len(ct)
 			}
 			if !any {
@@ -155,13 +182,18 @@ func (s *selector) Select(layer int, sum paging.Summaries, q *paging.Queries, up
 			}
 		}
 		for t := 0; t < sinks; t++ {
-			toks = append(toks, int32(t))
+			mark(int32(t))
 		}
 		for t := tail; t < upto; t++ {
-			toks = append(toks, int32(t))
+			mark(int32(t))
 		}
-		slices.Sort(toks)
-		toks = slices.Compact(toks) // sinks and tail tokens may be in clusters too
+		toks := make([]int32, 0, n)
+		for w, word := range s.bits {
+			for word != 0 {
+				toks = append(toks, int32(w<<6+bits.TrailingZeros64(word)))
+				word &= word - 1
+			}
+		}
 		// The pages of the tokens: reports (Paged.Selected) and the
 		// selection's check read them; the pool holds only the tokens.
 		var ps []int
@@ -180,18 +212,19 @@ func (s *selector) Select(layer int, sum paging.Summaries, q *paging.Queries, up
 // share reaches the calibrated threshold (log Z estimated from the
 // coarse level, which can only under-estimate it: that admits at least
 // the clusters the exact Z would).
-func (s *selector) rank(h *Head, qh []float32, budget int) []int32 {
+func (s *selector) rank(h *Head, qh []float32, budget int, out []int32) []int32 {
 	if !s.thresh {
-		return slices.Clone(h.Top(qh, budget, &s.sc, s.list[:0]))
+		return h.Top(qh, budget, &s.sc, out)
 	}
 	lz := h.coarseLogZ(qh, &s.sc)
 	tau := float32(math.Sqrt(float64(h.D)) * (math.Log(float64(s.ix.Threshold)) + lz))
-	out := h.Above(qh, tau, &s.sc, nil)
-	score := make(map[int32]float32, len(out))
-	for _, j := range out {
+	start := len(out)
+	out = h.Above(qh, tau, &s.sc, out)
+	score := make(map[int32]float32, len(out)-start)
+	for _, j := range out[start:] {
 		score[j] = vek32.Dot(qh, h.Centroids[int(j)*h.D:int(j+1)*h.D])
 	}
-	slices.SortFunc(out, func(a, b int32) int {
+	slices.SortFunc(out[start:], func(a, b int32) int {
 		switch {
 		case score[a] > score[b]:
 			return -1
