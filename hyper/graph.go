@@ -173,17 +173,17 @@ func (g *graph) spreadRows(c ml.Tensor, cols int) ml.Tensor {
 	return e.MulmatFullPrec(g.ctx, c.Pad(g.ctx, spreadK-1, 0, 0, 0)) // [cols, a, b, e]
 }
 
-// exact is exact attention of q [d, nq, B] (already scaled) over k, v
-// [d, nk, Bkv], with mask [nk, nq] if not nil; it returns the pack
-// [d+2, nq, B].
-func (g *graph) exact(q, k, v, mask ml.Tensor) ml.Tensor {
+// exact is exact attention of q [d, nq, B] (already scaled) over keys
+// k [d, nk, Bkv] with values transposed vT [nk, d, Bkv], with mask
+// [nk, nq] if not nil; it returns the pack [d+2, nq, B].
+func (g *graph) exact(q, k, vT, mask ml.Tensor) ml.Tensor {
 	ctx := g.ctx
 	x := k.MulmatFullPrec(ctx, q) // [nk, nq, B]
 	if mask != nil {
 		x = x.Add(ctx, mask)
 	}
 	p, c, z := g.soft(x)
-	o := v.Permute(ctx, 1, 0, 2, 3).Contiguous(ctx).Mulmat(ctx, p) // [d, nq, B]
+	o := vT.Mulmat(ctx, p) // [d, nq, B]
 	return o.Concat(ctx, c, 0).Concat(ctx, z, 0)
 }
 
@@ -240,28 +240,48 @@ func (g *graph) causal(N, leaf int) ml.Tensor {
 
 // leafChunk is the query chunk of the exact causal attention inside the
 // leaves: only the scores at or below the diagonal are computed, in
-// [chunk end, chunk] pieces.
+// [chunk end, chunk] pieces. The chunks in the second half of a leaf are
+// half as long (leafSpans), so that the largest scores, the last chunk's
+// [leaf, chunk, heads·leaves], are N·leafChunk/2·heads floats: as large as
+// a level's [b+m, N/2, heads] with the paper's b+m = 512, and half of what
+// they were with 512 throughout (1 GiB at 64k on the tiny preset).
 const leafChunk = 512
 
+// leafSpans returns the query chunks [lo, hi) of a leaf of L tokens.
+func leafSpans(L int) [][2]int {
+	var out [][2]int
+	for lo := 0; lo < L; {
+		c := leafChunk
+		if lo+leafChunk > L/2 {
+			c = leafChunk / 2
+		}
+		hi := min(lo+c, L)
+		out = append(out, [2]int{lo, hi})
+		lo = hi
+	}
+	return out
+}
+
 // leaves is exact causal attention of q [d, L, B] (scaled) over k, v
-// [d, L, Bkv] in query chunks of leafChunk: each chunk's own keys first,
-// then the earlier ones, under the causal mask padded with zeros (as
-// Causal does). Returns the pack [d+2, L, B].
+// [d, L, Bkv] in the query chunks of leafSpans: chunk [lo, hi) against
+// keys [0, hi) under a mask that hides the keys past each query. The
+// chunk's queries are copied to a contiguous tensor: ggml's CPU matmul
+// uses its fast sgemm only when the right operand is contiguous, and a
+// view of tokens [lo, hi) across heads is not (a dot product per output
+// instead, about 2x slower for these scores). Returns the pack
+// [d+2, L, B].
 func (g *graph) leaves(q, k, v ml.Tensor) ml.Tensor {
 	ctx := g.ctx
 	L := q.Dim(1)
-	qc := chunked(ctx, q, leafChunk)
+	vT := v.Permute(ctx, 1, 0, 2, 3).Contiguous(ctx) // [L, d, Bkv]
 	var out ml.Tensor
-	for lo := 0; lo < L; lo += leafChunk {
-		hi := min(lo+leafChunk, L)
-		keys, vals := tokens(ctx, k, lo, hi), tokens(ctx, v, lo, hi)
-		mask := g.causalMask(hi - lo)
-		if lo > 0 {
-			keys = keys.Concat(ctx, tokens(ctx, k, 0, lo), 1)
-			vals = vals.Concat(ctx, tokens(ctx, v, 0, lo), 1)
-			mask = mask.Pad(ctx, lo, 0, 0, 0)
+	for _, sp := range leafSpans(L) {
+		lo, hi := sp[0], sp[1]
+		qc := tokens(ctx, q, lo, hi)
+		if L > hi-lo {
+			qc = qc.Contiguous(ctx)
 		}
-		p := g.exact(qc(lo, hi), keys, vals, mask)
+		p := g.exact(qc, tokens(ctx, k, 0, hi), tokensT(ctx, vT, 0, hi), g.chunkMask(lo, hi))
 		if out == nil {
 			out = p
 		} else {
@@ -271,27 +291,19 @@ func (g *graph) leaves(q, k, v ml.Tensor) ml.Tensor {
 	return out
 }
 
-// chunked returns a function giving the queries [lo, hi) of x [d, n, B]
-// as [d, hi-lo, B], for chunks [lo, hi) at multiples of chunk: contiguous
-// views of one copy of x laid out [d, chunk, B, chunks] (a partial last
-// chunk is not contiguous). Why: ggml's CPU matmul uses its fast sgemm
-// only when the right operand is contiguous; a view of tokens [lo, hi)
-// across heads of [d, n, B] is not, and falls back to a dot product per
-// output, about 2x slower for these scores.
-func chunked(ctx ml.Context, x ml.Tensor, chunk int) func(lo, hi int) ml.Tensor {
-	d, n, B := x.Dim(0), x.Dim(1), x.Dim(2)
-	if n <= chunk {
-		return func(lo, hi int) ml.Tensor { return tokens(ctx, x, lo, hi) }
+// chunkMask is [hi, hi-lo]: query lo+i sees keys 0..lo+i.
+func (g *graph) chunkMask(lo, hi int) ml.Tensor {
+	if lo == 0 {
+		return g.causalMask(hi)
 	}
-	nch := (n + chunk - 1) / chunk
-	xc := x
-	if pad := nch*chunk - n; pad > 0 {
-		xc = xc.Pad(ctx, 0, pad, 0, 0)
+	c := hi - lo
+	m := make([]float32, hi*c)
+	for i := 0; i < c; i++ {
+		for j := lo + i + 1; j < hi; j++ {
+			m[i*hi+j] = masked
+		}
 	}
-	xc = xc.Reshape(ctx, d, chunk, nch, B).Permute(ctx, 0, 1, 3, 2).Contiguous(ctx) // [d, chunk, B, nch]
-	return func(lo, hi int) ml.Tensor {
-		return xc.View(ctx, lo/chunk*xc.Stride(3), d, xc.Stride(1), hi-lo, xc.Stride(2), B)
-	}
+	return g.ctx.Input().FromFloats(m, hi, c)
 }
 
 // merge combines packs [d+2, n, H] of attention over disjoint key sets:
@@ -356,7 +368,7 @@ func (g *graph) sortIndex(x ml.Tensor) ml.Tensor {
 func (g *graph) unmasked(q, qh, k, v ml.Tensor, samp [][][]int32) ml.Tensor {
 	nq, nk := q.Dim(1), k.Dim(1)
 	if nq < g.c.MinSeqLen {
-		return g.exact(q, k, v, nil)
+		return g.exact(q, k, v.Permute(g.ctx, 1, 0, 2, 3).Contiguous(g.ctx), nil)
 	}
 	ctx := g.ctx
 	d, B, Bkv, b := g.d, q.Dim(2), k.Dim(2), g.c.BlockSize
@@ -459,7 +471,6 @@ func Causal(ctx ml.Context, q, k, v ml.Tensor, scale float64, chunk int) ml.Tens
 	g.q = q.Permute(ctx, 0, 2, 1, 3).Contiguous(ctx).Scale(ctx, scale) // [d, n, H], scaled
 	g.k = k.Permute(ctx, 0, 2, 1, 3).Contiguous(ctx)                   // [d, n, kvHeads]
 	g.vt = v.Permute(ctx, 1, 2, 0, 3).Contiguous(ctx)                  // [n, d, kvHeads]
-	qc := chunked(ctx, g.q, chunk)
 	var out ml.Tensor
 	for lo := 0; lo < n; lo += chunk {
 		hi := min(lo+chunk, n)
@@ -472,8 +483,13 @@ func Causal(ctx ml.Context, q, k, v ml.Tensor, scale float64, chunk int) ml.Tens
 			vals = vals.Concat(ctx, tokensT(ctx, g.vt, 0, lo), 0) // [hi, d, kvHeads]
 			mask = mask.Pad(ctx, lo, 0, 0, 0)                     // [hi, c]
 		}
-		x := keys.MulmatFullPrec(ctx, qc(lo, hi)).Add(ctx, mask) // [hi, c, H]
-		o := vals.Mulmat(ctx, x.Softmax(ctx))                    // [d, c, H]
+		// The chunk's queries contiguous, for ggml's sgemm (see leaves).
+		qc := tokens(ctx, g.q, lo, hi)
+		if n > hi-lo {
+			qc = qc.Contiguous(ctx)
+		}
+		x := keys.MulmatFullPrec(ctx, qc).Add(ctx, mask) // [hi, c, H]
+		o := vals.Mulmat(ctx, x.Softmax(ctx))            // [d, c, H]
 		if out == nil {
 			out = o
 		} else {
@@ -487,15 +503,15 @@ func Causal(ctx ml.Context, q, k, v ml.Tensor, scale float64, chunk int) ml.Tens
 // chunk 0, causal) or Causal (with chunk > 0) creates for n tokens: a ggml
 // context holds a fixed number (ml.Context.MaxGraphNodes), and running out
 // aborts the process, so callers check before building. Attention builds
-// the leaves once (about 20 tensors per chunk of leafChunk queries) and
-// about 130 tensors per level of the recursion
-// (counted from the code), so the count grows as log2(n/MinSeqLen).
+// the leaves once (about 21 tensors per query chunk of leafSpans) and
+// about 110 tensors per level of the recursion (counted from the code;
+// 150 allowed), so the count grows as log2(n/MinSeqLen).
 func GraphSize(c Config, n, chunk int) int {
 	if chunk > 0 {
-		return 16 + 14*((n+chunk-1)/chunk)
+		return 16 + 15*((n+chunk-1)/chunk)
 	}
 	N, leaf := c.Padded(n)
-	size := 60 + 25*((leaf+leafChunk-1)/leafChunk)
+	size := 60 + 22*len(leafSpans(leaf))
 	for half := leaf; 2*half <= N; half *= 2 {
 		size += 150
 	}
