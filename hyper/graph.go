@@ -29,26 +29,28 @@ func Attention(ctx ml.Context, c Config, q, k, v ml.Tensor, scale float64, causa
 	if n > MaxTokens {
 		panic(fmt.Sprintf("hyper: %d tokens: at most %d", n, MaxTokens))
 	}
-	g := &graph{ctx: ctx, c: c, scale: scale, d: d, heads: H, kvHeads: k.Dim(1), masks: map[int]ml.Tensor{}}
+	g := newGraph(ctx, scale, d, H, k.Dim(1))
+	g.c = c
 	N, leaf := n, n
 	if causal {
 		N, leaf = c.Padded(n)
 	}
-	g.q = q.Permute(ctx, 0, 2, 1, 3).Contiguous(ctx) // [d, n, H]
-	g.k = k.Permute(ctx, 0, 2, 1, 3).Contiguous(ctx) // [d, n, kvHeads]
-	g.v = v.Permute(ctx, 0, 2, 1, 3).Contiguous(ctx) // [d, n, kvHeads]
+	g.qh = q.Permute(ctx, 0, 2, 1, 3).Contiguous(ctx) // [d, n, H]
+	g.k = k.Permute(ctx, 0, 2, 1, 3).Contiguous(ctx)  // [d, n, kvHeads]
+	g.v = v.Permute(ctx, 0, 2, 1, 3).Contiguous(ctx)  // [d, n, kvHeads]
 	if N > n {
 		// Zero tokens at the end: they are in every real query's future,
 		// or only keys of segments whose queries are all padding.
-		g.q = g.q.Pad(ctx, 0, N-n, 0, 0)
+		g.qh = g.qh.Pad(ctx, 0, N-n, 0, 0)
 		g.k = g.k.Pad(ctx, 0, N-n, 0, 0)
 		g.v = g.v.Pad(ctx, 0, N-n, 0, 0)
 	}
+	g.q = g.qh.Scale(ctx, scale)
 	var pack ml.Tensor // [d+2, N, H]: o, c, z (see part)
 	if causal {
 		pack = g.causal(N, leaf)
 	} else {
-		pack = g.unmasked(g.q, g.k, g.v, [][][]int32{c.samples(0, n, g.kvHeads)})
+		pack = g.unmasked(g.q, g.qh, g.k, g.v, [][][]int32{c.samples(0, n, g.kvHeads)})
 	}
 	o := pack.View(ctx, 0, d, pack.Stride(1), n, pack.Stride(2), H)
 	return o.Permute(ctx, 0, 2, 1, 3).Contiguous(ctx) // [d, n, H] -> [d, H, n]
@@ -77,9 +79,13 @@ type graph struct {
 	c                 Config
 	scale             float64
 	d, heads, kvHeads int
-	q, k, v, vt       ml.Tensor
-	proj, upper, enc  ml.Tensor
-	masks             map[int]ml.Tensor // causal masks by size
+	// q is the queries times scale ([d, N, heads]): the scores are then
+	// one matmul with no pass over them to scale. qh is q unscaled, which
+	// the SimHash hashes (as the reference does).
+	q, qh, k, v, vt  ml.Tensor
+	proj, upper, enc ml.Tensor
+	masks            map[int]ml.Tensor // causal masks by size
+	ones, spread     map[int]ml.Tensor // see rowSum and spreadRows, by columns
 }
 
 // tokens returns the view of x [d, n, heads] over tokens [lo, hi).
@@ -116,24 +122,68 @@ func (g *graph) unsegment(p ml.Tensor, heads int) ml.Tensor {
 	return p.Reshape(ctx, rows, half, heads, hs/heads).Permute(ctx, 0, 1, 3, 2).Contiguous(ctx)
 }
 
+func newGraph(ctx ml.Context, scale float64, d, heads, kvHeads int) *graph {
+	return &graph{ctx: ctx, scale: scale, d: d, heads: heads, kvHeads: kvHeads,
+		masks: map[int]ml.Tensor{}, ones: map[int]ml.Tensor{}, spread: map[int]ml.Tensor{}}
+}
+
 // soft returns softmax(x) over dim 0 and x's c and z (see part).
 func (g *graph) soft(x ml.Tensor) (p, c, z ml.Tensor) {
 	p = x.Softmax(g.ctx)
-	c = p.Mul(g.ctx, x).SumRows(g.ctx)
-	z = x.Sub(g.ctx, c).Exp(g.ctx).SumRows(g.ctx)
+	c = g.rowSum(p.Mul(g.ctx, x))
+	z = g.rowSum(x.Sub(g.ctx, g.spreadRows(c, x.Dim(0))).Exp(g.ctx))
 	return p, c, z
 }
 
-// exact is exact attention of q [d, nq, B] over k, v [d, nk, Bkv], with
-// mask [nk, nq] if not nil; it returns the pack [d+2, nq, B].
-func (g *graph) exact(q, k, v, mask ml.Tensor) ml.Tensor {
+// rowSum is SumRows as a matmul with a ones vector: x [cols, a, b, c] ->
+// [1, a, b, c]. ggml's CPU sum_rows runs on one thread (the others wait
+// at the barrier); a matmul runs on all of them.
+func (g *graph) rowSum(x ml.Tensor) ml.Tensor {
+	cols := x.Dim(0)
+	o, ok := g.ones[cols]
+	if !ok {
+		f := make([]float32, cols)
+		for i := range f {
+			f[i] = 1
+		}
+		o = g.ctx.Input().FromFloats(f, cols, 1) // [cols, 1]
+		g.ones[cols] = o
+	}
+	return o.MulmatFullPrec(g.ctx, x)
+}
+
+// spreadK is the depth of spreadRows' matmul: ggml's CPU sgemm takes
+// float32 only when the depth is a multiple of 16 (AVX-512's lanes).
+const spreadK = 16
+
+// spreadRows returns c [1, a, b, e] repeated along dim 0 to [cols, a, b,
+// e], as the outer product of a ones row and c (exact: 1·c plus zeros).
+// Why: x.Sub(c) with c one column wide is ggml's slow broadcast (one
+// call per element), x.Sub(spreadRows(c)) is a vectorised pass.
+func (g *graph) spreadRows(c ml.Tensor, cols int) ml.Tensor {
+	e, ok := g.spread[cols]
+	if !ok {
+		f := make([]float32, spreadK*cols) // [spreadK, cols]: row 0 of each column is 1
+		for j := 0; j < cols; j++ {
+			f[j*spreadK] = 1
+		}
+		e = g.ctx.Input().FromFloats(f, spreadK, cols)
+		g.spread[cols] = e
+	}
+	return e.MulmatFullPrec(g.ctx, c.Pad(g.ctx, spreadK-1, 0, 0, 0)) // [cols, a, b, e]
+}
+
+// exact is exact attention of q [d, nq, B] (already scaled) over keys
+// k [d, nk, Bkv] with values transposed vT [nk, d, Bkv], with mask
+// [nk, nq] if not nil; it returns the pack [d+2, nq, B].
+func (g *graph) exact(q, k, vT, mask ml.Tensor) ml.Tensor {
 	ctx := g.ctx
-	x := k.MulmatFullPrec(ctx, q).Scale(ctx, g.scale) // [nk, nq, B]
+	x := k.MulmatFullPrec(ctx, q) // [nk, nq, B]
 	if mask != nil {
 		x = x.Add(ctx, mask)
 	}
 	p, c, z := g.soft(x)
-	o := v.Permute(ctx, 1, 0, 2, 3).Contiguous(ctx).Mulmat(ctx, p) // [d, nq, B]
+	o := vT.Mulmat(ctx, p) // [d, nq, B]
 	return o.Concat(ctx, c, 0).Concat(ctx, z, 0)
 }
 
@@ -174,7 +224,7 @@ func (g *graph) causal(N, leaf int) ml.Tensor {
 		for s := range samp {
 			samp[s] = g.c.samples(s*2*half, s*2*half+half, Hkv)
 		}
-		p := g.unmasked(g.segments(g.q, half, true), g.segments(g.k, half, false), g.segments(g.v, half, false), samp)
+		p := g.unmasked(g.segments(g.q, half, true), g.segments(g.qh, half, true), g.segments(g.k, half, false), g.segments(g.v, half, false), samp)
 		p = g.unsegment(p, H) // [d+2, half, segs, H]: the second halves
 		if filler == nil {
 			// First halves get no part: o 0, c -1e30, z 1 (weight 0).
@@ -190,27 +240,48 @@ func (g *graph) causal(N, leaf int) ml.Tensor {
 
 // leafChunk is the query chunk of the exact causal attention inside the
 // leaves: only the scores at or below the diagonal are computed, in
-// [chunk end, chunk] pieces.
+// [chunk end, chunk] pieces. The chunks in the second half of a leaf are
+// half as long (leafSpans), so that the largest scores, the last chunk's
+// [leaf, chunk, heads·leaves], are N·leafChunk/2·heads floats: as large as
+// a level's [b+m, N/2, heads] with the paper's b+m = 512, and half of what
+// they were with 512 throughout (1 GiB at 64k on the tiny preset).
 const leafChunk = 512
 
-// leaves is exact causal attention of q [d, L, B] over k, v [d, L, Bkv]
-// in query chunks of leafChunk: each chunk's own keys first, then the
-// earlier ones, under the causal mask padded with zeros (as Causal does).
-// Returns the pack [d+2, L, B].
+// leafSpans returns the query chunks [lo, hi) of a leaf of L tokens.
+func leafSpans(L int) [][2]int {
+	var out [][2]int
+	for lo := 0; lo < L; {
+		c := leafChunk
+		if lo+leafChunk > L/2 {
+			c = leafChunk / 2
+		}
+		hi := min(lo+c, L)
+		out = append(out, [2]int{lo, hi})
+		lo = hi
+	}
+	return out
+}
+
+// leaves is exact causal attention of q [d, L, B] (scaled) over k, v
+// [d, L, Bkv] in the query chunks of leafSpans: chunk [lo, hi) against
+// keys [0, hi) under a mask that hides the keys past each query. The
+// chunk's queries are copied to a contiguous tensor: ggml's CPU matmul
+// uses its fast sgemm only when the right operand is contiguous, and a
+// view of tokens [lo, hi) across heads is not (a dot product per output
+// instead, about 2x slower for these scores). Returns the pack
+// [d+2, L, B].
 func (g *graph) leaves(q, k, v ml.Tensor) ml.Tensor {
 	ctx := g.ctx
 	L := q.Dim(1)
+	vT := v.Permute(ctx, 1, 0, 2, 3).Contiguous(ctx) // [L, d, Bkv]
 	var out ml.Tensor
-	for lo := 0; lo < L; lo += leafChunk {
-		hi := min(lo+leafChunk, L)
-		keys, vals := tokens(ctx, k, lo, hi), tokens(ctx, v, lo, hi)
-		mask := g.causalMask(hi - lo)
-		if lo > 0 {
-			keys = keys.Concat(ctx, tokens(ctx, k, 0, lo), 1)
-			vals = vals.Concat(ctx, tokens(ctx, v, 0, lo), 1)
-			mask = mask.Pad(ctx, lo, 0, 0, 0)
+	for _, sp := range leafSpans(L) {
+		lo, hi := sp[0], sp[1]
+		qc := tokens(ctx, q, lo, hi)
+		if L > hi-lo {
+			qc = qc.Contiguous(ctx)
 		}
-		p := g.exact(tokens(ctx, q, lo, hi), keys, vals, mask)
+		p := g.exact(qc, tokens(ctx, k, 0, hi), tokensT(ctx, vT, 0, hi), g.chunkMask(lo, hi))
 		if out == nil {
 			out = p
 		} else {
@@ -218,6 +289,21 @@ func (g *graph) leaves(q, k, v ml.Tensor) ml.Tensor {
 		}
 	}
 	return out
+}
+
+// chunkMask is [hi, hi-lo]: query lo+i sees keys 0..lo+i.
+func (g *graph) chunkMask(lo, hi int) ml.Tensor {
+	if lo == 0 {
+		return g.causalMask(hi)
+	}
+	c := hi - lo
+	m := make([]float32, hi*c)
+	for i := 0; i < c; i++ {
+		for j := lo + i + 1; j < hi; j++ {
+			m[i*hi+j] = masked
+		}
+	}
+	return g.ctx.Input().FromFloats(m, hi, c)
 }
 
 // merge combines packs [d+2, n, H] of attention over disjoint key sets:
@@ -273,15 +359,16 @@ func (g *graph) sortIndex(x ml.Tensor) ml.Tensor {
 }
 
 // unmasked is the paper's algorithm without a mask for queries q
-// [d, nq, B] over keys k and values v [d, nk, Bkv] (B heads: query heads,
-// or query heads times segments; virtual head i reads KV head i/(B/Bkv)).
-// samp[s][g] are the samples of segment s's KV head g (virtual KV head
-// g + Bkv/len(samp)·s). It is exact with fewer than MinSeqLen queries (see
-// ref.unmasked). Returns the pack [d+2, nq, B] in token order.
-func (g *graph) unmasked(q, k, v ml.Tensor, samp [][][]int32) ml.Tensor {
+// [d, nq, B] (scaled) and qh (the same, unscaled, for the hash) over keys
+// k and values v [d, nk, Bkv] (B heads: query heads, or query heads times
+// segments; virtual head i reads KV head i/(B/Bkv)). samp[s][g] are the
+// samples of segment s's KV head g (virtual KV head g + Bkv/len(samp)·s).
+// It is exact with fewer than MinSeqLen queries (see ref.unmasked).
+// Returns the pack [d+2, nq, B] in token order.
+func (g *graph) unmasked(q, qh, k, v ml.Tensor, samp [][][]int32) ml.Tensor {
 	nq, nk := q.Dim(1), k.Dim(1)
 	if nq < g.c.MinSeqLen {
-		return g.exact(q, k, v, nil)
+		return g.exact(q, k, v.Permute(g.ctx, 1, 0, 2, 3).Contiguous(g.ctx), nil)
 	}
 	ctx := g.ctx
 	d, B, Bkv, b := g.d, q.Dim(2), k.Dim(2), g.c.BlockSize
@@ -290,7 +377,7 @@ func (g *graph) unmasked(q, k, v ml.Tensor, samp [][][]int32) ml.Tensor {
 	for _, s := range samp {
 		flat = append(flat, s...)
 	}
-	qidx := g.sortIndex(q)  // [nq, B]
+	qidx := g.sortIndex(qh) // [nq, B]
 	kidx := g.sortIndex(k)  // [nk, Bkv]
 	qs := q.Rows(ctx, qidx) // [d, nq, B] in sorted order
 	ks := k.Rows(ctx, kidx) // [d, nk, Bkv]
@@ -304,56 +391,63 @@ func (g *graph) unmasked(q, k, v ml.Tensor, samp [][][]int32) ml.Tensor {
 		kp = ks.Pad(ctx, 0, pad, 0, 0)
 		vp = vs.Pad(ctx, 0, pad, 0, 0)
 	}
-	// Diagonal blocks: block i of the sorted queries against block i of the
-	// sorted keys, [b, bq, nb, B].
-	xb := kp.Reshape(ctx, d, b, nb, Bkv).MulmatFullPrec(ctx, qp.Reshape(ctx, d, bq, nb, B)).Scale(ctx, g.scale)
-	if pad := nb*b - nk; pad > 0 {
-		m := make([]float32, b*nb) // [b, 1, nb, 1]: padded keys hidden
-		for j := nk; j < nb*b; j++ {
-			m[j] = masked
-		}
-		xb = xb.Add(ctx, ctx.Input().FromFloats(m, b, 1, nb, 1))
-	}
-	x := xb
+	// Block i's keys [d, b, nb, Bkv] and values transposed [b, d, nb, Bkv];
+	// with samples, each block's columns are its b keys then the m sampled
+	// keys (the same for every block of a head): [d, b+m, nb, Bkv]. Then the
+	// scores of block i of the sorted queries are one batched matmul
+	// [b+m, bq, nb, B], and one softmax over them is the LSE merge of both.
+	kb := kp.Reshape(ctx, d, b, nb, Bkv)
+	vbT := vp.Reshape(ctx, d, b, nb, Bkv).Permute(ctx, 1, 0, 2, 3).Contiguous(ctx)
 	m := g.c.Samples
-	var vsT ml.Tensor
-	if m > 0 && nb > 1 {
+	if m == 0 || nb == 1 {
+		m = 0
+	}
+	cols := b + m
+	var mask []float32 // [cols, 1, nb, B] (or [b, 1, nb, 1] without samples): hidden columns and sample weights
+	if m > 0 {
 		idx := make([]int32, 0, m*Bkv)
 		for _, s := range flat {
 			idx = append(idx, s...)
 		}
 		sidx := ctx.Input().FromInts(idx, m, Bkv)
-		// Sampled columns, weighted nk/m, hidden from the queries of their
-		// own block: [m, 1, nb, B] added to the scores [m, bq, nb, B].
+		kb = kb.Concat(ctx, ks.Rows(ctx, sidx).Reshape(ctx, d, m, 1, Bkv).Repeat4D(ctx, d, m, nb, Bkv), 1)
+		vsT := vs.Rows(ctx, sidx).Permute(ctx, 1, 0, 2, 3).Contiguous(ctx).Reshape(ctx, m, d, 1, Bkv)
+		vbT = vbT.Concat(ctx, vsT.Repeat4D(ctx, m, d, nb, Bkv), 0)
+		// Sampled columns weigh nk/m and are hidden from the queries of
+		// their own block; padded keys are hidden.
 		logw := float32(math.Log(float64(nk) / float64(m)))
-		mk := make([]float32, m*nb*B)
+		mask = make([]float32, cols*nb*B)
 		for h := 0; h < B; h++ {
 			for blk := 0; blk < nb; blk++ {
+				row := mask[(h*nb+blk)*cols : (h*nb+blk+1)*cols]
+				for j := max(0, nk-blk*b); j < b; j++ {
+					row[j] = masked
+				}
 				for j, s := range flat[h/G] {
 					w := logw
 					if int(s)/b == blk {
 						w = masked
 					}
-					mk[(h*nb+blk)*m+j] = w
+					row[b+j] = w
 				}
 			}
 		}
-		xs := ks.Rows(ctx, sidx).MulmatFullPrec(ctx, qp) // [m, nb*bq, B]
-		xs = xs.Reshape(ctx, m, bq, nb, B).Scale(ctx, g.scale).Add(ctx, ctx.Input().FromFloats(mk, m, 1, nb, B))
-		x = xb.Concat(ctx, xs, 0) // [b+m, bq, nb, B]: one softmax is the LSE merge of both
-		vsT = vs.Rows(ctx, sidx).Permute(ctx, 1, 0, 2, 3).Contiguous(ctx).Reshape(ctx, m, d, 1, Bkv)
+	} else if pad := nb*b - nk; pad > 0 {
+		mask = make([]float32, b*nb)
+		for j := nk; j < nb*b; j++ {
+			mask[j] = masked
+		}
+	}
+	x := kb.MulmatFullPrec(ctx, qp.Reshape(ctx, d, bq, nb, B)) // [cols, bq, nb, B]
+	if mask != nil {
+		hs := B
+		if m == 0 {
+			hs = 1
+		}
+		x = x.Add(ctx, ctx.Input().FromFloats(mask, cols, 1, nb, hs))
 	}
 	p, c, z := g.soft(x)
-	vbT := vp.Reshape(ctx, d, b, nb, Bkv).Permute(ctx, 1, 0, 2, 3).Contiguous(ctx) // [b, d, nb, Bkv]
-	pb := p
-	if vsT != nil {
-		pb = p.View(ctx, 0, b, p.Stride(1), bq, p.Stride(2), nb, p.Stride(3), B)
-	}
-	o := vbT.Mulmat(ctx, pb) // [d, bq, nb, B]
-	if vsT != nil {
-		ps := p.View(ctx, b*p.Stride(0), m, p.Stride(1), bq, p.Stride(2), nb, p.Stride(3), B)
-		o = o.Add(ctx, vsT.Mulmat(ctx, ps))
-	}
+	o := vbT.Mulmat(ctx, p) // [d, bq, nb, B]
 	// Back to token order: rows [o; c; z] of sorted query i go to token qidx[i].
 	pack := o.Reshape(ctx, d, bq*nb, B).Concat(ctx, c.Reshape(ctx, 1, bq*nb, B), 0).Concat(ctx, z.Reshape(ctx, 1, bq*nb, B), 0) // [d+2, nb*bq, B]
 	dst := pack.Scale(ctx, 0)                                                                                                   // every row is written: only its shape matters
@@ -373,10 +467,10 @@ func Causal(ctx ml.Context, q, k, v ml.Tensor, scale float64, chunk int) ml.Tens
 		panic(fmt.Sprintf("hyper: exact chunk %d: want at least 1", chunk))
 	}
 	d, H, n := q.Dim(0), q.Dim(1), q.Dim(2)
-	g := &graph{ctx: ctx, scale: scale, d: d, heads: H, kvHeads: k.Dim(1), masks: map[int]ml.Tensor{}}
-	g.q = q.Permute(ctx, 0, 2, 1, 3).Contiguous(ctx)  // [d, n, H]
-	g.k = k.Permute(ctx, 0, 2, 1, 3).Contiguous(ctx)  // [d, n, kvHeads]
-	g.vt = v.Permute(ctx, 1, 2, 0, 3).Contiguous(ctx) // [n, d, kvHeads]
+	g := newGraph(ctx, scale, d, H, k.Dim(1))
+	g.q = q.Permute(ctx, 0, 2, 1, 3).Contiguous(ctx).Scale(ctx, scale) // [d, n, H], scaled
+	g.k = k.Permute(ctx, 0, 2, 1, 3).Contiguous(ctx)                   // [d, n, kvHeads]
+	g.vt = v.Permute(ctx, 1, 2, 0, 3).Contiguous(ctx)                  // [n, d, kvHeads]
 	var out ml.Tensor
 	for lo := 0; lo < n; lo += chunk {
 		hi := min(lo+chunk, n)
@@ -389,8 +483,13 @@ func Causal(ctx ml.Context, q, k, v ml.Tensor, scale float64, chunk int) ml.Tens
 			vals = vals.Concat(ctx, tokensT(ctx, g.vt, 0, lo), 0) // [hi, d, kvHeads]
 			mask = mask.Pad(ctx, lo, 0, 0, 0)                     // [hi, c]
 		}
-		x := keys.MulmatFullPrec(ctx, tokens(ctx, g.q, lo, hi)).Scale(ctx, scale).Add(ctx, mask) // [hi, c, H]
-		o := vals.Mulmat(ctx, x.Softmax(ctx))                                                    // [d, c, H]
+		// The chunk's queries contiguous, for ggml's sgemm (see leaves).
+		qc := tokens(ctx, g.q, lo, hi)
+		if n > hi-lo {
+			qc = qc.Contiguous(ctx)
+		}
+		x := keys.MulmatFullPrec(ctx, qc).Add(ctx, mask) // [hi, c, H]
+		o := vals.Mulmat(ctx, x.Softmax(ctx))            // [d, c, H]
 		if out == nil {
 			out = o
 		} else {
@@ -404,15 +503,15 @@ func Causal(ctx ml.Context, q, k, v ml.Tensor, scale float64, chunk int) ml.Tens
 // chunk 0, causal) or Causal (with chunk > 0) creates for n tokens: a ggml
 // context holds a fixed number (ml.Context.MaxGraphNodes), and running out
 // aborts the process, so callers check before building. Attention builds
-// the leaves once (about 20 tensors per chunk of leafChunk queries) and
-// about 130 tensors per level of the recursion
-// (counted from the code), so the count grows as log2(n/MinSeqLen).
+// the leaves once (about 21 tensors per query chunk of leafSpans) and
+// about 110 tensors per level of the recursion (counted from the code;
+// 150 allowed), so the count grows as log2(n/MinSeqLen).
 func GraphSize(c Config, n, chunk int) int {
 	if chunk > 0 {
-		return 16 + 14*((n+chunk-1)/chunk)
+		return 16 + 15*((n+chunk-1)/chunk)
 	}
 	N, leaf := c.Padded(n)
-	size := 60 + 25*((leaf+leafChunk-1)/leafChunk)
+	size := 60 + 22*len(leafSpans(leaf))
 	for half := leaf; 2*half <= N; half *= 2 {
 		size += 150
 	}

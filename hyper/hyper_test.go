@@ -132,7 +132,8 @@ func TestExactWhenBlocksCoverOrShort(t *testing.T) {
 		{"block >= n, causal recursion", hyper.Config{Projections: 3, BlockSize: 128, Samples: 16, MinSeqLen: 20, Seed: 3}, 150, true},
 		{"n <= min_seq_len, causal", hyper.Config{Projections: 7, BlockSize: 8, Samples: 4, MinSeqLen: 180, Seed: 3}, 180, true},
 		{"n < min_seq_len, unmasked", hyper.Config{Projections: 7, BlockSize: 8, Samples: 4, MinSeqLen: 181, Seed: 3}, 180, false},
-		{"n <= min_seq_len, causal, leaf in 3 query chunks", hyper.Config{Projections: 7, BlockSize: 8, Samples: 4, MinSeqLen: 1100, Seed: 3}, 1100, true},
+		// Query chunks of 512 in the leaf's first half, 256 in its second (leafSpans).
+		{"n <= min_seq_len, causal, leaf in 7 query chunks of 512 and 256", hyper.Config{Projections: 7, BlockSize: 8, Samples: 4, MinSeqLen: 2100, Seed: 3}, 2100, true},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -166,7 +167,7 @@ func TestGraphMatchesReference(t *testing.T) {
 		{"unmasked, blocks divide", hyper.Shape{Heads: 2, KVHeads: 2, HeadDim: 8}, hyper.Config{Projections: 3, BlockSize: 16, Samples: 8, MinSeqLen: 16, Seed: 5}, 128, false},
 		{"unmasked, padded, gqa", hyper.Shape{Heads: 4, KVHeads: 2, HeadDim: 16}, hyper.Config{Projections: 5, BlockSize: 24, Samples: 12, MinSeqLen: 32, Seed: 6}, 203, false},
 		{"causal, 3 levels, gqa", hyper.Shape{Heads: 4, KVHeads: 1, HeadDim: 16}, hyper.Config{Projections: 7, BlockSize: 16, Samples: 16, MinSeqLen: 40, Seed: 7}, 301, true},
-		{"causal, leaves of 525 in 2 query chunks", hyper.Shape{Heads: 2, KVHeads: 1, HeadDim: 8}, hyper.Config{Projections: 6, BlockSize: 64, Samples: 32, MinSeqLen: 525, Seed: 9}, 2100, true},
+		{"causal, leaves of 525 in 3 query chunks", hyper.Shape{Heads: 2, KVHeads: 1, HeadDim: 8}, hyper.Config{Projections: 6, BlockSize: 64, Samples: 32, MinSeqLen: 525, Seed: 9}, 2100, true},
 		{"causal, no samples", hyper.Shape{Heads: 2, KVHeads: 2, HeadDim: 8}, hyper.Config{Projections: 4, BlockSize: 10, Samples: 0, MinSeqLen: 30, Seed: 8}, 130, true},
 	}
 	for _, tc := range cases {
