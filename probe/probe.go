@@ -607,7 +607,6 @@ func Share(means []float64, remaining, lo, hi int) int {
 	return max(min(k, hi), lo)
 }
 
-// topK returns the indices of the k largest scores (ties: lower index).
 // pickBlocks appends to dst up to k of the candidate blocks cand (ascending)
 // in descending score order; the best neighbors of them are each followed
 // by the next candidate block. It returns them sorted.
@@ -629,6 +628,7 @@ func pickBlocks(dst, cand []int, scores []float32, k, neighbors int) []int {
 	return dst
 }
 
+// topK returns the indices of the k largest scores (ties: lower index).
 func topK(scores []float32, k int) []int {
 	idx := make([]int, len(scores))
 	for i := range idx {
