@@ -3,15 +3,12 @@ package kvrecall_test
 import (
 	"context"
 	"encoding/json"
-	"path/filepath"
 	"strings"
 	"testing"
 
-	fsggml "github.com/ollama/ollama/fs/ggml"
 	"github.com/stretchr/testify/require"
 
 	"github.com/kvrecall/kvrecall"
-	"github.com/kvrecall/kvrecall/gguf"
 	"github.com/kvrecall/kvrecall/internal/testmodels"
 )
 
@@ -21,11 +18,7 @@ func storiesWithTemplate(t *testing.T) *kvrecall.Model {
 	t.Helper()
 	const tpl = `{% if tools %}Tools:{% for t in tools %} {{ t.function.name }}{% endfor %}
 {% endif %}{% for m in messages %}{{ m['content'] }}{% endfor %}`
-	path := filepath.Join(t.TempDir(), "stories-tools.gguf")
-	require.NoError(t, gguf.Copy(testmodels.StoriesV3(t), path, func(kv fsggml.KV, ts []*fsggml.Tensor) ([]*fsggml.Tensor, error) {
-		kv["tokenizer.chat_template"] = tpl
-		return ts, nil
-	}))
+	path := testmodels.StoriesWithTemplate(t, tpl)
 	m, err := kvrecall.Open(context.Background(), path, kvrecall.Options{Threads: 1, ContextLength: 512, DataDir: t.TempDir()})
 	require.NoError(t, err)
 	t.Cleanup(func() { m.Close() })

@@ -349,11 +349,7 @@ func TestConcurrentGenerateAndAsk(t *testing.T) {
 func TestChatTools(t *testing.T) {
 	const tpl = `{% if tools %}Tools:{% for t in tools %} {{ t.function.name }}{% endfor %}
 {% endif %}{% for m in messages %}{{ m['content'] }}{% endfor %}`
-	path := filepath.Join(t.TempDir(), "stories-tools.gguf")
-	require.NoError(t, gguf.Copy(testmodels.StoriesV3(t), path, func(kv fsggml.KV, ts []*fsggml.Tensor) ([]*fsggml.Tensor, error) {
-		kv["tokenizer.chat_template"] = tpl
-		return ts, nil
-	}))
+	path := testmodels.StoriesWithTemplate(t, tpl)
 	ctx := context.Background()
 	m, err := kvrecall.Open(ctx, path, kvrecall.Options{Threads: 2, ContextLength: 512, DataDir: t.TempDir()})
 	require.NoError(t, err)

@@ -6,15 +6,12 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
-	fsggml "github.com/ollama/ollama/fs/ggml"
 	"github.com/stretchr/testify/require"
 
-	"github.com/kvrecall/kvrecall/gguf"
 	"github.com/kvrecall/kvrecall/internal/testmodels"
 	"github.com/kvrecall/kvrecall/runtime"
 )
@@ -27,11 +24,7 @@ func newStoriesFixture(t *testing.T) *fixture {
 	t.Helper()
 	const tpl = `{% if tools %}Tools:{% for t in tools %} {{ t.function.name }}{% endfor %}
 {% endif %}{% for m in messages %}{{ m['content'] }}{% endfor %}`
-	path := filepath.Join(t.TempDir(), "stories-tools.gguf")
-	require.NoError(t, gguf.Copy(testmodels.StoriesV3(t), path, func(kv fsggml.KV, ts []*fsggml.Tensor) ([]*fsggml.Tensor, error) {
-		kv["tokenizer.chat_template"] = tpl
-		return ts, nil
-	}))
+	path := testmodels.StoriesWithTemplate(t, tpl)
 	m, err := runtime.Open(context.Background(), path, runtime.Options{Threads: 1, ContextLength: 512, DataDir: t.TempDir()})
 	require.NoError(t, err)
 	t.Cleanup(m.Close)

@@ -13,6 +13,8 @@ import (
 	"sync"
 	"testing"
 
+	fsggml "github.com/ollama/ollama/fs/ggml"
+
 	"github.com/kvrecall/kvrecall/foundry"
 	"github.com/kvrecall/kvrecall/gguf"
 )
@@ -97,6 +99,21 @@ func Stories(t testing.TB) string {
 		t.Fatalf("the pretrained test model is missing: %v (tests need ../shared beside the repository)", err)
 	}
 	return p
+}
+
+// StoriesWithTemplate returns a copy of StoriesV3 in a test's temporary
+// directory whose tokenizer.chat_template is tpl.
+func StoriesWithTemplate(t testing.TB, tpl string) string {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "stories-template.gguf")
+	err := gguf.Copy(StoriesV3(t), path, func(kv fsggml.KV, ts []*fsggml.Tensor) ([]*fsggml.Tensor, error) {
+		kv["tokenizer.chat_template"] = tpl
+		return ts, nil
+	})
+	if err != nil {
+		t.Fatalf("stories with a chat template: %v", err)
+	}
+	return path
 }
 
 // StoriesV3 returns stories260k re-encoded as GGUF v3 (llama.cpp refuses v1).
