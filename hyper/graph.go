@@ -35,6 +35,21 @@ func Attention(ctx ml.Context, c Config, q, k, v ml.Tensor, scale float64, causa
 	if causal {
 		N, leaf = c.Padded(n)
 	}
+	g.prepare(q, k, v, N)
+	var pack ml.Tensor // [d+2, N, H]: o, c, z (see part)
+	if causal {
+		pack = g.levels(g.leafPass(N, leaf), N, leaf, N)
+	} else {
+		pack = g.unmasked(g.q, g.qh, g.k, g.v, [][][]int32{c.samples(0, n, g.kvHeads)})
+	}
+	return g.result(pack, n)
+}
+
+// prepare sets the graph's q, qh, k and v from q [d, heads, n] and k, v
+// [d, kvHeads, n]: token-major per head, padded to N tokens.
+func (g *graph) prepare(q, k, v ml.Tensor, N int) {
+	ctx := g.ctx
+	n := q.Dim(2)
 	g.qh = q.Permute(ctx, 0, 2, 1, 3).Contiguous(ctx) // [d, n, H]
 	g.k = k.Permute(ctx, 0, 2, 1, 3).Contiguous(ctx)  // [d, n, kvHeads]
 	g.v = v.Permute(ctx, 0, 2, 1, 3).Contiguous(ctx)  // [d, n, kvHeads]
@@ -45,15 +60,95 @@ func Attention(ctx ml.Context, c Config, q, k, v ml.Tensor, scale float64, causa
 		g.k = g.k.Pad(ctx, 0, N-n, 0, 0)
 		g.v = g.v.Pad(ctx, 0, N-n, 0, 0)
 	}
-	g.q = g.qh.Scale(ctx, scale)
-	var pack ml.Tensor // [d+2, N, H]: o, c, z (see part)
-	if causal {
-		pack = g.causal(N, leaf)
-	} else {
-		pack = g.unmasked(g.q, g.qh, g.k, g.v, [][][]int32{c.samples(0, n, g.kvHeads)})
+	g.q = g.qh.Scale(ctx, g.scale)
+}
+
+// result is the attention output [d, heads, n] of the first n tokens of a
+// pack [d+2, N, heads].
+func (g *graph) result(pack ml.Tensor, n int) ml.Tensor {
+	o := pack.View(g.ctx, 0, g.d, pack.Stride(1), n, pack.Stride(2), g.heads)
+	return o.Permute(g.ctx, 0, 2, 1, 3).Contiguous(g.ctx) // [d, n, H] -> [d, H, n]
+}
+
+// Staged is causal Attention over host values, computed in as many graphs
+// as it takes to keep each within nodes tensors (a backend's
+// ml.Context.MaxGraphNodes): the leaves and the first levels of the
+// recursion in the first graph, then as many levels per graph as fit, the
+// running pack [d+2, N, heads] carried through host memory in between.
+// The ops and their f32 values are Attention's, so the result is the
+// same. A model with few tensors gets a small graph size from ollama's
+// backend (32 per weight, at least 1024), too small for the recursion of a
+// long sequence in one graph. q is [d, heads, n] and k, v [d, kvHeads, n]
+// (row-major, d fastest); newCtx makes a context for each graph. Returns
+// [d, heads, n].
+func Staged(newCtx func() ml.Context, c Config, s Shape, q, k, v []float32, scale float64, nodes int) ([]float32, error) {
+	if err := c.Validate(); err != nil {
+		return nil, err
 	}
-	o := pack.View(ctx, 0, d, pack.Stride(1), n, pack.Stride(2), H)
-	return o.Permute(ctx, 0, 2, 1, 3).Contiguous(ctx) // [d, n, H] -> [d, H, n]
+	n, err := s.check(q, k, v)
+	if err != nil {
+		return nil, err
+	}
+	if n > MaxTokens {
+		return nil, fmt.Errorf("hyper: %d tokens: at most %d", n, MaxTokens)
+	}
+	plan, err := c.Stages(n, nodes)
+	if err != nil {
+		return nil, err
+	}
+	d, H := s.HeadDim, s.Heads
+	N, leaf := c.Padded(n)
+	var acc []float32 // [d+2, N, H] between graphs
+	for i, st := range plan {
+		ctx := newCtx()
+		g := newGraph(ctx, scale, d, H, s.KVHeads)
+		g.c = c
+		g.prepare(ctx.Input().FromFloats(q, d, H, n), ctx.Input().FromFloats(k, d, s.KVHeads, n), ctx.Input().FromFloats(v, d, s.KVHeads, n), N)
+		var pack ml.Tensor
+		if i == 0 {
+			pack = g.leafPass(N, leaf)
+		} else {
+			pack = ctx.Input().FromFloats(acc, d+2, N, H)
+		}
+		pack = g.levels(pack, N, st[0], st[1])
+		out, dst := pack, ctx.Input().Empty(ml.DTypeF32, d+2, N, H)
+		if i == len(plan)-1 {
+			out, dst = g.result(pack, n), ctx.Input().Empty(ml.DTypeF32, d, H, n)
+		}
+		// The result is copied out of the backend's shared compute buffer
+		// into a tensor of this context before it is read.
+		ctx.Forward(out.Copy(ctx, dst)).Compute(dst)
+		acc = dst.Floats()
+		ctx.Close()
+	}
+	return acc, nil
+}
+
+// Stages plans Staged's graphs for a causal pass of n tokens within nodes
+// tensors each: graph i computes the levels whose half-segment length is
+// in [from, to) (graph 0 also the leaves; its range may be empty). One
+// graph is Attention's whole pass.
+func (c Config) Stages(n, nodes int) ([][2]int, error) {
+	N, leaf := c.Padded(n)
+	budget := nodes - stageBase - leafSize(leaf)
+	if budget < 0 {
+		return nil, fmt.Errorf("hyper: the exact leaves of %d tokens (min_seq_len %d) need about %d graph nodes; the backend allows %d: lower min_seq_len", leaf, c.MinSeqLen, stageBase+leafSize(leaf), nodes)
+	}
+	if nodes-stageBase < levelSize && 2*leaf <= N {
+		return nil, fmt.Errorf("hyper: a level of the recursion needs about %d graph nodes; the backend allows %d", stageBase+levelSize, nodes)
+	}
+	var plan [][2]int
+	from := leaf
+	for first := true; first || from < N; first = false {
+		to := from
+		for 2*to <= N && budget >= levelSize {
+			to *= 2
+			budget -= levelSize
+		}
+		plan = append(plan, [2]int{from, to})
+		from, budget = to, nodes-stageBase
+	}
+	return plan, nil
 }
 
 // Padded returns the length N >= n that a causal pass of n tokens is
@@ -203,22 +298,32 @@ func (g *graph) causalMask(L int) ml.Tensor {
 	return t
 }
 
-// causal is the paper's recursion over N = leaf·2^k tokens, level by
-// level: exact causal attention inside every leaf, then for each level
-// from the deepest, the second halves of its segments attend their first
-// halves (unmasked), merged into the running result by log-sum-exp.
-func (g *graph) causal(N, leaf int) ml.Tensor {
+// The paper's causal recursion over N = leaf·2^k tokens goes level by
+// level: exact causal attention inside every leaf (leafPass), then for
+// each level from the deepest, the second halves of its segments attend
+// their first halves (unmasked), merged into the running result by
+// log-sum-exp (levels).
+
+// leafPass is exact causal attention inside every leaf of the padded
+// sequence: the pack [d+2, N, heads].
+func (g *graph) leafPass(N, leaf int) ml.Tensor {
 	ctx := g.ctx
-	d, H, Hkv := g.d, g.heads, g.kvHeads
 	leaves := N / leaf
 	// Leaves as heads: [d, leaf, heads·leaves].
 	asLeaves := func(x ml.Tensor) ml.Tensor {
 		return x.Reshape(ctx, x.Dim(0), leaf, leaves, x.Dim(2)).Permute(ctx, 0, 1, 3, 2).Contiguous(ctx).Reshape(ctx, x.Dim(0), leaf, x.Dim(2)*leaves)
 	}
 	acc := g.leaves(asLeaves(g.q), asLeaves(g.k), asLeaves(g.v)) // [d+2, leaf, H·leaves]
-	acc = g.unsegment(acc, H).Reshape(ctx, d+2, N, H)
+	return g.unsegment(acc, g.heads).Reshape(ctx, g.d+2, N, g.heads)
+}
+
+// levels merges into acc [d+2, N, heads] the levels of the recursion
+// whose half-segments are from (inclusive) to to (exclusive) tokens long.
+func (g *graph) levels(acc ml.Tensor, N, from, to int) ml.Tensor {
+	ctx := g.ctx
+	d, H, Hkv := g.d, g.heads, g.kvHeads
 	var filler ml.Tensor
-	for half := leaf; 2*half <= N; half *= 2 {
+	for half := from; half < to && 2*half <= N; half *= 2 {
 		segs := N / (2 * half)
 		samp := make([][][]int32, segs)
 		for s := range samp {
@@ -511,9 +616,18 @@ func GraphSize(c Config, n, chunk int) int {
 		return 16 + 15*((n+chunk-1)/chunk)
 	}
 	N, leaf := c.Padded(n)
-	size := 60 + 22*len(leafSpans(leaf))
+	size := stageBase + leafSize(leaf)
 	for half := leaf; 2*half <= N; half *= 2 {
-		size += 150
+		size += levelSize
 	}
 	return size
 }
+
+// The parts of GraphSize's estimate: a graph's inputs, layout and output
+// (stageBase), the leaves (leafSize) and a level (levelSize).
+const (
+	stageBase = 60
+	levelSize = 150
+)
+
+func leafSize(leaf int) int { return 22 * len(leafSpans(leaf)) }

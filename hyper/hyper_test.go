@@ -253,3 +253,51 @@ func TestCausalChunksAreExact(t *testing.T) {
 		})
 	}
 }
+
+// Staged splits the causal pass across graphs of at most nodes tensors
+// (the leaves, then levels, with the running pack carried through host
+// memory) and gives Attention's values: the same ops on the same f32s.
+func TestStagedMatchesOneGraph(t *testing.T) {
+	s := hyper.Shape{Heads: 4, KVHeads: 2, HeadDim: 16}
+	c := hyper.Config{Projections: 7, BlockSize: 16, Samples: 16, MinSeqLen: 40, Seed: 7}
+	const n = 600 // leaves of 38, 4 levels
+	N, leaf := c.Padded(n)
+	require.Equal(t, 16*leaf, N)
+	one := hyper.GraphSize(c, n, 0)
+	cases := []struct {
+		name   string
+		nodes  int
+		graphs int
+	}{
+		{"one graph", one, 1},
+		{"two levels per graph", one - 150*2, 2},
+		{"leaves alone, then a level per graph", one - 150*4 + 149, 5},
+	}
+	r := rand.New(rand.NewPCG(4, n))
+	q, k, v := randoms(r, n*s.Heads*s.HeadDim), randoms(r, n*s.KVHeads*s.HeadDim), randoms(r, n*s.KVHeads*s.HeadDim)
+	scale := 1 / math.Sqrt(float64(s.HeadDim))
+	want := run(t, c, s, q, k, v, scale, true)
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			plan, err := c.Stages(n, tc.nodes)
+			require.NoError(t, err)
+			require.Len(t, plan, tc.graphs)
+			require.Equal(t, leaf, plan[0][0])
+			require.Equal(t, N, plan[len(plan)-1][1])
+			for i := 1; i < len(plan); i++ {
+				require.Equal(t, plan[i-1][1], plan[i][0], "the stages cover the levels in order")
+			}
+			graphs := 0
+			got, err := hyper.Staged(func() ml.Context { graphs++; return backend.NewContext() }, c, s, q, k, v, scale, tc.nodes)
+			require.NoError(t, err)
+			require.Equal(t, tc.graphs, graphs)
+			require.Equal(t, want, got, "bit-exact with the one-graph pass")
+		})
+	}
+	t.Run("too small", func(t *testing.T) {
+		_, err := c.Stages(n, 150)
+		require.ErrorContains(t, err, "graph nodes")
+		_, err = hyper.Staged(backend.NewContext, c, s, q, k, v, scale, 150)
+		require.ErrorContains(t, err, "graph nodes")
+	})
+}

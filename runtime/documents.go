@@ -231,8 +231,10 @@ func (m *Model) ingest(ctx context.Context, id string, toks []int32, textHash st
 	switch {
 	case o.Hyper != nil:
 		// The whole document in one batch: the recursion needs every query.
-		s.cache = &hyperCache{Paged: cache, o: *o.Hyper, use: use}
-		err = m.hyperFits(o.Hyper, use, len(toks))
+		var hc *hyperCache
+		if hc, err = m.newHyperCache(cache, *o.Hyper, use, len(toks)); err == nil {
+			s.cache = hc
+		}
 		if err == nil {
 			err = ctx.Err()
 		}

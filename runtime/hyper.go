@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
+	"sync/atomic"
 
 	"github.com/ollama/ollama/ml"
 	"github.com/ollama/ollama/model/input"
@@ -24,8 +25,9 @@ type HyperOptions struct {
 	Layers []int
 	// ExactChunk is the query chunk of the other layers' exact attention
 	// (scores [chunk end, chunk, heads] at a time). Default: n/64, at
-	// least 512 (ggml's graph size bounds the number of chunks; 512 is a
-	// dense prefill's batch).
+	// least 512 (512 is a dense prefill's batch), and larger where the
+	// backend's graph size cannot hold that many chunks (a model with few
+	// weights gets few graph nodes: see hyper.Staged).
 	ExactChunk int
 }
 
@@ -75,14 +77,24 @@ func (m *Model) IngestWith(ctx context.Context, id, text string, o IngestOptions
 // projections (arch.Hooks): graph A computes q, k and v and stores k and
 // v, whose f32 copies come back to the host with q; graph B computes that
 // layer's attention from them.
+//
+// A layer whose HyperAttention does not fit one graph (staged) is computed
+// by hyper.Staged in graphs of its own while graph B is built, from the
+// host copies of q, k and v; graph B then takes its output as an input.
 type hyperCache struct {
 	*kvcache.Paged
 	o      HyperOptions
 	use    []bool
 	active bool // the batch is the document, from position 0
 
+	b      ml.Backend
+	nodes  int    // the backend's graph size (MaxGraphNodes)
+	staged []bool // layers whose HyperAttention runs in hyper.Staged
+	chunk  int    // the exact layers' query chunk
+
 	pendK, pendV ml.Tensor // graph A's copies of k and v
 	k, v         []float32 // their values, for graph B
+	q            []float32 // the layer's queries [headDim, heads, n], for hyper.Staged
 	kvHeads      int
 }
 
@@ -105,6 +117,12 @@ func (c *hyperCache) NeedQueries(layer int) bool {
 // SetQueries implements arch.Hooks; only the paged cache's own requests
 // reach it.
 func (c *hyperCache) SetQueries(layer int, q [][]float32) error {
+	if c.active && c.staged[layer] {
+		c.q = c.q[:0]
+		for _, row := range q {
+			c.q = append(c.q, row...)
+		}
+	}
 	if !c.Paged.NeedQueries(layer) {
 		return nil
 	}
@@ -156,44 +174,78 @@ func (c *hyperCache) Attention(ctx ml.Context, layer int, q, k, v ml.Tensor, sca
 		ctx.Forward(q, k, v)
 		c.Paged.Put(ctx, k, v)
 	}
-	if c.use[layer] {
-		cfg := c.o.Config
-		cfg.Seed += uint64(layer)
+	if !c.use[layer] {
+		return hyper.Causal(ctx, q, k, v, scale, c.chunk)
+	}
+	cfg := c.o.Config
+	cfg.Seed += uint64(layer)
+	if !c.staged[layer] {
 		return hyper.Attention(ctx, cfg, q, k, v, scale, true)
 	}
-	return hyper.Causal(ctx, q, k, v, scale, c.o.exactChunk(q.Dim(2)))
+	d, heads, n := q.Dim(0), q.Dim(1), q.Dim(2)
+	newCtx := func() ml.Context {
+		hyperStagedGraphs.Add(1)
+		return c.b.NewContext()
+	}
+	out, err := hyper.Staged(newCtx, cfg, hyper.Shape{Heads: heads, KVHeads: c.kvHeads, HeadDim: d}, c.q, c.k, c.v, scale, c.nodes)
+	if err != nil {
+		// hyperFits planned these graphs before the pass began.
+		panic(fmt.Sprintf("hyper: layer %d: %v", layer, err))
+	}
+	return ctx.Input().FromFloats(out, d, heads, n)
 }
 
-// hyperFits checks that the one-batch graph fits the backend's graph size:
-// the count grows as n/min_seq_len per HyperAttention layer and ggml aborts
-// the process when it runs out.
-func (m *Model) hyperFits(o *HyperOptions, use []bool, n int) error {
+// Test hooks: hyperGraphNodes, when positive, stands for the backend's
+// graph size; hyperStagedGraphs counts hyper.Staged's graphs.
+var (
+	hyperGraphNodes   int
+	hyperStagedGraphs atomic.Int64
+)
+
+// newHyperCache plans a one-batch HyperAttention ingest of n tokens
+// within the backend's graph size: each layer's attention graph (with the
+// layer's MLP and the next projections, about 80 tensors) must fit, so
+// the exact layers' chunk grows and a HyperAttention layer whose
+// recursion does not fit one graph is staged (hyper.Staged). ggml aborts
+// the process when a graph runs out of nodes, hence the plan.
+func (m *Model) newHyperCache(paged *kvcache.Paged, o HyperOptions, use []bool, n int) (*hyperCache, error) {
 	if n > hyper.MaxTokens {
-		return fmt.Errorf("hyper: the document has %d tokens: at most %d", n, hyper.MaxTokens)
+		return nil, fmt.Errorf("hyper: the document has %d tokens: at most %d", n, hyper.MaxTokens)
 	}
 	ctx := m.backend.NewContext()
 	limit := ctx.MaxGraphNodes()
 	ctx.Close()
-	need := 0 // the largest graph: one layer's attention, its MLP and the next projections
-	for _, u := range use {
-		n1 := 80
-		if u {
-			n1 += hyper.GraphSize(o.Config, n, 0)
-		} else {
-			n1 += hyper.GraphSize(o.Config, n, o.exactChunk(n))
+	if hyperGraphNodes > 0 {
+		limit = hyperGraphNodes
+	}
+	const layerNodes = 80 // the rest of a layer's graph
+	c := &hyperCache{Paged: paged, o: o, use: use, b: m.backend, nodes: limit - layerNodes, staged: make([]bool, len(use))}
+	c.chunk = o.exactChunk(n, c.nodes)
+	for l, u := range use {
+		switch {
+		case !u:
+			if need := hyper.GraphSize(o.Config, n, c.chunk); need > c.nodes {
+				return nil, fmt.Errorf("hyper: exact attention over %d tokens in chunks of %d needs about %d graph nodes per layer; the backend allows %d: raise the exact chunk", n, c.chunk, need+layerNodes, limit)
+			}
+		case hyper.GraphSize(o.Config, n, 0) > c.nodes:
+			if _, err := o.Config.Stages(n, c.nodes); err != nil {
+				return nil, err
+			}
+			c.staged[l] = true
 		}
-		need = max(need, n1)
 	}
-	if need > limit {
-		return fmt.Errorf("hyper: %d tokens with min_seq_len %d need about %d graph nodes per layer; the backend allows %d: raise min_seq_len", n, o.MinSeqLen, need, limit)
-	}
-	return nil
+	return c, nil
 }
 
-// exactChunk is ExactChunk, or its default for n tokens.
-func (o *HyperOptions) exactChunk(n int) int {
+// exactChunk is ExactChunk, or its default for n tokens in graphs of at
+// most nodes tensors.
+func (o *HyperOptions) exactChunk(n, nodes int) int {
 	if o.ExactChunk > 0 {
 		return o.ExactChunk
 	}
-	return max(512, (n+63)/64)
+	chunk := max(512, (n+63)/64)
+	for chunk < n && hyper.GraphSize(o.Config, n, chunk) > nodes {
+		chunk += 64
+	}
+	return chunk
 }

@@ -30,7 +30,7 @@ func TestHyperIngestRejectsBadSettings(t *testing.T) {
 		{"layer out of range", runtime.HyperOptions{Config: hyper.Default(), Layers: []int{2}}, "layer 2"},
 		{"bad block", runtime.HyperOptions{Config: hyper.Config{Projections: 7, BlockSize: 0, Samples: 1, MinSeqLen: 1}}, "block size"},
 		{"bad chunk", runtime.HyperOptions{Config: hyper.Default(), ExactChunk: -1}, "exact chunk"},
-		{"graph too large", runtime.HyperOptions{Config: hyper.Config{Projections: 7, BlockSize: 8, Samples: 8, MinSeqLen: 1}}, "raise min_seq_len"},
+		{"exact chunk too small for the graph", runtime.HyperOptions{Config: hyper.Default(), Layers: []int{1}, ExactChunk: 2}, "raise the exact chunk"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -38,6 +38,42 @@ func TestHyperIngestRejectsBadSettings(t *testing.T) {
 			require.ErrorContains(t, err, tc.want)
 		})
 	}
+}
+
+// A HyperAttention layer whose recursion does not fit the backend's graph
+// size runs in several graphs (hyper.Staged) and stores the same keys and
+// values, bit for bit, as the one-graph pass; so do the exact layers in
+// chunks grown to fit. The recall model (2 layers, few weights) has
+// ollama's least graph size, 1024 nodes, which a 64k-token document's
+// recursion exceeds; here a small document meets a smaller size.
+func TestHyperIngestStagedMatchesOneGraph(t *testing.T) {
+	fx := newDocFixture(t, t.TempDir(), 600, []float64{0.5})
+	cfg := hyper.Config{Projections: 7, BlockSize: 16, Samples: 16, MinSeqLen: 40, Seed: 3}
+	ingest := func(id string, nodes int, layers []int) *runtime.Document {
+		old := runtime.SetHyperGraphNodes(nodes)
+		defer runtime.SetHyperGraphNodes(old)
+		doc, err := fx.m.IngestTokensWith(context.Background(), id, fx.c.Tokens, runtime.IngestOptions{Hyper: &runtime.HyperOptions{Config: cfg, Layers: layers}}, nil)
+		require.NoError(t, err)
+		return doc
+	}
+	samePages := func(t *testing.T, a, b *runtime.Document) {
+		sa, sb := a.Store(), b.Store()
+		require.Equal(t, sa.Len(), sb.Len())
+		for l := 0; l < fx.m.Config().Layers; l++ {
+			for i := 0; i < sa.Pages(); i++ {
+				require.Equal(t, sa.Page(l, i).K, sb.Page(l, i).K, "layer %d page %d keys", l, i)
+				require.Equal(t, sa.Page(l, i).V, sb.Page(l, i).V, "layer %d page %d values", l, i)
+			}
+		}
+	}
+	one := ingest("one", 0, nil)
+	before := runtime.HyperStagedGraphs()
+	// 80 nodes for the rest of the layer, 60 for a graph's inputs, the
+	// leaves of 38 tokens (one query chunk, 22) and one level (150).
+	staged := ingest("staged", 80+60+22+150, nil)
+	graphs := runtime.HyperStagedGraphs() - before
+	require.Equal(t, int64(2*4), graphs, "two layers of 4 graphs (16 leaves, 4 levels, one per graph)")
+	samePages(t, one, staged)
 }
 
 // Needles in documents ingested with HyperAttention, answered with exact
