@@ -604,6 +604,60 @@ func Causal(ctx ml.Context, q, k, v ml.Tensor, scale float64, chunk int) ml.Tens
 	return out.Permute(ctx, 0, 2, 1, 3).Contiguous(ctx) // [d, n, H] -> [d, H, n]
 }
 
+// CausalWindow is Causal for a sliding-window layer: query i sees keys
+// i-window+1 .. i (the window of llama.cpp and of the paged cache), in
+// query chunks of at most chunk tokens, each against keys [lo-window+1,
+// hi) under a mask built on the host. Its cost is O(n·(chunk+window)), not
+// quadratic. window <= 0 is Causal.
+func CausalWindow(ctx ml.Context, q, k, v ml.Tensor, scale float64, chunk, window int) ml.Tensor {
+	if window <= 0 {
+		return Causal(ctx, q, k, v, scale, chunk)
+	}
+	if chunk < 1 {
+		panic(fmt.Sprintf("hyper: exact chunk %d: want at least 1", chunk))
+	}
+	d, H, n := q.Dim(0), q.Dim(1), q.Dim(2)
+	g := newGraph(ctx, scale, d, H, k.Dim(1))
+	g.q = q.Permute(ctx, 0, 2, 1, 3).Contiguous(ctx).Scale(ctx, scale) // [d, n, H], scaled
+	g.k = k.Permute(ctx, 0, 2, 1, 3).Contiguous(ctx)                   // [d, n, kvHeads]
+	g.vt = v.Permute(ctx, 1, 2, 0, 3).Contiguous(ctx)                  // [n, d, kvHeads]
+	masks := map[[3]int]ml.Tensor{}                                    // by (lo-klo, hi-lo, keys)
+	var out ml.Tensor
+	for lo := 0; lo < n; lo += chunk {
+		hi := min(lo+chunk, n)
+		klo := max(0, lo-window+1)
+		key := [3]int{lo - klo, hi - lo, hi - klo}
+		mask, ok := masks[key]
+		if !ok {
+			// [hi-klo, hi-lo]: query lo+i sees keys lo+i-window+1 .. lo+i.
+			nk, c := hi-klo, hi-lo
+			m := make([]float32, nk*c)
+			for i := 0; i < c; i++ {
+				qi := lo + i
+				for j := 0; j < nk; j++ {
+					if kj := klo + j; kj > qi || kj <= qi-window {
+						m[i*nk+j] = masked
+					}
+				}
+			}
+			mask = ctx.Input().FromFloats(m, nk, c)
+			masks[key] = mask
+		}
+		qc := tokens(ctx, g.q, lo, hi)
+		if n > hi-lo {
+			qc = qc.Contiguous(ctx) // for ggml's sgemm (see leaves)
+		}
+		x := tokens(ctx, g.k, klo, hi).MulmatFullPrec(ctx, qc).Add(ctx, mask) // [hi-klo, c, H]
+		o := tokensT(ctx, g.vt, klo, hi).Mulmat(ctx, x.Softmax(ctx))          // [d, c, H]
+		if out == nil {
+			out = o
+		} else {
+			out = out.Concat(ctx, o, 1)
+		}
+	}
+	return out.Permute(ctx, 0, 2, 1, 3).Contiguous(ctx) // [d, n, H] -> [d, H, n]
+}
+
 // GraphSize is an upper estimate of the ggml tensors that Attention (with
 // chunk 0, causal) or Causal (with chunk > 0) creates for n tokens: a ggml
 // context holds a fixed number (ml.Context.MaxGraphNodes), and running out
@@ -612,8 +666,8 @@ func Causal(ctx ml.Context, q, k, v ml.Tensor, scale float64, chunk int) ml.Tens
 // about 110 tensors per level of the recursion (counted from the code;
 // 150 allowed), so the count grows as log2(n/MinSeqLen).
 func GraphSize(c Config, n, chunk int) int {
-	if chunk > 0 {
-		return 16 + 15*((n+chunk-1)/chunk)
+	if chunk > 0 { // Causal's or CausalWindow's chunks
+		return 16 + 16*((n+chunk-1)/chunk)
 	}
 	N, leaf := c.Padded(n)
 	size := stageBase + leafSize(leaf)

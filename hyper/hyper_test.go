@@ -301,3 +301,31 @@ func TestStagedMatchesOneGraph(t *testing.T) {
 		require.ErrorContains(t, err, "graph nodes")
 	})
 }
+
+// CausalWindow is exact sliding-window attention in any chunking, for
+// windows shorter and longer than the chunk, and window 1 (only itself).
+func TestCausalWindowIsExact(t *testing.T) {
+	s := hyper.Shape{Heads: 4, KVHeads: 2, HeadDim: 16}
+	const n = 150
+	r := rand.New(rand.NewPCG(5, 6))
+	q, k, v := randoms(r, n*s.Heads*s.HeadDim), randoms(r, n*s.KVHeads*s.HeadDim), randoms(r, n*s.KVHeads*s.HeadDim)
+	scale := 1 / math.Sqrt(float64(s.HeadDim))
+	full, err := hyper.Exact(s, q, k, v, scale, true)
+	require.NoError(t, err)
+	for _, tc := range []struct{ chunk, window int }{{7, 20}, {64, 20}, {16, 100}, {150, 33}, {400, 1}, {32, 1000}} {
+		t.Run(fmt.Sprintf("chunk %d window %d", tc.chunk, tc.window), func(t *testing.T) {
+			want, err := hyper.ExactWindow(s, q, k, v, scale, tc.window)
+			require.NoError(t, err)
+			if tc.window < n {
+				require.Greater(t, maxAbs(want, full), 0.05, "the window must matter here")
+			}
+			ctx := backend.NewContext()
+			defer ctx.Close()
+			out := hyper.CausalWindow(ctx, ctx.Input().FromFloats(q, s.HeadDim, s.Heads, n),
+				ctx.Input().FromFloats(k, s.HeadDim, s.KVHeads, n), ctx.Input().FromFloats(v, s.HeadDim, s.KVHeads, n), scale, tc.chunk, tc.window)
+			res := ctx.Input().Empty(ml.DTypeF32, s.HeadDim, s.Heads, n)
+			ctx.Forward(out.Copy(ctx, res)).Compute(res)
+			require.Less(t, maxAbs(res.Floats(), want), 2e-5)
+		})
+	}
+}

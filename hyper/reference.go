@@ -87,6 +87,29 @@ func Exact(s Shape, q, k, v []float32, scale float64, causal bool) ([]float32, e
 	return out, nil
 }
 
+// ExactWindow is causal exact attention within a sliding window: query t
+// sees keys t-window+1 .. t (CausalWindow's reference).
+func ExactWindow(s Shape, q, k, v []float32, scale float64, window int) ([]float32, error) {
+	n, err := s.check(q, k, v)
+	if err != nil {
+		return nil, err
+	}
+	if window < 1 {
+		return nil, fmt.Errorf("hyper: window %d: want at least 1", window)
+	}
+	r := &ref{s: s, q: q, k: k, v: v, scale: scale}
+	out := make([]float32, len(q))
+	for h := 0; h < s.Heads; h++ {
+		for t := 0; t < n; t++ {
+			x := r.attend(h, t, seq(max(0, t-window+1), t+1), nil, 0)
+			for d, y := range x.o {
+				out[(t*s.Heads+h)*s.HeadDim+d] = float32(y)
+			}
+		}
+	}
+	return out, nil
+}
+
 // row is one query's normalised output and its log-sum-exp.
 type row struct {
 	o   []float64

@@ -175,10 +175,9 @@ func (m *Model) ingest(ctx context.Context, id string, toks []int32, textHash st
 	if o.Streaming && o.Hyper != nil {
 		return nil, errors.New("ingest: streaming prefill and HyperAttention are two prefills; choose one")
 	}
-	if o.Hyper != nil && (m.cfg.SlidingWindow > 0 || m.cfg.AttnSoftcap > 0) {
-		// HyperAttention computes plain causal attention: no score cap
-		// and no sliding window.
-		return nil, fmt.Errorf("ingest: HyperAttention does not support %s (sliding-window layers or soft-capped attention scores): ingest densely", m.cfg.Arch)
+	if o.Hyper != nil && m.cfg.AttnSoftcap > 0 {
+		// HyperAttention computes plain softmax attention: no score cap.
+		return nil, fmt.Errorf("ingest: HyperAttention does not support %s's soft-capped attention scores (attn_logit_softcapping %g): ingest densely", m.cfg.Arch, m.cfg.AttnSoftcap)
 	}
 	if m.opts.Squeezed != nil && m.cfg.SlidingWindow > 0 {
 		return nil, fmt.Errorf("ingest: Squeezed-Attention clusters do not support %s's sliding-window layers yet: open the model without Options.Squeezed", m.cfg.Arch)
@@ -187,7 +186,7 @@ func (m *Model) ingest(ctx context.Context, id string, toks []int32, textHash st
 	if o.Hyper != nil {
 		h := *o.Hyper
 		var err error
-		if use, err = h.validate(m.cfg.Layers); err != nil {
+		if use, err = h.validate(m.cfg); err != nil {
 			return nil, err
 		}
 		o.Hyper = &h

@@ -32,27 +32,44 @@ type HyperOptions struct {
 }
 
 // validate fills the defaults and checks the settings for a model of
-// layers layers.
-func (o *HyperOptions) validate(layers int) (use []bool, err error) {
+// cfg's layers. Sliding-window layers (gemma3's local layers) attend
+// their window exactly (hyper.CausalWindow, already O(n·window)): no
+// layer list includes them, and naming one is an error.
+func (o *HyperOptions) validate(cfg arch.Config) (use []bool, err error) {
 	if err := o.Config.Validate(); err != nil {
 		return nil, err
 	}
 	if o.ExactChunk < 0 {
 		return nil, fmt.Errorf("hyper: exact chunk %d: want 0 (default) or more", o.ExactChunk)
 	}
+	layers := cfg.Layers
 	use = make([]bool, layers)
 	if len(o.Layers) == 0 {
 		for i := range use {
-			use[i] = true
+			use[i] = !cfg.Windowed(i)
 		}
 	}
 	for _, l := range o.Layers {
 		if l < 0 || l >= layers {
 			return nil, fmt.Errorf("hyper: layer %d: the model has layers 0..%d", l, layers-1)
 		}
+		if cfg.Windowed(l) {
+			return nil, fmt.Errorf("hyper: layer %d is a sliding-window layer (window %d): it attends its window exactly; HyperAttention is for the global layers %v", l, cfg.SlidingWindow, globalLayers(cfg))
+		}
 		use[l] = true
 	}
 	return use, nil
+}
+
+// globalLayers lists cfg's layers that attend the whole sequence.
+func globalLayers(cfg arch.Config) []int {
+	var out []int
+	for l := 0; l < cfg.Layers; l++ {
+		if !cfg.Windowed(l) {
+			out = append(out, l)
+		}
+	}
+	return out
 }
 
 // IngestWith is Ingest with options (see IngestOptions).
@@ -175,7 +192,8 @@ func (c *hyperCache) Attention(ctx ml.Context, layer int, q, k, v ml.Tensor, sca
 		c.Paged.Put(ctx, k, v)
 	}
 	if !c.use[layer] {
-		return hyper.Causal(ctx, q, k, v, scale, c.chunk)
+		// Exact: within the window on a sliding-window layer (0: none).
+		return hyper.CausalWindow(ctx, q, k, v, scale, c.chunk, c.SlidingWindow(layer))
 	}
 	cfg := c.o.Config
 	cfg.Seed += uint64(layer)

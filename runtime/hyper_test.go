@@ -3,12 +3,14 @@ package runtime_test
 import (
 	"context"
 	"fmt"
+	"math"
 	"os"
 	"strconv"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/require"
+	"github.com/x448/float16"
 
 	"github.com/kvrecall/kvrecall/foundry"
 	"github.com/kvrecall/kvrecall/gguf"
@@ -166,4 +168,58 @@ func seq(lo, hi int) []int {
 		s = append(s, i)
 	}
 	return s
+}
+
+// gemma3's sliding-window layers attend their window exactly in a
+// HyperAttention ingest (hyper.CausalWindow) and its global layer uses
+// HyperAttention: with n <= min_seq_len that is exact too, so every stored
+// key and value matches the dense ingest's within f16 rounding (the dense
+// ingest attends over f16 values, this one over the batch's f32 ones); a
+// full causal pass on the windowed layers would be far off. Naming a
+// windowed layer is an error that lists the global ones.
+func TestHyperIngestGemma3Windows(t *testing.T) {
+	path := testmodels.Random(t, "gemma3", "gemma3-tiny", foundry.F32, 9, false)
+	ctx := context.Background()
+	const n = 400 // window 64, 6 layers: 0-4 windowed, 5 global
+	m, err := runtime.Open(ctx, path, runtime.Options{Threads: 2, ContextLength: n + 64, DataDir: t.TempDir()})
+	require.NoError(t, err)
+	defer m.Close()
+	toks := make([]int32, n)
+	for i := range toks {
+		toks[i] = int32(1 + (i*37+11)%500)
+	}
+	dense, err := m.IngestTokensWith(ctx, "dense", toks, runtime.IngestOptions{}, nil)
+	require.NoError(t, err)
+	exact := hyper.Default() // min_seq_len 4096 >= n: the global layer is exact
+	hyp, err := m.IngestTokensWith(ctx, "hyper", toks, runtime.IngestOptions{Hyper: &runtime.HyperOptions{Config: exact}}, nil)
+	require.NoError(t, err)
+	sa, sb := dense.Store(), hyp.Store()
+	worst, compared := 0.0, 0
+	for l := 0; l < m.Config().Layers; l++ {
+		for i := 0; i < sa.Pages(); i++ {
+			pa, pb := sa.Page(l, i), sb.Page(l, i)
+			if pa == nil || pb == nil || len(pa.K) == 0 || len(pb.K) == 0 {
+				require.Equal(t, pa == nil || len(pa.K) == 0, pb == nil || len(pb.K) == 0, "layer %d page %d kept by one ingest only", l, i)
+				continue
+			}
+			for j := range pa.K {
+				for _, ab := range [][2]uint16{{pa.K[j], pb.K[j]}, {pa.V[j], pb.V[j]}} {
+					a, b := float64(float16.Frombits(ab[0]).Float32()), float64(float16.Frombits(ab[1]).Float32())
+					worst = math.Max(worst, math.Abs(a-b)/math.Max(1, math.Abs(a)))
+				}
+			}
+			compared++
+		}
+	}
+	t.Logf("%d pages compared, worst relative difference %.3g", compared, worst)
+	require.Positive(t, compared)
+	require.Less(t, worst, 2e-2)
+
+	// HyperAttention proper on the global layer (min_seq_len below n).
+	cfg := hyper.Config{Projections: 7, BlockSize: 16, Samples: 16, MinSeqLen: 64, Seed: 1}
+	_, err = m.IngestTokensWith(ctx, "hyper-approx", toks, runtime.IngestOptions{Hyper: &runtime.HyperOptions{Config: cfg}}, nil)
+	require.NoError(t, err)
+	_, err = m.IngestTokensWith(ctx, "bad", toks, runtime.IngestOptions{Hyper: &runtime.HyperOptions{Config: cfg, Layers: []int{2}}}, nil)
+	require.ErrorContains(t, err, "layer 2 is a sliding-window layer")
+	require.ErrorContains(t, err, "[5]")
 }
