@@ -210,7 +210,9 @@ func (m *Model) ingest(ctx context.Context, id string, toks []int32, textHash st
 		// earlier tokens (InfLLM: exc_block_size 256 within n_local 512).
 		streamSel = pol.(*probe.Selector)
 		chunk = min(streamSel.Settings().ExcBlockSize, streamSel.Config().Window/2)
-	} else if pol, err = paging.New("dense", paging.Config{PageSize: m.opts.PageSize}); err != nil {
+	} else if pol, err = paging.New("dense", paging.Config{PageSize: m.opts.PageSize, Layers: m.cfg.Layers, KVHeads: m.cfg.KVHeads}); err != nil {
+		// (The layer count is needed by the sliding-window wrapper of
+		// gemma models; without it their ingest was refused.)
 		return nil, err
 	}
 	var rec *squeezed.Recorder
