@@ -20,11 +20,19 @@ import (
 //     position -> cell are inverse maps over slots·P cells, every mapped
 //     position is in the sequence (or the batch under way), the group's
 //     selection lists tokens, and every listed token and every token of
-//     the batch has a cell (checkTokenPool).
+//     the batch has a cell (checkTokenPool);
+//   - a sliding-window layer's host pages are exactly those a query from
+//     the last pass's first position on can read (Store, checkWindows);
+//     every selected or written page is held on the host; a slot may
+//     still hold a page the host dropped (an LRU leftover) but never
+//     attends to it.
 func (c *Paged) CheckInvariants() error {
 	var errs []error
 	P := c.L.PageSize
 	pages := c.store.Pages()
+	if err := c.store.checkWindows(); err != nil {
+		errs = append(errs, err)
+	}
 	for l := range c.layers {
 		for gi, g := range c.layers[l].groups {
 			pl := g.pool
@@ -60,7 +68,7 @@ func (c *Paged) CheckInvariants() error {
 				if pl.fill[s] > P {
 					errs = append(errs, fmt.Errorf("%s: slot %d fill %d > page size %d", at, s, pl.fill[s], P))
 				}
-				if (c.written == 0 || c.written == c.L.Layers) && p < pages && pl.fill[s] > c.store.pages[l][p].N {
+				if (c.written == 0 || c.written == c.L.Layers) && p < pages && c.store.pages[l][p] != nil && pl.fill[s] > c.store.pages[l][p].N {
 					errs = append(errs, fmt.Errorf("%s: slot %d fill %d > %d tokens of page %d", at, s, pl.fill[s], c.store.pages[l][p].N, p))
 				}
 			}
@@ -75,11 +83,17 @@ func (c *Paged) CheckInvariants() error {
 					if pl.resident(p) < 0 {
 						errs = append(errs, fmt.Errorf("%s: selected page %d is not resident", at, p))
 					}
+					if p < pages && c.store.pages[l][p] == nil {
+						errs = append(errs, fmt.Errorf("%s: selected page %d was dropped from the host", at, p))
+					}
 				}
 			}
 			for _, p := range c.writes {
 				if pl.resident(p) < 0 {
 					errs = append(errs, fmt.Errorf("%s: written page %d is not resident", at, p))
+				}
+				if p < pages && c.store.pages[l][p] == nil {
+					errs = append(errs, fmt.Errorf("%s: written page %d was dropped from the host", at, p))
 				}
 			}
 		}

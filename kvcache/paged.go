@@ -170,6 +170,14 @@ func NewPaged(o Options) (*Paged, error) {
 		}
 		c.layers[l].groups = gs
 	}
+	// A sliding-window layer's host pages keep only its window (Store).
+	ws := make([]int, o.Layout.Layers)
+	for l := range ws {
+		ws[l] = c.SlidingWindow(l)
+	}
+	if err := c.store.setWindows(ws); err != nil {
+		return nil, err
+	}
 	return c, nil
 }
 
@@ -271,7 +279,11 @@ func (c *Paged) Stats() Stats {
 			}
 			for _, p := range g.sel {
 				if p < c.store.Pages() {
-					st.AttendedBytes += int64(c.store.pages[l][p].N) * int64(len(g.heads)*c.L.HeadDim) * 2 * 2
+					n := c.L.PageSize // a page a window dropped since (TrimWindows) was full
+					if pg := c.store.pages[l][p]; pg != nil {
+						n = pg.N
+					}
+					st.AttendedBytes += int64(n) * int64(len(g.heads)*c.L.HeadDim) * 2 * 2
 				}
 			}
 		}
@@ -372,15 +384,24 @@ func (c *Paged) SetLayer(layer int) { c.layer = layer }
 // share pages through Options.Prefix instead.
 func (c *Paged) CopyPrefix(srcSeq, dstSeq int, n int32) {}
 
-// CanResume reports whether the next token can be at pos.
-func (c *Paged) CanResume(seq int, pos int32) bool { return seq == 0 && int(pos) <= c.store.Len() }
+// CanResume reports whether the next token can be at pos: at most the
+// sequence's length, and, with sliding-window layers, no earlier than the
+// last forward pass began (their older pages are gone).
+func (c *Paged) CanResume(seq int, pos int32) bool {
+	return seq == 0 && pos >= 0 && c.store.canCut(int(pos))
+}
 
-// Remove drops tokens from beginIndex to the end (only suffixes can be removed).
+// Remove drops tokens from beginIndex to the end (only suffixes can be
+// removed; with sliding-window layers, only back to where the last forward
+// pass began).
 func (c *Paged) Remove(seq int, beginIndex, endIndex int32) error {
 	if seq != 0 || endIndex != math.MaxInt32 {
 		return ollamakv.ErrNotSupported
 	}
 	n := int(beginIndex)
+	if n < c.store.from && c.store.windowed() {
+		return fmt.Errorf("%w: the sliding-window layers keep only the pages their window can read from position %d on; cannot cut the sequence back to %d", ollamakv.ErrNotSupported, c.store.from, n)
+	}
 	if c.written > 0 && c.written < c.L.Layers {
 		// A forward pass failed halfway: some layers hold the batch already.
 		c.store.n = max(c.store.n, c.pos0+c.n)
@@ -436,6 +457,9 @@ func (c *Paged) StartForward(ctx ml.Context, batch input.Batch, reserve bool) er
 	c.pos0, c.n, c.upto, c.written = pos0, n, pos0+n, 0
 	c.stamp++
 	clear(c.graphRuns)
+	// Windowed layers drop the host pages no query from pos0 on can read
+	// (kept up to here so that a failed pass can be removed again).
+	c.store.trimTo(pos0)
 	c.store.grow(pos0 + n)
 	c.writes = c.writes[:0]
 	for p := pos0 / P; p <= (pos0+n-1)/P; p++ {

@@ -30,10 +30,25 @@ import (
 //
 // Records have a fixed size, so a truncated file is detected from its size.
 // Files are written to a temporary name, synced and renamed.
+//
+// Version 2 is written for a store with sliding-window layers (gemma's
+// local layers), whose pages before their window are dropped (Store). Its
+// header adds, before the checksum:
+//
+//	from u64 (the lowest position the document resumes at), windows [layers]u32
+//
+// and a page's record holds only the layers that keep the page: layer l is
+// in record p iff p >= max(0, from-windows[l])/pageSize for windows[l] > 0
+// (always for a global layer, windows[l] = 0). So the size is still known
+// from the header alone. Version 1 is written when no layer is windowed:
+// such files are byte for byte what earlier builds wrote, and both
+// versions are read.
 const (
 	pageFileMagic   = "KVRPAGES"
 	pageFileVersion = 1
-	headerSize      = 8 + 4*7 + 8 + 32 + 4
+	// pageFileWindowed is the version with sliding-window layers.
+	pageFileWindowed = 2
+	headerSize       = 8 + 4*7 + 8 + 32 + 4
 )
 
 var castagnoli = crc32.MakeTable(crc32.Castagnoli)
@@ -68,13 +83,23 @@ func WritePageFile(path string, s *Store, tokens []int32, fp Fingerprint) error 
 
 func writePages(w io.Writer, s *Store, tokens []int32, fp Fingerprint) error {
 	l := s.L
+	version := uint32(pageFileVersion)
+	if s.windowed() {
+		version = pageFileWindowed
+	}
 	var h bytes.Buffer
 	h.WriteString(pageFileMagic)
-	for _, v := range []uint32{pageFileVersion, uint32(l.Layers), uint32(l.KVHeads), uint32(l.HeadDim), uint32(l.PageSize), Reps, uint32(s.Pages())} {
+	for _, v := range []uint32{version, uint32(l.Layers), uint32(l.KVHeads), uint32(l.HeadDim), uint32(l.PageSize), Reps, uint32(s.Pages())} {
 		binary.Write(&h, binary.LittleEndian, v)
 	}
 	binary.Write(&h, binary.LittleEndian, uint64(len(tokens)))
 	h.Write(fp[:])
+	if version == pageFileWindowed {
+		binary.Write(&h, binary.LittleEndian, uint64(s.from))
+		for _, w := range s.window {
+			binary.Write(&h, binary.LittleEndian, uint32(w))
+		}
+	}
 	binary.Write(&h, binary.LittleEndian, crc32.Checksum(h.Bytes(), castagnoli))
 	if _, err := w.Write(h.Bytes()); err != nil {
 		return err
@@ -91,7 +116,9 @@ func writePages(w io.Writer, s *Store, tokens []int32, fp Fingerprint) error {
 	for p := 0; p < s.Pages(); p++ {
 		rec = rec[:0]
 		for layer := 0; layer < l.Layers; layer++ {
-			rec = appendPage(rec, l, s.pages[layer][p])
+			if p >= s.first[layer] { // a windowed layer's dropped pages are not written
+				rec = appendPage(rec, l, s.pages[layer][p])
+			}
 		}
 		rec = binary.LittleEndian.AppendUint32(rec, crc32.Checksum(rec, castagnoli))
 		if _, err := w.Write(rec); err != nil {
@@ -129,6 +156,19 @@ type PageFileInfo struct {
 	Pages       int
 	Tokens      int
 	Fingerprint Fingerprint
+	// Windows is each layer's sliding window (nil: version 1, no windowed
+	// layer); From is the lowest position the document resumes at (see
+	// Store). Layer l holds pages from max(0, From-Windows[l])/PageSize on.
+	Windows []int
+	From    int
+}
+
+// firstPage is the first page layer l holds in the file.
+func (info PageFileInfo) firstPage(l int) int {
+	if info.Windows == nil || info.Windows[l] == 0 {
+		return 0
+	}
+	return max(0, info.From-info.Windows[l]) / info.Layout.PageSize
 }
 
 func corrupt(path, format string, args ...any) error {
@@ -173,12 +213,37 @@ func readHeader(r io.Reader, path string, fileSize int64) (PageFileInfo, error) 
 	if string(h[:8]) != pageFileMagic {
 		return info, corrupt(path, "not a kvrecall page file")
 	}
-	if got, want := binary.LittleEndian.Uint32(h[headerSize-4:]), crc32.Checksum(h[:headerSize-4], castagnoli); got != want {
-		return info, corrupt(path, "header checksum mismatch")
-	}
 	u := func(i int) uint32 { return binary.LittleEndian.Uint32(h[8+4*i:]) }
-	if v := u(0); v != pageFileVersion {
-		return info, fmt.Errorf("%s: page file version %d is not supported (this build reads %d)", path, v, pageFileVersion)
+	version := u(0)
+	if version != pageFileVersion && version != pageFileWindowed {
+		// Checked before the checksum: a version 2 checksum sits further on.
+		if got, want := binary.LittleEndian.Uint32(h[headerSize-4:]), crc32.Checksum(h[:headerSize-4], castagnoli); got != want {
+			return info, corrupt(path, "header checksum mismatch")
+		}
+		return info, fmt.Errorf("%s: page file version %d is not supported (this build reads %d and %d)", path, version, pageFileVersion, pageFileWindowed)
+	}
+	var ext []byte // version 2: from u64, windows [layers]u32
+	if version == pageFileWindowed {
+		// The layer count sizes the rest of the header: bounded before
+		// the checksum that covers it can be read.
+		if v := u(1); v > maxLayoutDim {
+			return info, corrupt(path, "%d layers (at most %d)", v, maxLayoutDim)
+		}
+		ext = make([]byte, 8+4*int(u(1)))
+		copy(ext, h[headerSize-4:])
+		if _, err := io.ReadFull(r, ext[4:]); err != nil {
+			return info, corrupt(path, "truncated header (%d bytes)", fileSize)
+		}
+		crc := make([]byte, 4)
+		if _, err := io.ReadFull(r, crc); err != nil {
+			return info, corrupt(path, "truncated header (%d bytes)", fileSize)
+		}
+		body := append(h[:headerSize-4:headerSize-4], ext...)
+		if binary.LittleEndian.Uint32(crc) != crc32.Checksum(body, castagnoli) {
+			return info, corrupt(path, "header checksum mismatch")
+		}
+	} else if got, want := binary.LittleEndian.Uint32(h[headerSize-4:]), crc32.Checksum(h[:headerSize-4], castagnoli); got != want {
+		return info, corrupt(path, "header checksum mismatch")
 	}
 	for i, name := range []string{"layers", "KV heads", "head dimension"} {
 		if v := u(1 + i); v > maxLayoutDim {
@@ -214,11 +279,31 @@ func readHeader(r io.Reader, path string, fileSize int64) (PageFileInfo, error) 
 	if hi != 0 || records > math.MaxInt64 {
 		return info, corrupt(path, "%d pages of %d bytes overflow a file size", pages, l.recordSize())
 	}
+	info.Layout, info.Pages, info.Tokens = l, int(pages), int(tokens)
 	size := uint64(headerSize) + 4*tokens + 4 + records // < 2^63 + 2^34
+	if ext != nil {
+		from := binary.LittleEndian.Uint64(ext)
+		if from > tokens {
+			return info, corrupt(path, "resumes from position %d of %d tokens", from, tokens)
+		}
+		info.From, info.Windows = int(from), make([]int, l.Layers)
+		for i := range info.Windows {
+			w := binary.LittleEndian.Uint32(ext[8+4*i:])
+			if w > maxFileTokens {
+				return info, corrupt(path, "layer %d: sliding window of %d tokens", i, w)
+			}
+			info.Windows[i] = int(w)
+		}
+		// Dropped layer records shrink the file: at most records, so no
+		// overflow. A windowed layer keeps its last page (from <= tokens).
+		size += uint64(len(ext))
+		for i := range info.Windows {
+			size -= uint64(info.firstPage(i)) * uint64(l.layerRecordSize())
+		}
+	}
 	if fileSize < 0 || uint64(fileSize) != size {
 		return info, corrupt(path, "size %d bytes, the header implies %d (truncated or extended)", fileSize, size)
 	}
-	info.Layout, info.Pages, info.Tokens = l, int(pages), int(tokens)
 	copy(info.Fingerprint[:], h[8+4*7+8:])
 	return info, nil
 }
@@ -256,8 +341,22 @@ func ReadPageFile(path string, want *Layout) (*Store, []int32, PageFileInfo, err
 		tokens[i] = int32(binary.LittleEndian.Uint32(tb[4*i:]))
 	}
 	s, _ := NewStore(l)
+	if info.Windows != nil {
+		copy(s.window, info.Windows)
+		s.from = info.From
+		for layer := range s.first {
+			s.first[layer] = info.firstPage(layer)
+		}
+	}
 	rec := make([]byte, l.recordSize())
 	for p := 0; p < info.Pages; p++ {
+		held := 0 // the layers whose page p is in the file
+		for layer := range s.first {
+			if p >= s.first[layer] {
+				held++
+			}
+		}
+		rec := rec[:held*l.layerRecordSize()+4]
 		if _, err := io.ReadFull(r, rec); err != nil {
 			return nil, nil, info, corrupt(path, "reading page %d: %v", p, err)
 		}
@@ -265,8 +364,14 @@ func ReadPageFile(path string, want *Layout) (*Store, []int32, PageFileInfo, err
 		if binary.LittleEndian.Uint32(rec[len(rec)-4:]) != crc32.Checksum(body, castagnoli) {
 			return nil, nil, info, corrupt(path, "page %d checksum mismatch", p)
 		}
+		at := 0
 		for layer := 0; layer < l.Layers; layer++ {
-			pg, err := parsePage(body[layer*l.layerRecordSize():(layer+1)*l.layerRecordSize()], l)
+			if p < s.first[layer] {
+				s.pages[layer] = append(s.pages[layer], nil) // out of the layer's window
+				continue
+			}
+			pg, err := parsePage(body[at*l.layerRecordSize():(at+1)*l.layerRecordSize()], l)
+			at++
 			if err != nil {
 				return nil, nil, info, corrupt(path, "page %d layer %d: %v", p, layer, err)
 			}

@@ -125,6 +125,18 @@ func FuzzPageFile(f *testing.F) {
 		f.Fatal(err)
 	}
 	f.Add(b.Bytes())
+	// A version 2 file: layer 0 windowed, its first pages left out.
+	w, _ := NewStore(testLayout)
+	if err := w.setWindows([]int{20, 0}); err != nil {
+		f.Fatal(err)
+	}
+	fill(nil, w, rand.New(rand.NewPCG(1, 2)), 70, 70)
+	w.TrimWindows()
+	b.Reset()
+	if err := writePages(&b, w, make([]int32, 70), Fingerprint{}); err != nil {
+		f.Fatal(err)
+	}
+	f.Add(b.Bytes())
 	h := goodHeader()
 	h.tokens, h.pages = math.MaxUint64, 0
 	f.Add(h.bytes())
@@ -144,6 +156,9 @@ func FuzzPageFile(f *testing.F) {
 			}
 			if len(toks) != info.Tokens || st.Len() != info.Tokens || st.Pages() != info.Pages {
 				t.Fatalf("accepted file disagrees: %d tokens, store of %d in %d pages, header %+v", len(toks), st.Len(), st.Pages(), info)
+			}
+			if err := st.checkWindows(); err != nil {
+				t.Fatalf("accepted file breaks the window invariant: %v", err)
 			}
 		}
 	})

@@ -278,15 +278,36 @@ func (p *Page) resummarize(l Layout) {
 	p.gen = pageGen.Add(1)
 }
 
-// Store holds every page of one sequence in host memory. Leading pages can be
-// shared read-only with a document (Fork); writing into a shared page copies
-// it first.
+// Store holds the pages of one sequence in host memory: every page of a
+// global layer, and the pages a sliding-window layer can still read.
+// Leading pages can be shared read-only with a document (Fork); writing
+// into a shared page copies it first.
 type Store struct {
 	L      Layout
-	pages  [][]*Page // [layer][page]
+	pages  [][]*Page // [layer][page]; nil for a windowed layer's dropped page
 	shared []bool    // page is shared with another store: copy before writing
 	n      int       // tokens written in every layer
 	scr    []float32
+
+	// Sliding-window layers (gemma's local layers) keep only what their
+	// window can still read. window[l] > 0 is the tokens a query of layer
+	// l sees, itself included ([q-window+1, q]); 0 is a global layer.
+	// from is the lowest position the sequence can still be cut back to
+	// and resumed at (Paged.Remove, CanResume): the first position of the
+	// last forward pass, or Len()-1 for a document (TrimWindows). A query
+	// at from or later reads no key before from-window+1; one position
+	// more is kept so that re-evaluating the token at from (generate's
+	// one-token rollback) still finds its window.
+	//
+	// Invariant (checkWindows): from <= n, and for every layer l,
+	// pages[l][p] == nil exactly for p < first[l], where
+	// first[l] = max(0, from-window[l]) / PageSize for a windowed layer and
+	// 0 for a global one. So a windowed layer holds at most
+	// (window + the last batch)/PageSize + 2 pages whatever the length, and
+	// its dropped pages are neither in memory nor in a page file.
+	window []int
+	first  []int
+	from   int
 }
 
 // NewStore returns an empty store.
@@ -294,7 +315,82 @@ func NewStore(l Layout) (*Store, error) {
 	if err := l.Check(); err != nil {
 		return nil, err
 	}
-	return &Store{L: l, pages: make([][]*Page, l.Layers), scr: make([]float32, l.Row())}, nil
+	return &Store{L: l, pages: make([][]*Page, l.Layers), scr: make([]float32, l.Row()),
+		window: make([]int, l.Layers), first: make([]int, l.Layers)}, nil
+}
+
+// Window is layer's sliding window in tokens (0: a global layer).
+func (s *Store) Window(layer int) int { return s.window[layer] }
+
+// HeldPages is the number of layer's pages held in memory: all of them for
+// a global layer, those its window can still read for a windowed one.
+func (s *Store) HeldPages(layer int) int { return s.Pages() - s.first[layer] }
+
+// windowed reports whether any layer is a sliding-window layer.
+func (s *Store) windowed() bool { return slices.ContainsFunc(s.window, func(w int) bool { return w > 0 }) }
+
+// heldFrom is the first page layer must hold for the store's from.
+func (s *Store) heldFrom(layer int) int {
+	if w := s.window[layer]; w > 0 {
+		return max(0, s.from-w) / s.L.PageSize
+	}
+	return 0
+}
+
+// setWindows makes the layers with ws[l] > 0 sliding-window layers. A
+// store that already has windows (a document ingested with them) must
+// have the same ones: its dropped pages cannot come back.
+func (s *Store) setWindows(ws []int) error {
+	if len(ws) != s.L.Layers {
+		return fmt.Errorf("kvcache: %d sliding windows for %d layers", len(ws), s.L.Layers)
+	}
+	for l, w := range ws {
+		if w < 0 {
+			return fmt.Errorf("kvcache: layer %d: sliding window %d", l, w)
+		}
+		if s.window[l] != 0 && s.window[l] != w {
+			return fmt.Errorf("kvcache: layer %d of the document keeps a sliding window of %d tokens, the cache needs %d (0: every page)", l, s.window[l], w)
+		}
+	}
+	copy(s.window, ws)
+	s.trimTo(s.from)
+	return nil
+}
+
+// trimTo raises from to m (<= Len) and drops the windowed layers' pages
+// that no query at m or later can read.
+func (s *Store) trimTo(m int) {
+	s.from = max(s.from, min(m, s.n))
+	for l := range s.pages {
+		f := s.heldFrom(l)
+		for p := s.first[l]; p < f; p++ {
+			s.pages[l][p] = nil
+		}
+		s.first[l] = max(s.first[l], f)
+	}
+}
+
+// TrimWindows drops the windowed layers' pages that no query after the
+// last token can read, keeping a one-token rollback (a document is saved
+// and shared after this: from is Len()-1).
+func (s *Store) TrimWindows() { s.trimTo(max(0, s.n-1)) }
+
+// checkWindows reports a broken sliding-window invariant (see Store).
+func (s *Store) checkWindows() error {
+	if s.from < 0 || s.from > s.n {
+		return fmt.Errorf("kvcache: store resumes from %d, outside [0, %d]", s.from, s.n)
+	}
+	for l := range s.pages {
+		if f := s.heldFrom(l); s.first[l] != f {
+			return fmt.Errorf("kvcache: layer %d (window %d) holds pages from %d, want %d (from position %d)", l, s.window[l], s.first[l], f, s.from)
+		}
+		for p, pg := range s.pages[l] {
+			if (pg == nil) != (p < s.first[l]) {
+				return fmt.Errorf("kvcache: layer %d page %d: held %v, but the layer holds pages from %d", l, p, pg != nil, s.first[l])
+			}
+		}
+	}
+	return nil
 }
 
 // Len is the number of tokens stored in every layer.
@@ -303,15 +399,23 @@ func (s *Store) Len() int { return s.n }
 // Pages is the number of pages (the last may be partial).
 func (s *Store) Pages() int { return len(s.pages[0]) }
 
-// Page returns page i of layer.
+// Page returns page i of layer, or nil if layer is a sliding-window layer
+// and the page fell out of its window.
 func (s *Store) Page(layer, i int) *Page { return s.pages[layer][i] }
 
 // Bytes is the host memory held by the store's pages, shared ones included.
-func (s *Store) Bytes() int64 { return int64(s.Pages()) * int64(s.L.Layers) * int64(s.L.PageBytes()) }
+func (s *Store) Bytes() int64 {
+	var held int64
+	for l := range s.pages {
+		held += int64(s.HeldPages(l))
+	}
+	return held * int64(s.L.PageBytes())
+}
 
 // Fork returns a store that shares all of s's pages read-only.
 func (s *Store) Fork() *Store {
-	f := &Store{L: s.L, pages: make([][]*Page, s.L.Layers), n: s.n, scr: make([]float32, s.L.Row())}
+	f := &Store{L: s.L, pages: make([][]*Page, s.L.Layers), n: s.n, scr: make([]float32, s.L.Row()),
+		window: slices.Clone(s.window), first: slices.Clone(s.first), from: s.from}
 	for l := range s.pages {
 		f.pages[l] = append([]*Page(nil), s.pages[l]...)
 	}
@@ -352,11 +456,16 @@ func (s *Store) write(layer, pos int, k, v []uint16, rows int) {
 	}
 }
 
-// truncate drops every token at or after n.
+// canCut reports whether the sequence can be cut back to n tokens: a
+// windowed layer may have dropped pages that a query at n would read.
+func (s *Store) canCut(n int) bool { return n <= s.n && (n >= s.from || !s.windowed()) }
+
+// truncate drops every token at or after n (canCut(n) must hold).
 func (s *Store) truncate(n int) {
 	if n > s.n {
 		return
 	}
+	s.from = min(s.from, n) // a no-op for a windowed store (canCut)
 	P := s.L.PageSize
 	keep := (n + P - 1) / P
 	for l := range s.pages {

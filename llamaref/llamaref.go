@@ -15,8 +15,9 @@ package llamaref
 #include "llama.h"
 
 static struct llama_context_params kvr_ctx_params(uint32_t n_ctx, uint32_t n_batch, int32_t threads,
-		int32_t batch_threads, enum ggml_type kv, int flash) {
+		int32_t batch_threads, enum ggml_type kv, int flash, int swa_window) {
 	struct llama_context_params p = llama_context_default_params();
+	p.swa_full = !swa_window;
 	p.n_ctx = n_ctx;
 	p.n_batch = n_batch;
 	p.n_ubatch = n_batch;
@@ -70,6 +71,11 @@ type Options struct {
 	Batch          int    // tokens per llama_decode call; 0 means 512
 	KVType         string // "f16" (default), "f32" or "q8_0"
 	FlashAttention bool
+	// SWAWindow keeps only the window (plus a batch) in the caches of
+	// sliding-window layers (gemma): llama.cpp's swa_full = false, what
+	// its CLI and server default to. The C API's default, kept when
+	// false, gives those layers full-size caches of Context cells.
+	SWAWindow bool
 }
 
 // Model is a loaded GGUF file with one llama.cpp context.
@@ -135,7 +141,11 @@ func Load(path string, opts Options) (*Model, error) {
 	if opts.FlashAttention {
 		flash = 1
 	}
-	cp := C.kvr_ctx_params(C.uint32_t(opts.Context), C.uint32_t(opts.Batch), C.int32_t(opts.Threads), C.int32_t(opts.BatchThreads), kv, C.int(flash))
+	swa := 0
+	if opts.SWAWindow {
+		swa = 1
+	}
+	cp := C.kvr_ctx_params(C.uint32_t(opts.Context), C.uint32_t(opts.Batch), C.int32_t(opts.Threads), C.int32_t(opts.BatchThreads), kv, C.int(flash), C.int(swa))
 	m.ctx = C.llama_init_from_model(m.model, cp)
 	if m.ctx == nil {
 		C.llama_model_free(m.model)

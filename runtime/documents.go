@@ -263,6 +263,9 @@ func (m *Model) ingest(ctx context.Context, id string, toks []int32, textHash st
 	if err != nil {
 		return nil, err
 	}
+	// Sliding-window layers keep, in memory and in the page file, only the
+	// pages a question's window can read.
+	cache.Store().TrimWindows()
 	var reps *probe.Reps
 	if o.Streaming {
 		if reps, err = streamSel.SequenceReps(cache.Store().Summaries(0), len(toks)); err != nil {

@@ -52,12 +52,8 @@ func (m *Model) NewSelector(o PolicyOptions) (paging.Selector, error) {
 	if o.Budget == 0 && method != "dense" {
 		o.Budget = paging.DefaultBudget
 	}
-	if (method == "probe" || method == "squeezed") && m.cfg.SlidingWindow > 0 {
-		// Both assume every layer reaches their selector (probe's
-		// per-layer cut-off and pass counting, squeezed's per-layer
-		// clusters); windowed layers are answered by the sliding-window
-		// wrapper instead.
-		return nil, fmt.Errorf("method %s does not support %s's sliding-window layers yet: use dense, window, quest or retro", method, m.cfg.Arch)
+	if err := m.windowedRefusal(method); err != nil {
+		return nil, err
 	}
 	if slices.Contains(mods, heads.OptionKey) && o.Extra[heads.OptionKey] == nil {
 		prof, err := m.HeadProfile()
@@ -75,6 +71,19 @@ func (m *Model) NewSelector(o PolicyOptions) (paging.Selector, error) {
 		DenseLayers: o.DenseLayers, Neighbors: o.Neighbors,
 		Layers: m.cfg.Layers, KVHeads: m.cfg.KVHeads, Options: o.Extra,
 	})
+}
+
+// windowedRefusal refuses the methods that cannot run on a model with
+// sliding-window layers. probe and squeezed assume every layer reaches
+// their selector (probe's per-layer cut-off and pass counting, squeezed's
+// per-layer clusters), and read keys of every layer from the host pages;
+// windowed layers are answered by the sliding-window wrapper instead, and
+// their host pages keep only the window.
+func (m *Model) windowedRefusal(method string) error {
+	if (method == "probe" || method == "squeezed") && m.cfg.SlidingWindow > 0 {
+		return fmt.Errorf("method %s does not support %s's sliding-window layers yet: use dense, window, quest or retro", method, m.cfg.Arch)
+	}
+	return nil
 }
 
 // headDefault holds a model's default head profile.

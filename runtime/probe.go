@@ -103,6 +103,11 @@ func (m *Model) withProbeReps(ctx context.Context, doc *Document, o PolicyOption
 	if err != nil || method != "probe" {
 		return o, err
 	}
+	if err := m.windowedRefusal(method); err != nil {
+		// Before computing representatives: that prefill would read the
+		// keys of windowed layers, whose pages keep only the window.
+		return o, err
+	}
 	var s probe.Settings
 	switch v := o.Extra[probe.OptionKey].(type) {
 	case nil:

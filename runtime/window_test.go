@@ -2,6 +2,7 @@ package runtime_test
 
 import (
 	"context"
+	"slices"
 	"testing"
 
 	"github.com/stretchr/testify/require"
@@ -9,6 +10,7 @@ import (
 	"github.com/kvrecall/kvrecall/foundry"
 	"github.com/kvrecall/kvrecall/internal/testmodels"
 	"github.com/kvrecall/kvrecall/kvcache"
+	"github.com/kvrecall/kvrecall/llamaref"
 	"github.com/kvrecall/kvrecall/paging"
 	"github.com/kvrecall/kvrecall/runtime"
 	"github.com/kvrecall/kvrecall/squeezed"
@@ -195,12 +197,130 @@ func TestSlidingWindowRefusals(t *testing.T) {
 			}
 			_, err = m.NewSelector(runtime.PolicyOptions{Policy: "retro"})
 			require.NoError(t, err)
+			// A dense ingest works; asking it under probe is refused before
+			// probe's representatives are computed (that prefill would read
+			// windowed layers' keys beyond the window, which are not kept).
+			d, err := m.IngestTokens(ctx, "d", toks, nil)
+			require.NoError(t, err)
+			_, err = m.DocumentSession(d, runtime.PolicyOptions{Policy: "probe"})
+			require.ErrorContains(t, err, "method probe does not support "+c.arch)
 
 			sq, err := runtime.Open(ctx, path, runtime.Options{Threads: 1, ContextLength: 1024, PageSize: 16, DataDir: t.TempDir(), Squeezed: &squeezed.Options{}})
 			require.NoError(t, err)
 			defer sq.Close()
 			_, err = sq.IngestTokens(ctx, "c", toks, nil)
 			require.ErrorContains(t, err, "Squeezed-Attention clusters do not support "+c.arch)
+		})
+	}
+}
+
+// A gemma3 model's windowed layers keep only their window in host memory
+// and in a document's page file (kvcache.Store): as the sequence grows,
+// their held pages stay at the window plus one batch while the global
+// layers keep every page. A document ingested past many windows, saved
+// and read back by another process, answers with exactly the tokens and
+// logits of the in-memory document, and its 32-token greedy answer is
+// llama.cpp's on the same tokens (which keeps every cell of its SWA cache
+// the same way it did before pages were dropped).
+func TestWindowedHostPages(t *testing.T) {
+	const P, batch, docLen = 16, 64, 600
+	cases := []struct {
+		name   string
+		policy runtime.PolicyOptions
+	}{
+		{"dense", runtime.PolicyOptions{Policy: "dense"}},
+		{"retro covering the document", runtime.PolicyOptions{Policy: "retro", Budget: 1024, Sinks: 32, Window: 512}},
+	}
+	ctx := context.Background()
+	path := testmodels.Random(t, "gemma3", "gemma3-tiny", foundry.F32, 9, false)
+	opts := runtime.Options{Threads: 1, ContextLength: 1024, BatchSize: batch, PageSize: P}
+	doc := make([]int32, docLen)
+	for i := range doc {
+		doc[i] = int32(3 + (i*131+7)%500)
+	}
+	question := []int32{17, 250, 33, 402, 9, 77, 311, 5}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			o := opts
+			o.DataDir = t.TempDir()
+			m, err := runtime.Open(ctx, path, o)
+			require.NoError(t, err)
+			cfg := m.Config()
+			W := cfg.SlidingWindow
+			require.Equal(t, 64, W)
+			windowed := cfg.WindowedLayers()
+
+			// A live session, one batch at a time.
+			s, err := m.NewSessionWith(runtime.PagedCache(c.policy))
+			require.NoError(t, err)
+			pc := s.Cache().(*kvcache.Paged)
+			bound := (W+batch)/P + 2
+			for start := 0; start < docLen; start += batch {
+				_, err := s.Eval(ctx, doc[start:min(docLen, start+batch)], false, nil)
+				require.NoError(t, err)
+				require.NoError(t, pc.CheckInvariants())
+				st := pc.Store()
+				for l := 0; l < cfg.Layers; l++ {
+					if cfg.Windowed(l) {
+						require.Equal(t, W, st.Window(l))
+						require.Equal(t, st.Pages()-max(0, start-W)/P, st.HeldPages(l), "layer %d after %d tokens", l, st.Len())
+						require.LessOrEqual(t, st.HeldPages(l), bound)
+					} else {
+						require.Equal(t, st.Pages(), st.HeldPages(l), "global layer %d", l)
+					}
+				}
+			}
+			st := pc.Store()
+			full := int64(st.Pages()) * int64(cfg.Layers) * int64(m.Layout().PageBytes())
+			t.Logf("%d tokens: host pages %d KiB, %d KiB if the %d windowed layers kept every page", docLen, st.Bytes()>>10, full>>10, len(windowed))
+			require.Less(t, st.Bytes(), full)
+			s.Close()
+
+			d, err := m.IngestTokens(ctx, "doc", doc, nil)
+			require.NoError(t, err)
+			for _, l := range windowed {
+				require.Equal(t, d.Store().Pages()-(docLen-1-W)/P, d.Store().HeldPages(l))
+			}
+			require.Equal(t, d.Store().Bytes(), d.HostBytes)
+			answer := func(m *runtime.Model, d *runtime.Document) ([][]float32, []int32) {
+				s, err := m.DocumentSession(d, c.policy)
+				require.NoError(t, err)
+				defer s.Close()
+				logits, err := s.Eval(ctx, question, true, nil)
+				require.NoError(t, err)
+				require.NoError(t, s.Truncate(docLen))
+				res, err := s.Generate(ctx, question, runtime.GenerateOptions{MaxTokens: 32})
+				require.NoError(t, err)
+				require.NoError(t, s.Cache().(*kvcache.Paged).CheckInvariants())
+				return logits, res.Tokens
+			}
+			wantLogits, wantTokens := answer(m, d)
+			m.Close()
+
+			// Another process reads the page file (version 2: the windowed
+			// layers' first pages are not in it).
+			m2, err := runtime.Open(ctx, path, o)
+			require.NoError(t, err)
+			defer m2.Close()
+			d2, err := m2.OpenDocument("doc")
+			require.NoError(t, err)
+			require.Equal(t, d.HostBytes, d2.Store().Bytes())
+			for _, l := range windowed {
+				require.Nil(t, d2.Store().Page(l, 0))
+				require.Equal(t, d.Store().HeldPages(l), d2.Store().HeldPages(l))
+			}
+			gotLogits, gotTokens := answer(m2, d2)
+			require.Equal(t, wantTokens, gotTokens)
+			for i := range wantLogits {
+				require.Equal(t, wantLogits[i], gotLogits[i], "question token %d: bit-exact after a reload", i)
+			}
+
+			ref, err := llamaref.Load(path, llamaref.Options{Threads: 1, KVType: "f32", Context: 1024})
+			require.NoError(t, err)
+			defer ref.Close()
+			refGen, err := ref.Greedy(append(slices.Clone(doc), question...), 32)
+			require.NoError(t, err)
+			require.Equal(t, refGen, gotTokens, "llama.cpp's greedy answer")
 		})
 	}
 }

@@ -74,6 +74,9 @@ type PagedRow struct {
 	// squeezed method is benchmarked), after the prefill.
 	ClusterSec    float64 `json:"cluster_seconds,omitempty"`
 	LlamaPrefillS float64 `json:"llamacpp_prefill_seconds"`
+	// LlamaSWAPrefillS is llama.cpp's prefill with window-sized caches for
+	// sliding-window layers (0: no such layers, or llama.cpp skipped).
+	LlamaSWAPrefillS float64 `json:"llamacpp_swa_prefill_seconds,omitempty"`
 	// HyperPrefillSec is the HyperAttention ingest's prefill (0: not run).
 	// With SkipDense, PrefillSec is 0 and decode reads that document.
 	HyperPrefillSec float64 `json:"hyper_prefill_seconds,omitempty"`
@@ -99,7 +102,19 @@ type PagedRow struct {
 	// UploadedPerStep is the KV bytes copied host -> device per timed
 	// decode step, per method (their mean).
 	UploadedPerStep map[string]float64 `json:"uploaded_kv_bytes_per_step,omitempty"`
+	// HostKV is each method's host pages after the timed steps (the
+	// document's shared pages included), and "document" the document's.
+	// A model with sliding-window layers keeps only their window there.
+	HostKV map[string]int64 `json:"host_kv_bytes,omitempty"`
+	// HostKVFull is what the document's host pages would be if every
+	// layer kept every page (0 for a model without windowed layers).
+	HostKVFull int64 `json:"host_kv_full_bytes,omitempty"`
 }
+
+// llamaSWA is the key of llama.cpp run with window-sized caches for
+// sliding-window layers (swa_full = false, its CLI's default); plain
+// "llama.cpp" is the C API's default, full-size caches.
+const llamaSWA = "llama.cpp swa"
 
 // ClusterShare is the clustering time (squeezed methods) as a fraction of
 // the prefill of the document it clustered (the HyperAttention ingest's
@@ -153,7 +168,7 @@ func RunPaged(ctx context.Context, c PagedConfig) ([]PagedRow, error) {
 func pagedOne(ctx context.Context, c PagedConfig, n int, logf func(string, ...any)) (PagedRow, error) {
 	row := PagedRow{Model: c.Label, Context: n, Threads: c.DecodeThreads, Budget: c.Budget,
 		DecodeMs: map[string]float64{}, Resident: map[string]int64{}, ResidentByClass: map[string]map[string]int64{},
-		Attended: map[string]int64{}, UploadedPerStep: map[string]float64{}}
+		Attended: map[string]int64{}, UploadedPerStep: map[string]float64{}, HostKV: map[string]int64{}}
 	capacity := n + 64 + c.DecodeTokens
 	dir, err := os.MkdirTemp("", "kvrecall-speed-")
 	if err != nil {
@@ -276,6 +291,27 @@ func pagedOne(ctx context.Context, c PagedConfig, n int, logf func(string, ...an
 			return row, err
 		}
 	}
+	// With sliding-window layers, also llama.cpp as its CLI runs it:
+	// window-sized caches for those layers.
+	var refSWA *llamaref.Model
+	if cfg := m.Config(); !c.SkipLlama && cfg.SlidingWindow > 0 {
+		logf("%s %d: llama.cpp prefill, window-sized SWA caches", c.Label, n)
+		if refSWA, err = llamaref.Load(c.Model, llamaref.Options{Threads: c.DecodeThreads, BatchThreads: c.Threads, Context: capacity, SWAWindow: true}); err != nil {
+			return row, err
+		}
+		defer refSWA.Close()
+		peak := startPeak()
+		t0 := time.Now()
+		if _, err := refSWA.Append(toks, false, nil); err != nil {
+			return row, err
+		}
+		row.LlamaSWAPrefillS = time.Since(t0).Seconds()
+		row.PeakRSS[llamaSWA] = peak()
+		logf("%s %d: llama.cpp (window-sized SWA caches) prefill %.1fs", c.Label, n, row.LlamaSWAPrefillS)
+		if _, err := refSWA.Append(question, false, nil); err != nil {
+			return row, err
+		}
+	}
 
 	methods := append([]string{"dense"}, c.Methods...)
 	sessions := make([]*runtime.Session, len(methods))
@@ -296,7 +332,7 @@ func pagedOne(ctx context.Context, c PagedConfig, n int, logf func(string, ...an
 		}
 		sessions[i] = s
 	}
-	steps := make([][]time.Duration, len(methods)+1)
+	steps := make([][]time.Duration, len(methods)+2)
 	uploaded := make([]int64, len(methods)) // before the timed steps
 	for j, s := range sessions {
 		uploaded[j] = s.Cache().(*kvcache.Paged).Stats().UploadedBytes
@@ -310,14 +346,16 @@ func pagedOne(ctx context.Context, c PagedConfig, n int, logf func(string, ...an
 			}
 			steps[j] = append(steps[j], time.Since(t0))
 		}
-		if ref == nil {
-			continue
+		for j, r := range []*llamaref.Model{ref, refSWA} {
+			if r == nil {
+				continue
+			}
+			t0 := time.Now()
+			if _, err := r.Append(tok, false, nil); err != nil {
+				return row, err
+			}
+			steps[len(methods)+j] = append(steps[len(methods)+j], time.Since(t0))
 		}
-		t0 := time.Now()
-		if _, err := ref.Append(tok, false, nil); err != nil {
-			return row, err
-		}
-		steps[len(methods)] = append(steps[len(methods)], time.Since(t0))
 	}
 	for j, meth := range methods {
 		row.DecodeMs[meth] = median(steps[j])
@@ -325,10 +363,25 @@ func pagedOne(ctx context.Context, c PagedConfig, n int, logf func(string, ...an
 		row.Resident[meth], row.ResidentByClass[meth] = st.ResidentBytes, st.ResidentByClass
 		row.Attended[meth] = st.AttendedBytes
 		row.UploadedPerStep[meth] = float64(st.UploadedBytes-uploaded[j]) / float64(c.DecodeTokens)
+		row.HostKV[meth] = st.HostBytes
+	}
+	row.HostKV["document"] = doc.Store().Bytes()
+	cfg := m.Config()
+	if cfg.SlidingWindow > 0 {
+		row.HostKVFull = int64(doc.Store().Pages()) * int64(cfg.Layers) * int64(m.Layout().PageBytes())
 	}
 	if ref != nil {
 		row.DecodeMs["llama.cpp"] = median(steps[len(methods)])
-		row.Resident["llama.cpp"] = int64(capacity) * int64(m.Config().KVBytesPerToken(2))
+		row.Resident["llama.cpp"] = int64(capacity) * int64(cfg.KVBytesPerToken(2))
+	}
+	if refSWA != nil {
+		// llama.cpp's iswa cache: n_ctx cells for global layers,
+		// pad(min(n_ctx, n_swa + n_ubatch), 256) for windowed ones.
+		perLayer := int64(cfg.KVBytesPerToken(2) / cfg.Layers)
+		swaCells := int64(min(capacity, cfg.SlidingWindow+512)+255) / 256 * 256
+		w := int64(len(cfg.WindowedLayers()))
+		row.DecodeMs[llamaSWA] = median(steps[len(methods)+1])
+		row.Resident[llamaSWA] = perLayer * ((int64(cfg.Layers)-w)*int64(capacity) + w*swaCells)
 	}
 	logf("%s %d: decode ms/token %v (base %.2f), prefill %.1fs (upkeep %.1f%%), hyper prefill %.1fs, llama.cpp prefill %.1fs, peak RSS delta %v",
 		c.Label, n, row.DecodeMs, row.BaseMs, row.PrefillSec, 100*row.UpkeepShare(), row.HyperPrefillSec, row.LlamaPrefillS, row.PeakRSS)
@@ -387,9 +440,9 @@ func PagedTable(rows []PagedRow, methods []string) string {
 	s := "| model | context | budget | method | decode ms/token | speedup vs dense (ours) | speedup vs llama.cpp | attention ms/token | attention reduction vs dense | resident KV |\n"
 	s += "|---|---|---|---|---|---|---|---|---|---|\n"
 	for _, r := range rows {
-		for _, m := range append([]string{"llama.cpp", "dense"}, methods...) {
+		for _, m := range append([]string{"llama.cpp", llamaSWA, "dense"}, methods...) {
 			ms, ok := r.DecodeMs[m]
-			if !ok { // llama.cpp skipped
+			if !ok { // llama.cpp skipped, or no windowed layers
 				continue
 			}
 			vsLlama := "—"
@@ -398,7 +451,7 @@ func PagedTable(rows []PagedRow, methods []string) string {
 			}
 			att := "—"
 			attRatio := "—"
-			if m != "llama.cpp" {
+			if !strings.HasPrefix(m, "llama.cpp") {
 				att = fmt.Sprintf("%.2f", r.AttentionMs(m))
 				if a := r.AttentionMs(m); a > 0 {
 					attRatio = fmt.Sprintf("%.1fx", r.AttentionMs("dense")/a)
@@ -410,7 +463,31 @@ func PagedTable(rows []PagedRow, methods []string) string {
 	}
 	s += "\n" + PrefillTable(rows)
 	s += LayerBudgetTable(rows, methods)
+	s += windowedKVTable(rows, methods)
 	return s + kvTrafficTable(rows, methods)
+}
+
+// windowedKVTable splits resident KV of models with sliding-window layers
+// by layer type (device pools of windowed and of global layers) and adds
+// the host pages, against what every page of every layer would take; ""
+// when no row has windowed layers.
+func windowedKVTable(rows []PagedRow, methods []string) string {
+	s := ""
+	for _, r := range rows {
+		if r.HostKVFull == 0 {
+			continue
+		}
+		if s == "" {
+			s = fmt.Sprintf("\nllama.cpp with window-sized SWA caches: prefill %.1f s\n", r.LlamaSWAPrefillS)
+			s += "\n| model | context | method | device KV, windowed layers | device KV, global layers | host KV (session) | host KV (document) | host KV if every layer kept every page |\n|---|---|---|---|---|---|---|---|\n"
+		}
+		for _, m := range append([]string{"dense"}, methods...) {
+			w := r.ResidentByClass[m]["windowed"]
+			s += fmt.Sprintf("| %s | %d | %s | %s | %s | %s | %s | %s |\n", r.Model, r.Context, m, mib(w), mib(r.Resident[m]-w),
+				mib(r.HostKV[m]), mib(r.HostKV["document"]), mib(r.HostKVFull))
+		}
+	}
+	return s
 }
 
 // PrefillTable formats the ingests of rows as Markdown: dense (our paged

@@ -91,3 +91,23 @@ func TestPagedTableStreamingAndLayerBudgets(t *testing.T) {
 	_, err := os.Stat(filepath.Join(dir, "decode-recall-l4.png"))
 	require.NoError(t, err)
 }
+
+// A model with sliding-window layers: llama.cpp with window-sized SWA
+// caches gets a row of its own (its ratio column is still against plain
+// llama.cpp), and device KV splits by layer type beside the host pages.
+func TestPagedTableWindowedLayers(t *testing.T) {
+	row := PagedRow{Model: "gemma3-tiny (f16)", Context: 32768, Budget: 2048, BaseMs: 1,
+		DecodeMs: map[string]float64{"llama.cpp": 40, llamaSWA: 8, "dense": 8, "retro": 2},
+		Resident: map[string]int64{"llama.cpp": 48 << 20, llamaSWA: 9 << 20, "dense": 9 << 20, "retro": 1 << 20},
+		ResidentByClass: map[string]map[string]int64{
+			"dense": {"all": 8 << 20, "windowed": 1 << 20}, "retro": {"all": 512 << 10, "windowed": 512 << 10}},
+		HostKV:     map[string]int64{"dense": 8 << 20, "retro": 8 << 20, "document": 8 << 20},
+		HostKVFull: 48 << 20, PrefillSec: 37, LlamaPrefillS: 87, LlamaSWAPrefillS: 35}
+	md := PagedTable([]PagedRow{row}, []string{"retro"})
+	require.Contains(t, md, "| gemma3-tiny (f16) | 32768 | 2048 | llama.cpp swa | 8.00 | 1.00 | 5.00 | — | — | 9.0 MiB |")
+	require.Contains(t, md, "| gemma3-tiny (f16) | 32768 | retro | 0.5 MiB | 0.5 MiB | 8.0 MiB | 8.0 MiB | 48.0 MiB |")
+	require.Contains(t, md, "| gemma3-tiny (f16) | 32768 | dense | 1.0 MiB | 8.0 MiB | 8.0 MiB | 8.0 MiB | 48.0 MiB |")
+	require.Contains(t, md, "window-sized SWA caches: prefill 35.0 s")
+	row.HostKVFull = 0 // no windowed layers
+	require.NotContains(t, PagedTable([]PagedRow{row}, []string{"retro"}), "device KV, windowed layers")
+}
