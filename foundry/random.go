@@ -62,8 +62,16 @@ type RandomOptions struct {
 	Shape     Shape
 	DType     DType
 	Seed      uint64
-	RopeFreqs bool // llama only: add a Llama-3-style rope_freqs.weight tensor
+	// RopeFreqs adds frequency factors: llama's Llama-3-style
+	// rope_freqs.weight, or phi3's LongRoPE (rope_factors_long/short.weight,
+	// original context LongRoPEOrigContext, attention factor
+	// √(1 + ln(context/orig)/ln(orig)) as Phi-3's config gives it).
+	RopeFreqs bool
 }
+
+// LongRoPEOrigContext is the original context of a random phi3 model with
+// LongRoPE: a context above it takes the long factors.
+const LongRoPEOrigContext = 256
 
 // WriteRandom writes a model with random weights to path. The same options
 // give the same bytes. Weights are scaled so that attention is not uniform
@@ -86,8 +94,8 @@ func WriteRandom(path string, o RandomOptions) error {
 		return fmt.Errorf("random models: invalid shape %+v", s)
 	case s.Heads%s.KVHeads != 0:
 		return fmt.Errorf("random models: %d heads are not a multiple of %d KV heads", s.Heads, s.KVHeads)
-	case o.RopeFreqs && o.Arch != "llama":
-		return fmt.Errorf("random models: rope_freqs is only used by llama")
+	case o.RopeFreqs && o.Arch != "llama" && o.Arch != "phi3":
+		return fmt.Errorf("random models: frequency factors are llama's rope_freqs or phi3's LongRoPE, not %s's", o.Arch)
 	}
 	if o.DType == "" {
 		o.DType = F32
@@ -113,6 +121,11 @@ func WriteRandom(path string, o RandomOptions) error {
 		"general.quantization_version":     uint32(2),
 		"tokenizer.ggml.add_space_prefix":  true,
 		"general.kvrecall.foundry":         "random",
+	}
+	if o.RopeFreqs && o.Arch == "phi3" {
+		orig := float64(LongRoPEOrigContext)
+		kv["rope.scaling.original_context_length"] = uint32(LongRoPEOrigContext)
+		kv["rope.scaling.attn_factor"] = float32(math.Sqrt(1 + math.Log(float64(s.Context)/orig)/math.Log(orig)))
 	}
 	if gemma(o.Arch) {
 		kv["attention.layer_norm_rms_epsilon"] = float32(1e-6)
@@ -176,7 +189,24 @@ func WriteRandom(path string, o RandomOptions) error {
 		mat("output.weight", h, s.Vocab, 4/math.Sqrt(float64(h)))
 	}
 	vec("output_norm.weight", h, 1, 0.05)
-	if o.RopeFreqs {
+	switch {
+	case o.RopeFreqs && o.Arch == "phi3":
+		// LongRoPE: short factors near 1, long ones rising to 16 for the
+		// lowest frequencies (Phi-3-mini-128k's reach about 50).
+		half := s.HeadDim / 2
+		ts = append(ts, &tensor{name: "rope_factors_short.weight", shape: []uint64{uint64(half)}, dtype: F32,
+			gen: func(dst []float32) {
+				for i := range dst {
+					dst[i] = float32(1 + 0.1*float64(i)/float64(half))
+				}
+			}},
+			&tensor{name: "rope_factors_long.weight", shape: []uint64{uint64(half)}, dtype: F32,
+				gen: func(dst []float32) {
+					for i := range dst {
+						dst[i] = float32(math.Pow(16, float64(i)/float64(half-1)))
+					}
+				}})
+	case o.RopeFreqs:
 		ts = append(ts, &tensor{name: "rope_freqs.weight", shape: []uint64{uint64(s.HeadDim / 2)}, dtype: F32,
 			gen: func(dst []float32) { llama3RopeFactors(dst, float64(s.RopeBase), s.HeadDim) }})
 	}

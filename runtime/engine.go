@@ -234,6 +234,10 @@ func Open(ctx context.Context, path string, opts Options) (m *Model, err error) 
 	net.Params.Vocab = cfg.Vocab
 	net.Params.TiedOutput = cfg.TiedOutput
 	net.Params.RopeFreqs = cfg.RopeFreqs
+	net.Params.LongRoPE, net.Params.RopeOrigContext = cfg.LongRoPE, cfg.RopeOrigContext
+	// llama.cpp picks LongRoPE's factors by the context of a sequence.
+	net.Params.LongFactors = cfg.LongRoPE && opts.ContextLength > cfg.RopeOrigContext
+	cfg.LongFactors = net.Params.LongFactors
 	return &Model{path: path, file: f, cfg: cfg, net: net, backend: mm.Backend(), tok: tok, opts: opts, kvType: kv,
 		fp: fp}, nil
 }

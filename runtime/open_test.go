@@ -70,9 +70,9 @@ func TestOpenRejectsBadFiles(t *testing.T) {
 			}
 			return ts, nil
 		}), "tensor blk.0.ffn_up.weight has shape [256 256], want [256 512]"},
-		{"LongRoPE factors", edit("longrope.gguf", func(kv fsggml.KV, ts []*fsggml.Tensor) ([]*fsggml.Tensor, error) {
+		{"LongRoPE with long factors only", edit("longrope.gguf", func(kv fsggml.KV, ts []*fsggml.Tensor) ([]*fsggml.Tensor, error) {
 			return append(ts, &fsggml.Tensor{Name: "rope_factors_long.weight", Kind: 0, Shape: []uint64{16}, WriterTo: zeroData{16 * 4}}), nil
-		}), "LongRoPE (rope_factors_long/short, Phi-3 128k models) is not supported yet"},
+		}), "LongRoPE needs both rope_factors_long.weight and rope_factors_short.weight"},
 		{"missing hyperparameter", edit("hparam.gguf", func(kv fsggml.KV, ts []*fsggml.Tensor) ([]*fsggml.Tensor, error) {
 			delete(kv, "llama.block_count")
 			return ts, nil

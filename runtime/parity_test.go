@@ -37,15 +37,21 @@ func TestParityWithLlamaCpp(t *testing.T) {
 		n      int    // tokens compared (default 64)
 		greedy int    // prompt tokens of the greedy check (default 8)
 		exact  bool   // logits must be bit-exact
+		ctx    int    // context length of both engines (default 256)
 	}
 	cases := []parityCase{
 		{"stories260k", func(t *testing.T) string { return testmodels.StoriesV3(t) }, "f32",
-			"Once upon a time, there was a little dog named Max. Max liked to run in the park with his friend, a small cat. One day they found a big red ball under a tree and they played with it until the sun went down.", 0, 0, false},
-		{"llama-gqa-rope-freqs", func(t *testing.T) string { return testmodels.Random(t, "llama", "tiny", foundry.F32, 1, true) }, "f32", "", 0, 0, false},
-		{"qwen2-bias", func(t *testing.T) string { return testmodels.Random(t, "qwen2", "tiny", foundry.F32, 2, false) }, "f32", "", 0, 0, false},
-		{"phi3-fused-qkv-gate-up", func(t *testing.T) string { return testmodels.Random(t, "phi3", "tiny", foundry.F32, 7, false) }, "f32", "", 0, 0, false},
-		{"qwen3-qk-norm", func(t *testing.T) string { return testmodels.Random(t, "qwen3", "tiny", foundry.F32, 6, false) }, "f32", "", 0, 0, false},
-		{"llama-f16-kv", func(t *testing.T) string { return testmodels.Random(t, "llama", "tiny", foundry.F32, 3, false) }, "f16", "", 0, 0, false},
+			"Once upon a time, there was a little dog named Max. Max liked to run in the park with his friend, a small cat. One day they found a big red ball under a tree and they played with it until the sun went down.", 0, 0, false, 0},
+		{"llama-gqa-rope-freqs", func(t *testing.T) string { return testmodels.Random(t, "llama", "tiny", foundry.F32, 1, true) }, "f32", "", 0, 0, false, 0},
+		{"qwen2-bias", func(t *testing.T) string { return testmodels.Random(t, "qwen2", "tiny", foundry.F32, 2, false) }, "f32", "", 0, 0, false, 0},
+		{"phi3-fused-qkv-gate-up", func(t *testing.T) string { return testmodels.Random(t, "phi3", "tiny", foundry.F32, 7, false) }, "f32", "", 0, 0, false, 0},
+		// LongRoPE: the long factors at a context of 512 (above the
+		// file's original 256), the short ones at 256, and the attention
+		// factor (1.26) either way.
+		{name: "phi3-longrope-long", path: func(t *testing.T) string { return testmodels.Random(t, "phi3", "tiny", foundry.F32, 11, true) }, kv: "f32", ctx: 512},
+		{name: "phi3-longrope-short", path: func(t *testing.T) string { return testmodels.Random(t, "phi3", "tiny", foundry.F32, 11, true) }, kv: "f32", ctx: foundry.LongRoPEOrigContext},
+		{"qwen3-qk-norm", func(t *testing.T) string { return testmodels.Random(t, "qwen3", "tiny", foundry.F32, 6, false) }, "f32", "", 0, 0, false, 0},
+		{"llama-f16-kv", func(t *testing.T) string { return testmodels.Random(t, "llama", "tiny", foundry.F32, 3, false) }, "f16", "", 0, 0, false, 0},
 		{name: "gemma2-window-softcap", path: func(t *testing.T) string { return testmodels.Random(t, "gemma2", "gemma2-tiny", foundry.F32, 8, false) },
 			kv: "f32", n: 200, greedy: 100, exact: true},
 		{name: "gemma3-window-local-rope", path: func(t *testing.T) string { return testmodels.Random(t, "gemma3", "gemma3-tiny", foundry.F32, 9, false) },
@@ -58,7 +64,7 @@ func TestParityWithLlamaCpp(t *testing.T) {
 	// Quantized weights, written by ggml's own quantizer: the same blocks
 	// and the same kernels in both engines.
 	for _, dt := range []foundry.DType{foundry.Q8_0, foundry.Q4_0, foundry.Q4_K, foundry.Q5_K, foundry.Q6_K, foundry.Q4_K_M} {
-		cases = append(cases, parityCase{"llama-" + string(dt), func(t *testing.T) string { return testmodels.Random(t, "llama", "tiny", dt, 5, false) }, "f16", "", 0, 0, true})
+		cases = append(cases, parityCase{"llama-" + string(dt), func(t *testing.T) string { return testmodels.Random(t, "llama", "tiny", dt, 5, false) }, "f16", "", 0, 0, true, 0})
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -68,15 +74,21 @@ func TestParityWithLlamaCpp(t *testing.T) {
 			if c.greedy == 0 {
 				c.greedy = 8
 			}
+			if c.ctx == 0 {
+				c.ctx = 256
+			}
 			path := c.path(t)
-			ours, err := runtime.Open(context.Background(), path, runtime.Options{Threads: 1, KVType: c.kv, ContextLength: 256})
+			ours, err := runtime.Open(context.Background(), path, runtime.Options{Threads: 1, KVType: c.kv, ContextLength: c.ctx})
 			require.NoError(t, err)
 			defer ours.Close()
+			if cfg := ours.Config(); cfg.LongRoPE {
+				require.Equal(t, c.ctx > cfg.RopeOrigContext, cfg.LongFactors, "LongRoPE's factors follow the context")
+			}
 			if w := ours.Config().SlidingWindow; w > 0 {
 				require.Greater(t, c.n, w, "the prompt must be longer than the window")
 				require.Greater(t, c.greedy, w)
 			}
-			ref, err := llamaref.Load(path, llamaref.Options{Threads: 1, KVType: c.kv, Context: 256})
+			ref, err := llamaref.Load(path, llamaref.Options{Threads: 1, KVType: c.kv, Context: c.ctx})
 			require.NoError(t, err)
 			defer ref.Close()
 
@@ -133,4 +145,34 @@ func TestParityWithLlamaCpp(t *testing.T) {
 			}
 		})
 	}
+}
+
+// LongRoPE's two factor sets really differ: the same tokens give other
+// logits at a context above the original one than at or below it.
+func TestLongRoPEFactorsMatter(t *testing.T) {
+	path := testmodels.Random(t, "phi3", "tiny", foundry.F32, 11, true)
+	logits := func(ctxLen int) [][]float32 {
+		m, err := runtime.Open(context.Background(), path, runtime.Options{Threads: 1, ContextLength: ctxLen})
+		require.NoError(t, err)
+		defer m.Close()
+		require.True(t, m.Config().LongRoPE)
+		s, err := m.NewSession()
+		require.NoError(t, err)
+		defer s.Close()
+		toks := make([]int32, 64)
+		for i := range toks {
+			toks[i] = int32((i*7919+13)%500 + 3)
+		}
+		out, err := s.Eval(context.Background(), toks, true, nil)
+		require.NoError(t, err)
+		return out
+	}
+	short, long := logits(foundry.LongRoPEOrigContext), logits(2*foundry.LongRoPEOrigContext)
+	var diff float64
+	for i := range short {
+		for j := range short[i] {
+			diff = math.Max(diff, math.Abs(float64(short[i][j]-long[i][j])))
+		}
+	}
+	require.Greater(t, diff, 0.1, "long and short factors gave the same logits")
 }

@@ -42,6 +42,16 @@ type Config struct {
 	FusedGateUp   bool // phi3: ffn_up holds gate and up, [hidden, 2·FFN]
 	ScaleQueries  bool // phi3: queries are scaled by 1/√headDim after RoPE, attention by 1
 	RopeFreqs     bool // a rope_freqs.weight tensor scales the frequencies (Llama 3)
+	// LongRoPE (Phi-3's 128k models): per-frequency factors
+	// rope_factors_long/short.weight, the long ones when a sequence's
+	// context is longer than RopeOrigContext (llama.cpp's
+	// get_rope_factors), and RoPE's rotations scaled by RopeAttnFactor
+	// (rope.scaling.attn_factor, 1 if absent). LongFactors is the choice
+	// for the context this model was opened with (set by the runtime).
+	LongRoPE        bool
+	RopeOrigContext int
+	RopeAttnFactor  float32
+	LongFactors     bool
 	TiedOutput    bool // no output.weight: the embedding doubles as the output matrix
 
 	// Gemma (gemma2, gemma3): embeddings are scaled by √hidden, the MLP is
@@ -213,6 +223,10 @@ func parseHParams(get Getter) (Config, error) {
 	if s := float32Of(get, a+".rope.scale_linear", 0); s > 0 {
 		c.RopeScale = 1 / s
 	}
+	if v, ok := uintOf(get, a+".rope.scaling.original_context_length"); ok {
+		c.RopeOrigContext = int(v)
+	}
+	c.RopeAttnFactor = float32Of(get, a+".rope.scaling.attn_factor", 1)
 	if c.Gemma {
 		if err := c.parseGemma(get); err != nil {
 			return c, err
@@ -311,11 +325,22 @@ func (c *Config) checkTensors(f *gguf.File) error {
 	} else {
 		c.TiedOutput = true
 	}
-	if _, ok := f.Tensor("rope_factors_long.weight"); ok {
-		// Phi-3's LongRoPE picks long or short factors by context length
-		// and scales attention; not implemented, so refuse rather than
-		// compute something else.
-		return fmt.Errorf("LongRoPE (rope_factors_long/short, Phi-3 128k models) is not supported yet")
+	long, hasLong := f.Tensor("rope_factors_long.weight")
+	short, hasShort := f.Tensor("rope_factors_short.weight")
+	if hasLong || hasShort {
+		if !hasLong || !hasShort {
+			return fmt.Errorf("LongRoPE needs both rope_factors_long.weight and rope_factors_short.weight; the file has only one")
+		}
+		for _, t := range []gguf.Tensor{long, short} {
+			if len(t.Shape) != 1 || int(t.Shape[0]) != c.RopeDim/2 {
+				return fmt.Errorf("tensor %s has shape %v, want [%d]", t.Name, t.Shape, c.RopeDim/2)
+			}
+		}
+		c.LongRoPE = true
+		if c.RopeOrigContext <= 0 {
+			// llama.cpp: n_ctx_orig_yarn defaults to the trained context.
+			c.RopeOrigContext = c.ContextLength
+		}
 	}
 	if t, ok := f.Tensor("rope_freqs.weight"); ok {
 		c.RopeFreqs = true

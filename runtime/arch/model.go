@@ -198,6 +198,10 @@ type Attention struct {
 	Value       *nn.Linear `gguf:"attn_v"`
 	Output      *nn.Linear `gguf:"attn_output"`
 	RopeFactors ml.Tensor  `gguf:"rope_freqs.weight"`
+	// LongRoPE's factors (Config.LongRoPE), [ropeDim/2], duplicated per
+	// layer by the backend as rope_freqs is.
+	RopeLong  ml.Tensor `gguf:"rope_factors_long.weight"`
+	RopeShort ml.Tensor `gguf:"rope_factors_short.weight"`
 	// qwen3: RMS norms of each head's queries and keys, [headDim].
 	QueryNorm *nn.RMSNorm `gguf:"attn_q_norm"`
 	KeyNorm   *nn.RMSNorm `gguf:"attn_k_norm"`
@@ -245,6 +249,9 @@ func (m *Model) Validate() error {
 		}
 		a := l.Attention
 		check(p+"attn_q/k/v/output", a != nil && a.Output != nil && (a.QKV != nil || (a.Query != nil && a.Key != nil && a.Value != nil)))
+		if a != nil && m.Params.LongRoPE {
+			check(p+"rope_factors_long/short.weight", a.RopeLong != nil && a.RopeShort != nil)
+		}
 		if a != nil && m.Params.QKNorm {
 			check(p+"attn_q_norm/attn_k_norm.weight", a.QueryNorm != nil && a.QueryNorm.Weight != nil && a.KeyNorm != nil && a.KeyNorm.Weight != nil)
 		}
@@ -261,15 +268,28 @@ func (m *Model) Validate() error {
 
 // Shift re-ropes cached keys by shift positions (kvcache.Causal's shift hook).
 func (m *Model) Shift(ctx ml.Context, layer int, key, shift ml.Tensor) (ml.Tensor, error) {
-	return m.rope(ctx, layer, key, shift, m.Layers[layer].Attention.RopeFactors), nil
+	return m.rope(ctx, layer, key, shift), nil
 }
 
-// rope rotates t with layer's base and scale (gemma3's windowed layers
-// have their own).
-func (m *Model) rope(ctx ml.Context, layer int, t, positions, factors ml.Tensor) ml.Tensor {
+// rope rotates t with layer's base, scale and frequency factors (gemma3's
+// windowed layers have their own base and scale; LongRoPE's factors
+// depend on the context, and its attention factor scales the rotation as
+// llama.cpp's ggml_rope_ext call does with ext_factor 0).
+func (m *Model) rope(ctx ml.Context, layer int, t, positions ml.Tensor) ml.Tensor {
+	a := m.Layers[layer].Attention
+	factors := a.RopeFactors
+	if m.Params.LongRoPE {
+		factors = a.RopeShort
+		if m.Params.LongFactors {
+			factors = a.RopeLong
+		}
+	}
 	opts := []func(*rope.Options){rope.WithFactors(factors)}
 	if m.Params.RopeNeoX {
 		opts = append(opts, rope.WithTypeNeoX())
+	}
+	if f := m.Params.RopeAttnFactor; f != 0 && f != 1 {
+		opts = append(opts, rope.WithAttentionFactor(f))
 	}
 	base, scale := m.Params.Rope(layer)
 	return nn.RoPE(ctx, t, positions, m.Params.RopeDim, base, scale, opts...)
@@ -374,7 +394,7 @@ func (m *Model) qkv(ctx ml.Context, layer int, a *Attention, h, positions ml.Ten
 		q = a.QueryNorm.Forward(ctx, q, m.Params.Eps)
 		k = a.KeyNorm.Forward(ctx, k, m.Params.Eps)
 	}
-	q, k = m.rope(ctx, layer, q, positions, a.RopeFactors), m.rope(ctx, layer, k, positions, a.RopeFactors)
+	q, k = m.rope(ctx, layer, q, positions), m.rope(ctx, layer, k, positions)
 	if m.Params.ScaleQueries {
 		q = q.Scale(ctx, 1/math.Sqrt(float64(hd)))
 	}

@@ -50,7 +50,7 @@ func Run(args []string) error {
 		preset := fs.String("preset", "tiny", "shape: "+presetNames())
 		dtype := fs.String("dtype", "f32", "weight type: f32, f16, q8_0, q4_0, q4_k, q5_k, q6_k or q4_k_m (ggml's own quantizer)")
 		seed := fs.Uint64("seed", 1, "random seed (same seed, same file)")
-		ropeFreqs := fs.Bool("rope-freqs", false, "llama only: add a Llama-3-style rope_freqs.weight tensor")
+		ropeFreqs := fs.Bool("rope-freqs", false, "frequency factors: llama's Llama-3-style rope_freqs.weight, or phi3's LongRoPE long/short factors (original context 256)")
 		out := fs.String("o", "", "output file")
 		if err := fs.Parse(args[1:]); err != nil {
 			return err
