@@ -5,6 +5,7 @@ go 1.26.8
 require (
 	github.com/cloudwego/eino v0.7.36
 	github.com/kvrecall/kvrecall v0.0.0-00010101000000-000000000000
+	github.com/ollama/ollama v0.17.4
 	github.com/stretchr/testify v1.12.1
 )
 
@@ -30,7 +31,6 @@ require (
 	github.com/modern-go/reflect2 v1.0.2 // indirect
 	github.com/nikolalohinski/gonja v1.5.3 // indirect
 	github.com/nikolalohinski/gonja/v2 v2.9.1 // indirect
-	github.com/ollama/ollama v0.17.4 // indirect
 	github.com/pelletier/go-toml/v2 v2.2.2 // indirect
 	github.com/pkg/errors v0.9.1 // indirect
 	github.com/sirupsen/logrus v1.9.3 // indirect
