@@ -442,6 +442,10 @@ func (m *Model) chat(ctx context.Context, doc *runtime.Document, msgs []Message,
 		err = user(Token{ID: -1, Text: rest})
 	}
 	content, calls, perr := chat.ParseToolCalls(res.Text, tools)
+	if perr != nil && (res.StopReason == StopLength || res.StopReason == StopContext) {
+		// The model did not write bad JSON: the limit cut its call short.
+		perr = fmt.Errorf("%w; the answer was cut off (stop reason %s): raise the token limit", perr, res.StopReason)
+	}
 	if perr == nil && forced != nil {
 		perr = chat.CheckForced(res.Text, calls, "stop reason "+string(res.StopReason))
 	}

@@ -367,6 +367,15 @@ func TestChatTools(t *testing.T) {
 	require.NotEmpty(t, res.Text)
 	require.Equal(t, strings.TrimSpace(streamed.String()), res.Text)
 
+	// A forced call that the token limit cuts inside its JSON is an error
+	// that says so, not only "malformed JSON".
+	for _, max := range []int{3, 30} {
+		_, err = m.Chat(ctx, msgs, kvrecall.GenerateOptions{MaxTokens: max, Tools: tools, ToolChoice: "get_weather"})
+		require.ErrorIs(t, err, kvrecall.ErrToolCall)
+		require.ErrorContains(t, err, "cut off")
+		require.ErrorContains(t, err, "stop reason length")
+	}
+
 	_, err = m.Generate(ctx, "Once", kvrecall.GenerateOptions{Tools: tools})
 	require.ErrorContains(t, err, "use Chat")
 	plain, err := kvrecall.Open(ctx, testmodels.StoriesV3(t), kvrecall.Options{Threads: 2, ContextLength: 256, DataDir: t.TempDir()})

@@ -122,20 +122,35 @@ func StoriesV3(t testing.TB) string {
 	return cached(t, "stories260k-f32-v3.gguf", func(p string) error { return gguf.Upgrade(src, p) })
 }
 
-// RepoRoot walks up from the working directory to the directory with go.mod.
+// RepoRoot walks up from the working directory to the directory whose
+// go.mod declares the kvrecall module. Nested modules (adapters/*) have
+// their own go.mod, so the first go.mod above a test is not always the
+// root, and ../shared lies beside the root.
 func RepoRoot() (string, error) {
 	d, err := os.Getwd()
 	if err != nil {
 		return "", err
 	}
 	for {
-		if _, err := os.Stat(filepath.Join(d, "go.mod")); err == nil {
+		if b, err := os.ReadFile(filepath.Join(d, "go.mod")); err == nil && rootModule(b) {
 			return d, nil
 		}
 		parent := filepath.Dir(d)
 		if parent == d {
-			return "", fmt.Errorf("go.mod not found above the working directory")
+			return "", fmt.Errorf("no go.mod declaring module %s above the working directory", modulePath)
 		}
 		d = parent
 	}
+}
+
+const modulePath = "github.com/kvrecall/kvrecall"
+
+// rootModule reports whether a go.mod's module line names the kvrecall module.
+func rootModule(gomod []byte) bool {
+	for _, line := range strings.Split(string(gomod), "\n") {
+		if f := strings.Fields(line); len(f) == 2 && f[0] == "module" {
+			return strings.Trim(f[1], `"`) == modulePath
+		}
+	}
+	return false
 }
