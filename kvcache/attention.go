@@ -45,7 +45,12 @@ func (c *Paged) groupKV(ctx ml.Context, l int, g *group) (ml.Tensor, ml.Tensor, 
 	}
 	pl := g.pool
 	c.emitUploads(ctx, l, g)
-	used := pl.used()
+	// Only the slots up to the last one this pass attends to: stale pages
+	// above it would cost as much as attended ones, masked or not.
+	used := pl.attended(func(p int) bool {
+		_, sel := slices.BinarySearch(g.sel, p)
+		return sel || slices.Contains(c.writes, p)
+	})
 	cells := used * c.L.PageSize
 	heads := len(g.heads)
 	k := pl.k.View(ctx, 0, c.L.HeadDim, pl.k.Stride(1), heads, pl.k.Stride(2), cells)

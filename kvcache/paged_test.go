@@ -185,24 +185,111 @@ func TestLRUVictim(t *testing.T) {
 	p := newPool(nil, testLayout, 0, 2, 3, false)
 	none := func(int) bool { return false }
 	for i, page := range []int{0, 1, 2} {
-		s, err := p.place(page, none, uint64(i+1))
+		s, err := p.place(page, none, uint64(i+1), false)
 		require.NoError(t, err)
 		require.Equal(t, page, s, "free slot page mod slots")
 	}
 	// Touch page 0 again: page 1 is now the least recently used.
-	_, err := p.place(0, none, 4)
+	_, err := p.place(0, none, 4, false)
 	require.NoError(t, err)
-	s, err := p.place(7, none, 5)
+	s, err := p.place(7, none, 5, false)
 	require.NoError(t, err)
 	require.Equal(t, 1, s)
 	require.Equal(t, -1, p.resident(1))
 	// Pinned pages are never victims, even when least recently used.
 	pinned := func(pg int) bool { return pg == 2 }
-	s, err = p.place(8, pinned, 6)
+	s, err = p.place(8, pinned, 6, false)
 	require.NoError(t, err)
 	require.Equal(t, 0, s, "page 0 (stamp 4) goes, page 2 (stamp 3) is pinned")
-	_, err = p.place(9, func(int) bool { return true }, 7)
+	_, err = p.place(9, func(int) bool { return true }, 7, false)
 	require.ErrorContains(t, err, "all 3 device slots are pinned")
+}
+
+// With the selection known, placement packs the pass's pages into the
+// lowest slots instead of keeping the least recently used ones.
+func TestPackedVictim(t *testing.T) {
+	p := newPool(nil, testLayout, 0, 2, 3, false)
+	none := func(int) bool { return false }
+	for _, page := range []int{0, 1, 2} { // one pass (stamp 1)
+		s, err := p.place(page, none, 1, true)
+		require.NoError(t, err)
+		require.Equal(t, page, s, "the lowest free slot")
+	}
+	// Pass 4 uses page 0 again, then places page 7: the lowest slot whose
+	// page is neither pinned nor used in the pass goes (page 1), so that
+	// the pass's pages stay packed at the bottom of the pool.
+	_, err := p.place(0, none, 4, true)
+	require.NoError(t, err)
+	s, err := p.place(7, none, 4, true)
+	require.NoError(t, err)
+	require.Equal(t, 1, s)
+	require.Equal(t, -1, p.resident(1))
+	// In a later pass the lowest stale slot goes, whatever its age.
+	s, err = p.place(8, none, 5, true)
+	require.NoError(t, err)
+	require.Equal(t, 0, s, "page 0 (stamp 4) is in the lowest slot")
+	// Pinned pages are never victims, even in the lowest slot.
+	pinned := func(pg int) bool { return pg == 8 || pg == 7 }
+	s, err = p.place(9, pinned, 6, true)
+	require.NoError(t, err)
+	require.Equal(t, 2, s, "pages 8 and 7 are pinned: page 2 goes")
+	// The lowest stale slot goes, although page 7 above it is older.
+	s, err = p.place(3, none, 7, true)
+	require.NoError(t, err)
+	require.Equal(t, 0, s, "page 8 (stamp 5) in slot 0, page 7 (stamp 4) in slot 1")
+	// A free slot above stale ones is taken once they are used in the pass.
+	p.drop(9)
+	var got []int
+	for _, page := range []int{11, 12, 13} {
+		s, err = p.place(page, none, 8, true)
+		require.NoError(t, err)
+		got = append(got, s)
+	}
+	require.Equal(t, []int{0, 1, 2}, got)
+	_, err = p.place(10, func(int) bool { return true }, 8, true)
+	require.ErrorContains(t, err, "all 3 device slots are pinned")
+}
+
+// Attention reads the slots up to the last one a pass attends to: the
+// planning packs the attended pages at the bottom of a budget pool, so a
+// window that moves on leaves its old pages above them (or replaces them),
+// not in between. Without the packing, the pool's slack slots were read
+// at every step of every method (36 slots where 33 are attended at a
+// 2048-token budget with 64-token pages).
+func TestAttendedSlotsStayPacked(t *testing.T) {
+	const P = 16
+	for _, keep := range []struct {
+		name string
+		sel  func(upto int) []int
+	}{
+		{"window", func(upto int) []int { // sinks page + the last 3 pages
+			p := paging.PagesOf(upto, P)
+			return []int{0, max(0, p-3), max(0, p-2), max(0, p-1)}
+		}},
+		{"retrieved pages and a window", func(upto int) []int {
+			p := paging.PagesOf(upto, P)
+			return []int{0, 5, 6, max(0, p-2), max(0, p-1)}
+		}},
+	} {
+		t.Run(keep.name, func(t *testing.T) {
+			sel := &testSelector{c: paging.Config{PageSize: P, Sinks: P, Window: 2 * P}, groups: []paging.Group{{Budget: 5 * P}}}
+			sel.sel = func(_, upto int) [][]int {
+				return [][]int{clip(keep.sel(upto), paging.PagesOf(upto, P))}
+			}
+			c := newTestCache(t, sel, 4096, 1)
+			r := rand.New(rand.NewPCG(5, 6))
+			step(t, c, r, 16)
+			for i := 0; i < 300; i++ {
+				require.NoError(t, tryStep(c, r))
+				require.NoError(t, c.CheckInvariants())
+				g := c.layers[0].groups[0]
+				visible := union(g.sel, c.writes, c.store.Pages())
+				used := g.pool.attended(func(p int) bool { return slices.Contains(visible, p) })
+				require.Equal(t, len(visible), used, "step %d: pages %v in slots %v", i, visible, g.pool.page)
+				require.Less(t, used, g.pool.slots, "the pool has slack")
+			}
+		})
+	}
 }
 
 func TestBuildMask(t *testing.T) {

@@ -81,25 +81,38 @@ func (p *pool) resident(page int) int {
 	return -1
 }
 
-// place puts page into a slot: slot page mod slots if it is free (so that
-// when every page fits the pool is in position order, like a dense cache),
-// else the lowest free one, else the least recently used slot whose page is
-// not pinned for this pass. It returns the slot.
-func (p *pool) place(page int, pinned func(page int) bool, stamp uint64) (int, error) {
+// place puts page into a slot and returns it.
+//
+// With pack (the pass's selection is known and pinned), the page takes the
+// lowest slot that is free or holds a page that is neither pinned nor used
+// in this pass. Attention reads every cell of the first used slots (a
+// masked cell costs what an attended one does), so this keeps the pages a
+// pass attends to at the bottom of the pool, and the slack slots above
+// them (a budget pool has the budget's pages + batch pages + 3) out of
+// the attention's view (attended). A page a window or a retrieval has just
+// left behind is the usual victim; pages placed in order into a pool that
+// keeps them all (a dense selection) land in position order.
+//
+// Without pack (a batch's pages placed before a selector that needs the
+// queries has chosen), a page that is not pinned may still be chosen a
+// moment later, so nothing is evicted while a slot is free: slot page mod
+// slots if free (position order when every page fits), else the lowest
+// free slot, else the least recently used slot whose page is not pinned.
+func (p *pool) place(page int, pinned func(page int) bool, stamp uint64, pack bool) (int, error) {
 	if s := p.resident(page); s >= 0 {
 		p.stamp[s] = stamp
 		return s, nil
 	}
 	victim := -1
-	if s := page % p.slots; p.page[s] < 0 {
+	if s := page % p.slots; !pack && p.page[s] < 0 {
 		victim = s
 	}
 	for s := 0; s < p.slots && victim < 0; s++ {
-		if p.page[s] < 0 {
+		if p.page[s] < 0 || (pack && !pinned(p.page[s]) && p.stamp[s] != stamp) {
 			victim = s
 		}
 	}
-	if victim < 0 {
+	if victim < 0 && !pack {
 		for s := 0; s < p.slots; s++ {
 			if pinned(p.page[s]) || p.stamp[s] == stamp {
 				continue
@@ -118,6 +131,19 @@ func (p *pool) place(page int, pinned func(page int) bool, stamp uint64) (int, e
 	p.page[victim], p.fill[victim], p.stamp[victim] = page, 0, stamp
 	p.where[page] = victim
 	return victim, nil
+}
+
+// attended is one past the highest slot holding a page the pass attends
+// to (visible: selected or written by the batch): attention reads only
+// those first slots, and cells above them hold stale pages that the mask
+// would hide anyway.
+func (p *pool) attended(visible func(page int) bool) int {
+	for s := p.slots - 1; s >= 0; s-- {
+		if p.page[s] >= 0 && visible(p.page[s]) {
+			return s + 1
+		}
+	}
+	return 0
 }
 
 // drop frees the slots of pages at or after first.
@@ -153,7 +179,10 @@ func (c *Paged) placeAll(layer int, g *group, pages []int) error {
 	}
 	pinned := func(p int) bool { return p >= 0 && p < len(c.pinned) && c.pinned[p] == c.pinMark }
 	for _, p := range pages {
-		s, err := pl.place(p, pinned, c.stamp)
+		// With the selection known (g.sel set) its pages are pinned, so
+		// the pool can be packed; a query selector's batch pages come
+		// before its selection (StartForward) and must not evict.
+		s, err := pl.place(p, pinned, c.stamp, g.sel != nil)
 		if err != nil {
 			return err
 		}

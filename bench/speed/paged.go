@@ -48,6 +48,14 @@ type PagedConfig struct {
 	// Extra is passed to every session's runtime.PolicyOptions.Extra
 	// (probe's settings under probe.OptionKey).
 	Extra map[string]any
+	// Floor, if > 0, also decodes densely at a context of Floor tokens
+	// (issue 14's floor: a budget of B tokens reads B tokens of KV, so its
+	// physical limit is dense decode at a context of B), in the same
+	// alternation as the methods, twice: with the dense engine's cache
+	// (ollama's causal cache, what `bench speed` without --paged measures)
+	// and with the paged cache under the dense method (the cache machinery
+	// every paged method runs through).
+	Floor int
 	Log   func(format string, args ...any)
 }
 
@@ -109,6 +117,13 @@ type PagedRow struct {
 	// HostKVFull is what the document's host pages would be if every
 	// layer kept every page (0 for a model without windowed layers).
 	HostKVFull int64 `json:"host_kv_full_bytes,omitempty"`
+	// Floor is PagedConfig.Floor (0: not measured); FloorMs is dense
+	// decode at a context of Floor tokens through the dense engine's
+	// cache, FloorPagedMs through the paged cache (dense method), both
+	// timed in the same alternation as DecodeMs.
+	Floor        int     `json:"floor_context,omitempty"`
+	FloorMs      float64 `json:"floor_ms_token,omitempty"`
+	FloorPagedMs float64 `json:"floor_paged_ms_token,omitempty"`
 }
 
 // llamaSWA is the key of llama.cpp run with window-sized caches for
@@ -182,6 +197,10 @@ func pagedOne(ctx context.Context, c PagedConfig, n int, logf func(string, ...an
 			sq = &squeezed.Options{}
 		}
 	}
+	if c.Floor < 0 || c.Floor > n {
+		return row, fmt.Errorf("speed: floor context %d is outside 1..%d (the context)", c.Floor, n)
+	}
+	row.Floor = c.Floor
 	if c.SkipDense && c.Hyper == nil {
 		return row, fmt.Errorf("speed: skipping the dense ingest needs a HyperAttention ingest (--hyper)")
 	}
@@ -332,13 +351,40 @@ func pagedOne(ctx context.Context, c PagedConfig, n int, logf func(string, ...an
 		}
 		sessions[i] = s
 	}
+	// The floor sessions: the document's first Floor tokens, prefilled
+	// with the decode threads (one pass per batch, untimed), then the
+	// same question, so that they decode at a context of Floor+8 tokens
+	// as the methods decode after their question.
+	var floors []*runtime.Session
+	if c.Floor > 0 {
+		logf("%s %d: floor prefill (%d tokens, dense engine and paged dense)", c.Label, n, c.Floor)
+		for _, f := range []runtime.CacheFactory{runtime.DenseCache, runtime.PagedCache(runtime.PolicyOptions{Policy: "dense"})} {
+			s, err := m.NewSessionWith(f)
+			if err != nil {
+				return row, fmt.Errorf("floor: %w", err)
+			}
+			defer s.Close()
+			if _, err := s.Eval(ctx, append(slices.Clone(toks[:c.Floor]), question...), false, nil); err != nil {
+				return row, fmt.Errorf("floor: %w", err)
+			}
+			floors = append(floors, s)
+		}
+	}
 	steps := make([][]time.Duration, len(methods)+2)
+	floorSteps := make([][]time.Duration, len(floors))
 	uploaded := make([]int64, len(methods)) // before the timed steps
 	for j, s := range sessions {
 		uploaded[j] = s.Cache().(*kvcache.Paged).Stats().UploadedBytes
 	}
 	for i := 0; i < c.DecodeTokens; i++ {
 		tok := toks[i : i+1]
+		for j, s := range floors {
+			t0 := time.Now()
+			if _, err := s.Eval(ctx, tok, false, nil); err != nil {
+				return row, fmt.Errorf("floor: %w", err)
+			}
+			floorSteps[j] = append(floorSteps[j], time.Since(t0))
+		}
 		for j, s := range sessions {
 			t0 := time.Now()
 			if _, err := s.Eval(ctx, tok, false, nil); err != nil {
@@ -369,6 +415,10 @@ func pagedOne(ctx context.Context, c PagedConfig, n int, logf func(string, ...an
 	cfg := m.Config()
 	if cfg.SlidingWindow > 0 {
 		row.HostKVFull = int64(doc.Store().Pages()) * int64(cfg.Layers) * int64(m.Layout().PageBytes())
+	}
+	if len(floors) == 2 {
+		row.FloorMs, row.FloorPagedMs = median(floorSteps[0]), median(floorSteps[1])
+		logf("%s %d: floor at %d tokens: %.2f ms/token (dense engine), %.2f (paged dense)", c.Label, n, c.Floor, row.FloorMs, row.FloorPagedMs)
 	}
 	if ref != nil {
 		row.DecodeMs["llama.cpp"] = median(steps[len(methods)])
@@ -464,6 +514,7 @@ func PagedTable(rows []PagedRow, methods []string) string {
 	s += "\n" + PrefillTable(rows)
 	s += LayerBudgetTable(rows, methods)
 	s += windowedKVTable(rows, methods)
+	s += FloorTable(rows, methods)
 	return s + kvTrafficTable(rows, methods)
 }
 
@@ -485,6 +536,32 @@ func windowedKVTable(rows []PagedRow, methods []string) string {
 			w := r.ResidentByClass[m]["windowed"]
 			s += fmt.Sprintf("| %s | %d | %s | %s | %s | %s | %s | %s |\n", r.Model, r.Context, m, mib(w), mib(r.Resident[m]-w),
 				mib(r.HostKV[m]), mib(r.HostKV["document"]), mib(r.HostKVFull))
+		}
+	}
+	return s
+}
+
+// FloorTable compares each method's decode time with the floor measured in
+// the same run (issue 14): dense decode at a context of the floor's tokens,
+// through the dense engine's cache and through the paged cache. It is ""
+// when no row measured a floor.
+func FloorTable(rows []PagedRow, methods []string) string {
+	s := ""
+	for _, r := range rows {
+		if r.Floor == 0 || r.FloorMs <= 0 {
+			continue
+		}
+		if s == "" {
+			s = "\n| model | context | budget | floor context | method | decode ms/token | vs floor (dense engine) | vs floor (paged dense) |\n|---|---|---|---|---|---|---|---|\n"
+		}
+		s += fmt.Sprintf("| %s | %d | %d | %d | floor (dense engine) | %.2f | 1.00 | %.2f |\n", r.Model, r.Context, r.Budget, r.Floor, r.FloorMs, r.FloorMs/r.FloorPagedMs)
+		s += fmt.Sprintf("| %s | %d | %d | %d | floor (paged dense) | %.2f | %.2f | 1.00 |\n", r.Model, r.Context, r.Budget, r.Floor, r.FloorPagedMs, r.FloorPagedMs/r.FloorMs)
+		for _, m := range append([]string{"llama.cpp", "dense"}, methods...) {
+			ms, ok := r.DecodeMs[m]
+			if !ok {
+				continue
+			}
+			s += fmt.Sprintf("| %s | %d | %d | %d | %s | %.2f | %.2f | %.2f |\n", r.Model, r.Context, r.Budget, r.Floor, m, ms, ms/r.FloorMs, ms/r.FloorPagedMs)
 		}
 	}
 	return s

@@ -111,3 +111,23 @@ func TestPagedTableWindowedLayers(t *testing.T) {
 	row.HostKVFull = 0 // no windowed layers
 	require.NotContains(t, PagedTable([]PagedRow{row}, []string{"retro"}), "device KV, windowed layers")
 }
+
+// The floor table gives each method's decode time over the floor (dense
+// decode at a context of the budget's tokens) measured in the same run,
+// through both caches; rows without a floor print nothing.
+func TestFloorTable(t *testing.T) {
+	rows := []PagedRow{
+		{Model: "tiny (f16)", Context: 32768, Budget: 2048, BaseMs: 1,
+			DecodeMs: map[string]float64{"llama.cpp": 20, "dense": 21, "retro": 2.5, "window": 2.2},
+			Resident: map[string]int64{}, PrefillSec: 80, Floor: 2048, FloorMs: 2, FloorPagedMs: 2.2},
+		{Model: "tiny (f16)", Context: 65536, Budget: 2048, BaseMs: 1,
+			DecodeMs: map[string]float64{"dense": 40, "retro": 3}, Resident: map[string]int64{}, PrefillSec: 160},
+	}
+	md := PagedTable(rows, []string{"retro", "window"})
+	require.Contains(t, md, "| tiny (f16) | 32768 | 2048 | 2048 | retro | 2.50 | 1.25 | 1.14 |")
+	require.Contains(t, md, "| tiny (f16) | 32768 | 2048 | 2048 | window | 2.20 | 1.10 | 1.00 |")
+	require.Contains(t, md, "| tiny (f16) | 32768 | 2048 | 2048 | floor (dense engine) | 2.00 | 1.00 | 0.91 |")
+	require.Contains(t, md, "| tiny (f16) | 32768 | 2048 | 2048 | floor (paged dense) | 2.20 | 1.10 | 1.00 |")
+	require.NotContains(t, md, "| tiny (f16) | 65536 | 2048 | 2048 |", "the 64k row measured no floor")
+	require.Empty(t, FloorTable(rows[1:], []string{"retro"}))
+}

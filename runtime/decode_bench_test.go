@@ -1,0 +1,124 @@
+package runtime_test
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/kvrecall/kvrecall/internal/testmodels"
+	"github.com/kvrecall/kvrecall/llamaref"
+	"github.com/kvrecall/kvrecall/runtime"
+)
+
+// BenchmarkDecodeStep times one single-token decode step (1 thread) after
+// a prompt of the given context, in our engine (dense engine cache, paged
+// cache with every page, retro over an ingested document at a 2048-token
+// budget) and in llama.cpp on the same GGUF. It exists to profile the
+// fixed per-step cost (issue 14): run it under perf or -cpuprofile with
+// -benchtime of a few hundred steps, so that the steps outweigh the prompt.
+//
+// The model is $KVRECALL_BENCH_MODEL, else the foundry's tiny f16 preset in
+// build/models (`make`, or `kvrecall bench speed` builds it).
+//
+//	go test ./runtime -run XXX -bench DecodeStep -benchtime 200x
+func BenchmarkDecodeStep(b *testing.B) {
+	path := os.Getenv("KVRECALL_BENCH_MODEL")
+	if path == "" {
+		root, err := testmodels.RepoRoot()
+		if err != nil {
+			b.Fatal(err)
+		}
+		path = filepath.Join(root, "build", "models", "llama-tiny-f16.gguf")
+	}
+	if _, err := os.Stat(path); err != nil {
+		b.Skipf("no model to benchmark: %v (set KVRECALL_BENCH_MODEL)", err)
+	}
+	ctx := context.Background()
+	prompt := func(n, vocab int) []int32 { // bench/speed's pseudo-random tokens
+		p := make([]int32, n)
+		for i := range p {
+			p[i] = int32(3 + (i*7919)%(vocab-3))
+		}
+		return p
+	}
+	const extra = 4096 // room for the timed steps
+	for _, n := range []int{2048, 8192} {
+		open := func(b *testing.B) (*runtime.Model, []int32) {
+			m, err := runtime.Open(ctx, path, runtime.Options{Threads: 1, ContextLength: n + extra, DataDir: b.TempDir()})
+			if err != nil {
+				b.Fatal(err)
+			}
+			b.Cleanup(m.Close)
+			return m, prompt(n+extra, m.Config().Vocab)
+		}
+		step := func(b *testing.B, s *runtime.Session, toks []int32) {
+			if b.N > extra {
+				b.Fatalf("-benchtime %dx exceeds the %d steps of room", b.N, extra)
+			}
+			b.ResetTimer()
+			for i := range b.N {
+				if _, err := s.Eval(ctx, toks[n+i:n+i+1], false, nil); err != nil {
+					b.Fatal(err)
+				}
+			}
+		}
+		for _, c := range []struct {
+			name    string
+			factory func() runtime.CacheFactory
+		}{
+			{"dense", func() runtime.CacheFactory { return runtime.DenseCache }},
+			{"paged-dense", func() runtime.CacheFactory { return runtime.PagedCache(runtime.PolicyOptions{Policy: "dense"}) }},
+		} {
+			b.Run(fmt.Sprintf("kvrecall/%s/%d", c.name, n), func(b *testing.B) {
+				m, toks := open(b)
+				s, err := m.NewSessionWith(c.factory())
+				if err != nil {
+					b.Fatal(err)
+				}
+				defer s.Close()
+				if _, err := s.Eval(ctx, toks[:n], false, nil); err != nil {
+					b.Fatal(err)
+				}
+				step(b, s, toks)
+			})
+		}
+		b.Run(fmt.Sprintf("kvrecall/retro-2048/%d", n), func(b *testing.B) {
+			m, toks := open(b)
+			doc, err := m.IngestTokensWith(ctx, "doc", toks[:n-8], runtime.IngestOptions{}, nil)
+			if err != nil {
+				b.Fatal(err)
+			}
+			s, err := m.DocumentSession(doc, runtime.PolicyOptions{Policy: "retro", Budget: 2048})
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer s.Close()
+			if _, err := s.Eval(ctx, toks[n-8:n], false, nil); err != nil { // the question
+				b.Fatal(err)
+			}
+			step(b, s, toks)
+		})
+		b.Run(fmt.Sprintf("llama.cpp/%d", n), func(b *testing.B) {
+			ref, err := llamaref.Load(path, llamaref.Options{Threads: 1, Context: n + extra})
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer ref.Close()
+			toks := prompt(n+extra, ref.VocabSize())
+			if _, err := ref.Append(toks[:n], false, nil); err != nil {
+				b.Fatal(err)
+			}
+			if b.N > extra {
+				b.Fatalf("-benchtime %dx exceeds the %d steps of room", b.N, extra)
+			}
+			b.ResetTimer()
+			for i := range b.N {
+				if _, err := ref.Append(toks[n+i:n+i+1], false, nil); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
