@@ -102,8 +102,12 @@ const manifestVersion = 1
 
 // Stats counts a Store's traffic since it was opened.
 type Stats struct {
-	Puts, Kept, Gets, Damaged uint64
-	BytesWritten, BytesRead   uint64
+	Puts         uint64 `json:"puts"`          // documents offered
+	Kept         uint64 `json:"kept"`          // of them, stored (the rest were there already)
+	Gets         uint64 `json:"gets"`          // documents fetched
+	Damaged      uint64 `json:"damaged"`       // fetches that found a chunk missing or corrupt
+	BytesWritten uint64 `json:"bytes_written"` // chunk and manifest bytes sent
+	BytesRead    uint64 `json:"bytes_read"`    // chunk and manifest bytes received
 }
 
 // Store keeps documents in a Backend under a key prefix.
