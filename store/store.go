@@ -267,12 +267,23 @@ func (s *Store) Get(ctx context.Context, content string) (Document, error) {
 		return Document{}, fmt.Errorf("document %s: %w", content, ErrNotFound)
 	}
 	s.read.Add(uint64(len(raw)))
+	var m manifest
 	damaged := func(format string, args ...any) (Document, error) {
 		s.damaged.Add(1)
-		s.b.DelIfEqual(context.WithoutCancel(ctx), mk, raw)
+		bg := context.WithoutCancel(ctx)
+		s.b.DelIfEqual(bg, mk, raw)
+		// The copy's other chunks are garbage now: nothing names them.
+		var keys []string
+		for _, fe := range m.Files {
+			for i := range fe.Chunks {
+				keys = append(keys, s.chunkKey(content, m.Writer, fe.Name, i))
+			}
+		}
+		if len(keys) > 0 && validKeyPart(m.Writer) {
+			s.b.Del(bg, keys...)
+		}
 		return Document{}, fmt.Errorf("document %s: %w: %s (the manifest was removed; ingest the document again)", content, ErrDamaged, fmt.Sprintf(format, args...))
 	}
-	var m manifest
 	if err := json.Unmarshal(raw, &m); err != nil || m.Version != manifestVersion || !validKeyPart(m.Writer) {
 		return damaged("unreadable manifest")
 	}

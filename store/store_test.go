@@ -91,7 +91,6 @@ func TestRoundTripAndFaults(t *testing.T) {
 
 			// A chunk evicted, a chunk with a flipped byte: both are found,
 			// the manifest goes, and a new Put stores the document again.
-			m := manifestOf(t, s, key)
 			for _, fault := range []string{"evicted", "flipped"} {
 				t.Run(fault, func(t *testing.T) {
 					m := manifestOf(t, s, key)
@@ -110,6 +109,9 @@ func TestRoundTripAndFaults(t *testing.T) {
 					require.ErrorContains(t, err, "chunk 1 of pages")
 					_, err = s.Get(ctx, key)
 					require.ErrorIs(t, err, ErrNotFound, "the damaged copy is no longer visible")
+					for _, k := range allKeys(t, s) {
+						require.NotContains(t, k, m.Writer, "the damaged copy's chunks are removed")
+					}
 					kept, err := s.Put(ctx, key, testDoc())
 					require.NoError(t, err)
 					require.True(t, kept, "stored again after the damage")
@@ -117,7 +119,6 @@ func TestRoundTripAndFaults(t *testing.T) {
 					require.NoError(t, err)
 				})
 			}
-			_ = m
 		})
 	}
 }
@@ -222,4 +223,42 @@ func TestContentKeyIgnoresSettingOrder(t *testing.T) {
 	require.Equal(t, a, ContentKey("m", "t", "kv=f16", "page_size=64"))
 	require.NotEqual(t, a, ContentKey("m", "t", "page_size=32", "kv=f16"), "the page size changes the bytes")
 	require.NotEqual(t, a, ContentKey("m2", "t", "page_size=64", "kv=f16"))
+}
+
+// failAfter is a back end that stops answering after n reads: Redis dying
+// in the middle of a document's chunks.
+type failAfter struct {
+	Backend
+	n int
+}
+
+func (f *failAfter) Get(ctx context.Context, key string) ([]byte, bool, error) {
+	if f.n--; f.n < 0 {
+		return nil, false, fmt.Errorf("%w: connection reset", ErrUnavailable)
+	}
+	return f.Backend.Get(ctx, key)
+}
+
+// A store that dies between chunks gives an error, never part of a
+// document, and does not mark the copy damaged (it is not).
+func TestDiesMidGet(t *testing.T) {
+	ctx := context.Background()
+	dir, err := OpenDir(t.TempDir())
+	require.NoError(t, err)
+	s := New(dir, "test")
+	s.ChunkSize = 1000
+	key := ContentKey("model", "tokens:mid")
+	_, err = s.Put(ctx, key, testDoc())
+	require.NoError(t, err)
+	for _, after := range []int{0, 1, 5, 11} { // the manifest, then chunks
+		t.Run(fmt.Sprint(after), func(t *testing.T) {
+			f := New(&failAfter{Backend: dir, n: after}, "failing")
+			doc, err := f.Get(ctx, key)
+			require.ErrorIs(t, err, ErrUnavailable)
+			require.False(t, errors.Is(err, ErrDamaged))
+			require.Nil(t, doc.Files, "nothing partial")
+			_, err = s.Get(ctx, key)
+			require.NoError(t, err, "the copy is intact and still visible")
+		})
+	}
 }
