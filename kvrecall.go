@@ -624,11 +624,16 @@ type DocumentInfo struct {
 	TextSHA256 string
 	Created    time.Time
 	Prefill    time.Duration // the ingest's prefill
+	// FromStore says that this process fetched the pages from
+	// Options.Store instead of prefilling them (Prefill is then the
+	// original ingest's).
+	FromStore bool
 }
 
 func infoOf(in runtime.Info) DocumentInfo {
 	return DocumentInfo{ID: in.ID, Tokens: in.Tokens, Pages: in.Pages, PageSize: in.PageSize, HostBytes: in.HostBytes,
-		TextSHA256: in.TextSHA256, Created: in.Created, Prefill: time.Duration(in.PrefillSeconds * float64(time.Second))}
+		TextSHA256: in.TextSHA256, Created: in.Created, Prefill: time.Duration(in.PrefillSeconds * float64(time.Second)),
+		FromStore: in.Source == "shared"}
 }
 
 // Ingest tokenizes text (with BOS), prefills it once and stores its pages
