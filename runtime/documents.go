@@ -171,6 +171,11 @@ func (m *Model) ingest(ctx context.Context, id string, toks []int32, textHash st
 	// wanted and it has none (an older ingest): then it is ingested again.
 	if in, err := m.documentInfoLocal(id); err == nil && in.TextSHA256 == textHash && (m.opts.Squeezed == nil || in.HasClusters) {
 		if d, err := m.openDocumentLocal(id); err == nil && d.TextSHA256 == textHash {
+			if m.opts.Store != nil && d.ContentKey != "" {
+				// Ingested here again: this text is what the id names now,
+				// also if another instance pointed it elsewhere meanwhile.
+				m.nameShared(ctx, id, d.ContentKey)
+			}
 			return d, nil
 		}
 	}
@@ -228,7 +233,13 @@ func (m *Model) ingest(ctx context.Context, id string, toks []int32, textHash st
 	var content string
 	if m.opts.Store != nil {
 		content = m.contentKey(toks, o)
-		if d, err := m.fetchShared(ctx, id, content); err == nil {
+		m.shared.fetchMu.Lock()
+		d, err := m.fetchShared(ctx, id, content)
+		if err == nil {
+			m.nameShared(ctx, id, content)
+		}
+		m.shared.fetchMu.Unlock()
+		if err == nil {
 			return d, nil
 		}
 	}
@@ -313,6 +324,12 @@ func (m *Model) ingest(ctx context.Context, id string, toks []int32, textHash st
 		st := streamSel.Settings()
 		repsKey = probeRepsName(st.BlockSize, st.RepTopK, streamSel.Config().Window)
 		d.probe = map[string]*probe.Reps{repsKey: reps}
+	}
+	if content != "" {
+		// Until the name is set (publishShared): a question here must not
+		// read the id's old name and fetch the old version over this one.
+		m.shared.fetchMu.Lock()
+		defer m.shared.fetchMu.Unlock()
 	}
 	if err := m.saveDocument(d); err != nil {
 		return nil, err

@@ -127,21 +127,32 @@ func (m *Model) fetchShared(ctx context.Context, id, content string) (*Document,
 	return m.openDocumentLocal(id)
 }
 
-// fetchSharedByName fetches document id (not on the local tier) through
-// the shared store's name index. ErrNoDocument when no instance stored it
-// or its copy was damaged (reported), ErrStoreUnavailable when the store
-// cannot be reached.
-func (m *Model) fetchSharedByName(id string) error {
+// fetchSharedByName fetches document id through the shared store's name
+// index: when it is not on the local tier (stale == ""), or when the local
+// copy has content address stale and the store names a newer version.
+// ErrNoDocument when no instance stored it or its copy was damaged
+// (reported), ErrStoreUnavailable when the store cannot be reached.
+func (m *Model) fetchSharedByName(id, stale string) error {
 	st := m.opts.Store
 	m.shared.fetchMu.Lock()
 	defer m.shared.fetchMu.Unlock()
-	if _, err := m.documentInfoLocal(id); !errors.Is(err, ErrNoDocument) {
-		return err // fetched meanwhile, or a local problem to report
+	local, lerr := m.documentInfoLocal(id)
+	switch {
+	case stale == "" && !errors.Is(lerr, ErrNoDocument):
+		return lerr // fetched meanwhile, or a local problem to report
+	case stale != "" && (lerr != nil || local.ContentKey != stale):
+		return nil // replaced meanwhile
 	}
 	// Bounded: a question must not hang on a store that stopped answering.
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
+	// Resolved under fetchMu, which this instance's ingests hold from their
+	// local commit until their name is set: a name read here is never one
+	// that an ingest here is about to overwrite.
 	content, err := st.Resolve(ctx, hex.EncodeToString(m.fp[:]), id)
+	if err == nil && content == stale {
+		return nil
+	}
 	if err == nil {
 		_, err = m.fetchShared(ctx, id, content)
 	} else {
@@ -160,6 +171,23 @@ func (m *Model) fetchSharedByName(id string) error {
 	return err
 }
 
+// checkFresh replaces d by the shared store's version when another
+// instance re-ingested its id with other content since. A store that
+// cannot be reached leaves d as it is (the local fallback, docs/store.md).
+func (m *Model) checkFresh(d *Document) (*Document, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	content, err := m.opts.Store.Resolve(ctx, hex.EncodeToString(m.fp[:]), d.ID)
+	cancel()
+	m.shared.record(err)
+	if err != nil || content == d.ContentKey {
+		return d, nil
+	}
+	if err := m.fetchSharedByName(d.ID, d.ContentKey); err != nil {
+		return nil, err
+	}
+	return m.openDocumentLocal(d.ID)
+}
+
 // publishShared stores d's files (as written on the local tier) in the
 // shared store and points its id at them. Another process's copy of the
 // same content is kept if it was there first.
@@ -173,10 +201,16 @@ func (m *Model) publishShared(ctx context.Context, d *Document) {
 	meta, _ := json.Marshal(d.Info)
 	ctx = context.WithoutCancel(ctx) // the ingest is done; a client leaving now must not cut the write
 	_, err = st.Put(ctx, d.ContentKey, store.Document{Meta: meta, Files: files})
-	if err == nil {
-		err = st.SetName(ctx, hex.EncodeToString(m.fp[:]), d.ID, d.ContentKey)
-	}
 	m.shared.record(err)
+	if err == nil {
+		m.nameShared(ctx, d.ID, d.ContentKey)
+	}
+}
+
+// nameShared points id at content in the store's name index: the last
+// ingest of an id, on any instance, names what every instance answers.
+func (m *Model) nameShared(ctx context.Context, id, content string) {
+	m.shared.record(m.opts.Store.SetName(context.WithoutCancel(ctx), hex.EncodeToString(m.fp[:]), id, content))
 }
 
 // localFiles reads back d's page file, clusters and probe representatives
@@ -220,13 +254,20 @@ func (m *Model) localFiles(d *Document) ([]store.File, error) {
 
 // OpenDocument returns an ingested document: from memory, from the local
 // disk (verifying every page checksum), or, with a shared store, fetched
-// from it (every chunk verified) and kept on the local disk.
+// from it (every chunk verified) and kept on the local disk. With a store,
+// a local copy whose id another instance has since re-ingested with other
+// content is replaced by that version.
 func (m *Model) OpenDocument(id string) (*Document, error) {
 	d, err := m.openDocumentLocal(id)
+	if err == nil && m.opts.Store != nil && d.ContentKey != "" {
+		// One GET per question: the local copy may have been replaced
+		// on another instance.
+		return m.checkFresh(d)
+	}
 	if !errors.Is(err, ErrNoDocument) || m.opts.Store == nil || !ValidDocumentID(id) {
 		return d, err
 	}
-	if err := m.fetchSharedByName(id); err != nil {
+	if err := m.fetchSharedByName(id, ""); err != nil {
 		return nil, err
 	}
 	return m.openDocumentLocal(id)
@@ -241,7 +282,7 @@ func (m *Model) DocumentInfo(id string) (Info, error) {
 	if !errors.Is(err, ErrNoDocument) || m.opts.Store == nil || !ValidDocumentID(id) {
 		return in, err
 	}
-	if err := m.fetchSharedByName(id); err != nil {
+	if err := m.fetchSharedByName(id, ""); err != nil {
 		return Info{}, err
 	}
 	return m.documentInfoLocal(id)

@@ -313,6 +313,23 @@ func (s *Store) Get(ctx context.Context, content string) (Document, error) {
 	return doc, nil
 }
 
+// Meta returns the metadata of the document under content, from its
+// manifest, without reading its chunks.
+func (s *Store) Meta(ctx context.Context, content string) (json.RawMessage, error) {
+	raw, ok, err := s.b.Get(ctx, s.manifestKey(content))
+	if err != nil {
+		return nil, err
+	}
+	if !ok {
+		return nil, fmt.Errorf("document %s: %w", content, ErrNotFound)
+	}
+	var m manifest
+	if err := json.Unmarshal(raw, &m); err != nil {
+		return nil, fmt.Errorf("document %s: %w: unreadable manifest", content, ErrDamaged)
+	}
+	return m.Meta, nil
+}
+
 // SetName points a model's document id at a content address.
 func (s *Store) SetName(ctx context.Context, model, id, content string) error {
 	return s.b.Set(ctx, s.nameKey(model, id), []byte(content))

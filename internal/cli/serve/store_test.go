@@ -180,6 +180,20 @@ func TestSharedStoreAcrossInstances(t *testing.T) {
 		require.Equal(t, " "+answer2, out.Choices[0].Text)
 	}
 
+	// a replaces "book" with other text: b, which holds the old version
+	// locally, answers from the new one (its answer is the new needle's).
+	ingestDoc(t, a, "book", text2)
+	status, out = ask(t, b, "book", question2)
+	require.Equal(t, http.StatusOK, status, out.Error.Message)
+	require.Equal(t, " "+answer2, out.Choices[0].Text, "not the replaced version")
+	// And back: the name points at the first text again (fetched on a by
+	// content), and b follows.
+	back := ingestDoc(t, a, "book", text)
+	require.Equal(t, key, back["content_key"])
+	status, out = ask(t, b, "book", question)
+	require.Equal(t, http.StatusOK, status, out.Error.Message)
+	require.Equal(t, " "+answer, out.Choices[0].Text)
+
 	// Redis dies.
 	r.Kill()
 	h := health(t, b)
