@@ -20,7 +20,7 @@ import (
 
 // needleCase is a haystack text with one needle, its question and answer
 // on the recall model.
-func needleCase(t *testing.T, model string, tokens int, seed uint64) (text, question, answer string) {
+func needleCase(t testing.TB, model string, tokens int, seed uint64) (text, question, answer string) {
 	f, err := gguf.Open(model)
 	require.NoError(t, err)
 	voc, err := haystack.LoadVocab(f)
@@ -45,7 +45,7 @@ type completion struct {
 	Error   struct{ Message string } `json:"error"`
 }
 
-func ask(t *testing.T, p *proc, doc, question string) (int, completion) {
+func ask(t testing.TB, p *proc, doc, question string) (int, completion) {
 	t.Helper()
 	status, body := post(t, p.url+"/v1/completions", "application/json",
 		fmt.Sprintf(`{"document":%q,"prompt":%q,"max_tokens":3,"temperature":0}`, doc, question))
@@ -54,7 +54,7 @@ func ask(t *testing.T, p *proc, doc, question string) (int, completion) {
 	return status, out
 }
 
-func ingestDoc(t *testing.T, p *proc, id, text string) map[string]any {
+func ingestDoc(t testing.TB, p *proc, id, text string) map[string]any {
 	t.Helper()
 	status, body := post(t, p.url+"/v1/documents?id="+id, "text/plain", text)
 	require.Equal(t, http.StatusCreated, status, body)
