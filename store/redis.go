@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -20,7 +21,17 @@ const (
 	redisIOTimeout   = 5 * time.Second
 )
 
+// quiet drops go-redis's own log lines (a dial failure is printed once per
+// attempt, to stderr): every failure reaches the caller as an error
+// wrapping ErrUnavailable, and serve reports it on /health.
+type quiet struct{}
+
+func (quiet) Printf(context.Context, string, ...any) {}
+
+var quietOnce sync.Once
+
 func openRedis(raw string) (*redisBackend, error) {
+	quietOnce.Do(func() { redis.SetLogger(quiet{}) })
 	o, err := redis.ParseURL(raw)
 	if err != nil {
 		return nil, err
