@@ -33,6 +33,7 @@ import (
 	"github.com/kvrecall/kvrecall/kvcache"
 	"github.com/kvrecall/kvrecall/paging"
 	"github.com/kvrecall/kvrecall/runtime"
+	"github.com/kvrecall/kvrecall/store"
 )
 
 // Options configure Open. Zero values pick the documented defaults.
@@ -65,6 +66,13 @@ type Options struct {
 	HeadsProfile string
 	// LoadProgress, if set, is called with the fraction of weights loaded.
 	LoadProgress func(fraction float32)
+	// Store is a shared document store that several processes use:
+	// redis://[user:password@]host:port[/db], rediss://... or
+	// file:///path. Documents ingested by any of them are answered by all
+	// without prefill; DataDir stays the local tier. A store that cannot
+	// be reached is not an error: documents are then prefilled and served
+	// locally (see docs/store.md). "" means none.
+	Store string
 }
 
 // Errors that callers can test with errors.Is.
@@ -95,9 +103,10 @@ func (e *OpenError) Unwrap() error { return e.Err }
 
 // Model is a loaded GGUF model. It is safe for concurrent use.
 type Model struct {
-	rt   *runtime.Model
-	tpl  *chat.Template
-	opts Options
+	rt     *runtime.Model
+	tpl    *chat.Template
+	opts   Options
+	shared *store.Store // Options.Store, opened here, closed after the model
 }
 
 // Open checks and loads the GGUF model at path (llama, qwen2, qwen3, phi3,
@@ -113,12 +122,22 @@ func Open(ctx context.Context, path string, opts Options) (*Model, error) {
 	if _, _, err := paging.Parse(opts.Method); err != nil {
 		return nil, fmt.Errorf("Options.Method: %w", err)
 	}
+	var shared *store.Store
+	if opts.Store != "" {
+		var err error
+		if shared, err = store.Open(opts.Store); err != nil {
+			return nil, fmt.Errorf("Options.Store: %w", err)
+		}
+	}
 	rm, err := runtime.Open(ctx, path, runtime.Options{
 		Threads: opts.Threads, ContextLength: opts.ContextLength, BatchSize: opts.BatchSize,
 		PageSize: opts.PageSize, DataDir: opts.DataDir, MaxDocumentBytes: opts.MaxDocumentBytes,
-		LoadProgress: opts.LoadProgress,
+		LoadProgress: opts.LoadProgress, Store: shared,
 	})
 	if err != nil {
+		if shared != nil {
+			shared.Close()
+		}
 		var oe *runtime.OpenError
 		if errors.As(err, &oe) {
 			return nil, &OpenError{Path: oe.Path, Err: oe.Err}
@@ -131,6 +150,9 @@ func Open(ctx context.Context, path string, opts Options) (*Model, error) {
 	}
 	if err != nil {
 		rm.Close()
+		if shared != nil {
+			shared.Close()
+		}
 		return nil, &OpenError{Path: path, Err: err}
 	}
 	ro := rm.Options()
@@ -139,7 +161,7 @@ func Open(ctx context.Context, path string, opts Options) (*Model, error) {
 	if opts.Budget == 0 {
 		opts.Budget = paging.DefaultBudget
 	}
-	return &Model{rt: rm, tpl: tpl, opts: opts}, nil
+	return &Model{rt: rm, tpl: tpl, opts: opts, shared: shared}, nil
 }
 
 // Close frees the model. It waits for forward passes in flight (cancel
@@ -147,6 +169,9 @@ func Open(ctx context.Context, path string, opts Options) (*Model, error) {
 // calls made afterwards fail with ErrClosed. Closing twice is harmless.
 func (m *Model) Close() error {
 	m.rt.Close()
+	if m.shared != nil {
+		m.shared.Close()
+	}
 	return nil
 }
 
@@ -603,11 +628,16 @@ type DocumentInfo struct {
 	TextSHA256 string
 	Created    time.Time
 	Prefill    time.Duration // the ingest's prefill
+	// FromStore says that this process fetched the pages from
+	// Options.Store instead of prefilling them (Prefill is then the
+	// original ingest's).
+	FromStore bool
 }
 
 func infoOf(in runtime.Info) DocumentInfo {
 	return DocumentInfo{ID: in.ID, Tokens: in.Tokens, Pages: in.Pages, PageSize: in.PageSize, HostBytes: in.HostBytes,
-		TextSHA256: in.TextSHA256, Created: in.Created, Prefill: time.Duration(in.PrefillSeconds * float64(time.Second))}
+		TextSHA256: in.TextSHA256, Created: in.Created, Prefill: time.Duration(in.PrefillSeconds * float64(time.Second)),
+		FromStore: in.Source == "shared"}
 }
 
 // Ingest tokenizes text (with BOS), prefills it once and stores its pages

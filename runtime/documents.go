@@ -68,6 +68,14 @@ type Info struct {
 	// calibration took.
 	HasClusters    bool    `json:"clusters,omitempty"`
 	ClusterSeconds float64 `json:"cluster_seconds,omitempty"`
+	// ContentKey is the document's address in the shared store (set only
+	// when the model has one, Options.Store): the model, the tokens and the
+	// settings that change the stored bytes, hashed.
+	ContentKey string `json:"content_key,omitempty"`
+	// Source is "shared" when this process fetched the document's pages
+	// from the shared store instead of prefilling them (PrefillSeconds is
+	// then the original ingest's).
+	Source string `json:"source,omitempty"`
 }
 
 // Clusters returns the document's Squeezed-Attention clusters, or nil.
@@ -161,8 +169,13 @@ func (m *Model) ingest(ctx context.Context, id string, toks []int32, textHash st
 	// The metadata says whether the text is the same; only then load pages.
 	// A stored document of the same text is reused, unless clusters are
 	// wanted and it has none (an older ingest): then it is ingested again.
-	if in, err := m.DocumentInfo(id); err == nil && in.TextSHA256 == textHash && (m.opts.Squeezed == nil || in.HasClusters) {
-		if d, err := m.OpenDocument(id); err == nil && d.TextSHA256 == textHash {
+	if in, err := m.documentInfoLocal(id); err == nil && in.TextSHA256 == textHash && (m.opts.Squeezed == nil || in.HasClusters) {
+		if d, err := m.openDocumentLocal(id); err == nil && d.TextSHA256 == textHash {
+			if m.opts.Store != nil && d.ContentKey != "" {
+				// Ingested here again: this text is what the id names now,
+				// also if another instance pointed it elsewhere meanwhile.
+				m.nameShared(ctx, id, d.ContentKey)
+			}
 			return d, nil
 		}
 	}
@@ -213,6 +226,23 @@ func (m *Model) ingest(ctx context.Context, id string, toks []int32, textHash st
 		// (The layer count is needed by the sliding-window wrapper of
 		// gemma models; without it their ingest was refused.)
 		return nil, err
+	}
+	// With a shared store, a document some instance has ingested with the
+	// same model, tokens and settings is fetched instead of prefilled. Not
+	// there, damaged (then prefilled and stored again) or unreachable (then
+	// prefilled here): the prefill below.
+	var content string
+	if m.opts.Store != nil {
+		content = m.contentKey(toks, o)
+		m.shared.fetchMu.Lock()
+		d, err := m.fetchShared(ctx, id, content)
+		if err == nil {
+			m.nameShared(ctx, id, content)
+		}
+		m.shared.fetchMu.Unlock()
+		if err == nil {
+			return d, nil
+		}
 	}
 	var rec *squeezed.Recorder
 	if so := m.opts.Squeezed; so != nil {
@@ -277,6 +307,7 @@ func (m *Model) ingest(ctx context.Context, id string, toks []int32, textHash st
 			ID: id, Tokens: len(toks), Pages: cache.Store().Pages(), PageSize: m.opts.PageSize,
 			HostBytes: cache.Store().Bytes(), TextSHA256: textHash, Fingerprint: hex.EncodeToString(m.fp[:]),
 			Created: time.Now().UTC(), PrefillSeconds: prefill.Seconds(), UpkeepSeconds: cache.Stats().Upkeep.Seconds(),
+			ContentKey: content,
 		},
 		tokens: toks, store: cache.Store(),
 	}
@@ -298,6 +329,12 @@ func (m *Model) ingest(ctx context.Context, id string, toks []int32, textHash st
 		repsKey = probeRepsName(st.BlockSize, st.RepTopK, streamSel.Config().Window)
 		d.probe = map[string]*probe.Reps{repsKey: reps}
 	}
+	if content != "" {
+		// Until the name is set (publishShared): a question here must not
+		// read the id's old name and fetch the old version over this one.
+		m.shared.fetchMu.Lock()
+		defer m.shared.fetchMu.Unlock()
+	}
 	if err := m.saveDocument(d); err != nil {
 		return nil, err
 	}
@@ -305,6 +342,11 @@ func (m *Model) ingest(ctx context.Context, id string, toks []int32, textHash st
 		if err := m.writeProbeReps(d, repsKey, reps); err != nil {
 			return nil, err
 		}
+	}
+	if content != "" {
+		// The document is stored locally whatever happens here: a shared
+		// store that cannot take it is reported by StoreStatus.
+		m.publishShared(ctx, d)
 	}
 	return d, nil
 }
@@ -314,36 +356,50 @@ func (m *Model) ingest(ctx context.Context, id string, toks []int32, textHash st
 // commit point; the old page file is removed last. On any error before the
 // commit the old version is untouched, on disk and in memory.
 func (m *Model) saveDocument(d *Document) error {
+	return m.commitDocument(d.Info, d, func(dir, name string) error {
+		pages := filepath.Join(dir, name)
+		if err := kvcache.WritePageFile(pages, d.store, d.tokens, m.fp); err != nil {
+			return err
+		}
+		if d.clusters != nil {
+			if err := d.clusters.WriteFile(filepath.Join(dir, clustersFile(name))); err != nil {
+				os.Remove(pages)
+				return err
+			}
+		}
+		return nil
+	})
+}
+
+// commitDocument writes a version of document info.ID: write puts its page
+// file (named name) and clusters in dir, then doc.json commits it. d is the
+// version in memory, made resident; nil (a copy installed from the shared
+// store, loaded and verified from disk next) only drops the old one.
+func (m *Model) commitDocument(info Info, d *Document, write func(dir, name string) error) error {
 	st := m.documents()
 	st.writeMu.Lock()
 	defer st.writeMu.Unlock()
-	dir := m.docDir(d.ID)
+	dir := m.docDir(info.ID)
 	if err := os.MkdirAll(m.opts.DataDir, docDirPerm); err != nil {
-		return fmt.Errorf("save document %s: %w", d.ID, err)
+		return fmt.Errorf("save document %s: %w", info.ID, err)
 	}
 	if err := os.Mkdir(dir, docDirPerm); err != nil && !errors.Is(err, os.ErrExist) {
-		return fmt.Errorf("save document %s: %w", d.ID, err)
+		return fmt.Errorf("save document %s: %w", info.ID, err)
 	}
 	old, oldErr := readMeta(dir)
 	fail := func(err error) error {
 		if errors.Is(oldErr, os.ErrNotExist) {
 			os.Remove(dir) // a first ingest leaves no empty folder (kept if not empty)
 		}
-		return fmt.Errorf("save document %s: %w", d.ID, err)
+		return fmt.Errorf("save document %s: %w", info.ID, err)
 	}
 	name := newPagesName()
 	pages := filepath.Join(dir, name)
-	if err := kvcache.WritePageFile(pages, d.store, d.tokens, m.fp); err != nil {
+	clusters := filepath.Join(dir, clustersFile(name))
+	if err := write(dir, name); err != nil {
 		return fail(err)
 	}
-	clusters := filepath.Join(dir, clustersFile(name))
-	if d.clusters != nil {
-		if err := d.clusters.WriteFile(clusters); err != nil {
-			os.Remove(pages)
-			return fail(err)
-		}
-	}
-	b, err := json.MarshalIndent(storedMeta{Info: d.Info, PagesFile: name}, "", "  ")
+	b, err := json.MarshalIndent(storedMeta{Info: info, PagesFile: name}, "", "  ")
 	if err == nil {
 		err = atomicfile.WriteBytes(filepath.Join(dir, docMeta), b, docFilePerm)
 	}
@@ -357,12 +413,14 @@ func (m *Model) saveDocument(d *Document) error {
 		}
 	}
 	st.mu.Lock()
-	if cur, ok := st.resident[d.ID]; ok {
+	if cur, ok := st.resident[info.ID]; ok {
 		st.dropLocked(cur)
 	}
-	st.versions[d.ID]++
-	d.st.version = st.versions[d.ID]
-	st.admitLocked(m, d)
+	st.versions[info.ID]++
+	if d != nil {
+		d.st.version = st.versions[info.ID]
+		st.admitLocked(m, d)
+	}
 	st.mu.Unlock()
 	// After the version bump: a concurrent load that read the old doc.json
 	// and now misses its pages sees the bump and retries.
@@ -375,9 +433,9 @@ func (m *Model) saveDocument(d *Document) error {
 	return nil
 }
 
-// OpenDocument returns an ingested document, loading it from disk (and
-// verifying every page checksum) if it is not in memory.
-func (m *Model) OpenDocument(id string) (*Document, error) {
+// openDocumentLocal is OpenDocument on the local tier only: from memory,
+// or loaded from disk (verifying every page checksum).
+func (m *Model) openDocumentLocal(id string) (*Document, error) {
 	if !ValidDocumentID(id) {
 		return nil, fmt.Errorf("%w: %q", ErrNoDocument, id)
 	}
@@ -504,10 +562,8 @@ func (m *Model) Documents() ([]Info, error) {
 	return out, nil
 }
 
-// DeleteDocument removes a document from memory and disk. Whatever is left
-// of a document on disk (page files without metadata, temporary files) is
-// removed as well; ErrNoDocument means there was nothing under id.
-func (m *Model) DeleteDocument(id string) error {
+// deleteDocumentLocal is DeleteDocument on the local tier only.
+func (m *Model) deleteDocumentLocal(id string) error {
 	if !ValidDocumentID(id) {
 		return fmt.Errorf("%w: %q", ErrNoDocument, id)
 	}
@@ -633,10 +689,8 @@ func (m *Model) LoadedDocuments() []Info {
 	return out
 }
 
-// DocumentInfo describes a stored document without loading its pages. Its
-// page file's header and size are checked (page checksums are checked when
-// the document is opened).
-func (m *Model) DocumentInfo(id string) (Info, error) {
+// documentInfoLocal is DocumentInfo on the local tier only.
+func (m *Model) documentInfoLocal(id string) (Info, error) {
 	if !ValidDocumentID(id) {
 		return Info{}, fmt.Errorf("%w: %q", ErrNoDocument, id)
 	}

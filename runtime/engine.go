@@ -14,6 +14,7 @@ import (
 	"errors"
 	"fmt"
 	"github.com/kvrecall/kvrecall/squeezed"
+	"github.com/kvrecall/kvrecall/store"
 	"io"
 	"os"
 	"path/filepath"
@@ -66,6 +67,12 @@ type Options struct {
 	// "squeezed" method (Squeezed Attention) and calibrate its threshold
 	// from the queries of the document's last tokens.
 	Squeezed *squeezed.Options
+	// Store, if set, is the shared document tier (Redis; see package store
+	// and docs/store.md): documents are fetched from it instead of
+	// prefilled when another process ingested them, and stored in it after
+	// an ingest. DataDir stays the local tier in front of it. The caller
+	// owns the store and closes it after the model.
+	Store *store.Store
 }
 
 // DefaultContextLength caps the default context so that dense caches of
@@ -88,7 +95,8 @@ type Model struct {
 	kvType  ml.DType
 	fp      kvcache.Fingerprint
 
-	docs docStore // documents in host memory (documents.go)
+	docs   docStore    // documents in host memory (documents.go)
+	shared sharedState // the shared store's bookkeeping (shared.go)
 
 	heads headDefault // the head profile "+heads" methods use by default
 

@@ -21,6 +21,20 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
 fi
 
+# redis-server: `make test` runs the shared-store tests (docs/store.md)
+# against a real one, started on a loopback port per test. Not needed to
+# build, so its absence is only an error when the tests run.
+if ! command -v redis-server >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "setup: installing redis-server (the shared-store tests start one)" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -q redis-server >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q redis-server >/dev/null; } \
+      || echo "setup: could not install redis-server; make test needs it (sudo apt-get install redis-server)" >&2
+  else
+    echo "setup: make test needs redis-server: sudo apt-get install redis-server" >&2
+  fi
+fi
+
 $GO mod download
 malgo=$($GO list -m -f '{{.Dir}}' github.com/gen2brain/malgo)
 mkdir -p build/include/miniaudio

@@ -158,11 +158,20 @@ func badRequestIfInput(err error) error {
 }
 
 func documentJSON(in runtime.Info) map[string]any {
-	return map[string]any{
+	out := map[string]any{
 		"object": "document", "id": in.ID, "tokens": in.Tokens, "pages": in.Pages, "page_size": in.PageSize,
 		"host_bytes": in.HostBytes, "text_sha256": in.TextSHA256, "created": in.Created.Unix(),
 		"prefill_seconds": in.PrefillSeconds,
 	}
+	// With a shared store: its address, and "shared" when this instance
+	// fetched the pages instead of prefilling them.
+	if in.ContentKey != "" {
+		out["content_key"] = in.ContentKey
+	}
+	if in.Source != "" {
+		out["source"] = in.Source
+	}
+	return out
 }
 
 func (s *Server) listDocuments(w http.ResponseWriter, r *http.Request, m *runtime.Model) {

@@ -82,6 +82,8 @@ func statusOf(err error) (int, string) {
 		return http.StatusGatewayTimeout, "a write to the client blocked for longer than the write timeout"
 	case errors.Is(err, runtime.ErrClosed):
 		return http.StatusServiceUnavailable, ErrShutdown.Error()
+	case errors.Is(err, runtime.ErrStoreUnavailable):
+		return http.StatusServiceUnavailable, redact(err.Error())
 	}
 	return http.StatusInternalServerError, redact(err.Error())
 }

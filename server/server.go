@@ -329,7 +329,13 @@ func (s *Server) health(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusServiceUnavailable, map[string]any{"error": map[string]any{"code": 503, "message": "Loading model", "type": "unavailable_error"}})
 		return
 	}
-	writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
+	out := map[string]any{"status": "ok"}
+	// A shared store that cannot be reached does not make the instance
+	// unhealthy (it serves from its local tier), but it is said here.
+	if st := s.model.Load().StoreStatus(r.Context()); st != nil {
+		out["store"] = st
+	}
+	writeJSON(w, http.StatusOK, out)
 }
 
 // errBusy is returned by acquire when the queue is full.

@@ -32,6 +32,7 @@ import (
 	"github.com/kvrecall/kvrecall/runtime"
 	"github.com/kvrecall/kvrecall/server"
 	"github.com/kvrecall/kvrecall/squeezed"
+	"github.com/kvrecall/kvrecall/store"
 )
 
 // envName is the variable of a flag: --kv-budget -> KVRECALL_KV_BUDGET.
@@ -41,6 +42,7 @@ func envName(flagName string) string {
 
 type settings struct {
 	model, host, data, apiKey, policy string
+	store                             string
 	headsProfile, headsProfiles       string
 	port, threads, ctxLen, budget     int
 	maxConcurrent, queue, maxTokens   int
@@ -81,6 +83,7 @@ Every flag can also be set as KVRECALL_<FLAG> (dashes as underscores).
 	fs.IntVar(&s.pageSize, "page-size", runtime.DefaultPageSize, "tokens per KV page (16..256)")
 	fs.BoolVar(&s.squeezed, "squeezed", false, "cluster each ingested document's keys (k-means, 5% of its tokens) so that requests can use the squeezed method")
 	fs.StringVar(&s.data, "data", "", "directory for documents (default: the user cache directory)")
+	fs.StringVar(&s.store, "store", "", "shared document store, redis://[user:password@]host:port[/db] (or rediss://, file:///path): documents ingested by any instance are answered by all without prefill; --data stays the local tier (see docs/store.md)")
 	fs.Int64Var(&s.maxDocMemory, "max-document-memory", 0, "host memory in bytes for opened documents; least recently used ones beyond it reload from disk when next used (0: 4 GiB, negative: no bound)")
 	fs.StringVar(&s.apiKey, "api-key", "", "require this key (Authorization: Bearer KEY or x-api-key)")
 	fs.IntVar(&s.maxConcurrent, "max-concurrent", 1, "requests generating at once (the backend computes one graph at a time; more interleaves requests at some throughput cost)")
@@ -112,6 +115,15 @@ Every flag can also be set as KVRECALL_<FLAG> (dashes as underscores).
 	}
 	if s.queue < 0 {
 		return nil, fmt.Errorf("--queue %d is negative", s.queue)
+	}
+	if s.store != "" {
+		// The URL's form only (store.Open contacts nothing); a bad one is
+		// an error naming the flag before anything starts.
+		sh, err := store.Open(s.store)
+		if err != nil {
+			return nil, fmt.Errorf("--store: %v", err)
+		}
+		sh.Close()
 	}
 	for name, d := range map[string]time.Duration{"shutdown-grace": s.shutdown, "read-timeout": s.readTimeout, "idle-timeout": s.idleTimeout, "write-timeout": s.writeTimeout} {
 		if d < 0 {
@@ -152,6 +164,20 @@ func Run(args []string) error {
 	if st.apiKey == "" && (ip == nil || !ip.IsLoopback()) && st.host != "localhost" {
 		logger.Warn("listening beyond loopback without an API key: anyone who can reach it can use it (set --api-key)", "host", st.host)
 	}
+	var shared *store.Store
+	if st.store != "" {
+		if shared, err = store.Open(st.store); err != nil {
+			return fmt.Errorf("--store: %v", err)
+		}
+		defer shared.Close()
+		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+		if err := shared.Ping(ctx); err != nil {
+			// Not fatal: the instance serves its local tier, /health says
+			// so, and the client reconnects when the store is back.
+			logger.Warn("shared store unreachable at start: serving documents from the local tier only (see /health)", "store", shared.String(), "err", err)
+		}
+		cancel()
+	}
 	srv := server.New(server.Config{
 		APIKey: st.apiKey, MaxConcurrent: st.maxConcurrent, QueueLength: orNone(st.queue), MaxBodyBytes: st.maxBody,
 		MaxTokens: st.maxTokens, Policy: runtime.PolicyOptions{Policy: st.policy, Budget: st.budget}, Logger: logger,
@@ -191,7 +217,9 @@ func Run(args []string) error {
 				return
 			}
 		}
-		m, err := runtime.Open(baseCtx, path, st.modelOptions())
+		opts := st.modelOptions()
+		opts.Store = shared
+		m, err := runtime.Open(baseCtx, path, opts)
 		if err != nil {
 			loadErr <- err
 			return

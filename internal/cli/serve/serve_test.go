@@ -36,7 +36,7 @@ func TestMain(m *testing.M) {
 	os.Exit(m.Run())
 }
 
-func freePort(t *testing.T) int {
+func freePort(t testing.TB) int {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	require.NoError(t, err)
 	defer ln.Close()
@@ -49,7 +49,7 @@ type proc struct {
 	logs *bytes.Buffer
 }
 
-func start(t *testing.T, model, data string, extra ...string) *proc {
+func start(t testing.TB, model, data string, extra ...string) *proc {
 	t.Helper()
 	port := freePort(t)
 	args := append([]string{"--model", model, "--data", data, "--ctx", "4096", "--threads", "2", "--shutdown-grace", "60s"}, extra...)
@@ -77,7 +77,7 @@ func start(t *testing.T, model, data string, extra ...string) *proc {
 	}
 }
 
-func post(t *testing.T, url, ctype, body string) (int, string) {
+func post(t testing.TB, url, ctype, body string) (int, string) {
 	resp, err := http.Post(url, ctype, strings.NewReader(body))
 	require.NoError(t, err)
 	defer resp.Body.Close()
