@@ -131,8 +131,8 @@ func (c *hyperCache) NeedQueries(layer int) bool {
 	return c.active || c.Paged.NeedQueries(layer)
 }
 
-// SetQueries implements arch.Hooks; only the paged cache's own requests
-// reach it.
+// SetQueries implements arch.Hooks: it keeps a staged layer's queries for
+// hyper.Staged and passes the paged cache's own requests on.
 func (c *hyperCache) SetQueries(layer int, q [][]float32) error {
 	if c.active && c.staged[layer] {
 		c.q = c.q[:0]
@@ -207,7 +207,7 @@ func (c *hyperCache) Attention(ctx ml.Context, layer int, q, k, v ml.Tensor, sca
 	}
 	out, err := hyper.Staged(newCtx, cfg, hyper.Shape{Heads: heads, KVHeads: c.kvHeads, HeadDim: d}, c.q, c.k, c.v, scale, c.nodes)
 	if err != nil {
-		// hyperFits planned these graphs before the pass began.
+		// newHyperCache planned these graphs before the pass began.
 		panic(fmt.Sprintf("hyper: layer %d: %v", layer, err))
 	}
 	return ctx.Input().FromFloats(out, d, heads, n)
