@@ -52,7 +52,7 @@ type Config struct {
 	RopeOrigContext int
 	RopeAttnFactor  float32
 	LongFactors     bool
-	TiedOutput    bool // no output.weight: the embedding doubles as the output matrix
+	TiedOutput      bool // no output.weight: the embedding doubles as the output matrix
 
 	// Gemma (gemma2, gemma3): embeddings are scaled by √hidden, the MLP is
 	// GeGLU (tanh-approximated GELU gate), and each block has two more RMS
