@@ -58,10 +58,10 @@ func PresetArch(preset string) string {
 
 // RandomOptions select a random model.
 type RandomOptions struct {
-	Arch      string // "llama", "qwen2", "qwen3", "phi3", "gemma2" or "gemma3"
-	Shape     Shape
-	DType     DType
-	Seed      uint64
+	Arch  string // "llama", "qwen2", "qwen3", "phi3", "gemma2" or "gemma3"
+	Shape Shape
+	DType DType
+	Seed  uint64
 	// RopeFreqs adds frequency factors: llama's Llama-3-style
 	// rope_freqs.weight, or phi3's LongRoPE (rope_factors_long/short.weight,
 	// original context LongRoPEOrigContext, attention factor

@@ -327,7 +327,9 @@ func (s *Store) Window(layer int) int { return s.window[layer] }
 func (s *Store) HeldPages(layer int) int { return s.Pages() - s.first[layer] }
 
 // windowed reports whether any layer is a sliding-window layer.
-func (s *Store) windowed() bool { return slices.ContainsFunc(s.window, func(w int) bool { return w > 0 }) }
+func (s *Store) windowed() bool {
+	return slices.ContainsFunc(s.window, func(w int) bool { return w > 0 })
+}
 
 // heldFrom is the first page layer must hold for the store's from.
 func (s *Store) heldFrom(layer int) int {

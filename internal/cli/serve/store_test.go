@@ -40,8 +40,8 @@ func needleCase(t testing.TB, model string, tokens int, seed uint64) (text, ques
 }
 
 type completion struct {
-	Choices []struct{ Text string } `json:"choices"`
-	Timings map[string]float64      `json:"timings"`
+	Choices []struct{ Text string }  `json:"choices"`
+	Timings map[string]float64       `json:"timings"`
 	Error   struct{ Message string } `json:"error"`
 }
 
