@@ -21,7 +21,8 @@ type HyperOptions struct {
 	// paper's 7, 256, 256, 4096). Layer l uses seed Seed+l.
 	hyper.Config
 	// Layers lists the layers that use HyperAttention; empty means every
-	// layer. The paper patches the last layers.
+	// layer that attends the whole sequence (a sliding-window layer
+	// attends its window exactly). The paper patches the last layers.
 	Layers []int
 	// ExactChunk is the query chunk of the other layers' exact attention
 	// (scores [chunk end, chunk, heads] at a time). Default: n/64, at
