@@ -568,19 +568,9 @@ func (g *graph) unmasked(q, qh, k, v ml.Tensor, samp [][][]int32) ml.Tensor {
 // chunk's scores are [chunk end, chunk, heads]. Shapes as in Attention.
 // It is the exact path of a one-batch prefill's other layers.
 func Causal(ctx ml.Context, q, k, v ml.Tensor, scale float64, chunk int) ml.Tensor {
-	if chunk < 1 {
-		panic(fmt.Sprintf("hyper: exact chunk %d: want at least 1", chunk))
-	}
-	d, H, n := q.Dim(0), q.Dim(1), q.Dim(2)
-	g := newGraph(ctx, scale, d, H, k.Dim(1))
-	g.q = q.Permute(ctx, 0, 2, 1, 3).Contiguous(ctx).Scale(ctx, scale) // [d, n, H], scaled
-	g.k = k.Permute(ctx, 0, 2, 1, 3).Contiguous(ctx)                   // [d, n, kvHeads]
-	g.vt = v.Permute(ctx, 1, 2, 0, 3).Contiguous(ctx)                  // [n, d, kvHeads]
-	var out ml.Tensor
-	for lo := 0; lo < n; lo += chunk {
-		hi := min(lo+chunk, n)
-		keys, vals := tokens(ctx, g.k, lo, hi), tokensT(ctx, g.vt, lo, hi)
-		mask := g.causalMask(hi - lo) // [c, c]
+	return exactChunks(ctx, q, k, v, scale, chunk, func(g *graph, lo, hi int) (keys, vals, mask ml.Tensor) {
+		keys, vals = tokens(ctx, g.k, lo, hi), tokensT(ctx, g.vt, lo, hi)
+		mask = g.causalMask(hi - lo) // [c, c]
 		if lo > 0 {
 			// The chunk's own keys first, then the earlier ones: the
 			// causal mask padded with zeros at its end covers them all.
@@ -588,20 +578,8 @@ func Causal(ctx ml.Context, q, k, v ml.Tensor, scale float64, chunk int) ml.Tens
 			vals = vals.Concat(ctx, tokensT(ctx, g.vt, 0, lo), 0) // [hi, d, kvHeads]
 			mask = mask.Pad(ctx, lo, 0, 0, 0)                     // [hi, c]
 		}
-		// The chunk's queries contiguous, for ggml's sgemm (see leaves).
-		qc := tokens(ctx, g.q, lo, hi)
-		if n > hi-lo {
-			qc = qc.Contiguous(ctx)
-		}
-		x := keys.MulmatFullPrec(ctx, qc).Add(ctx, mask) // [hi, c, H]
-		o := vals.Mulmat(ctx, x.Softmax(ctx))            // [d, c, H]
-		if out == nil {
-			out = o
-		} else {
-			out = out.Concat(ctx, o, 1)
-		}
-	}
-	return out.Permute(ctx, 0, 2, 1, 3).Contiguous(ctx) // [d, n, H] -> [d, H, n]
+		return keys, vals, mask
+	})
 }
 
 // CausalWindow is Causal for a sliding-window layer: query i sees keys
@@ -613,18 +591,8 @@ func CausalWindow(ctx ml.Context, q, k, v ml.Tensor, scale float64, chunk, windo
 	if window <= 0 {
 		return Causal(ctx, q, k, v, scale, chunk)
 	}
-	if chunk < 1 {
-		panic(fmt.Sprintf("hyper: exact chunk %d: want at least 1", chunk))
-	}
-	d, H, n := q.Dim(0), q.Dim(1), q.Dim(2)
-	g := newGraph(ctx, scale, d, H, k.Dim(1))
-	g.q = q.Permute(ctx, 0, 2, 1, 3).Contiguous(ctx).Scale(ctx, scale) // [d, n, H], scaled
-	g.k = k.Permute(ctx, 0, 2, 1, 3).Contiguous(ctx)                   // [d, n, kvHeads]
-	g.vt = v.Permute(ctx, 1, 2, 0, 3).Contiguous(ctx)                  // [n, d, kvHeads]
-	masks := map[[3]int]ml.Tensor{}                                    // by (lo-klo, hi-lo, keys)
-	var out ml.Tensor
-	for lo := 0; lo < n; lo += chunk {
-		hi := min(lo+chunk, n)
+	masks := map[[3]int]ml.Tensor{} // by (lo-klo, hi-lo, keys)
+	return exactChunks(ctx, q, k, v, scale, chunk, func(g *graph, lo, hi int) (keys, vals, mask ml.Tensor) {
 		klo := max(0, lo-window+1)
 		key := [3]int{lo - klo, hi - lo, hi - klo}
 		mask, ok := masks[key]
@@ -643,12 +611,33 @@ func CausalWindow(ctx ml.Context, q, k, v ml.Tensor, scale float64, chunk, windo
 			mask = ctx.Input().FromFloats(m, nk, c)
 			masks[key] = mask
 		}
+		return tokens(ctx, g.k, klo, hi), tokensT(ctx, g.vt, klo, hi), mask
+	})
+}
+
+// exactChunks is exact attention in query chunks of at most chunk tokens:
+// span gives chunk [lo, hi)'s keys [d, nk, kvHeads], values transposed
+// [nk, d, kvHeads] and mask [nk, hi-lo]. Shapes as in Attention.
+func exactChunks(ctx ml.Context, q, k, v ml.Tensor, scale float64, chunk int, span func(g *graph, lo, hi int) (keys, vals, mask ml.Tensor)) ml.Tensor {
+	if chunk < 1 {
+		panic(fmt.Sprintf("hyper: exact chunk %d: want at least 1", chunk))
+	}
+	d, H, n := q.Dim(0), q.Dim(1), q.Dim(2)
+	g := newGraph(ctx, scale, d, H, k.Dim(1))
+	g.q = q.Permute(ctx, 0, 2, 1, 3).Contiguous(ctx).Scale(ctx, scale) // [d, n, H], scaled
+	g.k = k.Permute(ctx, 0, 2, 1, 3).Contiguous(ctx)                   // [d, n, kvHeads]
+	g.vt = v.Permute(ctx, 1, 2, 0, 3).Contiguous(ctx)                  // [n, d, kvHeads]
+	var out ml.Tensor
+	for lo := 0; lo < n; lo += chunk {
+		hi := min(lo+chunk, n)
+		keys, vals, mask := span(g, lo, hi)
+		// The chunk's queries contiguous, for ggml's sgemm (see leaves).
 		qc := tokens(ctx, g.q, lo, hi)
 		if n > hi-lo {
-			qc = qc.Contiguous(ctx) // for ggml's sgemm (see leaves)
+			qc = qc.Contiguous(ctx)
 		}
-		x := tokens(ctx, g.k, klo, hi).MulmatFullPrec(ctx, qc).Add(ctx, mask) // [hi-klo, c, H]
-		o := tokensT(ctx, g.vt, klo, hi).Mulmat(ctx, x.Softmax(ctx))          // [d, c, H]
+		x := keys.MulmatFullPrec(ctx, qc).Add(ctx, mask) // [nk, c, H]
+		o := vals.Mulmat(ctx, x.Softmax(ctx))            // [d, c, H]
 		if out == nil {
 			out = o
 		} else {
