@@ -14,8 +14,8 @@ import (
 
 // BenchmarkDecodeStep times one single-token decode step (1 thread) after
 // a prompt of the given context, in our engine (dense engine cache, paged
-// cache with every page, retro over an ingested document at a 2048-token
-// budget) and in llama.cpp on the same GGUF. It exists to profile the
+// cache with every page, retro and quest over an ingested document at a
+// 2048-token budget) and in llama.cpp on the same GGUF. It exists to profile the
 // fixed per-step cost (issue 14): run it under perf or -cpuprofile with
 // -benchtime of a few hundred steps, so that the steps outweigh the prompt.
 //
@@ -84,22 +84,24 @@ func BenchmarkDecodeStep(b *testing.B) {
 				step(b, s, toks)
 			})
 		}
-		b.Run(fmt.Sprintf("kvrecall/retro-2048/%d", n), func(b *testing.B) {
-			m, toks := open(b)
-			doc, err := m.IngestTokensWith(ctx, "doc", toks[:n-8], runtime.IngestOptions{}, nil)
-			if err != nil {
-				b.Fatal(err)
-			}
-			s, err := m.DocumentSession(doc, runtime.PolicyOptions{Policy: "retro", Budget: 2048})
-			if err != nil {
-				b.Fatal(err)
-			}
-			defer s.Close()
-			if _, err := s.Eval(ctx, toks[n-8:n], false, nil); err != nil { // the question
-				b.Fatal(err)
-			}
-			step(b, s, toks)
-		})
+		for _, method := range []string{"retro", "quest"} {
+			b.Run(fmt.Sprintf("kvrecall/%s-2048/%d", method, n), func(b *testing.B) {
+				m, toks := open(b)
+				doc, err := m.IngestTokensWith(ctx, "doc", toks[:n-8], runtime.IngestOptions{}, nil)
+				if err != nil {
+					b.Fatal(err)
+				}
+				s, err := m.DocumentSession(doc, runtime.PolicyOptions{Policy: method, Budget: 2048})
+				if err != nil {
+					b.Fatal(err)
+				}
+				defer s.Close()
+				if _, err := s.Eval(ctx, toks[n-8:n], false, nil); err != nil { // the question
+					b.Fatal(err)
+				}
+				step(b, s, toks)
+			})
+		}
 		b.Run(fmt.Sprintf("llama.cpp/%d", n), func(b *testing.B) {
 			ref, err := llamaref.Load(path, llamaref.Options{Threads: 1, Context: n + extra})
 			if err != nil {
