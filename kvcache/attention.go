@@ -71,6 +71,9 @@ func (c *Paged) Attention(ctx ml.Context, layer int, q, k, v ml.Tensor, scale fl
 // capped as cap·tanh(s/cap) before the mask (gemma2); 0 means no cap.
 func (c *Paged) AttentionSoftcap(ctx ml.Context, layer int, q, k, v ml.Tensor, scale float64, softcap float32) ml.Tensor {
 	c.layer = layer
+	if c.graphScoring(layer) {
+		c.scoreInGraph(ctx, layer, q) // bounds that choose the next step's pages
+	}
 	if c.single(layer) != nil && softcap == 0 {
 		return nn.Attention(ctx, q, k, v, scale, c)
 	}

@@ -88,6 +88,13 @@ type Paged struct {
 	uploadBytes  atomic.Int64
 	upkeep       atomic.Int64 // nanoseconds
 
+	// In-graph page scoring (graphscore.go): on when the selector is a
+	// paging.GraphScored that took it; per layer its key boxes; the
+	// page bounds each graph computes, read back in Computed.
+	graphScores bool
+	boxes       []*boxTensor
+	ranks       map[ml.Context][]rankOut
+
 	// The last mask built: pools with the same layout and selection (every
 	// layer, for a dense selector) share it within a graph.
 	mask struct {
@@ -148,7 +155,11 @@ func NewPaged(o Options) (*Paged, error) {
 	if o.Heads <= 0 || o.Heads%o.Layout.KVHeads != 0 {
 		return nil, fmt.Errorf("kvcache: %d query heads for %d KV heads", o.Heads, o.Layout.KVHeads)
 	}
-	c := &Paged{opt: o, L: o.Layout, readbacks: map[ml.Context][]readback{}, graphRuns: map[ml.Context]int{}}
+	c := &Paged{opt: o, L: o.Layout, readbacks: map[ml.Context][]readback{}, graphRuns: map[ml.Context]int{},
+		ranks: map[ml.Context][]rankOut{}}
+	if gs, ok := o.Selector.(paging.GraphScored); ok {
+		c.graphScores = gs.UseGraphScores()
+	}
 	var err error
 	if o.Prefix != nil {
 		if o.Prefix.L != o.Layout {
@@ -374,6 +385,12 @@ func (c *Paged) Close() {
 			}
 		}
 	}
+	for _, bt := range c.boxes {
+		if bt != nil {
+			bt.ctx.Close()
+		}
+	}
+	c.boxes = nil
 	c.closed = true
 }
 
@@ -717,6 +734,9 @@ func (c *Paged) Outputs(ctx ml.Context) []ml.Tensor {
 	for _, rb := range c.readbacks[ctx] {
 		out = append(out, rb.k, rb.v)
 	}
+	for _, r := range c.ranks[ctx] {
+		out = append(out, r.scores)
+	}
 	return out
 }
 
@@ -733,7 +753,7 @@ func (c *Paged) Computed(ctx ml.Context) error {
 		c.stored(rb.layer, bytesU16(kb), bytesU16(vb))
 	}
 	delete(c.readbacks, ctx)
-	return nil
+	return c.readRanks(ctx)
 }
 
 // stored writes the batch's keys and values of layer ([batch][row] f16)

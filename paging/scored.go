@@ -26,6 +26,7 @@ type scored struct {
 	s         Scorer
 	neighbors int
 	frozen    map[int][]int // per layer: pages the last question retrieved beyond sinks and window
+	g         graphState    // in-graph scores of decode steps (GraphScored), when the cache computes them
 }
 
 // NewScored returns a selector that ranks pages with s under c's budget.
@@ -52,7 +53,7 @@ func (r *scored) NeedQueries(layer, batch int) bool {
 	}
 	switch r.s.When() {
 	case PerStep:
-		return true
+		return !r.graphStep(layer, batch)
 	case PerQuestion:
 		return batch > 1
 	}
@@ -63,6 +64,9 @@ func (r *scored) Select(layer int, s Summaries, q *Queries, upto int) Selection 
 	n := PagesOf(upto, r.c.PageSize)
 	if r.c.Dense(layer) {
 		return One(AllPages(n))
+	}
+	if q == nil && r.g.on && r.s.When() == PerStep {
+		return r.lagged(layer, s, upto)
 	}
 	req, free := r.c.Required(upto)
 	if q == nil || free == 0 {
@@ -75,6 +79,7 @@ func (r *scored) Select(layer int, s Summaries, q *Queries, upto int) Selection 
 		return One(req)
 	}
 	sel := roundRobin(req, r.s.Score(layer, s, q, n), free, r.neighbors)
+	r.remember(layer, req, sel)
 	if r.s.When() == PerQuestion {
 		fr := r.frozen[layer][:0]
 		for _, p := range sel {

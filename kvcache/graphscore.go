@@ -1,0 +1,188 @@
+package kvcache
+
+import (
+	"fmt"
+
+	"github.com/ollama/ollama/ml"
+
+	"github.com/kvrecall/kvrecall/paging"
+)
+
+// In-graph page scoring (issue 14). A selector that is paging.GraphScored
+// (quest) has each decode step's Quest bounds computed inside the step's
+// own graph instead of splitting the graph after every layer's q/k/v
+// projections for a host round trip of the queries:
+//
+//	bound[page] = max over query heads h of [q_h; |q_h|] · [center; radius]_(page, kv(h))
+//
+// Each layer keeps its key boxes as a backend tensor, f32
+// [2·headDim, pages, kvHeads] (the rows layerView.PackedBoxes packs on the
+// host), updated in the graph only for pages whose summary changed since
+// it was last uploaded (at decode, the page being written). The bound is
+// one mul_mat per layer and the maximum over query heads is taken in the
+// graph; only the per-page bounds come back with the graph's outputs (4
+// bytes a page: 2 KiB per layer at 32k with 64-token pages), and choose
+// the next step's pages on the host (the selector's lagged rule with its
+// hysteresis, paging/graph.go, which needs the bounds of the pages it
+// holds as well as of the best ones: not only a top-k).
+
+// boxTensor is one layer's key boxes in backend memory.
+type boxTensor struct {
+	ctx   ml.Context
+	t     ml.Tensor    // f32 [2·headDim, cap, kvHeads]
+	cap   int          // pages it has room for
+	state []packedPage // per page: the summary state its rows hold
+}
+
+// rankOut is the page bounds a graph computes, read back after it ran.
+type rankOut struct {
+	layer  int
+	upto   int
+	scores ml.Tensor // f32 [pages]
+}
+
+// graphScoring reports whether layer's bounds are computed in this pass's
+// graph.
+func (c *Paged) graphScoring(layer int) bool {
+	gs, isGS := c.opt.Selector.(paging.GraphScored)
+	return isGS && c.graphScores && c.single(layer) != nil && gs.GraphScores(layer, c.n, c.upto)
+}
+
+// boxesFor returns layer's box tensor with room for pages pages, grown
+// (doubling, then filled again) when it has not.
+func (c *Paged) boxesFor(layer, pages int) *boxTensor {
+	if c.boxes == nil {
+		c.boxes = make([]*boxTensor, c.L.Layers)
+	}
+	bt := c.boxes[layer]
+	if bt != nil && bt.cap >= pages {
+		return bt
+	}
+	if bt != nil {
+		bt.ctx.Close()
+	}
+	capacity := max(64, pages)
+	if bt != nil {
+		capacity = max(capacity, 2*bt.cap)
+	}
+	bt = &boxTensor{cap: capacity}
+	bt.ctx = c.b.NewContextSize(1).Layer(layer)
+	bt.t = bt.ctx.Zeros(ml.DTypeF32, 2*c.L.HeadDim, capacity, c.L.KVHeads)
+	c.boxes[layer] = bt
+	return bt
+}
+
+// scoreInGraph adds to ctx the upload of layer's changed key boxes and
+// the bound of every page against q [headDim, heads, 1], which Computed
+// hands to the selector.
+func (c *Paged) scoreInGraph(ctx ml.Context, layer int, q ml.Tensor) {
+	view := c.layers[layer].view
+	pages := min(view.Pages(), paging.PagesOf(c.upto, c.L.PageSize))
+	if pages == 0 {
+		return
+	}
+	bt := c.boxesFor(layer, pages)
+	c.uploadBoxes(ctx, layer, bt, pages)
+	s := questScores(ctx, bt.t, q, pages)
+	out := ctx.Input().Empty(ml.DTypeF32, pages)
+	ctx.Forward(s.Copy(ctx, out))
+	c.ranks[ctx] = append(c.ranks[ctx], rankOut{layer: layer, upto: c.upto, scores: out})
+}
+
+// uploadBoxes copies the rows of pages whose summary changed since they
+// were uploaded into bt, one input tensor for all of them and one copy
+// per run of consecutive pages and KV head.
+func (c *Paged) uploadBoxes(ctx ml.Context, layer int, bt *boxTensor, pages int) {
+	view := c.layers[layer].view
+	hd2, kvh := 2*c.L.HeadDim, c.L.KVHeads
+	packed := make([][]float32, kvh)
+	for g := range packed {
+		packed[g] = view.PackedBoxes(g)
+	}
+	if len(bt.state) < pages {
+		bt.state = append(bt.state, make([]packedPage, pages-len(bt.state))...)
+	}
+	type run struct{ first, n int }
+	var runs []run
+	total := 0
+	for p := 0; p < pages; p++ {
+		pg := c.store.pages[layer][p]
+		if pg == nil || bt.state[p] == (packedPage{pg, pg.gen}) {
+			continue
+		}
+		bt.state[p] = packedPage{pg, pg.gen}
+		if len(runs) > 0 && runs[len(runs)-1].first+runs[len(runs)-1].n == p {
+			runs[len(runs)-1].n++
+		} else {
+			runs = append(runs, run{p, 1})
+		}
+		total++
+	}
+	if total == 0 {
+		return
+	}
+	// buf: for each KV head, the runs' rows in order.
+	buf := make([]float32, 0, total*hd2*kvh)
+	for g := 0; g < kvh; g++ {
+		for _, r := range runs {
+			buf = append(buf, packed[g][r.first*hd2:(r.first+r.n)*hd2]...)
+		}
+	}
+	in := ctx.Input().FromFloats(buf, hd2*total*kvh)
+	off := 0
+	for g := 0; g < kvh; g++ {
+		for _, r := range runs {
+			src := in.View(ctx, off*4, hd2*r.n)
+			dst := bt.t.View(ctx, (g*bt.cap+r.first)*hd2*4, hd2*r.n)
+			ctx.Forward(src.Copy(ctx, dst))
+			off += hd2 * r.n
+		}
+	}
+}
+
+// questScores returns Quest's bound of pages pages for a single query
+// token, the maximum over its query heads: boxes f32 [2·headDim, cap,
+// kvHeads] (rows [center; radius]), q [headDim, heads, 1] with query head
+// h reading KV head h / (heads/kvHeads). Result: f32 [pages].
+func questScores(ctx ml.Context, boxes, q ml.Tensor, pages int) ml.Tensor {
+	hd, heads := q.Dim(0), q.Dim(1)
+	kvh := boxes.Dim(2)
+	// |q| = relu(q) + relu(-q), exactly (one of the two is zero). ollama's
+	// RELU is ggml_relu_inplace: it runs on copies (q·1 and -q), never on
+	// q, which attention reads next.
+	aq := q.Scale(ctx, 1).RELU(ctx).Add(ctx, q.Neg(ctx).RELU(ctx))
+	qq := q.Concat(ctx, aq, 0).Reshape(ctx, 2*hd, heads/kvh, kvh) // [2hd, group, kvh]
+	b := boxes.View(ctx, 0, 2*hd, boxes.Stride(1), pages, boxes.Stride(2), kvh)
+	s := b.Mulmat(ctx, qq).Reshape(ctx, pages, heads) // [pages, heads]: s[p, h]
+	// The maximum over heads, halving: max(a, b) = b + relu(a - b), within
+	// a rounding of the larger (ggml has no elementwise maximum).
+	for n := heads; n > 1; {
+		half := n / 2
+		a := s.View(ctx, 0, pages, s.Stride(1), half)
+		bb := s.View(ctx, (n-half)*s.Stride(1), pages, s.Stride(1), half)
+		m := bb.Add(ctx, a.Sub(ctx, bb).RELU(ctx)) // [pages, half]; the relu runs in place on a-b
+		if n%2 == 1 {
+			m = m.Concat(ctx, s.View(ctx, half*s.Stride(1), pages, s.Stride(1), 1), 1)
+		}
+		s, n = m, half+n%2
+	}
+	return s.Reshape(ctx, pages)
+}
+
+// readRanks hands the bounds computed in ctx's graph to the selector.
+func (c *Paged) readRanks(ctx ml.Context) error {
+	rs := c.ranks[ctx]
+	delete(c.ranks, ctx)
+	gs, ok := c.opt.Selector.(paging.GraphScored)
+	if !ok {
+		return nil
+	}
+	for _, r := range rs {
+		f := r.scores.Floats()
+		if len(f) != r.scores.Dim(0) {
+			return fmt.Errorf("kvcache: read back %d page bounds of layer %d, want %d", len(f), r.layer, r.scores.Dim(0))
+		}
+		gs.Scored(r.layer, f, r.upto)
+	}
+	return nil
+}

@@ -1,0 +1,196 @@
+package kvcache_test
+
+import (
+	"context"
+	"math"
+	"math/rand/v2"
+	"slices"
+	"testing"
+
+	"github.com/ollama/ollama/ml"
+	"github.com/ollama/ollama/model/input"
+	"github.com/stretchr/testify/require"
+
+	"github.com/kvrecall/kvrecall/foundry"
+	"github.com/kvrecall/kvrecall/internal/testmodels"
+	"github.com/kvrecall/kvrecall/kvcache"
+	"github.com/kvrecall/kvrecall/paging"
+	"github.com/kvrecall/kvrecall/runtime"
+)
+
+// boundsRecorder is a quest selector that also records the page bounds the
+// cache computes in the graph, by the upto of the pass that scored them.
+type boundsRecorder struct {
+	paging.Selector
+	gs     paging.GraphScored
+	scores map[int][]float32
+}
+
+func (r *boundsRecorder) UseGraphScores() bool { return r.gs.UseGraphScores() }
+func (r *boundsRecorder) GraphScores(layer, batch, upto int) bool {
+	return r.gs.GraphScores(layer, batch, upto)
+}
+func (r *boundsRecorder) Scored(layer int, s []float32, upto int) {
+	r.scores[upto] = slices.Clone(s)
+	r.gs.Scored(layer, s, upto)
+}
+
+// passQueries is pass for a cache whose selector may need the queries on
+// the host first (a question under quest): they are handed over as the
+// split graph of arch.Model.Run would.
+func passQueries(t *testing.T, b ml.Backend, c *kvcache.Paged, pos0 int, q, k, v []float32) []float32 {
+	t.Helper()
+	n := len(q) / (tHeads * tDim)
+	ctx := b.NewContext()
+	defer ctx.Close()
+	positions := make([]int32, n)
+	for i := range positions {
+		positions[i] = int32(pos0 + i)
+	}
+	require.NoError(t, c.StartForward(ctx, input.Batch{Positions: positions, Sequences: make([]int, n)}, false))
+	c.SetLayer(0)
+	if c.NeedQueries(0) {
+		rows := make([][]float32, n)
+		for i := range rows {
+			rows[i] = q[i*tHeads*tDim : (i+1)*tHeads*tDim]
+		}
+		require.NoError(t, c.SetQueries(0, rows))
+	}
+	out := c.Attention(ctx, 0, ctx.Input().FromFloats(q, tDim, tHeads, n),
+		ctx.Input().FromFloats(k, tDim, tKV, n), ctx.Input().FromFloats(v, tDim, tKV, n), 1/math.Sqrt(tDim))
+	res := ctx.Input().Empty(ml.DTypeF32, tDim, tHeads, n)
+	ts := append([]ml.Tensor{out.Copy(ctx, res), res}, c.Outputs(ctx)...)
+	ctx.Forward(ts...).Compute(ts...)
+	require.NoError(t, c.Computed(ctx))
+	require.NoError(t, c.CheckInvariants())
+	return res.Floats()
+}
+
+// Decode steps under quest compute Quest's bounds in the graph (no host
+// round trip of queries): on the CPU backend they equal the host scorer's
+// (paging.QuestBounds) on the same summaries and query, the best pages
+// are the same, the step's attention is unchanged (against float64
+// attention over its pages), and the next step selects sinks, window and
+// the best pages by them (KeepLogits 0). Decode steps grow the box tensor past its
+// first size and cross page boundaries (incremental box uploads).
+func TestGraphBoundsMatchHostScorer(t *testing.T) {
+	m, err := runtime.Open(context.Background(), testmodels.Random(t, "llama", "tiny", foundry.F32, 4, false), runtime.Options{Threads: 2, ContextLength: 256})
+	require.NoError(t, err)
+	defer m.Close()
+	b := m.Backend()
+	for _, tc := range []struct {
+		name          string
+		prompt, steps int
+	}{
+		{"short document", 600, 24},
+		{"box tensor grows", 1020, 40}, // 64 pages of room at first, 66 at the end
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			const budget = 8 * tPage // sinks (1 page) + window (2–3 pages) + 4–5 scored
+			cfg := paging.Config{PageSize: tPage, Budget: budget, Sinks: tPage, Window: 2 * tPage,
+				Options: map[string]any{paging.KeepLogits: 0.0}}
+			inner, err := paging.New("quest", cfg)
+			require.NoError(t, err)
+			sel := &boundsRecorder{Selector: inner, gs: inner.(paging.GraphScored), scores: map[int][]float32{}}
+			capacity := tc.prompt + tc.steps + 1
+			c, err := kvcache.NewPaged(kvcache.Options{Layout: tLayout, Heads: tHeads, Selector: sel, Capacity: capacity, MaxBatch: tc.prompt})
+			require.NoError(t, err)
+			defer c.Close()
+			c.Init(b, ml.DTypeF16, 1, capacity, tc.prompt)
+
+			r := rand.New(rand.NewPCG(3, 4))
+			// Keys with a per-page offset, so that pages' bounds differ by
+			// more than rounding.
+			keys := func(pos0, n int) []float32 {
+				k := randoms(r, n*tKV*tDim)
+				for i := 0; i < n; i++ {
+					off := float32(((pos0+i)/tPage*37)%11) / 4
+					for j := 0; j < tKV*tDim; j++ {
+						k[i*tKV*tDim+j] += off
+					}
+				}
+				return k
+			}
+			n := tc.prompt
+			allK, allV := keys(0, n), randoms(r, n*tKV*tDim)
+			passQueries(t, b, c, 0, randoms(r, n*tHeads*tDim), allK, allV)
+			require.Empty(t, sel.scores, "the question is scored on the host")
+
+			checked := 0
+			for step := 0; step < tc.steps; step++ {
+				pos := tc.prompt + step
+				q := randoms(r, tHeads*tDim)
+				// The host scorer on the summaries the graph's boxes hold
+				// (before this step's key is written).
+				pages := paging.PagesOf(pos+1, tPage)
+				want := paging.QuestBounds(c.Store().Summaries(0), &paging.Queries{Q: [][]float32{q}, Heads: tHeads}, pages)[0]
+				k, v := keys(pos, 1), randoms(r, tKV*tDim)
+				allK, allV = append(allK, k...), append(allV, v...)
+				out := passQueries(t, b, c, pos, q, k, v)
+				// Scoring in the graph leaves the attention of the step
+				// alone (its queries included): float64 attention over the
+				// pages it selected.
+				attended := c.Selected(0)
+				ref := reference(q, allK, allV, pos, func(_, page int) bool { return slices.Contains(attended, page) })[0]
+				worst := 0.0
+				for j := range out {
+					worst = math.Max(worst, math.Abs(float64(out[j])-ref[j]))
+				}
+				require.Less(t, worst, 2e-3, "step %d: attention over pages %v", step, attended)
+				got, ok := sel.scores[pos+1]
+				require.True(t, ok, "step %d computed no bounds in the graph", step)
+				require.Len(t, got, pages)
+				done := pos / tPage // pages with no token of this step: the same summaries on both sides
+				scale := 0.0
+				for p := 0; p < done; p++ {
+					scale = math.Max(scale, math.Abs(float64(want[p])))
+				}
+				for p := 0; p < done; p++ {
+					require.InDelta(t, want[p], got[p], 1e-5*scale, "step %d page %d", step, p)
+				}
+				// The same best pages (the bounds differ by rounding only).
+				req, free := cfg.Required(pos + 1)
+				best := func(s []float32) []int {
+					var ps []int
+					for p := 0; p < done; p++ {
+						if !slices.Contains(req, p) {
+							ps = append(ps, p)
+						}
+					}
+					slices.SortStableFunc(ps, func(a, b int) int {
+						switch {
+						case s[a] > s[b]:
+							return -1
+						case s[a] < s[b]:
+							return 1
+						}
+						return 0
+					})
+					return ps[:free]
+				}
+				require.ElementsMatch(t, best(want), best(got), "step %d", step)
+
+				// The next step attends to sinks, window and the best pages
+				// by these bounds.
+				ctx := b.NewContext()
+				require.NoError(t, c.StartForward(ctx, input.Batch{Positions: []int32{int32(pos + 1)}, Sequences: []int{0}}, false))
+				require.False(t, c.NeedQueries(0), "a decode step must not split the graph")
+				nreq, nfree := cfg.Required(pos + 2)
+				wantSel := slices.Clone(nreq)
+				for _, p := range best(got) {
+					if len(wantSel) < len(nreq)+nfree && !slices.Contains(wantSel, p) {
+						wantSel = append(wantSel, p)
+					}
+				}
+				slices.Sort(wantSel)
+				if done == pages-1 && nfree == free && slices.Equal(nreq, req) {
+					require.Equal(t, wantSel, c.Selected(0), "step %d", step)
+					checked++
+				}
+				require.NoError(t, c.Remove(0, int32(pos+1), math.MaxInt32))
+				ctx.Close()
+			}
+			require.Positive(t, checked)
+		})
+	}
+}
