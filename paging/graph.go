@@ -46,7 +46,7 @@ const KeepLogits = "quest-keep"
 
 // DefaultKeepLogits is KeepLogits' default (see docs/kvcache.md, "Where
 // the selector runs", for the measurements that chose it).
-const DefaultKeepLogits = 0.0
+const DefaultKeepLogits = 4.0
 
 // graphState is a scored selector's in-graph scoring state, per layer.
 type graphState struct {

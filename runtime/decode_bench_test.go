@@ -8,7 +8,9 @@ import (
 	"testing"
 
 	"github.com/kvrecall/kvrecall/internal/testmodels"
+	"github.com/kvrecall/kvrecall/kvcache"
 	"github.com/kvrecall/kvrecall/llamaref"
+	"github.com/kvrecall/kvrecall/paging"
 	"github.com/kvrecall/kvrecall/runtime"
 )
 
@@ -58,10 +60,17 @@ func BenchmarkDecodeStep(b *testing.B) {
 				b.Fatalf("-benchtime %dx exceeds the %d steps of room", b.N, extra)
 			}
 			b.ResetTimer()
+			up0 := int64(0)
+			if pc, ok := s.Cache().(*kvcache.Paged); ok {
+				up0 = pc.Stats().UploadedBytes
+			}
 			for i := range b.N {
 				if _, err := s.Eval(ctx, toks[n+i:n+i+1], false, nil); err != nil {
 					b.Fatal(err)
 				}
+			}
+			if pc, ok := s.Cache().(*kvcache.Paged); ok {
+				b.ReportMetric(float64(pc.Stats().UploadedBytes-up0)/float64(b.N), "uploaded-B/op")
 			}
 		}
 		for _, c := range []struct {
@@ -84,14 +93,25 @@ func BenchmarkDecodeStep(b *testing.B) {
 				step(b, s, toks)
 			})
 		}
-		for _, method := range []string{"retro", "quest"} {
-			b.Run(fmt.Sprintf("kvrecall/%s-2048/%d", method, n), func(b *testing.B) {
+		for _, c := range []struct {
+			name, method string
+			extra        map[string]any
+		}{
+			{"retro", "retro", nil},
+			{"quest", "quest", nil},
+			// quest scoring each step's own queries on the host: a graph
+			// split per layer (before in-graph scoring).
+			{"quest-host", "quest", map[string]any{paging.HostScores: true}},
+			// quest taking the lagged top pages at every step (no hysteresis).
+			{"quest-keep0", "quest", map[string]any{paging.KeepLogits: 0.0}},
+		} {
+			b.Run(fmt.Sprintf("kvrecall/%s-2048/%d", c.name, n), func(b *testing.B) {
 				m, toks := open(b)
 				doc, err := m.IngestTokensWith(ctx, "doc", toks[:n-8], runtime.IngestOptions{}, nil)
 				if err != nil {
 					b.Fatal(err)
 				}
-				s, err := m.DocumentSession(doc, runtime.PolicyOptions{Policy: method, Budget: 2048})
+				s, err := m.DocumentSession(doc, runtime.PolicyOptions{Policy: c.method, Budget: 2048, Extra: c.extra})
 				if err != nil {
 					b.Fatal(err)
 				}
