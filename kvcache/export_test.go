@@ -17,3 +17,6 @@ func OrderedHostMask(pos0, cells, n, P int) []float32 {
 	}
 	return buildMask(pl, used, sel, nil, writes, used, pos0, n, P)
 }
+
+// QuestScores is questScores: one layer's in-graph Quest bounds.
+var QuestScores = questScores

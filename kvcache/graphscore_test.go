@@ -2,6 +2,7 @@ package kvcache_test
 
 import (
 	"context"
+	"fmt"
 	"math"
 	"math/rand/v2"
 	"slices"
@@ -192,5 +193,47 @@ func TestGraphBoundsMatchHostScorer(t *testing.T) {
 			}
 			require.Positive(t, checked)
 		})
+	}
+}
+
+// BenchmarkQuestScores times one layer's in-graph bounds (the ops a quest
+// decode step adds to its graph: |q|, concat, one mul_mat, the maximum
+// over heads, the read-back copy) on the CPU backend, 1 thread, for the
+// tiny preset's shape (8 query heads, 2 KV heads, headDim 32) against a
+// graph that only copies q out (the fixed cost of a graph).
+//
+//	go test ./kvcache -run XXX -bench QuestScores
+func BenchmarkQuestScores(b *testing.B) {
+	m, err := runtime.Open(context.Background(), testmodels.Random(b, "llama", "tiny", foundry.F32, 4, false), runtime.Options{Threads: 1, ContextLength: 256})
+	require.NoError(b, err)
+	defer m.Close()
+	be := m.Backend()
+	const heads, kvh, hd = 8, 2, 32
+	for _, pages := range []int{128, 512, 2048} {
+		bctx := be.NewContextSize(1).Layer(0)
+		boxes := bctx.Zeros(ml.DTypeF32, 2*hd, pages, kvh)
+		r := rand.New(rand.NewPCG(1, 2))
+		q := randoms(r, heads*hd)
+		for _, scored := range []bool{false, true} {
+			b.Run(fmt.Sprintf("pages=%d/scores=%v", pages, scored), func(b *testing.B) {
+				for range b.N {
+					ctx := be.NewContext()
+					qt := ctx.Input().FromFloats(q, hd, heads, 1)
+					var out ml.Tensor
+					if scored {
+						s := kvcache.QuestScores(ctx, boxes, qt, pages)
+						out = ctx.Input().Empty(ml.DTypeF32, pages)
+						ctx.Forward(s.Copy(ctx, out))
+					} else {
+						out = ctx.Input().Empty(ml.DTypeF32, hd, heads, 1)
+						ctx.Forward(qt.Copy(ctx, out))
+					}
+					ctx.Compute(out)
+					_ = out.Floats()
+					ctx.Close()
+				}
+			})
+		}
+		bctx.Close()
 	}
 }

@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"testing"
 
 	"github.com/kvrecall/kvrecall/internal/testmodels"
@@ -21,7 +23,8 @@ import (
 // fixed per-step cost (issue 14): run it under perf or -cpuprofile with
 // -benchtime of a few hundred steps, so that the steps outweigh the prompt.
 //
-// The model is $KVRECALL_BENCH_MODEL, else the foundry's tiny f16 preset in
+// Contexts are 2048 and 8192, or $KVRECALL_BENCH_CONTEXTS (comma
+// separated). The model is $KVRECALL_BENCH_MODEL, else the foundry's tiny f16 preset in
 // build/models (`make`, or `kvrecall bench speed` builds it).
 //
 //	go test ./runtime -run XXX -bench DecodeStep -benchtime 200x
@@ -46,7 +49,18 @@ func BenchmarkDecodeStep(b *testing.B) {
 		return p
 	}
 	const extra = 4096 // room for the timed steps
-	for _, n := range []int{2048, 8192} {
+	contexts := []int{2048, 8192}
+	if env := os.Getenv("KVRECALL_BENCH_CONTEXTS"); env != "" { // e.g. "16384"
+		contexts = nil
+		for _, f := range strings.Split(env, ",") {
+			n, err := strconv.Atoi(strings.TrimSpace(f))
+			if err != nil || n <= 8 {
+				b.Fatalf("KVRECALL_BENCH_CONTEXTS: bad context %q", f)
+			}
+			contexts = append(contexts, n)
+		}
+	}
+	for _, n := range contexts {
 		open := func(b *testing.B) (*runtime.Model, []int32) {
 			m, err := runtime.Open(ctx, path, runtime.Options{Threads: 1, ContextLength: n + extra, DataDir: b.TempDir()})
 			if err != nil {
