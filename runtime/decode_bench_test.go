@@ -118,6 +118,9 @@ func BenchmarkDecodeStep(b *testing.B) {
 			{"quest-host", "quest", map[string]any{paging.HostScores: true}},
 			// quest taking the lagged top pages at every step (no hysteresis).
 			{"quest-keep0", "quest", map[string]any{paging.KeepLogits: 0.0}},
+			// quest never replacing a held page (no uploads after the
+			// question's): what the in-graph bounds alone cost over retro.
+			{"quest-keepall", "quest", map[string]any{paging.KeepLogits: 1e9}},
 		} {
 			b.Run(fmt.Sprintf("kvrecall/%s-2048/%d", c.name, n), func(b *testing.B) {
 				m, toks := open(b)
