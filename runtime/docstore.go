@@ -58,10 +58,13 @@ func (m *Model) documents() *docStore {
 	st.once.Do(func() {
 		st.resident = map[string]*Document{}
 		st.versions = map[string]uint64{}
-		st.local = store.OpenLocal(m.opts.DataDir)
+		l := store.OpenLocal(m.opts.DataDir)
 		// A new version is committed: what memory holds of the id is
 		// stale, and a load that read the old metadata must retry.
-		st.local.Committed = func(id string) { st.bump(id) }
+		l.Committed = func(id string) { st.bump(id) }
+		st.writeMu.Lock() // closeDocuments reads it without the once
+		st.local = l
+		st.writeMu.Unlock()
 	})
 	return st
 }
@@ -81,7 +84,13 @@ func (st *docStore) bump(id string) bool {
 
 // closeDocuments releases the data folder (Model.Close).
 func (m *Model) closeDocuments() {
-	m.documents().local.Close()
+	st := &m.docs
+	st.writeMu.Lock()
+	l := st.local
+	st.writeMu.Unlock()
+	if l != nil { // never opened: nothing to release (and no folder to create now)
+		l.Close()
+	}
 }
 
 // admitLocked makes d resident and evicts what the bound requires.
