@@ -175,9 +175,9 @@ func newPagesName() string {
 }
 
 // Put writes v as id's new version: its page file and clusters under new
-// names, its side files, then doc.json (v.Meta with the page file's name
-// and v.Content added), the commit point; the previous version's page file
-// and clusters go last. On an error before the commit the previous version
+// names, then doc.json (v.Meta with the page file's name and v.Content
+// added), the commit point; then the previous version's page file and
+// clusters are removed and the side files written (best effort). On an error before the commit the previous version
 // is untouched. A failed folder sync after doc.json's rename leaves the new
 // version visible, so Put then succeeds.
 func (l *Local) Put(ctx context.Context, id string, v Version) error {
@@ -223,6 +223,7 @@ func (l *Local) Put(ctx context.Context, id string, v Version) error {
 	if err := write(pages, pagesF); err != nil {
 		return fail(err)
 	}
+	var sides []File
 	for _, f := range v.Files {
 		var err error
 		switch {
@@ -231,9 +232,7 @@ func (l *Local) Put(ctx context.Context, id string, v Version) error {
 		case f.Name == ClustersFile:
 			err = write(clusters, f)
 		case IsSideFile(f.Name):
-			// Side files are bound to the text by their own header, so an
-			// older version's that stays here is recomputed, not used.
-			err = write(filepath.Join(dir, f.Name), f)
+			sides = append(sides, f) // after the commit, below
 		default:
 			err = fmt.Errorf("unknown file %q", f.Name)
 		}
@@ -268,6 +267,14 @@ func (l *Local) Put(ctx context.Context, id string, v Version) error {
 		os.Remove(filepath.Join(dir, old.pagesFile()))
 		os.Remove(filepath.Join(dir, clustersOf(old.pagesFile())))
 		l.filesMu.Unlock()
+	}
+	// Side files last: a failed Put must not leave one in the folder (a
+	// first Put's folder would stay), and they are derived data that their
+	// reader checks against the text and recomputes when missing or stale
+	// (probe representatives), so one that cannot be written now is left
+	// out rather than failing a committed version.
+	for _, f := range sides {
+		write(filepath.Join(dir, f.Name), f)
 	}
 	return nil
 }

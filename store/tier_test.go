@@ -9,6 +9,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -289,4 +290,64 @@ func TestLocalReadsLegacyFolders(t *testing.T) {
 	requireVersion(t, l, "old", "alpha")
 	_, err = os.Stat(filepath.Join(dir, "old", "pages.kvp"))
 	require.True(t, errors.Is(err, os.ErrNotExist), "the legacy page file is removed once replaced")
+}
+
+// A Put that fails on a full disk, at the page file or at doc.json, leaves
+// no file behind: a first Put no folder, a replacement only the previous
+// version's files.
+func TestLocalFailedPutLeavesNoFiles(t *testing.T) {
+	ctx := context.Background()
+	for _, at := range []string{"pages", "doc.json"} {
+		t.Run(at, func(t *testing.T) {
+			dir := t.TempDir()
+			l := OpenLocal(dir)
+			defer l.Close()
+			atomicfile.Fault = func(path, step string) error {
+				if step == "written" && strings.HasPrefix(filepath.Base(path), at) {
+					return syscall.ENOSPC
+				}
+				return nil
+			}
+			err := l.Put(ctx, "first", version("alpha"))
+			atomicfile.Fault = nil
+			require.ErrorIs(t, err, syscall.ENOSPC)
+			_, err = os.Stat(filepath.Join(dir, "first"))
+			require.True(t, errors.Is(err, os.ErrNotExist), "a failed first Put leaves no folder")
+
+			require.NoError(t, l.Put(ctx, "doc", version("alpha")))
+			before, err := os.ReadDir(filepath.Join(dir, "doc"))
+			require.NoError(t, err)
+			atomicfile.Fault = func(path, step string) error {
+				if step == "written" && strings.HasPrefix(filepath.Base(path), at) {
+					return syscall.ENOSPC
+				}
+				return nil
+			}
+			err = l.Put(ctx, "doc", version("beta"))
+			atomicfile.Fault = nil
+			require.ErrorIs(t, err, syscall.ENOSPC)
+			after, err := os.ReadDir(filepath.Join(dir, "doc"))
+			require.NoError(t, err)
+			names := func(es []os.DirEntry) (out []string) {
+				for _, e := range es {
+					if !IsSideFile(e.Name()) { // side files: their content is checked below
+						out = append(out, e.Name())
+					}
+				}
+				return out
+			}
+			require.Equal(t, names(before), names(after))
+			for _, e := range after {
+				require.False(t, IsSideFile(e.Name()) && !bytes.Contains(must(os.ReadFile(filepath.Join(dir, "doc", e.Name()))), []byte("alpha")), "the failed version wrote no side file")
+			}
+			requireVersion(t, l, "doc", "alpha")
+		})
+	}
+}
+
+func must[T any](v T, err error) T {
+	if err != nil {
+		panic(err)
+	}
+	return v
 }
