@@ -64,3 +64,16 @@ func GatherPages(ctx ml.Context, kArena, vArena ml.Tensor, pages []int, L Layout
 	idx, vidx := gatherIndex(pages, L.Row())
 	return gatherPages(ctx, kArena, vArena, ctx.Input().FromInts(idx, len(idx)), ctx.Input().FromInts(vidx, len(vidx)), L)
 }
+
+// HostPooled reports whether every pool of every layer is in host memory
+// and takes its uploads as plain copies.
+func (c *Paged) HostPooled() bool {
+	for _, ls := range c.layers {
+		for _, g := range ls.groups {
+			if g.pool == nil || g.pool.hk == nil || !HostUploads {
+				return false
+			}
+		}
+	}
+	return true
+}

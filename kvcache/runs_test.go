@@ -516,3 +516,76 @@ func uploadCost(b *testing.B, be ml.Backend, sh benchShape) {
 		})
 	}
 }
+
+// On the CPU backend pools are host memory and take uploads as plain
+// copies (HostUploads); the in-graph copies remain for other backends.
+// Both write the same bytes: the same attention outputs bit for bit, for
+// a dense selection, a sparse one and head groups, with a document forked
+// by two sessions that attend to different pages, over a question and two
+// decode steps each (pass checks the invariants before and after every
+// pass).
+func TestHostUploadsMatchGraphUploads(t *testing.T) {
+	m, err := runtime.Open(context.Background(), testmodels.Random(t, "llama", "tiny", foundry.F32, 4, false), runtime.Options{Threads: 2, ContextLength: 256})
+	require.NoError(t, err)
+	defer m.Close()
+	b := m.Backend()
+	defer func(h bool) { kvcache.HostUploads = h }(kvcache.HostUploads)
+
+	cases := []struct {
+		name   string
+		groups []paging.Group
+		pages  [2][][]int // sessions A and B
+	}{
+		{"dense, every page", []paging.Group{{}}, [2][][]int{{nil}, {nil}}},
+		{"sparse", []paging.Group{{Budget: 48}}, [2][][]int{{{0, 2, 4}}, {{1, 3}}}},
+		{"head groups", []paging.Group{{KVHeads: []int{0, 2}}, {KVHeads: []int{1, 3}, Budget: 48}},
+			[2][][]int{{{1, 3}, {0, 4, 5}}, {nil, {2}}}},
+	}
+	const first = 85 // the document; then a question of 3 tokens and 2 decode steps
+	steps := [][2]int{{first, first + 3}, {first + 3, first + 4}, {first + 4, first + 5}}
+	total := first + 5
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			r := rand.New(rand.NewPCG(31, 32))
+			var q, k, v [2][]float32 // per session (the document's part is shared)
+			for s := range 2 {
+				q[s], k[s], v[s] = randoms(r, total*tHeads*tDim), randoms(r, total*tKV*tDim), randoms(r, total*tKV*tDim)
+			}
+			copy(k[1][:first*tKV*tDim], k[0])
+			copy(v[1][:first*tKV*tDim], v[0])
+			cfg := paging.Config{PageSize: tPage, Sinks: 4, Window: 4}
+			split := func(x []float32, per, from, to int) []float32 { return x[from*per : to*per] }
+			run := func(host bool) [][][]float32 {
+				kvcache.HostUploads = host
+				writer, err := kvcache.NewPaged(kvcache.Options{Layout: tLayout, Heads: tHeads, Capacity: 256, MaxBatch: 96,
+					Selector: &fixedSelector{c: cfg, groups: []paging.Group{{}}, pages: [][]int{nil}}})
+				require.NoError(t, err)
+				defer writer.Close()
+				writer.Init(b, ml.DTypeF16, 1, 256, 96)
+				pass(t, b, writer, 0, split(q[0], tHeads*tDim, 0, first), split(k[0], tKV*tDim, 0, first), split(v[0], tKV*tDim, 0, first))
+				var sessions [2]*kvcache.Paged
+				for s := range 2 {
+					c, err := kvcache.NewPaged(kvcache.Options{Layout: tLayout, Heads: tHeads, Capacity: 256, MaxBatch: 96,
+						Selector: &fixedSelector{c: cfg, groups: tc.groups, pages: tc.pages[s]}, Prefix: writer.Store()})
+					require.NoError(t, err)
+					defer c.Close()
+					c.Init(b, ml.DTypeF16, 1, 256, 96)
+					sessions[s] = c
+				}
+				var out [][][]float32
+				for _, st := range steps { // the two sessions interleaved
+					for s, c := range sessions {
+						out = append(out, pass(t, b, c, st[0], split(q[s], tHeads*tDim, st[0], st[1]), split(k[s], tKV*tDim, st[0], st[1]), split(v[s], tKV*tDim, st[0], st[1])))
+						require.Equal(t, host, c.HostPooled(), "the CPU backend's pools are host memory")
+					}
+				}
+				for _, c := range sessions {
+					require.Positive(t, c.Stats().Uploads)
+				}
+				return out
+			}
+			graph, host := run(false), run(true)
+			require.Equal(t, graph, host)
+		})
+	}
+}
