@@ -77,3 +77,7 @@ func (c *Paged) HostPooled() bool {
 	}
 	return true
 }
+
+// HostMemLen is the length of hostMem(t, elems): 0 when t is not host
+// memory of that many f16 elements.
+func HostMemLen(t ml.Tensor, elems int) int { return len(hostMem(t, elems)) }

@@ -589,3 +589,32 @@ func TestHostUploadsMatchGraphUploads(t *testing.T) {
 		})
 	}
 }
+
+// hostMem finds a pool tensor's memory on the CPU backend, and refuses
+// anything it could not write as a pool: another type, another size, a
+// view that is not contiguous. (That writes into it are what the graph
+// reads is TestHostUploadsMatchGraphUploads.)
+func TestHostMem(t *testing.T) {
+	m, err := runtime.Open(context.Background(), testmodels.Random(t, "llama", "tiny", foundry.F32, 4, false), runtime.Options{Threads: 1, ContextLength: 256})
+	require.NoError(t, err)
+	defer m.Close()
+	ctx := m.Backend().NewContext()
+	defer ctx.Close()
+	f16 := ctx.Input().FromBytes(ml.DTypeF16, u16le(toF16([]float32{1, 2, 3, 4, 5, 6})), 2, 3)
+	cases := []struct {
+		name  string
+		t     ml.Tensor
+		elems int
+		want  int
+	}{
+		{"f16 tensor", f16, 6, 6},
+		{"another size", f16, 4, 0},
+		{"f32 tensor", ctx.Input().FromFloats([]float32{1, 2}, 2), 2, 0},
+		{"permuted view", f16.Permute(ctx, 1, 0, 2, 3), 6, 0},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			require.Equal(t, tc.want, kvcache.HostMemLen(tc.t, tc.elems))
+		})
+	}
+}
