@@ -81,3 +81,8 @@ func (c *Paged) HostPooled() bool {
 // HostMemLen is the length of hostMem(t, elems): 0 when t is not host
 // memory of that many f16 elements.
 func HostMemLen(t ml.Tensor, elems int) int { return len(hostMem(t, elems)) }
+
+// AttendPages is attendPages for tests.
+func AttendPages(L Layout, heads int, q []float32, ks, vs [][]uint16, fill []int, scale float32) ([]float32, error) {
+	return attendPages(L, heads, q, ks, vs, fill, scale)
+}
