@@ -1,8 +1,10 @@
 package kvcache
 
 /*
+#cgo LDFLAGS: -lm
 #include <stdint.h>
 #include <stdlib.h>
+int kvr_attend_supported(void);
 void kvr_attend_pages(const float *q, int nq, int nkv, int hd, int P, int npages,
 		const uint16_t *const *K, const uint16_t *const *V, const int *fill,
 		float scale, float *scores, float *out);
@@ -10,6 +12,7 @@ void kvr_attend_pages(const float *q, int nq, int nkv, int hd, int P, int npages
 import "C"
 
 import (
+	"errors"
 	"fmt"
 	"runtime"
 	"unsafe"
@@ -31,6 +34,9 @@ import (
 // (their addresses are handed to C in a C array).
 func attendPages(L Layout, heads int, q []float32, ks, vs [][]uint16, fill []int, scale float32) ([]float32, error) {
 	hd, kv, P := L.HeadDim, L.KVHeads, L.PageSize
+	if C.kvr_attend_supported() == 0 {
+		return nil, errors.New("kvcache: attendPages needs an x86 CPU with AVX2, FMA and F16C")
+	}
 	if hd%8 != 0 || heads%kv != 0 || heads/kv > 16 {
 		return nil, fmt.Errorf("kvcache: attendPages needs a head dim that is a multiple of 8 (got %d) and at most 16 query heads per KV head (got %d/%d)", hd, heads, kv)
 	}

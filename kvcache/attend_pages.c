@@ -3,7 +3,19 @@
 // Paged). See attend.go.
 #include <stdint.h>
 #include <math.h>
+
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
+
+// The kernel is compiled for AVX2, FMA and F16C whatever the build's flags
+// (a plain go build has none); kvr_attend_supported says whether this CPU
+// has them.
+#define KVR_TARGET __attribute__((target("avx2,fma,f16c")))
+
+int kvr_attend_supported(void) {
+	__builtin_cpu_init();
+	return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
 
 // kvr_v_expf is ggml's AVX2 ggml_v_expf (ggml-cpu/vec.h, MIT), the exp
 // ggml's own softmax uses, copied because vec.h is internal to ggml-cpu.
@@ -11,7 +23,7 @@
 // the maximum error is 1.45358 plus 0.5 ulps
 // numbers above 88.38 will flush to infinity
 // numbers beneath -103.97 will flush to zero
-inline static __m256 kvr_v_expf(__m256 x) {
+KVR_TARGET static inline __m256 kvr_v_expf(__m256 x) {
   const __m256 r = _mm256_set1_ps(0x1.8p23f);
   const __m256 z = _mm256_fmadd_ps(x, _mm256_set1_ps(0x1.715476p+0f), r);
   const __m256 n = _mm256_sub_ps(z, r);
@@ -58,7 +70,7 @@ inline static __m256 kvr_v_expf(__m256 x) {
 //   scores: scratch, f32 [nq][cells] (cells = sum of fill)
 //   out:    [nq][hd] f32
 // hd must be a multiple of 8 (F16C converts 8 halves at a time).
-void kvr_attend_pages(const float *q, int nq, int nkv, int hd, int P, int npages,
+KVR_TARGET void kvr_attend_pages(const float *q, int nq, int nkv, int hd, int P, int npages,
 		const uint16_t *const *K, const uint16_t *const *V, const int *fill,
 		float scale, float *scores, float *out) {
 	const int G = nq / nkv, row = nkv * hd;
@@ -138,3 +150,13 @@ void kvr_attend_pages(const float *q, int nq, int nkv, int hd, int P, int npages
 		c += n;
 	}
 }
+
+#else
+
+int kvr_attend_supported(void) { return 0; }
+
+void kvr_attend_pages(const float *q, int nq, int nkv, int hd, int P, int npages,
+		const uint16_t *const *K, const uint16_t *const *V, const int *fill,
+		float scale, float *scores, float *out) {}
+
+#endif
