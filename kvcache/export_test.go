@@ -78,9 +78,8 @@ func (c *Paged) HostPooled() bool {
 	return true
 }
 
-// HostMemLen is the length of hostMem(t, elems): 0 when t is not host
-// memory of that many f16 elements.
-func HostMemLen(t ml.Tensor, elems int) int { return len(hostMem(t, elems)) }
+// HostMem is hostMem for tests.
+func HostMem(t ml.Tensor, elems int) []uint16 { return hostMem(t, elems) }
 
 // AttendPages is attendPages for tests.
 func AttendPages(L Layout, heads int, q []float32, ks, vs [][]uint16, fill []int, scale float32) ([]float32, error) {

@@ -694,8 +694,7 @@ func TestHostUploadsMatchGraphUploads(t *testing.T) {
 
 // hostMem finds a pool tensor's memory on the CPU backend, and refuses
 // anything it could not write as a pool: another type, another size, a
-// view that is not contiguous. (That writes into it are what the graph
-// reads is TestHostUploadsMatchGraphUploads.)
+// view that is not contiguous.
 func TestHostMem(t *testing.T) {
 	m, err := runtime.Open(context.Background(), testmodels.Random(t, "llama", "tiny", foundry.F32, 4, false), runtime.Options{Threads: 1, ContextLength: 256})
 	require.NoError(t, err)
@@ -716,7 +715,13 @@ func TestHostMem(t *testing.T) {
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			require.Equal(t, tc.want, kvcache.HostMemLen(tc.t, tc.elems))
+			require.Len(t, kvcache.HostMem(tc.t, tc.elems), tc.want)
 		})
 	}
+	// The memory found is the tensor's: what is written there is what
+	// the backend reads back.
+	mem := kvcache.HostMem(f16, 6)
+	require.Equal(t, toF16([]float32{1, 2, 3, 4, 5, 6}), mem)
+	copy(mem, toF16([]float32{6, 5, 4, 3, 2, 1}))
+	require.Equal(t, u16le(toF16([]float32{6, 5, 4, 3, 2, 1})), f16.Bytes())
 }
