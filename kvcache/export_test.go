@@ -80,8 +80,3 @@ func (c *Paged) HostPooled() bool {
 
 // HostMem is hostMem for tests.
 func HostMem(t ml.Tensor, elems int) []uint16 { return hostMem(t, elems) }
-
-// AttendPages is attendPages for tests.
-func AttendPages(L Layout, heads int, q []float32, ks, vs [][]uint16, fill []int, scale float32) ([]float32, error) {
-	return attendPages(L, heads, q, ks, vs, fill, scale)
-}

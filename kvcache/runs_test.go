@@ -76,21 +76,6 @@ func (a arena) pageMajor(ctx ml.Context, P, dim, kv int) ml.Tensor {
 	return ctx.Input().FromBytes(ml.DTypeF16, u16le(pm), P, dim, kv, pages)
 }
 
-// pagesOf returns the arena's pages as host pages: keys [P][row] and
-// values channel-major [row][P] (Page.K and Page.V); cells must be a
-// multiple of P.
-func (a arena) pagesOf(P int) (ks, vs [][]uint16) {
-	for pg := 0; pg < a.cells/P; pg++ {
-		ks = append(ks, a.k[pg*P*a.row:(pg+1)*P*a.row])
-		v := make([]uint16, a.row*P)
-		for ch := 0; ch < a.row; ch++ {
-			copy(v[ch*P:(ch+1)*P], a.v[ch*a.cells+pg*P:ch*a.cells+(pg+1)*P])
-		}
-		vs = append(vs, v)
-	}
-	return ks, vs
-}
-
 // gather copies cells of a (in order) into a pool's layout, as uploads
 // would.
 func gather(as []arena, cells [][2]int) arena {
@@ -237,71 +222,6 @@ func TestGatherPages(t *testing.T) {
 	}
 }
 
-// Our kernel over host pages where they are matches float64 attention over
-// the same tokens (keys and values rounded to f16 as stored; the queries
-// stay f32 in the kernel).
-func TestAttendPagesMatchesFloat64(t *testing.T) {
-	L := kvcache.Layout{Layers: 1, KVHeads: tKV, HeadDim: tDim, PageSize: tPage}
-	row, G := L.Row(), tHeads/tKV
-	r := rand.New(rand.NewPCG(41, 42))
-	a := newArena(r, 6*tPage, row)
-	ks, vs := a.pagesOf(tPage)
-	cases := []struct {
-		name  string
-		pages []int
-		fill  []int
-	}{
-		{"one page", []int{2}, []int{tPage}},
-		{"scattered pages", []int{0, 2, 3, 5}, []int{tPage, tPage, tPage, tPage}},
-		{"partial pages", []int{1, 4, 5}, []int{3, tPage, 7}},
-	}
-	for _, tc := range cases {
-		t.Run(tc.name, func(t *testing.T) {
-			q := randoms(r, tHeads*tDim)
-			var sk, sv [][]uint16
-			for _, p := range tc.pages {
-				sk, sv = append(sk, ks[p]), append(sv, vs[p])
-			}
-			scale := 1 / math.Sqrt(tDim)
-			got, err := kvcache.AttendPages(L, tHeads, q, sk, sv, tc.fill, float32(scale))
-			require.NoError(t, err)
-			worst := 0.0
-			for h := 0; h < tHeads; h++ {
-				g := h / G
-				var ws []float64
-				var cells [][2]int // page, token
-				mx := math.Inf(-1)
-				for i, p := range tc.pages {
-					for tok := 0; tok < tc.fill[i]; tok++ {
-						dot := 0.0
-						for d := 0; d < tDim; d++ {
-							dot += float64(q[h*tDim+d]) * float64(float16.Frombits(ks[p][tok*row+g*tDim+d]).Float32())
-						}
-						ws, cells = append(ws, dot*scale), append(cells, [2]int{p, tok})
-						mx = math.Max(mx, dot*scale)
-					}
-				}
-				sum := 0.0
-				for i := range ws {
-					ws[i] = math.Exp(ws[i] - mx)
-					sum += ws[i]
-				}
-				for d := 0; d < tDim; d++ {
-					want := 0.0
-					for i, c := range cells {
-						want += ws[i] / sum * float64(float16.Frombits(vs[c[0]][(g*tDim+d)*tPage+c[1]]).Float32())
-					}
-					worst = math.Max(worst, math.Abs(want-float64(got[h*tDim+d])))
-				}
-			}
-			t.Logf("max |diff| %.2g", worst)
-			require.Less(t, worst, 1e-5)
-		})
-	}
-	_, err := kvcache.AttendPages(kvcache.Layout{Layers: 1, KVHeads: 1, HeadDim: 12, PageSize: tPage}, 1, make([]float32, 12), [][]uint16{make([]uint16, 12*tPage)}, [][]uint16{make([]uint16, 12*tPage)}, []int{1}, 1)
-	require.ErrorContains(t, err, "multiple of 8")
-}
-
 func TestPageRuns(t *testing.T) {
 	const P = 16
 	cases := []struct {
@@ -400,7 +320,6 @@ func BenchmarkAttentionInPlace(b *testing.B) {
 		// Page-major arenas: K [row·P, pages] (the same bytes as ak), V
 		// [P, row·pages] (Page.V page after page).
 		avpm := doc.pageMajor(hold, P, sh.dim, sh.kv)
-		hostK, hostV := doc.pagesOf(P)
 		scale := 1 / math.Sqrt(float64(sh.dim))
 		sels := benchSelections(sh.doc, P)
 		for _, name := range slices.Sorted(maps.Keys(sels)) {
@@ -467,22 +386,6 @@ func BenchmarkAttentionInPlace(b *testing.B) {
 				// What every variant above pays besides attention: a
 				// context, the mask and query inputs, one op per layer.
 				step(b, mask, func(ctx ml.Context, q, mt ml.Tensor) ml.Tensor { return q.Scale(ctx, 1) })
-			})
-			b.Run(pre+"kernel", func(b *testing.B) {
-				// attendPages over the host pages where they are: no
-				// graph, no pool (the queries as host floats).
-				var sk, sv [][]uint16
-				var fills []int
-				for _, p := range pages {
-					sk, sv, fills = append(sk, hostK[p]), append(sv, hostV[p]), append(fills, fill(p))
-				}
-				for b.Loop() {
-					for range sh.layers {
-						if _, err := kvcache.AttendPages(L, sh.heads, randoms(r, sh.dim*sh.heads), sk, sv, fills, float32(scale)); err != nil {
-							b.Fatal(err)
-						}
-					}
-				}
 			})
 			b.Run(pre+"in-place", func(b *testing.B) {
 				step(b, runMask, func(ctx ml.Context, q, mt ml.Tensor) ml.Tensor {

@@ -6,12 +6,13 @@ import (
 	"github.com/ollama/ollama/ml"
 )
 
-// This file is a building block of the CPU no-copy read path (issue 14,
-// docs/kvcache.md "CPU backend: reading host pages in place"). It is not
-// wired into Paged: no live code path calls it yet. What is missing is the
-// host side (pages allocated inside ggml CPU tensors, so that a run of
-// selected pages is a view), described in the doc with the measurements
-// that decide whether it is worth building.
+// The two graph-op candidates for issue 14's CPU no-copy read path,
+// kept as test code: BenchmarkAttentionInPlace and the exactness tests
+// measure them against the pool (docs/kvcache.md, "Reading pages in
+// place, measured"). Neither is wired into Paged: both lost to the pool
+// with host copies on the measured shapes, and both would need the host
+// pages in per-layer ggml arenas. They live in a _test file so that no
+// unused code ships in the package.
 
 // kSpan is a run of consecutive cells of a key arena that attention reads
 // in place, without copying them into a pool: cells [first, first+n) of
