@@ -44,7 +44,7 @@ serve: build/cgo.env
 	$(GO) run ./cmd/kvrecall serve $(ARGS)
 
 test: build/cgo.env
-	@command -v redis-server >/dev/null || { echo "make test: redis-server is missing; the shared-store tests start a real one (sudo apt-get install redis-server, or run scripts/setup-build.sh as root)" >&2; exit 1; }
+	@./scripts/require-redis.sh
 	$(GO) vet ./...
 	$(GO) test -timeout $(TEST_TIMEOUT) $(TEST_FLAGS) ./...
 	# Concurrent questions on one shared document, closing a model under a

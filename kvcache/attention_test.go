@@ -224,12 +224,13 @@ func TestHeadGroupsMatchFloat64Reference(t *testing.T) {
 			defer writer.Close()
 			writer.Init(b, ml.DTypeF16, 1, 256, 96)
 			pass(t, b, writer, 0, split(q, tHeads*tDim, 0, first), split(k, tKV*tDim, 0, first), split(v, tKV*tDim, 0, first))
-			defer func(n int) { kvcache.MaxUploadRuns = n }(kvcache.MaxUploadRuns)
+			defer func(n int, h bool) { kvcache.MaxUploadRuns, kvcache.HostUploads = n, h }(kvcache.MaxUploadRuns, kvcache.HostUploads)
 			for _, up := range []struct {
 				name string
 				runs int
-			}{{"copy runs", 1 << 20}, {"page scatter", 0}} {
-				kvcache.MaxUploadRuns = up.runs
+				host bool
+			}{{"host copies", 1 << 20, true}, {"copy runs", 1 << 20, false}, {"page scatter", 0, false}} {
+				kvcache.MaxUploadRuns, kvcache.HostUploads = up.runs, up.host
 				reader, err := kvcache.NewPaged(kvcache.Options{Layout: tLayout, Heads: tHeads, Capacity: 256, MaxBatch: 96,
 					Selector: &fixedSelector{c: sel.c, groups: tc.groups, pages: tc.pages}, Prefix: writer.Store()})
 				require.NoError(t, err)
@@ -414,11 +415,12 @@ func TestTokenPoolsMatchFloat64Reference(t *testing.T) {
 	b := m.Backend()
 	for _, mode := range []struct {
 		name string
-		runs int // kvcache.MaxUploadRuns
-	}{{"copy runs", kvcache.MaxUploadRuns}, {"set_rows scatter", 0}} {
+		runs int  // kvcache.MaxUploadRuns
+		host bool // kvcache.HostUploads
+	}{{"host copies", kvcache.MaxUploadRuns, true}, {"copy runs", kvcache.MaxUploadRuns, false}, {"set_rows scatter", 0, false}} {
 		t.Run(mode.name, func(t *testing.T) {
-			defer func(old int) { kvcache.MaxUploadRuns = old }(kvcache.MaxUploadRuns)
-			kvcache.MaxUploadRuns = mode.runs
+			defer func(old int, h bool) { kvcache.MaxUploadRuns, kvcache.HostUploads = old, h }(kvcache.MaxUploadRuns, kvcache.HostUploads)
+			kvcache.MaxUploadRuns, kvcache.HostUploads = mode.runs, mode.host
 			groups := []paging.Group{{KVHeads: []int{0, 2}, Budget: 32, Tokens: true}, {KVHeads: []int{1, 3}, Budget: 32, Tokens: true}}
 			pick := func(g, upto int) []int32 {
 				r := rand.New(rand.NewPCG(uint64(upto), uint64(g)))

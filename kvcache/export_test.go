@@ -1,5 +1,7 @@
 package kvcache
 
+import "github.com/ollama/ollama/ml"
+
 // OrderedHostMask is buildMask for a pool whose slots hold pages 0..used-1
 // in order, full before pos0 and filled to pos0+n after it, all selected.
 func OrderedHostMask(pos0, cells, n, P int) []float32 {
@@ -20,3 +22,64 @@ func OrderedHostMask(pos0, cells, n, P int) []float32 {
 
 // QuestScores is questScores: one layer's in-graph Quest bounds.
 var QuestScores = questScores
+
+// FillForTest appends rows tokens to every layer of s: k[l], v[l] hold
+// layer l's keys and values, rows × Row f16 values, token-major.
+func (s *Store) FillForTest(k, v [][]uint16, rows int) {
+	pos := s.n
+	s.grow(pos + rows)
+	for l := range k {
+		s.write(l, pos, k[l], v[l], rows)
+	}
+	s.n = pos + rows
+}
+
+// KSpan, VSpan are kSpan, vSpan for tests.
+type (
+	KSpan = kSpan
+	VSpan = vSpan
+)
+
+// NewKSpan spans cells [first, first+n) of k [headDim, kvHeads, cells].
+func NewKSpan(k ml.Tensor, first, n int) KSpan { return kSpan{t: k, first: first, n: n} }
+
+// VCells, VPage are vCells, vPage for tests.
+func VCells(v ml.Tensor, first, n int) VSpan     { return vCells(v, first, n) }
+func VPage(v ml.Tensor, page, from, n int) VSpan { return vPage(v, page, from, n) }
+
+// RunAttention is runAttention for tests.
+func RunAttention(ctx ml.Context, q ml.Tensor, ks []KSpan, vs []VSpan, mask ml.Tensor, scale float64) ml.Tensor {
+	return runAttention(ctx, q, ks, vs, mask, scale)
+}
+
+// PageRuns is pageRuns for tests: first cell and cells of each run.
+func PageRuns(pages []int, P int, fill func(int) int) [][2]int {
+	var out [][2]int
+	for _, r := range pageRuns(pages, P, fill) {
+		out = append(out, [2]int{r.first, r.n})
+	}
+	return out
+}
+
+// GatherPages is gatherPages for tests, with its index tensors made from
+// pages.
+func GatherPages(ctx ml.Context, kArena, vArena ml.Tensor, pages []int, L Layout) (ml.Tensor, ml.Tensor) {
+	idx, vidx := gatherIndex(pages, L.Row())
+	return gatherPages(ctx, kArena, vArena, ctx.Input().FromInts(idx, len(idx)), ctx.Input().FromInts(vidx, len(vidx)), L)
+}
+
+// HostPooled reports whether every pool of every layer is in host memory
+// and takes its uploads as plain copies.
+func (c *Paged) HostPooled() bool {
+	for _, ls := range c.layers {
+		for _, g := range ls.groups {
+			if g.pool == nil || g.pool.hk == nil || !HostUploads {
+				return false
+			}
+		}
+	}
+	return true
+}
+
+// HostMem is hostMem for tests.
+func HostMem(t ml.Tensor, elems int) []uint16 { return hostMem(t, elems) }

@@ -81,6 +81,16 @@ func WritePageFile(path string, s *Store, tokens []int32, fp Fingerprint) error 
 	})
 }
 
+// WritePages streams the page file of the store's pages and the document's
+// tokens to w (what WritePageFile writes; a document tier that writes it
+// atomically calls this, store.Local).
+func WritePages(w io.Writer, s *Store, tokens []int32, fp Fingerprint) error {
+	if len(tokens) != s.Len() {
+		return fmt.Errorf("kvcache: %d tokens for a store of %d", len(tokens), s.Len())
+	}
+	return writePages(w, s, tokens, fp)
+}
+
 func writePages(w io.Writer, s *Store, tokens []int32, fp Fingerprint) error {
 	l := s.L
 	version := uint32(pageFileVersion)

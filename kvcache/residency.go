@@ -30,6 +30,10 @@ type pool struct {
 	// its slots·P cells hold single tokens and page, fill and where stay
 	// empty (see tokens.go).
 	tok *tokenCells
+	// hk, hv are k's and v's memory when the backend keeps them in host
+	// memory (the CPU backend), nil otherwise: uploads are then plain
+	// copies (HostUploads, hostpool.go).
+	hk, hv []uint16
 }
 
 // newPool allocates a pool: k [headDim, heads, cells]; v permuted, [cells,
@@ -48,6 +52,11 @@ func newPool(b ml.Backend, l Layout, layer, heads, slots int, tokenV bool) *pool
 			p.v = p.ctx.Zeros(ml.DTypeF16, l.HeadDim, heads, cells)
 		} else {
 			p.v = p.ctx.Zeros(ml.DTypeF16, cells, l.HeadDim, heads)
+		}
+		p.hk = hostMem(p.k, cells*p.row)
+		p.hv = hostMem(p.v, cells*p.row)
+		if p.hk == nil || p.hv == nil {
+			p.hk, p.hv = nil, nil
 		}
 	}
 	for i := range p.page {

@@ -350,7 +350,8 @@ func tokenRuns(ups []tokenUpload) [][2]int {
 	return runs
 }
 
-// emitTokenUploads copies g's planned tokens host -> device inside the
+// emitTokenUploads copies g's planned tokens host -> device: into a pool
+// in host memory as plain copies now (HostUploads), else inside the
 // graph. The tokens' keys are gathered from their host pages into one f16
 // staging tensor in cell order, token-major as the pool lays them out;
 // their values channel-major, run after run. Runs of consecutive cells are
@@ -388,7 +389,15 @@ func (c *Paged) emitTokenUploads(ctx ml.Context, l int, g *group) {
 	}
 	c.stageK, c.stageV = kbuf, vbuf
 	runs := tokenRuns(ups)
-	if used := c.graphRuns[ctx]; len(runs) <= MaxUploadRuns-used {
+	if HostUploads && pl.hk != nil {
+		// A pool in host memory (the CPU backend): each token's rows go
+		// into its cell now (K and V token-major alike), no graph ops.
+		for i, u := range ups {
+			at := int(u.cell) * r
+			copy(pl.hk[at:at+r], kbuf[i*r:(i+1)*r])
+			copy(pl.hv[at:at+r], vbuf[i*r:(i+1)*r])
+		}
+	} else if used := c.graphRuns[ctx]; len(runs) <= MaxUploadRuns-used {
 		c.graphRuns[ctx] = used + len(runs)
 		kIn := ctx.Input().FromBytes(ml.DTypeF16, u16bytes(kbuf), r*m)
 		vIn := ctx.Input().FromBytes(ml.DTypeF16, u16bytes(vbuf), r*m)

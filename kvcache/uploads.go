@@ -36,8 +36,9 @@ func planRuns(ups []upload, P int) (runs [][]upload, full, partial []upload) {
 	return runs, full, partial
 }
 
-// emitUploads copies a group's pages host -> device inside the graph.
-// Uploads are grouped into runs of consecutive slots; each run is one f16
+// emitUploads copies a group's pages host -> device. A pool in host memory
+// (the CPU backend, HostUploads) takes them as plain copies now
+// (writeHost). Otherwise they go inside the graph: uploads are grouped into runs of consecutive slots; each run is one f16
 // input tensor of the pages' rows per K and V, copied into a view of the
 // pool: contiguous for K, a strided (permuted) copy for V. Copies stay f16,
 // so they cost about a memcpy. Past MaxUploadRuns runs in a graph, whole
@@ -49,6 +50,22 @@ func (c *Paged) emitUploads(ctx ml.Context, l int, g *group) {
 		return
 	}
 	g.uploads = nil
+	if HostUploads && g.pool.hk != nil {
+		// A pool in host memory (the CPU backend): copy the pages in now,
+		// with no input tensors and no graph ops.
+		c.writeHost(l, g, ups)
+	} else {
+		c.emitGraphUploads(ctx, l, g, ups)
+	}
+	c.uploadCount.Add(int64(len(ups)))
+	for _, u := range ups {
+		c.uploadBytes.Add(int64(u.rows) * int64(g.pool.row) * 2 * 2)
+	}
+}
+
+// emitGraphUploads copies ups into g's pool inside the graph: copy runs,
+// or past MaxUploadRuns the page scatter.
+func (c *Paged) emitGraphUploads(ctx ml.Context, l int, g *group, ups []upload) {
 	runs, full, partial := planRuns(ups, c.L.PageSize)
 	if used := c.graphRuns[ctx]; len(runs) > MaxUploadRuns-used {
 		// Partial pages (at most the last page or two) keep their own copies:
@@ -63,10 +80,6 @@ func (c *Paged) emitUploads(ctx ml.Context, l int, g *group) {
 	} else {
 		c.graphRuns[ctx] = used + len(runs)
 		c.copyRuns(ctx, l, g, runs)
-	}
-	c.uploadCount.Add(int64(len(ups)))
-	for _, u := range ups {
-		c.uploadBytes.Add(int64(u.rows) * int64(g.pool.row) * 2 * 2)
 	}
 }
 

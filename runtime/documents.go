@@ -7,21 +7,20 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"maps"
 	"os"
-	"path/filepath"
 	"regexp"
 	"slices"
 	"sort"
-	"strings"
 	"sync"
 	"time"
 
-	"github.com/kvrecall/kvrecall/internal/atomicfile"
 	"github.com/kvrecall/kvrecall/kvcache"
 	"github.com/kvrecall/kvrecall/paging"
 	"github.com/kvrecall/kvrecall/probe"
 	"github.com/kvrecall/kvrecall/squeezed"
+	"github.com/kvrecall/kvrecall/store"
 )
 
 // Document is text prefilled once: its keys and values live in pages in host
@@ -81,11 +80,6 @@ type Info struct {
 // Clusters returns the document's Squeezed-Attention clusters, or nil.
 func (d *Document) Clusters() *squeezed.Index { return d.clusters }
 
-// clustersFile names the clusters file of a version's page file
-// (pages-X.kvp -> pages-X.kvs): it belongs to that version, is written
-// before doc.json names the version, and goes with it.
-func clustersFile(pagesFile string) string { return strings.TrimSuffix(pagesFile, ".kvp") + ".kvs" }
-
 // IngestOptions choose how a document is prefilled.
 type IngestOptions struct {
 	// Streaming prefills under probe (ActQKV/InfLLM): each window of
@@ -121,8 +115,6 @@ var idPattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$`)
 
 // ValidDocumentID reports whether id can name a document (it becomes a directory name).
 func ValidDocumentID(id string) bool { return idPattern.MatchString(id) }
-
-func (m *Model) docDir(id string) string { return filepath.Join(m.opts.DataDir, id) }
 
 // Ingest tokenizes text (with BOS), prefills it once with dense attention and
 // keeps its pages in memory and on disk under id. An empty id uses a hash of
@@ -351,84 +343,47 @@ func (m *Model) ingest(ctx context.Context, id string, toks []int32, textHash st
 	return d, nil
 }
 
-// saveDocument stores d and makes it the resident version of its id. The new
-// page file gets a new name; doc.json, renamed over the old one, is the
-// commit point; the old page file is removed last. On any error before the
-// commit the old version is untouched, on disk and in memory.
+// saveDocument stores d on the local tier and makes it the resident
+// version of its id. The page file and clusters are streamed to new files;
+// doc.json, renamed over the old one, is the commit point; the old page
+// file is removed last (store.Local.Put). On any error before the commit
+// the old version is untouched, on disk and in memory.
 func (m *Model) saveDocument(d *Document) error {
-	return m.commitDocument(d.Info, d, func(dir, name string) error {
-		pages := filepath.Join(dir, name)
-		if err := kvcache.WritePageFile(pages, d.store, d.tokens, m.fp); err != nil {
+	files := []store.File{{Name: store.PagesFile, Write: func(w io.Writer) error {
+		return kvcache.WritePages(w, d.store, d.tokens, m.fp)
+	}}}
+	if d.clusters != nil {
+		files = append(files, store.File{Name: store.ClustersFile, Write: func(w io.Writer) error {
+			_, err := w.Write(d.clusters.Encode())
 			return err
-		}
-		if d.clusters != nil {
-			if err := d.clusters.WriteFile(filepath.Join(dir, clustersFile(name))); err != nil {
-				os.Remove(pages)
-				return err
-			}
-		}
-		return nil
-	})
+		}})
+	}
+	return m.commitDocument(d.Info, d, files)
 }
 
-// commitDocument writes a version of document info.ID: write puts its page
-// file (named name) and clusters in dir, then doc.json commits it. d is the
-// version in memory, made resident; nil (a copy installed from the shared
-// store, loaded and verified from disk next) only drops the old one.
-func (m *Model) commitDocument(info Info, d *Document, write func(dir, name string) error) error {
+// commitDocument writes a version of document info.ID with its files on
+// the local tier. d is the version in memory, made resident; nil (a copy
+// installed from the shared store, loaded and verified from disk next)
+// only drops the old one (the tier's Committed hook does that).
+func (m *Model) commitDocument(info Info, d *Document, files []store.File) error {
 	st := m.documents()
 	st.writeMu.Lock()
 	defer st.writeMu.Unlock()
-	dir := m.docDir(info.ID)
-	if err := os.MkdirAll(m.opts.DataDir, docDirPerm); err != nil {
-		return fmt.Errorf("save document %s: %w", info.ID, err)
-	}
-	if err := os.Mkdir(dir, docDirPerm); err != nil && !errors.Is(err, os.ErrExist) {
-		return fmt.Errorf("save document %s: %w", info.ID, err)
-	}
-	old, oldErr := readMeta(dir)
-	fail := func(err error) error {
-		if errors.Is(oldErr, os.ErrNotExist) {
-			os.Remove(dir) // a first ingest leaves no empty folder (kept if not empty)
-		}
-		return fmt.Errorf("save document %s: %w", info.ID, err)
-	}
-	name := newPagesName()
-	pages := filepath.Join(dir, name)
-	clusters := filepath.Join(dir, clustersFile(name))
-	if err := write(dir, name); err != nil {
-		return fail(err)
-	}
-	b, err := json.MarshalIndent(storedMeta{Info: info, PagesFile: name}, "", "  ")
-	if err == nil {
-		err = atomicfile.WriteBytes(filepath.Join(dir, docMeta), b, docFilePerm)
-	}
+	meta, err := json.Marshal(info)
 	if err != nil {
-		// A failed directory sync comes after the rename: then the new
-		// version is what a reader sees, and memory must agree with it.
-		if now, rerr := readMeta(dir); rerr != nil || now.PagesFile != name {
-			os.Remove(pages)
-			os.Remove(clusters)
-			return fail(err)
-		}
+		return fmt.Errorf("save document %s: %w", info.ID, err)
 	}
-	st.mu.Lock()
-	if cur, ok := st.resident[info.ID]; ok {
-		st.dropLocked(cur)
+	if err := st.local.Put(context.Background(), info.ID, store.Version{Content: info.ContentKey, Meta: meta, Files: files}); err != nil {
+		return err
 	}
-	st.versions[info.ID]++
 	if d != nil {
+		st.mu.Lock()
+		if cur, ok := st.resident[info.ID]; ok {
+			st.dropLocked(cur) // loaded from disk since the commit: d is the same version
+		}
 		d.st.version = st.versions[info.ID]
 		st.admitLocked(m, d)
-	}
-	st.mu.Unlock()
-	// After the version bump: a concurrent load that read the old doc.json
-	// and now misses its pages sees the bump and retries.
-	if oldErr == nil && old.pagesFile() != name {
-		st.filesMu.Lock()
-		os.Remove(filepath.Join(dir, old.pagesFile()))
-		os.Remove(filepath.Join(dir, clustersFile(old.pagesFile())))
-		st.filesMu.Unlock()
+		st.mu.Unlock()
 	}
 	return nil
 }
@@ -450,9 +405,7 @@ func (m *Model) openDocumentLocal(id string) (*Document, error) {
 		v := st.versions[id]
 		st.mu.Unlock()
 
-		st.filesMu.RLock()
 		d, err := m.loadDocument(id)
-		st.filesMu.RUnlock()
 
 		st.mu.Lock()
 		if st.versions[id] != v {
@@ -480,85 +433,107 @@ func (m *Model) openDocumentLocal(id string) (*Document, error) {
 	}
 }
 
-// loadDocument reads a document from disk, checking its metadata against its
-// folder, the model and its pages.
+// loadDocument reads a document from the local tier, checking its
+// metadata against its folder, the model and its pages. It runs under the
+// tier's read lock (View), so the files it reads are not removed meanwhile.
 func (m *Model) loadDocument(id string) (*Document, error) {
-	meta, err := m.readDocumentMeta(id)
-	if err != nil {
-		return nil, err
-	}
-	d := &Document{Info: meta.Info}
-	want := m.Layout()
-	want.PageSize = d.PageSize
-	store, toks, info, err := kvcache.ReadPageFile(filepath.Join(m.docDir(id), meta.pagesFile()), &want)
-	if errors.Is(err, os.ErrNotExist) {
-		return nil, fmt.Errorf("document %s: %w: its page file is missing", id, kvcache.ErrCorrupt)
+	var d *Document
+	var fnErr error // fully worded already
+	err := m.documents().local.View(context.Background(), id, func(v store.Version) error {
+		fnErr = m.readDocument(id, v, &d)
+		return fnErr
+	})
+	if fnErr != nil {
+		return nil, fnErr
 	}
 	if err != nil {
-		return nil, fmt.Errorf("document %s: %w", id, err)
-	}
-	if info.Fingerprint != m.fp || info.Tokens != d.Tokens || info.Pages != d.Pages {
-		return nil, fmt.Errorf("document %s: %w: pages do not match the metadata", id, kvcache.ErrCorrupt)
-	}
-	d.tokens, d.store = toks, store
-	if d.HasClusters {
-		ix, err := squeezed.ReadFile(filepath.Join(m.docDir(id), clustersFile(meta.pagesFile())), m.cfg.Layers, m.cfg.KVHeads, m.cfg.HeadDim, d.Tokens)
-		if errors.Is(err, os.ErrNotExist) {
-			return nil, fmt.Errorf("document %s: %w: its clusters file is missing", id, kvcache.ErrCorrupt)
-		}
-		if err != nil {
-			return nil, fmt.Errorf("document %s: %w", id, err)
-		}
-		d.clusters = ix
+		return nil, m.localErr(id, err)
 	}
 	return d, nil
 }
 
-// readDocumentMeta reads id's doc.json and checks that it describes id for
-// this model.
-func (m *Model) readDocumentMeta(id string) (storedMeta, error) {
-	meta, err := readMeta(m.docDir(id))
+// readDocument reads the local tier's version v of id into *out.
+func (m *Model) readDocument(id string, v store.Version, out **Document) error {
+	info, err := m.checkMeta(id, v.Meta)
+	if err != nil {
+		return err
+	}
+	d := &Document{Info: info}
+	*out = d
+	want := m.Layout()
+	want.PageSize = d.PageSize
+	pages, _ := v.File(store.PagesFile)
+	kv, toks, pinfo, err := kvcache.ReadPageFile(pages.Path, &want)
 	if errors.Is(err, os.ErrNotExist) {
-		return meta, fmt.Errorf("%w: %q", ErrNoDocument, id)
+		return fmt.Errorf("document %s: %w: its page file is missing", id, kvcache.ErrCorrupt)
 	}
 	if err != nil {
-		return meta, fmt.Errorf("document %s: %w", id, err)
+		return fmt.Errorf("document %s: %w", id, err)
 	}
-	if meta.ID != id {
-		return meta, fmt.Errorf("document %s: %w: its metadata names document %q", id, kvcache.ErrCorrupt, meta.ID)
+	if pinfo.Fingerprint != m.fp || pinfo.Tokens != d.Tokens || pinfo.Pages != d.Pages {
+		return fmt.Errorf("document %s: %w: pages do not match the metadata", id, kvcache.ErrCorrupt)
 	}
-	if meta.Fingerprint != hex.EncodeToString(m.fp[:]) {
-		return meta, fmt.Errorf("document %s was ingested with another model", id)
+	d.tokens, d.store = toks, kv
+	if d.HasClusters {
+		f, ok := v.File(store.ClustersFile)
+		if !ok {
+			return fmt.Errorf("document %s: %w: its clusters file is missing", id, kvcache.ErrCorrupt)
+		}
+		ix, err := squeezed.ReadFile(f.Path, m.cfg.Layers, m.cfg.KVHeads, m.cfg.HeadDim, d.Tokens)
+		if errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("document %s: %w: its clusters file is missing", id, kvcache.ErrCorrupt)
+		}
+		if err != nil {
+			return fmt.Errorf("document %s: %w", id, err)
+		}
+		d.clusters = ix
 	}
-	return meta, nil
+	return nil
+}
+
+// localErr words an error of the local tier for document id: no document
+// is ErrNoDocument, unusable metadata is a corrupt document.
+func (m *Model) localErr(id string, err error) error {
+	switch {
+	case store.IsNotFound(err):
+		return fmt.Errorf("%w: %q", ErrNoDocument, id)
+	case errors.Is(err, store.ErrBadMetadata):
+		return fmt.Errorf("document %s: %w: %v", id, kvcache.ErrCorrupt, err)
+	}
+	return fmt.Errorf("document %s: %w", id, err)
+}
+
+// checkMeta parses id's doc.json and checks that it describes id for this
+// model.
+func (m *Model) checkMeta(id string, raw []byte) (Info, error) {
+	var info Info
+	if err := json.Unmarshal(raw, &info); err != nil {
+		return info, fmt.Errorf("document %s: %w: %v: %v", id, kvcache.ErrCorrupt, store.ErrBadMetadata, err)
+	}
+	if info.ID != id {
+		return info, fmt.Errorf("document %s: %w: its metadata names document %q", id, kvcache.ErrCorrupt, info.ID)
+	}
+	if info.Fingerprint != hex.EncodeToString(m.fp[:]) {
+		return info, fmt.Errorf("document %s was ingested with another model", id)
+	}
+	return info, nil
 }
 
 // Documents lists the documents stored for this model: those whose
 // metadata is complete and whose page file exists.
 func (m *Model) Documents() ([]Info, error) {
-	m.documents() // the first use sweeps
-	entries, err := os.ReadDir(m.opts.DataDir)
-	if errors.Is(err, os.ErrNotExist) {
-		return nil, nil
-	}
+	listed, err := m.documents().local.List(ValidDocumentID)
 	if err != nil {
 		return nil, err
 	}
 	var out []Info
-	for _, e := range entries {
-		if !e.IsDir() || !ValidDocumentID(e.Name()) {
-			continue
-		}
-		meta, err := readMeta(m.docDir(e.Name()))
-		if err != nil || meta.ID != e.Name() {
+	for _, l := range listed {
+		var info Info
+		if json.Unmarshal(l.Meta, &info) != nil || info.ID != l.ID {
 			continue // not a (complete) document
 		}
-		if _, err := os.Stat(filepath.Join(m.docDir(e.Name()), meta.pagesFile())); err != nil {
-			continue
-		}
-		out = append(out, meta.Info)
+		out = append(out, info)
 	}
-	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
 	return out, nil
 }
 
@@ -570,43 +545,18 @@ func (m *Model) deleteDocumentLocal(id string) error {
 	st := m.documents()
 	st.writeMu.Lock()
 	defer st.writeMu.Unlock()
-	bump := func() bool {
-		st.mu.Lock()
-		defer st.mu.Unlock()
-		st.versions[id]++
-		if d, ok := st.resident[id]; ok {
-			st.dropLocked(d)
-			return true
-		}
-		return false
-	}
-	resident := bump()
-	dir := m.docDir(id)
-	if _, err := os.Lstat(dir); errors.Is(err, os.ErrNotExist) {
+	resident := st.bump(id)
+	err := st.local.Delete(context.Background(), id)
+	// Again once the files are gone: a load that read them after the first
+	// bump may have made the document resident again.
+	st.bump(id)
+	if store.IsNotFound(err) {
 		if resident {
 			return nil
 		}
 		return fmt.Errorf("%w: %q", ErrNoDocument, id)
 	}
-	// Metadata first: a half-deleted document is never visible, even to
-	// another process.
-	st.filesMu.Lock()
-	err := os.Remove(filepath.Join(dir, docMeta))
-	if err == nil || errors.Is(err, os.ErrNotExist) {
-		err = os.RemoveAll(dir)
-	}
-	// Again once the files are gone: a load that read them after the first
-	// bump may have made the document resident again.
-	bump()
-	st.filesMu.Unlock()
-	if err != nil {
-		return fmt.Errorf("delete document %s: %w", id, err)
-	}
-	atomicfile.SyncDir(m.opts.DataDir)
-	if st.lock != nil {
-		m.sweepDocuments()
-	}
-	return nil
+	return err
 }
 
 // AskOptions choose the paging policy and the generation of an answer.
@@ -703,9 +653,7 @@ func (m *Model) documentInfoLocal(id string) (Info, error) {
 		}
 		v := st.versions[id]
 		st.mu.Unlock()
-		st.filesMu.RLock()
 		in, err := m.statDocument(id)
-		st.filesMu.RUnlock()
 		st.mu.Lock()
 		changed := st.versions[id] != v
 		st.mu.Unlock()
@@ -715,20 +663,41 @@ func (m *Model) documentInfoLocal(id string) (Info, error) {
 	}
 }
 
+// statDocument checks id's metadata and its page file's header and size,
+// without reading its pages.
 func (m *Model) statDocument(id string) (Info, error) {
-	meta, err := m.readDocumentMeta(id)
-	if err != nil {
-		return Info{}, err
+	var info Info
+	var fnErr error // fully worded already
+	err := m.documents().local.View(context.Background(), id, func(v store.Version) error {
+		fnErr = m.statVersion(id, v, &info)
+		return fnErr
+	})
+	if fnErr != nil {
+		return Info{}, fnErr
 	}
-	info, err := kvcache.ReadPageFileInfo(filepath.Join(m.docDir(id), meta.pagesFile()))
+	if err != nil {
+		return Info{}, m.localErr(id, err)
+	}
+	return info, nil
+}
+
+// statVersion checks the local tier's version v of id, into *out.
+func (m *Model) statVersion(id string, v store.Version, out *Info) error {
+	info, err := m.checkMeta(id, v.Meta)
+	if err != nil {
+		return err
+	}
+	*out = info
+	pages, _ := v.File(store.PagesFile)
+	pinfo, err := kvcache.ReadPageFileInfo(pages.Path)
 	if errors.Is(err, os.ErrNotExist) {
-		return Info{}, fmt.Errorf("document %s: %w: its page file is missing", id, kvcache.ErrCorrupt)
+		return fmt.Errorf("document %s: %w: its page file is missing", id, kvcache.ErrCorrupt)
 	}
 	if err != nil {
-		return Info{}, fmt.Errorf("document %s: %w", id, err)
+		return fmt.Errorf("document %s: %w", id, err)
 	}
-	if info.Fingerprint != m.fp || info.Tokens != meta.Tokens || info.Pages != meta.Pages || info.Layout.PageSize != meta.PageSize {
-		return Info{}, fmt.Errorf("document %s: %w: pages do not match the metadata", id, kvcache.ErrCorrupt)
+	if pinfo.Fingerprint != m.fp || pinfo.Tokens != info.Tokens || pinfo.Pages != info.Pages || pinfo.Layout.PageSize != info.PageSize {
+		return fmt.Errorf("document %s: %w: pages do not match the metadata", id, kvcache.ErrCorrupt)
 	}
-	return meta.Info, nil
+	return nil
 }

@@ -85,12 +85,13 @@ func TestPagedAllPagesMatchDense(t *testing.T) {
 	require.NoError(t, err)
 	// Both upload paths: copies of runs of consecutive slots, and the page
 	// scatter (whole pages by set_rows, the partial last page copied).
-	defer func(n int) { kvcache.MaxUploadRuns = n }(kvcache.MaxUploadRuns)
+	defer func(n int, h bool) { kvcache.MaxUploadRuns, kvcache.HostUploads = n, h }(kvcache.MaxUploadRuns, kvcache.HostUploads)
 	for _, upload := range []struct {
 		name string
 		runs int
-	}{{"copy runs", 1 << 20}, {"page scatter", 0}} {
-		kvcache.MaxUploadRuns = upload.runs
+		host bool
+	}{{"host copies", 1 << 20, true}, {"copy runs", 1 << 20, false}, {"page scatter", 0, false}} {
+		kvcache.MaxUploadRuns, kvcache.HostUploads = upload.runs, upload.host
 		for _, policy := range []string{"dense", "quest"} {
 			s, err := m.DocumentSession(doc, runtime.PolicyOptions{Policy: policy, Budget: 1024, Sinks: 32, Window: 64})
 			require.NoError(t, err)
@@ -106,7 +107,8 @@ func TestPagedAllPagesMatchDense(t *testing.T) {
 
 // Under a budget smaller than the document, quest's selection moves every
 // step and its pages go up into scattered slots: many copy runs per layer,
-// or the page scatter. Both upload paths must give the same logits.
+// or the page scatter, or (the CPU backend's default) plain copies into the
+// host pool. All three upload paths must give the same logits.
 func TestScatteredUploadPathsAgree(t *testing.T) {
 	path := testmodels.Random(t, "llama", "tiny", foundry.F32, 4, false)
 	ctx := context.Background()
@@ -119,9 +121,9 @@ func TestScatteredUploadPathsAgree(t *testing.T) {
 	}
 	doc, err := m.IngestTokens(ctx, "scatter", toks[:600], nil)
 	require.NoError(t, err)
-	defer func(n int) { kvcache.MaxUploadRuns = n }(kvcache.MaxUploadRuns)
-	decode := func(runs int) (logits [][]float32, uploads int64) {
-		kvcache.MaxUploadRuns = runs
+	defer func(n int, h bool) { kvcache.MaxUploadRuns, kvcache.HostUploads = n, h }(kvcache.MaxUploadRuns, kvcache.HostUploads)
+	decode := func(runs int, host bool) (logits [][]float32, uploads int64) {
+		kvcache.MaxUploadRuns, kvcache.HostUploads = runs, host
 		s, err := m.DocumentSession(doc, runtime.PolicyOptions{Policy: "quest", Budget: 160, Sinks: 16, Window: 32})
 		require.NoError(t, err)
 		defer s.Close()
@@ -132,13 +134,17 @@ func TestScatteredUploadPathsAgree(t *testing.T) {
 		}
 		return logits, s.Cache().(*kvcache.Paged).Stats().Uploads
 	}
-	runs, nRuns := decode(1 << 20)
-	scatter, nScatter := decode(0)
-	t.Logf("pages uploaded over 40 steps: %d (copy runs), %d (scatter)", nRuns, nScatter)
+	runs, nRuns := decode(1<<20, false)
+	scatter, nScatter := decode(0, false)
+	host, nHost := decode(1<<20, true)
+	t.Logf("pages uploaded over 40 steps: %d (copy runs), %d (scatter), %d (host copies)", nRuns, nScatter, nHost)
 	require.Equal(t, nRuns, nScatter)
+	require.Equal(t, nRuns, nHost)
 	// More than twice the pages the four layers' budgets hold (10 each).
 	require.Greater(t, nRuns, int64(2*4*160/16), "the selection must move, or this tests nothing")
 	d, _ := maxDiff(runs, scatter)
+	require.Zero(t, d)
+	d, _ = maxDiff(runs, host)
 	require.Zero(t, d)
 }
 

@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"maps"
 	"os"
-	"path/filepath"
 
 	"github.com/kvrecall/kvrecall/kvcache"
 	"github.com/kvrecall/kvrecall/paging"
@@ -27,7 +26,7 @@ func (m *Model) probeReps(ctx context.Context, doc *Document, s probe.Settings, 
 	if r := doc.probe[key]; r != nil {
 		return r, nil
 	}
-	path := filepath.Join(m.docDir(doc.ID), key)
+	path := m.documents().local.SidePath(doc.ID, key)
 	r, err := probe.ReadFile(path, doc.Tokens, repsFingerprint(m.fp, doc), m.cfg.Layers, m.cfg.KVHeads, m.cfg.HeadDim)
 	switch {
 	case err == nil:
@@ -60,10 +59,10 @@ func repsFingerprint(fp kvcache.Fingerprint, doc *Document) [32]byte {
 // writeProbeReps stores r next to doc's pages, under the lock that deletes
 // take, so that a delete never races the write.
 func (m *Model) writeProbeReps(doc *Document, key string, r *probe.Reps) error {
-	st := m.documents()
-	st.filesMu.RLock()
-	defer st.filesMu.RUnlock()
-	if err := r.WriteFile(filepath.Join(m.docDir(doc.ID), key), doc.Tokens, repsFingerprint(m.fp, doc)); err != nil {
+	err := m.documents().local.WriteSide(doc.ID, key, func(path string) error {
+		return r.WriteFile(path, doc.Tokens, repsFingerprint(m.fp, doc))
+	})
+	if err != nil {
 		return fmt.Errorf("document %s: save probe representatives: %w", doc.ID, err)
 	}
 	return nil

@@ -6,13 +6,9 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"os"
-	"path/filepath"
-	"strings"
 	"sync"
 	"time"
 
-	"github.com/kvrecall/kvrecall/internal/atomicfile"
 	"github.com/kvrecall/kvrecall/store"
 )
 
@@ -40,13 +36,6 @@ func (s *sharedState) record(err error) {
 	}
 }
 
-// storeFiles: the page file's name in the shared store ("pages"), the
-// clusters' ("clusters"); probe representatives keep their file names.
-const (
-	sharedPages    = "pages"
-	sharedClusters = "clusters"
-)
-
 // contentKey is a document's shared address: the model fingerprint, the
 // token sequence and every setting that changes the stored bytes (page
 // size, KV type, the page file's format, the prefill's kind, clustering).
@@ -70,58 +59,49 @@ func (m *Model) contentKey(toks []int32, o IngestOptions) string {
 	return store.ContentKey(hex.EncodeToString(m.fp[:]), tokensHash(toks), settings...)
 }
 
+// sharedTier is the shared store as the model's second document tier
+// (store.Shared: its ids namespaced by the model's fingerprint).
+func (m *Model) sharedTier() *store.Shared {
+	return store.NewShared(m.opts.Store, hex.EncodeToString(m.fp[:]))
+}
+
 // fetchShared installs the shared copy under content as document id on
-// the local tier and opens it (every page checksum verified again).
+// the local tier and opens it (every page checksum verified again): the
+// local disk is the cache in front of the shared store.
 func (m *Model) fetchShared(ctx context.Context, id, content string) (*Document, error) {
-	st := m.opts.Store
-	doc, err := st.Get(ctx, content)
+	var info Info
+	var files []store.File
+	err := m.sharedTier().ViewContent(ctx, content, func(v store.Version) error {
+		if err := json.Unmarshal(v.Meta, &info); err != nil {
+			return fmt.Errorf("document %s: shared copy %s: metadata: %v", id, content, err)
+		}
+		files = v.Files
+		return nil
+	})
 	m.shared.record(err)
 	if err != nil {
 		return nil, err
-	}
-	var info Info
-	if err := json.Unmarshal(doc.Meta, &info); err != nil {
-		return nil, fmt.Errorf("document %s: shared copy %s: metadata: %v", id, content, err)
 	}
 	if info.Fingerprint != hex.EncodeToString(m.fp[:]) || info.PageSize != m.opts.PageSize {
 		// The content key covers both: a writer that disagrees is broken.
 		return nil, fmt.Errorf("document %s: shared copy %s was stored for another model or page size", id, content)
 	}
 	info.ID, info.ContentKey, info.Source = id, content, "shared"
-	var pages, clusters []byte
-	probes := map[string][]byte{}
-	for _, f := range doc.Files {
-		switch {
-		case f.Name == sharedPages:
-			pages = f.Data
-		case f.Name == sharedClusters:
-			clusters = f.Data
-		case probeName.MatchString(f.Name):
-			probes[f.Name] = f.Data
-		}
-	}
-	if pages == nil || (info.HasClusters && clusters == nil) {
+	v := store.Version{Files: files}
+	_, hasPages := v.File(store.PagesFile)
+	_, hasClusters := v.File(store.ClustersFile)
+	if !hasPages || (info.HasClusters && !hasClusters) {
 		return nil, fmt.Errorf("document %s: shared copy %s lacks its page file or clusters", id, content)
 	}
-	err = m.commitDocument(info, nil, func(dir, name string) error {
-		if err := atomicfile.WriteBytes(filepath.Join(dir, name), pages, docFilePerm); err != nil {
-			return err
+	// Only the files the local tier knows (a newer writer's extra files
+	// are not this build's to keep).
+	var keep []store.File
+	for _, f := range files {
+		if f.Name == store.PagesFile || f.Name == store.ClustersFile || store.IsSideFile(f.Name) {
+			keep = append(keep, f)
 		}
-		if clusters != nil {
-			if err := atomicfile.WriteBytes(filepath.Join(dir, clustersFile(name)), clusters, docFilePerm); err != nil {
-				return err
-			}
-		}
-		// Representatives are bound to the text (repsFingerprint), so a
-		// stale one from an older version here is recomputed, not used.
-		for n, b := range probes {
-			if err := atomicfile.WriteBytes(filepath.Join(dir, n), b, docFilePerm); err != nil {
-				return err
-			}
-		}
-		return nil
-	})
-	if err != nil {
+	}
+	if err := m.commitDocument(info, nil, keep); err != nil {
 		return nil, err
 	}
 	return m.openDocumentLocal(id)
@@ -149,7 +129,7 @@ func (m *Model) fetchSharedByName(id, stale string) error {
 	// Resolved under fetchMu, which this instance's ingests hold from their
 	// local commit until their name is set: a name read here is never one
 	// that an ingest here is about to overwrite.
-	content, err := st.Resolve(ctx, hex.EncodeToString(m.fp[:]), id)
+	content, err := m.sharedTier().Resolve(ctx, id)
 	if err == nil && content == stale {
 		return nil
 	}
@@ -176,7 +156,7 @@ func (m *Model) fetchSharedByName(id, stale string) error {
 // cannot be reached leaves d as it is (the local fallback, docs/store.md).
 func (m *Model) checkFresh(d *Document) (*Document, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-	content, err := m.opts.Store.Resolve(ctx, hex.EncodeToString(m.fp[:]), d.ID)
+	content, err := m.sharedTier().Resolve(ctx, d.ID)
 	cancel()
 	m.shared.record(err)
 	if err != nil || content == d.ContentKey {
@@ -189,10 +169,9 @@ func (m *Model) checkFresh(d *Document) (*Document, error) {
 }
 
 // publishShared stores d's files (as written on the local tier) in the
-// shared store and points its id at them. Another process's copy of the
+// shared tier and points its id at them. Another process's copy of the
 // same content is kept if it was there first.
 func (m *Model) publishShared(ctx context.Context, d *Document) {
-	st := m.opts.Store
 	files, err := m.localFiles(d)
 	if err != nil {
 		m.shared.record(fmt.Errorf("%w: document %s: %v", store.ErrUnavailable, d.ID, err))
@@ -200,11 +179,7 @@ func (m *Model) publishShared(ctx context.Context, d *Document) {
 	}
 	meta, _ := json.Marshal(d.Info)
 	ctx = context.WithoutCancel(ctx) // the ingest is done; a client leaving now must not cut the write
-	_, err = st.Put(ctx, d.ContentKey, store.Document{Meta: meta, Files: files})
-	m.shared.record(err)
-	if err == nil {
-		m.nameShared(ctx, d.ID, d.ContentKey)
-	}
+	m.shared.record(m.sharedTier().Put(ctx, d.ID, store.Version{Content: d.ContentKey, Meta: meta, Files: files}))
 }
 
 // nameShared points id at content in the store's name index: the last
@@ -213,43 +188,27 @@ func (m *Model) nameShared(ctx context.Context, id, content string) {
 	m.shared.record(m.opts.Store.SetName(context.WithoutCancel(ctx), hex.EncodeToString(m.fp[:]), id, content))
 }
 
-// localFiles reads back d's page file, clusters and probe representatives
-// from the local tier.
+// localFiles reads back d's page file, clusters and side files (probe
+// representatives) from the local tier, under its read lock.
 func (m *Model) localFiles(d *Document) ([]store.File, error) {
-	st := m.documents()
-	st.filesMu.RLock()
-	defer st.filesMu.RUnlock()
-	dir := m.docDir(d.ID)
-	meta, err := readMeta(dir)
-	if err != nil {
-		return nil, err
-	}
-	if meta.ContentKey != d.ContentKey {
-		return nil, errors.New("replaced while being stored")
-	}
-	pages, err := os.ReadFile(filepath.Join(dir, meta.pagesFile()))
-	if err != nil {
-		return nil, err
-	}
-	files := []store.File{{Name: sharedPages, Data: pages}}
-	if d.HasClusters {
-		b, err := os.ReadFile(filepath.Join(dir, clustersFile(meta.pagesFile())))
-		if err != nil {
-			return nil, err
+	var files []store.File
+	err := m.documents().local.View(context.Background(), d.ID, func(v store.Version) error {
+		if v.Content != d.ContentKey {
+			return errors.New("replaced while being stored")
 		}
-		files = append(files, store.File{Name: sharedClusters, Data: b})
-	}
-	entries, _ := os.ReadDir(dir)
-	for _, e := range entries {
-		if n := e.Name(); probeName.MatchString(n) && !strings.Contains(n, tempInfix) {
-			b, err := os.ReadFile(filepath.Join(dir, n))
+		if _, ok := v.File(store.ClustersFile); d.HasClusters && !ok {
+			return errors.New("its clusters file is missing")
+		}
+		for _, f := range v.Files {
+			b, err := f.Bytes()
 			if err != nil {
-				return nil, err
+				return err
 			}
-			files = append(files, store.File{Name: n, Data: b})
+			files = append(files, store.File{Name: f.Name, Data: b})
 		}
-	}
-	return files, nil
+		return nil
+	})
+	return files, err
 }
 
 // OpenDocument returns an ingested document: from memory, from the local
@@ -301,13 +260,9 @@ func (m *Model) DeleteDocument(id string) error {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	model := hex.EncodeToString(m.fp[:])
-	_, rerr := st.Resolve(ctx, model, id)
-	if rerr == nil {
-		rerr = st.DeleteName(ctx, model, id)
-		if rerr == nil && errors.Is(err, ErrNoDocument) {
-			err = nil // it was only in the shared store
-		}
+	rerr := m.sharedTier().Delete(ctx, id)
+	if rerr == nil && errors.Is(err, ErrNoDocument) {
+		err = nil // it was only in the shared store
 	}
 	m.shared.record(rerr)
 	if errors.Is(rerr, store.ErrUnavailable) && err == nil {

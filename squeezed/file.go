@@ -34,6 +34,12 @@ var castagnoli = crc32.MakeTable(crc32.Castagnoli)
 // WriteFile writes ix to path atomically (a temporary file, synced and
 // renamed): a crash leaves the old file or the new one.
 func (ix *Index) WriteFile(path string) error {
+	return atomicfile.WriteBytes(path, ix.Encode(), 0o644)
+}
+
+// Encode returns the file WriteFile writes (the local tier writes it with
+// a document's other files, store.Local).
+func (ix *Index) Encode() []byte {
 	var buf bytes.Buffer
 	put := func(v any) { binary.Write(&buf, binary.LittleEndian, v) }
 	sum := func(from int) { put(crc32.Checksum(buf.Bytes()[from:], castagnoli)) }
@@ -57,7 +63,7 @@ func (ix *Index) WriteFile(path string) error {
 			sum(from)
 		}
 	}
-	return atomicfile.WriteBytes(path, buf.Bytes(), 0o644)
+	return buf.Bytes()
 }
 
 // ReadFile loads an index written by WriteFile, checking every checksum

@@ -14,9 +14,12 @@
 // that the next ingest stores the document again.
 //
 // Two back ends implement Backend: Redis (redis://, rediss://) and a
-// directory (file://, for a shared filesystem and for tests). The process's
-// own data folder (runtime Options.DataDir) stays the local tier in front
-// of either.
+// directory (file://, for a shared filesystem and for tests).
+//
+// Tier is the document-level interface the runtime keeps its documents
+// behind, by id, with two implementations: Local (the process's own data
+// folder, runtime Options.DataDir) and Shared (a Store). With a store,
+// Local is the cache tier in front of Shared (see tier.go).
 package store
 
 import (
@@ -28,6 +31,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net/url"
 	"sort"
 	"strings"
@@ -66,10 +70,16 @@ type Backend interface {
 	Close() error
 }
 
-// File is one named file of a document.
+// File is one named file of a document. Its content is Data, or what Write
+// writes (streamed: a page file of gigabytes is not held in memory twice
+// on its way to disk), or the file at Path on the local disk (what Local's
+// View gives; read it with its format's reader, which checks its
+// checksums). Store.Get returns Data.
 type File struct {
-	Name string
-	Data []byte
+	Name  string
+	Data  []byte
+	Write func(io.Writer) error
+	Path  string
 }
 
 // Document is what is stored under a content address: the document's
@@ -218,6 +228,12 @@ func (s *Store) Put(ctx context.Context, content string, doc Document) (kept boo
 		if !validKeyPart(f.Name) {
 			cleanup()
 			return false, fmt.Errorf("store: invalid file name %q", f.Name)
+		}
+		if f.Data == nil {
+			if f.Data, err = f.Bytes(); err != nil {
+				cleanup()
+				return false, fmt.Errorf("store: %s: %w", f.Name, err)
+			}
 		}
 		fe := fileEntry{Name: f.Name, Size: len(f.Data)}
 		for i, off := 0, 0; off < len(f.Data) || (i == 0 && len(f.Data) == 0); i, off = i+1, off+size {
