@@ -340,10 +340,17 @@ func (m *Model) File() *gguf.File { return m.file }
 // batch), global layers (type 1) in a causal one. ollama's SWA window W
 // shows keys p0 >= p1-W, llama.cpp's n_swa those with p1-p0 < n_swa: W is
 // n_swa-1.
+//
+// Models without sliding windows get denseCache (densecache.go): the same
+// cells, keys, values and mask as ollama's causal cache, without the
+// per-step scan and host mask that made a step's fixed cost grow with the
+// context.
 func DenseCache(m *Model) (ollamakv.Cache, error) {
-	var c ollamakv.Cache = ollamakv.NewCausalCache(m.net.Shift)
+	var c ollamakv.Cache
 	if w := m.cfg.SlidingWindow; w > 0 {
-		c = ollamakv.NewWrapperCache(ollamakv.NewSWACache(int32(w-1), m.net.Shift), c)
+		c = ollamakv.NewWrapperCache(ollamakv.NewSWACache(int32(w-1), m.net.Shift), ollamakv.NewCausalCache(m.net.Shift))
+	} else {
+		c = newDenseCache()
 	}
 	c.Init(m.backend, m.kvType, 1, m.opts.ContextLength, m.opts.BatchSize)
 	return c, nil

@@ -486,12 +486,18 @@ func (m *Model) Run(b ml.Backend, st Step, cache kvcache.Cache) (logits []float3
 	positions := ctx.Input().FromInts(st.Positions, n)
 	h := m.embed(ctx, batch.Inputs) // [hidden, batch]
 	scale := m.attnScale()
+	split := false // ctx was replaced: batch's tensors belong to a closed context
 	for i := range m.Layers {
 		l := &m.Layers[i]
 		m.setLayer(cache, i)
 		var outputs ml.Tensor
 		if i == len(m.Layers)-1 {
-			outputs = ctx.Input().FromInts(st.Outputs, len(st.Outputs))
+			// The batch's outputs tensor, unless a split closed its context
+			// (one input buffer less a step; each is an allocation).
+			outputs = batch.Outputs
+			if split {
+				outputs = ctx.Input().FromInts(st.Outputs, len(st.Outputs))
+			}
 		}
 		if hooks == nil || !hooks.NeedQueries(i) {
 			h = m.layer(ctx, i, h, positions, outputs, cache)
@@ -522,6 +528,7 @@ func (m *Model) Run(b ml.Backend, st Step, cache kvcache.Cache) (logits []float3
 		}
 		// Graph B: attention over what the cache chose, then the rest.
 		ctx = b.NewContext()
+		split = true
 		positions = ctx.Input().FromInts(st.Positions, n)
 		if outputs != nil {
 			outputs = ctx.Input().FromInts(st.Outputs, len(st.Outputs))

@@ -1,0 +1,130 @@
+package runtime_test
+
+import (
+	"context"
+	"testing"
+
+	ollamakv "github.com/ollama/ollama/kvcache"
+	"github.com/ollama/ollama/model/input"
+	"github.com/stretchr/testify/require"
+
+	"github.com/kvrecall/kvrecall/foundry"
+	"github.com/kvrecall/kvrecall/internal/testmodels"
+	"github.com/kvrecall/kvrecall/runtime"
+)
+
+// DenseCache's own cache (models without sliding windows) must give the
+// logits of ollama's causal cache bit for bit: the same cells, padding,
+// mask values and kernels. Exercised: prefill over several batches, one-token
+// steps (the persistent mask row), a truncation followed by one-token steps
+// (the row must close the dropped cells again) and a multi-token batch
+// after decoding (the in-graph mask), with f16 and f32 keys and values and
+// with flash attention (f16 mask, unpermuted values).
+func TestDenseCacheMatchesOllamaCausal(t *testing.T) {
+	path := testmodels.Random(t, "llama", "tiny", foundry.F32, 3, false)
+	cases := []struct {
+		name  string
+		kv    string
+		flash bool
+	}{
+		{"f16-kv", "f16", false},
+		{"f32-kv", "f32", false},
+		{"flash-attention", "f16", true},
+	}
+	const capacity, batch = 300, 64
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			ctx := context.Background()
+			m, err := runtime.Open(ctx, path, runtime.Options{Threads: 1, KVType: c.kv, FlashAttention: c.flash,
+				ContextLength: capacity, BatchSize: batch, DataDir: t.TempDir()})
+			require.NoError(t, err)
+			defer m.Close()
+			ours, err := m.NewSessionWith(runtime.DenseCache)
+			require.NoError(t, err)
+			defer ours.Close()
+			_, isCausal := ours.Cache().(*ollamakv.Causal)
+			require.False(t, isCausal, "DenseCache should not be ollama's causal cache on a model without windows")
+			theirs, err := m.NewSessionWith(func(m *runtime.Model) (ollamakv.Cache, error) {
+				c := ollamakv.NewCausalCache(m.Arch().Shift)
+				c.Init(m.Backend(), m.KVType(), 1, capacity, batch)
+				return c, nil
+			})
+			require.NoError(t, err)
+			defer theirs.Close()
+
+			vocab := m.Config().Vocab
+			toks := make([]int32, capacity)
+			for i := range toks {
+				toks[i] = int32((i*7919+13)%(vocab-3) + 3)
+			}
+			same := func(step string, tokens []int32, all bool) {
+				t.Helper()
+				got, err := ours.Eval(ctx, tokens, all, nil)
+				require.NoError(t, err, step)
+				want, err := theirs.Eval(ctx, tokens, all, nil)
+				require.NoError(t, err, step)
+				require.Len(t, got, len(want), step)
+				for i := range want {
+					require.Equal(t, want[i], got[i], "%s: logits row %d differ", step, i)
+				}
+			}
+			same("prefill of 150 tokens in batches of 64", toks[:150], true)
+			for i := 150; i < 170; i++ {
+				same("one-token step", toks[i:i+1], false)
+			}
+			require.NoError(t, ours.Truncate(100))
+			require.NoError(t, theirs.Truncate(100))
+			for i := 100; i < 120; i++ {
+				same("one-token step after truncating to 100", toks[i:i+1], false)
+			}
+			same("a 37-token batch after decoding", toks[120:157], true)
+			same("one-token step after the batch", toks[157:158], false)
+			require.Equal(t, 158, ours.Len())
+		})
+	}
+}
+
+// The cache holds one sequence appended in order: a batch at another
+// position, of another sequence, or past the capacity is an error naming
+// what is wrong, and only a suffix can be removed.
+func TestDenseCacheRefusesOutOfOrder(t *testing.T) {
+	path := testmodels.Random(t, "llama", "tiny", foundry.F32, 3, false)
+	m, err := runtime.Open(context.Background(), path, runtime.Options{Threads: 1, ContextLength: 256, DataDir: t.TempDir()})
+	require.NoError(t, err)
+	defer m.Close()
+	c, err := runtime.DenseCache(m)
+	require.NoError(t, err)
+	defer c.Close()
+	ctx := m.Backend().NewContext()
+	defer ctx.Close()
+	for _, tc := range []struct {
+		name      string
+		positions []int32
+		seqs      []int
+		want      string
+	}{
+		{"gap", []int32{5}, []int{0}, "position 5, the next cell is 0"},
+		{"unordered", []int32{0, 2}, []int{0, 0}, "token 1 of the batch has position 2"},
+		{"other sequence", []int32{0}, []int{1}, "sequence 1"},
+		{"past capacity", make([]int32, 300), make([]int, 300), ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if tc.name == "past capacity" {
+				for i := range tc.positions {
+					tc.positions[i] = int32(i)
+				}
+			}
+			err := c.StartForward(ctx, input.Batch{Positions: tc.positions, Sequences: tc.seqs}, false)
+			require.Error(t, err)
+			if tc.want != "" {
+				require.ErrorContains(t, err, tc.want)
+			} else {
+				require.ErrorIs(t, err, ollamakv.ErrKvCacheFull)
+			}
+		})
+	}
+	require.NoError(t, c.StartForward(ctx, input.Batch{Positions: []int32{0, 1, 2}, Sequences: []int{0, 0, 0}}, false))
+	require.ErrorContains(t, c.Remove(0, 0, 1), "only a suffix")
+	require.NoError(t, c.Remove(0, 1, 1<<31-1))
+	require.NoError(t, c.StartForward(ctx, input.Batch{Positions: []int32{1}, Sequences: []int{0}}, false), "position 1 follows the removal")
+}
