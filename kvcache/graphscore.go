@@ -32,6 +32,16 @@ type boxTensor struct {
 	t     ml.Tensor    // f32 [2·headDim, cap, kvHeads]
 	cap   int          // pages it has room for
 	state []packedPage // per page: the summary state its rows hold
+
+	// Which pages the next upload must look at: every page when the
+	// store's epoch is not epoch, else pages from scanFrom on (the store
+	// only appended since: Store.epoch). Looking at every page each step
+	// read each page's header, scattered between the pages' K and V, for
+	// every page, layer and KV head: the part of quest's step that grew
+	// with the document (docs/kvcache.md).
+	epoch    uint64
+	scanFrom int
+	buf      []float32 // the changed rows, reused
 }
 
 // rankOut is the page bounds a graph computes, read back after it ran.
@@ -61,7 +71,9 @@ func (c *Paged) boxesFor(layer, pages int) *boxTensor {
 	if bt != nil {
 		bt.ctx.Close()
 	}
-	capacity := max(64, pages)
+	// A quarter of headroom: a decode step that opens a new page must not
+	// grow (and re-upload) a tensor sized to the question's end.
+	capacity := max(64, pages+pages/4)
 	if bt != nil {
 		capacity = max(capacity, 2*bt.cap)
 	}
@@ -91,22 +103,26 @@ func (c *Paged) scoreInGraph(ctx ml.Context, layer int, q ml.Tensor) {
 
 // uploadBoxes copies the rows of pages whose summary changed since they
 // were uploaded into bt, one input tensor for all of them and one copy
-// per run of consecutive pages and KV head.
+// per run of consecutive pages and KV head. Only the pages the store may
+// have changed are looked at (boxTensor.epoch); the rows are the layout
+// layerView.PackedBoxes packs, [center; radius] per KV head, read from
+// the pages directly.
 func (c *Paged) uploadBoxes(ctx ml.Context, layer int, bt *boxTensor, pages int) {
-	view := c.layers[layer].view
-	hd2, kvh := 2*c.L.HeadDim, c.L.KVHeads
-	packed := make([][]float32, kvh)
-	for g := range packed {
-		packed[g] = view.PackedBoxes(g)
-	}
+	s := c.store
+	hd, hd2, kvh := c.L.HeadDim, 2*c.L.HeadDim, c.L.KVHeads
 	if len(bt.state) < pages {
 		bt.state = append(bt.state, make([]packedPage, pages-len(bt.state))...)
 	}
+	from := 0
+	if bt.epoch == s.epoch {
+		from = min(bt.scanFrom, pages)
+	}
+	bt.epoch, bt.scanFrom = s.epoch, min(s.Len()/c.L.PageSize, pages)
 	type run struct{ first, n int }
 	var runs []run
 	total := 0
-	for p := 0; p < pages; p++ {
-		pg := c.store.pages[layer][p]
+	for p := from; p < pages; p++ {
+		pg := s.pages[layer][p]
 		if pg == nil || bt.state[p] == (packedPage{pg, pg.gen}) {
 			continue
 		}
@@ -122,12 +138,17 @@ func (c *Paged) uploadBoxes(ctx ml.Context, layer int, bt *boxTensor, pages int)
 		return
 	}
 	// buf: for each KV head, the runs' rows in order.
-	buf := make([]float32, 0, total*hd2*kvh)
+	buf := bt.buf[:0]
 	for g := 0; g < kvh; g++ {
 		for _, r := range runs {
-			buf = append(buf, packed[g][r.first*hd2:(r.first+r.n)*hd2]...)
+			for p := r.first; p < r.first+r.n; p++ {
+				pg := s.pages[layer][p]
+				buf = append(buf, pg.Center[g*hd:(g+1)*hd]...)
+				buf = append(buf, pg.Radius[g*hd:(g+1)*hd]...)
+			}
 		}
 	}
+	bt.buf = buf
 	in := ctx.Input().FromFloats(buf, hd2*total*kvh)
 	off := 0
 	for g := 0; g < kvh; g++ {

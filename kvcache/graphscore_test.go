@@ -82,9 +82,14 @@ func TestGraphBoundsMatchHostScorer(t *testing.T) {
 	for _, tc := range []struct {
 		name          string
 		prompt, steps int
+		next          bool // also plan each next step, then roll it back (Remove: a new store epoch)
 	}{
-		{"short document", 600, 24},
-		{"box tensor grows", 1020, 40}, // 64 pages of room at first, 66 at the end
+		{"short document", 600, 24, true},
+		{"box tensor grows", 1020, 40, true}, // 64 pages of room at first, 66 at the end
+		// Plain decoding: the store only appends, so each upload looks at
+		// the pages from the last one on (Store.epoch); every page it
+		// skips must still hold its latest summary.
+		{"decode without rollbacks", 600, 70, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			const budget = 8 * tPage // sinks (1 page) + window (2–3 pages) + 4–5 scored
@@ -170,6 +175,10 @@ func TestGraphBoundsMatchHostScorer(t *testing.T) {
 					return ps[:free]
 				}
 				require.ElementsMatch(t, best(want), best(got), "step %d", step)
+				if !tc.next {
+					checked++
+					continue
+				}
 
 				// The next step attends to sinks, window and the best pages
 				// by these bounds.

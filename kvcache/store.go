@@ -308,7 +308,21 @@ type Store struct {
 	window []int
 	first  []int
 	from   int
+
+	// epoch changes whenever a page may have changed other than by an
+	// append: a new store, a fork, a truncation, pages dropped from a
+	// window. Between two epochs, writes only append at Len(), so every
+	// page before Len()/PageSize keeps its pointer and its summary.
+	// Consumers that mirror page summaries elsewhere (the in-graph key
+	// boxes, graphscore.go) rescan every page on a new epoch and only the
+	// pages from Len()/PageSize on otherwise: a decode step then touches
+	// one or two pages, not all of them.
+	epoch uint64
 }
+
+// storeEpochs numbers store epochs across all stores, so that a consumer
+// never mistakes another store's epoch for its own.
+var storeEpochs atomic.Uint64
 
 // NewStore returns an empty store.
 func NewStore(l Layout) (*Store, error) {
@@ -316,7 +330,7 @@ func NewStore(l Layout) (*Store, error) {
 		return nil, err
 	}
 	return &Store{L: l, pages: make([][]*Page, l.Layers), scr: make([]float32, l.Row()),
-		window: make([]int, l.Layers), first: make([]int, l.Layers)}, nil
+		window: make([]int, l.Layers), first: make([]int, l.Layers), epoch: storeEpochs.Add(1)}, nil
 }
 
 // Window is layer's sliding window in tokens (0: a global layer).
@@ -365,6 +379,9 @@ func (s *Store) trimTo(m int) {
 	s.from = max(s.from, min(m, s.n))
 	for l := range s.pages {
 		f := s.heldFrom(l)
+		if s.first[l] < f {
+			s.epoch = storeEpochs.Add(1)
+		}
 		for p := s.first[l]; p < f; p++ {
 			s.pages[l][p] = nil
 		}
@@ -417,7 +434,7 @@ func (s *Store) Bytes() int64 {
 // Fork returns a store that shares all of s's pages read-only.
 func (s *Store) Fork() *Store {
 	f := &Store{L: s.L, pages: make([][]*Page, s.L.Layers), n: s.n, scr: make([]float32, s.L.Row()),
-		window: slices.Clone(s.window), first: slices.Clone(s.first), from: s.from}
+		window: slices.Clone(s.window), first: slices.Clone(s.first), from: s.from, epoch: storeEpochs.Add(1)}
 	for l := range s.pages {
 		f.pages[l] = append([]*Page(nil), s.pages[l]...)
 	}
@@ -449,6 +466,9 @@ func (s *Store) grow(n int) {
 // write stores rows of layer's keys and values for positions pos.. (f16, token-major).
 func (s *Store) write(layer, pos int, k, v []uint16, rows int) {
 	P, r := s.L.PageSize, s.L.Row()
+	if pos < s.n {
+		s.epoch = storeEpochs.Add(1) // not an append (see epoch)
+	}
 	for done := 0; done < rows; {
 		p := (pos + done) / P
 		at := (pos + done) % P
@@ -468,6 +488,7 @@ func (s *Store) truncate(n int) {
 		return
 	}
 	s.from = min(s.from, n) // a no-op for a windowed store (canCut)
+	s.epoch = storeEpochs.Add(1)
 	P := s.L.PageSize
 	keep := (n + P - 1) / P
 	for l := range s.pages {
