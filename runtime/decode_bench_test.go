@@ -33,17 +33,7 @@ import (
 //
 //	go test ./runtime -run XXX -bench DecodeStep -benchtime 200x
 func BenchmarkDecodeStep(b *testing.B) {
-	path := os.Getenv("KVRECALL_BENCH_MODEL")
-	if path == "" {
-		root, err := testmodels.RepoRoot()
-		if err != nil {
-			b.Fatal(err)
-		}
-		path = filepath.Join(root, "build", "models", "llama-tiny-f16.gguf")
-	}
-	if _, err := os.Stat(path); err != nil {
-		b.Skipf("no model to benchmark: %v (set KVRECALL_BENCH_MODEL)", err)
-	}
+	path := benchModel(b)
 	ctx := context.Background()
 	prompt := func(n, vocab int) []int32 { // bench/speed's pseudo-random tokens
 		p := make([]int32, n)
@@ -203,17 +193,7 @@ func perfControl(b *testing.B, cmd string) {
 //
 //	go test ./runtime -run XXX -bench DecodeStepAlternated -benchtime 300x
 func BenchmarkDecodeStepAlternated(b *testing.B) {
-	path := os.Getenv("KVRECALL_BENCH_MODEL")
-	if path == "" {
-		root, err := testmodels.RepoRoot()
-		if err != nil {
-			b.Fatal(err)
-		}
-		path = filepath.Join(root, "build", "models", "llama-tiny-f16.gguf")
-	}
-	if _, err := os.Stat(path); err != nil {
-		b.Skipf("no model to benchmark: %v (set KVRECALL_BENCH_MODEL)", err)
-	}
+	path := benchModel(b)
 	ctx := context.Background()
 	const extra = 1024 // room for the timed steps
 	causal := func(m *runtime.Model) (ollamakv.Cache, error) {
@@ -298,4 +278,23 @@ func BenchmarkDecodeStepAlternated(b *testing.B) {
 			})
 		}
 	}
+}
+
+// benchModel is the GGUF the runtime benchmarks time: $KVRECALL_BENCH_MODEL,
+// else the foundry's tiny f16 preset in build/models (`make`, or `kvrecall
+// bench speed` builds it). It skips the benchmark when there is none.
+func benchModel(b *testing.B) string {
+	b.Helper()
+	path := os.Getenv("KVRECALL_BENCH_MODEL")
+	if path == "" {
+		root, err := testmodels.RepoRoot()
+		if err != nil {
+			b.Fatal(err)
+		}
+		path = filepath.Join(root, "build", "models", "llama-tiny-f16.gguf")
+	}
+	if _, err := os.Stat(path); err != nil {
+		b.Skipf("no model to benchmark: %v (set KVRECALL_BENCH_MODEL)", err)
+	}
+	return path
 }

@@ -2,11 +2,8 @@ package runtime_test
 
 import (
 	"context"
-	"os"
-	"path/filepath"
 	"testing"
 
-	"github.com/kvrecall/kvrecall/internal/testmodels"
 	"github.com/kvrecall/kvrecall/kvcache"
 	"github.com/kvrecall/kvrecall/runtime"
 )
@@ -21,17 +18,7 @@ import (
 //
 //	go test ./runtime -run XXX -bench QuestUploads -benchtime 300x -count 3
 func BenchmarkQuestUploads(b *testing.B) {
-	path := os.Getenv("KVRECALL_BENCH_MODEL")
-	if path == "" {
-		root, err := testmodels.RepoRoot()
-		if err != nil {
-			b.Fatal(err)
-		}
-		path = filepath.Join(root, "build", "models", "llama-tiny-f16.gguf")
-	}
-	if _, err := os.Stat(path); err != nil {
-		b.Skipf("no model to benchmark: %v (set KVRECALL_BENCH_MODEL)", err)
-	}
+	path := benchModel(b)
 	ctx := context.Background()
 	const n, room = 8192, 1024
 	m, err := runtime.Open(ctx, path, runtime.Options{Threads: 1, ContextLength: n + room, DataDir: b.TempDir()})
