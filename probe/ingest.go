@@ -3,6 +3,7 @@ package probe
 import (
 	"errors"
 	"fmt"
+	"time"
 
 	"github.com/kvrecall/kvrecall/paging"
 )
@@ -17,6 +18,10 @@ type Ingester struct {
 	b    *Builder
 	last paging.Summaries
 	upto int
+	// took is the time spent scoring and building representatives:
+	// the ingest's share of the work that computeProbeReps's second
+	// prefill used to do (its dense forward pass aside).
+	took time.Duration
 }
 
 // NewIngester returns an ingest selector for c (PageSize, Window, Layers
@@ -41,6 +46,7 @@ func NewIngester(c paging.Config, s Settings) (*Ingester, error) {
 }
 
 func (g *Ingester) Name() string                  { return "probe-ingest" }
+func (g *Ingester) Settings() Settings            { return g.s }
 func (g *Ingester) Config() paging.Config         { return g.c }
 func (g *Ingester) Groups(int) []paging.Group     { return []paging.Group{{Class: "all"}} }
 func (g *Ingester) NeedQueries(layer, _ int) bool { return true }
@@ -49,6 +55,8 @@ func (g *Ingester) NeedQueries(layer, _ int) bool { return true }
 // local attention.
 func (g *Ingester) Select(layer int, s paging.Summaries, q *paging.Queries, upto int) paging.Selection {
 	if q != nil && len(q.Q) > 0 {
+		t0 := time.Now()
+		defer func() { g.took += time.Since(t0) }()
 		if kr, ok := s.(paging.KeyReader); ok {
 			if g.b == nil {
 				g.b = NewBuilder(g.c.Layers, s.KVHeads(), s.HeadDim(), g.s.BlockSize, g.s.RepTopK, g.c.Window, g.s.ExcBlockSize, 0)
@@ -61,8 +69,14 @@ func (g *Ingester) Select(layer int, s paging.Summaries, q *paging.Queries, upto
 	return paging.One(paging.AllPages(paging.PagesOf(upto, g.c.PageSize)))
 }
 
+// Took is the time the ingester has spent scoring keys and building
+// representatives (Select and Reps).
+func (g *Ingester) Took() time.Duration { return g.took }
+
 // Reps returns the representatives of every block prefilled so far.
 func (g *Ingester) Reps() (*Reps, error) {
+	t0 := time.Now()
+	defer func() { g.took += time.Since(t0) }()
 	if g.b == nil {
 		return nil, errors.New("probe: the prefill handed over no queries and keys")
 	}

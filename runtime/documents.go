@@ -67,6 +67,11 @@ type Info struct {
 	// calibration took.
 	HasClusters    bool    `json:"clusters,omitempty"`
 	ClusterSeconds float64 `json:"cluster_seconds,omitempty"`
+	// ProbeRepsSeconds is the time an ingest with IngestOptions.ProbeReps
+	// spent scoring local attention and building probe's representatives
+	// (most of it inside PrefillSeconds: the scores are taken layer by
+	// layer as the prefill hands over its queries).
+	ProbeRepsSeconds float64 `json:"probe_reps_seconds,omitempty"`
 	// ContentKey is the document's address in the shared store (set only
 	// when the model has one, Options.Store): the model, the tokens and the
 	// settings that change the stored bytes, hashed.
@@ -91,9 +96,21 @@ type IngestOptions struct {
 	// prefill builds are stored with the document.
 	Streaming bool
 	Budget    int            // streaming: tokens each window attends to (default 2048)
-	Probe     probe.Settings // streaming: probe's settings
+	Probe     probe.Settings // streaming and ProbeReps: probe's settings
 	Sinks     int            // streaming: default 64
-	Window    int            // streaming: default 256
+	Window    int            // streaming and ProbeReps: the local window, default 256
+
+	// ProbeReps also builds probe's block representatives and query
+	// statistics during a dense or HyperAttention prefill (with Probe's
+	// block_size and repr_topk and the local Window: what a probe session
+	// with those settings asks for) and stores them with the document.
+	// Without them, the document's first probe question computes them by
+	// prefilling the whole document once more with dense attention
+	// (quadratic: over 30 minutes at 128k tokens on 2 cores). The prefill
+	// hands every layer's queries to the host for the local-attention
+	// scores (probe.Ingester), which a HyperAttention prefill does anyway.
+	// A streaming prefill always builds them.
+	ProbeReps bool
 
 	// Hyper, when set, prefills the whole document in one forward pass
 	// with HyperAttention on the chosen layers and exact attention on the
@@ -158,10 +175,30 @@ func (m *Model) ingest(ctx context.Context, id string, toks []int32, textHash st
 	if !ValidDocumentID(id) {
 		return nil, fmt.Errorf("invalid document id %q: use letters, digits, '.', '_' and '-' (at most 128)", id)
 	}
+	// probe's ingester, when the prefill also builds its representatives.
+	var ing *probe.Ingester
+	var repsKey string
+	if o.ProbeReps && !o.Streaming {
+		if err := m.windowedRefusal("probe"); err != nil {
+			return nil, fmt.Errorf("ingest with probe representatives: %w", err)
+		}
+		window := o.Window
+		if window == 0 {
+			window = paging.DefaultWindow
+		}
+		var err error
+		if ing, err = probe.NewIngester(paging.Config{PageSize: m.opts.PageSize, Window: window, Layers: m.cfg.Layers, KVHeads: m.cfg.KVHeads}, o.Probe); err != nil {
+			return nil, fmt.Errorf("ingest with probe representatives: %w", err)
+		}
+		repsKey = probeRepsName(ing.Settings().BlockSize, ing.Settings().RepTopK, ing.Config().Window)
+	}
 	// The metadata says whether the text is the same; only then load pages.
-	// A stored document of the same text is reused, unless clusters are
-	// wanted and it has none (an older ingest): then it is ingested again.
-	if in, err := m.documentInfoLocal(id); err == nil && in.TextSHA256 == textHash && (m.opts.Squeezed == nil || in.HasClusters) {
+	// A stored document of the same text is reused, unless clusters or
+	// probe representatives are wanted and it has none (an older ingest):
+	// then it is ingested again (for representatives, a prefill the first
+	// probe question would otherwise make).
+	if in, err := m.documentInfoLocal(id); err == nil && in.TextSHA256 == textHash && (m.opts.Squeezed == nil || in.HasClusters) &&
+		(ing == nil || m.hasSide(id, repsKey)) {
 		if d, err := m.openDocumentLocal(id); err == nil && d.TextSHA256 == textHash {
 			if m.opts.Store != nil && d.ContentKey != "" {
 				// Ingested here again: this text is what the id names now,
@@ -214,6 +251,10 @@ func (m *Model) ingest(ctx context.Context, id string, toks []int32, textHash st
 		// earlier tokens (InfLLM: exc_block_size 256 within n_local 512).
 		streamSel = pol.(*probe.Selector)
 		chunk = min(streamSel.Settings().ExcBlockSize, streamSel.Config().Window/2)
+	} else if ing != nil {
+		// Every page, as the dense method, with every layer's queries
+		// scored for the representatives on the way.
+		pol = ing
 	} else if pol, err = paging.New("dense", paging.Config{PageSize: m.opts.PageSize, Layers: m.cfg.Layers, KVHeads: m.cfg.KVHeads}); err != nil {
 		// (The layer count is needed by the sliding-window wrapper of
 		// gemma models; without it their ingest was refused.)
@@ -268,8 +309,13 @@ func (m *Model) ingest(ctx context.Context, id string, toks []int32, textHash st
 		}
 	case !o.Streaming:
 		// The compute buffer, sized once for the last batch, not
-		// reallocated batch after batch (reserve.go).
-		if err = m.reserveIngest(len(toks)); err == nil {
+		// reallocated batch after batch (reserve.go). A prefill that
+		// hands over its queries splits every pass, which a reservation
+		// cannot (arch.Step.Reserve): it allocates as it goes.
+		if ing == nil {
+			err = m.reserveIngest(len(toks))
+		}
+		if err == nil {
 			_, err = s.Eval(ctx, toks, false, progress)
 		}
 	}
@@ -289,9 +335,14 @@ func (m *Model) ingest(ctx context.Context, id string, toks []int32, textHash st
 	// pages a question's window can read.
 	cache.Store().TrimWindows()
 	var reps *probe.Reps
-	if o.Streaming {
+	switch {
+	case o.Streaming:
 		if reps, err = streamSel.SequenceReps(cache.Store().Summaries(0), len(toks)); err != nil {
 			return nil, err
+		}
+	case ing != nil:
+		if reps, err = ing.Reps(); err != nil {
+			return nil, fmt.Errorf("document %s: probe representatives: %w", id, err)
 		}
 	}
 	d := &Document{
@@ -314,11 +365,14 @@ func (m *Model) ingest(ctx context.Context, id string, toks []int32, textHash st
 		}
 		d.clusters, d.HasClusters, d.ClusterSeconds = ix, true, time.Since(t0).Seconds()
 	}
-	var repsKey string
-	if o.Streaming {
+	switch {
+	case o.Streaming:
 		d.StreamingBudget = o.Budget
 		st := streamSel.Settings()
 		repsKey = probeRepsName(st.BlockSize, st.RepTopK, streamSel.Config().Window)
+		d.probe = map[string]*probe.Reps{repsKey: reps}
+	case ing != nil:
+		d.ProbeRepsSeconds = ing.Took().Seconds()
 		d.probe = map[string]*probe.Reps{repsKey: reps}
 	}
 	if content != "" {

@@ -1,5 +1,11 @@
 package runtime
 
+import (
+	"context"
+
+	"github.com/kvrecall/kvrecall/probe"
+)
+
 // SetHyperGraphNodes makes HyperAttention ingests plan for a backend graph
 // size of n nodes (0: the backend's own) and returns the previous value.
 func SetHyperGraphNodes(n int) int {
@@ -10,3 +16,14 @@ func SetHyperGraphNodes(n int) int {
 
 // HyperStagedGraphs is the number of graphs hyper.Staged has computed.
 func HyperStagedGraphs() int64 { return hyperStagedGraphs.Load() }
+
+// ProbeRepsPrefills is the number of second prefills that probe
+// representatives have needed (computeProbeReps).
+func ProbeRepsPrefills() int64 { return probeRepsPrefills.Load() }
+
+// ProbeReps returns doc's probe representatives for settings s and local
+// window (from memory, its file, or a second prefill), as a probe session
+// gets them.
+func ProbeReps(ctx context.Context, m *Model, doc *Document, s probe.Settings, window int) (*probe.Reps, error) {
+	return m.probeReps(ctx, doc, s, window)
+}

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"maps"
 	"os"
+	"sync/atomic"
 
 	"github.com/kvrecall/kvrecall/kvcache"
 	"github.com/kvrecall/kvrecall/paging"
@@ -74,10 +75,22 @@ func probeRepsName(blockSize, repTopK, window int) string {
 	return fmt.Sprintf("probe-b%d-r%d-w%d.kvr", blockSize, repTopK, window)
 }
 
+// hasSide reports whether document id has side file name on the local
+// tier (a representatives file, say).
+func (m *Model) hasSide(id, name string) bool {
+	_, err := os.Stat(m.documents().local.SidePath(id, name))
+	return err == nil
+}
+
+// probeRepsPrefills counts computeProbeReps's prefills (a test hook: an
+// ingest with IngestOptions.ProbeReps must leave none to do).
+var probeRepsPrefills atomic.Int64
+
 // computeProbeReps prefills doc's tokens with dense attention, handing
 // every layer's queries to a probe.Ingester that scores the local
 // attention each key receives.
 func (m *Model) computeProbeReps(ctx context.Context, doc *Document, s probe.Settings, window int) (*probe.Reps, error) {
+	probeRepsPrefills.Add(1)
 	ing, err := probe.NewIngester(paging.Config{PageSize: m.opts.PageSize, Window: window, Layers: m.cfg.Layers, KVHeads: m.cfg.KVHeads}, s)
 	if err != nil {
 		return nil, err

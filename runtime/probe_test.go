@@ -1,8 +1,10 @@
 package runtime_test
 
 import (
+	"cmp"
 	"context"
 	"fmt"
+	"math"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -14,6 +16,7 @@ import (
 	"github.com/kvrecall/kvrecall/foundry"
 	"github.com/kvrecall/kvrecall/gguf"
 	"github.com/kvrecall/kvrecall/haystack"
+	"github.com/kvrecall/kvrecall/hyper"
 	"github.com/kvrecall/kvrecall/internal/testmodels"
 	"github.com/kvrecall/kvrecall/kvcache"
 	"github.com/kvrecall/kvrecall/probe"
@@ -268,5 +271,144 @@ func TestStreamingPrefillNeedle(t *testing.T) {
 				require.Equal(t, n.Values, res.Tokens, "%s under %s", doc.ID, policy)
 			}
 		}
+	}
+}
+
+// Representatives built during the ingest (IngestOptions.ProbeReps) are
+// the ones the dense path computes at the first probe question (a second,
+// dense prefill: computeProbeReps), and leave that prefill undone.
+//
+// Layer 0's queries and keys come before any attention, so its
+// representatives and entropy history must be equal bit for bit in every
+// case. The later layers:
+//
+//   - A dense ingest is the same prefill: bit for bit.
+//   - A HyperAttention ingest of a document of at most min_seq_len tokens
+//     (4096 in the paper's settings) computes exact attention, but from the
+//     batch's f32 keys and values, where the dense prefill reads the f16
+//     copies in the paged pools (and ggml rounds its queries to f16). The
+//     later layers' keys and queries then differ at f16 rounding (2^-11 of
+//     a value). A representative is the mean of a block's repr_topk keys
+//     by local-attention score; where scores are near ties, that rounding
+//     swaps a key and the representative moves by a whole key. So: a share
+//     minAgree of each layer's representatives within relTol (1e-2) of
+//     the layer's largest element, the others swapped. The random tiny
+//     model has few near ties (at most 1 of 94 per layer); the recall
+//     model's previous-token layer gives every key about the same score
+//     (each key is the previous token of exactly one query), so 12-15 of
+//     94 swap there. The entropy histories, which set probe's per-layer
+//     budgets, must agree within entTol.
+//   - A HyperAttention ingest that approximates (min_seq_len 512 below the
+//     document) stores other keys than a dense prefill from layer 1 on:
+//     its representatives are its own keys' (the dense path's second
+//     prefill would score a dense prefill's keys, not the document's). Only
+//     layer 0 and the entropy histories are compared.
+func TestProbeRepsAtIngest(t *testing.T) {
+	ctx := context.Background()
+	recall := testmodels.RecallWith(t, foundry.RecallOptions{Layers: 4, PrevLayer: 1, RetrievalLayer: 2, Salience: true})
+	tiny := testmodels.Random(t, "llama", "tiny", foundry.F32, 1, false)
+	exact := hyper.Default() // min_seq_len 4096 > the document: exact
+	approx := hyper.Config{Projections: 7, BlockSize: 256, Samples: 256, MinSeqLen: 512, Seed: 1}
+	cases := []struct {
+		name     string
+		model    string
+		o        runtime.IngestOptions
+		relTol   float64 // of the layer's largest element, layers >= 1
+		minAgree float64 // share of representatives within relTol, layers >= 1
+		entTol   float64 // entropy histories, layers >= 1
+	}{
+		{"recall, dense ingest", recall, runtime.IngestOptions{}, 0, 1, 0},
+		{"recall, hyper all layers, exact", recall, runtime.IngestOptions{Hyper: &runtime.HyperOptions{Config: exact}}, 1e-2, 0.8, 1e-3},
+		{"recall, hyper layers 2-3, exact", recall, runtime.IngestOptions{Hyper: &runtime.HyperOptions{Config: exact, Layers: []int{2, 3}}}, 1e-2, 0.8, 1e-3},
+		{"tiny, dense ingest, block 128 top 8 window 128", tiny, runtime.IngestOptions{Probe: probe.Settings{BlockSize: 128, RepTopK: 8}, Window: 128}, 0, 1, 0},
+		{"tiny, hyper all layers, exact", tiny, runtime.IngestOptions{Hyper: &runtime.HyperOptions{Config: exact}}, 1e-2, 0.97, 1e-3},
+		{"tiny, hyper all layers, exact, block 128 top 8 window 128", tiny, runtime.IngestOptions{Hyper: &runtime.HyperOptions{Config: exact}, Probe: probe.Settings{BlockSize: 128, RepTopK: 8}, Window: 128}, 1e-2, 0.97, 1e-3},
+		{"tiny, hyper all layers, approximate (min_seq_len 512)", tiny, runtime.IngestOptions{Hyper: &runtime.HyperOptions{Config: approx}}, math.Inf(1), 1, 5e-3},
+	}
+	const length = 3000
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			m, err := runtime.Open(ctx, tc.model, runtime.Options{Threads: 2, ContextLength: length + 64, DataDir: dir})
+			require.NoError(t, err)
+			defer m.Close()
+			toks := make([]int32, length)
+			rng := rand.New(rand.NewPCG(5, 9))
+			for i := range toks {
+				toks[i] = int32(1 + rng.IntN(m.Config().Vocab-1))
+			}
+			s := tc.o.Probe
+			s.BlockSize, s.RepTopK = cmp.Or(s.BlockSize, 64), cmp.Or(s.RepTopK, probe.DefaultRepTopK)
+			window := cmp.Or(tc.o.Window, 256)
+
+			// The dense path: a plain ingest, representatives at the first ask.
+			ref, err := m.IngestTokens(ctx, "dense", toks, nil)
+			require.NoError(t, err)
+			before := runtime.ProbeRepsPrefills()
+			want, err := runtime.ProbeReps(ctx, m, ref, s, window)
+			require.NoError(t, err)
+			require.Equal(t, before+1, runtime.ProbeRepsPrefills(), "a plain ingest leaves the representatives to a second prefill")
+
+			o := tc.o
+			o.ProbeReps = true
+			doc, err := m.IngestTokensWith(ctx, "at-ingest", toks, o, nil)
+			require.NoError(t, err)
+			require.Positive(t, doc.ProbeRepsSeconds)
+			file := filepath.Join(dir, "at-ingest", fmt.Sprintf("probe-b%d-r%d-w%d.kvr", s.BlockSize, s.RepTopK, window))
+			_, err = os.Stat(file)
+			require.NoError(t, err, "the ingest stores its representatives")
+			before = runtime.ProbeRepsPrefills()
+			got, err := runtime.ProbeReps(ctx, m, doc, s, window)
+			require.NoError(t, err)
+			require.Equal(t, []int{want.Layers, want.Blocks, want.KVHeads, want.HeadDim, want.BlockSize, want.RepTopK, want.Window},
+				[]int{got.Layers, got.Blocks, got.KVHeads, got.HeadDim, got.BlockSize, got.RepTopK, got.Window})
+			// Another process reads them from the file, and ingesting the
+			// same tokens again reuses the stored document.
+			m2, err := runtime.Open(ctx, tc.model, runtime.Options{Threads: 2, ContextLength: length + 64, DataDir: dir})
+			require.NoError(t, err)
+			defer m2.Close()
+			again, err := m2.IngestTokensWith(ctx, "at-ingest", toks, o, nil)
+			require.NoError(t, err)
+			require.True(t, doc.Created.Equal(again.Created), "the stored document, not a new prefill")
+			read, err := runtime.ProbeReps(ctx, m2, again, s, window)
+			require.NoError(t, err)
+			require.Equal(t, got.R, read.R)
+			require.Equal(t, before, runtime.ProbeRepsPrefills(), "no second prefill")
+
+			per := want.Blocks * want.KVHeads * want.HeadDim
+			for l := 0; l < want.Layers; l++ {
+				relTol, minAgree, entTol := tc.relTol, tc.minAgree, tc.entTol
+				if l == 0 {
+					relTol, minAgree, entTol = 0, 1, 0
+				}
+				w, g := want.R[l*per:(l+1)*per], got.R[l*per:(l+1)*per]
+				var scale, worst float64
+				for i := range w {
+					scale = max(scale, math.Abs(float64(w[i])))
+				}
+				agree := 0 // block representatives within relTol
+				for b := 0; b < want.Blocks*want.KVHeads; b++ {
+					var d float64
+					for i := b * want.HeadDim; i < (b+1)*want.HeadDim; i++ {
+						d = max(d, math.Abs(float64(w[i]-g[i]))/scale)
+					}
+					worst = max(worst, d)
+					if d <= relTol {
+						agree++
+					}
+				}
+				var ent float64
+				require.Len(t, got.Entropy[l], len(want.Entropy[l]))
+				require.NotEmpty(t, want.Entropy[l])
+				for i, e := range want.Entropy[l] {
+					ent = max(ent, math.Abs(e-got.Entropy[l][i]))
+				}
+				n := want.Blocks * want.KVHeads
+				t.Logf("layer %d: largest deviation %.2e of the largest element %.3g; %d of %d representatives within %g; entropy history (%d) deviation %.2e",
+					l, worst, scale, agree, n, relTol, len(want.Entropy[l]), ent)
+				require.GreaterOrEqual(t, float64(agree), minAgree*float64(n), "layer %d: representatives within %g", l, relTol)
+				require.LessOrEqual(t, ent, entTol, "layer %d: entropy history", l)
+			}
+		})
 	}
 }

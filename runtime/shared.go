@@ -48,6 +48,11 @@ func (m *Model) contentKey(toks []int32, o IngestOptions) string {
 	if o.Streaming {
 		settings = append(settings, fmt.Sprintf("streaming=%d/%d/%d/%+v", o.Budget, o.Sinks, o.Window, o.Probe))
 	}
+	if o.ProbeReps && !o.Streaming {
+		// The copy carries a representatives file: one without it would
+		// leave a second prefill to the first probe question.
+		settings = append(settings, fmt.Sprintf("probe_reps=%d/%+v", o.Window, o.Probe))
+	}
 	if o.Hyper != nil {
 		b, _ := json.Marshal(*o.Hyper)
 		settings = append(settings, "hyper="+string(b))

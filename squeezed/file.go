@@ -3,7 +3,6 @@ package squeezed
 import (
 	"bytes"
 	"encoding/binary"
-	"errors"
 	"fmt"
 	"hash/crc32"
 	"io"
@@ -189,18 +188,23 @@ type Recorder struct {
 }
 
 // NewRecorder records the queries of tokens from..tokens-1 of a prefill
-// through a dense selector.
+// through a selector that attends every page: the dense method, or
+// probe's ingester (a dense prefill that also builds probe's
+// representatives, and so asks for every pass's queries itself).
 func NewRecorder(dense paging.Selector, layers, tokens, window int) (*Recorder, error) {
-	if dense.Name() != "dense" {
-		return nil, errors.New("squeezed: the recorder wraps the dense method")
+	if n := dense.Name(); n != "dense" && n != "probe-ingest" {
+		return nil, fmt.Errorf("squeezed: the recorder wraps the dense method or probe's ingester, not %s", n)
 	}
 	return &Recorder{Selector: dense, layers: layers, from: max(0, tokens-window), q: make([][][]float32, layers)}, nil
 }
 
-// NeedQueries is true in the passes that hold window tokens: every layer
-// of a pass sees the same start, since done moves only when the pass's
-// last layer has selected.
-func (r *Recorder) NeedQueries(_ int, batch int) bool { return r.done+batch > r.from }
+// NeedQueries is true in the passes that hold window tokens, and wherever
+// the wrapped selector asks for queries: every layer of a pass sees the
+// same start, since done moves only when the pass's last layer has
+// selected.
+func (r *Recorder) NeedQueries(layer int, batch int) bool {
+	return r.done+batch > r.from || r.Selector.NeedQueries(layer, batch)
+}
 
 func (r *Recorder) Select(layer int, s paging.Summaries, q *paging.Queries, upto int) paging.Selection {
 	if q != nil {
