@@ -12,6 +12,7 @@ import (
 	"github.com/kvrecall/kvrecall/bench/plot"
 	"github.com/kvrecall/kvrecall/kvcache"
 	"github.com/kvrecall/kvrecall/llamaref"
+	"github.com/kvrecall/kvrecall/probe"
 	"github.com/kvrecall/kvrecall/runtime"
 	"github.com/kvrecall/kvrecall/squeezed"
 )
@@ -56,7 +57,16 @@ type PagedConfig struct {
 	// and with the paged cache under the dense method (the cache machinery
 	// every paged method runs through).
 	Floor int
-	Log   func(format string, args ...any)
+	// DataDir, if set, keeps the ingested documents in this folder (one
+	// subfolder per model file) instead of a temporary one, and reuses
+	// them on later runs: a document of the same tokens, model and ingest
+	// (dense, the same HyperAttention layers, streaming) is read back
+	// from disk instead of prefilled again (runtime's ingest does so for
+	// a stored document of the same text). This makes a 1b-preset 32k
+	// row, whose ingest alone takes more than 10 minutes on 2 cores, an
+	// ingest once and decode runs of a few minutes afterwards.
+	DataDir string
+	Log     func(format string, args ...any)
 }
 
 // PagedRow is one context length.
@@ -100,6 +110,19 @@ type PagedRow struct {
 	// question), when PagedConfig.Streaming.
 	IngestSec          float64 `json:"ingest_seconds,omitempty"`
 	StreamingIngestSec float64 `json:"streaming_ingest_seconds,omitempty"`
+	// ProbeRepsSec is the time the decoded document's ingest spent building
+	// probe's representatives (IngestOptions.ProbeReps: a HyperAttention
+	// ingest with SkipDense and a probe method), inside HyperPrefillSec.
+	ProbeRepsSec float64 `json:"probe_reps_seconds,omitempty"`
+	// OpenSec is, per method, the wall time of opening its session on the
+	// document and evaluating the question: probe's includes reading (or,
+	// for a document ingested without them, computing by a second dense
+	// prefill) its representatives.
+	OpenSec map[string]float64 `json:"session_open_seconds,omitempty"`
+	// Reused lists the ingests ("dense", "hyper", "streaming") whose
+	// stored document a DataDir run read back instead of prefilling; their
+	// prefill times are the original ingest's.
+	Reused []string `json:"reused_ingests,omitempty"`
 	// LayerBudgets are the tokens each layer attended to for the question,
 	// for methods with a per-request cut-off (probe).
 	LayerBudgets map[string][]int `json:"layer_budgets,omitempty"`
@@ -185,16 +208,42 @@ func pagedOne(ctx context.Context, c PagedConfig, n int, logf func(string, ...an
 		DecodeMs: map[string]float64{}, Resident: map[string]int64{}, ResidentByClass: map[string]map[string]int64{},
 		Attended: map[string]int64{}, UploadedPerStep: map[string]float64{}, HostKV: map[string]int64{}}
 	capacity := n + 64 + c.DecodeTokens
-	dir, err := os.MkdirTemp("", "kvrecall-speed-")
-	if err != nil {
-		return row, err
+	var dir string
+	if c.DataDir != "" {
+		// One folder per model file: a document's pages belong to the
+		// model that made them.
+		dir = filepath.Join(c.DataDir, strings.TrimSuffix(filepath.Base(c.Model), filepath.Ext(c.Model)))
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			return row, fmt.Errorf("speed: data folder: %w", err)
+		}
+	} else {
+		var err error
+		if dir, err = os.MkdirTemp("", "kvrecall-speed-"); err != nil {
+			return row, err
+		}
+		defer os.RemoveAll(dir)
 	}
-	defer os.RemoveAll(dir)
-	// A squeezed method needs the document's clusters, made at ingest.
+	// A squeezed method needs the document's clusters, made at ingest; a
+	// probe method its representatives, made at a HyperAttention ingest
+	// when decode reads that document (else at its first question, by a
+	// second dense prefill of the document).
 	var sq *squeezed.Options
+	probeReps := false
 	for _, meth := range c.Methods {
 		if strings.HasPrefix(meth, "squeezed") {
 			sq = &squeezed.Options{}
+		}
+		if strings.HasPrefix(meth, "probe") {
+			probeReps = true
+		}
+	}
+	var probeSettings probe.Settings
+	switch v := c.Extra[probe.OptionKey].(type) {
+	case probe.Settings:
+		probeSettings = v
+	case *probe.Settings:
+		if v != nil {
+			probeSettings = *v
 		}
 	}
 	if c.Floor < 0 || c.Floor > n {
@@ -227,10 +276,20 @@ func pagedOne(ctx context.Context, c PagedConfig, n int, logf func(string, ...an
 			return nil, err
 		}
 		wall = time.Since(t0).Seconds()
-		row.PeakRSS[how[:strings.Index(how+" ", " ")]] = peak()
+		kind := how[:strings.Index(how+" ", " ")]
+		if doc.Created.Before(t0) {
+			// Stored by an earlier run (DataDir): read back, not prefilled.
+			row.Reused = append(row.Reused, kind)
+			logf("%s %d: reused the stored document %s (ingested %s, prefill %.1fs then), read back in %.1fs",
+				c.Label, n, id, doc.Created.Format(time.RFC3339), doc.PrefillSeconds, wall)
+			return doc, nil
+		}
+		row.PeakRSS[kind] = peak()
 		return doc, nil
 	}
-	docID := "speed"
+	// Document ids name the length and the ingest, so that a DataDir
+	// holds one document per length and ingest kind.
+	docID := fmt.Sprintf("speed-%d", n)
 	if !c.SkipDense {
 		doc, err := ingest(docID, runtime.IngestOptions{}, "dense prefill through the paged cache")
 		if err != nil {
@@ -240,19 +299,27 @@ func pagedOne(ctx context.Context, c PagedConfig, n int, logf func(string, ...an
 		row.IngestSec = wall
 	}
 	if c.Hyper != nil {
-		doc, err := ingest("speed-hyper", runtime.IngestOptions{Hyper: c.Hyper},
-			fmt.Sprintf("hyper prefill, HyperAttention on layers %v (all if empty)", c.Hyper.Layers))
+		hyperID := fmt.Sprintf("speed-hyper-all-%d", n)
+		if len(c.Hyper.Layers) > 0 {
+			hyperID = fmt.Sprintf("speed-hyper-%s-%d", strings.Trim(strings.Join(strings.Fields(fmt.Sprint(c.Hyper.Layers)), "."), "[]"), n)
+		}
+		// The document decode reads gets probe's representatives at its
+		// ingest: computing them at the first probe session would prefill
+		// it densely once more (over 30 minutes at 128k tokens).
+		reps := probeReps && c.SkipDense
+		doc, err := ingest(hyperID, runtime.IngestOptions{Hyper: c.Hyper, ProbeReps: reps, Probe: probeSettings},
+			fmt.Sprintf("hyper prefill, HyperAttention on layers %v (all if empty), probe representatives %v", c.Hyper.Layers, reps))
 		if err != nil {
 			return row, err
 		}
 		row.HyperPrefillSec = doc.PrefillSeconds
 		if c.SkipDense {
-			docID = "speed-hyper"
-			row.UpkeepSec, row.ClusterSec = doc.UpkeepSeconds, doc.ClusterSeconds
+			docID = hyperID
+			row.UpkeepSec, row.ClusterSec, row.ProbeRepsSec = doc.UpkeepSeconds, doc.ClusterSeconds, doc.ProbeRepsSeconds
 		}
 	}
 	if c.Streaming {
-		if _, err := ingest("speed-streaming", runtime.IngestOptions{Streaming: true, Budget: c.Budget},
+		if _, err := ingest(fmt.Sprintf("speed-streaming-%d-b%d", n, c.Budget), runtime.IngestOptions{Streaming: true, Budget: c.Budget},
 			fmt.Sprintf("streaming prefill under probe, budget %d", c.Budget)); err != nil {
 			return row, fmt.Errorf("streaming ingest: %w", err)
 		}
@@ -334,7 +401,9 @@ func pagedOne(ctx context.Context, c PagedConfig, n int, logf func(string, ...an
 
 	methods := append([]string{"dense"}, c.Methods...)
 	sessions := make([]*runtime.Session, len(methods))
+	row.OpenSec = map[string]float64{}
 	for i, meth := range methods {
+		t0 := time.Now()
 		s, err := m.DocumentSession(doc, runtime.PolicyOptions{Policy: meth, Budget: c.Budget, Extra: c.Extra})
 		if err != nil {
 			return row, err
@@ -343,6 +412,8 @@ func pagedOne(ctx context.Context, c PagedConfig, n int, logf func(string, ...an
 		if _, err := s.Eval(ctx, question, false, nil); err != nil {
 			return row, fmt.Errorf("%s: %w", meth, err)
 		}
+		row.OpenSec[meth] = time.Since(t0).Seconds()
+		logf("%s %d: %s session opened and question read in %.2fs", c.Label, n, meth, row.OpenSec[meth])
 		if lb := s.LayerBudgets(); lb != nil {
 			if row.LayerBudgets == nil {
 				row.LayerBudgets = map[string][]int{}
@@ -437,6 +508,9 @@ func pagedOne(ctx context.Context, c PagedConfig, n int, logf func(string, ...an
 		c.Label, n, row.DecodeMs, row.BaseMs, row.PrefillSec, 100*row.UpkeepShare(), row.HyperPrefillSec, row.LlamaPrefillS, row.PeakRSS)
 	if row.StreamingIngestSec > 0 {
 		logf("%s %d: ingest %.1fs dense, %.1fs streaming", c.Label, n, row.IngestSec, row.StreamingIngestSec)
+	}
+	if row.ProbeRepsSec > 0 {
+		logf("%s %d: probe representatives built at the hyper ingest in %.1fs (%.1f%% of its prefill)", c.Label, n, row.ProbeRepsSec, 100*row.ProbeRepsSec/row.HyperPrefillSec)
 	}
 	for meth, lb := range row.LayerBudgets {
 		logf("%s %d: %s per-layer budgets %v", c.Label, n, meth, lb)

@@ -42,7 +42,7 @@ import (
 const usage = `usage:
   bench speed [--preset tiny,1b,gemma3-tiny | --model FILE] [--contexts 2048,8192] [--threads 1,2] [--decode 32] [--json FILE]
   bench speed --paged [--preset tiny] [--contexts 16384,32768,65536] [--threads 2] [--budget 2048] [--methods retro,quest] [--floor 2048]
-              [--hyper all|LAYERS] [--skip-dense] [--skip-llama]
+              [--hyper all|LAYERS] [--skip-dense] [--skip-llama] [--data-dir DIR]
   bench load  [--preset tiny | --model FILE] [--clients 1,4,16] [--requests 48] [--max-tokens 16] [--max-concurrent 2]
   bench ruler [--model FILE] [--tasks niah_single,...] [--lengths 4096,...,65536] [--samples 3]
               [--method dense,retro] [--budget 2048] [--out DIR]
@@ -118,6 +118,7 @@ func runSpeed(ctx context.Context, args []string) error {
 	skipLlama := fs.Bool("skip-llama", false, "paged: skip llama.cpp (its prefill and decode steps; its quadratic prefill takes >10 minutes at 128k)")
 	probeSpec := fs.String("probe", "", `probe's settings as JSON, as serve takes them: '{"block_size":128,"question_weight":4,"neighbors":-1}' (default: probe's defaults)`)
 	floor := fs.Int("floor", 0, "paged: also decode densely at a context of this many tokens (issue 14's floor for a budget of as many tokens), in the same alternation, and print each method's ratio to it (0: off)")
+	dataDir := fs.String("data-dir", "", "paged: keep the ingested documents in this folder and reuse them on later runs with the same model, length and ingest (default: a temporary folder, removed)")
 	streaming := fs.Bool("streaming", false, "paged: also ingest each document with probe's streaming prefill within --budget, timed against the dense ingest and llama.cpp (decode uses the dense document)")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -166,7 +167,7 @@ func runSpeed(ctx context.Context, args []string) error {
 		for _, t := range targets {
 			rows, err := speed.RunPaged(ctx, speed.PagedConfig{Model: t.path, Label: t.label, Contexts: cs, Threads: ts[0], DecodeThreads: *decodeThreads,
 				Budget: *budget, Methods: ms, DecodeTokens: *decode, HeadProfile: *headsProfile, Hyper: hyperOpts,
-				SkipDense: *skipDense, SkipLlama: *skipLlama, Streaming: *streaming, Extra: extra, Floor: *floor,
+				SkipDense: *skipDense, SkipLlama: *skipLlama, Streaming: *streaming, Extra: extra, Floor: *floor, DataDir: *dataDir,
 				Log: func(f string, a ...any) { fmt.Fprintf(os.Stderr, f+"\n", a...) }})
 			all = append(all, rows...)
 			if err != nil {
