@@ -111,8 +111,9 @@ type PagedRow struct {
 	IngestSec          float64 `json:"ingest_seconds,omitempty"`
 	StreamingIngestSec float64 `json:"streaming_ingest_seconds,omitempty"`
 	// ProbeRepsSec is the time the decoded document's ingest spent building
-	// probe's representatives (IngestOptions.ProbeReps: a HyperAttention
-	// ingest with SkipDense and a probe method), inside HyperPrefillSec.
+	// probe's representatives (IngestOptions.ProbeReps, when a probe method
+	// is measured), inside its prefill time (PrefillSec, or
+	// HyperPrefillSec with SkipDense).
 	ProbeRepsSec float64 `json:"probe_reps_seconds,omitempty"`
 	// OpenSec is, per method, the wall time of opening its session on the
 	// document and evaluating the question: probe's includes reading (or,
@@ -291,11 +292,18 @@ func pagedOne(ctx context.Context, c PagedConfig, n int, logf func(string, ...an
 	// holds one document per length and ingest kind.
 	docID := fmt.Sprintf("speed-%d", n)
 	if !c.SkipDense {
-		doc, err := ingest(docID, runtime.IngestOptions{}, "dense prefill through the paged cache")
+		// Decode reads this document: with a probe method it gets probe's
+		// representatives at its ingest (the prefill then hands every
+		// layer's queries to the host: PrefillSec includes that and
+		// ProbeRepsSec), not from a second dense prefill at the first
+		// probe session.
+		doc, err := ingest(docID, runtime.IngestOptions{ProbeReps: probeReps, Probe: probeSettings},
+			fmt.Sprintf("dense prefill through the paged cache, probe representatives %v", probeReps))
 		if err != nil {
 			return row, err
 		}
 		row.PrefillSec, row.UpkeepSec, row.ClusterSec = doc.PrefillSeconds, doc.UpkeepSeconds, doc.ClusterSeconds
+		row.ProbeRepsSec = doc.ProbeRepsSeconds
 		row.IngestSec = wall
 	}
 	if c.Hyper != nil {
@@ -510,7 +518,7 @@ func pagedOne(ctx context.Context, c PagedConfig, n int, logf func(string, ...an
 		logf("%s %d: ingest %.1fs dense, %.1fs streaming", c.Label, n, row.IngestSec, row.StreamingIngestSec)
 	}
 	if row.ProbeRepsSec > 0 {
-		logf("%s %d: probe representatives built at the hyper ingest in %.1fs (%.1f%% of its prefill)", c.Label, n, row.ProbeRepsSec, 100*row.ProbeRepsSec/row.HyperPrefillSec)
+		logf("%s %d: probe representatives built at the ingest in %.1fs (%.1f%% of its prefill)", c.Label, n, row.ProbeRepsSec, 100*row.ProbeRepsSec/row.clusteredPrefill())
 	}
 	for meth, lb := range row.LayerBudgets {
 		logf("%s %d: %s per-layer budgets %v", c.Label, n, meth, lb)
