@@ -412,3 +412,32 @@ func TestProbeRepsAtIngest(t *testing.T) {
 		})
 	}
 }
+
+// An ingest asked for probe representatives it cannot build says which
+// setting is wrong, before any prefill.
+func TestProbeRepsAtIngestRefusals(t *testing.T) {
+	ctx := context.Background()
+	cases := []struct {
+		name  string
+		model string
+		o     runtime.IngestOptions
+		want  string
+	}{
+		{"block size not a multiple of the page", testmodels.Random(t, "llama", "tiny", foundry.F32, 1, false),
+			runtime.IngestOptions{ProbeReps: true, Probe: probe.Settings{BlockSize: 100}}, "block_size 100"},
+		{"repr_topk above the block", testmodels.Random(t, "llama", "tiny", foundry.F32, 1, false),
+			runtime.IngestOptions{ProbeReps: true, Probe: probe.Settings{RepTopK: 65}}, "repr_topk 65"},
+		{"sliding-window layers", testmodels.Random(t, "gemma3", "gemma3-tiny", foundry.F16, 10, false),
+			runtime.IngestOptions{ProbeReps: true}, "sliding-window"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			m, err := runtime.Open(ctx, tc.model, runtime.Options{Threads: 2, ContextLength: 1024, DataDir: t.TempDir()})
+			require.NoError(t, err)
+			defer m.Close()
+			_, err = m.IngestTokensWith(ctx, "x", make([]int32, 300), tc.o, nil)
+			require.ErrorContains(t, err, tc.want)
+			require.ErrorContains(t, err, "probe representatives")
+		})
+	}
+}
