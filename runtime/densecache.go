@@ -126,9 +126,19 @@ func (c *denseCache) StartForward(ctx ml.Context, batch input.Batch, reserve boo
 	c.batch = n
 	pos0 := c.n
 	if reserve {
-		// The worst case: every cell attended, as ollama's cache reserves.
-		pos0 = 0
-		c.attended = c.cells
+		// The graph of a pass of this batch at its positions, built to
+		// reserve the compute buffer (reserveDense), nothing stored: the
+		// cells before the batch and the batch's own are attended, as the
+		// real pass at these positions will. (ollama's caches reserve the
+		// worst case of every cell; for a prefill that is a buffer for
+		// the whole capacity, [cells, batch, heads] f32 scores, when the
+		// prompt may be a fraction of it.)
+		pos0 = int(batch.Positions[0])
+		last := int(batch.Positions[n-1])
+		if pos0 < 0 || last != pos0+n-1 || last >= c.cells {
+			return fmt.Errorf("dense cache: reserve for positions %d..%d: not %d consecutive positions within the %d cells", pos0, last, n, c.cells)
+		}
+		c.attended = min(c.cells, roundUp(last+1, c.config.CachePadding))
 	} else {
 		for i, p := range batch.Positions {
 			if int(p) != c.n+i {
