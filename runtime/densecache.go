@@ -10,6 +10,7 @@ import (
 	"github.com/ollama/ollama/model/input"
 
 	"github.com/kvrecall/kvrecall/kvcache"
+	"github.com/kvrecall/kvrecall/runtime/arch"
 )
 
 // denseCache is the KV cache of DenseCache for models without sliding
@@ -60,7 +61,10 @@ func newDenseCache() *denseCache {
 	return &denseCache{ctxs: map[int]ml.Context{}, keys: map[int]ml.Tensor{}, values: map[int]ml.Tensor{}}
 }
 
-var _ ollamakv.Cache = (*denseCache)(nil)
+var (
+	_ ollamakv.Cache  = (*denseCache)(nil)
+	_ arch.Positioner = (*denseCache)(nil)
+)
 
 func (c *denseCache) SetConfig(config ml.CacheConfig) {
 	if c.config != nil {
@@ -170,6 +174,11 @@ func (c *denseCache) StartForward(ctx ml.Context, batch input.Batch, reserve boo
 	}
 	return nil
 }
+
+// Positions are the batch's cells (cell i holds position i): the view of
+// the arange that StartForward made for the cells to write, I32 [batch]
+// (arch.Positioner).
+func (c *denseCache) Positions(ml.Context) ml.Tensor { return c.loc }
 
 // openRow makes the mask row 0 in [0, upto) and -Inf beyond, writing only
 // the cells that differ from what it holds.
