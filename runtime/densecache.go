@@ -10,6 +10,7 @@ import (
 	"github.com/ollama/ollama/model/input"
 
 	"github.com/kvrecall/kvrecall/kvcache"
+	"github.com/kvrecall/kvrecall/runtime/arch"
 )
 
 // denseCache is the KV cache of DenseCache for models without sliding
@@ -60,7 +61,10 @@ func newDenseCache() *denseCache {
 	return &denseCache{ctxs: map[int]ml.Context{}, keys: map[int]ml.Tensor{}, values: map[int]ml.Tensor{}}
 }
 
-var _ ollamakv.Cache = (*denseCache)(nil)
+var (
+	_ ollamakv.Cache  = (*denseCache)(nil)
+	_ arch.Positioner = (*denseCache)(nil)
+)
 
 func (c *denseCache) SetConfig(config ml.CacheConfig) {
 	if c.config != nil {
@@ -126,9 +130,19 @@ func (c *denseCache) StartForward(ctx ml.Context, batch input.Batch, reserve boo
 	c.batch = n
 	pos0 := c.n
 	if reserve {
-		// The worst case: every cell attended, as ollama's cache reserves.
-		pos0 = 0
-		c.attended = c.cells
+		// The graph of a pass of this batch at its positions, built to
+		// reserve the compute buffer (reserveDense), nothing stored: the
+		// cells before the batch and the batch's own are attended, as the
+		// real pass at these positions will. (ollama's caches reserve the
+		// worst case of every cell; for a prefill that is a buffer for
+		// the whole capacity, [cells, batch, heads] f32 scores, when the
+		// prompt may be a fraction of it.)
+		pos0 = int(batch.Positions[0])
+		last := int(batch.Positions[n-1])
+		if pos0 < 0 || last != pos0+n-1 || last >= c.cells {
+			return fmt.Errorf("dense cache: reserve for positions %d..%d: not %d consecutive positions within the %d cells", pos0, last, n, c.cells)
+		}
+		c.attended = min(c.cells, roundUp(last+1, c.config.CachePadding))
 	} else {
 		for i, p := range batch.Positions {
 			if int(p) != c.n+i {
@@ -160,6 +174,11 @@ func (c *denseCache) StartForward(ctx ml.Context, batch input.Batch, reserve boo
 	}
 	return nil
 }
+
+// Positions are the batch's cells (cell i holds position i): the view of
+// the arange that StartForward made for the cells to write, I32 [batch]
+// (arch.Positioner).
+func (c *denseCache) Positions(ml.Context) ml.Tensor { return c.loc }
 
 // openRow makes the mask row 0 in [0, upto) and -Inf beyond, writing only
 // the cells that differ from what it holds.

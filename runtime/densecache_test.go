@@ -128,3 +128,65 @@ func TestDenseCacheRefusesOutOfOrder(t *testing.T) {
 	require.NoError(t, c.Remove(0, 1, 1<<31-1))
 	require.NoError(t, c.StartForward(ctx, input.Batch{Positions: []int32{1}, Sequences: []int{0}}, false), "position 1 follows the removal")
 }
+
+// A dense prefill reserves the compute buffer for its largest batch before
+// the first (reserve.go, reserveDense), so that ggml's scheduler does not
+// free and reallocate it batch after batch: each reallocation is fresh
+// memory to fault in, which made the dense prefill 0.47x llama.cpp's at 8k
+// on the tiny preset (docs/performance.md, "Dense prefill"). The buffer
+// the reserve reported must be the buffer the prefill ends with (it did
+// not grow), for prompts whose last batch is full, short, or the only
+// one, with one logits row or every row, and for a second prefill that
+// continues the first (it reserves again, for its own last batch). Without
+// the reserve nothing is reported and the buffer grows with every batch.
+// That the logits do not change is TestDenseCacheMatchesOllamaCausal's.
+func TestDensePrefillReservesOnce(t *testing.T) {
+	path := testmodels.Random(t, "llama", "tiny", foundry.F32, 3, false)
+	ctx := context.Background()
+	const batch = 96
+	for _, tc := range []struct {
+		name  string
+		parts []int // tokens of each Eval
+		all   bool
+	}{
+		{"full last batch", []int{384}, false},
+		{"short last batch", []int{300}, false},
+		{"one batch", []int{70}, false},
+		{"every row's logits", []int{300}, true},
+		{"a second prefill continues the first", []int{200, 250}, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			m, err := runtime.Open(ctx, path, runtime.Options{Threads: 1, ContextLength: 512, BatchSize: batch, DataDir: t.TempDir()})
+			require.NoError(t, err)
+			defer m.Close()
+			s, err := m.NewSessionWith(runtime.DenseCache)
+			require.NoError(t, err)
+			defer s.Close()
+			require.Zero(t, graphBytes(m), "nothing reserved before the prefill")
+			vocab := m.Config().Vocab
+			var prev uint64
+			for i, n := range tc.parts {
+				toks := make([]int32, n)
+				for j := range toks {
+					toks[j] = int32(3 + (j*131+i)%(vocab-3))
+				}
+				rows, err := s.Eval(ctx, toks, tc.all, nil)
+				require.NoError(t, err)
+				if tc.all {
+					require.Len(t, rows, n)
+				}
+				reserved := graphBytes(m)
+				require.Positive(t, reserved, "prefill %d reserved no compute buffer", i)
+				require.Equal(t, reserved, computeBuffer(m), "the compute buffer grew during prefill %d: the reserve was too small", i)
+				if i > 0 {
+					require.Greater(t, reserved, prev, "prefill %d attends to more cells than the first and should have reserved more", i)
+				}
+				prev = reserved
+			}
+			// Decoding after the prefill fits the same buffer.
+			_, err = s.Eval(ctx, []int32{5}, false, nil)
+			require.NoError(t, err)
+			require.Equal(t, prev, computeBuffer(m), "a decode step grew the compute buffer")
+		})
+	}
+}

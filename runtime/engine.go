@@ -113,6 +113,8 @@ type Model struct {
 	// (reserve.go): cells of keys and batch tokens.
 	reserveMu                    sync.Mutex
 	reservedCells, reservedBatch int
+	// The largest dense prefill graph it was reserved for (reserveDense).
+	denseReserved denseReserve
 }
 
 // ErrClosed is returned by work started on a model after Close.

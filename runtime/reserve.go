@@ -108,3 +108,81 @@ func (c *reserveCache) Get(ctx ml.Context) (ml.Tensor, ml.Tensor, ml.Tensor) {
 	}
 	return c.k, c.v, c.mask
 }
+
+// denseReserve is the largest dense prefill the compute buffer was
+// reserved for (reserveDense): cells attended, batch tokens, and whether
+// every row's logits were wanted.
+type denseReserve struct {
+	cells, batch int
+	all          bool
+}
+
+// reserveDense reserves the backend's compute buffer for a prefill into c
+// (DenseCache's own cache) of the tokens from position start to n, in
+// batches of bs, with every row's logits or only the last one's (all),
+// before its first pass.
+//
+// Why: what reserveIngest does for the paged ingest, for Session.Eval on
+// the dense engine. Without it ggml's scheduler frees and reallocates its
+// compute buffer at every batch of a prefill, since the scores [attended,
+// batch, heads] f32 (and their softmax) grow with the tokens before the
+// batch, and each new buffer is fresh memory the kernel must fault in and
+// zero. On the tiny preset with 1 thread that made the dense prefill
+// 0.6x llama.cpp's at 8k (620 thousand page faults, 4.4 s of the kernel's
+// time in an 8k bench run), where llama.cpp reserves its worst-case graph
+// once (docs/performance.md, "Dense prefill").
+//
+// The graphs reserved are the prefill's own passes, every batch of it
+// (arch.Run with Step.Reserve on the session's cache, whose reserve mode
+// attends to exactly the cells a pass at those positions will), and ggml
+// keeps the largest buffer of them. Reserving only the last batch is not
+// enough: the causal mask's pieces (kvcache.CausalMask) differ in size
+// from batch to batch, and ggml's greedy allocator then places some
+// earlier graph less tightly (by tens of KiB in
+// TestDensePrefillReservesOnce), which would reallocate the buffer again.
+// A reserve builds and plans a graph without computing it (well under a
+// millisecond for the tiny preset, against ~0.5 s for one 512-token batch
+// at 8k), and is skipped when a prefill at least as large was reserved.
+func (m *Model) reserveDense(c *denseCache, start, n, bs int, all bool) error {
+	want := denseReserve{cells: roundUp(n, c.config.CachePadding), batch: min(bs, n-start), all: all}
+	m.reserveMu.Lock()
+	defer m.reserveMu.Unlock()
+	have := m.denseReserved
+	if want.cells <= have.cells && want.batch <= have.batch && (have.all || !all) {
+		return nil
+	}
+	// Exclusive, as in reserveIngest: ollama's Reserve does not take the
+	// scheduler's lock.
+	m.life.Lock()
+	defer m.life.Unlock()
+	if m.closed {
+		return ErrClosed
+	}
+	for from := start; from < n; from += bs {
+		k := min(bs, n-from)
+		st := arch.Step{Tokens: make([]int32, k), Positions: make([]int32, k), Outputs: []int32{int32(k - 1)}, Reserve: true}
+		for i := range st.Positions {
+			st.Positions[i] = int32(from + i)
+		}
+		if all {
+			st.Outputs = st.Outputs[:0]
+			for i := range k {
+				st.Outputs = append(st.Outputs, int32(i))
+			}
+		}
+		err := func() (err error) {
+			defer func() {
+				if r := recover(); r != nil {
+					err = fmt.Errorf("reserve the compute buffer for a prefill to %d tokens: %v", n, r)
+				}
+			}()
+			_, _, err = m.net.Run(m.backend, st, c)
+			return err
+		}()
+		if err != nil {
+			return err
+		}
+	}
+	m.denseReserved = denseReserve{max(want.cells, have.cells), max(want.batch, have.batch), have.all || all}
+	return nil
+}

@@ -116,6 +116,13 @@ func (s *Session) Eval(ctx context.Context, tokens []int32, all bool, progress P
 		}
 	}
 	bs := s.m.opts.BatchSize
+	if dc, ok := s.cache.(*denseCache); ok && len(tokens) > 1 {
+		// A prefill: size the compute buffer once for all its batches
+		// instead of reallocating it batch by batch (reserve.go).
+		if err := s.m.reserveDense(dc, len(s.tokens), len(s.tokens)+len(tokens), bs, all); err != nil {
+			return nil, err
+		}
+	}
 	var out [][]float32
 	for start := 0; start < len(tokens); start += bs {
 		if err := ctx.Err(); err != nil {

@@ -101,6 +101,15 @@ func (m *Model) attention(ctx ml.Context, layer int, q, k, v ml.Tensor, scale fl
 	return nn.Attention(ctx, q, k, v, scale, cache)
 }
 
+// Positioner is implemented by caches whose cells are their tokens'
+// positions (DenseCache's own cache): Positions returns the I32 [batch]
+// positions of the pass StartForward began, as a tensor of ctx the cache
+// already made (a view of its persistent arange), so that a step uploads
+// no positions buffer of its own.
+type Positioner interface {
+	Positions(ctx ml.Context) ml.Tensor
+}
+
 // SlidingWindower is implemented by Attender caches that apply sliding
 // windows themselves: SlidingWindow(layer) is the window layer's queries
 // are limited to (0: none).
@@ -462,9 +471,24 @@ func (m *Model) Run(b ml.Backend, st Step, cache kvcache.Cache) (logits []float3
 	seqs := make([]int, n)
 	ctx := b.NewContext()
 	defer func() { ctx.Close() }()
+	// When every row of the batch wants logits, in order (a one-token
+	// decode step, or a prefill that asks for all rows), selecting the
+	// output rows is the identity: no outputs tensor and no get_rows (two
+	// per step in the last layer), as llama.cpp skips them when n_outputs
+	// equals n_tokens. The rows' values are copies either way.
+	everyRow := len(st.Outputs) == n
+	for i, o := range st.Outputs {
+		everyRow = everyRow && int(o) == i
+	}
+	newOutputs := func() ml.Tensor {
+		if everyRow {
+			return nil
+		}
+		return ctx.Input().FromInts(st.Outputs, len(st.Outputs))
+	}
 	batch := input.Batch{
 		Inputs:    ctx.Input().FromInts(st.Tokens, n),
-		Outputs:   ctx.Input().FromInts(st.Outputs, len(st.Outputs)),
+		Outputs:   newOutputs(),
 		Positions: st.Positions,
 		Sequences: seqs,
 	}
@@ -483,7 +507,12 @@ func (m *Model) Run(b ml.Backend, st Step, cache kvcache.Cache) (logits []float3
 		}
 		return nil
 	}
-	positions := ctx.Input().FromInts(st.Positions, n)
+	var positions ml.Tensor
+	if p, ok := cache.(Positioner); ok {
+		positions = p.Positions(ctx)
+	} else {
+		positions = ctx.Input().FromInts(st.Positions, n)
+	}
 	h := m.embed(ctx, batch.Inputs) // [hidden, batch]
 	scale := m.attnScale()
 	split := false // ctx was replaced: batch's tensors belong to a closed context
@@ -496,7 +525,7 @@ func (m *Model) Run(b ml.Backend, st Step, cache kvcache.Cache) (logits []float3
 			// (one input buffer less a step; each is an allocation).
 			outputs = batch.Outputs
 			if split {
-				outputs = ctx.Input().FromInts(st.Outputs, len(st.Outputs))
+				outputs = newOutputs()
 			}
 		}
 		if hooks == nil || !hooks.NeedQueries(i) {
@@ -531,7 +560,7 @@ func (m *Model) Run(b ml.Backend, st Step, cache kvcache.Cache) (logits []float3
 		split = true
 		positions = ctx.Input().FromInts(st.Positions, n)
 		if outputs != nil {
-			outputs = ctx.Input().FromInts(st.Outputs, len(st.Outputs))
+			outputs = newOutputs()
 		}
 		h = ctx.Input().FromFloats(hHost, m.Params.Hidden, n)
 		q = ctx.Input().FromFloats(qHost, m.Params.HeadDim, m.Params.Heads, n)
