@@ -28,13 +28,6 @@ var (
 	MaxHeadsGraph   = maxHeadsGraph
 )
 
-// SetBoxRowMultiple sets what quest's mul_mat rows are rounded up to (1:
-// the pages, unpadded) and returns the old value.
-func SetBoxRowMultiple(m int) int {
-	old := boxRowMultiple
-	boxRowMultiple = m
-	return old
-}
 
 // FillForTest appends rows tokens to every layer of s: k[l], v[l] hold
 // layer l's keys and values, rows × Row f16 values, token-major.

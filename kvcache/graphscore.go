@@ -36,20 +36,21 @@ import (
 // give the same bounds and pages.
 var HostBounds = true
 
-// boxRowMultiple is what the rows of quest's mul_mat are rounded up to:
+// BoxRowMultiple is what the rows of quest's mul_mat are rounded up to:
 // ggml's CPU backend multiplies f32 matrices with tinyBLAS only when the
 // rows are a multiple of 4 (16 for its widest tiles), else with one dot
 // product call per page and head, 1.6x the time at 1025 pages
 // (BenchmarkQuestScores). Extra rows are the box tensor's headroom; their
-// bounds are computed and dropped. 1 (the old behaviour) in tests.
-var boxRowMultiple = 16
+// bounds are computed and dropped. Tests and benchmarks set 1 (the old
+// behaviour) to compare; set it before a cache's first pass.
+var BoxRowMultiple = 16
 
 // boxTensor is one layer's key boxes in backend memory.
 type boxTensor struct {
 	ctx   ml.Context
 	t     ml.Tensor    // f32 [2·headDim, cap, kvHeads]
 	host  []float32    // t's data when it is in host memory, else nil
-	cap   int          // pages it has room for, a multiple of boxRowMultiple
+	cap   int          // pages it has room for, a multiple of BoxRowMultiple
 	state []packedPage // per page: the summary state its rows hold
 
 	// Which pages the next upload must look at: every page when the
@@ -93,8 +94,8 @@ func (c *Paged) boxesFor(layer, pages int) *boxTensor {
 	}
 	// A quarter of headroom: a decode step that opens a new page must not
 	// grow (and re-upload) a tensor sized to the question's end. Rows in
-	// multiples of boxRowMultiple, so that the padded mul_mat fits.
-	capacity := roundUp(max(64, pages+pages/4), boxRowMultiple)
+	// multiples of BoxRowMultiple, so that the padded mul_mat fits.
+	capacity := roundUp(max(64, pages+pages/4), BoxRowMultiple)
 	if bt != nil {
 		capacity = max(capacity, 2*bt.cap)
 	}
@@ -111,9 +112,9 @@ func (c *Paged) boxesFor(layer, pages int) *boxTensor {
 func roundUp(n, m int) int { return (n + m - 1) / m * m }
 
 // boxRows is the rows quest's mul_mat computes for pages pages of bt:
-// pages rounded up to boxRowMultiple, within bt's room.
+// pages rounded up to BoxRowMultiple, within bt's room.
 func boxRows(bt *boxTensor, pages int) int {
-	return min(bt.cap, roundUp(pages, boxRowMultiple))
+	return min(bt.cap, roundUp(pages, BoxRowMultiple))
 }
 
 // scoreInGraph adds to ctx the upload of layer's changed key boxes and

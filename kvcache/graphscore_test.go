@@ -225,8 +225,8 @@ func TestQuestFastPathSelectsSamePages(t *testing.T) {
 		outs   [][]float32
 	}
 	run := func(t *testing.T, keep float64, prompt, steps int, host bool, rowMultiple int) result {
-		defer func(h bool, m int) { kvcache.HostBounds = h; kvcache.SetBoxRowMultiple(m) }(kvcache.HostBounds, kvcache.SetBoxRowMultiple(rowMultiple))
-		kvcache.HostBounds = host
+		defer func(h bool, m int) { kvcache.HostBounds, kvcache.BoxRowMultiple = h, m }(kvcache.HostBounds, kvcache.BoxRowMultiple)
+		kvcache.HostBounds, kvcache.BoxRowMultiple = host, rowMultiple
 		cfg := paging.Config{PageSize: tPage, Budget: 8 * tPage, Sinks: tPage, Window: 2 * tPage,
 			Options: map[string]any{paging.KeepLogits: keep}}
 		inner, err := paging.New("quest", cfg)
