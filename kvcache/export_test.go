@@ -28,7 +28,6 @@ var (
 	MaxHeadsGraph   = maxHeadsGraph
 )
 
-
 // FillForTest appends rows tokens to every layer of s: k[l], v[l] hold
 // layer l's keys and values, rows × Row f16 values, token-major.
 func (s *Store) FillForTest(k, v [][]uint16, rows int) {
