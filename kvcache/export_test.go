@@ -20,8 +20,13 @@ func OrderedHostMask(pos0, cells, n, P int) []float32 {
 	return buildMask(pl, used, sel, nil, writes, used, pos0, n, P)
 }
 
-// QuestScores is questScores: one layer's in-graph Quest bounds.
-var QuestScores = questScores
+// QuestHeadScores and MaxHeadsGraph are questHeadScores and
+// maxHeadsGraph: one layer's in-graph Quest bounds per head, and their
+// maximum over heads.
+var (
+	QuestHeadScores = questHeadScores
+	MaxHeadsGraph   = maxHeadsGraph
+)
 
 // FillForTest appends rows tokens to every layer of s: k[l], v[l] hold
 // layer l's keys and values, rows × Row f16 values, token-major.

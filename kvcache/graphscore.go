@@ -25,12 +25,32 @@ import (
 // the next step's pages on the host (the selector's lagged rule with its
 // hysteresis, paging/graph.go, which needs the bounds of the pages it
 // holds as well as of the best ones: not only a top-k).
+//
+// On a backend whose box tensor is in host memory (CPU; HostBounds) the
+// changed boxes are written straight into it: no input buffer and no
+// copies in the graph (docs/kvcache.md, "quest at the floor").
+
+// HostBounds lets quest's box tensors in host memory (the CPU backend)
+// take their box updates as plain writes when the graph is built, like
+// HostUploads for the pools. Tests turn it off to check that both paths
+// give the same bounds and pages.
+var HostBounds = true
+
+// BoxRowMultiple is what the rows of quest's mul_mat are rounded up to:
+// ggml's CPU backend multiplies f32 matrices with tinyBLAS only when the
+// rows are a multiple of 4 (16 for its widest tiles), else with one dot
+// product call per page and head, 1.6x the time at 1025 pages
+// (BenchmarkQuestScores). Extra rows are the box tensor's headroom; their
+// bounds are computed and dropped. Tests and benchmarks set 1 (the old
+// behaviour) to compare; set it before a cache's first pass.
+var BoxRowMultiple = 16
 
 // boxTensor is one layer's key boxes in backend memory.
 type boxTensor struct {
 	ctx   ml.Context
 	t     ml.Tensor    // f32 [2·headDim, cap, kvHeads]
-	cap   int          // pages it has room for
+	host  []float32    // t's data when it is in host memory, else nil
+	cap   int          // pages it has room for, a multiple of BoxRowMultiple
 	state []packedPage // per page: the summary state its rows hold
 
 	// Which pages the next upload must look at: every page when the
@@ -48,6 +68,7 @@ type boxTensor struct {
 type rankOut struct {
 	layer  int
 	upto   int
+	pages  int
 	scores ml.Tensor // f32 [pages]
 }
 
@@ -72,16 +93,28 @@ func (c *Paged) boxesFor(layer, pages int) *boxTensor {
 		bt.ctx.Close()
 	}
 	// A quarter of headroom: a decode step that opens a new page must not
-	// grow (and re-upload) a tensor sized to the question's end.
-	capacity := max(64, pages+pages/4)
+	// grow (and re-upload) a tensor sized to the question's end. Rows in
+	// multiples of BoxRowMultiple, so that the padded mul_mat fits.
+	capacity := roundUp(max(64, pages+pages/4), BoxRowMultiple)
 	if bt != nil {
 		capacity = max(capacity, 2*bt.cap)
 	}
 	bt = &boxTensor{cap: capacity}
 	bt.ctx = c.b.NewContextSize(1).Layer(layer)
+	elems := 2 * c.L.HeadDim * capacity * c.L.KVHeads
 	bt.t = bt.ctx.Zeros(ml.DTypeF32, 2*c.L.HeadDim, capacity, c.L.KVHeads)
+	bt.host = hostF32(bt.t, elems)
 	c.boxes[layer] = bt
 	return bt
+}
+
+// roundUp rounds n up to a multiple of m.
+func roundUp(n, m int) int { return (n + m - 1) / m * m }
+
+// boxRows is the rows quest's mul_mat computes for pages pages of bt:
+// pages rounded up to BoxRowMultiple, within bt's room.
+func boxRows(bt *boxTensor, pages int) int {
+	return min(bt.cap, roundUp(pages, BoxRowMultiple))
 }
 
 // scoreInGraph adds to ctx the upload of layer's changed key boxes and
@@ -94,20 +127,23 @@ func (c *Paged) scoreInGraph(ctx ml.Context, layer int, q ml.Tensor) {
 		return
 	}
 	bt := c.boxesFor(layer, pages)
-	c.uploadBoxes(ctx, layer, bt, pages)
-	s := questScores(ctx, bt.t, q, pages)
+	host := HostBounds && bt.host != nil
+	c.uploadBoxes(ctx, layer, bt, pages, host)
+	rows := boxRows(bt, pages)
+	s := questHeadScores(ctx, bt.t, q, rows) // [rows, heads]
 	out := ctx.Input().Empty(ml.DTypeF32, pages)
-	ctx.Forward(s.Copy(ctx, out))
-	c.ranks[ctx] = append(c.ranks[ctx], rankOut{layer: layer, upto: c.upto, scores: out})
+	ctx.Forward(maxHeadsGraph(ctx, s, pages).Copy(ctx, out))
+	c.ranks[ctx] = append(c.ranks[ctx], rankOut{layer: layer, upto: c.upto, pages: pages, scores: out})
 }
 
 // uploadBoxes copies the rows of pages whose summary changed since they
-// were uploaded into bt, one input tensor for all of them and one copy
-// per run of consecutive pages and KV head. Only the pages the store may
-// have changed are looked at (boxTensor.epoch); the rows are the layout
-// layerView.PackedBoxes packs, [center; radius] per KV head, read from
-// the pages directly.
-func (c *Paged) uploadBoxes(ctx ml.Context, layer int, bt *boxTensor, pages int) {
+// were uploaded into bt: with host set, written straight into bt's host
+// memory; else one input tensor for all of them and one copy per run of
+// consecutive pages and KV head in ctx's graph. Only the pages the store
+// may have changed are looked at (boxTensor.epoch); the rows are the
+// layout layerView.PackedBoxes packs, [center; radius] per KV head, read
+// from the pages directly.
+func (c *Paged) uploadBoxes(ctx ml.Context, layer int, bt *boxTensor, pages int, host bool) {
 	s := c.store
 	hd, hd2, kvh := c.L.HeadDim, 2*c.L.HeadDim, c.L.KVHeads
 	if len(bt.state) < pages {
@@ -127,6 +163,15 @@ func (c *Paged) uploadBoxes(ctx ml.Context, layer int, bt *boxTensor, pages int)
 			continue
 		}
 		bt.state[p] = packedPage{pg, pg.gen}
+		if host {
+			// Seen by this pass's graph, computed after it is built.
+			for g := 0; g < kvh; g++ {
+				row := bt.host[(g*bt.cap+p)*hd2:]
+				copy(row[:hd], pg.Center[g*hd:(g+1)*hd])
+				copy(row[hd:hd2], pg.Radius[g*hd:(g+1)*hd])
+			}
+			continue
+		}
 		if len(runs) > 0 && runs[len(runs)-1].first+runs[len(runs)-1].n == p {
 			runs[len(runs)-1].n++
 		} else {
@@ -161,11 +206,11 @@ func (c *Paged) uploadBoxes(ctx ml.Context, layer int, bt *boxTensor, pages int)
 	}
 }
 
-// questScores returns Quest's bound of pages pages for a single query
-// token, the maximum over its query heads: boxes f32 [2·headDim, cap,
+// questHeadScores returns Quest's bound of the first rows pages of boxes
+// for each query head of a single query token: boxes f32 [2·headDim, cap,
 // kvHeads] (rows [center; radius]), q [headDim, heads, 1] with query head
-// h reading KV head h / (heads/kvHeads). Result: f32 [pages].
-func questScores(ctx ml.Context, boxes, q ml.Tensor, pages int) ml.Tensor {
+// h reading KV head h / (heads/kvHeads). Result: f32 [rows, heads].
+func questHeadScores(ctx ml.Context, boxes, q ml.Tensor, rows int) ml.Tensor {
 	hd, heads := q.Dim(0), q.Dim(1)
 	kvh := boxes.Dim(2)
 	// |q| = relu(q) + relu(-q), exactly (one of the two is zero). ollama's
@@ -173,21 +218,29 @@ func questScores(ctx ml.Context, boxes, q ml.Tensor, pages int) ml.Tensor {
 	// q, which attention reads next.
 	aq := q.Scale(ctx, 1).RELU(ctx).Add(ctx, q.Neg(ctx).RELU(ctx))
 	qq := q.Concat(ctx, aq, 0).Reshape(ctx, 2*hd, heads/kvh, kvh) // [2hd, group, kvh]
-	b := boxes.View(ctx, 0, 2*hd, boxes.Stride(1), pages, boxes.Stride(2), kvh)
-	s := b.Mulmat(ctx, qq).Reshape(ctx, pages, heads) // [pages, heads]: s[p, h]
-	// The maximum over heads, halving: max(a, b) = b + relu(a - b), within
-	// a rounding of the larger (ggml has no elementwise maximum).
-	for n := heads; n > 1; {
+	b := boxes.View(ctx, 0, 2*hd, boxes.Stride(1), rows, boxes.Stride(2), kvh)
+	return b.Mulmat(ctx, qq).Reshape(ctx, rows, heads) // s[p, h]
+}
+
+// maxHeadsGraph returns the maximum over heads of the first pages rows of
+// s [rows, heads] in the graph, halving: max(a, b) = b + relu(a - b),
+// within a rounding of the larger (ggml has no elementwise maximum).
+// Result: f32 [pages]. (Reading [rows, heads] back and taking the
+// maximum on the host was slower on the CPU backend: 8x the bytes copied
+// out, BenchmarkQuestScores.)
+func maxHeadsGraph(ctx ml.Context, s ml.Tensor, pages int) ml.Tensor {
+	rows := s.Dim(0)
+	for n := s.Dim(1); n > 1; {
 		half := n / 2
-		a := s.View(ctx, 0, pages, s.Stride(1), half)
-		bb := s.View(ctx, (n-half)*s.Stride(1), pages, s.Stride(1), half)
-		m := bb.Add(ctx, a.Sub(ctx, bb).RELU(ctx)) // [pages, half]; the relu runs in place on a-b
+		a := s.View(ctx, 0, rows, s.Stride(1), half)
+		bb := s.View(ctx, (n-half)*s.Stride(1), rows, s.Stride(1), half)
+		m := bb.Add(ctx, a.Sub(ctx, bb).RELU(ctx)) // [rows, half]; the relu runs in place on a-b
 		if n%2 == 1 {
-			m = m.Concat(ctx, s.View(ctx, half*s.Stride(1), pages, s.Stride(1), 1), 1)
+			m = m.Concat(ctx, s.View(ctx, half*s.Stride(1), rows, s.Stride(1), 1), 1)
 		}
 		s, n = m, half+n%2
 	}
-	return s.Reshape(ctx, pages)
+	return s.View(ctx, 0, pages)
 }
 
 // readRanks hands the bounds computed in ctx's graph to the selector.
@@ -200,8 +253,8 @@ func (c *Paged) readRanks(ctx ml.Context) error {
 	}
 	for _, r := range rs {
 		f := r.scores.Floats()
-		if len(f) != r.scores.Dim(0) {
-			return fmt.Errorf("kvcache: read back %d page bounds of layer %d, want %d", len(f), r.layer, r.scores.Dim(0))
+		if len(f) != r.pages {
+			return fmt.Errorf("kvcache: read back %d page bounds of layer %d, want %d", len(f), r.layer, r.pages)
 		}
 		gs.Scored(r.layer, f, r.upto)
 	}

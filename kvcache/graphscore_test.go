@@ -205,11 +205,113 @@ func TestGraphBoundsMatchHostScorer(t *testing.T) {
 	}
 }
 
+// The CPU backend's faster quest step (box rows written into host memory,
+// HostBounds; the mul_mat's rows padded to a multiple of 16, so that ggml
+// takes tinyBLAS at any page count) selects the same pages as the step
+// before it (box rows copied in the graph, the mul_mat over exactly the
+// pages) at every decode step, with and without hysteresis: the same
+// bounds bit for bit where the page count is a multiple of 4 (both took
+// tinyBLAS, which sums each dot product in the same order whatever its
+// tile), else within rounding (the old path summed them with ggml's
+// vec_dot), and the same attention outputs.
+func TestQuestFastPathSelectsSamePages(t *testing.T) {
+	m, err := runtime.Open(context.Background(), testmodels.Random(t, "llama", "tiny", foundry.F32, 4, false), runtime.Options{Threads: 2, ContextLength: 256})
+	require.NoError(t, err)
+	defer m.Close()
+	b := m.Backend()
+	type result struct {
+		sels   [][]int
+		bounds map[int][]float32
+		outs   [][]float32
+	}
+	run := func(t *testing.T, keep float64, prompt, steps int, host bool, rowMultiple int) result {
+		defer func(h bool, m int) { kvcache.HostBounds, kvcache.BoxRowMultiple = h, m }(kvcache.HostBounds, kvcache.BoxRowMultiple)
+		kvcache.HostBounds, kvcache.BoxRowMultiple = host, rowMultiple
+		cfg := paging.Config{PageSize: tPage, Budget: 8 * tPage, Sinks: tPage, Window: 2 * tPage,
+			Options: map[string]any{paging.KeepLogits: keep}}
+		inner, err := paging.New("quest", cfg)
+		require.NoError(t, err)
+		sel := &boundsRecorder{Selector: inner, gs: inner.(paging.GraphScored), scores: map[int][]float32{}}
+		capacity := prompt + steps + 1
+		c, err := kvcache.NewPaged(kvcache.Options{Layout: tLayout, Heads: tHeads, Selector: sel, Capacity: capacity, MaxBatch: prompt})
+		require.NoError(t, err)
+		defer c.Close()
+		c.Init(b, ml.DTypeF16, 1, capacity, prompt)
+		r := rand.New(rand.NewPCG(11, 12))
+		keys := func(pos0, n int) []float32 { // a per-page offset: bounds differ by more than rounding
+			k := randoms(r, n*tKV*tDim)
+			for i := 0; i < n; i++ {
+				off := float32(((pos0+i)/tPage*37)%11) / 4
+				for j := 0; j < tKV*tDim; j++ {
+					k[i*tKV*tDim+j] += off
+				}
+			}
+			return k
+		}
+		passQueries(t, b, c, 0, randoms(r, prompt*tHeads*tDim), keys(0, prompt), randoms(r, prompt*tKV*tDim))
+		res := result{bounds: sel.scores}
+		for step := 0; step < steps; step++ {
+			pos := prompt + step
+			out := passQueries(t, b, c, pos, randoms(r, tHeads*tDim), keys(pos, 1), randoms(r, tKV*tDim))
+			res.sels = append(res.sels, slices.Clone(c.Selected(0)))
+			res.outs = append(res.outs, out)
+		}
+		return res
+	}
+	for _, tc := range []struct {
+		name          string
+		keep          float64
+		prompt, steps int
+	}{
+		{"default hysteresis", paging.DefaultKeepLogits, 600, 160},
+		{"no hysteresis", 0, 600, 160},
+		{"box tensor grows", 0, 1000, 60}, // 63 pages at the question, 67 at the end
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			before := run(t, tc.keep, tc.prompt, tc.steps, false, 1)
+			after := run(t, tc.keep, tc.prompt, tc.steps, true, 16)
+			require.Equal(t, before.sels, after.sels)
+			require.Equal(t, before.outs, after.outs)
+			require.Len(t, after.bounds, tc.steps)
+			exact, churn := 0, 0
+			for step := range tc.steps {
+				upto := tc.prompt + step + 1
+				want, got := before.bounds[upto], after.bounds[upto]
+				require.Len(t, got, len(want), "step %d", step)
+				if len(want)%4 == 0 {
+					require.Equal(t, want, got, "step %d: %d pages", step, len(want))
+					exact++
+					continue
+				}
+				scale := 0.0
+				for _, v := range want {
+					scale = math.Max(scale, math.Abs(float64(v)))
+				}
+				for p := range want {
+					require.InDelta(t, want[p], got[p], 1e-6*scale, "step %d page %d", step, p)
+				}
+				if step > 0 && !slices.Equal(after.sels[step], after.sels[step-1]) {
+					churn++
+				}
+			}
+			require.Positive(t, exact, "no step had a page count that is a multiple of 4")
+			if tc.keep == 0 {
+				require.Positive(t, churn, "the selection never changed: the check proves little")
+			}
+		})
+	}
+}
+
 // BenchmarkQuestScores times one layer's in-graph bounds (the ops a quest
 // decode step adds to its graph: |q|, concat, one mul_mat, the maximum
 // over heads, the read-back copy) on the CPU backend, 1 thread, for the
 // tiny preset's shape (8 query heads, 2 KV heads, headDim 32) against a
-// graph that only copies q out (the fixed cost of a graph).
+// graph that only copies q out (the fixed cost of a graph), three ways:
+// "unpadded" (mul_mat over the pages, as before), "padded" (mul_mat rows
+// rounded up to 16, so that ggml uses tinyBLAS whatever the page count:
+// what the cache does) and "host-max" (padded, the [rows, heads] bounds
+// read back, the maximum over heads left to the host: not taken, it was
+// slower).
 //
 //	go test ./kvcache -run XXX -bench QuestScores
 func BenchmarkQuestScores(b *testing.B) {
@@ -218,27 +320,44 @@ func BenchmarkQuestScores(b *testing.B) {
 	defer m.Close()
 	be := m.Backend()
 	const heads, kvh, hd = 8, 2, 32
-	for _, pages := range []int{128, 512, 2048} {
+	for _, pages := range []int{128, 512, 1024, 1025, 2048} {
 		bctx := be.NewContextSize(1).Layer(0)
-		boxes := bctx.Zeros(ml.DTypeF32, 2*hd, pages, kvh)
+		capacity := (pages + 15) / 16 * 16
+		boxes := bctx.Zeros(ml.DTypeF32, 2*hd, capacity, kvh)
 		r := rand.New(rand.NewPCG(1, 2))
 		q := randoms(r, heads*hd)
-		for _, scored := range []bool{false, true} {
-			b.Run(fmt.Sprintf("pages=%d/scores=%v", pages, scored), func(b *testing.B) {
+		for _, mode := range []string{"none", "unpadded", "padded", "host-max"} {
+			b.Run(fmt.Sprintf("pages=%d/%s", pages, mode), func(b *testing.B) {
 				for range b.N {
 					ctx := be.NewContext()
 					qt := ctx.Input().FromFloats(q, hd, heads, 1)
 					var out ml.Tensor
-					if scored {
-						s := kvcache.QuestScores(ctx, boxes, qt, pages)
-						out = ctx.Input().Empty(ml.DTypeF32, pages)
-						ctx.Forward(s.Copy(ctx, out))
-					} else {
+					switch mode {
+					case "none":
 						out = ctx.Input().Empty(ml.DTypeF32, hd, heads, 1)
 						ctx.Forward(qt.Copy(ctx, out))
+					case "unpadded", "padded":
+						rows := pages
+						if mode == "padded" {
+							rows = capacity
+						}
+						s := kvcache.MaxHeadsGraph(ctx, kvcache.QuestHeadScores(ctx, boxes, qt, rows), pages)
+						out = ctx.Input().Empty(ml.DTypeF32, pages)
+						ctx.Forward(s.Copy(ctx, out))
+					case "host-max":
+						s := kvcache.QuestHeadScores(ctx, boxes, qt, capacity)
+						out = ctx.Input().Empty(ml.DTypeF32, capacity, heads)
+						ctx.Forward(s.Copy(ctx, out))
 					}
 					ctx.Compute(out)
-					_ = out.Floats()
+					f := out.Floats()
+					if mode == "host-max" { // the maximum over heads, row by row
+						for h := 1; h < heads; h++ {
+							for p, v := range f[h*capacity : h*capacity+pages] {
+								f[p] = max(f[p], v)
+							}
+						}
+					}
 					ctx.Close()
 				}
 			})

@@ -24,7 +24,7 @@ var HostUploads = true
 
 // ggmlTensor mirrors ollama's ggml.Tensor (ml/backend/ggml, v0.17.4),
 // whose fields are unexported: its second field is the ggml tensor. Only
-// read by hostMem, which checks what it finds against the tensor's shape
+// read by hostData, which checks what it finds against the tensor's shape
 // before using it.
 type ggmlTensor struct {
 	b    unsafe.Pointer
@@ -36,8 +36,26 @@ type ggmlTensor struct {
 // elements in host memory whose ggml shape is ollama's shape, else nil.
 // Writes into it are seen by graphs computed later.
 func hostMem(t ml.Tensor, elems int) []uint16 {
+	if p := hostData(t, ml.DTypeF16, elems); p != nil {
+		return unsafe.Slice((*uint16)(p), elems)
+	}
+	return nil
+}
+
+// hostF32 is hostMem for an f32 tensor (quest's key boxes, graphscore.go).
+func hostF32(t ml.Tensor, elems int) []float32 {
+	if p := hostData(t, ml.DTypeF32, elems); p != nil {
+		return unsafe.Slice((*float32)(p), elems)
+	}
+	return nil
+}
+
+// hostData returns the data of t if t is a contiguous dtype tensor of
+// elems elements in host memory whose ggml shape is ollama's shape, else
+// nil.
+func hostData(t ml.Tensor, dtype ml.DType, elems int) unsafe.Pointer {
 	gt, ok := t.(*ggml.Tensor)
-	if !ok || gt == nil || t.DType() != ml.DTypeF16 {
+	if !ok || gt == nil || t.DType() != dtype {
 		return nil
 	}
 	ct := (*ggmlTensor)(unsafe.Pointer(gt)).t
@@ -55,7 +73,7 @@ func hostMem(t ml.Tensor, elems int) []uint16 {
 	if n != elems || int(C.ggml_nelements(ct)) != elems || !bool(C.ggml_is_contiguous(ct)) || ct.data == nil {
 		return nil
 	}
-	return unsafe.Slice((*uint16)(ct.data), elems)
+	return ct.data
 }
 
 // writeHost copies a group's planned page uploads straight into its pool

@@ -94,28 +94,41 @@ func TestQuestPackedBoxesMatchPerPageScores(t *testing.T) {
 	}
 }
 
-// rank's bounded heap gives the prefix of a full stable sort.
+// rank's bounded heap gives the prefix of a full stable sort: with many
+// ties, with scores that grow or shrink with the page (every page beats
+// the kept ones, or none does), and with -Inf and skipped pages.
 func TestRankIsPrefixOfFullOrder(t *testing.T) {
 	r := rand.New(rand.NewPCG(3, 3))
-	scores := make([]float32, 500)
-	for i := range scores {
-		scores[i] = float32(r.IntN(40)) // many ties
-	}
-	scores[17] = float32(math.Inf(-1))
-	skip := make([]bool, len(scores))
-	skip[3], skip[250] = true, true
-	full := make([]int, 0, len(scores))
-	for p := range scores {
-		if !skip[p] {
-			full = append(full, p)
+	for _, c := range []struct {
+		name  string
+		score func(p int) float32
+	}{
+		{"many ties", func(int) float32 { return float32(r.IntN(40)) }},
+		{"distinct", func(int) float32 { return float32(r.NormFloat64()) }},
+		{"ascending", func(p int) float32 { return float32(p) }},
+		{"descending", func(p int) float32 { return -float32(p) }},
+		{"ascending in steps", func(p int) float32 { return float32(p / 7) }},
+	} {
+		scores := make([]float32, 500)
+		for i := range scores {
+			scores[i] = c.score(i)
 		}
-	}
-	slices.SortStableFunc(full, func(a, b int) int { return cmp.Compare(scores[b], scores[a]) })
-	for _, k := range []int{0, 1, 7, 64, 498, 1000} {
-		t.Run(fmt.Sprint("k=", k), func(t *testing.T) {
-			got := rank(scores, skip, k)
-			require.Equal(t, full[:min(k, len(full))], got)
-		})
+		scores[17] = float32(math.Inf(-1))
+		skip := make([]bool, len(scores))
+		skip[3], skip[250], skip[499] = true, true, true
+		full := make([]int, 0, len(scores))
+		for p := range scores {
+			if !skip[p] {
+				full = append(full, p)
+			}
+		}
+		slices.SortStableFunc(full, func(a, b int) int { return cmp.Compare(scores[b], scores[a]) })
+		for _, k := range []int{0, 1, 7, 64, 497, 498, 1000} {
+			t.Run(fmt.Sprintf("%s/k=%d", c.name, k), func(t *testing.T) {
+				got := rank(scores, skip, k)
+				require.Equal(t, full[:min(k, len(full))], got)
+			})
+		}
 	}
 }
 
@@ -159,3 +172,42 @@ type cachedPacked struct {
 }
 
 func (c cachedPacked) PackedBoxes(g int) []float32 { return c.boxes[g] }
+
+// BenchmarkLaggedSelect: one layer's decode-step selection from bounds
+// computed in the graph (GraphScored: Scored, then Select without
+// queries), the tiny preset's 2048-token budget, with the default
+// hysteresis. "random" bounds are independent per page; "ascending" ones
+// grow with the page, each page beating the ones before it (the bounded
+// heap's worst case).
+//
+//	go test -run XXX -bench LaggedSelect ./paging
+func BenchmarkLaggedSelect(b *testing.B) {
+	for _, ctx := range []int{16384, 65536} {
+		pages := ctx / 64
+		r := rand.New(rand.NewPCG(5, 6))
+		for _, order := range []string{"random", "ascending"} {
+			bounds := make([]float32, pages)
+			for p := range bounds {
+				bounds[p] = float32(r.NormFloat64() * 30)
+				if order == "ascending" {
+					bounds[p] = float32(p)
+				}
+			}
+			b.Run(fmt.Sprintf("context=%d/%s", ctx, order), func(b *testing.B) {
+				p, err := New("quest", Config{PageSize: 64, Budget: 2048})
+				if err != nil {
+					b.Fatal(err)
+				}
+				if !p.(GraphScored).UseGraphScores() {
+					b.Fatal("quest took no graph scores")
+				}
+				s := newFake(pages, 2, 32)
+				b.ReportAllocs()
+				for b.Loop() {
+					p.(GraphScored).Scored(1, bounds, ctx)
+					p.Select(1, s, nil, ctx)
+				}
+			})
+		}
+	}
+}

@@ -28,7 +28,8 @@ type GraphScored interface {
 	GraphScores(layer, batch, upto int) bool
 	// Scored hands over layer's page bounds computed in the graph, one per
 	// page (the maximum over query heads), from the queries of the pass
-	// that ended at upto. They choose the next pass's pages.
+	// that ended at upto. They choose the next pass's pages. scores is
+	// the cache's: valid during the call only.
 	Scored(layer int, scores []float32, upto int)
 }
 

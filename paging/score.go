@@ -159,54 +159,72 @@ func roundRobin(req []int, scores [][]float32, free, neighbors int) []int {
 // consume at most 2·free entries of an order (each entry either adds a page
 // or was already added as another's neighbor), so k = 2·free is exact.
 func rank(scores []float32, skip []bool, k int) []int {
-	// worse reports whether page a ranks below page b.
-	worse := func(a, b int) bool {
-		return scores[a] < scores[b] || (scores[a] == scores[b] && a > b)
-	}
-	// h is a min-heap under worse: h[0] is the worst page kept.
-	h := make([]int, 0, min(k, len(scores)))
-	down := func(i int) {
-		for {
-			c := 2*i + 1
-			if c >= len(h) {
-				return
-			}
-			if c+1 < len(h) && worse(h[c+1], h[c]) {
-				c++
-			}
-			if !worse(h[c], h[i]) {
-				return
-			}
-			h[i], h[c] = h[c], h[i]
-			i = c
-		}
-	}
-	for p := range scores {
-		if skip[p] || k <= 0 {
+	h := make([]rankEntry, 0, max(0, min(k, len(scores))))
+	p := 0
+	for ; p < len(scores) && len(h) < k; p++ {
+		if skip[p] {
 			continue
 		}
-		if len(h) < k {
-			h = append(h, p)
-			for i := len(h) - 1; i > 0 && worse(h[i], h[(i-1)/2]); i = (i - 1) / 2 {
-				h[i], h[(i-1)/2] = h[(i-1)/2], h[i]
-			}
-			continue
-		}
-		if worse(h[0], p) {
-			h[0] = p
-			down(0)
+		h = append(h, rankEntry{scores[p], p})
+		for i := len(h) - 1; i > 0 && h[i].worse(h[(i-1)/2]); i = (i - 1) / 2 {
+			h[i], h[(i-1)/2] = h[(i-1)/2], h[i]
 		}
 	}
-	slices.SortFunc(h, func(a, b int) int {
+	if len(h) == k && k > 0 {
+		// h[0] is the worst page kept. A later page p is worse than it
+		// unless its score is higher (a tie goes to the lower page, the
+		// kept one), so one comparison rejects most pages.
+		worst := h[0].s
+		for ; p < len(scores); p++ {
+			if s := scores[p]; s > worst && !skip[p] {
+				h[0] = rankEntry{s, p}
+				siftDown(h)
+				worst = h[0].s
+			}
+		}
+	}
+	slices.SortFunc(h, func(a, b rankEntry) int {
 		switch {
-		case worse(b, a):
+		case b.worse(a):
 			return -1
-		case worse(a, b):
+		case a.worse(b):
 			return 1
 		}
 		return 0
 	})
-	return h
+	out := make([]int, len(h))
+	for i, e := range h {
+		out[i] = e.p
+	}
+	return out
+}
+
+// rankEntry is a page and its score in rank's heap.
+type rankEntry struct {
+	s float32
+	p int
+}
+
+// worse reports whether a ranks below b: a lower score, or the same
+// score and a later page.
+func (a rankEntry) worse(b rankEntry) bool { return a.s < b.s || (a.s == b.s && a.p > b.p) }
+
+// siftDown restores the min-heap h (under worse) after h[0] changed.
+func siftDown(h []rankEntry) {
+	for i := 0; ; {
+		c := 2*i + 1
+		if c >= len(h) {
+			return
+		}
+		if c+1 < len(h) && h[c+1].worse(h[c]) {
+			c++
+		}
+		if !h[c].worse(h[i]) {
+			return
+		}
+		h[i], h[c] = h[c], h[i]
+		i = c
+	}
 }
 
 // boundScore is Quest's upper bound Σ_i max(q_i·max_i, q_i·min_i), written

@@ -1,0 +1,130 @@
+package runtime_test
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"slices"
+	"strconv"
+	"testing"
+	"time"
+
+	"github.com/kvrecall/kvrecall/hyper"
+	"github.com/kvrecall/kvrecall/kvcache"
+	"github.com/kvrecall/kvrecall/runtime"
+)
+
+// BenchmarkQuestFastPath times quest's decode steps on the whole engine
+// (the tiny f16 preset, 1 thread, a 2048-token budget) over a document
+// ingested with HyperAttention on every layer (as `bench speed --hyper all
+// --skip-dense`), its box updates and bound made two ways: "before" (box
+// rows copied in through the graph, the mul_mat over exactly the pages:
+// kvcache.HostBounds off, BoxRowMultiple 1) and "after" (the CPU
+// default). retro on the same document and the dense engine at a
+// 2048-token context (the floor of issue 14) run in the same process, and
+// every engine takes one step in turn, so that all see the same machine
+// state. It reports each median in ms and its ratio to the floor.
+//
+// The context is 16384 or $KVRECALL_BENCH_CONTEXTS (one number).
+//
+//	go test ./runtime -run XXX -bench QuestFastPath -benchtime 200x
+func BenchmarkQuestFastPath(b *testing.B) {
+	path := benchModel(b)
+	ctx := context.Background()
+	n := 16384
+	if env := os.Getenv("KVRECALL_BENCH_CONTEXTS"); env != "" {
+		v, err := strconv.Atoi(env)
+		if err != nil || v <= 2048 {
+			b.Fatalf("KVRECALL_BENCH_CONTEXTS: bad context %q (one number above 2048)", env)
+		}
+		n = v
+	}
+	const room, floorCtx = 1024, 2048
+	m, err := runtime.Open(ctx, path, runtime.Options{Threads: 1, ContextLength: n + room, DataDir: b.TempDir()})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer m.Close()
+	toks := make([]int32, n+room)
+	for i := range toks { // bench/speed's pseudo-random tokens
+		toks[i] = int32(3 + (i*7919)%(m.Config().Vocab-3))
+	}
+	doc, err := m.IngestTokensWith(ctx, "doc", toks[:n-8], runtime.IngestOptions{Hyper: &runtime.HyperOptions{Config: hyper.Default()}}, nil)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer func(h bool, r int) { kvcache.HostBounds, kvcache.BoxRowMultiple = h, r }(kvcache.HostBounds, kvcache.BoxRowMultiple)
+	type engine struct {
+		name        string
+		method      string // "" for the dense engine's floor
+		host        bool
+		rowMultiple int
+	}
+	engines := []engine{
+		{name: "floor"},
+		{name: "retro", method: "retro", host: true, rowMultiple: 16},
+		{name: "quest-before", method: "quest", host: false, rowMultiple: 1},
+		{name: "quest-after", method: "quest", host: true, rowMultiple: 16},
+	}
+	var steps []func() error
+	for _, e := range engines {
+		kvcache.HostBounds, kvcache.BoxRowMultiple = e.host, e.rowMultiple
+		if e.method == "" {
+			s, err := m.NewSessionWith(runtime.DenseCache)
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer s.Close()
+			if _, err := s.Eval(ctx, toks[:floorCtx], false, nil); err != nil {
+				b.Fatal(err)
+			}
+			steps = append(steps, func() error {
+				_, err := s.Eval(ctx, toks[s.Len():s.Len()+1], false, nil)
+				return err
+			})
+			continue
+		}
+		s, err := m.DocumentSession(doc, runtime.PolicyOptions{Policy: e.method, Budget: 2048})
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer s.Close()
+		if _, err := s.Eval(ctx, toks[n-8:n], false, nil); err != nil { // the question
+			b.Fatal(err)
+		}
+		next := n
+		steps = append(steps, func() error {
+			kvcache.HostBounds, kvcache.BoxRowMultiple = e.host, e.rowMultiple
+			_, err := s.Eval(ctx, toks[next:next+1], false, nil)
+			next++
+			return err
+		})
+	}
+	if b.N > room {
+		b.Fatalf("-benchtime %dx exceeds the %d steps of room", b.N, room)
+	}
+	times := make([][]float64, len(steps))
+	b.ResetTimer()
+	for range b.N {
+		for j, step := range steps {
+			t0 := time.Now()
+			if err := step(); err != nil {
+				b.Fatal(err)
+			}
+			times[j] = append(times[j], float64(time.Since(t0))/float64(time.Millisecond))
+		}
+	}
+	b.StopTimer()
+	med := make([]float64, len(times))
+	for j, t := range times {
+		slices.Sort(t)
+		med[j] = t[len(t)/2]
+	}
+	for j, e := range engines {
+		b.ReportMetric(med[j], "ms-"+e.name)
+		if j > 0 {
+			b.ReportMetric(med[j]/med[0], e.name+"/floor")
+		}
+	}
+	b.Log(fmt.Sprintf("context %d: quest after − before %.3f ms, quest after − retro %.3f ms", n, med[3]-med[2], med[3]-med[1]))
+}
