@@ -127,6 +127,10 @@ func BenchmarkDecodeStep(b *testing.B) {
 			// squeezed looking its clusters up on the host each step (a
 			// graph split per layer; before in-graph scoring).
 			{"squeezed-host", "squeezed", map[string]any{paging.HostScores: true}},
+			// squeezed keeping the clusters it holds unless others score
+			// 4 or 1e9 attention logits higher (a hysteresis, not the paper's rule).
+			{"squeezed-keep4", "squeezed", map[string]any{squeezed.KeepKey: 4.0}},
+			{"squeezed-keepall", "squeezed", map[string]any{squeezed.KeepKey: 1e9}},
 		} {
 			b.Run(fmt.Sprintf("kvrecall/%s-2048/%d", c.name, n), func(b *testing.B) {
 				var sq []*squeezed.Options

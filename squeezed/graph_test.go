@@ -1,7 +1,9 @@
 package squeezed
 
 import (
+	"fmt"
 	"math/rand/v2"
+	"slices"
 	"testing"
 
 	"github.com/stretchr/testify/require"
@@ -110,4 +112,127 @@ func TestGraphScoresMatchHostLookup(t *testing.T) {
 			require.Positive(t, checked)
 		})
 	}
+}
+
+// TopScores (the ranking of scores computed in the graph) gives fill's
+// answer over every cluster (FlatTop's rule), whatever the budget, the
+// cluster sizes and ties among the scores (quantised scores), including
+// budgets larger than the estimate it starts from and than the document.
+func TestTopScoresMatchesFill(t *testing.T) {
+	for _, tc := range []struct {
+		name       string
+		k, maxSize int
+		levels     int // scores quantised to this many values (0: continuous)
+		budgets    []int
+		skewed     bool
+	}{
+		{"continuous", 800, 40, 0, []int{1, 100, 1700, 20000}, false},
+		{"ties", 800, 40, 7, []int{1, 100, 1700}, false},
+		{"skewed sizes", 3000, 200, 0, []int{50, 2048, 9000}, true},
+		{"few clusters", 5, 10, 3, []int{1, 4, 100}, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			rng := rand.New(rand.NewPCG(uint64(tc.k), 1))
+			h := &Head{Sizes: make([]int32, tc.k)}
+			total := 0
+			for j := range h.Sizes {
+				sz := 1 + rng.IntN(tc.maxSize)
+				if tc.skewed && j%10 != 0 {
+					sz = 1 + rng.IntN(3) // most clusters tiny, a few huge: the mean misleads the estimate
+				}
+				h.Sizes[j] = int32(sz)
+				total += sz
+			}
+			h.Assign = make([]int32, total)
+			for trial := 0; trial < 20; trial++ {
+				score := make([]float32, tc.k)
+				for j := range score {
+					score[j] = float32(rng.NormFloat64())
+					if tc.levels > 0 {
+						score[j] = float32(rng.IntN(tc.levels))
+					}
+				}
+				for _, budget := range tc.budgets {
+					var sc Scratch
+					cand := make([]int32, tc.k)
+					for j := range cand {
+						cand[j] = int32(j)
+					}
+					want := h.fill(score, cand, budget, nil)
+					got := h.TopScores(score, budget, &sc, nil)
+					require.Equal(t, want, got, "trial %d budget %d", trial, budget)
+				}
+			}
+		})
+	}
+}
+
+// KeepKey's hysteresis keeps the clusters the last decode step took while
+// other clusters do not score that much higher: with a margin no score
+// reaches, consecutive steps attend to nearly the same cluster tokens
+// (only what the shrinking budget no longer fits changes), where the
+// paper's rule (0) follows each step's queries.
+func TestKeepHoldsClusters(t *testing.T) {
+	const d, heads, kvHeads, tokens, P = 16, 4, 2, 4000, 16
+	keys := func(l, g, n int, dst []float32) []float32 { return topicKeys(uint64(9+g), n, d, 40) }
+	ix, err := Build(keys, 1, kvHeads, d, tokens, Options{Seed: 4, Window: 100})
+	require.NoError(t, err)
+	overlap := map[float64]float64{}
+	for _, keep := range []float64{0, 1e9} {
+		t.Run(fmt.Sprint("keep=", keep), func(t *testing.T) {
+			c := paging.Config{PageSize: P, Budget: 1024, Sinks: 64, Window: 64, Layers: 1, KVHeads: kvHeads,
+				Options: map[string]any{OptionKey: ix, KeepKey: keep}}
+			sel, err := paging.New("squeezed", c)
+			require.NoError(t, err)
+			gs := sel.(paging.CentroidScored)
+			require.True(t, gs.UseGraphScores())
+			rows, k, _ := gs.Centroids(0)
+			rng := rand.New(rand.NewPCG(3, 3))
+			upto := tokens + 1
+			sel.Select(0, nil, &paging.Queries{Q: [][]float32{randQuery(rng, heads*d)}, Heads: heads}, upto)
+			var prev [][]int32
+			same, all := 0, 0
+			for step := 0; step < 10; step++ {
+				q := randQuery(rng, heads*d)
+				scores := make([]float32, heads*k)
+				for h := 0; h < heads; h++ {
+					g := h / (heads / kvHeads)
+					matVec(scores[h*k:(h+1)*k], rows[g*k*d:(g+1)*k*d], q[h*d:(h+1)*d])
+				}
+				gs.Scored(0, scores, upto)
+				upto++
+				s := sel.Select(0, nil, nil, upto)
+				// The cluster tokens: below the clustered end, past the sinks.
+				cur := make([][]int32, kvHeads)
+				for g, toks := range s.Tokens {
+					for _, tk := range toks {
+						if tk >= 64 && int(tk) < ix.Clustered {
+							cur[g] = append(cur[g], tk)
+						}
+					}
+					require.Greater(t, len(cur[g]), 500, "clusters fill the budget")
+					if prev != nil {
+						for _, tk := range cur[g] {
+							if slices.Contains(prev[g], tk) {
+								same++
+							}
+							all++
+						}
+					}
+				}
+				prev = cur
+			}
+			overlap[keep] = float64(same) / float64(all)
+		})
+	}
+	require.Greater(t, overlap[1e9], 0.9, "held clusters stay")
+	require.Less(t, overlap[0], overlap[1e9]-0.2, "without the hysteresis the clusters follow the queries")
+}
+
+func randQuery(rng *rand.Rand, n int) []float32 {
+	q := make([]float32, n)
+	for i := range q {
+		q[i] = float32(rng.NormFloat64())
+	}
+	return q
 }

@@ -17,6 +17,15 @@ import (
 // method finds its document's clusters: an *Index or a Use.
 const OptionKey = "squeezed"
 
+// KeepKey is the paging.Config.Options key (a float64) of an optional
+// hysteresis for decode steps scored in the graph, as quest's
+// paging.KeepLogits: a cluster the last step took gets KeepKey attention
+// logits (KeepKey·√headDim on q·c) added before the clusters are ranked,
+// so it stays unless another scores that much higher. 0 (the default) is
+// the paper's selection: each step's own top clusters. It trades the
+// paper's selection for fewer uploads (docs/kvcache.md).
+const KeepKey = "squeezed-keep"
+
 // Use is what the method reads from Options[OptionKey]: the document's
 // index and the mode.
 type Use struct {
@@ -69,6 +78,9 @@ type selector struct {
 	centK   []int
 	scores  map[int][]float32
 	lists   map[int][]rankedLists
+	keep    float64           // KeepKey
+	held    map[int][][]int32 // per layer and KV head: the clusters the last pass took
+	adj     []float32         // a score row with the held clusters' bonus
 }
 
 // rankedLists is one KV head's ranked cluster lists: list i is
@@ -107,7 +119,12 @@ func newSelector(c paging.Config) (paging.Selector, error) {
 	if u.Resident < c.Budget {
 		return nil, fmt.Errorf("squeezed: resident tokens %d are fewer than the budget %d", u.Resident, c.Budget)
 	}
-	return &selector{c: c, ix: u.Index, thresh: u.Threshold, resident: u.Resident, lists: map[int][]rankedLists{}}, nil
+	keep, _ := c.Options[KeepKey].(float64)
+	if keep < 0 || math.IsNaN(keep) {
+		return nil, fmt.Errorf("squeezed: %s %v: the hysteresis must be ≥ 0 attention logits", KeepKey, keep)
+	}
+	return &selector{c: c, ix: u.Index, thresh: u.Threshold, resident: u.Resident, lists: map[int][]rankedLists{},
+		keep: keep, held: map[int][][]int32{}}, nil
 }
 
 func (s *selector) Name() string          { return "squeezed" }
@@ -237,8 +254,20 @@ func (s *selector) Select(layer int, sum paging.Summaries, q *paging.Queries, up
 			// ranking as FlatTop / FlatAbove on the host.
 			k := s.centK[layer]
 			G := len(scores) / (k * s.ix.KVHeads)
+			var held []int32
+			if hs := s.held[layer]; s.keep > 0 && len(hs) > g {
+				held = hs[g]
+			}
+			bonus := float32(s.keep * math.Sqrt(float64(h.D)))
 			for j := 0; j < G; j++ {
 				row := scores[(g*G+j)*k : (g*G+j+1)*k]
+				if len(held) > 0 {
+					s.adj = append(s.adj[:0], row...)
+					for _, c := range held {
+						s.adj[c] += bonus
+					}
+					row = s.adj
+				}
 				s.flat = s.rankScores(h, row, tokBudget, s.flat)
 				s.offs = append(s.offs, int32(len(s.flat)))
 			}
@@ -286,6 +315,7 @@ func (s *selector) Select(layer int, sum paging.Summaries, q *paging.Queries, up
 		}
 		lists := len(s.offs) - 1
 		used := 0
+		var taken []int32
 		for r := 0; used < tokBudget; r++ {
 			any := false
 			for i := 0; i < lists; i++ {
@@ -307,10 +337,21 @@ func (s *selector) Select(layer int, sum paging.Summaries, q *paging.Queries, up
 					mark(t)
 				}
 				used += len(ct)
+				if s.keep > 0 {
+					taken = append(taken, j)
+				}
 			}
 			if !any {
 				break
 			}
+		}
+		if s.keep > 0 {
+			hs := s.held[layer]
+			if len(hs) != s.ix.KVHeads {
+				hs = make([][]int32, s.ix.KVHeads)
+				s.held[layer] = hs
+			}
+			hs[g] = append(hs[g][:0], taken...)
 		}
 		for t := 0; t < sinks; t++ {
 			mark(int32(t))
@@ -346,11 +387,7 @@ func (s *selector) rankScores(h *Head, row []float32, budget int, out []int32) [
 	k := h.K()
 	fine := row[:k]
 	if !s.thresh {
-		s.sc.cand = s.sc.cand[:0]
-		for j := 0; j < k; j++ {
-			s.sc.cand = append(s.sc.cand, int32(j))
-		}
-		return h.fill(fine, s.sc.cand, budget, out)
+		return h.TopScores(fine, budget, &s.sc, out)
 	}
 	lz := h.logZFrom(row[k : k+len(h.Radius)])
 	tau := float32(math.Sqrt(float64(h.D)) * (math.Log(float64(s.ix.Threshold)) + lz))
