@@ -236,3 +236,34 @@ func randQuery(rng *rand.Rand, n int) []float32 {
 	}
 	return q
 }
+
+// Threshold mode keeps the host lookup unless paging.HostScores is set to
+// false (the lag lost a needle there); budget mode scores in the graph by
+// default.
+func TestGraphScoresDefaults(t *testing.T) {
+	ix, err := Build(func(l, g, n int, dst []float32) []float32 { return topicKeys(1, n, 8, 4) }, 1, 1, 8, 400, Options{})
+	require.NoError(t, err)
+	ix.Threshold = 1e-3
+	for _, tc := range []struct {
+		name  string
+		use   Use
+		extra map[string]any
+		want  bool
+	}{
+		{"budget", Use{Index: ix}, nil, true},
+		{"budget, host scores", Use{Index: ix}, map[string]any{paging.HostScores: true}, false},
+		{"threshold", Use{Index: ix, Threshold: true}, nil, false},
+		{"threshold, host scores off", Use{Index: ix, Threshold: true}, map[string]any{paging.HostScores: false}, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			o := map[string]any{OptionKey: tc.use}
+			for k, v := range tc.extra {
+				o[k] = v
+			}
+			sel, err := paging.New("squeezed", paging.Config{PageSize: 16, Budget: 256, Options: o})
+			require.NoError(t, err)
+			require.Equal(t, tc.want, sel.(paging.GraphScored).UseGraphScores())
+			require.Equal(t, !tc.want, sel.NeedQueries(0, 1))
+		})
+	}
+}
