@@ -123,14 +123,15 @@ func BenchmarkDecodeStep(b *testing.B) {
 			// question's): what the in-graph bounds alone cost over retro.
 			{"quest-keepall", "quest", map[string]any{paging.KeepLogits: 1e9}},
 			// squeezed: centroid scores in the graph, one step late.
-			{"squeezed", "squeezed", nil},
+			// (opt-in: HostScores false; the default is the host lookup).
+			{"squeezed", "squeezed", map[string]any{paging.HostScores: false}},
 			// squeezed looking its clusters up on the host each step (a
-			// graph split per layer; before in-graph scoring).
-			{"squeezed-host", "squeezed", map[string]any{paging.HostScores: true}},
+			// graph split per layer; the default).
+			{"squeezed-host", "squeezed", nil},
 			// squeezed keeping the clusters it holds unless others score
 			// 4 or 1e9 attention logits higher (a hysteresis, not the paper's rule).
-			{"squeezed-keep4", "squeezed", map[string]any{squeezed.KeepKey: 4.0}},
-			{"squeezed-keepall", "squeezed", map[string]any{squeezed.KeepKey: 1e9}},
+			{"squeezed-keep4", "squeezed", map[string]any{paging.HostScores: false, squeezed.KeepKey: 4.0}},
+			{"squeezed-keepall", "squeezed", map[string]any{paging.HostScores: false, squeezed.KeepKey: 1e9}},
 		} {
 			b.Run(fmt.Sprintf("kvrecall/%s-2048/%d", c.name, n), func(b *testing.B) {
 				var sq []*squeezed.Options

@@ -181,7 +181,7 @@ func TestKeepHoldsClusters(t *testing.T) {
 	for _, keep := range []float64{0, 1e9} {
 		t.Run(fmt.Sprint("keep=", keep), func(t *testing.T) {
 			c := paging.Config{PageSize: P, Budget: 1024, Sinks: 64, Window: 64, Layers: 1, KVHeads: kvHeads,
-				Options: map[string]any{OptionKey: ix, KeepKey: keep}}
+				Options: map[string]any{OptionKey: ix, KeepKey: keep, paging.HostScores: false}}
 			sel, err := paging.New("squeezed", c)
 			require.NoError(t, err)
 			gs := sel.(paging.CentroidScored)
@@ -237,9 +237,8 @@ func randQuery(rng *rand.Rand, n int) []float32 {
 	return q
 }
 
-// Threshold mode keeps the host lookup unless paging.HostScores is set to
-// false (the lag lost a needle there); budget mode scores in the graph by
-// default.
+// Both modes keep the host lookup unless paging.HostScores is set to
+// false (one step late lost needles).
 func TestGraphScoresDefaults(t *testing.T) {
 	ix, err := Build(func(l, g, n int, dst []float32) []float32 { return topicKeys(1, n, 8, 4) }, 1, 1, 8, 400, Options{})
 	require.NoError(t, err)
@@ -250,7 +249,8 @@ func TestGraphScoresDefaults(t *testing.T) {
 		extra map[string]any
 		want  bool
 	}{
-		{"budget", Use{Index: ix}, nil, true},
+		{"budget", Use{Index: ix}, nil, false},
+		{"budget, host scores off", Use{Index: ix}, map[string]any{paging.HostScores: false}, true},
 		{"budget, host scores", Use{Index: ix}, map[string]any{paging.HostScores: true}, false},
 		{"threshold", Use{Index: ix, Threshold: true}, nil, false},
 		{"threshold, host scores off", Use{Index: ix, Threshold: true}, map[string]any{paging.HostScores: false}, true},
@@ -260,7 +260,7 @@ func TestGraphScoresDefaults(t *testing.T) {
 			for k, v := range tc.extra {
 				o[k] = v
 			}
-			sel, err := paging.New("squeezed", paging.Config{PageSize: 16, Budget: 256, Options: o})
+			sel, err := paging.New("squeezed", paging.Config{PageSize: 16, Budget: 1024, Options: o})
 			require.NoError(t, err)
 			require.Equal(t, tc.want, sel.(paging.GraphScored).UseGraphScores())
 			require.Equal(t, !tc.want, sel.NeedQueries(0, 1))

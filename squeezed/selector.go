@@ -152,14 +152,13 @@ func (s *selector) NeedQueries(layer, batch int) bool {
 // clusters from the centroid scores the cache computed in the previous
 // step's graph (one step late), ranked by the same rule as on the host.
 // Multi-token passes (a question) keep the host lookup of their own
-// queries. Not with Config.Options[paging.HostScores] true, and in
-// threshold mode only with it set to false: there a step attends to a few
-// hundred tokens, and one step late lost a needle the host lookup finds
-// (TestSqueezedNeedle, recall model, depth 10%: the answer's third token
-// repeated its second, whose cluster the previous query had chosen).
+// queries. Only with Config.Options[paging.HostScores] set to false:
+// one step late lost needles the host lookup finds (TestSqueezedNeedle,
+// recall model, depth 10%, in threshold mode and then in budget mode: the
+// answer repeated a token whose cluster the previous query had chosen),
+// so the paper's per-step lookup on the host stays the default.
 func (s *selector) UseGraphScores() bool {
-	host, set := s.c.Options[paging.HostScores].(bool)
-	if host || s.thresh && !set {
+	if host, set := s.c.Options[paging.HostScores].(bool); host || !set {
 		return false
 	}
 	s.graph, s.version = true, versions.Add(1)
