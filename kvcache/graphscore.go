@@ -64,7 +64,8 @@ type boxTensor struct {
 	buf      []float32 // the changed rows, reused
 }
 
-// rankOut is the page bounds a graph computes, read back after it ran.
+// rankOut is the page bounds (or, for a CentroidScored selector, the
+// [heads][k] centroid scores) a graph computes, read back after it ran.
 type rankOut struct {
 	layer  int
 	upto   int
@@ -76,7 +77,15 @@ type rankOut struct {
 // graph.
 func (c *Paged) graphScoring(layer int) bool {
 	gs, isGS := c.opt.Selector.(paging.GraphScored)
-	return isGS && c.graphScores && c.single(layer) != nil && gs.GraphScores(layer, c.n, c.upto)
+	if !isGS || !c.graphScores {
+		return false
+	}
+	// Quest's boxes are one group's (every KV head's) rows; centroid
+	// scores are per KV head and fit any groups.
+	if _, cs := gs.(paging.CentroidScored); !cs && c.single(layer) == nil {
+		return false
+	}
+	return gs.GraphScores(layer, c.n, c.upto)
 }
 
 // boxesFor returns layer's box tensor with room for pages pages, grown
@@ -121,6 +130,10 @@ func boxRows(bt *boxTensor, pages int) int {
 // the bound of every page against q [headDim, heads, 1], which Computed
 // hands to the selector.
 func (c *Paged) scoreInGraph(ctx ml.Context, layer int, q ml.Tensor) {
+	if cs, ok := c.opt.Selector.(paging.CentroidScored); ok {
+		c.centroidScores(ctx, layer, cs, q)
+		return
+	}
 	view := c.layers[layer].view
 	pages := min(view.Pages(), paging.PagesOf(c.upto, c.L.PageSize))
 	if pages == 0 {
@@ -241,6 +254,57 @@ func maxHeadsGraph(ctx ml.Context, s ml.Tensor, pages int) ml.Tensor {
 		s, n = m, half+n%2
 	}
 	return s.View(ctx, 0, pages)
+}
+
+// centTensor is one layer's centroids (paging.CentroidScored) in backend
+// memory.
+type centTensor struct {
+	ctx     ml.Context
+	t       ml.Tensor // f32 [headDim, k, kvHeads]
+	k       int
+	version uint64
+}
+
+// centroidsFor returns layer's centroid tensor, uploaded again (a new
+// tensor) when the selector's version of them changed.
+func (c *Paged) centroidsFor(layer int, cs paging.CentroidScored) (*centTensor, error) {
+	if c.cents == nil {
+		c.cents = make([]*centTensor, c.L.Layers)
+	}
+	rows, k, version := cs.Centroids(layer)
+	ct := c.cents[layer]
+	if ct != nil && ct.version == version && ct.k == k {
+		return ct, nil
+	}
+	if k <= 0 || len(rows) != k*c.L.KVHeads*c.L.HeadDim {
+		return nil, fmt.Errorf("kvcache: %s gave %d centroid floats for layer %d, want %d rows of %d for each of %d KV heads", c.opt.Selector.Name(), len(rows), layer, k, c.L.HeadDim, c.L.KVHeads)
+	}
+	if ct != nil {
+		ct.ctx.Close()
+	}
+	ct = &centTensor{k: k, version: version}
+	ct.ctx = c.b.NewContextSize(1).Layer(layer)
+	ct.t = ct.ctx.FromFloats(rows, c.L.HeadDim, k, c.L.KVHeads)
+	c.cents[layer] = ct
+	return ct, nil
+}
+
+// centroidScores adds to ctx every query head's product with its KV
+// head's centroids, q [headDim, heads, 1] against the layer's centroid
+// tensor [headDim, k, kvHeads] (query head h reads KV head h / (heads /
+// kvHeads)): one mul_mat, f32 [k, heads/kvHeads, kvHeads], which Computed
+// hands to the selector as [heads][k].
+func (c *Paged) centroidScores(ctx ml.Context, layer int, cs paging.CentroidScored, q ml.Tensor) {
+	ct, err := c.centroidsFor(layer, cs)
+	if err != nil {
+		panic(err) // a selector handing rows of the wrong shape is a bug, as a bad selection's shape is
+	}
+	hd, heads, kvh := q.Dim(0), q.Dim(1), c.L.KVHeads
+	qq := q.Contiguous(ctx).Reshape(ctx, hd, heads/kvh, kvh)
+	s := ct.t.Mulmat(ctx, qq) // [k, group, kvh]
+	out := ctx.Input().Empty(ml.DTypeF32, ct.k*heads)
+	ctx.Forward(s.Reshape(ctx, ct.k*heads).Copy(ctx, out))
+	c.ranks[ctx] = append(c.ranks[ctx], rankOut{layer: layer, upto: c.upto, pages: ct.k * heads, scores: out})
 }
 
 // readRanks hands the bounds computed in ctx's graph to the selector.

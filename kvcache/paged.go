@@ -93,6 +93,7 @@ type Paged struct {
 	// page bounds each graph computes, read back in Computed.
 	graphScores bool
 	boxes       []*boxTensor
+	cents       []*centTensor // per layer, for a paging.CentroidScored selector
 	ranks       map[ml.Context][]rankOut
 
 	// The last mask built: pools with the same layout and selection (every
@@ -391,6 +392,12 @@ func (c *Paged) Close() {
 		}
 	}
 	c.boxes = nil
+	for _, ct := range c.cents {
+		if ct != nil {
+			ct.ctx.Close()
+		}
+	}
+	c.cents = nil
 	c.closed = true
 }
 

@@ -300,8 +300,12 @@ func (c *Paged) tokenKV(ctx ml.Context, l int, g *group) (ml.Tensor, ml.Tensor, 
 	k := pl.k.View(ctx, 0, c.L.HeadDim, pl.k.Stride(1), heads, pl.k.Stride(2), cells)
 	// The pool's values are token-major ([headDim, heads, cells], like
 	// the keys), so that a token's upload is one row, as for K; attention
-	// wants them permuted: one copy of the used cells per pass.
-	v := pl.v.View(ctx, 0, c.L.HeadDim, pl.v.Stride(1), heads, pl.v.Stride(2), cells).Permute(ctx, 1, 2, 0, 3).Contiguous(ctx)
+	// wants them permuted: one copy of the used cells per pass, converted
+	// to f32 on the way. An f16→f16 copy of a permuted tensor is ggml's
+	// generic byte copy, one memcpy call per element: it was a sixth of a
+	// squeezed decode step at 16k (perf, docs/performance.md); the
+	// converting copy is one loop, and attention then weighs f32 values.
+	v := pl.v.View(ctx, 0, c.L.HeadDim, pl.v.Stride(1), heads, pl.v.Stride(2), cells).Permute(ctx, 1, 2, 0, 3).Cast(ctx, ml.DTypeF32)
 	mask := buildTokenMask(pl.tok, cells, g.tok, g.cells, c.pos0)
 	return k, v, ctx.Input().FromFloats(mask, cells, c.n)
 }

@@ -33,6 +33,22 @@ type GraphScored interface {
 	Scored(layer int, scores []float32, upto int)
 }
 
+// CentroidScored is a GraphScored selector whose in-graph scores are the
+// plain products of each query head with fixed vectors of its KV head
+// (squeezed's cluster centroids), not Quest's box bound. The cache keeps a
+// layer's vectors as one backend tensor, f32 [headDim, k, kvHeads],
+// uploaded when their version changes (once per session: the vectors are
+// the document's), scores every query head against its KV head's k rows
+// with one mul_mat per layer, and hands Scored the k scores of each query
+// head h at scores[h·k : (h+1)·k]. It works for any head groups.
+type CentroidScored interface {
+	GraphScored
+	// Centroids returns layer's vectors, [kvHeads][k][headDim] flattened
+	// (a KV head with fewer than k pads with rows whose scores it
+	// ignores), and their version: the same version means the same rows.
+	Centroids(layer int) (rows []float32, k int, version uint64)
+}
+
 // HostScores is the Config.Options key that keeps a GraphScored method's
 // decode steps on the host (true): every step then splits the graph per
 // layer for the queries and scores its own queries exactly, as before

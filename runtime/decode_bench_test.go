@@ -18,6 +18,7 @@ import (
 	"github.com/kvrecall/kvrecall/llamaref"
 	"github.com/kvrecall/kvrecall/paging"
 	"github.com/kvrecall/kvrecall/runtime"
+	"github.com/kvrecall/kvrecall/squeezed"
 )
 
 // BenchmarkDecodeStep times one single-token decode step (1 thread) after
@@ -55,8 +56,12 @@ func BenchmarkDecodeStep(b *testing.B) {
 		}
 	}
 	for _, n := range contexts {
-		open := func(b *testing.B) (*runtime.Model, []int32) {
-			m, err := runtime.Open(ctx, path, runtime.Options{Threads: 1, ContextLength: n + extra, DataDir: b.TempDir()})
+		open := func(b *testing.B, sq ...*squeezed.Options) (*runtime.Model, []int32) {
+			o := runtime.Options{Threads: 1, ContextLength: n + extra, DataDir: b.TempDir()}
+			if len(sq) > 0 {
+				o.Squeezed = sq[0] // documents ingested with clusters
+			}
+			m, err := runtime.Open(ctx, path, o)
 			if err != nil {
 				b.Fatal(err)
 			}
@@ -117,9 +122,23 @@ func BenchmarkDecodeStep(b *testing.B) {
 			// quest never replacing a held page (no uploads after the
 			// question's): what the in-graph bounds alone cost over retro.
 			{"quest-keepall", "quest", map[string]any{paging.KeepLogits: 1e9}},
+			// squeezed: centroid scores in the graph, one step late.
+			// (opt-in: HostScores false; the default is the host lookup).
+			{"squeezed", "squeezed", map[string]any{paging.HostScores: false}},
+			// squeezed looking its clusters up on the host each step (a
+			// graph split per layer; the default).
+			{"squeezed-host", "squeezed", nil},
+			// squeezed keeping the clusters it holds unless others score
+			// 4 or 1e9 attention logits higher (a hysteresis, not the paper's rule).
+			{"squeezed-keep4", "squeezed", map[string]any{paging.HostScores: false, squeezed.KeepKey: 4.0}},
+			{"squeezed-keepall", "squeezed", map[string]any{paging.HostScores: false, squeezed.KeepKey: 1e9}},
 		} {
 			b.Run(fmt.Sprintf("kvrecall/%s-2048/%d", c.name, n), func(b *testing.B) {
-				m, toks := open(b)
+				var sq []*squeezed.Options
+				if c.method == "squeezed" {
+					sq = append(sq, &squeezed.Options{})
+				}
+				m, toks := open(b, sq...)
 				doc, err := m.IngestTokensWith(ctx, "doc", toks[:n-8], runtime.IngestOptions{}, nil)
 				if err != nil {
 					b.Fatal(err)

@@ -325,6 +325,105 @@ func (h *Head) FlatTop(q []float32, budget int, sc *Scratch, out []int32) []int3
 	return h.fill(sc.fine, sc.cand, budget, out)
 }
 
+// TopScores is FlatTop from scores already computed (score[j] = q·c_j, j <
+// K): the clusters of highest score, best first (ties: lower j), until
+// their tokens reach budget. The same answer as fill over every cluster,
+// found without ordering all K: the m-th best score (m an estimate of the
+// clusters the budget takes, from the mean cluster size, with a margin) is
+// found by quickselect on a copy, only the clusters at or above it are
+// sorted, and m doubles in the rare case their tokens fall short. A decode
+// step scored in the graph ranks 4 lists per KV head and layer this way:
+// fill's heap over all K was 0.9 ms of a 7.9 ms step at 16k (K = 819) and
+// grows with K.
+func (h *Head) TopScores(score []float32, budget int, sc *Scratch, out []int32) []int32 {
+	k := h.K()
+	if budget <= 0 || k == 0 {
+		return out
+	}
+	score = score[:k]
+	mean := max(1, len(h.Assign)/k)
+	m := min(k, 2*budget/mean+16)
+	for {
+		if m >= k {
+			sc.cand = sc.cand[:0]
+			for j := 0; j < k; j++ {
+				sc.cand = append(sc.cand, int32(j))
+			}
+			return h.fill(score, sc.cand, budget, out)
+		}
+		sc.fine = append(sc.fine[:0], score...)
+		t := nthLargest(sc.fine, m)
+		sc.cand = sc.cand[:0]
+		for j, v := range score {
+			if v >= t {
+				sc.cand = append(sc.cand, int32(j))
+			}
+		}
+		slices.SortFunc(sc.cand, func(a, b int32) int {
+			switch sa, sb := score[a], score[b]; {
+			case sa > sb:
+				return -1
+			case sa < sb:
+				return 1
+			}
+			return int(a - b)
+		})
+		tok, start := 0, len(out)
+		for _, j := range sc.cand {
+			if tok >= budget {
+				return out
+			}
+			out = append(out, j)
+			tok += int(h.Sizes[j])
+		}
+		if tok >= budget || len(sc.cand) == k {
+			return out
+		}
+		out = out[:start] // every cluster above the cut taken, budget not reached: more
+		m *= 2
+	}
+}
+
+// nthLargest returns the m-th largest of x (1-based), reordering x
+// (quickselect, median-of-three pivots).
+func nthLargest(x []float32, m int) float32 {
+	lo, hi, want := 0, len(x)-1, m-1 // want: index in descending order
+	for lo < hi {
+		mid := lo + (hi-lo)/2
+		// Median of three as pivot.
+		a, b, c := x[lo], x[mid], x[hi]
+		p := b
+		if (a >= b) != (a >= c) {
+			p = a
+		} else if (c >= a) != (c >= b) {
+			p = c
+		}
+		i, j := lo, hi
+		for i <= j {
+			for x[i] > p {
+				i++
+			}
+			for x[j] < p {
+				j--
+			}
+			if i <= j {
+				x[i], x[j] = x[j], x[i]
+				i++
+				j--
+			}
+		}
+		switch {
+		case want <= j:
+			hi = j
+		case want >= i:
+			lo = i
+		default:
+			return x[want]
+		}
+	}
+	return x[want]
+}
+
 // fill appends cand to out by score (best first, ties by lower cluster)
 // until their tokens reach budget. cand is reordered.
 //

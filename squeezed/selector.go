@@ -6,6 +6,7 @@ import (
 	"math"
 	"math/bits"
 	"slices"
+	"sync/atomic"
 
 	"github.com/viterin/vek/vek32"
 
@@ -15,6 +16,15 @@ import (
 // OptionKey is the paging.Config.Options key under which the "squeezed"
 // method finds its document's clusters: an *Index or a Use.
 const OptionKey = "squeezed"
+
+// KeepKey is the paging.Config.Options key (a float64) of an optional
+// hysteresis for decode steps scored in the graph, as quest's
+// paging.KeepLogits: a cluster the last step took gets KeepKey attention
+// logits (KeepKey·√headDim on q·c) added before the clusters are ranked,
+// so it stays unless another scores that much higher. 0 (the default) is
+// the paper's selection: each step's own top clusters. It trades the
+// paper's selection for fewer uploads (docs/kvcache.md).
+const KeepKey = "squeezed-keep"
 
 // Use is what the method reads from Options[OptionKey]: the document's
 // index and the mode.
@@ -56,7 +66,29 @@ type selector struct {
 	seen       []uint32
 	epoch      uint32
 	bits       []uint64
+
+	// Decode steps scored in the graph (paging.CentroidScored): the
+	// centroid rows per layer (built once), the scores of the last decode
+	// step per layer ([heads][k]), and per layer and KV head the ranked
+	// lists the last scoring produced (flat end to end, offs), which a
+	// decode step with no scores yet (the first after a question) reuses.
+	graph   bool
+	version uint64
+	cents   [][]float32
+	centK   []int
+	scores  map[int][]float32
+	lists   map[int][]rankedLists
+	keep    float64           // KeepKey
+	held    map[int][][]int32 // per layer and KV head: the clusters the last pass took
+	adj     []float32         // a score row with the held clusters' bonus
 }
+
+// rankedLists is one KV head's ranked cluster lists: list i is
+// flat[offs[i]:offs[i+1]].
+type rankedLists struct{ flat, offs []int32 }
+
+// versions numbers centroid sets: each selector's (its document's) own.
+var versions atomic.Uint64
 
 func newSelector(c paging.Config) (paging.Selector, error) {
 	var u Use
@@ -87,7 +119,12 @@ func newSelector(c paging.Config) (paging.Selector, error) {
 	if u.Resident < c.Budget {
 		return nil, fmt.Errorf("squeezed: resident tokens %d are fewer than the budget %d", u.Resident, c.Budget)
 	}
-	return &selector{c: c, ix: u.Index, thresh: u.Threshold, resident: u.Resident}, nil
+	keep, _ := c.Options[KeepKey].(float64)
+	if keep < 0 || math.IsNaN(keep) {
+		return nil, fmt.Errorf("squeezed: %s %v: the hysteresis must be ≥ 0 attention logits", KeepKey, keep)
+	}
+	return &selector{c: c, ix: u.Index, thresh: u.Threshold, resident: u.Resident, lists: map[int][]rankedLists{},
+		keep: keep, held: map[int][][]int32{}}, nil
 }
 
 func (s *selector) Name() string          { return "squeezed" }
@@ -104,39 +141,166 @@ func (s *selector) Groups(layer int) []paging.Group {
 	return gs
 }
 
-// NeedQueries: centroids are scored at every step, as in the paper.
-func (s *selector) NeedQueries(layer, _ int) bool { return !s.c.Dense(layer) }
+// NeedQueries: centroids are scored at every step, as in the paper; a
+// decode step whose scores the cache computes in the graph
+// (UseGraphScores) needs no queries on the host.
+func (s *selector) NeedQueries(layer, batch int) bool {
+	return !s.c.Dense(layer) && !(s.graph && batch == 1)
+}
+
+// UseGraphScores implements paging.GraphScored: decode steps take their
+// clusters from the centroid scores the cache computed in the previous
+// step's graph (one step late), ranked by the same rule as on the host.
+// Multi-token passes (a question) keep the host lookup of their own
+// queries. Only with Config.Options[paging.HostScores] set to false:
+// one step late lost needles the host lookup finds (TestSqueezedNeedle,
+// recall model, depth 10%, in threshold mode and then in budget mode: the
+// answer repeated a token whose cluster the previous query had chosen),
+// so the paper's per-step lookup on the host stays the default.
+func (s *selector) UseGraphScores() bool {
+	if host, set := s.c.Options[paging.HostScores].(bool); host || !set {
+		return false
+	}
+	s.graph, s.version = true, versions.Add(1)
+	s.scores = map[int][]float32{}
+	return true
+}
+
+// GraphScores implements paging.GraphScored: every clustered layer's
+// decode step, while the budget leaves room for clusters.
+func (s *selector) GraphScores(layer, batch, upto int) bool {
+	if !s.graph || batch != 1 || s.c.Dense(layer) {
+		return false
+	}
+	_, _, tokBudget := s.bounds(upto + 1)
+	return tokBudget > 0
+}
+
+// Scored implements paging.GraphScored: layer's centroid scores, [heads][k]
+// as Centroids lays the rows out, from the step that ended at upto.
+func (s *selector) Scored(layer int, scores []float32, _ int) {
+	if s.graph {
+		s.scores[layer] = append(s.scores[layer][:0], scores...)
+	}
+}
+
+// Centroids implements paging.CentroidScored: per KV head g, the fine
+// centroids (rows 0..K_g-1), then the coarse ones (rows K_g..K_g+C_g-1:
+// threshold mode's log Z reads their scores), then zero rows up to k, the
+// largest K_g+C_g of the layer.
+func (s *selector) Centroids(layer int) ([]float32, int, uint64) {
+	if s.cents == nil {
+		s.cents, s.centK = make([][]float32, s.ix.Layers), make([]int, s.ix.Layers)
+	}
+	if s.cents[layer] == nil {
+		d, k := s.ix.HeadDim, 0
+		for _, h := range s.ix.Heads[layer] {
+			k = max(k, h.K()+len(h.Radius))
+		}
+		rows := make([]float32, s.ix.KVHeads*k*d)
+		for g, h := range s.ix.Heads[layer] {
+			at := g * k * d
+			at += copy(rows[at:], h.Centroids)
+			copy(rows[at:], h.Coarse)
+		}
+		s.cents[layer], s.centK[layer] = rows, k
+	}
+	return s.cents[layer], s.centK[layer], s.version
+}
+
+// bounds returns the tokens always attended and the budget left for
+// clusters at upto: the sinks, and every token from the recent window or
+// the end of the clustered tokens, whichever comes first (the observation
+// window, the question and the answer are in no cluster), but never more
+// than the budget: a long answer pushes the tail's start past the
+// clustered tokens' end.
+func (s *selector) bounds(upto int) (sinks, tail, tokBudget int) {
+	sinks = min(s.c.Sinks, upto)
+	tail = max(sinks, min(s.ix.Clustered, upto-s.c.Window), upto-(s.c.Budget-sinks))
+	return sinks, tail, s.c.Budget - sinks - (upto - tail)
+}
 
 func (s *selector) Select(layer int, sum paging.Summaries, q *paging.Queries, upto int) paging.Selection {
 	P := s.c.PageSize
 	n := paging.PagesOf(upto, P)
-	if s.c.Dense(layer) || q == nil {
+	if s.c.Dense(layer) || q == nil && !s.graph {
 		return paging.One(paging.AllPages(n))
 	}
-	// Always attended: the sinks, and every token from the recent window
-	// or the end of the clustered tokens, whichever comes first (the
-	// observation window, the question and the answer are in no cluster),
-	// but never more than the budget: a long answer pushes the tail's
-	// start past the clustered tokens' end.
-	sinks := min(s.c.Sinks, upto)
-	tail := max(sinks, min(s.ix.Clustered, upto-s.c.Window), upto-(s.c.Budget-sinks))
-	tokBudget := s.c.Budget - sinks - (upto - tail)
-	G := q.Heads / s.ix.KVHeads
-	d := s.ix.HeadDim
+	sinks, tail, tokBudget := s.bounds(upto)
 	sel := paging.Selection{Groups: make([][]int, s.ix.KVHeads), Tokens: make([][]int32, s.ix.KVHeads)}
 	words := (upto + 63) / 64
+	if len(s.lists[layer]) != s.ix.KVHeads {
+		s.lists[layer] = make([]rankedLists, s.ix.KVHeads)
+	}
+	scores, lagged := s.scores[layer]
+	if q != nil {
+		delete(s.scores, layer) // scored before this pass
+	}
 	for g := 0; g < s.ix.KVHeads; g++ {
 		h := s.ix.Heads[layer][g]
 		// One ranked cluster list per (query token, query head), the last
 		// token first: they share the budget round-robin. The lists are
 		// kept end to end in s.flat (list i is s.flat[s.offs[i]:s.offs[i+1]]).
 		s.flat, s.offs = s.flat[:0], append(s.offs[:0], 0)
-		for t := len(q.Q) - 1; t >= 0 && tokBudget > 0; t-- {
+		switch {
+		case q != nil:
+			G := q.Heads / s.ix.KVHeads
+			d := s.ix.HeadDim
+			for t := len(q.Q) - 1; t >= 0 && tokBudget > 0; t-- {
+				for j := 0; j < G; j++ {
+					qh := q.Q[t][(g*G+j)*d : (g*G+j+1)*d]
+					s.flat = s.rank(h, qh, tokBudget, s.flat)
+					s.offs = append(s.offs, int32(len(s.flat)))
+				}
+			}
+		case lagged && tokBudget > 0:
+			// The last decode step's scores, from the graph: the same
+			// ranking as FlatTop / FlatAbove on the host.
+			k := s.centK[layer]
+			G := len(scores) / (k * s.ix.KVHeads)
+			var held []int32
+			if hs := s.held[layer]; s.keep > 0 && len(hs) > g {
+				held = hs[g]
+			}
+			bonus := float32(s.keep * math.Sqrt(float64(h.D)))
 			for j := 0; j < G; j++ {
-				qh := q.Q[t][(g*G+j)*d : (g*G+j+1)*d]
-				s.flat = s.rank(h, qh, tokBudget, s.flat)
+				row := scores[(g*G+j)*k : (g*G+j+1)*k]
+				if len(held) > 0 {
+					s.adj = append(s.adj[:0], row...)
+					for _, c := range held {
+						s.adj[c] += bonus
+					}
+					row = s.adj
+				}
+				s.flat = s.rankScores(h, row, tokBudget, s.flat)
 				s.offs = append(s.offs, int32(len(s.flat)))
 			}
+		default:
+			// No scores yet (the first decode step after a question):
+			// the last scoring's lists. In budget mode each is cut to
+			// the prefix that fills this step's budget, which is what
+			// ranking the same queries again would give (the budget only
+			// shrinks as the tail grows; Top takes a prefix of one order).
+			rl := s.lists[layer][g]
+			for i := 0; i+1 < len(rl.offs); i++ {
+				l := rl.flat[rl.offs[i]:rl.offs[i+1]]
+				if !s.thresh {
+					tok := 0
+					for m, j := range l {
+						if tok >= tokBudget {
+							l = l[:m]
+							break
+						}
+						tok += int(h.Sizes[j])
+					}
+				}
+				s.flat = append(s.flat, l...)
+				s.offs = append(s.offs, int32(len(s.flat)))
+			}
+		}
+		if s.graph && (q != nil || lagged) {
+			rl := &s.lists[layer][g]
+			rl.flat, rl.offs = append(rl.flat[:0], s.flat...), append(rl.offs[:0], s.offs...)
 		}
 		// The chosen tokens as a bitmap over the positions: setting bits
 		// dedups the sinks and tail against the clusters, and reading it
@@ -155,6 +319,7 @@ func (s *selector) Select(layer int, sum paging.Summaries, q *paging.Queries, up
 		}
 		lists := len(s.offs) - 1
 		used := 0
+		var taken []int32
 		for r := 0; used < tokBudget; r++ {
 			any := false
 			for i := 0; i < lists; i++ {
@@ -176,10 +341,21 @@ func (s *selector) Select(layer int, sum paging.Summaries, q *paging.Queries, up
 					mark(t)
 				}
 				used += len(ct)
+				if s.keep > 0 {
+					taken = append(taken, j)
+				}
 			}
 			if !any {
 				break
 			}
+		}
+		if s.keep > 0 {
+			hs := s.held[layer]
+			if len(hs) != s.ix.KVHeads {
+				hs = make([][]int32, s.ix.KVHeads)
+				s.held[layer] = hs
+			}
+			hs[g] = append(hs[g][:0], taken...)
 		}
 		for t := 0; t < sinks; t++ {
 			mark(int32(t))
@@ -205,6 +381,36 @@ func (s *selector) Select(layer int, sum paging.Summaries, q *paging.Queries, up
 		sel.Groups[g], sel.Tokens[g] = ps, toks
 	}
 	return sel
+}
+
+// rankScores is rank from the scores the graph computed, fine[j] = q·c_j
+// for j < K followed by the coarse clusters' q·C_c (Centroids' rows): in
+// budget mode FlatTop's answer, in threshold mode FlatAbove's clusters
+// ranked as rank ranks them, with log Z from the coarse scores.
+func (s *selector) rankScores(h *Head, row []float32, budget int, out []int32) []int32 {
+	k := h.K()
+	fine := row[:k]
+	if !s.thresh {
+		return h.TopScores(fine, budget, &s.sc, out)
+	}
+	lz := h.logZFrom(row[k : k+len(h.Radius)])
+	tau := float32(math.Sqrt(float64(h.D)) * (math.Log(float64(s.ix.Threshold)) + lz))
+	start := len(out)
+	for j, v := range fine {
+		if v >= tau {
+			out = append(out, int32(j))
+		}
+	}
+	slices.SortFunc(out[start:], func(a, b int32) int {
+		switch {
+		case fine[a] > fine[b]:
+			return -1
+		case fine[a] < fine[b]:
+			return 1
+		}
+		return int(a - b)
+	})
+	return out
 }
 
 // rank returns h's clusters for query qh, best first: in budget mode the
@@ -239,9 +445,14 @@ func (s *selector) rank(h *Head, qh []float32, budget int, out []int32) []int32 
 // coarseLogZ is log Σ_c N_c exp(q·C_c/√d) over the coarse clusters (N_c
 // the tokens under c): by Jensen a lower bound of log Z over the fine ones.
 func (h *Head) coarseLogZ(q []float32, sc *Scratch) float64 {
-	c := len(h.Radius)
-	sc.coarse = grow(sc.coarse, c)
+	sc.coarse = grow(sc.coarse, len(h.Radius))
 	matVec(sc.coarse, h.Coarse, q)
+	return h.logZFrom(sc.coarse)
+}
+
+// logZFrom is coarseLogZ from the coarse scores q·C_c.
+func (h *Head) logZFrom(coarse []float32) float64 {
+	c := len(h.Radius)
 	inv := 1 / math.Sqrt(float64(h.D))
 	logN := func(p int) float64 {
 		var n int64
@@ -252,11 +463,11 @@ func (h *Head) coarseLogZ(q []float32, sc *Scratch) float64 {
 	}
 	m := math.Inf(-1)
 	for p := 0; p < c; p++ {
-		m = max(m, float64(sc.coarse[p])*inv+logN(p))
+		m = max(m, float64(coarse[p])*inv+logN(p))
 	}
 	var z float64
 	for p := 0; p < c; p++ {
-		z += math.Exp(float64(sc.coarse[p])*inv + logN(p) - m)
+		z += math.Exp(float64(coarse[p])*inv + logN(p) - m)
 	}
 	return m + math.Log(z)
 }
