@@ -266,7 +266,7 @@ func (m *Model) ingest(ctx context.Context, id string, toks []int32, textHash st
 	// prefilled here): the prefill below.
 	var content string
 	if m.opts.Store != nil {
-		content = m.contentKey(toks, o)
+		content = m.contentKey(toks, o, repsKey)
 		m.shared.fetchMu.Lock()
 		d, err := m.fetchShared(ctx, id, content)
 		if err == nil {

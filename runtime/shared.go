@@ -39,7 +39,11 @@ func (s *sharedState) record(err error) {
 // contentKey is a document's shared address: the model fingerprint, the
 // token sequence and every setting that changes the stored bytes (page
 // size, KV type, the page file's format, the prefill's kind, clustering).
-func (m *Model) contentKey(toks []int32, o IngestOptions) string {
+//
+// repsKey is the representatives file an ingest with ProbeReps builds
+// (probeRepsName of the filled settings: the defaults applied, so that
+// equal bytes get one key), empty without them.
+func (m *Model) contentKey(toks []int32, o IngestOptions, repsKey string) string {
 	settings := []string{
 		fmt.Sprintf("page_size=%d", m.opts.PageSize),
 		"kv=" + m.opts.KVType,
@@ -48,10 +52,10 @@ func (m *Model) contentKey(toks []int32, o IngestOptions) string {
 	if o.Streaming {
 		settings = append(settings, fmt.Sprintf("streaming=%d/%d/%d/%+v", o.Budget, o.Sinks, o.Window, o.Probe))
 	}
-	if o.ProbeReps && !o.Streaming {
+	if repsKey != "" && !o.Streaming {
 		// The copy carries a representatives file: one without it would
 		// leave a second prefill to the first probe question.
-		settings = append(settings, fmt.Sprintf("probe_reps=%d/%+v", o.Window, o.Probe))
+		settings = append(settings, "probe_reps="+repsKey)
 	}
 	if o.Hyper != nil {
 		b, _ := json.Marshal(*o.Hyper)

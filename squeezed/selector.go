@@ -119,7 +119,17 @@ func newSelector(c paging.Config) (paging.Selector, error) {
 	if u.Resident < c.Budget {
 		return nil, fmt.Errorf("squeezed: resident tokens %d are fewer than the budget %d", u.Resident, c.Budget)
 	}
-	keep, _ := c.Options[KeepKey].(float64)
+	var keep float64
+	switch v := c.Options[KeepKey].(type) {
+	case nil:
+	case float64:
+		keep = v
+	case int:
+		keep = float64(v)
+	default:
+		// A setting of the wrong type would otherwise be read as 0, silently.
+		return nil, fmt.Errorf("squeezed: Options[%q] is a %T, want a number of attention logits", KeepKey, v)
+	}
 	if keep < 0 || math.IsNaN(keep) {
 		return nil, fmt.Errorf("squeezed: %s %v: the hysteresis must be ≥ 0 attention logits", KeepKey, keep)
 	}

@@ -96,6 +96,8 @@ func TestSelectorBadConfig(t *testing.T) {
 		{"no budget", paging.Config{PageSize: 16, Options: map[string]any{OptionKey: ix}}, "needs a token budget"},
 		{"uncalibrated", paging.Config{PageSize: 16, Budget: 1024, Options: map[string]any{OptionKey: Use{Index: ix, Threshold: true}}}, "calibrated"},
 		{"negative keep", paging.Config{PageSize: 16, Budget: 1024, Options: map[string]any{OptionKey: ix, KeepKey: -1.0}}, "squeezed-keep -1: the hysteresis must be ≥ 0"},
+		{"negative int keep", paging.Config{PageSize: 16, Budget: 1024, Options: map[string]any{OptionKey: ix, KeepKey: -2}}, "squeezed-keep -2: the hysteresis must be ≥ 0"},
+		{"keep of another type", paging.Config{PageSize: 16, Budget: 1024, Options: map[string]any{OptionKey: ix, KeepKey: "4"}}, `Options["squeezed-keep"] is a string`},
 		{"shape", paging.Config{PageSize: 16, Budget: 1024, Layers: 2, KVHeads: 1, Options: map[string]any{OptionKey: ix}}, "1 layers × 1 KV heads, the model has 2 × 1"},
 	} {
 		t.Run(c.name, func(t *testing.T) {

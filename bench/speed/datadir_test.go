@@ -2,6 +2,7 @@ package speed
 
 import (
 	"context"
+	"slices"
 	"testing"
 
 	"github.com/stretchr/testify/require"
@@ -58,6 +59,12 @@ func TestRunPagedDataDirReuse(t *testing.T) {
 			require.Equal(t, tc.reused, second[0].Reused)
 			require.Equal(t, first[0].PrefillSec, second[0].PrefillSec, "the stored document's prefill time")
 			require.Equal(t, first[0].HyperPrefillSec, second[0].HyperPrefillSec)
+			// The representatives came back with the document (a copy
+			// without them is ingested again, and then not reused).
+			require.Equal(t, first[0].ProbeRepsSec, second[0].ProbeRepsSec)
+			if slices.Contains(second[0].Reused, "dense") {
+				require.Zero(t, second[0].IngestSec, "a reused document's ingest is not timed")
+			}
 			for _, meth := range append([]string{"dense"}, methods...) {
 				require.Positive(t, second[0].DecodeMs[meth], meth)
 				require.Contains(t, second[0].OpenSec, meth)
