@@ -5,6 +5,7 @@ import (
 
 	"github.com/ollama/ollama/ml"
 
+	"github.com/kvrecall/kvrecall/internal/backendmem"
 	"github.com/kvrecall/kvrecall/paging"
 )
 
@@ -109,9 +110,11 @@ func (c *Paged) boxesFor(layer, pages int) *boxTensor {
 		capacity = max(capacity, 2*bt.cap)
 	}
 	bt = &boxTensor{cap: capacity}
-	bt.ctx = c.b.NewContextSize(1).Layer(layer)
 	elems := 2 * c.L.HeadDim * capacity * c.L.KVHeads
-	bt.t = bt.ctx.Zeros(ml.DTypeF32, 2*c.L.HeadDim, capacity, c.L.KVHeads)
+	backendmem.Do(func() {
+		bt.ctx = c.b.NewContextSize(1).Layer(layer)
+		bt.t = bt.ctx.Zeros(ml.DTypeF32, 2*c.L.HeadDim, capacity, c.L.KVHeads)
+	})
 	bt.host = hostF32(bt.t, elems)
 	c.boxes[layer] = bt
 	return bt
@@ -283,8 +286,10 @@ func (c *Paged) centroidsFor(layer int, cs paging.CentroidScored) (*centTensor, 
 		ct.ctx.Close()
 	}
 	ct = &centTensor{k: k, version: version}
-	ct.ctx = c.b.NewContextSize(1).Layer(layer)
-	ct.t = ct.ctx.FromFloats(rows, c.L.HeadDim, k, c.L.KVHeads)
+	backendmem.Do(func() {
+		ct.ctx = c.b.NewContextSize(1).Layer(layer)
+		ct.t = ct.ctx.FromFloats(rows, c.L.HeadDim, k, c.L.KVHeads)
+	})
 	c.cents[layer] = ct
 	return ct, nil
 }

@@ -5,6 +5,8 @@ import (
 	"slices"
 
 	"github.com/ollama/ollama/ml"
+
+	"github.com/kvrecall/kvrecall/internal/backendmem"
 )
 
 // pool is one head group's device tier in one layer: slots page slots in
@@ -46,13 +48,15 @@ func newPool(b ml.Backend, l Layout, layer, heads, slots int, tokenV bool) *pool
 		where: map[int]int{},
 	}
 	if b != nil {
-		p.ctx = b.NewContextSize(2).Layer(layer)
-		p.k = p.ctx.Zeros(ml.DTypeF16, l.HeadDim, heads, cells)
-		if tokenV {
-			p.v = p.ctx.Zeros(ml.DTypeF16, l.HeadDim, heads, cells)
-		} else {
-			p.v = p.ctx.Zeros(ml.DTypeF16, cells, l.HeadDim, heads)
-		}
+		backendmem.Do(func() {
+			p.ctx = b.NewContextSize(2).Layer(layer)
+			p.k = p.ctx.Zeros(ml.DTypeF16, l.HeadDim, heads, cells)
+			if tokenV {
+				p.v = p.ctx.Zeros(ml.DTypeF16, l.HeadDim, heads, cells)
+			} else {
+				p.v = p.ctx.Zeros(ml.DTypeF16, cells, l.HeadDim, heads)
+			}
+		})
 		p.hk = hostMem(p.k, cells*p.row)
 		p.hv = hostMem(p.v, cells*p.row)
 		if p.hk == nil || p.hv == nil {

@@ -9,6 +9,7 @@ import (
 	"github.com/ollama/ollama/ml"
 	"github.com/ollama/ollama/model/input"
 
+	"github.com/kvrecall/kvrecall/internal/backendmem"
 	"github.com/kvrecall/kvrecall/kvcache"
 	"github.com/kvrecall/kvrecall/runtime/arch"
 )
@@ -208,19 +209,21 @@ func (c *denseCache) Put(ctx ml.Context, key, value ml.Tensor) {
 	if n != c.batch {
 		panic(fmt.Errorf("dense cache: layer %d stores %d tokens, the batch has %d", c.layer, n, c.batch))
 	}
-	if _, ok := c.ctxs[c.layer]; !ok {
-		c.ctxs[c.layer] = c.backend.NewContextSize(2).Layer(c.layer)
-	}
-	lctx := c.ctxs[c.layer]
 	if _, ok := c.keys[c.layer]; !ok {
-		c.keys[c.layer] = lctx.Zeros(c.dtype, kHeadDim, kvHeads, c.cells)
-	}
-	if _, ok := c.values[c.layer]; !ok {
-		if c.config.PermutedV {
-			c.values[c.layer] = lctx.Zeros(c.dtype, c.cells, vHeadDim, kvHeads)
-		} else {
-			c.values[c.layer] = lctx.Zeros(c.dtype, vHeadDim, kvHeads, c.cells)
-		}
+		// Layer-bound tensors: created under backendmem's lock (other
+		// sessions create theirs concurrently).
+		backendmem.Do(func() {
+			if _, ok := c.ctxs[c.layer]; !ok {
+				c.ctxs[c.layer] = c.backend.NewContextSize(2).Layer(c.layer)
+			}
+			lctx := c.ctxs[c.layer]
+			c.keys[c.layer] = lctx.Zeros(c.dtype, kHeadDim, kvHeads, c.cells)
+			if c.config.PermutedV {
+				c.values[c.layer] = lctx.Zeros(c.dtype, c.cells, vHeadDim, kvHeads)
+			} else {
+				c.values[c.layer] = lctx.Zeros(c.dtype, vHeadDim, kvHeads, c.cells)
+			}
+		})
 	}
 	keys := c.keys[c.layer].Reshape(ctx, kHeadDim*kvHeads, c.cells)
 	ctx.Forward(keys.SetRows(ctx, key.Reshape(ctx, kHeadDim*kvHeads, n), c.loc))
