@@ -105,18 +105,7 @@ func TestGraphBoundsMatchHostScorer(t *testing.T) {
 			c.Init(b, ml.DTypeF16, 1, capacity, tc.prompt)
 
 			r := rand.New(rand.NewPCG(3, 4))
-			// Keys with a per-page offset, so that pages' bounds differ by
-			// more than rounding.
-			keys := func(pos0, n int) []float32 {
-				k := randoms(r, n*tKV*tDim)
-				for i := 0; i < n; i++ {
-					off := float32(((pos0+i)/tPage*37)%11) / 4
-					for j := 0; j < tKV*tDim; j++ {
-						k[i*tKV*tDim+j] += off
-					}
-				}
-				return k
-			}
+			keys := func(pos0, n int) []float32 { return pageOffsetKeys(r, pos0, n) }
 			n := tc.prompt
 			allK, allV := keys(0, n), randoms(r, n*tKV*tDim)
 			passQueries(t, b, c, 0, randoms(r, n*tHeads*tDim), allK, allV)
@@ -238,16 +227,7 @@ func TestQuestFastPathSelectsSamePages(t *testing.T) {
 		defer c.Close()
 		c.Init(b, ml.DTypeF16, 1, capacity, prompt)
 		r := rand.New(rand.NewPCG(11, 12))
-		keys := func(pos0, n int) []float32 { // a per-page offset: bounds differ by more than rounding
-			k := randoms(r, n*tKV*tDim)
-			for i := 0; i < n; i++ {
-				off := float32(((pos0+i)/tPage*37)%11) / 4
-				for j := 0; j < tKV*tDim; j++ {
-					k[i*tKV*tDim+j] += off
-				}
-			}
-			return k
-		}
+		keys := func(pos0, n int) []float32 { return pageOffsetKeys(r, pos0, n) }
 		passQueries(t, b, c, 0, randoms(r, prompt*tHeads*tDim), keys(0, prompt), randoms(r, prompt*tKV*tDim))
 		res := result{bounds: sel.scores}
 		for step := 0; step < steps; step++ {
@@ -364,4 +344,18 @@ func BenchmarkQuestScores(b *testing.B) {
 		}
 		bctx.Close()
 	}
+}
+
+// pageOffsetKeys is n random keys [tDim, tKV, n] from position pos0 on,
+// each page's shifted by its own offset, so that pages' bounds differ by
+// more than rounding.
+func pageOffsetKeys(r *rand.Rand, pos0, n int) []float32 {
+	k := randoms(r, n*tKV*tDim)
+	for i := 0; i < n; i++ {
+		off := float32(((pos0+i)/tPage*37)%11) / 4
+		for j := 0; j < tKV*tDim; j++ {
+			k[i*tKV*tDim+j] += off
+		}
+	}
+	return k
 }

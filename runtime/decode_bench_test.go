@@ -36,26 +36,8 @@ import (
 func BenchmarkDecodeStep(b *testing.B) {
 	path := benchModel(b)
 	ctx := context.Background()
-	prompt := func(n, vocab int) []int32 { // bench/speed's pseudo-random tokens
-		p := make([]int32, n)
-		for i := range p {
-			p[i] = int32(3 + (i*7919)%(vocab-3))
-		}
-		return p
-	}
 	const extra = 4096 // room for the timed steps
-	contexts := []int{2048, 8192}
-	if env := os.Getenv("KVRECALL_BENCH_CONTEXTS"); env != "" { // e.g. "16384"
-		contexts = nil
-		for _, f := range strings.Split(env, ",") {
-			n, err := strconv.Atoi(strings.TrimSpace(f))
-			if err != nil || n <= 8 {
-				b.Fatalf("KVRECALL_BENCH_CONTEXTS: bad context %q", f)
-			}
-			contexts = append(contexts, n)
-		}
-	}
-	for _, n := range contexts {
+	for _, n := range benchContexts(b, 8, 2048, 8192) {
 		open := func(b *testing.B, sq ...*squeezed.Options) (*runtime.Model, []int32) {
 			o := runtime.Options{Threads: 1, ContextLength: n + extra, DataDir: b.TempDir()}
 			if len(sq) > 0 {
@@ -66,7 +48,7 @@ func BenchmarkDecodeStep(b *testing.B) {
 				b.Fatal(err)
 			}
 			b.Cleanup(m.Close)
-			return m, prompt(n+extra, m.Config().Vocab)
+			return m, benchPrompt(n+extra, m.Config().Vocab)
 		}
 		step := func(b *testing.B, s *runtime.Session, toks []int32) {
 			if b.N > extra {
@@ -160,7 +142,7 @@ func BenchmarkDecodeStep(b *testing.B) {
 				b.Fatal(err)
 			}
 			defer ref.Close()
-			toks := prompt(n+extra, ref.VocabSize())
+			toks := benchPrompt(n+extra, ref.VocabSize())
 			if _, err := ref.Append(toks[:n], false, nil); err != nil {
 				b.Fatal(err)
 			}
@@ -238,10 +220,7 @@ func BenchmarkDecodeStepAlternated(b *testing.B) {
 					b.Fatal(err)
 				}
 				defer m.Close()
-				toks := make([]int32, n+extra)
-				for i := range toks { // bench/speed's pseudo-random tokens
-					toks[i] = int32(3 + (i*7919)%(m.Config().Vocab-3))
-				}
+				toks := benchPrompt(n+extra, m.Config().Vocab)
 				var steps []func() error
 				for _, f := range mode.ours {
 					s, err := m.NewSessionWith(f)
@@ -297,6 +276,35 @@ func BenchmarkDecodeStepAlternated(b *testing.B) {
 			})
 		}
 	}
+}
+
+// benchPrompt is n of bench/speed's pseudo-random tokens for a vocabulary
+// of vocab (ids from 3 on: past the special tokens).
+func benchPrompt(n, vocab int) []int32 {
+	p := make([]int32, n)
+	for i := range p {
+		p[i] = int32(3 + (i*7919)%(vocab-3))
+	}
+	return p
+}
+
+// benchContexts is $KVRECALL_BENCH_CONTEXTS (comma separated, each above
+// min), else def.
+func benchContexts(b *testing.B, min int, def ...int) []int {
+	b.Helper()
+	env := os.Getenv("KVRECALL_BENCH_CONTEXTS") // e.g. "16384"
+	if env == "" {
+		return def
+	}
+	var contexts []int
+	for _, f := range strings.Split(env, ",") {
+		n, err := strconv.Atoi(strings.TrimSpace(f))
+		if err != nil || n <= min {
+			b.Fatalf("KVRECALL_BENCH_CONTEXTS: bad context %q (each above %d)", f, min)
+		}
+		contexts = append(contexts, n)
+	}
+	return contexts
 }
 
 // benchModel is the GGUF the runtime benchmarks time: $KVRECALL_BENCH_MODEL,

@@ -3,9 +3,7 @@ package runtime_test
 import (
 	"context"
 	"fmt"
-	"os"
 	"slices"
-	"strconv"
 	"testing"
 	"time"
 
@@ -31,24 +29,18 @@ import (
 func BenchmarkQuestFastPath(b *testing.B) {
 	path := benchModel(b)
 	ctx := context.Background()
-	n := 16384
-	if env := os.Getenv("KVRECALL_BENCH_CONTEXTS"); env != "" {
-		v, err := strconv.Atoi(env)
-		if err != nil || v <= 2048 {
-			b.Fatalf("KVRECALL_BENCH_CONTEXTS: bad context %q (one number above 2048)", env)
-		}
-		n = v
+	contexts := benchContexts(b, 2048, 16384)
+	if len(contexts) != 1 {
+		b.Fatalf("KVRECALL_BENCH_CONTEXTS: %v: one context", contexts)
 	}
+	n := contexts[0]
 	const room, floorCtx = 1024, 2048
 	m, err := runtime.Open(ctx, path, runtime.Options{Threads: 1, ContextLength: n + room, DataDir: b.TempDir()})
 	if err != nil {
 		b.Fatal(err)
 	}
 	defer m.Close()
-	toks := make([]int32, n+room)
-	for i := range toks { // bench/speed's pseudo-random tokens
-		toks[i] = int32(3 + (i*7919)%(m.Config().Vocab-3))
-	}
+	toks := benchPrompt(n+room, m.Config().Vocab)
 	doc, err := m.IngestTokensWith(ctx, "doc", toks[:n-8], runtime.IngestOptions{Hyper: &runtime.HyperOptions{Config: hyper.Default()}}, nil)
 	if err != nil {
 		b.Fatal(err)

@@ -3,6 +3,7 @@ package runtime
 import (
 	"fmt"
 
+	ollamakv "github.com/ollama/ollama/kvcache"
 	"github.com/ollama/ollama/ml"
 	"github.com/ollama/ollama/model/input"
 
@@ -46,21 +47,8 @@ func (m *Model) reserveIngest(n int) error {
 	if m.closed {
 		return ErrClosed
 	}
-	st := arch.Step{Tokens: make([]int32, bs), Positions: make([]int32, bs), Outputs: []int32{int32(bs - 1)}, Reserve: true}
-	for i := range st.Positions {
-		st.Positions[i] = int32(n - bs + i)
-	}
 	c := &reserveCache{hd: m.cfg.HeadDim, kvHeads: m.cfg.KVHeads, cells: cells, pos0: n - bs, n: bs}
-	err := func() (err error) {
-		defer func() {
-			if r := recover(); r != nil {
-				err = fmt.Errorf("reserve the compute buffer for %d tokens: %v", n, r)
-			}
-		}()
-		_, _, err = m.net.Run(m.backend, st, c)
-		return err
-	}()
-	if err != nil {
+	if err := m.runReserve(reserveStep(n-bs, bs, false), c, fmt.Sprintf("%d tokens", n)); err != nil {
 		return err
 	}
 	m.reservedCells, m.reservedBatch = max(cells, m.reservedCells), max(bs, m.reservedBatch)
@@ -159,30 +147,38 @@ func (m *Model) reserveDense(c *denseCache, start, n, bs int, all bool) error {
 		return ErrClosed
 	}
 	for from := start; from < n; from += bs {
-		k := min(bs, n-from)
-		st := arch.Step{Tokens: make([]int32, k), Positions: make([]int32, k), Outputs: []int32{int32(k - 1)}, Reserve: true}
-		for i := range st.Positions {
-			st.Positions[i] = int32(from + i)
-		}
-		if all {
-			st.Outputs = st.Outputs[:0]
-			for i := range k {
-				st.Outputs = append(st.Outputs, int32(i))
-			}
-		}
-		err := func() (err error) {
-			defer func() {
-				if r := recover(); r != nil {
-					err = fmt.Errorf("reserve the compute buffer for a prefill to %d tokens: %v", n, r)
-				}
-			}()
-			_, _, err = m.net.Run(m.backend, st, c)
-			return err
-		}()
-		if err != nil {
+		if err := m.runReserve(reserveStep(from, min(bs, n-from), all), c, fmt.Sprintf("a prefill to %d tokens", n)); err != nil {
 			return err
 		}
 	}
 	m.denseReserved = denseReserve{max(want.cells, have.cells), max(want.batch, have.batch), have.all || all}
 	return nil
+}
+
+// reserveStep is a pass of k tokens at positions from..from+k-1 for a
+// reservation: only the last row's logits, or every row's (all).
+func reserveStep(from, k int, all bool) arch.Step {
+	st := arch.Step{Tokens: make([]int32, k), Positions: make([]int32, k), Outputs: []int32{int32(k - 1)}, Reserve: true}
+	for i := range st.Positions {
+		st.Positions[i] = int32(from + i)
+	}
+	if all {
+		st.Outputs = st.Outputs[:0]
+		for i := range k {
+			st.Outputs = append(st.Outputs, int32(i))
+		}
+	}
+	return st
+}
+
+// runReserve builds and reserves st's graph over cache c; ggml's panics
+// (an allocation that fails) come back as errors naming what.
+func (m *Model) runReserve(st arch.Step, c ollamakv.Cache, what string) (err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			err = fmt.Errorf("reserve the compute buffer for %s: %v", what, r)
+		}
+	}()
+	_, _, err = m.net.Run(m.backend, st, c)
+	return err
 }

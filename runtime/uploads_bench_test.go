@@ -26,10 +26,7 @@ func BenchmarkQuestUploads(b *testing.B) {
 		b.Fatal(err)
 	}
 	defer m.Close()
-	toks := make([]int32, n+room)
-	for i := range toks { // bench/speed's pseudo-random tokens
-		toks[i] = int32(3 + (i*7919)%(m.Config().Vocab-3))
-	}
+	toks := benchPrompt(n+room, m.Config().Vocab)
 	doc, err := m.IngestTokensWith(ctx, "doc", toks[:n-8], runtime.IngestOptions{}, nil)
 	if err != nil {
 		b.Fatal(err)

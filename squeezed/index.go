@@ -384,44 +384,10 @@ func (h *Head) TopScores(score []float32, budget int, sc *Scratch, out []int32) 
 	}
 }
 
-// nthLargest returns the m-th largest of x (1-based), reordering x
-// (quickselect, median-of-three pivots).
+// nthLargest returns the m-th largest of x (1-based), reordering x:
+// nth's quickselect, from the other end.
 func nthLargest(x []float32, m int) float32 {
-	lo, hi, want := 0, len(x)-1, m-1 // want: index in descending order
-	for lo < hi {
-		mid := lo + (hi-lo)/2
-		// Median of three as pivot.
-		a, b, c := x[lo], x[mid], x[hi]
-		p := b
-		if (a >= b) != (a >= c) {
-			p = a
-		} else if (c >= a) != (c >= b) {
-			p = c
-		}
-		i, j := lo, hi
-		for i <= j {
-			for x[i] > p {
-				i++
-			}
-			for x[j] < p {
-				j--
-			}
-			if i <= j {
-				x[i], x[j] = x[j], x[i]
-				i++
-				j--
-			}
-		}
-		switch {
-		case want <= j:
-			hi = j
-		case want >= i:
-			lo = i
-		default:
-			return x[want]
-		}
-	}
-	return x[want]
+	return nth(x, len(x)-m)
 }
 
 // fill appends cand to out by score (best first, ties by lower cluster)

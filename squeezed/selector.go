@@ -411,16 +411,22 @@ func (s *selector) rankScores(h *Head, row []float32, budget int, out []int32) [
 			out = append(out, int32(j))
 		}
 	}
-	slices.SortFunc(out[start:], func(a, b int32) int {
-		switch {
-		case fine[a] > fine[b]:
+	sortByScore(out[start:], func(j int32) float32 { return fine[j] })
+	return out
+}
+
+// sortByScore orders clusters ids best first by score, ties by the lower
+// cluster.
+func sortByScore(ids []int32, score func(int32) float32) {
+	slices.SortFunc(ids, func(a, b int32) int {
+		switch sa, sb := score(a), score(b); {
+		case sa > sb:
 			return -1
-		case fine[a] < fine[b]:
+		case sa < sb:
 			return 1
 		}
 		return int(a - b)
 	})
-	return out
 }
 
 // rank returns h's clusters for query qh, best first: in budget mode the
@@ -440,15 +446,7 @@ func (s *selector) rank(h *Head, qh []float32, budget int, out []int32) []int32 
 	for _, j := range out[start:] {
 		score[j] = vek32.Dot(qh, h.Centroids[int(j)*h.D:int(j+1)*h.D])
 	}
-	slices.SortFunc(out[start:], func(a, b int32) int {
-		switch {
-		case score[a] > score[b]:
-			return -1
-		case score[a] < score[b]:
-			return 1
-		}
-		return int(a - b)
-	})
+	sortByScore(out[start:], func(j int32) float32 { return score[j] })
 	return out
 }
 
