@@ -2,6 +2,7 @@ package kvcache
 
 import (
 	"fmt"
+	"time"
 
 	"github.com/ollama/ollama/ml"
 
@@ -170,6 +171,10 @@ func (c *Paged) uploadBoxes(ctx ml.Context, layer int, bt *boxTensor, pages int,
 		from = min(bt.scanFrom, pages)
 	}
 	bt.epoch, bt.scanFrom = s.epoch, min(s.Len()/c.L.PageSize, pages)
+	if host {
+		t0 := time.Now()
+		defer func() { c.hostWrites.Add(int64(time.Since(t0))) }()
+	}
 	type run struct{ first, n int }
 	var runs []run
 	total := 0

@@ -49,6 +49,10 @@ type Stats struct {
 	// Upkeep is the time spent keeping host pages and their summaries up to
 	// date (reading new keys and values back, writing pages, summaries).
 	Upkeep time.Duration
+	// HostWrites is the time spent copying uploads straight into pools in
+	// host memory (HostUploads: the CPU backend) and quest's box rows into
+	// its host box tensors (HostBounds), as graphs are built.
+	HostWrites time.Duration
 }
 
 // Paged is a paged KV cache for one sequence (sequence id 0). It is not safe
@@ -87,6 +91,7 @@ type Paged struct {
 	tokenUploads atomic.Int64
 	uploadBytes  atomic.Int64
 	upkeep       atomic.Int64 // nanoseconds
+	hostWrites   atomic.Int64 // nanoseconds (Stats.HostWrites)
 
 	// In-graph page scoring (graphscore.go): on when the selector is a
 	// paging.GraphScored that took it; per layer its key boxes; the
@@ -276,7 +281,7 @@ func (c *Paged) SlidingWindow(layer int) int {
 func (c *Paged) Stats() Stats {
 	st := Stats{HostBytes: c.store.Bytes(), Pages: c.store.Pages(), Uploads: c.uploadCount.Load(),
 		TokenUploads: c.tokenUploads.Load(), UploadedBytes: c.uploadBytes.Load(),
-		Upkeep: time.Duration(c.upkeep.Load()), ResidentByClass: map[string]int64{}}
+		Upkeep: time.Duration(c.upkeep.Load()), HostWrites: time.Duration(c.hostWrites.Load()), ResidentByClass: map[string]int64{}}
 	for l := range c.layers {
 		for _, g := range c.layers[l].groups {
 			if g.pool != nil {

@@ -2,6 +2,7 @@ package kvcache
 
 import (
 	"slices"
+	"time"
 
 	"github.com/ollama/ollama/ml"
 )
@@ -53,7 +54,9 @@ func (c *Paged) emitUploads(ctx ml.Context, l int, g *group) {
 	if HostUploads && g.pool.hk != nil {
 		// A pool in host memory (the CPU backend): copy the pages in now,
 		// with no input tensors and no graph ops.
+		t0 := time.Now()
 		c.writeHost(l, g, ups)
+		c.hostWrites.Add(int64(time.Since(t0)))
 	} else {
 		c.emitGraphUploads(ctx, l, g, ups)
 	}
