@@ -3,6 +3,7 @@ package speed
 import (
 	"context"
 	"fmt"
+	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"slices"
@@ -467,7 +468,8 @@ func pagedOne(ctx context.Context, c PagedConfig, n int, logf func(string, ...an
 			}
 			floorSteps[j] = append(floorSteps[j], time.Since(t0))
 		}
-		for j, s := range sessions {
+		for _, j := range stepOrder(i, len(sessions)) {
+			s := sessions[j]
 			t0 := time.Now()
 			if _, err := s.Eval(ctx, tok, false, nil); err != nil {
 				return row, fmt.Errorf("%s: %w", methods[j], err)
@@ -530,6 +532,20 @@ func pagedOne(ctx context.Context, c PagedConfig, n int, logf func(string, ...an
 		logf("%s %d: clustering %.2fs = %.1f%% of the prefill", c.Label, n, row.ClusterSec, 100*row.ClusterShare())
 	}
 	return row, nil
+}
+
+// stepOrder is the order in which n method sessions take decode step i:
+// a permutation drawn from a generator seeded with i (the same in every
+// run), so that no method always runs right after the same neighbour. On
+// the 1b preset the step after the dense session's (which reads the whole
+// document's KV, 1 GiB at 32k) ran 15–90 ms slower whatever its method
+// (retro 1.47x the floor right after it, 0.97–1.01x elsewhere in the same
+// runs: BenchmarkQuestFromDisk, docs/performance.md "quest at 1b: the step
+// after the dense one"). With a fixed order that cost landed on the same
+// method at every step and decided its median; drawn, it lands on a
+// method in about one step of n-1.
+func stepOrder(i, n int) []int {
+	return rand.New(rand.NewPCG(uint64(i), 0x6b7672)).Perm(n)
 }
 
 // startPeak resets the process's resident-set high-water mark (Linux:

@@ -1,8 +1,10 @@
 package speed
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
@@ -130,4 +132,42 @@ func TestFloorTable(t *testing.T) {
 	require.Contains(t, md, "| tiny (f16) | 32768 | 2048 | 2048 | floor (paged dense) | 2.20 | 1.10 | 1.00 |")
 	require.NotContains(t, md, "| tiny (f16) | 65536 | 2048 | 2048 |", "the 64k row measured no floor")
 	require.Empty(t, FloorTable(rows[1:], []string{"retro"}))
+}
+
+func TestStepOrder(t *testing.T) {
+	for _, n := range []int{0, 1, 3, 7} {
+		t.Run(fmt.Sprintf("%d sessions", n), func(t *testing.T) {
+			after := make([]int, n) // steps where session j runs right after session 0
+			const steps = 64
+			for i := range steps {
+				order := stepOrder(i, n)
+				if !slices.Equal(order, stepOrder(i, n)) {
+					t.Fatalf("step %d: two calls gave %v and %v", i, order, stepOrder(i, n))
+				}
+				if got := slices.Sorted(slices.Values(order)); !slices.Equal(got, seq(n)) {
+					t.Fatalf("step %d: %v is not a permutation of 0..%d", i, order, n-1)
+				}
+				for k := 1; k < n; k++ {
+					if order[k-1] == 0 {
+						after[order[k]]++
+					}
+				}
+			}
+			// The fixed order (0, 1, ..., n-1) put session 1 right after
+			// session 0 (bench speed's dense) at every step.
+			for j := 1; j < n; j++ {
+				if after[j] > steps/2 {
+					t.Errorf("session %d ran right after session 0 in %d of %d steps", j, after[j], steps)
+				}
+			}
+		})
+	}
+}
+
+func seq(n int) []int {
+	s := make([]int, n)
+	for i := range s {
+		s[i] = i
+	}
+	return s
 }
