@@ -3,6 +3,7 @@ package runtime_test
 import (
 	"context"
 	"fmt"
+	"math/rand/v2"
 	"os"
 	goruntime "runtime"
 	"slices"
@@ -109,6 +110,8 @@ func BenchmarkQuestFromDisk(b *testing.B) {
 		{name: "window", method: "window", host: true, rowMultiple: 16},
 		{name: "quest-before", method: "quest", host: false, rowMultiple: 1},
 		{name: "quest", method: "quest", host: true, rowMultiple: 16},
+		{name: "quest-graphboxes", method: "quest", host: false, rowMultiple: 16}, // padded rows, box rows copied in the graph
+		{name: "quest-hostrows1", method: "quest", host: true, rowMultiple: 1},    // box rows written on the host, rows not padded
 		{name: "quest-host", method: "quest", extra: map[string]any{paging.HostScores: true}, host: true, rowMultiple: 16},
 		{name: "quest-keepall", method: "quest", extra: map[string]any{paging.KeepLogits: 1e9}, host: true, rowMultiple: 16},
 	}
@@ -176,22 +179,55 @@ func BenchmarkQuestFromDisk(b *testing.B) {
 	faults := make([]int64, len(steps)) // minor page faults, summed
 	gcs := make([]int64, len(steps))    // Go GC cycles that ended during the step
 	var ru syscall.Rusage
-	var ms goruntime.MemStats
+	var mst goruntime.MemStats
 	b.ResetTimer()
 	perfControl(b, "enable")
-	for range b.N {
-		for j, step := range steps {
+	// $KVRECALL_BENCH_SHUFFLE=1 draws the order of the engines after the
+	// floor at every step, as bench speed does (speed.stepOrder's seeds),
+	// and reports each engine's median over the steps it ran right after
+	// the "dense" engine and over the others.
+	shuffle := os.Getenv("KVRECALL_BENCH_SHUFFLE") == "1"
+	afterDense := make([][]float64, len(steps))
+	hws := make([][]float64, len(steps)) // host writes per step, ms
+	elsewhere := make([][]float64, len(steps))
+	for i := range b.N {
+		order := make([]int, len(steps))
+		for k := range order {
+			order[k] = k
+		}
+		if shuffle {
+			for k, j := range rand.New(rand.NewPCG(uint64(i), 0x6b7672)).Perm(len(steps) - 1) {
+				order[k+1] = j + 1
+			}
+		}
+		prev := -1
+		for _, j := range order {
+			step := steps[j]
 			syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
 			f0 := ru.Minflt
-			gc0 := gcCount(&ms)
+			gc0 := gcCount(&mst)
+			var hw0 time.Duration
+			if caches[j] != nil {
+				hw0 = caches[j].Stats().HostWrites
+			}
 			t0 := time.Now()
 			if err := step(); err != nil {
 				b.Fatal(err)
 			}
-			times[j] = append(times[j], float64(time.Since(t0))/float64(time.Millisecond))
+			if caches[j] != nil {
+				hws[j] = append(hws[j], float64(caches[j].Stats().HostWrites-hw0)/float64(time.Millisecond))
+			}
+			ms := float64(time.Since(t0)) / float64(time.Millisecond)
+			times[j] = append(times[j], ms)
+			if prev >= 0 && engines[prev].name == "dense" {
+				afterDense[j] = append(afterDense[j], ms)
+			} else {
+				elsewhere[j] = append(elsewhere[j], ms)
+			}
+			prev = j
 			syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
 			faults[j] += ru.Minflt - f0
-			gcs[j] += gcCount(&ms) - gc0
+			gcs[j] += gcCount(&mst) - gc0
 		}
 	}
 	perfControl(b, "disable")
@@ -203,6 +239,16 @@ func BenchmarkQuestFromDisk(b *testing.B) {
 	}
 	for j, e := range engines {
 		b.ReportMetric(med[j], "ms-"+e.name)
+		for _, part := range []struct {
+			name string
+			t    []float64
+		}{{"after-dense", afterDense[j]}, {"elsewhere", elsewhere[j]}} {
+			if len(part.t) > 0 && len(part.t) < b.N {
+				slices.Sort(part.t)
+				b.ReportMetric(part.t[len(part.t)/2], "ms-"+e.name+"-"+part.name)
+				b.ReportMetric(float64(len(part.t)), e.name+"-"+part.name+"-steps")
+			}
+		}
 		b.ReportMetric(float64(faults[j])/float64(b.N), e.name+"-faults/step")
 		b.ReportMetric(float64(gcs[j])/float64(b.N), e.name+"-gc/step")
 		if j > 0 {
@@ -211,6 +257,9 @@ func BenchmarkQuestFromDisk(b *testing.B) {
 			b.ReportMetric(up/(1<<20), e.name+"-MiB/step")
 			hw := caches[j].Stats().HostWrites - hw0[j]
 			b.ReportMetric(float64(hw)/float64(time.Millisecond)/float64(b.N), e.name+"-hostwrite-ms/step")
+			slices.Sort(hws[j])
+			b.ReportMetric(hws[j][len(hws[j])/2], e.name+"-hostwrite-median-ms")
+			b.ReportMetric(hws[j][len(hws[j])-1], e.name+"-hostwrite-max-ms")
 		}
 	}
 }
