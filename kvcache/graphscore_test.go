@@ -7,6 +7,7 @@ import (
 	"math/rand/v2"
 	"slices"
 	"testing"
+	"time"
 
 	"github.com/ollama/ollama/ml"
 	"github.com/ollama/ollama/model/input"
@@ -209,9 +210,10 @@ func TestQuestFastPathSelectsSamePages(t *testing.T) {
 	defer m.Close()
 	b := m.Backend()
 	type result struct {
-		sels   [][]int
-		bounds map[int][]float32
-		outs   [][]float32
+		sels       [][]int
+		bounds     map[int][]float32
+		outs       [][]float32
+		hostWrites time.Duration // Stats.HostWrites after the steps
 	}
 	run := func(t *testing.T, keep float64, prompt, steps int, host bool, rowMultiple int) result {
 		defer func(h bool, m int) { kvcache.HostBounds, kvcache.BoxRowMultiple = h, m }(kvcache.HostBounds, kvcache.BoxRowMultiple)
@@ -236,6 +238,7 @@ func TestQuestFastPathSelectsSamePages(t *testing.T) {
 			res.sels = append(res.sels, slices.Clone(c.Selected(0)))
 			res.outs = append(res.outs, out)
 		}
+		res.hostWrites = c.Stats().HostWrites
 		return res
 	}
 	for _, tc := range []struct {
@@ -252,6 +255,8 @@ func TestQuestFastPathSelectsSamePages(t *testing.T) {
 			after := run(t, tc.keep, tc.prompt, tc.steps, true, 16)
 			require.Equal(t, before.sels, after.sels)
 			require.Equal(t, before.outs, after.outs)
+			// The box rows (and pool uploads) written on the host are timed.
+			require.Positive(t, after.hostWrites)
 			require.Len(t, after.bounds, tc.steps)
 			exact, churn := 0, 0
 			for step := range tc.steps {
@@ -280,6 +285,12 @@ func TestQuestFastPathSelectsSamePages(t *testing.T) {
 			}
 		})
 	}
+	t.Run("no host writes timed when nothing is written on the host", func(t *testing.T) {
+		defer func(u bool) { kvcache.HostUploads = u }(kvcache.HostUploads)
+		kvcache.HostUploads = false
+		res := run(t, paging.DefaultKeepLogits, 600, 20, false, 1)
+		require.Zero(t, res.hostWrites)
+	})
 }
 
 // BenchmarkQuestScores times one layer's in-graph bounds (the ops a quest
