@@ -18,7 +18,8 @@ import (
 // mask values and kernels. Exercised: prefill over several batches, one-token
 // steps (the persistent mask row), a truncation followed by one-token steps
 // (the row must close the dropped cells again) and a multi-token batch
-// after decoding (the in-graph mask), with f16 and f32 keys and values and
+// after decoding (the in-graph mask), then steps past 256 cells (the kept
+// step graph rebuilt for more cells), with f16 and f32 keys and values and
 // with flash attention (f16 mask, unpermuted values).
 func TestDenseCacheMatchesOllamaCausal(t *testing.T) {
 	path := testmodels.Random(t, "llama", "tiny", foundry.F32, 3, false)
@@ -79,7 +80,12 @@ func TestDenseCacheMatchesOllamaCausal(t *testing.T) {
 			}
 			same("a 37-token batch after decoding", toks[120:157], true)
 			same("one-token step after the batch", toks[157:158], false)
-			require.Equal(t, 158, ours.Len())
+			// Steps across 256 cells: the kept step graph (densestep.go)
+			// is rebuilt for 512 attended cells.
+			for i := 158; i < 262; i++ {
+				same("one-token step", toks[i:i+1], false)
+			}
+			require.Equal(t, 262, ours.Len())
 		})
 	}
 }
@@ -187,6 +193,77 @@ func TestDensePrefillReservesOnce(t *testing.T) {
 			_, err = s.Eval(ctx, []int32{5}, false, nil)
 			require.NoError(t, err)
 			require.Equal(t, prev, computeBuffer(m), "a decode step grew the compute buffer")
+		})
+	}
+}
+
+// A one-token step on DenseCache's own cache computes a graph kept across
+// steps (densestep.go): built once per run of steps that attend to the
+// same cells (256 on ggml), its token, position and mask cell written
+// before each compute. Its logits must equal those of a graph built for
+// every step, bit for bit, for steps before and after a prefill, after a
+// truncation (the same graph, fewer cells open) and across 256 cells (a
+// new graph), with another session's larger graph computed between two
+// steps (it may move the shared compute buffer under the kept graph's
+// intermediate tensors). And the graph must be kept: one build per run of
+// 256 cells, not one per step.
+func TestDenseStepGraphMatchesFreshGraph(t *testing.T) {
+	path := testmodels.Random(t, "llama", "tiny", foundry.F32, 3, false)
+	for _, flash := range []bool{false, true} {
+		t.Run(map[bool]string{false: "plain", true: "flash-attention"}[flash], func(t *testing.T) {
+			ctx := context.Background()
+			const capacity = 600
+			m, err := runtime.Open(ctx, path, runtime.Options{Threads: 1, ContextLength: capacity, BatchSize: 64,
+				FlashAttention: flash, DataDir: t.TempDir()})
+			require.NoError(t, err)
+			defer m.Close()
+			newSession := func(keep bool) *runtime.Session {
+				old := runtime.SetDenseStepGraphs(keep)
+				defer runtime.SetDenseStepGraphs(old)
+				s, err := m.NewSessionWith(runtime.DenseCache)
+				require.NoError(t, err)
+				return s
+			}
+			kept, fresh, other := newSession(true), newSession(false), newSession(false)
+			defer kept.Close()
+			defer fresh.Close()
+			defer other.Close()
+			vocab := m.Config().Vocab
+			toks := make([]int32, capacity)
+			for i := range toks {
+				toks[i] = int32((i*7919+13)%(vocab-3) + 3)
+			}
+			same := func(step string, tokens []int32) {
+				t.Helper()
+				got, err := kept.Eval(ctx, tokens, false, nil)
+				require.NoError(t, err, step)
+				want, err := fresh.Eval(ctx, tokens, false, nil)
+				require.NoError(t, err, step)
+				require.Len(t, got, len(want), step)
+				for i := range want {
+					require.Equal(t, want[i], got[i], "%s: logits row %d differ", step, i)
+				}
+			}
+			for i := 0; i < 10; i++ {
+				same("one-token step from an empty cache", toks[i:i+1])
+			}
+			same("a prefill after steps", toks[10:200])
+			for i := 200; i < 230; i++ {
+				same("one-token step", toks[i:i+1])
+			}
+			require.Equal(t, 1, runtime.DenseStepBuilds(kept), "40 steps within 256 cells: one graph")
+			require.Equal(t, 0, runtime.DenseStepBuilds(fresh), "no kept graph when turned off")
+			require.NoError(t, kept.Truncate(150))
+			require.NoError(t, fresh.Truncate(150))
+			for i := 150; i < 300; i++ {
+				if i == 270 {
+					// Another session's larger graph between two steps.
+					_, err := other.Eval(ctx, toks[:500], false, nil)
+					require.NoError(t, err)
+				}
+				same("one-token step after truncating to 150", toks[i:i+1])
+			}
+			require.Equal(t, 2, runtime.DenseStepBuilds(kept), "steps to 300 cells: a second graph for 512 cells")
 		})
 	}
 }

@@ -1,0 +1,191 @@
+package runtime
+
+/*
+#include "ggml.h"
+#include "ggml-backend.h"
+
+// kvr_release_compute forgets where ggml's scheduler put the computed
+// tensors of ctx: every tensor whose memory is in a compute buffer (the
+// graph's intermediate results and views of them) gets no data and no
+// buffer again, as when it was built, so that the next compute of the
+// graph places it anew. Tensors with their own buffers (inputs, the KV
+// cache and views of it, weights) are left alone. Returns how many were
+// released.
+static int kvr_release_compute(struct ggml_context * ctx) {
+	int n = 0;
+	for (struct ggml_tensor * t = ggml_get_first_tensor(ctx); t != NULL; t = ggml_get_next_tensor(ctx, t)) {
+		if (t->buffer != NULL && ggml_backend_buffer_get_usage(t->buffer) == GGML_BACKEND_BUFFER_USAGE_COMPUTE) {
+			t->data = NULL;
+			t->buffer = NULL;
+			n++;
+		}
+	}
+	return n;
+}
+*/
+import "C"
+
+import (
+	"fmt"
+	"unsafe"
+
+	ollamakv "github.com/ollama/ollama/kvcache"
+	"github.com/ollama/ollama/ml"
+	"github.com/ollama/ollama/ml/backend/ggml"
+
+	"github.com/kvrecall/kvrecall/runtime/arch"
+)
+
+// denseStepGraphs makes new DenseCache caches keep the graph of a one-token
+// step across steps (stepGraph). Tests turn it off to compare against a
+// graph built for every step.
+var denseStepGraphs = true
+
+// stepGraph is the graph of a one-token decode step on DenseCache's own
+// cache, kept across steps, as llama.cpp keeps its graph. Every step that
+// attends to the same cells (the cells in use padded to CachePadding, 256
+// on ggml: a run of up to 256 steps) has the same graph: its token and
+// position are read from two I32 [1] input tensors written before each
+// compute, the cell it writes is that position (cell i holds position i),
+// and its mask is a view of the cache's persistent row, whose changed cell
+// is written on the host. A step then costs two 4-byte writes, one mask
+// cell, and the compute, instead of building ~160 ops through cgo, a new
+// ggml context and three input buffers (docs/performance.md, "Dense decode
+// at 2k: a kept step graph").
+//
+// ollama's Context.Compute resets ggml's scheduler after every graph and
+// all sessions share it, so another session's graph may reallocate the
+// compute buffer between two steps: before each compute the graph's
+// intermediate tensors are released (kvr_release_compute) and the
+// scheduler places them again, as for a new graph. What is saved is the
+// building, not the scheduler's split and allocation.
+type stepGraph struct {
+	ctx      ml.Context
+	attended int       // the cells the step's query reads
+	tokens   ml.Tensor // I32 [1]
+	pos      ml.Tensor // I32 [1]: the position, and the cell to write
+	logits   ml.Tensor // F32 [vocab, 1] in the graph's own buffer
+	raw      *C.struct_ggml_context
+}
+
+func (g *stepGraph) close() {
+	if g != nil && g.ctx != nil {
+		g.ctx.Close()
+		g.ctx = nil
+	}
+}
+
+// ggmlContext mirrors the first fields of ollama's ggml.Context
+// (ml/backend/ggml, v0.17.4), which are unexported: the second is the ggml
+// context. buildStep checks what it finds (the first tensor of that
+// context must be the graph's first input) before using it.
+type ggmlContext struct {
+	b   unsafe.Pointer
+	ctx *C.struct_ggml_context
+}
+
+// ggmlTensor mirrors ollama's ggml.Tensor, as kvcache's hostpool.go does.
+type ggmlTensor struct {
+	b unsafe.Pointer
+	t *C.struct_ggml_tensor
+}
+
+// rawTensor returns the ggml tensor of t, checking its shape against
+// ollama's.
+func rawTensor(t ml.Tensor) *C.struct_ggml_tensor {
+	gt, ok := t.(*ggml.Tensor)
+	if !ok || gt == nil {
+		panic(fmt.Sprintf("dense cache: %T is not a ggml tensor", t))
+	}
+	raw := (*ggmlTensor)(unsafe.Pointer(gt)).t
+	shape := t.Shape()
+	for i := range 4 {
+		want := 1
+		if i < len(shape) {
+			want = shape[i]
+		}
+		if raw == nil || int(raw.ne[i]) != want {
+			panic(fmt.Sprintf("dense cache: ollama's ggml.Tensor layout is not the one this code reads (shape %v)", shape))
+		}
+	}
+	return raw
+}
+
+// setF32 writes v into the F32 tensor t from element off on.
+func setF32(t ml.Tensor, off int, v []float32) {
+	if len(v) == 0 {
+		return
+	}
+	C.ggml_backend_tensor_set(rawTensor(t), unsafe.Pointer(&v[0]), C.size_t(off*4), C.size_t(len(v)*4))
+}
+
+// decodeStep computes a one-token step of token at the next cell through
+// the kept graph, building it when the attended cells changed. Returns the
+// logits, row-major [1][vocab].
+func (c *denseCache) decodeStep(net *arch.Model, token int32, pos int32) ([]float32, int, error) {
+	if int(pos) != c.n {
+		return nil, 0, fmt.Errorf("%w: token 0 of the batch has position %d, the next cell is %d", errDenseOrder, pos, c.n)
+	}
+	if c.n+1 > c.cells {
+		return nil, 0, fmt.Errorf("%w (cache: %d cells, %d used, batch: 1)", ollamakv.ErrKvCacheFull, c.cells, c.n)
+	}
+	attended := roundUp(c.n+1, c.config.CachePadding)
+	if c.step == nil || c.step.attended != attended {
+		c.step.close()
+		c.step = nil
+		g, err := c.buildStep(net, attended)
+		if err != nil {
+			return nil, 0, err
+		}
+		c.step = g
+		c.stepBuilds++
+	}
+	g := c.step
+	c.openRow(c.n + 1)
+	g.tokens.FromInts([]int32{token})
+	g.pos.FromInts([]int32{pos})
+	C.kvr_release_compute(g.raw)
+	g.ctx.Compute(g.logits)
+	c.n++
+	return g.logits.Floats(), g.logits.Dim(0), nil
+}
+
+// buildStep builds the graph of a one-token step that attends to the first
+// attended cells.
+func (c *denseCache) buildStep(net *arch.Model, attended int) (g *stepGraph, err error) {
+	g = &stepGraph{ctx: c.backend.NewContext(), attended: attended}
+	defer func() {
+		if r := recover(); r != nil {
+			err = fmt.Errorf("dense cache: building the step graph: %v", r)
+		}
+		if err != nil {
+			g.close()
+			g = nil
+		}
+	}()
+	in := g.ctx.Input()
+	g.tokens = in.Empty(ml.DTypeI32, 1)
+	g.pos = in.Empty(ml.DTypeI32, 1)
+	gc, ok := g.ctx.(*ggml.Context)
+	if !ok {
+		return nil, fmt.Errorf("dense cache: %T is not a ggml context", g.ctx)
+	}
+	g.raw = (*ggmlContext)(unsafe.Pointer(gc)).ctx
+	if g.raw == nil || C.ggml_get_first_tensor(g.raw) != rawTensor(g.tokens) {
+		return nil, fmt.Errorf("dense cache: ollama's ggml.Context layout is not the one this code reads")
+	}
+	// What Put and Get use while the graph is built (StartForward's
+	// one-token case, with the position tensor for the arange's view).
+	c.batch, c.attended, c.loc = 1, attended, g.pos
+	c.mask = c.row.View(g.ctx, 0, attended) // [attended, 1]
+	if c.config.MaskDType != ml.DTypeF32 {
+		c.mask = c.mask.Cast(g.ctx, c.config.MaskDType)
+	}
+	out, err := net.StepGraph(g.ctx, g.tokens, g.pos, c)
+	if err != nil {
+		return nil, err
+	}
+	g.logits = in.Empty(ml.DTypeF32, out.Dim(0), out.Dim(1))
+	g.ctx.Forward(out.Copy(g.ctx, g.logits))
+	return g, nil
+}
