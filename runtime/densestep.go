@@ -4,23 +4,33 @@ package runtime
 #include "ggml.h"
 #include "ggml-backend.h"
 
-// kvr_release_compute forgets where ggml's scheduler put the computed
-// tensors of ctx: every tensor whose memory is in a compute buffer (the
-// graph's intermediate results and views of them) gets no data and no
-// buffer again, as when it was built, so that the next compute of the
-// graph places it anew. Tensors with their own buffers (inputs, the KV
-// cache and views of it, weights) are left alone. Returns how many were
-// released.
-static int kvr_release_compute(struct ggml_context * ctx) {
+// kvr_placed lists in out (up to cap) the tensors of a graph's context
+// that ggml's scheduler will place: those without memory when the graph is
+// built (intermediate results, and views of them). Inputs, the KV cache
+// and views of it, and weights have memory already. Returns how many there
+// are.
+static int kvr_placed(struct ggml_context * ctx, struct ggml_tensor ** out, int cap) {
 	int n = 0;
 	for (struct ggml_tensor * t = ggml_get_first_tensor(ctx); t != NULL; t = ggml_get_next_tensor(ctx, t)) {
-		if (t->buffer != NULL && ggml_backend_buffer_get_usage(t->buffer) == GGML_BACKEND_BUFFER_USAGE_COMPUTE) {
-			t->data = NULL;
-			t->buffer = NULL;
+		if (t->data == NULL && t->buffer == NULL) {
+			if (n < cap) {
+				out[n] = t;
+			}
 			n++;
 		}
 	}
 	return n;
+}
+
+// kvr_release forgets where the scheduler placed the tensors ts: no data
+// and no buffer again, as when they were built, so that the next compute
+// places them anew. Their old buffer is not looked at: another graph may
+// have freed it.
+static void kvr_release(struct ggml_tensor ** ts, int n) {
+	for (int i = 0; i < n; i++) {
+		ts[i]->data = NULL;
+		ts[i]->buffer = NULL;
+	}
 }
 */
 import "C"
@@ -56,7 +66,9 @@ var denseStepGraphs = true
 // ollama's Context.Compute resets ggml's scheduler after every graph and
 // all sessions share it, so another session's graph may reallocate the
 // compute buffer between two steps: before each compute the graph's
-// intermediate tensors are released (kvr_release_compute) and the
+// intermediate tensors are released (kvr_release: the tensors that had no
+// memory when the graph was built, listed then; not "those in a compute
+// buffer", which would read a buffer that may have been freed) and the
 // scheduler places them again, as for a new graph. What is saved is the
 // building, not the scheduler's split and allocation.
 type stepGraph struct {
@@ -65,7 +77,9 @@ type stepGraph struct {
 	tokens   ml.Tensor // I32 [1]
 	pos      ml.Tensor // I32 [1]: the position, and the cell to write
 	logits   ml.Tensor // F32 [vocab, 1] in the graph's own buffer
-	raw      *C.struct_ggml_context
+	// placed are the tensors the scheduler places at each compute
+	// (kvr_placed), released before it.
+	placed []*C.struct_ggml_tensor
 }
 
 func (g *stepGraph) close() {
@@ -144,7 +158,7 @@ func (c *denseCache) decodeStep(net *arch.Model, token int32, pos int32) ([]floa
 	c.openRow(c.n + 1)
 	g.tokens.FromInts([]int32{token})
 	g.pos.FromInts([]int32{pos})
-	C.kvr_release_compute(g.raw)
+	C.kvr_release(&g.placed[0], C.int(len(g.placed)))
 	g.ctx.Compute(g.logits)
 	c.n++
 	return g.logits.Floats(), g.logits.Dim(0), nil
@@ -170,8 +184,8 @@ func (c *denseCache) buildStep(net *arch.Model, attended int) (g *stepGraph, err
 	if !ok {
 		return nil, fmt.Errorf("dense cache: %T is not a ggml context", g.ctx)
 	}
-	g.raw = (*ggmlContext)(unsafe.Pointer(gc)).ctx
-	if g.raw == nil || C.ggml_get_first_tensor(g.raw) != rawTensor(g.tokens) {
+	raw := (*ggmlContext)(unsafe.Pointer(gc)).ctx
+	if raw == nil || C.ggml_get_first_tensor(raw) != rawTensor(g.tokens) {
 		return nil, fmt.Errorf("dense cache: ollama's ggml.Context layout is not the one this code reads")
 	}
 	// What Put and Get use while the graph is built (StartForward's
@@ -187,5 +201,11 @@ func (c *denseCache) buildStep(net *arch.Model, attended int) (g *stepGraph, err
 	}
 	g.logits = in.Empty(ml.DTypeF32, out.Dim(0), out.Dim(1))
 	g.ctx.Forward(out.Copy(g.ctx, g.logits))
+	n := int(C.kvr_placed(raw, nil, 0))
+	if n == 0 {
+		return nil, fmt.Errorf("dense cache: the step graph has no tensors to compute")
+	}
+	g.placed = make([]*C.struct_ggml_tensor, n)
+	C.kvr_placed(raw, &g.placed[0], C.int(n))
 	return g, nil
 }
