@@ -2,6 +2,8 @@ package runtime_test
 
 import (
 	"context"
+	"fmt"
+	"sync"
 	"testing"
 
 	ollamakv "github.com/ollama/ollama/kvcache"
@@ -265,5 +267,77 @@ func TestDenseStepGraphMatchesFreshGraph(t *testing.T) {
 			}
 			require.Equal(t, 2, runtime.DenseStepBuilds(kept), "steps to 300 cells: a second graph for 512 cells")
 		})
+	}
+}
+
+// Sessions decoding at once each keep their own step graph, and ggml's
+// scheduler (shared, one graph at a time) places each graph's tensors
+// anew at every compute: concurrent steps must give the logits of the same
+// steps taken one session after the other with graphs built for every
+// step. Run under -race as well (make test).
+func TestDenseStepGraphConcurrent(t *testing.T) {
+	path := testmodels.Random(t, "llama", "tiny", foundry.F32, 3, false)
+	ctx := context.Background()
+	const sessions, prompt, steps = 3, 100, 200 // steps cross 256 cells: each session rebuilds once
+	m, err := runtime.Open(ctx, path, runtime.Options{Threads: 1, ContextLength: prompt + steps, BatchSize: 64, DataDir: t.TempDir()})
+	require.NoError(t, err)
+	defer m.Close()
+	vocab := m.Config().Vocab
+	tokens := func(k int) []int32 { // session k's prompt and steps
+		toks := make([]int32, prompt+steps)
+		for i := range toks {
+			toks[i] = int32((i*7919+k*104729+13)%(vocab-3) + 3)
+		}
+		return toks
+	}
+	newSession := func(keep bool) *runtime.Session {
+		old := runtime.SetDenseStepGraphs(keep)
+		defer runtime.SetDenseStepGraphs(old)
+		s, err := m.NewSessionWith(runtime.DenseCache)
+		require.NoError(t, err)
+		return s
+	}
+	run := func(k int, s *runtime.Session, keep bool) ([][]float32, error) {
+		defer s.Close()
+		toks := tokens(k)
+		if _, err := s.Eval(ctx, toks[:prompt], false, nil); err != nil {
+			return nil, err
+		}
+		var out [][]float32
+		for i := prompt; i < prompt+steps; i++ {
+			rows, err := s.Eval(ctx, toks[i:i+1], false, nil)
+			if err != nil {
+				return nil, err
+			}
+			out = append(out, rows[0])
+		}
+		if got := runtime.DenseStepBuilds(s); keep && got != 2 {
+			return nil, fmt.Errorf("session %d built %d step graphs, want 2 (cells 256 and 512)", k, got)
+		}
+		return out, nil
+	}
+	want := make([][][]float32, sessions)
+	for k := range want {
+		want[k], err = run(k, newSession(false), false)
+		require.NoError(t, err)
+	}
+	got := make([][][]float32, sessions)
+	errs := make([]error, sessions)
+	var wg sync.WaitGroup
+	for k := range got {
+		s := newSession(true) // made here: the setting is not for goroutines to change
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			got[k], errs[k] = run(k, s, true)
+		}()
+	}
+	wg.Wait()
+	for k := range got {
+		require.NoError(t, errs[k], "session %d", k)
+		require.Len(t, got[k], steps)
+		for i := range want[k] {
+			require.Equal(t, want[k][i], got[k][i], "session %d, step %d: logits differ", k, i)
+		}
 	}
 }
