@@ -60,8 +60,11 @@ var denseStepGraphs = true
 // and its mask is a view of the cache's persistent row, whose changed cell
 // is written on the host. A step then costs two 4-byte writes, one mask
 // cell, and the compute, instead of building ~160 ops through cgo, a new
-// ggml context and three input buffers (docs/performance.md, "Dense decode
-// at 2k: a kept step graph").
+// ggml context and two input buffers (the token, the logits' copy)
+// (docs/performance.md, "Dense decode at 2k: a kept step graph"). The
+// kept context holds ollama's maximum graph size (max(1024, 32 per model
+// tensor) nodes: ~0.5 MB on the tiny preset, ~2 MB on 1b, mostly never
+// touched) for the cache's life.
 //
 // ollama's Context.Compute resets ggml's scheduler after every graph and
 // all sessions share it, so another session's graph may reallocate the
