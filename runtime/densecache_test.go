@@ -270,6 +270,44 @@ func TestDenseStepGraphMatchesFreshGraph(t *testing.T) {
 	}
 }
 
+// A step graph that reads a tensor outside host memory (a scheduler with
+// a GPU backend would split it and rewrite its sources into copies that
+// its reset frees) is not kept: the cache falls back to a graph built for
+// every step, with the same logits, and stops trying.
+func TestDenseStepGraphFallsBackOffHost(t *testing.T) {
+	path := testmodels.Random(t, "llama", "tiny", foundry.F32, 3, false)
+	ctx := context.Background()
+	m, err := runtime.Open(ctx, path, runtime.Options{Threads: 1, ContextLength: 300, BatchSize: 64, DataDir: t.TempDir()})
+	require.NoError(t, err)
+	defer m.Close()
+	fresh := func() *runtime.Session {
+		old := runtime.SetDenseStepGraphs(false)
+		defer runtime.SetDenseStepGraphs(old)
+		s, err := m.NewSessionWith(runtime.DenseCache)
+		require.NoError(t, err)
+		return s
+	}()
+	defer fresh.Close()
+	off, err := m.NewSessionWith(runtime.DenseCache)
+	require.NoError(t, err)
+	defer off.Close()
+	require.True(t, runtime.DenseStepKept(off), "kept graphs are the default")
+
+	old := runtime.SetStepGraphHostOnly(false)
+	defer runtime.SetStepGraphHostOnly(old)
+	vocab := m.Config().Vocab
+	for i := 0; i < 20; i++ {
+		tok := []int32{int32((i*7919+13)%(vocab-3) + 3)}
+		want, err := fresh.Eval(ctx, tok, false, nil)
+		require.NoError(t, err)
+		got, err := off.Eval(ctx, tok, false, nil)
+		require.NoError(t, err, "step %d", i)
+		require.Equal(t, want, got, "step %d: logits differ", i)
+	}
+	require.False(t, runtime.DenseStepKept(off), "a graph not all in host memory: no kept graphs")
+	require.Equal(t, 0, runtime.DenseStepBuilds(off), "no kept graph was built")
+}
+
 // Sessions decoding at once each keep their own step graph, and ggml's
 // scheduler (shared, one graph at a time) places each graph's tensors
 // anew at every compute: concurrent steps must give the logits of the same

@@ -4,19 +4,41 @@ package runtime
 #include "ggml.h"
 #include "ggml-backend.h"
 
-// kvr_placed lists in out (up to cap) the tensors of a graph's context
-// that ggml's scheduler will place: those without memory when the graph is
-// built (intermediate results, and views of them). Inputs, the KV cache
-// and views of it, and weights have memory already. Returns how many there
-// are.
-static int kvr_placed(struct ggml_context * ctx, struct ggml_tensor ** out, int cap) {
+// kvr_placed lists in out (up to cap) the tensors of graph gf that ggml's
+// scheduler will place: the nodes and their sources without memory when
+// the graph is built (intermediate results, and views of them). Inputs,
+// the KV cache and views of it, and weights have memory already. A tensor
+// may be listed more than once. Returns how many there are, or -1 when a
+// tensor with memory is not in a host buffer: then the scheduler may run
+// the graph on more than one backend, and its split rewrites node sources
+// in place to copies in its own context, which a reset frees (llama.cpp
+// does not reuse a graph across a scheduler reset for this reason), so a
+// kept graph would read freed copies.
+static int kvr_placed(struct ggml_cgraph * gf, struct ggml_tensor ** out, int cap) {
 	int n = 0;
-	for (struct ggml_tensor * t = ggml_get_first_tensor(ctx); t != NULL; t = ggml_get_next_tensor(ctx, t)) {
-		if (t->data == NULL && t->buffer == NULL) {
-			if (n < cap) {
-				out[n] = t;
+	for (int i = 0; i < ggml_graph_n_nodes(gf); i++) {
+		struct ggml_tensor * node = ggml_graph_node(gf, i);
+		for (int j = -1; j < GGML_MAX_SRC; j++) {
+			struct ggml_tensor * t = j < 0 ? node : node->src[j];
+			if (t == NULL) {
+				continue;
 			}
-			n++;
+			if (t->data == NULL && t->buffer == NULL) {
+				if (n < cap) {
+					out[n] = t;
+				}
+				n++;
+			} else {
+				// A view made of a tensor with memory has its data
+				// but gets its buffer only when allocated.
+				ggml_backend_buffer_t b = t->buffer;
+				if (b == NULL && t->view_src != NULL) {
+					b = t->view_src->buffer;
+				}
+				if (b == NULL || !ggml_backend_buffer_is_host(b)) {
+					return -1;
+				}
+			}
 		}
 	}
 	return n;
@@ -36,6 +58,7 @@ static void kvr_release(struct ggml_tensor ** ts, int n) {
 import "C"
 
 import (
+	"errors"
 	"fmt"
 	"unsafe"
 
@@ -50,6 +73,17 @@ import (
 // step across steps (stepGraph). Tests turn it off to compare against a
 // graph built for every step.
 var denseStepGraphs = true
+
+// stepGraphHostOnly false makes every step graph count as one that is not
+// all in host buffers, so that tests take the fallback a multi-backend
+// scheduler takes.
+var stepGraphHostOnly = true
+
+// errStepGraphBackends: the step graph reads a tensor outside host memory,
+// so ggml's scheduler may split it across backends and rewrite its
+// sources (kvr_placed). The cache then stops keeping graphs and its steps
+// are built one by one (arch.Run).
+var errStepGraphBackends = errors.New("dense cache: the step graph is not all in host memory; not kept")
 
 // stepGraph is the graph of a one-token decode step on DenseCache's own
 // cache, kept across steps, as llama.cpp keeps its graph. Every step that
@@ -94,11 +128,12 @@ func (g *stepGraph) close() {
 
 // ggmlContext mirrors the first fields of ollama's ggml.Context
 // (ml/backend/ggml, v0.17.4), which are unexported: the second is the ggml
-// context. buildStep checks what it finds (the first tensor of that
+// context, the third the graph Forward expands. buildStep checks what it finds (the first tensor of that
 // context must be the graph's first input) before using it.
 type ggmlContext struct {
-	b   unsafe.Pointer
-	ctx *C.struct_ggml_context
+	b     unsafe.Pointer
+	ctx   *C.struct_ggml_context
+	graph *C.struct_ggml_cgraph
 }
 
 // ggmlTensor mirrors ollama's ggml.Tensor, as kvcache's hostpool.go does.
@@ -151,6 +186,9 @@ func (c *denseCache) decodeStep(net *arch.Model, token int32, pos int32) ([]floa
 		c.step.close()
 		c.step = nil
 		g, err := c.buildStep(net, attended)
+		if errors.Is(err, errStepGraphBackends) {
+			c.keepGraph = false
+		}
 		if err != nil {
 			return nil, 0, err
 		}
@@ -204,11 +242,25 @@ func (c *denseCache) buildStep(net *arch.Model, attended int) (g *stepGraph, err
 	}
 	g.logits = in.Empty(ml.DTypeF32, out.Dim(0), out.Dim(1))
 	g.ctx.Forward(out.Copy(g.ctx, g.logits))
-	n := int(C.kvr_placed(raw, nil, 0))
-	if n == 0 {
+	gf := (*ggmlContext)(unsafe.Pointer(gc)).graph
+	if gf == nil {
+		return nil, fmt.Errorf("dense cache: ollama's ggml.Context layout is not the one this code reads (no graph)")
+	}
+	n := int(C.kvr_placed(gf, nil, 0))
+	switch {
+	case n < 0 || !stepGraphHostOnly:
+		return nil, errStepGraphBackends
+	case n == 0:
 		return nil, fmt.Errorf("dense cache: the step graph has no tensors to compute")
 	}
-	g.placed = make([]*C.struct_ggml_tensor, n)
-	C.kvr_placed(raw, &g.placed[0], C.int(n))
+	all := make([]*C.struct_ggml_tensor, n)
+	C.kvr_placed(gf, &all[0], C.int(n))
+	seen := make(map[*C.struct_ggml_tensor]bool, n)
+	for _, t := range all {
+		if !seen[t] {
+			seen[t] = true
+			g.placed = append(g.placed, t)
+		}
+	}
 	return g, nil
 }

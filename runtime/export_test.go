@@ -37,6 +37,22 @@ func SetDenseStepGraphs(on bool) bool {
 	return old
 }
 
+// SetStepGraphHostOnly false makes DenseCache's step graphs count as not
+// all in host memory (the fallback a multi-backend scheduler takes), and
+// returns the previous setting.
+func SetStepGraphHostOnly(on bool) bool {
+	old := stepGraphHostOnly
+	stepGraphHostOnly = on
+	return old
+}
+
+// DenseStepKept reports whether s's DenseCache cache still keeps step
+// graphs.
+func DenseStepKept(s *Session) bool {
+	dc, ok := s.cache.(*denseCache)
+	return ok && dc.keepGraph
+}
+
 // DenseStepBuilds is the number of one-token step graphs s's DenseCache
 // cache has built (-1: not DenseCache's own cache).
 func DenseStepBuilds(s *Session) int {
