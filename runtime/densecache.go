@@ -55,11 +55,16 @@ type denseCache struct {
 
 	ctxs         map[int]ml.Context
 	keys, values map[int]ml.Tensor
+
+	// The kept graph of one-token steps (densestep.go), when keepGraph.
+	keepGraph  bool
+	step       *stepGraph
+	stepBuilds int // graphs built for it, for tests
 }
 
 // newDenseCache returns an uninitialized cache (Init allocates it).
 func newDenseCache() *denseCache {
-	return &denseCache{ctxs: map[int]ml.Context{}, keys: map[int]ml.Tensor{}, values: map[int]ml.Tensor{}}
+	return &denseCache{ctxs: map[int]ml.Context{}, keys: map[int]ml.Tensor{}, values: map[int]ml.Tensor{}, keepGraph: denseStepGraphs}
 }
 
 var (
@@ -111,6 +116,8 @@ func (c *denseCache) Init(backend ml.Backend, dtype ml.DType, maxSequences, capa
 func roundUp(n, pad int) int { return (n + pad - 1) / pad * pad }
 
 func (c *denseCache) Close() {
+	c.step.close()
+	c.step = nil
 	for _, ctx := range c.ctxs {
 		ctx.Close()
 	}
@@ -160,7 +167,7 @@ func (c *denseCache) StartForward(ctx ml.Context, batch input.Batch, reserve boo
 	}
 	c.loc = c.arange.View(ctx, pos0*4, n)
 	if n == 1 && !reserve {
-		c.openRow(ctx, c.n+1)
+		c.openRow(c.n + 1)
 		c.mask = c.row.View(ctx, 0, c.attended) // [attended, 1]
 	} else {
 		// Cells [0, pos0) are attended by every row, the batch's own
@@ -182,17 +189,18 @@ func (c *denseCache) StartForward(ctx ml.Context, batch input.Batch, reserve boo
 func (c *denseCache) Positions(ml.Context) ml.Tensor { return c.loc }
 
 // openRow makes the mask row 0 in [0, upto) and -Inf beyond, writing only
-// the cells that differ from what it holds.
-func (c *denseCache) openRow(ctx ml.Context, upto int) {
+// the cells that differ from what it holds (on the host, before the graph
+// that reads it is computed).
+func (c *denseCache) openRow(upto int) {
 	switch {
 	case upto > c.zeroed:
-		c.row.View(ctx, c.zeroed*4, upto-c.zeroed).FromFloats(make([]float32, upto-c.zeroed))
+		setF32(c.row, c.zeroed, make([]float32, upto-c.zeroed))
 	case upto < c.zeroed:
 		ninf := make([]float32, c.zeroed-upto)
 		for i := range ninf {
 			ninf[i] = float32(math.Inf(-1))
 		}
-		c.row.View(ctx, upto*4, len(ninf)).FromFloats(ninf)
+		setF32(c.row, upto, ninf)
 	}
 	c.zeroed = upto
 }

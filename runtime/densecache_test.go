@@ -2,6 +2,8 @@ package runtime_test
 
 import (
 	"context"
+	"fmt"
+	"sync"
 	"testing"
 
 	ollamakv "github.com/ollama/ollama/kvcache"
@@ -18,7 +20,8 @@ import (
 // mask values and kernels. Exercised: prefill over several batches, one-token
 // steps (the persistent mask row), a truncation followed by one-token steps
 // (the row must close the dropped cells again) and a multi-token batch
-// after decoding (the in-graph mask), with f16 and f32 keys and values and
+// after decoding (the in-graph mask), then steps past 256 cells (the kept
+// step graph rebuilt for more cells), with f16 and f32 keys and values and
 // with flash attention (f16 mask, unpermuted values).
 func TestDenseCacheMatchesOllamaCausal(t *testing.T) {
 	path := testmodels.Random(t, "llama", "tiny", foundry.F32, 3, false)
@@ -79,7 +82,12 @@ func TestDenseCacheMatchesOllamaCausal(t *testing.T) {
 			}
 			same("a 37-token batch after decoding", toks[120:157], true)
 			same("one-token step after the batch", toks[157:158], false)
-			require.Equal(t, 158, ours.Len())
+			// Steps across 256 cells: the kept step graph (densestep.go)
+			// is rebuilt for 512 attended cells.
+			for i := 158; i < 262; i++ {
+				same("one-token step", toks[i:i+1], false)
+			}
+			require.Equal(t, 262, ours.Len())
 		})
 	}
 }
@@ -188,5 +196,186 @@ func TestDensePrefillReservesOnce(t *testing.T) {
 			require.NoError(t, err)
 			require.Equal(t, prev, computeBuffer(m), "a decode step grew the compute buffer")
 		})
+	}
+}
+
+// A one-token step on DenseCache's own cache computes a graph kept across
+// steps (densestep.go): built once per run of steps that attend to the
+// same cells (256 on ggml), its token, position and mask cell written
+// before each compute. Its logits must equal those of a graph built for
+// every step, bit for bit, for steps before and after a prefill, after a
+// truncation (the same graph, fewer cells open) and across 256 cells (a
+// new graph), with another session's larger graph computed between two
+// steps (it may move the shared compute buffer under the kept graph's
+// intermediate tensors). And the graph must be kept: one build per run of
+// 256 cells, not one per step.
+func TestDenseStepGraphMatchesFreshGraph(t *testing.T) {
+	path := testmodels.Random(t, "llama", "tiny", foundry.F32, 3, false)
+	for _, flash := range []bool{false, true} {
+		t.Run(map[bool]string{false: "plain", true: "flash-attention"}[flash], func(t *testing.T) {
+			ctx := context.Background()
+			const capacity = 600
+			m, err := runtime.Open(ctx, path, runtime.Options{Threads: 1, ContextLength: capacity, BatchSize: 64,
+				FlashAttention: flash, DataDir: t.TempDir()})
+			require.NoError(t, err)
+			defer m.Close()
+			newSession := func(keep bool) *runtime.Session {
+				old := runtime.SetDenseStepGraphs(keep)
+				defer runtime.SetDenseStepGraphs(old)
+				s, err := m.NewSessionWith(runtime.DenseCache)
+				require.NoError(t, err)
+				return s
+			}
+			kept, fresh, other := newSession(true), newSession(false), newSession(false)
+			defer kept.Close()
+			defer fresh.Close()
+			defer other.Close()
+			vocab := m.Config().Vocab
+			toks := make([]int32, capacity)
+			for i := range toks {
+				toks[i] = int32((i*7919+13)%(vocab-3) + 3)
+			}
+			same := func(step string, tokens []int32) {
+				t.Helper()
+				got, err := kept.Eval(ctx, tokens, false, nil)
+				require.NoError(t, err, step)
+				want, err := fresh.Eval(ctx, tokens, false, nil)
+				require.NoError(t, err, step)
+				require.Len(t, got, len(want), step)
+				for i := range want {
+					require.Equal(t, want[i], got[i], "%s: logits row %d differ", step, i)
+				}
+			}
+			for i := 0; i < 10; i++ {
+				same("one-token step from an empty cache", toks[i:i+1])
+			}
+			same("a prefill after steps", toks[10:200])
+			for i := 200; i < 230; i++ {
+				same("one-token step", toks[i:i+1])
+			}
+			require.Equal(t, 1, runtime.DenseStepBuilds(kept), "40 steps within 256 cells: one graph")
+			require.Equal(t, 0, runtime.DenseStepBuilds(fresh), "no kept graph when turned off")
+			require.NoError(t, kept.Truncate(150))
+			require.NoError(t, fresh.Truncate(150))
+			for i := 150; i < 300; i++ {
+				if i == 270 {
+					// Another session's larger graph between two steps.
+					_, err := other.Eval(ctx, toks[:500], false, nil)
+					require.NoError(t, err)
+				}
+				same("one-token step after truncating to 150", toks[i:i+1])
+			}
+			require.Equal(t, 2, runtime.DenseStepBuilds(kept), "steps to 300 cells: a second graph for 512 cells")
+		})
+	}
+}
+
+// A step graph that reads a tensor outside host memory (a scheduler with
+// a GPU backend would split it and rewrite its sources into copies that
+// its reset frees) is not kept: the cache falls back to a graph built for
+// every step, with the same logits, and stops trying.
+func TestDenseStepGraphFallsBackOffHost(t *testing.T) {
+	path := testmodels.Random(t, "llama", "tiny", foundry.F32, 3, false)
+	ctx := context.Background()
+	m, err := runtime.Open(ctx, path, runtime.Options{Threads: 1, ContextLength: 300, BatchSize: 64, DataDir: t.TempDir()})
+	require.NoError(t, err)
+	defer m.Close()
+	fresh := func() *runtime.Session {
+		old := runtime.SetDenseStepGraphs(false)
+		defer runtime.SetDenseStepGraphs(old)
+		s, err := m.NewSessionWith(runtime.DenseCache)
+		require.NoError(t, err)
+		return s
+	}()
+	defer fresh.Close()
+	off, err := m.NewSessionWith(runtime.DenseCache)
+	require.NoError(t, err)
+	defer off.Close()
+	require.True(t, runtime.DenseStepKept(off), "kept graphs are the default")
+
+	old := runtime.SetStepGraphHostOnly(false)
+	defer runtime.SetStepGraphHostOnly(old)
+	vocab := m.Config().Vocab
+	for i := 0; i < 20; i++ {
+		tok := []int32{int32((i*7919+13)%(vocab-3) + 3)}
+		want, err := fresh.Eval(ctx, tok, false, nil)
+		require.NoError(t, err)
+		got, err := off.Eval(ctx, tok, false, nil)
+		require.NoError(t, err, "step %d", i)
+		require.Equal(t, want, got, "step %d: logits differ", i)
+	}
+	require.False(t, runtime.DenseStepKept(off), "a graph not all in host memory: no kept graphs")
+	require.Equal(t, 0, runtime.DenseStepBuilds(off), "no kept graph was built")
+}
+
+// Sessions decoding at once each keep their own step graph, and ggml's
+// scheduler (shared, one graph at a time) places each graph's tensors
+// anew at every compute: concurrent steps must give the logits of the same
+// steps taken one session after the other with graphs built for every
+// step. Run under -race as well (make test).
+func TestDenseStepGraphConcurrent(t *testing.T) {
+	path := testmodels.Random(t, "llama", "tiny", foundry.F32, 3, false)
+	ctx := context.Background()
+	const sessions, prompt, steps = 3, 100, 200 // steps cross 256 cells: each session rebuilds once
+	m, err := runtime.Open(ctx, path, runtime.Options{Threads: 1, ContextLength: prompt + steps, BatchSize: 64, DataDir: t.TempDir()})
+	require.NoError(t, err)
+	defer m.Close()
+	vocab := m.Config().Vocab
+	tokens := func(k int) []int32 { // session k's prompt and steps
+		toks := make([]int32, prompt+steps)
+		for i := range toks {
+			toks[i] = int32((i*7919+k*104729+13)%(vocab-3) + 3)
+		}
+		return toks
+	}
+	newSession := func(keep bool) *runtime.Session {
+		old := runtime.SetDenseStepGraphs(keep)
+		defer runtime.SetDenseStepGraphs(old)
+		s, err := m.NewSessionWith(runtime.DenseCache)
+		require.NoError(t, err)
+		return s
+	}
+	run := func(k int, s *runtime.Session, keep bool) ([][]float32, error) {
+		defer s.Close()
+		toks := tokens(k)
+		if _, err := s.Eval(ctx, toks[:prompt], false, nil); err != nil {
+			return nil, err
+		}
+		var out [][]float32
+		for i := prompt; i < prompt+steps; i++ {
+			rows, err := s.Eval(ctx, toks[i:i+1], false, nil)
+			if err != nil {
+				return nil, err
+			}
+			out = append(out, rows[0])
+		}
+		if got := runtime.DenseStepBuilds(s); keep && got != 2 {
+			return nil, fmt.Errorf("session %d built %d step graphs, want 2 (cells 256 and 512)", k, got)
+		}
+		return out, nil
+	}
+	want := make([][][]float32, sessions)
+	for k := range want {
+		want[k], err = run(k, newSession(false), false)
+		require.NoError(t, err)
+	}
+	got := make([][][]float32, sessions)
+	errs := make([]error, sessions)
+	var wg sync.WaitGroup
+	for k := range got {
+		s := newSession(true) // made here: the setting is not for goroutines to change
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			got[k], errs[k] = run(k, s, true)
+		}()
+	}
+	wg.Wait()
+	for k := range got {
+		require.NoError(t, errs[k], "session %d", k)
+		require.Len(t, got[k], steps)
+		for i := range want[k] {
+			require.Equal(t, want[k][i], got[k][i], "session %d, step %d: logits differ", k, i)
+		}
 	}
 }

@@ -27,3 +27,37 @@ func ProbeRepsPrefills() int64 { return probeRepsPrefills.Load() }
 func ProbeReps(ctx context.Context, m *Model, doc *Document, s probe.Settings, window int) (*probe.Reps, error) {
 	return m.probeReps(ctx, doc, s, window)
 }
+
+// SetDenseStepGraphs makes DenseCache caches created afterwards keep their
+// one-token step graph (on) or build one per step (off), and returns the
+// previous setting.
+func SetDenseStepGraphs(on bool) bool {
+	old := denseStepGraphs
+	denseStepGraphs = on
+	return old
+}
+
+// SetStepGraphHostOnly false makes DenseCache's step graphs count as not
+// all in host memory (the fallback a multi-backend scheduler takes), and
+// returns the previous setting.
+func SetStepGraphHostOnly(on bool) bool {
+	old := stepGraphHostOnly
+	stepGraphHostOnly = on
+	return old
+}
+
+// DenseStepKept reports whether s's DenseCache cache still keeps step
+// graphs.
+func DenseStepKept(s *Session) bool {
+	dc, ok := s.cache.(*denseCache)
+	return ok && dc.keepGraph
+}
+
+// DenseStepBuilds is the number of one-token step graphs s's DenseCache
+// cache has built (-1: not DenseCache's own cache).
+func DenseStepBuilds(s *Session) int {
+	if dc, ok := s.cache.(*denseCache); ok {
+		return dc.stepBuilds
+	}
+	return -1
+}

@@ -178,7 +178,19 @@ func (s *Session) forward(tokens []int32, any, every bool) (rows [][]float32, er
 			s.cache.Remove(0, base, math.MaxInt32)
 		}
 	}()
-	flat, vocab, err := m.net.Run(m.backend, arch.Step{Tokens: tokens, Positions: s.positions, Outputs: s.outputs}, s.cache)
+	var flat []float32
+	var vocab int
+	kept := false
+	if dc, ok := s.cache.(*denseCache); ok && dc.keepGraph && n == 1 {
+		// A decode step on DenseCache's own cache: its kept graph
+		// (densestep.go) instead of a graph built for the step, unless
+		// the graph cannot be kept (not all in host memory).
+		flat, vocab, err = dc.decodeStep(m.net, tokens[0], base)
+		kept = !errors.Is(err, errStepGraphBackends)
+	}
+	if !kept {
+		flat, vocab, err = m.net.Run(m.backend, arch.Step{Tokens: tokens, Positions: s.positions, Outputs: s.outputs}, s.cache)
+	}
 	if err != nil {
 		return nil, err
 	}

@@ -363,6 +363,30 @@ func (m *Model) ForwardCache(ctx ml.Context, batch input.Batch, cache kvcache.Ca
 	return m.logits(ctx, h), nil
 }
 
+// StepGraph builds into ctx the graph of a one-token pass whose token and
+// position are read from tokens and positions (I32 [1] each) when the
+// graph is computed, not when it is built, so that the caller can keep the
+// graph and compute it again for later steps after writing them (DenseCache
+// keeps one per run of steps that attend to the same cells). The cache's
+// StartForward is not called: the caller must have set up what the cache's
+// Put and Get return for the step. Caches that split passes or compute
+// attention themselves (Hooks, Attender) are refused. Returns the logits
+// [vocab, 1].
+func (m *Model) StepGraph(ctx ml.Context, tokens, positions ml.Tensor, cache kvcache.Cache) (ml.Tensor, error) {
+	if _, ok := cache.(Hooks); ok {
+		return nil, fmt.Errorf("arch: a kept step graph cannot use the %T cache (it splits passes)", cache)
+	}
+	if _, ok := cache.(Attender); ok {
+		return nil, fmt.Errorf("arch: a kept step graph cannot use the %T cache (it computes attention itself)", cache)
+	}
+	h := m.embed(ctx, tokens) // [hidden, 1]
+	for i := range m.Layers {
+		m.setLayer(cache, i)
+		h = m.layer(ctx, i, h, positions, nil, cache)
+	}
+	return m.logits(ctx, h), nil
+}
+
 func (m *Model) layer(ctx ml.Context, i int, h, positions, outputs ml.Tensor, cache kvcache.Cache) ml.Tensor {
 	l := &m.Layers[i]
 	q, k, v := m.qkv(ctx, i, l.Attention, l.AttentionNorm.Forward(ctx, h, m.Params.Eps), positions)
