@@ -1,0 +1,243 @@
+package kvcache
+
+import (
+	"fmt"
+
+	"github.com/ollama/ollama/ml"
+
+	"github.com/kvrecall/kvrecall/internal/backendmem"
+)
+
+// Token-granular groups on a host backend: one gather per layer, no pool.
+//
+// A token pool (tokens.go) copies each pass's newly selected tokens from
+// the host pages into its cells, with an LRU over the cells, a plan of
+// the copies, per-token stamps and a mask over the cells. On the CPU
+// backend the pool and the pages are both host memory, and under the
+// paper's per-step selection ~86% of a KV head's tokens change at every
+// decode step (docs/performance.md), so that machinery cost about a third
+// of a squeezed decode step for a copy that buys nothing.
+//
+// With TokenGather (on by default), a layer whose backend keeps tensors in
+// host memory instead keeps a mirror of the sequence's keys and values in
+// one ggml tensor per K and V (the layer's arena), token-major as the host
+// pages lay out K:
+//
+//	arena k, v: f16 [headDim, kvHeads·cap]; token t, KV head h is row t·kvHeads+h
+//
+// and each pass gathers the selected tokens of every token-granular group
+// of the layer with one get_rows per K and V from one int32 index input
+// (f32 [headDim, rows] out). A group's keys are then its slice of the
+// gathered rows, viewed [headDim, heads, m], followed by the batch's own
+// keys from the graph (rounded to f16, as the pool stores them); its
+// values the same, permuted to [m+n, headDim, heads] by one f32 copy (what
+// ggml's mul_mat needs; the pool path pays the same copy). Every gathered
+// row is attended: no mask before the batch, the batch causal (none for
+// one token). The arena is synced from the host pages before each pass
+// (the batch's own tokens reach the pages in Computed, after its graph),
+// so a decode step copies one token per layer into it.
+//
+// The arena belongs to the session (a document's sessions each hold one:
+// a second host copy of the document's KV for every layer with token
+// groups; Stats.ArenaBytes). Non-host backends keep the token pools.
+var TokenGather = true
+
+// tokenArena is one layer's mirror of the sequence's keys and values.
+type tokenArena struct {
+	ctx    ml.Context
+	k, v   ml.Tensor // f16 [headDim, kvHeads·cap]
+	hk, hv []uint16  // their memory
+	cap    int       // tokens
+	synced int       // tokens [0, synced) equal the host pages
+}
+
+func (a *tokenArena) close() {
+	if a != nil && a.ctx != nil {
+		a.ctx.Close()
+		a.ctx = nil
+	}
+}
+
+// gatherOK reports whether layer's token-granular groups take the gather
+// path: TokenGather, a backend, a global layer (a windowed layer drops
+// host pages), and host memory (found out with the layer's first arena:
+// a layer whose backend refuses it keeps its token pools).
+func (c *Paged) gatherOK(layer int) bool {
+	if !TokenGather || c.b == nil || (c.noGather != nil && c.noGather[layer]) || c.SlidingWindow(layer) > 0 {
+		return false
+	}
+	for _, g := range c.layers[layer].groups {
+		if g.Tokens {
+			return true
+		}
+	}
+	return false
+}
+
+// syncArena makes layer's arena (created or grown as needed) mirror the
+// host pages' tokens [0, upto). It returns false if the backend does not
+// keep the arena in host memory.
+func (c *Paged) syncArena(layer, upto int) bool {
+	if c.arenas == nil {
+		c.arenas = make([]*tokenArena, c.L.Layers)
+	}
+	a := c.arenas[layer]
+	P, r := c.L.PageSize, c.L.Row()
+	if a == nil || a.cap < upto {
+		capTokens := roundUp(max(upto+upto/4, 1)+P, P) // room for an answer before it grows
+		na := &tokenArena{cap: capTokens}
+		backendmem.Do(func() {
+			na.ctx = c.b.NewContextSize(2).Layer(layer)
+			na.k = na.ctx.Zeros(ml.DTypeF16, c.L.HeadDim, c.L.KVHeads*capTokens)
+			na.v = na.ctx.Zeros(ml.DTypeF16, c.L.HeadDim, c.L.KVHeads*capTokens)
+		})
+		na.hk, na.hv = hostMem(na.k, capTokens*r), hostMem(na.v, capTokens*r)
+		if na.hk == nil || na.hv == nil {
+			na.close()
+			return false
+		}
+		if a != nil {
+			copy(na.hk, a.hk[:a.synced*r])
+			copy(na.hv, a.hv[:a.synced*r])
+			na.synced = a.synced
+			a.close()
+		}
+		a = na
+		c.arenas[layer] = a
+	}
+	for t := a.synced; t < upto; {
+		pg := c.store.pages[layer][t/P]
+		off := t % P
+		n := min(upto-t, P-off)
+		copy(a.hk[t*r:(t+n)*r], pg.K[off*r:(off+n)*r])
+		if vt := pg.vt.Load(); vt != nil {
+			copy(a.hv[t*r:(t+n)*r], (*vt)[off*r:(off+n)*r])
+		} else {
+			// The page's values are channel-major: transpose.
+			dst := a.hv[t*r : (t+n)*r]
+			for ch := 0; ch < r; ch++ {
+				for i, x := range pg.V[ch*P+off : ch*P+off+n] {
+					dst[i*r+ch] = x
+				}
+			}
+		}
+		t += n
+	}
+	a.synced = upto
+	return true
+}
+
+// gathered is a layer's gather in one graph: every gather group's rows.
+type gathered struct {
+	ctx   ml.Context
+	layer int
+	k, v  ml.Tensor         // f32 [headDim, rows], nil if no group lists an earlier token
+	at    map[*group][2]int // group -> first row, tokens
+}
+
+// gatherLayer emits layer's get_rows (once per graph) and returns them.
+func (c *Paged) gatherLayer(ctx ml.Context, l int) *gathered {
+	if gt := c.gath; gt != nil && gt.ctx == ctx && gt.layer == l {
+		return gt
+	}
+	kv := c.L.KVHeads
+	gt := &gathered{ctx: ctx, layer: l, at: map[*group][2]int{}}
+	idx := c.gatherIdx[:0]
+	for _, g := range c.layers[l].groups {
+		if !g.gather {
+			continue
+		}
+		if g.tok == nil {
+			panic(fmt.Sprintf("kvcache: layer %d has no token selection (queries were not given)", l))
+		}
+		first, m := len(idx), 0
+		for _, t := range g.tok {
+			if int(t) >= c.pos0 {
+				break // the batch's: from the graph
+			}
+			for _, h := range g.heads {
+				idx = append(idx, t*int32(kv)+int32(h))
+			}
+			m++
+		}
+		gt.at[g] = [2]int{first, m}
+	}
+	c.gatherIdx = idx
+	if len(idx) > 0 {
+		a := c.arenas[l]
+		rows := ctx.Input().FromInts(idx, len(idx))
+		gt.k = a.k.Rows(ctx, rows)
+		gt.v = a.v.Rows(ctx, rows)
+	}
+	c.gath = gt
+	return gt
+}
+
+// gatherKV is groupKV for a gather group: its selected tokens' keys and
+// values gathered from the layer's arena, then the batch's own.
+//
+//	key [headDim, heads, m+n] f32, value [m+n, headDim, heads] f32, mask [m+n, batch] (nil for one token)
+func (c *Paged) gatherKV(ctx ml.Context, l int, g *group) (ml.Tensor, ml.Tensor, ml.Tensor) {
+	if c.putLayer != l || c.putK == nil {
+		panic(fmt.Sprintf("kvcache: layer %d: a token gather needs the batch's keys and values (Put) first", l))
+	}
+	gt := c.gatherLayer(ctx, l)
+	heads, hd, n := len(g.heads), c.L.HeadDim, c.n
+	bk, bv := c.putK, c.putV // [headDim, kvHeads, batch]
+	if !g.all {
+		bk, bv = pickHeads(ctx, bk, g.heads), pickHeads(ctx, bv, g.heads)
+	}
+	// The pool path stores the batch's keys and values in f16: the same
+	// values here.
+	bk = bk.Cast(ctx, ml.DTypeF16).Cast(ctx, ml.DTypeF32)
+	bv = bv.Cast(ctx, ml.DTypeF16).Cast(ctx, ml.DTypeF32)
+	k, v := bk, bv
+	at := gt.at[g]
+	if m := at[1]; m > 0 {
+		off := at[0] * hd * 4
+		gk := gt.k.View(ctx, off, hd, hd*4, heads, heads*hd*4, m)
+		gv := gt.v.View(ctx, off, hd, hd*4, heads, heads*hd*4, m)
+		k, v = gk.Concat(ctx, bk, 2), gv.Concat(ctx, bv, 2)
+	}
+	cells := at[1] + n
+	v = v.Permute(ctx, 1, 2, 0, 3).Contiguous(ctx) // [cells, headDim, heads]
+	var mask ml.Tensor
+	if n > 1 {
+		mask = causalMask(ctx, at[1], cells, n)
+	}
+	return k, v, mask
+}
+
+// checkGather reports broken invariants of a gather group (at names the
+// layer and group): it has no pool, its layer has an arena that mirrors
+// no more than the sequence, and every token it lists before the batch is
+// in the arena.
+func (c *Paged) checkGather(at string, l int, g *group) []error {
+	var errs []error
+	if g.pool != nil {
+		errs = append(errs, fmt.Errorf("%s: a gather group holds a pool", at))
+	}
+	if !g.Tokens {
+		errs = append(errs, fmt.Errorf("%s: a gather group that is not token-granular", at))
+	}
+	if c.arenas == nil || c.arenas[l] == nil {
+		return append(errs, fmt.Errorf("%s: a gather group without an arena", at))
+	}
+	a := c.arenas[l]
+	limit := c.store.Len()
+	if c.written < c.L.Layers {
+		limit = max(limit, c.pos0+c.n)
+	}
+	if a.synced > limit || a.synced > a.cap {
+		errs = append(errs, fmt.Errorf("%s: the arena mirrors %d tokens, past the %d of the sequence or its %d cells", at, a.synced, limit, a.cap))
+	}
+	if g.sel != nil && g.tok == nil {
+		errs = append(errs, fmt.Errorf("%s: a token-granular group has a selection without tokens", at))
+	}
+	for _, t := range g.tok {
+		if int(t) >= a.synced && int(t) < c.pos0 {
+			errs = append(errs, fmt.Errorf("%s: selected token %d is not in the arena (%d tokens)", at, t, a.synced))
+		}
+	}
+	return errs
+}
