@@ -29,13 +29,15 @@ import (
 // of the layer with one get_rows per K and V from one int32 index input
 // (f32 [headDim, rows] out). A group's keys are then its slice of the
 // gathered rows, viewed [headDim, heads, m], followed by the batch's own
-// keys from the graph (rounded to f16, as the pool stores them); its
-// values the same, permuted to [m+n, headDim, heads] by one f32 copy (what
-// ggml's mul_mat needs; the pool path pays the same copy). Every gathered
-// row is attended: no mask before the batch, the batch causal (none for
-// one token). The arena is synced from the host pages before each pass
-// (the batch's own tokens reach the pages in Computed, after its graph),
-// so a decode step copies one token per layer into it.
+// keys, which Put copies into the arena inside the graph (rounded to f16,
+// as the pool stores them; the split pass's attention is in another graph
+// than its Put); its values the same, permuted to [m+n, headDim, heads] by
+// one f32 copy (what ggml's mul_mat needs; the pool path pays the same
+// copy). Every gathered row is attended: no mask before the batch, the
+// batch causal (none for one token). Before each pass the arena is synced
+// from the host pages up to the pass (the batch reaches the pages in
+// Computed, after its graph; a failed pass's rows are overwritten), so a
+// decode step copies one token per layer into it on the host.
 //
 // The arena belongs to the session (a document's sessions each hold one:
 // a second host copy of the document's KV for every layer with token
@@ -75,16 +77,17 @@ func (c *Paged) gatherOK(layer int) bool {
 }
 
 // syncArena makes layer's arena (created or grown as needed) mirror the
-// host pages' tokens [0, upto). It returns false if the backend does not
+// host pages' tokens [0, upto), with room for room more (the batch, which
+// Put copies in). It returns false if the backend does not
 // keep the arena in host memory.
-func (c *Paged) syncArena(layer, upto int) bool {
+func (c *Paged) syncArena(layer, upto, room int) bool {
 	if c.arenas == nil {
 		c.arenas = make([]*tokenArena, c.L.Layers)
 	}
 	a := c.arenas[layer]
 	P, r := c.L.PageSize, c.L.Row()
-	if a == nil || a.cap < upto {
-		capTokens := roundUp(max(upto+upto/4, 1)+P, P) // room for an answer before it grows
+	if a == nil || a.cap < upto+room {
+		capTokens := roundUp(upto+room+upto/4+P, P) // room for an answer before it grows
 		na := &tokenArena{cap: capTokens}
 		backendmem.Do(func() {
 			na.ctx = c.b.NewContextSize(2).Layer(layer)
@@ -131,7 +134,7 @@ func (c *Paged) syncArena(layer, upto int) bool {
 type gathered struct {
 	ctx   ml.Context
 	layer int
-	k, v  ml.Tensor         // f32 [headDim, rows], nil if no group lists an earlier token
+	k, v  ml.Tensor         // f32 [headDim, rows]
 	at    map[*group][2]int // group -> first row, tokens
 }
 
@@ -151,61 +154,70 @@ func (c *Paged) gatherLayer(ctx ml.Context, l int) *gathered {
 			panic(fmt.Sprintf("kvcache: layer %d has no token selection (queries were not given)", l))
 		}
 		first, m := len(idx), 0
-		for _, t := range g.tok {
-			if int(t) >= c.pos0 {
-				break // the batch's: from the graph
-			}
+		add := func(t int32) {
 			for _, h := range g.heads {
 				idx = append(idx, t*int32(kv)+int32(h))
 			}
 			m++
 		}
+		for _, t := range g.tok {
+			if int(t) >= c.pos0 {
+				break // the batch's, added below in order
+			}
+			add(t)
+		}
+		for i := range c.n {
+			add(int32(c.pos0 + i))
+		}
 		gt.at[g] = [2]int{first, m}
 	}
 	c.gatherIdx = idx
-	if len(idx) > 0 {
-		a := c.arenas[l]
-		rows := ctx.Input().FromInts(idx, len(idx))
-		gt.k = a.k.Rows(ctx, rows)
-		gt.v = a.v.Rows(ctx, rows)
-	}
+	a := c.arenas[l]
+	rows := ctx.Input().FromInts(idx, len(idx))
+	gt.k = a.k.Rows(ctx, rows)
+	gt.v = a.v.Rows(ctx, rows)
 	c.gath = gt
 	return gt
 }
 
 // gatherKV is groupKV for a gather group: its selected tokens' keys and
-// values gathered from the layer's arena, then the batch's own.
+// values, then the batch's, gathered from the layer's arena (Put copied
+// the batch there earlier in the graph).
 //
 //	key [headDim, heads, m+n] f32, value [m+n, headDim, heads] f32, mask [m+n, batch] (nil for one token)
 func (c *Paged) gatherKV(ctx ml.Context, l int, g *group) (ml.Tensor, ml.Tensor, ml.Tensor) {
-	if c.putLayer != l || c.putK == nil {
-		panic(fmt.Sprintf("kvcache: layer %d: a token gather needs the batch's keys and values (Put) first", l))
-	}
 	gt := c.gatherLayer(ctx, l)
 	heads, hd, n := len(g.heads), c.L.HeadDim, c.n
-	bk, bv := c.putK, c.putV // [headDim, kvHeads, batch]
-	if !g.all {
-		bk, bv = pickHeads(ctx, bk, g.heads), pickHeads(ctx, bv, g.heads)
-	}
-	// The pool path stores the batch's keys and values in f16: the same
-	// values here.
-	bk = bk.Cast(ctx, ml.DTypeF16).Cast(ctx, ml.DTypeF32)
-	bv = bv.Cast(ctx, ml.DTypeF16).Cast(ctx, ml.DTypeF32)
-	k, v := bk, bv
 	at := gt.at[g]
-	if m := at[1]; m > 0 {
-		off := at[0] * hd * 4
-		gk := gt.k.View(ctx, off, hd, hd*4, heads, heads*hd*4, m)
-		gv := gt.v.View(ctx, off, hd, hd*4, heads, heads*hd*4, m)
-		k, v = gk.Concat(ctx, bk, 2), gv.Concat(ctx, bv, 2)
-	}
-	cells := at[1] + n
-	v = v.Permute(ctx, 1, 2, 0, 3).Contiguous(ctx) // [cells, headDim, heads]
+	cells := at[1] // earlier tokens, then the batch's
+	off := at[0] * hd * 4
+	k := gt.k.View(ctx, off, hd, hd*4, heads, heads*hd*4, cells)
+	v := gt.v.View(ctx, off, hd, hd*4, heads, heads*hd*4, cells)
+	// [cells, headDim, heads]. ggml copies a permuted tensor of the same
+	// type with one memcpy per element (dup_bytes: 16% of a squeezed
+	// decode step at 16k in perf); a converting copy is one typed loop.
+	// The values were f16 in the arena, so the round trip is exact, and
+	// attention weighs f32 values as the pool path does.
+	v = v.Permute(ctx, 1, 2, 0, 3).Cast(ctx, ml.DTypeF16).Cast(ctx, ml.DTypeF32)
 	var mask ml.Tensor
 	if n > 1 {
-		mask = causalMask(ctx, at[1], cells, n)
+		mask = causalMask(ctx, cells-n, cells, n)
 	}
 	return k, v, mask
+}
+
+// putArena copies the batch's keys and values of layer into its arena at
+// rows pos0·kvHeads.. (f16, as the pools and the host pages round them),
+// inside the graph, before the gathers that read them: the split pass
+// (paging.HostScores) builds attention in another graph than Put's, and
+// the host pages have the batch only after the pass.
+//
+//	key, value: [headDim, kvHeads, batch]
+func (c *Paged) putArena(ctx ml.Context, l int, key, value ml.Tensor) {
+	a := c.arenas[l]
+	r, n := c.L.Row(), c.n
+	ctx.Forward(key.Copy(ctx, a.k.View(ctx, c.pos0*r*2, r*n)))
+	ctx.Forward(value.Copy(ctx, a.v.View(ctx, c.pos0*r*2, r*n)))
 }
 
 // checkGather reports broken invariants of a gather group (at names the

@@ -102,13 +102,11 @@ type Paged struct {
 
 	// Token gathers (gather.go): per layer its arena (nil: none yet) and
 	// whether the backend refused it host memory; the layer gathered last
-	// in a graph; the batch's keys and values of the layer Put saw last.
-	arenas     []*tokenArena
-	noGather   []bool
-	gath       *gathered
-	gatherIdx  []int32
-	putLayer   int
-	putK, putV ml.Tensor
+	// in a graph and its reused index buffer.
+	arenas    []*tokenArena
+	noGather  []bool
+	gath      *gathered
+	gatherIdx []int32
 
 	// The last mask built: pools with the same layout and selection (every
 	// layer, for a dense selector) share it within a graph.
@@ -512,7 +510,7 @@ func (c *Paged) StartForward(ctx ml.Context, batch input.Batch, reserve bool) er
 	c.pos0, c.n, c.upto, c.written = pos0, n, pos0+n, 0
 	c.stamp++
 	clear(c.graphRuns)
-	c.gath, c.putK, c.putV = nil, nil, nil
+	c.gath = nil
 	// Windowed layers drop the host pages no query from pos0 on can read
 	// (kept up to here so that a failed pass can be removed again).
 	c.store.trimTo(pos0)
@@ -542,7 +540,7 @@ func (c *Paged) StartForward(ctx ml.Context, batch input.Batch, reserve bool) er
 	for l := range c.layers {
 		ls := &c.layers[l]
 		gather := c.gatherOK(l)
-		if gather && !c.syncArena(l, pos0) {
+		if gather && !c.syncArena(l, pos0, n) {
 			c.noGather[l], gather = true, false // not host memory: token pools
 		}
 		for _, g := range ls.groups {
@@ -728,10 +726,14 @@ func (c *Paged) Put(ctx ml.Context, key, value ml.Tensor) {
 	k := key.Reshape(ctx, r, n)
 	v := value.Reshape(ctx, r, n)
 	P := c.L.PageSize
-	c.putLayer, c.putK, c.putV = l, key, value // for gather groups (gatherKV)
+	gathered := false
 	for _, g := range c.layers[l].groups {
 		if g.gather {
-			continue // attends to key and value from the graph
+			if !gathered {
+				c.putArena(ctx, l, key, value)
+				gathered = true
+			}
+			continue
 		}
 		pl := g.pool
 		gk, gv := k, v
