@@ -47,8 +47,8 @@ var TokenGather = true
 // tokenArena is one layer's mirror of the sequence's keys and values.
 type tokenArena struct {
 	ctx    ml.Context
-	k, v   ml.Tensor // f16 [headDim, kvHeads·cap]
-	hk, hv []uint16  // their memory
+	kv     ml.Tensor // f16 [2·headDim, kvHeads·cap]: row t·kvHeads+h is K(t, h), then V(t, h)
+	hkv    []uint16  // its memory
 	cap    int       // tokens
 	synced int       // tokens [0, synced) equal the host pages
 }
@@ -90,37 +90,37 @@ func (c *Paged) syncArena(layer, upto, room int) bool {
 		capTokens := roundUp(upto+room+upto/4+P, P) // room for an answer before it grows
 		na := &tokenArena{cap: capTokens}
 		backendmem.Do(func() {
-			na.ctx = c.b.NewContextSize(2).Layer(layer)
-			na.k = na.ctx.Zeros(ml.DTypeF16, c.L.HeadDim, c.L.KVHeads*capTokens)
-			na.v = na.ctx.Zeros(ml.DTypeF16, c.L.HeadDim, c.L.KVHeads*capTokens)
+			na.ctx = c.b.NewContextSize(1).Layer(layer)
+			na.kv = na.ctx.Zeros(ml.DTypeF16, 2*c.L.HeadDim, c.L.KVHeads*capTokens)
 		})
-		na.hk, na.hv = hostMem(na.k, capTokens*r), hostMem(na.v, capTokens*r)
-		if na.hk == nil || na.hv == nil {
+		if na.hkv = hostMem(na.kv, capTokens*2*r); na.hkv == nil {
 			na.close()
 			return false
 		}
 		if a != nil {
-			copy(na.hk, a.hk[:a.synced*r])
-			copy(na.hv, a.hv[:a.synced*r])
+			copy(na.hkv, a.hkv[:a.synced*2*r])
 			na.synced = a.synced
 			a.close()
 		}
 		a = na
 		c.arenas[layer] = a
 	}
+	hd, kv := c.L.HeadDim, c.L.KVHeads
 	for t := a.synced; t < upto; {
 		pg := c.store.pages[layer][t/P]
 		off := t % P
 		n := min(upto-t, P-off)
-		copy(a.hk[t*r:(t+n)*r], pg.K[off*r:(off+n)*r])
-		if vt := pg.vt.Load(); vt != nil {
-			copy(a.hv[t*r:(t+n)*r], (*vt)[off*r:(off+n)*r])
-		} else {
-			// The page's values are channel-major: transpose.
-			dst := a.hv[t*r : (t+n)*r]
-			for ch := 0; ch < r; ch++ {
-				for i, x := range pg.V[ch*P+off : ch*P+off+n] {
-					dst[i*r+ch] = x
+		vt := pg.vt.Load()
+		for i := range n {
+			for h := range kv {
+				row := a.hkv[((t+i)*kv+h)*2*hd:][:2*hd]
+				copy(row[:hd], pg.K[(off+i)*r+h*hd:][:hd])
+				if vt != nil {
+					copy(row[hd:], (*vt)[(off+i)*r+h*hd:][:hd])
+					continue
+				}
+				for d := range hd { // the page's values are channel-major
+					row[hd+d] = pg.V[(h*hd+d)*P+off+i]
 				}
 			}
 		}
@@ -134,7 +134,7 @@ func (c *Paged) syncArena(layer, upto, room int) bool {
 type gathered struct {
 	ctx   ml.Context
 	layer int
-	k, v  ml.Tensor         // f32 [headDim, rows]
+	kv    ml.Tensor         // f32 [2·headDim, rows]: keys, then values
 	at    map[*group][2]int // group -> first row, tokens
 }
 
@@ -174,8 +174,7 @@ func (c *Paged) gatherLayer(ctx ml.Context, l int) *gathered {
 	c.gatherIdx = idx
 	a := c.arenas[l]
 	rows := ctx.Input().FromInts(idx, len(idx))
-	gt.k = a.k.Rows(ctx, rows)
-	gt.v = a.v.Rows(ctx, rows)
+	gt.kv = a.kv.Rows(ctx, rows)
 	c.gath = gt
 	return gt
 }
@@ -189,10 +188,10 @@ func (c *Paged) gatherKV(ctx ml.Context, l int, g *group) (ml.Tensor, ml.Tensor,
 	gt := c.gatherLayer(ctx, l)
 	heads, hd, n := len(g.heads), c.L.HeadDim, c.n
 	at := gt.at[g]
-	cells := at[1] // earlier tokens, then the batch's
-	off := at[0] * hd * 4
-	k := gt.k.View(ctx, off, hd, hd*4, heads, heads*hd*4, cells)
-	v := gt.v.View(ctx, off, hd, hd*4, heads, heads*hd*4, cells)
+	cells := at[1]                 // earlier tokens, then the batch's
+	off, w := at[0]*2*hd*4, 2*hd*4 // bytes: the group's first row, a row
+	k := gt.kv.View(ctx, off, hd, w, heads, heads*w, cells)
+	v := gt.kv.View(ctx, off+hd*4, hd, w, heads, heads*w, cells)
 	// [cells, headDim, heads]. ggml copies a permuted tensor of the same
 	// type with one memcpy per element (dup_bytes: 16% of a squeezed
 	// decode step at 16k in perf); a converting copy is one typed loop.
@@ -215,9 +214,10 @@ func (c *Paged) gatherKV(ctx ml.Context, l int, g *group) (ml.Tensor, ml.Tensor,
 //	key, value: [headDim, kvHeads, batch]
 func (c *Paged) putArena(ctx ml.Context, l int, key, value ml.Tensor) {
 	a := c.arenas[l]
-	r, n := c.L.Row(), c.n
-	ctx.Forward(key.Copy(ctx, a.k.View(ctx, c.pos0*r*2, r*n)))
-	ctx.Forward(value.Copy(ctx, a.v.View(ctx, c.pos0*r*2, r*n)))
+	hd, rows := c.L.HeadDim, c.L.KVHeads*c.n
+	at, w := c.pos0*c.L.KVHeads*2*hd*2, 2*hd*2 // bytes: the batch's first row, a row
+	ctx.Forward(key.Copy(ctx, a.kv.View(ctx, at, hd, w, rows)))
+	ctx.Forward(value.Copy(ctx, a.kv.View(ctx, at+hd*2, hd, w, rows)))
 }
 
 // checkGather reports broken invariants of a gather group (at names the
