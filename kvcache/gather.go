@@ -18,7 +18,7 @@ import (
 // decode step (docs/performance.md), so that machinery cost about a third
 // of a squeezed decode step for a copy that buys nothing.
 //
-// With TokenGather (on by default), a layer whose backend keeps tensors in
+// With TokenGather (opt-in, see below), a layer whose backend keeps tensors in
 // host memory instead keeps a mirror of the sequence's keys and values in
 // one ggml tensor (the layer's arena), each token's key and value rows
 // side by side (a scattered gather's second cache line comes with the
@@ -44,7 +44,13 @@ import (
 // The arena belongs to the session (a document's sessions each hold one:
 // a second host copy of the document's KV for every layer with token
 // groups; Stats.ArenaBytes). Non-host backends keep the token pools.
-var TokenGather = true
+//
+// Off by default: a session's arena is a full copy of its document's keys
+// and values (1 GiB per session for the 1b preset at 32k), made at its
+// first pass, where a token pool is the budget's size; sharing one arena
+// per document among its sessions is not done. Turn it on for the faster
+// decode step when memory allows.
+var TokenGather = false
 
 // tokenArena is one layer's mirror of the sequence's keys and values.
 type tokenArena struct {
