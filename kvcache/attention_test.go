@@ -406,21 +406,28 @@ func (s *funcTokenSelector) Select(_ int, _ paging.Summaries, _ *paging.Queries,
 // attends to a new random set of earlier tokens per group, from pools too
 // small to keep the prompt (its early tokens are evicted and uploaded
 // again, gathered from the host pages); the result matches float64
-// attention over exactly those positions, with the uploads as copy runs
-// and as one set_rows scatter.
+// attention over exactly those positions, with the uploads as host copies,
+// copy runs and one set_rows scatter, and with no pool at all: the tokens
+// gathered in the graph from the layer's arena (kvcache.TokenGather, the
+// CPU default).
 func TestTokenPoolsMatchFloat64Reference(t *testing.T) {
 	m, err := runtime.Open(context.Background(), testmodels.Random(t, "llama", "tiny", foundry.F32, 4, false), runtime.Options{Threads: 2, ContextLength: 512})
 	require.NoError(t, err)
 	defer m.Close()
 	b := m.Backend()
+	outs := map[string][][][]float32{} // mode -> pass -> the pass's attention output
 	for _, mode := range []struct {
-		name string
-		runs int  // kvcache.MaxUploadRuns
-		host bool // kvcache.HostUploads
-	}{{"host copies", kvcache.MaxUploadRuns, true}, {"copy runs", kvcache.MaxUploadRuns, false}, {"set_rows scatter", 0, false}} {
+		name   string
+		runs   int  // kvcache.MaxUploadRuns
+		host   bool // kvcache.HostUploads
+		gather bool // kvcache.TokenGather
+	}{{"host copies", kvcache.MaxUploadRuns, true, false}, {"copy runs", kvcache.MaxUploadRuns, false, false},
+		{"set_rows scatter", 0, false, false}, {"in-graph gather", kvcache.MaxUploadRuns, true, true}} {
 		t.Run(mode.name, func(t *testing.T) {
-			defer func(old int, h bool) { kvcache.MaxUploadRuns, kvcache.HostUploads = old, h }(kvcache.MaxUploadRuns, kvcache.HostUploads)
-			kvcache.MaxUploadRuns, kvcache.HostUploads = mode.runs, mode.host
+			defer func(old int, h, g bool) {
+				kvcache.MaxUploadRuns, kvcache.HostUploads, kvcache.TokenGather = old, h, g
+			}(kvcache.MaxUploadRuns, kvcache.HostUploads, kvcache.TokenGather)
+			kvcache.MaxUploadRuns, kvcache.HostUploads, kvcache.TokenGather = mode.runs, mode.host, mode.gather
 			groups := []paging.Group{{KVHeads: []int{0, 2}, Budget: 32, Tokens: true}, {KVHeads: []int{1, 3}, Budget: 32, Tokens: true}}
 			pick := func(g, upto int) []int32 {
 				r := rand.New(rand.NewPCG(uint64(upto), uint64(g)))
@@ -460,13 +467,41 @@ func TestTokenPoolsMatchFloat64Reference(t *testing.T) {
 					}
 				}
 				require.Less(t, worst, 2e-3, "tokens %d..%d", pos0, end)
+				require.NoError(t, c.CheckInvariants())
+				outs[mode.name] = append(outs[mode.name], got)
 				pos0 = end
 			}
 			st := c.Stats()
-			t.Logf("%d tokens uploaded, %d bytes; resident %d bytes", st.TokenUploads, st.UploadedBytes, st.ResidentBytes)
+			t.Logf("%d tokens uploaded, %d bytes; resident %d bytes; arenas %d bytes", st.TokenUploads, st.UploadedBytes, st.ResidentBytes, st.ArenaBytes)
+			if mode.gather {
+				require.Zero(t, st.TokenUploads, "gathered in the graph: nothing uploaded")
+				require.Zero(t, st.ResidentBytes, "no pools")
+				require.GreaterOrEqual(t, st.ArenaBytes, int64(total*tKV*tDim*2*2), "an arena holds every token of the layer")
+				return
+			}
+			require.Zero(t, st.ArenaBytes)
 			require.Positive(t, st.TokenUploads, "evicted tokens came back")
 			require.Zero(t, st.Uploads, "no page was uploaded")
 			require.Equal(t, st.TokenUploads*2*tDim*2*2, st.UploadedBytes)
 		})
 	}
+	// The gather against the pools, pass by pass: the same f16 keys and
+	// values, the same f32 values in the product; the pools' keys meet an
+	// f16-rounded query in ggml's f16 dot product, the gathered f32 keys
+	// the f32 query, so the outputs differ by the query's rounding only.
+	t.Run("gather vs pools", func(t *testing.T) {
+		pools, gather := outs["host copies"], outs["in-graph gather"]
+		require.Len(t, gather, len(pools))
+		worst := 0.0
+		for p := range pools {
+			for i := range pools[p] {
+				for j := range pools[p][i] {
+					worst = math.Max(worst, math.Abs(float64(pools[p][i][j]-gather[p][i][j])))
+				}
+			}
+		}
+		t.Logf("max |gather - pools| over %d passes: %.2g", len(pools), worst)
+		require.Less(t, worst, 1e-3)
+		require.Positive(t, worst, "two paths, not one: the query's rounding differs")
+	})
 }

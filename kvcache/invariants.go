@@ -37,6 +37,9 @@ func (c *Paged) CheckInvariants() error {
 		for gi, g := range c.layers[l].groups {
 			pl := g.pool
 			at := fmt.Sprintf("layer %d group %d", l, gi)
+			if g.gather {
+				errs = append(errs, c.checkGather(at, l, g)...)
+			}
 			if pl == nil {
 				continue
 			}

@@ -46,6 +46,10 @@ type Stats struct {
 	// UploadedBytes is the keys and values copied host -> device so far,
 	// pages and tokens together (f16, the group's heads only).
 	UploadedBytes int64
+	// ArenaBytes is the token-gather arenas (TokenGather, gather.go): a
+	// host copy of the sequence's keys and values for each layer whose
+	// token-granular groups gather from it instead of a pool.
+	ArenaBytes int64
 	// Upkeep is the time spent keeping host pages and their summaries up to
 	// date (reading new keys and values back, writing pages, summaries).
 	Upkeep time.Duration
@@ -101,6 +105,14 @@ type Paged struct {
 	cents       []*centTensor // per layer, for a paging.CentroidScored selector
 	ranks       map[ml.Context][]rankOut
 
+	// Token gathers (gather.go): per layer its arena (nil: none yet) and
+	// whether the backend refused it host memory; the layer gathered last
+	// in a graph and its reused index buffer.
+	arenas    []*tokenArena
+	noGather  []bool
+	gath      *gathered
+	gatherIdx []int32
+
 	// The last mask built: pools with the same layout and selection (every
 	// layer, for a dense selector) share it within a graph.
 	mask struct {
@@ -131,6 +143,9 @@ type group struct {
 	cells   []int32 // pool cells of the batch's tokens
 	uploads []upload
 	tups    []tokenUpload // a token pool's planned uploads (pool.tok set)
+	// gather: a token-granular group that gathers its tokens from the
+	// layer's arena in the graph (TokenGather); it has no pool.
+	gather bool
 }
 
 type upload struct{ page, slot, rows int }
@@ -284,7 +299,7 @@ func (c *Paged) Stats() Stats {
 		Upkeep: time.Duration(c.upkeep.Load()), HostWrites: time.Duration(c.hostWrites.Load()), ResidentByClass: map[string]int64{}}
 	for l := range c.layers {
 		for _, g := range c.layers[l].groups {
-			if g.pool != nil {
+			if g.pool != nil && !g.gather {
 				b := g.pool.bytes(c.L)
 				st.ResidentBytes += b
 				st.ResidentByClass[g.Class] += b
@@ -303,6 +318,11 @@ func (c *Paged) Stats() Stats {
 					st.AttendedBytes += int64(n) * int64(len(g.heads)*c.L.HeadDim) * 2 * 2
 				}
 			}
+		}
+	}
+	for _, a := range c.arenas {
+		if a != nil {
+			st.ArenaBytes += 2 * 2 * int64(a.cap) * int64(c.L.Row())
 		}
 	}
 	return st
@@ -403,6 +423,10 @@ func (c *Paged) Close() {
 		}
 	}
 	c.cents = nil
+	for _, a := range c.arenas {
+		a.close()
+	}
+	c.arenas = nil
 	c.closed = true
 }
 
@@ -437,6 +461,11 @@ func (c *Paged) Remove(seq int, beginIndex, endIndex int32) error {
 	}
 	c.written = 0
 	c.store.truncate(n)
+	for _, a := range c.arenas {
+		if a != nil {
+			a.synced = min(a.synced, n)
+		}
+	}
 	P := c.L.PageSize
 	for l := range c.layers {
 		for _, g := range c.layers[l].groups {
@@ -486,6 +515,7 @@ func (c *Paged) StartForward(ctx ml.Context, batch input.Batch, reserve bool) er
 	c.pos0, c.n, c.upto, c.written = pos0, n, pos0+n, 0
 	c.stamp++
 	clear(c.graphRuns)
+	c.gath = nil
 	// Windowed layers drop the host pages no query from pos0 on can read
 	// (kept up to here so that a failed pass can be removed again).
 	c.store.trimTo(pos0)
@@ -509,9 +539,24 @@ func (c *Paged) StartForward(ctx ml.Context, batch input.Batch, reserve bool) er
 			}
 		}
 	}
+	if c.noGather == nil {
+		c.noGather = make([]bool, len(c.layers))
+	}
 	for l := range c.layers {
 		ls := &c.layers[l]
+		gather := c.gatherOK(l)
+		if gather && !c.syncArena(l, pos0, n) {
+			c.noGather[l], gather = true, false // not host memory: token pools
+		}
 		for _, g := range ls.groups {
+			if g.gather = gather && g.Tokens; g.gather {
+				if g.pool != nil {
+					g.pool.close()
+					g.pool = nil
+				}
+				g.sel, g.tok, g.uploads, g.tups, g.cells = nil, nil, nil, nil, nil
+				continue
+			}
 			pl := c.poolFor(l, g)
 			// Uploads planned by a pass that never reached its graph (it
 			// failed) did not happen: those slots must be filled again.
@@ -533,6 +578,9 @@ func (c *Paged) StartForward(ctx ml.Context, batch input.Batch, reserve bool) er
 			}
 		}
 		for _, g := range ls.groups {
+			if g.gather {
+				continue // nothing to place: gathered in the graph
+			}
 			if g.pool.tok != nil {
 				if err := c.placeBatchTokens(l, g); err != nil {
 					return err
@@ -656,6 +704,9 @@ func (c *Paged) SetQueries(layer int, q [][]float32) error {
 		return err
 	}
 	for _, g := range ls.groups {
+		if g.gather {
+			continue
+		}
 		if g.pool.tok != nil {
 			if err := c.placeTokens(layer, g); err != nil {
 				return err
@@ -680,7 +731,15 @@ func (c *Paged) Put(ctx ml.Context, key, value ml.Tensor) {
 	k := key.Reshape(ctx, r, n)
 	v := value.Reshape(ctx, r, n)
 	P := c.L.PageSize
+	gathered := false
 	for _, g := range c.layers[l].groups {
+		if g.gather {
+			if !gathered {
+				c.putArena(ctx, l, key, value)
+				gathered = true
+			}
+			continue
+		}
 		pl := g.pool
 		gk, gv := k, v
 		if !g.all {
@@ -708,7 +767,7 @@ func (c *Paged) batchWritten(layer int) {
 	P := c.L.PageSize
 	for _, g := range c.layers[layer].groups {
 		pl := g.pool
-		if pl.tok != nil {
+		if g.gather || pl.tok != nil {
 			continue // the batch's cells were mapped when placed
 		}
 		for i := 0; i < c.n; i++ {

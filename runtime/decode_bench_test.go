@@ -93,29 +93,37 @@ func BenchmarkDecodeStep(b *testing.B) {
 		for _, c := range []struct {
 			name, method string
 			extra        map[string]any
+			gather       bool // kvcache.TokenGather: the in-graph gather instead of token pools
 		}{
-			{"retro", "retro", nil},
-			{"quest", "quest", nil},
+			{"retro", "retro", nil, false},
+			{"quest", "quest", nil, false},
 			// quest scoring each step's own queries on the host: a graph
 			// split per layer (before in-graph scoring).
-			{"quest-host", "quest", map[string]any{paging.HostScores: true}},
+			{"quest-host", "quest", map[string]any{paging.HostScores: true}, false},
 			// quest taking the lagged top pages at every step (no hysteresis).
-			{"quest-keep0", "quest", map[string]any{paging.KeepLogits: 0.0}},
+			{"quest-keep0", "quest", map[string]any{paging.KeepLogits: 0.0}, false},
 			// quest never replacing a held page (no uploads after the
 			// question's): what the in-graph bounds alone cost over retro.
-			{"quest-keepall", "quest", map[string]any{paging.KeepLogits: 1e9}},
+			{"quest-keepall", "quest", map[string]any{paging.KeepLogits: 1e9}, false},
 			// squeezed: centroid scores in the graph, one step late.
 			// (opt-in: HostScores false; the default is the host lookup).
-			{"squeezed", "squeezed", map[string]any{paging.HostScores: false}},
+			{"squeezed", "squeezed", map[string]any{paging.HostScores: false}, false},
 			// squeezed looking its clusters up on the host each step (a
 			// graph split per layer; the default).
-			{"squeezed-host", "squeezed", nil},
+			{"squeezed-host", "squeezed", nil, false},
+			// The same two gathering their tokens in the graph from a
+			// per-layer arena instead of token pools with host copies
+			// (kvcache.TokenGather, opt-in).
+			{"squeezed-gather", "squeezed", map[string]any{paging.HostScores: false}, true},
+			{"squeezed-host-gather", "squeezed", nil, true},
 			// squeezed keeping the clusters it holds unless others score
 			// 4 or 1e9 attention logits higher (a hysteresis, not the paper's rule).
-			{"squeezed-keep4", "squeezed", map[string]any{paging.HostScores: false, squeezed.KeepKey: 4.0}},
-			{"squeezed-keepall", "squeezed", map[string]any{paging.HostScores: false, squeezed.KeepKey: 1e9}},
+			{"squeezed-keep4", "squeezed", map[string]any{paging.HostScores: false, squeezed.KeepKey: 4.0}, false},
+			{"squeezed-keepall", "squeezed", map[string]any{paging.HostScores: false, squeezed.KeepKey: 1e9}, false},
 		} {
 			b.Run(fmt.Sprintf("kvrecall/%s-2048/%d", c.name, n), func(b *testing.B) {
+				defer func(g bool) { kvcache.TokenGather = g }(kvcache.TokenGather)
+				kvcache.TokenGather = c.gather
 				var sq []*squeezed.Options
 				if c.method == "squeezed" {
 					sq = append(sq, &squeezed.Options{})
