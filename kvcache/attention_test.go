@@ -408,8 +408,8 @@ func (s *funcTokenSelector) Select(_ int, _ paging.Summaries, _ *paging.Queries,
 // again, gathered from the host pages); the result matches float64
 // attention over exactly those positions, with the uploads as host copies,
 // copy runs and one set_rows scatter, and with no pool at all: the tokens
-// gathered in the graph from the layer's arena (kvcache.TokenGather, the
-// CPU default).
+// gathered in the graph from the layer's arena (kvcache.TokenGather,
+// opt-in).
 func TestTokenPoolsMatchFloat64Reference(t *testing.T) {
 	m, err := runtime.Open(context.Background(), testmodels.Random(t, "llama", "tiny", foundry.F32, 4, false), runtime.Options{Threads: 2, ContextLength: 512})
 	require.NoError(t, err)
