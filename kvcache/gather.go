@@ -84,6 +84,20 @@ func (c *Paged) gatherOK(layer int) bool {
 	return false
 }
 
+// arenaHost reports whether layer's backend gives its tensors host
+// memory, from a one-element tensor: a device backend is found out
+// without allocating a document-sized arena on it.
+func (c *Paged) arenaHost(layer int) bool {
+	var ctx ml.Context
+	var t ml.Tensor
+	backendmem.Do(func() {
+		ctx = c.b.NewContextSize(1).Layer(layer)
+		t = ctx.Empty(ml.DTypeF16, 1)
+	})
+	defer ctx.Close()
+	return hostMem(t, 1) != nil
+}
+
 // syncArena makes layer's arena (created or grown as needed) mirror the
 // host pages' tokens [0, upto), with room for room more (the batch, which
 // Put copies in). It returns false if the backend does not
@@ -94,12 +108,17 @@ func (c *Paged) syncArena(layer, upto, room int) bool {
 	}
 	a := c.arenas[layer]
 	P, r := c.L.PageSize, c.L.Row()
+	if a == nil && !c.arenaHost(layer) {
+		return false
+	}
 	if a == nil || a.cap < upto+room {
 		capTokens := roundUp(upto+room+upto/4+P, P) // room for an answer before it grows
 		na := &tokenArena{cap: capTokens}
 		backendmem.Do(func() {
 			na.ctx = c.b.NewContextSize(1).Layer(layer)
-			na.kv = na.ctx.Zeros(ml.DTypeF16, 2*c.L.HeadDim, c.L.KVHeads*capTokens)
+			// Not zeroed: a row is read only after it is written (synced
+			// here, or the batch's by Put before the gather).
+			na.kv = na.ctx.Empty(ml.DTypeF16, 2*c.L.HeadDim, c.L.KVHeads*capTokens)
 		})
 		if na.hkv = hostMem(na.kv, capTokens*2*r); na.hkv == nil {
 			na.close()
