@@ -453,11 +453,12 @@ func TestTokenPoolsMatchFloat64Reference(t *testing.T) {
 			k := randoms(r, total*tKV*tDim)
 			v := randoms(r, total*tKV*tDim)
 			split := func(x []float32, per, from, to int) []float32 { return x[from*per : to*per] }
-			pos0 := 0
-			for _, n := range batches {
+			// step runs the pass of tokens [pos0, pos0+n) (queries qs) and
+			// checks it against float64 attention over k and v.
+			step := func(pos0, n int, qs, k, v []float32, what string) {
 				end := pos0 + n
-				got := pass(t, b, c, pos0, split(q, tHeads*tDim, pos0, end), split(k, tKV*tDim, pos0, end), split(v, tKV*tDim, pos0, end))
-				want := referenceAt(split(q, tHeads*tDim, pos0, end), k, v, pos0, func(g, p int) bool {
+				got := pass(t, b, c, pos0, qs, split(k, tKV*tDim, pos0, end), split(v, tKV*tDim, pos0, end))
+				want := referenceAt(qs, k, v, pos0, func(g, p int) bool {
 					return p >= pos0 || slices.Contains(pick(g%2, end), int32(p))
 				})
 				worst := 0.0
@@ -466,10 +467,14 @@ func TestTokenPoolsMatchFloat64Reference(t *testing.T) {
 						worst = math.Max(worst, math.Abs(float64(got[i][j])-want[i][j]))
 					}
 				}
-				require.Less(t, worst, 2e-3, "tokens %d..%d", pos0, end)
+				require.Less(t, worst, 2e-3, "%s: tokens %d..%d", what, pos0, end)
 				require.NoError(t, c.CheckInvariants())
 				outs[mode.name] = append(outs[mode.name], got)
-				pos0 = end
+			}
+			pos0 := 0
+			for _, n := range batches {
+				step(pos0, n, split(q, tHeads*tDim, pos0, pos0+n), k, v, "first pass")
+				pos0 += n
 			}
 			// Truncate into what was attended and continue with other keys
 			// and values from there: every path must forget the dropped
@@ -481,22 +486,8 @@ func TestTokenPoolsMatchFloat64Reference(t *testing.T) {
 			q2 := randoms(r, 6*tHeads*tDim)
 			pos0 = cut
 			for _, n := range []int{1, 5} {
-				end := pos0 + n
-				qs := split(q2, tHeads*tDim, pos0-cut, end-cut)
-				got := pass(t, b, c, pos0, qs, split(k, tKV*tDim, pos0, end), split(v, tKV*tDim, pos0, end))
-				want := referenceAt(qs, k, v, pos0, func(g, p int) bool {
-					return p >= pos0 || slices.Contains(pick(g%2, end), int32(p))
-				})
-				worst := 0.0
-				for i := range got {
-					for j := range got[i] {
-						worst = math.Max(worst, math.Abs(float64(got[i][j])-want[i][j]))
-					}
-				}
-				require.Less(t, worst, 2e-3, "after the cut: tokens %d..%d", pos0, end)
-				require.NoError(t, c.CheckInvariants())
-				outs[mode.name] = append(outs[mode.name], got)
-				pos0 = end
+				step(pos0, n, split(q2, tHeads*tDim, pos0-cut, pos0-cut+n), k, v, "after the cut")
+				pos0 += n
 			}
 			st := c.Stats()
 			t.Logf("%d tokens uploaded, %d bytes; resident %d bytes; arenas %d bytes", st.TokenUploads, st.UploadedBytes, st.ResidentBytes, st.ArenaBytes)

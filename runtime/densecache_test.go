@@ -62,14 +62,7 @@ func TestDenseCacheMatchesOllamaCausal(t *testing.T) {
 			}
 			same := func(step string, tokens []int32, all bool) {
 				t.Helper()
-				got, err := ours.Eval(ctx, tokens, all, nil)
-				require.NoError(t, err, step)
-				want, err := theirs.Eval(ctx, tokens, all, nil)
-				require.NoError(t, err, step)
-				require.Len(t, got, len(want), step)
-				for i := range want {
-					require.Equal(t, want[i], got[i], "%s: logits row %d differ", step, i)
-				}
+				requireSameLogits(t, ctx, step, ours, theirs, tokens, all)
 			}
 			same("prefill of 150 tokens in batches of 64", toks[:150], true)
 			for i := 150; i < 170; i++ {
@@ -237,14 +230,7 @@ func TestDenseStepGraphMatchesFreshGraph(t *testing.T) {
 			}
 			same := func(step string, tokens []int32) {
 				t.Helper()
-				got, err := kept.Eval(ctx, tokens, false, nil)
-				require.NoError(t, err, step)
-				want, err := fresh.Eval(ctx, tokens, false, nil)
-				require.NoError(t, err, step)
-				require.Len(t, got, len(want), step)
-				for i := range want {
-					require.Equal(t, want[i], got[i], "%s: logits row %d differ", step, i)
-				}
+				requireSameLogits(t, ctx, step, kept, fresh, tokens, false)
 			}
 			for i := 0; i < 10; i++ {
 				same("one-token step from an empty cache", toks[i:i+1])
@@ -377,5 +363,19 @@ func TestDenseStepGraphConcurrent(t *testing.T) {
 		for i := range want[k] {
 			require.Equal(t, want[k][i], got[k][i], "session %d, step %d: logits differ", k, i)
 		}
+	}
+}
+
+// requireSameLogits evaluates tokens in both sessions and requires their
+// logits bit for bit equal.
+func requireSameLogits(t *testing.T, ctx context.Context, step string, got, want *runtime.Session, tokens []int32, all bool) {
+	t.Helper()
+	g, err := got.Eval(ctx, tokens, all, nil)
+	require.NoError(t, err, step)
+	w, err := want.Eval(ctx, tokens, all, nil)
+	require.NoError(t, err, step)
+	require.Len(t, g, len(w), step)
+	for i := range w {
+		require.Equal(t, w[i], g[i], "%s: logits row %d differ", step, i)
 	}
 }

@@ -133,36 +133,12 @@ func BenchmarkQuestFromDisk(b *testing.B) {
 	for _, e := range engines {
 		kvcache.HostBounds, kvcache.BoxRowMultiple = e.host, e.rowMultiple
 		if e.method == "" {
-			s, err := m.NewSessionWith(runtime.DenseCache)
-			if err != nil {
-				b.Fatal(err)
-			}
-			defer s.Close()
-			if _, err := s.Eval(ctx, toks[:floorCtx], false, nil); err != nil {
-				b.Fatal(err)
-			}
-			steps = append(steps, func() error {
-				_, err := s.Eval(ctx, toks[s.Len():s.Len()+1], false, nil)
-				return err
-			})
+			steps = append(steps, floorStep(ctx, b, m, toks[:floorCtx], toks))
 			caches = append(caches, nil)
 			continue
 		}
-		s, err := m.DocumentSession(doc, runtime.PolicyOptions{Policy: e.method, Budget: 2048, Extra: e.extra})
-		if err != nil {
-			b.Fatal(err)
-		}
-		defer s.Close()
-		if _, err := s.Eval(ctx, toks[n-8:n], false, nil); err != nil { // the question
-			b.Fatal(err)
-		}
-		next := n
-		steps = append(steps, func() error {
-			kvcache.HostBounds, kvcache.BoxRowMultiple = e.host, e.rowMultiple
-			_, err := s.Eval(ctx, toks[next:next+1], false, nil)
-			next++
-			return err
-		})
+		s, step := docStep(ctx, b, m, doc, runtime.PolicyOptions{Policy: e.method, Budget: 2048, Extra: e.extra}, toks, n, e.host, e.rowMultiple)
+		steps = append(steps, step)
 		caches = append(caches, s.Cache().(*kvcache.Paged))
 	}
 	if b.N > room-8 {

@@ -62,35 +62,11 @@ func BenchmarkQuestFastPath(b *testing.B) {
 	for _, e := range engines {
 		kvcache.HostBounds, kvcache.BoxRowMultiple = e.host, e.rowMultiple
 		if e.method == "" {
-			s, err := m.NewSessionWith(runtime.DenseCache)
-			if err != nil {
-				b.Fatal(err)
-			}
-			defer s.Close()
-			if _, err := s.Eval(ctx, toks[:floorCtx], false, nil); err != nil {
-				b.Fatal(err)
-			}
-			steps = append(steps, func() error {
-				_, err := s.Eval(ctx, toks[s.Len():s.Len()+1], false, nil)
-				return err
-			})
+			steps = append(steps, floorStep(ctx, b, m, toks[:floorCtx], toks))
 			continue
 		}
-		s, err := m.DocumentSession(doc, runtime.PolicyOptions{Policy: e.method, Budget: 2048})
-		if err != nil {
-			b.Fatal(err)
-		}
-		defer s.Close()
-		if _, err := s.Eval(ctx, toks[n-8:n], false, nil); err != nil { // the question
-			b.Fatal(err)
-		}
-		next := n
-		steps = append(steps, func() error {
-			kvcache.HostBounds, kvcache.BoxRowMultiple = e.host, e.rowMultiple
-			_, err := s.Eval(ctx, toks[next:next+1], false, nil)
-			next++
-			return err
-		})
+		_, step := docStep(ctx, b, m, doc, runtime.PolicyOptions{Policy: e.method, Budget: 2048}, toks, n, e.host, e.rowMultiple)
+		steps = append(steps, step)
 	}
 	if b.N > room {
 		b.Fatalf("-benchtime %dx exceeds the %d steps of room", b.N, room)
@@ -119,4 +95,46 @@ func BenchmarkQuestFastPath(b *testing.B) {
 		}
 	}
 	b.Log(fmt.Sprintf("context %d: quest after − before %.3f ms, quest after − retro %.3f ms", n, med[3]-med[2], med[3]-med[1]))
+}
+
+// floorStep is the floor's decode step for the quest benchmarks: a
+// DenseCache session that read prompt, then takes the next token of toks
+// at each call (closed when the benchmark ends).
+func floorStep(ctx context.Context, b *testing.B, m *runtime.Model, prompt, toks []int32) func() error {
+	s, err := m.NewSessionWith(runtime.DenseCache)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(s.Close)
+	if _, err := s.Eval(ctx, prompt, false, nil); err != nil {
+		b.Fatal(err)
+	}
+	return func() error {
+		_, err := s.Eval(ctx, toks[s.Len():s.Len()+1], false, nil)
+		return err
+	}
+}
+
+// docStep is a method's decode step for the quest benchmarks: a session
+// of doc (its first n tokens) under opts that read the question
+// toks[n-8:n], then takes the next token of toks at each call with quest's
+// CPU fast-path settings host and rowMultiple (closed when the benchmark
+// ends).
+func docStep(ctx context.Context, b *testing.B, m *runtime.Model, doc *runtime.Document, opts runtime.PolicyOptions,
+	toks []int32, n int, host bool, rowMultiple int) (*runtime.Session, func() error) {
+	s, err := m.DocumentSession(doc, opts)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(s.Close)
+	if _, err := s.Eval(ctx, toks[n-8:n], false, nil); err != nil { // the question
+		b.Fatal(err)
+	}
+	next := n
+	return s, func() error {
+		kvcache.HostBounds, kvcache.BoxRowMultiple = host, rowMultiple
+		_, err := s.Eval(ctx, toks[next:next+1], false, nil)
+		next++
+		return err
+	}
 }
