@@ -3,6 +3,7 @@ package runtime_test
 import (
 	"context"
 	"fmt"
+	"runtime/pprof"
 	"slices"
 	"testing"
 	"time"
@@ -73,8 +74,16 @@ func BenchmarkQuestFastPath(b *testing.B) {
 	}
 	times := make([][]float64, len(steps))
 	b.ResetTimer()
+	// Each engine's steps carry a pprof label (engine=NAME), so that a
+	// -cpuprofile of this benchmark splits by engine:
+	// go tool pprof -tagfocus engine=quest-after runtime.test cpu.prof
+	labels := make([]context.Context, len(engines))
+	for j, e := range engines {
+		labels[j] = pprof.WithLabels(ctx, pprof.Labels("engine", e.name))
+	}
 	for range b.N {
 		for j, step := range steps {
+			pprof.SetGoroutineLabels(labels[j])
 			t0 := time.Now()
 			if err := step(); err != nil {
 				b.Fatal(err)
@@ -82,6 +91,7 @@ func BenchmarkQuestFastPath(b *testing.B) {
 			times[j] = append(times[j], float64(time.Since(t0))/float64(time.Millisecond))
 		}
 	}
+	pprof.SetGoroutineLabels(ctx)
 	b.StopTimer()
 	med := make([]float64, len(times))
 	for j, t := range times {
