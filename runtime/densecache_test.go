@@ -212,13 +212,7 @@ func TestDenseStepGraphMatchesFreshGraph(t *testing.T) {
 				FlashAttention: flash, DataDir: t.TempDir()})
 			require.NoError(t, err)
 			defer m.Close()
-			newSession := func(keep bool) *runtime.Session {
-				old := runtime.SetDenseStepGraphs(keep)
-				defer runtime.SetDenseStepGraphs(old)
-				s, err := m.NewSessionWith(runtime.DenseCache)
-				require.NoError(t, err)
-				return s
-			}
+			newSession := func(keep bool) *runtime.Session { return denseSession(t, m, keep) }
 			kept, fresh, other := newSession(true), newSession(false), newSession(false)
 			defer kept.Close()
 			defer fresh.Close()
@@ -266,13 +260,7 @@ func TestDenseStepGraphFallsBackOffHost(t *testing.T) {
 	m, err := runtime.Open(ctx, path, runtime.Options{Threads: 1, ContextLength: 300, BatchSize: 64, DataDir: t.TempDir()})
 	require.NoError(t, err)
 	defer m.Close()
-	fresh := func() *runtime.Session {
-		old := runtime.SetDenseStepGraphs(false)
-		defer runtime.SetDenseStepGraphs(old)
-		s, err := m.NewSessionWith(runtime.DenseCache)
-		require.NoError(t, err)
-		return s
-	}()
+	fresh := denseSession(t, m, false)
 	defer fresh.Close()
 	off, err := m.NewSessionWith(runtime.DenseCache)
 	require.NoError(t, err)
@@ -314,13 +302,7 @@ func TestDenseStepGraphConcurrent(t *testing.T) {
 		}
 		return toks
 	}
-	newSession := func(keep bool) *runtime.Session {
-		old := runtime.SetDenseStepGraphs(keep)
-		defer runtime.SetDenseStepGraphs(old)
-		s, err := m.NewSessionWith(runtime.DenseCache)
-		require.NoError(t, err)
-		return s
-	}
+	newSession := func(keep bool) *runtime.Session { return denseSession(t, m, keep) }
 	run := func(k int, s *runtime.Session, keep bool) ([][]float32, error) {
 		defer s.Close()
 		toks := tokens(k)
@@ -378,4 +360,15 @@ func requireSameLogits(t *testing.T, ctx context.Context, step string, got, want
 	for i := range w {
 		require.Equal(t, w[i], g[i], "%s: logits row %d differ", step, i)
 	}
+}
+
+// denseSession opens a DenseCache session of m that keeps its step graph
+// (keep) or builds one per step.
+func denseSession(t *testing.T, m *runtime.Model, keep bool) *runtime.Session {
+	t.Helper()
+	old := runtime.SetDenseStepGraphs(keep)
+	defer runtime.SetDenseStepGraphs(old)
+	s, err := m.NewSessionWith(runtime.DenseCache)
+	require.NoError(t, err)
+	return s
 }

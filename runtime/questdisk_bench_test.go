@@ -208,11 +208,7 @@ func BenchmarkQuestFromDisk(b *testing.B) {
 	}
 	perfControl(b, "disable")
 	b.StopTimer()
-	med := make([]float64, len(times))
-	for j, t := range times {
-		slices.Sort(t)
-		med[j] = t[len(t)/2]
-	}
+	med := medians(times)
 	for j, e := range engines {
 		b.ReportMetric(med[j], "ms-"+e.name)
 		for _, part := range []struct {

@@ -93,11 +93,7 @@ func BenchmarkQuestFastPath(b *testing.B) {
 	}
 	pprof.SetGoroutineLabels(ctx)
 	b.StopTimer()
-	med := make([]float64, len(times))
-	for j, t := range times {
-		slices.Sort(t)
-		med[j] = t[len(t)/2]
-	}
+	med := medians(times)
 	for j, e := range engines {
 		b.ReportMetric(med[j], "ms-"+e.name)
 		if j > 0 {
@@ -147,4 +143,14 @@ func docStep(ctx context.Context, b *testing.B, m *runtime.Model, doc *runtime.D
 		next++
 		return err
 	}
+}
+
+// medians returns the median of each engine's step times (sorting them).
+func medians(times [][]float64) []float64 {
+	med := make([]float64, len(times))
+	for j, t := range times {
+		slices.Sort(t)
+		med[j] = t[len(t)/2]
+	}
+	return med
 }
