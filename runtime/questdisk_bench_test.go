@@ -16,6 +16,7 @@ import (
 	"github.com/kvrecall/kvrecall/kvcache"
 	"github.com/kvrecall/kvrecall/paging"
 	"github.com/kvrecall/kvrecall/runtime"
+	"github.com/kvrecall/kvrecall/squeezed"
 )
 
 // BenchmarkQuestFromDisk times quest's decode steps as `bench speed
@@ -37,7 +38,13 @@ import (
 // $KVRECALL_BENCH_DATA to read instead (no ingest; a copy of a `bench
 // speed --data-dir` document: DIR/<model file>/<id>).
 // $KVRECALL_BENCH_ENGINES picks engines by name (comma separated; the
-// floor always runs).
+// floor always runs). Besides quest's variants it has every method of
+// issue 14's floor rows: window, retro, retro+heads (heads' synthetic
+// "half" profile, as bench speed's --heads-profile half), probe, and
+// squeezed (its document must have been ingested with clusters: this
+// benchmark's own ingest makes them when squeezed is named, and a bench
+// speed document has them when that run's methods included squeezed). They are not in the default list:
+// name them.
 //
 //	KVRECALL_BENCH_MODEL=$PWD/build/models/llama-1b-f16.gguf KVRECALL_BENCH_DATA=/tmp/q1b \
 //	    go test ./runtime -run XXX -bench QuestFromDisk -benchtime 40x
@@ -60,12 +67,20 @@ func BenchmarkQuestFromDisk(b *testing.B) {
 	if dir == "" {
 		dir = b.TempDir()
 	}
+	// squeezed reads clusters made at ingest by a model opened with its
+	// options (bench speed opens the decoding model without them).
+	var sq *squeezed.Options
+	if slices.ContainsFunc(strings.Split(os.Getenv("KVRECALL_BENCH_ENGINES"), ","), func(e string) bool {
+		return strings.HasPrefix(strings.TrimSpace(e), "squeezed")
+	}) {
+		sq = &squeezed.Options{}
+	}
 	id := fmt.Sprintf("questdisk-hyper-all-%d", n)
 	stored := os.Getenv("KVRECALL_BENCH_DOC") // a document already in dir: no ingest
 	if stored != "" {
 		id = stored
 	} else {
-		ing, err := runtime.Open(ctx, path, runtime.Options{Threads: 2, ContextLength: n + room, DataDir: dir})
+		ing, err := runtime.Open(ctx, path, runtime.Options{Threads: 2, ContextLength: n + room, DataDir: dir, Squeezed: sq})
 		if err != nil {
 			b.Fatal(err)
 		}
@@ -101,6 +116,7 @@ func BenchmarkQuestFromDisk(b *testing.B) {
 		extra       map[string]any
 		host        bool
 		rowMultiple int
+		named       bool // runs only when $KVRECALL_BENCH_ENGINES names it
 	}
 	all := []engine{
 		{name: "floor"},
@@ -114,8 +130,12 @@ func BenchmarkQuestFromDisk(b *testing.B) {
 		{name: "quest-hostrows1", method: "quest", host: true, rowMultiple: 1},    // box rows written on the host, rows not padded
 		{name: "quest-host", method: "quest", extra: map[string]any{paging.HostScores: true}, host: true, rowMultiple: 16},
 		{name: "quest-keepall", method: "quest", extra: map[string]any{paging.KeepLogits: 1e9}, host: true, rowMultiple: 16},
+		// Issue 14's other methods, by name only (not in the default list).
+		{name: "retro+heads", method: "retro+heads", host: true, rowMultiple: 16, named: true},
+		{name: "probe", method: "probe", host: true, rowMultiple: 16, named: true},
+		{name: "squeezed", method: "squeezed", host: true, rowMultiple: 16, named: true},
 	}
-	engines := all
+	engines := slices.DeleteFunc(slices.Clone(all), func(e engine) bool { return e.named })
 	if env := os.Getenv("KVRECALL_BENCH_ENGINES"); env != "" {
 		engines = []engine{all[0]}
 		for _, name := range strings.Split(env, ",") {
@@ -126,6 +146,11 @@ func BenchmarkQuestFromDisk(b *testing.B) {
 			if i > 0 {
 				engines = append(engines, all[i])
 			}
+		}
+	}
+	if slices.ContainsFunc(engines, func(e engine) bool { return strings.Contains(e.method, "+heads") }) {
+		if err := runtime.ApplyHeadProfile(m, "half"); err != nil {
+			b.Fatal(err)
 		}
 	}
 	var steps []func() error
