@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"os"
+	"runtime/pprof"
 	goruntime "runtime"
 	"slices"
 	"strings"
@@ -188,6 +189,12 @@ func BenchmarkQuestFromDisk(b *testing.B) {
 	// and reports each engine's median over the steps it ran right after
 	// the "dense" engine and over the others.
 	shuffle := os.Getenv("KVRECALL_BENCH_SHUFFLE") == "1"
+	// Each engine's steps carry a pprof label, as in BenchmarkQuestFastPath:
+	// go tool pprof -tagfocus engine=window runtime.test cpu.prof
+	labels := make([]context.Context, len(engines))
+	for j, e := range engines {
+		labels[j] = pprof.WithLabels(ctx, pprof.Labels("engine", e.name))
+	}
 	afterDense := make([][]float64, len(steps))
 	hws := make([][]float64, len(steps)) // host writes per step, ms
 	elsewhere := make([][]float64, len(steps))
@@ -211,10 +218,12 @@ func BenchmarkQuestFromDisk(b *testing.B) {
 			if caches[j] != nil {
 				hw0 = caches[j].Stats().HostWrites
 			}
+			pprof.SetGoroutineLabels(labels[j])
 			t0 := time.Now()
 			if err := step(); err != nil {
 				b.Fatal(err)
 			}
+			pprof.SetGoroutineLabels(ctx)
 			if caches[j] != nil {
 				hws[j] = append(hws[j], float64(caches[j].Stats().HostWrites-hw0)/float64(time.Millisecond))
 			}
