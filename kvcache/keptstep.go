@@ -275,4 +275,3 @@ func (c *Paged) WriteKeptStep(k *KeptInputs) error {
 	c.ranks[k.ctx] = k.ranks
 	return nil
 }
-
