@@ -126,6 +126,42 @@ func TestPagedStepGraphMatchesFreshGraph(t *testing.T) {
 	}
 }
 
+// Sessions that start empty (no document) take one-token steps from
+// position 0, before any page is full and before a selection is smaller
+// than the sequence: the kept graph matches graphs built for every step
+// there too, and after a prefill.
+func TestPagedStepGraphFromEmpty(t *testing.T) {
+	ctx := context.Background()
+	m, _, toks := pagedStepModel(t, 800)
+	for _, tc := range pagedStepMethods {
+		if tc.name == "probe" {
+			continue // probe needs a document's representatives
+		}
+		t.Run(tc.name, func(t *testing.T) {
+			newSession := func(keep bool) *runtime.Session {
+				old := runtime.SetPagedStepGraphs(keep)
+				defer runtime.SetPagedStepGraphs(old)
+				s, err := m.NewSessionWith(runtime.PagedCache(tc.opts))
+				require.NoError(t, err)
+				return s
+			}
+			kept, fresh := newSession(true), newSession(false)
+			defer kept.Close()
+			defer fresh.Close()
+			for i := 0; i < 40; i++ {
+				requireSameLogits(t, ctx, fmt.Sprintf("step %d from empty", i), kept, fresh, toks[i:i+1], false)
+			}
+			requireSameLogits(t, ctx, "prefill", kept, fresh, toks[40:200], false)
+			for i := 200; i < 300; i++ {
+				requireSameLogits(t, ctx, fmt.Sprintf("step %d", i), kept, fresh, toks[i:i+1], false)
+			}
+			require.NoError(t, kept.Cache().(*kvcache.Paged).CheckInvariants())
+			require.Positive(t, runtime.PagedStepBuilds(kept))
+			require.Less(t, runtime.PagedStepBuilds(kept), 70, "140 steps")
+		})
+	}
+}
+
 // A paged step graph that reads a tensor outside host memory (a
 // multi-backend scheduler would split it) is not kept: the session builds
 // each step's graph, with the same logits, and stops trying.
