@@ -55,7 +55,8 @@ type Stats struct {
 	Upkeep time.Duration
 	// HostWrites is the time spent copying uploads straight into pools in
 	// host memory (HostUploads: the CPU backend) and quest's box rows into
-	// its host box tensors (HostBounds), as graphs are built.
+	// its host box tensors (HostBounds), as graphs are built, and writing
+	// a kept step graph's cells and masks (keptstep.go).
 	HostWrites time.Duration
 }
 

@@ -2,6 +2,8 @@ package runtime_test
 
 import (
 	"context"
+	"os"
+	"strings"
 	"testing"
 	"time"
 
@@ -17,7 +19,10 @@ import (
 // taking one step in turn so that all see the same machine state. It
 // reports each median in ms and its ratio to the floor.
 //
-// The context is 16384 or $KVRECALL_BENCH_CONTEXTS (one number).
+// The context is 16384 or $KVRECALL_BENCH_CONTEXTS (one number); the
+// methods window, retro and quest or $KVRECALL_BENCH_METHODS (comma
+// separated: probe's representatives cost a second prefill of the
+// document, so it is not a default).
 //
 //	go test ./runtime -run XXX -bench PagedStepGraph -benchtime 200x
 func BenchmarkPagedStepGraph(b *testing.B) {
@@ -45,7 +50,11 @@ func BenchmarkPagedStepGraph(b *testing.B) {
 	}
 	var engines []engine
 	engines = append(engines, engine{name: "floor"})
-	for _, method := range []string{"window", "retro", "quest"} {
+	methods := []string{"window", "retro", "quest"}
+	if v := os.Getenv("KVRECALL_BENCH_METHODS"); v != "" {
+		methods = strings.Split(v, ",")
+	}
+	for _, method := range methods {
 		engines = append(engines, engine{method + "-fresh", method, false}, engine{method + "-kept", method, true})
 	}
 	var steps []func() error
