@@ -55,6 +55,12 @@ func BenchmarkPagedStepGraph(b *testing.B) {
 		methods = strings.Split(v, ",")
 	}
 	for _, method := range methods {
+		if strings.Contains(method, "+heads") {
+			// bench speed's --heads-profile half.
+			if err := runtime.ApplyHeadProfile(m, "half"); err != nil {
+				b.Fatal(err)
+			}
+		}
 		engines = append(engines, engine{method + "-fresh", method, false}, engine{method + "-kept", method, true})
 	}
 	var steps []func() error
