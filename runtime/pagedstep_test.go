@@ -246,3 +246,60 @@ func TestPagedStepGraphConcurrent(t *testing.T) {
 		}
 	}
 }
+
+// Models whose windowed layers the paged cache limits itself (gemma3:
+// windowed groups, slideMask) and whose scores it caps (gemma2: the
+// soft-capped attention) keep their step graph too, bit for bit with
+// graphs built for every step. quest on gemma3 scores each step's queries
+// on the host (the sliding-window wrapper does not score in the graph):
+// every step splits, so none is kept, and the steps built for the pass
+// give the same logits.
+func TestPagedStepGraphWindowedModels(t *testing.T) {
+	ctx := context.Background()
+	for _, c := range []struct {
+		name, arch, preset string
+		seed               uint64
+		policy             runtime.PolicyOptions
+		kept               bool // the steps take the kept graph
+	}{
+		{"gemma3 retro", "gemma3", "gemma3-tiny", 9, runtime.PolicyOptions{Policy: "retro", Budget: 128, Sinks: 16, Window: 32}, true},
+		{"gemma3 quest (splits: not kept)", "gemma3", "gemma3-tiny", 9, runtime.PolicyOptions{Policy: "quest", Budget: 128, Sinks: 16, Window: 32}, false},
+		{"gemma2 retro (soft-capped)", "gemma2", "gemma2-tiny", 8, runtime.PolicyOptions{Policy: "retro", Budget: 128, Sinks: 16, Window: 32}, true},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			path := testmodels.Random(t, c.arch, c.preset, foundry.F32, c.seed, false)
+			m, err := runtime.Open(ctx, path, runtime.Options{Threads: 1, ContextLength: 600, BatchSize: 96, PageSize: 16, DataDir: t.TempDir()})
+			require.NoError(t, err)
+			defer m.Close()
+			require.True(t, m.Config().SlidingWindow > 0 || m.Config().AttnSoftcap > 0, "the model needs windowed layers or capped scores")
+			newSession := func(keep bool) *runtime.Session {
+				old := runtime.SetPagedStepGraphs(keep)
+				defer runtime.SetPagedStepGraphs(old)
+				s, err := m.NewSessionWith(runtime.PagedCache(c.policy))
+				require.NoError(t, err)
+				return s
+			}
+			kept, fresh := newSession(true), newSession(false)
+			defer kept.Close()
+			defer fresh.Close()
+			toks := make([]int32, 500)
+			for i := range toks {
+				toks[i] = int32(3 + (i*131)%500)
+			}
+			requireSameLogits(t, ctx, "prompt", kept, fresh, toks[:300], false)
+			for i := 300; i < 450; i++ {
+				requireSameLogits(t, ctx, fmt.Sprintf("step %d", i), kept, fresh, toks[i:i+1], false)
+			}
+			require.NoError(t, kept.Cache().(*kvcache.Paged).CheckInvariants())
+			builds := runtime.PagedStepBuilds(kept)
+			t.Logf("150 steps, %d graphs built", builds)
+			require.True(t, runtime.PagedStepKept(kept))
+			if !c.kept {
+				require.Zero(t, builds, "a split step cannot be kept")
+				return
+			}
+			require.Positive(t, builds)
+			require.Less(t, builds, 50)
+		})
+	}
+}
