@@ -138,6 +138,9 @@ func (c *Paged) AttentionSoftcap(ctx ml.Context, layer int, q, k, v ml.Tensor, s
 // and selection (every layer, for a dense selector) share one mask within
 // a graph.
 func (c *Paged) maskFor(ctx ml.Context, g *group, used int) ml.Tensor {
+	if t := c.keptMaskFor(ctx, g, used); t != nil {
+		return t // a kept graph's, written at every step (keptstep.go)
+	}
 	pl := g.pool
 	if mk := &c.mask; mk.ctx == ctx && mk.window == g.Window && slices.Equal(mk.pages, pl.page[:used]) && slices.Equal(mk.fill, pl.fill[:used]) && slices.Equal(mk.sel, g.sel) && slices.Equal(mk.tok, g.tok) && (mk.tok == nil) == (g.tok == nil) {
 		return mk.tensor
@@ -269,9 +272,18 @@ const triUpper = 1
 // causally. With tok (a token selection), only the listed earlier
 // positions are attended, besides the batch.
 func buildMask(pl *pool, used int, sel []int, tok []int32, writes []int, pages, pos0, n, P int) []float32 {
+	mask := make([]float32, used*P*n)
+	buildMaskInto(mask, pl, used, sel, tok, writes, pages, pos0, n, P)
+	return mask
+}
+
+// buildMaskInto writes buildMask's mask into mask (used·P·n floats): a
+// kept step graph's persistent mask tensor (keptstep.go) is written in
+// place at every step.
+func buildMaskInto(mask []float32, pl *pool, used int, sel []int, tok []int32, writes []int, pages, pos0, n, P int) {
 	cells := used * P
 	ninf := float32(math.Inf(-1))
-	row := make([]float32, cells)
+	row := mask[:cells] // built as row 0's earlier cells, then copied
 	for i := range row {
 		row[i] = ninf
 	}
@@ -302,13 +314,15 @@ func buildMask(pl *pool, used int, sel []int, tok []int32, writes []int, pages, 
 		pos := pos0 + i
 		batchCells[i] = int32(pl.resident(pos/P)*P + pos%P)
 	}
-	mask := make([]float32, cells*n)
-	for b := 0; b < n; b++ {
+	// Rows from the last down, so that row 0 (the shared part) is copied
+	// before its own batch cell is opened.
+	for b := n - 1; b >= 0; b-- {
 		r := mask[b*cells : (b+1)*cells]
-		copy(r, row)
+		if b > 0 {
+			copy(r, row)
+		}
 		for i := 0; i <= b; i++ {
 			r[batchCells[i]] = 0
 		}
 	}
-	return mask
 }

@@ -49,6 +49,7 @@ var BoxRowMultiple = 16
 
 // boxTensor is one layer's key boxes in backend memory.
 type boxTensor struct {
+	id    uint64 // distinct for every box tensor made (kept step graphs)
 	ctx   ml.Context
 	t     ml.Tensor    // f32 [2·headDim, cap, kvHeads]
 	host  []float32    // t's data when it is in host memory, else nil
@@ -110,7 +111,7 @@ func (c *Paged) boxesFor(layer, pages int) *boxTensor {
 	if bt != nil {
 		capacity = max(capacity, 2*bt.cap)
 	}
-	bt = &boxTensor{cap: capacity}
+	bt = &boxTensor{id: graphObjects.Add(1), cap: capacity}
 	elems := 2 * c.L.HeadDim * capacity * c.L.KVHeads
 	backendmem.Do(func() {
 		bt.ctx = c.b.NewContextSize(1).Layer(layer)

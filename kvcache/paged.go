@@ -55,7 +55,8 @@ type Stats struct {
 	Upkeep time.Duration
 	// HostWrites is the time spent copying uploads straight into pools in
 	// host memory (HostUploads: the CPU backend) and quest's box rows into
-	// its host box tensors (HostBounds), as graphs are built.
+	// its host box tensors (HostBounds), as graphs are built, and writing
+	// a kept step graph's cells and masks (keptstep.go).
 	HostWrites time.Duration
 }
 
@@ -112,6 +113,11 @@ type Paged struct {
 	noGather  []bool
 	gath      *gathered
 	gatherIdx []int32
+
+	// Kept step graphs (keptstep.go): this step's plan, and the kept
+	// graph being built (nil: a fresh graph).
+	plan     *keptPlan
+	building *KeptInputs
 
 	// The last mask built: pools with the same layout and selection (every
 	// layer, for a dense selector) share it within a graph.
@@ -514,6 +520,7 @@ func (c *Paged) StartForward(ctx ml.Context, batch input.Batch, reserve bool) er
 	P := c.L.PageSize
 	c.pos0, c.n, c.upto, c.written = pos0, n, pos0+n, 0
 	c.stamp++
+	c.plan = nil // PrepareKeptStep's, for this pass only
 	clear(c.graphRuns)
 	c.gath = nil
 	// Windowed layers drop the host pages no query from pos0 on can read
@@ -746,7 +753,10 @@ func (c *Paged) Put(ctx ml.Context, key, value ml.Tensor) {
 			gk = pickHeads(ctx, key, g.heads).Reshape(ctx, pl.row, n)
 			gv = pickHeads(ctx, value, g.heads).Reshape(ctx, pl.row, n)
 		}
-		cells := ctx.Input().FromInts(g.cells, n)
+		cells := c.keptCellsFor(ctx, g) // a kept graph's, written at every step
+		if cells == nil {
+			cells = ctx.Input().FromInts(g.cells, n)
+		}
 		ctx.Forward(pl.k.Reshape(ctx, pl.row, pl.slots*P).SetRows(ctx, gk, cells))
 		if pl.tok != nil { // a token pool's values are token-major, like its keys
 			ctx.Forward(pl.v.Reshape(ctx, pl.row, pl.slots*P).SetRows(ctx, gv, cells))

@@ -20,6 +20,7 @@ import (
 // Invariants (CheckInvariants): page and where are inverse maps; a free
 // slot (page -1) has fill 0; fill <= pageSize.
 type pool struct {
+	id    uint64 // distinct for every pool made (kept step graphs, keptstep.go)
 	slots int
 	row   int // headDim * heads: elements of one token's keys in this pool
 	ctx   ml.Context
@@ -43,7 +44,7 @@ type pool struct {
 // like k.
 func newPool(b ml.Backend, l Layout, layer, heads, slots int, tokenV bool) *pool {
 	cells := slots * l.PageSize
-	p := &pool{slots: slots, row: heads * l.HeadDim,
+	p := &pool{id: graphObjects.Add(1), slots: slots, row: heads * l.HeadDim,
 		page: make([]int, slots), fill: make([]int, slots), stamp: make([]uint64, slots),
 		where: map[int]int{},
 	}

@@ -83,7 +83,7 @@ var stepGraphHostOnly = true
 // so ggml's scheduler may split it across backends and rewrite its
 // sources (kvr_placed). The cache then stops keeping graphs and its steps
 // are built one by one (arch.Run).
-var errStepGraphBackends = errors.New("dense cache: the step graph is not all in host memory; not kept")
+var errStepGraphBackends = errors.New("the step graph is not all in host memory; not kept")
 
 // stepGraph is the graph of a one-token decode step on DenseCache's own
 // cache, kept across steps, as llama.cpp keeps its graph. Every step that
@@ -135,6 +135,9 @@ type ggmlContext struct {
 	ctx   *C.struct_ggml_context
 	graph *C.struct_ggml_cgraph
 }
+
+// cTensor is a ggml tensor, for files of this package that use no cgo.
+type cTensor = C.struct_ggml_tensor
 
 // ggmlTensor mirrors ollama's ggml.Tensor, as kvcache's hostpool.go does.
 type ggmlTensor struct {
@@ -199,7 +202,7 @@ func (c *denseCache) decodeStep(net *arch.Model, token int32, pos int32) ([]floa
 	c.openRow(c.n + 1)
 	g.tokens.FromInts([]int32{token})
 	g.pos.FromInts([]int32{pos})
-	C.kvr_release(&g.placed[0], C.int(len(g.placed)))
+	releasePlaced(g.placed)
 	g.ctx.Compute(g.logits)
 	c.n++
 	return g.logits.Floats(), g.logits.Dim(0), nil
@@ -221,13 +224,8 @@ func (c *denseCache) buildStep(net *arch.Model, attended int) (g *stepGraph, err
 	in := g.ctx.Input()
 	g.tokens = in.Empty(ml.DTypeI32, 1)
 	g.pos = in.Empty(ml.DTypeI32, 1)
-	gc, ok := g.ctx.(*ggml.Context)
-	if !ok {
-		return nil, fmt.Errorf("dense cache: %T is not a ggml context", g.ctx)
-	}
-	raw := (*ggmlContext)(unsafe.Pointer(gc)).ctx
-	if raw == nil || C.ggml_get_first_tensor(raw) != rawTensor(g.tokens) {
-		return nil, fmt.Errorf("dense cache: ollama's ggml.Context layout is not the one this code reads")
+	if err := checkContextLayout(g.ctx, g.tokens); err != nil {
+		return nil, err
 	}
 	// What Put and Get use while the graph is built (StartForward's
 	// one-token case, with the position tensor for the arange's view).
@@ -242,25 +240,66 @@ func (c *denseCache) buildStep(net *arch.Model, attended int) (g *stepGraph, err
 	}
 	g.logits = in.Empty(ml.DTypeF32, out.Dim(0), out.Dim(1))
 	g.ctx.Forward(out.Copy(g.ctx, g.logits))
+	placed, err := placedTensors(g.ctx)
+	if err != nil {
+		return nil, err
+	}
+	g.placed = placed
+	return g, nil
+}
+
+// placedTensors lists, once each, the tensors of ctx's graph that ggml's
+// scheduler places at each compute (kvr_placed), to be released before
+// each compute of a kept graph (releasePlaced). errStepGraphBackends when
+// the graph reads a tensor outside host memory.
+func placedTensors(ctx ml.Context) ([]*C.struct_ggml_tensor, error) {
+	gc, ok := ctx.(*ggml.Context)
+	if !ok {
+		return nil, fmt.Errorf("step graph: %T is not a ggml context", ctx)
+	}
 	gf := (*ggmlContext)(unsafe.Pointer(gc)).graph
 	if gf == nil {
-		return nil, fmt.Errorf("dense cache: ollama's ggml.Context layout is not the one this code reads (no graph)")
+		return nil, fmt.Errorf("step graph: ollama's ggml.Context layout is not the one this code reads (no graph)")
 	}
 	n := int(C.kvr_placed(gf, nil, 0))
 	switch {
 	case n < 0 || !stepGraphHostOnly:
 		return nil, errStepGraphBackends
 	case n == 0:
-		return nil, fmt.Errorf("dense cache: the step graph has no tensors to compute")
+		return nil, fmt.Errorf("step graph: the graph has no tensors to compute")
 	}
 	all := make([]*C.struct_ggml_tensor, n)
 	C.kvr_placed(gf, &all[0], C.int(n))
 	seen := make(map[*C.struct_ggml_tensor]bool, n)
+	var placed []*C.struct_ggml_tensor
 	for _, t := range all {
 		if !seen[t] {
 			seen[t] = true
-			g.placed = append(g.placed, t)
+			placed = append(placed, t)
 		}
 	}
-	return g, nil
+	return placed, nil
+}
+
+// releasePlaced forgets where the scheduler placed ts (kvr_release), so
+// that the next compute places them anew.
+func releasePlaced(ts []*C.struct_ggml_tensor) {
+	if len(ts) > 0 {
+		C.kvr_release(&ts[0], C.int(len(ts)))
+	}
+}
+
+// checkContextLayout checks that ollama's ggml.Context of ctx is laid out
+// as ggmlContext reads it: the first tensor of its ggml context is first,
+// the step graph's first input.
+func checkContextLayout(ctx ml.Context, first ml.Tensor) error {
+	gc, ok := ctx.(*ggml.Context)
+	if !ok {
+		return fmt.Errorf("step graph: %T is not a ggml context", ctx)
+	}
+	raw := (*ggmlContext)(unsafe.Pointer(gc)).ctx
+	if raw == nil || C.ggml_get_first_tensor(raw) != rawTensor(first) {
+		return fmt.Errorf("step graph: ollama's ggml.Context layout is not the one this code reads")
+	}
+	return nil
 }

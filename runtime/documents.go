@@ -677,7 +677,7 @@ func (m *Model) DocumentSessionContext(ctx context.Context, doc *Document, o Pol
 		release()
 		return nil, err
 	}
-	return &Session{m: m, cache: cache, tokens: slices.Clone(doc.tokens), capacity: capacity, release: release}, nil
+	return &Session{m: m, cache: cache, tokens: slices.Clone(doc.tokens), capacity: capacity, release: release, pstep: newPagedStep(cache)}, nil
 }
 
 // LoadedDocuments describes the documents this process holds in host memory.

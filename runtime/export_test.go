@@ -61,3 +61,25 @@ func DenseStepBuilds(s *Session) int {
 	}
 	return -1
 }
+
+// SetPagedStepGraphs makes sessions on Paged caches made afterwards keep
+// their one-token step graph (on) or build one per step (off), and
+// returns the previous setting.
+func SetPagedStepGraphs(on bool) bool {
+	old := pagedStepGraphs
+	pagedStepGraphs = on
+	return old
+}
+
+// PagedStepBuilds is the number of kept step graphs s has built on its
+// Paged cache (-1: s keeps none).
+func PagedStepBuilds(s *Session) int {
+	if s.pstep == nil {
+		return -1
+	}
+	return s.pstep.builds
+}
+
+// PagedStepKept reports whether s still keeps step graphs on its Paged
+// cache.
+func PagedStepKept(s *Session) bool { return s.pstep != nil && s.pstep.keep }

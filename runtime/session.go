@@ -8,6 +8,7 @@ import (
 
 	"github.com/ollama/ollama/kvcache"
 
+	pagedkv "github.com/kvrecall/kvrecall/kvcache"
 	"github.com/kvrecall/kvrecall/runtime/arch"
 )
 
@@ -26,6 +27,9 @@ type Session struct {
 	outputs   []int32
 	// release unpins the document the session started from (documents.go).
 	release func()
+	// pstep is the kept decode-step graph of a Paged cache (pagedstep.go);
+	// nil: steps build their graphs.
+	pstep *pagedStep
 }
 
 // NewSession starts an empty sequence with a fresh cache from the model's
@@ -50,11 +54,18 @@ func (m *Model) NewSessionWith(f CacheFactory) (*Session, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Session{m: m, cache: c, capacity: m.opts.ContextLength}, nil
+	return &Session{m: m, cache: c, capacity: m.opts.ContextLength, pstep: newPagedStep(c)}, nil
 }
 
 // Close frees the session's cache.
 func (s *Session) Close() {
+	if s.pstep != nil {
+		// Before the cache: the graph reads its pools.
+		s.m.life.RLock()
+		s.pstep.close()
+		s.m.life.RUnlock()
+		s.pstep = nil
+	}
 	if s.cache != nil {
 		// Not while Model.Close frees the backend (after it is fine: the
 		// cache's buffers are its own).
@@ -187,6 +198,13 @@ func (s *Session) forward(tokens []int32, any, every bool) (rows [][]float32, er
 		// the graph cannot be kept (not all in host memory).
 		flat, vocab, err = dc.decodeStep(m.net, tokens[0], base)
 		kept = !errors.Is(err, errStepGraphBackends)
+	}
+	if pc, ok := s.cache.(*pagedkv.Paged); ok && !kept && n == 1 && s.pstep != nil && s.pstep.keep {
+		// A decode step on a Paged cache: its kept graph when the cache
+		// allows one for this step (pagedstep.go); it builds the step's
+		// graph itself when not.
+		flat, vocab, err = s.decodePaged(pc, tokens[0], base)
+		kept = true
 	}
 	if !kept {
 		flat, vocab, err = m.net.Run(m.backend, arch.Step{Tokens: tokens, Positions: s.positions, Outputs: s.outputs}, s.cache)

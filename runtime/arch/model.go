@@ -367,17 +367,20 @@ func (m *Model) ForwardCache(ctx ml.Context, batch input.Batch, cache kvcache.Ca
 // position are read from tokens and positions (I32 [1] each) when the
 // graph is computed, not when it is built, so that the caller can keep the
 // graph and compute it again for later steps after writing them (DenseCache
-// keeps one per run of steps that attend to the same cells). The cache's
-// StartForward is not called: the caller must have set up what the cache's
-// Put and Get return for the step. Caches that split passes or compute
-// attention themselves (Hooks, Attender) are refused. Returns the logits
-// [vocab, 1].
+// keeps one per run of steps that attend to the same cells; a Paged cache
+// one per shape of its step, runtime/pagedstep.go). The cache's
+// StartForward is not called: the caller must have set up what the
+// cache's Put and Get (or Attention) use for the step. A cache with Hooks
+// must not split the pass (NeedQueries false for every layer, asked
+// here); the caller forwards its Outputs with the logits and calls
+// Computed after each compute. Returns the logits [vocab, 1].
 func (m *Model) StepGraph(ctx ml.Context, tokens, positions ml.Tensor, cache kvcache.Cache) (ml.Tensor, error) {
-	if _, ok := cache.(Hooks); ok {
-		return nil, fmt.Errorf("arch: a kept step graph cannot use the %T cache (it splits passes)", cache)
-	}
-	if _, ok := cache.(Attender); ok {
-		return nil, fmt.Errorf("arch: a kept step graph cannot use the %T cache (it computes attention itself)", cache)
+	if hooks, ok := cache.(Hooks); ok {
+		for i := range m.Layers {
+			if hooks.NeedQueries(i) {
+				return nil, fmt.Errorf("arch: a kept step graph cannot split the pass (the %T cache needs layer %d's queries on the host)", cache, i)
+			}
+		}
 	}
 	h := m.embed(ctx, tokens) // [hidden, 1]
 	for i := range m.Layers {
@@ -484,6 +487,10 @@ type Step struct {
 	// Nothing is computed, stored or returned. The cache must not split
 	// the pass (Hooks.NeedQueries false for every layer).
 	Reserve bool
+	// Started: the caller has called the cache's StartForward for this
+	// pass already (a kept step graph that could not be used,
+	// runtime/pagedstep.go); Run does not call it again.
+	Started bool
 }
 
 // Run computes a forward pass with cache and returns the logits, row-major
@@ -516,8 +523,10 @@ func (m *Model) Run(b ml.Backend, st Step, cache kvcache.Cache) (logits []float3
 		Positions: st.Positions,
 		Sequences: seqs,
 	}
-	if err := cache.StartForward(ctx, batch, st.Reserve); err != nil {
-		return nil, 0, err
+	if !st.Started {
+		if err := cache.StartForward(ctx, batch, st.Reserve); err != nil {
+			return nil, 0, err
+		}
 	}
 	compute := func(ts ...ml.Tensor) error {
 		if hooks != nil {
