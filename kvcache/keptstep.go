@@ -195,8 +195,8 @@ func (c *Paged) EndKeptBuild(ctx ml.Context) (*KeptInputs, error) {
 	return k, nil
 }
 
-// AbortKeptBuild forgets a kept build that failed: the outputs it
-// registered for ctx (which the caller closes).
+// AbortKeptBuild forgets a kept build, or a kept step, that failed: the
+// outputs registered for ctx (which the caller closes).
 func (c *Paged) AbortKeptBuild(ctx ml.Context) {
 	c.building = nil
 	delete(c.readbacks, ctx)

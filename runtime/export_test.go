@@ -83,3 +83,11 @@ func PagedStepBuilds(s *Session) int {
 // PagedStepKept reports whether s still keeps step graphs on its Paged
 // cache.
 func PagedStepKept(s *Session) bool { return s.pstep != nil && s.pstep.keep }
+
+// SetPagedStepFault sets the failure kept paged step graphs meet (nil:
+// none; see pagedStepFault) and returns the previous one.
+func SetPagedStepFault(f func(stage string) error) func(stage string) error {
+	old := pagedStepFault
+	pagedStepFault = f
+	return old
+}

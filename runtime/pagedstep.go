@@ -3,6 +3,7 @@ package runtime
 import (
 	"errors"
 	"fmt"
+	"log/slog"
 	"slices"
 
 	"github.com/ollama/ollama/ml"
@@ -16,6 +17,11 @@ import (
 // the graph of their one-token decode steps across steps (pagedStep).
 // Tests turn it off to compare against a graph built for every step.
 var pagedStepGraphs = true
+
+// pagedStepFault, when set (tests), makes a kept build fail at its end
+// (stage "build") or a kept step fail after its inputs were written
+// (stage "step") with the error it returns.
+var pagedStepFault func(stage string) error
 
 // pagedStep is a session's kept one-token step graph on a Paged cache
 // (issue 14, "Graph reuse across decode steps"), as stepGraph is the
@@ -67,7 +73,7 @@ func (g *pagedStep) close() {
 // Paged cache c, through the kept graph when the cache allows it, else
 // through a graph built for the step (arch.Model.Run). Returns the
 // logits, row-major [1][vocab].
-func (s *Session) decodePaged(c *kvcache.Paged, token, pos int32) ([]float32, int, error) {
+func (s *Session) decodePaged(c *kvcache.Paged, token, pos int32) (logits []float32, vocab int, err error) {
 	g := s.pstep
 	m := s.m
 	batch := input.Batch{Positions: []int32{pos}, Sequences: []int{0}}
@@ -83,17 +89,41 @@ func (s *Session) decodePaged(c *kvcache.Paged, token, pos int32) ([]float32, in
 	}
 	if g.ctx == nil || !slices.Equal(g.key, key) {
 		g.close()
-		err := g.build(m.net, m.backend, c, key)
-		if errors.Is(err, errStepGraphBackends) {
+		if err := g.build(m.net, m.backend, c, key); err != nil {
+			// Not kept from now on: the session's steps are built one by
+			// one, as before this graph existed. A failed build leaves
+			// nothing behind (build aborts it), and its host work is what
+			// the fresh build would do (PrepareKeptStep), so this step
+			// goes on fresh. Anything but a graph off host memory (which
+			// GPUs cause by design) is unexpected: said once, not hidden.
 			g.keep = false
+			if !errors.Is(err, errStepGraphBackends) {
+				slog.Warn("paged cache: decode steps no longer keep their graph", "error", err)
+			}
 			return fresh()
 		}
-		if err != nil {
-			return nil, 0, err
-		}
 	}
+	// A step that fails or panics from here on (a compute failure, a
+	// read-back that does not fit) closes the kept graph, so that the
+	// next step builds a new one instead of reusing a graph whose
+	// tensors were released, and drops the outputs this step registered.
+	defer func() {
+		r := recover()
+		if r != nil || err != nil {
+			c.AbortKeptBuild(g.ctx)
+			g.close()
+		}
+		if r != nil {
+			panic(r)
+		}
+	}()
 	if err := c.WriteKeptStep(g.in); err != nil {
 		return nil, 0, err
+	}
+	if pagedStepFault != nil {
+		if err := pagedStepFault("step"); err != nil {
+			return nil, 0, err
+		}
 	}
 	g.tokens.FromInts([]int32{token})
 	g.pos.FromInts([]int32{pos})
@@ -133,6 +163,11 @@ func (g *pagedStep) build(net *arch.Model, b ml.Backend, c *kvcache.Paged, key [
 	logits := in.Empty(ml.DTypeF32, out.Dim(0), out.Dim(1))
 	ctx.Forward(out.Copy(ctx, logits))
 	ctx.Forward(c.Outputs(ctx)...)
+	if pagedStepFault != nil {
+		if err := pagedStepFault("build"); err != nil {
+			return err
+		}
+	}
 	kin, err := c.EndKeptBuild(ctx)
 	if err != nil {
 		return err

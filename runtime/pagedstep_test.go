@@ -2,6 +2,7 @@ package runtime_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"sync"
 	"testing"
@@ -183,6 +184,67 @@ func TestPagedStepGraphFallsBackOffHost(t *testing.T) {
 	require.False(t, runtime.PagedStepKept(off), "a graph not all in host memory: no kept graphs")
 	require.Zero(t, runtime.PagedStepBuilds(off), "no kept graph was built")
 	require.NoError(t, off.Cache().(*kvcache.Paged).CheckInvariants())
+}
+
+// A kept build that fails for another reason than memory off the host
+// falls back to graphs built for every step (the same logits, nothing
+// kept), and a kept step that fails after writing its inputs loses only
+// that step: the session builds a new graph and goes on with the logits
+// of graphs built for every step.
+func TestPagedStepGraphFailures(t *testing.T) {
+	ctx := context.Background()
+	m, doc, toks := pagedStepModel(t, 800)
+	opts := runtime.PolicyOptions{Policy: "quest", Budget: 128, Sinks: 16, Window: 32}
+	injected := errors.New("injected")
+	t.Run("build", func(t *testing.T) {
+		fresh := pagedDocSession(t, m, doc, opts, false)
+		defer fresh.Close()
+		kept := pagedDocSession(t, m, doc, opts, true)
+		defer kept.Close()
+		old := runtime.SetPagedStepFault(func(stage string) error {
+			if stage == "build" {
+				return injected
+			}
+			return nil
+		})
+		defer runtime.SetPagedStepFault(old)
+		requireSameLogits(t, ctx, "question", kept, fresh, toks[600:608], false)
+		for i := 608; i < 640; i++ {
+			requireSameLogits(t, ctx, fmt.Sprintf("step %d", i), kept, fresh, toks[i:i+1], false)
+		}
+		require.False(t, runtime.PagedStepKept(kept), "a failed build: no kept graphs")
+		require.Zero(t, runtime.PagedStepBuilds(kept))
+		require.NoError(t, kept.Cache().(*kvcache.Paged).CheckInvariants())
+	})
+	t.Run("step", func(t *testing.T) {
+		fresh := pagedDocSession(t, m, doc, opts, false)
+		defer fresh.Close()
+		kept := pagedDocSession(t, m, doc, opts, true)
+		defer kept.Close()
+		requireSameLogits(t, ctx, "question", kept, fresh, toks[600:608], false)
+		for i := 608; i < 616; i++ {
+			requireSameLogits(t, ctx, fmt.Sprintf("step %d", i), kept, fresh, toks[i:i+1], false)
+		}
+		builds := runtime.PagedStepBuilds(kept)
+		require.Positive(t, builds)
+		old := runtime.SetPagedStepFault(func(stage string) error {
+			if stage == "step" {
+				return injected
+			}
+			return nil
+		})
+		_, err := kept.Eval(ctx, toks[616:617], false, nil)
+		runtime.SetPagedStepFault(old)
+		require.ErrorIs(t, err, injected)
+		require.Equal(t, 616, kept.Len(), "the failed step is not in the session")
+		require.NoError(t, kept.Cache().(*kvcache.Paged).CheckInvariants())
+		for i := 616; i < 640; i++ {
+			requireSameLogits(t, ctx, fmt.Sprintf("step %d", i), kept, fresh, toks[i:i+1], false)
+		}
+		require.True(t, runtime.PagedStepKept(kept), "a failed step does not stop keeping graphs")
+		require.Greater(t, runtime.PagedStepBuilds(kept), builds, "the failed step's graph was closed and built again")
+		require.NoError(t, kept.Cache().(*kvcache.Paged).CheckInvariants())
+	})
 }
 
 // Sessions of several methods decoding at once each keep their own step
