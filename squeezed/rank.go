@@ -3,6 +3,7 @@ package squeezed
 import (
 	"math"
 	"slices"
+	"sync"
 
 	"github.com/viterin/vek/vek32"
 )
@@ -16,17 +17,43 @@ import (
 // product per query head reads them G times). cols keeps G·headDim·cols
 // under vek's 100,000 threshold, past which it splits the product over
 // goroutines (decode runs on one thread).
+//
+// Read-only once made: Head.Flat shares one per head and GQA size among
+// the sessions of a document (its size is the centroids': 3.3 MiB for
+// the tiny preset at 64k, 53 MiB for the 1b preset at 32k), as the
+// centroids themselves are shared.
 type Transposed struct {
 	d, k, g, cols int
 	blocks        [][]float32 // block b: centroids b·cols.., [d][≤cols]
-	tmp           []float32   // [g][cols]
+}
+
+// flatLayouts holds a Head's Transposed layouts, made on first use.
+type flatLayouts struct {
+	mu sync.Mutex
+	by map[int]*Transposed // GQA group size -> layout
+}
+
+// Flat returns h's centroids transposed for g query heads, made once and
+// shared (safe for concurrent sessions).
+func (h *Head) Flat(g int) *Transposed {
+	if h.flat == nil {
+		return h.Transpose(g) // a Head not built by index(): not cached
+	}
+	h.flat.mu.Lock()
+	defer h.flat.mu.Unlock()
+	t := h.flat.by[g]
+	if t == nil {
+		t = h.Transpose(g)
+		h.flat.by[g] = t
+	}
+	return t
 }
 
 // Transpose lays h's fine centroids out for Scores with g query heads.
 func (h *Head) Transpose(g int) *Transposed {
 	d, k := h.D, h.K()
 	cols := max(8, (99_999/(g*d))&^7)
-	t := &Transposed{d: d, k: k, g: g, cols: cols, tmp: make([]float32, g*cols)}
+	t := &Transposed{d: d, k: k, g: g, cols: cols}
 	for lo := 0; lo < k; lo += cols {
 		n := min(cols, k-lo)
 		blk := make([]float32, d*n)
@@ -41,17 +68,20 @@ func (h *Head) Transpose(g int) *Transposed {
 }
 
 // Scores writes q_h·c_j for the g query heads q ([g][headDim], h's GQA
-// group) and every fine centroid j: dst[h·K+j] (dst ≥ g·K long).
-func (t *Transposed) Scores(dst, q []float32) {
+// group) and every fine centroid j: dst[h·K+j] (dst ≥ g·K long). tmp is
+// the caller's scratch ([g][cols]), returned grown.
+func (t *Transposed) Scores(dst, q, tmp []float32) []float32 {
 	k := t.k
+	tmp = grow(tmp, t.g*t.cols)
 	for b, blk := range t.blocks {
 		lo := b * t.cols
 		n := min(t.cols, k-lo)
-		out := vek32.MatMul_Into(t.tmp[:t.g*n], q[:t.g*t.d], blk, t.d)
+		out := vek32.MatMul_Into(tmp[:t.g*n], q[:t.g*t.d], blk, t.d)
 		for h := range t.g {
 			copy(dst[h*k+lo:h*k+lo+n], out[h*n:(h+1)*n])
 		}
 	}
+	return tmp
 }
 
 // rankSample is how many scores TopRanked samples to place its cuts.

@@ -83,7 +83,7 @@ func TestTopRankedMatchesFill(t *testing.T) {
 // one, several and a partial last block.
 func TestTransposedScores(t *testing.T) {
 	for _, tc := range []struct {
-		name     string
+		name    string
 		k, d, g int
 	}{
 		{"one block", 100, 32, 4},
@@ -103,7 +103,7 @@ func TestTransposedScores(t *testing.T) {
 			}
 			tr := h.Transpose(tc.g)
 			dst := make([]float32, tc.g*tc.k)
-			tr.Scores(dst, q)
+			tr.Scores(dst, q, nil)
 			for hd := range tc.g {
 				for j := range tc.k {
 					var want float64
@@ -175,7 +175,11 @@ func TestFlatLookupMatchesHierarchy(t *testing.T) {
 				require.Equal(t, want.Groups, got.Groups, "step %d", step)
 			}
 			for g := range kvHeads {
-				require.Equal(t, tc.wantFlat, a.(*selector).flatTr[0][g] != nil, "KV head %d scored flat", g)
+				tr := a.(*selector).flatTr[0][g]
+				require.Equal(t, tc.wantFlat, tr != nil, "KV head %d scored flat", g)
+				if tr != nil {
+					require.Same(t, ix.Heads[0][g].Flat(heads/kvHeads), tr, "the layout is the index's, shared by sessions")
+				}
 			}
 		})
 	}

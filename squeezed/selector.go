@@ -87,9 +87,10 @@ type selector struct {
 	// hierarchy) and how many lookups that was; once the hierarchy is
 	// seen not to prune, the head's centroids transposed (flat), scored
 	// for the GQA group at once and ranked by TopRanked.
-	probed  [][][2]int
-	flatTr  [][]*Transposed
-	sbuf    []float32
+	probed [][][2]int
+	flatTr [][]*Transposed // the Index's shared layouts (Head.Flat)
+	sbuf   []float32       // [G][K] scores of the flat lookup
+	tmp    []float32       // Transposed.Scores' scratch
 }
 
 // Hierarchy probing: after probeLookups host lookups of a head, if Top
@@ -132,7 +133,7 @@ func (s *selector) probe(layer, g, n, G int) {
 	}
 	h := s.ix.Heads[layer][g]
 	if float64(p[1]) >= probeScored*float64(p[0]*(h.K()+len(h.Radius))) {
-		s.flatTr[layer][g] = h.Transpose(G)
+		s.flatTr[layer][g] = h.Flat(G) // shared by the document's sessions
 	}
 }
 
@@ -316,7 +317,7 @@ func (s *selector) Select(layer int, sum paging.Summaries, q *paging.Queries, up
 					// centroid in one read of them, then ranked.
 					k := h.K()
 					s.sbuf = grow(s.sbuf, G*k)
-					tr.Scores(s.sbuf, q.Q[t][g*G*d:(g+1)*G*d])
+					s.tmp = tr.Scores(s.sbuf, q.Q[t][g*G*d:(g+1)*G*d], s.tmp)
 					for j := 0; j < G; j++ {
 						s.flat = h.TopRanked(s.sbuf[j*k:(j+1)*k], tokBudget, &s.sc, s.flat)
 						s.offs = append(s.offs, int32(len(s.flat)))
