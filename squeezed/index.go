@@ -30,9 +30,6 @@ type Head struct {
 	// ascending (derived from Assign when the Head is built or read, not
 	// stored; read-only after, so sessions share a Head safely).
 	tokens, tokOff []int32
-	// flat: the centroids transposed for flat scoring (Flat), made on
-	// first use and shared by the sessions (set by index()).
-	flat *flatLayouts
 }
 
 // K is the number of fine clusters.
@@ -56,7 +53,6 @@ func (h *Head) index() {
 		next[a]++
 	}
 	h.tokens, h.tokOff = toks, off
-	h.flat = &flatLayouts{by: map[int]*Transposed{}}
 }
 
 // cluster builds a Head from keys [T][d] (un-normalised, roped): k-means on

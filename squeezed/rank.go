@@ -2,8 +2,10 @@ package squeezed
 
 import (
 	"math"
+	"runtime"
 	"slices"
 	"sync"
+	"weak"
 
 	"github.com/viterin/vek/vek32"
 )
@@ -33,18 +35,28 @@ type flatLayouts struct {
 	by map[int]*Transposed // GQA group size -> layout
 }
 
+// flatCache maps a Head (weakly: it does not keep the Head, hence its
+// document, alive) to its layouts. It lives outside the Head so that a
+// Head stays plain data: an index read back from disk equals the
+// ingested one (TestSqueezedNeedle compares them) whether or not a
+// session has scored either flat.
+var flatCache sync.Map // weak.Pointer[Head] -> *flatLayouts
+
 // Flat returns h's centroids transposed for g query heads, made once and
-// shared (safe for concurrent sessions).
+// shared (safe for concurrent sessions) until h is collected.
 func (h *Head) Flat(g int) *Transposed {
-	if h.flat == nil {
-		return h.Transpose(g) // a Head not built by index(): not cached
+	key := weak.Make(h)
+	v, loaded := flatCache.LoadOrStore(key, &flatLayouts{by: map[int]*Transposed{}})
+	if !loaded {
+		runtime.AddCleanup(h, func(k weak.Pointer[Head]) { flatCache.Delete(k) }, key)
 	}
-	h.flat.mu.Lock()
-	defer h.flat.mu.Unlock()
-	t := h.flat.by[g]
+	fl := v.(*flatLayouts)
+	fl.mu.Lock()
+	defer fl.mu.Unlock()
+	t := fl.by[g]
 	if t == nil {
 		t = h.Transpose(g)
-		h.flat.by[g] = t
+		fl.by[g] = t
 	}
 	return t
 }

@@ -184,3 +184,24 @@ func TestFlatLookupMatchesHierarchy(t *testing.T) {
 		})
 	}
 }
+
+// Head.Flat makes one layout per head and GQA size, shared by concurrent
+// callers, and keeps the Head plain data (a copy of the index compares
+// equal to the original after Flat was used on it).
+func TestFlatShared(t *testing.T) {
+	h := &Head{D: 8, Centroids: make([]float32, 40*8), Sizes: make([]int32, 40)}
+	clone := &Head{D: 8, Centroids: make([]float32, 40*8), Sizes: make([]int32, 40)}
+	got := make([]*Transposed, 8)
+	done := make(chan int)
+	for i := range got {
+		go func() { got[i] = h.Flat(4); done <- i }()
+	}
+	for range got {
+		<-done
+	}
+	for i := range got {
+		require.Same(t, got[0], got[i], "caller %d", i)
+	}
+	require.NotSame(t, got[0], h.Flat(2), "another GQA size, another layout")
+	require.Equal(t, clone, h, "Flat leaves the Head unchanged")
+}
