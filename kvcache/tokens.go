@@ -355,8 +355,8 @@ func tokenRuns(ups []tokenUpload) [][2]int {
 }
 
 // emitTokenUploads copies g's planned tokens host -> device: into a pool
-// in host memory as plain copies now (HostUploads), else inside the
-// graph. The tokens' keys are gathered from their host pages into one f16
+// in host memory as plain copies now, page row to cell (HostUploads),
+// else inside the graph. For the graph, the tokens' keys are gathered from their host pages into one f16
 // staging tensor in cell order, token-major as the pool lays them out;
 // their values channel-major, run after run. Runs of consecutive cells are
 // one f16 copy per K and V (about a memcpy); past MaxUploadRuns runs in the
@@ -369,11 +369,38 @@ func (c *Paged) emitTokenUploads(ctx ml.Context, l int, g *group) {
 		return
 	}
 	g.tups = ups[:0] // done; the capacity is kept for the next pass
-	slices.SortFunc(ups, func(a, b tokenUpload) int { return cmp.Compare(a.cell, b.cell) })
 	pl := g.pool
 	r, P, m := pl.row, c.L.PageSize, len(ups)
 	sr, hd := c.L.Row(), c.L.HeadDim
 	c.touchTokens(l, g, ups)
+	if HostUploads && pl.hk != nil {
+		// A pool in host memory (the CPU backend): each token's rows are
+		// copied from its page straight into its cell now (K and V
+		// token-major alike), no graph ops, no staging copy and no sort
+		// by cell (runs matter only to the graph's copies): at 64k the
+		// staging copy and the sort were ~1 ms of a ~9 ms squeezed step
+		// (perf, docs/performance.md).
+		for _, u := range ups {
+			pg := c.store.pages[l][int(u.pos)/P]
+			t := int(u.pos) % P
+			K, V := pg.K[t*sr:(t+1)*sr], pg.tokenValues(c.L)[t*sr:(t+1)*sr]
+			at := int(u.cell) * r
+			dk, dv := pl.hk[at:at+r], pl.hv[at:at+r]
+			if g.all {
+				copy(dk, K)
+				copy(dv, V)
+				continue
+			}
+			for i, h := range g.heads {
+				copy(dk[i*hd:(i+1)*hd], K[h*hd:(h+1)*hd])
+				copy(dv[i*hd:(i+1)*hd], V[h*hd:(h+1)*hd])
+			}
+		}
+		c.tokenUploads.Add(int64(m))
+		c.uploadBytes.Add(int64(m) * int64(r) * 2 * 2)
+		return
+	}
+	slices.SortFunc(ups, func(a, b tokenUpload) int { return cmp.Compare(a.cell, b.cell) })
 	// Staging buffers are reused: FromBytes copies them into the graph's
 	// input tensors at once (fresh ones per group and step were page
 	// faults and GC work in the profile). Keys and values alike are
@@ -393,15 +420,7 @@ func (c *Paged) emitTokenUploads(ctx ml.Context, l int, g *group) {
 	}
 	c.stageK, c.stageV = kbuf, vbuf
 	runs := tokenRuns(ups)
-	if HostUploads && pl.hk != nil {
-		// A pool in host memory (the CPU backend): each token's rows go
-		// into its cell now (K and V token-major alike), no graph ops.
-		for i, u := range ups {
-			at := int(u.cell) * r
-			copy(pl.hk[at:at+r], kbuf[i*r:(i+1)*r])
-			copy(pl.hv[at:at+r], vbuf[i*r:(i+1)*r])
-		}
-	} else if used := c.graphRuns[ctx]; len(runs) <= MaxUploadRuns-used {
+	if used := c.graphRuns[ctx]; len(runs) <= MaxUploadRuns-used {
 		c.graphRuns[ctx] = used + len(runs)
 		kIn := ctx.Input().FromBytes(ml.DTypeF16, u16bytes(kbuf), r*m)
 		vIn := ctx.Input().FromBytes(ml.DTypeF16, u16bytes(vbuf), r*m)

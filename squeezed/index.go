@@ -239,6 +239,7 @@ func (h *Head) check(tokens int) error {
 type Scratch struct {
 	fine, coarse []float32
 	cand         []int32
+	keys         []uint64 // TopRanked's packed (score, cluster) keys
 	order        []int32
 	// Scored counts the centroids (fine and coarse) lookups have scored:
 	// the work a lookup does, for benchmarks.

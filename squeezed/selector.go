@@ -81,6 +81,60 @@ type selector struct {
 	keep    float64           // KeepKey
 	held    map[int][][]int32 // per layer and KV head: the clusters the last pass took
 	adj     []float32         // a score row with the held clusters' bonus
+
+	// Host lookups in budget mode (the default path): per layer and KV
+	// head, the centroids scored by the first lookups (Head.Top, the
+	// hierarchy) and how many lookups that was; once the hierarchy is
+	// seen not to prune, the head's centroids transposed (flat), scored
+	// for the GQA group at once and ranked by TopRanked.
+	probed [][][2]int
+	flatTr [][]*Transposed // the Index's shared layouts (Head.Flat)
+	sbuf   []float32       // [G][K] scores of the flat lookup
+	tmp    []float32       // Transposed.Scores' scratch
+}
+
+// Hierarchy probing: after probeLookups host lookups of a head, if Top
+// scored at least probeScored of its fine and coarse centroids on
+// average, the coarse bounds do not prune on this head's keys (the tiny
+// preset's random ones: every bound passes) and it is scored flat, every
+// centroid for the whole GQA group in one read of them, then ranked by
+// TopRanked: the same clusters in the same order (FlatTop's answer, which
+// Top equals), at 0.6 ms instead of 1.7–2.2 ms per decode step at 64k on
+// the tiny preset (BenchmarkStepLimit, docs/performance.md). A head whose
+// keys have structure keeps the hierarchy.
+const (
+	probeLookups = 8
+	probeScored  = 0.75
+)
+
+// flatHead returns the transposed centroids of layer's KV head g once it
+// is scored flat, else nil (still probing, or hierarchical).
+func (s *selector) flatHead(layer, g int) *Transposed {
+	if s.flatTr == nil {
+		s.flatTr, s.probed = make([][]*Transposed, s.ix.Layers), make([][][2]int, s.ix.Layers)
+	}
+	if s.flatTr[layer] == nil {
+		s.flatTr[layer], s.probed[layer] = make([]*Transposed, s.ix.KVHeads), make([][2]int, s.ix.KVHeads)
+	}
+	return s.flatTr[layer][g]
+}
+
+// probe records one Top lookup of layer's KV head g that scored n
+// centroids, and lays the head out flat once it is seen not to prune.
+func (s *selector) probe(layer, g, n, G int) {
+	p := &s.probed[layer][g]
+	if p[0] >= probeLookups {
+		return // decided: hierarchical
+	}
+	p[0]++
+	p[1] += n
+	if p[0] < probeLookups {
+		return
+	}
+	h := s.ix.Heads[layer][g]
+	if float64(p[1]) >= probeScored*float64(p[0]*(h.K()+len(h.Radius))) {
+		s.flatTr[layer][g] = h.Flat(G) // shared by the document's sessions
+	}
 }
 
 // rankedLists is one KV head's ranked cluster lists: list i is
@@ -256,12 +310,30 @@ func (s *selector) Select(layer int, sum paging.Summaries, q *paging.Queries, up
 		case q != nil:
 			G := q.Heads / s.ix.KVHeads
 			d := s.ix.HeadDim
+			tr := s.flatHead(layer, g)
 			for t := len(q.Q) - 1; t >= 0 && tokBudget > 0; t-- {
+				if tr != nil && !s.thresh {
+					// Flat: the group's G query heads against every
+					// centroid in one read of them, then ranked.
+					k := h.K()
+					s.sbuf = grow(s.sbuf, G*k)
+					s.tmp = tr.Scores(s.sbuf, q.Q[t][g*G*d:(g+1)*G*d], s.tmp)
+					for j := 0; j < G; j++ {
+						s.flat = h.TopRanked(s.sbuf[j*k:(j+1)*k], tokBudget, &s.sc, s.flat)
+						s.offs = append(s.offs, int32(len(s.flat)))
+					}
+					continue
+				}
 				for j := 0; j < G; j++ {
 					qh := q.Q[t][(g*G+j)*d : (g*G+j+1)*d]
+					n0 := s.sc.Scored
 					s.flat = s.rank(h, qh, tokBudget, s.flat)
 					s.offs = append(s.offs, int32(len(s.flat)))
+					if !s.thresh {
+						s.probe(layer, g, s.sc.Scored-n0, G)
+					}
 				}
+				tr = s.flatHead(layer, g)
 			}
 		case lagged && tokBudget > 0:
 			// The last decode step's scores, from the graph: the same
@@ -319,7 +391,11 @@ func (s *selector) Select(layer int, sum paging.Summaries, q *paging.Queries, up
 		if s.epoch++; s.epoch == 0 || len(s.seen) < h.K() {
 			s.seen, s.epoch = make([]uint32, max(h.K(), len(s.seen))), 1
 		}
-		s.bits = append(s.bits[:0], make([]uint64, words)...)
+		if cap(s.bits) < words {
+			s.bits = make([]uint64, words)
+		}
+		s.bits = s.bits[:words]
+		clear(s.bits)
 		n := 0
 		mark := func(t int32) {
 			if w, b := t>>6, uint64(1)<<(t&63); s.bits[w]&b == 0 {
@@ -401,7 +477,7 @@ func (s *selector) rankScores(h *Head, row []float32, budget int, out []int32) [
 	k := h.K()
 	fine := row[:k]
 	if !s.thresh {
-		return h.TopScores(fine, budget, &s.sc, out)
+		return h.TopRanked(fine, budget, &s.sc, out)
 	}
 	lz := h.logZFrom(row[k : k+len(h.Radius)])
 	tau := float32(math.Sqrt(float64(h.D)) * (math.Log(float64(s.ix.Threshold)) + lz))

@@ -1,0 +1,123 @@
+package runtime_test
+
+import (
+	"context"
+	"os"
+	"runtime/pprof"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/kvrecall/kvrecall/kvcache"
+	"github.com/kvrecall/kvrecall/paging"
+	"github.com/kvrecall/kvrecall/runtime"
+)
+
+// BenchmarkSqueezedFromDisk times squeezed's decode steps on a document
+// stored by `bench speed --paged --hyper all --data-dir DIR` (with its
+// clusters), as bench speed reads it back: the tiny preset, 1 decode
+// thread, a 2048-token budget, against the dense engine at a 2048-token
+// context (issue 14's floor) and retro, every engine one step in turn so
+// that all see the same machine state. Each engine's steps carry a pprof
+// label (engine=NAME), so a -cpuprofile splits by engine:
+//
+//	cp -r /work/runs/t64data /tmp/sq64
+//	KVRECALL_BENCH_DATA=/tmp/sq64/llama-tiny-f16 KVRECALL_BENCH_DOC=speed-hyper-all-65536 \
+//	KVRECALL_BENCH_CONTEXTS=65536 go test ./runtime -run XXX -bench SqueezedFromDisk -benchtime 64x -cpuprofile cpu.prof
+//	go tool pprof -tagfocus engine=squeezed runtime.test cpu.prof
+//
+// $KVRECALL_BENCH_ENGINES picks engines by name (the floor always runs).
+// kvcache.TokenGather is set per engine before each of its steps.
+func BenchmarkSqueezedFromDisk(b *testing.B) {
+	path := benchModel(b)
+	if b.N == 1 {
+		return // the testing package's untimed first call: setup only costs
+	}
+	ctx := context.Background()
+	dir, id := os.Getenv("KVRECALL_BENCH_DATA"), os.Getenv("KVRECALL_BENCH_DOC")
+	if dir == "" || id == "" {
+		b.Skip("set KVRECALL_BENCH_DATA and KVRECALL_BENCH_DOC to a stored document with squeezed clusters (a copy)")
+	}
+	contexts := benchContexts(b, 2048, 65536)
+	const room, floorCtx = 512, 2048
+	m, err := runtime.Open(ctx, path, runtime.Options{Threads: 1, ContextLength: contexts[0] + room, DataDir: dir})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer m.Close()
+	doc, err := m.OpenDocument(id)
+	if err != nil {
+		b.Fatal(err)
+	}
+	n := len(doc.TokenIDs()) + 8
+	toks := benchPrompt(n+room, m.Config().Vocab)
+	defer func(g bool) { kvcache.TokenGather = g }(kvcache.TokenGather)
+	type engine struct {
+		name   string
+		method string
+		extra  map[string]any
+		gather bool
+	}
+	all := []engine{
+		{name: "floor"},
+		{name: "retro", method: "retro"},
+		{name: "squeezed", method: "squeezed"},                     // the default: host lookup, token pools
+		{name: "squeezed-gather", method: "squeezed", gather: true}, // host lookup, kvcache.TokenGather
+		{name: "squeezed-graph-gather", method: "squeezed", extra: map[string]any{paging.HostScores: false}, gather: true},
+	}
+	engines := all
+	if env := os.Getenv("KVRECALL_BENCH_ENGINES"); env != "" {
+		engines = []engine{all[0]}
+		for _, name := range strings.Split(env, ",") {
+			i := slices.IndexFunc(all, func(e engine) bool { return e.name == strings.TrimSpace(name) })
+			if i < 0 {
+				b.Fatalf("KVRECALL_BENCH_ENGINES: no engine %q", name)
+			}
+			if i > 0 {
+				engines = append(engines, all[i])
+			}
+		}
+	}
+	var steps []func() error
+	for _, e := range engines {
+		if e.method == "" {
+			steps = append(steps, floorStep(ctx, b, m, toks[:floorCtx], toks))
+			continue
+		}
+		kvcache.TokenGather = e.gather
+		_, step := docStep(ctx, b, m, doc, runtime.PolicyOptions{Policy: e.method, Budget: 2048, Extra: e.extra}, toks, n, true, 16)
+		g := e.gather
+		steps = append(steps, func() error { kvcache.TokenGather = g; return step() })
+	}
+	if b.N > room-8 {
+		b.Fatalf("-benchtime %dx exceeds the %d steps of room", b.N, room-8)
+	}
+	labels := make([]context.Context, len(engines))
+	for j, e := range engines {
+		labels[j] = pprof.WithLabels(ctx, pprof.Labels("engine", e.name))
+	}
+	times := make([][]float64, len(steps))
+	b.ResetTimer()
+	perfControl(b, "enable")
+	for range b.N {
+		for j, step := range steps {
+			pprof.SetGoroutineLabels(labels[j])
+			t0 := time.Now()
+			if err := step(); err != nil {
+				b.Fatal(err)
+			}
+			times[j] = append(times[j], float64(time.Since(t0))/float64(time.Millisecond))
+		}
+	}
+	pprof.SetGoroutineLabels(ctx)
+	perfControl(b, "disable")
+	b.StopTimer()
+	med := medians(times)
+	for j, e := range engines {
+		b.ReportMetric(med[j], "ms-"+e.name)
+		if j > 0 {
+			b.ReportMetric(med[j]/med[0], e.name+"/floor")
+		}
+	}
+}
