@@ -247,6 +247,37 @@ func TestPagedStepGraphFailures(t *testing.T) {
 	})
 }
 
+// Steps the kept path declines (box rows and page uploads copied in the
+// graph: HostBounds, HostUploads off) run fresh graphs that write the
+// same pools and box tensors; when the kept path is allowed again the
+// kept graph, still valid for its key, is reused with what they wrote.
+func TestPagedStepGraphAfterDeclinedSteps(t *testing.T) {
+	ctx := context.Background()
+	m, doc, toks := pagedStepModel(t, 800)
+	for _, flag := range []struct {
+		name string
+		v    *bool
+	}{{"HostBounds", &kvcache.HostBounds}, {"HostUploads", &kvcache.HostUploads}} {
+		t.Run(flag.name, func(t *testing.T) {
+			opts := runtime.PolicyOptions{Policy: "quest", Budget: 128, Sinks: 16, Window: 32, Extra: map[string]any{paging.KeepLogits: 0.0}}
+			fresh := pagedDocSession(t, m, doc, opts, false)
+			defer fresh.Close()
+			kept := pagedDocSession(t, m, doc, opts, true)
+			defer kept.Close()
+			requireSameLogits(t, ctx, "question", kept, fresh, toks[600:608], false)
+			defer func(old bool) { *flag.v = old }(*flag.v)
+			for i := 608; i < 680; i++ {
+				// 20 steps kept, 20 declined, then kept again.
+				*flag.v = i < 628 || i >= 648
+				requireSameLogits(t, ctx, fmt.Sprintf("step %d (%s %v)", i, flag.name, *flag.v), kept, fresh, toks[i:i+1], false)
+				require.NoError(t, kept.Cache().(*kvcache.Paged).CheckInvariants(), "step %d", i)
+			}
+			require.True(t, runtime.PagedStepKept(kept))
+			require.Positive(t, runtime.PagedStepBuilds(kept))
+		})
+	}
+}
+
 // Sessions of several methods decoding at once each keep their own step
 // graph: their logits are those of the same steps taken one session after
 // the other with graphs built for every step. Run under -race as well.
