@@ -123,6 +123,7 @@ func (h *Head) TopRanked(score []float32, budget int, sc *Scratch, out []int32) 
 		return h.TopScores(score, budget, sc, out)
 	}
 	score = score[:k]
+	out0 := len(out)
 	mean := max(1, len(h.Assign)/k)
 	want := (budget/mean+1)*5/4 + 16 // clusters wanted above the first cut
 	stride := k / rankSample
@@ -137,6 +138,12 @@ func (h *Head) TopRanked(score []float32, budget int, sc *Scratch, out []int32) 
 		cut := float32(math.Inf(-1))
 		if r < rankSample {
 			cut = nthLargest(sc.fine, r) // the sample's r-th best (quickselect; reorders the sample only)
+		}
+		if cut != cut {
+			// A NaN score in the sample can come back as the cut, which
+			// no score passes: every band would be empty. TopScores
+			// ranks such scores without a sampled cut.
+			return h.TopScores(score, budget, sc, out[:out0])
 		}
 		sc.keys = sc.keys[:0]
 		for j, v := range score {

@@ -205,3 +205,61 @@ func TestFlatShared(t *testing.T) {
 	require.NotSame(t, got[0], h.Flat(2), "another GQA size, another layout")
 	require.Equal(t, clone, h, "Flat leaves the Head unchanged")
 }
+
+// A NaN score in TopRanked's sample must not empty the answer (a NaN cut
+// passes no score): it gives TopScores' answer, which ranks without a
+// sampled cut, after what out already held.
+func TestTopRankedNaNInSample(t *testing.T) {
+	const k = 3272
+	rng := rand.New(rand.NewPCG(5, 11))
+	h := &Head{Sizes: make([]int32, k)}
+	total := 0
+	for j := range h.Sizes {
+		h.Sizes[j] = int32(1 + rng.IntN(40))
+		total += int(h.Sizes[j])
+	}
+	h.Assign = make([]int32, total)
+	stride := k / rankSample
+	for _, tc := range []struct {
+		name string
+		nans []int // clusters whose score is NaN
+	}{
+		{"one sampled", []int{7 * stride}},
+		{"many sampled", []int{0, stride, 2 * stride, 100 * stride, 255 * stride}},
+		{"sampled and not", []int{3 * stride, 3*stride + 1, 17}},
+		{"half the sample", sampled(stride, 2)},
+		{"the whole sample", sampled(stride, 1)},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			score := make([]float32, k)
+			for j := range score {
+				score[j] = float32(rng.NormFloat64())
+			}
+			for _, j := range tc.nans {
+				score[j] = float32(math.NaN())
+			}
+			for _, budget := range []int{100, 2048} {
+				var sc, sc2 Scratch
+				got := h.TopRanked(score, budget, &sc, []int32{-1})
+				want := h.TopScores(score, budget, &sc2, []int32{-1})
+				require.Equal(t, int32(-1), got[0])
+				require.Greater(t, len(got), 1, "budget %d: no cluster chosen", budget)
+				require.Equal(t, want, got, "budget %d", budget)
+				tok := 0
+				for _, j := range got[1:] {
+					tok += int(h.Sizes[j])
+				}
+				require.GreaterOrEqual(t, tok, budget, "budget %d: the chosen clusters do not fill it", budget)
+			}
+		})
+	}
+}
+
+// sampled lists every every-th cluster TopRanked samples (stride apart).
+func sampled(stride, every int) []int {
+	var js []int
+	for i := 0; i < rankSample; i += every {
+		js = append(js, i*stride)
+	}
+	return js
+}
