@@ -161,8 +161,8 @@ func BenchmarkQuestFromDisk(b *testing.B) {
 		b.Logf("heapwarm: %d MiB touched", heapwarm.Warm()>>20)
 	}
 	times := make([][]float64, len(steps))
-	faults := make([]int64, len(steps)) // minor page faults, summed
-	gcs := make([]int64, len(steps))    // Go GC cycles that ended during the step
+	faults := make([]int64, len(steps))  // minor page faults, summed
+	gcs := make([]int64, len(steps))     // Go GC cycles that ended during the step
 	allocs := make([]uint64, len(steps)) // Go heap bytes allocated during the step, summed
 	var ru syscall.Rusage
 	var mst goruntime.MemStats
