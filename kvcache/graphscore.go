@@ -327,7 +327,15 @@ func (c *Paged) readRanks(ctx ml.Context) error {
 		return nil
 	}
 	for _, r := range rs {
-		f := r.scores.Floats()
+		// On a host backend the bounds are read where the graph wrote
+		// them: Floats would allocate and copy 4 bytes a page per layer
+		// (4 KiB at 64k) for Scored to copy again, and a decode step's
+		// fresh Go memory costs page faults (docs/kvcache.md, "quest at
+		// 64k"). Scored copies what it keeps: f is not held.
+		f := hostF32(r.scores, r.pages)
+		if f == nil {
+			f = r.scores.Floats()
+		}
 		if len(f) != r.pages {
 			return fmt.Errorf("kvcache: read back %d page bounds of layer %d, want %d", len(f), r.layer, r.pages)
 		}

@@ -132,6 +132,38 @@ func TestRankIsPrefixOfFullOrder(t *testing.T) {
 	}
 }
 
+// A rankScratch reused across calls (the lagged rule keeps one for all
+// layers and steps) selects what a fresh one selects: its mask, heap,
+// order and bound buffers hold the last call's data, for more or fewer
+// pages and a larger or smaller k, and a returned selection must not
+// change when the scratch is used again.
+func TestRankScratchReuseSelectsAsFresh(t *testing.T) {
+	r := rand.New(rand.NewPCG(5, 7))
+	var sx rankScratch
+	var held [][]int // earlier selections, with copies of what they were
+	var want [][]int
+	for i, c := range []struct{ pages, free, neighbors int }{
+		{1025, 20, 0}, {64, 10, 1}, {2000, 40, 0}, {1025, 20, 0}, {300, 0, 0}, {40, 60, 2}, {1025, 25, 1},
+	} {
+		t.Run(fmt.Sprintf("%d/pages=%d,free=%d", i, c.pages, c.free), func(t *testing.T) {
+			adj := sx.floats(c.pages)
+			for p := range adj {
+				adj[p] = float32(r.IntN(50)) // ties, as hysteresis makes
+			}
+			adj[c.pages/2] = float32(math.Inf(-1))
+			scores := slices.Clone(adj)
+			req := []int{0, 1, c.pages - 2, c.pages - 1}
+			got := sx.topPages(req, adj, c.free, c.neighbors)
+			require.Equal(t, topPages(req, scores, c.free, c.neighbors), got)
+			require.Equal(t, rank(scores, make([]bool, c.pages), 2*c.free), sx.rank(adj, make([]bool, c.pages), 2*c.free))
+			held, want = append(held, got), append(want, slices.Clone(got))
+			for j := range held {
+				require.Equal(t, want[j], held[j], "selection %d changed when the scratch was reused", j)
+			}
+		})
+	}
+}
+
 // BenchmarkQuestSelect: one layer's decode-step selection of the tiny preset
 // (8 query / 2 KV heads, head dim 32) at a 2048-token budget, scoring page by
 // page and from boxes packed once (as the cache's layer views serve them

@@ -71,6 +71,11 @@ type graphState struct {
 	keep   float64           // KeepLogits
 	scores map[int][]float32 // the last decode step's page bounds
 	kept   map[int][]int     // the pages the last pass chose beyond sinks and window
+	// sx is the lagged rule's working memory, one for all layers (they
+	// are selected one after another): a step's ranking allocates nothing
+	// but the selection it returns, and the same few KiB stay in cache
+	// from layer to layer.
+	sx rankScratch
 }
 
 func (r *scored) UseGraphScores() bool {
@@ -132,7 +137,7 @@ func (r *scored) lagged(layer int, s Summaries, upto int) Selection {
 	if !ok {
 		sel = fillFrom(req, kept, free, r.neighbors, n)
 	} else {
-		adj := make([]float32, n)
+		adj := r.g.sx.floats(n) // every entry is written below
 		ninf := float32(math.Inf(-1))
 		for p := range adj {
 			adj[p] = ninf
@@ -148,7 +153,7 @@ func (r *scored) lagged(layer int, s Summaries, upto int) Selection {
 				}
 			}
 		}
-		sel = topPages(req, adj, free, r.neighbors)
+		sel = r.g.sx.topPages(req, adj, free, r.neighbors)
 	}
 	r.g.kept[layer] = beyond(req, sel, r.g.kept[layer][:0])
 	return One(sel)

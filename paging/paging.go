@@ -288,12 +288,19 @@ func (w *window) Select(layer int, _ Summaries, _ *Queries, upto int) Selection 
 // topPages adds to req the free highest-scoring pages not already in req,
 // each with up to neighbors following pages, and returns the sorted set.
 func topPages(req []int, scores []float32, free, neighbors int) []int {
-	in := make([]bool, len(scores))
+	var sx rankScratch
+	return sx.topPages(req, scores, free, neighbors)
+}
+
+// topPages is topPages with sx's working memory; the result is its own.
+func (sx *rankScratch) topPages(req []int, scores []float32, free, neighbors int) []int {
+	in := sx.mask(len(scores))
 	for _, p := range req {
 		in[p] = true
 	}
-	order := rank(scores, in, 2*free)
-	out := slices.Clone(req)
+	order := sx.rank(scores, in, 2*free)
+	out := make([]int, len(req), len(req)+max(0, free))
+	copy(out, req)
 	for _, p := range order {
 		if free <= 0 {
 			break

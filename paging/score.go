@@ -159,7 +159,30 @@ func roundRobin(req []int, scores [][]float32, free, neighbors int) []int {
 // consume at most 2·free entries of an order (each entry either adds a page
 // or was already added as another's neighbor), so k = 2·free is exact.
 func rank(scores []float32, skip []bool, k int) []int {
-	h := make([]rankEntry, 0, max(0, min(k, len(scores))))
+	var sx rankScratch
+	return sx.rank(scores, skip, k)
+}
+
+// rankScratch is the working memory of rank and topPages (the heap, the
+// order, the mask of pages taken, and the lagged rule's adjusted bounds),
+// kept by a caller that ranks at every decode step so that a step
+// allocates none of it: quest's lagged rule ranks ~1025 bounds per layer
+// at 64k, and a step's fresh Go memory costs page faults (~14 KiB a layer
+// of it: docs/kvcache.md, "quest at 64k").
+type rankScratch struct {
+	heap  []rankEntry
+	order []int
+	in    []bool
+	adj   []float32
+}
+
+// rank is rank with sx's memory: the result is sx's and valid until its
+// next call.
+func (sx *rankScratch) rank(scores []float32, skip []bool, k int) []int {
+	if n := max(0, min(k, len(scores))); cap(sx.heap) < n {
+		sx.heap = make([]rankEntry, 0, n)
+	}
+	h := sx.heap[:0]
 	p := 0
 	for ; p < len(scores) && len(h) < k; p++ {
 		if skip[p] {
@@ -192,11 +215,35 @@ func rank(scores []float32, skip []bool, k int) []int {
 		}
 		return 0
 	})
-	out := make([]int, len(h))
-	for i, e := range h {
-		out[i] = e.p
+	sx.heap = h
+	if sx.order == nil || cap(sx.order) < len(h) {
+		sx.order = make([]int, 0, len(h)) // never nil: rank's callers got an empty order for k 0
 	}
+	out := sx.order[:0]
+	for _, e := range h {
+		out = append(out, e.p)
+	}
+	sx.order = out
 	return out
+}
+
+// mask returns sx's page mask for n pages, all false.
+func (sx *rankScratch) mask(n int) []bool {
+	if cap(sx.in) < n {
+		sx.in = make([]bool, n)
+	}
+	sx.in = sx.in[:n]
+	clear(sx.in)
+	return sx.in
+}
+
+// floats returns sx's adjusted-bounds buffer of n floats (not cleared).
+func (sx *rankScratch) floats(n int) []float32 {
+	if cap(sx.adj) < n {
+		sx.adj = make([]float32, n)
+	}
+	sx.adj = sx.adj[:n]
+	return sx.adj
 }
 
 // rankEntry is a page and its score in rank's heap.

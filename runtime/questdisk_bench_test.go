@@ -12,8 +12,10 @@ import (
 	"syscall"
 	"testing"
 	"time"
+	"unsafe"
 
 	"github.com/kvrecall/kvrecall/hyper"
+	"github.com/kvrecall/kvrecall/internal/heapwarm"
 	"github.com/kvrecall/kvrecall/kvcache"
 	"github.com/kvrecall/kvrecall/paging"
 	"github.com/kvrecall/kvrecall/runtime"
@@ -177,9 +179,16 @@ func BenchmarkQuestFromDisk(b *testing.B) {
 			up0[j], hw0[j] = c.Stats().UploadedBytes, c.Stats().HostWrites
 		}
 	}
+	if os.Getenv("KVRECALL_BENCH_WARMHEAP") == "1" {
+		// The Go heap at its steady state (heapwarm; bench speed does this
+		// before its timed steps): else, right after the document is read
+		// back, every page a step allocates is a fresh page fault.
+		b.Logf("heapwarm: %d MiB touched", heapwarm.Warm()>>20)
+	}
 	times := make([][]float64, len(steps))
-	faults := make([]int64, len(steps)) // minor page faults, summed
-	gcs := make([]int64, len(steps))    // Go GC cycles that ended during the step
+	faults := make([]int64, len(steps))  // minor page faults, summed
+	gcs := make([]int64, len(steps))     // Go GC cycles that ended during the step
+	allocs := make([]uint64, len(steps)) // Go heap bytes allocated during the step, summed
 	var ru syscall.Rusage
 	var mst goruntime.MemStats
 	b.ResetTimer()
@@ -189,15 +198,28 @@ func BenchmarkQuestFromDisk(b *testing.B) {
 	// and reports each engine's median over the steps it ran right after
 	// the "dense" engine and over the others.
 	shuffle := os.Getenv("KVRECALL_BENCH_SHUFFLE") == "1"
-	// Each engine's steps carry a pprof label, as in BenchmarkQuestFastPath:
-	// go tool pprof -tagfocus engine=window runtime.test cpu.prof
+	afterDense := make([][]float64, len(steps))
+	hws := make([][]float64, len(steps)) // host writes per step, ms
+	elsewhere := make([][]float64, len(steps))
+	// Each engine's steps carry a pprof label (engine=NAME), as in
+	// BenchmarkQuestFastPath, so that a -cpuprofile splits by engine.
 	labels := make([]context.Context, len(engines))
 	for j, e := range engines {
 		labels[j] = pprof.WithLabels(ctx, pprof.Labels("engine", e.name))
 	}
-	afterDense := make([][]float64, len(steps))
-	hws := make([][]float64, len(steps)) // host writes per step, ms
-	elsewhere := make([][]float64, len(steps))
+	// $KVRECALL_BENCH_STEPLOG names a file that gets one line per step,
+	// "engine start end faults" (CLOCK_MONOTONIC nanoseconds, minor page
+	// faults during the step): with `perf record
+	// -k CLOCK_MONOTONIC`, perf's samples split by engine by their time
+	// (perf sees C symbols that pprof's labels do not split).
+	var steplog *os.File
+	if path := os.Getenv("KVRECALL_BENCH_STEPLOG"); path != "" {
+		var err error
+		if steplog, err = os.Create(path); err != nil {
+			b.Fatal(err)
+		}
+		defer steplog.Close()
+	}
 	for i := range b.N {
 		order := make([]int, len(steps))
 		for k := range order {
@@ -213,16 +235,18 @@ func BenchmarkQuestFromDisk(b *testing.B) {
 			step := steps[j]
 			syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
 			f0 := ru.Minflt
-			gc0 := gcCount(&mst)
+			gc0, a0 := gcCount(&mst)
 			var hw0 time.Duration
 			if caches[j] != nil {
 				hw0 = caches[j].Stats().HostWrites
 			}
 			pprof.SetGoroutineLabels(labels[j])
+			m0 := monotonicNs(steplog)
 			t0 := time.Now()
 			if err := step(); err != nil {
 				b.Fatal(err)
 			}
+			m1 := monotonicNs(steplog)
 			pprof.SetGoroutineLabels(ctx)
 			if caches[j] != nil {
 				hws[j] = append(hws[j], float64(caches[j].Stats().HostWrites-hw0)/float64(time.Millisecond))
@@ -237,7 +261,12 @@ func BenchmarkQuestFromDisk(b *testing.B) {
 			prev = j
 			syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
 			faults[j] += ru.Minflt - f0
-			gcs[j] += gcCount(&mst) - gc0
+			if steplog != nil {
+				fmt.Fprintf(steplog, "%s %d %d %d\n", engines[j].name, m0, m1, ru.Minflt-f0)
+			}
+			gc1, a1 := gcCount(&mst)
+			gcs[j] += gc1 - gc0
+			allocs[j] += a1 - a0
 		}
 	}
 	perfControl(b, "disable")
@@ -257,6 +286,7 @@ func BenchmarkQuestFromDisk(b *testing.B) {
 		}
 		b.ReportMetric(float64(faults[j])/float64(b.N), e.name+"-faults/step")
 		b.ReportMetric(float64(gcs[j])/float64(b.N), e.name+"-gc/step")
+		b.ReportMetric(float64(allocs[j])/float64(b.N)/1024, e.name+"-allocKiB/step")
 		if j > 0 {
 			b.ReportMetric(med[j]/med[0], e.name+"/floor")
 			up := float64(caches[j].Stats().UploadedBytes-up0[j]) / float64(b.N)
@@ -270,8 +300,20 @@ func BenchmarkQuestFromDisk(b *testing.B) {
 	}
 }
 
-// gcCount is the number of Go GC cycles completed so far.
-func gcCount(ms *goruntime.MemStats) int64 {
+// monotonicNs is CLOCK_MONOTONIC in nanoseconds (perf's -k
+// CLOCK_MONOTONIC timestamps), or 0 when log is nil.
+func monotonicNs(log *os.File) int64 {
+	if log == nil {
+		return 0
+	}
+	var ts syscall.Timespec
+	syscall.Syscall(syscall.SYS_CLOCK_GETTIME, 1 /* CLOCK_MONOTONIC */, uintptr(unsafe.Pointer(&ts)), 0)
+	return ts.Nano()
+}
+
+// gcCount is the number of Go GC cycles completed so far and the Go heap
+// bytes allocated so far.
+func gcCount(ms *goruntime.MemStats) (int64, uint64) {
 	goruntime.ReadMemStats(ms)
-	return int64(ms.NumGC)
+	return int64(ms.NumGC), ms.TotalAlloc
 }

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/kvrecall/kvrecall/bench/plot"
+	"github.com/kvrecall/kvrecall/internal/heapwarm"
 	"github.com/kvrecall/kvrecall/kvcache"
 	"github.com/kvrecall/kvrecall/llamaref"
 	"github.com/kvrecall/kvrecall/probe"
@@ -453,6 +454,14 @@ func pagedOne(ctx context.Context, c PagedConfig, n int, logf func(string, ...an
 			floors = append(floors, s)
 		}
 	}
+	// The Go heap at its steady state before the timed steps: right after
+	// the document is read back (and its ingest's buffers freed and
+	// returned to the OS), every page a paged step allocates is a fresh
+	// page fault, ~10–15 µs each here, which a serving process whose heap
+	// has cycled does not pay and the dense engine's kept step graph
+	// (2.4 KiB a step) barely allocates: quest (~93 KiB a step) paid
+	// ~0.2–0.5 ms a step for it (docs/kvcache.md, "quest at 64k").
+	logf("%s %d: Go heap warmed, %d MiB touched", c.Label, n, heapwarm.Warm()>>20)
 	steps := make([][]time.Duration, len(methods)+2)
 	floorSteps := make([][]time.Duration, len(floors))
 	uploaded := make([]int64, len(methods)) // before the timed steps
