@@ -5,9 +5,7 @@ import (
 	"os"
 	"strings"
 	"testing"
-	"time"
 
-	"github.com/kvrecall/kvrecall/hyper"
 	"github.com/kvrecall/kvrecall/runtime"
 )
 
@@ -26,24 +24,9 @@ import (
 //
 //	go test ./runtime -run XXX -bench PagedStepGraph -benchtime 200x
 func BenchmarkPagedStepGraph(b *testing.B) {
-	path := benchModel(b)
 	ctx := context.Background()
-	contexts := benchContexts(b, 2048, 16384)
-	if len(contexts) != 1 {
-		b.Fatalf("KVRECALL_BENCH_CONTEXTS: %v: one context", contexts)
-	}
-	n := contexts[0]
 	const room, floorCtx = 1024, 2048
-	m, err := runtime.Open(ctx, path, runtime.Options{Threads: 1, ContextLength: n + room, DataDir: b.TempDir()})
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer m.Close()
-	toks := benchPrompt(n+room, m.Config().Vocab)
-	doc, err := m.IngestTokensWith(ctx, "doc", toks[:n-8], runtime.IngestOptions{Hyper: &runtime.HyperOptions{Config: hyper.Default()}}, nil)
-	if err != nil {
-		b.Fatal(err)
-	}
+	m, doc, toks, n := hyperBenchDoc(b, room)
 	type engine struct {
 		name, method string // method "" for the dense engine's floor
 		kept         bool
@@ -80,24 +63,12 @@ func BenchmarkPagedStepGraph(b *testing.B) {
 	if b.N > room {
 		b.Fatalf("-benchtime %dx exceeds the %d steps of room", b.N, room)
 	}
-	times := make([][]float64, len(steps))
-	b.ResetTimer()
-	for range b.N {
-		for j, step := range steps {
-			t0 := time.Now()
-			if err := step(); err != nil {
-				b.Fatal(err)
-			}
-			times[j] = append(times[j], float64(time.Since(t0))/float64(time.Millisecond))
-		}
-	}
-	b.StopTimer()
-	med := medians(times)
+	names := make([]string, len(engines))
 	for j, e := range engines {
-		b.ReportMetric(med[j], "ms-"+e.name)
-		if j > 0 {
-			b.ReportMetric(med[j]/med[0], e.name+"/floor")
-		}
+		names[j] = e.name
+	}
+	alternateSteps(b, ctx, names, steps)
+	for j, e := range engines {
 		if e.kept {
 			if builds := runtime.PagedStepBuilds(sessions[j]); builds <= 0 || builds > b.N/4+2 {
 				b.Errorf("%s built %d step graphs in %d steps", e.name, builds, b.N)

@@ -28,24 +28,9 @@ import (
 //
 //	go test ./runtime -run XXX -bench QuestFastPath -benchtime 200x
 func BenchmarkQuestFastPath(b *testing.B) {
-	path := benchModel(b)
 	ctx := context.Background()
-	contexts := benchContexts(b, 2048, 16384)
-	if len(contexts) != 1 {
-		b.Fatalf("KVRECALL_BENCH_CONTEXTS: %v: one context", contexts)
-	}
-	n := contexts[0]
 	const room, floorCtx = 1024, 2048
-	m, err := runtime.Open(ctx, path, runtime.Options{Threads: 1, ContextLength: n + room, DataDir: b.TempDir()})
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer m.Close()
-	toks := benchPrompt(n+room, m.Config().Vocab)
-	doc, err := m.IngestTokensWith(ctx, "doc", toks[:n-8], runtime.IngestOptions{Hyper: &runtime.HyperOptions{Config: hyper.Default()}}, nil)
-	if err != nil {
-		b.Fatal(err)
-	}
+	m, doc, toks, n := hyperBenchDoc(b, room)
 	defer func(h bool, r int) { kvcache.HostBounds, kvcache.BoxRowMultiple = h, r }(kvcache.HostBounds, kvcache.BoxRowMultiple)
 	type engine struct {
 		name        string
@@ -72,15 +57,28 @@ func BenchmarkQuestFastPath(b *testing.B) {
 	if b.N > room {
 		b.Fatalf("-benchtime %dx exceeds the %d steps of room", b.N, room)
 	}
-	times := make([][]float64, len(steps))
-	b.ResetTimer()
-	// Each engine's steps carry a pprof label (engine=NAME), so that a
-	// -cpuprofile of this benchmark splits by engine:
-	// go tool pprof -tagfocus engine=quest-after runtime.test cpu.prof
-	labels := make([]context.Context, len(engines))
+	names := make([]string, len(engines))
 	for j, e := range engines {
-		labels[j] = pprof.WithLabels(ctx, pprof.Labels("engine", e.name))
+		names[j] = e.name
 	}
+	med := alternateSteps(b, ctx, names, steps)
+	b.Log(fmt.Sprintf("context %d: quest after − before %.3f ms, quest after − retro %.3f ms", n, med[3]-med[2], med[3]-med[1]))
+}
+
+// alternateSteps times b.N rounds in which every step of steps runs once,
+// in order (the floor first), each under a pprof label engine=NAME so
+// that a -cpuprofile splits by engine (go tool pprof -tagfocus
+// engine=quest runtime.test cpu.prof), and reports each engine's median
+// in ms ("ms-NAME") and, after the first, its ratio to the first
+// ("NAME/floor"). Returns the medians.
+func alternateSteps(b *testing.B, ctx context.Context, names []string, steps []func() error) []float64 {
+	times := make([][]float64, len(steps))
+	labels := make([]context.Context, len(names))
+	for j, name := range names {
+		labels[j] = pprof.WithLabels(ctx, pprof.Labels("engine", name))
+	}
+	b.ResetTimer()
+	perfControl(b, "enable")
 	for range b.N {
 		for j, step := range steps {
 			pprof.SetGoroutineLabels(labels[j])
@@ -92,15 +90,41 @@ func BenchmarkQuestFastPath(b *testing.B) {
 		}
 	}
 	pprof.SetGoroutineLabels(ctx)
+	perfControl(b, "disable")
 	b.StopTimer()
 	med := medians(times)
-	for j, e := range engines {
-		b.ReportMetric(med[j], "ms-"+e.name)
+	for j, name := range names {
+		b.ReportMetric(med[j], "ms-"+name)
 		if j > 0 {
-			b.ReportMetric(med[j]/med[0], e.name+"/floor")
+			b.ReportMetric(med[j]/med[0], name+"/floor")
 		}
 	}
-	b.Log(fmt.Sprintf("context %d: quest after − before %.3f ms, quest after − retro %.3f ms", n, med[3]-med[2], med[3]-med[1]))
+	return med
+}
+
+// hyperBenchDoc opens $KVRECALL_BENCH_MODEL (1 thread, closed when the
+// benchmark ends) and ingests with HyperAttention on every layer, as
+// `bench speed --hyper all --skip-dense` does, a document of n-8 tokens of
+// toks, n the benchmark's context (16384 or $KVRECALL_BENCH_CONTEXTS, one
+// number): toks has room tokens more, for the question and the steps.
+func hyperBenchDoc(b *testing.B, room int) (*runtime.Model, *runtime.Document, []int32, int) {
+	ctx := context.Background()
+	contexts := benchContexts(b, 2048, 16384)
+	if len(contexts) != 1 {
+		b.Fatalf("KVRECALL_BENCH_CONTEXTS: %v: one context", contexts)
+	}
+	n := contexts[0]
+	m, err := runtime.Open(ctx, benchModel(b), runtime.Options{Threads: 1, ContextLength: n + room, DataDir: b.TempDir()})
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(m.Close)
+	toks := benchPrompt(n+room, m.Config().Vocab)
+	doc, err := m.IngestTokensWith(ctx, "doc", toks[:n-8], runtime.IngestOptions{Hyper: &runtime.HyperOptions{Config: hyper.Default()}}, nil)
+	if err != nil {
+		b.Fatal(err)
+	}
+	return m, doc, toks, n
 }
 
 // floorStep is the floor's decode step for the quest benchmarks: a

@@ -3,11 +3,9 @@ package runtime_test
 import (
 	"context"
 	"os"
-	"runtime/pprof"
 	"slices"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/kvrecall/kvrecall/kvcache"
 	"github.com/kvrecall/kvrecall/paging"
@@ -62,7 +60,7 @@ func BenchmarkSqueezedFromDisk(b *testing.B) {
 	all := []engine{
 		{name: "floor"},
 		{name: "retro", method: "retro"},
-		{name: "squeezed", method: "squeezed"},                     // the default: host lookup, token pools
+		{name: "squeezed", method: "squeezed"},                      // the default: host lookup, token pools
 		{name: "squeezed-gather", method: "squeezed", gather: true}, // host lookup, kvcache.TokenGather
 		{name: "squeezed-graph-gather", method: "squeezed", extra: map[string]any{paging.HostScores: false}, gather: true},
 	}
@@ -93,31 +91,9 @@ func BenchmarkSqueezedFromDisk(b *testing.B) {
 	if b.N > room-8 {
 		b.Fatalf("-benchtime %dx exceeds the %d steps of room", b.N, room-8)
 	}
-	labels := make([]context.Context, len(engines))
+	names := make([]string, len(engines))
 	for j, e := range engines {
-		labels[j] = pprof.WithLabels(ctx, pprof.Labels("engine", e.name))
+		names[j] = e.name
 	}
-	times := make([][]float64, len(steps))
-	b.ResetTimer()
-	perfControl(b, "enable")
-	for range b.N {
-		for j, step := range steps {
-			pprof.SetGoroutineLabels(labels[j])
-			t0 := time.Now()
-			if err := step(); err != nil {
-				b.Fatal(err)
-			}
-			times[j] = append(times[j], float64(time.Since(t0))/float64(time.Millisecond))
-		}
-	}
-	pprof.SetGoroutineLabels(ctx)
-	perfControl(b, "disable")
-	b.StopTimer()
-	med := medians(times)
-	for j, e := range engines {
-		b.ReportMetric(med[j], "ms-"+e.name)
-		if j > 0 {
-			b.ReportMetric(med[j]/med[0], e.name+"/floor")
-		}
-	}
+	alternateSteps(b, ctx, names, steps)
 }
