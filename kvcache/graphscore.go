@@ -327,11 +327,15 @@ func (c *Paged) readRanks(ctx ml.Context) error {
 		return nil
 	}
 	for _, r := range rs {
-		// On a host backend the bounds are read where the graph wrote
-		// them: Floats would allocate and copy 4 bytes a page per layer
-		// (4 KiB at 64k) for Scored to copy again, and a decode step's
-		// fresh Go memory costs page faults (docs/kvcache.md, "quest at
-		// 64k"). Scored copies what it keeps: f is not held.
+		// The bounds are read where the graph wrote them when that is
+		// host memory (ollama puts every input tensor, this output
+		// among them, in CPU memory, whatever computes the graph):
+		// Floats would allocate and copy 4 bytes a page per layer (4 KiB
+		// at 64k) for Scored to copy again, and a decode step's fresh Go
+		// memory costs page faults (docs/kvcache.md, "quest at 64k").
+		// The backend is synced first, as Floats does. Scored copies what
+		// it keeps: f is not held.
+		syncTensor(r.scores)
 		f := hostF32(r.scores, r.pages)
 		if f == nil {
 			f = r.scores.Floats()

@@ -32,6 +32,17 @@ type ggmlTensor struct {
 	sync func()
 }
 
+// syncTensor waits for the backend that computes t, as ollama's Floats
+// and Bytes do before they read it: reading t's host memory in place
+// (hostData) must not race an asynchronous compute.
+func syncTensor(t ml.Tensor) {
+	if gt, ok := t.(*ggml.Tensor); ok && gt != nil {
+		if s := (*ggmlTensor)(unsafe.Pointer(gt)).sync; s != nil {
+			s()
+		}
+	}
+}
+
 // hostMem returns t's data as f16 values if t is an f16 tensor of elems
 // elements in host memory whose ggml shape is ollama's shape, else nil.
 // Writes into it are seen by graphs computed later.

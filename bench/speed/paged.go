@@ -458,9 +458,12 @@ func pagedOne(ctx context.Context, c PagedConfig, n int, logf func(string, ...an
 	// the document is read back (and its ingest's buffers freed and
 	// returned to the OS), every page a paged step allocates is a fresh
 	// page fault, ~10–15 µs each here, which a serving process whose heap
-	// has cycled does not pay and the dense engine's kept step graph
-	// (2.4 KiB a step) barely allocates: quest (~93 KiB a step) paid
-	// ~0.2–0.5 ms a step for it (docs/kvcache.md, "quest at 64k").
+	// has cycled does not pay. The dense engine's kept step graph
+	// allocates 2.4 KiB a step; paged steps, with their kept graphs,
+	// 11–20 KiB at tiny 64k and ~200 KiB at 1b (before those graphs
+	// quest allocated ~93 KiB at tiny 64k and paid ~0.2–0.5 ms a step for
+	// it: docs/kvcache.md, "quest at 64k"). The cold state, what a freshly
+	// loaded process pays until its first GC, is BenchmarkQuestFromDisk's.
 	logf("%s %d: Go heap warmed, %d MiB touched", c.Label, n, heapwarm.Warm()>>20)
 	steps := make([][]time.Duration, len(methods)+2)
 	floorSteps := make([][]time.Duration, len(floors))

@@ -36,10 +36,15 @@ func Warm() int64 {
 	runtime.ReadMemStats(&ms)
 	// The GC triggers before the heap reaches NextGC; 90 % of the room
 	// keeps the ballast from starting a cycle with it live.
-	room := (int64(ms.NextGC) - int64(ms.HeapAlloc)) * 9 / 10
-	// With the GC off (GOGC=off) the goal is unbounded: touch no more
-	// than GOGC=200 would leave room for.
-	room = min(room, 2*int64(ms.HeapAlloc)+64<<20)
+	// With the GC off (GOGC=off) the goal is unbounded (NextGC near the
+	// largest uint64): touch no more than GOGC=200 would leave room for.
+	// The cap comes before the scaling, which would overflow on such a
+	// goal.
+	var room int64
+	if ms.NextGC > ms.HeapAlloc {
+		room = int64(min(ms.NextGC-ms.HeapAlloc, 2*ms.HeapAlloc+64<<20))
+	}
+	room = room * 9 / 10
 	if room <= 0 {
 		return 0
 	}
