@@ -138,19 +138,7 @@ func BenchmarkQuestFromDisk(b *testing.B) {
 		{name: "probe", method: "probe", host: true, rowMultiple: 16, named: true},
 		{name: "squeezed", method: "squeezed", host: true, rowMultiple: 16, named: true},
 	}
-	engines := slices.DeleteFunc(slices.Clone(all), func(e engine) bool { return e.named })
-	if env := os.Getenv("KVRECALL_BENCH_ENGINES"); env != "" {
-		engines = []engine{all[0]}
-		for _, name := range strings.Split(env, ",") {
-			i := slices.IndexFunc(all, func(e engine) bool { return e.name == strings.TrimSpace(name) })
-			if i < 0 {
-				b.Fatalf("KVRECALL_BENCH_ENGINES: no engine %q", name)
-			}
-			if i > 0 {
-				engines = append(engines, all[i])
-			}
-		}
-	}
+	engines := pickEngines(b, all, func(e engine) string { return e.name }, func(e engine) bool { return e.named })
 	if slices.ContainsFunc(engines, func(e engine) bool { return strings.Contains(e.method, "+heads") }) {
 		if err := runtime.ApplyHeadProfile(m, "half"); err != nil {
 			b.Fatal(err)
@@ -309,6 +297,28 @@ func monotonicNs(log *os.File) int64 {
 	var ts syscall.Timespec
 	syscall.Syscall(syscall.SYS_CLOCK_GETTIME, 1 /* CLOCK_MONOTONIC */, uintptr(unsafe.Pointer(&ts)), 0)
 	return ts.Nano()
+}
+
+// pickEngines returns the engines of all named in $KVRECALL_BENCH_ENGINES
+// (comma separated), after all[0] (the floor, which always runs), or,
+// when it is unset, every engine but those named reports true for (they
+// run only when named).
+func pickEngines[E any](b *testing.B, all []E, name func(E) string, named func(E) bool) []E {
+	env := os.Getenv("KVRECALL_BENCH_ENGINES")
+	if env == "" {
+		return slices.DeleteFunc(slices.Clone(all), named)
+	}
+	engines := []E{all[0]}
+	for _, n := range strings.Split(env, ",") {
+		i := slices.IndexFunc(all, func(e E) bool { return name(e) == strings.TrimSpace(n) })
+		if i < 0 {
+			b.Fatalf("KVRECALL_BENCH_ENGINES: no engine %q", n)
+		}
+		if i > 0 {
+			engines = append(engines, all[i])
+		}
+	}
+	return engines
 }
 
 // gcCount is the number of Go GC cycles completed so far and the Go heap

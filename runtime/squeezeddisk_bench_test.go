@@ -3,8 +3,6 @@ package runtime_test
 import (
 	"context"
 	"os"
-	"slices"
-	"strings"
 	"testing"
 
 	"github.com/kvrecall/kvrecall/kvcache"
@@ -64,19 +62,7 @@ func BenchmarkSqueezedFromDisk(b *testing.B) {
 		{name: "squeezed-gather", method: "squeezed", gather: true}, // host lookup, kvcache.TokenGather
 		{name: "squeezed-graph-gather", method: "squeezed", extra: map[string]any{paging.HostScores: false}, gather: true},
 	}
-	engines := all
-	if env := os.Getenv("KVRECALL_BENCH_ENGINES"); env != "" {
-		engines = []engine{all[0]}
-		for _, name := range strings.Split(env, ",") {
-			i := slices.IndexFunc(all, func(e engine) bool { return e.name == strings.TrimSpace(name) })
-			if i < 0 {
-				b.Fatalf("KVRECALL_BENCH_ENGINES: no engine %q", name)
-			}
-			if i > 0 {
-				engines = append(engines, all[i])
-			}
-		}
-	}
+	engines := pickEngines(b, all, func(e engine) string { return e.name }, func(engine) bool { return false })
 	var steps []func() error
 	for _, e := range engines {
 		if e.method == "" {
