@@ -51,7 +51,7 @@ test: build/cgo.env
 	# running generation, timeouts and shutdown, a delete racing a load and
 	# the document memory bound, probe statistics per session, and concurrent
 	# Generate and Ask through the kvrecall API, under the race detector.
-	$(GO) test -race -timeout 30m -run 'TestConcurrentAsk|TestParallelClients|TestQueueFull|TestDisconnectCancels|TestCloseDuringGeneration|TestTimeouts|TestShutdownCancelsStreamsVisibly|TestDeleteRacesOpen|TestDocumentMemoryBound|TestEvictionDuringAsk|TestSessionsDoNotShareStatistics|TestConcurrentGenerateAndAsk|TestDenseStepGraphConcurrent' . ./runtime ./server ./probe
+	$(GO) test -race -timeout 30m -run 'TestConcurrentAsk|TestParallelClients|TestQueueFull|TestDisconnectCancels|TestCloseDuringGeneration|TestTimeouts|TestShutdownCancelsStreamsVisibly|TestDeleteRacesOpen|TestDocumentMemoryBound|TestEvictionDuringAsk|TestSessionsDoNotShareStatistics|TestConcurrentGenerateAndAsk|TestDenseStepGraphConcurrent|TestPagedStepGraphConcurrent' . ./runtime ./server ./probe
 	$(MAKE) test-adapters
 
 # The adapters' modules, with the same cgo flags (exported above). One test
