@@ -239,7 +239,13 @@ func (h *Head) check(tokens int) error {
 type Scratch struct {
 	fine, coarse []float32
 	cand         []int32
-	keys         []uint64 // TopRanked's packed (score, cluster) keys
+	keys         []uint64       // TopRanked's packed (score, cluster) keys
+	keysTmp      []uint64       // radixSortHi's other buffer
+	mask         []uint64       // TopRanked's [K]bool of score ≥ cut (boolMask)
+	idx          []int32        // collectAbove's clusters above a cut
+	smask        []bool         // sampleCut's mask of the sample
+	top          []float32      // sampleCut's copy of the sample (an infinite bound)
+	hist         [2][256]uint32 // radixSortHi's digit counts
 	order        []int32
 	// Scored counts the centroids (fine and coarse) lookups have scored:
 	// the work a lookup does, for benchmarks.

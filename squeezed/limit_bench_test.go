@@ -28,7 +28,11 @@ import (
 //     at once (blocked transposed centroids, one read of them);
 //   - top: today's default lookup (Head.Top per query head, hierarchical);
 //   - batched-topscores: score-batched, then TopScores per query head;
-//   - batched-rank: score-batched, then TopRanked (sampled cut) per head;
+//   - batched-rank: score-batched, then TopRanked per head;
+//   - batched-rank-sampled: the same with TopRanked's former ranking
+//     (topRankedSampled: quickselected cuts, scalar filter, comparison
+//     sort; the same answer), run beside it so that the machine's drift
+//     cancels in the ratio;
 //   - gather-*: reading each selected token's key and value row (128 bytes
 //     f16 per KV head) from a 64k-token mirror of 16 MiB per layer, 2048
 //     sorted random positions per KV head (other ones at each step), into
@@ -114,6 +118,17 @@ func BenchmarkStepLimit(b *testing.B) {
 				tmp = x.ct.Scores(scores, qs[i%len(qs)], tmp)
 				for j := range G {
 					out = x.h.TopRanked(scores[j*k:(j+1)*k], budget, &sc, out[:0])
+				}
+			}
+		}
+	})
+	b.Run("batched-rank-sampled", func(b *testing.B) {
+		for i := range b.N {
+			for _, x := range hs {
+				k := x.h.K()
+				tmp = x.ct.Scores(scores, qs[i%len(qs)], tmp)
+				for j := range G {
+					out = x.h.topRankedSampled(scores[j*k:(j+1)*k], budget, &sc, out[:0])
 				}
 			}
 		}

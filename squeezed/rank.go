@@ -2,9 +2,11 @@ package squeezed
 
 import (
 	"math"
+	"math/bits"
 	"runtime"
 	"slices"
 	"sync"
+	"unsafe"
 	"weak"
 
 	"github.com/viterin/vek/vek32"
@@ -101,20 +103,269 @@ const rankSample = 256
 
 // TopRanked is TopScores (FlatTop's answer from the scores of every fine
 // centroid: best first, ties by the lower cluster, until their tokens
-// reach budget) at a lower cost. TopScores finds its cut by a quickselect
-// over a copy of all K scores and sorts the clusters above it through a
-// comparison closure; here the cuts come from a strided sample of the
-// scores (256 of them, a quickselect each), and the clusters are sorted as
-// packed keys (the score's order bits, then the cluster: one uint64
-// sort, no closure). The first cut is placed for ~1.25× the clusters the
-// budget needs at the mean cluster size, +16; if the clusters above it
-// do not fill the budget (the sample put it too high, or the best
-// clusters are small ones), the next cut lies twice as deep in the
-// sample and only the clusters between the two cuts are collected and
-// sorted, appended after the others. Exact: every cluster below a cut
-// scores strictly less than every cluster above it, so the order is
-// built band by band. Small heads (K < 4·256) take TopScores.
+// reach budget) at a lower cost. A squeezed decode step at 64k ranks 32
+// such lists (4 layers × 2 KV heads × 4 query heads, K = 3,272 scores
+// each, ~100–140 clusters taken), so what one list costs is paid 32
+// times a step.
+//
+// The clusters are taken band by band: a cut placed from a strided
+// sample of the scores (256 of them) for ~1.5× the clusters the budget
+// needs at the mean cluster size, +16; the clusters at or above it are
+// sorted and taken while the budget lasts; if they do not fill it, the
+// next cut is placed twice as deep in the sample and only the clusters
+// between the two cuts are collected, sorted and taken; the last band
+// (the whole sample deep) holds every cluster left. Exact: every cluster
+// below a cut scores strictly less than every cluster above it, so the
+// bands in turn are the sorted order, whatever the cuts are. The parts,
+// each chosen by measurement (docs/performance.md, "Squeezed's ranking at
+// 64k"):
+//   - the cut bisects the sample's values with SIMD counts (sampleCut),
+//     where a quickselect of the sample cost a third of the ranking;
+//   - the clusters above it come from vek32's SIMD comparison of all K
+//     scores into a mask, packed to bits and walked (collectAbove),
+//     where a scalar loop paid a branch per cluster;
+//   - a band is sorted by two radix passes on its keys' top 16 score
+//     bits and an insertion pass for what they left tied (radixSortHi),
+//     where a comparison sort of ~150 keys cost as much as the rest;
+//   - the first band is placed for 1.5× (not 1.25×) the mean-size
+//     estimate: on the 64k document the best clusters are small ones
+//     (~120 taken where budget / mean size is 107), and a second band
+//     (another pass over K) cost more than sorting ~40 more keys.
+//
+// Scores with a NaN (vek32.Sum of the scores is NaN then) take
+// topRankedSampled, the ranking TopRanked made before: a NaN orders
+// against nothing, and the answer for one depends on how that code's
+// quickselects placed it; keeping the code keeps the answer. Small heads
+// (K < 4·256) take TopScores, as before.
 func (h *Head) TopRanked(score []float32, budget int, sc *Scratch, out []int32) []int32 {
+	k := h.K()
+	if budget <= 0 || k == 0 {
+		return out
+	}
+	if k < 4*rankSample {
+		return h.TopScores(score, budget, sc, out)
+	}
+	score = score[:k]
+	if s := vek32.Sum(score); s != s {
+		return h.topRankedSampled(score, budget, sc, out)
+	}
+	mean := max(1, len(h.Assign)/k)
+	want := (budget/mean+1)*3/2 + 16 // clusters wanted above the first cut
+	stride := k / rankSample
+	sc.fine = grow(sc.fine, rankSample)
+	for i := range sc.fine {
+		sc.fine[i] = score[i*stride]
+	}
+	r := min(rankSample, max(1, (want*rankSample+k-1)/k))
+	mask := sc.boolMask(k)
+	tok := 0
+	hi, first := float32(0), true
+	for {
+		cut := float32(math.Inf(-1))
+		if r < rankSample {
+			cut = sampleCut(sc.fine, r, &sc.smask, &sc.top)
+		}
+		// A deeper r bisects to a cut no higher than the last (the two
+		// bisections go the same way until the deeper one turns below);
+		// an equal one (ties at the cut) would make an empty band.
+		if first || cut < hi {
+			vek32.GteNumber_Into(mask, score, cut)
+			sc.keys = collectAbove(sc.keys[:0], &sc.idx, mask, score, hi, first)
+			for _, key := range radixSortHi(sc.keys, &sc.keysTmp, &sc.hist) {
+				if tok >= budget {
+					return out
+				}
+				j := int32(uint32(key))
+				out = append(out, j)
+				tok += int(h.Sizes[j])
+			}
+			hi, first = cut, false
+		}
+		if tok >= budget || r >= rankSample {
+			return out
+		}
+		r *= 2
+	}
+}
+
+// boolMask returns sc's [n]bool mask, its storage words so that
+// collectAbove may read it 8 bytes at a time aligned.
+func (sc *Scratch) boolMask(n int) []bool {
+	if len(sc.mask)*8 < n {
+		sc.mask = make([]uint64, (n+7)/8)
+	}
+	return unsafe.Slice((*bool)(unsafe.Pointer(unsafe.SliceData(sc.mask))), n)
+}
+
+// sampleCut returns a cut with at least r of sample (no NaN in it, r <
+// len(sample)) at or above it, and not many more: bisection on the value
+// between the sample's least and greatest, each step counting the
+// sample's values at or above the midpoint with vek32 (a SIMD compare
+// and count of 256 values), stopping once r to r+r/4 are. Any cut gives
+// TopRanked's answer (the bands are exact whatever their bounds); a cut
+// near the sample's r-th best keeps the first band near the size the
+// budget needs. A few SIMD passes cost less than keeping the best r in
+// a sorted list or a quickselect, whose branches each mispredict often.
+// Bounds that are not finite (an infinite score sampled) take the exact
+// r-th best (nthLargest on a copy in *top).
+func sampleCut(sample []float32, r int, mask *[]bool, top *[]float32) float32 {
+	lo, hi := vek32.Min(sample), vek32.Max(sample)
+	if math.IsInf(float64(lo), 0) || math.IsInf(float64(hi), 0) {
+		*top = append((*top)[:0], sample...)
+		return nthLargest(*top, r)
+	}
+	if cap(*mask) < len(sample) {
+		*mask = make([]bool, len(sample))
+	}
+	m := (*mask)[:len(sample)]
+	count := func(c float32) int { return vek32.Count(vek32.GteNumber_Into(m, sample, c)) }
+	// Invariant: count(lo) ≥ r (lo is the least), count(hi) < r unless
+	// hi is the greatest and r values tie there.
+	if mid := vek32.Mean(sample); mid > lo && mid < hi {
+		if count(mid) >= r {
+			lo = mid
+		} else {
+			hi = mid
+		}
+	}
+	for range 24 {
+		mid := lo + (hi-lo)/2
+		if !(mid > lo && mid < hi) {
+			break // lo and hi adjacent floats
+		}
+		c := count(mid)
+		if c < r {
+			hi = mid
+			continue
+		}
+		lo = mid
+		if c <= r+r/4 {
+			break
+		}
+	}
+	return lo
+}
+
+// collectAbove appends to keys the packed key (rankKey) of every cluster
+// j with mask[j] set and, unless first, score[j] < hi (below the last
+// band's cut), in ascending order of j. mask is a Scratch.boolMask (its
+// start 8-byte aligned). A band is ~5 % of K, so the mask
+// is mostly 0: it is packed 64 clusters to a word (each 8-byte word of
+// 0/1 bytes folds to 8 bits with one multiply) and the set bits are
+// walked, one branch miss per 64 clusters where a byte-by-byte or
+// word-by-word scan missed about once per cluster taken. idx is scratch,
+// grown to len(mask).
+func collectAbove(keys []uint64, idx *[]int32, mask []bool, score []float32, hi float32, first bool) []uint64 {
+	if cap(*idx) < len(mask) {
+		*idx = make([]int32, len(mask))
+	}
+	ix := (*idx)[:len(mask)]
+	// fold packs the 8 bytes (0 or 1) of w into bits 0..7: byte i's bit
+	// lands alone at bit 56+i of the product (no two terms share a bit,
+	// so nothing carries).
+	const fold = 0x0102040810204080
+	n, full := 0, len(mask)&^63
+	words := unsafe.Slice((*uint64)(unsafe.Pointer(unsafe.SliceData(mask))), full/8)
+	for c := 0; c < len(words); c += 8 {
+		w := words[c : c+8 : c+8]
+		bm := w[0]*fold>>56 | w[1]*fold>>56<<8 | w[2]*fold>>56<<16 | w[3]*fold>>56<<24 |
+			w[4]*fold>>56<<32 | w[5]*fold>>56<<40 | w[6]*fold>>56<<48 | w[7]*fold>>56<<56
+		base := int32(c * 8)
+		for bm != 0 {
+			ix[n] = base + int32(bits.TrailingZeros64(bm))
+			n++
+			bm &= bm - 1
+		}
+	}
+	for j := full; j < len(mask); j++ {
+		if mask[j] {
+			ix[n] = int32(j)
+			n++
+		}
+	}
+	if first {
+		for _, j := range ix[:n] {
+			keys = append(keys, rankKey(score[j], int(j)))
+		}
+		return keys
+	}
+	for _, j := range ix[:n] {
+		if v := score[j]; v < hi {
+			keys = append(keys, rankKey(v, int(j)))
+		}
+	}
+	return keys
+}
+
+// radixSortHi sorts keys by their upper 32 bits (rankKey's score half),
+// stably, so keys collected in cluster order keep ties by the lower
+// cluster: the same order as sorting the whole uint64s. Two LSD passes
+// of 8 bits on the top 16 bits of (key − the band's best), then an
+// insertion pass over the whole keys for the pairs those 16 bits left
+// tied (a band of ~150 keys spread over 65,536 digits: a handful, each
+// moved a step or two). The result is keys or *tmp (grown). Short lists
+// take slices.Sort (the passes' fixed cost would dominate).
+func radixSortHi(keys []uint64, tmp *[]uint64, hist *[2][256]uint32) []uint64 {
+	n := len(keys)
+	if n <= 32 {
+		slices.Sort(keys)
+		return keys
+	}
+	if cap(*tmp) < n {
+		*tmp = make([]uint64, n)
+	}
+	lo, hi := uint32(keys[0]>>32), uint32(keys[0]>>32)
+	for _, x := range keys {
+		lo, hi = min(lo, uint32(x>>32)), max(hi, uint32(x>>32))
+	}
+	shift := max(0, bits.Len32(hi-lo)-16)
+	*hist = [2][256]uint32{}
+	for _, x := range keys {
+		d := (uint32(x>>32) - lo) >> shift
+		hist[0][byte(d)]++
+		hist[1][byte(d>>8)]++
+	}
+	src, dst := keys, (*tmp)[:n]
+	for p := range 2 {
+		c := &hist[p]
+		var sum uint32
+		for i, v := range c {
+			c[i] = sum
+			sum += v
+		}
+		ds := shift + 8*p
+		for _, x := range src {
+			b := byte((uint32(x>>32) - lo) >> ds)
+			dst[c[b]] = x
+			c[b]++
+		}
+		src, dst = dst, src
+	}
+	if shift > 0 {
+		for i := 1; i < n; i++ {
+			x := src[i]
+			if src[i-1] <= x {
+				continue
+			}
+			j := i
+			for j > 0 && src[j-1] > x {
+				src[j] = src[j-1]
+				j--
+			}
+			src[j] = x
+		}
+	}
+	return src
+}
+
+// topRankedSampled is the ranking TopRanked made before its SIMD filter
+// and radix sort, kept for scores with a NaN: the answer depends then on
+// the quickselects (a NaN cut, for one, passes no score and hands the
+// list to TopScores), and TopRanked gives the same answer as before for
+// every input. The cuts come from a strided sample of the scores (a
+// quickselect each), the clusters above a cut are found by a scalar
+// scan and sorted as packed keys.
+func (h *Head) topRankedSampled(score []float32, budget int, sc *Scratch, out []int32) []int32 {
 	k := h.K()
 	if budget <= 0 || k == 0 {
 		return out

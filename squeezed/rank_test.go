@@ -3,6 +3,7 @@ package squeezed
 import (
 	"math"
 	"math/rand/v2"
+	"sort"
 	"testing"
 
 	"github.com/stretchr/testify/require"
@@ -262,4 +263,177 @@ func sampled(stride, every int) []int {
 		js = append(js, i*stride)
 	}
 	return js
+}
+
+// rankReference is the answer TopRanked must give, written the plain
+// way: every cluster sorted by score, best first (−0 and +0 equal, as
+// float comparison has them), ties by the lower cluster (a stable sort
+// of the clusters in order), then taken while the tokens taken fall
+// short of budget. No NaN in score.
+func rankReference(score []float32, sizes []int32, budget int) []int32 {
+	order := make([]int32, len(score))
+	for j := range order {
+		order[j] = int32(j)
+	}
+	sort.SliceStable(order, func(a, b int) bool { return score[order[a]] > score[order[b]] })
+	out := []int32{}
+	tok := 0
+	for _, j := range order {
+		if tok >= budget {
+			break
+		}
+		out = append(out, j)
+		tok += int(sizes[j])
+	}
+	return out
+}
+
+// TopRanked equals the plain reference over many random heads and score
+// lists: K above and below the sampled path's 1024 and not a multiple of
+// the mask's 64-cluster words, empty clusters, scores continuous, tied
+// (a few levels, so bands and radix digits tie), of both zero signs,
+// with +Inf and/or −Inf (both: vek32.Sum is NaN, the old ranking's path),
+// a few huge outliers (a sample whose bisection bounds are far apart),
+// all equal; budgets from below one cluster to past every token. The old
+// ranking (topRankedSampled) is checked against the same reference: the
+// answer did not change.
+func TestTopRankedProperty(t *testing.T) {
+	kinds := []string{"continuous", "levels", "zeros", "+inf", "-inf", "both inf", "outliers", "equal", "small best"}
+	for _, kind := range kinds {
+		t.Run(kind, func(t *testing.T) {
+			rng := rand.New(rand.NewPCG(uint64(len(kind)), 99))
+			var sc Scratch // shared across cases: buffers grown by one size serve the next
+			for trial := 0; trial < 40; trial++ {
+				k := []int{1023, 1024, 1031, 2000, 3272, 4096, 6007}[trial%7]
+				h := &Head{Sizes: make([]int32, k)}
+				total := 0
+				for j := range h.Sizes {
+					h.Sizes[j] = int32(rng.IntN(41)) // 0: an empty cluster
+					total += int(h.Sizes[j])
+				}
+				h.Assign = make([]int32, total)
+				score := make([]float32, k)
+				scale := float32(math.Exp(rng.NormFloat64() * 3)) // |q| varies
+				for j := range score {
+					score[j] = scale * float32(rng.NormFloat64())
+					switch kind {
+					case "levels":
+						score[j] = float32(rng.IntN(5+trial)) - 3
+					case "zeros":
+						score[j] = float32(rng.IntN(3) - 1)
+						if score[j] == 0 && rng.IntN(2) == 0 {
+							score[j] = float32(math.Copysign(0, -1))
+						}
+					case "+inf", "-inf", "both inf":
+						if rng.IntN(50) == 0 {
+							sign := 1
+							if kind == "-inf" || kind == "both inf" && rng.IntN(2) == 0 {
+								sign = -1
+							}
+							score[j] = float32(math.Inf(sign))
+						}
+					case "outliers":
+						if rng.IntN(400) == 0 {
+							score[j] = 1e30 * float32(rng.NormFloat64())
+						}
+					case "equal":
+						score[j] = 0.5
+					case "small best":
+						if score[j] > scale {
+							h.Sizes[j] = 1
+						}
+					}
+				}
+				if kind == "small best" {
+					total = 0
+					for _, s := range h.Sizes {
+						total += int(s)
+					}
+				}
+				for _, budget := range []int{-1, 0, 1, 7, 500, 2048, 9000, total, total + 1} {
+					want := rankReference(score, h.Sizes, budget)
+					got := h.TopRanked(score, budget, &sc, []int32{-1})
+					require.Equal(t, int32(-1), got[0], "TopRanked must append to out")
+					require.Equal(t, want, got[1:], "trial %d K %d budget %d", trial, k, budget)
+					old := h.topRankedSampled(score, budget, &sc, []int32{})
+					require.Equal(t, want, old, "the old ranking: trial %d K %d budget %d", trial, k, budget)
+				}
+			}
+		})
+	}
+}
+
+// With NaN scores, TopRanked's answer is the old ranking's
+// (topRankedSampled), whatever the NaNs' places: sampled or not, many,
+// beside infinities, every score.
+func TestTopRankedNaNAsBefore(t *testing.T) {
+	const k = 3272
+	rng := rand.New(rand.NewPCG(8, 8))
+	h := &Head{Sizes: make([]int32, k)}
+	total := 0
+	for j := range h.Sizes {
+		h.Sizes[j] = int32(1 + rng.IntN(40))
+		total += int(h.Sizes[j])
+	}
+	h.Assign = make([]int32, total)
+	for _, tc := range []struct {
+		name string
+		rate int // one score in rate is NaN
+		inf  bool
+	}{
+		{"rare", 1000, false},
+		{"one in ten", 10, false},
+		{"with infinities", 50, true},
+		{"all", 1, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			for trial := 0; trial < 10; trial++ {
+				score := make([]float32, k)
+				for j := range score {
+					score[j] = float32(rng.NormFloat64())
+					if tc.inf && rng.IntN(30) == 0 {
+						score[j] = float32(math.Inf(1 - 2*rng.IntN(2)))
+					}
+				}
+				score[rng.IntN(k)] = float32(math.NaN()) // at least one
+				for j := range score {
+					if rng.IntN(tc.rate) == 0 {
+						score[j] = float32(math.NaN())
+					}
+				}
+				for _, budget := range []int{1, 2048, total + 1} {
+					var sc, sc2 Scratch
+					want := h.topRankedSampled(score, budget, &sc2, nil)
+					got := h.TopRanked(score, budget, &sc, nil)
+					require.Equal(t, want, got, "trial %d budget %d", trial, budget)
+				}
+			}
+		})
+	}
+}
+
+// A warm Scratch ranks without allocating.
+func TestTopRankedAllocs(t *testing.T) {
+	const k = 3272
+	rng := rand.New(rand.NewPCG(4, 4))
+	h := &Head{Sizes: make([]int32, k)}
+	total := 0
+	for j := range h.Sizes {
+		h.Sizes[j] = int32(1 + rng.IntN(40))
+		total += int(h.Sizes[j])
+	}
+	h.Assign = make([]int32, total)
+	score := make([]float32, k)
+	for j := range score {
+		score[j] = float32(rng.NormFloat64())
+	}
+	var sc Scratch
+	out := make([]int32, 0, k)
+	out = h.TopRanked(score, total, &sc, out[:0]) // grows every buffer: one band of all K
+	allocs := testing.AllocsPerRun(50, func() {
+		for _, b := range []int{1, 2048, 20000} {
+			out = h.TopRanked(score, b, &sc, out[:0])
+		}
+	})
+	require.Zero(t, allocs)
 }
