@@ -229,7 +229,7 @@ func sampleCut(sample []float32, r int, mask *[]bool, top *[]float32) float32 {
 		}
 	}
 	for range 24 {
-		mid := lo + (hi-lo)/2
+		mid := lo/2 + hi/2 // finite for finite bounds, where hi−lo may not be
 		if !(mid > lo && mid < hi) {
 			break // lo and hi adjacent floats
 		}
@@ -248,13 +248,13 @@ func sampleCut(sample []float32, r int, mask *[]bool, top *[]float32) float32 {
 
 // collectAbove appends to keys the packed key (rankKey) of every cluster
 // j with mask[j] set and, unless first, score[j] < hi (below the last
-// band's cut), in ascending order of j. mask is a Scratch.boolMask (its
-// start 8-byte aligned). A band is ~5 % of K, so the mask
-// is mostly 0: it is packed 64 clusters to a word (each 8-byte word of
-// 0/1 bytes folds to 8 bits with one multiply) and the set bits are
-// walked, one branch miss per 64 clusters where a byte-by-byte or
-// word-by-word scan missed about once per cluster taken. idx is scratch,
-// grown to len(mask).
+// band's cut), in ascending order of j. mask is a Scratch.boolMask (read
+// 8 bytes at a time from its aligned start). A band is ~5 % of K, so the
+// mask is mostly 0: it is packed 64 clusters to a word (each 8-byte word
+// of 0/1 bytes folds to 8 bits with one multiply) and the set bits are
+// walked, about one branch miss per 64 clusters, where a scan of the
+// bytes or of the 8-byte words missed about once per cluster taken. idx
+// is scratch, grown to len(mask).
 func collectAbove(keys []uint64, idx *[]int32, mask []bool, score []float32, hi float32, first bool) []uint64 {
 	if cap(*idx) < len(mask) {
 		*idx = make([]int32, len(mask))
@@ -302,9 +302,13 @@ func collectAbove(keys []uint64, idx *[]int32, mask []bool, score []float32, hi 
 // cluster: the same order as sorting the whole uint64s. Two LSD passes
 // of 8 bits on the top 16 bits of (key − the band's best), then an
 // insertion pass over the whole keys for the pairs those 16 bits left
-// tied (a band of ~150 keys spread over 65,536 digits: a handful, each
-// moved a step or two). The result is keys or *tmp (grown). Short lists
-// take slices.Sort (the passes' fixed cost would dominate).
+// tied (a band of ~200 keys spread over 65,536 digits: a handful, each
+// moved a step or two). A band whose 16 bits tie widely (a few scores
+// far from the rest make the digits coarse) would make that pass
+// quadratic: past 8 moves a key it hands over to slices.Sort. Short
+// lists take slices.Sort at once (the passes' fixed cost would
+// dominate). The result is keys, sorted in place (*tmp is the passes'
+// other buffer, grown).
 func radixSortHi(keys []uint64, tmp *[]uint64, hist *[2][256]uint32) []uint64 {
 	n := len(keys)
 	if n <= 32 {
@@ -342,6 +346,7 @@ func radixSortHi(keys []uint64, tmp *[]uint64, hist *[2][256]uint32) []uint64 {
 		src, dst = dst, src
 	}
 	if shift > 0 {
+		moves := 0
 		for i := 1; i < n; i++ {
 			x := src[i]
 			if src[i-1] <= x {
@@ -353,6 +358,10 @@ func radixSortHi(keys []uint64, tmp *[]uint64, hist *[2][256]uint32) []uint64 {
 				j--
 			}
 			src[j] = x
+			if moves += i - j; moves > 8*n {
+				slices.Sort(src)
+				break
+			}
 		}
 	}
 	return src
