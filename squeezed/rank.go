@@ -253,8 +253,11 @@ func sampleCut(sample []float32, r int, mask *[]bool, top *[]float32) float32 {
 // mask is mostly 0: it is packed 64 clusters to a word (each 8-byte word
 // of 0/1 bytes folds to 8 bits with one multiply) and the set bits are
 // walked, about one branch miss per 64 clusters, where a scan of the
-// bytes or of the 8-byte words missed about once per cluster taken. idx
-// is scratch, grown to len(mask).
+// bytes or of the 8-byte words missed about once per cluster taken. The
+// first band's keys are made as its bits are walked (a second loop over
+// a list of the clusters cost ~5 % of the ranking); a later band's
+// clusters are listed in idx (scratch, grown to len(mask)) and kept
+// below hi.
 func collectAbove(keys []uint64, idx *[]int32, mask []bool, score []float32, hi float32, first bool) []uint64 {
 	if cap(*idx) < len(mask) {
 		*idx = make([]int32, len(mask))
@@ -270,9 +273,17 @@ func collectAbove(keys []uint64, idx *[]int32, mask []bool, score []float32, hi 
 		w := words[c : c+8 : c+8]
 		bm := w[0]*fold>>56 | w[1]*fold>>56<<8 | w[2]*fold>>56<<16 | w[3]*fold>>56<<24 |
 			w[4]*fold>>56<<32 | w[5]*fold>>56<<40 | w[6]*fold>>56<<48 | w[7]*fold>>56<<56
-		base := int32(c * 8)
+		base := c * 8
+		if first {
+			for bm != 0 {
+				j := base + bits.TrailingZeros64(bm)
+				keys = append(keys, rankKey(score[j], j))
+				bm &= bm - 1
+			}
+			continue
+		}
 		for bm != 0 {
-			ix[n] = base + int32(bits.TrailingZeros64(bm))
+			ix[n] = int32(base + bits.TrailingZeros64(bm))
 			n++
 			bm &= bm - 1
 		}
@@ -283,14 +294,8 @@ func collectAbove(keys []uint64, idx *[]int32, mask []bool, score []float32, hi 
 			n++
 		}
 	}
-	if first {
-		for _, j := range ix[:n] {
-			keys = append(keys, rankKey(score[j], int(j)))
-		}
-		return keys
-	}
 	for _, j := range ix[:n] {
-		if v := score[j]; v < hi {
+		if v := score[j]; first || v < hi {
 			keys = append(keys, rankKey(v, int(j)))
 		}
 	}
