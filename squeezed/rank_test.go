@@ -289,13 +289,14 @@ func rankReference(score []float32, sizes []int32, budget int) []int32 {
 }
 
 // TopRanked equals the plain reference over many random heads and score
-// lists: K above and below the sampled path's 1024 and not a multiple of
-// the mask's 64-cluster words, empty clusters, scores continuous, tied
-// (a few levels, so bands and radix digits tie), of both zero signs,
-// with +Inf and/or −Inf (both: vek32.Sum is NaN, the old ranking's path),
-// a few huge outliers (a sample whose bisection bounds are far apart),
-// scores within 1e-5 of each other but one (radix digits too coarse to
-// order them), all equal; budgets from below one cluster to past every token. The old
+// lists: K above and below the sampled path's 1024 (down to 0) and not a
+// multiple of the mask's 64-cluster words, empty clusters, scores
+// continuous, tied (a few levels, so bands and radix digits tie), of both
+// zero signs, with +Inf and/or −Inf (both: vek32.Sum is NaN, the old
+// ranking's path), a few huge outliers (a sample whose bisection bounds
+// are far apart), scores within 1e-5 of each other but one (radix digits
+// too coarse to order them), all equal, the best clusters small (more
+// bands); budgets from below one cluster to past every token. The old
 // ranking (topRankedSampled) is checked against the same reference: the
 // answer did not change.
 func TestTopRankedProperty(t *testing.T) {
@@ -305,7 +306,7 @@ func TestTopRankedProperty(t *testing.T) {
 			rng := rand.New(rand.NewPCG(uint64(len(kind)), 99))
 			var sc Scratch // shared across cases: buffers grown by one size serve the next
 			for trial := 0; trial < 40; trial++ {
-				k := []int{1023, 1024, 1031, 2000, 3272, 4096, 6007}[trial%7]
+				k := []int{1023, 1024, 1031, 2000, 3272, 4096, 6007, 0, 1, 5}[trial%10]
 				h := &Head{Sizes: make([]int32, k)}
 				total := 0
 				for j := range h.Sizes {
