@@ -1,6 +1,7 @@
 package squeezed
 
 import (
+	"encoding/binary"
 	"math"
 	"math/bits"
 	"runtime"
@@ -258,6 +259,10 @@ func sampleCut(sample []float32, r int, mask *[]bool, top *[]float32) float32 {
 // a list of the clusters cost ~5 % of the ranking); a later band's
 // clusters are listed in idx (scratch, grown to len(mask)) and kept
 // below hi.
+// littleEndian: collectAbove's word fold assumes the bools of a word are
+// its bytes in little-endian order.
+var littleEndian = binary.NativeEndian.Uint16([]byte{1, 0}) == 1
+
 func collectAbove(keys []uint64, idx *[]int32, mask []bool, score []float32, hi float32, first bool) []uint64 {
 	if cap(*idx) < len(mask) {
 		*idx = make([]int32, len(mask))
@@ -268,6 +273,9 @@ func collectAbove(keys []uint64, idx *[]int32, mask []bool, score []float32, hi 
 	// so nothing carries).
 	const fold = 0x0102040810204080
 	n, full := 0, len(mask)&^63
+	if !littleEndian {
+		full = 0 // the fold reads byte i of a word as cluster 8c+i: the byte loop below instead
+	}
 	words := unsafe.Slice((*uint64)(unsafe.Pointer(unsafe.SliceData(mask))), full/8)
 	for c := 0; c < len(words); c += 8 {
 		w := words[c : c+8 : c+8]
