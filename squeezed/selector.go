@@ -66,6 +66,7 @@ type selector struct {
 	seen       []uint32
 	epoch      uint32
 	bits       []uint64
+	rows       rowMarks // the chosen tokens' rows of the head's order (Selection.Rows)
 
 	// Decode steps scored in the graph (paging.CentroidScored): the
 	// centroid rows per layer (built once), the scores of the last decode
@@ -291,7 +292,8 @@ func (s *selector) Select(layer int, sum paging.Summaries, q *paging.Queries, up
 		return paging.One(paging.AllPages(n))
 	}
 	sinks, tail, tokBudget := s.bounds(upto)
-	sel := paging.Selection{Groups: make([][]int, s.ix.KVHeads), Tokens: make([][]int32, s.ix.KVHeads)}
+	sel := paging.Selection{Groups: make([][]int, s.ix.KVHeads), Tokens: make([][]int32, s.ix.KVHeads),
+		Rows: make([][]int32, s.ix.KVHeads)}
 	words := (upto + 63) / 64
 	if len(s.lists[layer]) != s.ix.KVHeads {
 		s.lists[layer] = make([]rankedLists, s.ix.KVHeads)
@@ -396,6 +398,9 @@ func (s *selector) Select(layer int, sum paging.Summaries, q *paging.Queries, up
 		}
 		s.bits = s.bits[:words]
 		clear(s.bits)
+		// The same choice as rows of the head's cluster order
+		// (TokenOrder): a taken cluster is one run.
+		s.rows.reset(len(h.Assign))
 		n := 0
 		mark := func(t int32) {
 			if w, b := t>>6, uint64(1)<<(t&63); s.bits[w]&b == 0 {
@@ -426,6 +431,7 @@ func (s *selector) Select(layer int, sum paging.Summaries, q *paging.Queries, up
 				for _, t := range ct {
 					mark(t)
 				}
+				s.rows.cluster(h, j)
 				used += len(ct)
 				if s.keep > 0 {
 					taken = append(taken, j)
@@ -445,9 +451,11 @@ func (s *selector) Select(layer int, sum paging.Summaries, q *paging.Queries, up
 		}
 		for t := 0; t < sinks; t++ {
 			mark(int32(t))
+			s.rows.token(h, int32(t))
 		}
 		for t := tail; t < upto; t++ {
 			mark(int32(t))
+			s.rows.token(h, int32(t)) // clustered only when the window reaches back into them
 		}
 		toks := make([]int32, 0, n)
 		for w, word := range s.bits {
@@ -465,6 +473,7 @@ func (s *selector) Select(layer int, sum paging.Summaries, q *paging.Queries, up
 			}
 		}
 		sel.Groups[g], sel.Tokens[g] = ps, toks
+		sel.Rows[g] = s.rows.appendRuns(nil)
 	}
 	return sel
 }

@@ -1,0 +1,109 @@
+package squeezed
+
+import (
+	"math/bits"
+	"slices"
+
+	"github.com/kvrecall/kvrecall/paging"
+)
+
+// Cluster order: squeezed's selections as runs of rows (paging.TokenOrdered).
+//
+// A KV head's clusters list their tokens end to end (Head.tokens, cluster
+// j at rows tokOff[j]..tokOff[j+1]): a permutation of the clustered
+// positions [0, Clustered). A cache that keeps the document's keys and
+// values in that order (kvcache's cluster-ordered copy, shared by the
+// document's sessions) reads a chosen cluster as one run of consecutive
+// rows, where the position-ordered pages scatter its ~20 tokens over the
+// document: at 64k on the tiny preset a step's 16,384 scattered rows
+// become ~800 runs (docs/squeezed.md, "The step's physical limit").
+
+var _ paging.TokenOrdered = (*selector)(nil)
+
+// TokenOrder implements paging.TokenOrdered: KV head group's clusters'
+// tokens end to end, the Index's own slice (shared, read-only), so the
+// order's identity is the clustering's. nil for a dense layer.
+func (s *selector) TokenOrder(layer, group int) []int32 {
+	if s.c.Dense(layer) || group < 0 || group >= s.ix.KVHeads {
+		return nil
+	}
+	return s.ix.Heads[layer][group].tokens
+}
+
+// rowOf returns the row of clustered position t in h's order: its
+// cluster's first row plus its rank among the cluster's (ascending)
+// tokens, by binary search in ~20 tokens; no inverse map is kept.
+func (h *Head) rowOf(t int32) int32 {
+	j := h.Assign[t]
+	i, _ := slices.BinarySearch(h.Tokens(int(j)), t)
+	return h.tokOff[j] + int32(i)
+}
+
+// rowMarks is a bitmap over one head's rows (Select's scratch, reused).
+type rowMarks struct{ bits []uint64 }
+
+// reset clears the marks for an order of rows rows.
+func (m *rowMarks) reset(rows int) {
+	words := (rows + 63) / 64
+	if cap(m.bits) < words {
+		m.bits = make([]uint64, words)
+	}
+	m.bits = m.bits[:words]
+	clear(m.bits)
+}
+
+// cluster marks cluster j's rows, [tokOff[j], tokOff[j+1]).
+func (m *rowMarks) cluster(h *Head, j int32) { m.span(h.tokOff[j], h.tokOff[j+1]) }
+
+// span marks rows [a, b) a word at a time.
+func (m *rowMarks) span(a, b int32) {
+	for a < b {
+		w, o := a>>6, a&63
+		n := min(64-o, b-a)
+		mask := ^uint64(0) >> (64 - n) << o
+		m.bits[w] |= mask
+		a += n
+	}
+}
+
+// token marks position t's row if t is clustered (t < len(h.Assign)).
+func (m *rowMarks) token(h *Head, t int32) {
+	if int(t) < len(h.Assign) {
+		r := h.rowOf(t)
+		m.bits[r>>6] |= 1 << (r & 63)
+	}
+}
+
+// appendRuns appends the marked rows as half-open [start, end) pairs,
+// ascending: O(words + runs).
+func (m *rowMarks) appendRuns(out []int32) []int32 {
+	open := false
+	for w, word := range m.bits {
+		base := int32(w * 64)
+		for off := 0; off < 64; {
+			rest := word >> off
+			if open {
+				// The ones from off on: a run continues into the next
+				// word if they reach its end (the shifted-in zeros become
+				// ones under ^, so z ≤ 64-off).
+				z := bits.TrailingZeros64(^rest)
+				if off+z >= 64 {
+					break
+				}
+				out = append(out, base+int32(off+z))
+				open, off = false, off+z
+				continue
+			}
+			if rest == 0 {
+				break
+			}
+			o := bits.TrailingZeros64(rest)
+			out = append(out, base+int32(off+o))
+			open, off = true, off+o
+		}
+	}
+	if open {
+		out = append(out, int32(len(m.bits)*64))
+	}
+	return out
+}
