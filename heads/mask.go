@@ -214,16 +214,16 @@ func (m *masked) Select(layer int, s paging.Summaries, q *paging.Queries, upto i
 // orders its tokens (squeezed's clusters): a retrieval group keeps its
 // inner group's order (the order is of positions, whichever of the
 // group's heads remain); the streaming group has none.
-func (m *masked) TokenOrder(layer, group int) []int32 {
+func (m *masked) TokenOrder(layer, group int) (order, blocks []int32) {
 	to, ok := m.inner.(paging.TokenOrdered)
 	if !ok {
-		return nil
+		return nil, nil
 	}
 	if len(m.streaming[layer]) == 0 {
 		return to.TokenOrder(layer, group)
 	}
 	if group < 0 || group >= len(m.from[layer]) || m.from[layer][group] < 0 {
-		return nil
+		return nil, nil
 	}
 	return to.TokenOrder(layer, m.from[layer][group])
 }

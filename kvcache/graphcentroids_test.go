@@ -38,7 +38,7 @@ func (r *centroidRecorder) Centroids(layer int) ([]float32, int, uint64) {
 
 // TokenOrder forwards squeezed's cluster order (paging.TokenOrdered), so
 // that the steps stage runs of the document's ordered copy, the default.
-func (r *centroidRecorder) TokenOrder(layer, group int) []int32 {
+func (r *centroidRecorder) TokenOrder(layer, group int) (order, blocks []int32) {
 	return r.Selector.(paging.TokenOrdered).TokenOrder(layer, group)
 }
 

@@ -667,7 +667,8 @@ func (c *Paged) setSelection(layer int, sel paging.Selection) error {
 		} else if rows != nil {
 			// Token pools do not read the runs; their check is cheap.
 			if to, ok := c.opt.Selector.(paging.TokenOrdered); ok {
-				if err := checkRows(rows, to.TokenOrder(layer, i), gs[i].tok); err != nil {
+				order, _ := to.TokenOrder(layer, i)
+				if err := checkRows(rows, order, gs[i].tok); err != nil {
 					return fmt.Errorf("kvcache: %s, layer %d, group %d: %w", c.opt.Selector.Name(), layer, i, err)
 				}
 			}

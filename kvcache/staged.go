@@ -82,18 +82,46 @@ type orderKey struct {
 }
 
 // orderedCopy is one group's keys and values of positions order[0..n) in
-// that order, f16:
+// that order, f16, block by block (squeezed's clusters: the selector's
+// paging.TokenOrdered blocks; else fixed blocks of orderBlock rows), each
+// block of rows [s, e) the staging buffer's two layouts one after the
+// other, at elements [2·C·s, 2·C·e):
 //
-//	k [n][heads·headDim]   token-major: row r is position order[r]'s keys
-//	v [heads·headDim][n]   channel-major: a run of rows is one span per channel
+//	K [e-s][C]  token-major: row i is position order[s+i]'s keys
+//	V [C][e-s]  channel-major
+//	(C = heads·headDim)
 //
-// the staging buffer's layouts, so that a run of rows is one memmove of K
-// and heads·headDim memmoves of V. Read-only once built.
+// so that a run of a whole block (a cluster) is two contiguous spans, K
+// then V, one memmove for K and C for V, reading exactly its own bytes.
+// (Channel-major V over the whole order put a run's C spans on C distant
+// cache lines; fixed blocks of 64 rows still read ~60 lines for a
+// 20-token cluster's 40: per-line costs are what a step pays at 64k,
+// docs/kvcache.md.) Read-only once built.
 type orderedCopy struct {
-	once  sync.Once
-	err   error
-	order []int32
-	k, v  []uint16
+	once   sync.Once
+	err    error
+	order  []int32
+	bounds []int32 // block j is rows [bounds[j], bounds[j+1]); bounds[0] = 0, the last = len(order)
+	c      int     // C: elements of a row of K or V
+	kv     []uint16
+}
+
+// orderBlock is the rows of a block of an orderedCopy whose selector
+// gives no blocks.
+const orderBlock = 64
+
+// block returns the block holding row and its rows [s, e).
+func (oc *orderedCopy) block(row int) (s, e int) {
+	// The last bound at or below row (empty blocks repeat a bound).
+	j, _ := slices.BinarySearch(oc.bounds, int32(row)+1)
+	return int(oc.bounds[j-1]), int(oc.bounds[j])
+}
+
+// kAt and vAt are the indices in kv of channel ch of row's key and value
+// in its block [s, e).
+func (oc *orderedCopy) kAt(row, ch, s, e int) int { return 2*oc.c*s + (row-s)*oc.c + ch }
+func (oc *orderedCopy) vAt(row, ch, s, e int) int {
+	return 2*oc.c*s + (e-s)*oc.c + ch*(e-s) + (row - s)
 }
 
 // holder returns s's ordered copies, made if none.
@@ -135,7 +163,7 @@ func (s *Store) OrderedBytes() int64 {
 // from s's pages if it is not yet, or nil if it cannot be shared: the
 // order reaches past the positions every sharing store agrees on (the
 // group then stages every token from the pages).
-func (s *Store) orderedFor(layer int, heads []int, key string, order []int32) (*orderedCopy, error) {
+func (s *Store) orderedFor(layer int, heads []int, key string, order, blocks []int32) (*orderedCopy, error) {
 	if len(order) == 0 {
 		return nil, nil
 	}
@@ -151,13 +179,13 @@ func (s *Store) orderedFor(layer int, heads []int, key string, order []int32) (*
 	k := orderKey{layer: layer, heads: key, order: &order[0], n: len(order)}
 	oc := h.m[k]
 	if oc == nil {
-		oc = &orderedCopy{order: order}
+		oc = &orderedCopy{order: order, bounds: blocks}
 		h.m[k] = oc
 	}
 	h.mu.Unlock()
 	oc.once.Do(func() {
 		if oc.err = oc.build(s, layer, heads); oc.err == nil {
-			h.bytes.Add(2 * int64(len(oc.k)+len(oc.v)))
+			h.bytes.Add(2 * int64(len(oc.kv)))
 		}
 	})
 	return oc, oc.err
@@ -165,11 +193,28 @@ func (s *Store) orderedFor(layer int, heads []int, key string, order []int32) (*
 
 // build copies the positions of oc.order from s's pages of layer, heads'
 // keys and values, after checking that the order is a permutation of
-// [0, len(order)). The pages are read in position order (each page once),
-// the rows written where the order puts them.
+// [0, len(order)) and the blocks ascending bounds from 0 to its end. The
+// pages are read in position order (each page once), the rows written
+// where the order puts them.
 func (oc *orderedCopy) build(s *Store, layer int, heads []int) error {
 	n, P, sr, hd := len(oc.order), s.L.PageSize, s.L.Row(), s.L.HeadDim
 	C := len(heads) * hd
+	if oc.bounds == nil {
+		for r := 0; r < n; r += orderBlock {
+			oc.bounds = append(oc.bounds, int32(r))
+		}
+		oc.bounds = append(oc.bounds, int32(n))
+	}
+	if b := oc.bounds; len(b) < 2 || b[0] != 0 || int(b[len(b)-1]) != n || !slices.IsSorted(b) {
+		return fmt.Errorf("the token order's blocks are not ascending row bounds from 0 to its %d rows", n)
+	}
+	// Each row's block, [s, e).
+	blockS, blockE := make([]int32, n), make([]int32, n)
+	for j := 0; j+1 < len(oc.bounds); j++ {
+		for r := oc.bounds[j]; r < oc.bounds[j+1]; r++ {
+			blockS[r], blockE[r] = oc.bounds[j], oc.bounds[j+1]
+		}
+	}
 	rowOf := make([]int32, n)
 	for i := range rowOf {
 		rowOf[i] = -1
@@ -180,7 +225,8 @@ func (oc *orderedCopy) build(s *Store, layer int, heads []int) error {
 		}
 		rowOf[t] = int32(r)
 	}
-	oc.k, oc.v = make([]uint16, n*C), make([]uint16, C*n)
+	oc.c = C
+	oc.kv = make([]uint16, 2*n*C)
 	for p := 0; p*P < n; p++ {
 		pg := s.pages[layer][p]
 		if pg == nil || pg.N < min(P, n-p*P) {
@@ -188,15 +234,17 @@ func (oc *orderedCopy) build(s *Store, layer int, heads []int) error {
 		}
 		for off := 0; off < P && p*P+off < n; off++ {
 			r := int(rowOf[p*P+off])
+			bs, be := int(blockS[r]), int(blockE[r])
 			for i, h := range heads {
-				copy(oc.k[r*C+i*hd:][:hd], pg.K[off*sr+h*hd:][:hd])
+				copy(oc.kv[oc.kAt(r, i*hd, bs, be):][:hd], pg.K[off*sr+h*hd:][:hd])
 			}
 		}
 		for i, h := range heads {
 			for d := range hd {
-				dst, src := oc.v[(i*hd+d)*n:][:n], pg.V[(h*hd+d)*P:][:P]
+				src := pg.V[(h*hd+d)*P:][:P]
 				for off := 0; off < P && p*P+off < n; off++ {
-					dst[rowOf[p*P+off]] = src[off]
+					r := int(rowOf[p*P+off])
+					oc.kv[oc.vAt(r, i*hd+d, int(blockS[r]), int(blockE[r]))] = src[off]
 				}
 			}
 		}
@@ -285,14 +333,14 @@ func (c *Paged) setStaged(layer, i int, g *group, rows []int32) error {
 		// they are staged from the pages.
 		return nil
 	}
-	order := to.TokenOrder(layer, i)
+	order, blocks := to.TokenOrder(layer, i)
 	if err := checkRows(rows, order, g.tok); err != nil {
 		return err
 	}
 	if g.okey == "" {
 		g.okey = fmt.Sprint(g.heads)
 	}
-	oc, err := c.store.orderedFor(layer, g.heads, g.okey, order)
+	oc, err := c.store.orderedFor(layer, g.heads, g.okey, order, blocks)
 	if err != nil {
 		return err
 	}
@@ -345,14 +393,20 @@ func (c *Paged) fillStaged(l int, g *group) int {
 	loose := g.tok
 	if oc := g.ocopy; oc != nil {
 		rows := len(oc.order)
+		c.touchRuns(oc, g.rows, r)
 		for i := 0; i < len(g.rows); i += 2 {
-			a, b := int(g.rows[i]), int(g.rows[i+1])
-			w := b - a
-			copy(pl.hk[at*r:(at+w)*r], oc.k[a*r:b*r])
-			for ch := range r {
-				copy(pl.hv[ch*cells+at:][:w], oc.v[ch*rows+a:][:w])
+			for a, b := int(g.rows[i]), int(g.rows[i+1]); a < b; {
+				// The part of the run in a's block [bs, be).
+				bs, be := oc.block(a)
+				e := min(b, be)
+				w := e - a
+				copy(pl.hk[at*r:(at+w)*r], oc.kv[oc.kAt(a, 0, bs, be):][:w*r])
+				v := oc.vAt(a, 0, bs, be)
+				for ch := range r {
+					copy(pl.hv[ch*cells+at:][:w], oc.kv[v+ch*(be-bs):][:w])
+				}
+				at, a = at+w, e
 			}
-			at += w
 		}
 		c.stagedCopy.Add(int64(at - c.n))
 		loose = g.tok[countBelow(g.tok, rows):]
@@ -380,6 +434,31 @@ func (c *Paged) fillStaged(l int, g *group) int {
 	c.stagedPages.Add(int64(at - from))
 	g.filled = at - c.n
 	return g.filled
+}
+
+// touchRuns loads one value of every cache line the runs' copies will
+// read (K rows, then each channel's span of V) before they are copied.
+// The runs lie all over the document's ordered copy (64 MiB at 64k on
+// the tiny preset), so nearly every line is a miss; in the copy loop the
+// CPU meets them one memmove at a time, while this loop's loads are
+// independent, so many misses are in flight at once (a software
+// prefetch, as touchTokens does for the token pools).
+func (c *Paged) touchRuns(oc *orderedCopy, runs []int32, r int) {
+	var sum uint16
+	kv := oc.kv
+	for i := 0; i < len(runs); i += 2 {
+		for a, b := int(runs[i]), int(runs[i+1]); a < b; {
+			bs, be := oc.block(a)
+			e := min(b, be)
+			// The first line of the run's K and of its V: few
+			// instructions per run, so that the loads of many runs are
+			// in flight at once; the lines after them come by the
+			// hardware's prefetch of the copies' sequential reads.
+			sum += kv[oc.kAt(a, 0, bs, be)] + kv[oc.vAt(a, 0, bs, be)]
+			a = e
+		}
+	}
+	c.touched += sum // kept, so that the loads are not dead code
 }
 
 // stagedKV is groupKV for a staged group: fills its buffer and returns
@@ -469,7 +548,8 @@ func (c *Paged) checkStaged(at string, l int, g *group) []error {
 			for i, h := range g.heads {
 				for d := range hd {
 					ch := i*hd + d
-					if oc.k[row*r+ch] != pg.K[(t%P)*sr+h*hd+d] || oc.v[ch*n+row] != pg.V[(h*hd+d)*P+t%P] {
+					bs, be := oc.block(row)
+					if oc.kv[oc.kAt(row, ch, bs, be)] != pg.K[(t%P)*sr+h*hd+d] || oc.kv[oc.vAt(row, ch, bs, be)] != pg.V[(h*hd+d)*P+t%P] {
 						errs = append(errs, fmt.Errorf("%s: the ordered copy's row %d (position %d) differs from the host page", at, row, t))
 						return errs
 					}
@@ -524,3 +604,4 @@ func (c *Paged) stagedCells(ctx ml.Context) ml.Tensor {
 	c.scells.ctx, c.scells.t = ctx, ctx.Input().FromInts(c.seqCells[:c.n], c.n)
 	return c.scells.t
 }
+

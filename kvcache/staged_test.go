@@ -26,14 +26,17 @@ type orderedTokenSelector struct {
 	c      paging.Config
 	groups []paging.Group
 	order  [][]int32
+	blocks []int32 // nil: the cache's fixed blocks
 	pick   func(group, upto int) (toks, rows []int32)
 }
 
-func (s *orderedTokenSelector) Name() string                        { return "ordered-tokens" }
-func (s *orderedTokenSelector) Config() paging.Config               { return s.c }
-func (s *orderedTokenSelector) Groups(int) []paging.Group           { return s.groups }
-func (s *orderedTokenSelector) NeedQueries(_, _ int) bool           { return false }
-func (s *orderedTokenSelector) TokenOrder(_ int, group int) []int32 { return s.order[group] }
+func (s *orderedTokenSelector) Name() string              { return "ordered-tokens" }
+func (s *orderedTokenSelector) Config() paging.Config     { return s.c }
+func (s *orderedTokenSelector) Groups(int) []paging.Group { return s.groups }
+func (s *orderedTokenSelector) NeedQueries(_, _ int) bool { return false }
+func (s *orderedTokenSelector) TokenOrder(_ int, group int) ([]int32, []int32) {
+	return s.order[group], s.blocks
+}
 func (s *orderedTokenSelector) Select(_ int, _ paging.Summaries, _ *paging.Queries, upto int) paging.Selection {
 	var out paging.Selection
 	for g := range s.groups {
@@ -55,10 +58,14 @@ func (s *orderedTokenSelector) Select(_ int, _ paging.Summaries, _ *paging.Queri
 // are "clustered" in blocks of tBlock rows.
 const tOrder, tBlock = 160, 8
 
+// tBlocks are the ordered selector's blocks, tBlock rows each but for a
+// few of other sizes (an empty one, a long one), where it gives them.
+var tBlocks = []int32{0, 8, 16, 16, 24, 56, 64, 72, 80, 88, 96, 104, 112, 120, 128, 136, 144, 152, 160}
+
 // orderedPick returns a group's choice at upto under a random order
 // (orders[g], a permutation of [0, tOrder)): before the order is written,
 // random tokens and no rows; after, three random blocks of the order (one
-// run each, or touching runs) and random tokens past it.
+// run each, neighbours merged into one run) and random tokens past it.
 func orderedPick(orders [][]int32) func(g, upto int) ([]int32, []int32) {
 	return func(g, upto int) ([]int32, []int32) {
 		r := rand.New(rand.NewPCG(uint64(upto), uint64(g)+10))
@@ -74,11 +81,18 @@ func orderedPick(orders [][]int32) func(g, upto int) ([]int32, []int32) {
 		for range 3 {
 			blocks = append(blocks, int32(r.IntN(tOrder/tBlock)))
 		}
+		if upto%3 == 0 { // two neighbours: a run across a block edge (rows 56..72)
+			blocks = append(blocks, 7, 8)
+		}
 		slices.Sort(blocks)
 		blocks = slices.Compact(blocks)
 		rows := []int32{}
 		for _, b := range blocks {
-			rows = append(rows, b*tBlock, (b+1)*tBlock)
+			if n := len(rows); n > 0 && rows[n-1] == b*tBlock {
+				rows[n-1] = (b + 1) * tBlock // one run across the blocks' edge
+			} else {
+				rows = append(rows, b*tBlock, (b+1)*tBlock)
+			}
 			toks = append(toks, orders[g][b*tBlock:(b+1)*tBlock]...)
 		}
 		for range 8 {
@@ -227,7 +241,7 @@ func TestTokenPoolsMatchFloat64Reference(t *testing.T) {
 				if mode.ordered {
 					require.Positive(t, fromCopy, "runs read from the copy before the cut")
 					require.Greater(t, st.StagedFromCopy, fromCopy, "and from the copy made again after it")
-					require.Equal(t, int64(len(groups)*tOrder*2*tDim*2*2), st.OrderedBytes, "one copy per group: its heads' keys and values, f16")
+					require.Equal(t, int64(len(groups)*tOrder*2*tDim*2*2), st.OrderedBytes, "one copy per group: its heads' keys and values, f16, in blocks of 64 rows")
 				} else {
 					require.Zero(t, st.StagedFromCopy)
 					require.Zero(t, st.OrderedBytes)
@@ -310,7 +324,7 @@ func TestStagedForksShareOrderedCopy(t *testing.T) {
 	var ss []*session
 	for range 2 {
 		c, err := kvcache.NewPaged(kvcache.Options{Layout: tLayout, Heads: tHeads, Capacity: 512, MaxBatch: 96, Prefix: doc,
-			Selector: &orderedTokenSelector{c: cfg, groups: groups, order: orders, pick: pick}})
+			Selector: &orderedTokenSelector{c: cfg, groups: groups, order: orders, blocks: tBlocks, pick: pick}})
 		require.NoError(t, err)
 		defer c.Close()
 		c.Init(b, ml.DTypeF16, 1, 512, 96)

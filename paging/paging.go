@@ -167,13 +167,17 @@ type Selection struct {
 // choose tokens in fixed blocks (squeezed's clusters). TokenOrder returns
 // the document's positions [0, len(order)) in the order a gather should
 // keep them (row r is position order[r]; a permutation, so that each
-// block is a run of rows), or nil where the group has none. The slice
-// identifies the order: the cache keeps one cluster-ordered copy of the
-// document's keys and values per (layer, group, order) and shares it with
-// every session of the document, so the slice must not change while the
-// selector lives (a different clustering is a different slice).
+// block is a run of rows), or nil where the group has none; and the
+// blocks as ascending row bounds (block j is rows [blocks[j],
+// blocks[j+1]), blocks[0] = 0, the last len(order); nil: none), which the
+// cache lays out contiguously, so that a selected block is read as its
+// own bytes. The slice identifies the order: the cache keeps one
+// cluster-ordered copy of the document's keys and values per (layer,
+// group, order) and shares it with every session of the document, so
+// neither slice may change while the selector lives (a different
+// clustering is a different slice).
 type TokenOrdered interface {
-	TokenOrder(layer, group int) []int32
+	TokenOrder(layer, group int) (order, blocks []int32)
 }
 
 // One is the selection of a single-group layer.

@@ -21,13 +21,15 @@ import (
 var _ paging.TokenOrdered = (*selector)(nil)
 
 // TokenOrder implements paging.TokenOrdered: KV head group's clusters'
-// tokens end to end, the Index's own slice (shared, read-only), so the
-// order's identity is the clustering's. nil for a dense layer.
-func (s *selector) TokenOrder(layer, group int) []int32 {
+// tokens end to end, and the clusters as the blocks (tokOff), the Index's
+// own slices (shared, read-only), so the order's identity is the
+// clustering's. nil for a dense layer.
+func (s *selector) TokenOrder(layer, group int) (order, blocks []int32) {
 	if s.c.Dense(layer) || group < 0 || group >= s.ix.KVHeads {
-		return nil
+		return nil, nil
 	}
-	return s.ix.Heads[layer][group].tokens
+	h := s.ix.Heads[layer][group]
+	return h.tokens, h.tokOff
 }
 
 // rowOf returns the row of clustered position t in h's order: its
@@ -39,8 +41,12 @@ func (h *Head) rowOf(t int32) int32 {
 	return h.tokOff[j] + int32(i)
 }
 
-// rowMarks is a bitmap over one head's rows (Select's scratch, reused).
-type rowMarks struct{ bits []uint64 }
+// rowMarks is a bitmap over one head's rows (Select's scratch, reused),
+// and how many clusters and tokens were marked (at most that many runs).
+type rowMarks struct {
+	bits  []uint64
+	marks int
+}
 
 // reset clears the marks for an order of rows rows.
 func (m *rowMarks) reset(rows int) {
@@ -50,10 +56,14 @@ func (m *rowMarks) reset(rows int) {
 	}
 	m.bits = m.bits[:words]
 	clear(m.bits)
+	m.marks = 0
 }
 
 // cluster marks cluster j's rows, [tokOff[j], tokOff[j+1]).
-func (m *rowMarks) cluster(h *Head, j int32) { m.span(h.tokOff[j], h.tokOff[j+1]) }
+func (m *rowMarks) cluster(h *Head, j int32) {
+	m.span(h.tokOff[j], h.tokOff[j+1])
+	m.marks++
+}
 
 // span marks rows [a, b) a word at a time.
 func (m *rowMarks) span(a, b int32) {
@@ -71,12 +81,17 @@ func (m *rowMarks) token(h *Head, t int32) {
 	if int(t) < len(h.Assign) {
 		r := h.rowOf(t)
 		m.bits[r>>6] |= 1 << (r & 63)
+		m.marks++
 	}
 }
 
 // appendRuns appends the marked rows as half-open [start, end) pairs,
-// ascending: O(words + runs).
+// ascending: O(words + runs). A nil out gets the capacity the marks can
+// need, at once (growing it was a tenth of Select at 64k).
 func (m *rowMarks) appendRuns(out []int32) []int32 {
+	if out == nil {
+		out = make([]int32, 0, 2*m.marks)
+	}
 	open := false
 	for w, word := range m.bits {
 		base := int32(w * 64)

@@ -28,16 +28,25 @@ func TestSelectorRows(t *testing.T) {
 	require.NoError(t, err)
 	to, ok := sel.(paging.TokenOrdered)
 	require.True(t, ok, "squeezed orders its tokens by cluster")
-	require.Nil(t, to.TokenOrder(0, 0), "a dense layer has no order")
+	order0, blocks0 := to.TokenOrder(0, 0)
+	require.Nil(t, order0, "a dense layer has no order")
+	require.Nil(t, blocks0)
 	for g := 0; g < kvHeads; g++ {
-		order := to.TokenOrder(1, g)
+		order, blocks := to.TokenOrder(1, g)
+		require.Equal(t, int32(0), blocks[0])
+		require.Equal(t, int32(len(order)), blocks[len(blocks)-1])
+		require.True(t, slices.IsSorted(blocks), "blocks: ascending bounds")
+		for j := 0; j+1 < len(blocks); j++ {
+			require.Equal(t, ix.Heads[1][g].Tokens(j), order[blocks[j]:blocks[j+1]], "block %d is cluster %d", j, j)
+		}
 		require.Len(t, order, ix.Clustered)
 		seen := make([]bool, len(order))
 		for _, p := range order {
 			require.False(t, seen[p], "a permutation")
 			seen[p] = true
 		}
-		require.Same(t, &order[0], &to.TokenOrder(1, g)[0], "the same slice at every call: its identity keys the cache's copy")
+		again, _ := to.TokenOrder(1, g)
+		require.Same(t, &order[0], &again[0], "the same slice at every call: its identity keys the cache's copy")
 	}
 	r := rand.New(rand.NewPCG(7, 7))
 	for _, tc := range []struct {
@@ -62,7 +71,8 @@ func TestSelectorRows(t *testing.T) {
 			s := sel.Select(1, nil, &paging.Queries{Q: q, Heads: heads}, tc.upto)
 			require.Len(t, s.Rows, kvHeads)
 			for g := 0; g < kvHeads; g++ {
-				order, runs, toks := to.TokenOrder(1, g), s.Rows[g], s.Tokens[g]
+				order, _ := to.TokenOrder(1, g)
+				runs, toks := s.Rows[g], s.Tokens[g]
 				require.Zero(t, len(runs)%2, "pairs")
 				var got []int32
 				for i := 0; i < len(runs); i += 2 {
@@ -100,7 +110,7 @@ func TestRowMarksRuns(t *testing.T) {
 		spans [][2]int32
 		want  []int32
 	}{
-		{10, nil, nil},
+		{10, nil, []int32{}}, // none marked: an empty list, not nil (nil is "no runs")
 		{64, [][2]int32{{0, 64}}, []int32{0, 64}},
 		{130, [][2]int32{{3, 5}, {5, 9}}, []int32{3, 9}},
 		{200, [][2]int32{{60, 70}, {100, 101}, {127, 129}}, []int32{60, 70, 100, 101, 127, 129}},
