@@ -604,4 +604,3 @@ func (c *Paged) stagedCells(ctx ml.Context) ml.Tensor {
 	c.scells.ctx, c.scells.t = ctx, ctx.Input().FromInts(c.seqCells[:c.n], c.n)
 	return c.scells.t
 }
-
