@@ -393,7 +393,6 @@ func (c *Paged) fillStaged(l int, g *group) int {
 	loose := g.tok
 	if oc := g.ocopy; oc != nil {
 		rows := len(oc.order)
-		c.touchRuns(oc, g.rows, r)
 		for i := 0; i < len(g.rows); i += 2 {
 			for a, b := int(g.rows[i]), int(g.rows[i+1]); a < b; {
 				// The part of the run in a's block [bs, be).
@@ -434,31 +433,6 @@ func (c *Paged) fillStaged(l int, g *group) int {
 	c.stagedPages.Add(int64(at - from))
 	g.filled = at - c.n
 	return g.filled
-}
-
-// touchRuns loads one value of every cache line the runs' copies will
-// read (K rows, then each channel's span of V) before they are copied.
-// The runs lie all over the document's ordered copy (64 MiB at 64k on
-// the tiny preset), so nearly every line is a miss; in the copy loop the
-// CPU meets them one memmove at a time, while this loop's loads are
-// independent, so many misses are in flight at once (a software
-// prefetch, as touchTokens does for the token pools).
-func (c *Paged) touchRuns(oc *orderedCopy, runs []int32, r int) {
-	var sum uint16
-	kv := oc.kv
-	for i := 0; i < len(runs); i += 2 {
-		for a, b := int(runs[i]), int(runs[i+1]); a < b; {
-			bs, be := oc.block(a)
-			e := min(b, be)
-			// The first line of the run's K and of its V: few
-			// instructions per run, so that the loads of many runs are
-			// in flight at once; the lines after them come by the
-			// hardware's prefetch of the copies' sequential reads.
-			sum += kv[oc.kAt(a, 0, bs, be)] + kv[oc.vAt(a, 0, bs, be)]
-			a = e
-		}
-	}
-	c.touched += sum // kept, so that the loads are not dead code
 }
 
 // stagedKV is groupKV for a staged group: fills its buffer and returns
