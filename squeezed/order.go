@@ -87,7 +87,8 @@ func (m *rowMarks) token(h *Head, t int32) {
 
 // appendRuns appends the marked rows as half-open [start, end) pairs,
 // ascending: O(words + runs). A nil out gets the capacity the marks can
-// need, at once (growing it was a tenth of Select at 64k).
+// need, at once (growing it was a tenth of Select at 64k); there are at
+// most marks runs.
 func (m *rowMarks) appendRuns(out []int32) []int32 {
 	if out == nil {
 		out = make([]int32, 0, 2*m.marks)
@@ -121,4 +122,39 @@ func (m *rowMarks) appendRuns(out []int32) []int32 {
 		out = append(out, int32(len(m.bits)*64))
 	}
 	return out
+}
+
+// selBufs are one layer and KV head's selection lists (Tokens, pages,
+// Rows), two sets used in turn: a selection Select returns stays valid
+// through the next Select of its layer (the cache uses it within its
+// pass; a caller may compare two in a row) and is overwritten by the one
+// after. Fresh lists every step (~16k tokens and ~1,500 pages a step at
+// 64k) were a third of Select's time in allocating and first touching
+// them (pprof, BenchmarkSqueezedFromDisk).
+type selBufs struct {
+	toks, rows [2][]int32
+	ps         [2][]int
+	turn       int
+}
+
+// bufsFor returns layer's KV head g's lists, turned to the other set.
+func (s *selector) bufsFor(layer, g int) *selBufs {
+	if s.bufs == nil {
+		s.bufs = make([][]selBufs, s.ix.Layers)
+	}
+	if s.bufs[layer] == nil {
+		s.bufs[layer] = make([]selBufs, s.ix.KVHeads)
+	}
+	b := &s.bufs[layer][g]
+	b.turn ^= 1
+	return b
+}
+
+// grow32 returns x[:0] with room for n, non-nil (an empty list of rows
+// is not "no rows").
+func grow32(x []int32, n int) []int32 {
+	if x == nil || cap(x) < n {
+		return make([]int32, 0, n+n/4)
+	}
+	return x[:0]
 }

@@ -128,3 +128,41 @@ func TestRowMarksRuns(t *testing.T) {
 		})
 	}
 }
+
+// A selection's lists are reused two Selects later, never by the next
+// one: a selection stays as it was through the following Select of its
+// layer (the cache's pass uses it; tests compare two in a row).
+func TestSelectionSurvivesNextSelect(t *testing.T) {
+	const d, heads, kvHeads, tokens, P = 16, 4, 2, 3000, 16
+	keys := func(l, g, n int, dst []float32) []float32 { return topicKeys(uint64(9+g), n, d, 30) }
+	ix, err := Build(keys, 1, kvHeads, d, tokens, Options{Seed: 4, Window: 100})
+	require.NoError(t, err)
+	sel, err := paging.New("squeezed", paging.Config{PageSize: P, Budget: 512, Sinks: 16, Window: 64, Layers: 1, KVHeads: kvHeads,
+		Options: map[string]any{OptionKey: ix}})
+	require.NoError(t, err)
+	r := rand.New(rand.NewPCG(3, 4))
+	query := func() *paging.Queries {
+		q := make([]float32, heads*d)
+		for i := range q {
+			q[i] = float32(r.NormFloat64())
+		}
+		return &paging.Queries{Q: [][]float32{q}, Heads: heads}
+	}
+	clone := func(s paging.Selection) paging.Selection {
+		var c paging.Selection
+		for g := range s.Tokens {
+			c.Groups = append(c.Groups, slices.Clone(s.Groups[g]))
+			c.Tokens = append(c.Tokens, slices.Clone(s.Tokens[g]))
+			c.Rows = append(c.Rows, slices.Clone(s.Rows[g]))
+		}
+		return c
+	}
+	prev := sel.Select(0, nil, query(), tokens+5)
+	for step := range 4 {
+		saved := clone(prev)
+		next := sel.Select(0, nil, query(), tokens+6+step)
+		require.Equal(t, saved, clone(prev), "step %d: the previous selection changed under the next Select", step)
+		require.NotEqual(t, saved.Tokens, next.Tokens, "step %d: other queries, other tokens", step)
+		prev = next
+	}
+}

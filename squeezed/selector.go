@@ -67,6 +67,7 @@ type selector struct {
 	epoch      uint32
 	bits       []uint64
 	rows       rowMarks // the chosen tokens' rows of the head's order (Selection.Rows)
+	bufs       [][]selBufs
 
 	// Decode steps scored in the graph (paging.CentroidScored): the
 	// centroid rows per layer (built once), the scores of the last decode
@@ -457,7 +458,8 @@ func (s *selector) Select(layer int, sum paging.Summaries, q *paging.Queries, up
 			mark(int32(t))
 			s.rows.token(h, int32(t)) // clustered only when the window reaches back into them
 		}
-		toks := make([]int32, 0, n)
+		buf := s.bufsFor(layer, g)
+		toks := grow32(buf.toks[buf.turn][:0], n)
 		for w, word := range s.bits {
 			for word != 0 {
 				toks = append(toks, int32(w<<6+bits.TrailingZeros64(word)))
@@ -474,14 +476,18 @@ func (s *selector) Select(layer int, sum paging.Summaries, q *paging.Queries, up
 				np, last = np+1, p
 			}
 		}
-		ps := make([]int, 0, np)
+		ps := buf.ps[buf.turn][:0]
+		if cap(ps) < np {
+			ps = make([]int, 0, np+np/4)
+		}
 		for _, t := range toks {
 			if p := int(t) / P; len(ps) == 0 || ps[len(ps)-1] != p {
 				ps = append(ps, p)
 			}
 		}
-		sel.Groups[g], sel.Tokens[g] = ps, toks
-		sel.Rows[g] = s.rows.appendRuns(nil)
+		rows := s.rows.appendRuns(grow32(buf.rows[buf.turn][:0], 2*s.rows.marks))
+		buf.toks[buf.turn], buf.ps[buf.turn], buf.rows[buf.turn] = toks, ps, rows
+		sel.Groups[g], sel.Tokens[g], sel.Rows[g] = ps, toks, rows
 	}
 	return sel
 }
