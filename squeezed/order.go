@@ -79,10 +79,35 @@ func (m *rowMarks) span(a, b int32) {
 // token marks position t's row if t is clustered (t < len(h.Assign)).
 func (m *rowMarks) token(h *Head, t int32) {
 	if int(t) < len(h.Assign) {
-		r := h.rowOf(t)
-		m.bits[r>>6] |= 1 << (r & 63)
-		m.marks++
+		m.mark(h.rowOf(t))
 	}
+}
+
+// mark marks row r.
+func (m *rowMarks) mark(r int32) {
+	m.bits[r>>6] |= 1 << (r & 63)
+	m.marks++
+}
+
+// sinkRows returns the rows of the clustered sinks (positions below
+// Config.Sinks) in layer's KV head g's order, found once: each is a
+// lookup in a random cluster, ~1/6 of Select's row work at 64k if done
+// every step.
+func (s *selector) sinkRows(layer, g int, h *Head) []int32 {
+	if s.sinkRow == nil {
+		s.sinkRow = make([][][]int32, s.ix.Layers)
+	}
+	if s.sinkRow[layer] == nil {
+		s.sinkRow[layer] = make([][]int32, s.ix.KVHeads)
+	}
+	if s.sinkRow[layer][g] == nil {
+		rows := make([]int32, 0, s.c.Sinks)
+		for t := 0; t < min(s.c.Sinks, len(h.Assign)); t++ {
+			rows = append(rows, h.rowOf(int32(t)))
+		}
+		s.sinkRow[layer][g] = rows
+	}
+	return s.sinkRow[layer][g]
 }
 
 // appendRuns appends the marked rows as half-open [start, end) pairs,

@@ -68,6 +68,7 @@ type selector struct {
 	bits       []uint64
 	rows       rowMarks // the chosen tokens' rows of the head's order (Selection.Rows)
 	bufs       [][]selBufs
+	sinkRow    [][][]int32 // per layer and KV head: the rows of the sinks in its order
 
 	// Decode steps scored in the graph (paging.CentroidScored): the
 	// centroid rows per layer (built once), the scores of the last decode
@@ -450,9 +451,12 @@ func (s *selector) Select(layer int, sum paging.Summaries, q *paging.Queries, up
 			}
 			hs[g] = append(hs[g][:0], taken...)
 		}
+		sr := s.sinkRows(layer, g, h)
 		for t := 0; t < sinks; t++ {
 			mark(int32(t))
-			s.rows.token(h, int32(t))
+			if t < len(sr) {
+				s.rows.mark(sr[t])
+			}
 		}
 		for t := tail; t < upto; t++ {
 			mark(int32(t))
