@@ -118,6 +118,7 @@ type Paged struct {
 	// shared within a graph; tokens staged from ordered copies and pages.
 	noStage  []bool
 	seqCells []int32
+	shortPos []int32 // fillStaged's positions of short runs, reused
 	smask    struct {
 		ctx ml.Context
 		m   int

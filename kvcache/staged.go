@@ -383,17 +383,24 @@ func checkRows(rows, order []int32, toks []int32) error {
 }
 
 // fillStaged copies g's selected earlier tokens into its staging buffer,
-// cells [n, n+m) (the runs of the ordered copy first, then the tokens
-// from the pages), and returns m.
+// cells [n, n+m) (the runs of at least shortRun rows of the ordered copy
+// first, then the shorter runs' positions sorted, then the tokens past
+// the order, both from the pages), and returns m.
 func (c *Paged) fillStaged(l int, g *group) int {
 	pl := g.pool
-	P, sr, r := c.L.PageSize, c.L.Row(), pl.row
+	P, r := c.L.PageSize, pl.row
 	cells := pl.slots * P
 	at := c.n
 	loose := g.tok
+	var short []int32
 	if oc := g.ocopy; oc != nil {
 		rows := len(oc.order)
+		short = c.shortPos[:0]
 		for i := 0; i < len(g.rows); i += 2 {
+			if g.rows[i+1]-g.rows[i] < shortRun {
+				short = append(short, oc.order[g.rows[i]:g.rows[i+1]]...)
+				continue
+			}
 			for a, b := int(g.rows[i]), int(g.rows[i+1]); a < b; {
 				// The part of the run in a's block [bs, be).
 				bs, be := oc.block(a)
@@ -409,13 +416,38 @@ func (c *Paged) fillStaged(l int, g *group) int {
 		}
 		c.stagedCopy.Add(int64(at - c.n))
 		loose = g.tok[countBelow(g.tok, rows):]
+		slices.Sort(short)
+		c.shortPos = short
 	}
 	from := at
-	for i := 0; i < len(loose) && int(loose[i]) < c.pos0; {
-		t := int(loose[i])
+	at = c.stageFromPages(l, g, short, at)
+	at = c.stageFromPages(l, g, loose, at)
+	c.stagedPages.Add(int64(at - from))
+	g.filled = at - c.n
+	return g.filled
+}
+
+// shortRun is the fewest rows a run must have to be copied from the
+// ordered copy. A shorter run (a sink, a tail token inside the clusters:
+// single rows of random clusters) has its V spread over C spans of its
+// block, ~20 lines for 2·C bytes, and C copies; its positions are taken
+// from the pages instead, sorted, where the sinks are consecutive (a few
+// page runs for all of them).
+const shortRun = 4
+
+// stageFromPages copies the positions toks (sorted; those from pos0 on,
+// the batch's, are skipped) from layer l's host pages into g's staging
+// cells from at, in runs of consecutive positions on one page, and
+// returns the next cell.
+func (c *Paged) stageFromPages(l int, g *group, toks []int32, at int) int {
+	pl := g.pool
+	P, sr, r := c.L.PageSize, c.L.Row(), pl.row
+	cells := pl.slots * P
+	for i := 0; i < len(toks) && int(toks[i]) < c.pos0; {
+		t := int(toks[i])
 		p, off := t/P, t%P
 		j := i + 1
-		for j < len(loose) && int(loose[j]) == t+j-i && int(loose[j])/P == p && int(loose[j]) < c.pos0 {
+		for j < len(toks) && int(toks[j]) == t+j-i && int(toks[j])/P == p && int(toks[j]) < c.pos0 {
 			j++
 		}
 		w := j - i
@@ -430,9 +462,7 @@ func (c *Paged) fillStaged(l int, g *group) int {
 		at += w
 		i = j
 	}
-	c.stagedPages.Add(int64(at - from))
-	g.filled = at - c.n
-	return g.filled
+	return at
 }
 
 // stagedKV is groupKV for a staged group: fills its buffer and returns
@@ -506,10 +536,17 @@ func (c *Paged) checkStaged(at string, l int, g *group) []error {
 			errs = append(errs, fmt.Errorf("%s: %w", at, err))
 			return errs
 		}
+		var short []int32
 		for i := 0; i < len(g.rows); i += 2 {
-			pos = append(pos, oc.order[g.rows[i]:g.rows[i+1]]...)
+			if run := oc.order[g.rows[i]:g.rows[i+1]]; len(run) < shortRun {
+				short = append(short, run...)
+			} else {
+				pos = append(pos, run...)
+			}
 		}
-		sorted := slices.Sorted(slices.Values(pos))
+		sorted := slices.Sorted(slices.Values(append(slices.Clone(pos), short...)))
+		slices.Sort(short)
+		pos = append(pos, short...) // the cells' order: long runs, then short runs' positions sorted
 		if n := countBelow(g.tok, len(oc.order)); !slices.Equal(sorted, g.tok[:n]) {
 			errs = append(errs, fmt.Errorf("%s: the row runs hold other positions than the %d tokens listed below %d", at, n, len(oc.order)))
 		}

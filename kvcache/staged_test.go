@@ -64,9 +64,19 @@ var tBlocks = []int32{0, 8, 16, 16, 24, 56, 64, 72, 80, 88, 96, 104, 112, 120, 1
 
 // orderedPick returns a group's choice at upto under a random order
 // (orders[g], a permutation of [0, tOrder)): before the order is written,
-// random tokens and no rows; after, three random blocks of the order (one
-// run each, neighbours merged into one run) and random tokens past it.
+// random tokens and no rows; after, three random blocks of tBlock rows
+// (sometimes two neighbours: one run across the edge of the cache's
+// 64-row blocks), the "sinks" 0..3 (each a single row of the order: short
+// runs, which the cache takes from the pages) and random tokens past the
+// order. The rows are marked, then read back as maximal runs.
 func orderedPick(orders [][]int32) func(g, upto int) ([]int32, []int32) {
+	rowOf := make([][]int32, len(orders))
+	for g, o := range orders {
+		rowOf[g] = make([]int32, len(o))
+		for r, p := range o {
+			rowOf[g][p] = int32(r)
+		}
+	}
 	return func(g, upto int) ([]int32, []int32) {
 		r := rand.New(rand.NewPCG(uint64(upto), uint64(g)+10))
 		var toks []int32
@@ -77,23 +87,32 @@ func orderedPick(orders [][]int32) func(g, upto int) ([]int32, []int32) {
 			slices.Sort(toks)
 			return slices.Compact(toks), nil
 		}
-		var blocks []int32
+		marked := make([]bool, tOrder)
 		for range 3 {
-			blocks = append(blocks, int32(r.IntN(tOrder/tBlock)))
+			b := r.IntN(tOrder / tBlock)
+			for x := b * tBlock; x < (b+1)*tBlock; x++ {
+				marked[x] = true
+			}
 		}
 		if upto%3 == 0 { // two neighbours: a run across a block edge (rows 56..72)
-			blocks = append(blocks, 7, 8)
-		}
-		slices.Sort(blocks)
-		blocks = slices.Compact(blocks)
-		rows := []int32{}
-		for _, b := range blocks {
-			if n := len(rows); n > 0 && rows[n-1] == b*tBlock {
-				rows[n-1] = (b + 1) * tBlock // one run across the blocks' edge
-			} else {
-				rows = append(rows, b*tBlock, (b+1)*tBlock)
+			for x := 56; x < 72; x++ {
+				marked[x] = true
 			}
-			toks = append(toks, orders[g][b*tBlock:(b+1)*tBlock]...)
+		}
+		for t := range 4 {
+			marked[rowOf[g][t]] = true
+		}
+		rows := []int32{}
+		for x := 0; x < tOrder; x++ {
+			if !marked[x] {
+				continue
+			}
+			if n := len(rows); n > 0 && rows[n-1] == int32(x) {
+				rows[n-1]++
+			} else {
+				rows = append(rows, int32(x), int32(x+1))
+			}
+			toks = append(toks, orders[g][x])
 		}
 		for range 8 {
 			toks = append(toks, int32(tOrder+r.IntN(upto-tOrder)))
