@@ -191,6 +191,9 @@ func (m *masked) Select(layer int, s paging.Summaries, q *paging.Queries, upto i
 	if inner.Tokens != nil {
 		out.Tokens = make([][]int32, len(m.from[layer]))
 	}
+	if inner.Rows != nil {
+		out.Rows = make([][]int32, len(m.from[layer]))
+	}
 	for i, f := range m.from[layer] {
 		if f < 0 {
 			out.Groups = append(out.Groups, stream)
@@ -200,8 +203,29 @@ func (m *masked) Select(layer int, s paging.Summaries, q *paging.Queries, upto i
 		if inner.Tokens != nil {
 			out.Tokens[i] = inner.Tokens[f]
 		}
+		if inner.Rows != nil {
+			out.Rows[i] = inner.Rows[f]
+		}
 	}
 	return out
+}
+
+// TokenOrder implements paging.TokenOrdered for an inner method that
+// orders its tokens (squeezed's clusters): a retrieval group keeps its
+// inner group's order (the order is of positions, whichever of the
+// group's heads remain); the streaming group has none.
+func (m *masked) TokenOrder(layer, group int) (order, blocks []int32) {
+	to, ok := m.inner.(paging.TokenOrdered)
+	if !ok {
+		return nil, nil
+	}
+	if len(m.streaming[layer]) == 0 {
+		return to.TokenOrder(layer, group)
+	}
+	if group < 0 || group >= len(m.from[layer]) || m.from[layer][group] < 0 {
+		return nil, nil
+	}
+	return to.TokenOrder(layer, m.from[layer][group])
 }
 
 // Resolve turns a command-line profile spec into head classes for m: ""

@@ -37,8 +37,8 @@ func (c *Paged) Get(ctx ml.Context) (ml.Tensor, ml.Tensor, ml.Tensor) {
 // groupKV uploads what g's pool misses and returns views of its used slots
 // and its mask.
 func (c *Paged) groupKV(ctx ml.Context, l int, g *group) (ml.Tensor, ml.Tensor, ml.Tensor) {
-	if g.gather {
-		return c.gatherKV(ctx, l, g)
+	if g.staged {
+		return c.stagedKV(ctx, l, g)
 	}
 	if g.pool.tok != nil {
 		return c.tokenKV(ctx, l, g)

@@ -36,6 +36,12 @@ func (r *centroidRecorder) Centroids(layer int) ([]float32, int, uint64) {
 	return r.cs.Centroids(layer)
 }
 
+// TokenOrder forwards squeezed's cluster order (paging.TokenOrdered), so
+// that the steps stage runs of the document's ordered copy, the default.
+func (r *centroidRecorder) TokenOrder(layer, group int) (order, blocks []int32) {
+	return r.Selector.(paging.TokenOrdered).TokenOrder(layer, group)
+}
+
 func (r *centroidRecorder) Scored(layer int, s []float32, upto int) {
 	r.scores[upto] = slices.Clone(s)
 	r.cs.Scored(layer, s, upto)
@@ -165,6 +171,12 @@ func TestGraphCentroidsMatchHostLookup(t *testing.T) {
 					require.InDelta(t, wantS[i], got[i], 1e-5*scale, "step %d score %d", step, i)
 				}
 				prev = [][]float32{q}
+			}
+			if kvcache.TokenStaging {
+				st := c.Stats()
+				require.Positive(t, st.StagedFromCopy, "the steps staged runs of the cluster-ordered copy")
+				require.Equal(t, int64(ix.Clustered*tKV*tDim*2*2), st.OrderedBytes, "one copy of the clustered keys and values per KV head")
+				require.Zero(t, st.TokenUploads, "no token pools")
 			}
 		})
 	}

@@ -21,6 +21,11 @@ import (
 //     position is in the sequence (or the batch under way), the group's
 //     selection lists tokens, and every listed token and every token of
 //     the batch has a cell (checkTokenPool);
+//   - a staged token group (staged.go) has a staging buffer in host
+//     memory that fits its tokens and the batch, valid row runs whose
+//     positions are its listed tokens below the order's end, an ordered
+//     copy equal to the pages on a sample of rows, and cells that hold
+//     exactly what the pass listed (checkStaged);
 //   - a sliding-window layer's host pages are exactly those a query from
 //     the last pass's first position on can read (Store, checkWindows);
 //     every selected or written page is held on the host; a slot may
@@ -37,8 +42,9 @@ func (c *Paged) CheckInvariants() error {
 		for gi, g := range c.layers[l].groups {
 			pl := g.pool
 			at := fmt.Sprintf("layer %d group %d", l, gi)
-			if g.gather {
-				errs = append(errs, c.checkGather(at, l, g)...)
+			if g.staged {
+				errs = append(errs, c.checkStaged(at, l, g)...)
+				continue
 			}
 			if pl == nil {
 				continue

@@ -24,7 +24,7 @@ import (
 // pages chosen without the step's queries (no graph split: window, retro,
 // quest scored in the graph, dense), every head group a page pool in host
 // memory (HostUploads), quest's box tensors in host memory (HostBounds).
-// Token-granular groups (token pools, token gathers), centroid scores
+// Token-granular groups (token pools, staged groups), centroid scores
 // (squeezed), pools or boxes outside host memory and passes of more than
 // one token build their graph for the pass, as before (PrepareKeptStep
 // says no).
@@ -98,7 +98,7 @@ func (c *Paged) PrepareKeptStep() (key []uint64, ok bool) {
 			return nil, false
 		}
 		for _, g := range c.layers[l].groups {
-			if g.gather || g.pool == nil || g.pool.tok != nil || g.pool.hk == nil || g.sel == nil {
+			if g.staged || g.pool == nil || g.pool.tok != nil || g.pool.hk == nil || g.sel == nil {
 				return nil, false
 			}
 		}

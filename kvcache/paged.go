@@ -46,10 +46,16 @@ type Stats struct {
 	// UploadedBytes is the keys and values copied host -> device so far,
 	// pages and tokens together (f16, the group's heads only).
 	UploadedBytes int64
-	// ArenaBytes is the token-gather arenas (TokenGather, gather.go): a
-	// host copy of the sequence's keys and values for each layer whose
-	// token-granular groups gather from it instead of a pool.
-	ArenaBytes int64
+	// OrderedBytes is the cluster-ordered copies of the document's KV
+	// that staged token groups read (TokenStaging, staged.go): document
+	// memory, built once and shared by every session of the document, so
+	// not in ResidentBytes (which holds the staging buffers) nor in
+	// HostBytes (the pages).
+	OrderedBytes int64
+	// StagedFromCopy and StagedFromPages count the tokens copied so far
+	// into staging buffers from the ordered copies (in runs) and from the
+	// host pages, one per token and group.
+	StagedFromCopy, StagedFromPages int64
 	// Upkeep is the time spent keeping host pages and their summaries up to
 	// date (reading new keys and values back, writing pages, summaries).
 	Upkeep time.Duration
@@ -106,13 +112,23 @@ type Paged struct {
 	cents       []*centTensor // per layer, for a paging.CentroidScored selector
 	ranks       map[ml.Context][]rankOut
 
-	// Token gathers (gather.go): per layer its arena (nil: none yet) and
-	// whether the backend refused it host memory; the layer gathered last
-	// in a graph and its reused index buffer.
-	arenas    []*tokenArena
-	noGather  []bool
-	gath      *gathered
-	gatherIdx []int32
+	// Staged token groups (staged.go): per layer whether the backend
+	// refused a staging buffer host memory (token pools then); the batch's
+	// cells 0..n-1 (Put's set_rows indices); the last staged mask built,
+	// shared within a graph; tokens staged from ordered copies and pages.
+	noStage  []bool
+	seqCells []int32
+	shortPos []int32 // fillStaged's positions of short runs, reused
+	smask    struct {
+		ctx ml.Context
+		m   int
+		t   ml.Tensor
+	}
+	scells struct {
+		ctx ml.Context
+		t   ml.Tensor
+	}
+	stagedCopy, stagedPages atomic.Int64
 
 	// Kept step graphs (keptstep.go): this step's plan, and the kept
 	// graph being built (nil: a fresh graph).
@@ -149,9 +165,16 @@ type group struct {
 	cells   []int32 // pool cells of the batch's tokens
 	uploads []upload
 	tups    []tokenUpload // a token pool's planned uploads (pool.tok set)
-	// gather: a token-granular group that gathers its tokens from the
-	// layer's arena in the graph (TokenGather); it has no pool.
-	gather bool
+	// staged: a token-granular group whose pool is a staging buffer
+	// filled afresh each pass (TokenStaging, staged.go): rows are this
+	// pass's runs of its ordered copy ocopy (nil: every token from the
+	// pages), filled the earlier tokens copied in (-1 before the layer's
+	// attention is built), okey its heads as the copy's key.
+	staged bool
+	rows   []int32
+	ocopy  *orderedCopy
+	filled int
+	okey   string
 }
 
 type upload struct{ page, slot, rows int }
@@ -305,7 +328,7 @@ func (c *Paged) Stats() Stats {
 		Upkeep: time.Duration(c.upkeep.Load()), HostWrites: time.Duration(c.hostWrites.Load()), ResidentByClass: map[string]int64{}}
 	for l := range c.layers {
 		for _, g := range c.layers[l].groups {
-			if g.pool != nil && !g.gather {
+			if g.pool != nil {
 				b := g.pool.bytes(c.L)
 				st.ResidentBytes += b
 				st.ResidentByClass[g.Class] += b
@@ -326,11 +349,8 @@ func (c *Paged) Stats() Stats {
 			}
 		}
 	}
-	for _, a := range c.arenas {
-		if a != nil {
-			st.ArenaBytes += 2 * 2 * int64(a.cap) * int64(c.L.Row())
-		}
-	}
+	st.OrderedBytes = c.store.OrderedBytes()
+	st.StagedFromCopy, st.StagedFromPages = c.stagedCopy.Load(), c.stagedPages.Load()
 	return st
 }
 
@@ -372,6 +392,10 @@ func (c *Paged) slotsFor(g *group) int {
 // budget says.
 func (c *Paged) poolFor(layer int, g *group) *pool {
 	_, dynamic := c.opt.Selector.(paging.PassStarter)
+	if g.pool != nil && g.pool.staged { // TokenStaging turned off since
+		g.pool.close()
+		g.pool = nil
+	}
 	if want := c.slotsFor(g); g.pool == nil || g.pool.slots < want || (dynamic && g.pool.slots > want) {
 		if g.pool != nil {
 			g.pool.close()
@@ -429,10 +453,6 @@ func (c *Paged) Close() {
 		}
 	}
 	c.cents = nil
-	for _, a := range c.arenas {
-		a.close()
-	}
-	c.arenas = nil
 	c.closed = true
 }
 
@@ -467,17 +487,12 @@ func (c *Paged) Remove(seq int, beginIndex, endIndex int32) error {
 	}
 	c.written = 0
 	c.store.truncate(n)
-	for _, a := range c.arenas {
-		if a != nil {
-			a.synced = min(a.synced, n)
-		}
-	}
 	P := c.L.PageSize
 	for l := range c.layers {
 		for _, g := range c.layers[l].groups {
 			p := g.pool
-			if p == nil {
-				continue
+			if p == nil || p.staged {
+				continue // a staging buffer is filled afresh each pass
 			}
 			if p.tok != nil {
 				p.tok.drop(n)
@@ -522,7 +537,6 @@ func (c *Paged) StartForward(ctx ml.Context, batch input.Batch, reserve bool) er
 	c.stamp++
 	c.plan = nil // PrepareKeptStep's, for this pass only
 	clear(c.graphRuns)
-	c.gath = nil
 	// Windowed layers drop the host pages no query from pos0 on can read
 	// (kept up to here so that a failed pass can be removed again).
 	c.store.trimTo(pos0)
@@ -546,24 +560,17 @@ func (c *Paged) StartForward(ctx ml.Context, batch input.Batch, reserve bool) er
 			}
 		}
 	}
-	if c.noGather == nil {
-		c.noGather = make([]bool, len(c.layers))
+	if c.noStage == nil {
+		c.noStage = make([]bool, len(c.layers))
 	}
 	for l := range c.layers {
 		ls := &c.layers[l]
-		gather := c.gatherOK(l)
-		if gather && !c.syncArena(l, pos0, n) {
-			c.noGather[l], gather = true, false // not host memory: token pools
-		}
+		staged := c.stagedOK(l) && c.startStaged(l) // else token pools
 		for _, g := range ls.groups {
-			if g.gather = gather && g.Tokens; g.gather {
-				if g.pool != nil {
-					g.pool.close()
-					g.pool = nil
-				}
-				g.sel, g.tok, g.uploads, g.tups, g.cells = nil, nil, nil, nil, nil
-				continue
+			if staged && g.Tokens {
+				continue // startStaged readied it
 			}
+			g.staged = false
 			pl := c.poolFor(l, g)
 			// Uploads planned by a pass that never reached its graph (it
 			// failed) did not happen: those slots must be filled again.
@@ -585,8 +592,8 @@ func (c *Paged) StartForward(ctx ml.Context, batch input.Batch, reserve bool) er
 			}
 		}
 		for _, g := range ls.groups {
-			if g.gather {
-				continue // nothing to place: gathered in the graph
+			if g.staged {
+				continue // nothing to place: filled when attention is built
 			}
 			if g.pool.tok != nil {
 				if err := c.placeBatchTokens(l, g); err != nil {
@@ -646,6 +653,26 @@ func (c *Paged) setSelection(layer int, sel paging.Selection) error {
 				return fmt.Errorf("kvcache: %s, layer %d, group %d: %w", c.opt.Selector.Name(), layer, i, err)
 			}
 			gs[i].tok = sel.Tokens[i]
+		}
+		var rows []int32
+		if sel.Rows != nil {
+			if len(sel.Rows) != len(gs) {
+				return fmt.Errorf("kvcache: %s selected rows for %d head groups in layer %d, which has %d", c.opt.Selector.Name(), len(sel.Rows), layer, len(gs))
+			}
+			rows = sel.Rows[i]
+		}
+		if gs[i].staged {
+			if err := c.setStaged(layer, i, gs[i], rows); err != nil {
+				return fmt.Errorf("kvcache: %s, layer %d, group %d: %w", c.opt.Selector.Name(), layer, i, err)
+			}
+		} else if rows != nil {
+			// Token pools do not read the runs; their check is cheap.
+			if to, ok := c.opt.Selector.(paging.TokenOrdered); ok {
+				order, _ := to.TokenOrder(layer, i)
+				if err := checkRows(rows, order, gs[i].tok); err != nil {
+					return fmt.Errorf("kvcache: %s, layer %d, group %d: %w", c.opt.Selector.Name(), layer, i, err)
+				}
+			}
 		}
 	}
 	return nil
@@ -711,7 +738,7 @@ func (c *Paged) SetQueries(layer int, q [][]float32) error {
 		return err
 	}
 	for _, g := range ls.groups {
-		if g.gather {
+		if g.staged {
 			continue
 		}
 		if g.pool.tok != nil {
@@ -738,15 +765,7 @@ func (c *Paged) Put(ctx ml.Context, key, value ml.Tensor) {
 	k := key.Reshape(ctx, r, n)
 	v := value.Reshape(ctx, r, n)
 	P := c.L.PageSize
-	gathered := false
 	for _, g := range c.layers[l].groups {
-		if g.gather {
-			if !gathered {
-				c.putArena(ctx, l, key, value)
-				gathered = true
-			}
-			continue
-		}
 		pl := g.pool
 		gk, gv := k, v
 		if !g.all {
@@ -754,6 +773,9 @@ func (c *Paged) Put(ctx ml.Context, key, value ml.Tensor) {
 			gv = pickHeads(ctx, value, g.heads).Reshape(ctx, pl.row, n)
 		}
 		cells := c.keptCellsFor(ctx, g) // a kept graph's, written at every step
+		if cells == nil && g.staged {
+			cells = c.stagedCells(ctx) // cells 0..n-1, one input for the graph
+		}
 		if cells == nil {
 			cells = ctx.Input().FromInts(g.cells, n)
 		}
@@ -777,8 +799,8 @@ func (c *Paged) batchWritten(layer int) {
 	P := c.L.PageSize
 	for _, g := range c.layers[layer].groups {
 		pl := g.pool
-		if g.gather || pl.tok != nil {
-			continue // the batch's cells were mapped when placed
+		if g.staged || pl.tok != nil {
+			continue // the batch's cells were mapped when placed (staged: cells 0..n-1)
 		}
 		for i := 0; i < c.n; i++ {
 			pos := c.pos0 + i

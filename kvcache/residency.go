@@ -37,6 +37,9 @@ type pool struct {
 	// memory (the CPU backend), nil otherwise: uploads are then plain
 	// copies (HostUploads, hostpool.go).
 	hk, hv []uint16
+	// staged marks a staged token group's buffer (staged.go): its cells
+	// are refilled every pass, its page maps stay empty.
+	staged bool
 }
 
 // newPool allocates a pool: k [headDim, heads, cells]; v permuted, [cells,

@@ -318,6 +318,11 @@ type Store struct {
 	// pages from Len()/PageSize on otherwise: a decode step then touches
 	// one or two pages, not all of them.
 	epoch uint64
+
+	// ordered is the cluster-ordered copies of the document's KV that
+	// staged token groups read (staged.go), shared with the stores forked
+	// from this one; nil until needed, and again after a cut below them.
+	ordered atomic.Pointer[orderedCopies]
 }
 
 // storeEpochs numbers store epochs across all stores, so that a consumer
@@ -442,6 +447,16 @@ func (s *Store) Fork() *Store {
 	for i := range f.shared {
 		f.shared[i] = true
 	}
+	// The fork shares the ordered copies: its tokens below s's length
+	// are s's. From now on neither may raise their base alone.
+	h := s.holder()
+	h.mu.Lock()
+	if !h.shared {
+		h.base = max(h.base, s.n)
+	}
+	h.shared = true
+	h.mu.Unlock()
+	f.ordered.Store(h)
 	return f
 }
 
@@ -468,6 +483,7 @@ func (s *Store) write(layer, pos int, k, v []uint16, rows int) {
 	P, r := s.L.PageSize, s.L.Row()
 	if pos < s.n {
 		s.epoch = storeEpochs.Add(1) // not an append (see epoch)
+		s.detachOrdered(pos)
 	}
 	for done := 0; done < rows; {
 		p := (pos + done) / P
@@ -489,6 +505,7 @@ func (s *Store) truncate(n int) {
 	}
 	s.from = min(s.from, n) // a no-op for a windowed store (canCut)
 	s.epoch = storeEpochs.Add(1)
+	s.detachOrdered(n)
 	P := s.L.PageSize
 	keep := (n + P - 1) / P
 	for l := range s.pages {

@@ -146,9 +146,38 @@ type Group struct {
 // token-granular group (Group.Tokens, which must list them) holds only
 // the listed tokens. The batch's own tokens are always attended
 // (causally), listed or not.
+//
+// Rows, if set (by a TokenOrdered selector, for a token-granular group),
+// says the same choice as runs of the group's TokenOrder: Rows[i] is a
+// list of half-open [start, end) pairs, sorted and disjoint, of rows of
+// TokenOrder(layer, i), and those rows' positions are exactly the listed
+// Tokens[i] below len(order); the rest of Tokens[i] (positions at or past
+// len(order): the observation window, the question, the answer) is a
+// suffix of the sorted list. The cache can then copy each run of a
+// cluster-ordered copy of the document's KV with one memmove instead of
+// gathering its tokens one by one. A nil Rows[i] (or Rows): no runs, every
+// token is taken where it lies.
 type Selection struct {
 	Groups [][]int
 	Tokens [][]int32
+	Rows   [][]int32
+}
+
+// TokenOrdered is implemented by selectors whose token-granular groups
+// choose tokens in fixed blocks (squeezed's clusters). TokenOrder returns
+// the document's positions [0, len(order)) in the order a gather should
+// keep them (row r is position order[r]; a permutation, so that each
+// block is a run of rows), or nil where the group has none; and the
+// blocks as ascending row bounds (block j is rows [blocks[j],
+// blocks[j+1]), blocks[0] = 0, the last len(order); nil: none), which the
+// cache lays out contiguously, so that a selected block is read as its
+// own bytes. The slice identifies the order: the cache keeps one
+// cluster-ordered copy of the document's keys and values per (layer,
+// group, order) and shares it with every session of the document, so
+// neither slice may change while the selector lives (a different
+// clustering is a different slice).
+type TokenOrdered interface {
+	TokenOrder(layer, group int) (order, blocks []int32)
 }
 
 // One is the selection of a single-group layer.

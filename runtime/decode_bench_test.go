@@ -93,7 +93,7 @@ func BenchmarkDecodeStep(b *testing.B) {
 		for _, c := range []struct {
 			name, method string
 			extra        map[string]any
-			gather       bool // kvcache.TokenGather: the in-graph gather instead of token pools
+			pools        bool // kvcache.TokenStaging off: token pools instead of staged tokens
 		}{
 			{"retro", "retro", nil, false},
 			{"quest", "quest", nil, false},
@@ -111,19 +111,18 @@ func BenchmarkDecodeStep(b *testing.B) {
 			// squeezed looking its clusters up on the host each step (a
 			// graph split per layer; the default).
 			{"squeezed-host", "squeezed", nil, false},
-			// The same two gathering their tokens in the graph from a
-			// per-layer arena instead of token pools with host copies
-			// (kvcache.TokenGather, opt-in).
-			{"squeezed-gather", "squeezed", map[string]any{paging.HostScores: false}, true},
-			{"squeezed-host-gather", "squeezed", nil, true},
+			// The same two with token pools (LRU, host copies) instead of
+			// staging buffers (kvcache.TokenStaging off: the path before).
+			{"squeezed-pools", "squeezed", map[string]any{paging.HostScores: false}, true},
+			{"squeezed-host-pools", "squeezed", nil, true},
 			// squeezed keeping the clusters it holds unless others score
 			// 4 or 1e9 attention logits higher (a hysteresis, not the paper's rule).
 			{"squeezed-keep4", "squeezed", map[string]any{paging.HostScores: false, squeezed.KeepKey: 4.0}, false},
 			{"squeezed-keepall", "squeezed", map[string]any{paging.HostScores: false, squeezed.KeepKey: 1e9}, false},
 		} {
 			b.Run(fmt.Sprintf("kvrecall/%s-2048/%d", c.name, n), func(b *testing.B) {
-				defer func(g bool) { kvcache.TokenGather = g }(kvcache.TokenGather)
-				kvcache.TokenGather = c.gather
+				defer func(s bool) { kvcache.TokenStaging = s }(kvcache.TokenStaging)
+				kvcache.TokenStaging = !c.pools
 				var sq []*squeezed.Options
 				if c.method == "squeezed" {
 					sq = append(sq, &squeezed.Options{})

@@ -24,7 +24,9 @@ import (
 //	go tool pprof -tagfocus engine=squeezed runtime.test cpu.prof
 //
 // $KVRECALL_BENCH_ENGINES picks engines by name (the floor always runs).
-// kvcache.TokenGather is set per engine before each of its steps.
+// kvcache.TokenStaging is set per engine before each of its steps:
+// "squeezed" stages its tokens (the default), "squeezed-pools" keeps the
+// token pools (the path before staging), in the same alternation.
 func BenchmarkSqueezedFromDisk(b *testing.B) {
 	path := benchModel(b)
 	if b.N == 1 {
@@ -48,19 +50,19 @@ func BenchmarkSqueezedFromDisk(b *testing.B) {
 	}
 	n := len(doc.TokenIDs()) + 8
 	toks := benchPrompt(n+room, m.Config().Vocab)
-	defer func(g bool) { kvcache.TokenGather = g }(kvcache.TokenGather)
+	defer func(s bool) { kvcache.TokenStaging = s }(kvcache.TokenStaging)
 	type engine struct {
 		name   string
 		method string
 		extra  map[string]any
-		gather bool
+		pools  bool // kvcache.TokenStaging off: token pools
 	}
 	all := []engine{
 		{name: "floor"},
 		{name: "retro", method: "retro"},
-		{name: "squeezed", method: "squeezed"},                      // the default: host lookup, token pools
-		{name: "squeezed-gather", method: "squeezed", gather: true}, // host lookup, kvcache.TokenGather
-		{name: "squeezed-graph-gather", method: "squeezed", extra: map[string]any{paging.HostScores: false}, gather: true},
+		{name: "squeezed", method: "squeezed"},                    // the default: host lookup, staged tokens
+		{name: "squeezed-pools", method: "squeezed", pools: true}, // host lookup, token pools (before staging)
+		{name: "squeezed-graph", method: "squeezed", extra: map[string]any{paging.HostScores: false}},
 	}
 	engines := pickEngines(b, all, func(e engine) string { return e.name }, func(engine) bool { return false })
 	var steps []func() error
@@ -69,10 +71,10 @@ func BenchmarkSqueezedFromDisk(b *testing.B) {
 			steps = append(steps, floorStep(ctx, b, m, toks[:floorCtx], toks))
 			continue
 		}
-		kvcache.TokenGather = e.gather
+		kvcache.TokenStaging = !e.pools
 		_, step := docStep(ctx, b, m, doc, runtime.PolicyOptions{Policy: e.method, Budget: 2048, Extra: e.extra}, toks, n, true, 16)
-		g := e.gather
-		steps = append(steps, func() error { kvcache.TokenGather = g; return step() })
+		staging := !e.pools
+		steps = append(steps, func() error { kvcache.TokenStaging = staging; return step() })
 	}
 	if b.N > room-8 {
 		b.Fatalf("-benchtime %dx exceeds the %d steps of room", b.N, room-8)

@@ -66,6 +66,9 @@ type selector struct {
 	seen       []uint32
 	epoch      uint32
 	bits       []uint64
+	rows       rowMarks // the chosen tokens' rows of the head's order (Selection.Rows)
+	bufs       [][]selBufs
+	sinkRow    [][][]int32 // per layer and KV head: the rows of the sinks in its order
 
 	// Decode steps scored in the graph (paging.CentroidScored): the
 	// centroid rows per layer (built once), the scores of the last decode
@@ -291,7 +294,8 @@ func (s *selector) Select(layer int, sum paging.Summaries, q *paging.Queries, up
 		return paging.One(paging.AllPages(n))
 	}
 	sinks, tail, tokBudget := s.bounds(upto)
-	sel := paging.Selection{Groups: make([][]int, s.ix.KVHeads), Tokens: make([][]int32, s.ix.KVHeads)}
+	sel := paging.Selection{Groups: make([][]int, s.ix.KVHeads), Tokens: make([][]int32, s.ix.KVHeads),
+		Rows: make([][]int32, s.ix.KVHeads)}
 	words := (upto + 63) / 64
 	if len(s.lists[layer]) != s.ix.KVHeads {
 		s.lists[layer] = make([]rankedLists, s.ix.KVHeads)
@@ -396,6 +400,9 @@ func (s *selector) Select(layer int, sum paging.Summaries, q *paging.Queries, up
 		}
 		s.bits = s.bits[:words]
 		clear(s.bits)
+		// The same choice as rows of the head's cluster order
+		// (TokenOrder): a taken cluster is one run.
+		s.rows.reset(len(h.Assign))
 		n := 0
 		mark := func(t int32) {
 			if w, b := t>>6, uint64(1)<<(t&63); s.bits[w]&b == 0 {
@@ -426,6 +433,7 @@ func (s *selector) Select(layer int, sum paging.Summaries, q *paging.Queries, up
 				for _, t := range ct {
 					mark(t)
 				}
+				s.rows.cluster(h, j)
 				used += len(ct)
 				if s.keep > 0 {
 					taken = append(taken, j)
@@ -443,13 +451,19 @@ func (s *selector) Select(layer int, sum paging.Summaries, q *paging.Queries, up
 			}
 			hs[g] = append(hs[g][:0], taken...)
 		}
+		sr := s.sinkRows(layer, g, h)
 		for t := 0; t < sinks; t++ {
 			mark(int32(t))
+			if t < len(sr) {
+				s.rows.mark(sr[t])
+			}
 		}
 		for t := tail; t < upto; t++ {
 			mark(int32(t))
+			s.rows.token(h, int32(t)) // clustered only when the window reaches back into them
 		}
-		toks := make([]int32, 0, n)
+		buf := s.bufsFor(layer, g)
+		toks := grow32(buf.toks[buf.turn][:0], n)
 		for w, word := range s.bits {
 			for word != 0 {
 				toks = append(toks, int32(w<<6+bits.TrailingZeros64(word)))
@@ -458,13 +472,26 @@ func (s *selector) Select(layer int, sum paging.Summaries, q *paging.Queries, up
 		}
 		// The pages of the tokens: reports (Paged.Selected) and the
 		// selection's check read them; the pool holds only the tokens.
-		var ps []int
+		// Counted first: appending from nil (~1,500 pages at 64k) was
+		// a quarter of Select in growing and clearing the slice.
+		np, last := 0, -1
+		for _, t := range toks {
+			if p := int(t) / P; p != last {
+				np, last = np+1, p
+			}
+		}
+		ps := buf.ps[buf.turn][:0]
+		if cap(ps) < np {
+			ps = make([]int, 0, np+np/4)
+		}
 		for _, t := range toks {
 			if p := int(t) / P; len(ps) == 0 || ps[len(ps)-1] != p {
 				ps = append(ps, p)
 			}
 		}
-		sel.Groups[g], sel.Tokens[g] = ps, toks
+		rows := s.rows.appendRuns(grow32(buf.rows[buf.turn][:0], 2*s.rows.marks))
+		buf.toks[buf.turn], buf.ps[buf.turn], buf.rows[buf.turn] = toks, ps, rows
+		sel.Groups[g], sel.Tokens[g], sel.Rows[g] = ps, toks, rows
 	}
 	return sel
 }

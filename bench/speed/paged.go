@@ -502,9 +502,10 @@ func pagedOne(ctx context.Context, c PagedConfig, n int, logf func(string, ...an
 	for j, meth := range methods {
 		row.DecodeMs[meth] = median(steps[j])
 		st := sessions[j].Cache().(*kvcache.Paged).Stats()
-		// A token-gather arena (kvcache.TokenGather) stands where a token
-		// pool would: it counts as resident.
-		row.Resident[meth], row.ResidentByClass[meth] = st.ResidentBytes+st.ArenaBytes, st.ResidentByClass
+		// Staged token groups' buffers (kvcache.TokenStaging) are pools of
+		// the budget's size, in ResidentBytes; their document's ordered
+		// copies are document memory (Stats.OrderedBytes), not resident.
+		row.Resident[meth], row.ResidentByClass[meth] = st.ResidentBytes, st.ResidentByClass
 		row.Attended[meth] = st.AttendedBytes
 		row.UploadedPerStep[meth] = float64(st.UploadedBytes-uploaded[j]) / float64(c.DecodeTokens)
 		row.HostKV[meth] = st.HostBytes

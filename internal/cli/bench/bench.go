@@ -43,7 +43,7 @@ import (
 const usage = `usage:
   bench speed [--preset tiny,1b,gemma3-tiny | --model FILE] [--contexts 2048,8192] [--threads 1,2] [--decode 32] [--json FILE]
   bench speed --paged [--preset tiny] [--contexts 16384,32768,65536] [--threads 2] [--budget 2048] [--methods retro,quest] [--floor 2048]
-              [--hyper all|LAYERS] [--skip-dense] [--skip-llama] [--data-dir DIR] [--token-gather]
+              [--hyper all|LAYERS] [--skip-dense] [--skip-llama] [--data-dir DIR] [--token-pools]
   bench load  [--preset tiny | --model FILE] [--clients 1,4,16] [--requests 48] [--max-tokens 16] [--max-concurrent 2]
   bench ruler [--model FILE] [--tasks niah_single,...] [--lengths 4096,...,65536] [--samples 3]
               [--method dense,retro] [--budget 2048] [--out DIR]
@@ -120,13 +120,13 @@ func runSpeed(ctx context.Context, args []string) error {
 	probeSpec := fs.String("probe", "", `probe's settings as JSON, as serve takes them: '{"block_size":128,"question_weight":4,"neighbors":-1}' (default: probe's defaults)`)
 	floor := fs.Int("floor", 0, "paged: also decode densely at a context of this many tokens (issue 14's floor for a budget of as many tokens), in the same alternation, and print each method's ratio to it (0: off)")
 	dataDir := fs.String("data-dir", "", "paged: keep the ingested documents in this folder and reuse them on later runs with the same model, length and ingest (default: a temporary folder, removed)")
-	tokenGather := fs.Bool("token-gather", false, "paged: squeezed's token groups gather their tokens in the graph from a per-session host copy of the document's KV instead of token pools (kvcache.TokenGather: faster on the CPU, one more copy of the document per session)")
+	tokenPools := fs.Bool("token-pools", false, "paged: squeezed's token groups keep token pools (LRU, uploads) on the CPU too, instead of staging buffers refilled each step from the document's cluster-ordered copy (kvcache.TokenStaging off: the path before issue 14's staging, for comparison)")
 	streaming := fs.Bool("streaming", false, "paged: also ingest each document with probe's streaming prefill within --budget, timed against the dense ingest and llama.cpp (decode uses the dense document)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	if *tokenGather {
-		kvcache.TokenGather = true
+	if *tokenPools {
+		kvcache.TokenStaging = false
 	}
 	cs, err := ints(*contexts)
 	if err != nil {

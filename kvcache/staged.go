@@ -1,0 +1,617 @@
+package kvcache
+
+import (
+	"fmt"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/ollama/ollama/ml"
+
+	"github.com/kvrecall/kvrecall/paging"
+)
+
+// Token-granular groups on a host backend: a staging buffer, copied on
+// the host each pass (issue 14).
+//
+// A token pool (tokens.go) keeps tokens across passes, with an LRU over
+// its cells, per-token stamps, a plan of uploads and a mask over the
+// cells. Under squeezed's per-step selection ~86% of a KV head's tokens
+// change at every decode step, so on the CPU (pool and pages both host
+// memory) that machinery was ~5-6 ms of a ~9 ms step at 64k for copies
+// that keep nothing. A staged group instead has a buffer of the pool's
+// size, in the layout the page pools attend (so attention costs what the
+// dense floor's does):
+//
+//	k f16 [headDim, heads, cells]   token-major
+//	v f16 [cells, headDim, heads]   channel-major (permuted, as mul_mat wants)
+//
+// and each pass fills it from scratch: cells [0, n) take the batch's keys
+// and values (Put, in the graph: set_rows, V through the permuted view,
+// as the page pools do), cells [n, n+m) the m earlier tokens the
+// selection lists, copied on the host when the layer's attention is built
+// (after Put's graph in the split pass, paging.HostScores; before the
+// graph is computed otherwise). Attention reads exactly those n+m cells:
+// no mask for one token, a causal mask over the batch's cells (the rest
+// open) for more. The batch comes first because in the split pass Put's
+// graph is built before the selection says m.
+//
+// The earlier tokens come, in cell order:
+//
+//   - as runs of rows of a cluster-ordered copy of the document's KV,
+//     when the selector is a paging.TokenOrdered and its Selection lists
+//     Rows: one memmove of K and one per channel of V per run (a squeezed
+//     cluster, ~20 tokens at 64k, is one run);
+//   - the rest (positions past the order: the observation window, the
+//     question, the answer; or every token, without an order) from the
+//     host pages, in runs of consecutive positions on one page: one copy
+//     per token and head for K, one per channel for V (channel-major, as
+//     the page stores it).
+//
+// The ordered copy (orderedCopy) is document memory: built once per
+// (layer, group, order) from the pages by the first session that needs
+// it, held by the store and shared by every fork (Store.ordered), so a
+// session's own memory is its staging buffers, the budget's size.
+//
+// Non-host backends and sliding-window layers keep the token pools; so
+// does every layer with TokenStaging off.
+var TokenStaging = true
+
+// orderedCopies is the cluster-ordered copies of a document's KV, shared
+// by the stores forked from it. Every store sharing it holds the same
+// tokens [0, base) (forks share pages below the fork point; a store that
+// cuts below base, or rewrites a position below it, detaches), so a copy
+// of positions below base is valid for all of them.
+type orderedCopies struct {
+	mu     sync.Mutex
+	base   int  // positions [0, base) are the same in every sharing store
+	shared bool // handed to a fork: base can no longer rise
+	m      map[orderKey]*orderedCopy
+	bytes  atomic.Int64
+}
+
+// orderKey names one copy: the layer, the group's KV heads, and the
+// order's identity (its first element's address and length: the map holds
+// the slice, so the address is not reused while the copy lives).
+type orderKey struct {
+	layer int
+	heads string
+	order *int32
+	n     int
+}
+
+// orderedCopy is one group's keys and values of positions order[0..n) in
+// that order, f16, block by block (squeezed's clusters: the selector's
+// paging.TokenOrdered blocks; else fixed blocks of orderBlock rows), each
+// block of rows [s, e) the staging buffer's two layouts one after the
+// other, at elements [2·C·s, 2·C·e):
+//
+//	K [e-s][C]  token-major: row i is position order[s+i]'s keys
+//	V [C][e-s]  channel-major
+//	(C = heads·headDim)
+//
+// so that a run of a whole block (a cluster) is two contiguous spans, K
+// then V, one memmove for K and C for V, reading exactly its own bytes.
+// (Channel-major V over the whole order put a run's C spans on C distant
+// cache lines; fixed blocks of 64 rows still read ~60 lines for a
+// 20-token cluster's 40: per-line costs are what a step pays at 64k,
+// docs/kvcache.md.) Read-only once built.
+type orderedCopy struct {
+	once   sync.Once
+	err    error
+	order  []int32
+	bounds []int32 // block j is rows [bounds[j], bounds[j+1]); bounds[0] = 0, the last = len(order)
+	c      int     // C: elements of a row of K or V
+	kv     []uint16
+}
+
+// orderBlock is the rows of a block of an orderedCopy whose selector
+// gives no blocks.
+const orderBlock = 64
+
+// block returns the block holding row and its rows [s, e).
+func (oc *orderedCopy) block(row int) (s, e int) {
+	// The last bound at or below row (empty blocks repeat a bound).
+	j, _ := slices.BinarySearch(oc.bounds, int32(row)+1)
+	return int(oc.bounds[j-1]), int(oc.bounds[j])
+}
+
+// kAt and vAt are the indices in kv of channel ch of row's key and value
+// in its block [s, e).
+func (oc *orderedCopy) kAt(row, ch, s, e int) int { return 2*oc.c*s + (row-s)*oc.c + ch }
+func (oc *orderedCopy) vAt(row, ch, s, e int) int {
+	return 2*oc.c*s + (e-s)*oc.c + ch*(e-s) + (row - s)
+}
+
+// holder returns s's ordered copies, made if none.
+func (s *Store) holder() *orderedCopies {
+	if h := s.ordered.Load(); h != nil {
+		return h
+	}
+	h := &orderedCopies{base: s.n, m: map[orderKey]*orderedCopy{}}
+	if s.ordered.CompareAndSwap(nil, h) {
+		return h
+	}
+	return s.ordered.Load()
+}
+
+// detachOrdered drops s's share of the ordered copies if positions below
+// their base may change in s (a cut to n, or a write at n).
+func (s *Store) detachOrdered(n int) {
+	if h := s.ordered.Load(); h != nil {
+		h.mu.Lock()
+		base := h.base
+		h.mu.Unlock()
+		if n < base {
+			s.ordered.Store(nil)
+		}
+	}
+}
+
+// OrderedBytes is the host memory of the cluster-ordered copies of the
+// document's KV this store shares (staged token groups): document memory,
+// held once for all of the document's sessions.
+func (s *Store) OrderedBytes() int64 {
+	if h := s.ordered.Load(); h != nil {
+		return h.bytes.Load()
+	}
+	return 0
+}
+
+// orderedFor returns the copy of layer's group heads in order, built
+// from s's pages if it is not yet, or nil if it cannot be shared: the
+// order reaches past the positions every sharing store agrees on (the
+// group then stages every token from the pages).
+func (s *Store) orderedFor(layer int, heads []int, key string, order, blocks []int32) (*orderedCopy, error) {
+	if len(order) == 0 {
+		return nil, nil
+	}
+	h := s.holder()
+	h.mu.Lock()
+	if len(order) > h.base && !h.shared && len(order) <= s.n {
+		h.base = s.n // sole owner of an append-only store: its tokens so far are fixed
+	}
+	if len(order) > h.base {
+		h.mu.Unlock()
+		return nil, nil
+	}
+	k := orderKey{layer: layer, heads: key, order: &order[0], n: len(order)}
+	oc := h.m[k]
+	if oc == nil {
+		oc = &orderedCopy{order: order, bounds: blocks}
+		h.m[k] = oc
+	}
+	h.mu.Unlock()
+	oc.once.Do(func() {
+		if oc.err = oc.build(s, layer, heads); oc.err == nil {
+			h.bytes.Add(2 * int64(len(oc.kv)))
+		}
+	})
+	return oc, oc.err
+}
+
+// build copies the positions of oc.order from s's pages of layer, heads'
+// keys and values, after checking that the order is a permutation of
+// [0, len(order)) and the blocks ascending bounds from 0 to its end. The
+// pages are read in position order (each page once), the rows written
+// where the order puts them.
+func (oc *orderedCopy) build(s *Store, layer int, heads []int) error {
+	n, P, sr, hd := len(oc.order), s.L.PageSize, s.L.Row(), s.L.HeadDim
+	C := len(heads) * hd
+	if oc.bounds == nil {
+		for r := 0; r < n; r += orderBlock {
+			oc.bounds = append(oc.bounds, int32(r))
+		}
+		oc.bounds = append(oc.bounds, int32(n))
+	}
+	if b := oc.bounds; len(b) < 2 || b[0] != 0 || int(b[len(b)-1]) != n || !slices.IsSorted(b) {
+		return fmt.Errorf("the token order's blocks are not ascending row bounds from 0 to its %d rows", n)
+	}
+	// Each row's block, [s, e).
+	blockS, blockE := make([]int32, n), make([]int32, n)
+	for j := 0; j+1 < len(oc.bounds); j++ {
+		for r := oc.bounds[j]; r < oc.bounds[j+1]; r++ {
+			blockS[r], blockE[r] = oc.bounds[j], oc.bounds[j+1]
+		}
+	}
+	rowOf := make([]int32, n)
+	for i := range rowOf {
+		rowOf[i] = -1
+	}
+	for r, t := range oc.order {
+		if t < 0 || int(t) >= n || rowOf[t] >= 0 {
+			return fmt.Errorf("the token order is not a permutation of positions [0, %d): position %d at row %d", n, t, r)
+		}
+		rowOf[t] = int32(r)
+	}
+	oc.c = C
+	oc.kv = make([]uint16, 2*n*C)
+	for p := 0; p*P < n; p++ {
+		pg := s.pages[layer][p]
+		if pg == nil || pg.N < min(P, n-p*P) {
+			return fmt.Errorf("the token order reaches position %d, which layer %d's host pages do not hold", min(n, (p+1)*P)-1, layer)
+		}
+		for off := 0; off < P && p*P+off < n; off++ {
+			r := int(rowOf[p*P+off])
+			bs, be := int(blockS[r]), int(blockE[r])
+			for i, h := range heads {
+				copy(oc.kv[oc.kAt(r, i*hd, bs, be):][:hd], pg.K[off*sr+h*hd:][:hd])
+			}
+		}
+		for i, h := range heads {
+			for d := range hd {
+				src := pg.V[(h*hd+d)*P:][:P]
+				for off := 0; off < P && p*P+off < n; off++ {
+					r := int(rowOf[p*P+off])
+					oc.kv[oc.vAt(r, i*hd+d, int(blockS[r]), int(blockE[r]))] = src[off]
+				}
+			}
+		}
+	}
+	return nil
+}
+
+// stagedOK reports whether layer's token-granular groups are staged:
+// TokenStaging, a backend, a global layer (a windowed layer drops host
+// pages), not refused host memory before, and a token-granular group.
+func (c *Paged) stagedOK(layer int) bool {
+	if !TokenStaging || c.b == nil || (c.noStage != nil && c.noStage[layer]) || c.SlidingWindow(layer) > 0 {
+		return false
+	}
+	return slices.ContainsFunc(c.layers[layer].groups, func(g *group) bool { return g.Tokens })
+}
+
+// stagingFor returns g's staging buffer (a pool marked staged, its page
+// maps unused), made or grown to the cells a token pool of its budget
+// would have, or nil if the backend does not give it host memory.
+func (c *Paged) stagingFor(layer int, g *group) *pool {
+	want := c.slotsFor(g)
+	if g.pool != nil && (!g.pool.staged || g.pool.slots < want) {
+		g.pool.close()
+		g.pool = nil
+	}
+	if g.pool == nil {
+		pl := newPool(c.b, c.L, layer, len(g.heads), want, false)
+		if pl.hk == nil {
+			pl.close()
+			return nil
+		}
+		pl.staged = true
+		g.pool = pl
+	}
+	return g.pool
+}
+
+// startStaged readies layer's token-granular groups for a staged pass of
+// the batch; it returns false (and marks the layer for token pools) if
+// the backend keeps tensors out of host memory.
+func (c *Paged) startStaged(layer int) bool {
+	for _, g := range c.layers[layer].groups {
+		if !g.Tokens {
+			continue
+		}
+		if c.stagingFor(layer, g) == nil {
+			c.noStage[layer] = true
+			return false
+		}
+	}
+	if len(c.seqCells) < c.n {
+		c.seqCells = make([]int32, c.n)
+		for i := range c.seqCells {
+			c.seqCells[i] = int32(i)
+		}
+	}
+	for _, g := range c.layers[layer].groups {
+		if g.staged = g.Tokens; g.staged {
+			g.sel, g.tok, g.rows, g.uploads, g.tups = nil, nil, nil, nil, nil
+			g.filled = -1
+			g.cells = c.seqCells[:c.n] // Put writes the batch into cells [0, n)
+		}
+	}
+	return true
+}
+
+// setStaged checks a staged group's selection beyond setSelection's: the
+// earlier tokens and the batch fit its cells, and Rows (if listed) are
+// valid runs of the selector's order whose count is the tokens below the
+// order's end; it then finds the ordered copy the runs read. i is the
+// group's index.
+func (c *Paged) setStaged(layer, i int, g *group, rows []int32) error {
+	earlier := countBelow(g.tok, c.pos0)
+	if cells := g.pool.slots * c.L.PageSize; earlier+c.n > cells {
+		return fmt.Errorf("%d selected tokens and a batch of %d do not fit the group's staging buffer of %d cells", earlier, c.n, cells)
+	}
+	g.rows, g.ocopy = nil, nil
+	if rows == nil {
+		return nil
+	}
+	to, ok := c.opt.Selector.(paging.TokenOrdered)
+	if !ok {
+		// A wrapper that passes an inner method's Rows through without
+		// its order (a test's recorder): the tokens are all there, so
+		// they are staged from the pages.
+		return nil
+	}
+	order, blocks := to.TokenOrder(layer, i)
+	if err := checkRows(rows, order, g.tok); err != nil {
+		return err
+	}
+	if g.okey == "" {
+		g.okey = fmt.Sprint(g.heads)
+	}
+	oc, err := c.store.orderedFor(layer, g.heads, g.okey, order, blocks)
+	if err != nil {
+		return err
+	}
+	if oc != nil && len(order) <= c.pos0 {
+		g.rows, g.ocopy = rows, oc
+	}
+	return nil
+}
+
+// countBelow is the number of sorted toks below limit.
+func countBelow(toks []int32, limit int) int {
+	n, _ := slices.BinarySearch(toks, int32(limit))
+	return n
+}
+
+// checkRows reports runs that are not sorted, disjoint (they may touch),
+// non-empty half-open pairs within order, or whose rows do not number the listed
+// tokens below len(order) (the rest of toks must be the positions at or
+// past it). Which positions the rows are is checked by CheckInvariants
+// (checkStaged), not at every pass.
+func checkRows(rows, order []int32, toks []int32) error {
+	if order == nil {
+		return fmt.Errorf("the selection lists rows, but the selector gives the group no token order")
+	}
+	if len(rows)%2 != 0 {
+		return fmt.Errorf("%d row bounds: not [start, end) pairs", len(rows))
+	}
+	n := 0
+	for i := 0; i < len(rows); i += 2 {
+		a, b := rows[i], rows[i+1]
+		if a < 0 || b <= a || int(b) > len(order) || (i > 0 && a < rows[i-1]) {
+			return fmt.Errorf("row run %d [%d, %d) is empty, out of the order's %d rows, or overlaps or precedes the last", i/2, a, b, len(order))
+		}
+		n += int(b - a)
+	}
+	if want := countBelow(toks, len(order)); n != want {
+		return fmt.Errorf("the row runs hold %d tokens, the selection lists %d below the order's end %d", n, want, len(order))
+	}
+	return nil
+}
+
+// fillStaged copies g's selected earlier tokens into its staging buffer,
+// cells [n, n+m) (the runs of at least shortRun rows of the ordered copy
+// first, then the shorter runs' positions sorted, then the tokens past
+// the order, both from the pages), and returns m.
+func (c *Paged) fillStaged(l int, g *group) int {
+	pl := g.pool
+	P, r := c.L.PageSize, pl.row
+	cells := pl.slots * P
+	at := c.n
+	loose := g.tok
+	var short []int32
+	if oc := g.ocopy; oc != nil {
+		rows := len(oc.order)
+		short = c.shortPos[:0]
+		for i := 0; i < len(g.rows); i += 2 {
+			if g.rows[i+1]-g.rows[i] < shortRun {
+				short = append(short, oc.order[g.rows[i]:g.rows[i+1]]...)
+				continue
+			}
+			for a, b := int(g.rows[i]), int(g.rows[i+1]); a < b; {
+				// The part of the run in a's block [bs, be).
+				bs, be := oc.block(a)
+				e := min(b, be)
+				w := e - a
+				copy(pl.hk[at*r:(at+w)*r], oc.kv[oc.kAt(a, 0, bs, be):][:w*r])
+				v := oc.vAt(a, 0, bs, be)
+				for ch := range r {
+					copy(pl.hv[ch*cells+at:][:w], oc.kv[v+ch*(be-bs):][:w])
+				}
+				at, a = at+w, e
+			}
+		}
+		c.stagedCopy.Add(int64(at - c.n))
+		loose = g.tok[countBelow(g.tok, rows):]
+		slices.Sort(short)
+		c.shortPos = short
+	}
+	from := at
+	at = c.stageFromPages(l, g, short, at)
+	at = c.stageFromPages(l, g, loose, at)
+	c.stagedPages.Add(int64(at - from))
+	g.filled = at - c.n
+	return g.filled
+}
+
+// shortRun is the fewest rows a run must have to be copied from the
+// ordered copy. A shorter run (a sink, a tail token inside the clusters:
+// single rows of random clusters) has its V spread over C spans of its
+// block, ~20 lines for 2·C bytes, and C copies; its positions are taken
+// from the pages instead, sorted, where the sinks are consecutive (a few
+// page runs for all of them).
+const shortRun = 4
+
+// stageFromPages copies the positions toks (sorted; those from pos0 on,
+// the batch's, are skipped) from layer l's host pages into g's staging
+// cells from at, in runs of consecutive positions on one page, and
+// returns the next cell.
+func (c *Paged) stageFromPages(l int, g *group, toks []int32, at int) int {
+	pl := g.pool
+	P, sr, r := c.L.PageSize, c.L.Row(), pl.row
+	cells := pl.slots * P
+	for i := 0; i < len(toks) && int(toks[i]) < c.pos0; {
+		t := int(toks[i])
+		p, off := t/P, t%P
+		j := i + 1
+		for j < len(toks) && int(toks[j]) == t+j-i && int(toks[j])/P == p && int(toks[j]) < c.pos0 {
+			j++
+		}
+		w := j - i
+		pg := c.store.pages[l][p]
+		// appendKeys appends into a slice of the buffer of length 0 whose
+		// capacity runs to its end: it writes in place.
+		c.appendKeys(pl.hk[at*r:at*r], g, pg.K[off*sr:], w)
+		for ch := range r {
+			sc := c.channel(g, ch)
+			copy(pl.hv[ch*cells+at:][:w], pg.V[sc*P+off:][:w])
+		}
+		at += w
+		i = j
+	}
+	return at
+}
+
+// stagedKV is groupKV for a staged group: fills its buffer and returns
+// views of its n+m cells (the batch's first, written by Put) and the
+// mask.
+//
+//	key [headDim, heads, n+m], value [n+m, headDim, heads], mask [n+m, batch] (nil for one token)
+func (c *Paged) stagedKV(ctx ml.Context, l int, g *group) (ml.Tensor, ml.Tensor, ml.Tensor) {
+	if g.tok == nil {
+		panic(fmt.Sprintf("kvcache: layer %d has no token selection (queries were not given)", l))
+	}
+	t0 := time.Now()
+	m := c.fillStaged(l, g)
+	c.hostWrites.Add(int64(time.Since(t0)))
+	pl, n, heads := g.pool, c.n, len(g.heads)
+	cells := n + m
+	k := pl.k.View(ctx, 0, c.L.HeadDim, pl.k.Stride(1), heads, pl.k.Stride(2), cells)
+	v := pl.v.View(ctx, 0, cells, pl.v.Stride(1), c.L.HeadDim, pl.v.Stride(2), heads)
+	if n == 1 {
+		return k, v, nil
+	}
+	return k, v, c.stagedMask(ctx, n, m)
+}
+
+// stagedMask is a staged group's mask [n+m, n]: the batch's cells
+// causal, the m earlier tokens after them open to every row. Groups of a
+// graph with the same m share it.
+func (c *Paged) stagedMask(ctx ml.Context, n, m int) ml.Tensor {
+	if sm := &c.smask; sm.ctx == ctx && sm.m == m {
+		return sm.t
+	}
+	t := causalMask(ctx, 0, n, n) // [n, n]
+	if m > 0 {
+		zero := ctx.Input().FromFloats([]float32{0}, 1, 1)
+		t = t.Concat(ctx, zero.Pad(ctx, m-1, n-1, 0, 0), 0)
+	}
+	c.smask.ctx, c.smask.m, c.smask.t = ctx, m, t
+	return t
+}
+
+// checkStaged reports broken invariants of a staged group (at names the
+// layer and group): a staged buffer in host memory of the cells its
+// budget sizes; its selection lists tokens, and they and the batch fit;
+// its rows are valid runs of the order whose positions are exactly the
+// listed tokens below the order's end; the ordered copy matches the host
+// pages on a sample of rows; and once the pass's attention was built,
+// the cells hold what the pass listed, in order, the same f16 bytes as
+// the pages (the batch's cells once the pass is computed).
+func (c *Paged) checkStaged(at string, l int, g *group) []error {
+	var errs []error
+	pl := g.pool
+	if pl == nil || !pl.staged || pl.hk == nil || !g.Tokens {
+		return append(errs, fmt.Errorf("%s: a staged group needs a staging buffer in host memory and a token-granular group", at))
+	}
+	P, sr, hd, r := c.L.PageSize, c.L.Row(), c.L.HeadDim, pl.row
+	cells := pl.slots * P
+	if pl.slots < c.slotsFor(g) {
+		errs = append(errs, fmt.Errorf("%s: a staging buffer of %d slots, want %d", at, pl.slots, c.slotsFor(g)))
+	}
+	if g.sel != nil && g.tok == nil {
+		errs = append(errs, fmt.Errorf("%s: a token-granular group has a selection without tokens", at))
+	}
+	if earlier := countBelow(g.tok, c.pos0); earlier+c.n > cells {
+		errs = append(errs, fmt.Errorf("%s: %d tokens and a batch of %d in %d cells", at, earlier, c.n, cells))
+	}
+	// The positions the cells hold, in cell order after the batch's.
+	var pos []int32
+	loose := g.tok
+	if oc := g.ocopy; oc != nil {
+		if err := checkRows(g.rows, oc.order, g.tok); err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", at, err))
+			return errs
+		}
+		var short []int32
+		for i := 0; i < len(g.rows); i += 2 {
+			if run := oc.order[g.rows[i]:g.rows[i+1]]; len(run) < shortRun {
+				short = append(short, run...)
+			} else {
+				pos = append(pos, run...)
+			}
+		}
+		sorted := slices.Sorted(slices.Values(append(slices.Clone(pos), short...)))
+		slices.Sort(short)
+		pos = append(pos, short...) // the cells' order: long runs, then short runs' positions sorted
+		if n := countBelow(g.tok, len(oc.order)); !slices.Equal(sorted, g.tok[:n]) {
+			errs = append(errs, fmt.Errorf("%s: the row runs hold other positions than the %d tokens listed below %d", at, n, len(oc.order)))
+		}
+		loose = g.tok[countBelow(g.tok, len(oc.order)):]
+		// A sample of the copy's rows against the pages.
+		n := len(oc.order)
+		for _, row := range []int{0, n / 3, n / 2, n - 1} {
+			t := int(oc.order[row])
+			pg := c.store.pages[l][t/P]
+			for i, h := range g.heads {
+				for d := range hd {
+					ch := i*hd + d
+					bs, be := oc.block(row)
+					if oc.kv[oc.kAt(row, ch, bs, be)] != pg.K[(t%P)*sr+h*hd+d] || oc.kv[oc.vAt(row, ch, bs, be)] != pg.V[(h*hd+d)*P+t%P] {
+						errs = append(errs, fmt.Errorf("%s: the ordered copy's row %d (position %d) differs from the host page", at, row, t))
+						return errs
+					}
+				}
+			}
+		}
+	}
+	for _, t := range loose {
+		if int(t) < c.pos0 {
+			pos = append(pos, t)
+		}
+	}
+	if g.filled < 0 {
+		return errs // the pass's attention is not built yet
+	}
+	if g.filled != len(pos) {
+		return append(errs, fmt.Errorf("%s: %d cells filled, the selection lists %d earlier tokens", at, g.filled, len(pos)))
+	}
+	cell := func(ci, t int) error {
+		pg := c.store.pages[l][t/P]
+		for i, h := range g.heads {
+			for d := range hd {
+				ch := i*hd + d
+				if pl.hk[ci*r+ch] != pg.K[(t%P)*sr+h*hd+d] || pl.hv[ch*cells+ci] != pg.V[(h*hd+d)*P+t%P] {
+					return fmt.Errorf("%s: staged cell %d differs from position %d on the host page", at, ci, t)
+				}
+			}
+		}
+		return nil
+	}
+	for i, t := range pos {
+		if err := cell(c.n+i, int(t)); err != nil {
+			return append(errs, err)
+		}
+	}
+	if c.written == c.L.Layers { // computed: the batch is on the pages
+		for i := range c.n {
+			if err := cell(i, c.pos0+i); err != nil {
+				return append(errs, err)
+			}
+		}
+	}
+	return errs
+}
+
+// stagedCells is Put's set_rows index for staged groups, I32 [n] holding
+// 0..n-1: one input per graph, shared by the layer's groups.
+func (c *Paged) stagedCells(ctx ml.Context) ml.Tensor {
+	if sc := &c.scells; sc.ctx == ctx {
+		return sc.t
+	}
+	c.scells.ctx, c.scells.t = ctx, ctx.Input().FromInts(c.seqCells[:c.n], c.n)
+	return c.scells.t
+}

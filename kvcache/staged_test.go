@@ -1,0 +1,430 @@
+package kvcache_test
+
+import (
+	"context"
+	"math"
+	"math/rand/v2"
+	"slices"
+	"sync"
+	"testing"
+
+	"github.com/ollama/ollama/ml"
+	"github.com/ollama/ollama/model/input"
+	"github.com/stretchr/testify/require"
+
+	"github.com/kvrecall/kvrecall/foundry"
+	"github.com/kvrecall/kvrecall/internal/testmodels"
+	"github.com/kvrecall/kvrecall/kvcache"
+	"github.com/kvrecall/kvrecall/paging"
+	"github.com/kvrecall/kvrecall/runtime"
+)
+
+// orderedTokenSelector is a funcTokenSelector with a token order per
+// group (paging.TokenOrdered) and row runs in its selections, as squeezed
+// gives them: pick returns a group's tokens and its runs of the order.
+type orderedTokenSelector struct {
+	c      paging.Config
+	groups []paging.Group
+	order  [][]int32
+	blocks []int32 // nil: the cache's fixed blocks
+	pick   func(group, upto int) (toks, rows []int32)
+}
+
+func (s *orderedTokenSelector) Name() string              { return "ordered-tokens" }
+func (s *orderedTokenSelector) Config() paging.Config     { return s.c }
+func (s *orderedTokenSelector) Groups(int) []paging.Group { return s.groups }
+func (s *orderedTokenSelector) NeedQueries(_, _ int) bool { return false }
+func (s *orderedTokenSelector) TokenOrder(_ int, group int) ([]int32, []int32) {
+	return s.order[group], s.blocks
+}
+func (s *orderedTokenSelector) Select(_ int, _ paging.Summaries, _ *paging.Queries, upto int) paging.Selection {
+	var out paging.Selection
+	for g := range s.groups {
+		toks, rows := s.pick(g, upto)
+		var pages []int
+		for _, t := range toks {
+			if p := int(t) / tPage; len(pages) == 0 || pages[len(pages)-1] != p {
+				pages = append(pages, p)
+			}
+		}
+		out.Groups = append(out.Groups, pages)
+		out.Tokens = append(out.Tokens, toks)
+		out.Rows = append(out.Rows, rows)
+	}
+	return out
+}
+
+// tOrder is the ordered selector's order length: positions [0, tOrder)
+// are "clustered" in blocks of tBlock rows.
+const tOrder, tBlock = 160, 8
+
+// tBlocks are the ordered selector's blocks, tBlock rows each but for a
+// few of other sizes (an empty one, a long one), where it gives them.
+var tBlocks = []int32{0, 8, 16, 16, 24, 56, 64, 72, 80, 88, 96, 104, 112, 120, 128, 136, 144, 152, 160}
+
+// orderedPick returns a group's choice at upto under a random order
+// (orders[g], a permutation of [0, tOrder)): before the order is written,
+// random tokens and no rows; after, three random blocks of tBlock rows
+// (sometimes two neighbours: one run across the edge of the cache's
+// 64-row blocks), the "sinks" 0..3 (each a single row of the order: short
+// runs, which the cache takes from the pages) and random tokens past the
+// order. The rows are marked, then read back as maximal runs.
+func orderedPick(orders [][]int32) func(g, upto int) ([]int32, []int32) {
+	rowOf := make([][]int32, len(orders))
+	for g, o := range orders {
+		rowOf[g] = make([]int32, len(o))
+		for r, p := range o {
+			rowOf[g][p] = int32(r)
+		}
+	}
+	return func(g, upto int) ([]int32, []int32) {
+		r := rand.New(rand.NewPCG(uint64(upto), uint64(g)+10))
+		var toks []int32
+		if upto < tOrder+1 {
+			for range 24 {
+				toks = append(toks, int32(r.IntN(upto)))
+			}
+			slices.Sort(toks)
+			return slices.Compact(toks), nil
+		}
+		marked := make([]bool, tOrder)
+		for range 3 {
+			b := r.IntN(tOrder / tBlock)
+			for x := b * tBlock; x < (b+1)*tBlock; x++ {
+				marked[x] = true
+			}
+		}
+		if upto%3 == 0 { // two neighbours: a run across a block edge (rows 56..72)
+			for x := 56; x < 72; x++ {
+				marked[x] = true
+			}
+		}
+		for t := range 4 {
+			marked[rowOf[g][t]] = true
+		}
+		rows := []int32{}
+		for x := 0; x < tOrder; x++ {
+			if !marked[x] {
+				continue
+			}
+			if n := len(rows); n > 0 && rows[n-1] == int32(x) {
+				rows[n-1]++
+			} else {
+				rows = append(rows, int32(x), int32(x+1))
+			}
+			toks = append(toks, orders[g][x])
+		}
+		for range 8 {
+			toks = append(toks, int32(tOrder+r.IntN(upto-tOrder)))
+		}
+		slices.Sort(toks)
+		return slices.Compact(toks), rows
+	}
+}
+
+// Token-granular groups (paging.Group.Tokens) on the CPU backend: each
+// pass attends to a new set of earlier tokens per group (head groups of
+// two KV heads), over passes of 1-80 tokens and a cut back into what was
+// attended, continued with other keys and values. Every path matches
+// float64 attention over exactly the listed positions:
+//
+//   - token pools too small for the prompt (evicted tokens come back),
+//     with uploads as host copies, copy runs and one set_rows scatter
+//     (TokenStaging off);
+//   - staged groups (TokenStaging, the default on the CPU), every token
+//     from the host pages (a selector without an order);
+//   - staged groups reading runs of a cluster-ordered copy (a
+//     paging.TokenOrdered selector with Rows), whose copy is made once
+//     the order's positions are written, dropped by the cut below it and
+//     made again from the new keys.
+//
+// The invariants (checkStaged: cells equal to the pages, rows valid, the
+// copy equal to the pages) hold after every pass; staged and pooled
+// outputs agree pass by pass.
+func TestTokenPoolsMatchFloat64Reference(t *testing.T) {
+	m, err := runtime.Open(context.Background(), testmodels.Random(t, "llama", "tiny", foundry.F32, 4, false), runtime.Options{Threads: 2, ContextLength: 512})
+	require.NoError(t, err)
+	defer m.Close()
+	b := m.Backend()
+	groups := []paging.Group{{KVHeads: []int{0, 2}, Budget: 32, Tokens: true}, {KVHeads: []int{1, 3}, Budget: 32, Tokens: true}}
+	cfg := paging.Config{PageSize: tPage, Sinks: 4, Window: 4}
+	plain := func(g, upto int) ([]int32, []int32) {
+		r := rand.New(rand.NewPCG(uint64(upto), uint64(g)))
+		var out []int32
+		for range 24 {
+			out = append(out, int32(r.IntN(upto)))
+		}
+		slices.Sort(out)
+		return slices.Compact(out), nil
+	}
+	orders := make([][]int32, len(groups))
+	for g := range orders {
+		orders[g] = make([]int32, tOrder)
+		for i, p := range rand.New(rand.NewPCG(5, uint64(g))).Perm(tOrder) {
+			orders[g][i] = int32(p)
+		}
+	}
+	ordered := orderedPick(orders)
+	outs := map[string][][][]float32{} // mode -> pass -> the pass's attention output
+	for _, mode := range []struct {
+		name    string
+		runs    int  // kvcache.MaxUploadRuns
+		host    bool // kvcache.HostUploads
+		staging bool // kvcache.TokenStaging
+		ordered bool // the selector has a token order and lists rows
+	}{
+		{"pools, host copies", kvcache.MaxUploadRuns, true, false, false},
+		{"pools, copy runs", kvcache.MaxUploadRuns, false, false, false},
+		{"pools, set_rows scatter", 0, false, false, false},
+		{"staged from pages", kvcache.MaxUploadRuns, true, true, false},
+		{"pools, ordered selector", kvcache.MaxUploadRuns, true, false, true},
+		{"staged from the ordered copy", kvcache.MaxUploadRuns, true, true, true},
+	} {
+		t.Run(mode.name, func(t *testing.T) {
+			defer func(old int, h, s bool) {
+				kvcache.MaxUploadRuns, kvcache.HostUploads, kvcache.TokenStaging = old, h, s
+			}(kvcache.MaxUploadRuns, kvcache.HostUploads, kvcache.TokenStaging)
+			kvcache.MaxUploadRuns, kvcache.HostUploads, kvcache.TokenStaging = mode.runs, mode.host, mode.staging
+			pick := plain
+			var sel paging.Selector = &funcTokenSelector{c: cfg, groups: groups, tok: func(g, upto int) []int32 { toks, _ := plain(g, upto); return toks }}
+			if mode.ordered {
+				pick = ordered
+				sel = &orderedTokenSelector{c: cfg, groups: groups, order: orders, pick: ordered}
+			}
+			c, err := kvcache.NewPaged(kvcache.Options{Layout: tLayout, Heads: tHeads, Selector: sel, Capacity: 512, MaxBatch: 96})
+			require.NoError(t, err)
+			defer c.Close()
+			c.Init(b, ml.DTypeF16, 1, 512, 96)
+			r := rand.New(rand.NewPCG(31, 32))
+			batches := []int{80, 80, 80, 1, 1, 3, 1, 1}
+			total := 0
+			for _, n := range batches {
+				total += n
+			}
+			q := randoms(r, total*tHeads*tDim)
+			k := randoms(r, total*tKV*tDim)
+			v := randoms(r, total*tKV*tDim)
+			split := func(x []float32, per, from, to int) []float32 { return x[from*per : to*per] }
+			// step runs the pass of tokens [pos0, pos0+n) (queries qs) and
+			// checks it against float64 attention over k and v.
+			step := func(pos0, n int, qs, k, v []float32, what string) {
+				end := pos0 + n
+				got := pass(t, b, c, pos0, qs, split(k, tKV*tDim, pos0, end), split(v, tKV*tDim, pos0, end))
+				want := referenceAt(qs, k, v, pos0, func(g, p int) bool {
+					toks, _ := pick(g%2, end)
+					return p >= pos0 || slices.Contains(toks, int32(p))
+				})
+				worst := 0.0
+				for i := range got {
+					for j := range got[i] {
+						worst = math.Max(worst, math.Abs(float64(got[i][j])-want[i][j]))
+					}
+				}
+				require.Less(t, worst, 2e-3, "%s: tokens %d..%d", what, pos0, end)
+				require.NoError(t, c.CheckInvariants())
+				outs[mode.name] = append(outs[mode.name], got)
+			}
+			pos0 := 0
+			for _, n := range batches {
+				step(pos0, n, split(q, tHeads*tDim, pos0, pos0+n), k, v, "first pass")
+				pos0 += n
+			}
+			fromCopy := c.Stats().StagedFromCopy
+			// Cut into what was attended (and into the order's positions)
+			// and continue with other keys and values from there: every
+			// path must forget the dropped tokens, and the ordered copy,
+			// made of the old keys, must not be read again.
+			const cut = 150
+			require.NoError(t, c.Remove(0, cut, math.MaxInt32))
+			require.Zero(t, c.Stats().OrderedBytes, "the cut dropped the copy of positions it changes")
+			more := []int{1, 5, 14, 1, 3}
+			extra := 0
+			for _, n := range more {
+				extra += n
+			}
+			k = append(slices.Clone(k[:cut*tKV*tDim]), randoms(r, extra*tKV*tDim)...)
+			v = append(slices.Clone(v[:cut*tKV*tDim]), randoms(r, extra*tKV*tDim)...)
+			q2 := randoms(r, extra*tHeads*tDim)
+			pos0 = cut
+			for _, n := range more {
+				step(pos0, n, split(q2, tHeads*tDim, pos0-cut, pos0-cut+n), k, v, "after the cut")
+				pos0 += n
+			}
+			st := c.Stats()
+			t.Logf("%d tokens uploaded, %d bytes; resident %d bytes; staged %d from the copy, %d from pages; ordered copies %d bytes",
+				st.TokenUploads, st.UploadedBytes, st.ResidentBytes, st.StagedFromCopy, st.StagedFromPages, st.OrderedBytes)
+			require.Positive(t, st.ResidentBytes, "a pool or a staging buffer per group")
+			if mode.staging {
+				require.Zero(t, st.TokenUploads, "staged: nothing uploaded")
+				require.Positive(t, st.StagedFromPages)
+				if mode.ordered {
+					require.Positive(t, fromCopy, "runs read from the copy before the cut")
+					require.Greater(t, st.StagedFromCopy, fromCopy, "and from the copy made again after it")
+					require.Equal(t, int64(len(groups)*tOrder*2*tDim*2*2), st.OrderedBytes, "one copy per group: its heads' keys and values, f16, in blocks of 64 rows")
+				} else {
+					require.Zero(t, st.StagedFromCopy)
+					require.Zero(t, st.OrderedBytes)
+				}
+				return
+			}
+			require.Zero(t, st.OrderedBytes+st.StagedFromCopy+st.StagedFromPages, "pools read no copy")
+			require.Positive(t, st.TokenUploads, "evicted tokens came back")
+			require.Zero(t, st.Uploads, "no page was uploaded")
+			require.Equal(t, st.TokenUploads*2*tDim*2*2, st.UploadedBytes)
+		})
+	}
+	// Staged against pooled, pass by pass: the same f16 keys and values,
+	// the same positions, summed in another cell order.
+	for _, pair := range [][2]string{{"pools, host copies", "staged from pages"}, {"pools, ordered selector", "staged from the ordered copy"}} {
+		t.Run(pair[1]+" vs "+pair[0], func(t *testing.T) {
+			pools, staged := outs[pair[0]], outs[pair[1]]
+			require.NotEmpty(t, pools, "compares the %q subtest's outputs: run it too", pair[0])
+			require.NotEmpty(t, staged, "compares the %q subtest's outputs: run it too", pair[1])
+			require.Len(t, staged, len(pools))
+			worst := 0.0
+			for p := range pools {
+				for i := range pools[p] {
+					for j := range pools[p][i] {
+						worst = math.Max(worst, math.Abs(float64(pools[p][i][j]-staged[p][i][j])))
+					}
+				}
+			}
+			t.Logf("max |staged - pools| over %d passes: %.2g", len(pools), worst)
+			require.Less(t, worst, 1e-3)
+		})
+	}
+}
+
+// Two sessions forked from one document share its cluster-ordered copy:
+// both make it at once at their first step (one copy is built), both
+// decode correctly against float64 attention (each with its own
+// continuation), and the copy is document memory (the same bytes in both
+// sessions' Stats and in the document's store), not resident.
+func TestStagedForksShareOrderedCopy(t *testing.T) {
+	m, err := runtime.Open(context.Background(), testmodels.Random(t, "llama", "tiny", foundry.F32, 4, false), runtime.Options{Threads: 2, ContextLength: 512})
+	require.NoError(t, err)
+	defer m.Close()
+	b := m.Backend()
+	defer func(s bool) { kvcache.TokenStaging = s }(kvcache.TokenStaging)
+	kvcache.TokenStaging = true
+	groups := []paging.Group{{KVHeads: []int{0, 2}, Budget: 32, Tokens: true}, {KVHeads: []int{1, 3}, Budget: 32, Tokens: true}}
+	cfg := paging.Config{PageSize: tPage, Sinks: 4, Window: 4}
+	orders := make([][]int32, len(groups))
+	for g := range orders {
+		orders[g] = make([]int32, tOrder)
+		for i, p := range rand.New(rand.NewPCG(6, uint64(g))).Perm(tOrder) {
+			orders[g][i] = int32(p)
+		}
+	}
+	pick := orderedPick(orders)
+	const docLen = 192
+	r := rand.New(rand.NewPCG(41, 42))
+	split := func(x []float32, per, from, to int) []float32 { return x[from*per : to*per] }
+	dq, dk, dv := randoms(r, docLen*tHeads*tDim), randoms(r, docLen*tKV*tDim), randoms(r, docLen*tKV*tDim)
+	writer, err := kvcache.NewPaged(kvcache.Options{Layout: tLayout, Heads: tHeads, Capacity: 512, MaxBatch: 96,
+		Selector: &fixedSelector{c: cfg, groups: []paging.Group{{}}, pages: [][]int{nil}}})
+	require.NoError(t, err)
+	defer writer.Close()
+	writer.Init(b, ml.DTypeF16, 1, 512, 96)
+	for pos0 := 0; pos0 < docLen; pos0 += 96 {
+		pass(t, b, writer, pos0, split(dq, tHeads*tDim, pos0, pos0+96), split(dk, tKV*tDim, pos0, pos0+96), split(dv, tKV*tDim, pos0, pos0+96))
+	}
+	doc := writer.Store()
+
+	type session struct {
+		c       *kvcache.Paged
+		q, k, v []float32 // the session's queries from docLen on; keys and values from 0
+	}
+	batches := []int{1, 1, 4, 1}
+	extra := 0
+	for _, n := range batches {
+		extra += n
+	}
+	var ss []*session
+	for range 2 {
+		c, err := kvcache.NewPaged(kvcache.Options{Layout: tLayout, Heads: tHeads, Capacity: 512, MaxBatch: 96, Prefix: doc,
+			Selector: &orderedTokenSelector{c: cfg, groups: groups, order: orders, blocks: tBlocks, pick: pick}})
+		require.NoError(t, err)
+		defer c.Close()
+		c.Init(b, ml.DTypeF16, 1, 512, 96)
+		ss = append(ss, &session{c: c, q: randoms(r, extra*tHeads*tDim),
+			k: append(slices.Clone(dk), randoms(r, extra*tKV*tDim)...), v: append(slices.Clone(dv), randoms(r, extra*tKV*tDim)...)})
+	}
+	check := func(s *session, pos0, n int, got [][]float32) {
+		end := pos0 + n
+		want := referenceAt(split(s.q, tHeads*tDim, pos0-docLen, end-docLen), s.k, s.v, pos0, func(g, p int) bool {
+			toks, _ := pick(g%2, end)
+			return p >= pos0 || slices.Contains(toks, int32(p))
+		})
+		worst := 0.0
+		for i := range got {
+			for j := range got[i] {
+				worst = math.Max(worst, math.Abs(float64(got[i][j])-want[i][j]))
+			}
+		}
+		require.Less(t, worst, 2e-3, "tokens %d..%d", pos0, end)
+	}
+	// The first step of both sessions: StartForward chooses the tokens
+	// and makes the ordered copy, at once in both; the graphs are then
+	// built and computed one after the other (one backend).
+	ctxs := make([]ml.Context, len(ss))
+	errs := make([]error, len(ss))
+	var wg sync.WaitGroup
+	for i, s := range ss {
+		ctxs[i] = b.NewContext()
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs[i] = s.c.StartForward(ctxs[i], input.Batch{Positions: []int32{docLen}, Sequences: []int{0}}, false)
+		}()
+	}
+	wg.Wait()
+	for i, s := range ss {
+		require.NoError(t, errs[i])
+		got := finishPass(t, ctxs[i], s.c, split(s.q, tHeads*tDim, 0, 1), split(s.k, tKV*tDim, docLen, docLen+1), split(s.v, tKV*tDim, docLen, docLen+1))
+		ctxs[i].Close()
+		check(s, docLen, 1, got)
+	}
+	pos0 := docLen + batches[0]
+	for _, n := range batches[1:] {
+		for _, s := range ss {
+			got := pass(t, b, s.c, pos0, split(s.q, tHeads*tDim, pos0-docLen, pos0-docLen+n), split(s.k, tKV*tDim, pos0, pos0+n), split(s.v, tKV*tDim, pos0, pos0+n))
+			check(s, pos0, n, got)
+		}
+		pos0 += n
+	}
+	copyBytes := int64(len(groups) * tOrder * 2 * tDim * 2 * 2)
+	require.Equal(t, copyBytes, doc.OrderedBytes(), "one copy per group, held by the document")
+	for i, s := range ss {
+		st := s.c.Stats()
+		require.Equal(t, copyBytes, st.OrderedBytes, "session %d reports the document's copy", i)
+		require.Positive(t, st.StagedFromCopy, "session %d read runs of the copy", i)
+		require.Zero(t, st.TokenUploads)
+		slots := 32/tPage + 1 + 3 // the budget's pages, the largest batch's, slack (slotsFor)
+		require.Equal(t, int64(len(groups)*slots*tPage*2*tDim*2*2), st.ResidentBytes, "session %d holds its staging buffers only", i)
+	}
+}
+
+// finishPass is pass after StartForward: builds and computes the layer's
+// attention in ctx and returns the output [batch][heads*dim].
+func finishPass(t *testing.T, ctx ml.Context, c *kvcache.Paged, q, k, v []float32) [][]float32 {
+	t.Helper()
+	n := len(q) / (tHeads * tDim)
+	require.NoError(t, c.CheckInvariants())
+	c.SetLayer(0)
+	qt := ctx.Input().FromFloats(q, tDim, tHeads, n)
+	kt := ctx.Input().FromFloats(k, tDim, tKV, n)
+	vt := ctx.Input().FromFloats(v, tDim, tKV, n)
+	out := c.Attention(ctx, 0, qt, kt, vt, 1/math.Sqrt(tDim))
+	res := ctx.Input().Empty(ml.DTypeF32, tDim, tHeads, n)
+	ts := append([]ml.Tensor{out.Copy(ctx, res), res}, c.Outputs(ctx)...)
+	ctx.Forward(ts...).Compute(ts...)
+	require.NoError(t, c.Computed(ctx))
+	require.NoError(t, c.CheckInvariants())
+	flat := res.Floats()
+	rows := make([][]float32, n)
+	for i := range rows {
+		rows[i] = flat[i*tHeads*tDim : (i+1)*tHeads*tDim]
+	}
+	return rows
+}
