@@ -491,8 +491,16 @@ func (c *Paged) Remove(seq int, beginIndex, endIndex int32) error {
 	for l := range c.layers {
 		for _, g := range c.layers[l].groups {
 			p := g.pool
-			if p == nil || p.staged {
-				continue // a staging buffer is filled afresh each pass
+			if p != nil && p.staged {
+				// A staging buffer is filled afresh each pass; the cut
+				// pass's selection and copy are forgotten, so that no
+				// check reads positions the cut dropped.
+				g.sel, g.tok, g.rows, g.ocopy = nil, nil, nil, nil
+				g.filled = -1
+				continue
+			}
+			if p == nil {
+				continue
 			}
 			if p.tok != nil {
 				p.tok.drop(n)

@@ -65,7 +65,8 @@ var TokenStaging = true
 // of positions below base is valid for all of them.
 type orderedCopies struct {
 	mu     sync.Mutex
-	base   int  // positions [0, base) are the same in every sharing store
+	base   int  // positions [0, base) are the same in every sharing store (each below its own orderCut)
+	reach  int  // the longest order a copy was made for: a store cut or rewritten below it detaches
 	shared bool // handed to a fork: base can no longer rise
 	m      map[orderKey]*orderedCopy
 	bytes  atomic.Int64
@@ -136,17 +137,37 @@ func (s *Store) holder() *orderedCopies {
 	return s.ordered.Load()
 }
 
-// detachOrdered drops s's share of the ordered copies if positions below
-// their base may change in s (a cut to n, or a write at n).
+// detachOrdered is called when positions from n on may change in s (a
+// cut to n, or a write at n). Below the copies' reach, s's copies no
+// longer hold its tokens: s drops its share of them (its next staged
+// pass makes its own). Above it, s keeps sharing the copies made so far
+// but marks its positions from n on as its own (orderCut), so that it
+// neither uses nor builds a copy that reaches them. (A session's empty
+// prompt cuts the last token of its document to run it again: that
+// keeps the shared copies, which end before the observation window.)
 func (s *Store) detachOrdered(n int) {
 	if h := s.ordered.Load(); h != nil {
 		h.mu.Lock()
-		base := h.base
+		reach := h.reach
 		h.mu.Unlock()
-		if n < base {
+		if n < reach {
 			s.ordered.Store(nil)
+			s.orderCut = 0
+			return
+		}
+		if s.orderCut == 0 || n < s.orderCut {
+			s.orderCut = n
 		}
 	}
+}
+
+// orderLimit is how far a copy s uses may reach: positions below it are
+// the same in s as in every store sharing h.
+func (s *Store) orderLimit(h *orderedCopies) int {
+	if s.orderCut > 0 {
+		return min(h.base, s.orderCut)
+	}
+	return h.base
 }
 
 // OrderedBytes is the host memory of the cluster-ordered copies of the
@@ -169,10 +190,12 @@ func (s *Store) orderedFor(layer int, heads []int, key string, order, blocks []i
 	}
 	h := s.holder()
 	h.mu.Lock()
-	if len(order) > h.base && !h.shared && len(order) <= s.n {
-		h.base = s.n // sole owner of an append-only store: its tokens so far are fixed
+	if len(order) > s.orderLimit(h) && !h.shared && len(order) <= s.n {
+		// Sole owner: its tokens so far are what any copy it makes
+		// holds, and no other store relies on base.
+		h.base, s.orderCut = s.n, 0
 	}
-	if len(order) > h.base {
+	if len(order) > s.orderLimit(h) {
 		h.mu.Unlock()
 		return nil, nil
 	}
@@ -181,12 +204,22 @@ func (s *Store) orderedFor(layer int, heads []int, key string, order, blocks []i
 	if oc == nil {
 		oc = &orderedCopy{order: order, bounds: blocks}
 		h.m[k] = oc
+		h.reach = max(h.reach, len(order))
 	}
 	h.mu.Unlock()
 	oc.once.Do(func() {
 		if oc.err = oc.build(s, layer, heads); oc.err == nil {
 			h.bytes.Add(2 * int64(len(oc.kv)))
+			return
 		}
+		// Not kept: the next pass (of any session) tries again, and a
+		// half-built copy's memory is not held.
+		oc.kv = nil
+		h.mu.Lock()
+		if h.m[k] == oc {
+			delete(h.m, k)
+		}
+		h.mu.Unlock()
 	})
 	return oc, oc.err
 }
@@ -225,13 +258,15 @@ func (oc *orderedCopy) build(s *Store, layer int, heads []int) error {
 		}
 		rowOf[t] = int32(r)
 	}
+	for p := 0; p*P < n; p++ {
+		if p >= len(s.pages[layer]) || s.pages[layer][p] == nil || s.pages[layer][p].N < min(P, n-p*P) {
+			return fmt.Errorf("the token order reaches position %d, which layer %d's host pages do not hold", min(n, (p+1)*P)-1, layer)
+		}
+	}
 	oc.c = C
 	oc.kv = make([]uint16, 2*n*C)
 	for p := 0; p*P < n; p++ {
 		pg := s.pages[layer][p]
-		if pg == nil || pg.N < min(P, n-p*P) {
-			return fmt.Errorf("the token order reaches position %d, which layer %d's host pages do not hold", min(n, (p+1)*P)-1, layer)
-		}
 		for off := 0; off < P && p*P+off < n; off++ {
 			r := int(rowOf[p*P+off])
 			bs, be := int(blockS[r]), int(blockE[r])
@@ -304,7 +339,7 @@ func (c *Paged) startStaged(layer int) bool {
 	}
 	for _, g := range c.layers[layer].groups {
 		if g.staged = g.Tokens; g.staged {
-			g.sel, g.tok, g.rows, g.uploads, g.tups = nil, nil, nil, nil, nil
+			g.sel, g.tok, g.rows, g.uploads, g.tups, g.ocopy = nil, nil, nil, nil, nil, nil
 			g.filled = -1
 			g.cells = c.seqCells[:c.n] // Put writes the batch into cells [0, n)
 		}

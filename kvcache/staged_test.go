@@ -347,8 +347,9 @@ func TestStagedForksShareOrderedCopy(t *testing.T) {
 		require.NoError(t, err)
 		defer c.Close()
 		c.Init(b, ml.DTypeF16, 1, 512, 96)
-		ss = append(ss, &session{c: c, q: randoms(r, extra*tHeads*tDim),
-			k: append(slices.Clone(dk), randoms(r, extra*tKV*tDim)...), v: append(slices.Clone(dv), randoms(r, extra*tKV*tDim)...)})
+		// One token more than the batches: the last pass below.
+		ss = append(ss, &session{c: c, q: randoms(r, (extra+1)*tHeads*tDim),
+			k: append(slices.Clone(dk), randoms(r, (extra+1)*tKV*tDim)...), v: append(slices.Clone(dv), randoms(r, (extra+1)*tKV*tDim)...)})
 	}
 	check := func(s *session, pos0, n int, got [][]float32) {
 		end := pos0 + n
@@ -403,6 +404,50 @@ func TestStagedForksShareOrderedCopy(t *testing.T) {
 		slots := 32/tPage + 1 + 3 // the budget's pages, the largest batch's, slack (slotsFor)
 		require.Equal(t, int64(len(groups)*slots*tPage*2*tDim*2*2), st.ResidentBytes, "session %d holds its staging buffers only", i)
 	}
+
+	// refPass runs a one-token pass of s at p with query q and key and
+	// value s.k, s.v at p, and compares it with float64 attention.
+	refPass := func(s *session, p int, q []float32) {
+		t.Helper()
+		got := pass(t, b, s.c, p, q, split(s.k, tKV*tDim, p, p+1), split(s.v, tKV*tDim, p, p+1))
+		want := referenceAt(q, s.k, s.v, p, func(g, x int) bool {
+			toks, _ := pick(g%2, p+1)
+			return x >= p || slices.Contains(toks, int32(x))
+		})
+		for i := range got {
+			for j := range got[i] {
+				require.InDelta(t, want[i][j], float64(got[i][j]), 2e-3, "pass at %d", p)
+			}
+		}
+	}
+	// A cut of the document's last token (an empty prompt runs it
+	// again), above the copy's positions, keeps the shared copy; the
+	// invariants hold right after the cut.
+	s, other := ss[0], ss[1]
+	before := s.c.Stats().StagedFromCopy
+	require.NoError(t, s.c.Remove(0, docLen-1, math.MaxInt32))
+	require.NoError(t, s.c.CheckInvariants(), "right after the cut")
+	refPass(s, docLen-1, split(dq, tHeads*tDim, docLen-1, docLen))
+	st := s.c.Stats()
+	require.Equal(t, copyBytes, st.OrderedBytes, "still the document's copy")
+	require.Greater(t, st.StagedFromCopy, before, "runs read from the shared copy")
+	require.Equal(t, copyBytes, doc.OrderedBytes(), "no second copy")
+
+	// A cut into the ordered positions detaches that session (its
+	// tokens there may change): it stages from its own pages, while the
+	// document keeps its copy and the other session reads it.
+	cut := tOrder - 8
+	require.NoError(t, s.c.Remove(0, int32(cut), math.MaxInt32))
+	require.NoError(t, s.c.CheckInvariants(), "right after the cut")
+	copy(s.k[cut*tKV*tDim:], randoms(r, tKV*tDim)) // other keys and values at cut
+	copy(s.v[cut*tKV*tDim:], randoms(r, tKV*tDim))
+	refPass(s, cut, split(dq, tHeads*tDim, cut, cut+1))
+	require.Zero(t, s.c.Stats().OrderedBytes, "detached: no share of the document's copy")
+	before = other.c.Stats().StagedFromCopy
+	got := pass(t, b, other.c, pos0, split(other.q, tHeads*tDim, pos0-docLen, pos0+1-docLen), split(other.k, tKV*tDim, pos0, pos0+1), split(other.v, tKV*tDim, pos0, pos0+1))
+	check(other, pos0, 1, got)
+	require.Greater(t, other.c.Stats().StagedFromCopy, before, "the other session still reads the copy")
+	require.Equal(t, copyBytes, doc.OrderedBytes())
 }
 
 // finishPass is pass after StartForward: builds and computes the layer's

@@ -323,6 +323,10 @@ type Store struct {
 	// staged token groups read (staged.go), shared with the stores forked
 	// from this one; nil until needed, and again after a cut below them.
 	ordered atomic.Pointer[orderedCopies]
+	// orderCut: positions from orderCut on may differ from the other
+	// stores sharing ordered (this store cut or rewrote them above every
+	// copy built so far, below the shared base); 0 means none (staged.go).
+	orderCut int
 }
 
 // storeEpochs numbers store epochs across all stores, so that a consumer
@@ -457,6 +461,7 @@ func (s *Store) Fork() *Store {
 	h.shared = true
 	h.mu.Unlock()
 	f.ordered.Store(h)
+	f.orderCut = s.orderCut // the fork's pages are s's
 	return f
 }
 

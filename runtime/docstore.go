@@ -49,6 +49,10 @@ type docState struct {
 	elem    *list.Element // in the LRU while resident
 	pins    int           // sessions using the document
 	version uint64        // versions[id] when it was loaded or saved
+	// ordered is the part of docStore.bytes that is the document's
+	// cluster-ordered KV copies (squeezed sessions build them on first
+	// use, kvcache.Store.OrderedBytes), as last counted.
+	ordered int64
 }
 
 // documents returns the store, opening the local tier (which sweeps the
@@ -98,7 +102,21 @@ func (st *docStore) admitLocked(m *Model, d *Document) {
 	st.resident[d.ID] = d
 	d.st.elem = st.lru.PushFront(d)
 	st.bytes += d.HostBytes
+	d.st.ordered = 0
+	st.recountLocked(d)
 	st.evictLocked(m, d)
+}
+
+// recountLocked brings the bytes counted for resident d up to date with
+// the ordered copies its sessions have built since (they are document
+// memory: kept for the document's next sessions, so bounded with it).
+func (st *docStore) recountLocked(d *Document) {
+	if d.st.elem == nil || d.store == nil {
+		return
+	}
+	cur := d.store.OrderedBytes()
+	st.bytes += cur - d.st.ordered
+	d.st.ordered = cur
 }
 
 // dropLocked makes d no longer resident (it may still be pinned).
@@ -108,7 +126,8 @@ func (st *docStore) dropLocked(d *Document) {
 	}
 	st.lru.Remove(d.st.elem)
 	d.st.elem = nil
-	st.bytes -= d.HostBytes
+	st.bytes -= d.HostBytes + d.st.ordered
+	d.st.ordered = 0
 	if st.resident[d.ID] == d {
 		delete(st.resident, d.ID)
 	}
@@ -154,6 +173,7 @@ func (m *Model) pin(d *Document) (release func()) {
 		once.Do(func() {
 			st.mu.Lock()
 			d.st.pins--
+			st.recountLocked(d)
 			if d.st.pins == 0 {
 				st.evictLocked(m, nil)
 			}
@@ -165,7 +185,7 @@ func (m *Model) pin(d *Document) (release func()) {
 // DocumentMemory describes the documents held in host memory.
 type DocumentMemory struct {
 	Documents int    // resident documents
-	Bytes     int64  // their pages' bytes
+	Bytes     int64  // their pages' bytes, and the cluster-ordered KV copies their squeezed sessions built (counted when a session closes)
 	Limit     int64  // Options.MaxDocumentBytes in effect; negative: none
 	Evictions uint64 // documents dropped from memory for the bound so far
 }
@@ -175,6 +195,9 @@ func (m *Model) DocumentMemory() DocumentMemory {
 	st := m.documents()
 	st.mu.Lock()
 	defer st.mu.Unlock()
+	for _, d := range st.resident {
+		st.recountLocked(d)
+	}
 	limit := m.opts.MaxDocumentBytes
 	if limit == 0 {
 		limit = DefaultMaxDocumentBytes

@@ -58,7 +58,10 @@ type Options struct {
 	// fingerprint> under the user cache directory). One process owns it at a
 	// time (an advisory lock): the owner sweeps what crashes left behind.
 	DataDir string
-	// MaxDocumentBytes bounds the host memory of opened documents' pages.
+	// MaxDocumentBytes bounds the host memory of opened documents' pages
+	// (and of the cluster-ordered copies of their KV that squeezed
+	// sessions build on the CPU: one more copy of the clustered tokens'
+	// keys and values, counted when a session closes).
 	// Beyond it the least recently used documents that no session is using
 	// are dropped from memory; they stay on disk and reload on next use.
 	// 0 means DefaultMaxDocumentBytes (4 GiB); negative means no bound.

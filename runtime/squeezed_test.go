@@ -77,11 +77,18 @@ func squeezedNeedle(t *testing.T, path string, depths []int) {
 			{"budget+heads", "squeezed+heads", squeezed.Use{Index: doc.Clusters()}},
 		} {
 			t.Run(fmt.Sprintf("%d%%/%s", depth, mode.name), func(t *testing.T) {
+				mem0 := m.DocumentMemory().Bytes
 				s, err := m.DocumentSession(doc, runtime.PolicyOptions{Policy: mode.policy, Budget: length / 8,
 					Extra: map[string]any{squeezed.OptionKey: mode.use}})
 				require.NoError(t, err)
-				defer s.Close()
+				closed := false
+				defer func() {
+					if !closed {
+						s.Close()
+					}
+				}()
 				pc := s.Cache().(*kvcache.Paged)
+				ordered0 := pc.Stats().OrderedBytes
 				// Bytes uploaded by the decode steps: from the first token
 				// (sampled after the question's pass) to the last.
 				var first, last kvcache.Stats
@@ -115,6 +122,15 @@ func squeezedNeedle(t *testing.T, path string, depths []int) {
 					pc.AttendedTokens(cfg.Layers-1), gs, pc.Stats().ResidentByClass, first.TokenUploads,
 					float64(last.UploadedBytes-first.UploadedBytes)/float64(max(1, tokens-1)), tokens-1)
 				require.Equal(t, n.Values, res.Tokens, "needle at %d", n.Pos)
+				// The cluster-ordered copies the session built are the
+				// document's (the next session reuses them): counted in
+				// its memory once the session closes.
+				if last.OrderedBytes > ordered0 {
+					t.Logf("ordered copies built: %d bytes", last.OrderedBytes-ordered0)
+				}
+				s.Close()
+				closed = true
+				require.Equal(t, mem0+last.OrderedBytes-ordered0, m.DocumentMemory().Bytes, "document memory counts the ordered copies")
 			})
 		}
 	}
