@@ -383,7 +383,7 @@ func checkRows(rows, order []int32, toks []int32) error {
 }
 
 // fillStaged copies g's selected earlier tokens into its staging buffer,
-// cells [n, n+m) (the runs of at least shortRun rows of the ordered copy
+// cells [n, n+m) (the runs of the ordered copy not fromPages
 // first, then the shorter runs' positions sorted, then the tokens past
 // the order, both from the pages), and returns m.
 func (c *Paged) fillStaged(l int, g *group) int {
@@ -398,7 +398,7 @@ func (c *Paged) fillStaged(l int, g *group) int {
 		short = c.shortPos[:0]
 		gather, spans := c.vGather[:0], c.vSpans[:0]
 		for i := 0; i < len(g.rows); i += 2 {
-			if g.rows[i+1]-g.rows[i] < shortRun {
+			if oc.fromPages(g.rows[i], g.rows[i+1]) {
 				short = append(short, oc.order[g.rows[i]:g.rows[i+1]]...)
 				continue
 			}
@@ -449,12 +449,27 @@ func (c *Paged) fillStaged(l int, g *group) int {
 type stagedVRun struct{ from, stride, w, at int }
 
 // shortRun is the fewest rows a run must have to be copied from the
-// ordered copy. A shorter run (a sink, a tail token inside the clusters:
-// single rows of random clusters) has its V spread over C spans of its
-// block, ~20 lines for 2·C bytes, and C copies; its positions are taken
-// from the pages instead, sorted, where the sinks are consecutive (a few
-// page runs for all of them).
+// ordered copy unless it is whole blocks. A shorter run inside a block (a
+// sink, a tail token inside the clusters: single rows of random clusters)
+// has its V spread over C spans of its block, ~20 lines for 2·C bytes;
+// its positions are taken from the pages instead, sorted, where the sinks
+// and the tail are consecutive (a few page runs for all of them). A short
+// run of whole blocks (clusters of 1-3 tokens, chosen whole) is its
+// blocks' 2·C·w contiguous elements in the copy (≤ 6 lines), where the
+// pages would cost a line per channel and token at a random position:
+// those were ~0.3 ms of a 64k step's fill (docs/kvcache.md).
 const shortRun = 4
+
+// fromPages reports whether the run of rows [a, b) is staged from the
+// pages: shorter than shortRun and not whole blocks.
+func (oc *orderedCopy) fromPages(a, b int32) bool {
+	if b-a >= shortRun {
+		return false
+	}
+	s, _ := oc.block(int(a))
+	_, e := oc.block(int(b) - 1)
+	return s != int(a) || e != int(b)
+}
 
 // stageFromPages copies the positions toks (sorted; those from pos0 on,
 // the batch's, are skipped) from layer l's host pages into g's staging
@@ -559,7 +574,7 @@ func (c *Paged) checkStaged(at string, l int, g *group) []error {
 		}
 		var short []int32
 		for i := 0; i < len(g.rows); i += 2 {
-			if run := oc.order[g.rows[i]:g.rows[i+1]]; len(run) < shortRun {
+			if run := oc.order[g.rows[i]:g.rows[i+1]]; oc.fromPages(g.rows[i], g.rows[i+1]) {
 				short = append(short, run...)
 			} else {
 				pos = append(pos, run...)
