@@ -88,3 +88,8 @@ func (c *Paged) HostPooled() bool {
 
 // HostMem is hostMem for tests.
 func HostMem(t ml.Tensor, elems int) []uint16 { return hostMem(t, elems) }
+
+// StagedFromPages is orderedCopy.fromPages for an order of blocks bounds.
+func StagedFromPages(bounds []int32, a, b int32) bool {
+	return (&orderedCopy{bounds: bounds}).fromPages(a, b)
+}

@@ -118,7 +118,9 @@ type Paged struct {
 	// shared within a graph; tokens staged from ordered copies and pages.
 	noStage  []bool
 	seqCells []int32
-	shortPos []int32 // fillStaged's positions of short runs, reused
+	shortPos []int32      // fillStaged's positions of short runs, reused
+	vGather  []uint16     // fillStaged's runs' V spans gathered from the ordered copy, reused
+	vSpans   []stagedVRun // where each run's V lies in vGather and goes in the buffer, reused
 	smask    struct {
 		ctx ml.Context
 		m   int

@@ -538,6 +538,10 @@ func TestCheckTokens(t *testing.T) {
 		{"page not selected", []int32{1, 5}, []int{0, 2}, "token 5 is on page 1"},
 		{"past the pages", []int32{12}, []int{0, 2}, "token 12 is on page 3"},
 		{"negative", []int32{-1}, []int{0}, "token -1"},
+		{"a page's tokens, then one on an unselected page", []int32{8, 9, 11, 12}, []int{2}, "token 12 is on page 3"},
+		{"many on each page", []int32{0, 1, 2, 3, 8, 9, 10, 11}, []int{0, 2}, ""},
+		{"unsorted within a page", []int32{8, 10, 9}, []int{2}, "not sorted"},
+		{"a gap back to an earlier page", []int32{9, 4}, []int{1, 2}, "not sorted"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			err := checkTokens(c.toks, c.pages, P)

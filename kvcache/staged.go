@@ -418,7 +418,7 @@ func checkRows(rows, order []int32, toks []int32) error {
 }
 
 // fillStaged copies g's selected earlier tokens into its staging buffer,
-// cells [n, n+m) (the runs of at least shortRun rows of the ordered copy
+// cells [n, n+m) (the runs of the ordered copy not fromPages
 // first, then the shorter runs' positions sorted, then the tokens past
 // the order, both from the pages), and returns m.
 func (c *Paged) fillStaged(l int, g *group) int {
@@ -431,8 +431,9 @@ func (c *Paged) fillStaged(l int, g *group) int {
 	if oc := g.ocopy; oc != nil {
 		rows := len(oc.order)
 		short = c.shortPos[:0]
+		gather, spans := c.vGather[:0], c.vSpans[:0]
 		for i := 0; i < len(g.rows); i += 2 {
-			if g.rows[i+1]-g.rows[i] < shortRun {
+			if oc.fromPages(g.rows[i], g.rows[i+1]) {
 				short = append(short, oc.order[g.rows[i]:g.rows[i+1]]...)
 				continue
 			}
@@ -442,13 +443,28 @@ func (c *Paged) fillStaged(l int, g *group) int {
 				e := min(b, be)
 				w := e - a
 				copy(pl.hk[at*r:(at+w)*r], oc.kv[oc.kAt(a, 0, bs, be):][:w*r])
+				// V: its C channel segments lie in one span of the block
+				// (all of it for a whole cluster), gathered with one
+				// memmove, transposed below.
 				v := oc.vAt(a, 0, bs, be)
-				for ch := range r {
-					copy(pl.hv[ch*cells+at:][:w], oc.kv[v+ch*(be-bs):][:w])
-				}
+				span := (r-1)*(be-bs) + w
+				spans = append(spans, stagedVRun{from: len(gather), stride: be - bs, w: w, at: at})
+				gather = append(gather, oc.kv[v:v+span]...)
 				at, a = at+w, e
 			}
 		}
+		// The runs' V into the buffer's channel rows, from the gathered
+		// spans (hot in cache): C short copies per run. Copying those
+		// from the ordered copy directly cost ~1.6x as much (a 20-row
+		// cluster's 32 segments of 40 bytes each wait for their lines,
+		// one after another; one memmove of the span reads its ~20
+		// lines at full speed, as K's does: docs/kvcache.md).
+		for _, sp := range spans {
+			for ch := range r {
+				copy(pl.hv[ch*cells+sp.at:][:sp.w], gather[sp.from+ch*sp.stride:][:sp.w])
+			}
+		}
+		c.vGather, c.vSpans = gather[:0], spans[:0]
 		c.stagedCopy.Add(int64(at - c.n))
 		loose = g.tok[countBelow(g.tok, rows):]
 		slices.Sort(short)
@@ -462,13 +478,33 @@ func (c *Paged) fillStaged(l int, g *group) int {
 	return g.filled
 }
 
+// stagedVRun is one run's V gathered by fillStaged: channel ch's w values are
+// at vGather[from+ch·stride:][:w] (stride: the rows of the run's block),
+// bound for the staging buffer's cells [at, at+w) of each channel row.
+type stagedVRun struct{ from, stride, w, at int }
+
 // shortRun is the fewest rows a run must have to be copied from the
-// ordered copy. A shorter run (a sink, a tail token inside the clusters:
-// single rows of random clusters) has its V spread over C spans of its
-// block, ~20 lines for 2·C bytes, and C copies; its positions are taken
-// from the pages instead, sorted, where the sinks are consecutive (a few
-// page runs for all of them).
+// ordered copy unless it is whole blocks. A shorter run inside a block (a
+// sink, a tail token inside the clusters: single rows of random clusters)
+// has its V spread over C spans of its block, ~20 lines for 2·C bytes;
+// its positions are taken from the pages instead, sorted, where the sinks
+// and the tail are consecutive (a few page runs for all of them). A short
+// run of whole blocks (clusters of 1-3 tokens, chosen whole) is its
+// blocks' 2·C·w contiguous elements in the copy (≤ 6 lines), where the
+// pages would cost a line per channel and token at a random position:
+// those were ~0.3 ms of a 64k step's fill (docs/kvcache.md).
 const shortRun = 4
+
+// fromPages reports whether the run of rows [a, b) is staged from the
+// pages: shorter than shortRun and not whole blocks.
+func (oc *orderedCopy) fromPages(a, b int32) bool {
+	if b-a >= shortRun {
+		return false
+	}
+	s, _ := oc.block(int(a))
+	_, e := oc.block(int(b) - 1)
+	return s != int(a) || e != int(b)
+}
 
 // stageFromPages copies the positions toks (sorted; those from pos0 on,
 // the batch's, are skipped) from layer l's host pages into g's staging
@@ -573,7 +609,7 @@ func (c *Paged) checkStaged(at string, l int, g *group) []error {
 		}
 		var short []int32
 		for i := 0; i < len(g.rows); i += 2 {
-			if run := oc.order[g.rows[i]:g.rows[i+1]]; len(run) < shortRun {
+			if run := oc.order[g.rows[i]:g.rows[i+1]]; oc.fromPages(g.rows[i], g.rows[i+1]) {
 				short = append(short, run...)
 			} else {
 				pos = append(pos, run...)

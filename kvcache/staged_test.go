@@ -59,16 +59,22 @@ func (s *orderedTokenSelector) Select(_ int, _ paging.Summaries, _ *paging.Queri
 const tOrder, tBlock = 160, 8
 
 // tBlocks are the ordered selector's blocks, tBlock rows each but for a
-// few of other sizes (an empty one, a long one), where it gives them.
-var tBlocks = []int32{0, 8, 16, 16, 24, 56, 64, 72, 80, 88, 96, 104, 112, 120, 128, 136, 144, 152, 160}
+// few of other sizes (an empty one, a long one, and rows 152..160 as
+// blocks of 1, 3 and 4 rows: clusters shorter than shortRun, which the
+// cache copies from the ordered copy when chosen whole), where it gives
+// them.
+var tBlocks = []int32{0, 8, 16, 16, 24, 56, 64, 72, 80, 88, 96, 104, 112, 120, 128, 136, 144, 152, 153, 156, 160}
 
 // orderedPick returns a group's choice at upto under a random order
 // (orders[g], a permutation of [0, tOrder)): before the order is written,
 // random tokens and no rows; after, three random blocks of tBlock rows
 // (sometimes two neighbours: one run across the edge of the cache's
-// 64-row blocks), the "sinks" 0..3 (each a single row of the order: short
-// runs, which the cache takes from the pages) and random tokens past the
-// order. The rows are marked, then read back as maximal runs.
+// 64-row blocks), sometimes rows 152 and 153..156 (short runs that are
+// whole blocks where the selector gives tBlocks: from the ordered copy;
+// inside a 64-row block otherwise: from the pages), the "sinks" 0..3
+// (each a single row of the order: short runs, which the cache takes
+// from the pages unless the row is a whole block) and random tokens past
+// the order. The rows are marked, then read back as maximal runs.
 func orderedPick(orders [][]int32) func(g, upto int) ([]int32, []int32) {
 	rowOf := make([][]int32, len(orders))
 	for g, o := range orders {
@@ -96,6 +102,16 @@ func orderedPick(orders [][]int32) func(g, upto int) ([]int32, []int32) {
 		}
 		if upto%3 == 0 { // two neighbours: a run across a block edge (rows 56..72)
 			for x := 56; x < 72; x++ {
+				marked[x] = true
+			}
+		}
+		// Short whole blocks (under tBlocks): row 152 alone, rows
+		// 153..156 alone, or both, one run of 4 rows.
+		if upto%2 == 0 {
+			marked[152] = true
+		}
+		if upto%5 == 0 {
+			for x := 153; x < 156; x++ {
 				marked[x] = true
 			}
 		}
@@ -472,4 +488,30 @@ func finishPass(t *testing.T, ctx ml.Context, c *kvcache.Paged, q, k, v []float3
 		rows[i] = flat[i*tHeads*tDim : (i+1)*tHeads*tDim]
 	}
 	return rows
+}
+
+// TestStagedFromPagesRule: which runs of an ordered copy's rows are
+// staged from the pages: runs shorter than shortRun unless they are whole
+// blocks (small clusters chosen whole, read from the copy).
+func TestStagedFromPagesRule(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		a, b  int32
+		pages bool
+	}{
+		{"a whole 8-row block", 0, 8, false},
+		{"a long run inside a block", 24, 30, false},
+		{"one row inside a block", 150, 151, true},
+		{"three rows inside a block", 24, 27, true},
+		{"a 1-row block", 152, 153, false},
+		{"a 3-row block", 153, 156, false},
+		{"two whole short blocks, 4 rows", 152, 156, false},
+		{"a short run across a block edge, not whole blocks", 151, 153, true},
+		{"the first row of a 3-row block", 153, 154, true},
+		{"the last row of a 3-row block", 155, 156, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			require.Equal(t, tc.pages, kvcache.StagedFromPages(tBlocks, tc.a, tc.b))
+		})
+	}
 }
