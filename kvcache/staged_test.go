@@ -188,13 +188,15 @@ func TestTokenPoolsMatchFloat64Reference(t *testing.T) {
 		host    bool // kvcache.HostUploads
 		staging bool // kvcache.TokenStaging
 		ordered bool // the selector has a token order and lists rows
+		blocks  bool // ... and gives its blocks (tBlocks: an empty one, a long one, blocks of 1, 3 and 4 rows)
 	}{
-		{"pools, host copies", kvcache.MaxUploadRuns, true, false, false},
-		{"pools, copy runs", kvcache.MaxUploadRuns, false, false, false},
-		{"pools, set_rows scatter", 0, false, false, false},
-		{"staged from pages", kvcache.MaxUploadRuns, true, true, false},
-		{"pools, ordered selector", kvcache.MaxUploadRuns, true, false, true},
-		{"staged from the ordered copy", kvcache.MaxUploadRuns, true, true, true},
+		{"pools, host copies", kvcache.MaxUploadRuns, true, false, false, false},
+		{"pools, copy runs", kvcache.MaxUploadRuns, false, false, false, false},
+		{"pools, set_rows scatter", 0, false, false, false, false},
+		{"staged from pages", kvcache.MaxUploadRuns, true, true, false, false},
+		{"pools, ordered selector", kvcache.MaxUploadRuns, true, false, true, false},
+		{"staged from the ordered copy", kvcache.MaxUploadRuns, true, true, true, false},
+		{"staged from the ordered copy, selector blocks", kvcache.MaxUploadRuns, true, true, true, true},
 	} {
 		t.Run(mode.name, func(t *testing.T) {
 			defer func(old int, h, s bool) {
@@ -205,7 +207,11 @@ func TestTokenPoolsMatchFloat64Reference(t *testing.T) {
 			var sel paging.Selector = &funcTokenSelector{c: cfg, groups: groups, tok: func(g, upto int) []int32 { toks, _ := plain(g, upto); return toks }}
 			if mode.ordered {
 				pick = ordered
-				sel = &orderedTokenSelector{c: cfg, groups: groups, order: orders, pick: ordered}
+				os := &orderedTokenSelector{c: cfg, groups: groups, order: orders, pick: ordered}
+				if mode.blocks {
+					os.blocks = tBlocks // whole short blocks come from the copy, too
+				}
+				sel = os
 			}
 			c, err := kvcache.NewPaged(kvcache.Options{Layout: tLayout, Heads: tHeads, Selector: sel, Capacity: 512, MaxBatch: 96})
 			require.NoError(t, err)
@@ -291,7 +297,7 @@ func TestTokenPoolsMatchFloat64Reference(t *testing.T) {
 	}
 	// Staged against pooled, pass by pass: the same f16 keys and values,
 	// the same positions, summed in another cell order.
-	for _, pair := range [][2]string{{"pools, host copies", "staged from pages"}, {"pools, ordered selector", "staged from the ordered copy"}} {
+	for _, pair := range [][2]string{{"pools, host copies", "staged from pages"}, {"pools, ordered selector", "staged from the ordered copy"}, {"pools, ordered selector", "staged from the ordered copy, selector blocks"}} {
 		t.Run(pair[1]+" vs "+pair[0], func(t *testing.T) {
 			pools, staged := outs[pair[0]], outs[pair[1]]
 			require.NotEmpty(t, pools, "compares the %q subtest's outputs: run it too", pair[0])
