@@ -69,23 +69,7 @@ func pass(t *testing.T, b ml.Backend, c *kvcache.Paged, pos0 int, q, k, v []floa
 		positions[i] = int32(pos0 + i)
 	}
 	require.NoError(t, c.StartForward(ctx, input.Batch{Positions: positions, Sequences: make([]int, n)}, false))
-	require.NoError(t, c.CheckInvariants())
-	c.SetLayer(0)
-	qt := ctx.Input().FromFloats(q, tDim, tHeads, n)
-	kt := ctx.Input().FromFloats(k, tDim, tKV, n)
-	vt := ctx.Input().FromFloats(v, tDim, tKV, n)
-	out := c.Attention(ctx, 0, qt, kt, vt, 1/math.Sqrt(tDim))
-	res := ctx.Input().Empty(ml.DTypeF32, tDim, tHeads, n)
-	ts := append([]ml.Tensor{out.Copy(ctx, res), res}, c.Outputs(ctx)...)
-	ctx.Forward(ts...).Compute(ts...)
-	require.NoError(t, c.Computed(ctx))
-	require.NoError(t, c.CheckInvariants())
-	flat := res.Floats()
-	rows := make([][]float32, n)
-	for i := range rows {
-		rows[i] = flat[i*tHeads*tDim : (i+1)*tHeads*tDim]
-	}
-	return rows
+	return finishPass(t, ctx, c, q, k, v)
 }
 
 func f16(x float32) float64 { return float64(float16.Fromfloat32(x).Float32()) }
