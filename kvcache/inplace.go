@@ -36,7 +36,13 @@ static int kvr_params_reserve(kvr_params *p, int runs) {
 	p->cap = runs;
 	return 1;
 }
-static uint16_t *kvr_alloc16(size_t n) { return (uint16_t *)malloc(n * sizeof(uint16_t)); }
+// kvr_alloc16 is n f16 values and 8 zeroed ones after them (kvr_span
+// reads a run's last V channel up to 7 values past its end).
+static uint16_t *kvr_alloc16(size_t n) {
+	uint16_t *p = (uint16_t *)malloc((n + 8) * sizeof(uint16_t));
+	if (p) memset(p + n, 0, 8 * sizeof(uint16_t));
+	return p;
+}
 
 #ifdef KVR_SIMD
 static inline float kvr_h2f(uint16_t h) { return _cvtsh_ss(h); }
@@ -80,19 +86,46 @@ static inline float kvr_pv(const float *p, const uint16_t *v, int w) {
 
 #define KVR_CHUNK 128
 
+#ifdef KVR_SIMD
+// kvr_sum8 returns the horizontal sums of a0..a7 as one vector.
+static inline __m256 kvr_sum8(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256 a4, __m256 a5, __m256 a6, __m256 a7) {
+	__m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+	__m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a4, a5), _mm256_hadd_ps(a6, a7));
+	return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+#define KVR_H(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))
+#endif
+
 // kvr_span folds w keys and values into one query head's online softmax
 // state (running max m, sum l, unnormalised output acc[hd]): k's rows are
 // kstride elements apart, v's channels vstride elements apart (each
-// channel's w values contiguous). q is already scaled.
-static void kvr_span(const float *q, int hd, const uint16_t *k, size_t kstride, const uint16_t *v, size_t vstride, int w, float *m, float *l, float *acc) {
-	float s[KVR_CHUNK];
+// channel's w values contiguous). q is already scaled. padded: v's
+// channels may be read up to 7 values past w (finite f16 there: the
+// ordered copy's next bytes or its zeroed tail), multiplied by 0.
+static void kvr_span(const float *q, int hd, const uint16_t *k, size_t kstride, const uint16_t *v, size_t vstride, int w, int padded, float *m, float *l, float *acc) {
+	float s[KVR_CHUNK + 8];
 	for (int j0 = 0; j0 < w; j0 += KVR_CHUNK) {
 		int cw = w - j0 < KVR_CHUNK ? w - j0 : KVR_CHUNK;
 		float mx = -INFINITY;
-		for (int j = 0; j < cw; j++) {
-			s[j] = kvr_qk(q, k + (size_t)(j0 + j) * kstride, hd);
-			if (s[j] > mx) mx = s[j];
+		int j = 0;
+#ifdef KVR_SIMD
+		if (hd % 8 == 0) {
+			// Eight keys at a time, their sums reduced together.
+			for (; j + 8 <= cw; j += 8) {
+				const uint16_t *kr = k + (size_t)(j0 + j) * kstride;
+				__m256 a[8];
+				for (int r = 0; r < 8; r++) a[r] = _mm256_setzero_ps();
+				for (int d = 0; d < hd; d += 8) {
+					__m256 qd = _mm256_loadu_ps(q + d);
+					for (int r = 0; r < 8; r++) a[r] = _mm256_fmadd_ps(qd, KVR_H(kr + r * kstride + d), a[r]);
+				}
+				_mm256_storeu_ps(s + j, kvr_sum8(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]));
+			}
 		}
+#endif
+		for (; j < cw; j++) s[j] = kvr_qk(q, k + (size_t)(j0 + j) * kstride, hd);
+		for (j = 0; j < cw; j++)
+			if (s[j] > mx) mx = s[j];
 		if (mx > *m) {
 			float corr = expf(*m - mx); // 0 for the first span (m = -inf)
 			*l *= corr;
@@ -100,12 +133,38 @@ static void kvr_span(const float *q, int hd, const uint16_t *k, size_t kstride, 
 			*m = mx;
 		}
 		float sum = 0;
-		for (int j = 0; j < cw; j++) {
+		for (j = 0; j < cw; j++) {
 			s[j] = expf(s[j] - *m);
 			sum += s[j];
 		}
+		for (j = cw; j < cw + 8; j++) s[j] = 0;
 		*l += sum;
-		for (int d = 0; d < hd; d++) acc[d] += kvr_pv(s, v + (size_t)d * vstride + j0, cw);
+		int d = 0;
+#ifdef KVR_SIMD
+		if (hd % 8 == 0) {
+			// Eight channels at a time: each a dot of the weights with
+			// its contiguous values, reduced together.
+			int jv = padded ? (cw + 7) / 8 * 8 : cw / 8 * 8;
+			for (; d < hd; d += 8) {
+				const uint16_t *vr = v + (size_t)d * vstride + j0;
+				__m256 a[8];
+				for (int c = 0; c < 8; c++) a[c] = _mm256_setzero_ps();
+				for (j = 0; j < jv; j += 8) {
+					__m256 pj = _mm256_loadu_ps(s + j);
+					for (int c = 0; c < 8; c++) a[c] = _mm256_fmadd_ps(pj, KVR_H(vr + c * vstride + j), a[c]);
+				}
+				__m256 t = kvr_sum8(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]);
+				float part[8];
+				_mm256_storeu_ps(part, t);
+				for (int c = 0; c < 8; c++) {
+					float x = part[c];
+					for (int jj = jv; jj < cw; jj++) x += s[jj] * kvr_h2f(vr[c * vstride + jj]);
+					acc[d + c] += x;
+				}
+			}
+		}
+#endif
+		for (; d < hd; d++) acc[d] += kvr_pv(s, v + (size_t)d * vstride + j0, cw);
 	}
 }
 
@@ -139,7 +198,7 @@ static void kvr_attn(struct ggml_tensor *dst, int ith, int nth, void *ud) {
 			int h = qh / P->g;
 			const uint16_t *kb = (const uint16_t *)((const char *)k->data + (size_t)h * k->nb[1]);
 			const uint16_t *vb = (const uint16_t *)((const char *)v->data + (size_t)h * v->nb[2]);
-			kvr_span(qs + (size_t)i * hd, hd, kb, k->nb[2] / 2, vb, v->nb[1] / 2, cells, &m[i], &l[i], acc + (size_t)i * hd);
+			kvr_span(qs + (size_t)i * hd, hd, kb, k->nb[2] / 2, vb, v->nb[1] / 2, cells, 0, &m[i], &l[i], acc + (size_t)i * hd);
 		}
 	}
 	for (int r = 0; r < P->nruns; r++) {
@@ -148,7 +207,7 @@ static void kvr_attn(struct ggml_tensor *dst, int ith, int nth, void *ud) {
 			int h = qh / P->g;
 			const uint16_t *kb = P->kv + run[0] + (size_t)h * hd;
 			const uint16_t *vb = P->kv + run[1] + (size_t)h * hd * run[2];
-			kvr_span(qs + (size_t)i * hd, hd, kb, P->c, vb, run[2], run[3], &m[i], &l[i], acc + (size_t)i * hd);
+			kvr_span(qs + (size_t)i * hd, hd, kb, P->c, vb, run[2], run[3], 1, &m[i], &l[i], acc + (size_t)i * hd);
 		}
 	}
 	for (int i = 0, qh = ith; qh < nq; qh += nth, i++) {
@@ -229,7 +288,7 @@ func (c *Paged) inplaceRuns(g *group, short []int32) (int, []int32) {
 		g.iparams = newInplaceParams()
 	}
 	p := g.iparams.p
-	var runs []int32
+	runs := c.irunBuf[:0]
 	rows := 0
 	for i := 0; i < len(g.rows); i += 2 {
 		if oc.fromPages(g.rows[i], g.rows[i+1]) {
@@ -251,6 +310,7 @@ func (c *Paged) inplaceRuns(g *group, short []int32) (int, []int32) {
 		copy(unsafe.Slice((*int32)(unsafe.Pointer(p.runs)), len(runs)), runs)
 	}
 	p.nruns = C.int(len(runs) / 4)
+	c.irunBuf = runs
 	p.kv = (*C.uint16_t)(unsafe.Pointer(&oc.kv[0]))
 	p.c = C.int(oc.c)
 	p.hd = C.int(c.L.HeadDim)

@@ -136,6 +136,7 @@ type Paged struct {
 	stagedCopy, stagedPages atomic.Int64
 	inplaceRows             atomic.Int64 // rows of ordered copies attended in place (InPlaceRuns)
 	inplaceNow              bool         // this attention may read runs in place (AttentionSoftcap)
+	irunBuf                 []int32      // inplaceRuns' runs, reused
 
 	// Kept step graphs (keptstep.go): this step's plan, and the kept
 	// graph being built (nil: a fresh graph).
