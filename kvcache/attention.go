@@ -77,7 +77,12 @@ func (c *Paged) AttentionSoftcap(ctx ml.Context, layer int, q, k, v ml.Tensor, s
 	if c.graphScoring(layer) {
 		c.scoreInGraph(ctx, layer, q) // bounds that choose the next step's pages
 	}
-	if c.single(layer) != nil && softcap == 0 {
+	// A one-token pass of staged groups may attend the runs of their
+	// ordered copies in place (InPlaceRuns): not through nn.Attention.
+	c.inplaceNow = InPlaceRuns && softcap == 0 && q.Dim(2) == 1 &&
+		slices.ContainsFunc(c.layers[layer].groups, func(g *group) bool { return g.staged })
+	defer func() { c.inplaceNow = false }()
+	if c.single(layer) != nil && softcap == 0 && !c.inplaceNow {
 		return nn.Attention(ctx, q, k, v, scale, c)
 	}
 	ctx.Forward(q)
@@ -93,6 +98,9 @@ func (c *Paged) AttentionSoftcap(ctx ml.Context, layer int, q, k, v ml.Tensor, s
 	}
 	if g := c.single(layer); g != nil {
 		key, value, mask := c.groupKV(ctx, layer, g)
+		if g.inplace {
+			return c.inplaceAttention(ctx, q, key, value, g, scale)
+		}
 		return sdpa(q, key, value, mask)
 	}
 	G := c.opt.Heads / c.L.KVHeads
@@ -107,7 +115,12 @@ func (c *Paged) AttentionSoftcap(ctx ml.Context, layer int, q, k, v ml.Tensor, s
 			}
 		}
 		qg := pickHeads(ctx, q, qheads) // [headDim, len(qheads), batch]
-		a := sdpa(qg, key, value, mask)
+		var a ml.Tensor
+		if g.inplace {
+			a = c.inplaceAttention(ctx, qg, key, value, g, scale)
+		} else {
+			a = sdpa(qg, key, value, mask)
+		}
 		if out == nil {
 			out = a
 		} else {

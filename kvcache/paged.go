@@ -56,6 +56,9 @@ type Stats struct {
 	// into staging buffers from the ordered copies (in runs) and from the
 	// host pages, one per token and group.
 	StagedFromCopy, StagedFromPages int64
+	// InPlaceRows counts the rows of ordered copies attended in place
+	// (InPlaceRuns): read by the attention, not staged.
+	InPlaceRows int64
 	// Upkeep is the time spent keeping host pages and their summaries up to
 	// date (reading new keys and values back, writing pages, summaries).
 	Upkeep time.Duration
@@ -131,6 +134,9 @@ type Paged struct {
 		t   ml.Tensor
 	}
 	stagedCopy, stagedPages atomic.Int64
+	inplaceRows             atomic.Int64 // rows of ordered copies attended in place (InPlaceRuns)
+	inplaceNow              bool         // this attention may read runs in place (AttentionSoftcap)
+	irunBuf                 []int32      // inplaceRuns' runs, reused
 
 	// Kept step graphs (keptstep.go): this step's plan, and the kept
 	// graph being built (nil: a fresh graph).
@@ -177,6 +183,10 @@ type group struct {
 	ocopy  *orderedCopy
 	filled int
 	okey   string
+	// inplace: this pass's long runs are listed in iparams for the
+	// in-place attention (InPlaceRuns, inplace.go), not staged.
+	inplace bool
+	iparams *inplaceParams
 }
 
 type upload struct{ page, slot, rows int }
@@ -353,6 +363,7 @@ func (c *Paged) Stats() Stats {
 	}
 	st.OrderedBytes = c.store.OrderedBytes()
 	st.StagedFromCopy, st.StagedFromPages = c.stagedCopy.Load(), c.stagedPages.Load()
+	st.InPlaceRows = c.inplaceRows.Load()
 	return st
 }
 

@@ -2,6 +2,7 @@ package kvcache
 
 import (
 	"fmt"
+	"math"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -105,6 +106,7 @@ type orderedCopy struct {
 	bounds []int32 // block j is rows [bounds[j], bounds[j+1]); bounds[0] = 0, the last = len(order)
 	c      int     // C: elements of a row of K or V
 	kv     []uint16
+	cmem   *cMem // kv's C memory (InPlaceRuns when it was built: the in-place op reads it), nil if Go's
 }
 
 // orderBlock is the rows of a block of an orderedCopy whose selector
@@ -264,7 +266,12 @@ func (oc *orderedCopy) build(s *Store, layer int, heads []int) error {
 		}
 	}
 	oc.c = C
-	oc.kv = make([]uint16, 2*n*C)
+	if InPlaceRuns {
+		oc.kv, oc.cmem = cAlloc16(2 * n * C)
+	}
+	if oc.kv == nil {
+		oc.kv = make([]uint16, 2*n*C)
+	}
 	for p := 0; p*P < n; p++ {
 		pg := s.pages[layer][p]
 		for off := 0; off < P && p*P+off < n; off++ {
@@ -340,7 +347,7 @@ func (c *Paged) startStaged(layer int) bool {
 	for _, g := range c.layers[layer].groups {
 		if g.staged = g.Tokens; g.staged {
 			g.sel, g.tok, g.rows, g.uploads, g.tups, g.ocopy = nil, nil, nil, nil, nil, nil
-			g.filled = -1
+			g.filled, g.inplace = -1, false
 			g.cells = c.seqCells[:c.n] // Put writes the batch into cells [0, n)
 		}
 	}
@@ -428,7 +435,17 @@ func (c *Paged) fillStaged(l int, g *group) int {
 	at := c.n
 	loose := g.tok
 	var short []int32
-	if oc := g.ocopy; oc != nil {
+	if oc := g.ocopy; oc != nil && c.inplaceNow && oc.cmem != nil && 2*oc.c*len(oc.order) < math.MaxInt32 {
+		// The long runs are read in place by the attention (inplace.go):
+		// only the loose tokens are staged.
+		var rows int
+		rows, short = c.inplaceRuns(g, c.shortPos[:0])
+		c.inplaceRows.Add(int64(rows))
+		g.inplace = true
+		loose = g.tok[countBelow(g.tok, len(oc.order)):]
+		slices.Sort(short)
+		c.shortPos = short
+	} else if oc != nil {
 		rows := len(oc.order)
 		short = c.shortPos[:0]
 		gather, spans := c.vGather[:0], c.vSpans[:0]
@@ -617,6 +634,12 @@ func (c *Paged) checkStaged(at string, l int, g *group) []error {
 		}
 		sorted := slices.Sorted(slices.Values(append(slices.Clone(pos), short...)))
 		slices.Sort(short)
+		if g.inplace {
+			pos = pos[:0] // the long runs are read in place (inplace.go), not staged
+			if oc.cmem == nil {
+				errs = append(errs, fmt.Errorf("%s: the runs are read in place from an ordered copy in Go memory", at))
+			}
+		}
 		pos = append(pos, short...) // the cells' order: long runs, then short runs' positions sorted
 		if n := countBelow(g.tok, len(oc.order)); !slices.Equal(sorted, g.tok[:n]) {
 			errs = append(errs, fmt.Errorf("%s: the row runs hold other positions than the %d tokens listed below %d", at, n, len(oc.order)))

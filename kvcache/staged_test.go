@@ -189,20 +189,23 @@ func TestTokenPoolsMatchFloat64Reference(t *testing.T) {
 		staging bool // kvcache.TokenStaging
 		ordered bool // the selector has a token order and lists rows
 		blocks  bool // ... and gives its blocks (tBlocks: an empty one, a long one, blocks of 1, 3 and 4 rows)
+		inplace bool // kvcache.InPlaceRuns: one-token passes read the copy's runs in place
 	}{
-		{"pools, host copies", kvcache.MaxUploadRuns, true, false, false, false},
-		{"pools, copy runs", kvcache.MaxUploadRuns, false, false, false, false},
-		{"pools, set_rows scatter", 0, false, false, false, false},
-		{"staged from pages", kvcache.MaxUploadRuns, true, true, false, false},
-		{"pools, ordered selector", kvcache.MaxUploadRuns, true, false, true, false},
-		{"staged from the ordered copy", kvcache.MaxUploadRuns, true, true, true, false},
-		{"staged from the ordered copy, selector blocks", kvcache.MaxUploadRuns, true, true, true, true},
+		{"pools, host copies", kvcache.MaxUploadRuns, true, false, false, false, false},
+		{"pools, copy runs", kvcache.MaxUploadRuns, false, false, false, false, false},
+		{"pools, set_rows scatter", 0, false, false, false, false, false},
+		{"staged from pages", kvcache.MaxUploadRuns, true, true, false, false, false},
+		{"pools, ordered selector", kvcache.MaxUploadRuns, true, false, true, false, false},
+		{"staged from the ordered copy", kvcache.MaxUploadRuns, true, true, true, false, false},
+		{"staged from the ordered copy, selector blocks", kvcache.MaxUploadRuns, true, true, true, true, false},
+		{"in place from the ordered copy, selector blocks", kvcache.MaxUploadRuns, true, true, true, true, true},
+		{"in place from the ordered copy", kvcache.MaxUploadRuns, true, true, true, false, true},
 	} {
 		t.Run(mode.name, func(t *testing.T) {
-			defer func(old int, h, s bool) {
-				kvcache.MaxUploadRuns, kvcache.HostUploads, kvcache.TokenStaging = old, h, s
-			}(kvcache.MaxUploadRuns, kvcache.HostUploads, kvcache.TokenStaging)
-			kvcache.MaxUploadRuns, kvcache.HostUploads, kvcache.TokenStaging = mode.runs, mode.host, mode.staging
+			defer func(old int, h, s, ip bool) {
+				kvcache.MaxUploadRuns, kvcache.HostUploads, kvcache.TokenStaging, kvcache.InPlaceRuns = old, h, s, ip
+			}(kvcache.MaxUploadRuns, kvcache.HostUploads, kvcache.TokenStaging, kvcache.InPlaceRuns)
+			kvcache.MaxUploadRuns, kvcache.HostUploads, kvcache.TokenStaging, kvcache.InPlaceRuns = mode.runs, mode.host, mode.staging, mode.inplace
 			pick := plain
 			var sel paging.Selector = &funcTokenSelector{c: cfg, groups: groups, tok: func(g, upto int) []int32 { toks, _ := plain(g, upto); return toks }}
 			if mode.ordered {
@@ -279,6 +282,11 @@ func TestTokenPoolsMatchFloat64Reference(t *testing.T) {
 			if mode.staging {
 				require.Zero(t, st.TokenUploads, "staged: nothing uploaded")
 				require.Positive(t, st.StagedFromPages)
+				if mode.inplace {
+					require.Positive(t, st.InPlaceRows, "one-token passes read runs in place")
+				} else {
+					require.Zero(t, st.InPlaceRows)
+				}
 				if mode.ordered {
 					require.Positive(t, fromCopy, "runs read from the copy before the cut")
 					require.Greater(t, st.StagedFromCopy, fromCopy, "and from the copy made again after it")
@@ -297,7 +305,8 @@ func TestTokenPoolsMatchFloat64Reference(t *testing.T) {
 	}
 	// Staged against pooled, pass by pass: the same f16 keys and values,
 	// the same positions, summed in another cell order.
-	for _, pair := range [][2]string{{"pools, host copies", "staged from pages"}, {"pools, ordered selector", "staged from the ordered copy"}, {"pools, ordered selector", "staged from the ordered copy, selector blocks"}} {
+	for _, pair := range [][2]string{{"pools, host copies", "staged from pages"}, {"pools, ordered selector", "staged from the ordered copy"}, {"pools, ordered selector", "staged from the ordered copy, selector blocks"},
+		{"pools, ordered selector", "in place from the ordered copy, selector blocks"}, {"pools, ordered selector", "in place from the ordered copy"}} {
 		t.Run(pair[1]+" vs "+pair[0], func(t *testing.T) {
 			pools, staged := outs[pair[0]], outs[pair[1]]
 			require.NotEmpty(t, pools, "compares the %q subtest's outputs: run it too", pair[0])

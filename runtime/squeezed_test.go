@@ -69,14 +69,21 @@ func squeezedNeedle(t *testing.T, path string, depths []int) {
 		for _, mode := range []struct {
 			name, policy string
 			use          squeezed.Use
+			inplace      bool // kvcache.InPlaceRuns
 		}{
-			{"budget", "squeezed", squeezed.Use{Index: doc.Clusters()}},
-			{"threshold", "squeezed", squeezed.Use{Index: doc.Clusters(), Threshold: true}},
+			// First: the document's ordered copies are made by the first
+			// session, in C memory only with InPlaceRuns on (the later
+			// modes read them through the staging copy).
+			{"budget, in place", "squeezed", squeezed.Use{Index: doc.Clusters()}, true},
+			{"budget", "squeezed", squeezed.Use{Index: doc.Clusters()}, false},
+			{"threshold", "squeezed", squeezed.Use{Index: doc.Clusters(), Threshold: true}, false},
 			// The model's recorded retrieval heads attend to clusters, the
 			// other KV heads keep only sinks and window.
-			{"budget+heads", "squeezed+heads", squeezed.Use{Index: doc.Clusters()}},
+			{"budget+heads", "squeezed+heads", squeezed.Use{Index: doc.Clusters()}, false},
 		} {
 			t.Run(fmt.Sprintf("%d%%/%s", depth, mode.name), func(t *testing.T) {
+				defer func(ip bool) { kvcache.InPlaceRuns = ip }(kvcache.InPlaceRuns)
+				kvcache.InPlaceRuns = mode.inplace
 				mem0 := m.DocumentMemory().Bytes
 				s, err := m.DocumentSession(doc, runtime.PolicyOptions{Policy: mode.policy, Budget: length / 8,
 					Extra: map[string]any{squeezed.OptionKey: mode.use}})
@@ -122,6 +129,9 @@ func squeezedNeedle(t *testing.T, path string, depths []int) {
 					pc.AttendedTokens(cfg.Layers-1), gs, pc.Stats().ResidentByClass, first.TokenUploads,
 					float64(last.UploadedBytes-first.UploadedBytes)/float64(max(1, tokens-1)), tokens-1)
 				require.Equal(t, n.Values, res.Tokens, "needle at %d", n.Pos)
+				if mode.inplace {
+					require.Positive(t, last.InPlaceRows-first.InPlaceRows, "the decode steps read runs in place")
+				}
 				// The cluster-ordered copies the session built are the
 				// document's (the next session reuses them): counted in
 				// its memory once the session closes.

@@ -1,0 +1,342 @@
+package kvcache
+
+/*
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include "ggml.h"
+#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+#include <immintrin.h>
+#define KVR_SIMD 1
+#endif
+
+// kvr_params is one staged group's in-place attention for one pass
+// (userdata of its ggml custom op): the group's ordered copy (f16, block
+// by block: K [w][C] token-major, then V [C][w] channel-major), its C and
+// headDim, the query heads per KV head, the scale, and the pass's runs:
+// per run 4 int32, the element index of its first K row in kv, of its
+// channel-0 V element, the V channel stride (its block's rows) and its
+// rows w. Written by Go before the graph is computed, read by the op.
+typedef struct {
+	const uint16_t *kv;
+	int c, hd, g;
+	float scale;
+	int nruns, cap;
+	int32_t *runs;
+} kvr_params;
+
+static kvr_params *kvr_params_new(void) { return (kvr_params *)calloc(1, sizeof(kvr_params)); }
+static void kvr_params_free(kvr_params *p) { if (p) { free(p->runs); free(p); } }
+static int kvr_params_reserve(kvr_params *p, int runs) {
+	if (runs <= p->cap) return 1;
+	int32_t *r = (int32_t *)realloc(p->runs, (size_t)runs * 4 * sizeof(int32_t));
+	if (!r) return 0;
+	p->runs = r;
+	p->cap = runs;
+	return 1;
+}
+// kvr_alloc16 is n f16 values and 8 zeroed ones after them (kvr_span
+// reads a run's last V channel up to 7 values past its end).
+static uint16_t *kvr_alloc16(size_t n) {
+	uint16_t *p = (uint16_t *)malloc((n + 8) * sizeof(uint16_t));
+	if (p) memset(p + n, 0, 8 * sizeof(uint16_t));
+	return p;
+}
+
+#ifdef KVR_SIMD
+static inline float kvr_h2f(uint16_t h) { return _cvtsh_ss(h); }
+#else
+static inline float kvr_h2f(uint16_t h) { return ggml_fp16_to_fp32((ggml_fp16_t)h); }
+#endif
+
+// q·k over hd channels (q f32, k f16).
+static inline float kvr_qk(const float *q, const uint16_t *k, int hd) {
+	int d = 0;
+	float s = 0;
+#ifdef KVR_SIMD
+	__m256 acc = _mm256_setzero_ps();
+	for (; d + 8 <= hd; d += 8)
+		acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(k + d))), acc);
+	__m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+	h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+	h = _mm_add_ss(h, _mm_movehdup_ps(h));
+	s = _mm_cvtss_f32(h);
+#endif
+	for (; d < hd; d++) s += q[d] * kvr_h2f(k[d]);
+	return s;
+}
+
+// p·v over w values (p f32, v f16 contiguous).
+static inline float kvr_pv(const float *p, const uint16_t *v, int w) {
+	int j = 0;
+	float s = 0;
+#ifdef KVR_SIMD
+	__m256 acc = _mm256_setzero_ps();
+	for (; j + 8 <= w; j += 8)
+		acc = _mm256_fmadd_ps(_mm256_loadu_ps(p + j), _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(v + j))), acc);
+	__m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+	h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+	h = _mm_add_ss(h, _mm_movehdup_ps(h));
+	s = _mm_cvtss_f32(h);
+#endif
+	for (; j < w; j++) s += p[j] * kvr_h2f(v[j]);
+	return s;
+}
+
+#define KVR_CHUNK 128
+
+#ifdef KVR_SIMD
+// kvr_sum8 returns the horizontal sums of a0..a7 as one vector.
+static inline __m256 kvr_sum8(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256 a4, __m256 a5, __m256 a6, __m256 a7) {
+	__m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+	__m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a4, a5), _mm256_hadd_ps(a6, a7));
+	return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+#define KVR_H(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))
+#endif
+
+// kvr_span folds w keys and values into one query head's online softmax
+// state (running max m, sum l, unnormalised output acc[hd]): k's rows are
+// kstride elements apart, v's channels vstride elements apart (each
+// channel's w values contiguous). q is already scaled. padded: v's
+// channels may be read up to 7 values past w (finite f16 there: the
+// ordered copy's next bytes or its zeroed tail), multiplied by 0.
+static void kvr_span(const float *q, int hd, const uint16_t *k, size_t kstride, const uint16_t *v, size_t vstride, int w, int padded, float *m, float *l, float *acc) {
+	float s[KVR_CHUNK + 8];
+	for (int j0 = 0; j0 < w; j0 += KVR_CHUNK) {
+		int cw = w - j0 < KVR_CHUNK ? w - j0 : KVR_CHUNK;
+		float mx = -INFINITY;
+		int j = 0;
+#ifdef KVR_SIMD
+		if (hd % 8 == 0) {
+			// Eight keys at a time, their sums reduced together.
+			for (; j + 8 <= cw; j += 8) {
+				const uint16_t *kr = k + (size_t)(j0 + j) * kstride;
+				__m256 a[8];
+				for (int r = 0; r < 8; r++) a[r] = _mm256_setzero_ps();
+				for (int d = 0; d < hd; d += 8) {
+					__m256 qd = _mm256_loadu_ps(q + d);
+					for (int r = 0; r < 8; r++) a[r] = _mm256_fmadd_ps(qd, KVR_H(kr + r * kstride + d), a[r]);
+				}
+				_mm256_storeu_ps(s + j, kvr_sum8(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]));
+			}
+		}
+#endif
+		for (; j < cw; j++) s[j] = kvr_qk(q, k + (size_t)(j0 + j) * kstride, hd);
+		for (j = 0; j < cw; j++)
+			if (s[j] > mx) mx = s[j];
+		if (mx > *m) {
+			float corr = expf(*m - mx); // 0 for the first span (m = -inf)
+			*l *= corr;
+			for (int d = 0; d < hd; d++) acc[d] *= corr;
+			*m = mx;
+		}
+		float sum = 0;
+		for (j = 0; j < cw; j++) {
+			s[j] = expf(s[j] - *m);
+			sum += s[j];
+		}
+		for (j = cw; j < cw + 8; j++) s[j] = 0;
+		*l += sum;
+		int d = 0;
+#ifdef KVR_SIMD
+		if (hd % 8 == 0) {
+			// Eight channels at a time: each a dot of the weights with
+			// its contiguous values, reduced together.
+			int jv = padded ? (cw + 7) / 8 * 8 : cw / 8 * 8;
+			for (; d < hd; d += 8) {
+				const uint16_t *vr = v + (size_t)d * vstride + j0;
+				__m256 a[8];
+				for (int c = 0; c < 8; c++) a[c] = _mm256_setzero_ps();
+				for (j = 0; j < jv; j += 8) {
+					__m256 pj = _mm256_loadu_ps(s + j);
+					for (int c = 0; c < 8; c++) a[c] = _mm256_fmadd_ps(pj, KVR_H(vr + c * vstride + j), a[c]);
+				}
+				__m256 t = kvr_sum8(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]);
+				float part[8];
+				_mm256_storeu_ps(part, t);
+				for (int c = 0; c < 8; c++) {
+					float x = part[c];
+					for (int jj = jv; jj < cw; jj++) x += s[jj] * kvr_h2f(vr[c * vstride + jj]);
+					acc[d + c] += x;
+				}
+			}
+		}
+#endif
+		for (; d < hd; d++) acc[d] += kvr_pv(s, v + (size_t)d * vstride + j0, cw);
+	}
+}
+
+// kvr_attn is the custom op: dst f32 [hd, nq, 1], src[0] the queries f32
+// [hd, nq, 1], src[1] the staging buffer's keys f16 [hd, heads, cells]
+// (the batch's token and the loose tokens), src[2] its values f16
+// [cells, hd, heads]. Query head qh reads KV head qh/g. Threads take query
+// heads round-robin; each walks every span (the staging cells, then the
+// runs of the ordered copy) for its heads, a run's K and V read once from
+// memory and reused from cache by the heads of its KV head.
+static void kvr_attn(struct ggml_tensor *dst, int ith, int nth, void *ud) {
+	const kvr_params *P = (const kvr_params *)ud;
+	const struct ggml_tensor *q = dst->src[0], *k = dst->src[1], *v = dst->src[2];
+	const int hd = P->hd, nq = (int)dst->ne[1], cells = (int)k->ne[2];
+	int mine = 0;
+	for (int qh = ith; qh < nq; qh += nth) mine++;
+	if (mine == 0) return;
+	float *st = (float *)malloc((size_t)mine * (2 * hd + 2) * sizeof(float));
+	float *qs = st, *acc = st + (size_t)mine * hd, *m = acc + (size_t)mine * hd, *l = m + mine;
+	for (int i = 0, qh = ith; qh < nq; qh += nth, i++) {
+		const float *qr = (const float *)((const char *)q->data + (size_t)qh * q->nb[1]);
+		for (int d = 0; d < hd; d++) qs[i * hd + d] = qr[d] * P->scale;
+		memset(acc + (size_t)i * hd, 0, hd * sizeof(float));
+		m[i] = -INFINITY;
+		l[i] = 0;
+	}
+	// The staging cells: keys token-major rows nb[2] bytes apart, values
+	// one row of cells per channel.
+	if (cells > 0) {
+		for (int i = 0, qh = ith; qh < nq; qh += nth, i++) {
+			int h = qh / P->g;
+			const uint16_t *kb = (const uint16_t *)((const char *)k->data + (size_t)h * k->nb[1]);
+			const uint16_t *vb = (const uint16_t *)((const char *)v->data + (size_t)h * v->nb[2]);
+			kvr_span(qs + (size_t)i * hd, hd, kb, k->nb[2] / 2, vb, v->nb[1] / 2, cells, 0, &m[i], &l[i], acc + (size_t)i * hd);
+		}
+	}
+	for (int r = 0; r < P->nruns; r++) {
+		const int32_t *run = P->runs + 4 * r;
+		for (int i = 0, qh = ith; qh < nq; qh += nth, i++) {
+			int h = qh / P->g;
+			const uint16_t *kb = P->kv + run[0] + (size_t)h * hd;
+			const uint16_t *vb = P->kv + run[1] + (size_t)h * hd * run[2];
+			kvr_span(qs + (size_t)i * hd, hd, kb, P->c, vb, run[2], run[3], 1, &m[i], &l[i], acc + (size_t)i * hd);
+		}
+	}
+	for (int i = 0, qh = ith; qh < nq; qh += nth, i++) {
+		float *o = (float *)((char *)dst->data + (size_t)qh * dst->nb[1]);
+		float inv = l[i] > 0 ? 1.0f / l[i] : 0;
+		for (int d = 0; d < hd; d++) o[d] = acc[(size_t)i * hd + d] * inv;
+	}
+	free(st);
+}
+
+static struct ggml_tensor *kvr_attn_op(struct ggml_context *ctx, struct ggml_tensor *q, struct ggml_tensor *k, struct ggml_tensor *v, kvr_params *p) {
+	struct ggml_tensor *args[3] = {q, k, v};
+	return ggml_custom_4d(ctx, GGML_TYPE_F32, q->ne[0], q->ne[1], 1, 1, args, 3, kvr_attn, GGML_N_TASKS_MAX, p);
+}
+*/
+import "C"
+
+import (
+	"fmt"
+	"runtime"
+	"unsafe"
+
+	"github.com/ollama/ollama/ml"
+	"github.com/ollama/ollama/ml/backend/ggml"
+)
+
+// InPlaceRuns makes a staged group's one-token passes (decode steps)
+// attend the runs of its ordered copy in place, in a ggml custom op
+// (kvr_attn above), instead of copying them into the staging buffer
+// first (issue 14: at 1b/32k that copy is 64 MiB a step). The staging
+// buffer then holds only the batch's token and the loose tokens (short
+// runs and positions past the order, from the pages); the op folds those
+// cells and every run into one online softmax per query head (f32
+// sums). Batches of more than one token, softcapped attention and copies
+// built while it was off keep the staging copy. Off by default: an
+// exploratory prototype (docs/kvcache.md, "At 1b").
+var InPlaceRuns = false
+
+// ggmlContext mirrors the first fields of ollama's ggml.Context (v0.17.4,
+// unexported): its backend and the ggml context new tensors go in.
+type ggmlContext struct {
+	b   unsafe.Pointer
+	ctx *C.struct_ggml_context
+}
+
+// inplaceParams is a group's kvr_params (C memory: ggml reads it while
+// the graph computes), freed with the group's holder.
+type inplaceParams struct{ p *C.kvr_params }
+
+func newInplaceParams() *inplaceParams {
+	ip := &inplaceParams{p: C.kvr_params_new()}
+	runtime.SetFinalizer(ip, func(ip *inplaceParams) { C.kvr_params_free(ip.p) })
+	return ip
+}
+
+// cAlloc16 returns n f16 elements of C memory, freed when the returned
+// holder is collected: an ordered copy the in-place op reads (ggml's C
+// code may only read memory Go does not manage or move).
+func cAlloc16(n int) ([]uint16, *cMem) {
+	p := C.kvr_alloc16(C.size_t(n))
+	if p == nil {
+		return nil, nil
+	}
+	m := &cMem{p: unsafe.Pointer(p)}
+	runtime.SetFinalizer(m, func(m *cMem) { C.free(m.p) })
+	return unsafe.Slice((*uint16)(unsafe.Pointer(p)), n), m
+}
+
+type cMem struct{ p unsafe.Pointer }
+
+// inplaceRuns lists in g's params the pieces of the runs of its ordered
+// copy that are not staged from the pages (fillStaged's rule), block by
+// block: the op reads them in place. It returns the rows listed and the
+// short runs' positions (appended to short).
+func (c *Paged) inplaceRuns(g *group, short []int32) (int, []int32) {
+	oc := g.ocopy
+	if g.iparams == nil {
+		g.iparams = newInplaceParams()
+	}
+	p := g.iparams.p
+	runs := c.irunBuf[:0]
+	rows := 0
+	for i := 0; i < len(g.rows); i += 2 {
+		if oc.fromPages(g.rows[i], g.rows[i+1]) {
+			short = append(short, oc.order[g.rows[i]:g.rows[i+1]]...)
+			continue
+		}
+		for a, b := int(g.rows[i]), int(g.rows[i+1]); a < b; {
+			bs, be := oc.block(a)
+			e := min(b, be)
+			runs = append(runs, int32(oc.kAt(a, 0, bs, be)), int32(oc.vAt(a, 0, bs, be)), int32(be-bs), int32(e-a))
+			rows += e - a
+			a = e
+		}
+	}
+	if C.kvr_params_reserve(p, C.int(len(runs)/4)) == 0 {
+		panic("kvcache: out of C memory for the in-place attention's runs")
+	}
+	if len(runs) > 0 {
+		copy(unsafe.Slice((*int32)(unsafe.Pointer(p.runs)), len(runs)), runs)
+	}
+	p.nruns = C.int(len(runs) / 4)
+	c.irunBuf = runs
+	p.kv = (*C.uint16_t)(unsafe.Pointer(&oc.kv[0]))
+	p.c = C.int(oc.c)
+	p.hd = C.int(c.L.HeadDim)
+	return rows, short
+}
+
+// inplaceAttention is the custom op for a group filled by inplaceRuns: q
+// f32 [headDim, qheads, 1], key and value the staging buffer's views of
+// its filled cells (the batch's token and the loose tokens). Returns f32
+// [headDim, qheads, 1], what ScaledDotProductAttention returns.
+func (c *Paged) inplaceAttention(ctx ml.Context, q, key, value ml.Tensor, g *group, scale float64) ml.Tensor {
+	gc, ok := ctx.(*ggml.Context)
+	qt, ok1 := q.(*ggml.Tensor)
+	kt, ok2 := key.(*ggml.Tensor)
+	vt, ok3 := value.(*ggml.Tensor)
+	if !ok || !ok1 || !ok2 || !ok3 || q.DType() != ml.DTypeF32 || q.Dim(2) != 1 || q.Dim(0) != c.L.HeadDim || q.Stride(0) != 4 || q.Dim(1)%len(g.heads) != 0 {
+		panic(fmt.Sprintf("kvcache: in-place attention wants ggml tensors and f32 queries [%d, heads, 1], got %v", c.L.HeadDim, q.Shape()))
+	}
+	p := g.iparams.p
+	p.g = C.int(q.Dim(1) / len(g.heads))
+	p.scale = C.float(float32(scale))
+	cq := (*ggmlTensor)(unsafe.Pointer(qt))
+	out := C.kvr_attn_op((*ggmlContext)(unsafe.Pointer(gc)).ctx, cq.t,
+		(*ggmlTensor)(unsafe.Pointer(kt)).t, (*ggmlTensor)(unsafe.Pointer(vt)).t, p)
+	res := &ggml.Tensor{}
+	rt := (*ggmlTensor)(unsafe.Pointer(res))
+	rt.b, rt.t = cq.b, out
+	return res
+}
