@@ -290,19 +290,10 @@ func (c *Paged) inplaceRuns(g *group, short []int32) (int, []int32) {
 	p := g.iparams.p
 	runs := c.irunBuf[:0]
 	rows := 0
-	for i := 0; i < len(g.rows); i += 2 {
-		if oc.fromPages(g.rows[i], g.rows[i+1]) {
-			short = append(short, oc.order[g.rows[i]:g.rows[i+1]]...)
-			continue
-		}
-		for a, b := int(g.rows[i]), int(g.rows[i+1]); a < b; {
-			bs, be := oc.block(a)
-			e := min(b, be)
-			runs = append(runs, int32(oc.kAt(a, 0, bs, be)), int32(oc.vAt(a, 0, bs, be)), int32(be-bs), int32(e-a))
-			rows += e - a
-			a = e
-		}
-	}
+	short = oc.pieces(g.rows, short, func(a, e, bs, be int) {
+		runs = append(runs, int32(oc.kAt(a, 0, bs, be)), int32(oc.vAt(a, 0, bs, be)), int32(be-bs), int32(e-a))
+		rows += e - a
+	})
 	if C.kvr_params_reserve(p, C.int(len(runs)/4)) == 0 {
 		panic("kvcache: out of C memory for the in-place attention's runs")
 	}

@@ -449,27 +449,18 @@ func (c *Paged) fillStaged(l int, g *group) int {
 		rows := len(oc.order)
 		short = c.shortPos[:0]
 		gather, spans := c.vGather[:0], c.vSpans[:0]
-		for i := 0; i < len(g.rows); i += 2 {
-			if oc.fromPages(g.rows[i], g.rows[i+1]) {
-				short = append(short, oc.order[g.rows[i]:g.rows[i+1]]...)
-				continue
-			}
-			for a, b := int(g.rows[i]), int(g.rows[i+1]); a < b; {
-				// The part of the run in a's block [bs, be).
-				bs, be := oc.block(a)
-				e := min(b, be)
-				w := e - a
-				copy(pl.hk[at*r:(at+w)*r], oc.kv[oc.kAt(a, 0, bs, be):][:w*r])
-				// V: its C channel segments lie in one span of the block
-				// (all of it for a whole cluster), gathered with one
-				// memmove, transposed below.
-				v := oc.vAt(a, 0, bs, be)
-				span := (r-1)*(be-bs) + w
-				spans = append(spans, stagedVRun{from: len(gather), stride: be - bs, w: w, at: at})
-				gather = append(gather, oc.kv[v:v+span]...)
-				at, a = at+w, e
-			}
-		}
+		short = oc.pieces(g.rows, short, func(a, e, bs, be int) {
+			w := e - a
+			copy(pl.hk[at*r:(at+w)*r], oc.kv[oc.kAt(a, 0, bs, be):][:w*r])
+			// V: its C channel segments lie in one span of the block
+			// (all of it for a whole cluster), gathered with one
+			// memmove, transposed below.
+			v := oc.vAt(a, 0, bs, be)
+			span := (r-1)*(be-bs) + w
+			spans = append(spans, stagedVRun{from: len(gather), stride: be - bs, w: w, at: at})
+			gather = append(gather, oc.kv[v:v+span]...)
+			at += w
+		})
 		// The runs' V into the buffer's channel rows, from the gathered
 		// spans (hot in cache): C short copies per run. Copying those
 		// from the ordered copy directly cost ~1.6x as much (a 20-row
@@ -511,6 +502,27 @@ type stagedVRun struct{ from, stride, w, at int }
 // pages would cost a line per channel and token at a random position:
 // those were ~0.3 ms of a 64k step's fill (docs/kvcache.md).
 const shortRun = 4
+
+// pieces walks a selection's runs of rows (half-open pairs): a run that
+// fromPages sends to the pages has its positions appended to short; every
+// other run is handed to piece block by block, as rows [a, e) of block
+// [bs, be). It returns short. The staged fill and the in-place attention
+// read the same pieces (checkStaged relies on the same rule).
+func (oc *orderedCopy) pieces(rows, short []int32, piece func(a, e, bs, be int)) []int32 {
+	for i := 0; i < len(rows); i += 2 {
+		if oc.fromPages(rows[i], rows[i+1]) {
+			short = append(short, oc.order[rows[i]:rows[i+1]]...)
+			continue
+		}
+		for a, b := int(rows[i]), int(rows[i+1]); a < b; {
+			bs, be := oc.block(a)
+			e := min(b, be)
+			piece(a, e, bs, be)
+			a = e
+		}
+	}
+	return short
+}
 
 // fromPages reports whether the run of rows [a, b) is staged from the
 // pages: shorter than shortRun and not whole blocks.
