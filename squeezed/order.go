@@ -41,110 +41,234 @@ func (h *Head) rowOf(t int32) int32 {
 	return h.tokOff[j] + int32(i)
 }
 
-// rowMarks is a bitmap over one head's rows (Select's scratch, reused),
-// and how many clusters and tokens were marked (at most that many runs).
-type rowMarks struct {
-	bits  []uint64
-	marks int
-}
-
-// reset clears the marks for an order of rows rows.
-func (m *rowMarks) reset(rows int) {
-	words := (rows + 63) / 64
-	if cap(m.bits) < words {
-		m.bits = make([]uint64, words)
-	}
-	m.bits = m.bits[:words]
-	clear(m.bits)
-	m.marks = 0
-}
-
-// cluster marks cluster j's rows, [tokOff[j], tokOff[j+1]).
-func (m *rowMarks) cluster(h *Head, j int32) {
-	m.span(h.tokOff[j], h.tokOff[j+1])
-	m.marks++
-}
-
-// span marks rows [a, b) a word at a time.
-func (m *rowMarks) span(a, b int32) {
-	for a < b {
-		w, o := a>>6, a&63
-		n := min(64-o, b-a)
-		mask := ^uint64(0) >> (64 - n) << o
-		m.bits[w] |= mask
-		a += n
-	}
-}
-
-// token marks position t's row if t is clustered (t < len(h.Assign)).
-func (m *rowMarks) token(h *Head, t int32) {
-	if int(t) < len(h.Assign) {
-		m.mark(h.rowOf(t))
-	}
-}
-
-// mark marks row r.
-func (m *rowMarks) mark(r int32) {
-	m.bits[r>>6] |= 1 << (r & 63)
-	m.marks++
-}
-
 // sinkRows returns the rows of the clustered sinks (positions below
-// Config.Sinks) in layer's KV head g's order, found once: each is a
-// lookup in a random cluster, ~1/6 of Select's row work at 64k if done
-// every step.
-func (s *selector) sinkRows(layer, g int, h *Head) []int32 {
+// Config.Sinks) in layer's KV head g's order, in position order, and the
+// same rows ascending, found once: each is a lookup in a random cluster,
+// ~1/6 of Select's row work at 64k if done every step.
+func (s *selector) sinkRows(layer, g int, h *Head) (rows, sorted []int32) {
 	if s.sinkRow == nil {
-		s.sinkRow = make([][][]int32, s.ix.Layers)
+		s.sinkRow, s.sinkSorted = make([][][]int32, s.ix.Layers), make([][][]int32, s.ix.Layers)
 	}
 	if s.sinkRow[layer] == nil {
-		s.sinkRow[layer] = make([][]int32, s.ix.KVHeads)
+		s.sinkRow[layer], s.sinkSorted[layer] = make([][]int32, s.ix.KVHeads), make([][]int32, s.ix.KVHeads)
 	}
 	if s.sinkRow[layer][g] == nil {
 		rows := make([]int32, 0, s.c.Sinks)
 		for t := 0; t < min(s.c.Sinks, len(h.Assign)); t++ {
 			rows = append(rows, h.rowOf(int32(t)))
 		}
-		s.sinkRow[layer][g] = rows
+		s.sinkRow[layer][g], s.sinkSorted[layer][g] = rows, slices.Sorted(slices.Values(rows))
 	}
-	return s.sinkRow[layer][g]
+	return s.sinkRow[layer][g], s.sinkSorted[layer][g]
 }
 
-// appendRuns appends the marked rows as half-open [start, end) pairs,
-// ascending: O(words + runs). A nil out gets the capacity the marks can
-// need, at once (growing it was a tenth of Select at 64k); there are at
-// most marks runs.
-func (m *rowMarks) appendRuns(out []int32) []int32 {
-	if out == nil {
-		out = make([]int32, 0, 2*m.marks)
+// tailRows is one head's rows of its last clustered positions [base,
+// len(Assign)), base = len(Assign) − Config.Window, as packed (row,
+// position) keys sorted by row, found once: a decode step's tail
+// reaches back into the clustered tokens by up to the window (the
+// observation window is shorter than Config.Window by default: at 64k
+// ~150 tail tokens per KV head are clustered), and a binary search for
+// each of their rows at every step was ~1/10 of Select's row work.
+type tailRows struct {
+	base int
+	keys []uint64 // row<<32 | position, ascending
+}
+
+// tailRowsOf returns layer's KV head g's tailRows, made on first use.
+func (s *selector) tailRowsOf(layer, g int, h *Head) *tailRows {
+	if s.tailRow == nil {
+		s.tailRow = make([][]*tailRows, s.ix.Layers)
 	}
-	open := false
-	for w, word := range m.bits {
-		base := int32(w * 64)
-		for off := 0; off < 64; {
-			rest := word >> off
-			if open {
-				// The ones from off on: a run continues into the next
-				// word if they reach its end (the shifted-in zeros become
-				// ones under ^, so z ≤ 64-off).
-				z := bits.TrailingZeros64(^rest)
-				if off+z >= 64 {
-					break
-				}
-				out = append(out, base+int32(off+z))
-				open, off = false, off+z
-				continue
-			}
-			if rest == 0 {
-				break
-			}
-			o := bits.TrailingZeros64(rest)
-			out = append(out, base+int32(off+o))
-			open, off = true, off+o
+	if s.tailRow[layer] == nil {
+		s.tailRow[layer] = make([]*tailRows, s.ix.KVHeads)
+	}
+	tr := s.tailRow[layer][g]
+	if tr == nil {
+		n := len(h.Assign)
+		tr = &tailRows{base: max(0, n-s.c.Window)}
+		for t := tr.base; t < n; t++ {
+			tr.keys = append(tr.keys, uint64(h.rowOf(int32(t)))<<32|uint64(t))
+		}
+		slices.Sort(tr.keys)
+		s.tailRow[layer][g] = tr
+	}
+	return tr
+}
+
+// tokenLists returns the chosen positions of h, ascending (the taken
+// clusters' tokens, s.taken, used of them; the sinks [0, sinks); the
+// tail [tail, upto)), and their pages, ascending, in toks's and ps's
+// storage (grown). The positions are marked in a bitmap over [0, upto)
+// (clusters are disjoint, but the sinks and a tail reaching back into
+// the clustered tokens repeat some of theirs: setting bits dedups them)
+// and read back in order: O(upto/64 + tokens), no sort. The sinks and
+// the tail are marked a word at a time. The pages come from the sorted
+// positions by a shift when the page size is a power of two (a division
+// per token was ~a tenth of Select at 64k), else by one division per
+// page.
+func (s *selector) tokenLists(h *Head, used, sinks, tail, upto int, toks []int32, ps []int) ([]int32, []int) {
+	words := (upto + 63) / 64
+	if cap(s.bits) < words {
+		s.bits = make([]uint64, words)
+	}
+	bm := s.bits[:words]
+	clear(bm)
+	setSpan(bm, 0, sinks)
+	setSpan(bm, tail, upto)
+	for _, j := range s.taken {
+		for _, t := range h.tokens[h.tokOff[j]:h.tokOff[j+1]] {
+			bm[t>>6] |= 1 << (t & 63)
 		}
 	}
+	toks = grow32(toks, used+sinks+(upto-tail)) // at least the distinct positions
+	for w, word := range bm {
+		base := int32(w << 6)
+		for word != 0 {
+			toks = append(toks, base+int32(bits.TrailingZeros64(word)))
+			word &= word - 1
+		}
+	}
+	// The pages: reports (Paged.Selected) and the selection's check read
+	// them; the pool holds only the tokens. No more than the tokens.
+	ps = ps[:0]
+	if cap(ps) < len(toks) {
+		ps = make([]int, 0, len(toks)+len(toks)/4)
+	}
+	if P := s.c.PageSize; P&(P-1) == 0 {
+		sh, last := bits.TrailingZeros(uint(P)), -1
+		for _, t := range toks {
+			if p := int(t) >> sh; p != last {
+				ps = append(ps, p)
+				last = p
+			}
+		}
+	} else {
+		next := 0 // the first position past the last page listed
+		for _, t := range toks {
+			if int(t) >= next {
+				p := int(t) / P
+				ps = append(ps, p)
+				next = (p + 1) * P
+			}
+		}
+	}
+	return toks, ps
+}
+
+// setSpan sets bits [a, b) of bm a word at a time.
+func setSpan(bm []uint64, a, b int) {
+	for a < b {
+		w, o := a>>6, a&63
+		n := min(64-o, b-a)
+		bm[w] |= ^uint64(0) >> (64 - n) << o
+		a += n
+	}
+}
+
+// rowRuns returns the chosen tokens as runs of rows of h's order
+// (Selection.Rows: half-open [start, end) pairs, ascending, maximal), in
+// out's storage (grown): each taken cluster is the run [tokOff[j],
+// tokOff[j+1]); the clustered sinks and tail tokens are single rows.
+// The clusters are walked in ascending order (a bitmap over the K
+// clusters, K/64 words) and the single rows (sorted lists: the sinks'
+// found once, the tail's from tailRows) merged into them, joining runs
+// that touch; no bitmap over the document's rows, which was O(T/64) to
+// clear and read back per KV head.
+func (s *selector) rowRuns(layer, g int, h *Head, sinks, tail, upto int, out []int32) []int32 {
+	// The single rows, ascending: the clustered sinks' ...
+	sr, srSorted := s.sinkRows(layer, g, h)
+	sinkRows := srSorted
+	if m := min(sinks, len(sr)); m < len(sr) { // fewer sinks than Config.Sinks (upto < Sinks)
+		s.rowTmp = append(s.rowTmp[:0], sr[:m]...)
+		slices.Sort(s.rowTmp)
+		sinkRows = s.rowTmp
+	}
+	// ... and the clustered tail's, [tail, min(upto, len(Assign))).
+	end := min(upto, len(h.Assign))
+	s.tailTmp = s.tailTmp[:0]
+	if tail < end {
+		if tr := s.tailRowsOf(layer, g, h); tail >= tr.base {
+			for _, key := range tr.keys {
+				if t := int(uint32(key)); t >= tail && t < end {
+					s.tailTmp = append(s.tailTmp, int32(key>>32))
+				}
+			}
+		} else {
+			for t := tail; t < end; t++ {
+				s.tailTmp = append(s.tailTmp, h.rowOf(int32(t)))
+			}
+			slices.Sort(s.tailTmp)
+		}
+	}
+	s.single = mergeSorted(s.single[:0], sinkRows, s.tailTmp)
+	// The taken clusters as a bitmap over K.
+	words := (h.K() + 63) / 64
+	if cap(s.cbits) < words {
+		s.cbits = make([]uint64, words)
+	}
+	cb := s.cbits[:words]
+	clear(cb)
+	for _, j := range s.taken {
+		cb[j>>6] |= 1 << (j & 63)
+	}
+	return appendRuns(grow32(out, 2*(len(s.taken)+len(s.single))), h.tokOff, cb, s.single)
+}
+
+// mergeSorted appends the merge of ascending a and b to out.
+func mergeSorted(out, a, b []int32) []int32 {
+	i, j := 0, 0
+	for i < len(a) && j < len(b) {
+		if a[i] <= b[j] {
+			out = append(out, a[i])
+			i++
+		} else {
+			out = append(out, b[j])
+			j++
+		}
+	}
+	out = append(out, a[i:]...)
+	return append(out, b[j:]...)
+}
+
+// appendRuns appends to out the union of the blocks [off[j], off[j+1])
+// of the clusters j set in cb and of the rows single (ascending) as
+// maximal half-open runs, ascending: blocks and rows in ascending start
+// order, each joining the open run when it starts at or before its end.
+// An empty block adds nothing.
+func appendRuns(out []int32, off []int32, cb []uint64, single []int32) []int32 {
+	open := false
+	var a, b int32 // the open run [a, b)
+	add := func(x, y int32) {
+		if open && x <= b {
+			b = max(b, y)
+			return
+		}
+		if open {
+			out = append(out, a, b)
+		}
+		a, b, open = x, y, true
+	}
+	si := 0
+	for w, word := range cb {
+		for word != 0 {
+			j := w<<6 + bits.TrailingZeros64(word)
+			word &= word - 1
+			x, y := off[j], off[j+1]
+			if x == y {
+				continue
+			}
+			for si < len(single) && single[si] < x {
+				add(single[si], single[si]+1)
+				si++
+			}
+			add(x, y)
+		}
+	}
+	for _, r := range single[si:] {
+		add(r, r+1)
+	}
 	if open {
-		out = append(out, int32(len(m.bits)*64))
+		out = append(out, a, b)
 	}
 	return out
 }

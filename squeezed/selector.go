@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"math"
-	"math/bits"
 	"slices"
 	"sync/atomic"
 
@@ -65,10 +64,16 @@ type selector struct {
 	flat, offs []int32
 	seen       []uint32
 	epoch      uint32
-	bits       []uint64
-	rows       rowMarks // the chosen tokens' rows of the head's order (Selection.Rows)
+	taken      []int32  // the clusters taken, in the order taken
+	bits       []uint64 // tokenLists' bitmap over the positions
+	cbits      []uint64 // rowRuns' bitmap over the clusters
+	single     []int32  // rowRuns' single rows (clustered sinks and tail), ascending
+	rowTmp     []int32  // rowRuns' scratch: a few sinks' rows, sorted
+	tailTmp    []int32  // rowRuns' scratch: the clustered tail's rows, ascending
 	bufs       [][]selBufs
-	sinkRow    [][][]int32 // per layer and KV head: the rows of the sinks in its order
+	sinkRow    [][][]int32   // per layer and KV head: the rows of the sinks in its order, by position
+	sinkSorted [][][]int32   // the same rows ascending
+	tailRow    [][]*tailRows // per layer and KV head: its last clustered positions' rows
 
 	// Decode steps scored in the graph (paging.CentroidScored): the
 	// centroid rows per layer (built once), the scores of the last decode
@@ -296,7 +301,6 @@ func (s *selector) Select(layer int, sum paging.Summaries, q *paging.Queries, up
 	sinks, tail, tokBudget := s.bounds(upto)
 	sel := paging.Selection{Groups: make([][]int, s.ix.KVHeads), Tokens: make([][]int32, s.ix.KVHeads),
 		Rows: make([][]int32, s.ix.KVHeads)}
-	words := (upto + 63) / 64
 	if len(s.lists[layer]) != s.ix.KVHeads {
 		s.lists[layer] = make([]rankedLists, s.ix.KVHeads)
 	}
@@ -388,31 +392,15 @@ func (s *selector) Select(layer int, sum paging.Summaries, q *paging.Queries, up
 			rl := &s.lists[layer][g]
 			rl.flat, rl.offs = append(rl.flat[:0], s.flat...), append(rl.offs[:0], s.offs...)
 		}
-		// The chosen tokens as a bitmap over the positions: setting bits
-		// dedups the sinks and tail against the clusters, and reading it
-		// back lists them sorted, in O(upto/64 + tokens) instead of a sort.
-		// taken: cluster j is taken in this group when seen[j] == epoch.
+		// Take clusters round-robin from the lists until the budget's
+		// tokens are filled: cluster j is taken in this group when
+		// seen[j] == epoch; s.taken lists them in the order taken.
 		if s.epoch++; s.epoch == 0 || len(s.seen) < h.K() {
 			s.seen, s.epoch = make([]uint32, max(h.K(), len(s.seen))), 1
 		}
-		if cap(s.bits) < words {
-			s.bits = make([]uint64, words)
-		}
-		s.bits = s.bits[:words]
-		clear(s.bits)
-		// The same choice as rows of the head's cluster order
-		// (TokenOrder): a taken cluster is one run.
-		s.rows.reset(len(h.Assign))
-		n := 0
-		mark := func(t int32) {
-			if w, b := t>>6, uint64(1)<<(t&63); s.bits[w]&b == 0 {
-				s.bits[w] |= b
-				n++
-			}
-		}
+		s.taken = s.taken[:0]
 		lists := len(s.offs) - 1
 		used := 0
-		var taken []int32
 		for r := 0; used < tokBudget; r++ {
 			any := false
 			for i := 0; i < lists; i++ {
@@ -426,18 +414,12 @@ func (s *selector) Select(layer int, sum paging.Summaries, q *paging.Queries, up
 					continue
 				}
 				s.seen[j] = s.epoch
-				ct := h.Tokens(int(j))
-				if len(ct) > tokBudget-used {
+				size := int(h.tokOff[j+1] - h.tokOff[j])
+				if size > tokBudget-used {
 					continue // too many tokens for what is left
 				}
-				for _, t := range ct {
-					mark(t)
-				}
-				s.rows.cluster(h, j)
-				used += len(ct)
-				if s.keep > 0 {
-					taken = append(taken, j)
-				}
+				s.taken = append(s.taken, j)
+				used += size
 			}
 			if !any {
 				break
@@ -449,47 +431,11 @@ func (s *selector) Select(layer int, sum paging.Summaries, q *paging.Queries, up
 				hs = make([][]int32, s.ix.KVHeads)
 				s.held[layer] = hs
 			}
-			hs[g] = append(hs[g][:0], taken...)
-		}
-		sr := s.sinkRows(layer, g, h)
-		for t := 0; t < sinks; t++ {
-			mark(int32(t))
-			if t < len(sr) {
-				s.rows.mark(sr[t])
-			}
-		}
-		for t := tail; t < upto; t++ {
-			mark(int32(t))
-			s.rows.token(h, int32(t)) // clustered only when the window reaches back into them
+			hs[g] = append(hs[g][:0], s.taken...)
 		}
 		buf := s.bufsFor(layer, g)
-		toks := grow32(buf.toks[buf.turn][:0], n)
-		for w, word := range s.bits {
-			for word != 0 {
-				toks = append(toks, int32(w<<6+bits.TrailingZeros64(word)))
-				word &= word - 1
-			}
-		}
-		// The pages of the tokens: reports (Paged.Selected) and the
-		// selection's check read them; the pool holds only the tokens.
-		// Counted first: appending from nil (~1,500 pages at 64k) was
-		// a quarter of Select in growing and clearing the slice.
-		np, last := 0, -1
-		for _, t := range toks {
-			if p := int(t) / P; p != last {
-				np, last = np+1, p
-			}
-		}
-		ps := buf.ps[buf.turn][:0]
-		if cap(ps) < np {
-			ps = make([]int, 0, np+np/4)
-		}
-		for _, t := range toks {
-			if p := int(t) / P; len(ps) == 0 || ps[len(ps)-1] != p {
-				ps = append(ps, p)
-			}
-		}
-		rows := s.rows.appendRuns(grow32(buf.rows[buf.turn][:0], 2*s.rows.marks))
+		toks, ps := s.tokenLists(h, used, sinks, tail, upto, buf.toks[buf.turn], buf.ps[buf.turn])
+		rows := s.rowRuns(layer, g, h, sinks, tail, upto, buf.rows[buf.turn])
 		buf.toks[buf.turn], buf.ps[buf.turn], buf.rows[buf.turn] = toks, ps, rows
 		sel.Groups[g], sel.Tokens[g], sel.Rows[g] = ps, toks, rows
 	}

@@ -1,0 +1,123 @@
+package squeezed
+
+import (
+	"math/rand/v2"
+	"os"
+	"testing"
+
+	"github.com/kvrecall/kvrecall/paging"
+)
+
+// BenchmarkSelectStep times the "squeezed" selector's Select for one
+// decode step on the clusters of a stored document
+// ($KVRECALL_BENCH_CLUSTERS: its .kvs file, tiny preset: 4 layers × 2 KV
+// heads × headDim 32, 65536 tokens, as for BenchmarkStepLimit; use a
+// copy). One op is one decode step: Select for each of the 4 clustered
+// layers, one query token of 8 query heads (GQA 4), budget 2048, default
+// sinks (64), window (256) and pages (64 tokens), random queries (the
+// tiny preset's keys have no structure: every head is scored flat after
+// its probing lookups, which the warm-up does).
+//
+//	KVRECALL_BENCH_CLUSTERS=/tmp/selectcost/pages-79a00b94728292d3.kvs \
+//	    go test ./squeezed -run XXX -bench SelectStep -benchtime 2000x -count 5
+//
+// Parts, each a decode step:
+//   - old: the reference Select (select_ref_test.go: the code before
+//     this rework), on its own selector;
+//   - new: Select;
+//   - score: Transposed.Scores of every head's GQA group (what both
+//     Selects do first);
+//   - score-rank: score, then TopRanked per query head (the ranked
+//     lists; what is left of Select above it is the taking of clusters
+//     and the lists of tokens, pages and rows).
+//
+// With -count N the four alternate, so the machine's drift cancels in
+// the ratios.
+func BenchmarkSelectStep(b *testing.B) {
+	path := os.Getenv("KVRECALL_BENCH_CLUSTERS")
+	if path == "" {
+		b.Skip("set KVRECALL_BENCH_CLUSTERS to a stored 64k tiny-preset clusters file (a copy)")
+	}
+	const layers, kvHeads, d, tokens, G, budget = 4, 2, 32, 65536, 4, 2048
+	ix, err := ReadFile(path, layers, kvHeads, d, tokens)
+	if err != nil {
+		b.Fatal(err)
+	}
+	c := paging.Config{PageSize: 64, Budget: budget, Layers: layers, KVHeads: kvHeads, Options: map[string]any{OptionKey: ix}}
+	newSel := func() *selector {
+		s, err := paging.New("squeezed", c)
+		if err != nil {
+			b.Fatal(err)
+		}
+		return s.(*selector)
+	}
+	rng := rand.New(rand.NewPCG(3, 4))
+	qs := make([]*paging.Queries, 64)
+	for i := range qs {
+		q := make([]float32, kvHeads*G*d)
+		for t := range q {
+			q[t] = float32(rng.NormFloat64())
+		}
+		qs[i] = &paging.Queries{Q: [][]float32{q}, Heads: kvHeads * G}
+	}
+	// A decode step some tokens into the answer of a 16-token question.
+	upto := func(i int) int { return tokens + 16 + i%64 }
+	type selectFn func(layer int, sum paging.Summaries, q *paging.Queries, upto int) paging.Selection
+	step := func(sel selectFn, i int) {
+		for l := range layers {
+			sel(l, nil, qs[i%len(qs)], upto(i))
+		}
+	}
+	ref := &refSelector{selector: newSel()}
+	cur := newSel()
+	for i := range 16 { // the probing lookups: every head then goes flat
+		step(ref.Select, i)
+		step(cur.Select, i)
+	}
+	for l := range layers {
+		for g := range kvHeads {
+			if cur.flatHead(l, g) == nil {
+				b.Fatalf("layer %d KV head %d is not scored flat after the warm-up", l, g)
+			}
+		}
+	}
+	run := func(sel selectFn) func(b *testing.B) {
+		return func(b *testing.B) {
+			b.ReportAllocs()
+			for i := range b.N {
+				step(sel, i)
+			}
+		}
+	}
+	var sc Scratch
+	var sbuf, tmp []float32
+	var out []int32
+	parts := func(rank bool) func(b *testing.B) {
+		return func(b *testing.B) {
+			b.ReportAllocs()
+			for i := range b.N {
+				q := qs[i%len(qs)].Q[0]
+				_, _, tokBudget := cur.bounds(upto(i))
+				for l := range layers {
+					for g := range kvHeads {
+						h, tr := ix.Heads[l][g], cur.flatHead(l, g)
+						k := h.K()
+						sbuf = grow(sbuf, G*k)
+						tmp = tr.Scores(sbuf, q[g*G*d:(g+1)*G*d], tmp)
+						if !rank {
+							continue
+						}
+						out = out[:0]
+						for j := range G {
+							out = h.TopRanked(sbuf[j*k:(j+1)*k], tokBudget, &sc, out)
+						}
+					}
+				}
+			}
+		}
+	}
+	b.Run("old", run(ref.Select))
+	b.Run("new", run(cur.Select))
+	b.Run("score", parts(false))
+	b.Run("score-rank", parts(true))
+}

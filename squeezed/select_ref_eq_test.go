@@ -1,0 +1,184 @@
+package squeezed
+
+import (
+	"fmt"
+	"math/rand/v2"
+	"testing"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/kvrecall/kvrecall/paging"
+)
+
+// synthIndex is an index of a tokens-token document (window tokens left
+// unclustered) without k-means over keys: k random centroids (isotropic:
+// no coarse bound prunes, so budget mode goes flat after its probing
+// lookups), each token assigned to a random cluster, some clusters left
+// empty (their blocks of rows are empty), then the hierarchy as Build
+// makes it.
+func synthIndex(tb testing.TB, seed uint64, layers, kvHeads, d, tokens, window, k int) *Index {
+	n := tokens - window
+	ix := &Index{Layers: layers, KVHeads: kvHeads, HeadDim: d, Tokens: tokens, Clustered: n, Heads: make([][]*Head, layers)}
+	rng := rand.New(rand.NewPCG(seed, 5))
+	for l := range ix.Heads {
+		ix.Heads[l] = make([]*Head, kvHeads)
+		for g := range ix.Heads[l] {
+			h := &Head{D: d, Centroids: randomKeys(seed+uint64(l*kvHeads+g), k, d), Sizes: make([]int32, k), Assign: make([]int32, n)}
+			for t := range h.Assign {
+				j := rng.IntN(k)
+				if j%13 == 5 {
+					j-- // clusters 5, 18, 31, ... stay empty
+				}
+				h.Assign[t] = int32(j)
+				h.Sizes[j]++
+			}
+			if err := h.buildHierarchy(max(1, k/32), KMeansOptions{Seed: seed, MaxIter: 5}); err != nil {
+				tb.Fatal(err)
+			}
+			h.index()
+			require.NoError(tb, h.check(tokens))
+			ix.Heads[l][g] = h
+		}
+	}
+	return ix
+}
+
+// Select's rework (the taken clusters' tokens and rows listed without
+// bitmaps over the document's positions and rows) lists exactly what
+// the reference (select_ref_test.go, the code before it) lists: the same
+// pages, tokens and runs of rows, nil where it gave nil, for the same
+// calls, over a sequence of steps: a question (several query tokens),
+// then decode steps as the answer grows; in budget mode (flat after the
+// probing lookups on random centroids, hierarchical on topic keys),
+// threshold mode, with a hysteresis (keep), with the decode steps' scores
+// from the graph (lagged, and the first step after a question, which
+// reuses its lists); page sizes a power of two or not; sinks and windows
+// small and large (a tail reaching back into the clustered tokens by up
+// to the window);
+// budgets from nearly all tail to larger than the document.
+func TestSelectMatchesReference(t *testing.T) {
+	const d, kvHeads, layers = 16, 2, 2
+	random := synthIndex(t, 1, layers, kvHeads, d, 30000, 100, 1500)
+	topicIx, err := Build(func(l, g, n int, dst []float32) []float32 { return topicKeys(uint64(11+3*l+g), n, d, 40) },
+		layers, kvHeads, d, 4000, Options{Seed: 4, Window: 100})
+	require.NoError(t, err)
+	for _, ix := range []*Index{random, topicIx} {
+		ix.Threshold = 2e-4
+	}
+	type tc struct {
+		name          string
+		ix            *Index
+		heads         int
+		P             int
+		budget        int
+		sinks, window int
+		thresh, graph bool
+		keep          float64
+		uptos         []int // the question's position (≥ the document's tokens, as a session's are), then decode steps from each
+	}
+	var cases []tc
+	for _, ixc := range []struct {
+		name string
+		ix   *Index
+	}{{"random", random}, {"topics", topicIx}} {
+		T := ixc.ix.Tokens
+		for _, c := range []tc{
+			{name: "budget", heads: 8, P: 64, budget: 2048, uptos: []int{T + 16}},
+			{name: "budget P16 GQA2", heads: 4, P: 16, budget: 1024, sinks: 16, window: 64, uptos: []int{T + 3, T + 200}},
+			{name: "budget P24", heads: 8, P: 24, budget: 700, sinks: 5, window: 40, uptos: []int{T + 1}},
+			{name: "window past the clustered end", heads: 8, P: 32, budget: 4096, sinks: 64, window: 1500, uptos: []int{T + 10}},
+			{name: "at the document end", heads: 8, P: 16, budget: 1024, sinks: 64, window: 64, uptos: []int{T}},
+			{name: "budget all but spent", heads: 8, P: 16, budget: 64 + 256 + 40, uptos: []int{T + 8}},
+			{name: "budget over the document", heads: 8, P: 64, budget: 64 * 1024, uptos: []int{T + 2}},
+			{name: "threshold", heads: 8, P: 64, budget: 2048, thresh: true, uptos: []int{T + 16}},
+			{name: "keep", heads: 8, P: 64, budget: 2048, keep: 2, uptos: []int{T + 16}},
+			{name: "graph", heads: 8, P: 64, budget: 2048, graph: true, uptos: []int{T + 16}},
+			{name: "graph keep", heads: 8, P: 16, budget: 1024, graph: true, keep: 1, uptos: []int{T + 5}},
+			{name: "graph threshold", heads: 4, P: 64, budget: 2048, graph: true, thresh: true, uptos: []int{T + 16}},
+		} {
+			c.name, c.ix = ixc.name+"/"+c.name, ixc.ix
+			cases = append(cases, c)
+		}
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			cfg := paging.Config{PageSize: c.P, Budget: c.budget, Sinks: c.sinks, Window: c.window, Layers: layers, KVHeads: kvHeads,
+				Options: map[string]any{OptionKey: Use{Index: c.ix, Threshold: c.thresh}, paging.HostScores: !c.graph, KeepKey: c.keep}}
+			mk := func() *selector {
+				s, err := paging.New("squeezed", cfg)
+				require.NoError(t, err)
+				return s.(*selector)
+			}
+			cur, ref := mk(), &refSelector{selector: mk()}
+			require.Equal(t, c.graph, cur.UseGraphScores())
+			require.Equal(t, c.graph, ref.UseGraphScores())
+			rng := rand.New(rand.NewPCG(uint64(len(c.name)), uint64(c.budget)))
+			query := func() []float32 {
+				q := make([]float32, c.heads*d)
+				G := c.heads / kvHeads
+				for h := 0; h < c.heads; h++ {
+					// Near a random token's cluster (topics), or random.
+					hd := c.ix.Heads[1][h/G]
+					j := int(hd.Assign[rng.IntN(len(hd.Assign))])
+					for i := 0; i < d; i++ {
+						q[h*d+i] = float32(rng.NormFloat64())
+						if c.ix == topicIx {
+							q[h*d+i] = hd.Centroids[j*d+i] + 0.3*q[h*d+i]
+						}
+					}
+				}
+				return q
+			}
+			same := func(what string, layer int, qs *paging.Queries, upto int) {
+				t.Helper()
+				want := ref.Select(layer, nil, qs, upto)
+				got := cur.Select(layer, nil, qs, upto)
+				require.Equal(t, want, got, "%s: layer %d at %d", what, layer, upto)
+				if c.budget < upto {
+					for g := range got.Tokens {
+						require.LessOrEqual(t, len(got.Tokens[g]), c.budget)
+					}
+				}
+			}
+			steps := 0
+			for _, upto := range c.uptos {
+				question := &paging.Queries{Q: [][]float32{query(), query(), query()}, Heads: c.heads}
+				for l := range layers {
+					same("question", l, question, upto)
+				}
+				for step := range 14 {
+					upto++
+					for l := range layers {
+						if !c.graph {
+							same(fmt.Sprint("step ", step), l, &paging.Queries{Q: [][]float32{query()}, Heads: c.heads}, upto)
+							continue
+						}
+						if step > 0 && cur.GraphScores(l, 1, upto-1) {
+							// The scores the graph computed in the last step:
+							// scores[h·k + r] = q_h · rows[g·k + r].
+							rows, k, _ := cur.Centroids(l)
+							refRows, refK, _ := ref.Centroids(l)
+							require.Equal(t, rows, refRows)
+							require.Equal(t, k, refK)
+							q := query()
+							scores := make([]float32, c.heads*k)
+							G := c.heads / kvHeads
+							for h := 0; h < c.heads; h++ {
+								g := h / G
+								matVec(scores[h*k:(h+1)*k], rows[g*k*d:(g+1)*k*d], q[h*d:(h+1)*d])
+							}
+							cur.Scored(l, scores, upto-1)
+							ref.Scored(l, scores, upto-1)
+						}
+						same(fmt.Sprint("graph step ", step), l, nil, upto)
+					}
+					steps++
+				}
+			}
+			require.Positive(t, steps)
+			if !c.thresh && !c.graph && c.ix == random && c.heads == 8 {
+				require.NotNil(t, cur.flatHead(1, 0), "random centroids are scored flat after the probing lookups")
+			}
+		})
+	}
+}
