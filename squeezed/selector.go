@@ -65,6 +65,7 @@ type selector struct {
 	seen       []uint32
 	epoch      uint32
 	taken      []int32  // the clusters taken, in the order taken
+	touched    int32    // tokenLists' touch of the taken clusters' lists (kept: the loads stay)
 	bits       []uint64 // tokenLists' bitmap over the positions
 	cbits      []uint64 // rowRuns' bitmap over the clusters
 	single     []int32  // rowRuns' single rows (clustered sinks and tail), ascending
