@@ -98,29 +98,21 @@ func (s *selector) tailRowsOf(layer, g int, h *Head) *tailRows {
 // tokenLists returns the chosen positions of h, ascending (the taken
 // clusters' tokens, s.taken, used of them; the sinks [0, sinks); the
 // tail [tail, upto)), and their pages, ascending, in toks's and ps's
-// storage (grown). The positions are marked in a bitmap over [0, upto)
-// (clusters are disjoint, but the sinks and a tail reaching back into
-// the clustered tokens repeat some of theirs: setting bits dedups them)
-// and read back in order: O(upto/64 + tokens), no sort. The sinks and
-// the tail are marked a word at a time. The pages come from the sorted
-// positions by a shift when the page size is a power of two (a division
-// per token was ~a tenth of Select at 64k), else by one division per
-// page.
+// storage (grown). The sinks and the tail are ranges, below and above
+// every other position; the clusters are disjoint, so their tokens in
+// [sinks, tail) (the rest repeat a sink or a tail token) are distinct:
+// they are collected and sorted by an LSD radix sort on 8-bit digits
+// (two passes below 64k positions), O(tokens), where a bitmap over
+// [0, upto), set and read back, cost O(upto/64) per KV head besides.
+// The pages come from the sorted positions by a shift when the page
+// size is a power of two, else by one division per page.
 func (s *selector) tokenLists(h *Head, used, sinks, tail, upto int, toks []int32, ps []int) ([]int32, []int) {
-	words := (upto + 63) / 64
-	if cap(s.bits) < words {
-		s.bits = make([]uint64, words)
-	}
-	bm := s.bits[:words]
-	clear(bm)
-	setSpan(bm, 0, sinks)
-	setSpan(bm, tail, upto)
 	// The taken clusters' token lists (~100 of them a KV head, ~20
 	// tokens each, anywhere in the head's 256 KiB of lists at 64k, which
 	// the centroids' scan has evicted) are first touched in a loop of
 	// independent loads, so that their cache misses overlap: walked
-	// cluster by cluster they came one at a time, and were half of the
-	// marking below.
+	// cluster by cluster they came one at a time, and were half of
+	// Select's list work.
 	var touch int32
 	for _, j := range s.taken {
 		if a, b := h.tokOff[j], h.tokOff[j+1]; a < b {
@@ -128,18 +120,27 @@ func (s *selector) tokenLists(h *Head, used, sinks, tail, upto int, toks []int32
 		}
 	}
 	s.touched = touch
+	keys := s.sortA[:0]
+	if cap(keys) < used {
+		keys = make([]int32, 0, used+used/4)
+	}
+	lo, span := int32(sinks), uint32(tail-sinks)
 	for _, j := range s.taken {
 		for _, t := range h.tokens[h.tokOff[j]:h.tokOff[j+1]] {
-			bm[t>>6] |= 1 << (t & 63)
+			if uint32(t-lo) < span {
+				keys = append(keys, t)
+			}
 		}
 	}
-	toks = grow32(toks, used+sinks+(upto-tail)) // at least the distinct positions
-	for w, word := range bm {
-		base := int32(w << 6)
-		for word != 0 {
-			toks = append(toks, base+int32(bits.TrailingZeros64(word)))
-			word &= word - 1
-		}
+	s.sortA = keys
+	keys = radixSort32(keys, &s.sortB, bits.Len32(uint32(max(0, tail-1))), &s.hist)
+	toks = grow32(toks, sinks+len(keys)+(upto-tail))
+	for t := range sinks {
+		toks = append(toks, int32(t))
+	}
+	toks = append(toks, keys...)
+	for t := tail; t < upto; t++ {
+		toks = append(toks, int32(t))
 	}
 	// The pages: reports (Paged.Selected) and the selection's check read
 	// them; the pool holds only the tokens. No more than the tokens.
@@ -177,14 +178,43 @@ func (s *selector) tokenLists(h *Head, used, sinks, tail, upto int, toks []int32
 	return toks, ps
 }
 
-// setSpan sets bits [a, b) of bm a word at a time.
-func setSpan(bm []uint64, a, b int) {
-	for a < b {
-		w, o := a>>6, a&63
-		n := min(64-o, b-a)
-		bm[w] |= ^uint64(0) >> (64 - n) << o
-		a += n
+// radixSort32 sorts keys (non-negative, below 1<<width) ascending by LSD
+// radix passes of 8 bits, ⌈width/8⌉ of them, between keys and *tmp
+// (grown); it returns the sorted keys, in either. The digits' counts
+// come from one pass over the keys for every digit at once.
+func radixSort32(keys []int32, tmp *[]int32, width int, hist *[4][256]uint32) []int32 {
+	passes := (width + 7) / 8
+	if len(keys) < 2 || passes == 0 {
+		return keys
 	}
+	if cap(*tmp) < len(keys) {
+		*tmp = make([]int32, len(keys)+len(keys)/4)
+	}
+	*hist = [4][256]uint32{}
+	for _, k := range keys {
+		u := uint32(k)
+		hist[0][byte(u)]++
+		hist[1][byte(u>>8)]++
+		hist[2][byte(u>>16)]++
+		hist[3][byte(u>>24)]++
+	}
+	src, dst := keys, (*tmp)[:len(keys)]
+	for p := range passes {
+		c := &hist[p]
+		var sum uint32
+		for i, v := range c {
+			c[i] = sum
+			sum += v
+		}
+		sh := 8 * p
+		for _, k := range src {
+			b := byte(uint32(k) >> sh)
+			dst[c[b]] = k
+			c[b]++
+		}
+		src, dst = dst, src
+	}
+	return src
 }
 
 // rowRuns returns the chosen tokens as runs of rows of h's order

@@ -19,7 +19,7 @@ import (
 // its probing lookups, which the warm-up does).
 //
 //	KVRECALL_BENCH_CLUSTERS=/tmp/selectcost/pages-79a00b94728292d3.kvs \
-//	    go test ./squeezed -run XXX -bench SelectStep -benchtime 2000x -count 5
+//	    go test ./squeezed -run XXX -bench SelectStep -benchtime 2000x
 //
 // Parts, each a decode step:
 //   - old: the reference Select (select_ref_test.go: the code before
@@ -31,8 +31,9 @@ import (
 //     lists; what is left of Select above it is the taking of clusters
 //     and the lists of tokens, pages and rows).
 //
-// With -count N the four alternate, so the machine's drift cancels in
-// the ratios.
+// The four run in turn, selectRounds times (sub-benchmarks old#01 ...).
+const selectRounds = 3
+
 func BenchmarkSelectStep(b *testing.B) {
 	path := os.Getenv("KVRECALL_BENCH_CLUSTERS")
 	if path == "" {
@@ -116,8 +117,13 @@ func BenchmarkSelectStep(b *testing.B) {
 			}
 		}
 	}
-	b.Run("old", run(ref.Select))
-	b.Run("new", run(cur.Select))
-	b.Run("score", parts(false))
-	b.Run("score-rank", parts(true))
+	// Rounds of the four in turn (-count repeats each sub-benchmark in a
+	// row, not the set), so that the machine's drift cancels in the
+	// ratios of one round.
+	for range selectRounds {
+		b.Run("old", run(ref.Select))
+		b.Run("new", run(cur.Select))
+		b.Run("score", parts(false))
+		b.Run("score-rank", parts(true))
+	}
 }

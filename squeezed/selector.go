@@ -64,9 +64,11 @@ type selector struct {
 	flat, offs []int32
 	seen       []uint32
 	epoch      uint32
-	taken      []int32  // the clusters taken, in the order taken
-	touched    int32    // tokenLists' touch of the taken clusters' lists (kept: the loads stay)
-	bits       []uint64 // tokenLists' bitmap over the positions
+	taken      []int32 // the clusters taken, in the order taken
+	touched    int32   // tokenLists' touch of the taken clusters' lists (kept: the loads stay)
+	sortA      []int32 // tokenLists' clustered positions to sort
+	sortB      []int32 // radixSort32's other buffer
+	hist       [4][256]uint32
 	cbits      []uint64 // rowRuns' bitmap over the clusters
 	single     []int32  // rowRuns' single rows (clustered sinks and tail), ascending
 	rowTmp     []int32  // rowRuns' scratch: a few sinks' rows, sorted
