@@ -25,13 +25,14 @@ import (
 //   - old: the reference Select (select_ref_test.go: the code before
 //     this rework), on its own selector;
 //   - new: Select;
-//   - score: Transposed.Scores of every head's GQA group (what both
-//     Selects do first);
+//   - score-old: the former Transposed.Scores (vek32.MatMul_Into per
+//     block) of every head's GQA group, what old does first;
+//   - score: Transposed.Scores (score4AVX2), what new does first;
 //   - score-rank: score, then TopRanked per query head (the ranked
 //     lists; what is left of Select above it is the taking of clusters
 //     and the lists of tokens, pages and rows).
 //
-// The four run in turn, selectRounds times (sub-benchmarks old#01 ...).
+// The five run in turn, selectRounds times (sub-benchmarks old#01 ...).
 const selectRounds = 3
 
 func BenchmarkSelectStep(b *testing.B) {
@@ -93,6 +94,24 @@ func BenchmarkSelectStep(b *testing.B) {
 	var sc Scratch
 	var sbuf, tmp []float32
 	var out []int32
+	olds := map[*Head]*oldTransposed{}
+	for l := range layers {
+		for g := range kvHeads {
+			olds[ix.Heads[l][g]] = oldTranspose(ix.Heads[l][g], G)
+		}
+	}
+	scoreOld := func(b *testing.B) {
+		for i := range b.N {
+			q := qs[i%len(qs)].Q[0]
+			for l := range layers {
+				for g := range kvHeads {
+					h := ix.Heads[l][g]
+					sbuf = grow(sbuf, G*h.K())
+					tmp = olds[h].Scores(sbuf, q[g*G*d:(g+1)*G*d], tmp)
+				}
+			}
+		}
+	}
 	parts := func(rank bool) func(b *testing.B) {
 		return func(b *testing.B) {
 			b.ReportAllocs()
@@ -117,12 +136,13 @@ func BenchmarkSelectStep(b *testing.B) {
 			}
 		}
 	}
-	// Rounds of the four in turn (-count repeats each sub-benchmark in a
+	// Rounds of the five in turn (-count repeats each sub-benchmark in a
 	// row, not the set), so that the machine's drift cancels in the
 	// ratios of one round.
 	for range selectRounds {
 		b.Run("old", run(ref.Select))
 		b.Run("new", run(cur.Select))
+		b.Run("score-old", scoreOld)
 		b.Run("score", parts(false))
 		b.Run("score-rank", parts(true))
 	}

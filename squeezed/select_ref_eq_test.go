@@ -2,6 +2,7 @@ package squeezed
 
 import (
 	"fmt"
+	"math"
 	"math/rand/v2"
 	"testing"
 
@@ -178,6 +179,59 @@ func TestSelectMatchesReference(t *testing.T) {
 			require.Positive(t, steps)
 			if !c.thresh && !c.graph && c.ix == random && c.heads == 8 {
 				require.NotNil(t, cur.flatHead(1, 0), "random centroids are scored flat after the probing lookups")
+			}
+		})
+	}
+}
+
+// Transposed.Scores (score4AVX2 where vek runs its AVX2 kernel) gives
+// the scores vek32.MatMul_Into gave, bit for bit, whatever K (blocks
+// with a partial last one, K below one tile of 8 or 16), the GQA size
+// (4 and 8 through the kernel, 2 and 3 through vek) and headDim, with
+// zeros, signed zeros and values of very different magnitudes in the
+// queries and centroids (where a different summation order or a
+// separate rounding of each product would show).
+func TestScoresMatchVek(t *testing.T) {
+	for _, tc := range []struct{ k, g, d int }{
+		{1, 4, 32}, {2, 4, 32}, {777, 4, 32}, {7, 4, 32}, {8, 4, 32}, {9, 4, 32}, {17, 4, 32}, {24, 4, 32},
+		{3272, 4, 32}, {1601, 8, 16}, {800, 4, 128}, {100, 4, 1}, {50, 2, 32}, {41, 3, 8},
+	} {
+		t.Run(fmt.Sprintf("K%d G%d d%d", tc.k, tc.g, tc.d), func(t *testing.T) {
+			rng := rand.New(rand.NewPCG(uint64(tc.k), uint64(tc.g*tc.d)))
+			val := func() float32 {
+				switch r := rng.IntN(20); {
+				case r == 0:
+					return 0
+				case r == 1:
+					return float32(math.Copysign(0, -1))
+				case r == 2:
+					return float32(rng.NormFloat64() * 1e6)
+				case r == 3:
+					return float32(rng.NormFloat64() * 1e-6)
+				}
+				return float32(rng.NormFloat64())
+			}
+			h := &Head{D: tc.d, Centroids: make([]float32, tc.k*tc.d), Sizes: make([]int32, tc.k)}
+			for i := range h.Centroids {
+				h.Centroids[i] = val()
+			}
+			tr := h.Transpose(tc.g)
+			var tmp []float32
+			for range 4 {
+				q := make([]float32, tc.g*tc.d)
+				for i := range q {
+					q[i] = val()
+				}
+				want := make([]float32, tc.g*tc.k)
+				oldTranspose(h, tc.g).Scores(want, q, nil)
+				got := make([]float32, tc.g*tc.k)
+				tmp = tr.Scores(got, q, tmp)
+				for i := range want {
+					if math.Float32bits(want[i]) != math.Float32bits(got[i]) {
+						t.Fatalf("score %d (head %d, centroid %d): %g (%08x), vek %g (%08x)", i, i/tc.k, i%tc.k,
+							got[i], math.Float32bits(got[i]), want[i], math.Float32bits(want[i]))
+					}
+				}
 			}
 		})
 	}

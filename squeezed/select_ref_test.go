@@ -1,7 +1,8 @@
 package squeezed
 
 // The reference: Select as it was before its decode-step rework
-// (branch selectcost), kept verbatim, so that TestSelectMatchesReference
+// (branch selectcost), kept verbatim (its flat scoring through the
+// former Transposed layout and vek32.MatMul_Into), so that TestSelectMatchesReference
 // can check the new Select's Groups, Tokens and Rows against it and
 // BenchmarkSelectStep can time the two in one run. It marks the chosen
 // tokens in a bitmap over the positions and the chosen rows in a bitmap
@@ -10,6 +11,8 @@ package squeezed
 import (
 	"math"
 	"math/bits"
+
+	"github.com/viterin/vek/vek32"
 
 	"github.com/kvrecall/kvrecall/paging"
 )
@@ -25,6 +28,59 @@ type refSelector struct {
 	rows  rowMarks
 	seen  []uint32
 	epoch uint32
+	old   map[[2]int]*oldTransposed // per layer and KV head: the centroids as Transpose laid them out before
+}
+
+// oldFlat returns layer's KV head g's centroids in the former layout,
+// made on first use.
+func (s *refSelector) oldFlat(layer, g int, h *Head, G int) *oldTransposed {
+	if s.old == nil {
+		s.old = map[[2]int]*oldTransposed{}
+	}
+	t := s.old[[2]int{layer, g}]
+	if t == nil {
+		t = oldTranspose(h, G)
+		s.old[[2]int{layer, g}] = t
+	}
+	return t
+}
+
+// oldTransposed is Transposed before score4AVX2: unpadded blocks, each
+// scored by vek32.MatMul_Into.
+type oldTransposed struct {
+	d, k, g, cols int
+	blocks        [][]float32 // block b: centroids b·cols.., [d][≤cols]
+}
+
+func oldTranspose(h *Head, g int) *oldTransposed {
+	d, k := h.D, h.K()
+	cols := max(8, (99_999/(g*d))&^7)
+	t := &oldTransposed{d: d, k: k, g: g, cols: cols}
+	for lo := 0; lo < k; lo += cols {
+		n := min(cols, k-lo)
+		blk := make([]float32, d*n)
+		for j := range n {
+			for i, v := range h.Centroids[(lo+j)*d : (lo+j+1)*d] {
+				blk[i*n+j] = v
+			}
+		}
+		t.blocks = append(t.blocks, blk)
+	}
+	return t
+}
+
+func (t *oldTransposed) Scores(dst, q, tmp []float32) []float32 {
+	k := t.k
+	tmp = grow(tmp, t.g*t.cols)
+	for b, blk := range t.blocks {
+		lo := b * t.cols
+		n := min(t.cols, k-lo)
+		out := vek32.MatMul_Into(tmp[:t.g*n], q[:t.g*t.d], blk, t.d)
+		for h := range t.g {
+			copy(dst[h*k+lo:h*k+lo+n], out[h*n:(h+1)*n])
+		}
+	}
+	return tmp
 }
 
 func (s *refSelector) Select(layer int, sum paging.Summaries, q *paging.Queries, upto int) paging.Selection {
@@ -61,7 +117,7 @@ func (s *refSelector) Select(layer int, sum paging.Summaries, q *paging.Queries,
 					// centroid in one read of them, then ranked.
 					k := h.K()
 					s.sbuf = grow(s.sbuf, G*k)
-					s.tmp = tr.Scores(s.sbuf, q.Q[t][g*G*d:(g+1)*G*d], s.tmp)
+					s.tmp = s.oldFlat(layer, g, h, G).Scores(s.sbuf, q.Q[t][g*G*d:(g+1)*G*d], s.tmp)
 					for j := 0; j < G; j++ {
 						s.flat = h.TopRanked(s.sbuf[j*k:(j+1)*k], tokBudget, &s.sc, s.flat)
 						s.offs = append(s.offs, int32(len(s.flat)))
