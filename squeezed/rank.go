@@ -88,11 +88,11 @@ func (h *Head) Transpose(g int) *Transposed {
 // the caller's scratch ([g][cols]), returned grown.
 //
 // Where vek runs its AVX2 kernel, a GQA group of a multiple of 4 query
-// heads is scored by score4AVX2, 4 heads at a time: the same fused
-// multiply-adds in the same order (so the same scores, bit for bit,
-// TestScoresMatchVek), with a tile's sums kept in registers instead of
-// loaded and stored at every element of headDim, ~2.5 times faster on
-// the tiny preset at 64k (BenchmarkSelectStep's score).
+// heads is scored by score4 (score_amd64.s; AVX-512 where there is
+// one), 4 heads at a time: the same fused multiply-adds in the same
+// order (so the same scores, bit for bit, TestScoresMatchVek), with a
+// tile's sums kept in registers instead of loaded and stored at every
+// element of headDim (BenchmarkSelectStep's score against score-old).
 func (t *Transposed) Scores(dst, q, tmp []float32) []float32 {
 	k := t.k
 	tmp = grow(tmp, max(t.g*(t.cols+7), t.g+t.d))
@@ -106,11 +106,11 @@ func (t *Transposed) Scores(dst, q, tmp []float32) []float32 {
 			_, _ = dst[t.g*k-1], q[t.g*t.d-1] // the kernel's reach, checked
 			for h := 0; h < t.g; h += 4 {
 				if np == n { // straight into dst's rows
-					score4AVX2(&dst[h*k+lo], &q[h*t.d], &blk[0], t.d, np, k)
+					score4(dst[h*k+lo:], q[h*t.d:], blk, t.d, np, np, k)
 					continue
 				}
 				out := tmp[:4*np]
-				score4AVX2(&out[0], &q[h*t.d], &blk[0], t.d, np, np)
+				score4(out, q[h*t.d:], blk, t.d, np, np, np)
 				for i := range 4 {
 					copy(dst[(h+i)*k+lo:(h+i)*k+lo+n], out[i*np:i*np+n])
 				}

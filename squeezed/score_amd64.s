@@ -1,23 +1,23 @@
 #include "textflag.h"
 
-// func score4AVX2(dst, q, blk *float32, d, n, ldd int)
+// func score4AVX2(dst, q, blk *float32, d, n, ldb, ldd int)
 //
-// dst[i·ldd + j] = Σ_k q[i·d + k]·blk[k·n + j] for the 4 rows i and the
+// dst[i·ldd + j] = Σ_k q[i·d + k]·blk[k·ldb + j] for the 4 rows i and the
 // n columns j (n a multiple of 8), each sum one fused multiply-add per k
 // in ascending k from +0: the operations, in the same order, that
 // vek32.MatMul_Into's AVX2 kernel does for each element, so the scores
 // are bit for bit its own. A tile of 4 rows × 16 columns keeps its 8
 // accumulators in registers across k (vek's kernel loads and stores its
 // destination row at every k).
-TEXT ·score4AVX2(SB), NOSPLIT, $0-48
+TEXT ·score4AVX2(SB), NOSPLIT, $0-56
 	MOVQ dst+0(FP), DI
 	MOVQ q+8(FP), SI
 	MOVQ blk+16(FP), DX
 	MOVQ d+24(FP), CX
 	MOVQ n+32(FP), R8
-	MOVQ ldd+40(FP), R9
+	MOVQ ldb+40(FP), R10
+	MOVQ ldd+48(FP), R9
 	SHLQ $2, R9         // dst row stride, bytes
-	MOVQ R8, R10
 	SHLQ $2, R10        // blk row stride, bytes
 	MOVQ CX, R11
 	SHLQ $2, R11        // q row stride, bytes
@@ -115,5 +115,81 @@ k8:
 	VMOVUPS Y6, (R12)
 
 done:
+	VZEROUPPER
+	RET
+
+// func score4AVX512(dst, q, blk *float32, d, n, ldb, ldd int)
+//
+// score4AVX2 with AVX-512 registers: tiles of 4 rows × 32 columns, n a
+// multiple of 32. The same operations per element, so the same scores.
+TEXT ·score4AVX512(SB), NOSPLIT, $0-56
+	MOVQ dst+0(FP), DI
+	MOVQ q+8(FP), SI
+	MOVQ blk+16(FP), DX
+	MOVQ d+24(FP), CX
+	MOVQ n+32(FP), R8
+	MOVQ ldb+40(FP), R10
+	MOVQ ldd+48(FP), R9
+	SHLQ $2, R9
+	SHLQ $2, R10
+	MOVQ CX, R11
+	SHLQ $2, R11
+	XORQ BX, BX
+
+cols32:
+	MOVQ R8, AX
+	SUBQ BX, AX
+	CMPQ AX, $32
+	JLT  done512
+	VXORPS Z0, Z0, Z0
+	VXORPS Z1, Z1, Z1
+	VXORPS Z2, Z2, Z2
+	VXORPS Z3, Z3, Z3
+	VXORPS Z4, Z4, Z4
+	VXORPS Z5, Z5, Z5
+	VXORPS Z6, Z6, Z6
+	VXORPS Z7, Z7, Z7
+	LEAQ (DX)(BX*4), R12
+	MOVQ SI, R13
+	LEAQ (SI)(R11*2), R15
+	MOVQ CX, R14
+
+k32:
+	VMOVUPS      (R12), Z8
+	VMOVUPS      64(R12), Z9
+	VBROADCASTSS (R13), Z10
+	VBROADCASTSS (R13)(R11*1), Z11
+	VBROADCASTSS (R15), Z12
+	VBROADCASTSS (R15)(R11*1), Z13
+	VFMADD231PS  Z8, Z10, Z0
+	VFMADD231PS  Z9, Z10, Z1
+	VFMADD231PS  Z8, Z11, Z2
+	VFMADD231PS  Z9, Z11, Z3
+	VFMADD231PS  Z8, Z12, Z4
+	VFMADD231PS  Z9, Z12, Z5
+	VFMADD231PS  Z8, Z13, Z6
+	VFMADD231PS  Z9, Z13, Z7
+	ADDQ         R10, R12
+	ADDQ         $4, R13
+	ADDQ         $4, R15
+	DECQ         R14
+	JNZ          k32
+
+	LEAQ    (DI)(BX*4), R12
+	VMOVUPS Z0, (R12)
+	VMOVUPS Z1, 64(R12)
+	ADDQ    R9, R12
+	VMOVUPS Z2, (R12)
+	VMOVUPS Z3, 64(R12)
+	ADDQ    R9, R12
+	VMOVUPS Z4, (R12)
+	VMOVUPS Z5, 64(R12)
+	ADDQ    R9, R12
+	VMOVUPS Z6, (R12)
+	VMOVUPS Z7, 64(R12)
+	ADDQ    $32, BX
+	JMP     cols32
+
+done512:
 	VZEROUPPER
 	RET

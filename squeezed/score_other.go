@@ -5,4 +5,4 @@ package squeezed
 // useScore4 is false off amd64: Transposed.Scores uses vek32.
 const useScore4 = false
 
-func score4AVX2(dst, q, blk *float32, d, n, ldd int) { panic("squeezed: score4AVX2 off amd64") }
+func score4(dst, q, blk []float32, d, n, ldb, ldd int) { panic("squeezed: score4 off amd64") }

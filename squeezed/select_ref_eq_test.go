@@ -185,7 +185,8 @@ func TestSelectMatchesReference(t *testing.T) {
 }
 
 // Transposed.Scores (score4AVX2 where vek runs its AVX2 kernel) gives
-// the scores vek32.MatMul_Into gave, bit for bit, whatever K (blocks
+// the scores vek32.MatMul_Into gave, bit for bit, whatever K (AVX-512
+// tiles of 32 columns and AVX2 ones of 16 and 8 after them; blocks
 // with a partial last one, K below one tile of 8 or 16), the GQA size
 // (4 and 8 through the kernel, 2 and 3 through vek) and headDim, with
 // zeros, signed zeros and values of very different magnitudes in the
@@ -193,7 +194,7 @@ func TestSelectMatchesReference(t *testing.T) {
 // separate rounding of each product would show).
 func TestScoresMatchVek(t *testing.T) {
 	for _, tc := range []struct{ k, g, d int }{
-		{1, 4, 32}, {2, 4, 32}, {777, 4, 32}, {7, 4, 32}, {8, 4, 32}, {9, 4, 32}, {17, 4, 32}, {24, 4, 32},
+		{1, 4, 32}, {2, 4, 32}, {40, 4, 32}, {104, 4, 32}, {777, 4, 32}, {7, 4, 32}, {8, 4, 32}, {9, 4, 32}, {17, 4, 32}, {24, 4, 32},
 		{3272, 4, 32}, {1601, 8, 16}, {800, 4, 128}, {100, 4, 1}, {50, 2, 32}, {41, 3, 8},
 	} {
 		t.Run(fmt.Sprintf("K%d G%d d%d", tc.k, tc.g, tc.d), func(t *testing.T) {
