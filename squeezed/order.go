@@ -190,13 +190,22 @@ func radixSort32(keys []int32, tmp *[]int32, width int, hist *[4][256]uint32) []
 	if cap(*tmp) < len(keys) {
 		*tmp = make([]int32, len(keys)+len(keys)/4)
 	}
+	passes = min(passes, 4)
 	*hist = [4][256]uint32{}
-	for _, k := range keys {
-		u := uint32(k)
-		hist[0][byte(u)]++
-		hist[1][byte(u>>8)]++
-		hist[2][byte(u>>16)]++
-		hist[3][byte(u>>24)]++
+	if passes <= 2 { // positions below 64k: only the digits sorted on are counted
+		for _, k := range keys {
+			u := uint32(k)
+			hist[0][byte(u)]++
+			hist[1][byte(u>>8)]++
+		}
+	} else {
+		for _, k := range keys {
+			u := uint32(k)
+			hist[0][byte(u)]++
+			hist[1][byte(u>>8)]++
+			hist[2][byte(u>>16)]++
+			hist[3][byte(u>>24)]++
+		}
 	}
 	src, dst := keys, (*tmp)[:len(keys)]
 	for p := range passes {

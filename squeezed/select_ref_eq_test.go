@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"math"
 	"math/rand/v2"
+	"slices"
 	"testing"
 
 	"github.com/stretchr/testify/require"
@@ -235,5 +236,28 @@ func TestScoresMatchVek(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// radixSort32 sorts non-negative keys of any width (1 to 4 passes, an
+// odd number of passes ending in the other buffer), duplicates kept.
+func TestRadixSort32(t *testing.T) {
+	rng := rand.New(rand.NewPCG(8, 8))
+	for _, width := range []int{0, 1, 8, 9, 16, 17, 24, 31} {
+		for _, n := range []int{0, 1, 2, 33, 1700} {
+			t.Run(fmt.Sprintf("width %d, %d keys", width, n), func(t *testing.T) {
+				keys := make([]int32, n)
+				for i := range keys {
+					keys[i] = int32(rng.Uint32() & (1<<width - 1))
+					if i > 0 && i%7 == 0 {
+						keys[i] = keys[i-1] // duplicates
+					}
+				}
+				want := slices.Sorted(slices.Values(keys))
+				var tmp []int32
+				var hist [4][256]uint32
+				require.True(t, slices.Equal(want, radixSort32(keys, &tmp, width, &hist)))
+			})
+		}
 	}
 }
