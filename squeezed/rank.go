@@ -15,13 +15,13 @@ import (
 
 // Transposed is a head's fine centroids laid out to score the query heads
 // of its GQA group in one read of them: blocks of cols centroids, each
-// block [headDim][cols] row-major, so that one vek32.MatMul_Into of the
-// queries [G, headDim] by a block gives the G heads' scores of cols
-// centroids ([G, cols]: an axpy over cols per query element, the
-// centroids read once for all G query heads, where one matrix–vector
-// product per query head reads them G times). cols keeps G·headDim·cols
-// under vek's 100,000 threshold, past which it splits the product over
-// goroutines (decode runs on one thread).
+// block [headDim][cols rounded up to 8] row-major, so that one product of
+// the queries [G, headDim] by a block (score4, or vek32.MatMul_Into)
+// gives the G heads' scores of cols centroids ([G, cols]: the centroids
+// read once for all G query heads, where one matrix–vector product per
+// query head reads them G times). cols keeps G·headDim·cols under vek's
+// 100,000 threshold, past which it splits the product over goroutines
+// (decode runs on one thread).
 //
 // Read-only once made: Head.Flat shares one per head and GQA size among
 // the sessions of a document (its size is the centroids': 3.3 MiB for
