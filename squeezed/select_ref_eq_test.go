@@ -261,3 +261,49 @@ func TestRadixSort32(t *testing.T) {
 		}
 	}
 }
+
+// rowRuns gives the reference's runs (a bitmap over the head's rows)
+// also where Select's bounds never lead: a tail reaching back past the
+// clustered positions tailRows keeps (each tail row then found by a
+// binary search and sorted), and fewer sinks than Config.Sinks (a
+// sequence shorter than them).
+func TestRowRunsFallbacks(t *testing.T) {
+	const d, kvHeads, layers = 16, 2, 2
+	ix := synthIndex(t, 3, layers, kvHeads, d, 6000, 100, 300)
+	c := paging.Config{PageSize: 64, Budget: 2048, Layers: layers, KVHeads: kvHeads, Options: map[string]any{OptionKey: ix}}
+	sel, err := paging.New("squeezed", c)
+	require.NoError(t, err)
+	s := sel.(*selector)
+	h := ix.Heads[1][1]
+	nA := len(h.Assign)
+	rng := rand.New(rand.NewPCG(3, 3))
+	for _, tc := range []struct{ sinks, tail, upto int }{
+		{64, nA - 256, ix.Tokens + 5},      // the tail's rows from tailRows
+		{64, nA - 256 - 70, ix.Tokens + 5}, // 70 tail tokens before tailRows' base
+		{64, 64, ix.Tokens},                // every position in the tail
+		{10, nA - 30, ix.Tokens + 1},       // 10 of the 64 sinks
+		{0, nA + 3, ix.Tokens + 9},         // no sinks, an unclustered tail
+	} {
+		t.Run(fmt.Sprint(tc), func(t *testing.T) {
+			s.taken = s.taken[:0]
+			for range 40 {
+				s.taken = append(s.taken, int32(rng.IntN(h.K())))
+			}
+			slices.Sort(s.taken)
+			s.taken = slices.Compact(s.taken)
+			var m rowMarks
+			m.reset(nA)
+			for _, j := range s.taken {
+				m.cluster(h, j)
+			}
+			sr, _ := s.sinkRows(1, 1, h)
+			for t := 0; t < tc.sinks && t < len(sr); t++ {
+				m.mark(sr[t])
+			}
+			for t := tc.tail; t < tc.upto; t++ {
+				m.token(h, int32(t))
+			}
+			require.Equal(t, m.appendRuns(nil), s.rowRuns(1, 1, h, tc.sinks, tc.tail, tc.upto, nil))
+		})
+	}
+}

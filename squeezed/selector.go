@@ -64,15 +64,15 @@ type selector struct {
 	flat, offs []int32
 	seen       []uint32
 	epoch      uint32
-	taken      []int32 // the clusters taken, in the order taken
-	touched    int32   // tokenLists' touch of the taken clusters' lists (kept: the loads stay)
-	sortA      []int32 // tokenLists' clustered positions to sort
-	sortB      []int32 // radixSort32's other buffer
-	hist       [4][256]uint32
-	cbits      []uint64 // rowRuns' bitmap over the clusters
-	single     []int32  // rowRuns' single rows (clustered sinks and tail), ascending
-	rowTmp     []int32  // rowRuns' scratch: a few sinks' rows, sorted
-	tailTmp    []int32  // rowRuns' scratch: the clustered tail's rows, ascending
+	taken      []int32        // the clusters taken, in the order taken
+	touched    int32          // tokenLists' touch of the taken clusters' lists (kept: the loads stay)
+	sortA      []int32        // tokenLists' clustered positions to sort
+	sortB      []int32        // radixSort32's other buffer
+	hist       [4][256]uint32 // radixSort32's digit counts
+	cbits      []uint64       // rowRuns' bitmap over the clusters
+	single     []int32        // rowRuns' single rows (clustered sinks and tail), ascending
+	rowTmp     []int32        // rowRuns' scratch: a few sinks' rows, sorted
+	tailTmp    []int32        // rowRuns' scratch: the clustered tail's rows, ascending
 	bufs       [][]selBufs
 	sinkRow    [][][]int32   // per layer and KV head: the rows of the sinks in its order, by position
 	sinkSorted [][][]int32   // the same rows ascending
