@@ -19,7 +19,8 @@ func score4AVX2(dst, q, blk *float32, d, n, ldb, ldd int)
 //go:noescape
 func score4AVX512(dst, q, blk *float32, d, n, ldb, ldd int)
 
-// useAVX512 says score4AVX512 runs here.
+// useAVX512 says score4AVX512 runs here (base AVX-512F instructions
+// only: its zeroing is VPXORD, not AVX512DQ's 512-bit VXORPS).
 var useAVX512 = useScore4 && cpu.X86.HasAVX512F
 
 // score4 is score4AVX2 for n a multiple of 8, the columns below n&^31
@@ -40,4 +41,6 @@ func score4(dst, q, blk []float32, d, n, ldb, ldd int) {
 // runs its AVX2 kernel (vek's own condition: AVX2 and FMA, not darwin),
 // whose answer score4AVX2 repeats. Elsewhere vek's pure-Go product
 // rounds each product and sum apart, and Transposed.Scores keeps it.
+// Fixed at start: vek.SetAcceleration(false) later would make vek's
+// scores differ from score4's (nothing here calls it).
 var useScore4 = cpu.X86.HasAVX2 && cpu.X86.HasFMA && runtime.GOOS != "darwin"
