@@ -15,11 +15,11 @@ package kvcache
 // (userdata of its ggml custom op): the group's ordered copy (f16,
 // token-major: K rows [n][c] at k, V rows [n][c] at v), its c (the
 // group's heads·headDim) and headDim, the query heads per KV head, the
-// scale, and the pass's runs: per run 2 int32, its rows [a, e) of the
+// scale, the rows to prefetch ahead (0: none), and the pass's runs: per run 2 int32, its rows [a, e) of the
 // copy. Written by Go before the graph is computed, read by the op.
 typedef struct {
 	const uint16_t *k, *v;
-	int c, hd, g;
+	int c, hd, g, ahead;
 	float scale;
 	int nruns, cap;
 	int32_t *runs;
@@ -228,6 +228,24 @@ static void kvr_rows(const float *q, int nh, int hd, const uint16_t *k, const ui
 	}
 }
 
+// kvr_cursor is a row of a pass's runs: run r, row row.
+typedef struct { int r; int32_t row; } kvr_cursor;
+
+// kvr_prefetch_next prefetches the lines of cursor c's row (one KV
+// head's hd keys at kb + row·c and values at vb + row·c) and moves it to
+// the next row of the runs; past the last run it does nothing.
+static inline void kvr_prefetch_next(const kvr_params *P, kvr_cursor *c, const uint16_t *kb, const uint16_t *vb, int hd) {
+	if (c->r >= P->nruns) return;
+	const char *k = (const char *)(kb + (size_t)c->row * P->c), *v = (const char *)(vb + (size_t)c->row * P->c);
+	for (int o = 0; o < hd * 2; o += 64) {
+		__builtin_prefetch(k + o);
+		__builtin_prefetch(v + o);
+	}
+	__builtin_prefetch(k + hd * 2 - 1);
+	__builtin_prefetch(v + hd * 2 - 1);
+	if (++c->row >= P->runs[2 * c->r + 1] && ++c->r < P->nruns) c->row = P->runs[2 * c->r];
+}
+
 // kvr_attn is the custom op: dst f32 [hd, nq, 1], src[0] the queries f32
 // [hd, nq, 1], src[1] the staging buffer's keys f16 [hd, heads, cells]
 // (the batch's token and the tokens past the order), src[2] its values
@@ -268,8 +286,15 @@ static void kvr_attn(struct ggml_tensor *dst, int ith, int nth, void *ud) {
 		const int a = h * G > q0 ? h * G : q0, b = (h + 1) * G < q1 ? (h + 1) * G : q1, i0 = a - q0, nh = b - a;
 		const uint16_t *kb = P->k + (size_t)h * hd, *vb = P->v + (size_t)h * hd;
 		int cw = 0;
+		// A second cursor P->ahead rows ahead prefetches the rows' K and
+		// V lines: the runs are random places in the copy (each start a
+		// cache and TLB miss), and the op's sums alone leave only a few
+		// of them in flight.
+		kvr_cursor pf = {P->ahead > 0 ? 0 : P->nruns, P->nruns > 0 ? P->runs[0] : 0};
+		for (int i = 0; i < P->ahead; i++) kvr_prefetch_next(P, &pf, kb, vb, hd);
 		for (int r = 0; r < P->nruns; r++) {
 			for (int32_t row = P->runs[2 * r]; row < P->runs[2 * r + 1]; row++) {
+				kvr_prefetch_next(P, &pf, kb, vb, hd);
 				rows[cw++] = row;
 				if (cw == KVR_ROWS) {
 					kvr_rows(qs + (size_t)i0 * hd, nh, hd, kb, vb, P->c, rows, cw, s, m + i0, l + i0, acc + (size_t)i0 * hd);
@@ -315,6 +340,12 @@ import (
 // attention and an ordered copy that did not get C memory keep the
 // staging copy; non-host backends have no staged groups.
 var InPlaceRuns = true
+
+// InPlacePrefetch makes the in-place op prefetch the lines of the rows
+// one chunk (64 rows) ahead of those it sums, so that the next chunk's
+// lines (random places in the copy: a cache and a TLB miss per run)
+// arrive while this one is summed. A switch for measuring it.
+var InPlacePrefetch = true
 
 // ggmlContext mirrors the first fields of ollama's ggml.Context (v0.17.4,
 // unexported): its backend and the ggml context new tensors go in.
@@ -372,6 +403,10 @@ func (c *Paged) inplaceRuns(g *group) int {
 	p.v = (*C.uint16_t)(unsafe.Pointer(&oc.kv[oc.vRow(0)]))
 	p.c = C.int(oc.c)
 	p.hd = C.int(c.L.HeadDim)
+	p.ahead = 0
+	if InPlacePrefetch {
+		p.ahead = C.KVR_ROWS
+	}
 	return rows
 }
 
