@@ -341,11 +341,12 @@ import (
 // staging copy; non-host backends have no staged groups.
 var InPlaceRuns = true
 
-// InPlacePrefetch makes the in-place op prefetch the lines of the rows
-// one chunk (64 rows) ahead of those it sums, so that the next chunk's
-// lines (random places in the copy: a cache and a TLB miss per run)
-// arrive while this one is summed. A switch for measuring it.
-var InPlacePrefetch = true
+// InPlacePrefetch is how many rows ahead of those it sums the in-place
+// op prefetches their K and V lines (0: none); one chunk (64 rows), so
+// that the next chunk's lines (random places in the copy: a cache and a
+// TLB miss per run) arrive while this one is summed. A knob for
+// measuring it.
+var InPlacePrefetch = 64
 
 // ggmlContext mirrors the first fields of ollama's ggml.Context (v0.17.4,
 // unexported): its backend and the ggml context new tensors go in.
@@ -403,10 +404,7 @@ func (c *Paged) inplaceRuns(g *group) int {
 	p.v = (*C.uint16_t)(unsafe.Pointer(&oc.kv[oc.vRow(0)]))
 	p.c = C.int(oc.c)
 	p.hd = C.int(c.L.HeadDim)
-	p.ahead = 0
-	if InPlacePrefetch {
-		p.ahead = C.KVR_ROWS
-	}
+	p.ahead = C.int(max(0, InPlacePrefetch))
 	return rows
 }
 

@@ -121,7 +121,7 @@ func BenchmarkQuestFromDisk(b *testing.B) {
 		rowMultiple int
 		named       bool // runs only when $KVRECALL_BENCH_ENGINES names it
 		staged      bool // kvcache.InPlaceRuns off for its steps (on for every other engine's)
-		noPrefetch  bool // kvcache.InPlacePrefetch off for its steps
+		prefetch    int  // kvcache.InPlacePrefetch for its steps (0: the default)
 	}
 	all := []engine{
 		{name: "floor"},
@@ -145,7 +145,9 @@ func BenchmarkQuestFromDisk(b *testing.B) {
 		// copies them into its staging buffers first (issue 14).
 		{name: "squeezed-inplace", method: "squeezed", host: true, rowMultiple: 16, named: true},
 		{name: "squeezed-staged", method: "squeezed", host: true, rowMultiple: 16, named: true, staged: true},
-		{name: "squeezed-noprefetch", method: "squeezed", host: true, rowMultiple: 16, named: true, noPrefetch: true},
+		{name: "squeezed-noprefetch", method: "squeezed", host: true, rowMultiple: 16, named: true, prefetch: -1},
+		{name: "squeezed-prefetch128", method: "squeezed", host: true, rowMultiple: 16, named: true, prefetch: 128},
+		{name: "squeezed-prefetch32", method: "squeezed", host: true, rowMultiple: 16, named: true, prefetch: 32},
 	}
 	engines := pickEngines(b, all, func(e engine) string { return e.name }, func(e engine) bool { return e.named })
 	if slices.ContainsFunc(engines, func(e engine) bool { return strings.Contains(e.method, "+heads") }) {
@@ -156,7 +158,8 @@ func BenchmarkQuestFromDisk(b *testing.B) {
 	// The sessions share the document's ordered copies (whichever engine
 	// makes them first, in C memory), so the staged and the in-place
 	// steps read the same bytes.
-	defer func(ip, pf bool) { kvcache.InPlaceRuns, kvcache.InPlacePrefetch = ip, pf }(kvcache.InPlaceRuns, kvcache.InPlacePrefetch)
+	defer func(ip bool, pf int) { kvcache.InPlaceRuns, kvcache.InPlacePrefetch = ip, pf }(kvcache.InPlaceRuns, kvcache.InPlacePrefetch)
+	pf0 := kvcache.InPlacePrefetch
 	kvcache.InPlaceRuns = true
 	var steps []func() error
 	var caches []*kvcache.Paged
@@ -168,7 +171,10 @@ func BenchmarkQuestFromDisk(b *testing.B) {
 			continue
 		}
 		s, step := docStep(ctx, b, m, doc, runtime.PolicyOptions{Policy: e.method, Budget: 2048, Extra: e.extra}, toks, n, e.host, e.rowMultiple)
-		ip, pf := !e.staged, !e.noPrefetch
+		ip, pf := !e.staged, pf0
+		if e.prefetch != 0 {
+			pf = max(0, e.prefetch)
+		}
 		steps = append(steps, func() error { kvcache.InPlaceRuns, kvcache.InPlacePrefetch = ip, pf; return step() })
 		caches = append(caches, s.Cache().(*kvcache.Paged))
 	}
