@@ -1,6 +1,11 @@
 package kvcache
 
-import "github.com/ollama/ollama/ml"
+import (
+	"runtime"
+
+	"github.com/ollama/ollama/ml"
+	"github.com/x448/float16"
+)
 
 // OrderedHostMask is buildMask for a pool whose slots hold pages 0..used-1
 // in order, full before pos0 and filled to pos0+n after it, all selected.
@@ -89,7 +94,46 @@ func (c *Paged) HostPooled() bool {
 // HostMem is hostMem for tests.
 func HostMem(t ml.Tensor, elems int) []uint16 { return hostMem(t, elems) }
 
-// StagedFromPages is orderedCopy.fromPages for an order of blocks bounds.
-func StagedFromPages(bounds []int32, a, b int32) bool {
-	return (&orderedCopy{bounds: bounds}).fromPages(a, b)
+// InPlaceKernel runs the in-place attention op (kvr_attn) on be for one
+// group of kvHeads KV heads of headDim hd, g query heads each, outside a
+// cache: the ordered copy is n token-major rows kc and vc ([n][kvHeads·hd]
+// f32, rounded to f16), runs its [a, e) pairs of rows, and the staging
+// cells sk and sv ([cells][kvHeads][hd] each, cells ≥ 1, rounded to f16)
+// are laid out as a staging buffer's (K token-major, V channel-major). q
+// is [kvHeads·g][hd]; it returns the output [kvHeads·g][hd].
+func InPlaceKernel(be ml.Backend, hd, kvHeads, g int, kc, vc []float32, runs []int32, sk, sv, q []float32, scale float64) []float32 {
+	C := kvHeads * hd
+	n, cells := len(kc)/C, len(sk)/C
+	oc := &orderedCopy{order: make([]int32, n), c: C}
+	if oc.kv, oc.cmem = cAlloc16(2 * n * C); oc.kv == nil {
+		panic("no C memory")
+	}
+	for i := range kc {
+		oc.kv[i] = float16.Fromfloat32(kc[i]).Bits()
+		oc.kv[n*C+i] = float16.Fromfloat32(vc[i]).Bits()
+	}
+	heads := make([]int, kvHeads)
+	for i := range heads {
+		heads[i] = i
+	}
+	c := &Paged{L: Layout{Layers: 1, KVHeads: kvHeads, HeadDim: hd, PageSize: 16}}
+	gr := &group{heads: heads, rows: runs, ocopy: oc}
+	c.inplaceRuns(gr)
+	ctx := be.NewContext()
+	defer ctx.Close()
+	// V channel-major: [cells, hd, kvHeads].
+	svT := make([]float32, len(sv))
+	for j := range cells {
+		for ch := range C {
+			svT[ch*cells+j] = sv[j*C+ch]
+		}
+	}
+	key := ctx.Input().FromFloats(sk, hd, kvHeads, cells).Cast(ctx, ml.DTypeF16)
+	value := ctx.Input().FromFloats(svT, cells, hd, kvHeads).Cast(ctx, ml.DTypeF16)
+	qt := ctx.Input().FromFloats(q, hd, kvHeads*g, 1)
+	out := c.inplaceAttention(ctx, qt, key, value, gr, scale)
+	ctx.Forward(out).Compute(out)
+	res := out.Floats()
+	runtime.KeepAlive(oc)
+	return res
 }

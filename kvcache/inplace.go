@@ -12,15 +12,14 @@ package kvcache
 #endif
 
 // kvr_params is one staged group's in-place attention for one pass
-// (userdata of its ggml custom op): the group's ordered copy (f16, block
-// by block: K [w][C] token-major, then V [C][w] channel-major), its C and
-// headDim, the query heads per KV head, the scale, and the pass's runs:
-// per run 4 int32, the element index of its first K row in kv, of its
-// channel-0 V element, the V channel stride (its block's rows) and its
-// rows w. Written by Go before the graph is computed, read by the op.
+// (userdata of its ggml custom op): the group's ordered copy (f16,
+// token-major: K rows [n][c] at k, V rows [n][c] at v), its c (the
+// group's heads·headDim) and headDim, the query heads per KV head, the
+// scale, the rows to prefetch ahead (0: none), and the pass's runs: per run 2 int32, its rows [a, e) of the
+// copy. Written by Go before the graph is computed, read by the op.
 typedef struct {
-	const uint16_t *kv;
-	int c, hd, g;
+	const uint16_t *k, *v;
+	int c, hd, g, ahead;
 	float scale;
 	int nruns, cap;
 	int32_t *runs;
@@ -30,19 +29,14 @@ static kvr_params *kvr_params_new(void) { return (kvr_params *)calloc(1, sizeof(
 static void kvr_params_free(kvr_params *p) { if (p) { free(p->runs); free(p); } }
 static int kvr_params_reserve(kvr_params *p, int runs) {
 	if (runs <= p->cap) return 1;
-	int32_t *r = (int32_t *)realloc(p->runs, (size_t)runs * 4 * sizeof(int32_t));
+	int32_t *r = (int32_t *)realloc(p->runs, (size_t)runs * 2 * sizeof(int32_t));
 	if (!r) return 0;
 	p->runs = r;
 	p->cap = runs;
 	return 1;
 }
-// kvr_alloc16 is n f16 values and 8 zeroed ones after them (kvr_span
-// reads a run's last V channel up to 7 values past its end).
-static uint16_t *kvr_alloc16(size_t n) {
-	uint16_t *p = (uint16_t *)malloc((n + 8) * sizeof(uint16_t));
-	if (p) memset(p + n, 0, 8 * sizeof(uint16_t));
-	return p;
-}
+// kvr_alloc16 is n f16 values (an ordered copy).
+static uint16_t *kvr_alloc16(size_t n) { return (uint16_t *)malloc((n > 0 ? n : 1) * sizeof(uint16_t)); }
 
 #ifdef KVR_SIMD
 static inline float kvr_h2f(uint16_t h) { return _cvtsh_ss(h); }
@@ -96,13 +90,14 @@ static inline __m256 kvr_sum8(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256
 #define KVR_H(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))
 #endif
 
-// kvr_span folds w keys and values into one query head's online softmax
-// state (running max m, sum l, unnormalised output acc[hd]): k's rows are
-// kstride elements apart, v's channels vstride elements apart (each
-// channel's w values contiguous). q is already scaled. padded: v's
-// channels may be read up to 7 values past w (finite f16 there: the
-// ordered copy's next bytes or its zeroed tail), multiplied by 0.
-static void kvr_span(const float *q, int hd, const uint16_t *k, size_t kstride, const uint16_t *v, size_t vstride, int w, int padded, float *m, float *l, float *acc) {
+// kvr_span folds the staging buffer's w cells into one query head's
+// online softmax state (running max m, sum l, unnormalised output
+// acc[hd]): k's rows are kstride elements apart, v's channels vstride
+// elements apart (each channel's w values contiguous: the buffer's
+// channel-major V). q is already scaled. These are the batch's token and
+// the tokens past the order (tens to a few hundred); the copy's runs go
+// through kvr_rows.
+static void kvr_span(const float *q, int hd, const uint16_t *k, size_t kstride, const uint16_t *v, size_t vstride, int w, float *m, float *l, float *acc) {
 	float s[KVR_CHUNK + 8];
 	for (int j0 = 0; j0 < w; j0 += KVR_CHUNK) {
 		int cw = w - j0 < KVR_CHUNK ? w - j0 : KVR_CHUNK;
@@ -137,55 +132,141 @@ static void kvr_span(const float *q, int hd, const uint16_t *k, size_t kstride, 
 			s[j] = expf(s[j] - *m);
 			sum += s[j];
 		}
-		for (j = cw; j < cw + 8; j++) s[j] = 0;
 		*l += sum;
-		int d = 0;
+		for (int d = 0; d < hd; d++) acc[d] += kvr_pv(s, v + (size_t)d * vstride + j0, cw);
+	}
+}
+
+// KVR_ROWS is the rows kvr_rows folds at once: their K and V slices
+// (at 1b, 64 rows × 2 × 128 bytes = 16 KiB) stay in L1 while every
+// query head of the KV head reads them.
+#define KVR_ROWS 64
+#define KVR_SLOT (KVR_ROWS + 8)
+
 #ifdef KVR_SIMD
-		if (hd % 8 == 0) {
-			// Eight channels at a time: each a dot of the weights with
-			// its contiguous values, reduced together.
-			int jv = padded ? (cw + 7) / 8 * 8 : cw / 8 * 8;
-			for (; d < hd; d += 8) {
-				const uint16_t *vr = v + (size_t)d * vstride + j0;
+// kvr_axpy_nb is kvr_axpy with the channels in blocks of NB vectors
+// (8·NB channels) held in registers over all the rows; inlined with a
+// constant NB.
+static inline __attribute__((always_inline)) void kvr_axpy_nb(const int NB, const float *p, const uint16_t *v, size_t c, const int32_t *rows, int cw, int hd, float *acc) {
+	for (int d0 = 0; d0 < hd; d0 += 8 * NB) {
+		__m256 a[8];
+		for (int b = 0; b < NB; b++) a[b] = _mm256_loadu_ps(acc + d0 + 8 * b);
+		for (int j = 0; j < cw; j++) {
+			__m256 pj = _mm256_set1_ps(p[j]);
+			const uint16_t *vr = v + (size_t)rows[j] * c + d0;
+			for (int b = 0; b < NB; b++) a[b] = _mm256_fmadd_ps(pj, KVR_H(vr + 8 * b), a[b]);
+		}
+		for (int b = 0; b < NB; b++) _mm256_storeu_ps(acc + d0 + 8 * b, a[b]);
+	}
+}
+#endif
+
+// kvr_axpy is acc[hd] += Σ_j p[j]·v_j over the token-major value rows
+// v + rows[j]·c (f16, hd each): one fused multiply-add per channel and
+// row, no horizontal sums.
+static void kvr_axpy(const float *p, const uint16_t *v, size_t c, const int32_t *rows, int cw, int hd, float *acc) {
+#ifdef KVR_SIMD
+	if (hd % 64 == 0) { kvr_axpy_nb(8, p, v, c, rows, cw, hd, acc); return; }
+	if (hd % 32 == 0) { kvr_axpy_nb(4, p, v, c, rows, cw, hd, acc); return; }
+	if (hd % 16 == 0) { kvr_axpy_nb(2, p, v, c, rows, cw, hd, acc); return; }
+	if (hd % 8 == 0) { kvr_axpy_nb(1, p, v, c, rows, cw, hd, acc); return; }
+#endif
+	for (int j = 0; j < cw; j++) {
+		const uint16_t *vr = v + (size_t)rows[j] * c;
+		float pj = p[j];
+		for (int d = 0; d < hd; d++) acc[d] += pj * kvr_h2f(vr[d]);
+	}
+}
+
+// kvr_rows folds cw rows of the ordered copy (rows[j]'s keys at
+// k + rows[j]·c, its values at v + rows[j]·c, hd f16 each: one KV head's
+// slice of the token-major rows) into the online softmax states of the
+// nh query heads of that KV head: q [nh][hd] (scaled), m and l [nh], acc
+// [nh][hd]; s is scratch [nh][KVR_SLOT]. The rows' lines come from
+// memory for the first head and from L1 for the others.
+static void kvr_rows(const float *q, int nh, int hd, const uint16_t *k, const uint16_t *v, size_t c, const int32_t *rows, int cw, float *s, float *m, float *l, float *acc) {
+	int j = 0;
+#ifdef KVR_SIMD
+	if (hd % 8 == 0) {
+		// Eight keys at a time, each head's eight sums reduced together.
+		for (; j + 8 <= cw; j += 8) {
+			const uint16_t *kr[8];
+			for (int r = 0; r < 8; r++) kr[r] = k + (size_t)rows[j + r] * c;
+			for (int i = 0; i < nh; i++) {
+				const float *qi = q + (size_t)i * hd;
 				__m256 a[8];
-				for (int c = 0; c < 8; c++) a[c] = _mm256_setzero_ps();
-				for (j = 0; j < jv; j += 8) {
-					__m256 pj = _mm256_loadu_ps(s + j);
-					for (int c = 0; c < 8; c++) a[c] = _mm256_fmadd_ps(pj, KVR_H(vr + c * vstride + j), a[c]);
+				for (int r = 0; r < 8; r++) a[r] = _mm256_setzero_ps();
+				for (int d = 0; d < hd; d += 8) {
+					__m256 qd = _mm256_loadu_ps(qi + d);
+					for (int r = 0; r < 8; r++) a[r] = _mm256_fmadd_ps(qd, KVR_H(kr[r] + d), a[r]);
 				}
-				__m256 t = kvr_sum8(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]);
-				float part[8];
-				_mm256_storeu_ps(part, t);
-				for (int c = 0; c < 8; c++) {
-					float x = part[c];
-					for (int jj = jv; jj < cw; jj++) x += s[jj] * kvr_h2f(vr[c * vstride + jj]);
-					acc[d + c] += x;
-				}
+				_mm256_storeu_ps(s + (size_t)i * KVR_SLOT + j, kvr_sum8(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]));
 			}
 		}
-#endif
-		for (; d < hd; d++) acc[d] += kvr_pv(s, v + (size_t)d * vstride + j0, cw);
 	}
+#endif
+	for (; j < cw; j++)
+		for (int i = 0; i < nh; i++) s[(size_t)i * KVR_SLOT + j] = kvr_qk(q + (size_t)i * hd, k + (size_t)rows[j] * c, hd);
+	for (int i = 0; i < nh; i++) {
+		float *si = s + (size_t)i * KVR_SLOT, *ai = acc + (size_t)i * hd;
+		float mx = -INFINITY;
+		for (j = 0; j < cw; j++)
+			if (si[j] > mx) mx = si[j];
+		if (mx > m[i]) {
+			float corr = expf(m[i] - mx); // 0 for the first rows (m = -inf)
+			l[i] *= corr;
+			for (int d = 0; d < hd; d++) ai[d] *= corr;
+			m[i] = mx;
+		}
+		float sum = 0;
+		for (j = 0; j < cw; j++) {
+			si[j] = expf(si[j] - m[i]);
+			sum += si[j];
+		}
+		l[i] += sum;
+		kvr_axpy(si, v, c, rows, cw, hd, ai);
+	}
+}
+
+// kvr_cursor is a row of a pass's runs: run r, row row.
+typedef struct { int r; int32_t row; } kvr_cursor;
+
+// kvr_prefetch_next prefetches the lines of cursor c's row (one KV
+// head's hd keys at kb + row·c and values at vb + row·c) and moves it to
+// the next row of the runs; past the last run it does nothing.
+static inline void kvr_prefetch_next(const kvr_params *P, kvr_cursor *c, const uint16_t *kb, const uint16_t *vb, int hd) {
+	if (c->r >= P->nruns) return;
+	const char *k = (const char *)(kb + (size_t)c->row * P->c), *v = (const char *)(vb + (size_t)c->row * P->c);
+	for (int o = 0; o < hd * 2; o += 64) {
+		__builtin_prefetch(k + o);
+		__builtin_prefetch(v + o);
+	}
+	__builtin_prefetch(k + hd * 2 - 1);
+	__builtin_prefetch(v + hd * 2 - 1);
+	if (++c->row >= P->runs[2 * c->r + 1] && ++c->r < P->nruns) c->row = P->runs[2 * c->r];
 }
 
 // kvr_attn is the custom op: dst f32 [hd, nq, 1], src[0] the queries f32
 // [hd, nq, 1], src[1] the staging buffer's keys f16 [hd, heads, cells]
-// (the batch's token and the loose tokens), src[2] its values f16
-// [cells, hd, heads]. Query head qh reads KV head qh/g. Threads take query
-// heads round-robin; each walks every span (the staging cells, then the
-// runs of the ordered copy) for its heads, a run's K and V read once from
-// memory and reused from cache by the heads of its KV head.
+// (the batch's token and the tokens past the order), src[2] its values
+// f16 [cells, hd, heads]. Query head qh reads KV head qh/g. Each thread
+// takes a contiguous range of query heads (with one thread, a KV head's g
+// heads together), folds the staging cells into each head's online
+// softmax, then walks the runs of the ordered copy once per KV head, in
+// chunks of KVR_ROWS rows across runs, for all of its heads at once.
 static void kvr_attn(struct ggml_tensor *dst, int ith, int nth, void *ud) {
 	const kvr_params *P = (const kvr_params *)ud;
 	const struct ggml_tensor *q = dst->src[0], *k = dst->src[1], *v = dst->src[2];
-	const int hd = P->hd, nq = (int)dst->ne[1], cells = (int)k->ne[2];
-	int mine = 0;
-	for (int qh = ith; qh < nq; qh += nth) mine++;
-	if (mine == 0) return;
-	float *st = (float *)malloc((size_t)mine * (2 * hd + 2) * sizeof(float));
-	float *qs = st, *acc = st + (size_t)mine * hd, *m = acc + (size_t)mine * hd, *l = m + mine;
-	for (int i = 0, qh = ith; qh < nq; qh += nth, i++) {
-		const float *qr = (const float *)((const char *)q->data + (size_t)qh * q->nb[1]);
+	const int hd = P->hd, nq = (int)dst->ne[1], cells = (int)k->ne[2], G = P->g;
+	const int q0 = (int)((long)nq * ith / nth), q1 = (int)((long)nq * (ith + 1) / nth);
+	if (q0 >= q1) return;
+	const int mine = q1 - q0;
+	float *st = (float *)malloc(((size_t)mine * (2 * hd + 2 + KVR_SLOT) + KVR_ROWS) * sizeof(float));
+	if (!st) abort();
+	float *qs = st, *acc = qs + (size_t)mine * hd, *m = acc + (size_t)mine * hd, *l = m + mine, *s = l + mine;
+	int32_t *rows = (int32_t *)(s + (size_t)mine * KVR_SLOT);
+	for (int i = 0; i < mine; i++) {
+		const float *qr = (const float *)((const char *)q->data + (size_t)(q0 + i) * q->nb[1]);
 		for (int d = 0; d < hd; d++) qs[i * hd + d] = qr[d] * P->scale;
 		memset(acc + (size_t)i * hd, 0, hd * sizeof(float));
 		m[i] = -INFINITY;
@@ -194,24 +275,37 @@ static void kvr_attn(struct ggml_tensor *dst, int ith, int nth, void *ud) {
 	// The staging cells: keys token-major rows nb[2] bytes apart, values
 	// one row of cells per channel.
 	if (cells > 0) {
-		for (int i = 0, qh = ith; qh < nq; qh += nth, i++) {
-			int h = qh / P->g;
+		for (int i = 0; i < mine; i++) {
+			int h = (q0 + i) / G;
 			const uint16_t *kb = (const uint16_t *)((const char *)k->data + (size_t)h * k->nb[1]);
 			const uint16_t *vb = (const uint16_t *)((const char *)v->data + (size_t)h * v->nb[2]);
-			kvr_span(qs + (size_t)i * hd, hd, kb, k->nb[2] / 2, vb, v->nb[1] / 2, cells, 0, &m[i], &l[i], acc + (size_t)i * hd);
+			kvr_span(qs + (size_t)i * hd, hd, kb, k->nb[2] / 2, vb, v->nb[1] / 2, cells, &m[i], &l[i], acc + (size_t)i * hd);
 		}
 	}
-	for (int r = 0; r < P->nruns; r++) {
-		const int32_t *run = P->runs + 4 * r;
-		for (int i = 0, qh = ith; qh < nq; qh += nth, i++) {
-			int h = qh / P->g;
-			const uint16_t *kb = P->kv + run[0] + (size_t)h * hd;
-			const uint16_t *vb = P->kv + run[1] + (size_t)h * hd * run[2];
-			kvr_span(qs + (size_t)i * hd, hd, kb, P->c, vb, run[2], run[3], 1, &m[i], &l[i], acc + (size_t)i * hd);
+	for (int h = q0 / G; h * G < q1; h++) {
+		const int a = h * G > q0 ? h * G : q0, b = (h + 1) * G < q1 ? (h + 1) * G : q1, i0 = a - q0, nh = b - a;
+		const uint16_t *kb = P->k + (size_t)h * hd, *vb = P->v + (size_t)h * hd;
+		int cw = 0;
+		// A second cursor P->ahead rows ahead prefetches the rows' K and
+		// V lines: the runs are random places in the copy (each start a
+		// cache and TLB miss), and the op's sums alone leave only a few
+		// of them in flight.
+		kvr_cursor pf = {P->ahead > 0 ? 0 : P->nruns, P->nruns > 0 ? P->runs[0] : 0};
+		for (int i = 0; i < P->ahead; i++) kvr_prefetch_next(P, &pf, kb, vb, hd);
+		for (int r = 0; r < P->nruns; r++) {
+			for (int32_t row = P->runs[2 * r]; row < P->runs[2 * r + 1]; row++) {
+				kvr_prefetch_next(P, &pf, kb, vb, hd);
+				rows[cw++] = row;
+				if (cw == KVR_ROWS) {
+					kvr_rows(qs + (size_t)i0 * hd, nh, hd, kb, vb, P->c, rows, cw, s, m + i0, l + i0, acc + (size_t)i0 * hd);
+					cw = 0;
+				}
+			}
 		}
+		if (cw > 0) kvr_rows(qs + (size_t)i0 * hd, nh, hd, kb, vb, P->c, rows, cw, s, m + i0, l + i0, acc + (size_t)i0 * hd);
 	}
-	for (int i = 0, qh = ith; qh < nq; qh += nth, i++) {
-		float *o = (float *)((char *)dst->data + (size_t)qh * dst->nb[1]);
+	for (int i = 0; i < mine; i++) {
+		float *o = (float *)((char *)dst->data + (size_t)(q0 + i) * dst->nb[1]);
 		float inv = l[i] > 0 ? 1.0f / l[i] : 0;
 		for (int d = 0; d < hd; d++) o[d] = acc[(size_t)i * hd + d] * inv;
 	}
@@ -237,14 +331,22 @@ import (
 // InPlaceRuns makes a staged group's one-token passes (decode steps)
 // attend the runs of its ordered copy in place, in a ggml custom op
 // (kvr_attn above), instead of copying them into the staging buffer
-// first (issue 14: at 1b/32k that copy is 64 MiB a step). The staging
-// buffer then holds only the batch's token and the loose tokens (short
-// runs and positions past the order, from the pages); the op folds those
-// cells and every run into one online softmax per query head (f32
-// sums). Batches of more than one token, softcapped attention and copies
-// built while it was off keep the staging copy. Off by default: an
-// exploratory prototype (docs/kvcache.md, "At 1b").
-var InPlaceRuns = false
+// first (issue 14: at 1b/32k that copy is 64 MiB a step, read once more
+// by attention). The staging buffer then holds only the batch's token
+// and the tokens past the order (from the pages); the op folds those
+// cells and every run into one online softmax per query head (f32 sums),
+// reading each run's token-major K and V rows where they lie. On by
+// default; batches of more than one token (the question), softcapped
+// attention and an ordered copy that did not get C memory keep the
+// staging copy; non-host backends have no staged groups.
+var InPlaceRuns = true
+
+// InPlacePrefetch is how many rows ahead of those it sums the in-place
+// op prefetches their K and V lines (0: none); one chunk (64 rows), so
+// that the next chunk's lines (random places in the copy: a cache and a
+// TLB miss per run) arrive while this one is summed. A knob for
+// measuring it.
+var InPlacePrefetch = 64
 
 // ggmlContext mirrors the first fields of ollama's ggml.Context (v0.17.4,
 // unexported): its backend and the ggml context new tensors go in.
@@ -278,34 +380,32 @@ func cAlloc16(n int) ([]uint16, *cMem) {
 
 type cMem struct{ p unsafe.Pointer }
 
-// inplaceRuns lists in g's params the pieces of the runs of its ordered
-// copy that are not staged from the pages (fillStaged's rule), block by
-// block: the op reads them in place. It returns the rows listed and the
-// short runs' positions (appended to short).
-func (c *Paged) inplaceRuns(g *group, short []int32) (int, []int32) {
+// inplaceRuns lists in g's params this pass's runs of its ordered copy
+// (g.rows, [a, e) pairs of rows) for the op, which reads them in place,
+// and returns the rows listed.
+func (c *Paged) inplaceRuns(g *group) int {
 	oc := g.ocopy
 	if g.iparams == nil {
 		g.iparams = newInplaceParams()
 	}
 	p := g.iparams.p
-	runs := c.irunBuf[:0]
 	rows := 0
-	short = oc.pieces(g.rows, short, func(a, e, bs, be int) {
-		runs = append(runs, int32(oc.kAt(a, 0, bs, be)), int32(oc.vAt(a, 0, bs, be)), int32(be-bs), int32(e-a))
-		rows += e - a
-	})
-	if C.kvr_params_reserve(p, C.int(len(runs)/4)) == 0 {
+	for i := 0; i < len(g.rows); i += 2 {
+		rows += int(g.rows[i+1] - g.rows[i])
+	}
+	if C.kvr_params_reserve(p, C.int(len(g.rows)/2)) == 0 {
 		panic("kvcache: out of C memory for the in-place attention's runs")
 	}
-	if len(runs) > 0 {
-		copy(unsafe.Slice((*int32)(unsafe.Pointer(p.runs)), len(runs)), runs)
+	if len(g.rows) > 0 {
+		copy(unsafe.Slice((*int32)(unsafe.Pointer(p.runs)), len(g.rows)), g.rows)
 	}
-	p.nruns = C.int(len(runs) / 4)
-	c.irunBuf = runs
-	p.kv = (*C.uint16_t)(unsafe.Pointer(&oc.kv[0]))
+	p.nruns = C.int(len(g.rows) / 2)
+	p.k = (*C.uint16_t)(unsafe.Pointer(&oc.kv[oc.kRow(0)]))
+	p.v = (*C.uint16_t)(unsafe.Pointer(&oc.kv[oc.vRow(0)]))
 	p.c = C.int(oc.c)
 	p.hd = C.int(c.L.HeadDim)
-	return rows, short
+	p.ahead = C.int(max(0, InPlacePrefetch))
+	return rows
 }
 
 // inplaceAttention is the custom op for a group filled by inplaceRuns: q

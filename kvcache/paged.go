@@ -121,9 +121,6 @@ type Paged struct {
 	// shared within a graph; tokens staged from ordered copies and pages.
 	noStage  []bool
 	seqCells []int32
-	shortPos []int32      // fillStaged's positions of short runs, reused
-	vGather  []uint16     // fillStaged's runs' V spans gathered from the ordered copy, reused
-	vSpans   []stagedVRun // where each run's V lies in vGather and goes in the buffer, reused
 	smask    struct {
 		ctx ml.Context
 		m   int
@@ -136,7 +133,6 @@ type Paged struct {
 	stagedCopy, stagedPages atomic.Int64
 	inplaceRows             atomic.Int64 // rows of ordered copies attended in place (InPlaceRuns)
 	inplaceNow              bool         // this attention may read runs in place (AttentionSoftcap)
-	irunBuf                 []int32      // inplaceRuns' runs, reused
 
 	// Kept step graphs (keptstep.go): this step's plan, and the kept
 	// graph being built (nil: a fresh graph).
@@ -183,8 +179,8 @@ type group struct {
 	ocopy  *orderedCopy
 	filled int
 	okey   string
-	// inplace: this pass's long runs are listed in iparams for the
-	// in-place attention (InPlaceRuns, inplace.go), not staged.
+	// inplace: this pass's runs are listed in iparams for the in-place
+	// attention (InPlaceRuns, inplace.go), not staged.
 	inplace bool
 	iparams *inplaceParams
 }

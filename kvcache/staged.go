@@ -2,7 +2,6 @@ package kvcache
 
 import (
 	"fmt"
-	"math"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -42,8 +41,11 @@ import (
 //
 //   - as runs of rows of a cluster-ordered copy of the document's KV,
 //     when the selector is a paging.TokenOrdered and its Selection lists
-//     Rows: one memmove of K and one per channel of V per run (a squeezed
-//     cluster, ~20 tokens at 64k, is one run);
+//     Rows: one memmove of K per run, V transposed from the copy's
+//     token-major rows into the buffer's channel rows (a squeezed
+//     cluster, ~20 tokens at 64k, is one run); on a one-token pass
+//     (InPlaceRuns, the default) the runs are not copied at all but read
+//     in place by the attention (inplace.go);
 //   - the rest (positions past the order: the observation window, the
 //     question, the answer; or every token, without an order) from the
 //     host pages, in runs of consecutive positions on one page: one copy
@@ -84,48 +86,33 @@ type orderKey struct {
 }
 
 // orderedCopy is one group's keys and values of positions order[0..n) in
-// that order, f16, block by block (squeezed's clusters: the selector's
-// paging.TokenOrdered blocks; else fixed blocks of orderBlock rows), each
-// block of rows [s, e) the staging buffer's two layouts one after the
-// other, at elements [2·C·s, 2·C·e):
+// that order, f16, token-major (C = heads·headDim):
 //
-//	K [e-s][C]  token-major: row i is position order[s+i]'s keys
-//	V [C][e-s]  channel-major
-//	(C = heads·headDim)
+//	K [n][C]  elements [0, n·C):     row i is position order[i]'s keys
+//	V [n][C]  elements [n·C, 2·n·C): row i is its values
 //
-// so that a run of a whole block (a cluster) is two contiguous spans, K
-// then V, one memmove for K and C for V, reading exactly its own bytes.
-// (Channel-major V over the whole order put a run's C spans on C distant
-// cache lines; fixed blocks of 64 rows still read ~60 lines for a
-// 20-token cluster's 40: per-line costs are what a step pays at 64k,
-// docs/kvcache.md.) Read-only once built.
+// so that any run of rows [a, e) (a cluster, several neighbouring ones, a
+// single sink row) is one contiguous span of K and one of V, read as
+// exactly its own bytes, whatever its length: the in-place attention
+// (inplace.go) reads the rows where they lie, q·k over a K row and
+// acc += p·v over a V row. (The copy was laid out block by block with V
+// channel-major before, as the staging buffer wants it: each run then
+// cost C short copies or C per-channel reductions, and runs under 4 rows
+// were taken from the pages, docs/kvcache.md.) In C memory (cAlloc16)
+// whenever malloc gives it, so that every session of the document can
+// attend it in place. Read-only once built.
 type orderedCopy struct {
-	once   sync.Once
-	err    error
-	order  []int32
-	bounds []int32 // block j is rows [bounds[j], bounds[j+1]); bounds[0] = 0, the last = len(order)
-	c      int     // C: elements of a row of K or V
-	kv     []uint16
-	cmem   *cMem // kv's C memory (InPlaceRuns when it was built: the in-place op reads it), nil if Go's
+	once  sync.Once
+	err   error
+	order []int32
+	c     int // C: elements of a row of K or V
+	kv    []uint16
+	cmem  *cMem // kv's C memory (the in-place op reads it), nil if Go's
 }
 
-// orderBlock is the rows of a block of an orderedCopy whose selector
-// gives no blocks.
-const orderBlock = 64
-
-// block returns the block holding row and its rows [s, e).
-func (oc *orderedCopy) block(row int) (s, e int) {
-	// The last bound at or below row (empty blocks repeat a bound).
-	j, _ := slices.BinarySearch(oc.bounds, int32(row)+1)
-	return int(oc.bounds[j-1]), int(oc.bounds[j])
-}
-
-// kAt and vAt are the indices in kv of channel ch of row's key and value
-// in its block [s, e).
-func (oc *orderedCopy) kAt(row, ch, s, e int) int { return 2*oc.c*s + (row-s)*oc.c + ch }
-func (oc *orderedCopy) vAt(row, ch, s, e int) int {
-	return 2*oc.c*s + (e-s)*oc.c + ch*(e-s) + (row - s)
-}
+// kRow and vRow are the indices in kv of row's first key and value.
+func (oc *orderedCopy) kRow(row int) int { return row * oc.c }
+func (oc *orderedCopy) vRow(row int) int { return (len(oc.order) + row) * oc.c }
 
 // holder returns s's ordered copies, made if none.
 func (s *Store) holder() *orderedCopies {
@@ -186,7 +173,7 @@ func (s *Store) OrderedBytes() int64 {
 // from s's pages if it is not yet, or nil if it cannot be shared: the
 // order reaches past the positions every sharing store agrees on (the
 // group then stages every token from the pages).
-func (s *Store) orderedFor(layer int, heads []int, key string, order, blocks []int32) (*orderedCopy, error) {
+func (s *Store) orderedFor(layer int, heads []int, key string, order []int32) (*orderedCopy, error) {
 	if len(order) == 0 {
 		return nil, nil
 	}
@@ -204,7 +191,7 @@ func (s *Store) orderedFor(layer int, heads []int, key string, order, blocks []i
 	k := orderKey{layer: layer, heads: key, order: &order[0], n: len(order)}
 	oc := h.m[k]
 	if oc == nil {
-		oc = &orderedCopy{order: order, bounds: blocks}
+		oc = &orderedCopy{order: order}
 		h.m[k] = oc
 		h.reach = max(h.reach, len(order))
 	}
@@ -228,28 +215,12 @@ func (s *Store) orderedFor(layer int, heads []int, key string, order, blocks []i
 
 // build copies the positions of oc.order from s's pages of layer, heads'
 // keys and values, after checking that the order is a permutation of
-// [0, len(order)) and the blocks ascending bounds from 0 to its end. The
-// pages are read in position order (each page once), the rows written
-// where the order puts them.
+// [0, len(order)). The pages are read in position order (each page once),
+// the rows written where the order puts them (V transposed from the
+// page's channel rows into token-major rows).
 func (oc *orderedCopy) build(s *Store, layer int, heads []int) error {
 	n, P, sr, hd := len(oc.order), s.L.PageSize, s.L.Row(), s.L.HeadDim
 	C := len(heads) * hd
-	if oc.bounds == nil {
-		for r := 0; r < n; r += orderBlock {
-			oc.bounds = append(oc.bounds, int32(r))
-		}
-		oc.bounds = append(oc.bounds, int32(n))
-	}
-	if b := oc.bounds; len(b) < 2 || b[0] != 0 || int(b[len(b)-1]) != n || !slices.IsSorted(b) {
-		return fmt.Errorf("the token order's blocks are not ascending row bounds from 0 to its %d rows", n)
-	}
-	// Each row's block, [s, e).
-	blockS, blockE := make([]int32, n), make([]int32, n)
-	for j := 0; j+1 < len(oc.bounds); j++ {
-		for r := oc.bounds[j]; r < oc.bounds[j+1]; r++ {
-			blockS[r], blockE[r] = oc.bounds[j], oc.bounds[j+1]
-		}
-	}
 	rowOf := make([]int32, n)
 	for i := range rowOf {
 		rowOf[i] = -1
@@ -266,27 +237,26 @@ func (oc *orderedCopy) build(s *Store, layer int, heads []int) error {
 		}
 	}
 	oc.c = C
-	if InPlaceRuns {
-		oc.kv, oc.cmem = cAlloc16(2 * n * C)
-	}
+	// C memory, whatever InPlaceRuns says now: a later session of the
+	// document (or a later pass) may attend it in place.
+	oc.kv, oc.cmem = cAlloc16(2 * n * C)
 	if oc.kv == nil {
-		oc.kv = make([]uint16, 2*n*C)
+		oc.kv = make([]uint16, 2*n*C) // no C memory: the staging path still reads it
 	}
 	for p := 0; p*P < n; p++ {
 		pg := s.pages[layer][p]
-		for off := 0; off < P && p*P+off < n; off++ {
+		rows := min(P, n-p*P)
+		for off := range rows {
 			r := int(rowOf[p*P+off])
-			bs, be := int(blockS[r]), int(blockE[r])
 			for i, h := range heads {
-				copy(oc.kv[oc.kAt(r, i*hd, bs, be):][:hd], pg.K[off*sr+h*hd:][:hd])
+				copy(oc.kv[oc.kRow(r)+i*hd:][:hd], pg.K[off*sr+h*hd:][:hd])
 			}
 		}
 		for i, h := range heads {
 			for d := range hd {
-				src := pg.V[(h*hd+d)*P:][:P]
-				for off := 0; off < P && p*P+off < n; off++ {
-					r := int(rowOf[p*P+off])
-					oc.kv[oc.vAt(r, i*hd+d, int(blockS[r]), int(blockE[r]))] = src[off]
+				src := pg.V[(h*hd+d)*P:][:rows]
+				for off, x := range src {
+					oc.kv[oc.vRow(int(rowOf[p*P+off]))+i*hd+d] = x
 				}
 			}
 		}
@@ -375,14 +345,14 @@ func (c *Paged) setStaged(layer, i int, g *group, rows []int32) error {
 		// they are staged from the pages.
 		return nil
 	}
-	order, blocks := to.TokenOrder(layer, i)
+	order, _ := to.TokenOrder(layer, i) // the blocks: any run of the token-major copy is contiguous
 	if err := checkRows(rows, order, g.tok); err != nil {
 		return err
 	}
 	if g.okey == "" {
 		g.okey = fmt.Sprint(g.heads)
 	}
-	oc, err := c.store.orderedFor(layer, g.heads, g.okey, order, blocks)
+	oc, err := c.store.orderedFor(layer, g.heads, g.okey, order)
 	if err != nil {
 		return err
 	}
@@ -425,114 +395,54 @@ func checkRows(rows, order []int32, toks []int32) error {
 }
 
 // fillStaged copies g's selected earlier tokens into its staging buffer,
-// cells [n, n+m) (the runs of the ordered copy not fromPages
-// first, then the shorter runs' positions sorted, then the tokens past
-// the order, both from the pages), and returns m.
+// cells [n, n+m) (the runs of the ordered copy first, in the selection's
+// order, then the tokens past the order, from the pages), and returns m.
+// On a one-token pass that may read the copy in place (c.inplaceNow,
+// InPlaceRuns) the runs are listed for the attention instead
+// (inplaceRuns), and only the tokens past the order are staged.
 func (c *Paged) fillStaged(l int, g *group) int {
 	pl := g.pool
 	P, r := c.L.PageSize, pl.row
 	cells := pl.slots * P
 	at := c.n
 	loose := g.tok
-	var short []int32
-	if oc := g.ocopy; oc != nil && c.inplaceNow && oc.cmem != nil && 2*oc.c*len(oc.order) < math.MaxInt32 {
-		// The long runs are read in place by the attention (inplace.go):
-		// only the loose tokens are staged.
-		var rows int
-		rows, short = c.inplaceRuns(g, c.shortPos[:0])
-		c.inplaceRows.Add(int64(rows))
-		g.inplace = true
+	if oc := g.ocopy; oc != nil {
 		loose = g.tok[countBelow(g.tok, len(oc.order)):]
-		slices.Sort(short)
-		c.shortPos = short
-	} else if oc != nil {
-		rows := len(oc.order)
-		short = c.shortPos[:0]
-		gather, spans := c.vGather[:0], c.vSpans[:0]
-		short = oc.pieces(g.rows, short, func(a, e, bs, be int) {
-			w := e - a
-			copy(pl.hk[at*r:(at+w)*r], oc.kv[oc.kAt(a, 0, bs, be):][:w*r])
-			// V: its C channel segments lie in one span of the block
-			// (all of it for a whole cluster), gathered with one
-			// memmove, transposed below.
-			v := oc.vAt(a, 0, bs, be)
-			span := (r-1)*(be-bs) + w
-			spans = append(spans, stagedVRun{from: len(gather), stride: be - bs, w: w, at: at})
-			gather = append(gather, oc.kv[v:v+span]...)
-			at += w
-		})
-		// The runs' V into the buffer's channel rows, from the gathered
-		// spans (hot in cache): C short copies per run. Copying those
-		// from the ordered copy directly cost ~1.6x as much (a 20-row
-		// cluster's 32 segments of 40 bytes each wait for their lines,
-		// one after another; one memmove of the span reads its ~20
-		// lines at full speed, as K's does: docs/kvcache.md).
-		for _, sp := range spans {
-			for ch := range r {
-				copy(pl.hv[ch*cells+sp.at:][:sp.w], gather[sp.from+ch*sp.stride:][:sp.w])
+		if c.inplaceNow && oc.cmem != nil {
+			c.inplaceRows.Add(int64(c.inplaceRuns(g)))
+			g.inplace = true
+		} else {
+			for i := 0; i < len(g.rows); i += 2 {
+				a, e := int(g.rows[i]), int(g.rows[i+1])
+				w := e - a
+				copy(pl.hk[at*r:(at+w)*r], oc.kv[oc.kRow(a):oc.kRow(e)])
+				transposeRows(pl.hv[at:], cells, oc.kv[oc.vRow(a):oc.vRow(e)], w, r)
+				at += w
 			}
+			c.stagedCopy.Add(int64(at - c.n))
 		}
-		c.vGather, c.vSpans = gather[:0], spans[:0]
-		c.stagedCopy.Add(int64(at - c.n))
-		loose = g.tok[countBelow(g.tok, rows):]
-		slices.Sort(short)
-		c.shortPos = short
 	}
 	from := at
-	at = c.stageFromPages(l, g, short, at)
 	at = c.stageFromPages(l, g, loose, at)
 	c.stagedPages.Add(int64(at - from))
 	g.filled = at - c.n
 	return g.filled
 }
 
-// stagedVRun is one run's V gathered by fillStaged: channel ch's w values are
-// at vGather[from+ch·stride:][:w] (stride: the rows of the run's block),
-// bound for the staging buffer's cells [at, at+w) of each channel row.
-type stagedVRun struct{ from, stride, w, at int }
-
-// shortRun is the fewest rows a run must have to be copied from the
-// ordered copy unless it is whole blocks. A shorter run inside a block (a
-// sink, a tail token inside the clusters: single rows of random clusters)
-// has its V spread over C spans of its block, ~20 lines for 2·C bytes;
-// its positions are taken from the pages instead, sorted, where the sinks
-// and the tail are consecutive (a few page runs for all of them). A short
-// run of whole blocks (clusters of 1-3 tokens, chosen whole) is its
-// blocks' 2·C·w contiguous elements in the copy (≤ 6 lines), where the
-// pages would cost a line per channel and token at a random position:
-// those were ~0.3 ms of a 64k step's fill (docs/kvcache.md).
-const shortRun = 4
-
-// pieces walks a selection's runs of rows (half-open pairs): a run that
-// fromPages sends to the pages has its positions appended to short; every
-// other run is handed to piece block by block, as rows [a, e) of block
-// [bs, be). It returns short. The staged fill and the in-place attention
-// read the same pieces (checkStaged relies on the same rule).
-func (oc *orderedCopy) pieces(rows, short []int32, piece func(a, e, bs, be int)) []int32 {
-	for i := 0; i < len(rows); i += 2 {
-		if oc.fromPages(rows[i], rows[i+1]) {
-			short = append(short, oc.order[rows[i]:rows[i+1]]...)
-			continue
-		}
-		for a, b := int(rows[i]), int(rows[i+1]); a < b; {
-			bs, be := oc.block(a)
-			e := min(b, be)
-			piece(a, e, bs, be)
-			a = e
+// transposeRows writes w token-major rows of r channels, src [w][r], as
+// channel rows of dst: channel ch's w values at dst[ch·stride:][:w] (the
+// staging buffer's V [cells, headDim, heads] from cell at, stride its
+// cells). The run's source span (w·r·2 bytes, a few KiB) is read once
+// from memory and then from cache, channel by channel; each channel's w
+// values are written contiguously.
+func transposeRows(dst []uint16, stride int, src []uint16, w, r int) {
+	_ = src[w*r-1]
+	for ch := range r {
+		d := dst[ch*stride:][:w]
+		for j := range d {
+			d[j] = src[j*r+ch]
 		}
 	}
-	return short
-}
-
-// fromPages reports whether the run of rows [a, b) is staged from the
-// pages: shorter than shortRun and not whole blocks.
-func (oc *orderedCopy) fromPages(a, b int32) bool {
-	if b-a >= shortRun {
-		return false
-	}
-	s, _ := oc.block(int(a))
-	_, e := oc.block(int(b) - 1)
-	return s != int(a) || e != int(b)
 }
 
 // stageFromPages copies the positions toks (sorted; those from pos0 on,
@@ -636,23 +546,16 @@ func (c *Paged) checkStaged(at string, l int, g *group) []error {
 			errs = append(errs, fmt.Errorf("%s: %w", at, err))
 			return errs
 		}
-		var short []int32
 		for i := 0; i < len(g.rows); i += 2 {
-			if run := oc.order[g.rows[i]:g.rows[i+1]]; oc.fromPages(g.rows[i], g.rows[i+1]) {
-				short = append(short, run...)
-			} else {
-				pos = append(pos, run...)
-			}
+			pos = append(pos, oc.order[g.rows[i]:g.rows[i+1]]...)
 		}
-		sorted := slices.Sorted(slices.Values(append(slices.Clone(pos), short...)))
-		slices.Sort(short)
+		sorted := slices.Sorted(slices.Values(slices.Clone(pos)))
 		if g.inplace {
-			pos = pos[:0] // the long runs are read in place (inplace.go), not staged
+			pos = pos[:0] // the runs are read in place (inplace.go), not staged
 			if oc.cmem == nil {
 				errs = append(errs, fmt.Errorf("%s: the runs are read in place from an ordered copy in Go memory", at))
 			}
 		}
-		pos = append(pos, short...) // the cells' order: long runs, then short runs' positions sorted
 		if n := countBelow(g.tok, len(oc.order)); !slices.Equal(sorted, g.tok[:n]) {
 			errs = append(errs, fmt.Errorf("%s: the row runs hold other positions than the %d tokens listed below %d", at, n, len(oc.order)))
 		}
@@ -665,8 +568,7 @@ func (c *Paged) checkStaged(at string, l int, g *group) []error {
 			for i, h := range g.heads {
 				for d := range hd {
 					ch := i*hd + d
-					bs, be := oc.block(row)
-					if oc.kv[oc.kAt(row, ch, bs, be)] != pg.K[(t%P)*sr+h*hd+d] || oc.kv[oc.vAt(row, ch, bs, be)] != pg.V[(h*hd+d)*P+t%P] {
+					if oc.kv[oc.kRow(row)+ch] != pg.K[(t%P)*sr+h*hd+d] || oc.kv[oc.vRow(row)+ch] != pg.V[(h*hd+d)*P+t%P] {
 						errs = append(errs, fmt.Errorf("%s: the ordered copy's row %d (position %d) differs from the host page", at, row, t))
 						return errs
 					}

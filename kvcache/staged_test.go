@@ -60,21 +60,19 @@ const tOrder, tBlock = 160, 8
 
 // tBlocks are the ordered selector's blocks, tBlock rows each but for a
 // few of other sizes (an empty one, a long one, and rows 152..160 as
-// blocks of 1, 3 and 4 rows: clusters shorter than shortRun, which the
-// cache copies from the ordered copy when chosen whole), where it gives
-// them.
+// blocks of 1, 3 and 4 rows), where it gives them. The cache's copy is
+// token-major whatever the blocks (every run is contiguous): a selector
+// with and without them must give the same results.
 var tBlocks = []int32{0, 8, 16, 16, 24, 56, 64, 72, 80, 88, 96, 104, 112, 120, 128, 136, 144, 152, 153, 156, 160}
 
 // orderedPick returns a group's choice at upto under a random order
 // (orders[g], a permutation of [0, tOrder)): before the order is written,
 // random tokens and no rows; after, three random blocks of tBlock rows
-// (sometimes two neighbours: one run across the edge of the cache's
-// 64-row blocks), sometimes rows 152 and 153..156 (short runs that are
-// whole blocks where the selector gives tBlocks: from the ordered copy;
-// inside a 64-row block otherwise: from the pages), the "sinks" 0..3
-// (each a single row of the order: short runs, which the cache takes
-// from the pages unless the row is a whole block) and random tokens past
-// the order. The rows are marked, then read back as maximal runs.
+// (sometimes rows 56..72: one run across two blocks), sometimes rows 152
+// and 153..156 (short runs: 1, 3 or 4 rows), the "sinks" 0..3 (each a
+// single row of the order) and random tokens past the order. The rows
+// are marked, then read back as maximal runs; every run, of any length,
+// is read from the ordered copy.
 func orderedPick(orders [][]int32) func(g, upto int) ([]int32, []int32) {
 	rowOf := make([][]int32, len(orders))
 	for g, o := range orders {
@@ -152,7 +150,9 @@ func orderedPick(orders [][]int32) func(g, upto int) ([]int32, []int32) {
 //   - staged groups reading runs of a cluster-ordered copy (a
 //     paging.TokenOrdered selector with Rows), whose copy is made once
 //     the order's positions are written, dropped by the cut below it and
-//     made again from the new keys.
+//     made again from the new keys: copied into the staging buffer
+//     (InPlaceRuns off, and every batch), or, on one-token passes,
+//     attended in place by kvr_attn (InPlaceRuns, the default).
 //
 // The invariants (checkStaged: cells equal to the pages, rows valid, the
 // copy equal to the pages) hold after every pass; staged and pooled
@@ -290,7 +290,7 @@ func TestTokenPoolsMatchFloat64Reference(t *testing.T) {
 				if mode.ordered {
 					require.Positive(t, fromCopy, "runs read from the copy before the cut")
 					require.Greater(t, st.StagedFromCopy, fromCopy, "and from the copy made again after it")
-					require.Equal(t, int64(len(groups)*tOrder*2*tDim*2*2), st.OrderedBytes, "one copy per group: its heads' keys and values, f16, in blocks of 64 rows")
+					require.Equal(t, int64(len(groups)*tOrder*2*tDim*2*2), st.OrderedBytes, "one copy per group: its heads' keys and values, f16, token-major")
 				} else {
 					require.Zero(t, st.StagedFromCopy)
 					require.Zero(t, st.OrderedBytes)
@@ -348,6 +348,9 @@ func TestStagedForksShareOrderedCopy(t *testing.T) {
 		}
 	}
 	pick := orderedPick(orders)
+	// Rows read from the ordered copy: staged (batches) or attended in
+	// place (one-token passes, InPlaceRuns).
+	fromCopy := func(c *kvcache.Paged) int64 { st := c.Stats(); return st.StagedFromCopy + st.InPlaceRows }
 	const docLen = 192
 	r := rand.New(rand.NewPCG(41, 42))
 	split := func(x []float32, per, from, to int) []float32 { return x[from*per : to*per] }
@@ -430,7 +433,10 @@ func TestStagedForksShareOrderedCopy(t *testing.T) {
 	for i, s := range ss {
 		st := s.c.Stats()
 		require.Equal(t, copyBytes, st.OrderedBytes, "session %d reports the document's copy", i)
-		require.Positive(t, st.StagedFromCopy, "session %d read runs of the copy", i)
+		require.Positive(t, st.StagedFromCopy, "session %d staged runs of the copy (its batch of 4)", i)
+		if kvcache.InPlaceRuns {
+			require.Positive(t, st.InPlaceRows, "session %d attended runs of the copy in place", i)
+		}
 		require.Zero(t, st.TokenUploads)
 		slots := 32/tPage + 1 + 3 // the budget's pages, the largest batch's, slack (slotsFor)
 		require.Equal(t, int64(len(groups)*slots*tPage*2*tDim*2*2), st.ResidentBytes, "session %d holds its staging buffers only", i)
@@ -455,13 +461,13 @@ func TestStagedForksShareOrderedCopy(t *testing.T) {
 	// again), above the copy's positions, keeps the shared copy; the
 	// invariants hold right after the cut.
 	s, other := ss[0], ss[1]
-	before := s.c.Stats().StagedFromCopy
+	before := fromCopy(s.c)
 	require.NoError(t, s.c.Remove(0, docLen-1, math.MaxInt32))
 	require.NoError(t, s.c.CheckInvariants(), "right after the cut")
 	refPass(s, docLen-1, split(dq, tHeads*tDim, docLen-1, docLen))
 	st := s.c.Stats()
 	require.Equal(t, copyBytes, st.OrderedBytes, "still the document's copy")
-	require.Greater(t, st.StagedFromCopy, before, "runs read from the shared copy")
+	require.Greater(t, fromCopy(s.c), before, "runs read from the shared copy")
 	require.Equal(t, copyBytes, doc.OrderedBytes(), "no second copy")
 
 	// A cut into the ordered positions detaches that session (its
@@ -474,10 +480,10 @@ func TestStagedForksShareOrderedCopy(t *testing.T) {
 	copy(s.v[cut*tKV*tDim:], randoms(r, tKV*tDim))
 	refPass(s, cut, split(dq, tHeads*tDim, cut, cut+1))
 	require.Zero(t, s.c.Stats().OrderedBytes, "detached: no share of the document's copy")
-	before = other.c.Stats().StagedFromCopy
+	before = fromCopy(other.c)
 	got := pass(t, b, other.c, pos0, split(other.q, tHeads*tDim, pos0-docLen, pos0+1-docLen), split(other.k, tKV*tDim, pos0, pos0+1), split(other.v, tKV*tDim, pos0, pos0+1))
 	check(other, pos0, 1, got)
-	require.Greater(t, other.c.Stats().StagedFromCopy, before, "the other session still reads the copy")
+	require.Greater(t, fromCopy(other.c), before, "the other session still reads the copy")
 	require.Equal(t, copyBytes, doc.OrderedBytes())
 }
 
@@ -503,30 +509,4 @@ func finishPass(t *testing.T, ctx ml.Context, c *kvcache.Paged, q, k, v []float3
 		rows[i] = flat[i*tHeads*tDim : (i+1)*tHeads*tDim]
 	}
 	return rows
-}
-
-// TestStagedFromPagesRule: which runs of an ordered copy's rows are
-// staged from the pages: runs shorter than shortRun unless they are whole
-// blocks (small clusters chosen whole, read from the copy).
-func TestStagedFromPagesRule(t *testing.T) {
-	for _, tc := range []struct {
-		name  string
-		a, b  int32
-		pages bool
-	}{
-		{"a whole 8-row block", 0, 8, false},
-		{"a long run inside a block", 24, 30, false},
-		{"one row inside a block", 150, 151, true},
-		{"three rows inside a block", 24, 27, true},
-		{"a 1-row block", 152, 153, false},
-		{"a 3-row block", 153, 156, false},
-		{"two whole short blocks, 4 rows", 152, 156, false},
-		{"a short run across a block edge, not whole blocks", 151, 153, true},
-		{"the first row of a 3-row block", 153, 154, true},
-		{"the last row of a 3-row block", 155, 156, true},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			require.Equal(t, tc.pages, kvcache.StagedFromPages(tBlocks, tc.a, tc.b))
-		})
-	}
 }

@@ -169,9 +169,10 @@ type Selection struct {
 // keep them (row r is position order[r]; a permutation, so that each
 // block is a run of rows), or nil where the group has none; and the
 // blocks as ascending row bounds (block j is rows [blocks[j],
-// blocks[j+1]), blocks[0] = 0, the last len(order); nil: none), which the
-// cache lays out contiguously, so that a selected block is read as its
-// own bytes. The slice identifies the order: the cache keeps one
+// blocks[j+1]), blocks[0] = 0, the last len(order); nil: none). The
+// cache keeps the copy token-major, so that any run of rows is read as
+// its own bytes; it does not use the blocks (squeezed's clusters: a
+// selection's runs are whole clusters and sinks). The slice identifies the order: the cache keeps one
 // cluster-ordered copy of the document's keys and values per (layer,
 // group, order) and shares it with every session of the document, so
 // neither slice may change while the selector lives (a different

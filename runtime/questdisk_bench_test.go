@@ -120,7 +120,8 @@ func BenchmarkQuestFromDisk(b *testing.B) {
 		host        bool
 		rowMultiple int
 		named       bool // runs only when $KVRECALL_BENCH_ENGINES names it
-		inplace     bool // kvcache.InPlaceRuns, set before each of its steps
+		staged      bool // kvcache.InPlaceRuns off for its steps (on for every other engine's)
+		prefetch    int  // kvcache.InPlacePrefetch for its steps (0: the default)
 	}
 	all := []engine{
 		{name: "floor"},
@@ -138,8 +139,15 @@ func BenchmarkQuestFromDisk(b *testing.B) {
 		{name: "retro+heads", method: "retro+heads", host: true, rowMultiple: 16, named: true},
 		{name: "probe", method: "probe", host: true, rowMultiple: 16, named: true},
 		{name: "squeezed", method: "squeezed", host: true, rowMultiple: 16, named: true},
-		// squeezed with its decode steps' runs attended in place (issue 14).
-		{name: "squeezed-inplace", method: "squeezed", host: true, rowMultiple: 16, named: true, inplace: true},
+		// squeezed's decode steps attend the ordered copy's runs in place
+		// (kvcache.InPlaceRuns, the default; squeezed-inplace is the same
+		// engine under the name it had as an opt-in); squeezed-staged
+		// copies them into its staging buffers first (issue 14).
+		{name: "squeezed-inplace", method: "squeezed", host: true, rowMultiple: 16, named: true},
+		{name: "squeezed-staged", method: "squeezed", host: true, rowMultiple: 16, named: true, staged: true},
+		{name: "squeezed-noprefetch", method: "squeezed", host: true, rowMultiple: 16, named: true, prefetch: -1},
+		{name: "squeezed-prefetch128", method: "squeezed", host: true, rowMultiple: 16, named: true, prefetch: 128},
+		{name: "squeezed-prefetch32", method: "squeezed", host: true, rowMultiple: 16, named: true, prefetch: 32},
 	}
 	engines := pickEngines(b, all, func(e engine) string { return e.name }, func(e engine) bool { return e.named })
 	if slices.ContainsFunc(engines, func(e engine) bool { return strings.Contains(e.method, "+heads") }) {
@@ -148,11 +156,11 @@ func BenchmarkQuestFromDisk(b *testing.B) {
 		}
 	}
 	// The sessions share the document's ordered copies (whichever engine
-	// makes them first): with an in-place engine named they are made in C
-	// memory, which the in-place op needs and the staging copy reads as
-	// well, so both read the same bytes.
-	defer func(ip bool) { kvcache.InPlaceRuns = ip }(kvcache.InPlaceRuns)
-	kvcache.InPlaceRuns = slices.ContainsFunc(engines, func(e engine) bool { return e.inplace })
+	// makes them first, in C memory), so the staged and the in-place
+	// steps read the same bytes.
+	defer func(ip bool, pf int) { kvcache.InPlaceRuns, kvcache.InPlacePrefetch = ip, pf }(kvcache.InPlaceRuns, kvcache.InPlacePrefetch)
+	pf0 := kvcache.InPlacePrefetch
+	kvcache.InPlaceRuns = true
 	var steps []func() error
 	var caches []*kvcache.Paged
 	for _, e := range engines {
@@ -163,11 +171,11 @@ func BenchmarkQuestFromDisk(b *testing.B) {
 			continue
 		}
 		s, step := docStep(ctx, b, m, doc, runtime.PolicyOptions{Policy: e.method, Budget: 2048, Extra: e.extra}, toks, n, e.host, e.rowMultiple)
-		if ip := e.inplace; kvcache.InPlaceRuns {
-			steps = append(steps, func() error { kvcache.InPlaceRuns = ip; return step() })
-		} else {
-			steps = append(steps, step)
+		ip, pf := !e.staged, pf0
+		if e.prefetch != 0 {
+			pf = max(0, e.prefetch)
 		}
+		steps = append(steps, func() error { kvcache.InPlaceRuns, kvcache.InPlacePrefetch = ip, pf; return step() })
 		caches = append(caches, s.Cache().(*kvcache.Paged))
 	}
 	if b.N > room-8 {

@@ -69,17 +69,18 @@ func squeezedNeedle(t *testing.T, path string, depths []int) {
 		for _, mode := range []struct {
 			name, policy string
 			use          squeezed.Use
-			inplace      bool // kvcache.InPlaceRuns
+			inplace      bool // kvcache.InPlaceRuns (the default: on)
 		}{
-			// First: the document's ordered copies are made by the first
-			// session, in C memory only with InPlaceRuns on (the later
-			// modes read them through the staging copy).
+			// The document's ordered copies are made by the first session
+			// (C memory, whatever InPlaceRuns says) and read by the later
+			// ones: in place by the decode steps, or, with InPlaceRuns
+			// off, through the staging copy.
 			{"budget, in place", "squeezed", squeezed.Use{Index: doc.Clusters()}, true},
-			{"budget", "squeezed", squeezed.Use{Index: doc.Clusters()}, false},
-			{"threshold", "squeezed", squeezed.Use{Index: doc.Clusters(), Threshold: true}, false},
+			{"budget, staged", "squeezed", squeezed.Use{Index: doc.Clusters()}, false},
+			{"threshold", "squeezed", squeezed.Use{Index: doc.Clusters(), Threshold: true}, true},
 			// The model's recorded retrieval heads attend to clusters, the
 			// other KV heads keep only sinks and window.
-			{"budget+heads", "squeezed+heads", squeezed.Use{Index: doc.Clusters()}, false},
+			{"budget+heads", "squeezed+heads", squeezed.Use{Index: doc.Clusters()}, true},
 		} {
 			t.Run(fmt.Sprintf("%d%%/%s", depth, mode.name), func(t *testing.T) {
 				defer func(ip bool) { kvcache.InPlaceRuns = ip }(kvcache.InPlaceRuns)
@@ -131,6 +132,8 @@ func squeezedNeedle(t *testing.T, path string, depths []int) {
 				require.Equal(t, n.Values, res.Tokens, "needle at %d", n.Pos)
 				if mode.inplace {
 					require.Positive(t, last.InPlaceRows-first.InPlaceRows, "the decode steps read runs in place")
+				} else {
+					require.Zero(t, last.InPlaceRows-first.InPlaceRows, "InPlaceRuns off: every run staged")
 				}
 				// The cluster-ordered copies the session built are the
 				// document's (the next session reuses them): counted in
