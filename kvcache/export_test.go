@@ -135,5 +135,6 @@ func InPlaceKernel(be ml.Backend, hd, kvHeads, g int, kc, vc []float32, runs []i
 	ctx.Forward(out).Compute(out)
 	res := out.Floats()
 	runtime.KeepAlive(oc)
+	runtime.KeepAlive(gr) // its params' finalizer frees what the op read
 	return res
 }

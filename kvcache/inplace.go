@@ -322,6 +322,7 @@ import "C"
 import (
 	"fmt"
 	"runtime"
+	"sync/atomic"
 	"unsafe"
 
 	"github.com/ollama/ollama/ml"
@@ -369,6 +370,16 @@ func newInplaceParams() *inplaceParams {
 // holder is collected: an ordered copy the in-place op reads (ggml's C
 // code may only read memory Go does not manage or move).
 func cAlloc16(n int) ([]uint16, *cMem) {
+	// The collector does not see C memory: copies dropped with their
+	// document (eviction, a detached fork) stay allocated until a cycle
+	// runs their finalizers, which Go's heap growth alone may not
+	// trigger for minutes (a 1b document's copies are ~1 GiB). So after
+	// every cMemGCBytes allocated, collect first: dropped copies are then
+	// freed before more are made.
+	if cAllocated.Add(int64(2*n)) > cMemGCBytes {
+		cAllocated.Store(int64(2 * n))
+		runtime.GC()
+	}
 	p := C.kvr_alloc16(C.size_t(n))
 	if p == nil {
 		return nil, nil
@@ -379,6 +390,12 @@ func cAlloc16(n int) ([]uint16, *cMem) {
 }
 
 type cMem struct{ p unsafe.Pointer }
+
+// cAllocated is the C memory cAlloc16 handed out since it last ran a
+// collection; cMemGCBytes the amount after which it runs one.
+var cAllocated atomic.Int64
+
+const cMemGCBytes = 1 << 30
 
 // inplaceRuns lists in g's params this pass's runs of its ordered copy
 // (g.rows, [a, e) pairs of rows) for the op, which reads them in place,

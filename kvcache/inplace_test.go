@@ -93,7 +93,7 @@ func TestInPlaceKernelMatchesFloat64(t *testing.T) {
 				}
 			}
 			t.Logf("max |op - float64| %.2g", worst)
-			require.Less(t, worst, 1e-3)
+			require.Less(t, worst, 2e-5) // f32 sums over the same f16 rows: ~1e-6 measured
 		})
 	}
 }
