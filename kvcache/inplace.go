@@ -322,6 +322,7 @@ import "C"
 import (
 	"fmt"
 	"runtime"
+	"slices"
 	"sync/atomic"
 	"unsafe"
 
@@ -423,6 +424,28 @@ func (c *Paged) inplaceRuns(g *group) int {
 	p.hd = C.int(c.L.HeadDim)
 	p.ahead = C.int(max(0, InPlacePrefetch))
 	return rows
+}
+
+// inplaceParamsErr reports params of g that do not describe this pass's
+// runs of its ordered copy, as inplaceRuns lists them (CheckInvariants:
+// stale params would otherwise only show as wrong attention).
+func (c *Paged) inplaceParamsErr(g *group) error {
+	oc := g.ocopy
+	if g.iparams == nil || oc == nil || len(oc.kv) == 0 {
+		return fmt.Errorf("a group read in place without params or an ordered copy")
+	}
+	p := g.iparams.p
+	if int(p.nruns) != len(g.rows)/2 {
+		return fmt.Errorf("the in-place params list %d runs, the pass %d", int(p.nruns), len(g.rows)/2)
+	}
+	if len(g.rows) > 0 && !slices.Equal(unsafe.Slice((*int32)(unsafe.Pointer(p.runs)), len(g.rows)), g.rows) {
+		return fmt.Errorf("the in-place params' runs are not the pass's rows")
+	}
+	if unsafe.Pointer(p.k) != unsafe.Pointer(&oc.kv[oc.kRow(0)]) || unsafe.Pointer(p.v) != unsafe.Pointer(&oc.kv[oc.vRow(0)]) ||
+		int(p.c) != oc.c || int(p.hd) != c.L.HeadDim {
+		return fmt.Errorf("the in-place params read another copy or shape (C %d, headDim %d) than the group's (C %d, headDim %d)", int(p.c), int(p.hd), oc.c, c.L.HeadDim)
+	}
+	return nil
 }
 
 // inplaceAttention is the custom op for a group filled by inplaceRuns: q

@@ -554,6 +554,8 @@ func (c *Paged) checkStaged(at string, l int, g *group) []error {
 			pos = pos[:0] // the runs are read in place (inplace.go), not staged
 			if oc.cmem == nil {
 				errs = append(errs, fmt.Errorf("%s: the runs are read in place from an ordered copy in Go memory", at))
+			} else if err := c.inplaceParamsErr(g); err != nil {
+				errs = append(errs, fmt.Errorf("%s: %w", at, err))
 			}
 		}
 		if n := countBelow(g.tok, len(oc.order)); !slices.Equal(sorted, g.tok[:n]) {
