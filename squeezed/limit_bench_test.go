@@ -41,16 +41,27 @@ import (
 //     bytes). The centroids, by contrast, are read at every step and stay
 //     cached here (3.3 MiB); cold, they would cost their bytes at memory
 //     bandwidth.
-func BenchmarkStepLimit(b *testing.B) {
+// The stored document's shape: the tiny preset at 64k, decoded with GQA
+// 4 and a 2048-token budget.
+const benchLayers, benchKVHeads, benchD, benchTokens, benchG, benchBudget = 4, 2, 32, 65536, 4, 2048
+
+// storedClusters reads $KVRECALL_BENCH_CLUSTERS, a stored 64k tiny-preset
+// clusters file (a copy of bench speed --data-dir's), or skips b.
+func storedClusters(b *testing.B) *Index {
 	path := os.Getenv("KVRECALL_BENCH_CLUSTERS")
 	if path == "" {
 		b.Skip("set KVRECALL_BENCH_CLUSTERS to a stored 64k tiny-preset clusters file (a copy)")
 	}
-	const layers, kvHeads, d, tokens, G, budget = 4, 2, 32, 65536, 4, 2048
-	ix, err := ReadFile(path, layers, kvHeads, d, tokens)
+	ix, err := ReadFile(path, benchLayers, benchKVHeads, benchD, benchTokens)
 	if err != nil {
 		b.Fatal(err)
 	}
+	return ix
+}
+
+func BenchmarkStepLimit(b *testing.B) {
+	const layers, kvHeads, d, tokens, G, budget = benchLayers, benchKVHeads, benchD, benchTokens, benchG, benchBudget
+	ix := storedClusters(b)
 	rng := rand.New(rand.NewPCG(1, 2))
 	qs := make([][]float32, 64) // per step: [G·d] queries of one KV head, reused across heads
 	for i := range qs {

@@ -2,7 +2,6 @@ package squeezed
 
 import (
 	"math/rand/v2"
-	"os"
 	"testing"
 
 	"github.com/kvrecall/kvrecall/paging"
@@ -36,15 +35,8 @@ import (
 const selectRounds = 3
 
 func BenchmarkSelectStep(b *testing.B) {
-	path := os.Getenv("KVRECALL_BENCH_CLUSTERS")
-	if path == "" {
-		b.Skip("set KVRECALL_BENCH_CLUSTERS to a stored 64k tiny-preset clusters file (a copy)")
-	}
-	const layers, kvHeads, d, tokens, G, budget = 4, 2, 32, 65536, 4, 2048
-	ix, err := ReadFile(path, layers, kvHeads, d, tokens)
-	if err != nil {
-		b.Fatal(err)
-	}
+	const layers, kvHeads, d, tokens, G, budget = benchLayers, benchKVHeads, benchD, benchTokens, benchG, benchBudget
+	ix := storedClusters(b)
 	c := paging.Config{PageSize: 64, Budget: budget, Layers: layers, KVHeads: kvHeads, Options: map[string]any{OptionKey: ix}}
 	newSel := func() *selector {
 		s, err := paging.New("squeezed", c)
