@@ -88,7 +88,14 @@ func (c *Paged) AttentionSoftcap(ctx ml.Context, layer int, q, k, v ml.Tensor, s
 	ctx.Forward(q)
 	if k != nil {
 		ctx.Forward(k, v)
+		c.keepCells = softcap > 0 // attended group by group: the batch goes into the cells
 		c.Put(ctx, k, v)
+		c.keepCells = false
+	}
+	// Every group staged (squeezed's decode steps): one op for the layer,
+	// the batch's token read from k and v (nil: on the pages already).
+	if c.inplaceNow && c.layerOp(layer) {
+		return c.layerAttention(ctx, layer, q, k, v, scale)
 	}
 	sdpa := func(q, key, value, mask ml.Tensor) ml.Tensor {
 		if softcap > 0 {

@@ -17,12 +17,18 @@ package kvcache
 // group's heads·headDim) and headDim, the query heads per KV head, the
 // scale, the rows to prefetch ahead (0: none), and the pass's runs: per run 2 int32, its rows [a, e) of the
 // copy. Written by Go before the graph is computed, read by the op.
+//
+// Read by the layer op (kvr_layer_attn) only: the group's loose tokens
+// (staged on the host, token-major: K rows [nloose][lc] at lk, V rows
+// [nloose][lc] at lv; lc the group's heads·headDim).
 typedef struct {
 	const uint16_t *k, *v;
 	int c, hd, g, ahead;
 	float scale;
 	int nruns, cap;
 	int32_t *runs;
+	const uint16_t *lk, *lv;
+	int lc, nloose;
 } kvr_params;
 
 static kvr_params *kvr_params_new(void) { return (kvr_params *)calloc(1, sizeof(kvr_params)); }
@@ -312,6 +318,122 @@ static void kvr_attn(struct ggml_tensor *dst, int ith, int nth, void *ud) {
 	free(st);
 }
 
+// kvr_layer is a layer's one-token attention over staged groups (userdata
+// of kvr_layer_attn): per KV head h its group's params grp[h] (runs of the
+// ordered copy, loose tokens) and its index hi[h] in the group (its
+// channels are [hi·hd, (hi+1)·hd) of the group's rows); hd, the query
+// heads per KV head g, and the scale. Written by Go before the graph is
+// computed.
+typedef struct {
+	int hd, g, kvh;
+	float scale;
+	const kvr_params **grp;
+	int32_t *hi;
+} kvr_layer;
+
+static void kvr_layer_free(kvr_layer *L) {
+	if (L) { free(L->grp); free(L->hi); free(L); }
+}
+static kvr_layer *kvr_layer_new(int kvh) {
+	kvr_layer *L = (kvr_layer *)calloc(1, sizeof(kvr_layer));
+	if (!L) return NULL;
+	L->grp = (const kvr_params **)calloc(kvh > 0 ? kvh : 1, sizeof(kvr_params *));
+	L->hi = (int32_t *)calloc(kvh > 0 ? kvh : 1, sizeof(int32_t));
+	if (!L->grp || !L->hi) { kvr_layer_free(L); return NULL; }
+	L->kvh = kvh;
+	return L;
+}
+static void kvr_layer_set(kvr_layer *L, int h, kvr_params *p, int i) { L->grp[h] = p; L->hi[h] = i; }
+
+#ifdef KVR_SIMD
+static inline uint16_t kvr_f2h(float x) { return _cvtss_sh(x, 0); }
+#else
+static inline uint16_t kvr_f2h(float x) { return (uint16_t)ggml_fp32_to_fp16(x); }
+#endif
+
+// kvr_layer_attn is the layer op: dst f32 [hd, nq, 1] in the queries'
+// head order, src[0] the queries f32 [hd, nq, 1]; src[1] and src[2], if
+// given, the batch's token's keys and values f32 [hd, kvh, 1] (the
+// layer's key and value in this graph; without them the token is one of
+// the loose ones, staged from the pages a split pass's first graph wrote).
+// Query head qh reads KV head qh/g, which reads (1) the batch's token,
+// rounded to f16 as the pages hold it, (2) its group's loose tokens and
+// (3) the runs of its group's ordered copy, all folded into one online
+// softmax per query head by kvr_rows, a KV head's query heads together
+// (its rows are read from memory once, then from L1). Each thread takes a
+// contiguous range of query heads, so with nth dividing the KV heads each
+// thread takes whole KV heads (at 1b, 8 KV heads of 4: two threads, four
+// each).
+static void kvr_layer_attn(struct ggml_tensor *dst, int ith, int nth, void *ud) {
+	const kvr_layer *L = (const kvr_layer *)ud;
+	const struct ggml_tensor *q = dst->src[0], *kn = dst->src[1], *vn = dst->src[2];
+	const int hd = L->hd, nq = (int)dst->ne[1], G = L->g;
+	const int q0 = (int)((long)nq * ith / nth), q1 = (int)((long)nq * (ith + 1) / nth);
+	if (q0 >= q1) return;
+	const int mine = q1 - q0;
+	float *st = (float *)malloc(((size_t)mine * (2 * hd + 2 + KVR_SLOT) + KVR_ROWS + hd) * sizeof(float));
+	if (!st) abort();
+	float *qs = st, *acc = qs + (size_t)mine * hd, *m = acc + (size_t)mine * hd, *l = m + mine, *s = l + mine;
+	int32_t *rows = (int32_t *)(s + (size_t)mine * KVR_SLOT);
+	uint16_t *nk = (uint16_t *)(rows + KVR_ROWS), *nv = nk + hd; // the batch token's f16 K and V of one head
+	for (int i = 0; i < mine; i++) {
+		const float *qr = (const float *)((const char *)q->data + (size_t)(q0 + i) * q->nb[1]);
+		for (int d = 0; d < hd; d++) qs[i * hd + d] = qr[d] * L->scale;
+		memset(acc + (size_t)i * hd, 0, hd * sizeof(float));
+		m[i] = -INFINITY;
+		l[i] = 0;
+	}
+	for (int h = q0 / G; h * G < q1; h++) {
+		const int a = h * G > q0 ? h * G : q0, b = (h + 1) * G < q1 ? (h + 1) * G : q1, i0 = a - q0, nh = b - a;
+		const kvr_params *P = L->grp[h];
+		const size_t off = (size_t)L->hi[h] * hd;
+		float *qh = qs + (size_t)i0 * hd, *mh = m + i0, *lh = l + i0, *ah = acc + (size_t)i0 * hd;
+		if (kn) {
+			const float *kr = (const float *)((const char *)kn->data + (size_t)h * kn->nb[1]);
+			const float *vr = (const float *)((const char *)vn->data + (size_t)h * vn->nb[1]);
+			for (int d = 0; d < hd; d++) {
+				nk[d] = kvr_f2h(kr[d]);
+				nv[d] = kvr_f2h(vr[d]);
+			}
+			rows[0] = 0;
+			kvr_rows(qh, nh, hd, nk, nv, hd, rows, 1, s, mh, lh, ah);
+		}
+		for (int j0 = 0; j0 < P->nloose; j0 += KVR_ROWS) {
+			int cw = P->nloose - j0 < KVR_ROWS ? P->nloose - j0 : KVR_ROWS;
+			for (int j = 0; j < cw; j++) rows[j] = j0 + j;
+			kvr_rows(qh, nh, hd, P->lk + off, P->lv + off, P->lc, rows, cw, s, mh, lh, ah);
+		}
+		if (P->nruns == 0) continue;
+		const uint16_t *kb = P->k + off, *vb = P->v + off;
+		int cw = 0;
+		kvr_cursor pf = {P->ahead > 0 ? 0 : P->nruns, P->runs[0]};
+		for (int i = 0; i < P->ahead; i++) kvr_prefetch_next(P, &pf, kb, vb, hd);
+		for (int r = 0; r < P->nruns; r++) {
+			for (int32_t row = P->runs[2 * r]; row < P->runs[2 * r + 1]; row++) {
+				kvr_prefetch_next(P, &pf, kb, vb, hd);
+				rows[cw++] = row;
+				if (cw == KVR_ROWS) {
+					kvr_rows(qh, nh, hd, kb, vb, P->c, rows, cw, s, mh, lh, ah);
+					cw = 0;
+				}
+			}
+		}
+		if (cw > 0) kvr_rows(qh, nh, hd, kb, vb, P->c, rows, cw, s, mh, lh, ah);
+	}
+	for (int i = 0; i < mine; i++) {
+		float *o = (float *)((char *)dst->data + (size_t)(q0 + i) * dst->nb[1]);
+		float inv = l[i] > 0 ? 1.0f / l[i] : 0;
+		for (int d = 0; d < hd; d++) o[d] = acc[(size_t)i * hd + d] * inv;
+	}
+	free(st);
+}
+
+// kvr_layer_attn_op adds the layer op; k and v NULL: no batch token in the graph.
+static struct ggml_tensor *kvr_layer_attn_op(struct ggml_context *ctx, struct ggml_tensor *q, struct ggml_tensor *k, struct ggml_tensor *v, kvr_layer *L) {
+	struct ggml_tensor *args[3] = {q, k, v};
+	return ggml_custom_4d(ctx, GGML_TYPE_F32, q->ne[0], q->ne[1], 1, 1, args, k ? 3 : 1, kvr_layer_attn, GGML_N_TASKS_MAX, L);
+}
+
 static struct ggml_tensor *kvr_attn_op(struct ggml_context *ctx, struct ggml_tensor *q, struct ggml_tensor *k, struct ggml_tensor *v, kvr_params *p) {
 	struct ggml_tensor *args[3] = {q, k, v};
 	return ggml_custom_4d(ctx, GGML_TYPE_F32, q->ne[0], q->ne[1], 1, 1, args, 3, kvr_attn, GGML_N_TASKS_MAX, p);
@@ -324,6 +446,7 @@ import (
 	"runtime"
 	"slices"
 	"sync/atomic"
+	"time"
 	"unsafe"
 
 	"github.com/ollama/ollama/ml"
@@ -470,4 +593,191 @@ func (c *Paged) inplaceAttention(ctx ml.Context, q, key, value ml.Tensor, g *gro
 	rt := (*ggmlTensor)(unsafe.Pointer(res))
 	rt.b, rt.t = cq.b, out
 	return res
+}
+
+// layerParams is a layer's kvr_layer (C memory: ggml reads it while the
+// graph computes), freed when collected.
+type layerParams struct{ p *C.kvr_layer }
+
+func newLayerParams(kvHeads int) *layerParams {
+	lp := &layerParams{p: C.kvr_layer_new(C.int(kvHeads))}
+	if lp.p == nil {
+		panic("kvcache: out of C memory for the layer op's params")
+	}
+	runtime.SetFinalizer(lp, func(lp *layerParams) { C.kvr_layer_free(lp.p) })
+	return lp
+}
+
+// layerOp reports whether layer's one-token pass is attended by the layer
+// op (kvr_layer_attn): InPlaceRuns, a one-token pass, and every group of
+// the layer staged (a layer that mixes page pools and staged groups keeps
+// the per-group graph). Softcapped attention is excluded by its caller.
+func (c *Paged) layerOp(layer int) bool {
+	if !InPlaceRuns || c.n != 1 {
+		return false
+	}
+	for _, g := range c.layers[layer].groups {
+		if !g.staged {
+			return false
+		}
+	}
+	return true
+}
+
+// layerAttention is a one-token pass of a layer whose groups are all
+// staged, in one custom op (kvr_layer_attn): each group's loose tokens are
+// staged token-major (fillLoose), its runs of the ordered copy listed in
+// its params, and the batch's token read from k and v (f32 [headDim,
+// kvHeads, 1], this graph's) or, when they are nil (a split pass: Put ran
+// in the previous graph, whose keys and values are on the host pages
+// now), staged with the loose tokens. q f32 [headDim, heads, 1]; returns
+// f32 [headDim, heads, 1] in q's head order: no set_rows into the staging
+// buffers, no per-group query views, no concatenation or reordering.
+func (c *Paged) layerAttention(ctx ml.Context, layer int, q, k, v ml.Tensor, scale float64) ml.Tensor {
+	gc, ok := ctx.(*ggml.Context)
+	qt, ok1 := q.(*ggml.Tensor)
+	if !ok || !ok1 || q.DType() != ml.DTypeF32 || q.Dim(2) != 1 || q.Dim(0) != c.L.HeadDim || q.Stride(0) != 4 || q.Dim(1)%c.L.KVHeads != 0 {
+		panic(fmt.Sprintf("kvcache: the layer op wants ggml tensors and f32 queries [%d, heads, 1], got %v", c.L.HeadDim, q.Shape()))
+	}
+	ls := &c.layers[layer]
+	if ls.lparams == nil {
+		ls.lparams = newLayerParams(c.L.KVHeads)
+	}
+	lp := ls.lparams.p
+	fromPages := k == nil
+	if fromPages && !c.batchOnPages(layer) {
+		panic(fmt.Sprintf("kvcache: layer %d's one-token pass has neither the batch's keys in its graph nor on the host pages", layer))
+	}
+	t0 := time.Now()
+	for _, g := range ls.groups {
+		c.fillLoose(layer, g, fromPages)
+		for i, h := range g.heads {
+			C.kvr_layer_set(lp, C.int(h), g.iparams.p, C.int(i))
+		}
+	}
+	c.hostWrites.Add(int64(time.Since(t0)))
+	lp.hd, lp.g, lp.scale = C.int(c.L.HeadDim), C.int(q.Dim(1)/c.L.KVHeads), C.float(float32(scale))
+	cq := (*ggmlTensor)(unsafe.Pointer(qt))
+	var ck, cv *C.struct_ggml_tensor
+	if !fromPages {
+		// The op reads rows of f32 channels: the model's roped keys and
+		// projected values are that already (a cast or a copy otherwise).
+		if k.DType() != ml.DTypeF32 {
+			k, v = k.Cast(ctx, ml.DTypeF32), v.Cast(ctx, ml.DTypeF32)
+		}
+		if k.Stride(0) != 4 {
+			k = k.Contiguous(ctx)
+		}
+		if v.Stride(0) != 4 {
+			v = v.Contiguous(ctx)
+		}
+		kt, ok2 := k.(*ggml.Tensor)
+		vt, ok3 := v.(*ggml.Tensor)
+		if !ok2 || !ok3 || k.Dim(0) != c.L.HeadDim || k.Dim(1) != c.L.KVHeads || k.Dim(2) != 1 || v.Dim(0) != c.L.HeadDim || v.Dim(1) != c.L.KVHeads {
+			panic(fmt.Sprintf("kvcache: the layer op wants the batch's keys and values [%d, %d, 1], got %v and %v", c.L.HeadDim, c.L.KVHeads, k.Shape(), v.Shape()))
+		}
+		ck, cv = (*ggmlTensor)(unsafe.Pointer(kt)).t, (*ggmlTensor)(unsafe.Pointer(vt)).t
+	}
+	out := C.kvr_layer_attn_op((*ggmlContext)(unsafe.Pointer(gc)).ctx, cq.t, ck, cv, lp)
+	res := &ggml.Tensor{}
+	rt := (*ggmlTensor)(unsafe.Pointer(res))
+	rt.b, rt.t = cq.b, out
+	return res
+}
+
+// fillLoose readies staged group g for the layer op: its runs of the
+// ordered copy listed in its params (inplaceRuns; none if it has no copy
+// in C memory), and its loose tokens (those at or past the order's end,
+// or every selected token without a readable copy; and the batch's, when
+// fromPages) staged from the host pages token-major, K and V alike, into
+// cells [0, m) of its staging buffer, rows of its heads·headDim. Returns m.
+func (c *Paged) fillLoose(l int, g *group, fromPages bool) int {
+	if g.tok == nil {
+		panic(fmt.Sprintf("kvcache: layer %d has no token selection (queries were not given)", l))
+	}
+	if g.iparams == nil {
+		g.iparams = newInplaceParams()
+	}
+	p := g.iparams.p
+	pl := g.pool
+	loose := g.tok
+	g.inplace = false
+	if oc := g.ocopy; oc != nil && oc.cmem != nil {
+		c.inplaceRows.Add(int64(c.inplaceRuns(g)))
+		g.inplace = true
+		loose = g.tok[countBelow(g.tok, len(oc.order)):]
+	} else {
+		p.nruns, p.k, p.v = 0, nil, nil
+		p.c, p.hd = C.int(pl.row), C.int(c.L.HeadDim)
+	}
+	at := c.stageRows(l, g, loose, 0, c.pos0)
+	if fromPages {
+		at = c.stageRows(l, g, c.batchPositions(), at, c.pos0+c.n)
+	}
+	c.stagedPages.Add(int64(at))
+	p.lk = (*C.uint16_t)(unsafe.Pointer(&pl.hk[0]))
+	p.lv = (*C.uint16_t)(unsafe.Pointer(&pl.hv[0]))
+	p.lc, p.nloose = C.int(pl.row), C.int(at)
+	g.layerOp, g.batchLoose, g.filled = true, fromPages, at
+	return at
+}
+
+// stageRows copies the positions toks (sorted; those from limit on are
+// skipped) from layer l's host pages into g's staging cells from at,
+// token-major for keys and values alike (the layer op reads both as rows
+// of the group's heads·headDim), and returns the next cell.
+func (c *Paged) stageRows(l int, g *group, toks []int32, at, limit int) int {
+	pl := g.pool
+	P, sr, r, hd := c.L.PageSize, c.L.Row(), pl.row, c.L.HeadDim
+	for i := 0; i < len(toks) && int(toks[i]) < limit; {
+		t := int(toks[i])
+		p, off := t/P, t%P
+		j := i + 1
+		for j < len(toks) && int(toks[j]) == t+j-i && int(toks[j])/P == p && int(toks[j]) < limit {
+			j++
+		}
+		w := j - i
+		pg := c.store.pages[l][p]
+		c.appendKeys(pl.hk[at*r:at*r], g, pg.K[off*sr:], w) // in place: the slice's capacity runs to the buffer's end
+		// The page's values are channel-major: each channel's w values
+		// are contiguous, written into w rows (w·r·2 bytes, in L1).
+		dst := pl.hv[at*r : (at+w)*r]
+		for i, h := range g.heads {
+			for d := range hd {
+				src := pg.V[(h*hd+d)*P+off:][:w]
+				ch := i*hd + d
+				for jj, x := range src {
+					dst[jj*r+ch] = x
+				}
+			}
+		}
+		at += w
+		i = j
+	}
+	return at
+}
+
+// batchPositions is pos0..pos0+n-1 (reused).
+func (c *Paged) batchPositions() []int32 {
+	c.batchPos = c.batchPos[:0]
+	for i := range c.n {
+		c.batchPos = append(c.batchPos, int32(c.pos0+i))
+	}
+	return c.batchPos
+}
+
+// batchOnPages reports whether layer's host pages hold the batch's keys
+// and values already (a split pass's first graph was computed).
+func (c *Paged) batchOnPages(layer int) bool {
+	P := c.L.PageSize
+	for i := range c.n {
+		pos := c.pos0 + i
+		if pos/P >= len(c.store.pages[layer]) {
+			return false
+		}
+		if pg := c.store.pages[layer][pos/P]; pg == nil || pg.N <= pos%P {
+			return false
+		}
+	}
+	return true
 }

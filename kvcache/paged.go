@@ -133,6 +133,8 @@ type Paged struct {
 	stagedCopy, stagedPages atomic.Int64
 	inplaceRows             atomic.Int64 // rows of ordered copies attended in place (InPlaceRuns)
 	inplaceNow              bool         // this attention may read runs in place (AttentionSoftcap)
+	keepCells               bool         // Put writes the batch into staging cells even on a layer-op pass (softcap)
+	batchPos                []int32      // batchPositions' list, reused
 
 	// Kept step graphs (keptstep.go): this step's plan, and the kept
 	// graph being built (nil: a fresh graph).
@@ -156,6 +158,9 @@ type Paged struct {
 type layerState struct {
 	groups []*group
 	view   *layerView
+	// lparams: the layer op's params (one-token passes of a layer whose
+	// groups are all staged, inplace.go), made on first use.
+	lparams *layerParams
 }
 
 // group is one head group of a layer: its KV heads, pool and selection.
@@ -183,6 +188,13 @@ type group struct {
 	// attention (InPlaceRuns, inplace.go), not staged.
 	inplace bool
 	iparams *inplaceParams
+	// layerOp: this pass attends the group in its layer's one op
+	// (kvr_layer_attn, inplace.go): cells [0, filled) hold its loose
+	// tokens token-major, K and V alike, and the batch's token is in them
+	// only if batchLoose (a split pass, read from the pages), else read
+	// from the graph's keys and values. batchPut: Put wrote the batch into
+	// cells [0, n) (set_rows), as the per-group graph reads them.
+	layerOp, batchLoose, batchPut bool
 }
 
 type upload struct{ page, slot, rows int }
@@ -505,7 +517,7 @@ func (c *Paged) Remove(seq int, beginIndex, endIndex int32) error {
 				// pass's selection and copy are forgotten, so that no
 				// check reads positions the cut dropped.
 				g.sel, g.tok, g.rows, g.ocopy = nil, nil, nil, nil
-				g.filled = -1
+				g.filled, g.inplace, g.layerOp, g.batchLoose, g.batchPut = -1, false, false, false, false
 				continue
 			}
 			if p == nil {
@@ -782,8 +794,18 @@ func (c *Paged) Put(ctx ml.Context, key, value ml.Tensor) {
 	k := key.Reshape(ctx, r, n)
 	v := value.Reshape(ctx, r, n)
 	P := c.L.PageSize
+	// A one-token pass whose layer op reads the batch's token from key and
+	// value (or, split, from the pages) writes nothing into staging cells:
+	// V's cells are channel-major, one isolated 2-byte store per channel.
+	skipStaged := c.layerOp(l) && !c.keepCells
 	for _, g := range c.layers[l].groups {
 		pl := g.pool
+		if g.staged {
+			g.batchPut = !skipStaged
+			if skipStaged {
+				continue
+			}
+		}
 		gk, gv := k, v
 		if !g.all {
 			gk = pickHeads(ctx, key, g.heads).Reshape(ctx, pl.row, n)

@@ -6,6 +6,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+	"unsafe"
 
 	"github.com/ollama/ollama/ml"
 
@@ -317,7 +318,7 @@ func (c *Paged) startStaged(layer int) bool {
 	for _, g := range c.layers[layer].groups {
 		if g.staged = g.Tokens; g.staged {
 			g.sel, g.tok, g.rows, g.uploads, g.tups, g.ocopy = nil, nil, nil, nil, nil, nil
-			g.filled, g.inplace = -1, false
+			g.filled, g.inplace, g.layerOp, g.batchLoose, g.batchPut = -1, false, false, false, false
 			g.cells = c.seqCells[:c.n] // Put writes the batch into cells [0, n)
 		}
 	}
@@ -423,7 +424,7 @@ func (c *Paged) fillStaged(l int, g *group) int {
 		}
 	}
 	from := at
-	at = c.stageFromPages(l, g, loose, at)
+	at = c.stageFromPages(l, g, loose, at, c.pos0)
 	c.stagedPages.Add(int64(at - from))
 	g.filled = at - c.n
 	return g.filled
@@ -445,19 +446,19 @@ func transposeRows(dst []uint16, stride int, src []uint16, w, r int) {
 	}
 }
 
-// stageFromPages copies the positions toks (sorted; those from pos0 on,
-// the batch's, are skipped) from layer l's host pages into g's staging
-// cells from at, in runs of consecutive positions on one page, and
-// returns the next cell.
-func (c *Paged) stageFromPages(l int, g *group, toks []int32, at int) int {
+// stageFromPages copies the positions toks (sorted; those from limit on,
+// the batch's when limit is pos0, are skipped) from layer l's host pages
+// into g's staging cells from at, in runs of consecutive positions on one
+// page, and returns the next cell.
+func (c *Paged) stageFromPages(l int, g *group, toks []int32, at, limit int) int {
 	pl := g.pool
 	P, sr, r := c.L.PageSize, c.L.Row(), pl.row
 	cells := pl.slots * P
-	for i := 0; i < len(toks) && int(toks[i]) < c.pos0; {
+	for i := 0; i < len(toks) && int(toks[i]) < limit; {
 		t := int(toks[i])
 		p, off := t/P, t%P
 		j := i + 1
-		for j < len(toks) && int(toks[j]) == t+j-i && int(toks[j])/P == p && int(toks[j]) < c.pos0 {
+		for j < len(toks) && int(toks[j]) == t+j-i && int(toks[j])/P == p && int(toks[j]) < limit {
 			j++
 		}
 		w := j - i
@@ -485,6 +486,16 @@ func (c *Paged) stagedKV(ctx ml.Context, l int, g *group) (ml.Tensor, ml.Tensor,
 		panic(fmt.Sprintf("kvcache: layer %d has no token selection (queries were not given)", l))
 	}
 	t0 := time.Now()
+	if !g.batchPut {
+		// Put left the batch out of the cells (a layer-op pass, split:
+		// its first graph computed) but the layer is attended group by
+		// group (softcap): the batch from the pages, channel-major.
+		if !c.batchOnPages(l) {
+			panic(fmt.Sprintf("kvcache: layer %d's batch is neither in its staging cells nor on the host pages", l))
+		}
+		c.stageFromPages(l, g, c.batchPositions(), 0, c.pos0+c.n)
+		g.batchPut = true
+	}
 	m := c.fillStaged(l, g)
 	c.hostWrites.Add(int64(time.Since(t0)))
 	pl, n, heads := g.pool, c.n, len(g.heads)
@@ -586,6 +597,12 @@ func (c *Paged) checkStaged(at string, l int, g *group) []error {
 	if g.filled < 0 {
 		return errs // the pass's attention is not built yet
 	}
+	if g.layerOp {
+		return append(errs, c.checkLoose(at, l, g)...)
+	}
+	if !g.batchPut {
+		return append(errs, fmt.Errorf("%s: attended group by group, but Put left the batch out of the cells", at))
+	}
 	if g.filled != len(pos) {
 		return append(errs, fmt.Errorf("%s: %d cells filled, the selection lists %d earlier tokens", at, g.filled, len(pos)))
 	}
@@ -624,4 +641,69 @@ func (c *Paged) stagedCells(ctx ml.Context) ml.Tensor {
 	}
 	c.scells.ctx, c.scells.t = ctx, ctx.Input().FromInts(c.seqCells[:c.n], c.n)
 	return c.scells.t
+}
+
+// checkLoose is checkStaged's part for a group attended by its layer's op
+// (kvr_layer_attn): the runs are read in place exactly when the group has
+// an ordered copy in C memory (their params checked by checkStaged); cells
+// [0, filled) hold, token-major for K and V alike, the loose tokens (those
+// past the order's end, or every listed earlier token without a readable
+// copy) in position order, then the batch's if it came from the pages, the
+// same f16 bytes as the pages; the group's params point at those cells and
+// count them, and the layer's params send each of its KV heads to them.
+func (c *Paged) checkLoose(at string, l int, g *group) []error {
+	pl := g.pool
+	P, sr, hd, r := c.L.PageSize, c.L.Row(), c.L.HeadDim, pl.row
+	oc := g.ocopy
+	if readable := oc != nil && oc.cmem != nil; g.inplace != readable {
+		return []error{fmt.Errorf("%s: runs read in place %v, but an ordered copy in C memory %v", at, g.inplace, readable)}
+	}
+	loose := g.tok
+	if g.inplace {
+		loose = g.tok[countBelow(g.tok, len(oc.order)):]
+	}
+	var pos []int32
+	for _, t := range loose {
+		if int(t) < c.pos0 {
+			pos = append(pos, t)
+		}
+	}
+	if g.batchLoose {
+		for i := range c.n {
+			pos = append(pos, int32(c.pos0+i))
+		}
+	}
+	if g.filled != len(pos) || g.iparams == nil {
+		return []error{fmt.Errorf("%s: %d loose cells filled, the pass lists %d (batch from the pages: %v)", at, g.filled, len(pos), g.batchLoose)}
+	}
+	for ci, t := range pos {
+		pg := c.store.pages[l][int(t)/P]
+		for i, h := range g.heads {
+			for d := range hd {
+				ch := i*hd + d
+				if pl.hk[ci*r+ch] != pg.K[(int(t)%P)*sr+h*hd+d] || pl.hv[ci*r+ch] != pg.V[(h*hd+d)*P+int(t)%P] {
+					return []error{fmt.Errorf("%s: loose cell %d differs from position %d on the host page", at, ci, t)}
+				}
+			}
+		}
+	}
+	p := g.iparams.p
+	if !g.inplace && p.nruns != 0 {
+		return []error{fmt.Errorf("%s: the layer op's params list %d runs of no readable copy", at, int(p.nruns))}
+	}
+	if unsafe.Pointer(p.lk) != unsafe.Pointer(&pl.hk[0]) || unsafe.Pointer(p.lv) != unsafe.Pointer(&pl.hv[0]) || int(p.lc) != r || int(p.nloose) != g.filled {
+		return []error{fmt.Errorf("%s: the layer op's params read %d loose rows of %d, the group's cells are %d rows of %d", at, int(p.nloose), int(p.lc), g.filled, r)}
+	}
+	lp := c.layers[l].lparams
+	if lp == nil || int(lp.p.hd) != hd || int(lp.p.kvh) != c.L.KVHeads {
+		return []error{fmt.Errorf("%s: the layer op has no params, or another head dim or KV head count", at)}
+	}
+	grp := unsafe.Slice(lp.p.grp, c.L.KVHeads)
+	hi := unsafe.Slice((*int32)(unsafe.Pointer(lp.p.hi)), c.L.KVHeads)
+	for i, h := range g.heads {
+		if unsafe.Pointer(grp[h]) != unsafe.Pointer(p) || int(hi[h]) != i {
+			return []error{fmt.Errorf("%s: the layer op sends KV head %d to another group's params or channels", at, h)}
+		}
+	}
+	return nil
 }
