@@ -18,9 +18,10 @@ package kvcache
 // scale, the rows to prefetch ahead (0: none), and the pass's runs: per run 2 int32, its rows [a, e) of the
 // copy. Written by Go before the graph is computed, read by the op.
 //
-// Read by the layer op (kvr_layer_attn) only: the group's loose tokens
-// (staged on the host, token-major: K rows [nloose][lc] at lk, V rows
-// [nloose][lc] at lv; lc the group's heads·headDim).
+// Read by the layer op (kvr_layer_attn) only: the group's nloose loose
+// tokens, staged on the host as the staging buffer lays them out: K
+// token-major, rows [nloose][lc] at lk (lc the group's heads·headDim), V
+// channel-major, channel ch's nloose values at lv + ch·lvs.
 typedef struct {
 	const uint16_t *k, *v;
 	int c, hd, g, ahead;
@@ -29,6 +30,7 @@ typedef struct {
 	int32_t *runs;
 	const uint16_t *lk, *lv;
 	int lc, nloose;
+	size_t lvs;
 } kvr_params;
 
 static kvr_params *kvr_params_new(void) { return (kvr_params *)calloc(1, sizeof(kvr_params)); }
@@ -357,10 +359,11 @@ static inline uint16_t kvr_f2h(float x) { return (uint16_t)ggml_fp32_to_fp16(x);
 // layer's key and value in this graph; without them the token is one of
 // the loose ones, staged from the pages a split pass's first graph wrote).
 // Query head qh reads KV head qh/g, which reads (1) the batch's token,
-// rounded to f16 as the pages hold it, (2) its group's loose tokens and
-// (3) the runs of its group's ordered copy, all folded into one online
-// softmax per query head by kvr_rows, a KV head's query heads together
-// (its rows are read from memory once, then from L1). Each thread takes a
+// rounded to f16 as the pages hold it, (2) its group's loose tokens
+// (kvr_span, one query head at a time: their V is channel-major) and (3)
+// the runs of its group's ordered copy, all folded into one online
+// softmax per query head; (1) and (3) by kvr_rows, a KV head's query
+// heads together (its rows are read from memory once, then from L1). Each thread takes a
 // contiguous range of query heads, so with nth dividing the KV heads each
 // thread takes whole KV heads (at 1b, 8 KV heads of 4: two threads, four
 // each).
@@ -398,11 +401,11 @@ static void kvr_layer_attn(struct ggml_tensor *dst, int ith, int nth, void *ud) 
 			rows[0] = 0;
 			kvr_rows(qh, nh, hd, nk, nv, hd, rows, 1, s, mh, lh, ah);
 		}
-		for (int j0 = 0; j0 < P->nloose; j0 += KVR_ROWS) {
-			int cw = P->nloose - j0 < KVR_ROWS ? P->nloose - j0 : KVR_ROWS;
-			for (int j = 0; j < cw; j++) rows[j] = j0 + j;
-			kvr_rows(qh, nh, hd, P->lk + off, P->lv + off, P->lc, rows, cw, s, mh, lh, ah);
-		}
+		// The loose tokens (tens to a few hundred), per query head as
+		// kvr_attn folds its staging cells: their V is channel-major.
+		if (P->nloose > 0)
+			for (int i = 0; i < nh; i++)
+				kvr_span(qh + (size_t)i * hd, hd, P->lk + off, P->lc, P->lv + off * P->lvs, P->lvs, P->nloose, mh + i, lh + i, ah + (size_t)i * hd);
 		if (P->nruns == 0) continue;
 		const uint16_t *kb = P->k + off, *vb = P->v + off;
 		int cw = 0;
@@ -689,8 +692,9 @@ func (c *Paged) layerAttention(ctx ml.Context, layer int, q, k, v ml.Tensor, sca
 // ordered copy listed in its params (inplaceRuns; none if it has no copy
 // in C memory), and its loose tokens (those at or past the order's end,
 // or every selected token without a readable copy; and the batch's, when
-// fromPages) staged from the host pages token-major, K and V alike, into
-// cells [0, m) of its staging buffer, rows of its heads·headDim. Returns m.
+// fromPages) staged from the host pages into cells [0, m) of its staging
+// buffer (stageFromPages: K token-major, V channel-major, a memmove per
+// channel and run of positions). Returns m.
 func (c *Paged) fillLoose(l int, g *group, fromPages bool) int {
 	if g.tok == nil {
 		panic(fmt.Sprintf("kvcache: layer %d has no token selection (queries were not given)", l))
@@ -710,50 +714,15 @@ func (c *Paged) fillLoose(l int, g *group, fromPages bool) int {
 		p.nruns, p.k, p.v = 0, nil, nil
 		p.c, p.hd = C.int(pl.row), C.int(c.L.HeadDim)
 	}
-	at := c.stageRows(l, g, loose, 0, c.pos0)
+	at := c.stageFromPages(l, g, loose, 0, c.pos0)
 	if fromPages {
-		at = c.stageRows(l, g, c.batchPositions(), at, c.pos0+c.n)
+		at = c.stageFromPages(l, g, c.batchPositions(), at, c.pos0+c.n)
 	}
 	c.stagedPages.Add(int64(at))
 	p.lk = (*C.uint16_t)(unsafe.Pointer(&pl.hk[0]))
 	p.lv = (*C.uint16_t)(unsafe.Pointer(&pl.hv[0]))
-	p.lc, p.nloose = C.int(pl.row), C.int(at)
+	p.lc, p.nloose, p.lvs = C.int(pl.row), C.int(at), C.size_t(pl.slots*c.L.PageSize)
 	g.layerOp, g.batchLoose, g.filled = true, fromPages, at
-	return at
-}
-
-// stageRows copies the positions toks (sorted; those from limit on are
-// skipped) from layer l's host pages into g's staging cells from at,
-// token-major for keys and values alike (the layer op reads both as rows
-// of the group's heads·headDim), and returns the next cell.
-func (c *Paged) stageRows(l int, g *group, toks []int32, at, limit int) int {
-	pl := g.pool
-	P, sr, r, hd := c.L.PageSize, c.L.Row(), pl.row, c.L.HeadDim
-	for i := 0; i < len(toks) && int(toks[i]) < limit; {
-		t := int(toks[i])
-		p, off := t/P, t%P
-		j := i + 1
-		for j < len(toks) && int(toks[j]) == t+j-i && int(toks[j])/P == p && int(toks[j]) < limit {
-			j++
-		}
-		w := j - i
-		pg := c.store.pages[l][p]
-		c.appendKeys(pl.hk[at*r:at*r], g, pg.K[off*sr:], w) // in place: the slice's capacity runs to the buffer's end
-		// The page's values are channel-major: each channel's w values
-		// are contiguous, written into w rows (w·r·2 bytes, in L1).
-		dst := pl.hv[at*r : (at+w)*r]
-		for i, h := range g.heads {
-			for d := range hd {
-				src := pg.V[(h*hd+d)*P+off:][:w]
-				ch := i*hd + d
-				for jj, x := range src {
-					dst[jj*r+ch] = x
-				}
-			}
-		}
-		at += w
-		i = j
-	}
 	return at
 }
 

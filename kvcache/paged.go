@@ -190,7 +190,7 @@ type group struct {
 	iparams *inplaceParams
 	// layerOp: this pass attends the group in its layer's one op
 	// (kvr_layer_attn, inplace.go): cells [0, filled) hold its loose
-	// tokens token-major, K and V alike, and the batch's token is in them
+	// tokens (K token-major, V channel-major), and the batch's token is in them
 	// only if batchLoose (a split pass, read from the pages), else read
 	// from the graph's keys and values. batchPut: Put wrote the batch into
 	// cells [0, n) (set_rows), as the per-group graph reads them.

@@ -646,14 +646,16 @@ func (c *Paged) stagedCells(ctx ml.Context) ml.Tensor {
 // checkLoose is checkStaged's part for a group attended by its layer's op
 // (kvr_layer_attn): the runs are read in place exactly when the group has
 // an ordered copy in C memory (their params checked by checkStaged); cells
-// [0, filled) hold, token-major for K and V alike, the loose tokens (those
-// past the order's end, or every listed earlier token without a readable
-// copy) in position order, then the batch's if it came from the pages, the
-// same f16 bytes as the pages; the group's params point at those cells and
-// count them, and the layer's params send each of its KV heads to them.
+// [0, filled) hold the loose tokens (those past the order's end, or every
+// listed earlier token without a readable copy) in position order, then
+// the batch's if it came from the pages, the same f16 bytes as the pages
+// (K token-major, V channel-major); the group's params point at those
+// cells and count them, and the layer's params send each of its KV heads
+// to them.
 func (c *Paged) checkLoose(at string, l int, g *group) []error {
 	pl := g.pool
 	P, sr, hd, r := c.L.PageSize, c.L.Row(), c.L.HeadDim, pl.row
+	cells := pl.slots * P
 	oc := g.ocopy
 	if readable := oc != nil && oc.cmem != nil; g.inplace != readable {
 		return []error{fmt.Errorf("%s: runs read in place %v, but an ordered copy in C memory %v", at, g.inplace, readable)}
@@ -681,7 +683,7 @@ func (c *Paged) checkLoose(at string, l int, g *group) []error {
 		for i, h := range g.heads {
 			for d := range hd {
 				ch := i*hd + d
-				if pl.hk[ci*r+ch] != pg.K[(int(t)%P)*sr+h*hd+d] || pl.hv[ci*r+ch] != pg.V[(h*hd+d)*P+int(t)%P] {
+				if pl.hk[ci*r+ch] != pg.K[(int(t)%P)*sr+h*hd+d] || pl.hv[ch*cells+ci] != pg.V[(h*hd+d)*P+int(t)%P] {
 					return []error{fmt.Errorf("%s: loose cell %d differs from position %d on the host page", at, ci, t)}
 				}
 			}
@@ -691,7 +693,7 @@ func (c *Paged) checkLoose(at string, l int, g *group) []error {
 	if !g.inplace && p.nruns != 0 {
 		return []error{fmt.Errorf("%s: the layer op's params list %d runs of no readable copy", at, int(p.nruns))}
 	}
-	if unsafe.Pointer(p.lk) != unsafe.Pointer(&pl.hk[0]) || unsafe.Pointer(p.lv) != unsafe.Pointer(&pl.hv[0]) || int(p.lc) != r || int(p.nloose) != g.filled {
+	if unsafe.Pointer(p.lk) != unsafe.Pointer(&pl.hk[0]) || unsafe.Pointer(p.lv) != unsafe.Pointer(&pl.hv[0]) || int(p.lc) != r || int(p.nloose) != g.filled || int(p.lvs) != cells {
 		return []error{fmt.Errorf("%s: the layer op's params read %d loose rows of %d, the group's cells are %d rows of %d", at, int(p.nloose), int(p.lc), g.filled, r)}
 	}
 	lp := c.layers[l].lparams
