@@ -431,10 +431,35 @@ static void kvr_layer_attn(struct ggml_tensor *dst, int ith, int nth, void *ud) 
 	free(st);
 }
 
-// kvr_layer_attn_op adds the layer op; k and v NULL: no batch token in the graph.
-static struct ggml_tensor *kvr_layer_attn_op(struct ggml_context *ctx, struct ggml_tensor *q, struct ggml_tensor *k, struct ggml_tensor *v, kvr_layer *L) {
-	struct ggml_tensor *args[3] = {q, k, v};
-	return ggml_custom_4d(ctx, GGML_TYPE_F32, q->ne[0], q->ne[1], 1, 1, args, k ? 3 : 1, kvr_layer_attn, GGML_N_TASKS_MAX, L);
+// kvr_layer_attn_op adds the layer op; k and v NULL: no batch token in the
+// graph. sel, if given (with k and v), is the layer's selection op
+// (kvr_select_op), which the graph must compute first: a fourth source,
+// which the op does not read.
+static struct ggml_tensor *kvr_layer_attn_op(struct ggml_context *ctx, struct ggml_tensor *q, struct ggml_tensor *k, struct ggml_tensor *v, struct ggml_tensor *sel, kvr_layer *L) {
+	struct ggml_tensor *args[4] = {q, k, v, sel};
+	return ggml_custom_4d(ctx, GGML_TYPE_F32, q->ne[0], q->ne[1], 1, 1, args, sel ? 4 : (k ? 3 : 1), kvr_layer_attn, GGML_N_TASKS_MAX, L);
+}
+
+// kvrSelect is Go's (selectgraph.go): the selection of a layer's one-token
+// pass from its queries, run inside the graph. key names the cache and
+// the layer; returns 0, or 1 if it failed (the cache keeps the error).
+extern int kvrSelect(uint64_t key, struct ggml_tensor *q);
+
+// kvr_select is the selection op: on thread 0 (the thread that computes
+// the graph, which is in a cgo call: an ordinary callback into Go) it
+// hands the layer's roped queries (src[0], f32 [hd, heads, 1]) to Go,
+// which selects the layer's tokens and fills the layer op's params before
+// the layer op (which depends on it) runs. The other threads wait at the
+// graph's barrier. dst is a placeholder f32 [1].
+static void kvr_select(struct ggml_tensor *dst, int ith, int nth, void *ud) {
+	(void)nth;
+	if (ith != 0) return;
+	((float *)dst->data)[0] = (float)kvrSelect((uint64_t)(uintptr_t)ud, dst->src[0]);
+}
+
+static struct ggml_tensor *kvr_select_op(struct ggml_context *ctx, struct ggml_tensor *q, uint64_t key) {
+	struct ggml_tensor *args[1] = {q};
+	return ggml_custom_4d(ctx, GGML_TYPE_F32, 1, 1, 1, 1, args, 1, kvr_select, 1, (void *)(uintptr_t)key);
 }
 
 static struct ggml_tensor *kvr_attn_op(struct ggml_context *ctx, struct ggml_tensor *q, struct ggml_tensor *k, struct ggml_tensor *v, kvr_params *p) {
@@ -651,14 +676,23 @@ func (c *Paged) layerAttention(ctx ml.Context, layer int, q, k, v ml.Tensor, sca
 	if fromPages && !c.batchOnPages(layer) {
 		panic(fmt.Sprintf("kvcache: layer %d's one-token pass has neither the batch's keys in its graph nor on the host pages", layer))
 	}
-	t0 := time.Now()
-	for _, g := range ls.groups {
-		c.fillLoose(layer, g, fromPages)
-		for i, h := range g.heads {
-			C.kvr_layer_set(lp, C.int(h), g.iparams.p, C.int(i))
+	// The selection still to come (selectInGraph: no split before this
+	// layer): made in the graph by the selection op, which then fills the
+	// params the layer op reads; the params' addresses are fixed now.
+	pending := k != nil && c.selectInGraph(layer) && c.opt.Selector.NeedQueries(layer, c.n) && ls.groups[0].tok == nil
+	if pending {
+		for _, g := range ls.groups {
+			if g.iparams == nil {
+				g.iparams = newInplaceParams()
+			}
+			for i, h := range g.heads {
+				C.kvr_layer_set(lp, C.int(h), g.iparams.p, C.int(i))
+			}
 		}
+		c.emptyLayer(layer) // until the selection op fills them
+	} else {
+		c.prepareLayer(layer, fromPages)
 	}
-	c.hostWrites.Add(int64(time.Since(t0)))
 	lp.hd, lp.g, lp.scale = C.int(c.L.HeadDim), C.int(q.Dim(1)/c.L.KVHeads), C.float(float32(scale))
 	cq := (*ggmlTensor)(unsafe.Pointer(qt))
 	var ck, cv *C.struct_ggml_tensor
@@ -681,11 +715,47 @@ func (c *Paged) layerAttention(ctx ml.Context, layer int, q, k, v ml.Tensor, sca
 		}
 		ck, cv = (*ggmlTensor)(unsafe.Pointer(kt)).t, (*ggmlTensor)(unsafe.Pointer(vt)).t
 	}
-	out := C.kvr_layer_attn_op((*ggmlContext)(unsafe.Pointer(gc)).ctx, cq.t, ck, cv, lp)
+	gctx := (*ggmlContext)(unsafe.Pointer(gc)).ctx
+	var sel *C.struct_ggml_tensor
+	if pending {
+		sel = C.kvr_select_op(gctx, cq.t, C.uint64_t(c.selectKey(layer)))
+	}
+	out := C.kvr_layer_attn_op(gctx, cq.t, ck, cv, sel, lp)
 	res := &ggml.Tensor{}
 	rt := (*ggmlTensor)(unsafe.Pointer(res))
 	rt.b, rt.t = cq.b, out
 	return res
+}
+
+// prepareLayer readies every group of layer for the layer op (fillLoose)
+// and points the op's params at them. At build time, or in the graph
+// after the selection op (selectgraph.go).
+func (c *Paged) prepareLayer(layer int, fromPages bool) {
+	ls := &c.layers[layer]
+	if ls.lparams == nil {
+		ls.lparams = newLayerParams(c.L.KVHeads)
+	}
+	lp := ls.lparams.p
+	t0 := time.Now()
+	for _, g := range ls.groups {
+		c.fillLoose(layer, g, fromPages)
+		for i, h := range g.heads {
+			C.kvr_layer_set(lp, C.int(h), g.iparams.p, C.int(i))
+		}
+	}
+	c.hostWrites.Add(int64(time.Since(t0)))
+}
+
+// emptyLayer makes the layer op's params of layer's groups list nothing
+// (no runs, no loose tokens): the op then attends the batch's token only.
+// For a selection still to come, or one that failed in the graph (whose
+// error the pass returns).
+func (c *Paged) emptyLayer(layer int) {
+	for _, g := range c.layers[layer].groups {
+		if g.iparams != nil {
+			g.iparams.p.nruns, g.iparams.p.nloose = 0, 0
+		}
+	}
 }
 
 // fillLoose readies staged group g for the layer op: its runs of the

@@ -26,6 +26,10 @@ type Options struct {
 	// Prefix, if set, is a document's store: the cache starts with its
 	// tokens and shares its pages read-only.
 	Prefix *Store
+	// AttnSoftcap is the model's attention softcap (gemma2), 0 if none:
+	// softcapped layers are attended group by group, so their one-token
+	// passes keep selecting between graphs (selectgraph.go).
+	AttnSoftcap float32
 }
 
 // Stats describe a cache's memory and traffic.
@@ -59,6 +63,10 @@ type Stats struct {
 	// InPlaceRows counts the rows of ordered copies attended in place
 	// (InPlaceRuns): read by the attention, not staged.
 	InPlaceRows int64
+	// GraphSelections counts the layer selections made inside the graph
+	// (one-token passes of layers the layer op attends: SelectInGraph),
+	// not between split graphs.
+	GraphSelections int64
 	// Upkeep is the time spent keeping host pages and their summaries up to
 	// date (reading new keys and values back, writing pages, summaries).
 	Upkeep time.Duration
@@ -132,9 +140,15 @@ type Paged struct {
 	}
 	stagedCopy, stagedPages atomic.Int64
 	inplaceRows             atomic.Int64 // rows of ordered copies attended in place (InPlaceRuns)
+	graphSelections         atomic.Int64 // layer selections made inside the graph (selectgraph.go)
 	inplaceNow              bool         // this attention may read runs in place (AttentionSoftcap)
 	keepCells               bool         // Put writes the batch into staging cells even on a layer-op pass (softcap)
 	batchPos                []int32      // batchPositions' list, reused
+	// Selection inside the graph (selectgraph.go): the cache's id for the
+	// selection op's callback (0: none yet), and the first error a
+	// callback met in the graph being computed (Computed returns it).
+	gid      uint64
+	graphErr error
 
 	// Kept step graphs (keptstep.go): this step's plan, and the kept
 	// graph being built (nil: a fresh graph).
@@ -372,6 +386,7 @@ func (c *Paged) Stats() Stats {
 	st.OrderedBytes = c.store.OrderedBytes()
 	st.StagedFromCopy, st.StagedFromPages = c.stagedCopy.Load(), c.stagedPages.Load()
 	st.InPlaceRows = c.inplaceRows.Load()
+	st.GraphSelections = c.graphSelections.Load()
 	return st
 }
 
@@ -539,7 +554,11 @@ func (c *Paged) Remove(seq int, beginIndex, endIndex int32) error {
 }
 
 // NeedQueries implements arch.Hooks.
-func (c *Paged) NeedQueries(layer int) bool { return c.opt.Selector.NeedQueries(layer, c.n) }
+// A layer that selects inside the graph (selectgraph.go) does not: the
+// pass is not split there.
+func (c *Paged) NeedQueries(layer int) bool {
+	return c.opt.Selector.NeedQueries(layer, c.n) && !c.selectInGraph(layer)
+}
 
 // StartForward implements kvcache.Cache: the batch must continue the
 // sequence. It places the pages the batch writes in every pool and chooses
@@ -563,6 +582,7 @@ func (c *Paged) StartForward(ctx ml.Context, batch input.Batch, reserve bool) er
 	}
 	P := c.L.PageSize
 	c.pos0, c.n, c.upto, c.written = pos0, n, pos0+n, 0
+	c.graphErr = nil // a failed pass's, never returned
 	c.stamp++
 	c.plan = nil // PrepareKeptStep's, for this pass only
 	clear(c.graphRuns)
@@ -895,6 +915,10 @@ func (c *Paged) Computed(ctx ml.Context) error {
 		c.stored(rb.layer, bytesU16(kb), bytesU16(vb))
 	}
 	delete(c.readbacks, ctx)
+	if err := c.graphErr; err != nil {
+		c.graphErr = nil
+		return err
+	}
 	return c.readRanks(ctx)
 }
 

@@ -28,16 +28,29 @@ type orderedTokenSelector struct {
 	order  [][]int32
 	blocks []int32 // nil: the cache's fixed blocks
 	pick   func(group, upto int) (toks, rows []int32)
+	// queried, if set, makes the selector need the queries (as squeezed
+	// does) and records each Select's, one row per token, copied.
+	queried *[][][]float32
 }
 
 func (s *orderedTokenSelector) Name() string              { return "ordered-tokens" }
 func (s *orderedTokenSelector) Config() paging.Config     { return s.c }
 func (s *orderedTokenSelector) Groups(int) []paging.Group { return s.groups }
-func (s *orderedTokenSelector) NeedQueries(_, _ int) bool { return false }
+func (s *orderedTokenSelector) NeedQueries(_, _ int) bool { return s.queried != nil }
 func (s *orderedTokenSelector) TokenOrder(_ int, group int) ([]int32, []int32) {
 	return s.order[group], s.blocks
 }
-func (s *orderedTokenSelector) Select(_ int, _ paging.Summaries, _ *paging.Queries, upto int) paging.Selection {
+func (s *orderedTokenSelector) Select(_ int, _ paging.Summaries, q *paging.Queries, upto int) paging.Selection {
+	if s.queried != nil {
+		if q == nil {
+			panic("ordered-tokens: no queries, and the selector needs them")
+		}
+		var rows [][]float32
+		for _, r := range q.Q {
+			rows = append(rows, slices.Clone(r))
+		}
+		*s.queried = append(*s.queried, rows)
+	}
 	var out paging.Selection
 	for g := range s.groups {
 		toks, rows := s.pick(g, upto)
@@ -191,19 +204,23 @@ func TestTokenPoolsMatchFloat64Reference(t *testing.T) {
 		blocks  bool // ... and gives its blocks (tBlocks: an empty one, a long one, blocks of 1, 3 and 4 rows)
 		inplace bool // kvcache.InPlaceRuns: one-token passes read the copy's runs in place
 		split   bool // passes split as arch.Model.Run splits them: Put's graph computed first, attention in a second graph without k and v
+		queried bool // the selector needs the queries: passes run as arch.Model.Run runs them (hookedPass), one-token passes select in the graph
 	}{
-		{"pools, host copies", kvcache.MaxUploadRuns, true, false, false, false, false, false},
-		{"pools, copy runs", kvcache.MaxUploadRuns, false, false, false, false, false, false},
-		{"pools, set_rows scatter", 0, false, false, false, false, false, false},
-		{"staged from pages", kvcache.MaxUploadRuns, true, true, false, false, false, false},
-		{"pools, ordered selector", kvcache.MaxUploadRuns, true, false, true, false, false, false},
-		{"staged from the ordered copy", kvcache.MaxUploadRuns, true, true, true, false, false, false},
-		{"staged from the ordered copy, selector blocks", kvcache.MaxUploadRuns, true, true, true, true, false, false},
-		{"in place from the ordered copy, selector blocks", kvcache.MaxUploadRuns, true, true, true, true, true, false},
-		{"in place from the ordered copy", kvcache.MaxUploadRuns, true, true, true, false, true, false},
+		{"pools, host copies", kvcache.MaxUploadRuns, true, false, false, false, false, false, false},
+		{"pools, copy runs", kvcache.MaxUploadRuns, false, false, false, false, false, false, false},
+		{"pools, set_rows scatter", 0, false, false, false, false, false, false, false},
+		{"staged from pages", kvcache.MaxUploadRuns, true, true, false, false, false, false, false},
+		{"pools, ordered selector", kvcache.MaxUploadRuns, true, false, true, false, false, false, false},
+		{"staged from the ordered copy", kvcache.MaxUploadRuns, true, true, true, false, false, false, false},
+		{"staged from the ordered copy, selector blocks", kvcache.MaxUploadRuns, true, true, true, true, false, false, false},
+		{"in place from the ordered copy, selector blocks", kvcache.MaxUploadRuns, true, true, true, true, true, false, false},
+		{"in place from the ordered copy", kvcache.MaxUploadRuns, true, true, true, false, true, false, false},
 		// The layer op takes the batch's token from the pages here.
-		{"in place from the ordered copy, split passes", kvcache.MaxUploadRuns, true, true, true, true, true, true},
-		{"staged from pages, split passes", kvcache.MaxUploadRuns, true, true, false, false, true, true},
+		{"in place from the ordered copy, split passes", kvcache.MaxUploadRuns, true, true, true, true, true, true, false},
+		{"staged from pages, split passes", kvcache.MaxUploadRuns, true, true, false, false, true, true, false},
+		// One-token passes select inside the graph (selectgraph.go), the
+		// question's passes split with the queries on the host.
+		{"in place from the ordered copy, selected in the graph", kvcache.MaxUploadRuns, true, true, true, true, true, false, true},
 	} {
 		t.Run(mode.name, func(t *testing.T) {
 			defer func(old int, h, s, ip bool) {
@@ -212,9 +229,13 @@ func TestTokenPoolsMatchFloat64Reference(t *testing.T) {
 			kvcache.MaxUploadRuns, kvcache.HostUploads, kvcache.TokenStaging, kvcache.InPlaceRuns = mode.runs, mode.host, mode.staging, mode.inplace
 			pick := plain
 			var sel paging.Selector = &funcTokenSelector{c: cfg, groups: groups, tok: func(g, upto int) []int32 { toks, _ := plain(g, upto); return toks }}
+			var queried [][][]float32
 			if mode.ordered {
 				pick = ordered
 				os := &orderedTokenSelector{c: cfg, groups: groups, order: orders, pick: ordered}
+				if mode.queried {
+					os.queried = &queried
+				}
 				if mode.blocks {
 					os.blocks = tBlocks // whole short blocks come from the copy, too
 				}
@@ -242,7 +263,20 @@ func TestTokenPoolsMatchFloat64Reference(t *testing.T) {
 				if mode.split {
 					run = splitPass
 				}
+				if mode.queried {
+					run = hookedPass
+				}
+				asked := len(queried)
 				got := run(t, b, c, pos0, qs, split(k, tKV*tDim, pos0, end), split(v, tKV*tDim, pos0, end))
+				if mode.queried {
+					// Selected once, from this pass's queries: on the
+					// host (split) or, one token, in the graph.
+					require.Len(t, queried, asked+1, "%s: tokens %d..%d selected once", what, pos0, end)
+					require.Len(t, queried[asked], n)
+					for i := range n {
+						require.Equal(t, qs[i*tHeads*tDim:(i+1)*tHeads*tDim], queried[asked][i], "%s: the queries the selector got, token %d", what, pos0+i)
+					}
+				}
 				want := referenceAt(qs, k, v, pos0, func(g, p int) bool {
 					toks, _ := pick(g%2, end)
 					return p >= pos0 || slices.Contains(toks, int32(p))
@@ -314,7 +348,8 @@ func TestTokenPoolsMatchFloat64Reference(t *testing.T) {
 	// Staged against pooled, pass by pass: the same f16 keys and values,
 	// the same positions, summed in another cell order.
 	for _, pair := range [][2]string{{"pools, host copies", "staged from pages"}, {"pools, host copies", "staged from pages, split passes"}, {"pools, ordered selector", "in place from the ordered copy, split passes"}, {"pools, ordered selector", "staged from the ordered copy"}, {"pools, ordered selector", "staged from the ordered copy, selector blocks"},
-		{"pools, ordered selector", "in place from the ordered copy, selector blocks"}, {"pools, ordered selector", "in place from the ordered copy"}} {
+		{"pools, ordered selector", "in place from the ordered copy, selector blocks"}, {"pools, ordered selector", "in place from the ordered copy"},
+		{"pools, ordered selector", "in place from the ordered copy, selected in the graph"}} {
 		t.Run(pair[1]+" vs "+pair[0], func(t *testing.T) {
 			pools, staged := outs[pair[0]], outs[pair[1]]
 			require.NotEmpty(t, pools, "compares the %q subtest's outputs: run it too", pair[0])
@@ -513,6 +548,53 @@ func finishPass(t *testing.T, ctx ml.Context, c *kvcache.Paged, q, k, v []float3
 	require.NoError(t, c.CheckInvariants())
 	flat := res.Floats()
 	rows := make([][]float32, n)
+	for i := range rows {
+		rows[i] = flat[i*tHeads*tDim : (i+1)*tHeads*tDim]
+	}
+	return rows
+}
+
+// hookedPass runs a pass as arch.Model.Run does: split, with the queries
+// handed to SetQueries between the graphs, if the cache needs them on the
+// host (NeedQueries); else one graph (whose selection, if the selector
+// needs queries, is made inside it: selectgraph.go). Returns the output
+// [batch][heads*dim].
+func hookedPass(t *testing.T, b ml.Backend, c *kvcache.Paged, pos0 int, q, k, v []float32) [][]float32 {
+	t.Helper()
+	n := len(q) / (tHeads * tDim)
+	ctx := b.NewContext()
+	positions := make([]int32, n)
+	for i := range positions {
+		positions[i] = int32(pos0 + i)
+	}
+	require.NoError(t, c.StartForward(ctx, input.Batch{Positions: positions, Sequences: make([]int, n)}, false))
+	require.NoError(t, c.CheckInvariants())
+	split := c.NeedQueries(0)
+	require.Equal(t, n > 1 || !kvcache.SelectInGraph, split, "only passes of several tokens split (%d tokens)", n)
+	if !split {
+		defer ctx.Close()
+		return finishPass(t, ctx, c, q, k, v)
+	}
+	c.SetLayer(0)
+	c.Put(ctx, ctx.Input().FromFloats(k, tDim, tKV, n), ctx.Input().FromFloats(v, tDim, tKV, n))
+	outs := c.Outputs(ctx)
+	ctx.Forward(outs...).Compute(outs...)
+	require.NoError(t, c.Computed(ctx))
+	ctx.Close()
+	rows := make([][]float32, n)
+	for i := range rows {
+		rows[i] = q[i*tHeads*tDim : (i+1)*tHeads*tDim]
+	}
+	require.NoError(t, c.SetQueries(0, rows))
+	ctx = b.NewContext()
+	defer ctx.Close()
+	out := c.Attention(ctx, 0, ctx.Input().FromFloats(q, tDim, tHeads, n), nil, nil, 1/math.Sqrt(tDim))
+	res := ctx.Input().Empty(ml.DTypeF32, tDim, tHeads, n)
+	ts := append([]ml.Tensor{out.Copy(ctx, res), res}, c.Outputs(ctx)...)
+	ctx.Forward(ts...).Compute(ts...)
+	require.NoError(t, c.Computed(ctx))
+	require.NoError(t, c.CheckInvariants())
+	flat := res.Floats()
 	for i := range rows {
 		rows[i] = flat[i*tHeads*tDim : (i+1)*tHeads*tDim]
 	}

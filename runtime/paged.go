@@ -178,6 +178,7 @@ func (m *Model) newPaged(pol paging.Selector, capacity int, prefix *kvcache.Stor
 	c, err := kvcache.NewPaged(kvcache.Options{
 		Layout: m.Layout(), Heads: m.cfg.Heads, Selector: pol,
 		Capacity: capacity, MaxBatch: m.opts.BatchSize, Prefix: prefix,
+		AttnSoftcap: m.cfg.AttnSoftcap,
 	})
 	if err != nil {
 		return nil, err

@@ -122,6 +122,7 @@ func BenchmarkQuestFromDisk(b *testing.B) {
 		named       bool // runs only when $KVRECALL_BENCH_ENGINES names it
 		staged      bool // kvcache.InPlaceRuns off for its steps (on for every other engine's)
 		prefetch    int  // kvcache.InPlacePrefetch for its steps (0: the default)
+		split       bool // kvcache.SelectInGraph off for its steps: the pass splits at each selecting layer
 	}
 	all := []engine{
 		{name: "floor"},
@@ -148,6 +149,10 @@ func BenchmarkQuestFromDisk(b *testing.B) {
 		{name: "squeezed-noprefetch", method: "squeezed", host: true, rowMultiple: 16, named: true, prefetch: -1},
 		{name: "squeezed-prefetch128", method: "squeezed", host: true, rowMultiple: 16, named: true, prefetch: 128},
 		{name: "squeezed-prefetch32", method: "squeezed", host: true, rowMultiple: 16, named: true, prefetch: 32},
+		// squeezed's decode steps select inside the graph (one graph a
+		// step, kvcache.SelectInGraph, the default); squeezed-split
+		// splits the pass at each layer as before.
+		{name: "squeezed-split", method: "squeezed", host: true, rowMultiple: 16, named: true, split: true},
 	}
 	engines := pickEngines(b, all, func(e engine) string { return e.name }, func(e engine) bool { return e.named })
 	if slices.ContainsFunc(engines, func(e engine) bool { return strings.Contains(e.method, "+heads") }) {
@@ -158,7 +163,9 @@ func BenchmarkQuestFromDisk(b *testing.B) {
 	// The sessions share the document's ordered copies (whichever engine
 	// makes them first, in C memory), so the staged and the in-place
 	// steps read the same bytes.
-	defer func(ip bool, pf int) { kvcache.InPlaceRuns, kvcache.InPlacePrefetch = ip, pf }(kvcache.InPlaceRuns, kvcache.InPlacePrefetch)
+	defer func(ip bool, pf int, ig bool) {
+		kvcache.InPlaceRuns, kvcache.InPlacePrefetch, kvcache.SelectInGraph = ip, pf, ig
+	}(kvcache.InPlaceRuns, kvcache.InPlacePrefetch, kvcache.SelectInGraph)
 	pf0 := kvcache.InPlacePrefetch
 	kvcache.InPlaceRuns = true
 	var steps []func() error
@@ -171,11 +178,14 @@ func BenchmarkQuestFromDisk(b *testing.B) {
 			continue
 		}
 		s, step := docStep(ctx, b, m, doc, runtime.PolicyOptions{Policy: e.method, Budget: 2048, Extra: e.extra}, toks, n, e.host, e.rowMultiple)
-		ip, pf := !e.staged, pf0
+		ip, pf, ig := !e.staged, pf0, !e.split
 		if e.prefetch != 0 {
 			pf = max(0, e.prefetch)
 		}
-		steps = append(steps, func() error { kvcache.InPlaceRuns, kvcache.InPlacePrefetch = ip, pf; return step() })
+		steps = append(steps, func() error {
+			kvcache.InPlaceRuns, kvcache.InPlacePrefetch, kvcache.SelectInGraph = ip, pf, ig
+			return step()
+		})
 		caches = append(caches, s.Cache().(*kvcache.Paged))
 	}
 	if b.N > room-8 {

@@ -70,21 +70,25 @@ func squeezedNeedle(t *testing.T, path string, depths []int) {
 			name, policy string
 			use          squeezed.Use
 			inplace      bool // kvcache.InPlaceRuns (the default: on)
+			split        bool // kvcache.SelectInGraph off: decode steps split the pass at each clustered layer
 		}{
 			// The document's ordered copies are made by the first session
 			// (C memory, whatever InPlaceRuns says) and read by the later
 			// ones: in place by the decode steps, or, with InPlaceRuns
 			// off, through the staging copy.
-			{"budget, in place", "squeezed", squeezed.Use{Index: doc.Clusters()}, true},
-			{"budget, staged", "squeezed", squeezed.Use{Index: doc.Clusters()}, false},
-			{"threshold", "squeezed", squeezed.Use{Index: doc.Clusters(), Threshold: true}, true},
+			// Decode steps select inside the graph (kvcache.SelectInGraph,
+			// the default), or split the pass at each clustered layer.
+			{"budget, in place", "squeezed", squeezed.Use{Index: doc.Clusters()}, true, false},
+			{"budget, in place, split", "squeezed", squeezed.Use{Index: doc.Clusters()}, true, true},
+			{"budget, staged", "squeezed", squeezed.Use{Index: doc.Clusters()}, false, false},
+			{"threshold", "squeezed", squeezed.Use{Index: doc.Clusters(), Threshold: true}, true, false},
 			// The model's recorded retrieval heads attend to clusters, the
 			// other KV heads keep only sinks and window.
-			{"budget+heads", "squeezed+heads", squeezed.Use{Index: doc.Clusters()}, true},
+			{"budget+heads", "squeezed+heads", squeezed.Use{Index: doc.Clusters()}, true, false},
 		} {
 			t.Run(fmt.Sprintf("%d%%/%s", depth, mode.name), func(t *testing.T) {
-				defer func(ip bool) { kvcache.InPlaceRuns = ip }(kvcache.InPlaceRuns)
-				kvcache.InPlaceRuns = mode.inplace
+				defer func(ip, ig bool) { kvcache.InPlaceRuns, kvcache.SelectInGraph = ip, ig }(kvcache.InPlaceRuns, kvcache.SelectInGraph)
+				kvcache.InPlaceRuns, kvcache.SelectInGraph = mode.inplace, !mode.split
 				mem0 := m.DocumentMemory().Bytes
 				s, err := m.DocumentSession(doc, runtime.PolicyOptions{Policy: mode.policy, Budget: length / 8,
 					Extra: map[string]any{squeezed.OptionKey: mode.use}})
@@ -134,6 +138,12 @@ func squeezedNeedle(t *testing.T, path string, depths []int) {
 					require.Positive(t, last.InPlaceRows-first.InPlaceRows, "the decode steps read runs in place")
 				} else {
 					require.Zero(t, last.InPlaceRows-first.InPlaceRows, "InPlaceRuns off: every run staged")
+				}
+				if mode.inplace && !mode.split && mode.policy == "squeezed" {
+					// Every clustered layer of every decode step after the first.
+					require.Positive(t, last.GraphSelections-first.GraphSelections, "decode steps select inside the graph")
+				} else {
+					require.Zero(t, last.GraphSelections-first.GraphSelections, "the pass splits: selected between graphs")
 				}
 				// The cluster-ordered copies the session built are the
 				// document's (the next session reuses them): counted in

@@ -1,0 +1,130 @@
+package kvcache
+
+/*
+#include <stdint.h>
+#include "ggml.h"
+*/
+import "C"
+
+import (
+	"fmt"
+	"runtime"
+	"sync"
+	"sync/atomic"
+	"unsafe"
+	"weak"
+)
+
+// Selection inside the graph (issue 14: squeezed's decode step at 1b).
+//
+// A method that chooses tokens from the step's own queries (squeezed's
+// per-step centroid lookup) made arch.Model.Run split the pass at every
+// such layer: a graph up to the layer's q/k/v, the queries copied to the
+// host, the selection, then a new graph for the attention and the rest
+// (runtime/arch/model.go). At 1b that was 17 graphs a step, each built,
+// allocated and computed apart: ~5 ms of squeezed's step (docs/squeezed.md).
+//
+// Where the layer op attends the layer (a one-token pass, every group
+// staged: layerOp), the graph's shape does not depend on the selection
+// (the op's output is [headDim, heads, 1] whatever it reads; what it reads
+// is in its params). So the selection can run inside the graph instead:
+// a custom op (kvr_select, n_tasks 1) takes the layer's queries, calls
+// back into Go on the thread that computes the graph (the goroutine that
+// asked for the compute is blocked in that cgo call, so the cache is not
+// used concurrently), which selects (SetQueries) and fills the layer op's
+// params (prepareLayer); the layer op depends on it and runs next. The
+// pass is one graph. NeedQueries then says no for those layers.
+//
+// Not for softcapped attention (Options.AttnSoftcap: attended group by
+// group, whose views need the selection when the graph is built), nor
+// for passes of more than one token (the question: staged, split).
+
+// SelectInGraph makes one-token passes of layers attended by the layer op
+// select inside the graph (above) instead of splitting the pass. On by
+// default; tests turn it off to compare with the split pass.
+var SelectInGraph = true
+
+// selectInGraph reports whether layer's one-token pass selects inside the
+// graph: SelectInGraph, no softcap, and the layer op attends it.
+func (c *Paged) selectInGraph(layer int) bool {
+	return SelectInGraph && c.opt.AttnSoftcap == 0 && c.layerOp(layer)
+}
+
+// inGraphCaches maps a cache's id to the cache, for the selection op's
+// callback (C holds the id, not a Go pointer). Weak: a cache nobody
+// holds is collected, and its entry removed with it.
+var (
+	inGraphCaches sync.Map // uint64 -> weak.Pointer[Paged]
+	inGraphIDs    atomic.Uint64
+)
+
+// selectLayerBits is how many low bits of a selection op's key hold the
+// layer.
+const selectLayerBits = 16
+
+// selectKey is the selection op's key for layer: the cache's id and the
+// layer.
+func (c *Paged) selectKey(layer int) uint64 {
+	if layer >= 1<<selectLayerBits {
+		panic(fmt.Sprintf("kvcache: layer %d: too many layers for a selection in the graph", layer))
+	}
+	if c.gid == 0 {
+		c.gid = inGraphIDs.Add(1)
+		inGraphCaches.Store(c.gid, weak.Make(c))
+		runtime.AddCleanup(c, func(id uint64) { inGraphCaches.Delete(id) }, c.gid)
+	}
+	return c.gid<<selectLayerBits | uint64(layer)
+}
+
+// kvrSelect is the selection op's callback (kvr_select in inplace.go): it
+// reads the layer's roped queries from q (f32 [headDim, heads, 1]), selects
+// (SetQueries) and fills the layer op's params. An error (or a panic) is
+// kept for Computed, which returns it for the pass; the layer's params
+// then list nothing.
+//
+//export kvrSelect
+func kvrSelect(key C.uint64_t, q *C.struct_ggml_tensor) (ret C.int) {
+	id, layer := uint64(key)>>selectLayerBits, int(uint64(key)&(1<<selectLayerBits-1))
+	wp, ok := inGraphCaches.Load(id)
+	if !ok {
+		return 1 // unreachable: the cache computing the graph is alive
+	}
+	c := wp.(weak.Pointer[Paged]).Value()
+	if c == nil {
+		return 1
+	}
+	defer func() {
+		if r := recover(); r != nil {
+			c.failInGraph(layer, fmt.Errorf("kvcache: layer %d's selection in the graph: %v", layer, r))
+			ret = 1
+		}
+	}()
+	hd, heads := int(q.ne[0]), int(q.ne[1])
+	if q._type != C.GGML_TYPE_F32 || hd != c.L.HeadDim || heads != c.opt.Heads || q.ne[2] != 1 || int(q.nb[0]) != 4 {
+		c.failInGraph(layer, fmt.Errorf("kvcache: layer %d's selection in the graph got queries %v of type %d, want f32 [%d, %d, 1]", layer, [3]int64{int64(q.ne[0]), int64(q.ne[1]), int64(q.ne[2])}, int(q._type), c.L.HeadDim, c.opt.Heads))
+		return 1
+	}
+	// A fresh row per layer and step, as a split pass hands over: a
+	// selector may keep its queries (paging.Queries says nothing against).
+	row := make([]float32, hd*heads)
+	for h := range heads {
+		src := unsafe.Slice((*float32)(unsafe.Add(q.data, uintptr(h)*uintptr(q.nb[1]))), hd)
+		copy(row[h*hd:(h+1)*hd], src)
+	}
+	if err := c.SetQueries(layer, [][]float32{row}); err != nil {
+		c.failInGraph(layer, err)
+		return 1
+	}
+	c.prepareLayer(layer, false)
+	c.graphSelections.Add(1)
+	return 0
+}
+
+// failInGraph keeps the first error of a selection in the graph for
+// Computed and empties the layer's params.
+func (c *Paged) failInGraph(layer int, err error) {
+	if c.graphErr == nil {
+		c.graphErr = err
+	}
+	c.emptyLayer(layer)
+}
