@@ -24,6 +24,9 @@ import (
 //   - old: the reference Select (select_ref_test.go: the code before
 //     this rework), on its own selector;
 //   - new: Select;
+//   - rows: Select told that the rows suffice (paging.Queries.RowsSuffice,
+//     as the cache asks on a decode step attended in place): the same
+//     rows, only the loose tokens listed, no sorted token list;
 //   - score-old: the former Transposed.Scores (vek32.MatMul_Into per
 //     block) of every head's GQA group, what old does first;
 //   - score: Transposed.Scores (score4AVX2), what new does first;
@@ -31,7 +34,7 @@ import (
 //     lists; what is left of Select above it is the taking of clusters
 //     and the lists of tokens, pages and rows).
 //
-// The five run in turn, selectRounds times (sub-benchmarks old#01 ...).
+// The six run in turn, selectRounds times (sub-benchmarks old#01 ...).
 const selectRounds = 3
 
 func BenchmarkSelectStep(b *testing.B) {
@@ -54,10 +57,14 @@ func BenchmarkSelectStep(b *testing.B) {
 		}
 		qs[i] = &paging.Queries{Q: [][]float32{q}, Heads: kvHeads * G}
 	}
+	rowsQs := make([]*paging.Queries, len(qs))
+	for i, q := range qs {
+		rowsQs[i] = &paging.Queries{Q: q.Q, Heads: q.Heads, RowsSuffice: true}
+	}
 	// A decode step some tokens into the answer of a 16-token question.
 	upto := func(i int) int { return tokens + 16 + i%64 }
 	type selectFn func(layer int, sum paging.Summaries, q *paging.Queries, upto int) paging.Selection
-	step := func(sel selectFn, i int) {
+	step := func(sel selectFn, qs []*paging.Queries, i int) {
 		for l := range layers {
 			sel(l, nil, qs[i%len(qs)], upto(i))
 		}
@@ -65,8 +72,8 @@ func BenchmarkSelectStep(b *testing.B) {
 	ref := &refSelector{selector: newSel()}
 	cur := newSel()
 	for i := range 16 { // the probing lookups: every head then goes flat
-		step(ref.Select, i)
-		step(cur.Select, i)
+		step(ref.Select, qs, i)
+		step(cur.Select, qs, i)
 	}
 	for l := range layers {
 		for g := range kvHeads {
@@ -75,11 +82,11 @@ func BenchmarkSelectStep(b *testing.B) {
 			}
 		}
 	}
-	run := func(sel selectFn) func(b *testing.B) {
+	run := func(sel selectFn, qs []*paging.Queries) func(b *testing.B) {
 		return func(b *testing.B) {
 			b.ReportAllocs()
 			for i := range b.N {
-				step(sel, i)
+				step(sel, qs, i)
 			}
 		}
 	}
@@ -128,12 +135,13 @@ func BenchmarkSelectStep(b *testing.B) {
 			}
 		}
 	}
-	// Rounds of the five in turn (-count repeats each sub-benchmark in a
+	// Rounds of the six in turn (-count repeats each sub-benchmark in a
 	// row, not the set), so that the machine's drift cancels in the
 	// ratios of one round.
 	for range selectRounds {
-		b.Run("old", run(ref.Select))
-		b.Run("new", run(cur.Select))
+		b.Run("old", run(ref.Select, qs))
+		b.Run("new", run(cur.Select, qs))
+		b.Run("rows", run(cur.Select, rowsQs))
 		b.Run("score-old", scoreOld)
 		b.Run("score", parts(false))
 		b.Run("score-rank", parts(true))
