@@ -2,6 +2,9 @@ package squeezed
 
 import (
 	"math/rand/v2"
+	"os"
+	"strconv"
+	"strings"
 	"testing"
 
 	"github.com/kvrecall/kvrecall/paging"
@@ -145,5 +148,84 @@ func BenchmarkSelectStep(b *testing.B) {
 		b.Run("score-old", scoreOld)
 		b.Run("score", parts(false))
 		b.Run("score-rank", parts(true))
+	}
+}
+
+// BenchmarkSelectRowsOnly times one decode step's Select in full (full:
+// the sorted token list and its pages, as before) and in the rows-only
+// form (rows: paging.Queries.RowsSuffice, what the cache asks for on a
+// decode step attended in place), alternately, selectRounds times, on
+// the clusters of a stored document of any shape: $KVRECALL_BENCH_CLUSTERS
+// (a copy of its .kvs file) and $KVRECALL_BENCH_SHAPE, "layers,kvHeads,
+// headDim,tokens,G" (default the tiny preset's 64k document,
+// "4,2,32,65536,4"; the 1b preset's 32k one is "16,8,64,32768,4"). One op
+// is a step: Select for every layer, one query token of random queries,
+// budget 2048, the default sinks, window and 64-token pages, some tokens
+// into the answer of a 16-token question. The heads' centroid lookups
+// (flat or hierarchical, as the probing lookups of the warm-up decide)
+// are the same in both; the difference is the lists.
+//
+//	KVRECALL_BENCH_CLUSTERS=/tmp/ro/pages-9334c1b69eeae45c.kvs KVRECALL_BENCH_SHAPE=16,8,64,32768,4 \
+//	    go test ./squeezed -run XXX -bench SelectRowsOnly -benchtime 200x
+func BenchmarkSelectRowsOnly(b *testing.B) {
+	path := os.Getenv("KVRECALL_BENCH_CLUSTERS")
+	if path == "" {
+		b.Skip("set KVRECALL_BENCH_CLUSTERS to a stored clusters file (a copy) and KVRECALL_BENCH_SHAPE to its shape")
+	}
+	shape := []int{benchLayers, benchKVHeads, benchD, benchTokens, benchG}
+	if s := os.Getenv("KVRECALL_BENCH_SHAPE"); s != "" {
+		f := strings.Split(s, ",")
+		if len(f) != len(shape) {
+			b.Fatalf("KVRECALL_BENCH_SHAPE %q: want layers,kvHeads,headDim,tokens,G", s)
+		}
+		for i := range f {
+			n, err := strconv.Atoi(strings.TrimSpace(f[i]))
+			if err != nil || n <= 0 {
+				b.Fatalf("KVRECALL_BENCH_SHAPE %q: %q is not a positive number", s, f[i])
+			}
+			shape[i] = n
+		}
+	}
+	layers, kvHeads, d, tokens, G := shape[0], shape[1], shape[2], shape[3], shape[4]
+	ix, err := ReadFile(path, layers, kvHeads, d, tokens)
+	if err != nil {
+		b.Fatal(err)
+	}
+	c := paging.Config{PageSize: 64, Budget: benchBudget, Layers: layers, KVHeads: kvHeads, Options: map[string]any{OptionKey: ix}}
+	s, err := paging.New("squeezed", c)
+	if err != nil {
+		b.Fatal(err)
+	}
+	rng := rand.New(rand.NewPCG(5, 6))
+	full := make([]*paging.Queries, 64)
+	rows := make([]*paging.Queries, len(full))
+	for i := range full {
+		q := make([]float32, kvHeads*G*d)
+		for t := range q {
+			q[t] = float32(rng.NormFloat64())
+		}
+		full[i] = &paging.Queries{Q: [][]float32{q}, Heads: kvHeads * G}
+		rows[i] = &paging.Queries{Q: full[i].Q, Heads: kvHeads * G, RowsSuffice: true}
+	}
+	upto := func(i int) int { return tokens + 16 + i%64 }
+	step := func(qs []*paging.Queries, i int) {
+		for l := range layers {
+			s.Select(l, nil, qs[i%len(qs)], upto(i))
+		}
+	}
+	for i := range 16 { // the probing lookups
+		step(full, i)
+	}
+	run := func(qs []*paging.Queries) func(b *testing.B) {
+		return func(b *testing.B) {
+			b.ReportAllocs()
+			for i := range b.N {
+				step(qs, i)
+			}
+		}
+	}
+	for range selectRounds {
+		b.Run("full", run(full))
+		b.Run("rows", run(rows))
 	}
 }
