@@ -329,8 +329,10 @@ func (c *Paged) startStaged(layer int) bool {
 // InPlaceRuns whose token-granular groups are all staged, so that the
 // attention reads each group's runs in place from its ordered copy and
 // only the loose tokens past the order from the pages; the full sorted
-// token list would be built and checked for nothing (issue 14: ~6-9 ms
-// of a 1b step at 32k). Asked before the attention is built (SetQueries
+// token list would be built and checked for nothing (issue 14: squeezed's
+// lists 2.8 ms of a 1b step's 11.3 ms Select at 32k, warm, in
+// BenchmarkSelectRowsOnly; ~6-9 ms with checkTokens by the step's phase
+// timers, docs/squeezed.md). Asked before the attention is built (SetQueries
 // runs first), so a pass that then does not read in place (a softcapped
 // layer, a copy in Go memory: fillStaged copies the runs instead) still
 // reads only rows and loose tokens, and a group with no copy to read
