@@ -781,6 +781,15 @@ func (c *Paged) fillLoose(l int, g *group, fromPages bool) int {
 		g.inplace = true
 		loose = g.tok[countBelow(g.tok, len(oc.order)):]
 	} else {
+		if oc != nil && g.rowsOnly {
+			// A copy in Go memory (the op reads only C memory) under a
+			// rows-only selection: every token comes from the pages, so
+			// the group needs its full list back (setStaged's fallback),
+			// and no longer reads the copy.
+			g.ftok, g.fsel = fullTokens(g.ftok[:0], g.fsel[:0], oc.order, g.rows, g.tok, c.L.PageSize)
+			g.tok, g.sel, g.rows, g.ocopy, g.rowsOnly = g.ftok, g.fsel, nil, nil, false
+			loose = g.tok
+		}
 		p.nruns, p.k, p.v = 0, nil, nil
 		p.c, p.hd = C.int(pl.row), C.int(c.L.HeadDim)
 	}
