@@ -467,7 +467,23 @@ import (
 // default; batches of more than one token (the question), softcapped
 // attention and an ordered copy that did not get C memory keep the
 // staging copy; non-host backends have no staged groups.
+//
+// A layer whose groups are all staged (squeezed: one group per KV head)
+// goes further on one-token passes: one op for the whole layer
+// (kvr_layer_attn, layerAttention), which reads each group's runs in
+// place, its loose tokens from its staging buffer, and the batch's token
+// straight from the layer's key and value tensors (or, on a split pass,
+// from the pages), for every query head in natural order. Put then
+// writes nothing into the staging buffers (V's cells are channel-major:
+// one isolated store per channel), and the layer's graph has no
+// per-group query views, ops, concatenation or reordering.
 var InPlaceRuns = true
+
+// InPlaceLayerOp turns the layer op on one-token passes of all-staged
+// layers on (the default); off, they take the per-group graph (kvr_attn
+// per group, set_rows into the staging cells). A knob for measuring it
+// (BenchmarkQuestFromDisk's squeezed-pergroup engine).
+var InPlaceLayerOp = true
 
 // InPlacePrefetch is how many rows ahead of those it sums the in-place
 // op prefetches their K and V lines (0: none); one chunk (64 rows), so
@@ -616,7 +632,7 @@ func newLayerParams(kvHeads int) *layerParams {
 // the layer staged (a layer that mixes page pools and staged groups keeps
 // the per-group graph). Softcapped attention is excluded by its caller.
 func (c *Paged) layerOp(layer int) bool {
-	if !InPlaceRuns || c.n != 1 {
+	if !InPlaceRuns || !InPlaceLayerOp || c.n != 1 {
 		return false
 	}
 	for _, g := range c.layers[layer].groups {

@@ -122,6 +122,7 @@ func BenchmarkQuestFromDisk(b *testing.B) {
 		named       bool // runs only when $KVRECALL_BENCH_ENGINES names it
 		staged      bool // kvcache.InPlaceRuns off for its steps (on for every other engine's)
 		prefetch    int  // kvcache.InPlacePrefetch for its steps (0: the default)
+		pergroup    bool // kvcache.InPlaceLayerOp off for its steps: each staged group its own op, as before branch layerop
 	}
 	all := []engine{
 		{name: "floor"},
@@ -145,6 +146,7 @@ func BenchmarkQuestFromDisk(b *testing.B) {
 		// copies them into its staging buffers first (issue 14).
 		{name: "squeezed-inplace", method: "squeezed", host: true, rowMultiple: 16, named: true},
 		{name: "squeezed-staged", method: "squeezed", host: true, rowMultiple: 16, named: true, staged: true},
+		{name: "squeezed-pergroup", method: "squeezed", host: true, rowMultiple: 16, named: true, pergroup: true},
 		{name: "squeezed-noprefetch", method: "squeezed", host: true, rowMultiple: 16, named: true, prefetch: -1},
 		{name: "squeezed-prefetch128", method: "squeezed", host: true, rowMultiple: 16, named: true, prefetch: 128},
 		{name: "squeezed-prefetch32", method: "squeezed", host: true, rowMultiple: 16, named: true, prefetch: 32},
@@ -158,7 +160,9 @@ func BenchmarkQuestFromDisk(b *testing.B) {
 	// The sessions share the document's ordered copies (whichever engine
 	// makes them first, in C memory), so the staged and the in-place
 	// steps read the same bytes.
-	defer func(ip bool, pf int) { kvcache.InPlaceRuns, kvcache.InPlacePrefetch = ip, pf }(kvcache.InPlaceRuns, kvcache.InPlacePrefetch)
+	defer func(ip bool, pf int, lo bool) {
+		kvcache.InPlaceRuns, kvcache.InPlacePrefetch, kvcache.InPlaceLayerOp = ip, pf, lo
+	}(kvcache.InPlaceRuns, kvcache.InPlacePrefetch, kvcache.InPlaceLayerOp)
 	pf0 := kvcache.InPlacePrefetch
 	kvcache.InPlaceRuns = true
 	var steps []func() error
@@ -175,7 +179,11 @@ func BenchmarkQuestFromDisk(b *testing.B) {
 		if e.prefetch != 0 {
 			pf = max(0, e.prefetch)
 		}
-		steps = append(steps, func() error { kvcache.InPlaceRuns, kvcache.InPlacePrefetch = ip, pf; return step() })
+		lo := !e.pergroup
+		steps = append(steps, func() error {
+			kvcache.InPlaceRuns, kvcache.InPlacePrefetch, kvcache.InPlaceLayerOp = ip, pf, lo
+			return step()
+		})
 		caches = append(caches, s.Cache().(*kvcache.Paged))
 	}
 	if b.N > room-8 {
