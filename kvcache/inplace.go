@@ -345,7 +345,6 @@ static kvr_layer *kvr_layer_new(int kvh) {
 	L->kvh = kvh;
 	return L;
 }
-static void kvr_layer_set(kvr_layer *L, int h, kvr_params *p, int i) { L->grp[h] = p; L->hi[h] = i; }
 
 #ifdef KVR_SIMD
 static inline uint16_t kvr_f2h(float x) { return _cvtss_sh(x, 0); }
@@ -668,10 +667,14 @@ func (c *Paged) layerAttention(ctx ml.Context, layer int, q, k, v ml.Tensor, sca
 		panic(fmt.Sprintf("kvcache: layer %d's one-token pass has neither the batch's keys in its graph nor on the host pages", layer))
 	}
 	t0 := time.Now()
+	// The per-KV-head tables are C memory written from Go (no cgo call
+	// per head).
+	grp := unsafe.Slice(lp.grp, c.L.KVHeads)
+	hi := unsafe.Slice((*int32)(unsafe.Pointer(lp.hi)), c.L.KVHeads)
 	for _, g := range ls.groups {
 		c.fillLoose(layer, g, fromPages)
 		for i, h := range g.heads {
-			C.kvr_layer_set(lp, C.int(h), g.iparams.p, C.int(i))
+			grp[h], hi[h] = g.iparams.p, int32(i)
 		}
 	}
 	c.hostWrites.Add(int64(time.Since(t0)))
