@@ -187,7 +187,10 @@ func (m *masked) Select(layer int, s paging.Summaries, q *paging.Queries, upto i
 		return paging.One(stream)
 	}
 	inner := m.inner.Select(layer, s, q, upto)
-	var out paging.Selection
+	// A rows-only answer (q.RowsSuffice) stays one: each retrieval group
+	// keeps its inner group's rows and loose tokens; the streaming group
+	// lists pages only.
+	out := paging.Selection{RowsOnly: inner.RowsOnly}
 	if inner.Tokens != nil {
 		out.Tokens = make([][]int32, len(m.from[layer]))
 	}

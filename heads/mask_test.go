@@ -99,7 +99,8 @@ func TestFromQueryHeads(t *testing.T) {
 
 // perHead is a method with a group per KV head and token selections (as
 // squeezed has, with token-granular pools): group g attends to page g and
-// its first token.
+// its first token; told that the rows suffice (paging.Queries.RowsSuffice),
+// it answers in the rows-only form: row g of its order, no tokens.
 type perHead struct{ c paging.Config }
 
 func (p perHead) Name() string              { return "perhead" }
@@ -112,9 +113,14 @@ func (p perHead) Groups(int) []paging.Group {
 	}
 	return gs
 }
-func (p perHead) Select(_ int, _ paging.Summaries, _ *paging.Queries, _ int) paging.Selection {
+func (p perHead) Select(_ int, _ paging.Summaries, q *paging.Queries, _ int) paging.Selection {
 	var s paging.Selection
 	for g := 0; g < p.c.KVHeads; g++ {
+		if q != nil && q.RowsSuffice {
+			s.Groups, s.Tokens = append(s.Groups, []int{}), append(s.Tokens, []int32{})
+			s.Rows, s.RowsOnly = append(s.Rows, []int32{int32(g), int32(g + 1)}), true
+			continue
+		}
 		s.Groups = append(s.Groups, []int{g})
 		s.Tokens = append(s.Tokens, []int32{int32(g * p.c.PageSize)})
 	}
@@ -127,7 +133,9 @@ func init() {
 
 // With an inner method that has a group per KV head, the retrieval heads
 // keep their groups (token-granular ones stay so), selections and token
-// lists, and the streaming heads form one streaming group (of pages).
+// lists, and the streaming heads form one streaming group (of pages). A
+// rows-only answer stays one: the retrieval groups keep their rows and
+// (loose) tokens, the streaming group its pages.
 func TestMaskedPerHeadInner(t *testing.T) {
 	mask := Mask{{false, true, false, true}}
 	cfg := paging.Config{PageSize: 64, Budget: 1024, Sinks: 64, Window: 128, Layers: 1, KVHeads: 4, Options: map[string]any{OptionKey: mask}}
@@ -141,4 +149,10 @@ func TestMaskedPerHeadInner(t *testing.T) {
 	sel := s.Select(0, noSummaries{100}, nil, 64*100)
 	require.Equal(t, [][]int{{0}, {2}, {0, 98, 99}}, sel.Groups)
 	require.Equal(t, [][]int32{{0}, {128}, nil}, sel.Tokens)
+	require.False(t, sel.RowsOnly)
+	ro := s.Select(0, noSummaries{100}, &paging.Queries{RowsSuffice: true}, 64*100)
+	require.True(t, ro.RowsOnly, "the inner method's rows-only form is passed on")
+	require.Equal(t, [][]int32{{0, 1}, {2, 3}, nil}, ro.Rows)
+	require.Equal(t, [][]int32{{}, {}, nil}, ro.Tokens)
+	require.Equal(t, [][]int{{}, {}, {0, 98, 99}}, ro.Groups)
 }

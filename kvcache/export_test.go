@@ -2,6 +2,7 @@ package kvcache
 
 import (
 	"runtime"
+	"slices"
 
 	"github.com/ollama/ollama/ml"
 	"github.com/x448/float16"
@@ -137,4 +138,25 @@ func InPlaceKernel(be ml.Backend, hd, kvHeads, g int, kc, vc []float32, runs []i
 	runtime.KeepAlive(oc)
 	runtime.KeepAlive(gr) // its params' finalizer frees what the op read
 	return res
+}
+
+// OrderedToGoMemory moves s's cluster-ordered copies into Go memory, as
+// when malloc refused C memory (cAlloc16), so that a one-token pass
+// copies their runs into the staging buffer instead of reading them in
+// place; it returns how many it moved.
+func (s *Store) OrderedToGoMemory() int {
+	h := s.ordered.Load()
+	if h == nil {
+		return 0
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	n := 0
+	for _, oc := range h.m {
+		if oc.cmem != nil && oc.kv != nil {
+			oc.kv, oc.cmem = slices.Clone(oc.kv), nil
+			n++
+		}
+	}
+	return n
 }

@@ -629,13 +629,17 @@ func newLayerParams(kvHeads int) *layerParams {
 // layerOp reports whether layer's one-token pass is attended by the layer
 // op (kvr_layer_attn): InPlaceRuns, a one-token pass, and every group of
 // the layer staged (a layer that mixes page pools and staged groups keeps
-// the per-group graph). Softcapped attention is excluded by its caller.
+// the per-group graph), and no group's ordered copy in Go memory.
+// Softcapped attention is excluded by its caller.
 func (c *Paged) layerOp(layer int) bool {
 	if !InPlaceRuns || !InPlaceLayerOp || c.n != 1 {
 		return false
 	}
 	for _, g := range c.layers[layer].groups {
-		if !g.staged {
+		// An ordered copy in Go memory is not read by C: its runs are
+		// staged by the per-group path (a rows-only selection lists no
+		// other tokens for them).
+		if !g.staged || (g.ocopy != nil && g.ocopy.cmem == nil) {
 			return false
 		}
 	}

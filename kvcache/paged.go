@@ -188,6 +188,16 @@ type group struct {
 	// attention (InPlaceRuns, inplace.go), not staged.
 	inplace bool
 	iparams *inplaceParams
+
+	// rowsOnly: the selection came in the rows-only form
+	// (paging.Selection.RowsOnly, asked for by rowsSuffice): tok lists
+	// only the positions past the order (the loose tokens) and sel their
+	// pages; rows (with ocopy, never nil then) stand for the rest.
+	// ftok and fsel are setStaged's fallback lists (no copy to read the
+	// rows from), reused across passes.
+	rowsOnly bool
+	ftok     []int32
+	fsel     []int
 	// layerOp: this pass attends the group in its layer's one op
 	// (kvr_layer_attn, inplace.go): cells [0, filled) hold its loose
 	// tokens (K token-major, V channel-major), and the batch's token is in them
@@ -309,7 +319,7 @@ func (c *Paged) Selector() paging.Selector { return c.opt.Selector }
 func (c *Paged) Selected(layer int) []int {
 	var sel paging.Selection
 	for _, g := range c.layers[layer].groups {
-		sel.Groups = append(sel.Groups, g.sel)
+		sel.Groups = append(sel.Groups, c.groupPages(g))
 	}
 	return sel.Union()
 }
@@ -323,9 +333,36 @@ func (c *Paged) SelectedByGroup(layer int) ([]paging.Group, [][]int) {
 		gg := g.Group
 		gg.KVHeads = slices.Clone(g.heads)
 		gs = append(gs, gg)
-		sel = append(sel, slices.Clone(g.sel))
+		sel = append(sel, slices.Clone(c.groupPages(g)))
 	}
 	return gs, sel
+}
+
+// groupPages is the pages g attended to in the last pass: its selection's,
+// and for a rows-only selection also those of the rows' positions, found
+// through the order (reports only: not the pass's hot path).
+func (c *Paged) groupPages(g *group) []int {
+	if !g.rowsOnly || g.ocopy == nil {
+		return g.sel
+	}
+	P := c.L.PageSize
+	pages := slices.Clone(g.sel)
+	for i := 0; i+1 < len(g.rows); i += 2 {
+		for _, t := range g.ocopy.order[g.rows[i]:g.rows[i+1]] {
+			pages = append(pages, int(t)/P)
+		}
+	}
+	slices.Sort(pages)
+	return slices.Compact(pages)
+}
+
+// runRows is the number of rows of the runs rows ([a, e) pairs).
+func runRows(rows []int32) int {
+	n := 0
+	for i := 0; i+1 < len(rows); i += 2 {
+		n += int(rows[i+1] - rows[i])
+	}
+	return n
 }
 
 // SlidingWindow returns the window of layer's groups when every group is
@@ -354,8 +391,13 @@ func (c *Paged) Stats() Stats {
 				st.ResidentByClass[g.Class] += b
 			}
 			if g.Tokens {
-				// A token pool attends to its listed tokens only.
-				st.AttendedBytes += int64(len(g.tok)) * int64(len(g.heads)*c.L.HeadDim) * 2 * 2
+				// A token pool attends to its listed tokens only (and a
+				// rows-only selection to its rows besides).
+				n := len(g.tok)
+				if g.rowsOnly {
+					n += runRows(g.rows)
+				}
+				st.AttendedBytes += int64(n) * int64(len(g.heads)*c.L.HeadDim) * 2 * 2
 				continue
 			}
 			for _, p := range g.sel {
@@ -516,7 +558,7 @@ func (c *Paged) Remove(seq int, beginIndex, endIndex int32) error {
 				// A staging buffer is filled afresh each pass; the cut
 				// pass's selection and copy are forgotten, so that no
 				// check reads positions the cut dropped.
-				g.sel, g.tok, g.rows, g.ocopy = nil, nil, nil, nil
+				g.sel, g.tok, g.rows, g.ocopy, g.rowsOnly = nil, nil, nil, nil, false
 				g.filled, g.inplace, g.layerOp, g.batchLoose, g.batchPut = -1, false, false, false, false
 				continue
 			}
@@ -616,7 +658,7 @@ func (c *Paged) StartForward(ctx ml.Context, batch input.Batch, reserve bool) er
 			g.sel, g.tok, g.uploads, g.tups, g.cells = nil, nil, g.uploads[:0], g.tups[:0], g.cells[:0]
 		}
 		if !c.opt.Selector.NeedQueries(l, n) {
-			if err := c.setSelection(l, c.opt.Selector.Select(l, ls.view, nil, c.upto)); err != nil {
+			if err := c.setSelection(l, c.opt.Selector.Select(l, ls.view, nil, c.upto), false); err != nil {
 				return err
 			}
 		}
@@ -655,11 +697,16 @@ func (c *Paged) StartForward(ctx ml.Context, batch input.Batch, reserve bool) er
 }
 
 // setSelection checks a selector's answer for layer and hands each group
-// its pages.
-func (c *Paged) setSelection(layer int, sel paging.Selection) error {
+// its pages. rowsAsked says whether the selector was asked for it with
+// Queries.RowsSuffice (rowsSuffice): only then may it answer in the
+// rows-only form.
+func (c *Paged) setSelection(layer int, sel paging.Selection, rowsAsked bool) error {
 	gs := c.layers[layer].groups
 	if len(sel.Groups) != len(gs) {
 		return fmt.Errorf("kvcache: %s selected for %d head groups in layer %d, which has %d", c.opt.Selector.Name(), len(sel.Groups), layer, len(gs))
+	}
+	if sel.RowsOnly && !rowsAsked {
+		return fmt.Errorf("kvcache: %s answered layer %d in the rows-only form, which the cache did not ask for (Queries.RowsSuffice): it needs every token listed", c.opt.Selector.Name(), layer)
 	}
 	if sel.Tokens != nil && len(sel.Tokens) != len(gs) {
 		return fmt.Errorf("kvcache: %s selected tokens for %d head groups in layer %d, which has %d", c.opt.Selector.Name(), len(sel.Tokens), layer, len(gs))
@@ -690,15 +737,19 @@ func (c *Paged) setSelection(layer int, sel paging.Selection) error {
 			}
 			rows = sel.Rows[i]
 		}
+		rowsOnly := sel.RowsOnly && rows != nil
+		if rowsOnly && !gs[i].staged {
+			return fmt.Errorf("kvcache: %s, layer %d, group %d: a rows-only selection for a group that is not staged", c.opt.Selector.Name(), layer, i)
+		}
 		if gs[i].staged {
-			if err := c.setStaged(layer, i, gs[i], rows); err != nil {
+			if err := c.setStaged(layer, i, gs[i], rows, rowsOnly); err != nil {
 				return fmt.Errorf("kvcache: %s, layer %d, group %d: %w", c.opt.Selector.Name(), layer, i, err)
 			}
 		} else if rows != nil {
 			// Token pools do not read the runs; their check is cheap.
 			if to, ok := c.opt.Selector.(paging.TokenOrdered); ok {
 				order, _ := to.TokenOrder(layer, i)
-				if err := checkRows(rows, order, gs[i].tok); err != nil {
+				if err := checkRows(rows, order, gs[i].tok, false); err != nil {
 					return fmt.Errorf("kvcache: %s, layer %d, group %d: %w", c.opt.Selector.Name(), layer, i, err)
 				}
 			}
@@ -731,6 +782,9 @@ func (c *Paged) AttendedTokens(layer int) []int {
 	var out []int
 	for _, g := range c.layers[layer].groups {
 		n := 0
+		if g.rowsOnly {
+			n = runRows(g.rows) // positions of the order, all before pos0 (setStaged)
+		}
 		if g.tok != nil {
 			for _, t := range g.tok {
 				if int(t) < c.pos0 {
@@ -763,7 +817,8 @@ func checkPages(pages []int, limit int) error {
 // SetQueries implements arch.Hooks: choose layer's pages from its queries.
 func (c *Paged) SetQueries(layer int, q [][]float32) error {
 	ls := &c.layers[layer]
-	if err := c.setSelection(layer, c.opt.Selector.Select(layer, ls.view, &paging.Queries{Q: q, Heads: c.opt.Heads}, c.upto)); err != nil {
+	rows := c.rowsSuffice(layer)
+	if err := c.setSelection(layer, c.opt.Selector.Select(layer, ls.view, &paging.Queries{Q: q, Heads: c.opt.Heads, RowsSuffice: rows}, c.upto), rows); err != nil {
 		return err
 	}
 	for _, g := range ls.groups {

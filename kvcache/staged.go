@@ -323,7 +323,7 @@ func (c *Paged) startStaged(layer int) bool {
 	}
 	for _, g := range c.layers[layer].groups {
 		if g.staged = g.Tokens; g.staged {
-			g.sel, g.tok, g.rows, g.uploads, g.tups, g.ocopy = nil, nil, nil, nil, nil, nil
+			g.sel, g.tok, g.rows, g.uploads, g.tups, g.ocopy, g.rowsOnly = nil, nil, nil, nil, nil, nil, false
 			g.filled, g.inplace, g.layerOp, g.batchLoose, g.batchPut = -1, false, false, false, false
 			g.cells = c.seqCells[:c.n] // Put writes the batch into cells [0, n)
 		}
@@ -331,29 +331,66 @@ func (c *Paged) startStaged(layer int) bool {
 	return true
 }
 
+// rowsSuffice reports whether layer's selection may come in the
+// rows-only form (paging.Queries.RowsSuffice): a one-token pass with
+// InPlaceRuns whose token-granular groups are all staged, so that the
+// attention reads each group's runs in place from its ordered copy and
+// only the loose tokens past the order from the pages; the full sorted
+// token list would be built and checked for nothing (issue 14: squeezed's
+// lists 2.8 ms of a 1b step's 11.3 ms Select at 32k, warm, in
+// BenchmarkSelectRowsOnly; ~6-9 ms with checkTokens by the step's phase
+// timers, docs/squeezed.md). Asked before the attention is built (SetQueries
+// runs first), so a pass that then does not read in place (a softcapped
+// layer, a copy in Go memory: fillStaged copies the runs instead) still
+// reads only rows and loose tokens, and a group with no copy to read
+// the rows from gets its full list back (setStaged).
+func (c *Paged) rowsSuffice(layer int) bool {
+	if c.n != 1 || !InPlaceRuns {
+		return false
+	}
+	staged := false
+	for _, g := range c.layers[layer].groups {
+		if g.Tokens && !g.staged {
+			return false
+		}
+		staged = staged || g.staged
+	}
+	return staged
+}
+
 // setStaged checks a staged group's selection beyond setSelection's: the
 // earlier tokens and the batch fit its cells, and Rows (if listed) are
 // valid runs of the selector's order whose count is the tokens below the
-// order's end; it then finds the ordered copy the runs read. i is the
+// order's end (rowsOnly: the tokens listed are all past it, and the rows
+// count for themselves); it then finds the ordered copy the runs read.
+// A rows-only selection with no copy to read (the order reaches past the
+// positions written, or past those the document's sessions share) gets
+// its full token list rebuilt from the order, the slow path. i is the
 // group's index.
-func (c *Paged) setStaged(layer, i int, g *group, rows []int32) error {
+func (c *Paged) setStaged(layer, i int, g *group, rows []int32, rowsOnly bool) error {
 	earlier := countBelow(g.tok, c.pos0)
+	if rowsOnly {
+		earlier += runRows(rows) // an upper bound: checked against the order below
+	}
 	if cells := g.pool.slots * c.L.PageSize; earlier+c.n > cells {
 		return fmt.Errorf("%d selected tokens and a batch of %d do not fit the group's staging buffer of %d cells", earlier, c.n, cells)
 	}
-	g.rows, g.ocopy = nil, nil
+	g.rows, g.ocopy, g.rowsOnly = nil, nil, false
 	if rows == nil {
 		return nil
 	}
 	to, ok := c.opt.Selector.(paging.TokenOrdered)
 	if !ok {
+		if rowsOnly {
+			return fmt.Errorf("a rows-only selection, but the selector gives no token order to read the rows by")
+		}
 		// A wrapper that passes an inner method's Rows through without
 		// its order (a test's recorder): the tokens are all there, so
 		// they are staged from the pages.
 		return nil
 	}
 	order, _ := to.TokenOrder(layer, i) // the blocks: any run of the token-major copy is contiguous
-	if err := checkRows(rows, order, g.tok); err != nil {
+	if err := checkRows(rows, order, g.tok, rowsOnly); err != nil {
 		return err
 	}
 	if g.okey == "" {
@@ -364,9 +401,37 @@ func (c *Paged) setStaged(layer, i int, g *group, rows []int32) error {
 		return err
 	}
 	if oc != nil && len(order) <= c.pos0 {
-		g.rows, g.ocopy = rows, oc
+		g.rows, g.ocopy, g.rowsOnly = rows, oc, rowsOnly
+		return nil
+	}
+	if rowsOnly {
+		// No copy: every token is staged from the pages, so the group
+		// needs them all listed, sorted, with their pages.
+		g.ftok, g.fsel = fullTokens(g.ftok[:0], g.fsel[:0], order, rows, g.tok, c.L.PageSize)
+		g.tok, g.sel = g.ftok, g.fsel
+		if g.sel == nil {
+			g.sel = []int{}
+		}
 	}
 	return nil
+}
+
+// fullTokens appends to toks the positions of order's runs rows, sorted,
+// then loose (sorted, every one at or past len(order)): a rows-only
+// selection's full token list; and to pages their pages, ascending and
+// distinct.
+func fullTokens(toks []int32, pages []int, order, rows, loose []int32, P int) ([]int32, []int) {
+	for i := 0; i+1 < len(rows); i += 2 {
+		toks = append(toks, order[rows[i]:rows[i+1]]...)
+	}
+	slices.Sort(toks)
+	toks = append(toks, loose...)
+	for _, t := range toks {
+		if p := int(t) / P; len(pages) == 0 || pages[len(pages)-1] != p {
+			pages = append(pages, p)
+		}
+	}
+	return toks, pages
 }
 
 // countBelow is the number of sorted toks below limit.
@@ -378,9 +443,10 @@ func countBelow(toks []int32, limit int) int {
 // checkRows reports runs that are not sorted, disjoint (they may touch),
 // non-empty half-open pairs within order, or whose rows do not number the listed
 // tokens below len(order) (the rest of toks must be the positions at or
-// past it). Which positions the rows are is checked by CheckInvariants
+// past it; rowsOnly: the rows stand for those below, and toks lists none
+// of them). Which positions the rows are is checked by CheckInvariants
 // (checkStaged), not at every pass.
-func checkRows(rows, order []int32, toks []int32) error {
+func checkRows(rows, order []int32, toks []int32, rowsOnly bool) error {
 	if order == nil {
 		return fmt.Errorf("the selection lists rows, but the selector gives the group no token order")
 	}
@@ -395,8 +461,15 @@ func checkRows(rows, order []int32, toks []int32) error {
 		}
 		n += int(b - a)
 	}
-	if want := countBelow(toks, len(order)); n != want {
-		return fmt.Errorf("the row runs hold %d tokens, the selection lists %d below the order's end %d", n, want, len(order))
+	below := countBelow(toks, len(order))
+	if rowsOnly {
+		if below > 0 {
+			return fmt.Errorf("a rows-only selection lists %d tokens below the order's end %d, which its rows stand for", below, len(order))
+		}
+		return nil
+	}
+	if n != below {
+		return fmt.Errorf("the row runs hold %d tokens, the selection lists %d below the order's end %d", n, below, len(order))
 	}
 	return nil
 }
@@ -552,14 +625,21 @@ func (c *Paged) checkStaged(at string, l int, g *group) []error {
 	if g.sel != nil && g.tok == nil {
 		errs = append(errs, fmt.Errorf("%s: a token-granular group has a selection without tokens", at))
 	}
-	if earlier := countBelow(g.tok, c.pos0); earlier+c.n > cells {
+	earlier := countBelow(g.tok, c.pos0)
+	if g.rowsOnly {
+		earlier += runRows(g.rows)
+		if g.ocopy == nil {
+			errs = append(errs, fmt.Errorf("%s: a rows-only selection without an ordered copy to read its rows from", at))
+		}
+	}
+	if earlier+c.n > cells {
 		errs = append(errs, fmt.Errorf("%s: %d tokens and a batch of %d in %d cells", at, earlier, c.n, cells))
 	}
 	// The positions the cells hold, in cell order after the batch's.
 	var pos []int32
 	loose := g.tok
 	if oc := g.ocopy; oc != nil {
-		if err := checkRows(g.rows, oc.order, g.tok); err != nil {
+		if err := checkRows(g.rows, oc.order, g.tok, g.rowsOnly); err != nil {
 			errs = append(errs, fmt.Errorf("%s: %w", at, err))
 			return errs
 		}
@@ -575,7 +655,14 @@ func (c *Paged) checkStaged(at string, l int, g *group) []error {
 				errs = append(errs, fmt.Errorf("%s: %w", at, err))
 			}
 		}
-		if n := countBelow(g.tok, len(oc.order)); !slices.Equal(sorted, g.tok[:n]) {
+		if g.rowsOnly {
+			// The rows are the choice below the order's end: distinct
+			// positions (the order a permutation, the runs disjoint),
+			// all before the batch.
+			if len(slices.Compact(slices.Clone(sorted))) != len(sorted) || len(sorted) > 0 && int(sorted[len(sorted)-1]) >= c.pos0 {
+				errs = append(errs, fmt.Errorf("%s: the rows-only selection's runs hold repeated positions or positions from the batch's %d on", at, c.pos0))
+			}
+		} else if n := countBelow(g.tok, len(oc.order)); !slices.Equal(sorted, g.tok[:n]) {
 			errs = append(errs, fmt.Errorf("%s: the row runs hold other positions than the %d tokens listed below %d", at, n, len(oc.order)))
 		}
 		loose = g.tok[countBelow(g.tok, len(oc.order)):]

@@ -69,9 +69,20 @@ type PassStarter interface {
 // Queries are the roped queries of the current batch for one layer:
 // Q[token][head*HeadDim + d], with Heads query heads; query head h reads KV
 // head h / (Heads / KVHeads).
+//
+// RowsSuffice, set by the cache, says that this pass reads a
+// token-granular group's earlier tokens from its Rows wherever a
+// TokenOrdered selector lists them (kvcache: a decode step of staged
+// groups, whose runs the attention reads in place from the
+// cluster-ordered copy): the selector may then answer in the rows-only
+// form (Selection.RowsOnly) and skip sorting the full token list, which
+// was ~1/3 of squeezed's Select at the 1b preset (issue 14). Off, or
+// with nil Queries (a selection made before the pass's queries), the
+// answer lists every token.
 type Queries struct {
-	Q     [][]float32
-	Heads int
+	Q           [][]float32
+	Heads       int
+	RowsSuffice bool
 }
 
 // When says when a scorer needs the queries of a layer.
@@ -157,10 +168,22 @@ type Group struct {
 // cluster-ordered copy of the document's KV with one memmove instead of
 // gathering its tokens one by one. A nil Rows[i] (or Rows): no runs, every
 // token is taken where it lies.
+//
+// RowsOnly is the rows-only form, allowed only in answer to Queries with
+// RowsSuffice set (the cache refuses it otherwise). For every group i
+// with Rows[i] set, the rows alone stand for the positions below
+// len(order) (order = TokenOrder(layer, i); the rows' positions are
+// distinct, as the order is a permutation): Tokens[i] lists only the
+// chosen positions at or past len(order), sorted (the suffix of the full
+// list: the observation window, the question, the answer), and Groups[i]
+// only their pages. The whole choice is the rows' positions plus
+// Tokens[i], as in the full form; its pages (for reports) are the cache's
+// to derive from the order. Groups with a nil Rows[i] keep the full form.
 type Selection struct {
-	Groups [][]int
-	Tokens [][]int32
-	Rows   [][]int32
+	Groups   [][]int
+	Tokens   [][]int32
+	Rows     [][]int32
+	RowsOnly bool
 }
 
 // TokenOrdered is implemented by selectors whose token-granular groups

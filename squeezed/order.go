@@ -142,6 +142,30 @@ func (s *selector) tokenLists(h *Head, used, sinks, tail, upto int, toks []int32
 	for t := tail; t < upto; t++ {
 		toks = append(toks, int32(t))
 	}
+	return toks, s.pagesOf(toks, ps)
+}
+
+// looseLists is tokenLists' rows-only form (paging.Selection.RowsOnly):
+// the chosen positions at or past the order's end n, ascending (the sinks
+// past it, [n, sinks), when the clustered tokens are fewer than the
+// sinks; the tail's [max(tail, n), upto)), and their pages, in toks's and
+// ps's storage (grown). The clusters' tokens and the clustered sinks and
+// tail are all below n: rowRuns' rows stand for them.
+func (s *selector) looseLists(n, sinks, tail, upto int, toks []int32, ps []int) ([]int32, []int) {
+	from := max(tail, n)
+	toks = grow32(toks, max(0, sinks-n)+max(0, upto-from))
+	for t := n; t < sinks; t++ {
+		toks = append(toks, int32(t))
+	}
+	for t := from; t < upto; t++ {
+		toks = append(toks, int32(t))
+	}
+	return toks, s.pagesOf(toks, ps)
+}
+
+// pagesOf returns the pages of toks (ascending), ascending and distinct,
+// in ps's storage (grown).
+func (s *selector) pagesOf(toks []int32, ps []int) []int {
 	// The pages: reports (Paged.Selected) and the selection's check read
 	// them; the pool holds only the tokens. No more than the tokens.
 	ps = ps[:0]
@@ -175,7 +199,7 @@ func (s *selector) tokenLists(h *Head, used, sinks, tail, upto int, toks []int32
 			}
 		}
 	}
-	return toks, ps
+	return ps
 }
 
 // radixSort32 sorts keys (non-negative, below 1<<width) ascending by LSD

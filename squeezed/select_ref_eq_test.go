@@ -58,6 +58,12 @@ func synthIndex(tb testing.TB, seed uint64, layers, kvHeads, d, tokens, window, 
 // small and large (a tail reaching back into the clustered tokens by up
 // to the window);
 // budgets from nearly all tail to larger than the document.
+//
+// And the rows-only form (paging.Queries.RowsSuffice, a third selector
+// given the same queries) answers the same choice: the same Rows, Tokens
+// the full list's suffix at or past the order's end, Groups that suffix's
+// pages, RowsOnly set; the graph-scored steps (no queries) keep the full
+// form.
 func TestSelectMatchesReference(t *testing.T) {
 	const d, kvHeads, layers = 16, 2, 2
 	random := synthIndex(t, 1, layers, kvHeads, d, 30000, 100, 1500)
@@ -111,9 +117,10 @@ func TestSelectMatchesReference(t *testing.T) {
 				require.NoError(t, err)
 				return s.(*selector)
 			}
-			cur, ref := mk(), &refSelector{selector: mk()}
+			cur, ref, ro := mk(), &refSelector{selector: mk()}, mk()
 			require.Equal(t, c.graph, cur.UseGraphScores())
 			require.Equal(t, c.graph, ref.UseGraphScores())
+			require.Equal(t, c.graph, ro.UseGraphScores())
 			rng := rand.New(rand.NewPCG(uint64(len(c.name)), uint64(c.budget)))
 			query := func() []float32 {
 				q := make([]float32, c.heads*d)
@@ -136,6 +143,34 @@ func TestSelectMatchesReference(t *testing.T) {
 				want := ref.Select(layer, nil, qs, upto)
 				got := cur.Select(layer, nil, qs, upto)
 				require.Equal(t, want, got, "%s: layer %d at %d", what, layer, upto)
+				var roq *paging.Queries
+				if qs != nil {
+					roq = &paging.Queries{Q: qs.Q, Heads: qs.Heads, RowsSuffice: true}
+				}
+				short := ro.Select(layer, nil, roq, upto)
+				if qs == nil || got.Rows == nil {
+					require.Equal(t, got, short, "%s: layer %d at %d: the full form without queries or rows", what, layer, upto)
+				} else {
+					require.True(t, short.RowsOnly, "%s: layer %d at %d: rows-only when they suffice", what, layer, upto)
+					require.Equal(t, got.Rows, short.Rows, "%s: layer %d at %d: the rows", what, layer, upto)
+					for g := range got.Tokens {
+						n := len(c.ix.Heads[layer][g].tokens) // the order's end
+						full := got.Tokens[g]
+						suffix := full[countBelow32(full, n):]
+						require.Equal(t, suffix, short.Tokens[g], "%s: layer %d group %d at %d: the loose tokens", what, layer, g, upto)
+						require.NotNil(t, short.Tokens[g], "a token-granular group lists tokens")
+						var pages []int
+						for _, tk := range suffix {
+							if p := int(tk) / c.P; len(pages) == 0 || pages[len(pages)-1] != p {
+								pages = append(pages, p)
+							}
+						}
+						require.Equal(t, len(pages), len(short.Groups[g]), "%s: layer %d group %d: the loose tokens' pages", what, layer, g)
+						if len(pages) > 0 {
+							require.Equal(t, pages, short.Groups[g], "%s: layer %d group %d: the loose tokens' pages", what, layer, g)
+						}
+					}
+				}
 				if c.budget < upto {
 					for g := range got.Tokens {
 						require.LessOrEqual(t, len(got.Tokens[g]), c.budget)
@@ -160,6 +195,7 @@ func TestSelectMatchesReference(t *testing.T) {
 							// scores[h·k + r] = q_h · rows[g·k + r].
 							rows, k, _ := cur.Centroids(l)
 							refRows, refK, _ := ref.Centroids(l)
+							ro.Centroids(l) // the graph's rows, as the cache reads them
 							require.Equal(t, rows, refRows)
 							require.Equal(t, k, refK)
 							q := query()
@@ -171,6 +207,7 @@ func TestSelectMatchesReference(t *testing.T) {
 							}
 							cur.Scored(l, scores, upto-1)
 							ref.Scored(l, scores, upto-1)
+							ro.Scored(l, scores, upto-1)
 						}
 						same(fmt.Sprint("graph step ", step), l, nil, upto)
 					}
@@ -306,4 +343,10 @@ func TestRowRunsFallbacks(t *testing.T) {
 			require.Equal(t, m.appendRuns(nil), s.rowRuns(1, 1, h, tc.sinks, tc.tail, tc.upto, nil))
 		})
 	}
+}
+
+// countBelow32 is the number of ascending toks below n.
+func countBelow32(toks []int32, n int) int {
+	i, _ := slices.BinarySearch(toks, int32(n))
+	return i
 }
