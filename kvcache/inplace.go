@@ -345,7 +345,6 @@ static kvr_layer *kvr_layer_new(int kvh) {
 	L->kvh = kvh;
 	return L;
 }
-static void kvr_layer_set(kvr_layer *L, int h, kvr_params *p, int i) { L->grp[h] = p; L->hi[h] = i; }
 
 #ifdef KVR_SIMD
 static inline uint16_t kvr_f2h(float x) { return _cvtss_sh(x, 0); }
@@ -492,7 +491,23 @@ import (
 // default; batches of more than one token (the question), softcapped
 // attention and an ordered copy that did not get C memory keep the
 // staging copy; non-host backends have no staged groups.
+//
+// A layer whose groups are all staged (squeezed: one group per KV head)
+// goes further on one-token passes: one op for the whole layer
+// (kvr_layer_attn, layerAttention), which reads each group's runs in
+// place, its loose tokens from its staging buffer, and the batch's token
+// straight from the layer's key and value tensors (or, on a split pass,
+// from the pages), for every query head in natural order. Put then
+// writes nothing into the staging buffers (V's cells are channel-major:
+// one isolated store per channel), and the layer's graph has no
+// per-group query views, ops, concatenation or reordering.
 var InPlaceRuns = true
+
+// InPlaceLayerOp turns the layer op on one-token passes of all-staged
+// layers on (the default); off, they take the per-group graph (kvr_attn
+// per group, set_rows into the staging cells). A knob for measuring it
+// (BenchmarkQuestFromDisk's squeezed-pergroup engine).
+var InPlaceLayerOp = true
 
 // InPlacePrefetch is how many rows ahead of those it sums the in-place
 // op prefetches their K and V lines (0: none); one chunk (64 rows), so
@@ -639,13 +654,17 @@ func newLayerParams(kvHeads int) *layerParams {
 // layerOp reports whether layer's one-token pass is attended by the layer
 // op (kvr_layer_attn): InPlaceRuns, a one-token pass, and every group of
 // the layer staged (a layer that mixes page pools and staged groups keeps
-// the per-group graph). Softcapped attention is excluded by its caller.
+// the per-group graph), and no group's ordered copy in Go memory.
+// Softcapped attention is excluded by its caller.
 func (c *Paged) layerOp(layer int) bool {
-	if !InPlaceRuns || c.n != 1 {
+	if !InPlaceRuns || !InPlaceLayerOp || c.n != 1 {
 		return false
 	}
 	for _, g := range c.layers[layer].groups {
-		if !g.staged {
+		// An ordered copy in Go memory is not read by C: its runs are
+		// staged by the per-group path (a rows-only selection lists no
+		// other tokens for them).
+		if !g.staged || (g.ocopy != nil && g.ocopy.cmem == nil) {
 			return false
 		}
 	}
@@ -681,12 +700,13 @@ func (c *Paged) layerAttention(ctx ml.Context, layer int, q, k, v ml.Tensor, sca
 	// params the layer op reads; the params' addresses are fixed now.
 	pending := k != nil && c.selectInGraph(layer) && c.opt.Selector.NeedQueries(layer, c.n) && ls.groups[0].tok == nil
 	if pending {
+		grp, hi := c.layerTables(layer)
 		for _, g := range ls.groups {
 			if g.iparams == nil {
 				g.iparams = newInplaceParams()
 			}
 			for i, h := range g.heads {
-				C.kvr_layer_set(lp, C.int(h), g.iparams.p, C.int(i))
+				grp[h], hi[h] = g.iparams.p, int32(i)
 			}
 		}
 		c.emptyLayer(layer) // until the selection op fills them
@@ -732,18 +752,27 @@ func (c *Paged) layerAttention(ctx ml.Context, layer int, q, k, v ml.Tensor, sca
 // after the selection op (selectgraph.go).
 func (c *Paged) prepareLayer(layer int, fromPages bool) {
 	ls := &c.layers[layer]
+	t0 := time.Now()
+	grp, hi := c.layerTables(layer)
+	for _, g := range ls.groups {
+		c.fillLoose(layer, g, fromPages)
+		for i, h := range g.heads {
+			grp[h], hi[h] = g.iparams.p, int32(i)
+		}
+	}
+	c.hostWrites.Add(int64(time.Since(t0)))
+}
+
+// layerTables returns layer's per-KV-head tables of the layer op's params
+// (C memory written from Go, no cgo call per head): each KV head's group
+// params and its index in the group.
+func (c *Paged) layerTables(layer int) ([]*C.kvr_params, []int32) {
+	ls := &c.layers[layer]
 	if ls.lparams == nil {
 		ls.lparams = newLayerParams(c.L.KVHeads)
 	}
 	lp := ls.lparams.p
-	t0 := time.Now()
-	for _, g := range ls.groups {
-		c.fillLoose(layer, g, fromPages)
-		for i, h := range g.heads {
-			C.kvr_layer_set(lp, C.int(h), g.iparams.p, C.int(i))
-		}
-	}
-	c.hostWrites.Add(int64(time.Since(t0)))
+	return unsafe.Slice(lp.grp, c.L.KVHeads), unsafe.Slice((*int32)(unsafe.Pointer(lp.hi)), c.L.KVHeads)
 }
 
 // emptyLayer makes the layer op's params of layer's groups list nothing

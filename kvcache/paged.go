@@ -202,13 +202,6 @@ type group struct {
 	// attention (InPlaceRuns, inplace.go), not staged.
 	inplace bool
 	iparams *inplaceParams
-	// layerOp: this pass attends the group in its layer's one op
-	// (kvr_layer_attn, inplace.go): cells [0, filled) hold its loose
-	// tokens (K token-major, V channel-major), and the batch's token is in them
-	// only if batchLoose (a split pass, read from the pages), else read
-	// from the graph's keys and values. batchPut: Put wrote the batch into
-	// cells [0, n) (set_rows), as the per-group graph reads them.
-	layerOp, batchLoose, batchPut bool
 
 	// rowsOnly: the selection came in the rows-only form
 	// (paging.Selection.RowsOnly, asked for by rowsSuffice): tok lists
@@ -219,6 +212,13 @@ type group struct {
 	rowsOnly bool
 	ftok     []int32
 	fsel     []int
+	// layerOp: this pass attends the group in its layer's one op
+	// (kvr_layer_attn, inplace.go): cells [0, filled) hold its loose
+	// tokens (K token-major, V channel-major), and the batch's token is in them
+	// only if batchLoose (a split pass, read from the pages), else read
+	// from the graph's keys and values. batchPut: Put wrote the batch into
+	// cells [0, n) (set_rows), as the per-group graph reads them.
+	layerOp, batchLoose, batchPut bool
 }
 
 type upload struct{ page, slot, rows int }

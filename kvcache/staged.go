@@ -38,6 +38,12 @@ import (
 // open) for more. The batch comes first because in the split pass Put's
 // graph is built before the selection says m.
 //
+// A one-token pass of a layer whose groups are all staged is different
+// (the layer op, InPlaceRuns): Put writes no cells, the batch's token is
+// read from the graph's key and value (or, split, staged from the pages
+// with the others), and cells [0, m) hold the earlier tokens not read in
+// place.
+//
 // The earlier tokens come, in cell order:
 //
 //   - as runs of rows of a cluster-ordered copy of the document's KV,

@@ -122,6 +122,7 @@ func BenchmarkQuestFromDisk(b *testing.B) {
 		named       bool // runs only when $KVRECALL_BENCH_ENGINES names it
 		staged      bool // kvcache.InPlaceRuns off for its steps (on for every other engine's)
 		prefetch    int  // kvcache.InPlacePrefetch for its steps (0: the default)
+		pergroup    bool // kvcache.InPlaceLayerOp off for its steps: each staged group its own op, as before branch layerop
 		split       bool // kvcache.SelectInGraph off for its steps: the pass splits at each selecting layer
 	}
 	all := []engine{
@@ -146,6 +147,7 @@ func BenchmarkQuestFromDisk(b *testing.B) {
 		// copies them into its staging buffers first (issue 14).
 		{name: "squeezed-inplace", method: "squeezed", host: true, rowMultiple: 16, named: true},
 		{name: "squeezed-staged", method: "squeezed", host: true, rowMultiple: 16, named: true, staged: true},
+		{name: "squeezed-pergroup", method: "squeezed", host: true, rowMultiple: 16, named: true, pergroup: true},
 		{name: "squeezed-noprefetch", method: "squeezed", host: true, rowMultiple: 16, named: true, prefetch: -1},
 		{name: "squeezed-prefetch128", method: "squeezed", host: true, rowMultiple: 16, named: true, prefetch: 128},
 		{name: "squeezed-prefetch32", method: "squeezed", host: true, rowMultiple: 16, named: true, prefetch: 32},
@@ -163,9 +165,9 @@ func BenchmarkQuestFromDisk(b *testing.B) {
 	// The sessions share the document's ordered copies (whichever engine
 	// makes them first, in C memory), so the staged and the in-place
 	// steps read the same bytes.
-	defer func(ip bool, pf int, ig bool) {
-		kvcache.InPlaceRuns, kvcache.InPlacePrefetch, kvcache.SelectInGraph = ip, pf, ig
-	}(kvcache.InPlaceRuns, kvcache.InPlacePrefetch, kvcache.SelectInGraph)
+	defer func(ip bool, pf int, lo, ig bool) {
+		kvcache.InPlaceRuns, kvcache.InPlacePrefetch, kvcache.InPlaceLayerOp, kvcache.SelectInGraph = ip, pf, lo, ig
+	}(kvcache.InPlaceRuns, kvcache.InPlacePrefetch, kvcache.InPlaceLayerOp, kvcache.SelectInGraph)
 	pf0 := kvcache.InPlacePrefetch
 	kvcache.InPlaceRuns = true
 	var steps []func() error
@@ -182,8 +184,9 @@ func BenchmarkQuestFromDisk(b *testing.B) {
 		if e.prefetch != 0 {
 			pf = max(0, e.prefetch)
 		}
+		lo := !e.pergroup
 		steps = append(steps, func() error {
-			kvcache.InPlaceRuns, kvcache.InPlacePrefetch, kvcache.SelectInGraph = ip, pf, ig
+			kvcache.InPlaceRuns, kvcache.InPlacePrefetch, kvcache.InPlaceLayerOp, kvcache.SelectInGraph = ip, pf, lo, ig
 			return step()
 		})
 		caches = append(caches, s.Cache().(*kvcache.Paged))
