@@ -77,6 +77,11 @@ func (c *Paged) AttentionSoftcap(ctx ml.Context, layer int, q, k, v ml.Tensor, s
 	if c.graphScoring(layer) {
 		c.scoreInGraph(ctx, layer, q) // bounds that choose the next step's pages
 	}
+	if softcap > 0 && c.opt.AttnSoftcap == 0 && c.selectInGraph(layer) && c.opt.Selector.NeedQueries(layer, c.n) {
+		// NeedQueries said no split (it reads Options.AttnSoftcap), so no
+		// selection was made: softcapped layers are attended group by group.
+		panic(fmt.Sprintf("kvcache: layer %d's attention is softcapped (%g) but the cache's Options.AttnSoftcap is 0: set it to the model's softcap", layer, softcap))
+	}
 	// A one-token pass of staged groups may attend the runs of their
 	// ordered copies in place (InPlaceRuns): not through nn.Attention.
 	c.inplaceNow = InPlaceRuns && softcap == 0 && q.Dim(2) == 1 &&

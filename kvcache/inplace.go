@@ -720,7 +720,10 @@ func (c *Paged) layerAttention(ctx ml.Context, layer int, q, k, v ml.Tensor, sca
 		// The op reads rows of f32 channels: the model's roped keys and
 		// projected values are that already (a cast or a copy otherwise).
 		if k.DType() != ml.DTypeF32 {
-			k, v = k.Cast(ctx, ml.DTypeF32), v.Cast(ctx, ml.DTypeF32)
+			k = k.Cast(ctx, ml.DTypeF32)
+		}
+		if v.DType() != ml.DTypeF32 {
+			v = v.Cast(ctx, ml.DTypeF32)
 		}
 		if k.Stride(0) != 4 {
 			k = k.Contiguous(ctx)

@@ -657,6 +657,9 @@ func (c *Paged) StartForward(ctx ml.Context, batch input.Batch, reserve bool) er
 	for l := range c.layers {
 		ls := &c.layers[l]
 		staged := c.stagedOK(l) && c.startStaged(l) // else token pools
+		if staged && c.selectInGraph(l) {
+			c.prebuildOrdered(l)
+		}
 		for _, g := range ls.groups {
 			if staged && g.Tokens {
 				continue // startStaged readied it
@@ -962,6 +965,16 @@ func (c *Paged) Outputs(ctx ml.Context) []ml.Tensor {
 func (c *Paged) Computed(ctx ml.Context) error {
 	t0 := time.Now()
 	defer func() { c.upkeep.Add(int64(time.Since(t0))) }()
+	if err := c.graphErr; err != nil {
+		// A selection inside the graph failed (selectgraph.go): the
+		// layers after it attended from a wrong hidden state, so none of
+		// the pass's keys and values are stored; the sequence stays as it
+		// was (as a split pass stops before the failing layer's attention).
+		c.graphErr = nil
+		delete(c.readbacks, ctx)
+		delete(c.ranks, ctx)
+		return err
+	}
 	for _, rb := range c.readbacks[ctx] {
 		kb, vb := rb.k.Bytes(), rb.v.Bytes()
 		if len(kb) != 2*c.n*c.L.Row() || len(vb) != len(kb) {
@@ -970,10 +983,6 @@ func (c *Paged) Computed(ctx ml.Context) error {
 		c.stored(rb.layer, bytesU16(kb), bytesU16(vb))
 	}
 	delete(c.readbacks, ctx)
-	if err := c.graphErr; err != nil {
-		c.graphErr = nil
-		return err
-	}
 	return c.readRanks(ctx)
 }
 

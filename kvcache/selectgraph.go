@@ -13,6 +13,8 @@ import (
 	"sync/atomic"
 	"unsafe"
 	"weak"
+
+	"github.com/kvrecall/kvrecall/paging"
 )
 
 // Selection inside the graph (issue 14: squeezed's decode step at 1b).
@@ -34,6 +36,11 @@ import (
 // used concurrently), which selects (SetQueries) and fills the layer op's
 // params (prepareLayer); the layer op depends on it and runs next. The
 // pass is one graph. NeedQueries then says no for those layers.
+//
+// The selector runs while the backend computes this graph (its scheduler
+// held): a selector called in the graph must not compute on the backend
+// itself (none does: they score on the host), or it would wait for
+// itself.
 //
 // Not for softcapped attention (Options.AttnSoftcap: attended group by
 // group, whose views need the selection when the graph is built), nor
@@ -121,10 +128,43 @@ func kvrSelect(key C.uint64_t, q *C.struct_ggml_tensor) (ret C.int) {
 }
 
 // failInGraph keeps the first error of a selection in the graph for
-// Computed and empties the layer's params.
+// Computed, empties the layer's params and forgets its selection.
 func (c *Paged) failInGraph(layer int, err error) {
 	if c.graphErr == nil {
 		c.graphErr = err
 	}
 	c.emptyLayer(layer)
+	// A selection refused half-way leaves some groups selected: forget
+	// it, as the next pass's start would (the cache stays consistent for
+	// CheckInvariants meanwhile).
+	for _, g := range c.layers[layer].groups {
+		g.sel, g.tok, g.rows, g.ocopy, g.rowsOnly = nil, nil, nil, nil, false
+		g.filled, g.inplace, g.layerOp = -1, false, false
+	}
+}
+
+// prebuildOrdered makes sure the ordered copies layer's staged groups
+// read exist before the graph is computed: the selection inside the graph
+// would otherwise build them on ggml's thread 0 (seconds at 1b, the
+// document's first step) while the other threads spin at the graph's
+// barrier. The order needs no queries. Errors are left to the selection
+// (setStaged reports them for the pass that reads the copy).
+func (c *Paged) prebuildOrdered(layer int) {
+	to, ok := c.opt.Selector.(paging.TokenOrdered)
+	if !ok {
+		return
+	}
+	for i, g := range c.layers[layer].groups {
+		if !g.staged {
+			continue
+		}
+		order, _ := to.TokenOrder(layer, i)
+		if len(order) == 0 || len(order) > c.pos0 {
+			continue // setStaged takes no copy either
+		}
+		if g.okey == "" {
+			g.okey = fmt.Sprint(g.heads)
+		}
+		_, _ = c.store.orderedFor(layer, g.heads, g.okey, order)
+	}
 }

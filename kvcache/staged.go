@@ -348,6 +348,9 @@ func (c *Paged) rowsSuffice(layer int) bool {
 	if c.n != 1 || !InPlaceRuns {
 		return false
 	}
+	if _, ok := c.opt.Selector.(paging.TokenOrdered); !ok {
+		return false // a wrapper without the order (the rows could not be read)
+	}
 	staged := false
 	for _, g := range c.layers[layer].groups {
 		if g.Tokens && !g.staged {

@@ -139,12 +139,16 @@ func squeezedNeedle(t *testing.T, path string, depths []int) {
 				} else {
 					require.Zero(t, last.InPlaceRows-first.InPlaceRows, "InPlaceRuns off: every run staged")
 				}
-				if mode.inplace && !mode.split && mode.policy == "squeezed" {
+				switch {
+				case mode.inplace && !mode.split && mode.policy == "squeezed":
 					// Every clustered layer of every decode step after the first.
 					require.Positive(t, last.GraphSelections-first.GraphSelections, "decode steps select inside the graph")
-				} else {
+				case mode.split || !mode.inplace:
 					require.Zero(t, last.GraphSelections-first.GraphSelections, "the pass splits: selected between graphs")
 				}
+				// (+heads: a layer whose heads are all retrieval heads is all
+				// staged groups and selects in the graph; one with streaming
+				// heads mixes page pools in and splits.)
 				// The cluster-ordered copies the session built are the
 				// document's (the next session reuses them): counted in
 				// its memory once the session closes.
