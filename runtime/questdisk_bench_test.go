@@ -8,6 +8,7 @@ import (
 	goruntime "runtime"
 	"runtime/pprof"
 	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -96,7 +97,16 @@ func BenchmarkQuestFromDisk(b *testing.B) {
 		b.Logf("document %s: %d tokens, ingested at %s, this call %.1fs", id, n-8, doc.Created.Format(time.RFC3339), time.Since(t0).Seconds())
 		ing.Close()
 	}
-	m, err := runtime.Open(ctx, path, runtime.Options{Threads: 1, ContextLength: n + room, DataDir: dir})
+	// One decode thread unless $KVRECALL_BENCH_THREADS says more (bench
+	// speed decodes with --threads).
+	threads := 1
+	if v := os.Getenv("KVRECALL_BENCH_THREADS"); v != "" {
+		var err error
+		if threads, err = strconv.Atoi(v); err != nil || threads < 1 {
+			b.Fatalf("KVRECALL_BENCH_THREADS=%q: a thread count", v)
+		}
+	}
+	m, err := runtime.Open(ctx, path, runtime.Options{Threads: threads, ContextLength: n + room, DataDir: dir})
 	if err != nil {
 		b.Fatal(err)
 	}
