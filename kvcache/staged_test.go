@@ -562,43 +562,14 @@ func finishPass(t *testing.T, ctx ml.Context, c *kvcache.Paged, q, k, v []float3
 func hookedPass(t *testing.T, b ml.Backend, c *kvcache.Paged, pos0 int, q, k, v []float32) [][]float32 {
 	t.Helper()
 	n := len(q) / (tHeads * tDim)
-	ctx := b.NewContext()
-	positions := make([]int32, n)
-	for i := range positions {
-		positions[i] = int32(pos0 + i)
-	}
-	require.NoError(t, c.StartForward(ctx, input.Batch{Positions: positions, Sequences: make([]int, n)}, false))
-	require.NoError(t, c.CheckInvariants())
+	ctx := startPass(t, b, c, pos0, n)
 	split := c.NeedQueries(0)
 	require.Equal(t, n > 1 || !kvcache.SelectInGraph, split, "only passes of several tokens split (%d tokens)", n)
 	if !split {
 		defer ctx.Close()
 		return finishPass(t, ctx, c, q, k, v)
 	}
-	c.SetLayer(0)
-	c.Put(ctx, ctx.Input().FromFloats(k, tDim, tKV, n), ctx.Input().FromFloats(v, tDim, tKV, n))
-	outs := c.Outputs(ctx)
-	ctx.Forward(outs...).Compute(outs...)
-	require.NoError(t, c.Computed(ctx))
-	ctx.Close()
-	rows := make([][]float32, n)
-	for i := range rows {
-		rows[i] = q[i*tHeads*tDim : (i+1)*tHeads*tDim]
-	}
-	require.NoError(t, c.SetQueries(0, rows))
-	ctx = b.NewContext()
-	defer ctx.Close()
-	out := c.Attention(ctx, 0, ctx.Input().FromFloats(q, tDim, tHeads, n), nil, nil, 1/math.Sqrt(tDim))
-	res := ctx.Input().Empty(ml.DTypeF32, tDim, tHeads, n)
-	ts := append([]ml.Tensor{out.Copy(ctx, res), res}, c.Outputs(ctx)...)
-	ctx.Forward(ts...).Compute(ts...)
-	require.NoError(t, c.Computed(ctx))
-	require.NoError(t, c.CheckInvariants())
-	flat := res.Floats()
-	for i := range rows {
-		rows[i] = flat[i*tHeads*tDim : (i+1)*tHeads*tDim]
-	}
-	return rows
+	return finishSplit(t, b, ctx, c, q, k, v, true)
 }
 
 // splitPass is pass split as arch.Model.Run splits a layer whose selector
@@ -607,7 +578,12 @@ func hookedPass(t *testing.T, b ml.Backend, c *kvcache.Paged, pos0 int, q, k, v 
 // attends without them (k and v nil). Returns the output [batch][heads*dim].
 func splitPass(t *testing.T, b ml.Backend, c *kvcache.Paged, pos0 int, q, k, v []float32) [][]float32 {
 	t.Helper()
-	n := len(q) / (tHeads * tDim)
+	return finishSplit(t, b, startPass(t, b, c, pos0, len(q)/(tHeads*tDim)), c, q, k, v, false)
+}
+
+// startPass starts a pass of n tokens at pos0 in a new context.
+func startPass(t *testing.T, b ml.Backend, c *kvcache.Paged, pos0, n int) ml.Context {
+	t.Helper()
 	ctx := b.NewContext()
 	positions := make([]int32, n)
 	for i := range positions {
@@ -615,12 +591,29 @@ func splitPass(t *testing.T, b ml.Backend, c *kvcache.Paged, pos0 int, q, k, v [
 	}
 	require.NoError(t, c.StartForward(ctx, input.Batch{Positions: positions, Sequences: make([]int, n)}, false))
 	require.NoError(t, c.CheckInvariants())
+	return ctx
+}
+
+// finishSplit computes a started pass split in two graphs (closing ctx,
+// the first): Put's, then (with the queries handed to SetQueries first,
+// if setQueries) the attention without k and v. Returns the output
+// [batch][heads*dim].
+func finishSplit(t *testing.T, b ml.Backend, ctx ml.Context, c *kvcache.Paged, q, k, v []float32, setQueries bool) [][]float32 {
+	t.Helper()
+	n := len(q) / (tHeads * tDim)
 	c.SetLayer(0)
 	c.Put(ctx, ctx.Input().FromFloats(k, tDim, tKV, n), ctx.Input().FromFloats(v, tDim, tKV, n))
 	outs := c.Outputs(ctx)
 	ctx.Forward(outs...).Compute(outs...)
 	require.NoError(t, c.Computed(ctx))
 	ctx.Close()
+	rows := make([][]float32, n)
+	if setQueries {
+		for i := range rows {
+			rows[i] = q[i*tHeads*tDim : (i+1)*tHeads*tDim]
+		}
+		require.NoError(t, c.SetQueries(0, rows))
+	}
 	ctx = b.NewContext()
 	defer ctx.Close()
 	out := c.Attention(ctx, 0, ctx.Input().FromFloats(q, tDim, tHeads, n), nil, nil, 1/math.Sqrt(tDim))
@@ -630,7 +623,6 @@ func splitPass(t *testing.T, b ml.Backend, c *kvcache.Paged, pos0 int, q, k, v [
 	require.NoError(t, c.Computed(ctx))
 	require.NoError(t, c.CheckInvariants())
 	flat := res.Floats()
-	rows := make([][]float32, n)
 	for i := range rows {
 		rows[i] = flat[i*tHeads*tDim : (i+1)*tHeads*tDim]
 	}
