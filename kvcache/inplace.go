@@ -254,6 +254,54 @@ static inline void kvr_prefetch_next(const kvr_params *P, kvr_cursor *c, const u
 	if (++c->row >= P->runs[2 * c->r + 1] && ++c->r < P->nruns) c->row = P->runs[2 * c->r];
 }
 
+// kvr_heads_start readies the online softmax states of query heads
+// q0..q0+mine-1 of q (f32 [hd, heads, 1]): qs [mine][hd] the scaled
+// queries, acc [mine][hd] zero, m -inf, l 0.
+static void kvr_heads_start(const struct ggml_tensor *q, int q0, int mine, int hd, float scale, float *qs, float *acc, float *m, float *l) {
+	for (int i = 0; i < mine; i++) {
+		const float *qr = (const float *)((const char *)q->data + (size_t)(q0 + i) * q->nb[1]);
+		for (int d = 0; d < hd; d++) qs[i * hd + d] = qr[d] * scale;
+		memset(acc + (size_t)i * hd, 0, hd * sizeof(float));
+		m[i] = -INFINITY;
+		l[i] = 0;
+	}
+}
+
+// kvr_heads_end writes the normalised outputs of query heads
+// q0..q0+mine-1 into dst (f32 [hd, heads, 1]).
+static void kvr_heads_end(struct ggml_tensor *dst, int q0, int mine, int hd, const float *acc, const float *l) {
+	for (int i = 0; i < mine; i++) {
+		float *o = (float *)((char *)dst->data + (size_t)(q0 + i) * dst->nb[1]);
+		float inv = l[i] > 0 ? 1.0f / l[i] : 0;
+		for (int d = 0; d < hd; d++) o[d] = acc[(size_t)i * hd + d] * inv;
+	}
+}
+
+// kvr_fold_runs walks P's runs of its ordered copy (one KV head's slice
+// at kb and vb) in chunks of KVR_ROWS rows across runs, folding them into
+// the nh query heads' states (qh [nh][hd], mh, lh, ah [nh][hd]) with
+// kvr_rows; rows [KVR_ROWS] and s are scratch. A second cursor P->ahead
+// rows ahead prefetches the rows' K and V lines: the runs are random
+// places in the copy (each start a cache and TLB miss), and the op's sums
+// alone leave only a few of them in flight.
+static void kvr_fold_runs(const kvr_params *P, const uint16_t *kb, const uint16_t *vb, int hd, const float *qh, int nh, int32_t *rows, float *s, float *mh, float *lh, float *ah) {
+	if (P->nruns == 0) return;
+	int cw = 0;
+	kvr_cursor pf = {P->ahead > 0 ? 0 : P->nruns, P->runs[0]};
+	for (int i = 0; i < P->ahead; i++) kvr_prefetch_next(P, &pf, kb, vb, hd);
+	for (int r = 0; r < P->nruns; r++) {
+		for (int32_t row = P->runs[2 * r]; row < P->runs[2 * r + 1]; row++) {
+			kvr_prefetch_next(P, &pf, kb, vb, hd);
+			rows[cw++] = row;
+			if (cw == KVR_ROWS) {
+				kvr_rows(qh, nh, hd, kb, vb, P->c, rows, cw, s, mh, lh, ah);
+				cw = 0;
+			}
+		}
+	}
+	if (cw > 0) kvr_rows(qh, nh, hd, kb, vb, P->c, rows, cw, s, mh, lh, ah);
+}
+
 // kvr_attn is the custom op: dst f32 [hd, nq, 1], src[0] the queries f32
 // [hd, nq, 1], src[1] the staging buffer's keys f16 [hd, heads, cells]
 // (the batch's token and the tokens past the order), src[2] its values
@@ -273,13 +321,7 @@ static void kvr_attn(struct ggml_tensor *dst, int ith, int nth, void *ud) {
 	if (!st) abort();
 	float *qs = st, *acc = qs + (size_t)mine * hd, *m = acc + (size_t)mine * hd, *l = m + mine, *s = l + mine;
 	int32_t *rows = (int32_t *)(s + (size_t)mine * KVR_SLOT);
-	for (int i = 0; i < mine; i++) {
-		const float *qr = (const float *)((const char *)q->data + (size_t)(q0 + i) * q->nb[1]);
-		for (int d = 0; d < hd; d++) qs[i * hd + d] = qr[d] * P->scale;
-		memset(acc + (size_t)i * hd, 0, hd * sizeof(float));
-		m[i] = -INFINITY;
-		l[i] = 0;
-	}
+	kvr_heads_start(q, q0, mine, hd, P->scale, qs, acc, m, l);
 	// The staging cells: keys token-major rows nb[2] bytes apart, values
 	// one row of cells per channel.
 	if (cells > 0) {
@@ -292,31 +334,9 @@ static void kvr_attn(struct ggml_tensor *dst, int ith, int nth, void *ud) {
 	}
 	for (int h = q0 / G; h * G < q1; h++) {
 		const int a = h * G > q0 ? h * G : q0, b = (h + 1) * G < q1 ? (h + 1) * G : q1, i0 = a - q0, nh = b - a;
-		const uint16_t *kb = P->k + (size_t)h * hd, *vb = P->v + (size_t)h * hd;
-		int cw = 0;
-		// A second cursor P->ahead rows ahead prefetches the rows' K and
-		// V lines: the runs are random places in the copy (each start a
-		// cache and TLB miss), and the op's sums alone leave only a few
-		// of them in flight.
-		kvr_cursor pf = {P->ahead > 0 ? 0 : P->nruns, P->nruns > 0 ? P->runs[0] : 0};
-		for (int i = 0; i < P->ahead; i++) kvr_prefetch_next(P, &pf, kb, vb, hd);
-		for (int r = 0; r < P->nruns; r++) {
-			for (int32_t row = P->runs[2 * r]; row < P->runs[2 * r + 1]; row++) {
-				kvr_prefetch_next(P, &pf, kb, vb, hd);
-				rows[cw++] = row;
-				if (cw == KVR_ROWS) {
-					kvr_rows(qs + (size_t)i0 * hd, nh, hd, kb, vb, P->c, rows, cw, s, m + i0, l + i0, acc + (size_t)i0 * hd);
-					cw = 0;
-				}
-			}
-		}
-		if (cw > 0) kvr_rows(qs + (size_t)i0 * hd, nh, hd, kb, vb, P->c, rows, cw, s, m + i0, l + i0, acc + (size_t)i0 * hd);
+		kvr_fold_runs(P, P->k + (size_t)h * hd, P->v + (size_t)h * hd, hd, qs + (size_t)i0 * hd, nh, rows, s, m + i0, l + i0, acc + (size_t)i0 * hd);
 	}
-	for (int i = 0; i < mine; i++) {
-		float *o = (float *)((char *)dst->data + (size_t)(q0 + i) * dst->nb[1]);
-		float inv = l[i] > 0 ? 1.0f / l[i] : 0;
-		for (int d = 0; d < hd; d++) o[d] = acc[(size_t)i * hd + d] * inv;
-	}
+	kvr_heads_end(dst, q0, mine, hd, acc, l);
 	free(st);
 }
 
@@ -378,13 +398,7 @@ static void kvr_layer_attn(struct ggml_tensor *dst, int ith, int nth, void *ud) 
 	float *qs = st, *acc = qs + (size_t)mine * hd, *m = acc + (size_t)mine * hd, *l = m + mine, *s = l + mine;
 	int32_t *rows = (int32_t *)(s + (size_t)mine * KVR_SLOT);
 	uint16_t *nk = (uint16_t *)(rows + KVR_ROWS), *nv = nk + hd; // the batch token's f16 K and V of one head
-	for (int i = 0; i < mine; i++) {
-		const float *qr = (const float *)((const char *)q->data + (size_t)(q0 + i) * q->nb[1]);
-		for (int d = 0; d < hd; d++) qs[i * hd + d] = qr[d] * L->scale;
-		memset(acc + (size_t)i * hd, 0, hd * sizeof(float));
-		m[i] = -INFINITY;
-		l[i] = 0;
-	}
+	kvr_heads_start(q, q0, mine, hd, L->scale, qs, acc, m, l);
 	for (int h = q0 / G; h * G < q1; h++) {
 		const int a = h * G > q0 ? h * G : q0, b = (h + 1) * G < q1 ? (h + 1) * G : q1, i0 = a - q0, nh = b - a;
 		const kvr_params *P = L->grp[h];
@@ -405,28 +419,9 @@ static void kvr_layer_attn(struct ggml_tensor *dst, int ith, int nth, void *ud) 
 		if (P->nloose > 0)
 			for (int i = 0; i < nh; i++)
 				kvr_span(qh + (size_t)i * hd, hd, P->lk + off, P->lc, P->lv + off * P->lvs, P->lvs, P->nloose, mh + i, lh + i, ah + (size_t)i * hd);
-		if (P->nruns == 0) continue;
-		const uint16_t *kb = P->k + off, *vb = P->v + off;
-		int cw = 0;
-		kvr_cursor pf = {P->ahead > 0 ? 0 : P->nruns, P->runs[0]};
-		for (int i = 0; i < P->ahead; i++) kvr_prefetch_next(P, &pf, kb, vb, hd);
-		for (int r = 0; r < P->nruns; r++) {
-			for (int32_t row = P->runs[2 * r]; row < P->runs[2 * r + 1]; row++) {
-				kvr_prefetch_next(P, &pf, kb, vb, hd);
-				rows[cw++] = row;
-				if (cw == KVR_ROWS) {
-					kvr_rows(qh, nh, hd, kb, vb, P->c, rows, cw, s, mh, lh, ah);
-					cw = 0;
-				}
-			}
-		}
-		if (cw > 0) kvr_rows(qh, nh, hd, kb, vb, P->c, rows, cw, s, mh, lh, ah);
+		kvr_fold_runs(P, P->k + off, P->v + off, hd, qh, nh, rows, s, mh, lh, ah);
 	}
-	for (int i = 0; i < mine; i++) {
-		float *o = (float *)((char *)dst->data + (size_t)(q0 + i) * dst->nb[1]);
-		float inv = l[i] > 0 ? 1.0f / l[i] : 0;
-		for (int d = 0; d < hd; d++) o[d] = acc[(size_t)i * hd + d] * inv;
-	}
+	kvr_heads_end(dst, q0, mine, hd, acc, l);
 	free(st);
 }
 

@@ -122,13 +122,7 @@ func TestRowsOnlySelectionMatchesFull(t *testing.T) {
 	kvcache.TokenStaging = true
 	groups := []paging.Group{{KVHeads: []int{0, 2}, Budget: 32, Tokens: true}, {KVHeads: []int{1, 3}, Budget: 32, Tokens: true}}
 	cfg := paging.Config{PageSize: tPage, Sinks: 4, Window: 4}
-	orders := make([][]int32, len(groups))
-	for g := range orders {
-		orders[g] = make([]int32, tOrder)
-		for i, p := range rand.New(rand.NewPCG(8, uint64(g))).Perm(tOrder) {
-			orders[g][i] = int32(p)
-		}
-	}
+	orders := randomOrders(len(groups), 8)
 	pick := rowsPick(orders)
 	for _, mode := range []struct {
 		name     string

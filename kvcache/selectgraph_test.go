@@ -27,13 +27,7 @@ func TestSelectInGraphError(t *testing.T) {
 	defer m.Close()
 	b := m.Backend()
 	groups := []paging.Group{{KVHeads: []int{0, 2}, Budget: 32, Tokens: true}, {KVHeads: []int{1, 3}, Budget: 32, Tokens: true}}
-	orders := make([][]int32, len(groups))
-	for g := range orders {
-		orders[g] = make([]int32, tOrder)
-		for i, p := range rand.New(rand.NewPCG(5, uint64(g))).Perm(tOrder) {
-			orders[g][i] = int32(p)
-		}
-	}
+	orders := randomOrders(len(groups), 5)
 	ordered := orderedPick(orders)
 	const bad = 182 // the pass at position 181 selects unsorted tokens
 	var queried [][][]float32

@@ -67,6 +67,19 @@ func (s *orderedTokenSelector) Select(_ int, _ paging.Summaries, q *paging.Queri
 	return out
 }
 
+// randomOrders returns n random permutations of [0, tOrder), the token
+// orders of n groups, from seed.
+func randomOrders(n int, seed uint64) [][]int32 {
+	orders := make([][]int32, n)
+	for g := range orders {
+		orders[g] = make([]int32, tOrder)
+		for i, p := range rand.New(rand.NewPCG(seed, uint64(g))).Perm(tOrder) {
+			orders[g][i] = int32(p)
+		}
+	}
+	return orders
+}
+
 // tOrder is the ordered selector's order length: positions [0, tOrder)
 // are "clustered" in blocks of tBlock rows.
 const tOrder, tBlock = 160, 8
@@ -186,13 +199,7 @@ func TestTokenPoolsMatchFloat64Reference(t *testing.T) {
 		slices.Sort(out)
 		return slices.Compact(out), nil
 	}
-	orders := make([][]int32, len(groups))
-	for g := range orders {
-		orders[g] = make([]int32, tOrder)
-		for i, p := range rand.New(rand.NewPCG(5, uint64(g))).Perm(tOrder) {
-			orders[g][i] = int32(p)
-		}
-	}
+	orders := randomOrders(len(groups), 5)
 	ordered := orderedPick(orders)
 	outs := map[string][][][]float32{} // mode -> pass -> the pass's attention output
 	for _, mode := range []struct {
@@ -383,13 +390,7 @@ func TestStagedForksShareOrderedCopy(t *testing.T) {
 	kvcache.TokenStaging = true
 	groups := []paging.Group{{KVHeads: []int{0, 2}, Budget: 32, Tokens: true}, {KVHeads: []int{1, 3}, Budget: 32, Tokens: true}}
 	cfg := paging.Config{PageSize: tPage, Sinks: 4, Window: 4}
-	orders := make([][]int32, len(groups))
-	for g := range orders {
-		orders[g] = make([]int32, tOrder)
-		for i, p := range rand.New(rand.NewPCG(6, uint64(g))).Perm(tOrder) {
-			orders[g][i] = int32(p)
-		}
-	}
+	orders := randomOrders(len(groups), 6)
 	pick := orderedPick(orders)
 	// Rows read from the ordered copy: staged (batches) or attended in
 	// place (one-token passes, InPlaceRuns).
