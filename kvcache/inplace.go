@@ -568,10 +568,7 @@ func (c *Paged) inplaceRuns(g *group) int {
 		g.iparams = newInplaceParams()
 	}
 	p := g.iparams.p
-	rows := 0
-	for i := 0; i < len(g.rows); i += 2 {
-		rows += int(g.rows[i+1] - g.rows[i])
-	}
+	rows := runRows(g.rows)
 	if C.kvr_params_reserve(p, C.int(len(g.rows)/2)) == 0 {
 		panic("kvcache: out of C memory for the in-place attention's runs")
 	}

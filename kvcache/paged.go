@@ -370,6 +370,15 @@ func (c *Paged) groupPages(g *group) []int {
 	return slices.Compact(pages)
 }
 
+// forgetPass clears what a staged group holds of one pass: its
+// selection (pages, tokens, rows and their copy) and how its attention
+// was built (the next pass's start, a cut, a selection that failed in
+// the graph).
+func (g *group) forgetPass() {
+	g.sel, g.tok, g.rows, g.ocopy, g.rowsOnly = nil, nil, nil, nil, false
+	g.filled, g.inplace, g.layerOp, g.batchLoose, g.batchPut = -1, false, false, false, false
+}
+
 // runRows is the number of rows of the runs rows ([a, e) pairs).
 func runRows(rows []int32) int {
 	n := 0
@@ -573,8 +582,7 @@ func (c *Paged) Remove(seq int, beginIndex, endIndex int32) error {
 				// A staging buffer is filled afresh each pass; the cut
 				// pass's selection and copy are forgotten, so that no
 				// check reads positions the cut dropped.
-				g.sel, g.tok, g.rows, g.ocopy, g.rowsOnly = nil, nil, nil, nil, false
-				g.filled, g.inplace, g.layerOp, g.batchLoose, g.batchPut = -1, false, false, false, false
+				g.forgetPass()
 				continue
 			}
 			if p == nil {

@@ -138,8 +138,7 @@ func (c *Paged) failInGraph(layer int, err error) {
 	// it, as the next pass's start would (the cache stays consistent for
 	// CheckInvariants meanwhile).
 	for _, g := range c.layers[layer].groups {
-		g.sel, g.tok, g.rows, g.ocopy, g.rowsOnly = nil, nil, nil, nil, false
-		g.filled, g.inplace, g.layerOp = -1, false, false
+		g.forgetPass()
 	}
 }
 

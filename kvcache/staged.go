@@ -323,8 +323,8 @@ func (c *Paged) startStaged(layer int) bool {
 	}
 	for _, g := range c.layers[layer].groups {
 		if g.staged = g.Tokens; g.staged {
-			g.sel, g.tok, g.rows, g.uploads, g.tups, g.ocopy, g.rowsOnly = nil, nil, nil, nil, nil, nil, false
-			g.filled, g.inplace, g.layerOp, g.batchLoose, g.batchPut = -1, false, false, false, false
+			g.forgetPass()
+			g.uploads, g.tups = nil, nil
 			g.cells = c.seqCells[:c.n] // Put writes the batch into cells [0, n)
 		}
 	}
