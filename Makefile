@@ -1,9 +1,14 @@
 # kvrecall build. ggml's CPU code is compiled by cgo, so the flags below decide
 # whether it uses SIMD (a plain `go build` gets none and runs 4-10x slower).
 # Portable binaries: make SIMD_FLAGS="-O3 -march=haswell"
+# -mno-amx-*: on a CPU with AMX (Intel Sapphire Rapids and later),
+# -march=native defines __AMX_INT8__ and ggml-cpu.cpp then calls
+# ggml_backend_amx_buffer_type(), whose source (ggml-cpu/amx/) is in a
+# subfolder cgo does not compile: the link fails. Matrix multiplies in
+# f16/f32 do not use AMX in ggml anyway (only quantized int8 ones).
 SHELL := /bin/bash
 GO ?= go
-SIMD_FLAGS ?= -O3 -march=native
+SIMD_FLAGS ?= -O3 -march=native -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 TEST_TIMEOUT ?= 80m
 TEST_FLAGS ?=
 # Framework adapters, each its own Go module (their dependencies stay out of

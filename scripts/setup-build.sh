@@ -51,7 +51,7 @@ ENV
 # The same for a shell: source build/env.sh
 cat > build/env.sh <<ENV
 export CGO_ENABLED=1
-export CGO_CFLAGS="\${SIMD_FLAGS:--O3 -march=native}"
-export CGO_CXXFLAGS="\${SIMD_FLAGS:--O3 -march=native}"
+export CGO_CFLAGS="\${SIMD_FLAGS:--O3 -march=native -mno-amx-tile -mno-amx-int8 -mno-amx-bf16}"
+export CGO_CXXFLAGS="\${SIMD_FLAGS:--O3 -march=native -mno-amx-tile -mno-amx-int8 -mno-amx-bf16}"
 export CGO_CPPFLAGS="-I$PWD/build/include -I$ollama/llama/llama.cpp/include -I$ollama/ml/backend/ggml/ggml/include"
 ENV

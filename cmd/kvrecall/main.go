@@ -6,7 +6,7 @@
 // Build it with SIMD (ggml's CPU code is compiled by cgo; a plain go build
 // runs 4-10x slower), see docs/building.md:
 //
-//	CGO_CFLAGS="-O3 -march=native" CGO_CXXFLAGS="-O3 -march=native" go install ./cmd/kvrecall
+//	source build/env.sh && go install ./cmd/kvrecall   # after make setup
 package main
 
 import (
