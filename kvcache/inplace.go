@@ -435,25 +435,38 @@ static struct ggml_tensor *kvr_layer_attn_op(struct ggml_context *ctx, struct gg
 }
 
 // kvrSelect is Go's (selectgraph.go): the selection of a layer's one-token
-// pass from its queries, run inside the graph. key names the cache and
-// the layer; returns 0, or 1 if it failed (the cache keeps the error).
-extern int kvrSelect(uint64_t key, struct ggml_tensor *q);
+// pass from its queries (and, if not NULL, their centroid scores), run
+// inside the graph. key names the cache and the layer; returns 0, or 1 if
+// it failed (the cache keeps the error).
+extern int kvrSelect(uint64_t key, struct ggml_tensor *q, struct ggml_tensor *scores);
 
 // kvr_select is the selection op: on thread 0 (the thread that computes
 // the graph, which is in a cgo call: an ordinary callback into Go) it
 // hands the layer's roped queries (src[0], f32 [hd, heads, 1]) to Go,
 // which selects the layer's tokens and fills the layer op's params before
 // the layer op (which depends on it) runs. The other threads wait at the
-// graph's barrier. dst is a placeholder f32 [1].
+// graph's barrier. src[1], if given, is the queries' centroid scores
+// (kvr_step_scores), computed before by every thread. dst is a
+// placeholder f32 [1].
 static void kvr_select(struct ggml_tensor *dst, int ith, int nth, void *ud) {
 	(void)nth;
 	if (ith != 0) return;
-	((float *)dst->data)[0] = (float)kvrSelect((uint64_t)(uintptr_t)ud, dst->src[0]);
+	((float *)dst->data)[0] = (float)kvrSelect((uint64_t)(uintptr_t)ud, dst->src[0], dst->src[1]);
 }
 
-static struct ggml_tensor *kvr_select_op(struct ggml_context *ctx, struct ggml_tensor *q, uint64_t key) {
-	struct ggml_tensor *args[1] = {q};
-	return ggml_custom_4d(ctx, GGML_TYPE_F32, 1, 1, 1, 1, args, 1, kvr_select, 1, (void *)(uintptr_t)key);
+static struct ggml_tensor *kvr_select_op(struct ggml_context *ctx, struct ggml_tensor *q, struct ggml_tensor *scores, uint64_t key) {
+	struct ggml_tensor *args[2] = {q, scores};
+	return ggml_custom_4d(ctx, GGML_TYPE_F32, 1, 1, 1, 1, args, scores ? 2 : 1, kvr_select, 1, (void *)(uintptr_t)key);
+}
+
+// kvr_step_scores is every query head's product with its KV head's
+// centroids: q f32 [hd, heads, 1], cents f32 [hd, k, kvh] (query head h
+// reads KV head h / (heads/kvh)); f32 [k, heads/kvh, kvh], one mul_mat
+// that ggml splits across the graph's threads.
+static struct ggml_tensor *kvr_step_scores(struct ggml_context *ctx, struct ggml_tensor *q, struct ggml_tensor *cents) {
+	struct ggml_tensor *qq = ggml_is_contiguous(q) ? q : ggml_cont(ctx, q);
+	qq = ggml_reshape_3d(ctx, qq, q->ne[0], q->ne[1] / cents->ne[2], cents->ne[2]);
+	return ggml_mul_mat(ctx, cents, qq);
 }
 
 static struct ggml_tensor *kvr_attn_op(struct ggml_context *ctx, struct ggml_tensor *q, struct ggml_tensor *k, struct ggml_tensor *v, kvr_params *p) {
@@ -733,7 +746,11 @@ func (c *Paged) layerAttention(ctx ml.Context, layer int, q, k, v ml.Tensor, sca
 	gctx := (*ggmlContext)(unsafe.Pointer(gc)).ctx
 	var sel *C.struct_ggml_tensor
 	if pending {
-		sel = C.kvr_select_op(gctx, cq.t, C.uint64_t(c.selectKey(layer)))
+		var scores *C.struct_ggml_tensor
+		if cents := c.stepCentroids(layer); cents != nil {
+			scores = C.kvr_step_scores(gctx, cq.t, cents)
+		}
+		sel = C.kvr_select_op(gctx, cq.t, scores, C.uint64_t(c.selectKey(layer)))
 	}
 	out := C.kvr_layer_attn_op(gctx, cq.t, ck, cv, sel, lp)
 	res := &ggml.Tensor{}

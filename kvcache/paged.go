@@ -67,6 +67,10 @@ type Stats struct {
 	// (one-token passes of layers the layer op attends: SelectInGraph),
 	// not between split graphs.
 	GraphSelections int64
+	// StepScored counts those handed their own centroid scores computed
+	// in the graph (paging.StepScored), to rank from instead of scoring
+	// on the host.
+	StepScored int64
 	// Upkeep is the time spent keeping host pages and their summaries up to
 	// date (reading new keys and values back, writing pages, summaries).
 	Upkeep time.Duration
@@ -141,6 +145,7 @@ type Paged struct {
 	stagedCopy, stagedPages atomic.Int64
 	inplaceRows             atomic.Int64 // rows of ordered copies attended in place (InPlaceRuns)
 	graphSelections         atomic.Int64 // layer selections made inside the graph (selectgraph.go)
+	stepScored              atomic.Int64 // of those, with their centroid scores from the graph
 	inplaceNow              bool         // this attention may read runs in place (AttentionSoftcap)
 	keepCells               bool         // Put writes the batch into staging cells even on a layer-op pass (softcap)
 	batchPos                []int32      // batchPositions' list, reused
@@ -438,6 +443,7 @@ func (c *Paged) Stats() Stats {
 	st.StagedFromCopy, st.StagedFromPages = c.stagedCopy.Load(), c.stagedPages.Load()
 	st.InPlaceRows = c.inplaceRows.Load()
 	st.GraphSelections = c.graphSelections.Load()
+	st.StepScored = c.stepScored.Load()
 	return st
 }
 
@@ -847,9 +853,15 @@ func checkPages(pages []int, limit int) error {
 
 // SetQueries implements arch.Hooks: choose layer's pages from its queries.
 func (c *Paged) SetQueries(layer int, q [][]float32) error {
+	return c.setQueries(layer, q, nil)
+}
+
+// setQueries is SetQueries with the pass's centroid scores, when the graph
+// computed them (paging.Queries.Scores; selectgraph.go).
+func (c *Paged) setQueries(layer int, q [][]float32, scores []float32) error {
 	ls := &c.layers[layer]
 	rows := c.rowsSuffice(layer)
-	if err := c.setSelection(layer, c.opt.Selector.Select(layer, ls.view, &paging.Queries{Q: q, Heads: c.opt.Heads, RowsSuffice: rows}, c.upto), rows); err != nil {
+	if err := c.setSelection(layer, c.opt.Selector.Select(layer, ls.view, &paging.Queries{Q: q, Heads: c.opt.Heads, RowsSuffice: rows, Scores: scores}, c.upto), rows); err != nil {
 		return err
 	}
 	for _, g := range ls.groups {

@@ -14,6 +14,8 @@ import (
 	"unsafe"
 	"weak"
 
+	"github.com/ollama/ollama/ml/backend/ggml"
+
 	"github.com/kvrecall/kvrecall/paging"
 )
 
@@ -39,8 +41,9 @@ import (
 //
 // The selector runs while the backend computes this graph (its scheduler
 // held): a selector called in the graph must not compute on the backend
-// itself (none does: they score on the host), or it would wait for
-// itself.
+// itself (none does: squeezed scores on the host, or reads the scores
+// this graph computed before the selection op, paging.StepScored), or it
+// would wait for itself.
 //
 // Not for softcapped attention (Options.AttnSoftcap: attended group by
 // group, whose views need the selection when the graph is built), nor
@@ -90,7 +93,7 @@ func (c *Paged) selectKey(layer int) uint64 {
 // then list nothing.
 //
 //export kvrSelect
-func kvrSelect(key C.uint64_t, q *C.struct_ggml_tensor) (ret C.int) {
+func kvrSelect(key C.uint64_t, q, scores *C.struct_ggml_tensor) (ret C.int) {
 	id, layer := uint64(key)>>selectLayerBits, int(uint64(key)&(1<<selectLayerBits-1))
 	wp, ok := inGraphCaches.Load(id)
 	if !ok {
@@ -118,13 +121,49 @@ func kvrSelect(key C.uint64_t, q *C.struct_ggml_tensor) (ret C.int) {
 		src := unsafe.Slice((*float32)(unsafe.Add(q.data, uintptr(h)*uintptr(q.nb[1]))), hd)
 		copy(row[h*hd:(h+1)*hd], src)
 	}
-	if err := c.SetQueries(layer, [][]float32{row}); err != nil {
+	var sc []float32
+	if scores != nil {
+		// [k, heads/kvHeads, kvHeads] from kvr_step_scores: read where the
+		// graph put them for this CPU op (host memory: the CPU backend's,
+		// or the scheduler's copy from a GPU layer's), during the
+		// selection only (paging.Queries.Scores).
+		n := int(scores.ne[0] * scores.ne[1] * scores.ne[2] * scores.ne[3])
+		if scores._type != C.GGML_TYPE_F32 || int(scores.ne[1]*scores.ne[2]) != heads || scores.ne[3] != 1 ||
+			int(scores.nb[0]) != 4 || int(scores.nb[1]) != 4*int(scores.ne[0]) || int(scores.nb[2]) != 4*int(scores.ne[0]*scores.ne[1]) {
+			c.failInGraph(layer, fmt.Errorf("kvcache: layer %d's centroid scores in the graph are %v of type %d, want f32 [k, %d, %d] contiguous", layer, [4]int64{int64(scores.ne[0]), int64(scores.ne[1]), int64(scores.ne[2]), int64(scores.ne[3])}, int(scores._type), heads/c.L.KVHeads, c.L.KVHeads))
+			return 1
+		}
+		sc = unsafe.Slice((*float32)(scores.data), n)
+	}
+	if err := c.setQueries(layer, [][]float32{row}, sc); err != nil {
 		c.failInGraph(layer, err)
 		return 1
 	}
 	c.prepareLayer(layer, false)
 	c.graphSelections.Add(1)
+	if sc != nil {
+		c.stepScored.Add(1)
+	}
 	return 0
+}
+
+// stepCentroids returns layer's centroid tensor (f32 [headDim, k,
+// kvHeads]) when its selector takes a one-token pass's own scores from
+// the graph (paging.StepScored), else nil.
+func (c *Paged) stepCentroids(layer int) *C.struct_ggml_tensor {
+	ss, ok := c.opt.Selector.(paging.StepScored)
+	if !ok || !ss.StepScores(layer) {
+		return nil
+	}
+	ct, err := c.centroidsFor(layer, ss)
+	if err != nil {
+		panic(err) // a selector handing rows of the wrong shape is a bug, as a bad selection's shape is
+	}
+	gt, ok := ct.t.(*ggml.Tensor)
+	if !ok {
+		panic(fmt.Sprintf("kvcache: layer %d's centroids are a %T, not a ggml tensor", layer, ct.t))
+	}
+	return (*ggmlTensor)(unsafe.Pointer(gt)).t
 }
 
 // failInGraph keeps the first error of a selection in the graph for

@@ -67,6 +67,33 @@ func (s *orderedTokenSelector) Select(_ int, _ paging.Summaries, q *paging.Queri
 	return out
 }
 
+// stepScoredSelector is orderedTokenSelector with centroids scored in the
+// graph (paging.StepScored): it records each Select's Queries.Scores
+// (copied; nil when none came) and selects as the ordered selector does.
+type stepScoredSelector struct {
+	*orderedTokenSelector
+	cents  []float32 // [tKV][tCents][tDim]
+	scored *[][]float32
+}
+
+const tCents = 7
+
+var _ paging.StepScored = (*stepScoredSelector)(nil)
+
+func (s *stepScoredSelector) UseGraphScores() bool                   { return false }
+func (s *stepScoredSelector) GraphScores(_, _, _ int) bool           { return false }
+func (s *stepScoredSelector) Scored(int, []float32, int)             {}
+func (s *stepScoredSelector) StepScores(int) bool                    { return true }
+func (s *stepScoredSelector) Centroids(int) ([]float32, int, uint64) { return s.cents, tCents, 1 }
+func (s *stepScoredSelector) Select(layer int, sum paging.Summaries, q *paging.Queries, upto int) paging.Selection {
+	var sc []float32
+	if q != nil && q.Scores != nil {
+		sc = slices.Clone(q.Scores)
+	}
+	*s.scored = append(*s.scored, sc)
+	return s.orderedTokenSelector.Select(layer, sum, q, upto)
+}
+
 // randomOrders returns n random permutations of [0, tOrder), the token
 // orders of n groups, from seed.
 func randomOrders(n int, seed uint64) [][]int32 {
@@ -212,22 +239,24 @@ func TestTokenPoolsMatchFloat64Reference(t *testing.T) {
 		inplace bool // kvcache.InPlaceRuns: one-token passes read the copy's runs in place
 		split   bool // passes split as arch.Model.Run splits them: Put's graph computed first, attention in a second graph without k and v
 		queried bool // the selector needs the queries: passes run as arch.Model.Run runs them (hookedPass), one-token passes select in the graph
+		scored  bool // ... with their centroid scores computed in the graph (paging.StepScored)
 	}{
-		{"pools, host copies", kvcache.MaxUploadRuns, true, false, false, false, false, false, false},
-		{"pools, copy runs", kvcache.MaxUploadRuns, false, false, false, false, false, false, false},
-		{"pools, set_rows scatter", 0, false, false, false, false, false, false, false},
-		{"staged from pages", kvcache.MaxUploadRuns, true, true, false, false, false, false, false},
-		{"pools, ordered selector", kvcache.MaxUploadRuns, true, false, true, false, false, false, false},
-		{"staged from the ordered copy", kvcache.MaxUploadRuns, true, true, true, false, false, false, false},
-		{"staged from the ordered copy, selector blocks", kvcache.MaxUploadRuns, true, true, true, true, false, false, false},
-		{"in place from the ordered copy, selector blocks", kvcache.MaxUploadRuns, true, true, true, true, true, false, false},
-		{"in place from the ordered copy", kvcache.MaxUploadRuns, true, true, true, false, true, false, false},
+		{"pools, host copies", kvcache.MaxUploadRuns, true, false, false, false, false, false, false, false},
+		{"pools, copy runs", kvcache.MaxUploadRuns, false, false, false, false, false, false, false, false},
+		{"pools, set_rows scatter", 0, false, false, false, false, false, false, false, false},
+		{"staged from pages", kvcache.MaxUploadRuns, true, true, false, false, false, false, false, false},
+		{"pools, ordered selector", kvcache.MaxUploadRuns, true, false, true, false, false, false, false, false},
+		{"staged from the ordered copy", kvcache.MaxUploadRuns, true, true, true, false, false, false, false, false},
+		{"staged from the ordered copy, selector blocks", kvcache.MaxUploadRuns, true, true, true, true, false, false, false, false},
+		{"in place from the ordered copy, selector blocks", kvcache.MaxUploadRuns, true, true, true, true, true, false, false, false},
+		{"in place from the ordered copy", kvcache.MaxUploadRuns, true, true, true, false, true, false, false, false},
 		// The layer op takes the batch's token from the pages here.
-		{"in place from the ordered copy, split passes", kvcache.MaxUploadRuns, true, true, true, true, true, true, false},
-		{"staged from pages, split passes", kvcache.MaxUploadRuns, true, true, false, false, true, true, false},
+		{"in place from the ordered copy, split passes", kvcache.MaxUploadRuns, true, true, true, true, true, true, false, false},
+		{"staged from pages, split passes", kvcache.MaxUploadRuns, true, true, false, false, true, true, false, false},
 		// One-token passes select inside the graph (selectgraph.go), the
 		// question's passes split with the queries on the host.
-		{"in place from the ordered copy, selected in the graph", kvcache.MaxUploadRuns, true, true, true, true, true, false, true},
+		{"in place from the ordered copy, selected in the graph", kvcache.MaxUploadRuns, true, true, true, true, true, false, true, false},
+		{"in place from the ordered copy, selected and scored in the graph", kvcache.MaxUploadRuns, true, true, true, true, true, false, true, true},
 	} {
 		t.Run(mode.name, func(t *testing.T) {
 			defer func(old int, h, s, ip bool) {
@@ -237,6 +266,8 @@ func TestTokenPoolsMatchFloat64Reference(t *testing.T) {
 			pick := plain
 			var sel paging.Selector = &funcTokenSelector{c: cfg, groups: groups, tok: func(g, upto int) []int32 { toks, _ := plain(g, upto); return toks }}
 			var queried [][][]float32
+			var scored [][]float32
+			cents := randoms(rand.New(rand.NewPCG(41, 42)), tKV*tCents*tDim)
 			if mode.ordered {
 				pick = ordered
 				os := &orderedTokenSelector{c: cfg, groups: groups, order: orders, pick: ordered}
@@ -247,6 +278,9 @@ func TestTokenPoolsMatchFloat64Reference(t *testing.T) {
 					os.blocks = tBlocks // whole short blocks come from the copy, too
 				}
 				sel = os
+				if mode.scored {
+					sel = &stepScoredSelector{orderedTokenSelector: os, cents: cents, scored: &scored}
+				}
 			}
 			c, err := kvcache.NewPaged(kvcache.Options{Layout: tLayout, Heads: tHeads, Selector: sel, Capacity: 512, MaxBatch: 96})
 			require.NoError(t, err)
@@ -282,6 +316,26 @@ func TestTokenPoolsMatchFloat64Reference(t *testing.T) {
 					require.Len(t, queried[asked], n)
 					for i := range n {
 						require.Equal(t, qs[i*tHeads*tDim:(i+1)*tHeads*tDim], queried[asked][i], "%s: the queries the selector got, token %d", what, pos0+i)
+					}
+				}
+				if mode.scored {
+					// One-token passes got their own queries' products
+					// with their KV heads' centroids; a question got none.
+					require.Len(t, scored, asked+1)
+					if n > 1 {
+						require.Nil(t, scored[asked], "%s: tokens %d..%d: a question is scored on the host", what, pos0, end)
+					} else {
+						require.Len(t, scored[asked], tHeads*tCents, "%s: token %d", what, pos0)
+						G := tHeads / tKV
+						for h := range tHeads {
+							for j := range tCents {
+								var want float64
+								for d := range tDim {
+									want += float64(qs[h*tDim+d]) * float64(cents[((h/G)*tCents+j)*tDim+d])
+								}
+								require.InDelta(t, want, scored[asked][h*tCents+j], 1e-4, "%s: token %d, head %d, centroid %d", what, pos0, h, j)
+							}
+						}
 					}
 				}
 				want := referenceAt(qs, k, v, pos0, func(g, p int) bool {
@@ -328,6 +382,12 @@ func TestTokenPoolsMatchFloat64Reference(t *testing.T) {
 			t.Logf("%d tokens uploaded, %d bytes; resident %d bytes; staged %d from the copy, %d from pages; ordered copies %d bytes",
 				st.TokenUploads, st.UploadedBytes, st.ResidentBytes, st.StagedFromCopy, st.StagedFromPages, st.OrderedBytes)
 			require.Positive(t, st.ResidentBytes, "a pool or a staging buffer per group")
+			if mode.scored {
+				require.Positive(t, st.StepScored)
+				require.Equal(t, st.GraphSelections, st.StepScored, "every selection in the graph was scored there")
+			} else {
+				require.Zero(t, st.StepScored)
+			}
 			if mode.staging {
 				require.Zero(t, st.TokenUploads, "staged: nothing uploaded")
 				require.Positive(t, st.StagedFromPages)
@@ -356,7 +416,8 @@ func TestTokenPoolsMatchFloat64Reference(t *testing.T) {
 	// the same positions, summed in another cell order.
 	for _, pair := range [][2]string{{"pools, host copies", "staged from pages"}, {"pools, host copies", "staged from pages, split passes"}, {"pools, ordered selector", "in place from the ordered copy, split passes"}, {"pools, ordered selector", "staged from the ordered copy"}, {"pools, ordered selector", "staged from the ordered copy, selector blocks"},
 		{"pools, ordered selector", "in place from the ordered copy, selector blocks"}, {"pools, ordered selector", "in place from the ordered copy"},
-		{"pools, ordered selector", "in place from the ordered copy, selected in the graph"}} {
+		{"pools, ordered selector", "in place from the ordered copy, selected in the graph"},
+		{"pools, ordered selector", "in place from the ordered copy, selected and scored in the graph"}} {
 		t.Run(pair[1]+" vs "+pair[0], func(t *testing.T) {
 			pools, staged := outs[pair[0]], outs[pair[1]]
 			require.NotEmpty(t, pools, "compares the %q subtest's outputs: run it too", pair[0])

@@ -49,6 +49,27 @@ type CentroidScored interface {
 	Centroids(layer int) (rows []float32, k int, version uint64)
 }
 
+// StepScored is a CentroidScored selector that can select a one-token
+// pass from that pass's own centroid scores (Queries.Scores), computed by
+// the cache in the pass's graph before the selection, instead of scoring
+// the queries on the host. Not lagged: the selection is the host lookup's
+// (the same ranking of the same products, summed in another order). On
+// the CPU the host lookup ran on one thread while the graph's other
+// threads waited for the selection (squeezed at the 1b preset: issue 14);
+// in the graph the product is split across them. The cache computes them
+// where the pass selects inside its graph (kvcache.SelectInGraph).
+type StepScored interface {
+	CentroidScored
+	// StepScores reports whether layer's one-token passes take their own
+	// scores with their queries (not with Config.Options[StepScoresKey]
+	// set to false).
+	StepScores(layer int) bool
+}
+
+// StepScoresKey is the Config.Options key (a bool) that, set to false,
+// keeps a StepScored selector's scoring on the host: for comparisons.
+const StepScoresKey = "step-scores"
+
 // HostScores is the Config.Options key that keeps a GraphScored method's
 // decode steps on the host (true): every step then splits the graph per
 // layer for the queries and scores its own queries exactly, as before

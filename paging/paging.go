@@ -79,10 +79,19 @@ type PassStarter interface {
 // was ~1/3 of squeezed's Select at the 1b preset (issue 14). Off, or
 // with nil Queries (a selection made before the pass's queries), the
 // answer lists every token.
+//
+// Scores, set by the cache for a StepScored selector, are this pass's own
+// scores against the selector's centroids (CentroidScored.Centroids): a
+// one-token pass, scores[h·k : (h+1)·k] the products of query head h with
+// the k rows of its KV head, computed by the cache in the pass's graph
+// with every thread (one mul_mat per layer), as Scored hands over the
+// lagged ones. The selector may rank from them instead of scoring Q on
+// the host. Valid during Select only (the graph's memory); nil otherwise.
 type Queries struct {
 	Q           [][]float32
 	Heads       int
 	RowsSuffice bool
+	Scores      []float32
 }
 
 // When says when a scorer needs the queries of a layer.

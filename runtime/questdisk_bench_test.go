@@ -165,6 +165,11 @@ func BenchmarkQuestFromDisk(b *testing.B) {
 		// step, kvcache.SelectInGraph, the default); squeezed-split
 		// splits the pass at each layer as before.
 		{name: "squeezed-split", method: "squeezed", host: true, rowMultiple: 16, named: true, split: true},
+		// squeezed's selections in the graph rank from centroid scores
+		// computed in the graph by every thread (paging.StepScored, the
+		// default); squeezed-hostscore scores the queries on the host,
+		// in the selection's callback, on one thread.
+		{name: "squeezed-hostscore", method: "squeezed", extra: map[string]any{paging.StepScoresKey: false}, host: true, rowMultiple: 16, named: true},
 	}
 	engines := pickEngines(b, all, func(e engine) string { return e.name }, func(e engine) bool { return e.named })
 	if slices.ContainsFunc(engines, func(e engine) bool { return strings.Contains(e.method, "+heads") }) {

@@ -12,6 +12,7 @@ import (
 	"github.com/kvrecall/kvrecall/haystack"
 	"github.com/kvrecall/kvrecall/internal/testmodels"
 	"github.com/kvrecall/kvrecall/kvcache"
+	"github.com/kvrecall/kvrecall/paging"
 	"github.com/kvrecall/kvrecall/runtime"
 	"github.com/kvrecall/kvrecall/squeezed"
 )
@@ -71,6 +72,7 @@ func squeezedNeedle(t *testing.T, path string, depths []int) {
 			use          squeezed.Use
 			inplace      bool // kvcache.InPlaceRuns (the default: on)
 			split        bool // kvcache.SelectInGraph off: decode steps split the pass at each clustered layer
+			hostScores   bool // paging.StepScoresKey false: selections in the graph score the queries on the host
 		}{
 			// The document's ordered copies are made by the first session
 			// (C memory, whatever InPlaceRuns says) and read by the later
@@ -78,20 +80,24 @@ func squeezedNeedle(t *testing.T, path string, depths []int) {
 			// off, through the staging copy.
 			// Decode steps select inside the graph (kvcache.SelectInGraph,
 			// the default), or split the pass at each clustered layer.
-			{"budget, in place", "squeezed", squeezed.Use{Index: doc.Clusters()}, true, false},
-			{"budget, in place, split", "squeezed", squeezed.Use{Index: doc.Clusters()}, true, true},
-			{"budget, staged", "squeezed", squeezed.Use{Index: doc.Clusters()}, false, false},
-			{"threshold", "squeezed", squeezed.Use{Index: doc.Clusters(), Threshold: true}, true, false},
+			// Selected in the graph, they rank from centroid scores the
+			// graph computed (paging.StepScored), or, with host scores,
+			// score the queries in the selection's callback.
+			{"budget, in place", "squeezed", squeezed.Use{Index: doc.Clusters()}, true, false, false},
+			{"budget, in place, host scores", "squeezed", squeezed.Use{Index: doc.Clusters()}, true, false, true},
+			{"budget, in place, split", "squeezed", squeezed.Use{Index: doc.Clusters()}, true, true, false},
+			{"budget, staged", "squeezed", squeezed.Use{Index: doc.Clusters()}, false, false, false},
+			{"threshold", "squeezed", squeezed.Use{Index: doc.Clusters(), Threshold: true}, true, false, false},
 			// The model's recorded retrieval heads attend to clusters, the
 			// other KV heads keep only sinks and window.
-			{"budget+heads", "squeezed+heads", squeezed.Use{Index: doc.Clusters()}, true, false},
+			{"budget+heads", "squeezed+heads", squeezed.Use{Index: doc.Clusters()}, true, false, false},
 		} {
 			t.Run(fmt.Sprintf("%d%%/%s", depth, mode.name), func(t *testing.T) {
 				defer func(ip, ig bool) { kvcache.InPlaceRuns, kvcache.SelectInGraph = ip, ig }(kvcache.InPlaceRuns, kvcache.SelectInGraph)
 				kvcache.InPlaceRuns, kvcache.SelectInGraph = mode.inplace, !mode.split
 				mem0 := m.DocumentMemory().Bytes
 				s, err := m.DocumentSession(doc, runtime.PolicyOptions{Policy: mode.policy, Budget: length / 8,
-					Extra: map[string]any{squeezed.OptionKey: mode.use}})
+					Extra: map[string]any{squeezed.OptionKey: mode.use, paging.StepScoresKey: !mode.hostScores}})
 				require.NoError(t, err)
 				closed := false
 				defer func() {
@@ -143,6 +149,11 @@ func squeezedNeedle(t *testing.T, path string, depths []int) {
 				case mode.inplace && !mode.split && mode.policy == "squeezed":
 					// Every clustered layer of every decode step after the first.
 					require.Positive(t, last.GraphSelections-first.GraphSelections, "decode steps select inside the graph")
+					if mode.hostScores {
+						require.Zero(t, last.StepScored-first.StepScored, "scored on the host")
+					} else {
+						require.Equal(t, last.GraphSelections-first.GraphSelections, last.StepScored-first.StepScored, "scored in the graph")
+					}
 				case mode.split || !mode.inplace:
 					require.Zero(t, last.GraphSelections-first.GraphSelections, "the pass splits: selected between graphs")
 				}

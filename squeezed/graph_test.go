@@ -267,3 +267,113 @@ func TestGraphScoresDefaults(t *testing.T) {
 		})
 	}
 }
+
+// A one-token pass ranked from its own centroid scores computed in the
+// graph (paging.StepScored, Queries.Scores) selects what the host lookup
+// of the same query selects, at the same position: no lag. The scores are
+// computed here as the cache's mul_mat computes them ([heads][k] against
+// Centroids' rows). The kvcache side (ggml's scores, in the graph) is
+// TestTokenPoolsMatchFloat64Reference's "scored in the graph" mode.
+func TestStepScoresMatchHostLookup(t *testing.T) {
+	const d, kvHeads, tokens, P = 16, 2, 4000, 16
+	keys := func(l, g, n int, dst []float32) []float32 { return topicKeys(uint64(5+3*l+g), n, d, 40) }
+	ix, err := Build(keys, 2, kvHeads, d, tokens, Options{Seed: 2, Window: 100})
+	require.NoError(t, err)
+	ix.Threshold = 2e-4
+	for _, tc := range []struct {
+		name     string
+		heads    int
+		budget   int
+		thresh   bool
+		rowsOnly bool
+	}{
+		{"budget mode, GQA 2", 4, 1024, false, false},
+		{"budget mode, GQA 4", 8, 512, false, false},
+		{"budget mode, rows only", 4, 1024, false, true},
+		{"threshold mode", 4, 1024, true, false},
+		{"budget all but spent", 4, 64 + 64 + 120, false, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := func(step bool) paging.Config {
+				return paging.Config{PageSize: P, Budget: tc.budget, Sinks: 64, Window: 64, DenseLayers: 1, Layers: 2, KVHeads: kvHeads,
+					Options: map[string]any{OptionKey: Use{Index: ix, Threshold: tc.thresh}, paging.StepScoresKey: step}}
+			}
+			ssel, err := paging.New("squeezed", cfg(true))
+			require.NoError(t, err)
+			hsel, err := paging.New("squeezed", cfg(false))
+			require.NoError(t, err)
+			ss := ssel.(paging.StepScored)
+			require.True(t, ss.StepScores(1))
+			require.False(t, ss.StepScores(0), "dense layer")
+			require.False(t, hsel.(paging.StepScored).StepScores(1), "StepScoresKey false")
+			require.True(t, ssel.NeedQueries(1, 1), "the queries still come to the selection")
+
+			rows, k, _ := ss.Centroids(1)
+			G := tc.heads / kvHeads
+			rng := rand.New(rand.NewPCG(9, uint64(tc.heads)))
+			query := func() []float32 {
+				q := make([]float32, tc.heads*d)
+				for h := 0; h < tc.heads; h++ {
+					hd := ix.Heads[1][h/G]
+					j := int(hd.Assign[rng.IntN(len(hd.Assign))])
+					for i := 0; i < d; i++ {
+						q[h*d+i] = hd.Centroids[j*d+i] + float32(0.3*rng.NormFloat64())
+					}
+				}
+				return q
+			}
+			scoresOf := func(q []float32) []float32 {
+				scores := make([]float32, tc.heads*k)
+				for h := 0; h < tc.heads; h++ {
+					g := h / G
+					matVec(scores[h*k:(h+1)*k], rows[g*k*d:(g+1)*k*d], q[h*d:(h+1)*d])
+				}
+				return scores
+			}
+			upto := tokens + 3
+			for step := 0; step < 12; step++ {
+				q := query()
+				want := hsel.Select(1, nil, &paging.Queries{Q: [][]float32{q}, Heads: tc.heads, RowsSuffice: tc.rowsOnly}, upto)
+				got := ssel.Select(1, nil, &paging.Queries{Q: [][]float32{q}, Heads: tc.heads, RowsSuffice: tc.rowsOnly, Scores: scoresOf(q)}, upto)
+				require.Equal(t, want, got, "step %d", step)
+				// The scores decide, not the queries: another query's
+				// scores select what its host lookup selects.
+				if q2 := query(); step%4 == 1 {
+					want := hsel.Select(1, nil, &paging.Queries{Q: [][]float32{q2}, Heads: tc.heads, RowsSuffice: tc.rowsOnly}, upto)
+					got := ssel.Select(1, nil, &paging.Queries{Q: [][]float32{q}, Heads: tc.heads, RowsSuffice: tc.rowsOnly, Scores: scoresOf(q2)}, upto)
+					require.Equal(t, want, got, "step %d, another query's scores", step)
+					if tc.budget > 64+64+120 {
+						require.NotEqual(t, hsel.Select(1, nil, &paging.Queries{Q: [][]float32{q}, Heads: tc.heads, RowsSuffice: tc.rowsOnly}, upto), got, "step %d: the two queries select alike", step)
+					}
+				}
+				// A question (several tokens) is looked up on the host,
+				// whatever scores come with it.
+				if step == 0 {
+					qs := [][]float32{q, q}
+					require.Equal(t, hsel.Select(1, nil, &paging.Queries{Q: qs, Heads: tc.heads}, upto),
+						ssel.Select(1, nil, &paging.Queries{Q: qs, Heads: tc.heads, Scores: scoresOf(query())}, upto))
+				}
+				upto++
+			}
+			require.Panics(t, func() {
+				ssel.Select(1, nil, &paging.Queries{Q: [][]float32{make([]float32, tc.heads*d)}, Heads: tc.heads, Scores: make([]float32, k)}, upto)
+			}, "scores of the wrong length are the cache's bug")
+		})
+	}
+}
+
+// With lagged graph scores (UseGraphScores), decode steps take those, not
+// their own.
+func TestStepScoresOffWhenLagged(t *testing.T) {
+	const d, kvHeads, tokens = 16, 2, 2000
+	keys := func(l, g, n int, dst []float32) []float32 { return topicKeys(uint64(11+l+g), n, d, 20) }
+	ix, err := Build(keys, 2, kvHeads, d, tokens, Options{Seed: 1, Window: 50})
+	require.NoError(t, err)
+	sel, err := paging.New("squeezed", paging.Config{PageSize: 16, Budget: 512, DenseLayers: 1, Layers: 2, KVHeads: kvHeads,
+		Options: map[string]any{OptionKey: ix, paging.HostScores: false}})
+	require.NoError(t, err)
+	ss := sel.(paging.StepScored)
+	require.True(t, ss.StepScores(1))
+	require.True(t, ss.UseGraphScores())
+	require.False(t, ss.StepScores(1))
+}

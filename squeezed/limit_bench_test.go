@@ -41,6 +41,7 @@ import (
 //     bytes). The centroids, by contrast, are read at every step and stay
 //     cached here (3.3 MiB); cold, they would cost their bytes at memory
 //     bandwidth.
+//
 // The stored document's shape: the tiny preset at 64k, decoded with GQA
 // 4 and a 2048-token budget.
 const benchLayers, benchKVHeads, benchD, benchTokens, benchG, benchBudget = 4, 2, 32, 65536, 4, 2048

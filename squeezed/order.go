@@ -18,7 +18,10 @@ import (
 // document: at 64k on the tiny preset a step's 16,384 scattered rows
 // become ~800 runs (docs/squeezed.md, "The step's physical limit").
 
-var _ paging.TokenOrdered = (*selector)(nil)
+var (
+	_ paging.TokenOrdered = (*selector)(nil)
+	_ paging.StepScored   = (*selector)(nil)
+)
 
 // TokenOrder implements paging.TokenOrdered: KV head group's clusters'
 // tokens end to end, and the clusters as the blocks (tokOff), the Index's

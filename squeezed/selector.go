@@ -17,7 +17,8 @@ import (
 const OptionKey = "squeezed"
 
 // KeepKey is the paging.Config.Options key (a float64) of an optional
-// hysteresis for decode steps scored in the graph, as quest's
+// hysteresis for decode steps scored in the graph one step late
+// (UseGraphScores; not for a pass's own scores, paging.StepScored), as quest's
 // paging.KeepLogits: a cluster the last step took gets KeepKey attention
 // logits (KeepKey·√headDim on q·c) added before the clusters are ranked,
 // so it stays unless another scores that much higher. 0 (the default) is
@@ -195,6 +196,11 @@ func newSelector(c paging.Config) (paging.Selector, error) {
 		// A setting of the wrong type would otherwise be read as 0, silently.
 		return nil, fmt.Errorf("squeezed: Options[%q] is a %T, want a number of attention logits", KeepKey, v)
 	}
+	if v, set := c.Options[paging.StepScoresKey]; set {
+		if _, ok := v.(bool); !ok {
+			return nil, fmt.Errorf("squeezed: Options[%q] is a %T, want a bool", paging.StepScoresKey, v)
+		}
+	}
 	if keep < 0 || math.IsNaN(keep) {
 		return nil, fmt.Errorf("squeezed: %s %v: the hysteresis must be ≥ 0 attention logits", KeepKey, keep)
 	}
@@ -283,6 +289,17 @@ func (s *selector) Centroids(layer int) ([]float32, int, uint64) {
 	return s.cents[layer], s.centK[layer], s.version
 }
 
+// StepScores implements paging.StepScored: a clustered layer's one-token
+// passes take their own centroid scores from the graph, unless decode
+// steps use the lagged ones (UseGraphScores) or Options[StepScoresKey]
+// is false.
+func (s *selector) StepScores(layer int) bool {
+	if on, set := s.c.Options[paging.StepScoresKey].(bool); set && !on {
+		return false
+	}
+	return !s.graph && !s.c.Dense(layer)
+}
+
 // bounds returns the tokens always attended and the budget left for
 // clusters at upto: the sinks, and every token from the recent window or
 // the end of the clustered tokens, whichever comes first (the observation
@@ -322,6 +339,15 @@ func (s *selector) Select(layer int, sum paging.Summaries, q *paging.Queries, up
 		// kept end to end in s.flat (list i is s.flat[s.offs[i]:s.offs[i+1]]).
 		s.flat, s.offs = s.flat[:0], append(s.offs[:0], 0)
 		switch {
+		case q != nil && q.Scores != nil && len(q.Q) == 1 && tokBudget > 0:
+			// This pass's own scores, computed in its graph (StepScored):
+			// the host lookup's ranking of the same products.
+			k := s.stepK(layer, q)
+			G := q.Heads / s.ix.KVHeads
+			for j := 0; j < G; j++ {
+				s.flat = s.rankScores(h, q.Scores[(g*G+j)*k:(g*G+j+1)*k], tokBudget, s.flat)
+				s.offs = append(s.offs, int32(len(s.flat)))
+			}
 		case q != nil:
 			G := q.Heads / s.ix.KVHeads
 			d := s.ix.HeadDim
@@ -455,6 +481,16 @@ func (s *selector) Select(layer int, sum paging.Summaries, q *paging.Queries, up
 		sel.Groups[g], sel.Tokens[g], sel.Rows[g] = ps, toks, rows
 	}
 	return sel
+}
+
+// stepK is the score row length of layer's Queries.Scores: Centroids'
+// k. A row count that does not match is a bug of the cache's.
+func (s *selector) stepK(layer int, q *paging.Queries) int {
+	_, k, _ := s.Centroids(layer)
+	if len(q.Scores) != k*q.Heads {
+		panic(fmt.Sprintf("squeezed: layer %d: %d step scores for %d heads of %d centroids", layer, len(q.Scores), q.Heads, k))
+	}
+	return k
 }
 
 // rankScores is rank from the scores the graph computed, fine[j] = q·c_j
