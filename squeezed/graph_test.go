@@ -83,6 +83,17 @@ func TestGraphScoresMatchHostLookup(t *testing.T) {
 
 			rows, k, version := gs.Centroids(1)
 			require.Len(t, rows, kvHeads*k*d)
+			// k is a multiple of centRowAlign (ggml's fast matmul path),
+			// and the rows past a head's own are zero.
+			require.Zero(t, k%centRowAlign, "k = %d", k)
+			require.GreaterOrEqual(t, k, maxOwn(ix.Heads[1]))
+			require.Less(t, k-maxOwn(ix.Heads[1]), centRowAlign, "no more padding than the alignment needs")
+			for g, h := range ix.Heads[1] {
+				own := h.K() + len(h.Radius)
+				for _, v := range rows[(g*k+own)*d : (g+1)*k*d] {
+					require.Zero(t, v, "head %d's padding", g)
+				}
+			}
 			_, _, v2 := gs.Centroids(1)
 			require.Equal(t, version, v2, "the same rows keep their version")
 			checked := 0
@@ -376,4 +387,13 @@ func TestStepScoresOffWhenLagged(t *testing.T) {
 	require.True(t, ss.StepScores(1))
 	require.True(t, ss.UseGraphScores())
 	require.False(t, ss.StepScores(1))
+}
+
+// maxOwn is the most centroid rows (fine and coarse) of any of heads.
+func maxOwn(heads []*Head) int {
+	m := 0
+	for _, h := range heads {
+		m = max(m, h.K()+len(h.Radius))
+	}
+	return m
 }

@@ -267,8 +267,8 @@ func (s *selector) Scored(layer int, scores []float32, _ int) {
 
 // Centroids implements paging.CentroidScored: per KV head g, the fine
 // centroids (rows 0..K_g-1), then the coarse ones (rows K_g..K_g+C_g-1:
-// threshold mode's log Z reads their scores), then zero rows up to k, the
-// largest K_g+C_g of the layer.
+// threshold mode's log Z reads their scores), then zero rows up to k: the
+// largest K_g+C_g of the layer rounded up to a multiple of centRowAlign.
 func (s *selector) Centroids(layer int) ([]float32, int, uint64) {
 	if s.cents == nil {
 		s.cents, s.centK = make([][]float32, s.ix.Layers), make([]int, s.ix.Layers)
@@ -278,6 +278,7 @@ func (s *selector) Centroids(layer int) ([]float32, int, uint64) {
 		for _, h := range s.ix.Heads[layer] {
 			k = max(k, h.K()+len(h.Radius))
 		}
+		k = (k + centRowAlign - 1) / centRowAlign * centRowAlign
 		rows := make([]float32, s.ix.KVHeads*k*d)
 		for g, h := range s.ix.Heads[layer] {
 			at := g * k * d
@@ -288,6 +289,17 @@ func (s *selector) Centroids(layer int) ([]float32, int, uint64) {
 	}
 	return s.cents[layer], s.centK[layer], s.version
 }
+
+// centRowAlign is what Centroids' k is a multiple of. The cache scores
+// the rows with one ggml mul_mat ([headDim, k, kvHeads] × the queries),
+// and ggml's CPU backend hands it to llamafile's tinyBLAS only when k is
+// a multiple of 4 (of 16 to split it across threads by blocks); otherwise
+// it falls back to one vec_dot call per row and query head. At 1b and
+// 32k (one decode thread, the Xeon of docs/performance.md) the product
+// took 15.7 ms of squeezed's step that way and 12-13 ms through tinyBLAS,
+// which is then bound by reading the 55 MiB of f32 centroids (perf on
+// BenchmarkQuestFromDisk). The zero rows cost 15 rows a KV head at most.
+const centRowAlign = 16
 
 // StepScores implements paging.StepScored: a clustered layer's one-token
 // passes take their own centroid scores from the graph, unless decode
