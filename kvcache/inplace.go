@@ -11,6 +11,20 @@ package kvcache
 #define KVR_SIMD 1
 #endif
 
+// kvr_no512, set, makes kvr_rows take its 256-bit path where the 512-bit
+// one is compiled (SetInPlace512): a knob for tests, which check both
+// paths against each other on a machine that has AVX-512.
+static int kvr_no512;
+static int kvr_get_no512(void) { return kvr_no512; }
+static void kvr_set_no512(int no) { kvr_no512 = no; }
+static int kvr_has512(void) {
+#if defined(KVR_SIMD) && defined(__AVX512F__)
+	return 1;
+#else
+	return 0;
+#endif
+}
+
 // kvr_params is one staged group's in-place attention for one pass
 // (userdata of its ggml custom op): the group's ordered copy (f16,
 // token-major: K rows [n][c] at k, V rows [n][c] at v), its c (the
@@ -186,13 +200,150 @@ static void kvr_axpy(const float *p, const uint16_t *v, size_t c, const int32_t 
 	}
 }
 
+#if defined(KVR_SIMD) && defined(__AVX512F__)
+#define KVR_SIMD512 1
+
+// kvr_sum16 returns the sixteen horizontal sums of a[0..15] as one
+// vector, in order: pairs interleaved and added within 128-bit lanes,
+// then the lanes' four partial sums added across them.
+static inline __m512 kvr_sum16(const __m512 *a) {
+	__m512 b[8], c[4];
+	for (int i = 0; i < 8; i++)
+		b[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+	for (int i = 0; i < 4; i++)
+		c[i] = _mm512_add_ps(_mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0x44), _mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0xEE));
+	// c[i]'s 128-bit lane L holds rows 4i..4i+3's partial sums over lane L.
+	__m512 u0 = _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x44), _mm512_shuffle_f32x4(c[0], c[1], 0xEE));
+	__m512 u1 = _mm512_add_ps(_mm512_shuffle_f32x4(c[2], c[3], 0x44), _mm512_shuffle_f32x4(c[2], c[3], 0xEE));
+	return _mm512_add_ps(_mm512_shuffle_f32x4(u0, u1, 0x88), _mm512_shuffle_f32x4(u0, u1, 0xDD));
+}
+
+// kvr_exp16 is e^x for x <= 0, sixteen at a time (x below -87 gives
+// ~0): 2^n·p(r), x = n·ln2 + r, |r| <= ln2/2, p Cephes' expf polynomial.
+static inline __m512 kvr_exp16(__m512 x) {
+	x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+	__m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+	__m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+	r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+	__m512 p = _mm512_set1_ps(1.9875691500E-4f);
+	p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
+	p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
+	p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
+	p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
+	p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
+	p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+	return _mm512_scalef_ps(p, n);
+}
+
+// kvr_pv512 is acc[h] += Σ_j p[h][j]·v_j for NH heads (p rows KVR_SLOT
+// apart, acc rows hd apart) over the value rows v + rows[j]·c, the
+// channels in blocks of 16·NB held in registers for all NH heads: each
+// row's values are converted once for the NH heads. Inlined with
+// constant NH and NB.
+static inline __attribute__((always_inline)) void kvr_pv512(const int NH, const int NB, const float *p, const uint16_t *v, size_t c, const int32_t *rows, int cw, int hd, float *acc) {
+	for (int d0 = 0; d0 < hd; d0 += 16 * NB) {
+		__m512 a[4][4];
+		for (int h = 0; h < NH; h++)
+			for (int b = 0; b < NB; b++) a[h][b] = _mm512_loadu_ps(acc + (size_t)h * hd + d0 + 16 * b);
+		for (int j = 0; j < cw; j++) {
+			const uint16_t *vr = v + (size_t)rows[j] * c + d0;
+			__m512 vv[4];
+			for (int b = 0; b < NB; b++) vv[b] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(vr + 16 * b)));
+			for (int h = 0; h < NH; h++) {
+				__m512 ph = _mm512_set1_ps(p[(size_t)h * KVR_SLOT + j]);
+				for (int b = 0; b < NB; b++) a[h][b] = _mm512_fmadd_ps(ph, vv[b], a[h][b]);
+			}
+		}
+		for (int h = 0; h < NH; h++)
+			for (int b = 0; b < NB; b++) _mm512_storeu_ps(acc + (size_t)h * hd + d0 + 16 * b, a[h][b]);
+	}
+}
+
+#define KVR_PV512_NB(NH) \
+	do { \
+		if (hd % 64 == 0) kvr_pv512(NH, 4, p, v, c, rows, cw, hd, acc); \
+		else if (hd % 32 == 0) kvr_pv512(NH, 2, p, v, c, rows, cw, hd, acc); \
+		else kvr_pv512(NH, 1, p, v, c, rows, cw, hd, acc); \
+	} while (0)
+
+// kvr_pv512_heads runs kvr_pv512 over nh heads, four at a time.
+static void kvr_pv512_heads(int nh, const float *p, const uint16_t *v, size_t c, const int32_t *rows, int cw, int hd, float *acc) {
+	for (; nh > 0; nh -= 4, p += 4 * KVR_SLOT, acc += (size_t)4 * hd) {
+		switch (nh >= 4 ? 4 : nh) {
+		case 4: KVR_PV512_NB(4); break;
+		case 3: KVR_PV512_NB(3); break;
+		case 2: KVR_PV512_NB(2); break;
+		default: KVR_PV512_NB(1); break;
+		}
+	}
+}
+
+// kvr_rows512 is kvr_rows with 512-bit vectors (hd a multiple of 16): the
+// rows' keys converted to f32 once into kf [KVR_ROWS][hd] (scratch) and
+// read from L1 by every head, sixteen rows' dot products reduced
+// together (kvr_sum16), the exponentials sixteen at a time, and each
+// row's values converted once for four heads (kvr_pv512).
+static void kvr_rows512(const float *q, int nh, int hd, const uint16_t *k, const uint16_t *v, size_t c, const int32_t *rows, int cw, float *s, float *m, float *l, float *acc, float *kf) {
+	const int cw16 = (cw + 15) & ~15;
+	for (int r = 0; r < cw; r++) {
+		const uint16_t *kr = k + (size_t)rows[r] * c;
+		for (int d = 0; d < hd; d += 16) _mm512_storeu_ps(kf + (size_t)r * hd + d, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(kr + d))));
+	}
+	if (cw16 > cw) memset(kf + (size_t)cw * hd, 0, (size_t)(cw16 - cw) * hd * sizeof(float));
+	for (int i = 0; i < nh; i++) {
+		const float *qi = q + (size_t)i * hd;
+		float *si = s + (size_t)i * KVR_SLOT;
+		for (int j0 = 0; j0 < cw16; j0 += 16) {
+			__m512 a[16];
+			const float *kr = kf + (size_t)j0 * hd;
+			for (int r = 0; r < 16; r++) a[r] = _mm512_mul_ps(_mm512_loadu_ps(qi), _mm512_loadu_ps(kr + (size_t)r * hd));
+			for (int d = 16; d < hd; d += 16) {
+				__m512 qd = _mm512_loadu_ps(qi + d);
+				for (int r = 0; r < 16; r++) a[r] = _mm512_fmadd_ps(qd, _mm512_loadu_ps(kr + (size_t)r * hd + d), a[r]);
+			}
+			_mm512_storeu_ps(si + j0, kvr_sum16(a));
+		}
+		const __mmask16 tail = (__mmask16)((1u << (cw - (cw16 - 16))) - 1);
+		__m512 mx = _mm512_set1_ps(-INFINITY);
+		for (int j0 = 0; j0 < cw16; j0 += 16)
+			mx = _mm512_max_ps(mx, j0 + 16 > cw ? _mm512_mask_loadu_ps(mx, tail, si + j0) : _mm512_loadu_ps(si + j0));
+		const float mxs = _mm512_reduce_max_ps(mx);
+		if (mxs > m[i]) {
+			float corr = expf(m[i] - mxs); // 0 for the first rows (m = -inf)
+			l[i] *= corr;
+			float *ai = acc + (size_t)i * hd;
+			for (int d = 0; d < hd; d++) ai[d] *= corr;
+			m[i] = mxs;
+		}
+		const __m512 mm = _mm512_set1_ps(m[i]);
+		__m512 sum = _mm512_setzero_ps();
+		for (int j0 = 0; j0 < cw16; j0 += 16) {
+			__m512 e = kvr_exp16(_mm512_sub_ps(_mm512_loadu_ps(si + j0), mm));
+			if (j0 + 16 > cw) e = _mm512_maskz_mov_ps(tail, e);
+			_mm512_storeu_ps(si + j0, e);
+			sum = _mm512_add_ps(sum, e);
+		}
+		l[i] += _mm512_reduce_add_ps(sum);
+	}
+	kvr_pv512_heads(nh, s, v, c, rows, cw, hd, acc);
+}
+#endif
+
 // kvr_rows folds cw rows of the ordered copy (rows[j]'s keys at
 // k + rows[j]·c, its values at v + rows[j]·c, hd f16 each: one KV head's
 // slice of the token-major rows) into the online softmax states of the
 // nh query heads of that KV head: q [nh][hd] (scaled), m and l [nh], acc
-// [nh][hd]; s is scratch [nh][KVR_SLOT]. The rows' lines come from
-// memory for the first head and from L1 for the others.
-static void kvr_rows(const float *q, int nh, int hd, const uint16_t *k, const uint16_t *v, size_t c, const int32_t *rows, int cw, float *s, float *m, float *l, float *acc) {
+// [nh][hd]; s is scratch [nh][KVR_SLOT], kf scratch [KVR_ROWS][hd]
+// (kvr_rows512's). The rows' lines come from memory for the first head
+// and from L1 for the others.
+static void kvr_rows(const float *q, int nh, int hd, const uint16_t *k, const uint16_t *v, size_t c, const int32_t *rows, int cw, float *s, float *m, float *l, float *acc, float *kf) {
+#ifdef KVR_SIMD512
+	if (hd % 16 == 0 && !kvr_no512) {
+		kvr_rows512(q, nh, hd, k, v, c, rows, cw, s, m, l, acc, kf);
+		return;
+	}
+#endif
+	(void)kf;
 	int j = 0;
 #ifdef KVR_SIMD
 	if (hd % 8 == 0) {
@@ -280,11 +431,11 @@ static void kvr_heads_end(struct ggml_tensor *dst, int q0, int mine, int hd, con
 // kvr_fold_runs walks P's runs of its ordered copy (one KV head's slice
 // at kb and vb) in chunks of KVR_ROWS rows across runs, folding them into
 // the nh query heads' states (qh [nh][hd], mh, lh, ah [nh][hd]) with
-// kvr_rows; rows [KVR_ROWS] and s are scratch. A second cursor P->ahead
+// kvr_rows; rows [KVR_ROWS], s and kf are scratch. A second cursor P->ahead
 // rows ahead prefetches the rows' K and V lines: the runs are random
 // places in the copy (each start a cache and TLB miss), and the op's sums
 // alone leave only a few of them in flight.
-static void kvr_fold_runs(const kvr_params *P, const uint16_t *kb, const uint16_t *vb, int hd, const float *qh, int nh, int32_t *rows, float *s, float *mh, float *lh, float *ah) {
+static void kvr_fold_runs(const kvr_params *P, const uint16_t *kb, const uint16_t *vb, int hd, const float *qh, int nh, int32_t *rows, float *s, float *mh, float *lh, float *ah, float *kf) {
 	if (P->nruns == 0) return;
 	int cw = 0;
 	kvr_cursor pf = {P->ahead > 0 ? 0 : P->nruns, P->runs[0]};
@@ -294,12 +445,12 @@ static void kvr_fold_runs(const kvr_params *P, const uint16_t *kb, const uint16_
 			kvr_prefetch_next(P, &pf, kb, vb, hd);
 			rows[cw++] = row;
 			if (cw == KVR_ROWS) {
-				kvr_rows(qh, nh, hd, kb, vb, P->c, rows, cw, s, mh, lh, ah);
+				kvr_rows(qh, nh, hd, kb, vb, P->c, rows, cw, s, mh, lh, ah, kf);
 				cw = 0;
 			}
 		}
 	}
-	if (cw > 0) kvr_rows(qh, nh, hd, kb, vb, P->c, rows, cw, s, mh, lh, ah);
+	if (cw > 0) kvr_rows(qh, nh, hd, kb, vb, P->c, rows, cw, s, mh, lh, ah, kf);
 }
 
 // kvr_attn is the custom op: dst f32 [hd, nq, 1], src[0] the queries f32
@@ -317,10 +468,11 @@ static void kvr_attn(struct ggml_tensor *dst, int ith, int nth, void *ud) {
 	const int q0 = (int)((long)nq * ith / nth), q1 = (int)((long)nq * (ith + 1) / nth);
 	if (q0 >= q1) return;
 	const int mine = q1 - q0;
-	float *st = (float *)malloc(((size_t)mine * (2 * hd + 2 + KVR_SLOT) + KVR_ROWS) * sizeof(float));
+	float *st = (float *)malloc(((size_t)mine * (2 * hd + 2 + KVR_SLOT) + KVR_ROWS + (size_t)KVR_ROWS * hd) * sizeof(float));
 	if (!st) abort();
 	float *qs = st, *acc = qs + (size_t)mine * hd, *m = acc + (size_t)mine * hd, *l = m + mine, *s = l + mine;
 	int32_t *rows = (int32_t *)(s + (size_t)mine * KVR_SLOT);
+	float *kf = (float *)(rows + KVR_ROWS);
 	kvr_heads_start(q, q0, mine, hd, P->scale, qs, acc, m, l);
 	// The staging cells: keys token-major rows nb[2] bytes apart, values
 	// one row of cells per channel.
@@ -334,7 +486,7 @@ static void kvr_attn(struct ggml_tensor *dst, int ith, int nth, void *ud) {
 	}
 	for (int h = q0 / G; h * G < q1; h++) {
 		const int a = h * G > q0 ? h * G : q0, b = (h + 1) * G < q1 ? (h + 1) * G : q1, i0 = a - q0, nh = b - a;
-		kvr_fold_runs(P, P->k + (size_t)h * hd, P->v + (size_t)h * hd, hd, qs + (size_t)i0 * hd, nh, rows, s, m + i0, l + i0, acc + (size_t)i0 * hd);
+		kvr_fold_runs(P, P->k + (size_t)h * hd, P->v + (size_t)h * hd, hd, qs + (size_t)i0 * hd, nh, rows, s, m + i0, l + i0, acc + (size_t)i0 * hd, kf);
 	}
 	kvr_heads_end(dst, q0, mine, hd, acc, l);
 	free(st);
@@ -393,11 +545,12 @@ static void kvr_layer_attn(struct ggml_tensor *dst, int ith, int nth, void *ud) 
 	const int q0 = (int)((long)nq * ith / nth), q1 = (int)((long)nq * (ith + 1) / nth);
 	if (q0 >= q1) return;
 	const int mine = q1 - q0;
-	float *st = (float *)malloc(((size_t)mine * (2 * hd + 2 + KVR_SLOT) + KVR_ROWS + hd) * sizeof(float));
+	float *st = (float *)malloc(((size_t)mine * (2 * hd + 2 + KVR_SLOT) + KVR_ROWS + hd + (size_t)KVR_ROWS * hd) * sizeof(float));
 	if (!st) abort();
 	float *qs = st, *acc = qs + (size_t)mine * hd, *m = acc + (size_t)mine * hd, *l = m + mine, *s = l + mine;
 	int32_t *rows = (int32_t *)(s + (size_t)mine * KVR_SLOT);
 	uint16_t *nk = (uint16_t *)(rows + KVR_ROWS), *nv = nk + hd; // the batch token's f16 K and V of one head
+	float *kf = (float *)(nk + 2 * hd);
 	kvr_heads_start(q, q0, mine, hd, L->scale, qs, acc, m, l);
 	for (int h = q0 / G; h * G < q1; h++) {
 		const int a = h * G > q0 ? h * G : q0, b = (h + 1) * G < q1 ? (h + 1) * G : q1, i0 = a - q0, nh = b - a;
@@ -412,14 +565,14 @@ static void kvr_layer_attn(struct ggml_tensor *dst, int ith, int nth, void *ud) 
 				nv[d] = kvr_f2h(vr[d]);
 			}
 			rows[0] = 0;
-			kvr_rows(qh, nh, hd, nk, nv, hd, rows, 1, s, mh, lh, ah);
+			kvr_rows(qh, nh, hd, nk, nv, hd, rows, 1, s, mh, lh, ah, kf);
 		}
 		// The loose tokens (tens to a few hundred), per query head as
 		// kvr_attn folds its staging cells: their V is channel-major.
 		if (P->nloose > 0)
 			for (int i = 0; i < nh; i++)
 				kvr_span(qh + (size_t)i * hd, hd, P->lk + off, P->lc, P->lv + off * P->lvs, P->lvs, P->nloose, mh + i, lh + i, ah + (size_t)i * hd);
-		kvr_fold_runs(P, P->k + off, P->v + off, hd, qh, nh, rows, s, mh, lh, ah);
+		kvr_fold_runs(P, P->k + off, P->v + off, hd, qh, nh, rows, s, mh, lh, ah, kf);
 	}
 	kvr_heads_end(dst, q0, mine, hd, acc, l);
 	free(st);
@@ -523,6 +676,24 @@ var InPlaceLayerOp = true
 // TLB miss per run) arrive while this one is summed. A knob for
 // measuring it.
 var InPlacePrefetch = 64
+
+// InPlace512 reports whether the in-place ops fold rows with 512-bit
+// vectors (kvr_rows512): built for a CPU with AVX-512F (the default
+// -march=native on one) and not turned off by SetInPlace512.
+func InPlace512() bool { return C.kvr_has512() != 0 && C.kvr_get_no512() == 0 }
+
+// SetInPlace512 turns the 512-bit path on or off (where it is compiled)
+// and returns the previous setting. For tests, which compare the two
+// paths; not safe while a graph computes.
+func SetInPlace512(on bool) bool {
+	was := C.kvr_get_no512() == 0
+	no := C.int(1)
+	if on {
+		no = 0
+	}
+	C.kvr_set_no512(no)
+	return was
+}
 
 // ggmlContext mirrors the first fields of ollama's ggml.Context (v0.17.4,
 // unexported): its backend and the ggml context new tensors go in.
