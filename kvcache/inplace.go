@@ -221,7 +221,7 @@ static inline __m512 kvr_sum16(const __m512 *a) {
 // kvr_exp16 is e^x for x <= 0, sixteen at a time (x below -87 gives
 // ~0): 2^n·p(r), x = n·ln2 + r, |r| <= ln2/2, p Cephes' expf polynomial.
 static inline __m512 kvr_exp16(__m512 x) {
-	x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+	x = _mm512_max_ps(_mm512_set1_ps(-87.0f), x); // this order keeps a NaN (max returns its second operand)
 	__m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 	__m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
 	r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
