@@ -23,7 +23,7 @@ export CGO_CFLAGS := $(SIMD_FLAGS)
 export CGO_CXXFLAGS := $(SIMD_FLAGS)
 export CGO_CPPFLAGS
 
-.PHONY: all setup build install demo serve test test-adapters test-short bench fuzz models clean
+.PHONY: all setup build install demo serve test test-adapters test-short bench fuzz models clean cuda cpu-backends
 
 all: build
 
@@ -48,7 +48,21 @@ demo: build/cgo.env
 serve: build/cgo.env
 	$(GO) run ./cmd/kvrecall serve $(ARGS)
 
-test: build/cgo.env
+# ggml backends as shared libraries, loaded at start from build/lib/ollama
+# (OLLAMA_LIBRARY_PATH; docs/gpu.md). The binary is the same without them.
+# cuda needs nvcc and CMake and says so where they are missing;
+# CUDA_ARCHITECTURES=90 limits it to one GPU generation (faster to build).
+cuda: build/cgo.env
+	./scripts/build-backends.sh cuda
+
+# Two CPU variants (x64, haswell): the loader's test (device,
+# runtime's TestLoadedCPUBackend) loads them the way it loads ggml-cuda.
+CPU_BACKENDS := build/lib/ollama/libggml-cpu-x64.so build/lib/ollama/libggml-cpu-haswell.so
+cpu-backends: $(CPU_BACKENDS)
+$(CPU_BACKENDS) &: build/cgo.env scripts/build-backends.sh
+	./scripts/build-backends.sh cpu x64 haswell
+
+test: build/cgo.env $(CPU_BACKENDS)
 	@./scripts/require-redis.sh
 	$(GO) vet ./...
 	$(GO) test -timeout $(TEST_TIMEOUT) $(TEST_FLAGS) ./...

@@ -70,6 +70,17 @@ type Options struct {
 	// "squeezed" method (Squeezed Attention) and calibrate its threshold
 	// from the queries of the document's last tokens.
 	Squeezed *squeezed.Options
+	// Device is where the model's layers run: "" or "cpu" for the CPU
+	// backend (the default, and what every paged cache is tuned for), "gpu"
+	// for ggml's first GPU, or a device name as `kvrecall devices` lists
+	// them ("CUDA0"). GPUs come from backend libraries loaded at start
+	// (make cuda; docs/gpu.md); naming one that is not there is an error.
+	Device string
+	// GPULayers is how many layers go to a GPU Device, counted as
+	// llama.cpp's -ngl counts them: the last GPULayers repeating layers,
+	// and the output layer once GPULayers exceeds them. 0 means all of
+	// them. Ignored when Device is the CPU.
+	GPULayers int
 	// Store, if set, is the shared document tier (Redis; see package store
 	// and docs/store.md): documents are fetched from it instead of
 	// prefilled when another process ingested them, and stored in it after
@@ -97,6 +108,7 @@ type Model struct {
 	opts    Options
 	kvType  ml.DType
 	fp      kvcache.Fingerprint
+	device  DeviceUse // where the layers run (device.go)
 
 	docs   docStore    // documents in host memory (documents.go)
 	shared sharedState // the shared store's bookkeeping (shared.go)
@@ -226,7 +238,11 @@ func Open(ctx context.Context, path string, opts Options) (m *Model, err error) 
 	if opts.FlashAttention {
 		fa = ml.FlashAttentionEnabled
 	}
-	mm, err := model.New(loadPath, ml.BackendParams{AllocMemory: true, NumThreads: opts.Threads, FlashAttention: fa})
+	dev, gpuLayers, err := placeLayers(opts.Device, opts.GPULayers, cfg.Layers)
+	if err != nil {
+		return fail(err)
+	}
+	mm, err := model.New(loadPath, ml.BackendParams{AllocMemory: true, NumThreads: opts.Threads, FlashAttention: fa, GPULayers: gpuLayers})
 	if err != nil {
 		return fail(err)
 	}
@@ -252,7 +268,7 @@ func Open(ctx context.Context, path string, opts Options) (m *Model, err error) 
 	net.Params.LongFactors = cfg.LongRoPE && opts.ContextLength > cfg.RopeOrigContext
 	cfg.LongFactors = net.Params.LongFactors
 	return &Model{path: path, file: f, cfg: cfg, net: net, backend: mm.Backend(), tok: tok, opts: opts, kvType: kv,
-		fp: fp}, nil
+		fp: fp, device: dev}, nil
 }
 
 // fingerprint identifies a model file for its documents: the GGUF header, the

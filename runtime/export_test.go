@@ -91,3 +91,6 @@ func SetPagedStepFault(f func(stage string) error) func(stage string) error {
 	pagedStepFault = f
 	return old
 }
+
+// OffloadedLayers is offloadedLayers: the layers n GPU layers are.
+func OffloadedLayers(n, blocks int) []int { return offloadedLayers(n, blocks) }

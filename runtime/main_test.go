@@ -9,5 +9,10 @@ import (
 
 func TestMain(m *testing.M) {
 	testmodels.Quiet()
+	if os.Getenv(loadedChildEnv) != "" {
+		deviceChild() // TestLoadedCPUBackend's child; exits
+	}
+	// Which backends load must not depend on the caller's environment.
+	os.Unsetenv("OLLAMA_LIBRARY_PATH")
 	os.Exit(m.Run())
 }

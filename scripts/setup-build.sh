@@ -35,6 +35,20 @@ if ! command -v redis-server >/dev/null; then
   fi
 fi
 
+# cmake: `make test` builds two ggml CPU variants as shared libraries
+# (scripts/build-backends.sh) to test the backend loader a GPU library goes
+# through; `make cuda` needs it too. Not needed to build kvrecall itself.
+if ! command -v cmake >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "setup: installing cmake (make test builds ggml's CPU variants to test the backend loader)" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -q cmake >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q cmake >/dev/null; } \
+      || echo "setup: could not install cmake; make test needs it (sudo apt-get install cmake)" >&2
+  else
+    echo "setup: make test needs cmake: sudo apt-get install cmake" >&2
+  fi
+fi
+
 $GO mod download
 malgo=$($GO list -m -f '{{.Dir}}' github.com/gen2brain/malgo)
 mkdir -p build/include/miniaudio
