@@ -64,6 +64,13 @@ type Options struct {
 	// file (from `kvrecall heads detect`), "half" for a synthetic one, or
 	// "" for the retrieval heads the model records.
 	HeadsProfile string
+	// Device is where the model's layers run: "" or "cpu", "gpu" (the
+	// first GPU), or a device name from `kvrecall devices` ("CUDA0"). GPUs
+	// need a ggml backend library loaded at start (docs/gpu.md).
+	Device string
+	// GPULayers is how many layers a GPU Device gets, counted as
+	// llama.cpp's -ngl (the last GPULayers); 0 means all.
+	GPULayers int
 	// LoadProgress, if set, is called with the fraction of weights loaded.
 	LoadProgress func(fraction float32)
 	// Store is a shared document store that several processes use:
@@ -132,7 +139,7 @@ func Open(ctx context.Context, path string, opts Options) (*Model, error) {
 	rm, err := runtime.Open(ctx, path, runtime.Options{
 		Threads: opts.Threads, ContextLength: opts.ContextLength, BatchSize: opts.BatchSize,
 		PageSize: opts.PageSize, DataDir: opts.DataDir, MaxDocumentBytes: opts.MaxDocumentBytes,
-		LoadProgress: opts.LoadProgress, Store: shared,
+		LoadProgress: opts.LoadProgress, Store: shared, Device: opts.Device, GPULayers: opts.GPULayers,
 	})
 	if err != nil {
 		if shared != nil {

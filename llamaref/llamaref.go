@@ -35,9 +35,9 @@ static struct llama_context_params kvr_ctx_params(uint32_t n_ctx, uint32_t n_bat
 // llama.cpp prints progress dots unless a callback is set.
 static bool kvr_quiet_progress(float progress, void *user) { (void)progress; (void)user; return true; }
 
-static struct llama_model_params kvr_model_params(void) {
+static struct llama_model_params kvr_model_params(int gpu_layers) {
 	struct llama_model_params p = llama_model_default_params();
-	p.n_gpu_layers = 0;
+	p.n_gpu_layers = gpu_layers;
 	p.use_mmap = true;
 	p.progress_callback = kvr_quiet_progress;
 	return p;
@@ -76,6 +76,10 @@ type Options struct {
 	// its CLI and server default to. The C API's default, kept when
 	// false, gives those layers full-size caches of Context cells.
 	SWAWindow bool
+	// GPULayers is llama.cpp's n_gpu_layers (-ngl): layers offloaded to
+	// the first GPU ggml has loaded (make cuda; docs/gpu.md). 0 keeps
+	// every layer on the CPU; the default.
+	GPULayers int
 }
 
 // Model is a loaded GGUF file with one llama.cpp context.
@@ -129,7 +133,7 @@ func Load(path string, opts Options) (*Model, error) {
 	if opts.Batch <= 0 {
 		opts.Batch = 512
 	}
-	mp := C.kvr_model_params()
+	mp := C.kvr_model_params(C.int(opts.GPULayers))
 	cpath := C.CString(path)
 	defer C.free(unsafe.Pointer(cpath))
 	m := &Model{path: path, nbatch: opts.Batch, nctx: opts.Context}

@@ -1,6 +1,7 @@
 package server
 
 import (
+	"fmt"
 	"net/http"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -53,8 +54,21 @@ func newMetrics() *metrics {
 	return m
 }
 
-// attach registers the gauges that read the model's document store.
+// attach registers the gauges that read the model's document store, and
+// the device the model runs on.
 func (m *metrics) attach(model *runtime.Model) {
+	use := model.Device()
+	d := use.Device
+	dev := prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "kvrecall_device_info",
+		Help: "The device the model's offloaded layers run on (the CPU device when none is offloaded); always 1."},
+		[]string{"device", "description", "library", "kind", "loaded"})
+	dev.WithLabelValues(d.Name, d.Description, d.Library, string(d.Kind), fmt.Sprint(d.Loaded)).Set(1)
+	m.reg.MustRegister(dev,
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "kvrecall_gpu_layers", Help: "Layers offloaded to the GPU, of kvrecall_model_layers (the output layer counts as one)."},
+			func() float64 { return float64(use.GPULayers) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "kvrecall_model_layers", Help: "The model's repeating layers plus its output layer."},
+			func() float64 { return float64(use.Layers + 1) }),
+	)
 	m.reg.MustRegister(
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "kvrecall_kv_pages_host", Help: "Pages of documents loaded in host memory (all layers count as one page)."},
 			func() float64 {

@@ -409,6 +409,15 @@ func (s *Server) ollamaShow(w http.ResponseWriter, r *http.Request, m *runtime.M
 			info[kv.Key] = v
 		}
 	}
+	// Where it runs, beside the file's keys (kvrecall's own prefix).
+	use := m.Device()
+	info["kvrecall.device"] = use.Device.Name
+	info["kvrecall.device.description"] = use.Device.Description
+	info["kvrecall.device.library"] = use.Device.Library
+	info["kvrecall.device.kind"] = string(use.Device.Kind)
+	info["kvrecall.device.loaded"] = use.Device.Loaded
+	info["kvrecall.gpu_layers"] = use.GPULayers
+	info["kvrecall.layers"] = use.Layers + 1
 	writeJSON(w, http.StatusOK, api.ShowResponse{
 		Modelfile:    "# served by kvrecall\nFROM " + filepath.Base(m.Path()) + "\n", // not where the server keeps it
 		Parameters:   fmt.Sprintf("num_ctx %d", m.Options().ContextLength),

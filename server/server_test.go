@@ -26,6 +26,8 @@ import (
 
 func TestMain(m *testing.M) {
 	testmodels.Quiet()
+	// Which backends load must not depend on the caller's environment.
+	os.Unsetenv("OLLAMA_LIBRARY_PATH")
 	os.Exit(m.Run())
 }
 
@@ -296,8 +298,17 @@ func TestOllamaRoutes(t *testing.T) {
 	require.Equal(t, "gguf", tags["models"][0]["details"].(map[string]any)["format"])
 
 	show := decode[map[string]any](t, fx.do("POST", "/api/show", "", map[string]string{"model": "recall"}))
-	require.Equal(t, "llama", show["model_info"].(map[string]any)["general.architecture"])
+	info := show["model_info"].(map[string]any)
+	require.Equal(t, "llama", info["general.architecture"])
 	require.Contains(t, show["capabilities"], "completion")
+	// Where the model runs: the CPU here (docs/gpu.md).
+	use := fx.m.Device()
+	require.Equal(t, "CPU", info["kvrecall.device"])
+	require.Equal(t, use.Device.Description, info["kvrecall.device.description"])
+	require.Equal(t, "cpu", info["kvrecall.device.kind"])
+	require.Equal(t, false, info["kvrecall.device.loaded"])
+	require.EqualValues(t, 0, info["kvrecall.gpu_layers"])
+	require.EqualValues(t, fx.m.Config().Layers+1, info["kvrecall.layers"])
 
 	require.Equal(t, Version, decode[map[string]string](t, fx.do("GET", "/api/version", "", nil))["version"])
 }
@@ -549,6 +560,11 @@ func TestMetrics(t *testing.T) {
 		require.Contains(t, string(b), name)
 	}
 	require.Greater(t, counter(t, fx, "kvrecall_kv_resident_bytes"), 0.0)
+	// The device: the CPU, no layer offloaded.
+	d := fx.m.Device().Device
+	require.Contains(t, string(b), fmt.Sprintf(`kvrecall_device_info{description=%q,device="CPU",kind="cpu",library=%q,loaded="false"} 1`, d.Description, d.Library))
+	require.Zero(t, counter(t, fx, "kvrecall_gpu_layers"))
+	require.EqualValues(t, fx.m.Config().Layers+1, counter(t, fx, "kvrecall_model_layers"))
 }
 
 // Parallel clients (run under -race by make test) all get their answers.

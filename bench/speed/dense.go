@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/kvrecall/kvrecall/llamaref"
@@ -22,7 +23,12 @@ type DenseConfig struct {
 	Threads      []int
 	DecodeTokens int    // decode steps timed after each prefill (default 32)
 	KVType       string // f16 (default) or f32
-	Log          io.Writer
+	// Device and GPULayers place both engines' layers (runtime.Options;
+	// llama.cpp offloads its last GPULayers to its first GPU, all of them
+	// for 0 when Device is not the CPU).
+	Device    string
+	GPULayers int
+	Log       io.Writer
 }
 
 // DenseRow is one (context, threads) measurement.
@@ -97,7 +103,7 @@ func RunDense(ctx context.Context, c DenseConfig) ([]DenseRow, error) {
 func denseOne(ctx context.Context, c DenseConfig, n, th int) (DenseRow, error) {
 	row := DenseRow{Model: c.Label, Context: n, Threads: th}
 	capacity := n + c.DecodeTokens + 8
-	m, err := runtime.Open(ctx, c.Model, runtime.Options{Threads: th, ContextLength: capacity, KVType: c.KVType})
+	m, err := runtime.Open(ctx, c.Model, runtime.Options{Threads: th, ContextLength: capacity, KVType: c.KVType, Device: c.Device, GPULayers: c.GPULayers})
 	if err != nil {
 		return row, err
 	}
@@ -107,7 +113,7 @@ func denseOne(ctx context.Context, c DenseConfig, n, th int) (DenseRow, error) {
 		return row, err
 	}
 	defer s.Close()
-	ref, err := llamaref.Load(c.Model, llamaref.Options{Threads: th, Context: capacity, KVType: c.KVType})
+	ref, err := llamaref.Load(c.Model, llamaref.Options{Threads: th, Context: capacity, KVType: c.KVType, GPULayers: llamaGPULayers(c.Device, c.GPULayers)})
 	if err != nil {
 		return row, err
 	}
@@ -157,4 +163,17 @@ func DenseTable(rows []DenseRow) string {
 			r.Engine.DecodeMsPerToken, r.Llama.DecodeMsPerToken, r.DecodeRatio())
 	}
 	return s
+}
+
+// llamaGPULayers is llama.cpp's n_gpu_layers for our Device and GPULayers:
+// none on the CPU, all (999, as its CLI's -ngl 999) for 0 on a GPU.
+func llamaGPULayers(device string, n int) int {
+	switch strings.ToLower(strings.TrimSpace(device)) {
+	case "", "cpu":
+		return 0
+	}
+	if n <= 0 {
+		return 999
+	}
+	return n
 }

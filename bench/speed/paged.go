@@ -68,7 +68,11 @@ type PagedConfig struct {
 	// row, whose ingest alone takes more than 10 minutes on 2 cores, an
 	// ingest once and decode runs of a few minutes afterwards.
 	DataDir string
-	Log     func(format string, args ...any)
+	// Device and GPULayers place the layers of every model the run opens,
+	// llama.cpp's too (runtime.Options, DenseConfig).
+	Device    string
+	GPULayers int
+	Log       func(format string, args ...any)
 }
 
 // PagedRow is one context length.
@@ -264,7 +268,7 @@ func pagedOne(ctx context.Context, c PagedConfig, n int, logf func(string, ...an
 	// streaming ingest's probe representatives).
 	var wall float64
 	ingest := func(id string, o runtime.IngestOptions, how string) (*runtime.Document, error) {
-		ingester, err := runtime.Open(ctx, c.Model, runtime.Options{Threads: c.Threads, ContextLength: capacity, DataDir: dir, Squeezed: sq})
+		ingester, err := runtime.Open(ctx, c.Model, runtime.Options{Threads: c.Threads, ContextLength: capacity, DataDir: dir, Squeezed: sq, Device: c.Device, GPULayers: c.GPULayers})
 		if err != nil {
 			return nil, err
 		}
@@ -340,7 +344,7 @@ func pagedOne(ctx context.Context, c PagedConfig, n int, logf func(string, ...an
 	}
 
 	// Decode with its own thread count: the document comes back from disk.
-	m, err := runtime.Open(ctx, c.Model, runtime.Options{Threads: c.DecodeThreads, ContextLength: capacity, DataDir: dir})
+	m, err := runtime.Open(ctx, c.Model, runtime.Options{Threads: c.DecodeThreads, ContextLength: capacity, DataDir: dir, Device: c.Device, GPULayers: c.GPULayers})
 	if err != nil {
 		return row, err
 	}
@@ -375,7 +379,7 @@ func pagedOne(ctx context.Context, c PagedConfig, n int, logf func(string, ...an
 	var ref *llamaref.Model
 	if !c.SkipLlama {
 		logf("%s %d: llama.cpp prefill", c.Label, n)
-		if ref, err = llamaref.Load(c.Model, llamaref.Options{Threads: c.DecodeThreads, BatchThreads: c.Threads, Context: capacity}); err != nil {
+		if ref, err = llamaref.Load(c.Model, llamaref.Options{Threads: c.DecodeThreads, BatchThreads: c.Threads, Context: capacity, GPULayers: llamaGPULayers(c.Device, c.GPULayers)}); err != nil {
 			return row, err
 		}
 		defer ref.Close()
@@ -395,7 +399,7 @@ func pagedOne(ctx context.Context, c PagedConfig, n int, logf func(string, ...an
 	var refSWA *llamaref.Model
 	if cfg := m.Config(); !c.SkipLlama && cfg.SlidingWindow > 0 {
 		logf("%s %d: llama.cpp prefill, window-sized SWA caches", c.Label, n)
-		if refSWA, err = llamaref.Load(c.Model, llamaref.Options{Threads: c.DecodeThreads, BatchThreads: c.Threads, Context: capacity, SWAWindow: true}); err != nil {
+		if refSWA, err = llamaref.Load(c.Model, llamaref.Options{Threads: c.DecodeThreads, BatchThreads: c.Threads, Context: capacity, SWAWindow: true, GPULayers: llamaGPULayers(c.Device, c.GPULayers)}); err != nil {
 			return row, err
 		}
 		defer refSWA.Close()

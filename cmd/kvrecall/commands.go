@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/kvrecall/kvrecall"
+	"github.com/kvrecall/kvrecall/device"
 	"github.com/kvrecall/kvrecall/foundry"
 	"github.com/kvrecall/kvrecall/internal/cli"
 )
@@ -25,6 +26,8 @@ type modelFlags struct {
 	model, data string
 	ctx         int
 	threads     int
+	device      string
+	gpuLayers   int
 }
 
 func (f *modelFlags) register(fs *flag.FlagSet) {
@@ -32,6 +35,8 @@ func (f *modelFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&f.data, "data", "", "directory of ingested documents (default: a folder per model in the user cache directory; the same as serve's)")
 	fs.IntVar(&f.ctx, "ctx", 32768, "context length: the most tokens of document, prompt and answer")
 	fs.IntVar(&f.threads, "threads", 0, "CPU threads (0: one per CPU)")
+	fs.StringVar(&f.device, "device", "cpu", "where the layers run: cpu, gpu (the first GPU) or a name from `kvrecall devices`")
+	fs.IntVar(&f.gpuLayers, "gpu-layers", 0, "layers to offload to a GPU --device, as llama.cpp's -ngl (the last N; 0: all)")
 }
 
 // open loads the model the flags name; ggml's load logs stay quiet.
@@ -49,7 +54,8 @@ func (f *modelFlags) open(ctx context.Context, std stdio, method string, budget 
 			return nil, err
 		}
 	}
-	return kvrecall.Open(ctx, path, kvrecall.Options{Threads: f.threads, ContextLength: f.ctx, DataDir: f.data, Method: method, Budget: budget})
+	return kvrecall.Open(ctx, path, kvrecall.Options{Threads: f.threads, ContextLength: f.ctx, DataDir: f.data, Method: method, Budget: budget,
+		Device: f.device, GPULayers: f.gpuLayers})
 }
 
 // genFlags are the flags of commands that generate.
@@ -155,8 +161,8 @@ func newFlags(std stdio, name, synopsis, about string) *flag.FlagSet {
 }
 
 // envFlags are the subcommand flags that read KVRECALL_* variables (the
-// README promises these four; serve reads all of its own).
-var envFlags = []string{"model", "data", "ctx", "threads"}
+// README promises the first four; serve reads all of its own).
+var envFlags = []string{"model", "data", "ctx", "threads", "device", "gpu-layers"}
 
 func parse(fs *flag.FlagSet, args []string) ([]string, error) {
 	if err := cli.FromEnv(fs, envFlags...); err != nil {
@@ -440,4 +446,45 @@ func isTerminal(r io.Reader) bool {
 	}
 	st, err := f.Stat()
 	return err == nil && st.Mode()&os.ModeCharDevice != 0
+}
+
+func devicesCmd(_ context.Context, args []string, std stdio) error {
+	fs := newFlags(std, "devices", "[--json]", `
+Lists the devices ggml can run a model on: the CPU backend compiled into
+kvrecall, and backends loaded at start from shared libraries (ggml-cuda from
+"make cuda", CPU variants from "make cpu-backends") found in
+$OLLAMA_LIBRARY_PATH or in ../lib/ollama next to the executable. --device
+takes a NAME from this list, "cpu" or "gpu" (docs/gpu.md).`)
+	asJSON := fs.Bool("json", false, "print the list as JSON")
+	pos, err := parse(fs, args)
+	if err != nil {
+		return err
+	}
+	if len(pos) > 0 {
+		return cli.Usagef("devices takes no arguments")
+	}
+	devs := device.List()
+	if *asJSON {
+		enc := json.NewEncoder(std.out)
+		enc.SetIndent("", "  ")
+		return enc.Encode(map[string]any{"devices": devs, "library_paths": device.LibraryPaths()})
+	}
+	tw := tabwriter.NewWriter(std.out, 2, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "NAME\tKIND\tLIBRARY\tFROM\tMEMORY\tDESCRIPTION\tFEATURES")
+	for _, d := range devs {
+		from := "built in"
+		if d.Loaded {
+			from = "loaded"
+		}
+		mem := "host"
+		if d.TotalMemory > 0 {
+			mem = fmt.Sprintf("%.1f/%.1f GiB free", float64(d.FreeMemory)/(1<<30), float64(d.TotalMemory)/(1<<30))
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", d.Name, d.Kind, d.Library, from, mem, d.Description, strings.Join(d.Features, " "))
+	}
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	fmt.Fprintf(std.err, "backend libraries searched in: %s\n", strings.Join(device.LibraryPaths(), ", "))
+	return nil
 }

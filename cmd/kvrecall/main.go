@@ -41,10 +41,12 @@ Commands:
   mkmodel   make GGUF models: random weights, the recall model; upgrade GGUF v1
   heads     profile attention heads for the +heads paging methods
   demo      the recall model finds a needle in a ~16k-token haystack
+  devices   list the CPU and GPU devices layers can run on (--device)
 
 Without --model, commands use the foundry's recall model, built on first use
-(no download). --model, --data, --ctx and --threads can also be set as
-KVRECALL_MODEL, KVRECALL_DATA, KVRECALL_CTX and KVRECALL_THREADS.
+(no download). --model, --data, --ctx, --threads, --device and --gpu-layers
+can also be set as KVRECALL_MODEL, KVRECALL_DATA, KVRECALL_CTX,
+KVRECALL_THREADS, KVRECALL_DEVICE and KVRECALL_GPU_LAYERS.
 
 Run "kvrecall help <command>" for a command's flags.
 `
@@ -75,8 +77,9 @@ func commands() map[string]command {
 		"mkmodel": func(_ context.Context, args []string, _ stdio) error {
 			return mkmodel.Run(args)
 		},
-		"heads": func(ctx context.Context, args []string, _ stdio) error { return heads.Run(ctx, args) },
-		"demo":  func(ctx context.Context, args []string, _ stdio) error { return demo.Run(ctx, args) },
+		"heads":   func(ctx context.Context, args []string, _ stdio) error { return heads.Run(ctx, args) },
+		"demo":    func(ctx context.Context, args []string, _ stdio) error { return demo.Run(ctx, args) },
+		"devices": devicesCmd,
 	}
 }
 

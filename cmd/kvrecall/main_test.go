@@ -22,7 +22,43 @@ import (
 
 func TestMain(m *testing.M) {
 	testmodels.Quiet()
+	// Which backends load must not depend on the caller's environment.
+	os.Unsetenv("OLLAMA_LIBRARY_PATH")
 	os.Exit(m.Run())
+}
+
+// devices lists the compiled-in CPU (no backend library on the path), as a
+// table and as JSON; a device that is not there fails the model's open.
+func TestDevices(t *testing.T) {
+	out, errOut, err := kv(t, "", "devices")
+	require.NoError(t, err)
+	require.Contains(t, out, "NAME")
+	require.Regexp(t, `(?m)^CPU +cpu +CPU +built in +host `, out)
+	require.Contains(t, errOut, "backend libraries searched in")
+
+	out, _, err = kv(t, "", "devices", "--json")
+	require.NoError(t, err)
+	var got struct {
+		Devices []struct {
+			Name, Kind string
+			Loaded     bool
+		}
+		LibraryPaths []string `json:"library_paths"`
+	}
+	require.NoError(t, json.Unmarshal([]byte(out), &got))
+	require.Len(t, got.Devices, 1)
+	require.Equal(t, "CPU", got.Devices[0].Name)
+	require.Equal(t, "cpu", got.Devices[0].Kind)
+	require.False(t, got.Devices[0].Loaded)
+	require.NotEmpty(t, got.LibraryPaths)
+
+	_, _, err = kv(t, "", "devices", "extra")
+	require.ErrorContains(t, err, "devices takes no arguments")
+
+	model := testmodels.Recall(t)
+	_, _, err = kv(t, "", "docs", "ls", "--model", model, "--data", t.TempDir(), "--device", "gpu")
+	require.ErrorContains(t, err, "no GPU device is loaded")
+	require.ErrorContains(t, err, "make cuda")
 }
 
 // kv runs the command in-process and returns its stdout and stderr.

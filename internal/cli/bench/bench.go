@@ -25,6 +25,7 @@ import (
 
 	"github.com/kvrecall/kvrecall/bench/load"
 	"github.com/kvrecall/kvrecall/bench/niah"
+	"github.com/kvrecall/kvrecall/bench/parity"
 	"github.com/kvrecall/kvrecall/bench/ruler"
 	"github.com/kvrecall/kvrecall/bench/runinfo"
 	"github.com/kvrecall/kvrecall/bench/speed"
@@ -50,6 +51,9 @@ const usage = `usage:
   bench niah  [--model FILE] [--method dense,window,quest,retro] [--budget 1024,2048]
               [--lengths 16384,32768] [--depths 0,25,50,75,100] [--needles 1] [--json FILE]
               [--ingest dense,hyper:all,hyper:but0,hyper:last]
+  bench parity --device gpu [--gpu-layers N] [--models FILE,...] [--json FILE]
+              the same models on the device and on the CPU: logits and greedy tokens
+Every benchmark but load takes --device and --gpu-layers (docs/gpu.md).
 `
 
 func floats(s string) ([]float64, error) {
@@ -92,6 +96,8 @@ func Run(ctx context.Context, args []string) error {
 		return runLoad(ctx, args[1:])
 	case "ruler":
 		return runRuler(ctx, args[1:])
+	case "parity":
+		return runParity(ctx, args[1:])
 	case "-h", "--help", "help":
 		fmt.Print(usage)
 		return nil
@@ -102,6 +108,8 @@ func Run(ctx context.Context, args []string) error {
 
 func runSpeed(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("speed", flag.ContinueOnError)
+	var dev deviceFlags
+	dev.register(fs)
 	presets := fs.String("preset", "tiny", "foundry presets to build and measure (f16 weights), comma separated")
 	model := fs.String("model", "", "measure this GGUF instead of presets")
 	contexts := fs.String("contexts", "2048,8192", "prompt lengths")
@@ -173,6 +181,7 @@ func runSpeed(ctx context.Context, args []string) error {
 			rows, err := speed.RunPaged(ctx, speed.PagedConfig{Model: t.path, Label: t.label, Contexts: cs, Threads: ts[0], DecodeThreads: *decodeThreads,
 				Budget: *budget, Methods: ms, DecodeTokens: *decode, HeadProfile: *headsProfile, Hyper: hyperOpts,
 				SkipDense: *skipDense, SkipLlama: *skipLlama, Streaming: *streaming, Extra: extra, Floor: *floor, DataDir: *dataDir,
+				Device: dev.device, GPULayers: dev.gpuLayers,
 				Log: func(f string, a ...any) { fmt.Fprintf(os.Stderr, f+"\n", a...) }})
 			all = append(all, rows...)
 			if err != nil {
@@ -207,7 +216,8 @@ func runSpeed(ctx context.Context, args []string) error {
 	}
 	var all []speed.DenseRow
 	for _, t := range targets {
-		rows, err := speed.RunDense(ctx, speed.DenseConfig{Model: t.path, Label: t.label, Contexts: cs, Threads: ts, DecodeTokens: *decode, Log: os.Stderr})
+		rows, err := speed.RunDense(ctx, speed.DenseConfig{Model: t.path, Label: t.label, Contexts: cs, Threads: ts, DecodeTokens: *decode, Log: os.Stderr,
+			Device: dev.device, GPULayers: dev.gpuLayers})
 		all = append(all, rows...)
 		if err != nil {
 			fmt.Print(speed.DenseTable(all))
@@ -225,6 +235,8 @@ func runSpeed(ctx context.Context, args []string) error {
 
 func runNIAH(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("niah", flag.ContinueOnError)
+	var dev deviceFlags
+	dev.register(fs)
 	model := fs.String("model", "", "GGUF model (default: the foundry's recall model, built if absent)")
 	methods := fs.String("method", "retro", "paging methods, comma separated: "+paging.Known())
 	headsProfile := fs.String("heads-profile", "", "head profile for +heads methods: a profile file (cmd/heads detect) or \"half\"; default: the heads the model records, or model.heads.json beside it")
@@ -316,7 +328,7 @@ func runNIAH(ctx context.Context, args []string) error {
 		return err
 	}
 	defer app.Close()
-	m, cleanup, err := openWithScratchDocs(ctx, path, *threads, slices.Max(ls)+64, *headsProfile, ms)
+	m, cleanup, err := openWithScratchDocs(ctx, path, *threads, slices.Max(ls)+64, *headsProfile, ms, dev)
 	if err != nil {
 		return err
 	}
@@ -418,6 +430,8 @@ func runLoad(ctx context.Context, args []string) error {
 
 func runRuler(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("ruler", flag.ContinueOnError)
+	var dev deviceFlags
+	dev.register(fs)
 	model := fs.String("model", "", "GGUF model (default: the foundry's recall model, built if absent)")
 	tasks := fs.String("tasks", strings.Join(ruler.Tasks, ","), "tasks: "+strings.Join(ruler.Tasks, ", "))
 	lengths := fs.String("lengths", "4096,8192,16384,32768,65536", "context lengths in tokens")
@@ -482,7 +496,7 @@ func runRuler(ctx context.Context, args []string) error {
 		return err
 	}
 	defer app.Close()
-	m, cleanup, err := openWithScratchDocs(ctx, path, *threads, slices.Max(ls)+64, *headsProfile, ms)
+	m, cleanup, err := openWithScratchDocs(ctx, path, *threads, slices.Max(ls)+64, *headsProfile, ms, dev)
 	if err != nil {
 		return err
 	}
@@ -544,7 +558,7 @@ func benchModel(path string) (string, *gguf.File, error) {
 // openWithScratchDocs opens a model whose documents go to a temporary
 // directory that cleanup removes (benchmarks ingest their own haystacks).
 // If a method is squeezed, documents are clustered at ingest.
-func openWithScratchDocs(ctx context.Context, path string, threads, contextLength int, headsProfile string, methods []string) (*runtime.Model, func(), error) {
+func openWithScratchDocs(ctx context.Context, path string, threads, contextLength int, headsProfile string, methods []string, dev deviceFlags) (*runtime.Model, func(), error) {
 	docs, err := os.MkdirTemp("", "kvrecall-bench-")
 	if err != nil {
 		return nil, nil, err
@@ -555,7 +569,7 @@ func openWithScratchDocs(ctx context.Context, path string, threads, contextLengt
 			sq = &squeezed.Options{}
 		}
 	}
-	m, err := runtime.Open(ctx, path, runtime.Options{Threads: threads, ContextLength: contextLength, DataDir: docs, Squeezed: sq})
+	m, err := runtime.Open(ctx, path, runtime.Options{Threads: threads, ContextLength: contextLength, DataDir: docs, Squeezed: sq, Device: dev.device, GPULayers: dev.gpuLayers})
 	if err != nil {
 		os.RemoveAll(docs)
 		return nil, nil, err
@@ -648,4 +662,69 @@ func probeExtra(spec string) (map[string]any, error) {
 		return nil, fmt.Errorf("--probe: %w", err)
 	}
 	return map[string]any{probe.OptionKey: s}, nil
+}
+
+// deviceFlags place a benchmark's models (runtime.Options.Device,
+// GPULayers; llama.cpp's layers too in bench speed).
+type deviceFlags struct {
+	device    string
+	gpuLayers int
+}
+
+func (d *deviceFlags) register(fs *flag.FlagSet) {
+	fs.StringVar(&d.device, "device", "cpu", "where the layers run: cpu, gpu (the first GPU) or a name from `kvrecall devices` (docs/gpu.md)")
+	fs.IntVar(&d.gpuLayers, "gpu-layers", 0, "layers to offload to a GPU --device, as llama.cpp's -ngl (the last N; 0: all)")
+}
+
+func runParity(ctx context.Context, args []string) error {
+	fs := flag.NewFlagSet("parity", flag.ContinueOnError)
+	var dev deviceFlags
+	dev.register(fs)
+	models := fs.String("models", "", "GGUF files, comma separated (default: the foundry's tiny llama and qwen2 presets, f32, and its recall model)")
+	threads := fs.Int("threads", 0, "CPU threads (default: all)")
+	tol := fs.Float64("tol", 1e-3, "largest logit difference allowed, as a fraction of the CPU's largest |logit|")
+	jsonOut := fs.String("json", "", "also write the rows as JSON to this file")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	var paths []string
+	if *models != "" {
+		paths = strings.Split(*models, ",")
+	} else {
+		dir, err := foundry.ModelsDir()
+		if err != nil {
+			return err
+		}
+		for _, arch := range []string{"llama", "qwen2"} {
+			path, err := foundry.EnsurePreset(dir, arch, "tiny", foundry.F32, nil)
+			if err != nil {
+				return err
+			}
+			paths = append(paths, path)
+		}
+		path, err := foundry.EnsureRecall(dir, nil)
+		if err != nil {
+			return err
+		}
+		paths = append(paths, path)
+	}
+	rows, err := parity.Run(ctx, parity.Config{Models: paths, Device: dev.device, GPULayers: dev.gpuLayers, Threads: *threads, Tolerance: *tol,
+		Log: func(f string, a ...any) { fmt.Fprintf(os.Stderr, f+"\n", a...) }})
+	fmt.Printf("\nbench %s\n\n", strings.Join(append([]string{"parity"}, args...), " "))
+	fmt.Print(parity.Table(rows))
+	if *jsonOut != "" {
+		b, _ := json.MarshalIndent(rows, "", "  ")
+		if werr := os.WriteFile(*jsonOut, b, 0o644); werr != nil && err == nil {
+			err = werr
+		}
+	}
+	if err != nil {
+		return err
+	}
+	for _, r := range rows {
+		if !r.OK {
+			return fmt.Errorf("parity: %s %s on %s differs from the CPU", r.Model, r.Check, r.Device)
+		}
+	}
+	return nil
 }

@@ -42,6 +42,8 @@ func envName(flagName string) string {
 
 type settings struct {
 	model, host, data, apiKey, policy string
+	device                            string
+	gpuLayers                         int
 	store                             string
 	headsProfile, headsProfiles       string
 	port, threads, ctxLen, budget     int
@@ -75,6 +77,8 @@ Every flag can also be set as KVRECALL_<FLAG> (dashes as underscores).
 	fs.StringVar(&s.host, "host", "127.0.0.1", "address to bind; anything but loopback should have --api-key")
 	fs.IntVar(&s.port, "port", 8080, "port")
 	fs.IntVar(&s.threads, "threads", 0, "CPU threads (0: all)")
+	fs.StringVar(&s.device, "device", "cpu", "where the model's layers run: cpu, gpu (the first GPU) or a device name from `kvrecall devices` (GPUs need a backend library: make cuda, docs/gpu.md)")
+	fs.IntVar(&s.gpuLayers, "gpu-layers", 0, "layers to offload to a GPU --device, counted as llama.cpp's -ngl (the last N; 0: all)")
 	fs.IntVar(&s.ctxLen, "ctx", 32768, "context length: most tokens in a session (document + question + answer)")
 	fs.StringVar(&s.policy, "kv-policy", "retro", "default paging method for document requests: "+paging.Known())
 	fs.StringVar(&s.headsProfile, "heads-profile", "", "head profile for +heads methods (retro+heads: retrieval KV heads attend to retro's pages, streaming heads to sinks + window): \"half\" for a synthetic one; default: the retrieval heads the model records")
@@ -314,7 +318,7 @@ func loadHeadProfiles(dir string, m *runtime.Model) (map[string]heads.Classes, e
 // modelOptions are the runtime options the flags ask for.
 func (st *settings) modelOptions() runtime.Options {
 	return runtime.Options{Threads: st.threads, ContextLength: st.ctxLen, DataDir: st.data, PageSize: st.pageSize,
-		MaxDocumentBytes: st.maxDocMemory, Squeezed: squeezedOptions(st.squeezed)}
+		MaxDocumentBytes: st.maxDocMemory, Squeezed: squeezedOptions(st.squeezed), Device: st.device, GPULayers: st.gpuLayers}
 }
 
 // squeezedOptions turns --squeezed into the runtime's clustering options
