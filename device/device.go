@@ -53,8 +53,13 @@ type Info struct {
 	Name        string `json:"name"`        // ggml's name: "CPU", "CUDA0"
 	Description string `json:"description"` // the hardware: "NVIDIA H200", the CPU's model name
 	Kind        Kind   `json:"kind"`
-	Library     string `json:"library"` // the backend: "CPU", "CUDA"
-	ID          string `json:"id,omitempty"`
+	// Library and ID are the device's properties as ggml reports them
+	// ("CUDA", a UUID); ollama places layers by matching both.
+	Library string `json:"library"`
+	ID      string `json:"id,omitempty"`
+	// Backend is the name of the backend that registered the device
+	// ("CPU", "CUDA").
+	Backend string `json:"backend"`
 	// Loaded is true for a device whose backend came from a shared library
 	// at start, false for the CPU backend compiled into the binary.
 	Loaded bool `json:"loaded"`
@@ -98,6 +103,7 @@ func List() []Info {
 			Description: C.GoString(C.ggml_backend_dev_description(d)),
 			Library:     goString(props.library),
 			ID:          goString(props.id),
+			Backend:     C.GoString(C.ggml_backend_reg_name(reg)),
 			Loaded:      reg != builtin,
 		}
 		switch C.ggml_backend_dev_type(d) {
@@ -109,9 +115,6 @@ func List() []Info {
 			info.Kind = IGPU
 		default:
 			info.Kind = Accel
-		}
-		if info.Library == "" {
-			info.Library = C.GoString(C.ggml_backend_reg_name(reg))
 		}
 		if info.IsGPU() {
 			// Asking a CPU backend for memory reads /proc; a GPU's is what
@@ -154,6 +157,15 @@ func LibraryPaths() []string {
 	return ggmlsrc.LibPaths()
 }
 
+// Searched says where the loader looked, for messages: the folders, or
+// that there were none (OLLAMA_LIBRARY_PATH set but empty).
+func Searched() string {
+	if p := LibraryPaths(); len(p) > 0 {
+		return strings.Join(p, ", ")
+	}
+	return "no folder (OLLAMA_LIBRARY_PATH is empty)"
+}
+
 // Default is the device a model runs on when no layer is offloaded: ggml's
 // first CPU device (a loaded CPU variant if the loader found one).
 func Default(devs []Info) (Info, error) {
@@ -179,7 +191,7 @@ func Resolve(devs []Info, name string) (Info, error) {
 			}
 		}
 		return Info{}, fmt.Errorf("device %q: no GPU device is loaded (devices: %s; backend libraries searched in %s; build ggml-cuda with make cuda, docs/gpu.md)",
-			name, names(devs), strings.Join(LibraryPaths(), ", "))
+			name, names(devs), Searched())
 	default:
 		for _, d := range devs {
 			if strings.ToLower(d.Name) == n {

@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"strings"
 	"testing"
 
@@ -30,8 +29,7 @@ func TestMain(m *testing.M) {
 		os.Stdout.WriteString("DEVICES " + string(b) + "\n")
 		os.Exit(0)
 	}
-	// The parent's devices must not depend on the caller's environment.
-	os.Unsetenv("OLLAMA_LIBRARY_PATH")
+	testmodels.NoBackendLibraries()
 	os.Exit(m.Run())
 }
 
@@ -76,13 +74,7 @@ func TestBuiltinCPUAndResolve(t *testing.T) {
 // haswell): it must register the best variant the CPU runs ahead of the
 // compiled-in CPU backend, so that models run on it.
 func TestLoadedCPUVariants(t *testing.T) {
-	root, err := testmodels.RepoRoot()
-	require.NoError(t, err)
-	lib := filepath.Join(root, "build", "lib", "ollama")
-	for _, v := range []string{"x64", "haswell"} {
-		_, err := os.Stat(filepath.Join(lib, "libggml-cpu-"+v+".so"))
-		require.NoError(t, err, "the CPU variant libraries are missing: make cpu-backends builds them (make test does)")
-	}
+	lib := testmodels.CPUBackends(t)
 	devs := listIn(t, lib)
 	require.GreaterOrEqual(t, len(devs), 2, "%+v", devs)
 	first := devs[0]

@@ -35,9 +35,14 @@ static struct llama_context_params kvr_ctx_params(uint32_t n_ctx, uint32_t n_bat
 // llama.cpp prints progress dots unless a callback is set.
 static bool kvr_quiet_progress(float progress, void *user) { (void)progress; (void)user; return true; }
 
-static struct llama_model_params kvr_model_params(int gpu_layers) {
+// devs is the NULL-terminated list of devices llama.cpp may offload to:
+// llama.cpp's NULL would mean every GPU ggml has, even with no layer
+// offloaded (it still sends large batches to them), so the CPU reference
+// passes an empty list and a GPU run the one device it is compared on.
+static struct llama_model_params kvr_model_params(int gpu_layers, ggml_backend_dev_t *devs) {
 	struct llama_model_params p = llama_model_default_params();
 	p.n_gpu_layers = gpu_layers;
+	p.devices = devs;
 	p.use_mmap = true;
 	p.progress_callback = kvr_quiet_progress;
 	return p;
@@ -76,9 +81,12 @@ type Options struct {
 	// its CLI and server default to. The C API's default, kept when
 	// false, gives those layers full-size caches of Context cells.
 	SWAWindow bool
+	// Device is the ggml device (a name from `kvrecall devices`, "CUDA0")
+	// that GPULayers go to; "" keeps llama.cpp off every GPU, whatever
+	// ggml has loaded (make cuda; docs/gpu.md).
+	Device string
 	// GPULayers is llama.cpp's n_gpu_layers (-ngl): layers offloaded to
-	// the first GPU ggml has loaded (make cuda; docs/gpu.md). 0 keeps
-	// every layer on the CPU; the default.
+	// Device, the last ones first. 0 keeps every layer on the CPU.
 	GPULayers int
 }
 
@@ -133,7 +141,18 @@ func Load(path string, opts Options) (*Model, error) {
 	if opts.Batch <= 0 {
 		opts.Batch = 512
 	}
-	mp := C.kvr_model_params(C.int(opts.GPULayers))
+	// Two slots: the device (or none) and the list's terminating NULL.
+	devs := (*[2]C.ggml_backend_dev_t)(C.calloc(2, C.size_t(unsafe.Sizeof(uintptr(0)))))
+	defer C.free(unsafe.Pointer(devs))
+	if opts.Device != "" {
+		cname := C.CString(opts.Device)
+		devs[0] = C.ggml_backend_dev_by_name(cname)
+		C.free(unsafe.Pointer(cname))
+		if devs[0] == nil {
+			return nil, fmt.Errorf("llamaref: ggml has no device %q", opts.Device)
+		}
+	}
+	mp := C.kvr_model_params(C.int(opts.GPULayers), &devs[0])
 	cpath := C.CString(path)
 	defer C.free(unsafe.Pointer(cpath))
 	m := &Model{path: path, nbatch: opts.Batch, nctx: opts.Context}

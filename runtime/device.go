@@ -57,6 +57,28 @@ func placeLayers(name string, gpuLayers, blocks int) (DeviceUse, ml.GPULayersLis
 	return use, ml.GPULayersList{{DeviceID: ml.DeviceID{ID: d.ID, Library: d.Library}, Layers: layers}}, nil
 }
 
+// checkOffload makes sure that ollama's backend put the offloaded layers'
+// weights on the device: it keeps a layer on the CPU, without a word, when
+// the device's ID does not match, and a GPU run would then compare the CPU
+// with itself.
+func checkOffload(mem ml.BackendMemory, d device.Info, layers ml.GPULayersList) error {
+	if len(layers) == 0 {
+		return nil
+	}
+	for _, g := range mem.GPUs {
+		if g.DeviceID != layers[0].DeviceID {
+			continue
+		}
+		for _, l := range layers[0].Layers {
+			if l >= len(g.Weights) || g.Weights[l] == 0 {
+				return fmt.Errorf("device %s: layer %d of the offloaded ones has no weights there (the backend kept it on the CPU)", d, l)
+			}
+		}
+		return nil
+	}
+	return fmt.Errorf("device %s: the backend placed nothing on it (no GPU with id %q, library %q)", d, layers[0].ID, layers[0].Library)
+}
+
 // offloadedLayers lists the layers n GPU layers are, as llama.cpp's -ngl n
 // places them: the last n repeating layers, and the output layer (index
 // blocks) once n exceeds them. n = 0 means all of them.

@@ -8,10 +8,10 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"strings"
 	"testing"
 
+	"github.com/ollama/ollama/ml"
 	"github.com/stretchr/testify/require"
 
 	"github.com/kvrecall/kvrecall/device"
@@ -37,6 +37,33 @@ func TestOffloadedLayers(t *testing.T) {
 			require.Equal(t, c.want, runtime.OffloadedLayers(c.n, c.blocks))
 		})
 	}
+}
+
+// A GPU run must fail when ollama's backend kept an offloaded layer on the
+// CPU (it does so without a word when the device's ID does not match).
+func TestCheckOffload(t *testing.T) {
+	gpu := device.Info{Name: "CUDA0", Kind: device.GPU, ID: "GPU-1", Library: "CUDA"}
+	id := ml.DeviceID{ID: "GPU-1", Library: "CUDA"}
+	want := ml.GPULayersList{{DeviceID: id, Layers: []int{2, 3, 4}}}
+	for _, c := range []struct {
+		name string
+		mem  ml.BackendMemory
+		err  string
+	}{
+		{"on the GPU", ml.BackendMemory{GPUs: []ml.DeviceMemory{{DeviceID: id, Weights: []uint64{0, 0, 5, 5, 1}}}}, ""},
+		{"one layer kept on the CPU", ml.BackendMemory{GPUs: []ml.DeviceMemory{{DeviceID: id, Weights: []uint64{0, 0, 5, 0, 1}}}}, "layer 3"},
+		{"no such GPU", ml.BackendMemory{GPUs: []ml.DeviceMemory{{DeviceID: ml.DeviceID{ID: "GPU-2", Library: "CUDA"}, Weights: []uint64{5, 5, 5, 5, 5}}}}, "placed nothing on it"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			err := runtime.CheckOffload(c.mem, gpu, want)
+			if c.err == "" {
+				require.NoError(t, err)
+				return
+			}
+			require.ErrorContains(t, err, c.err)
+		})
+	}
+	require.NoError(t, runtime.CheckOffload(ml.BackendMemory{}, device.Info{Kind: device.CPU}, nil), "nothing offloaded")
 }
 
 func TestOpenDevice(t *testing.T) {
@@ -126,17 +153,13 @@ func deviceChild() {
 }
 
 // TestLoadedCPUBackend runs a model on a CPU variant that ollama's loader
-// brought in from build/lib/ollama (make cpu-backends), the path a CUDA
+// brought in from build/test/lib/ollama (make cpu-backends), the path a CUDA
 // library takes, and checks it against the compiled-in CPU backend: same
 // logits (other SIMD code, so within rounding) for a dense prompt and for
 // a paged document session whose custom attention ops run on the loaded
 // backend's threads.
 func TestLoadedCPUBackend(t *testing.T) {
-	root, err := testmodels.RepoRoot()
-	require.NoError(t, err)
-	lib := filepath.Join(root, "build", "lib", "ollama")
-	_, err = os.Stat(filepath.Join(lib, "libggml-cpu-x64.so"))
-	require.NoError(t, err, "the CPU variant libraries are missing: make cpu-backends builds them (make test does)")
+	lib := testmodels.CPUBackends(t)
 	path := testmodels.Random(t, "llama", "tiny", foundry.F32, 4, false)
 
 	exe, err := os.Executable()

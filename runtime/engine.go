@@ -251,6 +251,10 @@ func Open(ctx context.Context, path string, opts Options) (m *Model, err error) 
 		mm.Backend().Close()
 		return fail(fmt.Errorf("architecture %q is registered by another package", cfg.Arch))
 	}
+	if err := checkOffload(mm.Backend().BackendMemory(), dev.Device, gpuLayers); err != nil {
+		mm.Backend().Close()
+		return fail(err)
+	}
 	if err := mm.Backend().Load(ctx, opts.LoadProgress); err != nil {
 		mm.Backend().Close()
 		return fail(fmt.Errorf("load weights: %w", err))

@@ -94,3 +94,6 @@ func SetPagedStepFault(f func(stage string) error) func(stage string) error {
 
 // OffloadedLayers is offloadedLayers: the layers n GPU layers are.
 func OffloadedLayers(n, blocks int) []int { return offloadedLayers(n, blocks) }
+
+// CheckOffload is checkOffload.
+var CheckOffload = checkOffload

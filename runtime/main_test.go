@@ -13,6 +13,6 @@ func TestMain(m *testing.M) {
 		deviceChild() // TestLoadedCPUBackend's child; exits
 	}
 	// Which backends load must not depend on the caller's environment.
-	os.Unsetenv("OLLAMA_LIBRARY_PATH")
+	testmodels.NoBackendLibraries()
 	os.Exit(m.Run())
 }

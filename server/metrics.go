@@ -61,8 +61,8 @@ func (m *metrics) attach(model *runtime.Model) {
 	d := use.Device
 	dev := prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "kvrecall_device_info",
 		Help: "The device the model's offloaded layers run on (the CPU device when none is offloaded); always 1."},
-		[]string{"device", "description", "library", "kind", "loaded"})
-	dev.WithLabelValues(d.Name, d.Description, d.Library, string(d.Kind), fmt.Sprint(d.Loaded)).Set(1)
+		[]string{"device", "description", "backend", "kind", "loaded"})
+	dev.WithLabelValues(d.Name, d.Description, d.Backend, string(d.Kind), fmt.Sprint(d.Loaded)).Set(1)
 	m.reg.MustRegister(dev,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "kvrecall_gpu_layers", Help: "Layers offloaded to the GPU, of kvrecall_model_layers (the output layer counts as one)."},
 			func() float64 { return float64(use.GPULayers) }),

@@ -413,7 +413,7 @@ func (s *Server) ollamaShow(w http.ResponseWriter, r *http.Request, m *runtime.M
 	use := m.Device()
 	info["kvrecall.device"] = use.Device.Name
 	info["kvrecall.device.description"] = use.Device.Description
-	info["kvrecall.device.library"] = use.Device.Library
+	info["kvrecall.device.backend"] = use.Device.Backend
 	info["kvrecall.device.kind"] = string(use.Device.Kind)
 	info["kvrecall.device.loaded"] = use.Device.Loaded
 	info["kvrecall.gpu_layers"] = use.GPULayers

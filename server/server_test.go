@@ -27,7 +27,7 @@ import (
 func TestMain(m *testing.M) {
 	testmodels.Quiet()
 	// Which backends load must not depend on the caller's environment.
-	os.Unsetenv("OLLAMA_LIBRARY_PATH")
+	testmodels.NoBackendLibraries()
 	os.Exit(m.Run())
 }
 
@@ -305,6 +305,7 @@ func TestOllamaRoutes(t *testing.T) {
 	use := fx.m.Device()
 	require.Equal(t, "CPU", info["kvrecall.device"])
 	require.Equal(t, use.Device.Description, info["kvrecall.device.description"])
+	require.Equal(t, "CPU", info["kvrecall.device.backend"])
 	require.Equal(t, "cpu", info["kvrecall.device.kind"])
 	require.Equal(t, false, info["kvrecall.device.loaded"])
 	require.EqualValues(t, 0, info["kvrecall.gpu_layers"])
@@ -562,7 +563,7 @@ func TestMetrics(t *testing.T) {
 	require.Greater(t, counter(t, fx, "kvrecall_kv_resident_bytes"), 0.0)
 	// The device: the CPU, no layer offloaded.
 	d := fx.m.Device().Device
-	require.Contains(t, string(b), fmt.Sprintf(`kvrecall_device_info{description=%q,device="CPU",kind="cpu",library=%q,loaded="false"} 1`, d.Description, d.Library))
+	require.Contains(t, string(b), fmt.Sprintf(`kvrecall_device_info{backend="CPU",description=%q,device="CPU",kind="cpu",loaded="false"} 1`, d.Description))
 	require.Zero(t, counter(t, fx, "kvrecall_gpu_layers"))
 	require.EqualValues(t, fx.m.Config().Layers+1, counter(t, fx, "kvrecall_model_layers"))
 }

@@ -14,7 +14,7 @@ import (
 
 func TestMain(m *testing.M) {
 	testmodels.Quiet()
-	os.Unsetenv("OLLAMA_LIBRARY_PATH")
+	testmodels.NoBackendLibraries()
 	os.Exit(m.Run())
 }
 

@@ -14,6 +14,8 @@ import (
 	"runtime/debug"
 	"strings"
 	"time"
+
+	"github.com/kvrecall/kvrecall/device"
 )
 
 // Prepare creates dir (if needed) and writes command.txt (appending when a
@@ -53,6 +55,10 @@ func Machine() string {
 	fmt.Fprintf(&b, "memory: %s\n", memTotal())
 	fmt.Fprintf(&b, "os/arch: %s/%s\n", runtime.GOOS, runtime.GOARCH)
 	fmt.Fprintf(&b, "go: %s\n", runtime.Version())
+	// The devices ggml has (a GPU run names its GPU here; docs/gpu.md).
+	for _, d := range device.List() {
+		fmt.Fprintf(&b, "device: %s\n", d)
+	}
 	fmt.Fprintf(&b, "cgo cflags: %s\n", os.Getenv("CGO_CFLAGS"))
 	if info, ok := debug.ReadBuildInfo(); ok {
 		for _, s := range info.Settings {

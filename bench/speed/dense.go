@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"io"
 	"slices"
-	"strings"
 	"time"
 
 	"github.com/kvrecall/kvrecall/llamaref"
@@ -113,7 +112,8 @@ func denseOne(ctx context.Context, c DenseConfig, n, th int) (DenseRow, error) {
 		return row, err
 	}
 	defer s.Close()
-	ref, err := llamaref.Load(c.Model, llamaref.Options{Threads: th, Context: capacity, KVType: c.KVType, GPULayers: llamaGPULayers(c.Device, c.GPULayers)})
+	use := m.Device()
+	ref, err := llamaref.Load(c.Model, llamaref.Options{Threads: th, Context: capacity, KVType: c.KVType, Device: llamaDeviceName(use), GPULayers: llamaGPULayers(use, c.GPULayers)})
 	if err != nil {
 		return row, err
 	}
@@ -165,15 +165,24 @@ func DenseTable(rows []DenseRow) string {
 	return s
 }
 
-// llamaGPULayers is llama.cpp's n_gpu_layers for our Device and GPULayers:
-// none on the CPU, all (999, as its CLI's -ngl 999) for 0 on a GPU.
-func llamaGPULayers(device string, n int) int {
-	switch strings.ToLower(strings.TrimSpace(device)) {
-	case "", "cpu":
+// llamaDevice is where llama.cpp's layers go when ours are on use: its
+// device name ("" for the CPU) and n_gpu_layers, the same count as ours
+// (our 0 means all: llama.cpp's 999, as its CLI's -ngl 999).
+func llamaGPULayers(use runtime.DeviceUse, n int) int {
+	if !use.Device.IsGPU() {
 		return 0
 	}
 	if n <= 0 {
 		return 999
 	}
 	return n
+}
+
+// llamaDeviceName is the ggml device llama.cpp may use: ours when it is a
+// GPU, none otherwise.
+func llamaDeviceName(use runtime.DeviceUse) string {
+	if !use.Device.IsGPU() {
+		return ""
+	}
+	return use.Device.Name
 }

@@ -379,7 +379,7 @@ func pagedOne(ctx context.Context, c PagedConfig, n int, logf func(string, ...an
 	var ref *llamaref.Model
 	if !c.SkipLlama {
 		logf("%s %d: llama.cpp prefill", c.Label, n)
-		if ref, err = llamaref.Load(c.Model, llamaref.Options{Threads: c.DecodeThreads, BatchThreads: c.Threads, Context: capacity, GPULayers: llamaGPULayers(c.Device, c.GPULayers)}); err != nil {
+		if ref, err = llamaref.Load(c.Model, llamaref.Options{Threads: c.DecodeThreads, BatchThreads: c.Threads, Context: capacity, Device: llamaDeviceName(m.Device()), GPULayers: llamaGPULayers(m.Device(), c.GPULayers)}); err != nil {
 			return row, err
 		}
 		defer ref.Close()
@@ -399,7 +399,7 @@ func pagedOne(ctx context.Context, c PagedConfig, n int, logf func(string, ...an
 	var refSWA *llamaref.Model
 	if cfg := m.Config(); !c.SkipLlama && cfg.SlidingWindow > 0 {
 		logf("%s %d: llama.cpp prefill, window-sized SWA caches", c.Label, n)
-		if refSWA, err = llamaref.Load(c.Model, llamaref.Options{Threads: c.DecodeThreads, BatchThreads: c.Threads, Context: capacity, SWAWindow: true, GPULayers: llamaGPULayers(c.Device, c.GPULayers)}); err != nil {
+		if refSWA, err = llamaref.Load(c.Model, llamaref.Options{Threads: c.DecodeThreads, BatchThreads: c.Threads, Context: capacity, SWAWindow: true, Device: llamaDeviceName(m.Device()), GPULayers: llamaGPULayers(m.Device(), c.GPULayers)}); err != nil {
 			return row, err
 		}
 		defer refSWA.Close()

@@ -463,6 +463,8 @@ takes a NAME from this list, "cpu" or "gpu" (docs/gpu.md).`)
 	if len(pos) > 0 {
 		return cli.Usagef("devices takes no arguments")
 	}
+	// ollama's loader logs what it found at info level; the list says it.
+	slog.SetDefault(slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelError})))
 	devs := device.List()
 	if *asJSON {
 		enc := json.NewEncoder(std.out)
@@ -470,7 +472,7 @@ takes a NAME from this list, "cpu" or "gpu" (docs/gpu.md).`)
 		return enc.Encode(map[string]any{"devices": devs, "library_paths": device.LibraryPaths()})
 	}
 	tw := tabwriter.NewWriter(std.out, 2, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "NAME\tKIND\tLIBRARY\tFROM\tMEMORY\tDESCRIPTION\tFEATURES")
+	fmt.Fprintln(tw, "NAME\tKIND\tBACKEND\tFROM\tMEMORY\tDESCRIPTION\tFEATURES")
 	for _, d := range devs {
 		from := "built in"
 		if d.Loaded {
@@ -480,11 +482,11 @@ takes a NAME from this list, "cpu" or "gpu" (docs/gpu.md).`)
 		if d.TotalMemory > 0 {
 			mem = fmt.Sprintf("%.1f/%.1f GiB free", float64(d.FreeMemory)/(1<<30), float64(d.TotalMemory)/(1<<30))
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", d.Name, d.Kind, d.Library, from, mem, d.Description, strings.Join(d.Features, " "))
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", d.Name, d.Kind, d.Backend, from, mem, d.Description, strings.Join(d.Features, " "))
 	}
 	if err := tw.Flush(); err != nil {
 		return err
 	}
-	fmt.Fprintf(std.err, "backend libraries searched in: %s\n", strings.Join(device.LibraryPaths(), ", "))
+	fmt.Fprintf(std.err, "backend libraries searched in: %s\n", device.Searched())
 	return nil
 }

@@ -23,7 +23,9 @@ import (
 func TestMain(m *testing.M) {
 	testmodels.Quiet()
 	// Which backends load must not depend on the caller's environment.
-	os.Unsetenv("OLLAMA_LIBRARY_PATH")
+	testmodels.NoBackendLibraries()
+	os.Unsetenv("KVRECALL_DEVICE")
+	os.Unsetenv("KVRECALL_GPU_LAYERS")
 	os.Exit(m.Run())
 }
 
@@ -34,7 +36,7 @@ func TestDevices(t *testing.T) {
 	require.NoError(t, err)
 	require.Contains(t, out, "NAME")
 	require.Regexp(t, `(?m)^CPU +cpu +CPU +built in +host `, out)
-	require.Contains(t, errOut, "backend libraries searched in")
+	require.Contains(t, errOut, "backend libraries searched in: no folder (OLLAMA_LIBRARY_PATH is empty)")
 
 	out, _, err = kv(t, "", "devices", "--json")
 	require.NoError(t, err)
@@ -50,7 +52,7 @@ func TestDevices(t *testing.T) {
 	require.Equal(t, "CPU", got.Devices[0].Name)
 	require.Equal(t, "cpu", got.Devices[0].Kind)
 	require.False(t, got.Devices[0].Loaded)
-	require.NotEmpty(t, got.LibraryPaths)
+	require.Empty(t, got.LibraryPaths, "TestMain loads no backend library")
 
 	_, _, err = kv(t, "", "devices", "extra")
 	require.ErrorContains(t, err, "devices takes no arguments")

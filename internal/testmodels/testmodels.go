@@ -154,3 +154,30 @@ func rootModule(gomod []byte) bool {
 	}
 	return false
 }
+
+// CPUBackends is the folder of the ggml CPU variant libraries that
+// `make cpu-backends` builds (make test does) for the loader's tests. A
+// missing library fails the test: it names the make target.
+func CPUBackends(t testing.TB) string {
+	t.Helper()
+	root, err := RepoRoot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := filepath.Join(root, "build", "test", "lib", "ollama")
+	for _, v := range []string{"x64", "haswell"} {
+		if _, err := os.Stat(filepath.Join(dir, "libggml-cpu-"+v+".so")); err != nil {
+			t.Fatalf("the CPU variant libraries are missing (%v): make cpu-backends builds them (make test does)", err)
+		}
+	}
+	return dir
+}
+
+// NoBackendLibraries makes the process load no ggml backend library (its
+// devices then do not depend on the caller's environment): ollama's loader
+// reads OLLAMA_LIBRARY_PATH once, and an empty one names no folder, where
+// an unset one would mean ../lib/ollama next to the test binary. For
+// TestMain, before any model opens.
+func NoBackendLibraries() {
+	os.Setenv("OLLAMA_LIBRARY_PATH", "")
+}
