@@ -199,6 +199,11 @@ type ModelInfo struct {
 	// ChatTemplate is the model's Jinja chat template; "" means the
 	// fallback: the messages' contents joined by blank lines.
 	ChatTemplate string
+	// Device names where the offloaded layers run ("CUDA0 (NVIDIA H200,
+	// gpu, loaded)"), or the CPU device when none is offloaded; GPULayers
+	// of Layers+1 (the output layer counts) are on it.
+	Device    string
+	GPULayers int
 }
 
 // Info describes the model.
@@ -206,7 +211,7 @@ func (m *Model) Info() ModelInfo {
 	c := m.rt.Config()
 	return ModelInfo{Path: m.rt.Path(), Arch: c.Arch, Layers: c.Layers, Heads: c.Heads, KVHeads: c.KVHeads,
 		HeadDim: c.HeadDim, Vocab: c.Vocab, ContextLength: m.opts.ContextLength, Trained: c.ContextLength,
-		ChatTemplate: m.tpl.Source()}
+		ChatTemplate: m.tpl.Source(), Device: m.rt.Device().Device.String(), GPULayers: m.rt.Device().GPULayers}
 }
 
 // CountTokens returns the number of tokens text takes (without BOS).

@@ -131,6 +131,8 @@ func TestChatTemplate(t *testing.T) {
 	require.NoError(t, err)
 	defer m.Close()
 	require.Equal(t, tpl, m.Info().ChatTemplate)
+	require.Regexp(t, `^CPU \(.+, cpu(, loaded)?\)$`, m.Info().Device, "no Device option: every layer on the CPU")
+	require.Zero(t, m.Info().GPULayers)
 	msgs := []kvrecall.Message{{Role: "system", Content: "Be kind."}, {Role: "user", Content: "Once upon a time"}}
 	cases := []struct {
 		name          string
