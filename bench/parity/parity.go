@@ -198,9 +198,9 @@ func Table(rows []Row) string {
 		ok := "yes"
 		if !r.OK {
 			ok = "**no**"
-			if r.Detail != "" {
-				ok += " (" + r.Detail + ")"
-			}
+		}
+		if r.Detail != "" {
+			ok += " (" + r.Detail + ")"
 		}
 		if r.Check == "greedy 32" {
 			fmt.Fprintf(&b, "| %s | %s | %s | — | — | %s |\n", r.Model, r.Device, r.Check, ok)
