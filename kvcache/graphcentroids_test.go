@@ -178,6 +178,8 @@ func TestGraphCentroidsMatchHostLookup(t *testing.T) {
 				require.Equal(t, int64(ix.Clustered*tKV*tDim*2*2), st.OrderedBytes, "one copy of the clustered keys and values per KV head")
 				require.Zero(t, st.TokenUploads, "no token pools")
 			}
+			require.Equal(t, int64(tLayout.Layers*tDim*k*tKV*4), c.Stats().SummaryBytes,
+				"the centroid tensors, f32 [headDim, k, kvHeads] per layer, are counted")
 		})
 	}
 }

@@ -239,6 +239,14 @@ func TestQuestFastPathSelectsSamePages(t *testing.T) {
 			res.outs = append(res.outs, out)
 		}
 		res.hostWrites = c.Stats().HostWrites
+		// The box tensors: f32 [2·headDim, rows, kvHeads] per layer,
+		// with room for every page and at most doubled headroom.
+		perRow := int64(2*tDim*tKV*4) * int64(tLayout.Layers)
+		pages := int64((capacity + tPage - 1) / tPage)
+		sum := c.Stats().SummaryBytes
+		require.Zero(t, sum%perRow)
+		require.GreaterOrEqual(t, sum, perRow*pages, "room for every page's box")
+		require.LessOrEqual(t, sum, perRow*(max(64, 2*pages)+int64(rowMultiple)))
 		return res
 	}
 	for _, tc := range []struct {

@@ -56,6 +56,13 @@ type Stats struct {
 	// not in ResidentBytes (which holds the staging buffers) nor in
 	// HostBytes (the pages).
 	OrderedBytes int64
+	// SummaryBytes is the backend memory of the page summaries scored in
+	// the graph: quest's key boxes (f32 [2·headDim, rows, kvHeads] per
+	// layer, with headroom) and squeezed's centroids (f32 [headDim, k,
+	// kvHeads] per layer). It sits beside the pools, not in ResidentBytes,
+	// and unlike them it grows with the document: 1/32 of its KV for the
+	// boxes of 64-token pages, 5 % of its tokens' keys for the centroids.
+	SummaryBytes int64
 	// StagedFromCopy and StagedFromPages count the tokens copied so far
 	// into staging buffers from the ordered copies (in runs) and from the
 	// host pages, one per token and group.
@@ -440,6 +447,16 @@ func (c *Paged) Stats() Stats {
 		}
 	}
 	st.OrderedBytes = c.store.OrderedBytes()
+	for _, bt := range c.boxes {
+		if bt != nil {
+			st.SummaryBytes += int64(2*c.L.HeadDim*bt.cap*c.L.KVHeads) * 4
+		}
+	}
+	for _, ct := range c.cents {
+		if ct != nil {
+			st.SummaryBytes += int64(c.L.HeadDim*ct.k*c.L.KVHeads) * 4
+		}
+	}
 	st.StagedFromCopy, st.StagedFromPages = c.stagedCopy.Load(), c.stagedPages.Load()
 	st.InPlaceRows = c.inplaceRows.Load()
 	st.GraphSelections = c.graphSelections.Load()

@@ -87,6 +87,10 @@ type PagedRow struct {
 	Resident map[string]int64   `json:"resident_kv_bytes"`
 	// ResidentByClass splits each method's resident KV by head class.
 	ResidentByClass map[string]map[string]int64 `json:"resident_kv_bytes_by_class"`
+	// Summaries is each method's page summaries scored in the graph
+	// (kvcache.Stats.SummaryBytes: quest's boxes, squeezed's centroids):
+	// backend memory beside the resident KV that grows with the document.
+	Summaries map[string]int64 `json:"summary_bytes,omitempty"`
 	// BaseMs is our decode time at a 256-token context: the non-attention
 	// cost that AttentionMs subtracts.
 	BaseMs float64 `json:"base_ms_token"`
@@ -212,7 +216,7 @@ func RunPaged(ctx context.Context, c PagedConfig) ([]PagedRow, error) {
 
 func pagedOne(ctx context.Context, c PagedConfig, n int, logf func(string, ...any)) (PagedRow, error) {
 	row := PagedRow{Model: c.Label, Context: n, Threads: c.DecodeThreads, Budget: c.Budget,
-		DecodeMs: map[string]float64{}, Resident: map[string]int64{}, ResidentByClass: map[string]map[string]int64{},
+		DecodeMs: map[string]float64{}, Resident: map[string]int64{}, ResidentByClass: map[string]map[string]int64{}, Summaries: map[string]int64{},
 		Attended: map[string]int64{}, UploadedPerStep: map[string]float64{}, HostKV: map[string]int64{}}
 	capacity := n + 64 + c.DecodeTokens
 	var dir string
@@ -510,6 +514,7 @@ func pagedOne(ctx context.Context, c PagedConfig, n int, logf func(string, ...an
 		// the budget's size, in ResidentBytes; their document's ordered
 		// copies are document memory (Stats.OrderedBytes), not resident.
 		row.Resident[meth], row.ResidentByClass[meth] = st.ResidentBytes, st.ResidentByClass
+		row.Summaries[meth] = st.SummaryBytes
 		row.Attended[meth] = st.AttendedBytes
 		row.UploadedPerStep[meth] = float64(st.UploadedBytes-uploaded[j]) / float64(c.DecodeTokens)
 		row.HostKV[meth] = st.HostBytes
@@ -767,7 +772,7 @@ func kvTrafficTable(rows []PagedRow, methods []string) string {
 	if len(rows) == 0 || rows[0].Attended == nil {
 		return ""
 	}
-	s := "\n| model | context | method | attended KV per step | resident KV | attended / resident | uploaded per step |\n|---|---|---|---|---|---|---|\n"
+	s := "\n| model | context | method | attended KV per step | resident KV | attended / resident | uploaded per step | scored summaries (beside resident) |\n|---|---|---|---|---|---|---|---|\n"
 	clustered := false
 	for _, r := range rows {
 		clustered = clustered || r.ClusterSec > 0
@@ -776,7 +781,7 @@ func kvTrafficTable(rows []PagedRow, methods []string) string {
 			if r.Resident[m] > 0 {
 				ratio = fmt.Sprintf("%.2f", float64(r.Attended[m])/float64(r.Resident[m]))
 			}
-			s += fmt.Sprintf("| %s | %d | %s | %s | %s | %s | %s |\n", r.Model, r.Context, m, mib(r.Attended[m]), mib(r.Resident[m]), ratio, mib(int64(r.UploadedPerStep[m])))
+			s += fmt.Sprintf("| %s | %d | %s | %s | %s | %s | %s | %s |\n", r.Model, r.Context, m, mib(r.Attended[m]), mib(r.Resident[m]), ratio, mib(int64(r.UploadedPerStep[m])), mib(r.Summaries[m]))
 		}
 	}
 	if !clustered {

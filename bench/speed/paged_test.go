@@ -58,11 +58,12 @@ func TestPagedTableAndPlots(t *testing.T) {
 	rows[0].Attended = map[string]int64{"dense": 64 << 20, "squeezed": 4 << 20}
 	rows[0].Resident["squeezed"] = 8 << 20
 	rows[0].UploadedPerStep = map[string]float64{"dense": 0, "squeezed": 1 << 20}
+	rows[0].Summaries = map[string]int64{"squeezed": 3 << 20}
 	rows[0].ClusterSec = 1
 	require.InDelta(t, 0.05, rows[0].ClusterShare(), 1e-9)
 	md = PagedTable(rows[:1], []string{"squeezed"})
-	require.Contains(t, md, "| tiny (f16) | 16384 | squeezed | 4.0 MiB | 8.0 MiB | 0.50 | 1.0 MiB |")
-	require.Contains(t, md, "| tiny (f16) | 16384 | dense | 64.0 MiB | 64.0 MiB | 1.00 | 0.0 MiB |")
+	require.Contains(t, md, "| tiny (f16) | 16384 | squeezed | 4.0 MiB | 8.0 MiB | 0.50 | 1.0 MiB | 3.0 MiB |")
+	require.Contains(t, md, "| tiny (f16) | 16384 | dense | 64.0 MiB | 64.0 MiB | 1.00 | 0.0 MiB | 0.0 MiB |")
 	require.Contains(t, md, "| tiny (f16) | 16384 | 20.0 | 1.00 | 5.0% |")
 }
 
