@@ -23,8 +23,8 @@ type DenseConfig struct {
 	DecodeTokens int    // decode steps timed after each prefill (default 32)
 	KVType       string // f16 (default) or f32
 	// Device and GPULayers place both engines' layers (runtime.Options;
-	// llama.cpp offloads its last GPULayers to its first GPU, all of them
-	// for 0 when Device is not the CPU).
+	// llama.cpp offloads its last GPULayers to the same device, all of
+	// them for 0, and uses no GPU when Device is the CPU).
 	Device    string
 	GPULayers int
 	Log       io.Writer
@@ -165,9 +165,9 @@ func DenseTable(rows []DenseRow) string {
 	return s
 }
 
-// llamaDevice is where llama.cpp's layers go when ours are on use: its
-// device name ("" for the CPU) and n_gpu_layers, the same count as ours
-// (our 0 means all: llama.cpp's 999, as its CLI's -ngl 999).
+// llamaGPULayers is llama.cpp's n_gpu_layers when our layers are on use:
+// none on the CPU, else the same count as ours (our 0 means all:
+// llama.cpp's 999, as its CLI's -ngl 999).
 func llamaGPULayers(use runtime.DeviceUse, n int) int {
 	if !use.Device.IsGPU() {
 		return 0
