@@ -57,8 +57,8 @@ cuda: build/cgo.env
 
 # Two CPU variants (x64, haswell), in a folder of their own: the loader's
 # tests (device, runtime's TestLoadedCPUBackend) load them the way ggml-cuda
-# is loaded. Not for running models: the compiled-in -march=native backend
-# is faster than these generic ones.
+# is loaded. Not for running models: on the loader's path they would take
+# over host work from the compiled-in -march=native backend.
 CPU_BACKENDS := build/test/lib/ollama/libggml-cpu-x64.so build/test/lib/ollama/libggml-cpu-haswell.so
 cpu-backends: $(CPU_BACKENDS)
 $(CPU_BACKENDS) &: build/cgo.env scripts/build-backends.sh
