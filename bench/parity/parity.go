@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"math"
 	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 
@@ -79,7 +80,7 @@ func one(ctx context.Context, c Config, path string) ([]Row, error) {
 	if err != nil {
 		return nil, fmt.Errorf("on %s: %w", c.Device, err)
 	}
-	name := path[strings.LastIndex(path, "/")+1:]
+	name := filepath.Base(path)
 	row := func(check string, d, scale float64) Row {
 		return Row{Model: name, Device: dev.device, Check: check, MaxDiff: d, Scale: scale,
 			OK: scale > 0 && d <= c.Tolerance*scale && !math.IsNaN(d)}

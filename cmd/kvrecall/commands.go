@@ -8,7 +8,6 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
@@ -41,7 +40,7 @@ func (f *modelFlags) register(fs *flag.FlagSet) {
 
 // open loads the model the flags name; ggml's load logs stay quiet.
 func (f *modelFlags) open(ctx context.Context, std stdio, method string, budget int) (*kvrecall.Model, error) {
-	slog.SetDefault(slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelError})))
+	cli.QuietLogs()
 	path := f.model
 	if path == "" {
 		dir, err := foundry.ModelsDir()
@@ -464,7 +463,7 @@ takes a NAME from this list, "cpu" or "gpu" (docs/gpu.md).`)
 		return cli.Usagef("devices takes no arguments")
 	}
 	// ollama's loader logs what it found at info level; the list says it.
-	slog.SetDefault(slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelError})))
+	cli.QuietLogs()
 	devs := device.List()
 	if *asJSON {
 		enc := json.NewEncoder(std.out)

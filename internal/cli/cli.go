@@ -11,6 +11,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"log/slog"
 	"os"
 	"os/signal"
 	"slices"
@@ -50,6 +51,12 @@ func ExitCode(name string, err error) int {
 	}
 	fmt.Fprintf(os.Stderr, "%s: %v\n", name, err)
 	return 1
+}
+
+// QuietLogs sends only errors of the default logger to stderr: ggml,
+// llama.cpp and ollama's backend loader log every load at info level.
+func QuietLogs() {
+	slog.SetDefault(slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelError})))
 }
 
 // EnvName is the variable of a flag: --kv-budget -> KVRECALL_KV_BUDGET.

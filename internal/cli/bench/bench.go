@@ -11,7 +11,6 @@ import (
 	"errors"
 	"flag"
 	"fmt"
-	"log/slog"
 	"net"
 	"net/http"
 	"os"
@@ -33,6 +32,7 @@ import (
 	"github.com/kvrecall/kvrecall/gguf"
 	"github.com/kvrecall/kvrecall/haystack"
 	"github.com/kvrecall/kvrecall/hyper"
+	"github.com/kvrecall/kvrecall/internal/cli"
 	"github.com/kvrecall/kvrecall/kvcache"
 	"github.com/kvrecall/kvrecall/paging"
 	"github.com/kvrecall/kvrecall/probe"
@@ -82,7 +82,7 @@ func ints(s string) ([]int, error) {
 
 // Run runs `kvrecall bench args...`; ctx stops it.
 func Run(ctx context.Context, args []string) error {
-	slog.SetDefault(slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelError})))
+	cli.QuietLogs()
 	if len(args) == 0 {
 		fmt.Fprint(os.Stderr, usage)
 		return fmt.Errorf("missing benchmark name")

@@ -12,7 +12,6 @@ import (
 	"context"
 	"flag"
 	"fmt"
-	"log/slog"
 	"math/rand/v2"
 	"os"
 	"slices"
@@ -23,13 +22,14 @@ import (
 	"github.com/kvrecall/kvrecall/foundry"
 	"github.com/kvrecall/kvrecall/gguf"
 	"github.com/kvrecall/kvrecall/haystack"
+	"github.com/kvrecall/kvrecall/internal/cli"
 	"github.com/kvrecall/kvrecall/kvcache"
 	"github.com/kvrecall/kvrecall/runtime"
 )
 
 // Run runs `kvrecall demo args...`; ctx stops it.
 func Run(ctx context.Context, args []string) error {
-	slog.SetDefault(slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelError})))
+	cli.QuietLogs()
 	fs := flag.NewFlagSet("kvrecall demo", flag.ContinueOnError)
 	fs.Usage = func() {
 		fmt.Fprint(fs.Output(), "usage: kvrecall demo [flags]\n\nBuilds the recall model if absent, hides a needle in a generated haystack,\ningests it once and answers its question under retro, retro+heads and dense.\n\n")

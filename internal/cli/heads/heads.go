@@ -13,13 +13,13 @@ import (
 	"errors"
 	"flag"
 	"fmt"
-	"log/slog"
 	"os"
 	"strconv"
 	"strings"
 
 	"github.com/kvrecall/kvrecall/heads"
 	"github.com/kvrecall/kvrecall/heads/detect"
+	"github.com/kvrecall/kvrecall/internal/cli"
 	"github.com/kvrecall/kvrecall/runtime"
 )
 
@@ -44,7 +44,7 @@ Run "kvrecall heads detect -h" or "kvrecall heads datafree -h" for every flag.
 
 // Run runs `kvrecall heads args...`; ctx stops it. -h gives flag.ErrHelp.
 func Run(ctx context.Context, args []string) error {
-	slog.SetDefault(slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelError})))
+	cli.QuietLogs()
 	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
 		fmt.Fprint(os.Stderr, Usage)
 		if len(args) == 0 {
