@@ -208,20 +208,33 @@ func TestHeadGroupsMatchFloat64Reference(t *testing.T) {
 			defer writer.Close()
 			writer.Init(b, ml.DTypeF16, 1, 256, 96)
 			pass(t, b, writer, 0, split(q, tHeads*tDim, 0, first), split(k, tKV*tDim, 0, first), split(v, tKV*tDim, 0, first))
-			defer func(n int, h bool) { kvcache.MaxUploadRuns, kvcache.HostUploads = n, h }(kvcache.MaxUploadRuns, kvcache.HostUploads)
+			defer func(n, sp int, h, d bool) {
+				kvcache.MaxUploadRuns, kvcache.DeviceStagePages, kvcache.HostUploads, kvcache.DeviceUploads = n, sp, h, d
+			}(kvcache.MaxUploadRuns, kvcache.DeviceStagePages, kvcache.HostUploads, kvcache.DeviceUploads)
+			// Staging tensors as large as the pools: every page of the pass
+			// goes through them.
+			kvcache.DeviceStagePages = 1 << 10
 			for _, up := range []struct {
-				name string
-				runs int
-				host bool
-			}{{"host copies", 1 << 20, true}, {"copy runs", 1 << 20, false}, {"page scatter", 0, false}} {
-				kvcache.MaxUploadRuns, kvcache.HostUploads = up.runs, up.host
+				name   string
+				runs   int
+				host   bool
+				device bool
+			}{{"host copies", 1 << 20, true, false}, {"device staging", 1 << 20, false, true},
+				{"copy runs", 1 << 20, false, false}, {"page scatter", 0, false, false}} {
+				kvcache.MaxUploadRuns, kvcache.HostUploads, kvcache.DeviceUploads = up.runs, up.host, up.device
 				reader, err := kvcache.NewPaged(kvcache.Options{Layout: tLayout, Heads: tHeads, Capacity: 256, MaxBatch: 96,
 					Selector: &fixedSelector{c: sel.c, groups: tc.groups, pages: tc.pages}, Prefix: writer.Store()})
 				require.NoError(t, err)
 				reader.Init(b, ml.DTypeF16, 1, 256, 96)
 				got := pass(t, b, reader, first, split(q, tHeads*tDim, first, total), split(k, tKV*tDim, first, total), split(v, tKV*tDim, first, total))
 				reader.Close()
-				require.Positive(t, reader.Stats().Uploads)
+				st := reader.Stats()
+				require.Positive(t, st.Uploads)
+				if up.device {
+					require.Equal(t, st.Uploads, st.DeviceStaged)
+				} else {
+					require.Zero(t, st.DeviceStaged)
+				}
 				want := reference(split(q, tHeads*tDim, first, total), k, v, first, visible)
 				worst := 0.0
 				for i := range got {

@@ -214,6 +214,7 @@ func TestQuestFastPathSelectsSamePages(t *testing.T) {
 		bounds     map[int][]float32
 		outs       [][]float32
 		hostWrites time.Duration // Stats.HostWrites after the steps
+		staged     int64         // Stats.DeviceStaged after the steps
 	}
 	run := func(t *testing.T, keep float64, prompt, steps int, host bool, rowMultiple int) result {
 		defer func(h bool, m int) { kvcache.HostBounds, kvcache.BoxRowMultiple = h, m }(kvcache.HostBounds, kvcache.BoxRowMultiple)
@@ -238,7 +239,7 @@ func TestQuestFastPathSelectsSamePages(t *testing.T) {
 			res.sels = append(res.sels, slices.Clone(c.Selected(0)))
 			res.outs = append(res.outs, out)
 		}
-		res.hostWrites = c.Stats().HostWrites
+		res.hostWrites, res.staged = c.Stats().HostWrites, c.Stats().DeviceStaged
 		// The box tensors: f32 [2·headDim, rows, kvHeads] per layer,
 		// with room for every page and at most doubled headroom.
 		perRow := int64(2*tDim*tKV*4) * int64(tLayout.Layers)
@@ -293,6 +294,22 @@ func TestQuestFastPathSelectsSamePages(t *testing.T) {
 			}
 		})
 	}
+	// A GPU layer's path, run on the CPU backend: pages uploaded through
+	// the pools' staging tensors (DeviceUploads) and box rows copied in
+	// the graph (HostBounds off). The same bounds bit for bit, the same
+	// selections and outputs as the host path.
+	t.Run("device path", func(t *testing.T) {
+		defer func(u, d bool) { kvcache.HostUploads, kvcache.DeviceUploads = u, d }(kvcache.HostUploads, kvcache.DeviceUploads)
+		kvcache.HostUploads, kvcache.DeviceUploads = true, true
+		host := run(t, 0, 600, 60, true, 16)
+		kvcache.HostUploads = false
+		dev := run(t, 0, 600, 60, false, 16)
+		require.Zero(t, host.staged)
+		require.Positive(t, dev.staged, "decode steps upload the pages they newly select through staging")
+		require.Equal(t, host.bounds, dev.bounds)
+		require.Equal(t, host.sels, dev.sels)
+		require.Equal(t, host.outs, dev.outs)
+	})
 	t.Run("no host writes timed when nothing is written on the host", func(t *testing.T) {
 		defer func(u bool) { kvcache.HostUploads = u }(kvcache.HostUploads)
 		kvcache.HostUploads = false

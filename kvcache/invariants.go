@@ -30,10 +30,22 @@ import (
 //     the last pass's first position on can read (Store, checkWindows);
 //     every selected or written page is held on the host; a slot may
 //     still hold a page the host dropped (an LRU leftover) but never
-//     attends to it.
+//     attends to it;
+//   - no device upload is in flight (Outputs waited for them), every
+//     uploader's arena use is within its size, and a pool's staging
+//     tensors hold DeviceStagePages pages at most, never more than its
+//     slots (devupload.go).
 func (c *Paged) CheckInvariants() error {
 	var errs []error
 	P := c.L.PageSize
+	for i, u := range c.uploaders {
+		if u.pending {
+			errs = append(errs, fmt.Errorf("uploader %d: copies in flight between passes", i))
+		}
+		if u.used < 0 || u.used > u.size {
+			errs = append(errs, fmt.Errorf("uploader %d: %d bytes of its arena used, of %d", i, u.used, u.size))
+		}
+	}
 	pages := c.store.Pages()
 	if err := c.store.checkWindows(); err != nil {
 		errs = append(errs, err)
@@ -51,6 +63,10 @@ func (c *Paged) CheckInvariants() error {
 			}
 			if pl.slots != c.slotsFor(g) || len(pl.page) != pl.slots {
 				errs = append(errs, fmt.Errorf("%s: %d slots, want %d", at, pl.slots, c.slotsFor(g)))
+			}
+			if st := pl.stage; st != nil && (st.cells > pl.slots*P || st.cells%P != 0 ||
+				st.k.Dim(0) != st.cells*pl.row || st.v.Dim(0) != st.cells*pl.row) {
+				errs = append(errs, fmt.Errorf("%s: staging tensors of %d cells (%d, %d elements) for a pool of %d slots, row %d", at, st.cells, st.k.Dim(0), st.v.Dim(0), pl.slots, pl.row))
 			}
 			if pl.row != len(g.heads)*c.L.HeadDim {
 				errs = append(errs, fmt.Errorf("%s: row %d for %d heads", at, pl.row, len(g.heads)))

@@ -67,6 +67,15 @@ type Stats struct {
 	// into staging buffers from the ordered copies (in runs) and from the
 	// host pages, one per token and group.
 	StagedFromCopy, StagedFromPages int64
+	// DeviceStaged counts the page uploads into pools outside host memory
+	// that went through the pools' staging tensors (DeviceUploads,
+	// devupload.go); the rest of Uploads went as plain copies into host
+	// pools or as graph inputs.
+	DeviceStaged int64
+	// StagingBytes is the backend memory of the pools' device-upload
+	// staging tensors (keys and values, f16), beside the pools: up to
+	// DeviceStagePages pages per pool, made on a pool's first device upload.
+	StagingBytes int64
 	// InPlaceRows counts the rows of ordered copies attended in place
 	// (InPlaceRuns): read by the attention, not staged.
 	InPlaceRows int64
@@ -125,6 +134,12 @@ type Paged struct {
 	uploadBytes  atomic.Int64
 	upkeep       atomic.Int64 // nanoseconds
 	hostWrites   atomic.Int64 // nanoseconds (Stats.HostWrites)
+	deviceStaged atomic.Int64 // Stats.DeviceStaged
+
+	// Device uploads (devupload.go): one uploader per device a pool is
+	// on, made on first use; noUploader once ggml could not start one.
+	uploaders  []*uploader
+	noUploader bool
 
 	// In-graph page scoring (graphscore.go): on when the selector is a
 	// paging.GraphScored that took it; per layer its key boxes; the
@@ -424,6 +439,9 @@ func (c *Paged) Stats() Stats {
 				b := g.pool.bytes(c.L)
 				st.ResidentBytes += b
 				st.ResidentByClass[g.Class] += b
+				if sg := g.pool.stage; sg != nil {
+					st.StagingBytes += int64(sg.cells*g.pool.row) * 2 * 2
+				}
 			}
 			if g.Tokens {
 				// A token pool attends to its listed tokens only (and a
@@ -458,6 +476,7 @@ func (c *Paged) Stats() Stats {
 		}
 	}
 	st.StagedFromCopy, st.StagedFromPages = c.stagedCopy.Load(), c.stagedPages.Load()
+	st.DeviceStaged = c.deviceStaged.Load()
 	st.InPlaceRows = c.inplaceRows.Load()
 	st.GraphSelections = c.graphSelections.Load()
 	st.StepScored = c.stepScored.Load()
@@ -563,6 +582,10 @@ func (c *Paged) Close() {
 		}
 	}
 	c.cents = nil
+	for _, u := range c.uploaders {
+		u.close()
+	}
+	c.uploaders = nil
 	c.closed = true
 }
 
@@ -985,8 +1008,11 @@ func pickHeads(ctx ml.Context, t ml.Tensor, heads []int) ml.Tensor {
 	return out
 }
 
-// Outputs implements arch.Hooks: the read-back copies of ctx.
+// Outputs implements arch.Hooks: the read-back copies of ctx. It also
+// waits for the pass's device uploads (devupload.go), which ctx's copies
+// read: callers call it after building ctx and before computing it.
 func (c *Paged) Outputs(ctx ml.Context) []ml.Tensor {
+	c.waitUploads()
 	var out []ml.Tensor
 	for _, rb := range c.readbacks[ctx] {
 		out = append(out, rb.k, rb.v)
@@ -1002,14 +1028,21 @@ func (c *Paged) Outputs(ctx ml.Context) []ml.Tensor {
 func (c *Paged) Computed(ctx ml.Context) error {
 	t0 := time.Now()
 	defer func() { c.upkeep.Add(int64(time.Since(t0))) }()
-	if err := c.graphErr; err != nil {
-		// A selection inside the graph failed (selectgraph.go): the
-		// layers after it attended from a wrong hidden state, so none of
-		// the pass's keys and values are stored; the sequence stays as it
-		// was (as a split pass stops before the failing layer's attention).
+	err := c.graphErr
+	// A selection inside the graph failed (selectgraph.go): the layers
+	// after it attended from a wrong hidden state. Or a graph computed
+	// while copies into its staging tensors were in flight: it may have
+	// read stale pages. Either way none of the pass's keys and values are
+	// stored; the sequence stays as it was (as a split pass stops before
+	// the failing layer's attention).
+	if c.waitUploads() && err == nil {
+		err = errors.New("kvcache: a graph was computed before Outputs waited for its device uploads")
+	}
+	if err != nil {
 		c.graphErr = nil
 		delete(c.readbacks, ctx)
 		delete(c.ranks, ctx)
+		c.dropUnstored()
 		return err
 	}
 	for _, rb := range c.readbacks[ctx] {
@@ -1021,6 +1054,31 @@ func (c *Paged) Computed(ctx ml.Context) error {
 	}
 	delete(c.readbacks, ctx)
 	return c.readRanks(ctx)
+}
+
+// dropUnstored forgets, after a failed pass, the rows its batch put into
+// page pools: the host pages never got them, so each slot's fill goes back
+// to the tokens its page holds on the host, and the next pass writes them
+// again.
+func (c *Paged) dropUnstored() {
+	for l := range c.layers {
+		for _, g := range c.layers[l].groups {
+			pl := g.pool
+			if pl == nil || pl.tok != nil || pl.staged {
+				continue
+			}
+			for s, p := range pl.page {
+				if p < 0 {
+					continue
+				}
+				n := 0
+				if p < len(c.store.pages[l]) && c.store.pages[l][p] != nil {
+					n = c.store.pages[l][p].N
+				}
+				pl.fill[s] = min(pl.fill[s], n)
+			}
+		}
+	}
 }
 
 // stored writes the batch's keys and values of layer ([batch][row] f16)

@@ -40,6 +40,12 @@ type pool struct {
 	// staged marks a staged token group's buffer (staged.go): its cells
 	// are refilled every pass, its page maps stay empty.
 	staged bool
+	layer  int // the model layer whose device holds it
+	// stage is the pool's device-upload staging tensors (devupload.go),
+	// nil until its first device upload; noStage once the backend
+	// refused their memory.
+	stage   *stage
+	noStage bool
 }
 
 // newPool allocates a pool: k [headDim, heads, cells]; v permuted, [cells,
@@ -47,7 +53,7 @@ type pool struct {
 // like k.
 func newPool(b ml.Backend, l Layout, layer, heads, slots int, tokenV bool) *pool {
 	cells := slots * l.PageSize
-	p := &pool{id: graphObjects.Add(1), slots: slots, row: heads * l.HeadDim,
+	p := &pool{id: graphObjects.Add(1), slots: slots, row: heads * l.HeadDim, layer: layer,
 		page: make([]int, slots), fill: make([]int, slots), stamp: make([]uint64, slots),
 		where: map[int]int{},
 	}
@@ -74,6 +80,10 @@ func newPool(b ml.Backend, l Layout, layer, heads, slots int, tokenV bool) *pool
 }
 
 func (p *pool) close() {
+	if p.stage != nil {
+		p.stage.close()
+		p.stage = nil
+	}
 	if p.ctx != nil {
 		p.ctx.Close()
 		p.ctx = nil

@@ -523,8 +523,10 @@ func uploadCost(b *testing.B, be ml.Backend, sh benchShape) {
 }
 
 // On the CPU backend pools are host memory and take uploads as plain
-// copies (HostUploads); the in-graph copies remain for other backends.
-// Both write the same bytes: the same attention outputs bit for bit, for
+// copies (HostUploads). Pools on other backends take them through their
+// staging tensors (DeviceUploads), or as graph inputs; the CPU backend
+// runs both paths with HostUploads off. All three write the same bytes:
+// the same attention outputs bit for bit, for
 // a dense selection, a sparse one and head groups, with a document forked
 // by two sessions that attend to different pages, over a question and two
 // decode steps each (pass checks the invariants before and after every
@@ -534,7 +536,9 @@ func TestHostUploadsMatchGraphUploads(t *testing.T) {
 	require.NoError(t, err)
 	defer m.Close()
 	b := m.Backend()
-	defer func(h bool) { kvcache.HostUploads = h }(kvcache.HostUploads)
+	defer func(h, d bool, sp int) {
+		kvcache.HostUploads, kvcache.DeviceUploads, kvcache.DeviceStagePages = h, d, sp
+	}(kvcache.HostUploads, kvcache.DeviceUploads, kvcache.DeviceStagePages)
 
 	cases := []struct {
 		name   string
@@ -560,8 +564,20 @@ func TestHostUploadsMatchGraphUploads(t *testing.T) {
 			copy(v[1][:first*tKV*tDim], v[0])
 			cfg := paging.Config{PageSize: tPage, Sinks: 4, Window: 4}
 			split := func(x []float32, per, from, to int) []float32 { return x[from*per : to*per] }
-			run := func(host bool) [][][]float32 {
-				kvcache.HostUploads = host
+			type mode int
+			const (
+				graphInputs mode = iota
+				hostCopies
+				deviceStaging
+				smallStaging // staging tensors of one page: a pass of more takes graph inputs
+			)
+			run := func(m mode) [][][]float32 {
+				host := m == hostCopies
+				kvcache.HostUploads, kvcache.DeviceUploads = host, m == deviceStaging || m == smallStaging
+				kvcache.DeviceStagePages = 8
+				if m == smallStaging {
+					kvcache.DeviceStagePages = 1
+				}
 				writer, err := kvcache.NewPaged(kvcache.Options{Layout: tLayout, Heads: tHeads, Capacity: 256, MaxBatch: 96,
 					Selector: &fixedSelector{c: cfg, groups: []paging.Group{{}}, pages: [][]int{nil}}})
 				require.NoError(t, err)
@@ -585,12 +601,24 @@ func TestHostUploadsMatchGraphUploads(t *testing.T) {
 					}
 				}
 				for _, c := range sessions {
-					require.Positive(t, c.Stats().Uploads)
+					st := c.Stats()
+					require.Positive(t, st.Uploads)
+					switch m {
+					case deviceStaging:
+						require.Equal(t, st.Uploads, st.DeviceStaged, "every upload fits the staging tensors")
+						require.Positive(t, st.StagingBytes)
+					case smallStaging:
+						require.Less(t, st.DeviceStaged, st.Uploads, "a group uploads several pages in one pass")
+					default:
+						require.Zero(t, st.DeviceStaged)
+					}
 				}
 				return out
 			}
-			graph, host := run(false), run(true)
-			require.Equal(t, graph, host)
+			graph := run(graphInputs)
+			require.Equal(t, graph, run(hostCopies))
+			require.Equal(t, graph, run(deviceStaging))
+			require.Equal(t, graph, run(smallStaging))
 		})
 	}
 }

@@ -57,7 +57,7 @@ func (c *Paged) emitUploads(ctx ml.Context, l int, g *group) {
 		t0 := time.Now()
 		c.writeHost(l, g, ups)
 		c.hostWrites.Add(int64(time.Since(t0)))
-	} else {
+	} else if !c.deviceUploads(ctx, l, g, ups) {
 		c.emitGraphUploads(ctx, l, g, ups)
 	}
 	c.uploadCount.Add(int64(len(ups)))
@@ -115,14 +115,12 @@ func (c *Paged) channel(g *group, ch int) int {
 
 // copyRuns uploads runs of pages in consecutive slots, two f16 copies per
 // run. All runs share one K and one V input tensor (each input is a backend
-// buffer of its own): K holds the runs' key rows token-major, V each run's
-// values channel-major, run after run, as the pool lays them out.
+// buffer of its own), packed by packRuns.
 func (c *Paged) copyRuns(ctx ml.Context, l int, g *group, runs [][]upload) {
 	if len(runs) == 0 {
 		return
 	}
-	pl := g.pool
-	r, P := pl.row, c.L.PageSize
+	r := g.pool.row
 	total := 0
 	for _, run := range runs {
 		for _, u := range run {
@@ -131,20 +129,38 @@ func (c *Paged) copyRuns(ctx ml.Context, l int, g *group, runs [][]upload) {
 	}
 	kbuf := make([]uint16, 0, total*r)
 	vbuf := make([]uint16, total*r)
+	c.packRuns(kbuf, vbuf, l, g, runs)
+	kbuf = kbuf[:total*r]
+	kIn := ctx.Input().FromBytes(ml.DTypeF16, u16bytes(kbuf), r*total)
+	vIn := ctx.Input().FromBytes(ml.DTypeF16, u16bytes(vbuf), r*total)
+	c.copyRunsFrom(ctx, g, runs, kIn, vIn)
+}
+
+// packRuns packs the runs' pages as copyRunsFrom reads them: into k (length
+// 0, capacity the runs' rows · row) their key rows token-major, into v
+// each run's values channel-major, run after run.
+func (c *Paged) packRuns(k, v []uint16, l int, g *group, runs [][]upload) {
+	r, P := g.pool.row, c.L.PageSize
 	voff := 0
 	for _, run := range runs {
 		for _, u := range run {
-			kbuf = c.appendKeys(kbuf, g, c.store.pages[l][u.page].K, u.rows)
+			k = c.appendKeys(k, g, c.store.pages[l][u.page].K, u.rows)
 		}
 		for ch := 0; ch < r; ch++ {
 			sc := c.channel(g, ch)
 			for _, u := range run {
-				voff += copy(vbuf[voff:], c.store.pages[l][u.page].V[sc*P:sc*P+u.rows])
+				voff += copy(v[voff:], c.store.pages[l][u.page].V[sc*P:sc*P+u.rows])
 			}
 		}
 	}
-	kIn := ctx.Input().FromBytes(ml.DTypeF16, u16bytes(kbuf), r*total)
-	vIn := ctx.Input().FromBytes(ml.DTypeF16, u16bytes(vbuf), r*total)
+}
+
+// copyRunsFrom copies the runs from kIn and vIn (f16, packed by packRuns,
+// at least as long as the runs' rows · row) into g's pool: a contiguous
+// copy per run for K, a strided one for V.
+func (c *Paged) copyRunsFrom(ctx ml.Context, g *group, runs [][]upload, kIn, vIn ml.Tensor) {
+	pl := g.pool
+	r, P := pl.row, c.L.PageSize
 	off := 0 // rows before this run
 	for _, run := range runs {
 		rows := 0

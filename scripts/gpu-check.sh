@@ -14,6 +14,8 @@
 #             GPU against the CPU: dense and paged (quest) logits, greedy tokens
 #   paged32k  bench speed --paged on the GPU, 32k then 128k (paged128k): window/quest/retro
 #             against dense and the 2k floor, the ingest timed against llama.cpp's prefill
+#   paged32k-graph-uploads  the 32k document again (stored), quest and retro with their page
+#             uploads as graph inputs (--graph-uploads) instead of device staging
 #   niah      bench niah on the GPU: recall model, 16k, three depths, dense/quest/retro
 #   dense     bench speed: dense decode and prefill, ours and llama.cpp's, both on the GPU
 #
@@ -167,7 +169,10 @@ run() {
   local models=$M/llama-tiny-f32.gguf,$M/qwen2-tiny-f32.gguf,$M/recall.gguf
   [ -f "$kit/stories260k-f32.gguf" ] && models=$models,$kit/stories260k-f32.gguf
   step parity 90 "$kv" bench parity --device "$device" --models "$models" --json "$res/parity.json"
-  step paged-${long[0]} 120 "$kv" bench speed --device "$device" "${paged[@]}" --contexts "${long[0]}" --json "$res/paged-${long[0]}.json" --out "$res/paged-${long[0]}-run"
+  step paged-${long[0]} 120 "$kv" bench speed --device "$device" "${paged[@]}" --contexts "${long[0]}" --data-dir "$work/docs" --json "$res/paged-${long[0]}.json" --out "$res/paged-${long[0]}-run"
+  # The same document, decoded with device staging off: what the staging tensors and
+  # asynchronous copies (kvcache.DeviceUploads) change against graph inputs.
+  step paged-${long[0]}-graph-uploads 90 "$kv" bench speed --device "$device" "${paged[@]}" --methods quest,retro --skip-llama --graph-uploads --contexts "${long[0]}" --data-dir "$work/docs" --json "$res/paged-${long[0]}-graph-uploads.json" --out "$res/paged-${long[0]}-graph-uploads-run"
   step paged-${long[1]} 150 "$kv" bench speed --device "$device" "${paged[@]}" --contexts "${long[1]}" --json "$res/paged-${long[1]}.json" --out "$res/paged-${long[1]}-run"
   step niah 90 "$kv" bench niah --device "$device" --model "$M/recall.gguf" --budget 2048 "${niah[@]}" --out "$res/niah-run"
   step dense 90 "$kv" bench speed --device "$device" "${dense[@]}" --json "$res/dense.json"

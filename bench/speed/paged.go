@@ -144,6 +144,12 @@ type PagedRow struct {
 	// UploadedPerStep is the KV bytes copied host -> device per timed
 	// decode step, per method (their mean).
 	UploadedPerStep map[string]float64 `json:"uploaded_kv_bytes_per_step,omitempty"`
+	// StagedShare is the share of the timed steps' page uploads that went
+	// through device staging tensors (kvcache.DeviceUploads: pools outside
+	// host memory, a GPU's), per method that uploaded pages; Staging is
+	// those tensors' bytes, beside the resident KV.
+	StagedShare map[string]float64 `json:"device_staged_share,omitempty"`
+	Staging     map[string]int64   `json:"staging_bytes,omitempty"`
 	// HostKV is each method's host pages after the timed steps (the
 	// document's shared pages included), and "document" the document's.
 	// A model with sliding-window layers keeps only their window there.
@@ -217,7 +223,8 @@ func RunPaged(ctx context.Context, c PagedConfig) ([]PagedRow, error) {
 func pagedOne(ctx context.Context, c PagedConfig, n int, logf func(string, ...any)) (PagedRow, error) {
 	row := PagedRow{Model: c.Label, Context: n, Threads: c.DecodeThreads, Budget: c.Budget,
 		DecodeMs: map[string]float64{}, Resident: map[string]int64{}, ResidentByClass: map[string]map[string]int64{}, Summaries: map[string]int64{},
-		Attended: map[string]int64{}, UploadedPerStep: map[string]float64{}, HostKV: map[string]int64{}}
+		Attended: map[string]int64{}, UploadedPerStep: map[string]float64{}, HostKV: map[string]int64{},
+		StagedShare: map[string]float64{}, Staging: map[string]int64{}}
 	capacity := n + 64 + c.DecodeTokens
 	var dir string
 	if c.DataDir != "" {
@@ -476,8 +483,10 @@ func pagedOne(ctx context.Context, c PagedConfig, n int, logf func(string, ...an
 	steps := make([][]time.Duration, len(methods)+2)
 	floorSteps := make([][]time.Duration, len(floors))
 	uploaded := make([]int64, len(methods)) // before the timed steps
+	pageUps, staged := make([]int64, len(methods)), make([]int64, len(methods))
 	for j, s := range sessions {
-		uploaded[j] = s.Cache().(*kvcache.Paged).Stats().UploadedBytes
+		st := s.Cache().(*kvcache.Paged).Stats()
+		uploaded[j], pageUps[j], staged[j] = st.UploadedBytes, st.Uploads, st.DeviceStaged
 	}
 	for i := 0; i < c.DecodeTokens; i++ {
 		tok := toks[i : i+1]
@@ -517,6 +526,12 @@ func pagedOne(ctx context.Context, c PagedConfig, n int, logf func(string, ...an
 		row.Summaries[meth] = st.SummaryBytes
 		row.Attended[meth] = st.AttendedBytes
 		row.UploadedPerStep[meth] = float64(st.UploadedBytes-uploaded[j]) / float64(c.DecodeTokens)
+		if ups := st.Uploads - pageUps[j]; ups > 0 && st.StagingBytes > 0 {
+			row.StagedShare[meth] = float64(st.DeviceStaged-staged[j]) / float64(ups)
+			row.Staging[meth] = st.StagingBytes
+			logf("%s %d: %s: %.0f%% of the steps' %d page uploads through device staging (%s of staging tensors)",
+				c.Label, n, meth, 100*row.StagedShare[meth], ups, mib(st.StagingBytes))
+		}
 		row.HostKV[meth] = st.HostBytes
 	}
 	row.HostKV["document"] = doc.Store().Bytes()

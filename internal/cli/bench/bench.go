@@ -129,12 +129,16 @@ func runSpeed(ctx context.Context, args []string) error {
 	floor := fs.Int("floor", 0, "paged: also decode densely at a context of this many tokens (issue 14's floor for a budget of as many tokens), in the same alternation, and print each method's ratio to it (0: off)")
 	dataDir := fs.String("data-dir", "", "paged: keep the ingested documents in this folder and reuse them on later runs with the same model, length and ingest (default: a temporary folder, removed)")
 	tokenPools := fs.Bool("token-pools", false, "paged: squeezed's token groups keep token pools (LRU, uploads) on the CPU too, instead of staging buffers refilled each step from the document's cluster-ordered copy (kvcache.TokenStaging off: the path before issue 14's staging, for comparison)")
+	graphUploads := fs.Bool("graph-uploads", false, "paged: pools outside host memory (a GPU's) take their page uploads as graph inputs, as before device staging (kvcache.DeviceUploads off), for comparison")
 	streaming := fs.Bool("streaming", false, "paged: also ingest each document with probe's streaming prefill within --budget, timed against the dense ingest and llama.cpp (decode uses the dense document)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
 	if *tokenPools {
 		kvcache.TokenStaging = false
+	}
+	if *graphUploads {
+		kvcache.DeviceUploads = false
 	}
 	cs, err := ints(*contexts)
 	if err != nil {
