@@ -254,41 +254,65 @@ func (c *Paged) stagingTensors(pl *pool) (st *stage) {
 // too many rows for the staging tensors, too many copy runs for the graph,
 // no memory, or no backend for the device).
 func (c *Paged) deviceUploads(ctx ml.Context, l int, g *group, ups []upload) bool {
-	pl := g.pool
-	if !DeviceUploads || DeviceStagePages <= 0 || c.noUploader || pl.noStage || c.b == nil {
-		return false
-	}
 	runs, _, _ := planRuns(ups, c.L.PageSize)
 	total := 0
 	for _, u := range ups {
 		total += u.rows
 	}
-	if total > min(pl.slots, DeviceStagePages)*c.L.PageSize || len(runs) > MaxUploadRuns-c.graphRuns[ctx] {
+	if len(runs) > MaxUploadRuns-c.graphRuns[ctx] {
 		return false
+	}
+	ds, ok := c.stageFor(g.pool, total)
+	if !ok {
+		return false
+	}
+	c.packRuns(ds.k[:0], ds.v, l, g, runs)
+	ds.send()
+	c.graphRuns[ctx] += len(runs)
+	c.copyRunsFrom(ctx, g, runs, ds.st.k, ds.st.v)
+	c.deviceStaged.Add(int64(len(ups)))
+	return true
+}
+
+// deviceStage is one pass's upload into a pool's staging tensors: k and v
+// are the arena's bytes for the keys and values, filled by the caller
+// before send.
+type deviceStage struct {
+	st   *stage
+	u    *uploader
+	k, v []uint16
+}
+
+// stageFor readies an upload of cells cells (rows of pl.row) into pl's
+// staging tensors, or reports false: device uploads off, more cells than
+// the staging tensors hold, no memory, or no backend for the device.
+func (c *Paged) stageFor(pl *pool, cells int) (deviceStage, bool) {
+	if !DeviceUploads || DeviceStagePages <= 0 || c.noUploader || pl.noStage || c.b == nil ||
+		cells > min(pl.slots, DeviceStagePages)*c.L.PageSize {
+		return deviceStage{}, false
 	}
 	st := c.stagingTensors(pl)
 	if st == nil {
-		return false
+		return deviceStage{}, false
 	}
 	u := c.uploaderFor(st.k)
 	if u == nil {
-		return false
+		return deviceStage{}, false
 	}
-	n := total * pl.row // elements of keys, and of values
+	n := cells * pl.row // elements of keys, and of values
 	mem, err := u.reserve(4 * n)
 	if err != nil {
-		return false
+		return deviceStage{}, false
 	}
-	kbuf := unsafe.Slice((*uint16)(mem), n)
-	vbuf := unsafe.Slice((*uint16)(unsafe.Add(mem, 2*n)), n)
-	c.packRuns(kbuf[:0], vbuf, l, g, runs)
-	st.up = u
-	u.set(st.k, mem, 2*n)
-	u.set(st.v, unsafe.Add(mem, 2*n), 2*n)
-	c.graphRuns[ctx] += len(runs)
-	c.copyRunsFrom(ctx, g, runs, st.k, st.v)
-	c.deviceStaged.Add(int64(len(ups)))
-	return true
+	return deviceStage{st: st, u: u, k: unsafe.Slice((*uint16)(mem), n), v: unsafe.Slice((*uint16)(unsafe.Add(mem, 2*n)), n)}, true
+}
+
+// send issues the copies of k and v into the staging tensors' first bytes.
+func (ds deviceStage) send() {
+	n := 2 * len(ds.k)
+	ds.st.up = ds.u
+	ds.u.set(ds.st.k, unsafe.Pointer(&ds.k[0]), n)
+	ds.u.set(ds.st.v, unsafe.Pointer(&ds.v[0]), n)
 }
 
 // close frees the staging tensors once no copy into them is in flight.

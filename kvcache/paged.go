@@ -72,6 +72,9 @@ type Stats struct {
 	// devupload.go); the rest of Uploads went as plain copies into host
 	// pools or as graph inputs.
 	DeviceStaged int64
+	// DeviceStagedTokens counts the token uploads (TokenUploads) into
+	// token pools outside host memory that went through staging.
+	DeviceStagedTokens int64
 	// StagingBytes is the backend memory of the pools' device-upload
 	// staging tensors (keys and values, f16), beside the pools: up to
 	// DeviceStagePages pages per pool, made on a pool's first device upload.
@@ -135,6 +138,8 @@ type Paged struct {
 	upkeep       atomic.Int64 // nanoseconds
 	hostWrites   atomic.Int64 // nanoseconds (Stats.HostWrites)
 	deviceStaged atomic.Int64 // Stats.DeviceStaged
+	// Stats.DeviceStagedTokens
+	deviceStagedTokens atomic.Int64
 
 	// Device uploads (devupload.go): one uploader per device a pool is
 	// on, made on first use; noUploader once ggml could not start one.
@@ -476,7 +481,7 @@ func (c *Paged) Stats() Stats {
 		}
 	}
 	st.StagedFromCopy, st.StagedFromPages = c.stagedCopy.Load(), c.stagedPages.Load()
-	st.DeviceStaged = c.deviceStaged.Load()
+	st.DeviceStaged, st.DeviceStagedTokens = c.deviceStaged.Load(), c.deviceStagedTokens.Load()
 	st.InPlaceRows = c.inplaceRows.Load()
 	st.GraphSelections = c.graphSelections.Load()
 	st.StepScored = c.stepScored.Load()

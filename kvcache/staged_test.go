@@ -240,29 +240,34 @@ func TestTokenPoolsMatchFloat64Reference(t *testing.T) {
 		split   bool // passes split as arch.Model.Run splits them: Put's graph computed first, attention in a second graph without k and v
 		queried bool // the selector needs the queries: passes run as arch.Model.Run runs them (hookedPass), one-token passes select in the graph
 		scored  bool // ... with their centroid scores computed in the graph (paging.StepScored)
+		graphIn bool // kvcache.DeviceUploads off: token pools outside host memory take graph inputs
 	}{
-		{"pools, host copies", kvcache.MaxUploadRuns, true, false, false, false, false, false, false, false},
-		{"pools, copy runs", kvcache.MaxUploadRuns, false, false, false, false, false, false, false, false},
-		{"pools, set_rows scatter", 0, false, false, false, false, false, false, false, false},
-		{"staged from pages", kvcache.MaxUploadRuns, true, true, false, false, false, false, false, false},
-		{"pools, ordered selector", kvcache.MaxUploadRuns, true, false, true, false, false, false, false, false},
-		{"staged from the ordered copy", kvcache.MaxUploadRuns, true, true, true, false, false, false, false, false},
-		{"staged from the ordered copy, selector blocks", kvcache.MaxUploadRuns, true, true, true, true, false, false, false, false},
-		{"in place from the ordered copy, selector blocks", kvcache.MaxUploadRuns, true, true, true, true, true, false, false, false},
-		{"in place from the ordered copy", kvcache.MaxUploadRuns, true, true, true, false, true, false, false, false},
+		{"pools, host copies", kvcache.MaxUploadRuns, true, false, false, false, false, false, false, false, false},
+		// Host copies off: token uploads through the pools' staging tensors
+		// (DeviceUploads, as a GPU layer's), or as graph inputs.
+		{"pools, device staging", kvcache.MaxUploadRuns, false, false, false, false, false, false, false, false, false},
+		{"pools, copy runs", kvcache.MaxUploadRuns, false, false, false, false, false, false, false, false, true},
+		{"pools, set_rows scatter", 0, false, false, false, false, false, false, false, false, false},
+		{"staged from pages", kvcache.MaxUploadRuns, true, true, false, false, false, false, false, false, false},
+		{"pools, ordered selector", kvcache.MaxUploadRuns, true, false, true, false, false, false, false, false, false},
+		{"staged from the ordered copy", kvcache.MaxUploadRuns, true, true, true, false, false, false, false, false, false},
+		{"staged from the ordered copy, selector blocks", kvcache.MaxUploadRuns, true, true, true, true, false, false, false, false, false},
+		{"in place from the ordered copy, selector blocks", kvcache.MaxUploadRuns, true, true, true, true, true, false, false, false, false},
+		{"in place from the ordered copy", kvcache.MaxUploadRuns, true, true, true, false, true, false, false, false, false},
 		// The layer op takes the batch's token from the pages here.
-		{"in place from the ordered copy, split passes", kvcache.MaxUploadRuns, true, true, true, true, true, true, false, false},
-		{"staged from pages, split passes", kvcache.MaxUploadRuns, true, true, false, false, true, true, false, false},
+		{"in place from the ordered copy, split passes", kvcache.MaxUploadRuns, true, true, true, true, true, true, false, false, false},
+		{"staged from pages, split passes", kvcache.MaxUploadRuns, true, true, false, false, true, true, false, false, false},
 		// One-token passes select inside the graph (selectgraph.go), the
 		// question's passes split with the queries on the host.
-		{"in place from the ordered copy, selected in the graph", kvcache.MaxUploadRuns, true, true, true, true, true, false, true, false},
-		{"in place from the ordered copy, selected and scored in the graph", kvcache.MaxUploadRuns, true, true, true, true, true, false, true, true},
+		{"in place from the ordered copy, selected in the graph", kvcache.MaxUploadRuns, true, true, true, true, true, false, true, false, false},
+		{"in place from the ordered copy, selected and scored in the graph", kvcache.MaxUploadRuns, true, true, true, true, true, false, true, true, false},
 	} {
 		t.Run(mode.name, func(t *testing.T) {
-			defer func(old int, h, s, ip bool) {
-				kvcache.MaxUploadRuns, kvcache.HostUploads, kvcache.TokenStaging, kvcache.InPlaceRuns = old, h, s, ip
-			}(kvcache.MaxUploadRuns, kvcache.HostUploads, kvcache.TokenStaging, kvcache.InPlaceRuns)
+			defer func(old int, h, s, ip, d bool) {
+				kvcache.MaxUploadRuns, kvcache.HostUploads, kvcache.TokenStaging, kvcache.InPlaceRuns, kvcache.DeviceUploads = old, h, s, ip, d
+			}(kvcache.MaxUploadRuns, kvcache.HostUploads, kvcache.TokenStaging, kvcache.InPlaceRuns, kvcache.DeviceUploads)
 			kvcache.MaxUploadRuns, kvcache.HostUploads, kvcache.TokenStaging, kvcache.InPlaceRuns = mode.runs, mode.host, mode.staging, mode.inplace
+			kvcache.DeviceUploads = !mode.graphIn
 			pick := plain
 			var sel paging.Selector = &funcTokenSelector{c: cfg, groups: groups, tok: func(g, upto int) []int32 { toks, _ := plain(g, upto); return toks }}
 			var queried [][][]float32
@@ -408,13 +413,19 @@ func TestTokenPoolsMatchFloat64Reference(t *testing.T) {
 			}
 			require.Zero(t, st.OrderedBytes+st.StagedFromCopy+st.StagedFromPages, "pools read no copy")
 			require.Positive(t, st.TokenUploads, "evicted tokens came back")
+			if !mode.host && !mode.graphIn && mode.runs > 0 {
+				require.Positive(t, st.DeviceStagedTokens, "token uploads through the staging tensors")
+				require.LessOrEqual(t, st.DeviceStagedTokens, st.TokenUploads)
+			} else {
+				require.Zero(t, st.DeviceStagedTokens)
+			}
 			require.Zero(t, st.Uploads, "no page was uploaded")
 			require.Equal(t, st.TokenUploads*2*tDim*2*2, st.UploadedBytes)
 		})
 	}
 	// Staged against pooled, pass by pass: the same f16 keys and values,
 	// the same positions, summed in another cell order.
-	for _, pair := range [][2]string{{"pools, host copies", "staged from pages"}, {"pools, host copies", "staged from pages, split passes"}, {"pools, ordered selector", "in place from the ordered copy, split passes"}, {"pools, ordered selector", "staged from the ordered copy"}, {"pools, ordered selector", "staged from the ordered copy, selector blocks"},
+	for _, pair := range [][2]string{{"pools, host copies", "pools, device staging"}, {"pools, host copies", "pools, copy runs"}, {"pools, host copies", "staged from pages"}, {"pools, host copies", "staged from pages, split passes"}, {"pools, ordered selector", "in place from the ordered copy, split passes"}, {"pools, ordered selector", "staged from the ordered copy"}, {"pools, ordered selector", "staged from the ordered copy, selector blocks"},
 		{"pools, ordered selector", "in place from the ordered copy, selector blocks"}, {"pools, ordered selector", "in place from the ordered copy"},
 		{"pools, ordered selector", "in place from the ordered copy, selected in the graph"},
 		{"pools, ordered selector", "in place from the ordered copy, selected and scored in the graph"}} {

@@ -422,8 +422,19 @@ func (c *Paged) emitTokenUploads(ctx ml.Context, l int, g *group) {
 	runs := tokenRuns(ups)
 	if used := c.graphRuns[ctx]; len(runs) <= MaxUploadRuns-used {
 		c.graphRuns[ctx] = used + len(runs)
-		kIn := ctx.Input().FromBytes(ml.DTypeF16, u16bytes(kbuf), r*m)
-		vIn := ctx.Input().FromBytes(ml.DTypeF16, u16bytes(vbuf), r*m)
+		var kIn, vIn ml.Tensor
+		if ds, ok := c.stageFor(pl, m); ok {
+			// A pool outside host memory: through its staging tensors,
+			// copied asynchronously (devupload.go).
+			copy(ds.k, kbuf)
+			copy(ds.v, vbuf)
+			ds.send()
+			kIn, vIn = ds.st.k, ds.st.v
+			c.deviceStagedTokens.Add(int64(m))
+		} else {
+			kIn = ctx.Input().FromBytes(ml.DTypeF16, u16bytes(kbuf), r*m)
+			vIn = ctx.Input().FromBytes(ml.DTypeF16, u16bytes(vbuf), r*m)
+		}
 		for _, run := range runs {
 			off, rows, first := run[0], run[1]-run[0], int(ups[run[0]].cell)
 			ctx.Forward(kIn.View(ctx, off*r*2, r*rows).Copy(ctx, pl.k.View(ctx, first*r*2, r*rows)))
