@@ -75,7 +75,20 @@ type uploader struct {
 	size    int // bytes
 	used    int // bytes handed out since the last wait
 	pending bool
-	pinned  bool // the arena is the device's host buffer type (pinned)
+	pinned  bool           // the arena is the device's host buffer type (pinned)
+	later   []deferredCopy // deferCopies: copies wait makes
+}
+
+// deferCopies makes set only record its copies, which wait then makes:
+// the CPU backend behaving as an asynchronous device does, where a graph
+// computed before the wait reads staging tensors the copies have not
+// reached. The package's tests turn it on (export_test.go).
+var deferCopies bool
+
+type deferredCopy struct {
+	t   *C.struct_ggml_tensor
+	src unsafe.Pointer
+	n   int
 }
 
 // arenaAlign keeps every reservation cache-line aligned (and DMA friendly).
@@ -123,13 +136,21 @@ func (u *uploader) reserve(n int) (unsafe.Pointer, error) {
 // set copies n bytes at src (in the arena) into t from byte 0, on the
 // uploader's backend: asynchronous where the backend allows.
 func (u *uploader) set(t ml.Tensor, src unsafe.Pointer, n int) {
-	C.ggml_backend_tensor_set_async(u.be, ggmlOf(t), src, 0, C.size_t(n))
+	if deferCopies {
+		u.later = append(u.later, deferredCopy{ggmlOf(t), src, n})
+	} else {
+		C.ggml_backend_tensor_set_async(u.be, ggmlOf(t), src, 0, C.size_t(n))
+	}
 	u.pending = true
 }
 
 // wait returns once every copy issued has finished; the arena is free again.
 func (u *uploader) wait() {
 	if u.pending {
+		for _, d := range u.later {
+			C.ggml_backend_tensor_set(d.t, d.src, 0, C.size_t(d.n))
+		}
+		u.later = u.later[:0]
 		C.ggml_backend_synchronize(u.be)
 		u.pending = false
 	}
@@ -222,6 +243,30 @@ func (c *Paged) waitUploads() bool {
 	return inFlight
 }
 
+// stagedCell is a slot (page pools) or cell (token pools) that a graph not
+// yet waited for fills from staging: if that graph computes before the
+// wait, the cell may hold stale rows and must be uploaded again.
+type stagedCell struct {
+	pl        *pool
+	slot, key int // page pools: slot and page; token pools: cell and position
+}
+
+// unstage forgets the cells of graphs that computed before their copies
+// were waited for (Computed): their pages are uploaded again next pass.
+func (c *Paged) unstage() {
+	for _, sc := range c.unwaited {
+		pl := sc.pl
+		if pl.tok != nil {
+			if pl.tok.pos[sc.slot] == int32(sc.key) {
+				pl.tok.free(int32(sc.slot))
+			}
+		} else if sc.slot < len(pl.page) && pl.page[sc.slot] == sc.key {
+			pl.fill[sc.slot] = 0
+		}
+	}
+	c.unwaited = c.unwaited[:0]
+}
+
 // stagingTensors returns pl's staging tensors for up to cells cells,
 // made on first use in the pool's layer context (the layer's device), or
 // nil if the backend refuses the memory: the pool then keeps the
@@ -266,8 +311,13 @@ func (c *Paged) deviceUploads(ctx ml.Context, l int, g *group, ups []upload) boo
 	if !ok {
 		return false
 	}
-	c.packRuns(ds.k[:0], ds.v, l, g, runs)
+	if n := c.packRuns(ds.k[:0], ds.v, l, g, runs); n != len(ds.k) {
+		panic(fmt.Sprintf("kvcache: packed %d key elements into staging of %d", n, len(ds.k)))
+	}
 	ds.send()
+	for _, u := range ups {
+		c.unwaited = append(c.unwaited, stagedCell{g.pool, u.slot, u.page})
+	}
 	c.graphRuns[ctx] += len(runs)
 	c.copyRunsFrom(ctx, g, runs, ds.st.k, ds.st.v)
 	c.deviceStaged.Add(int64(len(ups)))
@@ -291,12 +341,14 @@ func (c *Paged) stageFor(pl *pool, cells int) (deviceStage, bool) {
 		cells > min(pl.slots, DeviceStagePages)*c.L.PageSize {
 		return deviceStage{}, false
 	}
-	st := c.stagingTensors(pl)
-	if st == nil {
+	// The device first: no staging tensors where no copy could reach them.
+	u := c.uploaderFor(pl.k)
+	if u == nil {
+		pl.noStage = true
 		return deviceStage{}, false
 	}
-	u := c.uploaderFor(st.k)
-	if u == nil {
+	st := c.stagingTensors(pl)
+	if st == nil || cells > st.cells { // made when DeviceStagePages was smaller
 		return deviceStage{}, false
 	}
 	n := cells * pl.row // elements of keys, and of values

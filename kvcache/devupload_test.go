@@ -52,20 +52,22 @@ func deviceSession(t *testing.T, first, extra int, pages []int) (ml.Backend, *kv
 
 // A graph that reads staging tensors must not compute while the copies
 // into them may be in flight: Outputs waits for them, and Computed fails
-// a pass whose graph computed before anything waited (on a GPU it could
-// have read stale pages). The failed pass keeps nothing, and the same
-// position passed again attends as in a session that never failed. The
-// CPU backend's copies are done when issued, so only the contract is
-// checked here, not a race.
+// a pass whose graph computed before anything waited. The package's tests
+// make the copies only at the wait (export_test.go), as an asynchronous
+// device may: the failed pass attended stale rows. It keeps nothing, the
+// slots it filled from staging are uploaded again, and the same position
+// passed again attends as in a session that never failed.
 func TestDeviceUploadsWaitBeforeCompute(t *testing.T) {
 	const first = 85
+	b, fresh, qkv := deviceSession(t, first, 1, []int{0, 2, 4})
+	q, k, v := qkv[0][first*tHeads*tDim:], qkv[1][first*tKV*tDim:], qkv[2][first*tKV*tDim:]
+	want := pass(t, b, fresh, first, q, k, v)
 	for _, tc := range []struct {
 		name    string
 		outputs bool // call Outputs before computing, as arch.Model.Run does
 	}{{"outputs called", true}, {"outputs skipped", false}} {
 		t.Run(tc.name, func(t *testing.T) {
-			b, c, qkv := deviceSession(t, first, 1, []int{0, 2, 4})
-			q, k, v := qkv[0][first*tHeads*tDim:], qkv[1][first*tKV*tDim:], qkv[2][first*tKV*tDim:]
+			b, c, _ := deviceSession(t, first, 1, []int{0, 2, 4})
 			ctx := b.NewContext()
 			defer ctx.Close()
 			require.NoError(t, c.StartForward(ctx, input.Batch{Positions: []int32{first}, Sequences: []int{0}}, false))
@@ -85,14 +87,15 @@ func TestDeviceUploadsWaitBeforeCompute(t *testing.T) {
 			require.NoError(t, c.CheckInvariants(), "nothing in flight, no pool row the host lacks")
 			if tc.outputs {
 				require.NoError(t, err)
+				require.Equal(t, want[0], res.Floats())
 				require.Equal(t, first+1, c.Store().Len())
 				return
 			}
 			require.ErrorContains(t, err, "before Outputs waited for its device uploads")
+			require.NotEqual(t, want[0], res.Floats(), "the graph read staging before the copies")
 			require.Equal(t, first, c.Store().Len(), "the failed pass stored nothing")
-			got := pass(t, b, c, first, q, k, v)
-			b2, fresh, _ := deviceSession(t, first, 1, []int{0, 2, 4})
-			require.Equal(t, pass(t, b2, fresh, first, q, k, v), got, "the pass again attends as one that never failed")
+			require.Equal(t, want, pass(t, b, c, first, q, k, v), "the pass again attends as one that never failed")
+			require.Equal(t, int64(8), c.Stats().Uploads, "its four pages uploaded again")
 		})
 	}
 }

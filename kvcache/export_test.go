@@ -8,6 +8,12 @@ import (
 	"github.com/x448/float16"
 )
 
+// The package's tests run device uploads (DeviceUploads, on the CPU
+// backend with HostUploads off) as an asynchronous device would: the
+// copies into staging tensors happen only when something waits for them,
+// so a graph computed before Outputs reads stale staging here too.
+func init() { deferCopies = true }
+
 // OrderedHostMask is buildMask for a pool whose slots hold pages 0..used-1
 // in order, full before pos0 and filled to pos0+n after it, all selected.
 func OrderedHostMask(pos0, cells, n, P int) []float32 {

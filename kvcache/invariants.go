@@ -33,8 +33,7 @@ import (
 //     attends to it;
 //   - no device upload is in flight (Outputs waited for them), every
 //     uploader's arena use is within its size, and a pool's staging
-//     tensors hold DeviceStagePages pages at most, never more than its
-//     slots (devupload.go).
+//     tensors hold whole pages, never more than its slots (devupload.go).
 func (c *Paged) CheckInvariants() error {
 	var errs []error
 	P := c.L.PageSize

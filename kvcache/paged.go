@@ -145,6 +145,9 @@ type Paged struct {
 	// on, made on first use; noUploader once ggml could not start one.
 	uploaders  []*uploader
 	noUploader bool
+	// unwaited are the cells graphs fill from staging since the last
+	// wait (Outputs clears them; unstage).
+	unwaited []stagedCell
 
 	// In-graph page scoring (graphscore.go): on when the selector is a
 	// paging.GraphScored that took it; per layer its key boxes; the
@@ -1018,6 +1021,7 @@ func pickHeads(ctx ml.Context, t ml.Tensor, heads []int) ml.Tensor {
 // read: callers call it after building ctx and before computing it.
 func (c *Paged) Outputs(ctx ml.Context) []ml.Tensor {
 	c.waitUploads()
+	c.unwaited = c.unwaited[:0]
 	var out []ml.Tensor
 	for _, rb := range c.readbacks[ctx] {
 		out = append(out, rb.k, rb.v)
@@ -1040,10 +1044,21 @@ func (c *Paged) Computed(ctx ml.Context) error {
 	// read stale pages. Either way none of the pass's keys and values are
 	// stored; the sequence stays as it was (as a split pass stops before
 	// the failing layer's attention).
-	if c.waitUploads() && err == nil {
-		err = errors.New("kvcache: a graph was computed before Outputs waited for its device uploads")
+	if c.waitUploads() {
+		c.unstage()
+		if err == nil {
+			err = errors.New("kvcache: a graph was computed before Outputs waited for its device uploads")
+		}
 	}
 	if err != nil {
+		// Nothing else waits for the failed graph (its outputs are never
+		// read), and the next pass may rewrite staging tensors it reads.
+		for _, rb := range c.readbacks[ctx] {
+			syncTensor(rb.k)
+		}
+		for _, r := range c.ranks[ctx] {
+			syncTensor(r.scores)
+		}
 		c.graphErr = nil
 		delete(c.readbacks, ctx)
 		delete(c.ranks, ctx)

@@ -429,6 +429,9 @@ func (c *Paged) emitTokenUploads(ctx ml.Context, l int, g *group) {
 			copy(ds.k, kbuf)
 			copy(ds.v, vbuf)
 			ds.send()
+			for _, u := range ups {
+				c.unwaited = append(c.unwaited, stagedCell{pl, int(u.cell), int(u.pos)})
+			}
 			kIn, vIn = ds.st.k, ds.st.v
 			c.deviceStagedTokens.Add(int64(m))
 		} else {

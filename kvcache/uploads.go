@@ -1,6 +1,7 @@
 package kvcache
 
 import (
+	"fmt"
 	"slices"
 	"time"
 
@@ -129,7 +130,9 @@ func (c *Paged) copyRuns(ctx ml.Context, l int, g *group, runs [][]upload) {
 	}
 	kbuf := make([]uint16, 0, total*r)
 	vbuf := make([]uint16, total*r)
-	c.packRuns(kbuf, vbuf, l, g, runs)
+	if n := c.packRuns(kbuf, vbuf, l, g, runs); n != total*r {
+		panic(fmt.Sprintf("kvcache: packed %d key elements for %d", n, total*r))
+	}
 	kbuf = kbuf[:total*r]
 	kIn := ctx.Input().FromBytes(ml.DTypeF16, u16bytes(kbuf), r*total)
 	vIn := ctx.Input().FromBytes(ml.DTypeF16, u16bytes(vbuf), r*total)
@@ -138,9 +141,15 @@ func (c *Paged) copyRuns(ctx ml.Context, l int, g *group, runs [][]upload) {
 
 // packRuns packs the runs' pages as copyRunsFrom reads them: into k (length
 // 0, capacity the runs' rows · row) their key rows token-major, into v
-// each run's values channel-major, run after run.
-func (c *Paged) packRuns(k, v []uint16, l int, g *group, runs [][]upload) {
+// each run's values channel-major, run after run. Returns the key elements
+// written: more than k's capacity would have gone to a copy, not to k's
+// memory, so callers check it.
+func (c *Paged) packRuns(k, v []uint16, l int, g *group, runs [][]upload) int {
 	r, P := g.pool.row, c.L.PageSize
+	var first *uint16
+	if cap(k) > 0 {
+		first = &k[:1][0]
+	}
 	voff := 0
 	for _, run := range runs {
 		for _, u := range run {
@@ -153,6 +162,10 @@ func (c *Paged) packRuns(k, v []uint16, l int, g *group, runs [][]upload) {
 			}
 		}
 	}
+	if cap(k) > 0 && &k[:1][0] != first {
+		return -1 // grew out of the caller's memory
+	}
+	return len(k)
 }
 
 // copyRunsFrom copies the runs from kIn and vIn (f16, packed by packRuns,
