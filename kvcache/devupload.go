@@ -243,16 +243,18 @@ func (c *Paged) waitUploads() bool {
 	return inFlight
 }
 
-// stagedCell is a slot (page pools) or cell (token pools) that a graph not
-// yet waited for fills from staging: if that graph computes before the
-// wait, the cell may hold stale rows and must be uploaded again.
+// stagedCell is a slot (page pools) or cell (token pools) that a graph
+// not yet waited for (Outputs) fills, from staging or from graph inputs: if
+// that graph computes before the wait, or never computes, the cell may
+// hold stale rows and must be uploaded again.
 type stagedCell struct {
 	pl        *pool
 	slot, key int // page pools: slot and page; token pools: cell and position
 }
 
 // unstage forgets the cells of graphs that computed before their copies
-// were waited for (Computed): their pages are uploaded again next pass.
+// were waited for (Computed), or were never computed (StartForward): their
+// pages are uploaded again next pass.
 func (c *Paged) unstage() {
 	for _, sc := range c.unwaited {
 		pl := sc.pl
@@ -315,9 +317,6 @@ func (c *Paged) deviceUploads(ctx ml.Context, l int, g *group, ups []upload) boo
 		panic(fmt.Sprintf("kvcache: packed %d key elements into staging of %d", n, len(ds.k)))
 	}
 	ds.send()
-	for _, u := range ups {
-		c.unwaited = append(c.unwaited, stagedCell{g.pool, u.slot, u.page})
-	}
 	c.graphRuns[ctx] += len(runs)
 	c.copyRunsFrom(ctx, g, runs, ds.st.k, ds.st.v)
 	c.deviceStaged.Add(int64(len(ups)))

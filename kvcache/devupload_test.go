@@ -56,7 +56,9 @@ func deviceSession(t *testing.T, first, extra int, pages []int) (ml.Backend, *kv
 // make the copies only at the wait (export_test.go), as an asynchronous
 // device may: the failed pass attended stale rows. It keeps nothing, the
 // slots it filled from staging are uploaded again, and the same position
-// passed again attends as in a session that never failed.
+// passed again attends as in a session that never failed. So does a pass
+// whose graph was built and dropped, never computed, with its uploads
+// staged or as graph inputs.
 func TestDeviceUploadsWaitBeforeCompute(t *testing.T) {
 	const first = 85
 	b, fresh, qkv := deviceSession(t, first, 1, []int{0, 2, 4})
@@ -65,9 +67,13 @@ func TestDeviceUploadsWaitBeforeCompute(t *testing.T) {
 	for _, tc := range []struct {
 		name    string
 		outputs bool // call Outputs before computing, as arch.Model.Run does
-	}{{"outputs called", true}, {"outputs skipped", false}} {
+		dropped bool // the graph is built, then closed without computing
+		graphIn bool // DeviceUploads off: graph inputs
+	}{{"outputs called", true, false, false}, {"outputs skipped", false, false, false},
+		{"graph dropped", false, true, false}, {"graph dropped, graph inputs", false, true, true}} {
 		t.Run(tc.name, func(t *testing.T) {
 			b, c, _ := deviceSession(t, first, 1, []int{0, 2, 4})
+			kvcache.DeviceUploads = !tc.graphIn // deviceSession restores it
 			ctx := b.NewContext()
 			defer ctx.Close()
 			require.NoError(t, c.StartForward(ctx, input.Batch{Positions: []int32{first}, Sequences: []int{0}}, false))
@@ -78,6 +84,18 @@ func TestDeviceUploadsWaitBeforeCompute(t *testing.T) {
 			ts := []ml.Tensor{out.Copy(ctx, res), res}
 			if tc.outputs {
 				ts = append(ts, c.Outputs(ctx)...)
+			}
+			if tc.dropped { // (closed when the test returns)
+				st := c.Stats()
+				require.Equal(t, int64(4), st.Uploads)
+				if tc.graphIn {
+					require.Zero(t, st.DeviceStaged)
+				} else {
+					require.Equal(t, int64(4), st.DeviceStaged)
+				}
+				require.Equal(t, want, pass(t, b, c, first, q, k, v), "the pass again attends as one that never failed")
+				require.Equal(t, int64(8), c.Stats().Uploads, "its four pages uploaded again")
+				return
 			}
 			ctx.Forward(ts...).Compute(ts...)
 			st := c.Stats()

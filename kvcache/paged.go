@@ -145,7 +145,7 @@ type Paged struct {
 	// on, made on first use; noUploader once ggml could not start one.
 	uploaders  []*uploader
 	noUploader bool
-	// unwaited are the cells graphs fill from staging since the last
+	// unwaited are the cells graphs fill (staging or graph inputs) since the last
 	// wait (Outputs clears them; unstage).
 	unwaited []stagedCell
 
@@ -687,6 +687,13 @@ func (c *Paged) StartForward(ctx ml.Context, batch input.Batch, reserve bool) er
 	P := c.L.PageSize
 	c.pos0, c.n, c.upto, c.written = pos0, n, pos0+n, 0
 	c.graphErr = nil // a failed pass's, never returned
+	if len(c.unwaited) > 0 {
+		// A graph was built with uploads and never reached Outputs (its
+		// build failed): its copies into the pools never ran, so what it
+		// uploaded is uploaded again.
+		c.waitUploads()
+		c.unstage()
+	}
 	c.stamp++
 	c.plan = nil // PrepareKeptStep's, for this pass only
 	clear(c.graphRuns)

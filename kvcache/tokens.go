@@ -400,6 +400,9 @@ func (c *Paged) emitTokenUploads(ctx ml.Context, l int, g *group) {
 		c.uploadBytes.Add(int64(m) * int64(r) * 2 * 2)
 		return
 	}
+	for _, u := range ups { // filled by this graph (unstage)
+		c.unwaited = append(c.unwaited, stagedCell{pl, int(u.cell), int(u.pos)})
+	}
 	slices.SortFunc(ups, func(a, b tokenUpload) int { return cmp.Compare(a.cell, b.cell) })
 	// Staging buffers are reused: FromBytes copies them into the graph's
 	// input tensors at once (fresh ones per group and step were page
@@ -429,9 +432,6 @@ func (c *Paged) emitTokenUploads(ctx ml.Context, l int, g *group) {
 			copy(ds.k, kbuf)
 			copy(ds.v, vbuf)
 			ds.send()
-			for _, u := range ups {
-				c.unwaited = append(c.unwaited, stagedCell{pl, int(u.cell), int(u.pos)})
-			}
 			kIn, vIn = ds.st.k, ds.st.v
 			c.deviceStagedTokens.Add(int64(m))
 		} else {

@@ -58,8 +58,13 @@ func (c *Paged) emitUploads(ctx ml.Context, l int, g *group) {
 		t0 := time.Now()
 		c.writeHost(l, g, ups)
 		c.hostWrites.Add(int64(time.Since(t0)))
-	} else if !c.deviceUploads(ctx, l, g, ups) {
-		c.emitGraphUploads(ctx, l, g, ups)
+	} else {
+		for _, u := range ups { // filled by this graph (unstage)
+			c.unwaited = append(c.unwaited, stagedCell{g.pool, u.slot, u.page})
+		}
+		if !c.deviceUploads(ctx, l, g, ups) {
+			c.emitGraphUploads(ctx, l, g, ups)
+		}
 	}
 	c.uploadCount.Add(int64(len(ups)))
 	for _, u := range ups {
