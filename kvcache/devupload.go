@@ -244,17 +244,18 @@ func (c *Paged) waitUploads() bool {
 }
 
 // stagedCell is a slot (page pools) or cell (token pools) that a graph
-// not yet waited for (Outputs) fills, from staging or from graph inputs: if
-// that graph computes before the wait, or never computes, the cell may
-// hold stale rows and must be uploaded again.
+// not yet computed and handed to Computed fills, from staging or from
+// graph inputs: if that graph computes before the wait, or never finishes
+// computing, the cell may hold stale rows and must be uploaded again.
 type stagedCell struct {
 	pl        *pool
 	slot, key int // page pools: slot and page; token pools: cell and position
 }
 
 // unstage forgets the cells of graphs that computed before their copies
-// were waited for (Computed), or were never computed (StartForward): their
-// pages are uploaded again next pass.
+// were waited for (Computed), or whose compute never finished
+// (StartForward): their pages are uploaded again next pass, and so are the
+// key boxes such graphs copied (every row of the box tensor: rare).
 func (c *Paged) unstage() {
 	for _, sc := range c.unwaited {
 		pl := sc.pl
@@ -267,6 +268,11 @@ func (c *Paged) unstage() {
 		}
 	}
 	c.unwaited = c.unwaited[:0]
+	for _, bt := range c.unwaitedBoxes {
+		clear(bt.state)
+		bt.scanFrom = 0
+	}
+	c.unwaitedBoxes = c.unwaitedBoxes[:0]
 }
 
 // stagingTensors returns pl's staging tensors for up to cells cells,

@@ -4,6 +4,7 @@ import (
 	"context"
 	"math"
 	"math/rand/v2"
+	"slices"
 	"testing"
 
 	"github.com/ollama/ollama/ml"
@@ -20,16 +21,20 @@ import (
 // deviceSession opens the tiny random llama and returns a document of
 // first tokens and a session over it that reads pages through device
 // staging (the CPU backend's pools with HostUploads off), with its random
-// queries, keys and values for first+extra tokens.
-func deviceSession(t *testing.T, first, extra int, pages []int) (ml.Backend, *kvcache.Paged, [3][]float32) {
+// queries, keys and values for first+extra tokens. The session attends to
+// pages (a page pool), or with tokens set to those tokens (a token pool:
+// TokenStaging off, as on a GPU layer).
+func deviceSession(t *testing.T, first, extra int, pages []int, tokens ...int32) (ml.Backend, *kvcache.Paged, [3][]float32) {
 	t.Helper()
 	m, err := runtime.Open(context.Background(), testmodels.Random(t, "llama", "tiny", foundry.F32, 4, false), runtime.Options{Threads: 2, ContextLength: 256})
 	require.NoError(t, err)
 	t.Cleanup(func() { m.Close() })
 	b := m.Backend()
-	h, d, sp := kvcache.HostUploads, kvcache.DeviceUploads, kvcache.DeviceStagePages
-	t.Cleanup(func() { kvcache.HostUploads, kvcache.DeviceUploads, kvcache.DeviceStagePages = h, d, sp })
-	kvcache.HostUploads, kvcache.DeviceUploads, kvcache.DeviceStagePages = false, true, 8
+	h, d, sp, ts := kvcache.HostUploads, kvcache.DeviceUploads, kvcache.DeviceStagePages, kvcache.TokenStaging
+	t.Cleanup(func() {
+		kvcache.HostUploads, kvcache.DeviceUploads, kvcache.DeviceStagePages, kvcache.TokenStaging = h, d, sp, ts
+	})
+	kvcache.HostUploads, kvcache.DeviceUploads, kvcache.DeviceStagePages, kvcache.TokenStaging = false, true, 8, false
 
 	r := rand.New(rand.NewPCG(7, 8))
 	total := first + extra
@@ -42,8 +47,19 @@ func deviceSession(t *testing.T, first, extra int, pages []int) (ml.Backend, *kv
 	writer.Init(b, ml.DTypeF16, 1, 256, 96)
 	pass(t, b, writer, 0, qkv[0][:first*tHeads*tDim], qkv[1][:first*tKV*tDim], qkv[2][:first*tKV*tDim])
 
+	var sel paging.Selector = &fixedSelector{c: cfg, groups: []paging.Group{{Budget: 48}}, pages: [][]int{pages}}
+	if len(tokens) > 0 {
+		sel = &funcTokenSelector{c: cfg, groups: []paging.Group{{Budget: 48, Tokens: true}},
+			tok: func(_, upto int) []int32 {
+				out := slices.Clone(tokens)
+				for p := int32(first); p < int32(upto); p++ {
+					out = append(out, p) // the question's own tokens
+				}
+				return out
+			}}
+	}
 	c, err := kvcache.NewPaged(kvcache.Options{Layout: tLayout, Heads: tHeads, Capacity: 256, MaxBatch: 96,
-		Selector: &fixedSelector{c: cfg, groups: []paging.Group{{Budget: 48}}, pages: [][]int{pages}}, Prefix: writer.Store()})
+		Selector: sel, Prefix: writer.Store()})
 	require.NoError(t, err)
 	t.Cleanup(c.Close)
 	c.Init(b, ml.DTypeF16, 1, 256, 96)
@@ -61,19 +77,36 @@ func deviceSession(t *testing.T, first, extra int, pages []int) (ml.Backend, *kv
 // staged or as graph inputs.
 func TestDeviceUploadsWaitBeforeCompute(t *testing.T) {
 	const first = 85
-	b, fresh, qkv := deviceSession(t, first, 1, []int{0, 2, 4})
-	q, k, v := qkv[0][first*tHeads*tDim:], qkv[1][first*tKV*tDim:], qkv[2][first*tKV*tDim:]
-	want := pass(t, b, fresh, first, q, k, v)
+	tokens := []int32{0, 1, 2, 3, 20, 21, 22, 40, 41, 42, 43, 44, 60, 61, 62, 63, 64, 65, 66, 67}
 	for _, tc := range []struct {
-		name    string
-		outputs bool // call Outputs before computing, as arch.Model.Run does
-		dropped bool // the graph is built, then closed without computing
-		graphIn bool // DeviceUploads off: graph inputs
-	}{{"outputs called", true, false, false}, {"outputs skipped", false, false, false},
-		{"graph dropped", false, true, false}, {"graph dropped, graph inputs", false, true, true}} {
+		name     string
+		outputs  bool // call Outputs before computing, as arch.Model.Run does
+		compute  bool // compute the graph (else it is built and dropped, or its compute panicked)
+		graphIn  bool // DeviceUploads off: graph inputs
+		tokenSel bool // a token pool (squeezed's groups on a GPU layer)
+	}{
+		{"outputs called", true, true, false, false},
+		{"outputs skipped", false, true, false, false},
+		{"outputs skipped, token pool", false, true, false, true},
+		{"graph dropped", false, false, false, false},
+		{"graph dropped, graph inputs", false, false, true, false},
+		{"graph dropped, token pool", false, false, false, true},
+		{"compute panicked after Outputs", true, false, false, false},
+	} {
 		t.Run(tc.name, func(t *testing.T) {
-			b, c, _ := deviceSession(t, first, 1, []int{0, 2, 4})
+			var toks []int32
+			if tc.tokenSel {
+				toks = tokens
+			}
+			b, fresh, qkv := deviceSession(t, first, 1, []int{0, 2, 4}, toks...)
+			q, k, v := qkv[0][first*tHeads*tDim:], qkv[1][first*tKV*tDim:], qkv[2][first*tKV*tDim:]
+			want := pass(t, b, fresh, first, q, k, v)
+			b, c, _ := deviceSession(t, first, 1, []int{0, 2, 4}, toks...)
 			kvcache.DeviceUploads = !tc.graphIn // deviceSession restores it
+			uploaded := func() (all, staged int64) {
+				st := c.Stats()
+				return st.Uploads + st.TokenUploads, st.DeviceStaged + st.DeviceStagedTokens
+			}
 			ctx := b.NewContext()
 			defer ctx.Close()
 			require.NoError(t, c.StartForward(ctx, input.Batch{Positions: []int32{first}, Sequences: []int{0}}, false))
@@ -85,24 +118,30 @@ func TestDeviceUploadsWaitBeforeCompute(t *testing.T) {
 			if tc.outputs {
 				ts = append(ts, c.Outputs(ctx)...)
 			}
-			if tc.dropped { // (closed when the test returns)
-				st := c.Stats()
-				require.Equal(t, int64(4), st.Uploads)
-				if tc.graphIn {
-					require.Zero(t, st.DeviceStaged)
-				} else {
-					require.Equal(t, int64(4), st.DeviceStaged)
-				}
+			n, staged := uploaded()
+			switch {
+			case tc.tokenSel:
+				require.Equal(t, int64(len(tokens)), n, "the listed tokens of the document")
+			default:
+				require.Equal(t, int64(4), n, "the three selected pages and the batch's page (its first rows are the document's)")
+			}
+			if tc.graphIn {
+				require.Zero(t, staged)
+			} else {
+				require.Equal(t, n, staged, "all through staging")
+			}
+			again := func() {
 				require.Equal(t, want, pass(t, b, c, first, q, k, v), "the pass again attends as one that never failed")
-				require.Equal(t, int64(8), c.Stats().Uploads, "its four pages uploaded again")
+				all, _ := uploaded()
+				require.Equal(t, 2*n, all, "what it uploaded, uploaded again")
+			}
+			if !tc.compute { // (ctx is closed when the test returns)
+				again()
 				return
 			}
 			ctx.Forward(ts...).Compute(ts...)
-			st := c.Stats()
-			require.Equal(t, int64(4), st.Uploads, "the three selected pages and the batch's page (its first rows are the document's)")
-			require.Equal(t, st.Uploads, st.DeviceStaged, "all through staging")
 			err := c.Computed(ctx)
-			require.NoError(t, c.CheckInvariants(), "nothing in flight, no pool row the host lacks")
+			require.NoError(t, c.CheckInvariants(), "nothing in flight, no pool row the host lacks, no listed token freed")
 			if tc.outputs {
 				require.NoError(t, err)
 				require.Equal(t, want[0], res.Floats())
@@ -112,8 +151,7 @@ func TestDeviceUploadsWaitBeforeCompute(t *testing.T) {
 			require.ErrorContains(t, err, "before Outputs waited for its device uploads")
 			require.NotEqual(t, want[0], res.Floats(), "the graph read staging before the copies")
 			require.Equal(t, first, c.Store().Len(), "the failed pass stored nothing")
-			require.Equal(t, want, pass(t, b, c, first, q, k, v), "the pass again attends as one that never failed")
-			require.Equal(t, int64(8), c.Stats().Uploads, "its four pages uploaded again")
+			again()
 		})
 	}
 }
@@ -180,4 +218,49 @@ func TestPoolsAndStagingInTheirLayersMemory(t *testing.T) {
 			return st
 		})
 	})
+}
+
+// quest's key boxes outside host memory (HostBounds off, as on a GPU
+// layer) get their changed rows copied in the graph. A decode step whose
+// graph is built and dropped had marked those rows uploaded: the next
+// pass uploads the box tensor again, so every later bound equals a
+// session's that never dropped a graph (without that, the last page's
+// box stays one token behind).
+func TestDroppedGraphReuploadsKeyBoxes(t *testing.T) {
+	b, _, _ := deviceSession(t, 16, 0, nil)
+	defer func(h bool) { kvcache.HostBounds = h }(kvcache.HostBounds)
+	kvcache.HostBounds = false
+	const prompt, steps, batch, drop = 320, 12, 32, 4
+	run := func(dropAt int) map[int][]float32 {
+		inner, err := paging.New("quest", paging.Config{PageSize: tPage, Budget: 8 * tPage, Sinks: tPage, Window: 2 * tPage,
+			Options: map[string]any{paging.KeepLogits: 0.0}})
+		require.NoError(t, err)
+		sel := &boundsRecorder{Selector: inner, gs: inner.(paging.GraphScored), scores: map[int][]float32{}}
+		c, err := kvcache.NewPaged(kvcache.Options{Layout: tLayout, Heads: tHeads, Selector: sel, Capacity: prompt + steps, MaxBatch: batch})
+		require.NoError(t, err)
+		defer c.Close()
+		c.Init(b, ml.DTypeF16, 1, prompt+steps, batch)
+		r := rand.New(rand.NewPCG(5, 6))
+		for pos := 0; pos < prompt; pos += batch {
+			passQueries(t, b, c, pos, randoms(r, batch*tHeads*tDim), pageOffsetKeys(r, pos, batch), randoms(r, batch*tKV*tDim))
+		}
+		for i := 0; i < steps; i++ {
+			pos := prompt + i
+			q, k, v := randoms(r, tHeads*tDim), pageOffsetKeys(r, pos, 1), randoms(r, tKV*tDim)
+			if i == dropAt {
+				ctx := b.NewContext()
+				require.NoError(t, c.StartForward(ctx, input.Batch{Positions: []int32{int32(pos)}, Sequences: []int{0}}, false))
+				require.False(t, c.NeedQueries(0), "a decode step scores in the graph")
+				c.SetLayer(0)
+				c.Attention(ctx, 0, ctx.Input().FromFloats(q, tDim, tHeads, 1), ctx.Input().FromFloats(k, tDim, tKV, 1),
+					ctx.Input().FromFloats(v, tDim, tKV, 1), 1/math.Sqrt(tDim))
+				ctx.Close() // built, never computed
+			}
+			passQueries(t, b, c, pos, q, k, v)
+		}
+		return sel.scores
+	}
+	want, got := run(-1), run(drop)
+	require.Len(t, got, len(want))
+	require.Equal(t, want, got)
 }

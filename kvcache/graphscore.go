@@ -216,6 +216,7 @@ func (c *Paged) uploadBoxes(ctx ml.Context, layer int, bt *boxTensor, pages int,
 		}
 	}
 	bt.buf = buf
+	c.unwaitedBoxes = append(c.unwaitedBoxes, bt) // rows this graph copies (unstage)
 	in := ctx.Input().FromFloats(buf, hd2*total*kvh)
 	off := 0
 	for g := 0; g < kvh; g++ {

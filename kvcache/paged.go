@@ -145,9 +145,11 @@ type Paged struct {
 	// on, made on first use; noUploader once ggml could not start one.
 	uploaders  []*uploader
 	noUploader bool
-	// unwaited are the cells graphs fill (staging or graph inputs) since the last
-	// wait (Outputs clears them; unstage).
-	unwaited []stagedCell
+	// unwaited are the cells graphs fill (staging or graph inputs), and
+	// unwaitedBoxes the box tensors they copy rows into, since the last
+	// pass Computed took without error (unstage).
+	unwaited      []stagedCell
+	unwaitedBoxes []*boxTensor
 
 	// In-graph page scoring (graphscore.go): on when the selector is a
 	// paging.GraphScored that took it; per layer its key boxes; the
@@ -687,10 +689,10 @@ func (c *Paged) StartForward(ctx ml.Context, batch input.Batch, reserve bool) er
 	P := c.L.PageSize
 	c.pos0, c.n, c.upto, c.written = pos0, n, pos0+n, 0
 	c.graphErr = nil // a failed pass's, never returned
-	if len(c.unwaited) > 0 {
-		// A graph was built with uploads and never reached Outputs (its
-		// build failed): its copies into the pools never ran, so what it
-		// uploaded is uploaded again.
+	if len(c.unwaited) > 0 || len(c.unwaitedBoxes) > 0 {
+		// A graph was built with uploads and never reached Computed (its
+		// build failed, or its compute panicked): its copies into the
+		// pools may never have run, so what it uploaded is uploaded again.
 		c.waitUploads()
 		c.unstage()
 	}
@@ -1028,7 +1030,6 @@ func pickHeads(ctx ml.Context, t ml.Tensor, heads []int) ml.Tensor {
 // read: callers call it after building ctx and before computing it.
 func (c *Paged) Outputs(ctx ml.Context) []ml.Tensor {
 	c.waitUploads()
-	c.unwaited = c.unwaited[:0]
 	var out []ml.Tensor
 	for _, rb := range c.readbacks[ctx] {
 		out = append(out, rb.k, rb.v)
@@ -1051,15 +1052,16 @@ func (c *Paged) Computed(ctx ml.Context) error {
 	// read stale pages. Either way none of the pass's keys and values are
 	// stored; the sequence stays as it was (as a split pass stops before
 	// the failing layer's attention).
-	if c.waitUploads() {
-		c.unstage()
-		if err == nil {
-			err = errors.New("kvcache: a graph was computed before Outputs waited for its device uploads")
-		}
+	if c.waitUploads() && err == nil {
+		err = errors.New("kvcache: a graph was computed before Outputs waited for its device uploads")
 	}
 	if err != nil {
 		// Nothing else waits for the failed graph (its outputs are never
 		// read), and the next pass may rewrite staging tensors it reads.
+		// (Only outputs handed to Compute can be waited for: a graph
+		// computed without Outputs has none of these. Its stream runs it
+		// before the next pass's graph, which uploads again every cell
+		// it wrote.)
 		for _, rb := range c.readbacks[ctx] {
 			syncTensor(rb.k)
 		}
@@ -1069,9 +1071,12 @@ func (c *Paged) Computed(ctx ml.Context) error {
 		c.graphErr = nil
 		delete(c.readbacks, ctx)
 		delete(c.ranks, ctx)
+		c.unstage()
 		c.dropUnstored()
 		return err
 	}
+	// The graph computed: its uploads are in the pools.
+	c.unwaited, c.unwaitedBoxes = c.unwaited[:0], c.unwaitedBoxes[:0]
 	for _, rb := range c.readbacks[ctx] {
 		kb, vb := rb.k.Bytes(), rb.v.Bytes()
 		if len(kb) != 2*c.n*c.L.Row() || len(vb) != len(kb) {
@@ -1086,11 +1091,15 @@ func (c *Paged) Computed(ctx ml.Context) error {
 // dropUnstored forgets, after a failed pass, the rows its batch put into
 // page pools: the host pages never got them, so each slot's fill goes back
 // to the tokens its page holds on the host, and the next pass writes them
-// again.
+// again. A token pool's listed tokens that unstage freed leave the failed
+// pass's list (the list names resident tokens: CheckInvariants).
 func (c *Paged) dropUnstored() {
 	for l := range c.layers {
 		for _, g := range c.layers[l].groups {
 			pl := g.pool
+			if pl != nil && pl.tok != nil && !g.staged && g.tok != nil {
+				g.tok = slices.DeleteFunc(g.tok, func(t int32) bool { return pl.tok.cellOf(t) < 0 })
+			}
 			if pl == nil || pl.tok != nil || pl.staged {
 				continue
 			}
