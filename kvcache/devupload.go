@@ -60,6 +60,11 @@ type stage struct {
 	// up is the uploader whose copies into k and v may be in flight:
 	// the pool waits for it before it frees them (pool.close).
 	up *uploader
+	// graph is the Paged.graphs count when k and v were last written: a
+	// graph reads them when it computes, so a second upload into the same
+	// graph must not overwrite them (it takes graph inputs instead).
+	graph  uint64
+	filled bool
 }
 
 // uploader issues one cache's uploads to one device. Its arena holds what
@@ -353,7 +358,8 @@ func (c *Paged) stageFor(pl *pool, cells int) (deviceStage, bool) {
 		return deviceStage{}, false
 	}
 	st := c.stagingTensors(pl)
-	if st == nil || cells > st.cells { // made when DeviceStagePages was smaller
+	if st == nil || cells > st.cells || // made when DeviceStagePages was smaller
+		(st.filled && st.graph == c.graphs) { // this graph reads what they hold
 		return deviceStage{}, false
 	}
 	n := cells * pl.row // elements of keys, and of values
@@ -361,6 +367,7 @@ func (c *Paged) stageFor(pl *pool, cells int) (deviceStage, bool) {
 	if err != nil {
 		return deviceStage{}, false
 	}
+	st.filled, st.graph = true, c.graphs
 	return deviceStage{st: st, u: u, k: unsafe.Slice((*uint16)(mem), n), v: unsafe.Slice((*uint16)(unsafe.Add(mem, 2*n)), n)}, true
 }
 

@@ -264,3 +264,17 @@ func TestDroppedGraphReuploadsKeyBoxes(t *testing.T) {
 	require.Len(t, got, len(want))
 	require.Equal(t, want, got)
 }
+
+// A graph reads a pool's staging tensors when it computes, so they take
+// one upload per graph: a second in the same graph is refused (it takes
+// graph inputs), the next graph's is granted.
+func TestStagingOncePerGraph(t *testing.T) {
+	b, c, qkv := deviceSession(t, 85, 1, []int{0, 2, 4})
+	pass(t, b, c, 85, qkv[0][85*tHeads*tDim:], qkv[1][85*tKV*tDim:], qkv[2][85*tKV*tDim:])
+	ctx := b.NewContext()
+	defer ctx.Close()
+	first, second, next := c.StageTwice(ctx)
+	require.True(t, first)
+	require.False(t, second, "the same graph")
+	require.True(t, next, "the next graph")
+}

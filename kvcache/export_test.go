@@ -166,3 +166,22 @@ func (s *Store) OrderedToGoMemory() int {
 	}
 	return n
 }
+
+// StageTwice asks layer 0's first pool for staging twice within one graph
+// and then again in the next graph (Outputs), reporting whether each was
+// granted: staging tensors are written once per graph.
+func (c *Paged) StageTwice(ctx ml.Context) (first, second, next bool) {
+	pl := c.layers[0].groups[0].pool
+	ds, first := c.stageFor(pl, c.L.PageSize)
+	if first {
+		ds.send()
+	}
+	_, second = c.stageFor(pl, c.L.PageSize)
+	c.Outputs(ctx)
+	ds, next = c.stageFor(pl, c.L.PageSize)
+	if next {
+		ds.send()
+	}
+	c.Outputs(ctx)
+	return first, second, next
+}

@@ -150,6 +150,9 @@ type Paged struct {
 	// pass Computed took without error (unstage).
 	unwaited      []stagedCell
 	unwaitedBoxes []*boxTensor
+	// graphs counts the graphs built: one more at each Outputs and
+	// StartForward (a staging tensor is written once per graph).
+	graphs uint64
 
 	// In-graph page scoring (graphscore.go): on when the selector is a
 	// paging.GraphScored that took it; per layer its key boxes; the
@@ -689,6 +692,7 @@ func (c *Paged) StartForward(ctx ml.Context, batch input.Batch, reserve bool) er
 	P := c.L.PageSize
 	c.pos0, c.n, c.upto, c.written = pos0, n, pos0+n, 0
 	c.graphErr = nil // a failed pass's, never returned
+	c.graphs++
 	if len(c.unwaited) > 0 || len(c.unwaitedBoxes) > 0 {
 		// A graph was built with uploads and never reached Computed (its
 		// build failed, or its compute panicked): its copies into the
@@ -1030,6 +1034,7 @@ func pickHeads(ctx ml.Context, t ml.Tensor, heads []int) ml.Tensor {
 // read: callers call it after building ctx and before computing it.
 func (c *Paged) Outputs(ctx ml.Context) []ml.Tensor {
 	c.waitUploads()
+	c.graphs++
 	var out []ml.Tensor
 	for _, rb := range c.readbacks[ctx] {
 		out = append(out, rb.k, rb.v)
