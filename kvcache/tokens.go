@@ -404,11 +404,22 @@ func (c *Paged) emitTokenUploads(ctx ml.Context, l int, g *group) {
 		c.unwaited = append(c.unwaited, stagedCell{pl, int(u.cell), int(u.pos)})
 	}
 	slices.SortFunc(ups, func(a, b tokenUpload) int { return cmp.Compare(a.cell, b.cell) })
-	// Staging buffers are reused: FromBytes copies them into the graph's
+	runs := tokenRuns(ups)
+	fits := len(runs) <= MaxUploadRuns-c.graphRuns[ctx]
+	// Keys and values alike are token-major rows of r (the group's heads),
+	// in cell order: packed straight into the arena of a pool outside host
+	// memory (its staging tensors, copied asynchronously: devupload.go),
+	// else into reused buffers that FromBytes copies into the graph's
 	// input tensors at once (fresh ones per group and step were page
-	// faults and GC work in the profile). Keys and values alike are
-	// token-major rows of r (the group's heads), in cell order.
+	// faults and GC work in the profile).
+	ds, staged := deviceStage{}, false
+	if fits {
+		ds, staged = c.stageFor(pl, m)
+	}
 	kbuf, vbuf := c.stageK[:0], c.stageV[:0]
+	if staged {
+		kbuf, vbuf = ds.k[:0], ds.v[:0]
+	}
 	for _, u := range ups {
 		pg := c.store.pages[l][int(u.pos)/P]
 		t := int(u.pos) % P
@@ -421,20 +432,18 @@ func (c *Paged) emitTokenUploads(ctx ml.Context, l int, g *group) {
 			kbuf, vbuf = append(kbuf, K[h*hd:(h+1)*hd]...), append(vbuf, V[h*hd:(h+1)*hd]...)
 		}
 	}
-	c.stageK, c.stageV = kbuf, vbuf
-	runs := tokenRuns(ups)
-	if used := c.graphRuns[ctx]; len(runs) <= MaxUploadRuns-used {
-		c.graphRuns[ctx] = used + len(runs)
+	if fits {
+		c.graphRuns[ctx] += len(runs)
 		var kIn, vIn ml.Tensor
-		if ds, ok := c.stageFor(pl, m); ok {
-			// A pool outside host memory: through its staging tensors,
-			// copied asynchronously (devupload.go).
-			copy(ds.k, kbuf)
-			copy(ds.v, vbuf)
+		if staged {
+			if len(kbuf) != len(ds.k) || &kbuf[0] != &ds.k[0] || &vbuf[0] != &ds.v[0] {
+				panic(fmt.Sprintf("kvcache: packed %d key elements into staging of %d", len(kbuf), len(ds.k)))
+			}
 			ds.send()
 			kIn, vIn = ds.st.k, ds.st.v
 			c.deviceStagedTokens.Add(int64(m))
 		} else {
+			c.stageK, c.stageV = kbuf, vbuf
 			kIn = ctx.Input().FromBytes(ml.DTypeF16, u16bytes(kbuf), r*m)
 			vIn = ctx.Input().FromBytes(ml.DTypeF16, u16bytes(vbuf), r*m)
 		}
@@ -444,6 +453,7 @@ func (c *Paged) emitTokenUploads(ctx ml.Context, l int, g *group) {
 			ctx.Forward(vIn.View(ctx, off*r*2, r*rows).Copy(ctx, pl.v.View(ctx, first*r*2, r*rows)))
 		}
 	} else {
+		c.stageK, c.stageV = kbuf, vbuf
 		idx := make([]int32, m)
 		for i, u := range ups {
 			idx[i] = u.cell
